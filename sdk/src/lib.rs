@@ -1,0 +1,38 @@
+//! adclick client SDK.
+//!
+//! - [`core`]: platform-free pieces (click building, batching and overflow policy, retry
+//!   schedule, the [`core::Clock`] and [`core::OfflineQueue`] traits). No tokio, no sockets,
+//!   no files: it compiles for `wasm32-unknown-unknown`, where `sdk-wasm` wraps it.
+//! - `native` (default feature): [`Tracker`] on tokio with the reqwest HTTP transport and
+//!   the file-backed offline queue for mobile apps.
+//! - `signer` (in `native`): [`ImpressionSigner`] for ad servers.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), adclick_sdk::SdkError> {
+//! use adclick_sdk::{Dimensions, Device, Tracker};
+//! let tracker = Tracker::builder("http://127.0.0.1:8080").batch_size(50).build()?;
+//! tracker.click("TOKEN-FROM-THE-AD-SERVER", Dimensions::new().country("US").device(Device::Mobile))?;
+//! tracker.shutdown().await?; // drains what is queued
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod core;
+
+#[cfg(feature = "native")]
+pub mod native;
+#[cfg(feature = "signer")]
+pub mod signer;
+
+pub use crate::core::{
+    ClickError, Device, Dimensions, OverflowPolicy, RetryPolicy, StatsSnapshot, TrackerEvent,
+};
+#[cfg(feature = "native")]
+pub use crate::native::{FileQueue, HttpTransport, SdkError, Tracker, TrackerBuilder};
+#[cfg(feature = "signer")]
+pub use crate::signer::{AdPlacement, ImpressionSigner, MintedToken};
+
+/// The SDK's name as sent in `ClickBatch.sdk_name`.
+pub const SDK_NAME: &str = "adclick-rust";
+/// The SDK's version as sent in `ClickBatch.sdk_version`.
+pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
