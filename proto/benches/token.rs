@@ -3,7 +3,9 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use adclick_proto::token::{Impression, Keyring, SigningKey};
-use criterion::{Criterion, black_box, criterion_group, criterion_main};
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
 
 fn bench(c: &mut Criterion) {
     let ring = Keyring::new(SigningKey::new(1, &[42; 32]).unwrap());
@@ -19,7 +21,9 @@ fn bench(c: &mut Criterion) {
     };
     let tok = ring.sign(&imp).unwrap();
     let now = imp.issued_at_ms + 1000;
-    c.bench_function("token/sign", |b| b.iter(|| ring.sign(black_box(&imp)).unwrap()));
+    c.bench_function("token/sign", |b| {
+        b.iter(|| ring.sign(black_box(&imp)).unwrap())
+    });
     c.bench_function("token/verify", |b| {
         b.iter(|| ring.verify(black_box(&tok), now, 0).unwrap())
     });

@@ -71,8 +71,8 @@ impl KeyFile {
         let mut keys = Vec::with_capacity(repr.keys.len());
         let mut created = Vec::with_capacity(repr.keys.len());
         for k in &repr.keys {
-            let secret =
-                hex::decode(k.secret.trim()).map_err(|source| KeyFileError::Hex { id: k.id, source })?;
+            let secret = hex::decode(k.secret.trim())
+                .map_err(|source| KeyFileError::Hex { id: k.id, source })?;
             keys.push(SigningKey::new(k.id, &secret)?);
             created.push((k.id, k.created_at_ms));
         }
@@ -114,7 +114,8 @@ mod tests {
     #[test]
     fn render_then_parse_round_trips() {
         let mut ring = Keyring::new(SigningKey::new(1, &[1; 32]).unwrap());
-        ring.rotate(SigningKey::new(2, &[2; 32]).unwrap(), 2).unwrap();
+        ring.rotate(SigningKey::new(2, &[2; 32]).unwrap(), 2)
+            .unwrap();
         let file = KeyFile {
             keyring: ring,
             created: vec![(1, 10), (2, 20)],

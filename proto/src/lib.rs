@@ -12,7 +12,13 @@ pub mod token;
 pub mod keyfile;
 
 /// Generated prost messages (and, with the `grpc` feature, tonic stubs) for `adclick.v1`.
-#[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/adclick.v1.rs"));
 }
@@ -40,8 +46,14 @@ mod tests {
     #[test]
     fn descriptor_set_names_both_services() {
         let fds = prost_types_lite::decode(super::FILE_DESCRIPTOR_SET);
-        assert!(fds.contains(&"adclick.v1.IngestService".to_string()), "{fds:?}");
-        assert!(fds.contains(&"adclick.v1.QueryService".to_string()), "{fds:?}");
+        assert!(
+            fds.contains(&"adclick.v1.IngestService".to_string()),
+            "{fds:?}"
+        );
+        assert!(
+            fds.contains(&"adclick.v1.QueryService".to_string()),
+            "{fds:?}"
+        );
     }
 
     /// Just enough of descriptor.proto to list service names without depending on

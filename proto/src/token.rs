@@ -50,7 +50,9 @@ pub enum TokenError {
     #[error("bad signature: token was forged or tampered with")]
     BadSignature,
     /// Valid signature, but past `expires_at` (plus the skew allowance).
-    #[error("token expired at {expires_at_ms} ms, now is {now_ms} ms (skew allowance {skew_ms} ms)")]
+    #[error(
+        "token expired at {expires_at_ms} ms, now is {now_ms} ms (skew allowance {skew_ms} ms)"
+    )]
     Expired {
         /// The token's expiry.
         expires_at_ms: i64,
@@ -60,7 +62,9 @@ pub enum TokenError {
         skew_ms: i64,
     },
     /// Valid signature, but issued in the future (beyond the skew allowance).
-    #[error("token not yet valid: issued at {issued_at_ms} ms, now is {now_ms} ms (skew allowance {skew_ms} ms)")]
+    #[error(
+        "token not yet valid: issued at {issued_at_ms} ms, now is {now_ms} ms (skew allowance {skew_ms} ms)"
+    )]
     NotYetValid {
         /// The token's issue time.
         issued_at_ms: i64,
@@ -268,8 +272,8 @@ impl SigningKey {
         if !SECRET_LEN_RANGE.contains(&secret.len()) {
             return Err(KeyError::SecretLength(secret.len()));
         }
-        let keyed = HmacSha256::new_from_slice(secret)
-            .map_err(|_| KeyError::SecretLength(secret.len()))?;
+        let keyed =
+            HmacSha256::new_from_slice(secret).map_err(|_| KeyError::SecretLength(secret.len()))?;
         Ok(SigningKey {
             id,
             secret: secret.to_vec(),
@@ -364,7 +368,12 @@ impl Keyring {
 
     /// The next unused key id (one more than the largest).
     pub fn next_id(&self) -> u32 {
-        self.keys.iter().map(|k| k.id).max().unwrap_or(0).saturating_add(1)
+        self.keys
+            .iter()
+            .map(|k| k.id)
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1)
     }
 
     /// Signs `impression` with the current key (its `key_id` is overwritten) and returns
@@ -482,7 +491,10 @@ mod tests {
         let ring = Keyring::new(key(1, 1));
         let tok = ring.sign(&impression(42, "https://example.com/x")).unwrap();
 
-        assert_eq!(ring.verify("", NOW, 0), Err(TokenError::Malformed(Malformed::Empty)));
+        assert_eq!(
+            ring.verify("", NOW, 0),
+            Err(TokenError::Malformed(Malformed::Empty))
+        );
         assert!(matches!(
             ring.verify("not base64!", NOW, 0),
             Err(TokenError::Malformed(Malformed::Base64(_)))
@@ -504,7 +516,10 @@ mod tests {
         // Expiry and skew.
         let exp = NOW + 3_600_000;
         assert!(ring.verify(&tok, exp, 0).is_ok());
-        assert!(matches!(ring.verify(&tok, exp + 1, 0), Err(TokenError::Expired { .. })));
+        assert!(matches!(
+            ring.verify(&tok, exp + 1, 0),
+            Err(TokenError::Expired { .. })
+        ));
         assert!(ring.verify(&tok, exp + 500, 500).is_ok());
         assert!(matches!(
             ring.verify(&tok, NOW - 5000, 1000),
@@ -516,7 +531,13 @@ mod tests {
     #[test]
     fn sign_refuses_non_http_landing_urls() {
         let ring = Keyring::new(key(1, 1));
-        for url in ["javascript:alert(1)", "ftp://x/y", "https://", "https://a b", ""] {
+        for url in [
+            "javascript:alert(1)",
+            "ftp://x/y",
+            "https://",
+            "https://a b",
+            "",
+        ] {
             assert_eq!(
                 ring.sign(&impression(1, url)),
                 Err(KeyError::InvalidImpression(Malformed::LandingUrl)),
@@ -548,7 +569,10 @@ mod tests {
 
     #[test]
     fn keyring_rejects_bad_construction() {
-        assert_eq!(SigningKey::new(1, &[0; 8]).unwrap_err(), KeyError::SecretLength(8));
+        assert_eq!(
+            SigningKey::new(1, &[0; 8]).unwrap_err(),
+            KeyError::SecretLength(8)
+        );
         assert_eq!(
             Keyring::from_keys(1, vec![key(1, 1), key(1, 2)]).unwrap_err(),
             KeyError::DuplicateId(1)

@@ -110,7 +110,9 @@ mod tests {
     #[test]
     fn minted_tokens_verify_and_are_unique() {
         let ring = Keyring::new(SigningKey::new(3, &[5; 32]).unwrap());
-        let signer = ImpressionSigner::new(ring.clone()).with_ttl(Duration::from_secs(60)).unwrap();
+        let signer = ImpressionSigner::new(ring.clone())
+            .with_ttl(Duration::from_secs(60))
+            .unwrap();
         let ad = AdPlacement {
             ad_id: 42,
             advertiser_id: 7,
@@ -122,7 +124,10 @@ mod tests {
         assert_ne!(a.impression.impression_id, b.impression.impression_id);
         let v = ring.verify(&a.token, 1_000_000 + 59_000, 0).unwrap();
         assert_eq!(v, a.impression);
-        assert_eq!((v.ad_id, v.advertiser_id, v.key_id, v.expires_at_ms), (42, 7, 3, 1_060_000));
+        assert_eq!(
+            (v.ad_id, v.advertiser_id, v.key_id, v.expires_at_ms),
+            (42, 7, 3, 1_060_000)
+        );
         assert!(signer.with_ttl(Duration::ZERO).is_err());
     }
 }

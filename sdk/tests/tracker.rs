@@ -1,6 +1,7 @@
 //! Tracker tests against a real HTTP server (hyper on 127.0.0.1:0) that records every
 //! request and answers from a script. Expected values are computed from what each test
 //! sent, never from the tracker.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failing loudly is the point
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -134,13 +135,22 @@ async fn batches_by_size_then_by_explicit_flush() {
         .flush_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
-    let dims = Dimensions::new().country("de").device(Device::Tablet).os("android").site("news.example").user_id("u1");
+    let dims = Dimensions::new()
+        .country("de")
+        .device(Device::Tablet)
+        .os("android")
+        .site("news.example")
+        .user_id("u1");
     for i in 0..7 {
         tracker.click(&format!("tok{i}"), dims.clone()).unwrap();
     }
     let got = rec.wait_for(2).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(rec.requests().len(), 2, "the partial batch waits for the timer or a flush");
+    assert_eq!(
+        rec.requests().len(),
+        2,
+        "the partial batch waits for the timer or a flush"
+    );
     assert_eq!(tokens(&got[0]), ["tok0", "tok1", "tok2"]);
     assert_eq!(tokens(&got[1]), ["tok3", "tok4", "tok5"]);
     assert_eq!(tracker.queued(), 1);
@@ -153,11 +163,26 @@ async fn batches_by_size_then_by_explicit_flush() {
         assert_eq!(r.content_type, "application/x-protobuf");
         assert_eq!(r.batch.sdk_name, "adclick-rust");
         for c in &r.batch.clicks {
-            assert_eq!(c.sent_at_ms, r.batch.sent_at_ms, "sent_at is stamped on the whole batch");
+            assert_eq!(
+                c.sent_at_ms, r.batch.sent_at_ms,
+                "sent_at is stamped on the whole batch"
+            );
             assert!(c.occurred_at_ms <= c.sent_at_ms);
             assert_eq!(
-                (c.country.as_str(), c.device, c.os.as_str(), c.site.as_str(), c.user_id.as_str()),
-                ("DE", WireDevice::Tablet as i32, "android", "news.example", "u1")
+                (
+                    c.country.as_str(),
+                    c.device,
+                    c.os.as_str(),
+                    c.site.as_str(),
+                    c.user_id.as_str()
+                ),
+                (
+                    "DE",
+                    WireDevice::Tablet as i32,
+                    "android",
+                    "news.example",
+                    "u1"
+                )
             );
         }
     }
@@ -198,7 +223,10 @@ async fn retries_5xx_then_succeeds_with_fresh_sent_at() {
     assert_eq!(got.len(), 3);
     for r in &got {
         assert_eq!(tokens(r), ["x", "y"], "the same clicks are resent");
-        assert_eq!(r.batch.clicks[0].occurred_at_ms, 1_000, "occurred_at is kept");
+        assert_eq!(
+            r.batch.clicks[0].occurred_at_ms, 1_000,
+            "occurred_at is kept"
+        );
     }
     assert!(got[0].batch.sent_at_ms < got[1].batch.sent_at_ms);
     assert!(got[1].batch.sent_at_ms < got[2].batch.sent_at_ms);
@@ -243,7 +271,11 @@ async fn other_4xx_is_not_retried_and_is_reported() {
     assert_eq!((s.rejected, s.sent, s.retries), (3, 0, 0));
     assert_eq!(
         events.lock().unwrap().as_slice(),
-        [TrackerEvent::Rejected { status: 400, clicks: 3, message: "{}".into() }]
+        [TrackerEvent::Rejected {
+            status: 400,
+            clicks: 3,
+            message: "{}".into()
+        }]
     );
     assert_eq!(tracker.queued(), 0);
 }
@@ -258,7 +290,10 @@ async fn unreachable_collector_gives_up_keeps_clicks_and_counts() {
         .unwrap();
     tracker.click("a", Dimensions::new()).unwrap();
     let err = tracker.flush().await.unwrap_err();
-    assert!(matches!(err, SdkError::Undelivered { queued: 1, .. }), "{err}");
+    assert!(
+        matches!(err, SdkError::Undelivered { queued: 1, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("connect"), "{err}");
     let s = tracker.stats();
     assert_eq!((s.retries, s.gave_up, s.sent), (1, 1, 0));
@@ -279,7 +314,9 @@ async fn offline_queue_survives_restart_with_original_occurred_at() {
             .build()
             .unwrap();
         for i in 0..5 {
-            tracker.click(&format!("tok{i}"), Dimensions::new().country("FR")).unwrap();
+            tracker
+                .click(&format!("tok{i}"), Dimensions::new().country("FR"))
+                .unwrap();
         }
         assert!(tracker.flush().await.is_err());
     }
@@ -296,13 +333,23 @@ async fn offline_queue_survives_restart_with_original_occurred_at() {
     let got = rec.wait_for(1).await;
     let clicks: Vec<_> = got.iter().flat_map(|r| r.batch.clicks.clone()).collect();
     let expected: Vec<(String, i64)> = (0..5).map(|i| (format!("tok{i}"), t0 + i)).collect();
-    let actual: Vec<(String, i64)> = clicks.iter().map(|c| (c.token.clone(), c.occurred_at_ms)).collect();
+    let actual: Vec<(String, i64)> = clicks
+        .iter()
+        .map(|c| (c.token.clone(), c.occurred_at_ms))
+        .collect();
     assert_eq!(actual, expected);
-    assert!(clicks.iter().all(|c| c.sent_at_ms >= later && c.country == "FR"));
+    assert!(
+        clicks
+            .iter()
+            .all(|c| c.sent_at_ms >= later && c.country == "FR")
+    );
     tracker.shutdown().await.unwrap();
     drop(tracker);
     // Nothing is sent twice after another restart.
-    let again = Tracker::builder(&endpoint).offline_queue_dir(dir.path()).build().unwrap();
+    let again = Tracker::builder(&endpoint)
+        .offline_queue_dir(dir.path())
+        .build()
+        .unwrap();
     assert_eq!(again.stats().restored, 0);
 }
 
@@ -344,7 +391,9 @@ async fn overflow_drop_newest_refuses_and_counts() {
         .flush_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
-    let results: Vec<_> = (0..5).map(|i| tracker.click(&format!("t{i}"), Dimensions::new())).collect();
+    let results: Vec<_> = (0..5)
+        .map(|i| tracker.click(&format!("t{i}"), Dimensions::new()))
+        .collect();
     assert_eq!(results[3], Err(ClickError::QueueFull));
     assert_eq!(results[4], Err(ClickError::QueueFull));
     assert_eq!(tracker.stats().dropped_overflow, 2);
@@ -361,14 +410,23 @@ async fn invalid_input_and_closed_tracker_are_clear_errors() {
         Err(SdkError::InvalidEndpoint(_))
     ));
     let tracker = Tracker::builder(&endpoint).build().unwrap();
-    assert_eq!(tracker.click("", Dimensions::new()), Err(ClickError::InvalidToken));
+    assert_eq!(
+        tracker.click("", Dimensions::new()),
+        Err(ClickError::InvalidToken)
+    );
     assert!(matches!(
         tracker.click("ok", Dimensions::new().country("Germany")),
-        Err(ClickError::InvalidDimension { field: "country", .. })
+        Err(ClickError::InvalidDimension {
+            field: "country",
+            ..
+        })
     ));
     assert_eq!(tracker.stats().invalid, 2);
     tracker.shutdown().await.unwrap();
-    assert_eq!(tracker.click("ok", Dimensions::new()), Err(ClickError::Closed));
+    assert_eq!(
+        tracker.click("ok", Dimensions::new()),
+        Err(ClickError::Closed)
+    );
 }
 
 #[test]

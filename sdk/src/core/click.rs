@@ -188,12 +188,24 @@ mod tests {
     #[test]
     fn validates_and_normalises() {
         let c = build_click("abc_-9", Dimensions::new().country("us").os("ios"), 5).unwrap();
-        assert_eq!((c.country.as_str(), c.os.as_str(), c.occurred_at_ms), ("US", "ios", 5));
-        assert_eq!(build_click("", Dimensions::new(), 0), Err(ClickError::InvalidToken));
-        assert_eq!(build_click("a b", Dimensions::new(), 0), Err(ClickError::InvalidToken));
+        assert_eq!(
+            (c.country.as_str(), c.os.as_str(), c.occurred_at_ms),
+            ("US", "ios", 5)
+        );
+        assert_eq!(
+            build_click("", Dimensions::new(), 0),
+            Err(ClickError::InvalidToken)
+        );
+        assert_eq!(
+            build_click("a b", Dimensions::new(), 0),
+            Err(ClickError::InvalidToken)
+        );
         assert!(matches!(
             build_click("t", Dimensions::new().country("USA"), 0),
-            Err(ClickError::InvalidDimension { field: "country", .. })
+            Err(ClickError::InvalidDimension {
+                field: "country",
+                ..
+            })
         ));
         assert!(matches!(
             build_click("t", Dimensions::new().site("x".repeat(257)), 0),

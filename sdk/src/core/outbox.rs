@@ -193,7 +193,12 @@ impl<Q: OfflineQueue> Outbox<Q> {
             Completion::Rejected => Stats::add(&self.stats.rejected, n as u64),
         }
         // The batch is the front of the queue: eviction never touches in-flight clicks.
-        let front_matches = self.pending.iter().take(n).map(|s| s.seq).eq(batch.seqs.iter().copied());
+        let front_matches = self
+            .pending
+            .iter()
+            .take(n)
+            .map(|s| s.seq)
+            .eq(batch.seqs.iter().copied());
         debug_assert!(front_matches, "in-flight batch is not the queue front");
         if front_matches {
             self.pending.drain(..n);
@@ -233,7 +238,11 @@ mod tests {
     }
 
     fn outbox(batch: usize, max: usize, overflow: OverflowPolicy) -> Outbox<MemoryQueue> {
-        let cfg = BatchConfig { batch_size: batch, max_queue: max, overflow };
+        let cfg = BatchConfig {
+            batch_size: batch,
+            max_queue: max,
+            overflow,
+        };
         Outbox::open(cfg, MemoryQueue, Arc::default()).0
     }
 
@@ -271,8 +280,14 @@ mod tests {
         }
         let b = o.take_batch().unwrap();
         assert_eq!(times(&b), vec![0, 1]);
-        assert_eq!(o.push(click(3)).unwrap().0, PushOutcome::QueuedDroppedOldest);
-        assert_eq!(o.push(click(4)).unwrap().0, PushOutcome::QueuedDroppedOldest);
+        assert_eq!(
+            o.push(click(3)).unwrap().0,
+            PushOutcome::QueuedDroppedOldest
+        );
+        assert_eq!(
+            o.push(click(4)).unwrap().0,
+            PushOutcome::QueuedDroppedOldest
+        );
         o.finish(b, Completion::Delivered);
         assert_eq!(times(&o.take_batch().unwrap()), vec![4]);
         assert_eq!(o.stats.snapshot().dropped_overflow, 2);

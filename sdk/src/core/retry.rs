@@ -111,15 +111,24 @@ mod tests {
             parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
             Some(Duration::from_secs(5))
         );
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now + 60_000), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now + 60_000),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon", 0), None);
     }
 
     #[test]
     fn retry_after_is_a_floor_and_capped() {
         let p = RetryPolicy::default();
-        assert_eq!(p.delay(1, Some(Duration::from_secs(3)), 0.0), Duration::from_secs(3));
-        assert_eq!(p.delay(1, Some(Duration::from_secs(99_999)), 0.5), p.max_retry_after);
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(3)), 0.0),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(99_999)), 0.5),
+            p.max_retry_after
+        );
     }
 
     proptest! {

@@ -103,7 +103,8 @@ impl FileQueue {
             .open(&path)
             .map_err(|e| io("cannot open", &path, e))?;
         let mut buf = Vec::new();
-        log.read_to_end(&mut buf).map_err(|e| io("cannot read", &path, e))?;
+        log.read_to_end(&mut buf)
+            .map_err(|e| io("cannot read", &path, e))?;
         let (records, valid) = parse(&buf);
 
         let mut live = BTreeMap::new();
@@ -132,7 +133,8 @@ impl FileQueue {
         }
         if valid < buf.len() {
             // Torn or corrupt tail: keep every complete record, drop the rest.
-            log.set_len(valid as u64).map_err(|e| io("cannot truncate", &path, e))?;
+            log.set_len(valid as u64)
+                .map_err(|e| io("cannot truncate", &path, e))?;
             log.sync_all().map_err(|e| io("cannot sync", &path, e))?;
         }
         let mut loaded = Vec::with_capacity(live.len());
@@ -182,9 +184,13 @@ impl FileQueue {
 
     fn write(&mut self, rec: &[u8]) -> Result<(), QueueError> {
         let path = self.log_path();
-        self.log.write_all(rec).map_err(|e| io("cannot write", &path, e))?;
+        self.log
+            .write_all(rec)
+            .map_err(|e| io("cannot write", &path, e))?;
         if self.fsync {
-            self.log.sync_data().map_err(|e| io("cannot sync", &path, e))?;
+            self.log
+                .sync_data()
+                .map_err(|e| io("cannot sync", &path, e))?;
         }
         Ok(())
     }
@@ -192,7 +198,9 @@ impl FileQueue {
     fn maybe_compact(&mut self) -> Result<(), QueueError> {
         let path = self.log_path();
         if self.live.is_empty() && self.dead > 0 {
-            self.log.set_len(0).map_err(|e| io("cannot truncate", &path, e))?;
+            self.log
+                .set_len(0)
+                .map_err(|e| io("cannot truncate", &path, e))?;
             self.dead = 0;
             return Ok(());
         }
@@ -202,7 +210,8 @@ impl FileQueue {
         let tmp = self.dir.join("clicks.log.tmp");
         let mut out = File::create(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
         for rec in self.live.values() {
-            out.write_all(rec).map_err(|e| io("cannot write", &tmp, e))?;
+            out.write_all(rec)
+                .map_err(|e| io("cannot write", &tmp, e))?;
         }
         out.sync_all().map_err(|e| io("cannot sync", &tmp, e))?;
         fs::rename(&tmp, &path).map_err(|e| io("cannot rename", &tmp, e))?;
@@ -284,14 +293,21 @@ mod tests {
         drop(q);
         let mut q = FileQueue::open(dir.path()).unwrap();
         let got: Vec<u64> = q.load().unwrap().iter().map(|s| s.seq).collect();
-        assert_eq!(got, vec![0, 1, 7], "appends after recovery land after the cut");
+        assert_eq!(
+            got,
+            vec![0, 1, 7],
+            "appends after recovery land after the cut"
+        );
     }
 
     #[test]
     fn a_second_process_cannot_open_the_same_queue() {
         let dir = tempfile::tempdir().unwrap();
         let _q = FileQueue::open(dir.path()).unwrap();
-        assert!(matches!(FileQueue::open(dir.path()), Err(QueueError::Locked(_))));
+        assert!(matches!(
+            FileQueue::open(dir.path()),
+            Err(QueueError::Locked(_))
+        ));
     }
 
     #[test]
@@ -301,7 +317,10 @@ mod tests {
         q.append(&click(0)).unwrap();
         q.append(&click(1)).unwrap();
         q.remove(&[0, 1]).unwrap();
-        assert_eq!(fs::metadata(dir.path().join("clicks.log")).unwrap().len(), 0);
+        assert_eq!(
+            fs::metadata(dir.path().join("clicks.log")).unwrap().len(),
+            0
+        );
     }
 
     #[derive(Debug, Clone)]

@@ -50,8 +50,11 @@ impl HttpTransport {
         if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
             return Err(SdkError::InvalidEndpoint(endpoint.to_string()));
         }
-        let url = reqwest::Url::parse(&format!("{}/v1/clicks", base.as_str().trim_end_matches('/')))
-            .map_err(|_| SdkError::InvalidEndpoint(endpoint.to_string()))?;
+        let url = reqwest::Url::parse(&format!(
+            "{}/v1/clicks",
+            base.as_str().trim_end_matches('/')
+        ))
+        .map_err(|_| SdkError::InvalidEndpoint(endpoint.to_string()))?;
         // reqwest is built without a bundled crypto provider (aws-lc would cost minutes of
         // C build); install ring unless the application already chose one.
         let _ = rustls::crypto::ring::default_provider().install_default();

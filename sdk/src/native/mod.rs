@@ -20,7 +20,9 @@ use crate::core::{ClickError, Clock, QueueError};
 #[derive(Debug, thiserror::Error)]
 pub enum SdkError {
     /// The endpoint is not an http(s) URL.
-    #[error("invalid endpoint {0:?}: expected an http:// or https:// URL such as http://127.0.0.1:8080")]
+    #[error(
+        "invalid endpoint {0:?}: expected an http:// or https:// URL such as http://127.0.0.1:8080"
+    )]
     InvalidEndpoint(String),
     /// `build()` was called outside a tokio runtime.
     #[error("Tracker::build() must be called inside a tokio runtime")]

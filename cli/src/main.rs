@@ -1,0 +1,43 @@
+//! The `adclick` binary: argument parsing and dispatch only. Each subcommand lives in its
+//! own module; servers (collector, aggregator, dev) will call their library crates'
+//! `run(config, shutdown)` entry points, never hold business logic here.
+
+mod impression;
+mod keys;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// adclick: real-time ad-click pipeline.
+#[derive(Debug, Parser)]
+#[command(name = "adclick", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage impression-token signing keys (keys.toml).
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Mint and verify signed impression tokens.
+    #[command(subcommand)]
+    Impression(impression::ImpressionCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keys(cmd) => keys::run(cmd),
+        Command::Impression(cmd) => impression::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Runs the real `adclick` binary: keys new/rotate, impression mint/verify, and the exact
+//! error for each kind of bad token.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: failing loudly is the point
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn adclick(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_adclick"))
+        .args(args)
+        .output()
+        .expect("adclick runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = adclick(args);
+    assert!(
+        out.status.success(),
+        "adclick {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = adclick(args);
+    assert!(!out.status.success(), "adclick {args:?} should fail");
+    assert!(out.stdout.is_empty(), "nothing on stdout when failing");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn mint(keys: &str, ad: &str, ttl: &str, count: &str) -> Vec<serde_json::Value> {
+    let out = ok(&[
+        "impression",
+        "mint",
+        "--keys",
+        keys,
+        "--ad",
+        ad,
+        "--advertiser",
+        "7",
+        "--campaign",
+        "1",
+        "--landing-url",
+        "https://example.com/x",
+        "--ttl",
+        ttl,
+        "--count",
+        count,
+        "--format",
+        "jsonl",
+    ]);
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn key_path(dir: &Path) -> String {
+    dir.join("keys.toml").to_str().unwrap().to_string()
+}
+
+#[test]
+fn keys_new_writes_a_private_file_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_path(dir.path());
+    let out = ok(&["keys", "new", "--out", &keys]);
+    assert!(out.contains("key id 1"), "{out}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let text = std::fs::read_to_string(&keys).unwrap();
+    let secret = text.lines().find(|l| l.starts_with("secret")).unwrap();
+    assert_eq!(
+        secret.len(),
+        "secret = \"\"".len() + 64,
+        "32-byte key in hex: {secret}"
+    );
+    let err = fails(&["keys", "new", "--out", &keys]);
+    assert!(err.contains("already exists"), "{err}");
+}
+
+#[test]
+fn mint_then_verify_and_every_rejection_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_path(dir.path());
+    ok(&["keys", "new", "--out", &keys]);
+    let tokens = mint(&keys, "42", "1h", "3");
+    assert_eq!(tokens.len(), 3);
+    let ids: std::collections::HashSet<_> = tokens
+        .iter()
+        .map(|t| t["impression_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3, "each token has its own impression id");
+
+    let tok = tokens[0]["token"].as_str().unwrap();
+    let out = ok(&[
+        "impression",
+        "verify",
+        "--keys",
+        &keys,
+        "--format",
+        "jsonl",
+        tok,
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["ad_id"], 42);
+    assert_eq!(v["advertiser_id"], 7);
+    assert_eq!(v["campaign_id"], 1);
+    assert_eq!(v["landing_url"], "https://example.com/x");
+    assert_eq!(v["impression_id"], tokens[0]["impression_id"]);
+    assert_eq!(v["expires_at_ms"], tokens[0]["expires_at_ms"]);
+    let text = ok(&["impression", "verify", "--keys", &keys, tok]);
+    assert!(
+        text.starts_with("valid token") && text.contains("ad_id          42"),
+        "{text}"
+    );
+
+    // Tampered: change one character of the signed payload.
+    let mut bytes = tok.as_bytes().to_vec();
+    bytes[30] = if bytes[30] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(bytes).unwrap();
+    let err = fails(&["impression", "verify", "--keys", &keys, &tampered]);
+    assert!(
+        err.contains("bad_signature") || err.contains("malformed"),
+        "{err}"
+    );
+    // Tampered tag only: always a bad signature.
+    let mut bytes = tok.as_bytes().to_vec();
+    let last = bytes.len() - 3;
+    bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
+    let err = fails(&[
+        "impression",
+        "verify",
+        "--keys",
+        &keys,
+        &String::from_utf8(bytes).unwrap(),
+    ]);
+    assert!(err.contains("token rejected (bad_signature)"), "{err}");
+    // Not base64 at all.
+    let err = fails(&["impression", "verify", "--keys", &keys, "not a token!"]);
+    assert!(err.contains("token rejected (malformed)"), "{err}");
+    // Expired: verify as of one second after expiry plus the 30 s default skew.
+    let exp = tokens[0]["expires_at_ms"].as_i64().unwrap();
+    let later = (exp + 31_000).to_string();
+    let err = fails(&[
+        "impression",
+        "verify",
+        "--keys",
+        &keys,
+        "--now-ms",
+        &later,
+        tok,
+    ]);
+    assert!(err.contains("token rejected (expired)"), "{err}");
+    // Signed by someone else's key with the same id.
+    let other = dir.path().join("other.toml").to_str().unwrap().to_string();
+    ok(&["keys", "new", "--out", &other]);
+    let err = fails(&["impression", "verify", "--keys", &other, tok]);
+    assert!(err.contains("token rejected (bad_signature)"), "{err}");
+}
+
+#[test]
+fn rotation_accepts_previous_key_until_it_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_path(dir.path());
+    ok(&["keys", "new", "--out", &keys]);
+    let old = mint(&keys, "1", "1h", "1")[0]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = ok(&["keys", "rotate", "--keys", &keys]);
+    assert!(
+        out.contains("current key is now 2; still accepted: 1"),
+        "{out}"
+    );
+    let new = mint(&keys, "1", "1h", "1")[0]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v = ok(&[
+        "impression",
+        "verify",
+        "--keys",
+        &keys,
+        "--format",
+        "jsonl",
+        &new,
+    ]);
+    assert!(v.contains("\"key_id\":2"), "{v}");
+    let v = ok(&[
+        "impression",
+        "verify",
+        "--keys",
+        &keys,
+        "--format",
+        "jsonl",
+        &old,
+    ]);
+    assert!(v.contains("\"key_id\":1"), "{v}");
+    let out = ok(&["keys", "rotate", "--keys", &keys]);
+    assert!(out.contains("dropped key(s) 1"), "{out}");
+    let err = fails(&["impression", "verify", "--keys", &keys, &old]);
+    assert!(
+        err.contains("token rejected (unknown_key): unknown signing key id 1"),
+        "{err}"
+    );
+    let list = ok(&["keys", "list", "--keys", &keys]);
+    assert!(
+        list.contains("3  current") && list.contains("2  previous"),
+        "{list}"
+    );
+    assert!(!list.contains("secret"));
+}
+
+#[test]
+fn bad_arguments_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_path(dir.path());
+    let err = fails(&[
+        "impression",
+        "mint",
+        "--keys",
+        &keys,
+        "--ad",
+        "1",
+        "--advertiser",
+        "1",
+        "--campaign",
+        "1",
+        "--landing-url",
+        "https://e.com",
+    ]);
+    assert!(
+        err.contains("cannot read key file") && err.contains("adclick keys new"),
+        "{err}"
+    );
+    ok(&["keys", "new", "--out", &keys]);
+    let err = fails(&[
+        "impression",
+        "mint",
+        "--keys",
+        &keys,
+        "--ad",
+        "1",
+        "--advertiser",
+        "1",
+        "--campaign",
+        "1",
+        "--landing-url",
+        "javascript:alert(1)",
+    ]);
+    assert!(err.contains("landing URL is not an http(s) URL"), "{err}");
+    let err = fails(&[
+        "impression",
+        "mint",
+        "--keys",
+        &keys,
+        "--ad",
+        "1",
+        "--advertiser",
+        "1",
+        "--campaign",
+        "1",
+        "--landing-url",
+        "https://e.com",
+        "--ttl",
+        "90d",
+    ]);
+    assert!(err.contains("ttl must be between"), "{err}");
+    std::fs::write(&keys, "current = 1\n").unwrap();
+    let err = fails(&["keys", "list", "--keys", &keys]);
+    assert!(
+        err.contains("invalid key file") && err.contains("keys.toml"),
+        "{err}"
+    );
+}
