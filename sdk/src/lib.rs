@@ -7,14 +7,7 @@
 //!   the file-backed offline queue for mobile apps.
 //! - `signer` (in `native`): [`ImpressionSigner`] for ad servers.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), adclick_sdk::SdkError> {
-//! use adclick_sdk::{Dimensions, Device, Tracker};
-//! let tracker = Tracker::builder("http://127.0.0.1:8080").batch_size(50).build()?;
-//! tracker.click("TOKEN-FROM-THE-AD-SERVER", Dimensions::new().country("US").device(Device::Mobile))?;
-//! tracker.shutdown().await?; // drains what is queued
-//! # Ok(()) }
-//! ```
+//! See [`Tracker`] (native) for an example.
 #![deny(missing_docs)]
 
 pub mod core;

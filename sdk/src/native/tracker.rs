@@ -27,6 +27,15 @@ type Store = Box<dyn OfflineQueue + Send>;
 
 /// Batches, retries and (optionally) persists clicks. Clone it freely: clones share one
 /// queue. Create it with [`Tracker::builder`] inside a tokio runtime.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), adclick_sdk::SdkError> {
+/// use adclick_sdk::{Dimensions, Device, Tracker};
+/// let tracker = Tracker::builder("http://127.0.0.1:8080").batch_size(50).build()?;
+/// tracker.click("TOKEN-FROM-THE-AD-SERVER", Dimensions::new().country("US").device(Device::Mobile))?;
+/// tracker.shutdown().await?; // drains what is queued
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Tracker {
     inner: Arc<Inner>,
