@@ -25,6 +25,11 @@ pub use crate::native::{FileQueue, HttpTransport, SdkError, Tracker, TrackerBuil
 #[cfg(feature = "signer")]
 pub use crate::signer::{AdPlacement, ImpressionSigner, MintedToken};
 
+/// The README's Rust examples, compiled as doctests so the docs keep working when pasted.
+#[cfg(all(doctest, feature = "native"))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 /// The SDK's name as sent in `ClickBatch.sdk_name`.
 pub const SDK_NAME: &str = "adclick-rust";
 /// The SDK's version as sent in `ClickBatch.sdk_version`.

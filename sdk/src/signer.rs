@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use adclick_proto::keyfile::{KeyFile, KeyFileError};
 use adclick_proto::token::{IMPRESSION_ID_LEN, Impression, KeyError, Keyring};
 
 /// The ad being placed.
