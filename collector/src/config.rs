@@ -1,0 +1,287 @@
+//! Collector configuration: the `collector.toml` schema with safe defaults for every
+//! field, and its validation. Parsing the file is the CLI's job; this module only defines
+//! and checks the values (see `config/collector.toml` for the documented example).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything a collector needs. Every field has a default, so `CollectorConfig::default()`
+/// plus `keys_file` and `aggregators` is a working configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectorConfig {
+    /// Stable name of this collector; the spool's incarnation is appended to it on the wire.
+    pub collector_id: String,
+    /// HTTP/1.1 + h2c listen address (`POST /v1/clicks`, `GET /c/{token}`, `/healthz`,
+    /// `/metrics`). Port 0 picks a free port.
+    pub listen_http: SocketAddr,
+    /// Spool, quarantine log and lock file live here.
+    pub data_dir: PathBuf,
+    /// The `keys.toml` holding the token keys (reloaded on SIGHUP and when it changes).
+    pub keys_file: PathBuf,
+    /// Aggregator gRPC endpoints (`http://host:port`); ads are routed among them by
+    /// rendezvous hashing on the ad id.
+    pub aggregators: Vec<String>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Token and clock checks.
+    pub tokens: TokenChecks,
+    /// Duplicate detection.
+    pub dedup: DedupConfig,
+    /// Durable spool.
+    pub spool: SpoolConfig,
+    /// Forwarding to aggregators.
+    pub forward: ForwardConfig,
+    /// Rejected-click log.
+    pub quarantine: QuarantineConfig,
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        CollectorConfig {
+            collector_id: "collector-1".into(),
+            listen_http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("data/collector"),
+            keys_file: PathBuf::from("keys.toml"),
+            aggregators: vec!["http://127.0.0.1:9090".into()],
+            limits: Limits::default(),
+            tokens: TokenChecks::default(),
+            dedup: DedupConfig::default(),
+            spool: SpoolConfig::default(),
+            forward: ForwardConfig::default(),
+            quarantine: QuarantineConfig::default(),
+        }
+    }
+}
+
+/// Request limits. Anything beyond them gets a 4xx with a message and a counter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body (413 above).
+    pub max_body_bytes: usize,
+    /// Most clicks in one batch (413 above).
+    pub max_clicks_per_batch: usize,
+    /// Longest dimension string (os, site, app, user_id); longer clicks are rejected as
+    /// `invalid_dimension`.
+    pub max_string_len: usize,
+    /// A client must send its request headers within this time.
+    pub header_read_timeout_ms: u64,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Sustained requests per second per client IP (0 = unlimited); 429 above.
+    pub rate_limit_per_ip: f64,
+    /// Burst allowance per client IP.
+    pub rate_limit_burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_clicks_per_batch: 1000,
+            max_string_len: 256,
+            header_read_timeout_ms: 5_000,
+            max_connections: 10_000,
+            rate_limit_per_ip: 0.0,
+            rate_limit_burst: 100.0,
+        }
+    }
+}
+
+/// Token verification and clock correction.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenChecks {
+    /// Clock skew allowed on a token's issue and expiry times.
+    pub skew_ms: i64,
+    /// A device clock off by more than this (|received_at - sent_at|) is not trusted: the
+    /// click is counted at `received_at` and flagged.
+    pub max_device_clock_skew_ms: i64,
+    /// How often the key file is checked for changes (SIGHUP reloads at once).
+    pub key_reload_interval_ms: u64,
+}
+
+impl Default for TokenChecks {
+    fn default() -> Self {
+        TokenChecks {
+            skew_ms: 30_000,
+            max_device_clock_skew_ms: 24 * 3_600_000,
+            key_reload_interval_ms: 2_000,
+        }
+    }
+}
+
+/// Duplicate detection: a time-rotated Bloom filter as pre-check, an exact set behind it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// Longest token lifetime (issue to expiry) in use; the Bloom generations cover it.
+    pub token_lifetime_ms: i64,
+    /// Clicks expected per token lifetime (sizes the Bloom filter).
+    pub expected_clicks: usize,
+    /// Target false-positive rate of the Bloom filter (a false positive only costs an
+    /// exact lookup, never a click).
+    pub false_positive_rate: f64,
+    /// Bloom generations across the lifetime (>= 2).
+    pub generations: usize,
+    /// Most impression ids held exactly; older ones fall back to "suspect" marking, and
+    /// the aggregator's exact dedup decides.
+    pub exact_capacity: usize,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            token_lifetime_ms: 3_600_000,
+            expected_clicks: 1_000_000,
+            false_positive_rate: 0.001,
+            generations: 4,
+            exact_capacity: 1_000_000,
+        }
+    }
+}
+
+/// Durable spool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Segment file size.
+    pub segment_bytes: u64,
+    /// Disk budget; when it is used up ingest answers 503 until the forwarder catches up.
+    pub max_bytes: u64,
+    /// Most clicks written by one group commit (one spool record, one forwarded batch).
+    pub max_clicks_per_record: usize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            segment_bytes: 64 << 20,
+            max_bytes: 8 << 30,
+            max_clicks_per_record: 20_000,
+        }
+    }
+}
+
+/// Forwarding to aggregators.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForwardConfig {
+    /// First retry delay.
+    pub retry_base_ms: u64,
+    /// Largest retry delay.
+    pub retry_max_ms: u64,
+    /// Per-call timeout.
+    pub request_timeout_ms: u64,
+    /// Salted keys a hot ad is spread over.
+    pub hot_fanout: u32,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            retry_base_ms: 100,
+            retry_max_ms: 10_000,
+            request_timeout_ms: 10_000,
+            hot_fanout: 8,
+        }
+    }
+}
+
+/// The bounded log of rejected clicks (`<data_dir>/quarantine.jsonl`, rotated once).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    /// Rotate at this size; one previous file is kept.
+    pub max_bytes: u64,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid collector config: {0}")]
+pub struct ConfigError(pub String);
+
+impl CollectorConfig {
+    /// Checks values that would otherwise fail later or silently misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: &str| Err(ConfigError(m.to_string()));
+        if self.collector_id.is_empty() || self.collector_id.len() > 128 {
+            return err("collector_id must be 1 to 128 characters");
+        }
+        if self.aggregators.is_empty() {
+            return err(
+                "aggregators must list at least one gRPC endpoint, e.g. \"http://127.0.0.1:9090\"",
+            );
+        }
+        for a in &self.aggregators {
+            if !(a.starts_with("http://") || a.starts_with("https://")) {
+                return Err(ConfigError(format!(
+                    "aggregator endpoint {a:?} must start with http:// or https://"
+                )));
+            }
+        }
+        if self.limits.max_body_bytes < 1024 || self.limits.max_clicks_per_batch == 0 {
+            return err(
+                "limits.max_body_bytes must be >= 1024 and limits.max_clicks_per_batch >= 1",
+            );
+        }
+        if self.limits.max_connections == 0 {
+            return err("limits.max_connections must be >= 1");
+        }
+        if !(self.dedup.false_positive_rate > 0.0 && self.dedup.false_positive_rate < 0.5) {
+            return err("dedup.false_positive_rate must be in (0, 0.5)");
+        }
+        if self.dedup.generations < 2 || self.dedup.token_lifetime_ms <= 0 {
+            return err("dedup.generations must be >= 2 and dedup.token_lifetime_ms > 0");
+        }
+        if self.spool.segment_bytes < 4096 || self.spool.max_bytes < self.spool.segment_bytes {
+            return err(
+                "spool.segment_bytes must be >= 4096 and spool.max_bytes >= spool.segment_bytes",
+            );
+        }
+        if self.forward.hot_fanout == 0 {
+            return err("forward.hot_fanout must be >= 1");
+        }
+        Ok(())
+    }
+
+    /// The header read timeout as a duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.header_read_timeout_ms.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        CollectorConfig::default().validate().unwrap();
+        let c = CollectorConfig {
+            aggregators: vec!["127.0.0.1:9090".into()],
+            ..Default::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .0
+                .contains("must start with http://")
+        );
+        let mut c = CollectorConfig::default();
+        c.dedup.false_positive_rate = 0.0;
+        assert!(c.validate().unwrap_err().0.contains("false_positive_rate"));
+    }
+}

@@ -1,0 +1,216 @@
+//! The forwarder: reads durable spool records in order and delivers each one to the
+//! aggregators over gRPC (`IngestService.Ingest`), as one batch per owning shard with
+//! `seq` = the record's spool seq, then acks the record so the spool can delete it.
+//!
+//! Retries forever with capped exponential backoff and full jitter: an aggregator outage
+//! only grows the spool (bounded by its disk budget, after which ingest answers 503).
+//! Idempotence: a record re-sent after a crash carries the same seq to the same shards
+//! (routing depends only on the record's content), and aggregators ignore an acked
+//! (collector_id, seq). Shards that own no click of a record get no batch for it, so an
+//! aggregator sees increasing seqs with gaps.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use adclick_proto::v1::{
+    IngestAck, IngestBatch, IngestClick, ingest_service_client::IngestServiceClient,
+};
+use prost::Message;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::ForwardConfig;
+use crate::metrics::Metrics;
+use crate::routing::{HotAds, Router};
+use crate::spool::Spool;
+
+/// Largest gRPC message either side may send (a spool record holds at most
+/// `spool.max_clicks_per_record` clicks, well below this).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A bad aggregator endpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid aggregator endpoint {endpoint:?}: {source}")]
+pub struct EndpointError {
+    endpoint: String,
+    source: tonic::transport::Error,
+}
+
+/// See the module doc.
+#[derive(Debug)]
+pub struct Forwarder {
+    spool: Arc<Mutex<Spool>>,
+    shards: Vec<IngestServiceClient<Channel>>,
+    router: Router,
+    collector_id: String,
+    hot: Arc<HotAds>,
+    metrics: Arc<Metrics>,
+    cfg: ForwardConfig,
+    durable: watch::Receiver<u64>,
+}
+
+struct Stopped;
+
+impl Forwarder {
+    /// A forwarder to `endpoints` (connections are made lazily, and re-made after errors).
+    pub fn new(
+        endpoints: &[String],
+        spool: Arc<Mutex<Spool>>,
+        collector_id: String,
+        hot: Arc<HotAds>,
+        metrics: Arc<Metrics>,
+        cfg: ForwardConfig,
+        durable: watch::Receiver<u64>,
+    ) -> Result<Self, EndpointError> {
+        let mut shards = Vec::with_capacity(endpoints.len());
+        for e in endpoints {
+            let ep = Endpoint::from_shared(e.clone()).map_err(|source| EndpointError {
+                endpoint: e.clone(),
+                source,
+            })?;
+            let channel = ep
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_millis(cfg.request_timeout_ms.max(1)))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            shards.push(
+                IngestServiceClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            );
+        }
+        Ok(Forwarder {
+            spool,
+            shards,
+            router: Router::new(endpoints),
+            collector_id,
+            hot,
+            metrics,
+            cfg,
+            durable,
+        })
+    }
+
+    fn spool(&self) -> std::sync::MutexGuard<'_, Spool> {
+        self.spool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forwards until `shutdown` flips. Records stay in the spool until acked.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut next = self.spool().acked_seq() + 1;
+        loop {
+            while *self.durable.borrow_and_update() < next {
+                tokio::select! {
+                    r = self.durable.changed() => if r.is_err() { return },
+                    _ = shutdown.changed() => return,
+                }
+            }
+            let records = self.spool().read(next, 16, MAX_MESSAGE_BYTES / 2);
+            let records = match records {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, seq = next, "cannot read spool; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            };
+            for (seq, payload) in records {
+                if self
+                    .forward_record(seq, &payload, &mut shutdown)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mut spool = self.spool.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = spool.ack(seq) {
+                    tracing::error!(error = %e, seq, "cannot ack spool record");
+                }
+                let lag = spool.durable_seq().saturating_sub(seq);
+                self.metrics
+                    .forward_lag_records
+                    .set(i64::try_from(lag).unwrap_or(i64::MAX));
+                self.metrics
+                    .spool_bytes
+                    .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
+                self.metrics
+                    .spool_segments
+                    .set(spool.segment_count() as i64);
+                next = seq + 1;
+            }
+        }
+    }
+
+    async fn forward_record(
+        &mut self,
+        seq: u64,
+        payload: &[u8],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), Stopped> {
+        let clicks = match IngestBatch::decode(payload) {
+            Ok(b) => b.clicks,
+            Err(e) => {
+                // Cannot happen for records this collector wrote (CRC-checked); skip
+                // rather than block forwarding forever, loudly.
+                tracing::error!(error = %e, seq, "undecodable spool record skipped");
+                self.metrics.add_clicks("spool_record_undecodable", 1);
+                return Ok(());
+            }
+        };
+        let mut by_shard: Vec<Vec<IngestClick>> = vec![Vec::new(); self.shards.len()];
+        for c in clicks {
+            by_shard[self.router.shard(c.ad_id, c.salt)].push(c);
+        }
+        for (shard, clicks) in by_shard.into_iter().enumerate() {
+            if clicks.is_empty() {
+                continue;
+            }
+            let n = clicks.len() as u64;
+            let batch = IngestBatch {
+                collector_id: self.collector_id.clone(),
+                seq,
+                clicks,
+            };
+            let ack = self.send(shard, batch, shutdown).await?;
+            self.hot.update(shard, &ack.hot_ad_ids);
+            self.metrics.forwarded_clicks.inc_by(n);
+            self.metrics.forwarded_batches.inc();
+        }
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        shard: usize,
+        batch: IngestBatch,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<IngestAck, Stopped> {
+        let mut attempt: u32 = 0;
+        loop {
+            match self.shards[shard].ingest(batch.clone()).await {
+                Ok(resp) => return Ok(resp.into_inner()),
+                Err(status) => {
+                    attempt = attempt.saturating_add(1);
+                    self.metrics.forward_errors.inc();
+                    let ceiling = self
+                        .cfg
+                        .retry_base_ms
+                        .saturating_mul(1u64 << attempt.min(20))
+                        .min(self.cfg.retry_max_ms)
+                        .max(1);
+                    let delay = Duration::from_millis(fastrand::u64(ceiling / 2..=ceiling));
+                    if attempt == 1 || attempt.is_power_of_two() {
+                        tracing::warn!(shard, seq = batch.seq, attempt, code = ?status.code(),
+                            message = status.message(), ?delay, "forward failed; retrying");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return Err(Stopped),
+                    }
+                }
+            }
+        }
+    }
+}

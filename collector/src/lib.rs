@@ -1,0 +1,282 @@
+//! adclick edge collector: accepts clicks from SDKs and redirect links, verifies their
+//! impression tokens, corrects device clocks, drops duplicates, makes accepted clicks
+//! durable in a local spool (fsync before any 2xx), and forwards them to aggregators over
+//! gRPC, deleting spooled data only after the aggregators acked it.
+//!
+//! Entry points: [`start`] (returns a handle with the bound addresses, for tests and
+//! `adclick dev`) and [`run`] (until a shutdown future resolves, for `adclick collector`).
+//! The library reads no configuration file: the CLI parses `collector.toml` into a
+//! [`CollectorConfig`]. It depends on `adclick-proto` only, never on the aggregator.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod forward;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod quarantine;
+pub mod routing;
+pub mod spool;
+pub mod writer;
+
+use std::fs::File;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::CollectorConfig;
+pub use metrics::Metrics;
+
+use forward::Forwarder;
+use http::{HttpState, ratelimit::RateLimiter};
+use ingest::{Processor, keys::KeySource};
+use quarantine::Quarantine;
+use routing::HotAds;
+use spool::{Spool, SpoolOptions};
+use writer::Committer;
+
+/// Why the collector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The key file could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] ingest::keys::KeyLoadError),
+    /// The spool could not be opened or recovered.
+    #[error("spool: {0}")]
+    Spool(#[from] spool::SpoolError),
+    /// Another collector process uses the data directory.
+    #[error("data directory {0} is in use by another collector (lock held on {0}/LOCK)")]
+    Locked(PathBuf),
+    /// A socket or file could not be opened.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// A bad aggregator endpoint.
+    #[error(transparent)]
+    Endpoint(#[from] forward::EndpointError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CollectorError {
+    let what = what.into();
+    move |source| CollectorError::Io { what, source }
+}
+
+/// A running collector.
+#[derive(Debug)]
+pub struct Collector {
+    http_addr: SocketAddr,
+    collector_id: String,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    state: Arc<HttpState>,
+}
+
+/// Starts a collector: opens (and recovers) the spool, binds the listeners and spawns the
+/// HTTP server, the forwarder and the key reloader on the current tokio runtime.
+pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(io(format!(
+        "cannot create data_dir {}",
+        cfg.data_dir.display()
+    )))?;
+    let lock_path = cfg.data_dir.join("LOCK");
+    let lock =
+        File::create(&lock_path).map_err(io(format!("cannot create {}", lock_path.display())))?;
+    lock.try_lock()
+        .map_err(|_| CollectorError::Locked(cfg.data_dir.clone()))?;
+
+    let keys = Arc::new(KeySource::open(&cfg.keys_file)?);
+    let (spool, recovery) = Spool::open(
+        &cfg.data_dir.join("spool"),
+        SpoolOptions {
+            segment_bytes: cfg.spool.segment_bytes,
+            max_bytes: cfg.spool.max_bytes,
+        },
+    )?;
+    let collector_id = format!("{}-{:016x}", cfg.collector_id, spool.incarnation());
+    tracing::info!(
+        collector_id,
+        pending_records = recovery.records,
+        truncated_bytes = recovery.truncated_bytes,
+        "spool recovered"
+    );
+    let durable = watch::channel(spool.durable_seq());
+    let spool = Arc::new(Mutex::new(spool));
+
+    let metrics = Arc::new(Metrics::new());
+    let hot = Arc::new(HotAds::new(cfg.forward.hot_fanout));
+    let processor = Arc::new(Processor::new(
+        keys.clone(),
+        cfg.tokens.clone(),
+        &cfg.dedup,
+        cfg.limits.max_string_len,
+        hot.clone(),
+        metrics.clone(),
+        http::now_ms(),
+    ));
+    let (committer, writer) = Committer::start(
+        spool.clone(),
+        cfg.spool.max_clicks_per_record,
+        metrics.clone(),
+        durable.0,
+        lock,
+    )
+    .map_err(io("cannot start the spool writer"))?;
+    let quarantine = Quarantine::start(&cfg.data_dir, cfg.quarantine.max_bytes, metrics.clone())
+        .map_err(io("cannot open the quarantine log"))?;
+    let forwarder = Forwarder::new(
+        &cfg.aggregators,
+        spool.clone(),
+        collector_id.clone(),
+        hot,
+        metrics.clone(),
+        cfg.forward.clone(),
+        durable.1,
+    )?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen_http)
+        .await
+        .map_err(io(format!("cannot listen on {}", cfg.listen_http)))?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(io("cannot read the bound address"))?;
+    let state = Arc::new(HttpState {
+        processor,
+        committer,
+        quarantine,
+        metrics: metrics.clone(),
+        limits: cfg.limits.clone(),
+        limiter: RateLimiter::new(cfg.limits.rate_limit_per_ip, cfg.limits.rate_limit_burst),
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let tasks = vec![
+        tokio::spawn(http::serve(
+            listener,
+            state.clone(),
+            cfg.header_read_timeout(),
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(forwarder.run(shutdown_rx.clone())),
+        tokio::spawn(reload_keys(
+            keys,
+            metrics.clone(),
+            Duration::from_millis(cfg.tokens.key_reload_interval_ms.max(100)),
+            shutdown_rx,
+        )),
+    ];
+    tracing::info!(%http_addr, collector_id, "collector started");
+    Ok(Collector {
+        http_addr,
+        collector_id,
+        metrics,
+        shutdown,
+        tasks,
+        writer: Some(writer),
+        state,
+    })
+}
+
+/// Runs a collector until `shutdown` resolves, then stops it gracefully.
+pub async fn run(
+    cfg: CollectorConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CollectorError> {
+    let c = start(cfg).await?;
+    shutdown.await;
+    c.shutdown().await;
+    Ok(())
+}
+
+impl Collector {
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The id this collector sends to aggregators (`{collector_id}-{spool incarnation}`).
+    pub fn collector_id(&self) -> &str {
+        &self.collector_id
+    }
+
+    /// Live metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Graceful stop: stop accepting, finish in-flight requests (their clicks are fsynced
+    /// before they are answered), stop forwarding, and let the writer finish.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        let writer = self.writer.take();
+        // Dropping the last committer handle ends the writer thread after its last group.
+        drop(self.state);
+        if let Some(w) = writer {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+        tracing::info!("collector stopped");
+    }
+}
+
+async fn reload_keys(
+    keys: Arc<KeySource>,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let hup_fut = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup_fut = std::future::pending::<()>();
+        let force = tokio::select! {
+            _ = tick.tick() => false,
+            _ = hup_fut => true,
+            _ = shutdown.changed() => return,
+        };
+        match keys.reload(force) {
+            Ok(true) => {
+                metrics
+                    .key_reloads
+                    .get_or_create(&metrics::ResultLabel { result: "ok" })
+                    .inc();
+                tracing::info!("signing keys reloaded");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                metrics
+                    .key_reloads
+                    .get_or_create(&metrics::ResultLabel { result: "error" })
+                    .inc();
+                tracing::error!(error = %e, "key reload failed; keeping the previous keys");
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The collector's Prometheus metrics (served as text on `GET /metrics`). One struct owns
+//! the registry and a handle to every metric; other modules only increment. Hot paths tally
+//! per batch and add once, so a counter update never costs a label allocation per click.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `outcome` label of `adclick_collector_clicks_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// accepted, duplicate, or a rejection reason.
+    pub outcome: &'static str,
+}
+
+/// Labels of `adclick_collector_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabel {
+    /// Route: clicks, redirect, quic, healthz, metrics, other.
+    pub route: &'static str,
+    /// HTTP status code (or the QUIC status byte mapped onto one).
+    pub code: u16,
+}
+
+/// `result` label of the key reload counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// ok or error.
+    pub result: &'static str,
+}
+
+/// Every collector metric.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Clicks by outcome.
+    pub clicks: Family<OutcomeLabel, Counter>,
+    /// Requests by route and status.
+    pub requests: Family<RequestLabel, Counter>,
+    /// Clicks whose device clock was beyond the bound (counted at received_at).
+    pub clock_skew_flagged: Counter,
+    /// Bloom positives that the exact set could not confirm (forwarded as suspects).
+    pub dedup_suspect: Counter,
+    /// Requests refused by the per-IP rate limit.
+    pub rate_limited: Counter,
+    /// Spool bytes on disk (unacked).
+    pub spool_bytes: Gauge,
+    /// Spool segment files.
+    pub spool_segments: Gauge,
+    /// Spool records not yet acked by the aggregators.
+    pub forward_lag_records: Gauge,
+    /// Clicks acked by aggregators.
+    pub forwarded_clicks: Counter,
+    /// Batches acked by aggregators.
+    pub forwarded_batches: Counter,
+    /// Failed forward attempts (retried).
+    pub forward_errors: Counter,
+    /// Spool fsync latency.
+    pub fsync_seconds: Histogram,
+    /// Clicks per group commit.
+    pub commit_clicks: Histogram,
+    /// Rejected clicks written to the quarantine log.
+    pub quarantined: Counter,
+    /// Rejected clicks not written because the quarantine writer was behind (still counted
+    /// by reason in `clicks`).
+    pub quarantine_dropped: Counter,
+    /// Key file reloads.
+    pub key_reloads: Family<ResultLabel, Counter>,
+    /// Redirect (`GET /c/{token}`) latency including the durable commit.
+    pub redirect_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("adclick_collector");
+        let m = Metrics {
+            clicks: Family::default(),
+            requests: Family::default(),
+            clock_skew_flagged: Counter::default(),
+            dedup_suspect: Counter::default(),
+            rate_limited: Counter::default(),
+            spool_bytes: Gauge::default(),
+            spool_segments: Gauge::default(),
+            forward_lag_records: Gauge::default(),
+            forwarded_clicks: Counter::default(),
+            forwarded_batches: Counter::default(),
+            forward_errors: Counter::default(),
+            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            commit_clicks: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            quarantined: Counter::default(),
+            quarantine_dropped: Counter::default(),
+            key_reloads: Family::default(),
+            redirect_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "clicks",
+            "Clicks by outcome (accepted, duplicate, rejection reason)",
+            m.clicks.clone(),
+        );
+        r.register(
+            "requests",
+            "HTTP/QUIC requests by route and status code",
+            m.requests.clone(),
+        );
+        r.register(
+            "clock_skew_flagged",
+            "Clicks counted at received_at because the device clock was off",
+            m.clock_skew_flagged.clone(),
+        );
+        r.register(
+            "dedup_suspect",
+            "Bloom positives not confirmed by the exact set (aggregator decides)",
+            m.dedup_suspect.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests refused by the per-IP rate limit",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "spool_bytes",
+            "Spool bytes on disk not yet acked",
+            m.spool_bytes.clone(),
+        );
+        r.register(
+            "spool_segments",
+            "Spool segment files",
+            m.spool_segments.clone(),
+        );
+        r.register(
+            "forward_lag_records",
+            "Spool records not yet acked by aggregators",
+            m.forward_lag_records.clone(),
+        );
+        r.register(
+            "forwarded_clicks",
+            "Clicks acked by aggregators",
+            m.forwarded_clicks.clone(),
+        );
+        r.register(
+            "forwarded_batches",
+            "Batches acked by aggregators",
+            m.forwarded_batches.clone(),
+        );
+        r.register(
+            "forward_errors",
+            "Failed forward attempts (retried)",
+            m.forward_errors.clone(),
+        );
+        r.register(
+            "fsync_seconds",
+            "Spool group-commit fsync latency",
+            m.fsync_seconds.clone(),
+        );
+        r.register(
+            "commit_clicks",
+            "Clicks per group commit",
+            m.commit_clicks.clone(),
+        );
+        r.register(
+            "quarantined",
+            "Rejected clicks written to the quarantine log",
+            m.quarantined.clone(),
+        );
+        r.register(
+            "quarantine_dropped",
+            "Rejected clicks not logged because the quarantine writer was behind",
+            m.quarantine_dropped.clone(),
+        );
+        r.register(
+            "key_reloads",
+            "Key file reloads by result",
+            m.key_reloads.clone(),
+        );
+        r.register(
+            "redirect_seconds",
+            "GET /c/{token} latency including the durable commit",
+            m.redirect_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Adds `n` clicks with `outcome`.
+    pub fn add_clicks(&self, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.clicks
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(n);
+        }
+    }
+
+    /// Counts one request.
+    pub fn request(&self, route: &'static str, code: u16) {
+        self.requests
+            .get_or_create(&RequestLabel { route, code })
+            .inc();
+    }
+
+    /// Current count for an outcome (for tests and the dev view).
+    pub fn clicks_with(&self, outcome: &'static str) -> u64 {
+        self.clicks.get_or_create(&OutcomeLabel { outcome }).get()
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
