@@ -4,6 +4,7 @@
 
 mod impression;
 mod keys;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,8 @@ enum Command {
     /// Mint and verify signed impression tokens.
     #[command(subcommand)]
     Impression(impression::ImpressionCommand),
+    /// Run an edge collector (HTTP ingest, redirects, spool, forwarding to aggregators).
+    Collector(serve::CollectorArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keys(cmd) => keys::run(cmd),
         Command::Impression(cmd) => impression::run(cmd),
+        Command::Collector(args) => serve::collector(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,14 @@ pub struct CollectorConfig {
     /// HTTP/1.1 + h2c listen address (`POST /v1/clicks`, `GET /c/{token}`, `/healthz`,
     /// `/metrics`). Port 0 picks a free port.
     pub listen_http: SocketAddr,
+    /// QUIC listen address (UDP, ALPN `adclick/1`, see `quic`); unset = no QUIC. Port 0
+    /// picks a free port.
+    pub listen_quic: Option<SocketAddr>,
+    /// PEM certificate chain for QUIC. With `tls_key_file`; when both are unset, QUIC uses
+    /// a self-signed dev certificate kept in `data_dir` (`quic-dev-cert.pem`).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
     /// Spool, quarantine log and lock file live here.
     pub data_dir: PathBuf,
     /// The `keys.toml` holding the token keys (reloaded on SIGHUP and when it changes).
@@ -44,6 +52,9 @@ impl Default for CollectorConfig {
         CollectorConfig {
             collector_id: "collector-1".into(),
             listen_http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen_quic: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             data_dir: PathBuf::from("data/collector"),
             keys_file: PathBuf::from("keys.toml"),
             aggregators: vec!["http://127.0.0.1:9090".into()],
@@ -232,6 +243,11 @@ impl CollectorConfig {
                 )));
             }
         }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return err(
+                "tls_cert_file and tls_key_file must be set together (or neither, for a dev certificate)",
+            );
+        }
         if self.limits.max_body_bytes < 1024 || self.limits.max_clicks_per_batch == 0 {
             return err(
                 "limits.max_body_bytes must be >= 1024 and limits.max_clicks_per_batch >= 1",
@@ -283,5 +299,28 @@ mod tests {
         let mut c = CollectorConfig::default();
         c.dedup.false_positive_rate = 0.0;
         assert!(c.validate().unwrap_err().0.contains("false_positive_rate"));
+        let c = CollectorConfig {
+            tls_cert_file: Some("cert.pem".into()),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().0.contains("set together"));
+    }
+
+    #[test]
+    fn quic_settings_parse_and_unknown_fields_are_refused() {
+        let c: CollectorConfig = serde_json::from_str(
+            r#"{"listen_quic": "127.0.0.1:4433", "tls_cert_file": "c.pem", "tls_key_file": "k.pem"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.listen_quic, Some("127.0.0.1:4433".parse().unwrap()));
+        assert_eq!(
+            c.tls_key_file.as_deref(),
+            Some(std::path::Path::new("k.pem"))
+        );
+        c.validate().unwrap();
+        assert!(CollectorConfig::default().listen_quic.is_none());
+        assert!(
+            serde_json::from_str::<CollectorConfig>(r#"{"listen_quick": "127.0.0.1:1"}"#).is_err()
+        );
     }
 }

@@ -3,6 +3,9 @@
 //! durable in a local spool (fsync before any 2xx), and forwards them to aggregators over
 //! gRPC, deleting spooled data only after the aggregators acked it.
 //!
+//! Clicks arrive over HTTP (`http`) and, when `listen_quic` is set, over QUIC (`quic`);
+//! both share one click path.
+//!
 //! Entry points: [`start`] (returns a handle with the bound addresses, for tests and
 //! `adclick dev`) and [`run`] (until a shutdown future resolves, for `adclick collector`).
 //! The library reads no configuration file: the CLI parses `collector.toml` into a
@@ -15,6 +18,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod quarantine;
+pub mod quic;
 pub mod routing;
 pub mod spool;
 pub mod writer;
@@ -66,6 +70,9 @@ pub enum CollectorError {
     /// A bad aggregator endpoint.
     #[error(transparent)]
     Endpoint(#[from] forward::EndpointError),
+    /// The QUIC certificate or key could not be loaded or generated.
+    #[error(transparent)]
+    Tls(#[from] quic::TlsError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CollectorError {
@@ -77,6 +84,8 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CollectorError 
 #[derive(Debug)]
 pub struct Collector {
     http_addr: SocketAddr,
+    quic_addr: Option<SocketAddr>,
+    quic_cert_pem: Option<String>,
     collector_id: String,
     metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
@@ -86,7 +95,8 @@ pub struct Collector {
 }
 
 /// Starts a collector: opens (and recovers) the spool, binds the listeners and spawns the
-/// HTTP server, the forwarder and the key reloader on the current tokio runtime.
+/// HTTP server, the QUIC server (when `listen_quic` is set), the forwarder and the key
+/// reloader on the current tokio runtime.
 pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(io(format!(
@@ -100,6 +110,11 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         .map_err(|_| CollectorError::Locked(cfg.data_dir.clone()))?;
 
     let keys = Arc::new(KeySource::open(&cfg.keys_file)?);
+    // Before the spool opens and before anything binds: a bad certificate fails fast.
+    let quic_tls = match cfg.listen_quic {
+        Some(_) => Some(quic::load_tls(&cfg)?),
+        None => None,
+    };
     let (spool, recovery) = Spool::open(
         &cfg.data_dir.join("spool"),
         SpoolOptions {
@@ -162,8 +177,20 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         limits: cfg.limits.clone(),
         limiter: RateLimiter::new(cfg.limits.rate_limit_per_ip, cfg.limits.rate_limit_burst),
     });
+    let quic = match (cfg.listen_quic, &quic_tls) {
+        (Some(addr), Some(tls)) => {
+            let endpoint =
+                quic::bind(addr, tls).map_err(io(format!("cannot listen on QUIC {addr}")))?;
+            let bound = endpoint
+                .local_addr()
+                .map_err(io("cannot read the bound QUIC address"))?;
+            Some((endpoint, bound))
+        }
+        _ => None,
+    };
+    let quic_addr = quic.as_ref().map(|(_, a)| *a);
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(http::serve(
             listener,
             state.clone(),
@@ -175,12 +202,22 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
             keys,
             metrics.clone(),
             Duration::from_millis(cfg.tokens.key_reload_interval_ms.max(100)),
-            shutdown_rx,
+            shutdown_rx.clone(),
         )),
     ];
-    tracing::info!(%http_addr, collector_id, "collector started");
+    if let Some((endpoint, _)) = quic {
+        tasks.push(tokio::spawn(quic::serve(
+            endpoint,
+            state.clone(),
+            cfg.header_read_timeout(),
+            shutdown_rx,
+        )));
+    }
+    tracing::info!(%http_addr, ?quic_addr, collector_id, "collector started");
     Ok(Collector {
         http_addr,
+        quic_addr,
+        quic_cert_pem: quic_tls.map(|t| t.cert_pem),
         collector_id,
         metrics,
         shutdown,
@@ -205,6 +242,17 @@ impl Collector {
     /// The bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The bound QUIC (UDP) address, when `listen_quic` is set.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic_addr
+    }
+
+    /// PEM of the QUIC certificate chain in use (configured or the dev one), when QUIC is
+    /// on: what a client must trust, e.g. `QuicTransport::with_pem_roots`.
+    pub fn quic_cert_pem(&self) -> Option<String> {
+        self.quic_cert_pem.clone()
     }
 
     /// The id this collector sends to aggregators (`{collector_id}-{spool incarnation}`).

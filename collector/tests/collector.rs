@@ -21,6 +21,7 @@ use prost::Message;
 use support::*;
 
 fn http() -> reqwest::Client {
+    adclick_sdk::HttpTransport::install_crypto_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -569,7 +570,7 @@ fn crash_mid_stream_then_restart_forwards_every_acked_click_once() {
             let ids: Vec<Vec<u8>> = chunk.iter().map(id_of).collect();
             client_rt.spawn(async move {
                 tokio::time::sleep(Duration::from_millis(fastrand_ms())).await;
-                let r = reqwest::Client::new()
+                let r = http()
                     .post(url)
                     .header("content-type", "application/x-protobuf")
                     .body(body)

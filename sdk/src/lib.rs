@@ -5,6 +5,8 @@
 //!   no files: it compiles for `wasm32-unknown-unknown`, where `sdk-wasm` wraps it.
 //! - `native` (default feature): [`Tracker`] on tokio with the reqwest HTTP transport and
 //!   the file-backed offline queue for mobile apps.
+//! - `quic` (off by default): `QuicTransport`, the same batches over QUIC, for
+//!   [`TrackerBuilder::transport`].
 //! - `signer` (in `native`): [`ImpressionSigner`] for ad servers.
 //!
 //! See [`Tracker`] (native) for an example.
@@ -20,6 +22,8 @@ pub mod signer;
 pub use crate::core::{
     ClickError, Device, Dimensions, OverflowPolicy, RetryPolicy, StatsSnapshot, TrackerEvent,
 };
+#[cfg(feature = "quic")]
+pub use crate::native::QuicTransport;
 #[cfg(feature = "native")]
 pub use crate::native::{FileQueue, HttpTransport, SdkError, Tracker, TrackerBuilder};
 #[cfg(feature = "signer")]

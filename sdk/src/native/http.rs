@@ -55,9 +55,7 @@ impl HttpTransport {
             base.as_str().trim_end_matches('/')
         ))
         .map_err(|_| SdkError::InvalidEndpoint(endpoint.to_string()))?;
-        // reqwest is built without a bundled crypto provider (aws-lc would cost minutes of
-        // C build); install ring unless the application already chose one.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        Self::install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
@@ -65,6 +63,14 @@ impl HttpTransport {
             .build()
             .map_err(|e| SdkError::Client(e.to_string()))?;
         Ok(HttpTransport { client, url })
+    }
+
+    /// Installs rustls' `ring` provider as the process default unless the application
+    /// already chose one. reqwest is built without a bundled provider (aws-lc would cost
+    /// minutes of C build), so call this before building your own `reqwest::Client` in a
+    /// process that uses the SDK; the SDK's transports call it themselves.
+    pub fn install_crypto_provider() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 
     /// The full ingest URL.

@@ -1,17 +1,22 @@
 //! Native (tokio) implementations of the SDK: the [`Tracker`], the reqwest
-//! [`HttpTransport`], the file-backed [`FileQueue`] and the system clock.
+//! [`HttpTransport`], the quinn `QuicTransport` (feature `quic`), the file-backed
+//! [`FileQueue`] and the system clock.
 //!
 //! Policy (what to batch, when to retry, what to drop) lives in `crate::core`; this module
 //! only supplies timers, sockets and files.
 
 mod file_queue;
 mod http;
+#[cfg(feature = "quic")]
+mod quic;
 mod tracker;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use file_queue::FileQueue;
-pub use http::{HttpTransport, Transport, TransportError, TransportResponse};
+pub use http::{HttpTransport, SendFuture, Transport, TransportError, TransportResponse};
+#[cfg(feature = "quic")]
+pub use quic::QuicTransport;
 pub use tracker::{Tracker, TrackerBuilder};
 
 use crate::core::{ClickError, Clock, QueueError};
@@ -30,6 +35,9 @@ pub enum SdkError {
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    /// The QUIC transport's TLS setup is unusable (server name, root certificates).
+    #[error("invalid QUIC/TLS setup: {0}")]
+    Tls(String),
     /// A click was refused (see [`ClickError`]).
     #[error(transparent)]
     Click(#[from] ClickError),
