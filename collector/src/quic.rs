@@ -38,7 +38,6 @@ use tokio::time::{Instant, timeout, timeout_at};
 use crate::config::CollectorConfig;
 use crate::http::{self, HttpState};
 use crate::ingest::RequestCtx;
-use crate::writer::CommitError;
 
 /// The ALPN protocol id of the QUIC ingest protocol.
 pub const ALPN: &[u8] = b"adclick/1";
@@ -412,31 +411,17 @@ async fn answer(
             return error(400, format!("body is not a protobuf ClickBatch: {e}"));
         }
     };
-    if batch.clicks.len() > st.limits.max_clicks_per_batch {
-        return error(
-            413,
-            format!(
-                "batch has {} clicks, more than the {} allowed (limits.max_clicks_per_batch)",
-                batch.clicks.len(),
-                st.limits.max_clicks_per_batch
-            ),
-        );
-    }
     let ctx = RequestCtx {
         received_at_ms,
         client_ip: Some(ip),
     };
-    match http::record(st, batch.clicks, &ctx).await {
+    match http::record_batch(st, batch.clicks, &ctx).await {
         Ok(processed) => (202, processed.result().encode_to_vec()),
-        Err(e) => error(503, format!("{e}; retry-after: {}", retry_after_secs(&e))),
-    }
-}
-
-/// The same Retry-After values as the HTTP front's 503.
-fn retry_after_secs(e: &CommitError) -> u32 {
-    match e {
-        CommitError::Full(_) => 5,
-        CommitError::Disk(_) | CommitError::Closed => 30,
+        Err(http::BatchRefused::TooLarge(msg)) => error(413, msg),
+        Err(http::BatchRefused::Unavailable(e)) => error(
+            503,
+            format!("{e}; retry-after: {}", http::retry_after_secs(&e)),
+        ),
     }
 }
 

@@ -800,3 +800,108 @@ async fn routes_by_ad_and_fans_out_hot_ads() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A full spool answers 503 + Retry-After and counts nothing; once the aggregator drains
+/// it, the client's retry of the refused batch is accepted (not taken for duplicates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_spool_answers_503_and_the_retry_is_accepted_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = keyring(1, 1);
+    write_keys(&dir.path().join("keys.toml"), &ring);
+    let agg_addr = free_addr();
+    let mut cfg = config(dir.path(), vec![format!("http://{agg_addr}")]);
+    cfg.spool.segment_bytes = 4096;
+    cfg.spool.max_bytes = 8192;
+    let col = adclick_collector::start(cfg).await.unwrap();
+    let c = http();
+    let s = signer(&ring);
+    let mut accepted_ids = Vec::new();
+    let mut refused = None;
+    for _ in 0..20 {
+        let minted: Vec<_> = (0..10).map(|i| s.mint(&ad(i)).unwrap()).collect();
+        let batch = ClickBatch {
+            clicks: minted.iter().map(|m| click(&m.token)).collect(),
+            ..Default::default()
+        };
+        let r = post_proto(&c, &col, &batch).await;
+        if r.status() == 503 {
+            assert_eq!(r.headers()["retry-after"], "5");
+            assert!(r.text().await.unwrap().contains("spool full"));
+            refused = Some((batch, minted));
+            break;
+        }
+        assert_eq!(r.status(), 202);
+        accepted_ids.extend(minted.iter().map(id_of));
+    }
+    let (batch, minted) = refused.expect("the 8 KiB spool filled up");
+    let m = col.metrics().clone();
+    assert_eq!(m.clicks_with("accepted"), accepted_ids.len() as u64);
+    assert_eq!(m.clicks_with("spool_unavailable"), 10);
+
+    let agg = fake_aggregator_on(agg_addr, FakeAggregator::default()).await;
+    agg.wait_applied(accepted_ids.len()).await;
+    assert!(eventually(|| m.forward_lag_records.get() == 0).await);
+    let r = post_proto(&c, &col, &batch).await;
+    assert_eq!(r.status(), 202);
+    let res = ClickBatchResult::decode(r.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        (res.accepted, res.duplicate),
+        (10, 0),
+        "refused clicks were released from dedup"
+    );
+    accepted_ids.extend(minted.iter().map(id_of));
+    let applied = agg.wait_applied(accepted_ids.len()).await;
+    assert_eq!(
+        applied.keys().cloned().collect::<HashSet<_>>(),
+        accepted_ids.into_iter().collect()
+    );
+    col.shutdown().await;
+    agg.stop().await;
+}
+
+/// A client that never finishes its request headers is cut off after the timeout, and
+/// connections beyond `max_connections` wait instead of being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    write_keys(&dir.path().join("keys.toml"), &keyring(1, 1));
+    let mut cfg = config(dir.path(), vec!["http://127.0.0.1:1".into()]);
+    cfg.limits.header_read_timeout_ms = 300;
+    cfg.limits.max_connections = 1;
+    let col = adclick_collector::start(cfg).await.unwrap();
+
+    let mut slow = tokio::net::TcpStream::connect(col.http_addr())
+        .await
+        .unwrap();
+    slow.write_all(b"POST /v1/clicks HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // While the slow client holds the only connection slot, another client is not served.
+    let waiting = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let r = http()
+            .get(format!("http://{}/healthz", col.http_addr()))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), started.elapsed(), col)
+    });
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(
+        n == 0 || reply.starts_with("HTTP/1.1 408"),
+        "slow client was cut off: {reply:?}"
+    );
+    let (code, waited, col) = waiting.await.unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        waited >= Duration::from_millis(200),
+        "served only after the slot freed: {waited:?}"
+    );
+    col.shutdown().await;
+}

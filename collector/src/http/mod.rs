@@ -78,14 +78,19 @@ fn json_error(status: StatusCode, msg: &str) -> Resp {
     r
 }
 
+/// Seconds a client should wait before retrying after `e` (HTTP `Retry-After`, and the
+/// QUIC reply's `retry-after:` hint).
+pub fn retry_after_secs(e: &CommitError) -> u32 {
+    match e {
+        CommitError::Full(_) => 5,
+        CommitError::Disk(_) | CommitError::Closed => 30,
+    }
+}
+
 fn unavailable(e: &CommitError) -> Resp {
-    let retry = match e {
-        CommitError::Full(_) => "5",
-        CommitError::Disk(_) | CommitError::Closed => "30",
-    };
     let mut r = json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
     r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static(retry));
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(e)));
     r
 }
 
@@ -280,23 +285,14 @@ async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
             return json_error(StatusCode::BAD_REQUEST, &msg);
         }
     };
-    if batch.clicks.len() > st.limits.max_clicks_per_batch {
-        return json_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!(
-                "batch has {} clicks, more than the {} allowed (limits.max_clicks_per_batch)",
-                batch.clicks.len(),
-                st.limits.max_clicks_per_batch
-            ),
-        );
-    }
     let ctx = RequestCtx {
         received_at_ms,
         client_ip: Some(ip),
     };
-    let processed = match record(st, batch.clicks, &ctx).await {
+    let processed = match record_batch(st, batch.clicks, &ctx).await {
         Ok(p) => p,
-        Err(e) => return unavailable(&e),
+        Err(BatchRefused::TooLarge(msg)) => return json_error(StatusCode::PAYLOAD_TOO_LARGE, &msg),
+        Err(BatchRefused::Unavailable(e)) => return unavailable(&e),
     };
     let result = processed.result();
     let (body, ct) = match enc {
@@ -314,6 +310,34 @@ async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
     r
+}
+
+/// Why a decoded batch was not recorded.
+#[derive(Debug)]
+pub enum BatchRefused {
+    /// More clicks than `limits.max_clicks_per_batch` (413); the message says so.
+    TooLarge(String),
+    /// The commit failed (503).
+    Unavailable(CommitError),
+}
+
+/// The batch policy shared by every transport (HTTP, QUIC): the batch-size limit, then
+/// [`record`].
+pub async fn record_batch(
+    st: &HttpState,
+    clicks: Vec<v1::Click>,
+    ctx: &RequestCtx,
+) -> Result<Processed, BatchRefused> {
+    let max = st.limits.max_clicks_per_batch;
+    if clicks.len() > max {
+        return Err(BatchRefused::TooLarge(format!(
+            "batch has {} clicks, more than the {max} allowed (limits.max_clicks_per_batch)",
+            clicks.len()
+        )));
+    }
+    record(st, clicks, ctx)
+        .await
+        .map_err(BatchRefused::Unavailable)
 }
 
 /// Processes clicks, quarantines rejections and makes the accepted ones durable. The
