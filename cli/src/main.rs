@@ -28,6 +28,8 @@ enum Command {
     Impression(impression::ImpressionCommand),
     /// Run an edge collector (HTTP ingest, redirects, spool, forwarding to aggregators).
     Collector(serve::CollectorArgs),
+    /// Run a regional aggregator (ingest from collectors, windows, top-N, query API).
+    Aggregator(serve::AggregatorArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Command::Keys(cmd) => keys::run(cmd),
         Command::Impression(cmd) => impression::run(cmd),
         Command::Collector(args) => serve::collector(args),
+        Command::Aggregator(args) => serve::aggregator(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

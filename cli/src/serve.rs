@@ -1,4 +1,4 @@
-//! `adclick collector --config F`: reads and validates the TOML config (the only place
+//! `adclick collector --config F` and `adclick aggregator --config F`: reads and validates the TOML config (the only place
 //! server config files are read), sets up logging and the tokio runtime, and hands over to
 //! the library's `run(config, shutdown)`. No server logic lives here.
 
@@ -80,6 +80,47 @@ pub fn collector(args: CollectorArgs) -> Result<()> {
         shutdown_signal().await;
         eprintln!("shutting down: finishing in-flight requests");
         c.shutdown().await;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+/// `adclick aggregator`
+#[derive(Debug, Args)]
+pub struct AggregatorArgs {
+    /// The aggregator config (see config/aggregator.toml for every field).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Only check the config and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+pub fn aggregator(args: AggregatorArgs) -> Result<()> {
+    let cfg: adclick_aggregator::AggregatorConfig = read_config(&args.config)?;
+    cfg.validate()?;
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return Ok(());
+    }
+    if cfg.api_keys.is_empty() {
+        eprintln!("warning: no api_keys configured: every query will be refused (UNAUTHENTICATED)");
+    }
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("adclick-aggregator")
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async {
+        let a = adclick_aggregator::start(cfg).await?;
+        eprintln!(
+            "adclick aggregator: gRPC on {} (ingest, query, reflection, health), HTTP on http://{} (Ctrl-C to stop)",
+            a.grpc_addr(),
+            a.http_addr()
+        );
+        shutdown_signal().await;
+        eprintln!("shutting down: writing a final checkpoint");
+        a.shutdown().await;
         Ok::<_, anyhow::Error>(())
     })
 }

@@ -1,0 +1,444 @@
+//! The ingest engine: one writer thread and N shard threads.
+//!
+//! Writer (in order): gather waiting batches (group commit) -> skip `(collector_id, seq)`
+//! already acked -> append the new ones to the WAL and raise high-water marks in ONE
+//! durable commit -> run each click through the window operator (dedup, watermark, hot
+//! keys, routing) -> hand them to their shards -> ack. Shards apply in the order they
+//! receive, so a replay of the WAL reproduces the same state.
+//!
+//! Checkpoint: the writer sends a barrier through every shard queue; each shard answers
+//! with its serialised state as of that point; the writer stores them with its own state
+//! and the WAL position in one commit, which also deletes the WAL up to that position.
+//!
+//! Recovery: load the checkpoint, then replay the WAL after it through the same path.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use adclick_proto::v1::{IngestAck, IngestBatch};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::AggregatorConfig;
+use crate::metrics::Metrics;
+use crate::state::operator::Operator;
+use crate::state::shard::{Applied, LEVEL_MS, ShardState};
+use crate::state::windows::{ClickWindows, Routed};
+use crate::store::{Checkpoint, Store, StoreError, WalEntry};
+
+/// Shared, read-mostly view for queries.
+#[derive(Debug)]
+pub struct View {
+    /// The shards (queries take read locks).
+    pub shards: Vec<RwLock<ShardState>>,
+    /// Current watermark (ms).
+    pub watermark_ms: AtomicI64,
+    /// Interned strings, hot and split ads: what queries need from the window operator.
+    pub meta: RwLock<QueryMeta>,
+    /// Set by a simulated crash: the writer exits without its final checkpoint.
+    pub killed: std::sync::atomic::AtomicBool,
+}
+
+/// What queries need from the window operator.
+#[derive(Debug, Default, Clone)]
+pub struct QueryMeta {
+    /// Interned names (id = index + 1).
+    pub names: HashMap<String, u32>,
+    /// Ads spread over several shards (always TopAds candidates).
+    pub split: Vec<u64>,
+}
+
+/// An ingest request waiting for its ack.
+#[derive(Debug)]
+pub struct IngestReq {
+    /// The batch.
+    pub batch: IngestBatch,
+    /// Where the ack goes.
+    pub done: oneshot::Sender<Result<IngestAck, String>>,
+}
+
+enum ShardMsg {
+    /// Clicks to apply; the sender (if any) is told when they are visible to queries.
+    Apply(Vec<Applied>, Option<SyncSender<()>>),
+    Evict([i64; 3]),
+    Barrier(SyncSender<Vec<u8>>),
+}
+
+/// Handle to the running engine.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    tx: mpsc::Sender<IngestReq>,
+}
+
+impl Engine {
+    /// Queues a batch; resolves once it is durable (or refused).
+    pub async fn ingest(&self, batch: IngestBatch) -> Result<IngestAck, String> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(IngestReq { batch, done })
+            .await
+            .map_err(|_| "aggregator is shutting down".to_string())?;
+        rx.await
+            .map_err(|_| "aggregator is shutting down".to_string())?
+    }
+}
+
+/// Threads to join at shutdown.
+#[derive(Debug)]
+pub struct Threads {
+    /// The writer.
+    pub writer: std::thread::JoinHandle<()>,
+}
+
+struct Writer<S: Store> {
+    store: S,
+    windows: ClickWindows,
+    shard_tx: Vec<SyncSender<ShardMsg>>,
+    view: Arc<View>,
+    metrics: Arc<Metrics>,
+    hwm: HashMap<String, u64>,
+    next_pos: u64,
+    cfg: AggregatorConfig,
+    last_checkpoint: Instant,
+    last_evict: [i64; 3],
+}
+
+/// Opens the store, recovers, and starts the threads.
+pub fn start<S: Store + 'static>(
+    store: S,
+    cfg: AggregatorConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(Engine, Arc<View>, Threads), StoreError> {
+    let n = cfg.shards.count.max(1);
+    let cp = store.load_checkpoint()?.unwrap_or_default();
+    let mut windows = ClickWindows::new(cfg.windows.clone(), &cfg.shards);
+    windows.restore(&cp.tables).map_err(StoreError)?;
+    let mut shards = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = format!("shard/{i}");
+        let s = match cp.tables.iter().find(|(t, _)| *t == name) {
+            Some((_, b)) => ShardState::from_bytes(b).map_err(StoreError)?,
+            None => ShardState::default(),
+        };
+        shards.push(RwLock::new(s));
+    }
+    let view = Arc::new(View {
+        shards,
+        watermark_ms: AtomicI64::new(windows.watermark_ms()),
+        meta: RwLock::new(QueryMeta::default()),
+        killed: std::sync::atomic::AtomicBool::new(false),
+    });
+    let mut shard_tx = Vec::with_capacity(n);
+    for i in 0..n {
+        let (tx, rx) = sync_channel::<ShardMsg>(1024);
+        let v = view.clone();
+        std::thread::Builder::new()
+            .name(format!("adclick-shard-{i}"))
+            .spawn(move || shard_loop(i, rx, v))
+            .map_err(|e| StoreError(e.to_string()))?;
+        shard_tx.push(tx);
+    }
+    let hwm = store.high_water_marks()?;
+    let next_pos = store.last_wal_pos()? + 1;
+    let mut w = Writer {
+        store,
+        windows,
+        shard_tx,
+        view: view.clone(),
+        metrics,
+        hwm,
+        next_pos,
+        cfg,
+        last_checkpoint: Instant::now(),
+        last_evict: [i64::MIN; 3],
+    };
+    // Replay what the WAL holds after the checkpoint.
+    let replay = w.store.wal_after(cp.wal_pos)?;
+    let replayed = replay.len();
+    for (_, bytes) in replay {
+        match IngestBatch::decode(bytes.as_slice()) {
+            Ok(b) => {
+                w.apply(b.clicks, None);
+            }
+            Err(e) => tracing::error!(error = %e, "undecodable WAL entry skipped"),
+        }
+    }
+    w.publish();
+    tracing::info!(
+        checkpoint_pos = cp.wal_pos,
+        replayed,
+        "aggregator state recovered"
+    );
+    let (tx, rx) = mpsc::channel::<IngestReq>(4096);
+    let writer = std::thread::Builder::new()
+        .name("adclick-agg-writer".into())
+        .spawn(move || w.run(rx))
+        .map_err(|e| StoreError(e.to_string()))?;
+    Ok((Engine { tx }, view, Threads { writer }))
+}
+
+fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>) {
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            ShardMsg::Apply(clicks, done) => {
+                {
+                    let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
+                    for a in &clicks {
+                        s.apply(a);
+                    }
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+            ShardMsg::Evict(before) => {
+                let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
+                for (level, b) in before.iter().enumerate() {
+                    s.evict(level, *b);
+                }
+            }
+            ShardMsg::Barrier(reply) => {
+                let s = view.shards[i].read().unwrap_or_else(|e| e.into_inner());
+                let _ = reply.send(s.to_bytes());
+            }
+        }
+    }
+}
+
+impl<S: Store> Writer<S> {
+    fn run(mut self, mut rx: mpsc::Receiver<IngestReq>) {
+        let max_group = 64;
+        let tick = Duration::from_millis(self.cfg.checkpoint.interval_ms.max(10));
+        loop {
+            let first = match rx.blocking_recv() {
+                Some(r) => r,
+                None => break,
+            };
+            let mut group = vec![first];
+            while group.len() < max_group {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.handle_group(group);
+            if self.last_checkpoint.elapsed() >= tick {
+                self.checkpoint();
+            }
+        }
+        // Shutdown: one last checkpoint makes the next start fast (not after a simulated
+        // crash, which must leave the disk as a crash would).
+        if !self.view.killed.load(Ordering::Acquire) {
+            self.checkpoint();
+        }
+    }
+
+    fn handle_group(&mut self, group: Vec<IngestReq>) {
+        let started = Instant::now();
+        let mut pending: HashMap<String, u64> = HashMap::new();
+        let mut fresh = Vec::new();
+        let mut replies = Vec::with_capacity(group.len());
+        for req in group {
+            let b = &req.batch;
+            let hwm = pending
+                .get(&b.collector_id)
+                .or_else(|| self.hwm.get(&b.collector_id))
+                .copied()
+                .unwrap_or(0);
+            let new = b.seq > hwm;
+            if new {
+                pending.insert(b.collector_id.clone(), b.seq);
+                fresh.push(WalEntry {
+                    pos: self.next_pos + fresh.len() as u64,
+                    collector_id: b.collector_id.clone(),
+                    seq: b.seq,
+                    batch: b.encode_to_vec(),
+                });
+            }
+            replies.push((req, new));
+        }
+        if !fresh.is_empty() {
+            if let Err(e) = self.store.append(&fresh) {
+                tracing::error!(error = %e, "WAL append failed; batches not acked");
+                self.metrics.wal_errors.inc();
+                for (req, _) in replies {
+                    let _ = req
+                        .done
+                        .send(Err(format!("aggregator storage failure: {e}")));
+                }
+                return;
+            }
+            self.next_pos += fresh.len() as u64;
+            self.hwm.extend(pending);
+            self.metrics
+                .wal_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        // Apply every new batch, wait until the shards have made it visible, then ack: an
+        // acked click is both durable and queryable.
+        let (applied_tx, applied_rx) =
+            sync_channel::<()>(self.shard_tx.len() * replies.len().max(1));
+        let mut outcomes = Vec::with_capacity(replies.len());
+        let mut pending_shards = 0;
+        for (req, new) in &mut replies.iter_mut() {
+            let counts = if *new {
+                let taken = std::mem::take(&mut req.batch.clicks);
+                let (a, d, n) = self.apply(taken, Some(&applied_tx));
+                pending_shards += n;
+                Some((a, d))
+            } else {
+                None
+            };
+            outcomes.push(counts);
+        }
+        for _ in 0..pending_shards {
+            let _ = applied_rx.recv();
+        }
+        for ((req, new), counts) in replies.into_iter().zip(outcomes) {
+            let mut ack = IngestAck {
+                collector_id: req.batch.collector_id.clone(),
+                seq: req.batch.seq,
+                already_acked: !new,
+                ..Default::default()
+            };
+            if let Some((accepted, duplicate)) = counts {
+                ack.accepted = accepted;
+                ack.duplicate = duplicate;
+            } else {
+                self.metrics.redeliveries.inc();
+            }
+            ack.hot_ad_ids = self.windows.hot_ads().to_vec();
+            let _ = req.done.send(Ok(ack));
+        }
+        self.publish();
+    }
+
+    /// Runs clicks through the window operator and hands them to the shards. Returns
+    /// (accepted, duplicates, shards that will confirm on `done`).
+    fn apply(
+        &mut self,
+        clicks: Vec<adclick_proto::v1::IngestClick>,
+        done: Option<&SyncSender<()>>,
+    ) -> (u32, u32, usize) {
+        let mut per_shard: Vec<Vec<Applied>> = vec![Vec::new(); self.shard_tx.len()];
+        let (mut accepted, mut duplicate) = (0u32, 0u32);
+        let before = self.windows.counters;
+        for c in clicks {
+            match self.windows.process(c) {
+                Routed::Apply(shard, a) => {
+                    accepted += 1;
+                    per_shard[shard].push(a);
+                }
+                Routed::Duplicate => duplicate += 1,
+                Routed::TooOld | Routed::Malformed => {}
+            }
+        }
+        let after = self.windows.counters;
+        let m = &self.metrics;
+        m.add_clicks("applied", after.applied - before.applied);
+        m.add_clicks("late", after.late - before.late);
+        m.add_clicks("duplicate", after.duplicate - before.duplicate);
+        m.add_clicks("too_old", after.too_old - before.too_old);
+        m.add_clicks("malformed", after.malformed - before.malformed);
+        if after.too_old > before.too_old {
+            tracing::warn!(
+                count = after.too_old - before.too_old,
+                reason = "older than retention_minutes",
+                "clicks quarantined (not counted)"
+            );
+        }
+        let mut confirming = 0;
+        for (i, clicks) in per_shard.into_iter().enumerate() {
+            if clicks.is_empty() {
+                continue;
+            }
+            let sent = self.shard_tx[i].send(ShardMsg::Apply(clicks, done.cloned()));
+            if sent.is_ok() && done.is_some() {
+                confirming += 1;
+            }
+        }
+        self.evict_if_due();
+        (accepted, duplicate, confirming)
+    }
+
+    fn evict_if_due(&mut self) {
+        let wm = self.windows.watermark_ms();
+        if wm == i64::MIN {
+            return;
+        }
+        let w = &self.cfg.windows;
+        let before = [
+            wm.saturating_sub(w.retention_minutes.saturating_mul(LEVEL_MS[0])),
+            wm.saturating_sub(w.retention_hours.saturating_mul(LEVEL_MS[1])),
+            wm.saturating_sub(w.retention_days.saturating_mul(LEVEL_MS[2])),
+        ];
+        // Evict once per minute of watermark progress.
+        if before[0].div_euclid(LEVEL_MS[0]) > self.last_evict[0].div_euclid(LEVEL_MS[0]) {
+            self.last_evict = before;
+            for tx in &self.shard_tx {
+                let _ = tx.send(ShardMsg::Evict(before));
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let wm = self.windows.watermark_ms();
+        self.view.watermark_ms.store(wm, Ordering::Release);
+        let mut meta = self.view.meta.write().unwrap_or_else(|e| e.into_inner());
+        let names = self.windows.interner().names();
+        if meta.names.len() != names.len() {
+            meta.names = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.clone(), u32::try_from(i + 1).unwrap_or(u32::MAX)))
+                .collect();
+        }
+        if meta.split.len() != self.windows.split_ads().len() {
+            meta.split = self.windows.split_ads().iter().copied().collect();
+        }
+        self.metrics.watermark_ms.set(wm.max(0));
+        self.metrics
+            .dedup_entries
+            .set(i64::try_from(self.windows.dedup_len()).unwrap_or(i64::MAX));
+    }
+
+    fn checkpoint(&mut self) {
+        let started = Instant::now();
+        let mut tables: Vec<(String, Vec<u8>)> = self
+            .windows
+            .checkpoint()
+            .into_iter()
+            .map(|(t, b)| (t.to_string(), b))
+            .collect();
+        for (i, tx) in self.shard_tx.iter().enumerate() {
+            let (rtx, rrx) = sync_channel(1);
+            if tx.send(ShardMsg::Barrier(rtx)).is_err() {
+                return;
+            }
+            match rrx.recv() {
+                Ok(b) => tables.push((format!("shard/{i}"), b)),
+                Err(_) => return,
+            }
+        }
+        let cp = Checkpoint {
+            wal_pos: self.next_pos - 1,
+            tables,
+        };
+        match self.store.save_checkpoint(&cp) {
+            Ok(()) => {
+                self.metrics
+                    .checkpoint_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.last_checkpoint = Instant::now();
+            }
+            Err(e) => {
+                self.metrics.checkpoint_errors.inc();
+                tracing::error!(error = %e, "checkpoint failed; the WAL is kept");
+                self.last_checkpoint = Instant::now();
+            }
+        }
+    }
+}

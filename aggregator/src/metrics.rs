@@ -1,0 +1,134 @@
+//! The aggregator's Prometheus metrics (`GET /metrics` on the HTTP port). Modules only
+//! increment; per-batch tallies keep label work off the per-click path.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `outcome` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// applied, late, duplicate, too_old, malformed.
+    pub outcome: &'static str,
+}
+
+/// `rpc` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabel {
+    /// Query name.
+    pub rpc: &'static str,
+}
+
+/// Every aggregator metric.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Clicks by outcome.
+    pub clicks: Family<OutcomeLabel, Counter>,
+    /// Batches re-delivered after their ack (no-ops).
+    pub redeliveries: Counter,
+    /// WAL append failures.
+    pub wal_errors: Counter,
+    /// WAL group-commit latency.
+    pub wal_commit_seconds: Histogram,
+    /// Checkpoint latency.
+    pub checkpoint_seconds: Histogram,
+    /// Failed checkpoints.
+    pub checkpoint_errors: Counter,
+    /// Watermark (event time, ms).
+    pub watermark_ms: Gauge,
+    /// Impression ids held for exact dedup.
+    pub dedup_entries: Gauge,
+    /// Query latency by rpc.
+    pub query_seconds: Family<RpcLabel, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("adclick_aggregator");
+        let m = Metrics {
+            clicks: Family::default(),
+            redeliveries: Counter::default(),
+            wal_errors: Counter::default(),
+            wal_commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            checkpoint_errors: Counter::default(),
+            watermark_ms: Gauge::default(),
+            dedup_entries: Gauge::default(),
+            query_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
+            }),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("clicks", "Clicks by outcome", m.clicks.clone());
+        r.register(
+            "redeliveries",
+            "Batches re-delivered after their ack (ignored)",
+            m.redeliveries.clone(),
+        );
+        r.register("wal_errors", "WAL append failures", m.wal_errors.clone());
+        r.register(
+            "wal_commit_seconds",
+            "WAL group-commit latency",
+            m.wal_commit_seconds.clone(),
+        );
+        r.register(
+            "checkpoint_seconds",
+            "Checkpoint latency",
+            m.checkpoint_seconds.clone(),
+        );
+        r.register(
+            "checkpoint_errors",
+            "Failed checkpoints",
+            m.checkpoint_errors.clone(),
+        );
+        r.register(
+            "watermark_ms",
+            "Event-time watermark (ms since epoch)",
+            m.watermark_ms.clone(),
+        );
+        r.register(
+            "dedup_entries",
+            "Impression ids held for exact dedup",
+            m.dedup_entries.clone(),
+        );
+        r.register(
+            "query_seconds",
+            "Query latency by rpc",
+            m.query_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Adds `n` clicks with `outcome`.
+    pub fn add_clicks(&self, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.clicks
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(n);
+        }
+    }
+
+    /// Current count for an outcome.
+    pub fn clicks_with(&self, outcome: &'static str) -> u64 {
+        self.clicks.get_or_create(&OutcomeLabel { outcome }).get()
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

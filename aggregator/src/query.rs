@@ -1,0 +1,362 @@
+//! Query answering over the shards: authorisation, filters, `GetAdClicks` and `TopAds`,
+//! shared by the gRPC service and the HTTP/JSON mirror. Wire types are converted to the
+//! domain `Filter` here; shard state never sees them.
+//!
+//! Visibility: an advertiser key sees only its advertiser's ads; other ads are simply
+//! absent (an empty answer), never an error that would reveal they exist.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use adclick_proto::v1::{
+    self, AdCount, Bucket, GetAdClicksResponse, Granularity, TimeRange, TopAdsResponse,
+};
+
+use crate::config::{ApiKey, QueryConfig, Role};
+use crate::engine::{QueryMeta, View};
+use crate::state::dims::{DimKey, country_code};
+use crate::state::hll::Hll;
+use crate::state::shard::{Cell, LEVEL_MS};
+
+/// Why a query was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// Missing or unknown API key.
+    #[error("missing or invalid API key: send `authorization: Bearer <key>`")]
+    Unauthenticated,
+    /// A bad argument, with what to fix.
+    #[error("{0}")]
+    InvalidArgument(String),
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// Sees everything.
+    Admin,
+    /// Sees one advertiser's ads.
+    Advertiser(u64),
+}
+
+/// Resolves an `authorization` header value against the configured keys.
+pub fn authorize(keys: &[ApiKey], header: Option<&str>) -> Result<Caller, QueryError> {
+    let token = header
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or(QueryError::Unauthenticated)?;
+    // Compare every key fully so timing does not reveal a matching prefix.
+    let mut found = None;
+    for k in keys {
+        let eq = k.key.len() == token.len()
+            && k.key
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if eq {
+            found = Some(k);
+        }
+    }
+    match found {
+        Some(k) if k.role == Role::Admin => Ok(Caller::Admin),
+        Some(k) => k
+            .advertiser_id
+            .map(Caller::Advertiser)
+            .ok_or(QueryError::Unauthenticated),
+        None => Err(QueryError::Unauthenticated),
+    }
+}
+
+/// A filter in domain terms. `None` lists do not filter; a list naming only values never
+/// seen matches nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    countries: Option<Vec<[u8; 2]>>,
+    devices: Option<Vec<u8>>,
+    os: Option<Vec<u32>>,
+    sites: Option<Vec<u32>>,
+    advertisers: Option<Vec<u64>>,
+    campaigns: Option<Vec<u64>>,
+}
+
+fn ids(values: &[String], meta: &QueryMeta) -> Option<Vec<u32>> {
+    (!values.is_empty()).then(|| {
+        values
+            .iter()
+            .filter_map(|v| meta.names.get(v).copied())
+            .collect()
+    })
+}
+
+impl Filter {
+    /// Converts the wire filter.
+    pub fn from_wire(f: Option<&v1::Filter>, meta: &QueryMeta) -> Self {
+        let Some(f) = f else { return Filter::default() };
+        Filter {
+            countries: (!f.country.is_empty())
+                .then(|| f.country.iter().map(|c| country_code(c)).collect()),
+            devices: (!f.device.is_empty()).then(|| {
+                f.device
+                    .iter()
+                    .map(|d| u8::try_from(*d).unwrap_or(u8::MAX))
+                    .collect()
+            }),
+            os: ids(&f.os, meta),
+            sites: ids(&f.site, meta),
+            advertisers: (!f.advertiser_id.is_empty()).then(|| f.advertiser_id.clone()),
+            campaigns: (!f.campaign_id.is_empty()).then(|| f.campaign_id.clone()),
+        }
+    }
+
+    fn dims_filtered(&self) -> bool {
+        self.countries.is_some()
+            || self.devices.is_some()
+            || self.os.is_some()
+            || self.sites.is_some()
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.dims_filtered() && self.advertisers.is_none() && self.campaigns.is_none()
+    }
+
+    fn matches_dims(&self, k: &DimKey) -> bool {
+        self.countries
+            .as_ref()
+            .is_none_or(|v| v.contains(&k.country))
+            && self.devices.as_ref().is_none_or(|v| v.contains(&k.device))
+            && self.os.as_ref().is_none_or(|v| v.contains(&k.os))
+            && self.sites.as_ref().is_none_or(|v| v.contains(&k.site))
+    }
+
+    fn matches_ad(&self, meta: Option<(u64, u64)>, caller: Caller) -> bool {
+        let Some((adv, camp)) = meta else {
+            return false;
+        };
+        if let Caller::Advertiser(own) = caller
+            && adv != own
+        {
+            return false;
+        }
+        self.advertisers.as_ref().is_none_or(|v| v.contains(&adv))
+            && self.campaigns.as_ref().is_none_or(|v| v.contains(&camp))
+    }
+
+    /// Clicks and users of a cell that match the dimension filter.
+    fn tally(&self, cell: &Cell, users: Option<&mut Hll>) -> u64 {
+        if !self.dims_filtered() {
+            if let Some(u) = users {
+                for c in cell.combos.values() {
+                    u.merge(&c.users);
+                }
+            }
+            return cell.clicks;
+        }
+        let mut clicks = 0;
+        let mut users = users;
+        for (k, c) in &cell.combos {
+            if self.matches_dims(k) {
+                clicks += c.clicks;
+                if let Some(u) = users.as_deref_mut() {
+                    u.merge(&c.users);
+                }
+            }
+        }
+        clicks
+    }
+}
+
+fn level_of(g: i32) -> Result<usize, QueryError> {
+    match Granularity::try_from(g) {
+        Ok(Granularity::Unspecified | Granularity::Minute) => Ok(0),
+        Ok(Granularity::Hour) => Ok(1),
+        Ok(Granularity::Day) => Ok(2),
+        Err(_) => Err(QueryError::InvalidArgument(format!(
+            "unknown granularity {g}: use GRANULARITY_MINUTE, GRANULARITY_HOUR or GRANULARITY_DAY"
+        ))),
+    }
+}
+
+fn check_range(from: i64, to: i64, cfg: &QueryConfig) -> Result<(), QueryError> {
+    if from >= to {
+        return Err(QueryError::InvalidArgument(format!(
+            "empty range: from_ms ({from}) must be before to_ms ({to})"
+        )));
+    }
+    if to.saturating_sub(from) > cfg.max_range_days.saturating_mul(LEVEL_MS[2]) {
+        return Err(QueryError::InvalidArgument(format!(
+            "range longer than {} days",
+            cfg.max_range_days
+        )));
+    }
+    Ok(())
+}
+
+fn ad_meta(view: &View, ad: u64) -> Option<(u64, u64)> {
+    view.shards
+        .iter()
+        .find_map(|s| s.read().ok().and_then(|s| s.ad_meta(ad)))
+}
+
+/// Wall clock, ms.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `GetAdClicks`.
+pub fn get_ad_clicks(
+    view: &View,
+    caller: Caller,
+    req: &v1::GetAdClicksRequest,
+    cfg: &QueryConfig,
+) -> Result<GetAdClicksResponse, QueryError> {
+    let level = level_of(req.granularity)?;
+    check_range(req.from_ms, req.to_ms, cfg)?;
+    let width = LEVEL_MS[level];
+    let from = req.from_ms.div_euclid(width) * width;
+    let to = req.to_ms;
+    let buckets = (to - from + width - 1) / width;
+    if buckets > 200_000 {
+        return Err(QueryError::InvalidArgument(format!(
+            "{buckets} buckets requested: use a coarser granularity or a shorter range"
+        )));
+    }
+    let mut resp = GetAdClicksResponse {
+        ad_id: req.ad_id,
+        granularity: [Granularity::Minute, Granularity::Hour, Granularity::Day][level] as i32,
+        watermark_ms: view.watermark_ms.load(Ordering::Acquire),
+        ..Default::default()
+    };
+    let meta = view.meta.read().map(|m| m.clone()).unwrap_or_default();
+    let filter = Filter::from_wire(req.filter.as_ref(), &meta);
+    if !filter.matches_ad(ad_meta(view, req.ad_id), caller) {
+        return Ok(resp);
+    }
+    let shards: Vec<_> = view
+        .shards
+        .iter()
+        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    let mut total_users = Hll::new();
+    let mut start = from;
+    while start < to {
+        let mut users = Hll::new();
+        let mut clicks = 0;
+        for s in &shards {
+            if let Some(cell) = s.cell(level, req.ad_id, start) {
+                clicks += filter.tally(cell, Some(&mut users));
+            }
+        }
+        if clicks > 0 {
+            total_users.merge(&users);
+            resp.total_clicks += clicks;
+            resp.buckets.push(Bucket {
+                start_ms: start,
+                clicks,
+                unique_users: users.estimate(),
+            });
+        }
+        start += width;
+    }
+    resp.total_unique_users = total_users.estimate();
+    Ok(resp)
+}
+
+/// The [from, to) minute range a `TopAds` request asks for, in ms.
+pub fn top_range(req: &v1::TopAdsRequest, now: i64) -> Result<(i64, i64), QueryError> {
+    match &req.window {
+        Some(v1::top_ads_request::Window::LastMinutes(m)) => {
+            if *m == 0 {
+                return Err(QueryError::InvalidArgument(
+                    "last_minutes must be at least 1".into(),
+                ));
+            }
+            // The current (partial) minute plus the M-1 before it.
+            let to = now.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0] + LEVEL_MS[0];
+            Ok((to - i64::from(*m) * LEVEL_MS[0], to))
+        }
+        Some(v1::top_ads_request::Window::Range(r)) => Ok((r.from_ms, r.to_ms)),
+        None => Err(QueryError::InvalidArgument(
+            "set either last_minutes or range {from_ms, to_ms}".into(),
+        )),
+    }
+}
+
+/// `TopAds`: exact; the unfiltered admin case uses the shards' top-N indexes, anything
+/// filtered scans the minute cells of the range.
+pub fn top_ads(
+    view: &View,
+    caller: Caller,
+    req: &v1::TopAdsRequest,
+    cfg: &QueryConfig,
+    now: i64,
+) -> Result<TopAdsResponse, QueryError> {
+    if req.n == 0 || req.n > cfg.max_top_n {
+        return Err(QueryError::InvalidArgument(format!(
+            "n must be between 1 and {} (got {})",
+            cfg.max_top_n, req.n
+        )));
+    }
+    let (from, to) = top_range(req, now)?;
+    check_range(from, to, cfg)?;
+    let n = req.n as usize;
+    let (fm, tm) = (
+        from.div_euclid(LEVEL_MS[0]),
+        (to + LEVEL_MS[0] - 1).div_euclid(LEVEL_MS[0]),
+    );
+    let meta = view.meta.read().map(|m| m.clone()).unwrap_or_default();
+    let filter = Filter::from_wire(req.filter.as_ref(), &meta);
+    let shards: Vec<_> = view
+        .shards
+        .iter()
+        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    let mut ranked: Vec<(u64, u64)> = if filter.is_empty() && caller == Caller::Admin {
+        // Ads live on one shard unless they were hot (split): per-shard top-n lists plus
+        // every split ad are a candidate set that provably contains the global top n.
+        let mut candidates: BTreeSet<u64> = meta.split.iter().copied().collect();
+        for s in &shards {
+            candidates.extend(s.top(n, fm, tm).into_iter().map(|(ad, _)| ad));
+        }
+        candidates
+            .into_iter()
+            .map(|ad| (ad, shards.iter().map(|s| s.count(ad, fm, tm)).sum()))
+            .filter(|(_, c)| *c > 0)
+            .collect()
+    } else {
+        let mut sums: HashMap<u64, u64> = HashMap::new();
+        let mut allowed: HashMap<u64, bool> = HashMap::new();
+        for s in &shards {
+            for (_, ad, cell) in s.cells_in(0, fm * LEVEL_MS[0], tm * LEVEL_MS[0]) {
+                let ok = *allowed
+                    .entry(ad)
+                    .or_insert_with(|| filter.matches_ad(s.ad_meta(ad), caller));
+                if ok {
+                    let c = filter.tally(cell, None);
+                    if c > 0 {
+                        *sums.entry(ad).or_default() += c;
+                    }
+                }
+            }
+        }
+        sums.into_iter().collect()
+    };
+    ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.truncate(n);
+    Ok(TopAdsResponse {
+        ads: ranked
+            .into_iter()
+            .map(|(ad_id, clicks)| AdCount { ad_id, clicks })
+            .collect(),
+        range: Some(TimeRange {
+            from_ms: fm * LEVEL_MS[0],
+            to_ms: tm * LEVEL_MS[0],
+        }),
+        watermark_ms: view.watermark_ms.load(Ordering::Acquire),
+    })
+}

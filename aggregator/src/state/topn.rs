@@ -1,0 +1,1007 @@
+//! Exact, incrementally maintained top-N index over per-minute click counts.
+//!
+//! This is the unfiltered `TopAds(n, [from, to))` index of the click
+//! aggregator: it counts clicks per `(ad, minute)` and answers "the `n` ads
+//! with the most clicks summed over a minute range" exactly (ties broken by
+//! the smaller ad id, ads with zero clicks in the range never appear) without
+//! scanning every ad. It must NOT: approximate (no sketches, no sampling),
+//! decrease counts except through [`TopIndex::evict_before`], know about
+//! filters (country, ...; handled elsewhere), do I/O, or use anything but `std`.
+//!
+//! # Layout
+//!
+//! Every minute that has clicks owns a [`Node`]: a hash map `ad -> count`
+//! plus the ads grouped into *count buckets* (the Space-Saving "stream
+//! summary" idea). Buckets are exact for counts below 32 and log-linear above
+//! (16 buckets per power of two, so a bucket spans at most 1/16 of its lower
+//! edge). An increment therefore moves an ad between buckets only while its
+//! count is small or when it crosses a 6.25 % step: a hot ad with millions of
+//! clicks per minute touches its bucket about 8 times per doubling, not per
+//! click, and the bucket table is a plain `Vec` (at most 976 entries) instead
+//! of an ordered map. Bucket membership is kept exact with `swap_remove` and a
+//! per-ad position, so an increment is O(1): one hash lookup when the bucket is
+//! unchanged, three when it moves.
+//!
+//! With the hour level on ([`TopIndex::new`]) the same structure is also kept
+//! per aligned hour (sum of its 60 minutes), so a range is covered by whole
+//! hours plus the partial minutes at its edges: at most 118 minute lists plus
+//! one per hour instead of one per minute. That roughly doubles memory for
+//! long-tail data, hence [`TopIndex::minutes_only`] for when long ranges are
+//! rare.
+//!
+//! # Query: Fagin's Threshold Algorithm, with bucket bounds
+//!
+//! The lists covering the range are read by *sorted access*, always from the
+//! list whose current bucket has the highest upper bound; each newly seen ad
+//! gets its exact range sum by *random access* (a lookup in every list), and
+//! the best `n` are kept in a bounded heap. The threshold `T` is the sum over
+//! lists of the upper bound of the bucket being read (0 once a list is
+//! exhausted).
+//!
+//! Why it is exact: every bucket above the one being read is fully consumed,
+//! so an ad not yet seen has, in each list, either no entry or a count no
+//! larger than that list's current bucket bound; its range sum is therefore
+//! at most `T`. The search stops when `n` ads are held and the `n`-th best
+//! exact sum is *strictly* greater than `T` (strict, because an unseen ad with
+//! sum equal to `T` could win the tie on a smaller id), or when every list is
+//! exhausted (then every ad with clicks in the range was seen). All sums that
+//! are reported come from random access, never from bounds.
+//!
+//! Bucket bounds instead of exact frontier values loosen `T` by at most 1/16,
+//! which only costs a little extra depth, never exactness.
+//!
+//! # Complexity
+//!
+//! `add`: O(1) expected (two B-tree lookups over the minute/hour keys plus one
+//! to three hash lookups per level). `top`: with `k` lists and `d` sorted
+//! accesses before the stop, O(d log k + c·k) hash lookups for `c <= d`
+//! distinct candidates; on skewed (Zipf) data `d` is a small multiple of `n`
+//! per list. On flat data the threshold falls slowly, so the query carries a
+//! work budget equal to the number of cells in the range: once sorted plus
+//! random accesses exceed it, it switches to one exact aggregation pass over
+//! those cells. A query thus never costs more than about twice a plain scan of
+//! its range, and on skewed data it costs far less. `count`: O(k). Eviction:
+//! O(1) per dropped node, plus O(cells) of a partially evicted hour (its hour
+//! aggregate is decremented so that it stays the sum of its live minutes).
+//!
+//! # Limits
+//!
+//! Counts saturate at `u64::MAX` (centuries at any plausible click rate);
+//! results are exact while sums stay below it. A single list holds fewer than
+//! 2^32 ads. Adds to minutes already evicted are ignored.
+
+use std::cmp::Reverse;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+
+/// Minutes per aggregated hour node.
+const HOUR: i64 = 60;
+
+/// Counts below this value get one bucket each; they dominate real data (the
+/// long tail) and exact small buckets keep ties at low counts cheap to bound.
+const EXACT_BUCKETS: u64 = 32;
+
+/// Log2 of the number of buckets per power of two above `EXACT_BUCKETS`.
+const SUB_BITS: u32 = 4;
+
+/// Sentinel in [`Slot::count`]: the real count lives in [`Node::big`].
+const BIG: u32 = u32::MAX;
+
+/// Bucket index of a non-zero count (0 is reserved for "absent").
+fn bucket_of(count: u64) -> usize {
+    if count < EXACT_BUCKETS {
+        return count as usize;
+    }
+    // `e >= 5` because count >= 32; the top SUB_BITS+1 bits pick the bucket.
+    let e = 63 - count.leading_zeros();
+    let sub = (count >> (e - SUB_BITS)) & ((1 << SUB_BITS) - 1);
+    EXACT_BUCKETS as usize + ((e - 5) as usize) * (1 << SUB_BITS) + sub as usize
+}
+
+/// Largest count that maps to bucket `b`: the per-list bound used by the
+/// threshold.
+fn bucket_max(b: usize) -> u64 {
+    if (b as u64) < EXACT_BUCKETS {
+        return b as u64;
+    }
+    let rel = b - EXACT_BUCKETS as usize;
+    let e = (rel >> SUB_BITS) as u32 + 5;
+    let sub = (rel & ((1 << SUB_BITS) - 1)) as u64;
+    let shift = e - SUB_BITS;
+    // No overflow: for e = 63 this is (32 << 59) - 1 = u64::MAX.
+    (((1 << SUB_BITS) + sub) << shift) + ((1u64 << shift) - 1)
+}
+
+/// Fast hasher for `u64` keys: a keyed murmur3 finalizer. SipHash would
+/// dominate the add path; a per-index random key keeps crafted ad ids from
+/// being steered into one probe chain.
+#[derive(Clone, Copy)]
+struct Seeded(u64);
+
+impl Seeded {
+    fn random() -> Self {
+        Seeded(RandomState::new().build_hasher().finish())
+    }
+}
+
+impl BuildHasher for Seeded {
+    type Hasher = MixHasher;
+    fn build_hasher(&self) -> MixHasher {
+        MixHasher(self.0)
+    }
+}
+
+/// Hasher built by [`Seeded`]; only `u64` keys are hashed in this module.
+struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Generic fallback, unused for u64 keys but required by the trait.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 ^= x;
+    }
+}
+
+type Map<V> = HashMap<u64, V, Seeded>;
+
+/// Per-ad entry of a node. Kept at 8 bytes (16 with the key) because it is
+/// the bulk of the memory; counts that do not fit `u32` go to [`Node::big`].
+#[derive(Clone, Copy)]
+struct Slot {
+    count: u32,
+    /// Index of the ad inside `buckets[bucket_of(count)]`.
+    pos: u32,
+}
+
+/// Counts of one minute (or one hour) with the ads grouped by count bucket.
+#[derive(Clone)]
+struct Node {
+    slots: Map<Slot>,
+    buckets: Vec<Vec<u64>>,
+    /// Exact counts of the (rare) ads whose count reached `u32::MAX`.
+    big: Map<u64>,
+}
+
+impl Node {
+    fn new(seed: Seeded) -> Self {
+        Node {
+            slots: HashMap::with_hasher(seed),
+            buckets: Vec::new(),
+            big: HashMap::with_hasher(seed),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn resolve(&self, ad: u64, slot: Slot) -> u64 {
+        if slot.count == BIG {
+            self.big.get(&ad).copied().unwrap_or(u64::from(BIG))
+        } else {
+            u64::from(slot.count)
+        }
+    }
+
+    fn get(&self, ad: u64) -> u64 {
+        self.slots.get(&ad).map_or(0, |s| self.resolve(ad, *s))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.slots
+            .iter()
+            .map(move |(&ad, &s)| (ad, self.resolve(ad, s)))
+    }
+
+    fn add(&mut self, ad: u64, by: u64) {
+        // Fast path, the common case for hot ads: same bucket, fits u32.
+        if let Some(slot) = self.slots.get_mut(&ad)
+            && slot.count != BIG
+        {
+            let old = u64::from(slot.count);
+            let new = old.saturating_add(by);
+            if new < u64::from(BIG) && bucket_of(new) == bucket_of(old) {
+                slot.count = new as u32;
+                return;
+            }
+        }
+        let old = self.slots.get(&ad).map(|s| (self.resolve(ad, *s), s.pos));
+        let new = old.map_or(0, |(c, _)| c).saturating_add(by);
+        self.set(ad, old, new);
+    }
+
+    /// Removes `by` clicks (used only to keep a partially evicted hour equal
+    /// to the sum of its live minutes).
+    fn sub(&mut self, ad: u64, by: u64) {
+        if let Some(&s) = self.slots.get(&ad) {
+            let old = self.resolve(ad, s);
+            self.set(ad, Some((old, s.pos)), old.saturating_sub(by));
+        }
+    }
+
+    /// Moves `ad` from its old `(count, pos)` to count `new` (0 removes it).
+    fn set(&mut self, ad: u64, old: Option<(u64, u32)>, new: u64) {
+        let pos = match old {
+            Some((c, pos)) if new != 0 && bucket_of(c) == bucket_of(new) => pos,
+            Some((c, pos)) => {
+                self.unplace(bucket_of(c), pos);
+                if new == 0 {
+                    self.slots.remove(&ad);
+                    self.big.remove(&ad);
+                    return;
+                }
+                self.place(ad, bucket_of(new))
+            }
+            None if new == 0 => return,
+            None => self.place(ad, bucket_of(new)),
+        };
+        let count = if new >= u64::from(BIG) {
+            self.big.insert(ad, new);
+            BIG
+        } else {
+            if old.is_some_and(|(c, _)| c >= u64::from(BIG)) {
+                self.big.remove(&ad);
+            }
+            new as u32
+        };
+        self.slots.insert(ad, Slot { count, pos });
+    }
+
+    fn place(&mut self, ad: u64, b: usize) -> u32 {
+        if self.buckets.len() <= b {
+            self.buckets.resize_with(b + 1, Vec::new);
+        }
+        let bucket = &mut self.buckets[b];
+        bucket.push(ad);
+        debug_assert!(bucket.len() <= u32::MAX as usize);
+        (bucket.len() - 1) as u32
+    }
+
+    fn unplace(&mut self, b: usize, pos: u32) {
+        let pos = pos as usize;
+        let Some(bucket) = self.buckets.get_mut(b) else {
+            debug_assert!(false, "bucket {b} missing");
+            return;
+        };
+        if pos >= bucket.len() {
+            debug_assert!(false, "position {pos} outside bucket {b}");
+            return;
+        }
+        bucket.swap_remove(pos);
+        // The former last ad now sits at `pos`: tell its slot.
+        if let Some(&moved) = bucket.get(pos)
+            && let Some(s) = self.slots.get_mut(&moved)
+        {
+            s.pos = pos as u32;
+        }
+    }
+
+    /// Highest non-empty bucket strictly below `below`.
+    fn next_bucket(&self, below: usize) -> Option<usize> {
+        let end = below.min(self.buckets.len());
+        self.buckets[..end].iter().rposition(|b| !b.is_empty())
+    }
+
+    fn heap_bytes(&self) -> usize {
+        map_bytes(&self.slots)
+            + map_bytes(&self.big)
+            + self.buckets.capacity() * size_of::<Vec<u64>>()
+            + self
+                .buckets
+                .iter()
+                .map(|b| b.capacity() * size_of::<u64>())
+                .sum::<usize>()
+    }
+}
+
+/// Heap bytes of a `HashMap` (hashbrown: power-of-two buckets at 7/8 load,
+/// one control byte per bucket plus one SIMD group).
+fn map_bytes<V>(m: &Map<V>) -> usize {
+    let cap = m.capacity();
+    let buckets = match cap {
+        0 => return 0,
+        1..8 => (cap + 1).next_power_of_two(),
+        _ => (cap / 7 * 8).next_power_of_two(),
+    };
+    buckets * (size_of::<(u64, V)>() + 1) + 16
+}
+
+/// The `n` best `(sum, ad)` seen so far; the heap top is the worst of them.
+struct Best {
+    n: usize,
+    heap: BinaryHeap<(Reverse<u64>, u64)>,
+}
+
+impl Best {
+    fn new(n: usize) -> Self {
+        // `n` comes from the caller; do not let it size an allocation.
+        Best {
+            n,
+            heap: BinaryHeap::with_capacity(n.min(1024)),
+        }
+    }
+
+    fn offer(&mut self, sum: u64, ad: u64) {
+        if sum == 0 {
+            return;
+        }
+        if self.heap.len() < self.n {
+            self.heap.push((Reverse(sum), ad));
+        } else if let Some(&(Reverse(ws), wa)) = self.heap.peek()
+            && (sum > ws || (sum == ws && ad < wa))
+        {
+            self.heap.pop();
+            self.heap.push((Reverse(sum), ad));
+        }
+    }
+
+    /// The `n`-th best sum once `n` ads are held.
+    fn nth_sum(&self) -> Option<u64> {
+        if self.heap.len() < self.n {
+            return None;
+        }
+        self.heap.peek().map(|&(Reverse(s), _)| s)
+    }
+
+    fn into_sorted(self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self
+            .heap
+            .into_iter()
+            .map(|(Reverse(s), a)| (a, s))
+            .collect();
+        v.sort_unstable_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+        v
+    }
+}
+
+/// Sorted-access position in one list.
+#[derive(Clone, Copy)]
+struct Cursor {
+    bucket: usize,
+    pos: usize,
+}
+
+/// Exact, incrementally maintained top-N index over per-minute click counts.
+///
+/// See the module documentation for the algorithm and why it is exact.
+#[derive(Clone)]
+pub struct TopIndex {
+    minutes: BTreeMap<i64, Node>,
+    /// Aggregates keyed by `minute.div_euclid(60)`; empty when the hour
+    /// level is off.
+    hours: BTreeMap<i64, Node>,
+    hour_level: bool,
+    /// Minutes below this were evicted; adds to them are ignored.
+    evicted_before: i64,
+    seed: Seeded,
+}
+
+impl Default for TopIndex {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for TopIndex {
+    // A full dump of millions of cells is useless in a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TopIndex")
+            .field("minutes", &self.minutes.len())
+            .field("cells", &self.cell_count())
+            .field("hour_level", &self.hour_level)
+            .field("evicted_before", &self.evicted_before)
+            .finish()
+    }
+}
+
+impl TopIndex {
+    /// An empty index with per-minute and per-hour lists (fast long ranges,
+    /// about twice the memory of [`TopIndex::minutes_only`] on long-tail data).
+    pub fn new() -> Self {
+        Self::with_hour_level(true)
+    }
+
+    /// An empty index with per-minute lists only (least memory; a range of
+    /// `k` minutes reads `k` lists).
+    pub fn minutes_only() -> Self {
+        Self::with_hour_level(false)
+    }
+
+    fn with_hour_level(hour_level: bool) -> Self {
+        TopIndex {
+            minutes: BTreeMap::new(),
+            hours: BTreeMap::new(),
+            hour_level,
+            evicted_before: i64::MIN,
+            seed: Seeded::random(),
+        }
+    }
+
+    /// Adds `by` clicks to `(ad, minute)`. `by == 0` and minutes already
+    /// evicted (below the last [`TopIndex::evict_before`]) are ignored.
+    pub fn add(&mut self, ad: u64, minute: i64, by: u64) {
+        if by == 0 || minute < self.evicted_before {
+            return;
+        }
+        let seed = self.seed;
+        self.minutes
+            .entry(minute)
+            .or_insert_with(|| Node::new(seed))
+            .add(ad, by);
+        if self.hour_level {
+            self.hours
+                .entry(minute.div_euclid(HOUR))
+                .or_insert_with(|| Node::new(seed))
+                .add(ad, by);
+        }
+    }
+
+    /// Exact top `n` over minutes `[from, to)`: `(ad, clicks)`, most clicks
+    /// first, ties by smaller ad id; ads with 0 clicks in the range never
+    /// appear. Empty when `n == 0` or `from >= to`.
+    pub fn top(&self, n: usize, from: i64, to: i64) -> Vec<(u64, u64)> {
+        let lists = self.lists(from, to);
+        if n == 0 || lists.is_empty() {
+            return Vec::new();
+        }
+        // Past this much work a single aggregation pass is cheaper.
+        let budget = lists.iter().map(|l| l.len()).sum::<usize>();
+        match self.top_threshold(n, &lists, Some(budget)) {
+            Some(top) => top,
+            None => self.top_scan(n, &lists),
+        }
+    }
+
+    /// Clicks of one ad over minutes `[from, to)`.
+    pub fn count(&self, ad: u64, from: i64, to: i64) -> u64 {
+        self.lists(from, to)
+            .iter()
+            .fold(0u64, |acc, l| acc.saturating_add(l.get(ad)))
+    }
+
+    /// Forgets all minutes `< before` (retention). Later adds to them are
+    /// ignored. A `before` not above the previous one is a no-op.
+    pub fn evict_before(&mut self, before: i64) {
+        if before <= self.evicted_before {
+            return;
+        }
+        self.evicted_before = before;
+        let kept = self.minutes.split_off(&before);
+        let evicted = std::mem::replace(&mut self.minutes, kept);
+        if !self.hour_level {
+            return;
+        }
+        let cut = before.div_euclid(HOUR);
+        // Hours wholly below `before` go at once; no decrements needed.
+        self.hours = self.hours.split_off(&cut);
+        if before.rem_euclid(HOUR) == 0 {
+            return;
+        }
+        // The hour containing `before` loses only some minutes: subtract
+        // them so it stays the exact sum of its live minutes.
+        if let Some(hour) = self.hours.get_mut(&cut) {
+            for (_, node) in evicted.iter().filter(|(m, _)| m.div_euclid(HOUR) == cut) {
+                for (ad, c) in node.iter() {
+                    hour.sub(ad, c);
+                }
+            }
+            if hour.len() == 0 {
+                self.hours.remove(&cut);
+            }
+        }
+    }
+
+    /// Approximate heap bytes held by the index (maps, buckets, B-tree
+    /// entries); query-time scratch space is not included.
+    pub fn heap_bytes(&self) -> usize {
+        // B-tree nodes hold up to 11 entries; assume ~2/3 full.
+        let tree_entry = size_of::<(i64, Node)>() * 3 / 2;
+        self.minutes
+            .values()
+            .chain(self.hours.values())
+            .map(|n| n.heap_bytes() + tree_entry)
+            .sum()
+    }
+
+    /// Number of live `(ad, minute)` cells.
+    pub fn cell_count(&self) -> usize {
+        self.minutes.values().map(Node::len).sum()
+    }
+
+    /// Every live `(ad, minute, count)` cell, for checkpoints (in no
+    /// particular order). Feeding them to [`TopIndex::extend`] or
+    /// `collect::<TopIndex>()` rebuilds an index with identical answers.
+    pub fn cells(&self) -> impl Iterator<Item = (u64, i64, u64)> + '_ {
+        self.minutes
+            .iter()
+            .flat_map(|(&m, node)| node.iter().map(move |(ad, c)| (ad, m, c)))
+    }
+
+    /// Lists covering `[from, to)`: whole hours where possible, minutes at
+    /// the edges.
+    fn lists(&self, from: i64, to: i64) -> Vec<&Node> {
+        let mut out = Vec::new();
+        if from >= to {
+            return out;
+        }
+        if self.hour_level {
+            let h0 = from.div_euclid(HOUR) + i64::from(from.rem_euclid(HOUR) != 0);
+            let h1 = to.div_euclid(HOUR);
+            // `checked_mul` fails only next to i64::MIN/MAX; fall back to
+            // minutes there.
+            if h0 < h1
+                && let (Some(m0), Some(m1)) = (h0.checked_mul(HOUR), h1.checked_mul(HOUR))
+            {
+                out.extend(self.minutes.range(from..m0).map(|(_, n)| n));
+                out.extend(self.hours.range(h0..h1).map(|(_, n)| n));
+                out.extend(self.minutes.range(m1..to).map(|(_, n)| n));
+                return out;
+            }
+        }
+        out.extend(self.minutes.range(from..to).map(|(_, n)| n));
+        out
+    }
+
+    fn exact_sum(lists: &[&Node], ad: u64) -> u64 {
+        lists
+            .iter()
+            .fold(0u64, |acc, l| acc.saturating_add(l.get(ad)))
+    }
+
+    /// Threshold Algorithm over `lists`. Returns `None` once sorted plus
+    /// random accesses exceed `budget`.
+    fn top_threshold(
+        &self,
+        n: usize,
+        lists: &[&Node],
+        budget: Option<usize>,
+    ) -> Option<Vec<(u64, u64)>> {
+        let mut cursors = Vec::with_capacity(lists.len());
+        // Max-heap of (bound of current bucket, list): read the list that
+        // can still hide the largest counts first, to drop `T` fastest.
+        let mut frontier = BinaryHeap::with_capacity(lists.len());
+        // u128: a sum of up to 2^64 bounds of u64 cannot overflow it.
+        let mut threshold: u128 = 0;
+        for (i, l) in lists.iter().enumerate() {
+            let b = l.next_bucket(usize::MAX).unwrap_or(0);
+            cursors.push(Cursor { bucket: b, pos: 0 });
+            if b != 0 {
+                threshold += u128::from(bucket_max(b));
+                frontier.push((bucket_max(b), i));
+            }
+        }
+        let mut best = Best::new(n);
+        let mut seen: HashSet<u64, Seeded> = HashSet::with_hasher(self.seed);
+        let mut work = 0usize;
+        'lists: while let Some((bound, i)) = frontier.pop() {
+            let list = lists[i];
+            let cur = &mut cursors[i];
+            loop {
+                if best.nth_sum().is_some_and(|s| u128::from(s) > threshold) {
+                    break 'lists;
+                }
+                let bucket = list.buckets.get(cur.bucket).map_or(&[][..], |b| &b[..]);
+                let Some(&ad) = bucket.get(cur.pos) else {
+                    // Bucket consumed: this list's bound drops to the next
+                    // non-empty bucket (or to 0 when it is exhausted).
+                    threshold -= u128::from(bound);
+                    if let Some(b) = list.next_bucket(cur.bucket) {
+                        *cur = Cursor { bucket: b, pos: 0 };
+                        threshold += u128::from(bucket_max(b));
+                        frontier.push((bucket_max(b), i));
+                    }
+                    break;
+                };
+                cur.pos += 1;
+                work += 1;
+                if seen.insert(ad) {
+                    work += lists.len();
+                    if budget.is_some_and(|b| work > b) {
+                        return None;
+                    }
+                    best.offer(Self::exact_sum(lists, ad), ad);
+                }
+            }
+        }
+        Some(best.into_sorted())
+    }
+
+    /// One exact aggregation pass over every cell of `lists`.
+    fn top_scan(&self, n: usize, lists: &[&Node]) -> Vec<(u64, u64)> {
+        let largest = lists.iter().map(|l| l.len()).max().unwrap_or(0);
+        let mut sums: Map<u64> = HashMap::with_capacity_and_hasher(largest, self.seed);
+        for l in lists {
+            for (ad, c) in l.iter() {
+                let s = sums.entry(ad).or_insert(0);
+                *s = s.saturating_add(c);
+            }
+        }
+        let mut best = Best::new(n);
+        for (ad, s) in sums {
+            best.offer(s, ad);
+        }
+        best.into_sorted()
+    }
+}
+
+impl Extend<(u64, i64, u64)> for TopIndex {
+    fn extend<I: IntoIterator<Item = (u64, i64, u64)>>(&mut self, cells: I) {
+        for (ad, minute, count) in cells {
+            self.add(ad, minute, count);
+        }
+    }
+}
+
+impl FromIterator<(u64, i64, u64)> for TopIndex {
+    fn from_iter<I: IntoIterator<Item = (u64, i64, u64)>>(cells: I) -> Self {
+        let mut index = TopIndex::new();
+        index.extend(cells);
+        index
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Brute force: every cell in a map, summed and fully sorted per query.
+    #[derive(Default)]
+    struct Oracle {
+        cells: HashMap<(u64, i64), u64>,
+        evicted_before: Option<i64>,
+    }
+
+    impl Oracle {
+        fn add(&mut self, ad: u64, minute: i64, by: u64) {
+            if by == 0 || self.evicted_before.is_some_and(|e| minute < e) {
+                return;
+            }
+            *self.cells.entry((ad, minute)).or_insert(0) += by;
+        }
+        fn evict_before(&mut self, before: i64) {
+            if self.evicted_before.is_some_and(|e| before <= e) {
+                return;
+            }
+            self.evicted_before = Some(before);
+            self.cells.retain(|&(_, m), _| m >= before);
+        }
+        fn top(&self, n: usize, from: i64, to: i64) -> Vec<(u64, u64)> {
+            let mut sums: HashMap<u64, u64> = HashMap::new();
+            for (&(ad, m), &c) in &self.cells {
+                if from <= m && m < to {
+                    *sums.entry(ad).or_insert(0) += c;
+                }
+            }
+            let mut v: Vec<(u64, u64)> = sums.into_iter().collect();
+            v.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+            v.truncate(n);
+            v
+        }
+        fn count(&self, ad: u64, from: i64, to: i64) -> u64 {
+            self.cells
+                .iter()
+                .filter(|&(&(a, m), _)| a == ad && from <= m && m < to)
+                .map(|(_, &c)| c)
+                .sum()
+        }
+    }
+
+    impl TopIndex {
+        /// Every internal invariant: bucket membership matches counts,
+        /// positions are right, hours are the sums of their minutes.
+        fn check_invariants(&self) {
+            for node in self.minutes.values().chain(self.hours.values()) {
+                assert!(node.len() > 0, "empty node kept");
+                let in_buckets: usize = node.buckets.iter().map(Vec::len).sum();
+                assert_eq!(in_buckets, node.len());
+                for (b, bucket) in node.buckets.iter().enumerate() {
+                    for (pos, &ad) in bucket.iter().enumerate() {
+                        let slot = node.slots[&ad];
+                        assert_eq!(slot.pos as usize, pos);
+                        let c = node.resolve(ad, slot);
+                        assert!(c > 0);
+                        assert_eq!(bucket_of(c), b);
+                    }
+                }
+                for (&ad, &c) in &node.big {
+                    assert_eq!(node.slots[&ad].count, BIG);
+                    assert!(c >= u64::from(BIG));
+                }
+            }
+            if self.hour_level {
+                let mut sums: HashMap<(i64, u64), u64> = HashMap::new();
+                for (ad, m, c) in self.cells() {
+                    *sums.entry((m.div_euclid(HOUR), ad)).or_insert(0) += c;
+                }
+                let mut from_hours = HashMap::new();
+                for (&h, node) in &self.hours {
+                    for (ad, c) in node.iter() {
+                        from_hours.insert((h, ad), c);
+                    }
+                }
+                assert_eq!(sums, from_hours);
+            } else {
+                assert!(self.hours.is_empty());
+            }
+        }
+
+        /// Same answer through every query path.
+        fn top_all_paths(&self, n: usize, from: i64, to: i64) -> Vec<(u64, u64)> {
+            let top = self.top(n, from, to);
+            let lists = self.lists(from, to);
+            if n > 0 && !lists.is_empty() {
+                assert_eq!(self.top_threshold(n, &lists, None), Some(top.clone()), "TA");
+                assert_eq!(self.top_scan(n, &lists), top, "scan");
+            }
+            top
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Add(u64, i64, u64),
+        Evict(i64),
+        Query(usize, i64, i64),
+    }
+
+    fn ad_strategy() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            // Small pool: many ties.
+            3 => 0u64..6,
+            // Zipf-ish skew: cubing a uniform value piles mass on small ids.
+            4 => (0u64..1000).prop_map(|x| x * x * x / 1_000_000 / 4),
+            1 => 0u64..400,
+            1 => Just(u64::MAX),
+        ]
+    }
+
+    fn op_strategy() -> impl Strategy<Value = Op> {
+        let minute = -70i64..130;
+        let by = prop_oneof![8 => Just(1u64), 3 => 1u64..5, 1 => Just(1u64 << 33)];
+        prop_oneof![
+            40 => (ad_strategy(), minute, by).prop_map(|(a, m, b)| Op::Add(a, m, b)),
+            // Hot ad: keeps hitting a few recent minutes.
+            10 => (100i64..130).prop_map(|m| Op::Add(7, m, 1)),
+            1 => (-80i64..140).prop_map(Op::Evict),
+            3 => (0usize..25, -100i64..160, -100i64..160).prop_map(|(n, f, t)| Op::Query(n, f, t)),
+        ]
+    }
+
+    fn run(
+        ops: &[Op],
+        hour_level: bool,
+        queries: &[(usize, i64, i64)],
+    ) -> Result<(), TestCaseError> {
+        let mut idx = TopIndex::with_hour_level(hour_level);
+        let mut oracle = Oracle::default();
+        for op in ops {
+            match *op {
+                Op::Add(a, m, b) => {
+                    idx.add(a, m, b);
+                    oracle.add(a, m, b);
+                }
+                Op::Evict(b) => {
+                    idx.evict_before(b);
+                    oracle.evict_before(b);
+                }
+                Op::Query(n, f, t) => {
+                    prop_assert_eq!(idx.top_all_paths(n, f, t), oracle.top(n, f, t));
+                }
+            }
+        }
+        idx.check_invariants();
+        let rebuilt: TopIndex = {
+            let mut r = TopIndex::with_hour_level(hour_level);
+            r.extend(idx.cells());
+            r
+        };
+        rebuilt.check_invariants();
+        for &(n, f, t) in queries {
+            let want = oracle.top(n, f, t);
+            prop_assert_eq!(idx.top_all_paths(n, f, t), want.clone());
+            prop_assert_eq!(rebuilt.top(n, f, t), want);
+            for ad in [0, 1, 7, 100, u64::MAX] {
+                prop_assert_eq!(idx.count(ad, f, t), oracle.count(ad, f, t));
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn matches_oracle(
+            ops in prop::collection::vec(op_strategy(), 0..300),
+            queries in prop::collection::vec((0usize..40, -100i64..160, -100i64..160), 1..12),
+        ) {
+            let mut queries = queries;
+            // Always probe: everything, n beyond the number of ads, empty
+            // and reversed ranges, ranges outside the data, extremes.
+            queries.extend([
+                (1000, i64::MIN, i64::MAX),
+                (3, i64::MIN, i64::MAX),
+                (5, 10, 10),
+                (5, 20, 10),
+                (5, 500, 900),
+                (5, 0, 60),
+                (5, -60, 120),
+            ]);
+            run(&ops, true, &queries)?;
+            run(&ops, false, &queries)?;
+        }
+
+        #[test]
+        fn bucket_bounds_are_tight_and_monotone(c in 1u64..) {
+            let b = bucket_of(c);
+            prop_assert!(c <= bucket_max(b));
+            prop_assert!(bucket_max(b - 1) < c);
+            // Bucket width is at most 1/16 of its lower edge.
+            prop_assert!(bucket_max(b) - bucket_max(b - 1) <= (bucket_max(b - 1) + 1) / 16 + 1);
+        }
+    }
+
+    #[test]
+    fn bucket_edges() {
+        assert_eq!(bucket_of(1), 1);
+        assert_eq!(bucket_of(31), 31);
+        assert_eq!(bucket_of(32), 32);
+        assert_eq!(bucket_max(32), 33);
+        assert_eq!(bucket_of(u64::MAX), 975);
+        assert_eq!(bucket_max(975), u64::MAX);
+        for b in 1..975 {
+            assert_eq!(bucket_of(bucket_max(b)), b);
+            assert_eq!(bucket_of(bucket_max(b) + 1), b + 1);
+        }
+    }
+
+    #[test]
+    fn ties_break_by_smaller_ad() {
+        let mut idx = TopIndex::new();
+        for ad in [9, 3, 5, 1] {
+            idx.add(ad, 10, 2);
+        }
+        idx.add(4, 11, 1);
+        idx.add(4, 12, 1);
+        assert_eq!(idx.top(3, 0, 100), vec![(1, 2), (3, 2), (4, 2)]);
+        assert_eq!(
+            idx.top(10, 0, 100),
+            vec![(1, 2), (3, 2), (4, 2), (5, 2), (9, 2)]
+        );
+    }
+
+    #[test]
+    fn zero_counts_never_appear() {
+        let mut idx = TopIndex::new();
+        idx.add(1, 5, 0);
+        idx.add(2, 5, 3);
+        idx.add(3, 50, 1);
+        assert_eq!(idx.top(10, 0, 10), vec![(2, 3)]);
+        assert_eq!(idx.count(1, 0, 10), 0);
+        assert_eq!(idx.cell_count(), 2);
+        assert!(idx.top(10, 6, 50).is_empty());
+        assert!(idx.top(0, 0, 100).is_empty());
+        assert!(idx.top(10, 10, 0).is_empty());
+    }
+
+    #[test]
+    fn hot_ad_with_half_the_traffic() {
+        let mut idx = TopIndex::new();
+        let mut oracle = Oracle::default();
+        let mut x = 0x1234_5678_u64;
+        for i in 0..40_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ad = if i % 2 == 0 { 42 } else { 1000 + x % 3000 };
+            let minute = (x >> 20) as i64 % 90;
+            idx.add(ad, minute, 1);
+            oracle.add(ad, minute, 1);
+        }
+        for (n, f, t) in [
+            (1, 0, 90),
+            (10, 0, 90),
+            (50, 17, 77),
+            (5, 60, 61),
+            (100, 30, 45),
+        ] {
+            let got = idx.top_all_paths(n, f, t);
+            assert_eq!(got, oracle.top(n, f, t));
+        }
+        assert_eq!(idx.top(1, 0, 90), vec![(42, 20_000)]);
+        idx.check_invariants();
+    }
+
+    #[test]
+    fn counts_beyond_u32_stay_exact() {
+        let mut idx = TopIndex::new();
+        idx.add(1, 0, u64::from(u32::MAX) - 1);
+        idx.add(1, 0, 1);
+        idx.add(1, 0, 1);
+        idx.add(2, 0, u64::from(u32::MAX) + 5);
+        idx.add(2, 1, 1);
+        idx.check_invariants();
+        assert_eq!(
+            idx.top(2, 0, 60),
+            vec![(2, u64::from(u32::MAX) + 6), (1, u64::from(u32::MAX) + 1)]
+        );
+        // Mid-hour eviction shrinks a big hour count back below u32.
+        idx.evict_before(1);
+        idx.check_invariants();
+        assert_eq!(idx.top(5, 0, 60), vec![(2, 1)]);
+    }
+
+    #[test]
+    fn eviction_mid_hour_keeps_hour_exact_and_ignores_late_adds() {
+        let mut idx = TopIndex::new();
+        for m in 0..120 {
+            idx.add(m as u64 % 3, m, 1);
+        }
+        idx.evict_before(30);
+        idx.check_invariants();
+        // Aligned hour [0, 60) is served from the decremented hour node.
+        assert_eq!(idx.top(3, 0, 60), vec![(0, 10), (1, 10), (2, 10)]);
+        idx.add(5, 10, 100);
+        assert_eq!(idx.count(5, 0, 120), 0);
+        idx.evict_before(20);
+        assert_eq!(idx.top(1, 0, 60), vec![(0, 10)]);
+        idx.evict_before(60);
+        idx.check_invariants();
+        assert_eq!(idx.top(5, i64::MIN, 60), vec![]);
+        assert_eq!(idx.count(0, i64::MIN, i64::MAX), 20);
+    }
+
+    #[test]
+    fn extreme_minutes() {
+        let mut idx = TopIndex::new();
+        idx.add(1, i64::MIN, 2);
+        idx.add(2, i64::MAX, 3);
+        idx.add(1, i64::MAX - 1, 1);
+        idx.check_invariants();
+        assert_eq!(idx.top(5, i64::MIN, i64::MAX), vec![(1, 3)]);
+        assert_eq!(idx.top(5, i64::MAX - 70, i64::MAX), vec![(1, 1)]);
+        assert_eq!(idx.count(1, i64::MIN, i64::MIN + 1), 2);
+        idx.evict_before(i64::MAX);
+        idx.check_invariants();
+        assert_eq!(idx.cells().collect::<Vec<_>>(), vec![(2, i64::MAX, 3)]);
+    }
+
+    #[test]
+    fn cells_round_trip() {
+        let mut idx = TopIndex::new();
+        for i in 0..5000u64 {
+            idx.add(i % 97, (i % 150) as i64 - 20, 1 + i % 3);
+        }
+        let rebuilt: TopIndex = idx.cells().collect();
+        let mut a: Vec<_> = idx.cells().collect();
+        let mut b: Vec<_> = rebuilt.cells().collect();
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b);
+        for (n, f, t) in [
+            (10, -20, 130),
+            (1000, i64::MIN, i64::MAX),
+            (7, 3, 64),
+            (3, 40, 41),
+        ] {
+            assert_eq!(idx.top(n, f, t), rebuilt.top(n, f, t));
+        }
+        assert!(idx.heap_bytes() > 0);
+        assert!(format!("{:?}", TopIndex::minutes_only()).contains("TopIndex"));
+    }
+}

@@ -1,0 +1,277 @@
+//! The window operator (single-threaded, in WAL order): exact dedup by impression id,
+//! the event-time watermark, late/too-old classification, dimension interning, hot-key
+//! detection and routing of each click to the shard that counts it.
+//!
+//! Deterministic by construction (no wall clock, no randomness): dedup entries expire by
+//! event time, hot-key rounds are counted in clicks. A replay of the WAL from a
+//! checkpoint therefore reaches exactly the same state.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+
+use adclick_proto::v1::IngestClick;
+use prost::Message;
+
+use super::dims::{DimKey, Interner, country_code};
+use super::hll::hash_user_id;
+use super::hot::HotDetector;
+use super::operator::{Operator, StateDecl};
+use super::shard::{Applied, LEVEL_MS};
+use crate::config::{ShardConfig, WindowConfig};
+
+/// What became of one click.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// Counted by shard `.0`.
+    Apply(usize, Applied),
+    /// An impression already counted.
+    Duplicate,
+    /// Older than the minute retention: not counted (quarantined with a reason).
+    TooOld,
+    /// Not a valid click record (bad impression id).
+    Malformed,
+}
+
+/// Running totals (exported as metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowCounters {
+    /// Clicks counted.
+    pub applied: u64,
+    /// Of which late corrections.
+    pub late: u64,
+    /// Duplicates dropped.
+    pub duplicate: u64,
+    /// Too old to count.
+    pub too_old: u64,
+    /// Malformed records.
+    pub malformed: u64,
+}
+
+/// See the module doc.
+#[derive(Debug)]
+pub struct ClickWindows {
+    cfg: WindowConfig,
+    shards: usize,
+    seen: HashMap<[u8; 16], i64>,
+    expiry: BinaryHeap<Reverse<(i64, [u8; 16])>>,
+    max_event_ms: i64,
+    interner: Interner,
+    hot: HotDetector,
+    /// Ads whose clicks were ever spread over several shards (always TopAds candidates).
+    split: BTreeSet<u64>,
+    /// Totals.
+    pub counters: WindowCounters,
+}
+
+const DECLS: &[StateDecl] = &[StateDecl {
+    table: "windows",
+    what: "watermark, dedup ids with expiry, interned strings, hot and split ads",
+}];
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+impl ClickWindows {
+    /// A fresh operator.
+    pub fn new(cfg: WindowConfig, shards: &ShardConfig) -> Self {
+        ClickWindows {
+            cfg,
+            shards: shards.count.max(1),
+            seen: HashMap::new(),
+            expiry: BinaryHeap::new(),
+            max_event_ms: i64::MIN,
+            interner: Interner::default(),
+            hot: HotDetector::new(shards.hot_window_clicks, shards.hot_fraction),
+            split: BTreeSet::new(),
+            counters: WindowCounters::default(),
+        }
+    }
+
+    /// Max event time seen minus the allowed delay (i64::MIN before any click).
+    pub fn watermark_ms(&self) -> i64 {
+        self.max_event_ms.saturating_sub(self.cfg.allowed_delay_ms)
+    }
+
+    /// Ads currently hot.
+    pub fn hot_ads(&self) -> &[u64] {
+        self.hot.hot()
+    }
+
+    /// Ads ever split over shards.
+    pub fn split_ads(&self) -> &BTreeSet<u64> {
+        &self.split
+    }
+
+    /// Interned strings (for query-side lookups).
+    pub fn interner(&self) -> &Interner {
+        &self.interner
+    }
+
+    /// Impression ids held for dedup.
+    pub fn dedup_len(&self) -> usize {
+        self.seen.len()
+    }
+
+    fn expire(&mut self) {
+        while let Some(Reverse((until, id))) = self.expiry.peek().copied() {
+            if until >= self.max_event_ms {
+                break;
+            }
+            self.expiry.pop();
+            if self.seen.get(&id) == Some(&until) {
+                self.seen.remove(&id);
+            }
+        }
+    }
+}
+
+impl Operator for ClickWindows {
+    type Input = IngestClick;
+    type Output = Routed;
+
+    fn declared_state(&self) -> &'static [StateDecl] {
+        DECLS
+    }
+
+    fn process(&mut self, c: IngestClick) -> Routed {
+        let Ok(id) = <[u8; 16]>::try_from(c.impression_id.as_slice()) else {
+            self.counters.malformed += 1;
+            return Routed::Malformed;
+        };
+        let watermark = self.watermark_ms();
+        let oldest =
+            watermark.saturating_sub(self.cfg.retention_minutes.saturating_mul(LEVEL_MS[0]));
+        if c.event_time_ms < oldest {
+            self.counters.too_old += 1;
+            return Routed::TooOld;
+        }
+        if self.seen.contains_key(&id) {
+            self.counters.duplicate += 1;
+            return Routed::Duplicate;
+        }
+        let keep = c.token_expires_at_ms.saturating_add(self.cfg.dedup_skew_ms);
+        self.seen.insert(id, keep);
+        self.expiry.push(Reverse((keep, id)));
+        let minute_end = c.event_time_ms.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0] + LEVEL_MS[0];
+        let late = minute_end <= watermark;
+        if c.event_time_ms > self.max_event_ms {
+            self.max_event_ms = c.event_time_ms;
+            self.expire();
+        }
+        self.hot.observe(c.ad_id);
+        let site = if c.site.is_empty() { &c.app } else { &c.site };
+        let dims = DimKey {
+            country: country_code(&c.country),
+            device: u8::try_from(c.device).unwrap_or(0),
+            os: self.interner.intern(&c.os),
+            site: self.interner.intern(site),
+        };
+        let id_hash = splitmix(u64::from_le_bytes([
+            id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7],
+        ]));
+        let shard = if self.shards > 1 && (self.hot.is_hot(c.ad_id) || c.salt != 0) {
+            // A hot ad is spread over every shard; the impression picks one, so its
+            // duplicates (already dropped above) would have met the same dedup anyway.
+            self.split.insert(c.ad_id);
+            (id_hash % self.shards as u64) as usize
+        } else {
+            (splitmix(c.ad_id) % self.shards as u64) as usize
+        };
+        self.counters.applied += 1;
+        self.counters.late += u64::from(late);
+        Routed::Apply(
+            shard,
+            Applied {
+                ad: c.ad_id,
+                advertiser: c.advertiser_id,
+                campaign: c.campaign_id,
+                event_time_ms: c.event_time_ms,
+                dims,
+                user_hash: (!c.user_id.is_empty()).then(|| hash_user_id(c.user_id.as_bytes())),
+                late,
+            },
+        )
+    }
+
+    fn on_watermark(&mut self, _watermark_ms: i64) {
+        self.expire();
+    }
+
+    fn checkpoint(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let pb = WindowsPb {
+            max_event_ms: self.max_event_ms,
+            seen_ids: self.seen.keys().flat_map(|k| k.iter().copied()).collect(),
+            seen_until: self.seen.values().copied().collect(),
+            names: self.interner.names().to_vec(),
+            hot: self.hot.hot().to_vec(),
+            split: self.split.iter().copied().collect(),
+            applied: self.counters.applied,
+            late: self.counters.late,
+            duplicate: self.counters.duplicate,
+            too_old: self.counters.too_old,
+            malformed: self.counters.malformed,
+        };
+        vec![("windows", pb.encode_to_vec())]
+    }
+
+    fn restore(&mut self, tables: &[(String, Vec<u8>)]) -> Result<(), String> {
+        let Some((_, blob)) = tables.iter().find(|(t, _)| t == "windows") else {
+            return Ok(());
+        };
+        let pb =
+            WindowsPb::decode(blob.as_slice()).map_err(|e| format!("windows checkpoint: {e}"))?;
+        if pb.seen_ids.len() != pb.seen_until.len() * 16 {
+            return Err("windows checkpoint: dedup table is inconsistent".into());
+        }
+        self.max_event_ms = pb.max_event_ms;
+        self.seen.clear();
+        self.expiry.clear();
+        for (chunk, until) in pb.seen_ids.chunks_exact(16).zip(pb.seen_until) {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(chunk);
+            self.seen.insert(id, until);
+            self.expiry.push(Reverse((until, id)));
+        }
+        self.interner = Interner::from_names(pb.names);
+        self.hot.restore(pb.hot);
+        self.split = pb.split.into_iter().collect();
+        self.counters = WindowCounters {
+            applied: pb.applied,
+            late: pb.late,
+            duplicate: pb.duplicate,
+            too_old: pb.too_old,
+            malformed: pb.malformed,
+        };
+        Ok(())
+    }
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct WindowsPb {
+    #[prost(int64, tag = "1")]
+    max_event_ms: i64,
+    #[prost(bytes = "vec", tag = "2")]
+    seen_ids: Vec<u8>,
+    #[prost(int64, repeated, tag = "3")]
+    seen_until: Vec<i64>,
+    #[prost(string, repeated, tag = "4")]
+    names: Vec<String>,
+    #[prost(uint64, repeated, tag = "5")]
+    hot: Vec<u64>,
+    #[prost(uint64, repeated, tag = "6")]
+    split: Vec<u64>,
+    #[prost(uint64, tag = "7")]
+    applied: u64,
+    #[prost(uint64, tag = "8")]
+    late: u64,
+    #[prost(uint64, tag = "9")]
+    duplicate: u64,
+    #[prost(uint64, tag = "10")]
+    too_old: u64,
+    #[prost(uint64, tag = "11")]
+    malformed: u64,
+}
