@@ -297,6 +297,7 @@ impl<S: Store> Writer<S> {
         for _ in 0..pending_shards {
             let _ = applied_rx.recv();
         }
+        self.publish();
         for ((req, new), counts) in replies.into_iter().zip(outcomes) {
             let mut ack = IngestAck {
                 collector_id: req.batch.collector_id.clone(),
@@ -313,7 +314,6 @@ impl<S: Store> Writer<S> {
             ack.hot_ad_ids = self.windows.hot_ads().to_vec();
             let _ = req.done.send(Ok(ack));
         }
-        self.publish();
     }
 
     /// Runs clicks through the window operator and hands them to the shards. Returns
