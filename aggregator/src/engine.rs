@@ -326,15 +326,25 @@ impl<S: Store> Writer<S> {
         let mut per_shard: Vec<Vec<Applied>> = vec![Vec::new(); self.shard_tx.len()];
         let (mut accepted, mut duplicate) = (0u32, 0u32);
         let before = self.windows.counters;
+        let mut quarantined = Vec::new();
         for c in clicks {
+            let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id.clone());
             match self.windows.process(c) {
                 Routed::Apply(shard, a) => {
                     accepted += 1;
                     per_shard[shard].push(a);
                 }
                 Routed::Duplicate => duplicate += 1,
-                Routed::TooOld | Routed::Malformed => {}
+                Routed::TooOld => {
+                    quarantined.push((ad, event, id, "older than windows.retention_minutes"))
+                }
+                Routed::Malformed => {
+                    quarantined.push((ad, event, id, "impression id is not 16 bytes"))
+                }
             }
+        }
+        if !quarantined.is_empty() {
+            self.quarantine(&quarantined);
         }
         let after = self.windows.counters;
         let m = &self.metrics;
@@ -362,6 +372,36 @@ impl<S: Store> Writer<S> {
         }
         self.evict_if_due();
         (accepted, duplicate, confirming)
+    }
+
+    /// Appends clicks that cannot be counted to `<data_dir>/quarantine.jsonl` with their
+    /// reason (rare by nature; a write failure is logged, the click is still counted in the
+    /// metrics by reason).
+    fn quarantine(&self, clicks: &[(u64, i64, Vec<u8>, &'static str)]) {
+        use std::io::Write;
+        let path = self.cfg.data_dir.join("quarantine.jsonl");
+        let mut out = String::new();
+        for (ad, event, id, reason) in clicks {
+            let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            out.push_str(
+                &serde_json::json!({ "ad_id": ad, "event_time_ms": event, "impression_id": id,
+                    "reason": reason, "watermark_ms": self.windows.watermark_ms() })
+                .to_string(),
+            );
+            out.push('\n');
+        }
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(out.as_bytes()));
+        if let Err(e) = written {
+            tracing::error!(error = %e, path = %path.display(), "cannot write the quarantine log");
+        }
+        tracing::warn!(
+            count = clicks.len(),
+            "clicks quarantined (not counted), see quarantine.jsonl"
+        );
     }
 
     fn evict_if_due(&mut self) {
@@ -400,6 +440,10 @@ impl<S: Store> Writer<S> {
             meta.split = self.windows.split_ads().iter().copied().collect();
         }
         self.metrics.watermark_ms.set(wm.max(0));
+        if wm > 0 {
+            let lag = crate::query::now_ms().saturating_sub(wm) as f64 / 1000.0;
+            self.metrics.watermark_lag_seconds.set(lag);
+        }
         self.metrics
             .dedup_entries
             .set(i64::try_from(self.windows.dedup_len()).unwrap_or(i64::MAX));

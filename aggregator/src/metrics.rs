@@ -44,6 +44,9 @@ pub struct Metrics {
     pub dedup_entries: Gauge,
     /// Query latency by rpc.
     pub query_seconds: Family<RpcLabel, Histogram>,
+    /// Wall clock minus watermark, updated on every ingest group (how far behind real time
+    /// the final minutes are).
+    pub watermark_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -68,6 +71,7 @@ impl Metrics {
             query_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
             }),
+            watermark_lag_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;

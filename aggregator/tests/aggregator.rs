@@ -368,6 +368,11 @@ async fn late_clicks_correct_final_minutes_and_too_old_ones_are_refused() {
     let got: Vec<(i64, u64)> = r.buckets.iter().map(|b| (b.start_ms, b.clicks)).collect();
     assert_eq!(got, vec![(T0 + 2 * MIN, 1), (T0 + 20 * MIN, 1)]);
     assert_eq!(r.watermark_ms, T0 + 20 * MIN - 5_000);
+    let q = std::fs::read_to_string(dir.path().join("quarantine.jsonl")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(q.lines().next().unwrap()).unwrap();
+    assert_eq!(line["reason"], "older than windows.retention_minutes");
+    assert_eq!(line["event_time_ms"], T0 - 20 * MIN);
+    assert_eq!(q.lines().count(), 1);
     a.shutdown().await;
 }
 
