@@ -2,8 +2,6 @@
 //! key, with strings interned to u32 ids. The interner is owned by the single-threaded
 //! ingest stage, so ids are assigned in WAL order and a replay assigns the same ids.
 
-use std::collections::HashMap;
-
 /// A dimension combination. `site` is the click's site, or its app when site is empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DimKey {
@@ -20,7 +18,7 @@ pub struct DimKey {
 /// String <-> id table (id 0 is the empty string).
 #[derive(Debug, Clone, Default)]
 pub struct Interner {
-    ids: HashMap<String, u32>,
+    ids: super::FastMap<String, u32>,
     names: Vec<String>,
 }
 
@@ -54,7 +52,7 @@ impl Interner {
 
     /// Rebuilds from checkpointed names.
     pub fn from_names(names: Vec<String>) -> Self {
-        let ids = names
+        let ids: super::FastMap<String, u32> = names
             .iter()
             .enumerate()
             .map(|(i, n)| (n.clone(), u32::try_from(i + 1).unwrap_or(u32::MAX)))

@@ -4,7 +4,7 @@
 //! `fraction` of the round is hot for the next round. Deterministic (no clocks, no
 //! randomness), so a WAL replay makes the same decisions.
 
-use std::collections::{BTreeSet, HashMap};
+use super::FastMap;
 
 /// Space-Saving summary plus the current hot set.
 #[derive(Debug, Clone)]
@@ -13,23 +13,23 @@ pub struct HotDetector {
     window: u64,
     fraction: f64,
     seen: u64,
-    counts: HashMap<u64, (u64, u64)>,
-    by_count: BTreeSet<(u64, u64)>,
+    /// ad -> (count, error bound).
+    counts: FastMap<u64, (u64, u64)>,
     hot: Vec<u64>,
 }
 
 impl HotDetector {
     /// A detector with rounds of `window` clicks and threshold `fraction`.
     pub fn new(window: u64, fraction: f64) -> Self {
-        // Enough counters that an ad at the threshold is always tracked.
-        let capacity = ((2.0 / fraction).ceil() as usize).clamp(16, 10_000);
+        // Enough counters that an ad at the threshold is always tracked; replacement scans
+        // the counters for the minimum, so keep them few (40 at the default 5%).
+        let capacity = ((2.0 / fraction).ceil() as usize).clamp(16, 1_000);
         HotDetector {
             capacity,
             window: window.max(100),
             fraction,
             seen: 0,
-            counts: HashMap::new(),
-            by_count: BTreeSet::new(),
+            counts: FastMap::default(),
             hot: Vec::new(),
         }
     }
@@ -37,20 +37,16 @@ impl HotDetector {
     /// Counts one click on `ad`. Returns true when a round ended and the hot set changed.
     pub fn observe(&mut self, ad: u64) -> bool {
         self.seen += 1;
-        if let Some((c, e)) = self.counts.get_mut(&ad) {
-            self.by_count.remove(&(*c, ad));
+        if let Some((c, _)) = self.counts.get_mut(&ad) {
             *c += 1;
-            self.by_count.insert((*c, ad));
-            let _ = e;
         } else if self.counts.len() < self.capacity {
             self.counts.insert(ad, (1, 0));
-            self.by_count.insert((1, ad));
-        } else if let Some(&(min, victim)) = self.by_count.iter().next() {
+        } else if let Some((&victim, &(min, _))) =
+            self.counts.iter().min_by_key(|(a, (c, _))| (*c, **a))
+        {
             // Replace the minimum: the newcomer inherits its count as error bound.
-            self.by_count.remove(&(min, victim));
             self.counts.remove(&victim);
             self.counts.insert(ad, (min + 1, min));
-            self.by_count.insert((min + 1, ad));
         }
         if self.seen < self.window {
             return false;
@@ -65,7 +61,6 @@ impl HotDetector {
         hot.sort_unstable();
         self.seen = 0;
         self.counts.clear();
-        self.by_count.clear();
         let changed = hot != self.hot;
         self.hot = hot;
         changed
@@ -87,7 +82,6 @@ impl HotDetector {
         self.hot.sort_unstable();
         self.seen = 0;
         self.counts.clear();
-        self.by_count.clear();
     }
 }
 

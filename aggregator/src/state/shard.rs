@@ -8,7 +8,7 @@
 //! a few bytes per user while sparse) + the top-N index entry; `heap_bytes` estimates it.
 //! The same click also updates its hour and day cells.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use prost::Message;
 
@@ -55,17 +55,17 @@ pub struct Cell {
     /// Bumped by every late correction of a final bucket.
     pub version: u32,
     /// Breakdown by dimensions.
-    pub combos: HashMap<DimKey, Combo>,
+    pub combos: super::FastMap<DimKey, Combo>,
 }
 
 /// See the module doc.
 #[derive(Debug, Default)]
 pub struct ShardState {
-    levels: [HashMap<(u64, i64), Cell>; 3],
+    levels: [super::FastMap<(u64, i64), Cell>; 3],
     /// (bucket start, ad) per level, for time-ordered scans and eviction.
     order: [BTreeSet<(i64, u64)>; 3],
     top: TopIndex,
-    ads: HashMap<u64, (u64, u64)>,
+    ads: super::FastMap<u64, (u64, u64)>,
 }
 
 fn bucket(t: i64, level: usize) -> i64 {
@@ -215,7 +215,7 @@ impl ShardState {
             let mut cell = Cell {
                 clicks: c.clicks,
                 version: c.version,
-                combos: HashMap::new(),
+                combos: Default::default(),
             };
             for k in c.combos {
                 let key = DimKey {

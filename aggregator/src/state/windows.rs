@@ -7,7 +7,7 @@
 //! checkpoint therefore reaches exactly the same state.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap};
 
 use adclick_proto::v1::IngestClick;
 use prost::Message;
@@ -52,7 +52,7 @@ pub struct WindowCounters {
 pub struct ClickWindows {
     cfg: WindowConfig,
     shards: usize,
-    seen: HashMap<[u8; 16], i64>,
+    seen: super::FastMap<[u8; 16], i64>,
     expiry: BinaryHeap<Reverse<(i64, [u8; 16])>>,
     max_event_ms: i64,
     interner: Interner,
@@ -81,7 +81,7 @@ impl ClickWindows {
         ClickWindows {
             cfg,
             shards: shards.count.max(1),
-            seen: HashMap::new(),
+            seen: Default::default(),
             expiry: BinaryHeap::new(),
             max_event_ms: i64::MIN,
             interner: Interner::default(),
