@@ -113,7 +113,7 @@ fn main() {
     drop(w2);
 
     // TopAds n=100 over the 60 minutes, and n=10 over the last 5.
-    let mut lat = |n: usize, from: i64, to: i64| {
+    let lat = |n: usize, from: i64, to: i64| {
         let mut v: Vec<f64> = (0..200)
             .map(|_| {
                 let t = Instant::now();
