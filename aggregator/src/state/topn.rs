@@ -10,7 +10,7 @@
 //!
 //! # Layout
 //!
-//! Every minute that has clicks owns a [`Node`]: a hash map `ad -> count`
+//! Every minute that has clicks owns a `Node`: a hash map `ad -> count`
 //! plus the ads grouped into *count buckets* (the Space-Saving "stream
 //! summary" idea). Buckets are exact for counts below 32 and log-linear above
 //! (16 buckets per power of two, so a bucket spans at most 1/16 of its lower
@@ -20,7 +20,8 @@
 //! click, and the bucket table is a plain `Vec` (at most 976 entries) instead
 //! of an ordered map. Bucket membership is kept exact with `swap_remove` and a
 //! per-ad position, so an increment is O(1): one hash lookup when the bucket is
-//! unchanged, three when it moves.
+//! unchanged, four when it moves (the ad twice, plus the ad swapped into its
+//! old place).
 //!
 //! With the hour level on ([`TopIndex::new`]) the same structure is also kept
 //! per aligned hour (sum of its 60 minutes), so a range is covered by whole
@@ -523,8 +524,9 @@ impl TopIndex {
     }
 
     /// Every live `(ad, minute, count)` cell, for checkpoints (in no
-    /// particular order). Feeding them to [`TopIndex::extend`] or
-    /// `collect::<TopIndex>()` rebuilds an index with identical answers.
+    /// particular order). Feeding them back through [`Extend`] or
+    /// [`FromIterator`] (`collect::<TopIndex>()`, which uses
+    /// [`TopIndex::new`]) rebuilds an index with identical answers.
     pub fn cells(&self) -> impl Iterator<Item = (u64, i64, u64)> + '_ {
         self.minutes
             .iter()
