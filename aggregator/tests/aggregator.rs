@@ -584,6 +584,26 @@ async fn reflection_only_client_lists_and_calls_top_ads() {
         })
         .collect();
     assert_eq!(got, top_oracle(&all, 3, T0, T0 + 10 * MIN, |_| true));
+
+    // grpc.health.v1 reports both services as serving.
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    let ch = Channel::from_shared(format!("http://{}", a.grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(ch);
+    for svc in ["adclick.v1.QueryService", "adclick.v1.IngestService"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: svc.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving, "{svc}");
+    }
     a.shutdown().await;
 }
 
