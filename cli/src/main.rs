@@ -2,9 +2,13 @@
 //! own module; servers (collector, aggregator, dev) will call their library crates'
 //! `run(config, shutdown)` entry points, never hold business logic here.
 
+mod dev;
 mod impression;
 mod keys;
+mod loadgen;
+mod query;
 mod serve;
+mod traffic;
 
 use std::process::ExitCode;
 
@@ -20,6 +24,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run everything on this machine: aggregator, collector, synthetic traffic, live view.
+    Dev(dev::DevArgs),
+    /// Query click counts and top ads (advertisers' view, over gRPC).
+    Query {
+        #[command(flatten)]
+        conn: query::Conn,
+        #[command(subcommand)]
+        cmd: query::QueryCommand,
+    },
+    /// Drive a running collector with synthetic traffic and report rate, latency, errors.
+    Loadgen(loadgen::LoadgenArgs),
     /// Manage impression-token signing keys (keys.toml).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -35,6 +50,9 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Dev(args) => dev::run(args),
+        Command::Query { conn, cmd } => query::run(conn, cmd),
+        Command::Loadgen(args) => loadgen::run(args),
         Command::Keys(cmd) => keys::run(cmd),
         Command::Impression(cmd) => impression::run(cmd),
         Command::Collector(args) => serve::collector(args),

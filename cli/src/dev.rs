@@ -1,0 +1,300 @@
+//! `adclick dev`: the whole pipeline on one machine. It creates a data dir with keys and
+//! API keys if missing, starts an aggregator and a collector in-process (embedded
+//! storage, localhost ports), drives synthetic traffic through the native SDK, and
+//! redraws a live view every second until Ctrl-C or `--duration`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use adclick_aggregator::config::{ApiKey, Role};
+use adclick_proto::keyfile::KeyFile;
+use adclick_proto::token::{Keyring, SigningKey};
+use adclick_proto::v1::query_service_client::QueryServiceClient;
+use adclick_proto::v1::{TopAdsRequest, top_ads_request::Window};
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::keys::{format_ms, now_ms};
+use crate::traffic::{self, Target, TrafficConfig};
+
+/// `adclick dev`
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where keys, API keys, spool and store live (created if missing; reused on restart).
+    #[arg(long, default_value = ".adclick-dev")]
+    data_dir: PathBuf,
+    /// Synthetic clicks per second.
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+    /// Distinct ads in the synthetic traffic (Zipf-distributed popularity).
+    #[arg(long, default_value_t = 1000)]
+    ads: u64,
+    /// Stop after this long (e.g. 30s, 5m); default: run until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Servers only, no synthetic traffic (to try the SDK, curl or grpcurl by hand).
+    #[arg(long)]
+    no_traffic: bool,
+    /// Collector HTTP port (QUIC uses the same number over UDP).
+    #[arg(long, default_value_t = 8080)]
+    collector_port: u16,
+    /// Aggregator gRPC port (ingest, queries, reflection, health).
+    #[arg(long, default_value_t = 9090)]
+    grpc_port: u16,
+    /// Aggregator HTTP port (JSON queries, /metrics).
+    #[arg(long, default_value_t = 9091)]
+    query_port: u16,
+}
+
+fn read_or_create(path: &Path, make: impl FnOnce() -> Result<String>) -> Result<String> {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        return Ok(s.trim().to_string());
+    }
+    let s = make()?;
+    std::fs::write(path, format!("{s}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(s)
+}
+
+fn random_hex(n: usize) -> Result<String> {
+    let mut b = vec![0u8; n];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
+    Ok(hex::encode(b))
+}
+
+/// Prepares the data dir: keys.toml, admin.key, advertiser-1.key.
+fn prepare(dir: &Path) -> Result<(Keyring, String, String)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let keys_path = dir.join("keys.toml");
+    let text = read_or_create(&keys_path, || {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
+        let file = KeyFile {
+            keyring: Keyring::new(SigningKey::new(1, &secret)?),
+            created: vec![(1, now_ms())],
+        };
+        Ok(file.render()?)
+    })?;
+    let keyring = KeyFile::parse(&text)
+        .with_context(|| format!("in {}", keys_path.display()))?
+        .keyring;
+    let admin = read_or_create(&dir.join("admin.key"), || random_hex(16))?;
+    let adv = read_or_create(&dir.join("advertiser-1.key"), || random_hex(16))?;
+    Ok((keyring, admin, adv))
+}
+
+pub fn run(args: DevArgs) -> Result<()> {
+    let (keyring, admin, adv) = prepare(&args.data_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async move {
+        let local = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut acfg = adclick_aggregator::AggregatorConfig {
+            listen_grpc: local(args.grpc_port),
+            listen_http: local(args.query_port),
+            data_dir: args.data_dir.join("aggregator"),
+            api_keys: vec![
+                ApiKey { key: admin.clone(), role: Role::Admin, advertiser_id: None },
+                ApiKey { key: adv.clone(), role: Role::Advertiser, advertiser_id: Some(1) },
+            ],
+            ..Default::default()
+        };
+        acfg.windows.allowed_delay_ms = 5_000;
+        acfg.checkpoint.interval_ms = 10_000;
+        let agg = adclick_aggregator::start(acfg)
+            .await
+            .context("cannot start the aggregator (is another `adclick dev` running? try --grpc-port/--query-port)")?;
+        let mut ccfg = adclick_collector::CollectorConfig {
+            listen_http: local(args.collector_port),
+            listen_quic: Some(local(args.collector_port)),
+            data_dir: args.data_dir.join("collector"),
+            keys_file: args.data_dir.join("keys.toml"),
+            aggregators: vec![format!("http://{}", agg.grpc_addr())],
+            ..Default::default()
+        };
+        ccfg.forward.retry_base_ms = 50;
+        ccfg.forward.retry_max_ms = 1_000;
+        let col = adclick_collector::start(ccfg)
+            .await
+            .context("cannot start the collector (is the port free? try --collector-port)")?;
+
+        let collector_url = format!("http://{}", col.http_addr());
+        banner(&args, &collector_url, &agg, &admin);
+        let traffic = if args.no_traffic {
+            None
+        } else {
+            let cfg = TrafficConfig { rate: args.rate, ads: args.ads, ..Default::default() };
+            Some(traffic::start(cfg, Target::Http(collector_url.clone()), keyring, None)?)
+        };
+
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agg.grpc_addr()))?
+            .connect_lazy();
+        let mut query = QueryServiceClient::new(channel);
+        let started = Instant::now();
+        let tty = std::io::stdout().is_terminal();
+        let mut last = (Instant::now(), 0u64);
+        let ctrl_c = crate::serve::shutdown_signal();
+        tokio::pin!(ctrl_c);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = &mut ctrl_c => break,
+            }
+            let cm = col.metrics();
+            let accepted = cm.clicks_with("accepted");
+            let rate = (accepted - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            last = (Instant::now(), accepted);
+            let mut req = tonic::Request::new(TopAdsRequest { n: 10, window: Some(Window::LastMinutes(5)), filter: None });
+            req.metadata_mut().insert("authorization", format!("Bearer {admin}").parse()?);
+            let top = query.top_ads(req).await.map(|r| r.into_inner().ads).unwrap_or_default();
+            let am = agg.metrics();
+            let rejected: Vec<(&str, u64)> = ["bad_signature", "expired", "malformed", "unknown_key", "not_yet_valid", "invalid_dimension"]
+                .into_iter()
+                .map(|r| (r, cm.clicks_with(r)))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            let wm = am.watermark_ms.get();
+            let view = View {
+                uptime: started.elapsed(),
+                rate,
+                accepted,
+                duplicate: cm.clicks_with("duplicate"),
+                rejected,
+                counted: am.clicks_with("applied"),
+                late: am.clicks_with("late"),
+                agg_duplicate: am.clicks_with("duplicate"),
+                watermark: wm,
+                top: top.iter().map(|a| (a.ad_id, a.clicks)).collect(),
+                queued: traffic.as_ref().map_or(0, |t| t.queued()),
+            };
+            if tty {
+                print!("\x1b[2J\x1b[H{}", view.render());
+                println!("\n{collector_url}   Ctrl-C to stop");
+            } else {
+                println!("{}", view.line());
+            }
+            if args.duration.is_some_and(|d| started.elapsed() >= d) {
+                break;
+            }
+        }
+        eprintln!("stopping: draining the SDK, then the collector and the aggregator...");
+        if let Some(t) = traffic {
+            t.stop().await;
+        }
+        col.shutdown().await;
+        agg.shutdown().await;
+        eprintln!("stopped; data kept in {}", args.data_dir.display());
+        Ok(())
+    })
+}
+
+fn banner(args: &DevArgs, collector: &str, agg: &adclick_aggregator::Aggregator, admin: &str) {
+    let d = args.data_dir.display();
+    println!(
+        "adclick dev: collector {collector} (QUIC udp/{}), aggregator gRPC {} and HTTP http://{}",
+        args.collector_port,
+        agg.grpc_addr(),
+        agg.http_addr()
+    );
+    println!(
+        "keys: {d}/keys.toml   admin API key: {d}/admin.key   advertiser 1 key: {d}/advertiser-1.key"
+    );
+    println!("try, in another terminal:");
+    println!("  adclick query top --n 10 --last 5m                     # reads {d}/admin.key");
+    println!(
+        "  T=$(adclick impression mint --keys {d}/keys.toml --ad 42 --advertiser 7 --campaign 1 --landing-url https://example.com/x)"
+    );
+    println!("  curl -s -o /dev/null -w '%{{http_code}} %{{redirect_url}}\\n' {collector}/c/$T");
+    println!("  adclick query clicks --ad 42 --last 10m");
+    println!(
+        "  curl -s -H \"authorization: Bearer {admin}\" 'http://{}/v1/ads/top?n=5&last_minutes=5'",
+        agg.http_addr()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+struct View {
+    uptime: Duration,
+    rate: f64,
+    accepted: u64,
+    duplicate: u64,
+    rejected: Vec<(&'static str, u64)>,
+    counted: u64,
+    late: u64,
+    agg_duplicate: u64,
+    watermark: i64,
+    top: Vec<(u64, u64)>,
+    queued: usize,
+}
+
+impl View {
+    fn render(&self) -> String {
+        let mut s = String::new();
+        s += &format!("adclick dev — up {}s\n\n", self.uptime.as_secs());
+        s += &format!("ingest       {:>10.0} clicks/s\n", self.rate);
+        s += &format!(
+            "accepted     {:>10}   duplicate {:>8}   queued in SDK {:>6}\n",
+            self.accepted, self.duplicate, self.queued
+        );
+        let rej: Vec<String> = self
+            .rejected
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        s += &format!(
+            "rejected     {}\n",
+            if rej.is_empty() {
+                "0".to_string()
+            } else {
+                rej.join(", ")
+            }
+        );
+        s += &format!(
+            "counted      {:>10}   late corrections {:>6}   dedup at aggregator {:>6}\n",
+            self.counted, self.late, self.agg_duplicate
+        );
+        let wm = if self.watermark > 0 {
+            format!(
+                "{} ({:.1}s behind)",
+                format_ms(self.watermark),
+                (now_ms() - self.watermark) as f64 / 1000.0
+            )
+        } else {
+            "-".into()
+        };
+        s += &format!("watermark    {wm}\n\ntop 10 ads, last 5 minutes\n");
+        s += "  rank        ad     clicks\n";
+        for (i, (ad, c)) in self.top.iter().enumerate() {
+            s += &format!("  {:>4}  {:>8}  {:>9}\n", i + 1, ad, c);
+        }
+        s
+    }
+
+    fn line(&self) -> String {
+        let top: Vec<String> = self
+            .top
+            .iter()
+            .take(3)
+            .map(|(a, c)| format!("{a}:{c}"))
+            .collect();
+        format!(
+            "up {:>4}s  {:>7.0}/s  accepted {}  duplicate {}  rejected {}  counted {}  late {}  top {}",
+            self.uptime.as_secs(),
+            self.rate,
+            self.accepted,
+            self.duplicate,
+            self.rejected.iter().map(|(_, n)| n).sum::<u64>(),
+            self.counted,
+            self.late,
+            top.join(" ")
+        )
+    }
+}

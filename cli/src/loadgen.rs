@@ -1,0 +1,140 @@
+//! `adclick loadgen`: drives a running collector through the SDK at a target rate for a
+//! duration (the same traffic shape as `adclick dev`), then prints the achieved rate,
+//! request latency and errors by kind; `--ledger` records every click sent.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::keys::read_key_file;
+use crate::traffic::{self, Target, TrafficConfig};
+
+/// `adclick loadgen`
+#[derive(Debug, Args)]
+pub struct LoadgenArgs {
+    /// Collector HTTP endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    endpoint: String,
+    /// Send over QUIC to this address instead of HTTP (needs --quic-cert).
+    #[arg(long)]
+    quic: Option<SocketAddr>,
+    /// PEM certificate the QUIC collector presents (its quic-dev-cert.pem in dev).
+    #[arg(long)]
+    quic_cert: Option<PathBuf>,
+    /// Key file to mint tokens with (the collector's keys).
+    #[arg(long, default_value = "keys.toml")]
+    keys: PathBuf,
+    /// Target clicks per second.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// How long to run, e.g. 30s.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Distinct ads.
+    #[arg(long, default_value_t = 1000)]
+    ads: u64,
+    /// Zipf exponent of ad popularity.
+    #[arg(long, default_value_t = 1.1)]
+    zipf: f64,
+    /// Percent duplicates.
+    #[arg(long, default_value_t = 2.0)]
+    dup_pct: f64,
+    /// Percent late clicks (happened 2-5 minutes before sending).
+    #[arg(long, default_value_t = 1.0)]
+    late_pct: f64,
+    /// Device clocks off by up to this many ms.
+    #[arg(long, default_value_t = 120_000)]
+    skew_ms: i64,
+    /// Percent forged tokens.
+    #[arg(long, default_value_t = 1.0)]
+    forged_pct: f64,
+    /// SDK trackers in parallel.
+    #[arg(long, default_value_t = 8)]
+    trackers: usize,
+    /// Clicks per batch.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Write every click sent (token, ad, expected outcome) as JSON lines.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
+}
+
+pub fn run(a: LoadgenArgs) -> Result<()> {
+    let keyring = read_key_file(&a.keys)?.keyring;
+    let target = match (a.quic, &a.quic_cert) {
+        (Some(addr), Some(cert)) => {
+            let pem = std::fs::read_to_string(cert)
+                .with_context(|| format!("cannot read {}", cert.display()))?;
+            Target::Quic(addr, "localhost".into(), pem)
+        }
+        (Some(_), None) => {
+            anyhow::bail!("--quic needs --quic-cert (the collector's certificate PEM)")
+        }
+        (None, _) => Target::Http(a.endpoint.clone()),
+    };
+    let cfg = TrafficConfig {
+        rate: a.rate,
+        ads: a.ads,
+        zipf_s: a.zipf,
+        duplicate_pct: a.dup_pct,
+        late_pct: a.late_pct,
+        clock_skew_ms: a.skew_ms,
+        forged_pct: a.forged_pct,
+        trackers: a.trackers,
+        batch_size: a.batch,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async move {
+        let t0 = Instant::now();
+        let t = traffic::start(cfg, target, keyring, a.ledger.clone())?;
+        tokio::time::sleep(a.duration).await;
+        let stats = t.stats.clone();
+        let generated = stats.clicks.load(Ordering::Relaxed);
+        let gen_secs = t0.elapsed().as_secs_f64();
+        let delivered_before = t.delivered();
+        t.stop().await;
+        let secs = t0.elapsed().as_secs_f64();
+        let (n, p50, p99, max) = stats.latency_ms();
+        println!(
+            "clicks generated   {generated} in {gen_secs:.1}s ({:.0}/s; target {:.0}/s)",
+            generated as f64 / gen_secs,
+            a.rate
+        );
+        println!(
+            "  of which          {} duplicates, {} late, {} forged",
+            stats.duplicates.load(Ordering::Relaxed),
+            stats.late.load(Ordering::Relaxed),
+            stats.forged.load(Ordering::Relaxed)
+        );
+        println!(
+            "delivered (2xx)    {delivered_before} during the run; drained in {:.1}s total",
+            secs
+        );
+        println!(
+            "requests           {n}: latency p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
+        );
+        let errors = stats.errors();
+        if errors.is_empty() {
+            println!("errors             none");
+        } else {
+            for (k, v) in errors {
+                println!("errors             {k}: {v}");
+            }
+        }
+        let refused = stats.refused.load(Ordering::Relaxed);
+        if refused > 0 {
+            println!("refused by the SDK {refused} (queue full)");
+        }
+        if let Some(l) = &a.ledger {
+            println!("ledger             {}", l.display());
+        }
+        Ok(())
+    })
+}

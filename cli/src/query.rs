@@ -1,0 +1,232 @@
+//! `adclick query clicks|top`: the advertiser's view, over the gRPC QueryService. Prints a
+//! table or, with `--json`, one JSON document.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use adclick_proto::v1::query_service_client::QueryServiceClient;
+use adclick_proto::v1::{self, Filter, GetAdClicksRequest, Granularity, TopAdsRequest};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::keys::{format_ms, now_ms};
+
+/// Where and who.
+#[derive(Debug, Args)]
+pub struct Conn {
+    /// Aggregator gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:9090", global = true)]
+    endpoint: String,
+    /// API key (default: $ADCLICK_API_KEY, else the key `adclick dev` wrote to
+    /// .adclick-dev/admin.key).
+    #[arg(long, env = "ADCLICK_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// Filters (repeat a flag for OR; different flags combine with AND).
+#[derive(Debug, Args)]
+pub struct Filters {
+    /// ISO country code, e.g. --country US --country DE.
+    #[arg(long)]
+    country: Vec<String>,
+    /// desktop, mobile, tablet or other.
+    #[arg(long, value_enum)]
+    device: Vec<DeviceArg>,
+    /// Operating system.
+    #[arg(long)]
+    os: Vec<String>,
+    /// Publisher site (or app id).
+    #[arg(long)]
+    site: Vec<String>,
+    /// Advertiser id.
+    #[arg(long)]
+    advertiser: Vec<u64>,
+    /// Campaign id.
+    #[arg(long)]
+    campaign: Vec<u64>,
+}
+
+/// Device values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DeviceArg {
+    /// Desktop.
+    Desktop,
+    /// Mobile.
+    Mobile,
+    /// Tablet.
+    Tablet,
+    /// Other.
+    Other,
+}
+
+/// Bucket sizes.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GranularityArg {
+    /// One bucket per minute.
+    Minute,
+    /// One per hour.
+    Hour,
+    /// One per day (UTC).
+    Day,
+}
+
+/// `adclick query ...`
+#[derive(Debug, Subcommand)]
+pub enum QueryCommand {
+    /// Clicks of one ad per minute/hour/day, with unique users and totals.
+    Clicks {
+        /// The ad id.
+        #[arg(long)]
+        ad: u64,
+        /// Range ending now, e.g. 60m, 24h.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60m")]
+        last: Duration,
+        /// Bucket size.
+        #[arg(long, value_enum, default_value_t = GranularityArg::Minute)]
+        granularity: GranularityArg,
+        #[command(flatten)]
+        filters: Filters,
+    },
+    /// The most clicked ads.
+    Top {
+        /// How many ads.
+        #[arg(long, default_value_t = 10)]
+        n: u32,
+        /// Range ending now, e.g. 5m, 60m.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60m")]
+        last: Duration,
+        #[command(flatten)]
+        filters: Filters,
+    },
+}
+
+impl Filters {
+    fn to_wire(&self) -> Filter {
+        Filter {
+            country: self
+                .country
+                .iter()
+                .map(|c| c.to_ascii_uppercase())
+                .collect(),
+            device: self
+                .device
+                .iter()
+                .map(|d| match d {
+                    DeviceArg::Desktop => v1::Device::Desktop,
+                    DeviceArg::Mobile => v1::Device::Mobile,
+                    DeviceArg::Tablet => v1::Device::Tablet,
+                    DeviceArg::Other => v1::Device::Other,
+                } as i32)
+                .collect(),
+            os: self.os.clone(),
+            site: self.site.clone(),
+            advertiser_id: self.advertiser.clone(),
+            campaign_id: self.campaign.clone(),
+        }
+    }
+}
+
+fn api_key(conn: &Conn) -> Result<String> {
+    if let Some(k) = &conn.api_key {
+        return Ok(k.clone());
+    }
+    let dev = PathBuf::from(".adclick-dev/admin.key");
+    match std::fs::read_to_string(&dev) {
+        Ok(k) => Ok(k.trim().to_string()),
+        Err(_) => bail!(
+            "no API key: pass --api-key KEY or set ADCLICK_API_KEY (adclick dev writes one to .adclick-dev/admin.key)"
+        ),
+    }
+}
+
+pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
+    let key = api_key(&conn)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::from_shared(conn.endpoint.clone())
+            .with_context(|| format!("invalid --endpoint {:?}", conn.endpoint))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to the aggregator at {}", conn.endpoint))?;
+        let mut client = QueryServiceClient::new(channel);
+        let auth = |r: &mut tonic::metadata::MetadataMap| -> Result<()> {
+            r.insert("authorization", format!("Bearer {key}").parse().context("API key is not valid header text")?);
+            Ok(())
+        };
+        match cmd {
+            QueryCommand::Clicks { ad, last, granularity, filters } => {
+                let to = now_ms();
+                let from = to - i64::try_from(last.as_millis()).unwrap_or(i64::MAX);
+                let g = match granularity {
+                    GranularityArg::Minute => Granularity::Minute,
+                    GranularityArg::Hour => Granularity::Hour,
+                    GranularityArg::Day => Granularity::Day,
+                };
+                let mut req = tonic::Request::new(GetAdClicksRequest {
+                    ad_id: ad,
+                    from_ms: from,
+                    to_ms: to,
+                    granularity: g as i32,
+                    filter: Some(filters.to_wire()),
+                });
+                auth(req.metadata_mut())?;
+                let r = client.get_ad_clicks(req).await.map_err(status)?.into_inner();
+                if conn.json {
+                    println!("{}", json!({
+                        "ad_id": r.ad_id,
+                        "buckets": r.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "clicks": b.clicks, "unique_users": b.unique_users})).collect::<Vec<_>>(),
+                        "total_clicks": r.total_clicks, "total_unique_users": r.total_unique_users, "watermark_ms": r.watermark_ms,
+                    }));
+                } else {
+                    println!("{:<26} {:>10} {:>13}", "start (UTC)", "clicks", "unique users");
+                    for b in &r.buckets {
+                        println!("{:<26} {:>10} {:>13}", format_ms(b.start_ms), b.clicks, b.unique_users);
+                    }
+                    println!("{:<26} {:>10} {:>13}", "total", r.total_clicks, r.total_unique_users);
+                    println!("(minutes before {} are final)", format_ms(r.watermark_ms));
+                }
+            }
+            QueryCommand::Top { n, last, filters } => {
+                let minutes = u32::try_from(last.as_secs().div_ceil(60).max(1)).unwrap_or(u32::MAX);
+                let mut req = tonic::Request::new(TopAdsRequest {
+                    n,
+                    window: Some(v1::top_ads_request::Window::LastMinutes(minutes)),
+                    filter: Some(filters.to_wire()),
+                });
+                auth(req.metadata_mut())?;
+                let r = client.top_ads(req).await.map_err(status)?.into_inner();
+                if conn.json {
+                    println!("{}", json!({
+                        "ads": r.ads.iter().map(|a| json!({"ad_id": a.ad_id, "clicks": a.clicks})).collect::<Vec<_>>(),
+                        "from_ms": r.range.as_ref().map(|x| x.from_ms), "to_ms": r.range.as_ref().map(|x| x.to_ms),
+                    }));
+                } else {
+                    println!("{:>4} {:>12} {:>10}", "rank", "ad", "clicks");
+                    for (i, a) in r.ads.iter().enumerate() {
+                        println!("{:>4} {:>12} {:>10}", i + 1, a.ad_id, a.clicks);
+                    }
+                    if r.ads.is_empty() {
+                        println!("(no clicks in the last {minutes} minutes)");
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: {}",
+        format!("{:?}", s.code()).to_uppercase(),
+        s.message()
+    )
+}
