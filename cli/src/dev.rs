@@ -213,7 +213,9 @@ fn banner(args: &DevArgs, collector: &str, agg: &adclick_aggregator::Aggregator,
         "  T=$(adclick impression mint --keys {d}/keys.toml --ad 42 --advertiser 7 --campaign 1 --landing-url https://example.com/x)"
     );
     println!("  curl -s -o /dev/null -w '%{{http_code}} %{{redirect_url}}\\n' {collector}/c/$T");
-    println!("  adclick query clicks --ad 42 --last 10m");
+    println!(
+        "  adclick query clicks --ad 777777 --last 10m                # 1 click, however often the link is followed"
+    );
     println!(
         "  curl -s -H \"authorization: Bearer {admin}\" 'http://{}/v1/ads/top?n=5&last_minutes=5'",
         agg.http_addr()

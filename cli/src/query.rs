@@ -149,7 +149,8 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    rt.block_on(async move {
+    let out = rt.block_on(async move {
+        let mut out = String::new();
         let channel = tonic::transport::Endpoint::from_shared(conn.endpoint.clone())
             .with_context(|| format!("invalid --endpoint {:?}", conn.endpoint))?
             .connect_timeout(Duration::from_secs(5))
@@ -180,18 +181,18 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                 auth(req.metadata_mut())?;
                 let r = client.get_ad_clicks(req).await.map_err(status)?.into_inner();
                 if conn.json {
-                    println!("{}", json!({
+                    out += &format!("{}\n", json!({
                         "ad_id": r.ad_id,
                         "buckets": r.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "clicks": b.clicks, "unique_users": b.unique_users})).collect::<Vec<_>>(),
                         "total_clicks": r.total_clicks, "total_unique_users": r.total_unique_users, "watermark_ms": r.watermark_ms,
                     }));
                 } else {
-                    println!("{:<26} {:>10} {:>13}", "start (UTC)", "clicks", "unique users");
+                    out += &format!("{:<26} {:>10} {:>13}\n", "start (UTC)", "clicks", "unique users");
                     for b in &r.buckets {
-                        println!("{:<26} {:>10} {:>13}", format_ms(b.start_ms), b.clicks, b.unique_users);
+                        out += &format!("{:<26} {:>10} {:>13}\n", format_ms(b.start_ms), b.clicks, b.unique_users);
                     }
-                    println!("{:<26} {:>10} {:>13}", "total", r.total_clicks, r.total_unique_users);
-                    println!("(minutes before {} are final)", format_ms(r.watermark_ms));
+                    out += &format!("{:<26} {:>10} {:>13}\n", "total", r.total_clicks, r.total_unique_users);
+                    out += &format!("(minutes before {} are final)\n", format_ms(r.watermark_ms));
                 }
             }
             QueryCommand::Top { n, last, filters } => {
@@ -204,23 +205,26 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                 auth(req.metadata_mut())?;
                 let r = client.top_ads(req).await.map_err(status)?.into_inner();
                 if conn.json {
-                    println!("{}", json!({
+                    out += &format!("{}\n", json!({
                         "ads": r.ads.iter().map(|a| json!({"ad_id": a.ad_id, "clicks": a.clicks})).collect::<Vec<_>>(),
                         "from_ms": r.range.as_ref().map(|x| x.from_ms), "to_ms": r.range.as_ref().map(|x| x.to_ms),
                     }));
                 } else {
-                    println!("{:>4} {:>12} {:>10}", "rank", "ad", "clicks");
+                    out += &format!("{:>4} {:>12} {:>10}\n", "rank", "ad", "clicks");
                     for (i, a) in r.ads.iter().enumerate() {
-                        println!("{:>4} {:>12} {:>10}", i + 1, a.ad_id, a.clicks);
+                        out += &format!("{:>4} {:>12} {:>10}\n", i + 1, a.ad_id, a.clicks);
                     }
                     if r.ads.is_empty() {
-                        println!("(no clicks in the last {minutes} minutes)");
+                        out += &format!("(no clicks in the last {minutes} minutes)\n");
                     }
                 }
             }
         }
-        Ok(())
-    })
+        Ok::<_, anyhow::Error>(out)
+    })?;
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes());
+    Ok(())
 }
 
 fn status(s: tonic::Status) -> anyhow::Error {
