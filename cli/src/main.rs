@@ -2,6 +2,7 @@
 //! own module; servers (collector, aggregator, dev) will call their library crates'
 //! `run(config, shutdown)` entry points, never hold business logic here.
 
+mod bench;
 mod dev;
 mod impression;
 mod keys;
@@ -35,6 +36,8 @@ enum Command {
     },
     /// Drive a running collector with synthetic traffic and report rate, latency, errors.
     Loadgen(loadgen::LoadgenArgs),
+    /// Whole-pipeline benchmark: collector + aggregator processes under SDK load.
+    Bench(bench::BenchArgs),
     /// Manage impression-token signing keys (keys.toml).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::Query { conn, cmd } => query::run(conn, cmd),
         Command::Loadgen(args) => loadgen::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Keys(cmd) => keys::run(cmd),
         Command::Impression(cmd) => impression::run(cmd),
         Command::Collector(args) => serve::collector(args),
