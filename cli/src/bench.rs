@@ -49,8 +49,14 @@ struct Proc {
 
 impl Proc {
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         (t(11) + t(12)) / 100.0
     }
@@ -71,20 +77,31 @@ fn peak_rss(status: &str) -> f64 {
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .unwrap_or(0.0)
         / 1024.0
 }
 
 fn own_cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (t(11) + t(12)) / 100.0
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn spawn(name: &'static str, args: &[&str], log: &Path) -> Result<Proc> {
@@ -103,7 +120,12 @@ fn spawn(name: &'static str, args: &[&str], log: &Path) -> Result<Proc> {
 async fn wait_healthy(http: &reqwest::Client, url: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if http.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+        if http
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -112,7 +134,9 @@ async fn wait_healthy(http: &reqwest::Client, url: &str) -> Result<()> {
 }
 
 async fn scrape(http: &reqwest::Client, url: &str, metric: &str) -> u64 {
-    let Ok(r) = http.get(url).send().await else { return 0 };
+    let Ok(r) = http.get(url).send().await else {
+        return 0;
+    };
     let text = r.text().await.unwrap_or_default();
     text.lines()
         .find(|l| l.starts_with(metric))
@@ -131,7 +155,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 
 fn authed<T>(msg: T, key: &str) -> Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert("authorization", format!("Bearer {key}").parse()?);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse()?);
     Ok(r)
 }
 
@@ -142,7 +167,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
     let keyring = Keyring::new(SigningKey::new(1, &secret)?);
     let keys = dir.join("keys.toml");
-    std::fs::write(&keys, KeyFile { keyring: keyring.clone(), created: vec![(1, now_ms())] }.render()?)?;
+    std::fs::write(
+        &keys,
+        KeyFile {
+            keyring: keyring.clone(),
+            created: vec![(1, now_ms())],
+        }
+        .render()?,
+    )?;
     let admin = "bench-admin-key-0123456789";
     let (grpc, qhttp, chttp) = (free_port()?, free_port()?, free_port()?);
     std::fs::write(
@@ -162,9 +194,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
             keys
         ),
     )?;
-    let agg = spawn("aggregator", &["aggregator", "--config", &dir.join("aggregator.toml").to_string_lossy()], &dir.join("aggregator.log"))?;
-    let col = spawn("collector", &["collector", "--config", &dir.join("collector.toml").to_string_lossy()], &dir.join("collector.log"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let agg = spawn(
+        "aggregator",
+        &[
+            "aggregator",
+            "--config",
+            &dir.join("aggregator.toml").to_string_lossy(),
+        ],
+        &dir.join("aggregator.log"),
+    )?;
+    let col = spawn(
+        "collector",
+        &[
+            "collector",
+            "--config",
+            &dir.join("collector.toml").to_string_lossy(),
+        ],
+        &dir.join("collector.log"),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let result = rt.block_on(measure(&a, keyring, admin, grpc, qhttp, chttp, &agg, &col));
     drop(col);
     drop(agg);
@@ -172,7 +222,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let table = result?;
     print!("{table}");
     if let Some(path) = a.append {
-        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&path)?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)?;
         writeln!(f, "\n{table}")?;
         println!("appended to {}", path.display());
     }
@@ -192,24 +245,46 @@ async fn measure(
 ) -> Result<String> {
     adclick_sdk::HttpTransport::install_crypto_provider();
     let http = reqwest::Client::new();
-    let (agg_metrics, col_metrics) = (format!("http://127.0.0.1:{qhttp}/metrics"), format!("http://127.0.0.1:{chttp}/metrics"));
+    let (agg_metrics, col_metrics) = (
+        format!("http://127.0.0.1:{qhttp}/metrics"),
+        format!("http://127.0.0.1:{chttp}/metrics"),
+    );
     wait_healthy(&http, &format!("http://127.0.0.1:{qhttp}/healthz")).await?;
     wait_healthy(&http, &format!("http://127.0.0.1:{chttp}/healthz")).await?;
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{grpc}"))?.connect().await?;
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{grpc}"))?
+        .connect()
+        .await?;
     let accepted_metric = "adclick_collector_clicks_total{outcome=\"accepted\"}";
     let applied_metric = "adclick_aggregator_clicks_total{outcome=\"applied\"}";
 
     let cpu0 = (agg.cpu_seconds(), col.cpu_seconds(), own_cpu_seconds());
     let acc0 = scrape(&http, &col_metrics, accepted_metric).await;
     let app0 = scrape(&http, &agg_metrics, applied_metric).await;
-    let cfg = TrafficConfig { rate: a.rate, ads: a.ads, trackers: 8, batch_size: 500, late_pct: 0.0, ..Default::default() };
-    let load = traffic::start(cfg, Target::Http(format!("http://127.0.0.1:{chttp}")), keyring.clone(), None)?;
+    let cfg = TrafficConfig {
+        rate: a.rate,
+        ads: a.ads,
+        trackers: 8,
+        batch_size: 500,
+        late_pct: 0.0,
+        ..Default::default()
+    };
+    let load = traffic::start(
+        cfg,
+        Target::Http(format!("http://127.0.0.1:{chttp}")),
+        keyring.clone(),
+        None,
+    )?;
     let t0 = Instant::now();
     let done = Arc::new(AtomicBool::new(false));
 
     // Probe clicks: a fresh ad each, posted directly, timed until GetAdClicks sees it.
     let probes = {
-        let (done, http, channel, admin) = (done.clone(), http.clone(), channel.clone(), admin.to_string());
+        let (done, http, channel, admin) = (
+            done.clone(),
+            http.clone(),
+            channel.clone(),
+            admin.to_string(),
+        );
         let signer = ImpressionSigner::new(keyring);
         let url = format!("http://127.0.0.1:{chttp}/v1/clicks");
         tokio::spawn(async move {
@@ -219,22 +294,42 @@ async fn measure(
             while !done.load(Ordering::Relaxed) {
                 i += 1;
                 let ad = 900_000_000 + i;
-                let Ok(m) = signer.mint(&traffic::placement(ad)) else { break };
+                let Ok(m) = signer.mint(&traffic::placement(ad)) else {
+                    break;
+                };
                 let now = now_ms();
                 let body = v1::ClickBatch {
-                    clicks: vec![v1::Click { token: m.token, occurred_at_ms: now, sent_at_ms: now, ..Default::default() }],
+                    clicks: vec![v1::Click {
+                        token: m.token,
+                        occurred_at_ms: now,
+                        sent_at_ms: now,
+                        ..Default::default()
+                    }],
                     ..Default::default()
                 };
                 let start = Instant::now();
-                let ok = http.post(&url).header("content-type", "application/x-protobuf").body(body.encode_to_vec()).send().await;
+                let ok = http
+                    .post(&url)
+                    .header("content-type", "application/x-protobuf")
+                    .body(body.encode_to_vec())
+                    .send()
+                    .await;
                 if !ok.is_ok_and(|r| r.status() == 202) {
                     continue;
                 }
                 let deadline = start + Duration::from_secs(10);
                 while Instant::now() < deadline {
-                    let req = GetAdClicksRequest { ad_id: ad, from_ms: now - 120_000, to_ms: now + 120_000, ..Default::default() };
+                    let req = GetAdClicksRequest {
+                        ad_id: ad,
+                        from_ms: now - 120_000,
+                        to_ms: now + 120_000,
+                        ..Default::default()
+                    };
                     let Ok(req) = authed(req, &admin) else { break };
-                    if q.get_ad_clicks(req).await.is_ok_and(|r| r.into_inner().total_clicks == 1) {
+                    if q.get_ad_clicks(req)
+                        .await
+                        .is_ok_and(|r| r.into_inner().total_clicks == 1)
+                    {
                         lat.push(start.elapsed().as_secs_f64() * 1e3);
                         break;
                     }
@@ -252,7 +347,11 @@ async fn measure(
             let mut q = QueryServiceClient::new(channel);
             let mut lat = Vec::new();
             while !done.load(Ordering::Relaxed) {
-                let req = TopAdsRequest { n: 100, window: Some(v1::top_ads_request::Window::LastMinutes(60)), filter: None };
+                let req = TopAdsRequest {
+                    n: 100,
+                    window: Some(v1::top_ads_request::Window::LastMinutes(60)),
+                    filter: None,
+                };
                 let Ok(req) = authed(req, &admin) else { break };
                 let s = Instant::now();
                 if q.top_ads(req).await.is_ok() {
@@ -279,7 +378,11 @@ async fn measure(
     let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let accepted = (acc1 - acc0) as f64 / secs;
@@ -287,19 +390,58 @@ async fn measure(
     let (ca, cc, cl) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1, cpu1.2 - cpu0.2);
     let mut t = String::new();
     t += &format!("### adclick bench, {date}: {cores} cores, {cpu_model}\n\n");
-    t += &format!("`adclick bench --rate {} --duration {}s --ads {}`\n\n", a.rate, a.duration.as_secs(), a.ads);
+    t += &format!(
+        "`adclick bench --rate {} --duration {}s --ads {}`\n\n",
+        a.rate,
+        a.duration.as_secs(),
+        a.ads
+    );
     t += "| metric | value |\n|---|---|\n";
-    t += &format!("| offered load (SDK, batches of 500) | {:.0} clicks/s ({} generated) |\n", generated as f64 / secs, generated);
+    t += &format!(
+        "| offered load (SDK, batches of 500) | {:.0} clicks/s ({} generated) |\n",
+        generated as f64 / secs,
+        generated
+    );
     t += &format!("| accepted by the collector (fsynced) | {accepted:.0} clicks/s |\n");
     t += &format!("| counted by the aggregator | {counted:.0} clicks/s |\n");
-    t += &format!("| CPU: collector / aggregator / load generator | {:.2} / {:.2} / {:.2} cores |\n", cc / secs, ca / secs, cl / secs);
-    t += &format!("| collector: clicks per CPU-second | {:.0} |\n", (acc1 - acc0) as f64 / cc.max(1e-9));
-    t += &format!("| aggregator: clicks per CPU-second | {:.0} |\n", (app1 - app0) as f64 / ca.max(1e-9));
+    t += &format!(
+        "| CPU: collector / aggregator / load generator | {:.2} / {:.2} / {:.2} cores |\n",
+        cc / secs,
+        ca / secs,
+        cl / secs
+    );
+    t += &format!(
+        "| collector: clicks per CPU-second | {:.0} |\n",
+        (acc1 - acc0) as f64 / cc.max(1e-9)
+    );
+    t += &format!(
+        "| aggregator: clicks per CPU-second | {:.0} |\n",
+        (app1 - app0) as f64 / ca.max(1e-9)
+    );
     let (pl, tl) = (probe_lat.len(), top_lat.len());
-    t += &format!("| click -> queryable p50 / p99 ({pl} probes) | {:.1} / {:.1} ms |\n", pct(&mut probe_lat, 0.5), pct(&mut probe_lat, 0.99));
-    t += &format!("| TopAds(n=100, last 60 min) under load p50 / p99 ({tl} queries) | {:.2} / {:.2} ms |\n", pct(&mut top_lat, 0.5), pct(&mut top_lat, 0.99));
+    t += &format!(
+        "| click -> queryable p50 / p99 ({pl} probes) | {:.1} / {:.1} ms |\n",
+        pct(&mut probe_lat, 0.5),
+        pct(&mut probe_lat, 0.99)
+    );
+    t += &format!(
+        "| TopAds(n=100, last 60 min) under load p50 / p99 ({tl} queries) | {:.2} / {:.2} ms |\n",
+        pct(&mut top_lat, 0.5),
+        pct(&mut top_lat, 0.99)
+    );
     t += &format!("| SDK request latency p50 / p99 | {req_p50:.1} / {req_p99:.1} ms |\n");
-    t += &format!("| peak RSS: collector / aggregator | {:.0} / {:.0} MiB |\n", col.peak_rss_mib(), agg.peak_rss_mib());
-    t += &format!("| load generator errors | {} |\n", if errors.is_empty() { "none".to_string() } else { format!("{errors:?}") });
+    t += &format!(
+        "| peak RSS: collector / aggregator | {:.0} / {:.0} MiB |\n",
+        col.peak_rss_mib(),
+        agg.peak_rss_mib()
+    );
+    t += &format!(
+        "| load generator errors | {} |\n",
+        if errors.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{errors:?}")
+        }
+    );
     Ok(t)
 }

@@ -130,9 +130,13 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         "spool recovered"
     );
     let durable = watch::channel(spool.durable_seq());
+    let recovered_lag = spool.durable_seq().saturating_sub(spool.acked_seq());
     let spool = Arc::new(Mutex::new(spool));
 
     let metrics = Arc::new(Metrics::new());
+    metrics
+        .forward_lag_records
+        .set(i64::try_from(recovered_lag).unwrap_or(i64::MAX));
     let hot = Arc::new(HotAds::new(cfg.forward.hot_fanout));
     let processor = Arc::new(Processor::new(
         keys.clone(),

@@ -158,5 +158,11 @@ fn commit(
         .spool_bytes
         .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
     metrics.spool_segments.set(spool.segment_count() as i64);
+    // Also here, not only in the forwarder: during an aggregator outage the forwarder is
+    // stuck retrying, and this is exactly when the backlog must show.
+    let lag = spool.durable_seq().saturating_sub(spool.acked_seq());
+    metrics
+        .forward_lag_records
+        .set(i64::try_from(lag).unwrap_or(i64::MAX));
     Ok(seq)
 }

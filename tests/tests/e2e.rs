@@ -1,0 +1,16 @@
+//! End-to-end scenarios across the SDK, collectors, the aggregator and the `adclick`
+//! binary, over real sockets, files and processes. One module per scenario; every count
+//! asserted comes from the test's own ledger of what it sent and what was acknowledged.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default
+)]
+
+mod support;
+
+mod aggregator_kill;
+mod aggregator_outage;
+mod collector_kill;
+mod mixed;
+mod visibility_and_redirect;
