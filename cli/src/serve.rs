@@ -11,7 +11,9 @@ use serde::de::DeserializeOwned;
 /// `adclick collector`
 #[derive(Debug, Args)]
 pub struct CollectorArgs {
-    /// The collector config (see config/collector.toml for every field).
+    /// The collector config (see config/collector.toml for every field). Any field can be
+    /// overridden from the environment: ADCLICK_COLLECTOR__LISTEN_HTTP=0.0.0.0:8080,
+    /// ADCLICK_COLLECTOR__LIMITS__MAX_BODY_BYTES=2097152.
     #[arg(long, short)]
     config: PathBuf,
     /// Only check the config and exit.
@@ -19,11 +21,56 @@ pub struct CollectorArgs {
     check: bool,
 }
 
-/// Reads and parses a TOML config file, naming the file in every error.
-pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+/// Reads and parses a TOML config file, naming the file in every error, then applies
+/// environment overrides: `{prefix}__FIELD` for a top-level field and
+/// `{prefix}__SECTION__FIELD` for a field of a section, e.g.
+/// `ADCLICK_COLLECTOR__LISTEN_HTTP=0.0.0.0:8080` or
+/// `ADCLICK_AGGREGATOR__WINDOWS__ALLOWED_DELAY_MS=5000`. Values are read as TOML values
+/// (numbers, booleans, arrays) and fall back to strings.
+pub fn read_config<T: DeserializeOwned>(path: &Path, prefix: &str) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    apply_env(&mut table, prefix, std::env::vars())?;
+    table.try_into().with_context(|| {
+        format!(
+            "invalid config (file {} plus {prefix}__* environment overrides)",
+            path.display()
+        )
+    })
+}
+
+fn apply_env(
+    table: &mut toml::Table,
+    prefix: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<()> {
+    let head = format!("{prefix}__");
+    for (k, v) in vars {
+        let Some(path) = k.strip_prefix(&head) else {
+            continue;
+        };
+        let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        let Some((field, sections)) = keys.split_last() else {
+            continue;
+        };
+        let mut t = &mut *table;
+        for sec in sections {
+            let entry = t
+                .entry(sec.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            t = entry
+                .as_table_mut()
+                .with_context(|| format!("{k}: `{sec}` is not a section"))?;
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(v));
+        t.insert(field.clone(), value);
+    }
+    Ok(())
 }
 
 /// Logs to stderr; `RUST_LOG` overrides the default `info` level.
@@ -58,7 +105,7 @@ pub async fn shutdown_signal() {
 }
 
 pub fn collector(args: CollectorArgs) -> Result<()> {
-    let cfg: adclick_collector::CollectorConfig = read_config(&args.config)?;
+    let cfg: adclick_collector::CollectorConfig = read_config(&args.config, "ADCLICK_COLLECTOR")?;
     cfg.validate()?;
     if args.check {
         println!("{}: ok", args.config.display());
@@ -87,7 +134,9 @@ pub fn collector(args: CollectorArgs) -> Result<()> {
 /// `adclick aggregator`
 #[derive(Debug, Args)]
 pub struct AggregatorArgs {
-    /// The aggregator config (see config/aggregator.toml for every field).
+    /// The aggregator config (see config/aggregator.toml for every field). Any field can be
+    /// overridden from the environment: ADCLICK_AGGREGATOR__LISTEN_GRPC=0.0.0.0:9090,
+    /// ADCLICK_AGGREGATOR__WINDOWS__ALLOWED_DELAY_MS=5000.
     #[arg(long, short)]
     config: PathBuf,
     /// Only check the config and exit.
@@ -96,7 +145,8 @@ pub struct AggregatorArgs {
 }
 
 pub fn aggregator(args: AggregatorArgs) -> Result<()> {
-    let cfg: adclick_aggregator::AggregatorConfig = read_config(&args.config)?;
+    let cfg: adclick_aggregator::AggregatorConfig =
+        read_config(&args.config, "ADCLICK_AGGREGATOR")?;
     cfg.validate()?;
     if args.check {
         println!("{}: ok", args.config.display());
@@ -123,4 +173,38 @@ pub fn aggregator(args: AggregatorArgs) -> Result<()> {
         a.shutdown().await;
         Ok::<_, anyhow::Error>(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_reach_top_level_and_sections() {
+        let mut t: toml::Table =
+            toml::from_str("listen_http = \"127.0.0.1:1\"\n[limits]\nmax_body_bytes = 1\n")
+                .unwrap();
+        let vars = [
+            ("ADCLICK_COLLECTOR__LISTEN_HTTP", "0.0.0.0:8080"),
+            ("ADCLICK_COLLECTOR__LIMITS__MAX_BODY_BYTES", "2048"),
+            ("ADCLICK_COLLECTOR__FORWARD__HOT_FANOUT", "4"),
+            (
+                "ADCLICK_COLLECTOR__AGGREGATORS",
+                "[\"http://a:1\", \"http://b:2\"]",
+            ),
+            ("ADCLICK_AGGREGATOR__LISTEN_GRPC", "ignored"),
+            ("HOME", "/root"),
+        ];
+        apply_env(
+            &mut t,
+            "ADCLICK_COLLECTOR",
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap();
+        let cfg: adclick_collector::CollectorConfig = t.try_into().unwrap();
+        assert_eq!(cfg.listen_http.to_string(), "0.0.0.0:8080");
+        assert_eq!(cfg.limits.max_body_bytes, 2048);
+        assert_eq!(cfg.forward.hot_fanout, 4);
+        assert_eq!(cfg.aggregators, ["http://a:1", "http://b:2"]);
+    }
 }
