@@ -33,6 +33,10 @@ pub struct CollectorConfig {
     /// Aggregator gRPC endpoints (`http://host:port`); ads are routed among them by
     /// rendezvous hashing on the ad id.
     pub aggregators: Vec<String>,
+    /// Origins whose pages may post clicks from the browser (CORS), e.g.
+    /// `["https://news.example"]`; `["*"]` (the default) allows any page: clicks are
+    /// authenticated by their signed tokens, not by cookies. Empty disables CORS.
+    pub cors_origins: Vec<String>,
     /// Request limits.
     pub limits: Limits,
     /// Token and clock checks.
@@ -58,6 +62,7 @@ impl Default for CollectorConfig {
             data_dir: PathBuf::from("data/collector"),
             keys_file: PathBuf::from("keys.toml"),
             aggregators: vec!["http://127.0.0.1:9090".into()],
+            cors_origins: vec!["*".into()],
             limits: Limits::default(),
             tokens: TokenChecks::default(),
             dedup: DedupConfig::default(),

@@ -180,6 +180,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
         limiter: RateLimiter::new(cfg.limits.rate_limit_per_ip, cfg.limits.rate_limit_burst),
+        cors_origins: cfg.cors_origins.clone(),
     });
     let quic = match (cfg.listen_quic, &quic_tls) {
         (Some(addr), Some(tls)) => {

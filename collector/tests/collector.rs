@@ -897,3 +897,70 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
     );
     col.shutdown().await;
 }
+
+/// Browsers: the preflight is answered for allowed origins only, and a beacon's
+/// `text/plain` body (protobuf bytes) is accepted with the CORS header on the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_and_beacon_content_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = keyring(1, 1);
+    write_keys(&dir.path().join("keys.toml"), &ring);
+    let agg = fake_aggregator().await;
+    let mut cfg = config(dir.path(), vec![agg.url()]);
+    cfg.cors_origins = vec!["https://news.example".into()];
+    let col = adclick_collector::start(cfg).await.unwrap();
+    let c = http();
+    let url = format!("http://{}/v1/clicks", col.http_addr());
+    let pre = |origin: &'static str| {
+        c.request(reqwest::Method::OPTIONS, &url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .send()
+    };
+    let r = pre("https://news.example").await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://news.example"
+    );
+    assert!(
+        r.headers()["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+    assert_eq!(r.headers()["access-control-allow-headers"], "content-type");
+    let r = pre("https://evil.example").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+
+    let tok = signer(&ring).mint(&ad(3)).unwrap();
+    let body = ClickBatch {
+        clicks: vec![click(&tok.token)],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let r = c
+        .post(&url)
+        .header("origin", "https://news.example")
+        .header("content-type", "text/plain;charset=UTF-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://news.example"
+    );
+    assert_eq!(
+        ClickBatchResult::decode(r.bytes().await.unwrap())
+            .unwrap()
+            .accepted,
+        1
+    );
+    assert_eq!(agg.wait_applied(1).await.len(), 1);
+    col.shutdown().await;
+    agg.stop().await;
+}

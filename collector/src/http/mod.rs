@@ -48,6 +48,8 @@ pub struct HttpState {
     pub limits: Limits,
     /// Per-IP rate limit.
     pub limiter: RateLimiter,
+    /// CORS allowed origins (`*` = any).
+    pub cors_origins: Vec<String>,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -151,9 +153,24 @@ pub async fn serve(
     }
 }
 
+/// The `Access-Control-Allow-Origin` value for a request's `Origin`, if allowed.
+fn cors_origin(st: &HttpState, req: &Request<Incoming>) -> Option<HeaderValue> {
+    let origin = req.headers().get(header::ORIGIN)?;
+    let o = origin.to_str().ok()?;
+    if st.cors_origins.iter().any(|a| a == "*") {
+        return Some(HeaderValue::from_static("*"));
+    }
+    st.cors_origins
+        .iter()
+        .any(|a| a == o)
+        .then(|| origin.clone())
+}
+
 async fn handle(st: &HttpState, req: Request<Incoming>, remote: SocketAddr) -> Resp {
     let path = req.uri().path().to_string();
-    let (route, resp) = match (req.method(), path.as_str()) {
+    let cors = cors_origin(st, &req);
+    let (route, mut resp) = match (req.method(), path.as_str()) {
+        (&Method::OPTIONS, "/v1/clicks") => ("preflight", preflight(cors.clone())),
         (&Method::POST, "/v1/clicks") => ("clicks", ingest(st, req, remote.ip()).await),
         (&Method::GET, p) if p.starts_with("/c/") => {
             ("redirect", redirect(st, &p[3..], remote.ip()).await)
@@ -179,8 +196,35 @@ async fn handle(st: &HttpState, req: Request<Incoming>, remote: SocketAddr) -> R
             ),
         ),
     };
+    if let Some(origin) = cors {
+        resp.headers_mut()
+            .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    }
     st.metrics.request(route, resp.status().as_u16());
     resp
+}
+
+/// CORS preflight for `POST /v1/clicks` (browsers send one before a `fetch` with a
+/// protobuf or JSON body). A disallowed origin gets 403 and no CORS headers.
+fn preflight(origin: Option<HeaderValue>) -> Resp {
+    if origin.is_none() {
+        return text(StatusCode::FORBIDDEN, "origin not allowed (cors_origins)\n");
+    }
+    let mut r = text(StatusCode::NO_CONTENT, "");
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    r
 }
 
 fn health(st: &HttpState) -> Resp {
@@ -217,6 +261,9 @@ fn encoding_of(req: &Request<Incoming>) -> Option<Encoding> {
             Some(Encoding::Proto)
         }
         "application/json" => Some(Encoding::Json),
+        // `navigator.sendBeacon` may only use CORS-safelisted types without a preflight:
+        // the browser SDK's beacons carry the same protobuf bytes as text/plain.
+        "text/plain" => Some(Encoding::Proto),
         _ => None,
     }
 }
@@ -265,7 +312,7 @@ async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
     let Some(enc) = encoding_of(&req) else {
         return json_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Content-Type must be application/x-protobuf or application/json",
+            "Content-Type must be application/x-protobuf, application/json, or text/plain (protobuf from a beacon)",
         );
     };
     let body = match read_body(req, st.limits.max_body_bytes).await {
