@@ -49,16 +49,7 @@ struct Proc {
 
 impl Proc {
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (t(11) + t(12)) / 100.0
+        cpu_seconds(&format!("/proc/{}/stat", self.child.id()))
     }
     fn peak_rss_mib(&self) -> f64 {
         peak_rss(&format!("/proc/{}/status", self.child.id()))
@@ -86,8 +77,10 @@ fn peak_rss(status: &str) -> f64 {
         / 1024.0
 }
 
-fn own_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// User + system CPU seconds from a `/proc/<pid>/stat` file (after the command name,
+/// utime and stime are fields 12 and 13, in clock ticks of 1/100 s).
+fn cpu_seconds(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
     let f: Vec<&str> = stat
         .rsplit(')')
         .next()
@@ -96,6 +89,10 @@ fn own_cpu_seconds() -> f64 {
         .collect();
     let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (t(11) + t(12)) / 100.0
+}
+
+fn own_cpu_seconds() -> f64 {
+    cpu_seconds("/proc/self/stat")
 }
 
 fn free_port() -> Result<u16> {
