@@ -27,6 +27,9 @@ pub struct AggregatorConfig {
     pub query: QueryConfig,
     /// API keys allowed to query.
     pub api_keys: Vec<ApiKey>,
+    /// Secrets collectors must send (`authorization: Bearer <key>`) to ingest. Empty =
+    /// ingest is open to anyone who reaches `listen_grpc` (dev only: a warning is logged).
+    pub ingest_keys: Vec<String>,
 }
 
 impl Default for AggregatorConfig {
@@ -40,6 +43,7 @@ impl Default for AggregatorConfig {
             shards: ShardConfig::default(),
             query: QueryConfig::default(),
             api_keys: Vec::new(),
+            ingest_keys: Vec::new(),
         }
     }
 }
@@ -176,6 +180,9 @@ impl AggregatorConfig {
         }
         if !(self.shards.hot_fraction > 0.0 && self.shards.hot_fraction <= 1.0) {
             return err("shards.hot_fraction must be in (0, 1]".into());
+        }
+        if self.ingest_keys.iter().any(|k| k.len() < 16) {
+            return err("ingest_keys must be at least 16 characters".into());
         }
         for k in &self.api_keys {
             if k.key.len() < 16 {

@@ -338,8 +338,14 @@ impl<S: Store> Writer<S> {
                 Routed::TooOld => {
                     quarantined.push((ad, event, id, "older than windows.retention_minutes"))
                 }
-                Routed::Malformed => {
-                    quarantined.push((ad, event, id, "impression id is not 16 bytes"))
+                Routed::Malformed => quarantined.push((
+                    ad,
+                    event,
+                    id,
+                    "malformed: impression id or implausible event time",
+                )),
+                Routed::OwnerMismatch => {
+                    quarantined.push((ad, event, id, "ad belongs to another advertiser/campaign"))
                 }
             }
         }
@@ -353,6 +359,10 @@ impl<S: Store> Writer<S> {
         m.add_clicks("duplicate", after.duplicate - before.duplicate);
         m.add_clicks("too_old", after.too_old - before.too_old);
         m.add_clicks("malformed", after.malformed - before.malformed);
+        m.add_clicks(
+            "owner_mismatch",
+            after.owner_mismatch - before.owner_mismatch,
+        );
         if after.too_old > before.too_old {
             tracing::warn!(
                 count = after.too_old - before.too_old,

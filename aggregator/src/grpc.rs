@@ -25,11 +25,25 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub struct Ingest {
     /// The engine.
     pub engine: Engine,
+    /// Accepted collector secrets (empty: open).
+    pub keys: Arc<Vec<String>>,
 }
 
 #[tonic::async_trait]
 impl IngestService for Ingest {
     async fn ingest(&self, req: Request<IngestBatch>) -> Result<Response<IngestAck>, Status> {
+        if !self.keys.is_empty() {
+            let h = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            let token = h.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+            if !self.keys.iter().any(|k| query::constant_time_eq(k, token)) {
+                return Err(Status::unauthenticated(
+                    "ingest needs `authorization: Bearer <ingest key>` (collector `aggregator_key`)",
+                ));
+            }
+        }
         let batch = req.into_inner();
         if batch.collector_id.is_empty() || batch.seq == 0 {
             return Err(Status::invalid_argument(

@@ -117,9 +117,18 @@ pub async fn start_with_store<S: Store + 'static>(
 
     let (shutdown, rx) = watch::channel(false);
     let mut grpc_rx = rx.clone();
-    let ingest = IngestServiceServer::new(grpc::Ingest { engine })
-        .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES);
+    if cfg.ingest_keys.is_empty() {
+        tracing::warn!(
+            "ingest_keys is empty: anyone who reaches {} can ingest clicks (set ingest_keys in production)",
+            cfg.listen_grpc
+        );
+    }
+    let ingest = IngestServiceServer::new(grpc::Ingest {
+        engine,
+        keys: Arc::new(cfg.ingest_keys.clone()),
+    })
+    .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES);
     let router = tonic::transport::Server::builder()
         // Collector batches are ~100 KB: the 64 KiB HTTP/2 default window stalls each one.
         .initial_stream_window_size(8 << 20)

@@ -39,6 +39,15 @@ pub enum Caller {
     Advertiser(u64),
 }
 
+/// Compares secrets without revealing, by timing, how long a matching prefix is.
+pub fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 /// Resolves an `authorization` header value against the configured keys.
 pub fn authorize(keys: &[ApiKey], header: Option<&str>) -> Result<Caller, QueryError> {
     let token = header
@@ -181,6 +190,13 @@ fn level_of(g: i32) -> Result<usize, QueryError> {
 }
 
 fn check_range(from: i64, to: i64, cfg: &QueryConfig) -> Result<(), QueryError> {
+    use crate::state::windows::{MAX_EVENT_MS, MIN_EVENT_MS};
+    // Bounds first: every bucket computation below stays far from i64 overflow.
+    if !(0..=MAX_EVENT_MS).contains(&from) || !(0..=MAX_EVENT_MS + LEVEL_MS[2]).contains(&to) {
+        return Err(QueryError::InvalidArgument(format!(
+            "from_ms and to_ms must be between 0 and {MAX_EVENT_MS} (ms since the epoch; data starts at {MIN_EVENT_MS})"
+        )));
+    }
     if from >= to {
         return Err(QueryError::InvalidArgument(format!(
             "empty range: from_ms ({from}) must be before to_ms ({to})"

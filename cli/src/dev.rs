@@ -68,8 +68,8 @@ fn random_hex(n: usize) -> Result<String> {
     Ok(hex::encode(b))
 }
 
-/// Prepares the data dir: keys.toml, admin.key, advertiser-1.key.
-fn prepare(dir: &Path) -> Result<(Keyring, String, String)> {
+/// Prepares the data dir: keys.toml, admin.key, advertiser-1.key, ingest.key.
+fn prepare(dir: &Path) -> Result<(Keyring, String, String, String)> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let keys_path = dir.join("keys.toml");
     let text = read_or_create(&keys_path, || {
@@ -86,11 +86,12 @@ fn prepare(dir: &Path) -> Result<(Keyring, String, String)> {
         .keyring;
     let admin = read_or_create(&dir.join("admin.key"), || random_hex(16))?;
     let adv = read_or_create(&dir.join("advertiser-1.key"), || random_hex(16))?;
-    Ok((keyring, admin, adv))
+    let ingest = read_or_create(&dir.join("ingest.key"), || random_hex(16))?;
+    Ok((keyring, admin, adv, ingest))
 }
 
 pub fn run(args: DevArgs) -> Result<()> {
-    let (keyring, admin, adv) = prepare(&args.data_dir)?;
+    let (keyring, admin, adv, ingest) = prepare(&args.data_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -105,6 +106,7 @@ pub fn run(args: DevArgs) -> Result<()> {
                 ApiKey { key: admin.clone(), role: Role::Admin, advertiser_id: None },
                 ApiKey { key: adv.clone(), role: Role::Advertiser, advertiser_id: Some(1) },
             ],
+            ingest_keys: vec![ingest.clone()],
             ..Default::default()
         };
         acfg.windows.allowed_delay_ms = 5_000;
@@ -118,6 +120,7 @@ pub fn run(args: DevArgs) -> Result<()> {
             data_dir: args.data_dir.join("collector"),
             keys_file: args.data_dir.join("keys.toml"),
             aggregators: vec![format!("http://{}", agg.grpc_addr())],
+            aggregator_key: Some(ingest),
             ..Default::default()
         };
         ccfg.forward.retry_base_ms = 50;

@@ -33,6 +33,9 @@ pub struct CollectorConfig {
     /// Aggregator gRPC endpoints (`http://host:port`); ads are routed among them by
     /// rendezvous hashing on the ad id.
     pub aggregators: Vec<String>,
+    /// Secret sent to the aggregators (`authorization: Bearer <key>`); must be one of their
+    /// `ingest_keys`.
+    pub aggregator_key: Option<String>,
     /// Origins whose pages may post clicks from the browser (CORS), e.g.
     /// `["https://news.example"]`; `["*"]` (the default) allows any page: clicks are
     /// authenticated by their signed tokens, not by cookies. Empty disables CORS.
@@ -62,6 +65,7 @@ impl Default for CollectorConfig {
             data_dir: PathBuf::from("data/collector"),
             keys_file: PathBuf::from("keys.toml"),
             aggregators: vec!["http://127.0.0.1:9090".into()],
+            aggregator_key: None,
             cors_origins: vec!["*".into()],
             limits: Limits::default(),
             tokens: TokenChecks::default(),
@@ -119,6 +123,10 @@ pub struct TokenChecks {
     pub max_device_clock_skew_ms: i64,
     /// How often the key file is checked for changes (SIGHUP reloads at once).
     pub key_reload_interval_ms: u64,
+    /// Clicks whose corrected event time is older than this are rejected (`too_old`):
+    /// keep it below the aggregators' `windows.retention_minutes`, so that nothing acked
+    /// here is refused there.
+    pub max_click_age_ms: i64,
 }
 
 impl Default for TokenChecks {
@@ -127,6 +135,7 @@ impl Default for TokenChecks {
             skew_ms: 30_000,
             max_device_clock_skew_ms: 24 * 3_600_000,
             key_reload_interval_ms: 2_000,
+            max_click_age_ms: 47 * 3_600_000,
         }
     }
 }

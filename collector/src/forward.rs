@@ -4,16 +4,11 @@
 //!
 //! Retries forever with capped exponential backoff and full jitter: an aggregator outage
 //! only grows the spool (bounded by its disk budget, after which ingest answers 503).
-//! Consecutive durable records are merged into one batch whose `seq` is the last record's
-//! (at most 16 records / 8 MiB), which divides the round trips under backlog.
-//!
-//! Idempotence: aggregators ignore a batch whose seq is at or below the collector's
-//! high-water mark, and routing depends only on a click's content, so a resend after a
-//! crash goes to the same shards. A resend that is grouped differently (the forwarder
-//! restarted with more records available) can carry clicks the aggregator already applied
-//! under a higher seq: its exact dedup by impression id (kept until token expiry) drops
-//! them. Shards that own no click of a batch get nothing, so an aggregator sees increasing
-//! seqs with gaps.
+//! Idempotence: one spool record = one batch per owning shard, with `seq` = the record's
+//! seq, and aggregators ignore a seq at or below the collector's high-water mark. Routing
+//! depends only on a click's content, so a resend after a crash carries the same clicks
+//! under the same seq to the same shards. Shards that own no click of a record get no batch
+//! for it, so an aggregator sees increasing seqs with gaps.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,9 +29,6 @@ use crate::spool::Spool;
 /// `spool.max_clicks_per_record` clicks, well below this).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// Most spool bytes merged into one forwarded batch.
-const MERGE_BYTES: usize = 8 << 20;
-
 /// A bad aggregator endpoint.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid aggregator endpoint {endpoint:?}: {source}")]
@@ -56,12 +48,14 @@ pub struct Forwarder {
     metrics: Arc<Metrics>,
     cfg: ForwardConfig,
     durable: watch::Receiver<u64>,
+    auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 struct Stopped;
 
 impl Forwarder {
     /// A forwarder to `endpoints` (connections are made lazily, and re-made after errors).
+    #[allow(clippy::too_many_arguments)] // one call site, each argument a distinct collaborator
     pub fn new(
         endpoints: &[String],
         spool: Arc<Mutex<Spool>>,
@@ -70,6 +64,7 @@ impl Forwarder {
         metrics: Arc<Metrics>,
         cfg: ForwardConfig,
         durable: watch::Receiver<u64>,
+        aggregator_key: Option<&str>,
     ) -> Result<Self, EndpointError> {
         let mut shards = Vec::with_capacity(endpoints.len());
         for e in endpoints {
@@ -88,7 +83,9 @@ impl Forwarder {
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
         }
+        let auth = aggregator_key.and_then(|k| format!("Bearer {k}").parse().ok());
         Ok(Forwarder {
+            auth,
             spool,
             shards,
             router: Router::new(endpoints),
@@ -114,9 +111,12 @@ impl Forwarder {
                     _ = shutdown.changed() => return,
                 }
             }
-            // Several consecutive records travel as one batch (seq = the last one's): under
-            // backlog this divides the round trips (each costs an aggregator fsync).
-            let records = self.spool().read(next, 16, MERGE_BYTES);
+            // One record per batch, so that `seq` identifies exactly the clicks it carries.
+            // (Merging records cut round trips under backlog, but a regrouped resend after
+            // a crash could then carry clicks whose aggregator dedup entries had expired:
+            // see ARCHITECTURE.md. Per-record seqs inside a batch are the way to bring it
+            // back.)
+            let records = self.spool().read(next, 1, MAX_MESSAGE_BYTES / 2);
             let records = match records {
                 Ok(r) => r,
                 Err(e) => {
@@ -205,7 +205,11 @@ impl Forwarder {
     ) -> Result<IngestAck, Stopped> {
         let mut attempt: u32 = 0;
         loop {
-            match self.shards[shard].ingest(batch.clone()).await {
+            let mut req = tonic::Request::new(batch.clone());
+            if let Some(a) = &self.auth {
+                req.metadata_mut().insert("authorization", a.clone());
+            }
+            match self.shards[shard].ingest(req).await {
                 Ok(resp) => return Ok(resp.into_inner()),
                 Err(status) => {
                     attempt = attempt.saturating_add(1);

@@ -165,6 +165,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         metrics.clone(),
         cfg.forward.clone(),
         durable.1,
+        cfg.aggregator_key.as_deref(),
     )?;
 
     let listener = tokio::net::TcpListener::bind(cfg.listen_http)

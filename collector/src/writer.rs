@@ -16,6 +16,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, SpoolError};
 
+/// Most bytes of clicks in one group commit (one spool record); well below the spool's
+/// 16 MiB record limit and the gRPC message limit.
+const MAX_GROUP_BYTES: usize = 8 << 20;
+
 /// Why a commit failed; nothing of the request was made durable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommitError {
@@ -70,13 +74,29 @@ impl Committer {
                 // The data directory stays locked until the last write is done, even when
                 // the runtime that started us is gone.
                 let _dir_lock = dir_lock;
-                while let Some(first) = rx.blocking_recv() {
+                let mut carry: Option<Request> = None;
+                loop {
+                    let first = match carry.take() {
+                        Some(r) => r,
+                        None => match rx.blocking_recv() {
+                            Some(r) => r,
+                            None => break,
+                        },
+                    };
                     let mut clicks = first.clicks;
+                    let mut bytes = first.encoded.len();
                     let mut group = vec![first];
+                    // Bounded in clicks and in bytes, so a record never exceeds the spool's
+                    // record limit whatever the clicks' sizes.
                     while clicks < max_clicks_per_record {
                         match rx.try_recv() {
+                            Ok(r) if bytes + r.encoded.len() > MAX_GROUP_BYTES => {
+                                carry = Some(r);
+                                break;
+                            }
                             Ok(r) => {
                                 clicks += r.clicks;
+                                bytes += r.encoded.len();
                                 group.push(r);
                             }
                             Err(_) => break,
@@ -139,7 +159,8 @@ fn commit(
     }
     let mut spool = spool.lock().unwrap_or_else(|e| e.into_inner());
     let seq = spool.append(&payload).map_err(|e| match e {
-        SpoolError::Full { .. } => CommitError::Full(e.to_string()),
+        // Nothing was written for these: retryable, not a disk failure.
+        SpoolError::Full { .. } | SpoolError::RecordTooLarge { .. } => CommitError::Full(e.to_string()),
         other => {
             // A failed write may have left part of a record behind: stop, recover on restart.
             failed.store(true, Ordering::Release);

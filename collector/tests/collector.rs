@@ -964,3 +964,36 @@ async fn cors_preflight_and_beacon_content_type() {
     col.shutdown().await;
     agg.stop().await;
 }
+
+/// A click older than the aggregators' retention is refused here, where the client hears
+/// about it, instead of being acked and then dropped downstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clicks_older_than_the_retention_are_refused_at_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = keyring(1, 1);
+    write_keys(&dir.path().join("keys.toml"), &ring);
+    let mut cfg = config(dir.path(), vec!["http://127.0.0.1:1".into()]);
+    cfg.tokens.max_click_age_ms = 3_600_000;
+    let col = adclick_collector::start(cfg).await.unwrap();
+    let s = signer(&ring).with_ttl(Duration::from_secs(86_400)).unwrap();
+    let two_hours_ago = now_ms() - 7_200_000;
+    let old = s.mint_at(&ad(1), two_hours_ago - 1000).unwrap();
+    let c = v1::Click {
+        token: old.token,
+        occurred_at_ms: two_hours_ago,
+        sent_at_ms: now_ms(),
+        ..Default::default()
+    };
+    let r = post_proto(
+        &http(),
+        &col,
+        &ClickBatch {
+            clicks: vec![c],
+            ..Default::default()
+        },
+    )
+    .await;
+    let res = ClickBatchResult::decode(r.bytes().await.unwrap()).unwrap();
+    assert_eq!((res.accepted, res.rejected.get("too_old")), (0, Some(&1)));
+    col.shutdown().await;
+}

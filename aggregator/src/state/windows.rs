@@ -19,6 +19,14 @@ use super::operator::{Operator, StateDecl};
 use super::shard::{Applied, LEVEL_MS};
 use crate::config::{ShardConfig, WindowConfig};
 
+/// Earliest and latest event time accepted (2000-01-01 .. 2200-01-01 UTC): keeps every
+/// bucket computation far from i64 overflow.
+pub const MIN_EVENT_MS: i64 = 946_684_800_000;
+/// See [`MIN_EVENT_MS`].
+pub const MAX_EVENT_MS: i64 = 7_258_118_400_000;
+/// Longest token lifetime the pipeline accepts (the SDK signer allows up to 30 days).
+pub const MAX_TOKEN_LIFETIME_MS: i64 = 31 * 86_400_000;
+
 /// What became of one click.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routed {
@@ -28,8 +36,11 @@ pub enum Routed {
     Duplicate,
     /// Older than the minute retention: not counted (quarantined with a reason).
     TooOld,
-    /// Not a valid click record (bad impression id).
+    /// Not a valid click record (bad impression id, implausible event time).
     Malformed,
+    /// The ad was first seen with another advertiser/campaign: refused, so an advertiser can
+    /// never read (or inflate) counts of an ad that is not theirs.
+    OwnerMismatch,
 }
 
 /// Running totals (exported as metrics).
@@ -45,6 +56,8 @@ pub struct WindowCounters {
     pub too_old: u64,
     /// Malformed records.
     pub malformed: u64,
+    /// Clicks whose advertiser/campaign disagreed with the ad's first-seen owner.
+    pub owner_mismatch: u64,
 }
 
 /// See the module doc.
@@ -59,6 +72,8 @@ pub struct ClickWindows {
     hot: HotDetector,
     /// Ads whose clicks were ever spread over several shards (always TopAds candidates).
     split: BTreeSet<u64>,
+    /// ad -> (advertiser, campaign), pinned on first sight.
+    owners: super::FastMap<u64, (u64, u64)>,
     /// Totals.
     pub counters: WindowCounters,
 }
@@ -87,6 +102,7 @@ impl ClickWindows {
             interner: Interner::default(),
             hot: HotDetector::new(shards.hot_window_clicks, shards.hot_fraction),
             split: BTreeSet::new(),
+            owners: Default::default(),
             counters: WindowCounters::default(),
         }
     }
@@ -142,6 +158,18 @@ impl Operator for ClickWindows {
             self.counters.malformed += 1;
             return Routed::Malformed;
         };
+        // Never trust a time from the wire: an absurd event time would drag the watermark
+        // (evicting everything) or overflow bucket arithmetic. A click happens while its
+        // token is valid, and tokens live at most MAX_TOKEN_LIFETIME_MS.
+        let plausible = (MIN_EVENT_MS..=MAX_EVENT_MS).contains(&c.event_time_ms)
+            && c.event_time_ms <= c.token_expires_at_ms.saturating_add(self.cfg.dedup_skew_ms)
+            && c.event_time_ms
+                >= c.token_expires_at_ms
+                    .saturating_sub(MAX_TOKEN_LIFETIME_MS + self.cfg.dedup_skew_ms);
+        if !plausible {
+            self.counters.malformed += 1;
+            return Routed::Malformed;
+        }
         let watermark = self.watermark_ms();
         let oldest =
             watermark.saturating_sub(self.cfg.retention_minutes.saturating_mul(LEVEL_MS[0]));
@@ -152,6 +180,14 @@ impl Operator for ClickWindows {
         if self.seen.contains_key(&id) {
             self.counters.duplicate += 1;
             return Routed::Duplicate;
+        }
+        let owner = *self
+            .owners
+            .entry(c.ad_id)
+            .or_insert((c.advertiser_id, c.campaign_id));
+        if owner != (c.advertiser_id, c.campaign_id) {
+            self.counters.owner_mismatch += 1;
+            return Routed::OwnerMismatch;
         }
         let keep = c.token_expires_at_ms.saturating_add(self.cfg.dedup_skew_ms);
         self.seen.insert(id, keep);
@@ -214,6 +250,12 @@ impl Operator for ClickWindows {
             duplicate: self.counters.duplicate,
             too_old: self.counters.too_old,
             malformed: self.counters.malformed,
+            owners: self
+                .owners
+                .iter()
+                .flat_map(|(ad, (adv, camp))| [*ad, *adv, *camp])
+                .collect(),
+            owner_mismatch: self.counters.owner_mismatch,
         };
         vec![("windows", pb.encode_to_vec())]
     }
@@ -245,7 +287,16 @@ impl Operator for ClickWindows {
             duplicate: pb.duplicate,
             too_old: pb.too_old,
             malformed: pb.malformed,
+            owner_mismatch: pb.owner_mismatch,
         };
+        if pb.owners.len() % 3 != 0 {
+            return Err("windows checkpoint: owner table is inconsistent".into());
+        }
+        self.owners = pb
+            .owners
+            .chunks_exact(3)
+            .map(|t| (t[0], (t[1], t[2])))
+            .collect();
         Ok(())
     }
 }
@@ -274,4 +325,8 @@ struct WindowsPb {
     too_old: u64,
     #[prost(uint64, tag = "11")]
     malformed: u64,
+    #[prost(uint64, repeated, tag = "12")]
+    owners: Vec<u64>,
+    #[prost(uint64, tag = "13")]
+    owner_mismatch: u64,
 }

@@ -109,7 +109,8 @@ impl RotatingBloom {
 
 /// Exact ids with their expiry, bounded in count; oldest inserted are evicted first.
 struct ExactSet {
-    map: HashMap<ImpressionId, i64, BuildHasherDefault<IdHasher>>,
+    /// id -> (keep until, committed). An id is pending until its click is durable.
+    map: HashMap<ImpressionId, (i64, bool), BuildHasherDefault<IdHasher>>,
     order: VecDeque<(ImpressionId, i64)>,
     capacity: usize,
 }
@@ -123,7 +124,7 @@ impl ExactSet {
             self.order.pop_front();
             // Only remove if the map still holds this very entry (a released and
             // re-inserted id has a newer queue entry).
-            if self.map.get(&id) == Some(&exp) {
+            if self.map.get(&id).map(|(e, _)| *e) == Some(exp) {
                 self.map.remove(&id);
             }
         }
@@ -168,11 +169,19 @@ impl Dedup {
         self.exact.expire(now_ms);
         let h = bloom_hash(id);
         let maybe = self.bloom.contains(h);
-        if maybe && self.exact.map.contains_key(id) {
-            return Seen::Duplicate;
+        if maybe {
+            match self.exact.map.get(id) {
+                Some((_, true)) => return Seen::Duplicate,
+                // The first copy is not durable yet (its request may still fail, or its
+                // client may have gone away): accept this one too, as a suspect. The
+                // aggregator's exact dedup keeps it from counting twice; answering
+                // "duplicate" here could ack a click that is never written.
+                Some((_, false)) => return Seen::Suspect,
+                None => {}
+            }
         }
         let keep_until = expires_at_ms.saturating_add(self.skew_ms);
-        self.exact.map.insert(*id, keep_until);
+        self.exact.map.insert(*id, (keep_until, false));
         self.exact.order.push_back((*id, keep_until));
         if maybe {
             Seen::Suspect
@@ -182,11 +191,25 @@ impl Dedup {
         }
     }
 
-    /// Forgets `id` from the exact set: its click was not made durable (spool error), so
-    /// the client's retry must not be taken for a duplicate. (The Bloom bit stays; the
-    /// retry becomes a suspect, never a loss.)
+    /// Marks `id` durable: from now on a repeat is a duplicate.
+    pub fn commit(&mut self, id: &ImpressionId) {
+        if let Some((_, committed)) = self.exact.map.get_mut(id) {
+            *committed = true;
+        }
+    }
+
+    /// Forgets a pending `id`: its click was not made durable (spool error), so the
+    /// client's retry must not be taken for a duplicate. (The Bloom bit stays; the retry
+    /// becomes a suspect, never a loss.)
     pub fn release(&mut self, id: &ImpressionId) {
-        self.exact.map.remove(id);
+        if self
+            .exact
+            .map
+            .get(id)
+            .is_some_and(|(_, committed)| !committed)
+        {
+            self.exact.map.remove(id);
+        }
     }
 
     /// Ids held exactly.
@@ -232,6 +255,9 @@ mod tests {
     fn duplicates_are_caught_and_new_ids_pass() {
         let mut d = Dedup::new(&cfg(1000), 0, 0);
         assert_eq!(d.check_and_insert(&id(1), 60_000, 0), Seen::New);
+        // Not durable yet: a repeat is accepted as a suspect, never answered "duplicate".
+        assert_eq!(d.check_and_insert(&id(1), 60_000, 5), Seen::Suspect);
+        d.commit(&id(1));
         assert_eq!(d.check_and_insert(&id(1), 60_000, 10), Seen::Duplicate);
         assert_eq!(d.check_and_insert(&id(2), 60_000, 10), Seen::New);
     }
@@ -242,6 +268,7 @@ mod tests {
         // Set the Bloom bits for an id the exact set never saw: a forced false positive.
         d.bloom_insert_only(&id(7));
         assert_eq!(d.check_and_insert(&id(7), 60_000, 0), Seen::Suspect);
+        d.commit(&id(7));
         // Once recorded, a real repeat is a duplicate.
         assert_eq!(d.check_and_insert(&id(7), 60_000, 1), Seen::Duplicate);
     }
@@ -263,6 +290,21 @@ mod tests {
         assert_eq!(d.check_and_insert(&id(3), 60_000, 0), Seen::New);
         d.release(&id(3));
         assert_eq!(d.check_and_insert(&id(3), 60_000, 1), Seen::Suspect);
+        d.commit(&id(3));
+        d.release(&id(3));
+        assert_eq!(
+            d.check_and_insert(&id(3), 60_000, 2),
+            Seen::Duplicate,
+            "committed ids are never released"
+        );
+    }
+
+    #[test]
+    fn released_ids_are_not_duplicates_2() {
+        let mut d = Dedup::new(&cfg(100), 0, 0);
+        assert_eq!(d.check_and_insert(&id(4), 60_000, 0), Seen::New);
+        d.release(&id(4));
+        assert_eq!(d.check_and_insert(&id(4), 60_000, 1), Seen::Suspect);
     }
 
     #[test]

@@ -161,10 +161,13 @@ impl Processor {
         let mut skewed = 0;
         let mut suspects = 0;
         {
+            // Repeats inside this batch are plain duplicates: both copies would be in the
+            // same all-or-nothing commit. Repeats of another request's pending click are
+            // suspects (see `Dedup`).
+            let mut in_batch = std::collections::HashSet::with_capacity(verified.len());
             let mut dedup = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
             for (click, imp) in verified {
-                let seen = dedup.check_and_insert(&imp.impression_id, imp.expires_at_ms, now);
-                if seen == Seen::Duplicate {
+                if !in_batch.insert(imp.impression_id) {
                     out.duplicates += 1;
                     continue;
                 }
@@ -175,6 +178,26 @@ impl Processor {
                     imp.issued_at_ms,
                     self.checks.max_device_clock_skew_ms,
                 );
+                if c.event_time_ms < now.saturating_sub(self.checks.max_click_age_ms) {
+                    // The aggregators would refuse it as older than their retention:
+                    // refuse it here, where the client still hears about it.
+                    out.rejected.push(Rejected {
+                        reason: "too_old",
+                        detail: format!(
+                            "click is older than max_click_age_ms ({} ms)",
+                            self.checks.max_click_age_ms
+                        ),
+                        token: truncate(&click.token, 256),
+                        occurred_at_ms: click.occurred_at_ms,
+                        sent_at_ms: click.sent_at_ms,
+                    });
+                    continue;
+                }
+                let seen = dedup.check_and_insert(&imp.impression_id, imp.expires_at_ms, now);
+                if seen == Seen::Duplicate {
+                    out.duplicates += 1;
+                    continue;
+                }
                 skewed += u64::from(c.skew_flagged);
                 suspects += u64::from(seen == Seen::Suspect);
                 out.accepted.push(IngestClick {
@@ -234,8 +257,15 @@ impl Processor {
             .map(|imp| imp.landing_url)
     }
 
-    /// Counts the accepted clicks once they are durable.
+    /// Marks the accepted clicks durable (repeats become duplicates) and counts them.
     pub fn committed(&self, p: &Processed) {
+        let mut dedup = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
+        for c in &p.accepted {
+            if let Ok(id) = <[u8; 16]>::try_from(c.impression_id.as_slice()) {
+                dedup.commit(&id);
+            }
+        }
+        drop(dedup);
         self.metrics.add_clicks("accepted", p.accepted.len() as u64);
     }
 
