@@ -199,6 +199,11 @@ async fn handle(st: &HttpState, req: Request<Incoming>, remote: SocketAddr) -> R
     if let Some(origin) = cors {
         resp.headers_mut()
             .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        // So a page's fetch can honour our Retry-After on 429/503.
+        resp.headers_mut().insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("retry-after"),
+        );
     }
     st.metrics.request(route, resp.status().as_u16());
     resp
