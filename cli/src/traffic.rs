@@ -274,14 +274,13 @@ pub fn start(
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let started = Instant::now();
-        let mut due = 0.0f64;
         let mut sent = 0u64;
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
                 _ = stop_rx.changed() => break,
             }
-            due = started.elapsed().as_secs_f64() * cfg.rate;
+            let due = started.elapsed().as_secs_f64() * cfg.rate;
             let mut late_batch = Vec::new();
             while (sent as f64) < due {
                 sent += 1;
@@ -345,7 +344,6 @@ pub fn start(
                 send_late(&transport, late_batch, &mut rng).await;
             }
         }
-        let _ = due;
         if let Some(mut l) = ledger {
             let _ = l.flush();
         }
