@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Real-browser end-to-end test of the browser SDK (run by scripts/test-browser.sh).
+
+Starts `adclick dev --no-traffic` on free ports, serves sdk-wasm/ with a static server,
+drives headless Chromium through chromedriver (plain WebDriver over HTTP, stdlib only), and
+checks through the query API that exactly the clicks made were counted once:
+  1. links:   trackLinks on the example page; two ad links clicked (each navigates)
+  2. beacon:  click() then leave the page at once: delivered by sendBeacon on page hide
+  3. offline: click while the collector is unreachable, leave, come back: the click kept in
+              localStorage is sent on the next page load, with nothing counted twice
+Exit status 0 and a final "3 passed, 0 failed" line when all hold.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ADCLICK = os.environ.get("ADCLICK_BIN", os.path.join(ROOT, "target", "debug", "adclick"))
+CHROMIUM = os.environ.get("CHROMIUM_BIN", shutil.which("chromium") or "/usr/bin/chromium")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_http(url, timeout=60):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not come up")
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="adclick-browser-")
+    procs = []
+    sid = None
+    wd = None
+    try:
+        col, grpc, qport, site_port, wd_port = (free_port() for _ in range(5))
+        dev_dir = os.path.join(tmp, "dev")
+        procs.append(subprocess.Popen(
+            [ADCLICK, "dev", "--no-traffic", "--data-dir", dev_dir, "--collector-port", str(col),
+             "--grpc-port", str(grpc), "--query-port", str(qport)],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "dev.log"), "w")))
+        wait_http(f"http://127.0.0.1:{col}/healthz")
+        collector = f"http://127.0.0.1:{col}"
+        admin = open(os.path.join(dev_dir, "admin.key")).read().strip()
+
+        def mint(ad):
+            out = subprocess.run(
+                [ADCLICK, "impression", "mint", "--keys", os.path.join(dev_dir, "keys.toml"), "--ad", str(ad),
+                 "--advertiser", "7", "--campaign", "1", "--landing-url", "https://example.com/x"],
+                capture_output=True, text=True, check=True)
+            return out.stdout.strip()
+
+        def count(ad):
+            out = subprocess.run(
+                [ADCLICK, "query", "clicks", "--ad", str(ad), "--last", "30m", "--json",
+                 "--endpoint", f"http://127.0.0.1:{grpc}", "--api-key", admin],
+                capture_output=True, text=True, check=True)
+            return json.loads(out.stdout)["total_clicks"]
+
+        # The site: the example page, the package, and two small pages of our own.
+        site = os.path.join(tmp, "site")
+        os.makedirs(site)
+        os.symlink(os.path.join(ROOT, "sdk-wasm", "pkg"), os.path.join(site, "pkg"))
+        os.symlink(os.path.join(ROOT, "sdk-wasm", "example"), os.path.join(site, "example"))
+        with open(os.path.join(site, "blank.html"), "w") as f:
+            f.write("<!doctype html><title>blank</title><p>no tracker here</p>")
+        with open(os.path.join(site, "probe.html"), "w") as f:
+            f.write("""<!doctype html><title>probe</title><script type="module">
+import init, { Tracker } from "/pkg/adclick_sdk_wasm.js";
+const p = new URLSearchParams(location.search);
+await init();
+window.tracker = new Tracker({ endpoint: p.get("endpoint"), batchSize: 100,
+  flushIntervalMs: Number(p.get("interval") || 600000) });
+window.ready = true;
+</script>""")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(site_port), "--bind", "127.0.0.1", "--directory", site],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        site_url = f"http://127.0.0.1:{site_port}"
+        wait_http(site_url + "/blank.html")
+
+        wd = subprocess.Popen(["chromedriver", f"--port={wd_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wd_url = f"http://127.0.0.1:{wd_port}"
+        wait_http(wd_url + "/status")
+
+        def req(method, path, body=None):
+            data = json.dumps(body).encode() if body is not None else None
+            r = urllib.request.Request(wd_url + path, data=data, method=method,
+                                       headers={"content-type": "application/json"})
+            with urllib.request.urlopen(r, timeout=60) as resp:
+                return json.loads(resp.read())["value"]
+
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": CHROMIUM,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--no-first-run", "--disable-sync",
+                     f"--user-data-dir={os.path.join(tmp, 'profile')}"]}}}}
+        sid = req("POST", "/session", caps)["sessionId"]
+        S = f"/session/{sid}"
+        go = lambda url: req("POST", S + "/url", {"url": url})
+        js = lambda script, *args: req("POST", S + "/execute/sync", {"script": script, "args": list(args)})
+
+        def wait(cond, t=20):
+            end = time.time() + t
+            while time.time() < end:
+                if js(f"return {cond}"):
+                    return
+                time.sleep(0.1)
+            raise AssertionError(f"timeout waiting for {cond}")
+
+        def expect_count(ad, want, t=20):
+            end = time.time() + t
+            got = None
+            while time.time() < end:
+                got = count(ad)
+                if got == want:
+                    break
+                time.sleep(0.3)
+            time.sleep(1.0)  # nothing more may arrive
+            got = count(ad)
+            assert got == want, f"ad {ad}: counted {got}, expected {want}"
+
+        results = []
+
+        def scenario(name, f):
+            try:
+                f()
+                results.append((name, None))
+                print(f"ok   {name}")
+            except Exception as e:  # report and go on with the next scenario
+                results.append((name, e))
+                print(f"FAIL {name}: {e}")
+
+        def links():
+            t1, t2 = mint(777001), mint(777002)
+            go(f"{site_url}/example/?endpoint={collector}&tokens={t1},{t2}")
+            wait("document.querySelectorAll('a[data-adclick-token]').length == 2")
+            for i in (0, 1):
+                els = req("POST", S + "/elements", {"using": "css selector", "value": "a[data-adclick-token]"})
+                eid = list(els[i].values())[0]
+                req("POST", S + f"/element/{eid}/click", {})
+                wait(f"location.search.includes('clicked={i + 1}') && "
+                     "document.querySelectorAll('a[data-adclick-token]').length == 2")
+            go(f"{site_url}/blank.html")
+            expect_count(777001, 1)
+            expect_count(777002, 1)
+
+        def beacon():
+            t = mint(777003)
+            go(f"{site_url}/probe.html?endpoint={collector}")
+            wait("window.ready === true")
+            js("tracker.click(arguments[0], {country: 'US'}); return tracker.queued;", t)
+            go(f"{site_url}/blank.html")  # page hide: only the beacon can deliver it
+            expect_count(777003, 1)
+
+        def offline():
+            t = mint(777004)
+            dead = f"http://127.0.0.1:{free_port()}"
+            go(f"{site_url}/probe.html?endpoint={dead}")
+            wait("window.ready === true")
+            js("tracker.click(arguments[0]); return 1;", t)
+            go(f"{site_url}/blank.html")
+            assert count(777004) == 0, "nothing can have arrived yet"
+            go(f"{site_url}/probe.html?endpoint={collector}&interval=500")
+            wait("window.ready === true")
+            wait("tracker.stats().sent >= 1", 30)
+            expect_count(777004, 1)
+            # Earlier pages' copies (e.g. the beacon's) are resent too and deduplicated.
+            expect_count(777003, 1)
+
+        scenario("trackLinks: two ad links clicked, each counted once", links)
+        scenario("beacon on page hide delivers a click counted once", beacon)
+        scenario("offline click kept in localStorage is sent on the next load, counted once", offline)
+        failed = sum(1 for _, e in results if e is not None)
+        print(f"{len(results) - failed} passed, {failed} failed")
+        return 1 if failed else 0
+    finally:
+        if sid and wd:
+            try:
+                urllib.request.urlopen(urllib.request.Request(
+                    f"http://127.0.0.1:{wd_port}/session/{sid}", method="DELETE"), timeout=10)
+            except Exception:
+                pass
+        for p in ([wd] if wd else []) + procs:
+            p.terminate()
+        for p in ([wd] if wd else []) + procs:
+            try:
+                p.wait(timeout=15)
+            except Exception:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
