@@ -50,6 +50,10 @@ pub struct Metrics {
     pub spool_bytes: Gauge,
     /// Spool segment files.
     pub spool_segments: Gauge,
+    /// Durable spool records found damaged at open (lost; seq ranges are logged).
+    pub spool_corrupt_records: Counter,
+    /// Bytes of damaged spool data moved to `corrupt/` at open.
+    pub spool_corrupt_bytes: Counter,
     /// Spool records not yet acked by the aggregators.
     pub forward_lag_records: Gauge,
     /// Clicks acked by aggregators.
@@ -91,6 +95,8 @@ impl Metrics {
             rate_limited: Counter::default(),
             spool_bytes: Gauge::default(),
             spool_segments: Gauge::default(),
+            spool_corrupt_records: Counter::default(),
+            spool_corrupt_bytes: Counter::default(),
             forward_lag_records: Gauge::default(),
             forwarded_clicks: Counter::default(),
             forwarded_batches: Counter::default(),
@@ -138,6 +144,16 @@ impl Metrics {
             "spool_segments",
             "Spool segment files",
             m.spool_segments.clone(),
+        );
+        r.register(
+            "spool_corrupt_records",
+            "Durable spool records lost to damage found at open (seq ranges in the ERROR log)",
+            m.spool_corrupt_records.clone(),
+        );
+        r.register(
+            "spool_corrupt_bytes",
+            "Bytes of damaged spool data moved to the spool's corrupt/ folder",
+            m.spool_corrupt_bytes.clone(),
         );
         r.register(
             "forward_lag_records",
