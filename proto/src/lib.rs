@@ -6,6 +6,7 @@
 //! SDK can build it for `wasm32-unknown-unknown` with default features off.
 #![deny(missing_docs)]
 
+pub mod countable;
 pub mod token;
 
 #[cfg(feature = "keyfile")]
@@ -37,6 +38,7 @@ pub mod service_names {
     pub const QUERY: &str = "adclick.v1.QueryService";
 }
 
+pub use countable::NotCountable;
 pub use token::{Impression, Keyring, SigningKey, TokenError};
 
 #[cfg(test)]

@@ -630,6 +630,84 @@ mod tests {
             prop_assert_eq!(verifier.verify(&tok, NOW, 0), Err(TokenError::BadSignature));
         }
 
+        /// Fuzz: any text at all, including non-ASCII and oversized, is rejected with an
+        /// error (never a panic), and anything over the size bound is rejected before any
+        /// decoding work.
+        #[test]
+        fn fuzz_arbitrary_text_is_rejected(s in any::<String>(), pad in 0usize..3 * MAX_TOKEN_TEXT_LEN) {
+            let ring = Keyring::new(key(4, 5));
+            prop_assert!(ring.verify(&s, NOW, 0).is_err());
+            let long = format!("{s}{}", "A".repeat(pad));
+            let got = ring.verify(&long, NOW, i64::MAX);
+            if long.len() > MAX_TOKEN_TEXT_LEN {
+                prop_assert_eq!(got, Err(TokenError::Malformed(Malformed::TooLong(long.len()))));
+            } else {
+                prop_assert!(got.is_err());
+            }
+        }
+
+        /// Fuzz: arbitrary bytes in valid framing (base64 of version + anything + 32 bytes).
+        #[test]
+        fn fuzz_arbitrary_bytes_are_rejected(
+            body in proptest::collection::vec(any::<u8>(), 0..1600),
+            now in any::<i64>(),
+            skew in any::<i64>(),
+        ) {
+            let ring = Keyring::new(key(4, 5));
+            let mut framed = vec![TOKEN_VERSION];
+            framed.extend_from_slice(&body);
+            prop_assert!(ring.verify(&URL_SAFE_NO_PAD.encode(&body), now, skew).is_err());
+            prop_assert!(ring.verify(&URL_SAFE_NO_PAD.encode(&framed), now, skew).is_err());
+        }
+
+        /// Fuzz past the signature: arbitrary payload bytes correctly tagged with a known key
+        /// (what a holder of the secret could send). Decoding must never panic, and anything
+        /// accepted satisfies every payload rule.
+        #[test]
+        fn fuzz_signed_arbitrary_payloads_never_panic(
+            payload in proptest::collection::vec(any::<u8>(), 0..1400),
+            now in any::<i64>(),
+            skew in 0i64..i64::MAX,
+        ) {
+            let k = key(0, 5);
+            let ring = Keyring::new(k.clone());
+            let mut bytes = vec![TOKEN_VERSION];
+            bytes.extend_from_slice(&payload);
+            let tag = k.mac(&bytes).finalize().into_bytes();
+            bytes.extend_from_slice(&tag);
+            let text = URL_SAFE_NO_PAD.encode(&bytes);
+            if let Ok(imp) = ring.verify(&text, now, skew) {
+                prop_assert!(imp.check().is_ok());
+                prop_assert!(imp.expires_at_ms > imp.issued_at_ms);
+                prop_assert!(imp.landing_url.len() <= MAX_LANDING_URL_LEN);
+            }
+        }
+
+        /// Fuzz: valid tokens mutated by insertions, deletions, replacements and truncation
+        /// are rejected unless the mutation left the text unchanged.
+        #[test]
+        fn fuzz_mutated_tokens_are_rejected(
+            imp in arb_impression(),
+            ops in proptest::collection::vec((0u8..4, any::<usize>(), any::<char>()), 1..8),
+        ) {
+            let ring = Keyring::new(key(4, 5));
+            let tok = ring.sign(&imp).unwrap();
+            let mut chars: Vec<char> = tok.chars().collect();
+            for (op, at, c) in ops {
+                let i = at % (chars.len() + 1);
+                match op {
+                    0 => chars.insert(i, c),
+                    1 if i < chars.len() => { chars.remove(i); }
+                    2 if i < chars.len() => chars[i] = c,
+                    _ => chars.truncate(i),
+                }
+            }
+            let mutated: String = chars.into_iter().collect();
+            if mutated != tok {
+                prop_assert!(ring.verify(&mutated, NOW, 0).is_err(), "{} accepted", mutated);
+            }
+        }
+
         #[test]
         fn expired_is_rejected(imp in arb_impression(), late in 1i64..1_000_000, skew in 0i64..10_000) {
             let ring = Keyring::new(key(4, 5));
