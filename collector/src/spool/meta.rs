@@ -1,11 +1,13 @@
 //! Small metadata files in the spool directory: the incarnation id, the ack
 //! file, the directory lock, and the fsync/atomic-write helpers they need.
 //!
-//! Everything here is tiny and CRC-protected so that a torn write is
-//! detected. This module must not touch segment files, and it must never
-//! silently replace a damaged ack or incarnation with a default: a wrong ack
-//! could reuse seqs and a wrong incarnation could double-count clicks, so
-//! damage is reported as [`SpoolError::Corrupt`] instead.
+//! Everything here is tiny and CRC-protected so that a torn write or a
+//! damaged sector is detected, and everything is kept twice: the ack in two
+//! slots, the incarnation in its own file and as a copy in the ack file.
+//! This module must not touch segment files, and it must never silently
+//! replace a damaged value with a default: it reports what it found and
+//! [`super::Spool::open`] decides the repair (a wrong ack could reuse seqs, a
+//! wrong incarnation could double-count clicks).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -27,7 +29,10 @@ const TMP_SUFFIX: &str = ".tmp";
 const ACK_SLOT_OFFSETS: [u64; 2] = [0, 512];
 /// One slot: seq u64 LE + crc32(seq) u32 LE.
 const ACK_SLOT_LEN: usize = 12;
-const ACK_FILE_LEN: usize = 512 + ACK_SLOT_LEN;
+/// Copy of the incarnation id, in a third sector, written with the ack file
+/// at initialisation (and on repair), never in place afterwards.
+const INCARNATION_COPY_OFFSET: u64 = 1024;
+const ACK_FILE_LEN: usize = INCARNATION_COPY_OFFSET as usize + ACK_SLOT_LEN;
 
 /// fsyncs a directory so that creations, renames and deletions in it are
 /// durable. Only meaningful (and only possible) on Unix.
@@ -143,36 +148,99 @@ fn read_small(path: &Path) -> Result<Option<Vec<u8>>, SpoolError> {
     Ok(Some(buf))
 }
 
-/// Reads the incarnation id; `Ok(None)` if the directory was never
-/// initialised.
-pub(crate) fn read_incarnation(dir: &Path) -> Result<Option<u64>, SpoolError> {
-    let path = dir.join(INCARNATION_FILE);
-    match read_small(&path)? {
-        None => Ok(None),
-        Some(b) if b.len() == ACK_SLOT_LEN => decode_u64_crc(&b)
-            .map(Some)
-            .ok_or_else(|| SpoolError::Corrupt(format!("{}: bad checksum", path.display()))),
-        Some(b) => Err(SpoolError::Corrupt(format!(
-            "{}: {} bytes, expected {ACK_SLOT_LEN}",
-            path.display(),
-            b.len()
-        ))),
-    }
+/// What the incarnation file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Incarnation {
+    /// No file: the directory was never initialised (or the file was lost).
+    Missing,
+    /// A valid id.
+    Valid(u64),
+    /// A file whose checksum or size is wrong.
+    Damaged,
 }
 
-/// Initialises a fresh directory: an ack file at 0, then the incarnation.
-/// The incarnation's rename is the commit point, so a crash in between just
-/// leaves a directory that is initialised again on the next open.
-pub(crate) fn initialise(dir: &Path) -> Result<u64, SpoolError> {
+/// Reads the incarnation file.
+pub(crate) fn read_incarnation(dir: &Path) -> Result<Incarnation, SpoolError> {
+    let path = dir.join(INCARNATION_FILE);
+    Ok(match read_small(&path)? {
+        None => Incarnation::Missing,
+        Some(b) if b.len() == ACK_SLOT_LEN => {
+            decode_u64_crc(&b).map_or(Incarnation::Damaged, Incarnation::Valid)
+        }
+        Some(_) => Incarnation::Damaged,
+    })
+}
+
+/// Writes the incarnation file (atomically), e.g. to restore it from the
+/// copy in the ack file.
+pub(crate) fn write_incarnation(dir: &Path, incarnation: u64) -> Result<(), SpoolError> {
+    atomic_write(dir, INCARNATION_FILE, &encode_u64_crc(incarnation))
+}
+
+/// The whole ack file for `acked` and `incarnation`.
+fn ack_file_bytes(acked: u64, incarnation: u64) -> Vec<u8> {
     let mut ack = vec![0u8; ACK_FILE_LEN];
     for off in ACK_SLOT_OFFSETS {
         let off = off as usize;
-        ack[off..off + ACK_SLOT_LEN].copy_from_slice(&encode_u64_crc(0));
+        ack[off..off + ACK_SLOT_LEN].copy_from_slice(&encode_u64_crc(acked));
     }
-    atomic_write(dir, ACK_FILE, &ack)?;
+    let off = INCARNATION_COPY_OFFSET as usize;
+    ack[off..off + ACK_SLOT_LEN].copy_from_slice(&encode_u64_crc(incarnation));
+    ack
+}
+
+/// Initialises a fresh directory: an ack file at 0 (with the incarnation
+/// copy), then the incarnation. The incarnation's rename is the commit
+/// point, so a crash in between just leaves a directory that is initialised
+/// again on the next open.
+pub(crate) fn initialise(dir: &Path) -> Result<u64, SpoolError> {
     let incarnation = random_u64();
-    atomic_write(dir, INCARNATION_FILE, &encode_u64_crc(incarnation))?;
+    atomic_write(dir, ACK_FILE, &ack_file_bytes(0, incarnation))?;
+    write_incarnation(dir, incarnation)?;
     Ok(incarnation)
+}
+
+/// A new random incarnation id, for the repairs that need one.
+pub(crate) fn new_incarnation() -> u64 {
+    random_u64()
+}
+
+/// What [`AckFile::open`] found in the ack file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AckState {
+    /// The acked seq, `None` if both slots are damaged (or the file is gone).
+    pub(crate) value: Option<u64>,
+    /// Slots that failed their checksum (0, 1 or 2).
+    pub(crate) damaged_slots: u8,
+    /// The incarnation copy, `None` if damaged or absent.
+    pub(crate) incarnation: Option<u64>,
+}
+
+/// Decodes an ack file's bytes; also returns the slot to write next.
+fn decode_ack_file(buf: &[u8]) -> (AckState, usize) {
+    let slots = ACK_SLOT_OFFSETS.map(|off| buf.get(off as usize..).and_then(decode_u64_crc));
+    let damaged_slots = slots.iter().filter(|s| s.is_none()).count() as u8;
+    let (value, next_slot) = match slots {
+        [Some(a), Some(b)] if b > a => (Some(b), 0),
+        [Some(a), _] => (Some(a), 1),
+        [None, Some(b)] => (Some(b), 0),
+        [None, None] => (None, 0),
+    };
+    let incarnation = buf
+        .get(INCARNATION_COPY_OFFSET as usize..)
+        .and_then(decode_u64_crc);
+    let state = AckState {
+        value,
+        damaged_slots,
+        incarnation,
+    };
+    (state, next_slot)
+}
+
+/// Reads the ack file without opening it for writing (for `verify`);
+/// `None` if it does not exist.
+pub(crate) fn read_ack_state(dir: &Path) -> Result<Option<AckState>, SpoolError> {
+    Ok(read_small(&dir.join(ACK_FILE))?.map(|b| decode_ack_file(&b).0))
 }
 
 /// The persisted acked seq, kept in two CRC'd slots written alternately in
@@ -190,46 +258,47 @@ pub(crate) struct AckFile {
 
 impl AckFile {
     /// Opens the ack file of an initialised directory and takes the highest
-    /// valid slot. A missing file or two bad slots is corruption.
-    pub(crate) fn open(dir: &Path) -> Result<AckFile, SpoolError> {
+    /// valid slot. Damage is reported in [`AckState`], not refused: the
+    /// caller repairs with [`AckFile::rewrite`]. A missing file is created
+    /// empty (and reported as both slots damaged).
+    pub(crate) fn open(dir: &Path) -> Result<(AckFile, AckState), SpoolError> {
         let path = dir.join(ACK_FILE);
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
+            .create(true)
+            .truncate(false)
             .open(&path)
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    SpoolError::Corrupt(format!(
-                        "{} missing in an initialised spool",
-                        path.display()
-                    ))
-                } else {
-                    io_err("open", &path)(e)
-                }
-            })?;
+            .map_err(io_err("open", &path))?;
         let mut buf = Vec::with_capacity(ACK_FILE_LEN);
         (&mut file)
             .take(ACK_FILE_LEN as u64)
             .read_to_end(&mut buf)
             .map_err(io_err("read", &path))?;
-        let slots = ACK_SLOT_OFFSETS.map(|off| buf.get(off as usize..).and_then(decode_u64_crc));
-        let (value, next_slot) = match slots {
-            [Some(a), Some(b)] if b > a => (b, 0),
-            [Some(a), _] => (a, 1),
-            [None, Some(b)] => (b, 0),
-            [None, None] => {
-                return Err(SpoolError::Corrupt(format!(
-                    "{}: both ack slots are damaged",
-                    path.display()
-                )));
-            }
-        };
-        Ok(AckFile {
+        let (state, next_slot) = decode_ack_file(&buf);
+        let value = state.value;
+        let ack = AckFile {
             file,
             path,
-            value,
+            value: value.unwrap_or(0),
             next_slot,
-        })
+        };
+        Ok((ack, state))
+    }
+
+    /// Rewrites the whole file (both slots and the incarnation copy) and
+    /// fsyncs it: the repair for damaged slots or copy.
+    pub(crate) fn rewrite(&mut self, acked: u64, incarnation: u64) -> Result<(), SpoolError> {
+        self.file
+            .seek(SeekFrom::Start(0))
+            .map_err(io_err("seek", &self.path))?;
+        self.file
+            .write_all(&ack_file_bytes(acked, incarnation))
+            .map_err(io_err("write", &self.path))?;
+        self.file.sync_all().map_err(io_err("fsync", &self.path))?;
+        self.value = acked;
+        self.next_slot = 0;
+        Ok(())
     }
 
     /// The last durably stored acked seq.
@@ -262,7 +331,7 @@ mod tests {
     fn torn_ack_slot_keeps_previous_value() {
         let dir = tempfile::tempdir().unwrap();
         initialise(dir.path()).unwrap();
-        let mut ack = AckFile::open(dir.path()).unwrap();
+        let (mut ack, _) = AckFile::open(dir.path()).unwrap();
         ack.store(5).unwrap();
         ack.store(9).unwrap();
         let written = ack.next_slot ^ 1; // slot holding 9
@@ -271,25 +340,26 @@ mod tests {
         let mut bytes = fs::read(dir.path().join(ACK_FILE)).unwrap();
         bytes[ACK_SLOT_OFFSETS[written] as usize + 3] ^= 0xff;
         fs::write(dir.path().join(ACK_FILE), &bytes).unwrap();
-        let ack = AckFile::open(dir.path()).unwrap();
+        let (ack, state) = AckFile::open(dir.path()).unwrap();
         assert_eq!(ack.value(), 5);
-        // Both slots torn: refuse rather than guess.
+        assert_eq!(state.damaged_slots, 1);
+        // Both slots torn: reported as unknown, never guessed.
         bytes[ACK_SLOT_OFFSETS[written ^ 1] as usize] ^= 0xff;
         fs::write(dir.path().join(ACK_FILE), &bytes).unwrap();
-        assert!(matches!(
-            AckFile::open(dir.path()),
-            Err(SpoolError::Corrupt(_))
-        ));
+        let (_, state) = AckFile::open(dir.path()).unwrap();
+        assert_eq!(state.value, None);
+        assert_eq!(state.damaged_slots, 2);
+        assert!(state.incarnation.is_some());
     }
 
     #[test]
     fn ack_store_alternates_slots() {
         let dir = tempfile::tempdir().unwrap();
         initialise(dir.path()).unwrap();
-        let mut ack = AckFile::open(dir.path()).unwrap();
+        let (mut ack, _) = AckFile::open(dir.path()).unwrap();
         for v in 1..=5 {
             ack.store(v).unwrap();
-            assert_eq!(AckFile::open(dir.path()).unwrap().value(), v);
+            assert_eq!(AckFile::open(dir.path()).unwrap().0.value(), v);
         }
     }
 }

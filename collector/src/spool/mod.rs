@@ -37,8 +37,12 @@
 
 mod meta;
 mod record;
+mod recover;
 mod segment;
+mod verify;
 
+#[cfg(test)]
+mod damage_proptests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
@@ -50,6 +54,8 @@ use std::path::{Path, PathBuf};
 
 use meta::AckFile;
 use segment::{Segment, parse_segment_name, segment_name};
+
+pub use verify::{VerifyReport, verify};
 
 /// Largest payload [`Spool::append`] accepts, in bytes (16 MiB).
 pub const MAX_PAYLOAD_BYTES: usize = record::MAX_PAYLOAD;
@@ -142,16 +148,49 @@ pub(crate) fn io_err<'a>(
     }
 }
 
-/// What [`Spool::open`] found.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What [`Spool::open`] found and repaired. Everything in `damage`,
+/// `lost_seqs` and `repairs` is a loss or repair the operator must hear
+/// about: the caller logs it at ERROR and counts it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovery {
     /// Unacked records found (all durable now).
     pub records: u64,
-    /// Bytes cut off or deleted because they were torn, corrupt or did not
-    /// continue the log.
+    /// Bytes trimmed or deleted silently: the unsynced tail of a crash,
+    /// records already acked, leftovers of an interrupted repair.
     pub truncated_bytes: u64,
     /// Segment files kept.
     pub segments: usize,
+    /// Damaged byte ranges found inside synced data, each moved to the
+    /// spool's `corrupt/` folder.
+    pub damage: Vec<Damage>,
+    /// Inclusive seq ranges of synced (possibly acknowledged) records lost
+    /// to that damage, for reconciliation.
+    pub lost_seqs: Vec<(u64, u64)>,
+    /// Records in `lost_seqs`.
+    pub lost_records: u64,
+    /// Repairs of the metadata files (ack slots, incarnation), one sentence
+    /// each.
+    pub repairs: Vec<String>,
+    /// A trimmed tail whose first record looked complete but failed its
+    /// checksum: a torn write leaves a short record, so this is either a
+    /// power loss in the middle of a write or damage to the last group
+    /// commit before a crash (which nothing later vouches for). Worth a
+    /// warning.
+    pub suspicious_tail: Option<String>,
+}
+
+/// One damaged byte range moved out of a segment file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Segment file the bytes were in.
+    pub segment: PathBuf,
+    /// Byte offset in that file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub bytes: u64,
+    /// Where the bytes were saved (under `corrupt/`); `None` from
+    /// [`verify`], which changes nothing.
+    pub saved_to: Option<PathBuf>,
 }
 
 /// The spool. Not internally synchronised: share it behind a `Mutex`.
@@ -178,74 +217,85 @@ pub struct Spool {
 impl Spool {
     /// Opens (creating if needed) the spool in `dir` and recovers it; see
     /// the module docs for the rules. Fails if another `Spool` holds the
-    /// directory.
+    /// directory, or with [`SpoolError::Corrupt`] when damage cannot be
+    /// repaired without risking double counting (both copies of the
+    /// incarnation lost while records are pending).
     pub fn open(dir: &Path, opts: SpoolOptions) -> Result<(Spool, Recovery), SpoolError> {
         create_dir(dir)?;
         let lock = meta::lock_dir(dir)?;
         meta::remove_tmp_files(dir)?;
+        remove_tmp_segments(dir)?;
         let files = list_segments(dir)?;
-        let incarnation = match meta::read_incarnation(dir)? {
-            Some(v) => v,
-            // The incarnation is written before any segment, so segments
-            // without one mean damage; a new id would make the aggregator
-            // count their records a second time.
-            None if !files.is_empty() => {
-                return Err(SpoolError::Corrupt(format!(
-                    "{}: segments present but no incarnation file",
-                    dir.display()
-                )));
-            }
-            None => meta::initialise(dir)?,
-        };
-        let ack = AckFile::open(dir)?;
-        let acked = ack.value();
-
         let mut recovery = Recovery::default();
-        let mut segments = Vec::new();
-        // Highest valid seq seen so far, including segments already acked.
-        let mut last = 0u64;
-        let mut dir_changed = false;
-        for (first_seq, path) in files {
-            // Continuity: no hole may open up above the ack (see module docs).
-            let continues = first_seq > last && first_seq <= last.max(acked).saturating_add(1);
-            let scan = if continues {
-                Some(Segment::scan(&path, first_seq)?)
-            } else {
-                None
-            };
-            match scan {
-                Some(scan) if scan.valid_len > 0 => {
-                    recovery.truncated_bytes += scan.file_len - scan.valid_len;
-                    last = scan.segment.last_seq;
-                    if last <= acked {
-                        remove_segment(&path)?;
-                        dir_changed = true;
-                        continue;
-                    }
-                    if scan.valid_len < scan.file_len {
-                        truncate(&path, scan.valid_len)?;
-                    }
-                    segments.push(scan.segment);
-                }
-                other => {
-                    let file_len = match other {
-                        Some(scan) => scan.file_len,
-                        None => fs::metadata(&path).map_err(io_err("stat", &path))?.len(),
-                    };
-                    recovery.truncated_bytes += file_len;
-                    remove_segment(&path)?;
-                    dir_changed = true;
-                }
-            }
+        let inc_file = meta::read_incarnation(dir)?;
+        if inc_file == meta::Incarnation::Missing && files.is_empty() {
+            // Never initialised, or a crash in the middle of it.
+            meta::initialise(dir)?;
         }
+        let (mut ack, state) = AckFile::open(dir)?;
+        let inc_file = meta::read_incarnation(dir)?;
+        let incarnation = resolve_incarnation(
+            dir,
+            inc_file,
+            &state,
+            !files.is_empty(),
+            &mut recovery.repairs,
+        )?;
+        let (acked, incarnation) = match (state.value, files.first()) {
+            (Some(v), _) => (v, incarnation),
+            // Both ack slots lost. Resending acked records is harmless (the
+            // aggregator drops seqs at or below its high-water mark), and a
+            // fully acked segment is deleted before the ack moves past it,
+            // so everything below the oldest segment is acked.
+            (None, Some(&(first, _))) => {
+                let acked = first - 1;
+                recovery.repairs.push(format!(
+                    "{}: both ack slots damaged; acked seq set to {acked} (the seq before the \
+                     oldest segment): records after it are resent, and the aggregator drops \
+                     those it already has",
+                    dir.join(meta::ACK_FILE).display()
+                ));
+                (acked, incarnation)
+            }
+            // Nothing pending, and the next seq is unknown: a fresh
+            // incarnation (a new collector id) can never reuse a seq the
+            // aggregator has seen under the old one.
+            (None, None) => {
+                let fresh = meta::new_incarnation();
+                meta::write_incarnation(dir, fresh)?;
+                recovery.repairs.push(format!(
+                    "{}: both ack slots damaged and no records pending; new incarnation \
+                     {fresh:016x} (a new collector id) so that no seq is reused",
+                    dir.join(meta::ACK_FILE).display()
+                ));
+                (0, fresh)
+            }
+        };
+        if state.value != Some(acked)
+            || state.damaged_slots > 0
+            || state.incarnation != Some(incarnation)
+        {
+            if state.value.is_some() && state.damaged_slots > 0 {
+                recovery.repairs.push(format!(
+                    "{}: one ack slot damaged; kept the other ({acked})",
+                    dir.join(meta::ACK_FILE).display()
+                ));
+            }
+            ack.rewrite(acked, incarnation)?;
+        }
+
+        let scans = scan_all(&files)?;
+        let plan = recover::plan(scans, acked);
+        let (segments, dir_changed) = carry_out(dir, plan, &mut recovery)?;
         if dir_changed {
             meta::sync_dir(dir)?;
         }
+        let mut segments = segments;
         if let Some(seg) = segments.last_mut() {
             seg.writer = Some(open_append(&seg.path)?);
         }
+        let last = segments.last().map_or(0, |s| s.last_seq);
         let durable_seq = last.max(acked);
-        recovery.records = durable_seq - acked;
         recovery.segments = segments.len();
         let spool = Spool {
             dir: dir.to_path_buf(),
@@ -260,6 +310,7 @@ impl Spool {
             buf: Vec::new(),
             _lock: lock,
         };
+        recovery.records = spool.pending_records();
         Ok((spool, recovery))
     }
 
@@ -305,7 +356,7 @@ impl Spool {
         if !reuse {
             self.start_segment(seq)?;
         }
-        record::encode(&mut self.buf, seq, len, payload);
+        record::encode(&mut self.buf, seq, self.durable_seq, len, payload);
         let Some(seg) = self.segments.last_mut() else {
             return Err(internal("no segment after rotation"));
         };
@@ -492,9 +543,14 @@ impl Spool {
 
     /// Unacked records, durable or not yet synced.
     pub fn pending_records(&self) -> u64 {
-        // Seqs above the ack are gap-free (recovery enforces it, appends
-        // are consecutive), so this is a subtraction.
-        (self.next_seq - 1).saturating_sub(self.ack.value())
+        // Seqs are consecutive within a segment; between segments there may
+        // be a hole left by damage (see `recover`).
+        let acked = self.ack.value();
+        self.segments
+            .iter()
+            .filter(|s| !s.is_empty() && s.last_seq > acked)
+            .map(|s| s.last_seq - s.first_seq.max(acked + 1) + 1)
+            .sum()
     }
 
     /// For the crash simulation and invariant checks in tests: every live
@@ -566,4 +622,286 @@ fn remove_segment(path: &Path) -> Result<(), SpoolError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err("remove segment", path)(e)),
     }
+}
+
+/// Name of the folder (inside the spool directory) that damaged byte ranges
+/// are moved to, with a `report.log` line per range.
+pub const CORRUPT_DIR: &str = "corrupt";
+
+/// Suffix of a moved run's segment file while it is being written.
+const TMP_SEGMENT_SUFFIX: &str = ".tmp";
+
+/// Removes `{seq}.seg.tmp` leftovers of a repair interrupted by a crash.
+fn remove_tmp_segments(dir: &Path) -> Result<(), SpoolError> {
+    for entry in fs::read_dir(dir).map_err(io_err("read directory", dir))? {
+        let entry = entry.map_err(io_err("read directory", dir))?;
+        let name = entry.file_name();
+        let is_tmp = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(TMP_SEGMENT_SUFFIX))
+            .and_then(parse_segment_name)
+            .is_some();
+        if is_tmp {
+            remove_segment(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Picks the incarnation: the file, else its copy in the ack file (and
+/// restores the file), else a fresh one when no records are pending. With
+/// records pending and both copies lost, a fresh id could make the
+/// aggregator count records it already has a second time, so that needs an
+/// operator.
+fn resolve_incarnation(
+    dir: &Path,
+    file: meta::Incarnation,
+    state: &meta::AckState,
+    records_pending: bool,
+    repairs: &mut Vec<String>,
+) -> Result<u64, SpoolError> {
+    let path = dir.join(meta::INCARNATION_FILE);
+    match (file, state.incarnation) {
+        (meta::Incarnation::Valid(v), copy) => {
+            if copy.is_some_and(|c| c != v) {
+                repairs.push(format!(
+                    "{}: the incarnation copy in the ack file differed; kept the file's \
+                     {v:016x}",
+                    path.display()
+                ));
+            } else if copy.is_none() {
+                repairs.push(format!(
+                    "{}: incarnation copy damaged; rewritten from the file",
+                    dir.join(meta::ACK_FILE).display()
+                ));
+            }
+            Ok(v)
+        }
+        (_, Some(c)) => {
+            meta::write_incarnation(dir, c)?;
+            repairs.push(format!(
+                "{}: damaged or missing; restored {c:016x} from the copy in the ack file",
+                path.display()
+            ));
+            Ok(c)
+        }
+        (_, None) if !records_pending => {
+            let fresh = meta::new_incarnation();
+            meta::write_incarnation(dir, fresh)?;
+            repairs.push(format!(
+                "{}: both copies of the incarnation damaged and no records pending; new \
+                 incarnation {fresh:016x} (a new collector id)",
+                path.display()
+            ));
+            Ok(fresh)
+        }
+        (_, None) => Err(SpoolError::Corrupt(format!(
+            "{}: the incarnation file and its copy in the ack file are both damaged while \
+             records are pending. The collector id ({{collector_id}}-{{incarnation}}) is logged \
+             at every start as `collector_id=...`: restore its last 16 hex digits with \
+             `adclick spool set-incarnation {} <hex>`, or `--new` to resend the pending records \
+             under a new id (the aggregator's impression dedup drops clicks it already counted, \
+             within the dedup window). See docs/operations.md, 'Spool damage'.",
+            path.display(),
+            dir.display()
+        ))),
+    }
+}
+
+/// Sets the incarnation id of a spool that is not open (operator repair,
+/// `adclick spool set-incarnation`): writes the incarnation file and the
+/// copy in the ack file, keeping the acked seq if it is readable.
+pub fn set_incarnation(dir: &Path, incarnation: u64) -> Result<(), SpoolError> {
+    let _lock = meta::lock_dir(dir)?;
+    let (mut ack, state) = AckFile::open(dir)?;
+    let acked = match (state.value, list_segments(dir)?.first()) {
+        (Some(v), _) => v,
+        (None, Some(&(first, _))) => first - 1,
+        (None, None) => 0,
+    };
+    ack.rewrite(acked, incarnation)?;
+    meta::write_incarnation(dir, incarnation)
+}
+
+/// A fresh random incarnation id (for `set-incarnation --new`).
+pub fn random_incarnation() -> u64 {
+    meta::new_incarnation()
+}
+
+/// Scans every segment file (read-only).
+fn scan_all(files: &[(u64, PathBuf)]) -> Result<Vec<recover::SegmentScan>, SpoolError> {
+    files
+        .iter()
+        .map(|(first_seq, path)| {
+            Ok(recover::SegmentScan {
+                first_seq: *first_seq,
+                path: path.clone(),
+                scan: Segment::scan(path, *first_seq)?,
+            })
+        })
+        .collect()
+}
+
+/// Bytes `[start, end)` of a file.
+fn read_range(path: &Path, start: u64, end: u64) -> Result<Vec<u8>, SpoolError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).map_err(io_err("open", path))?;
+    f.seek(SeekFrom::Start(start))
+        .map_err(io_err("seek", path))?;
+    let mut buf = Vec::with_capacity(usize::try_from(end - start).unwrap_or(0));
+    f.take(end - start)
+        .read_to_end(&mut buf)
+        .map_err(io_err("read", path))?;
+    Ok(buf)
+}
+
+/// Writes `bytes` to `path` durably (the caller fsyncs the directory).
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    let mut f = File::create(path).map_err(io_err("create", path))?;
+    f.write_all(bytes).map_err(io_err("write", path))?;
+    f.sync_all().map_err(io_err("fsync", path))
+}
+
+/// Carries out a recovery plan: saves damage to `corrupt/`, moves every
+/// run that follows damage into a segment file of its own, trims and
+/// deletes the rest. Returns the live segments and whether the directory
+/// changed (needs an fsync).
+///
+/// Crash safety: damage is saved before anything is removed; moved runs
+/// are written (temp file, fsync, rename) before their source is cut, and
+/// a copy left behind by a crash in between is a run that overlaps kept
+/// records, which the next plan drops.
+fn carry_out(
+    dir: &Path,
+    plan: recover::Plan,
+    recovery: &mut Recovery,
+) -> Result<(Vec<Segment>, bool), SpoolError> {
+    use std::collections::HashSet;
+    let mut changed = false;
+    recovery.lost_records = plan.lost_records();
+    recovery.lost_seqs = plan.lost.clone();
+
+    // 1. Save every damaged range before anything is cut.
+    let corrupt = dir.join(CORRUPT_DIR);
+    let mut report = String::new();
+    for sp in &plan.segments {
+        for &(start, end) in &sp.damaged {
+            if !corrupt.is_dir() {
+                create_dir(&corrupt)?;
+            }
+            let name = sp.path.file_name().map_or_else(
+                || "segment".to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            let saved = corrupt.join(format!("{name}.{start}-{end}.bin"));
+            write_file(&saved, &read_range(&sp.path, start, end)?)?;
+            report.push_str(&format!(
+                "segment={} offset={start} bytes={} saved_as={}\n",
+                sp.path.display(),
+                end - start,
+                saved.display()
+            ));
+            recovery.damage.push(Damage {
+                segment: sp.path.clone(),
+                offset: start,
+                bytes: end - start,
+                saved_to: Some(saved),
+            });
+        }
+        if sp.suspicious_tail {
+            recovery.suspicious_tail = Some(format!(
+                "{}: trimmed a tail whose first record looked complete but failed its checksum \
+                 (power loss mid-write, or damage to the last commit before a crash)",
+                sp.path.display()
+            ));
+        }
+    }
+    if !report.is_empty() {
+        for &(a, b) in &plan.lost {
+            report.push_str(&format!("lost_seqs={a}-{b}\n"));
+        }
+        let log = corrupt.join("report.log");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io_err("open", &log))?;
+        f.write_all(report.as_bytes())
+            .map_err(io_err("write", &log))?;
+        f.sync_all().map_err(io_err("fsync", &log))?;
+        meta::sync_dir(&corrupt)?;
+    }
+
+    // 2. Files with nothing to keep go first, so that no moved run's new
+    // name can collide with a file about to be deleted.
+    let target_of = |run: &segment::Run, loss: &Option<(u64, u64)>| {
+        dir.join(segment_name(loss.map_or(run.first_seq(), |(a, _)| a)))
+    };
+    let targets: HashSet<PathBuf> = plan
+        .segments
+        .iter()
+        .flat_map(|sp| sp.kept.iter())
+        .filter(|(r, loss)| r.start != 0 || loss.is_some())
+        .map(|(r, loss)| target_of(r, loss))
+        .collect();
+    for sp in &plan.segments {
+        recovery.truncated_bytes += sp.dropped_bytes;
+        if sp.kept.is_empty() && !targets.contains(&sp.path) {
+            remove_segment(&sp.path)?;
+            changed = true;
+        }
+    }
+
+    // 3. Move runs that follow damage into files of their own, after a
+    // tombstone per lost seq.
+    let mut segments = Vec::new();
+    for sp in plan.segments {
+        let keeps_file = sp.keeps_file();
+        let mut in_place = None;
+        let mut moved = Vec::new();
+        for (mut run, loss) in sp.kept {
+            if run.start == 0 && loss.is_none() {
+                run.segment.path = sp.path.clone();
+                in_place = Some(run);
+                continue;
+            }
+            let target = target_of(&run, &loss);
+            let first = loss.map_or(run.first_seq(), |(a, _)| a);
+            let mut bytes = Vec::new();
+            let mut rec = Vec::new();
+            if let Some((a, b)) = loss {
+                for seq in a..=b {
+                    record::encode(&mut rec, seq, seq - 1, 0, &[]);
+                    bytes.extend_from_slice(&rec);
+                }
+            }
+            bytes.extend_from_slice(&read_range(&sp.path, run.start, run.end)?);
+            let tmp = dir.join(format!("{}{TMP_SEGMENT_SUFFIX}", segment_name(first)));
+            write_file(&tmp, &bytes)?;
+            fs::rename(&tmp, &target).map_err(io_err("rename", &target))?;
+            meta::sync_dir(dir)?;
+            changed = true;
+            let mut scan = Segment::scan(&target, first)?;
+            match (scan.runs.pop(), scan.runs.is_empty()) {
+                (Some(r), true) if r.end == bytes.len() as u64 => {
+                    let mut seg = r.segment;
+                    seg.path = target;
+                    moved.push(seg);
+                }
+                _ => return Err(internal("a repaired segment does not read back")),
+            }
+        }
+        // 4. The source is cut or goes once its runs are safe elsewhere.
+        if let Some(run) = in_place {
+            if run.end < sp.file_len {
+                truncate(&sp.path, run.end)?;
+            }
+            segments.push(run.segment);
+        } else if !keeps_file && !targets.contains(&sp.path) && sp.path.exists() {
+            remove_segment(&sp.path)?;
+            changed = true;
+        }
+        segments.extend(moved);
+    }
+    Ok((segments, changed))
 }

@@ -142,7 +142,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         match op {
             Op::Append(p) => {
                 let used = spool.used_bytes();
-                let need = 16 + p.len() as u64;
+                let need = record::HEADER_LEN as u64 + p.len() as u64;
                 match spool.append(&p) {
                     Ok(seq) => {
                         prop_assert_eq!(seq, m.next_seq);

@@ -7,8 +7,8 @@
 //! or when to sync); [`super::Spool`] does. It must not keep payloads in
 //! memory: reads go to disk through a fresh read handle each time.
 
-use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::fs::{self, File};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::record::{HEADER_LEN, Header};
@@ -60,15 +60,49 @@ pub(crate) struct Segment {
     index: Vec<(u64, u64)>,
 }
 
-/// Outcome of scanning a segment file at open.
+/// A maximal stretch of valid records (complete, CRC-correct, consecutive
+/// seqs) found in a segment file by [`Segment::scan`].
+#[derive(Debug)]
+pub(crate) struct Run {
+    /// Byte offset of the run's first record in the scanned file.
+    pub(crate) start: u64,
+    /// Byte offset just past its last record.
+    pub(crate) end: u64,
+    /// Highest `synced` watermark any of its records carries.
+    pub(crate) max_synced: u64,
+    /// The run as a segment of its own: offsets relative to `start`, path
+    /// of the scanned file (the caller renames it if the run moves).
+    pub(crate) segment: Segment,
+}
+
+impl Run {
+    /// Seq of the run's first record.
+    pub(crate) fn first_seq(&self) -> u64 {
+        self.segment.first_seq
+    }
+
+    /// Seq of the run's last record.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.segment.last_seq
+    }
+}
+
+/// Outcome of scanning a segment file at open: every run of valid records,
+/// in file order, with strictly increasing seqs. The bytes between and after
+/// the runs are damage or a torn tail; telling which is the caller's job
+/// (it needs every segment's watermarks).
 #[derive(Debug)]
 pub(crate) struct Scan {
-    /// Bytes of the file covered by valid records.
-    pub(crate) valid_len: u64,
     /// Size of the file on disk.
     pub(crate) file_len: u64,
-    /// Summary of the valid prefix (only meaningful if `valid_len > 0`).
-    pub(crate) segment: Segment,
+    /// Valid runs in file order. The first starts at offset 0 only if the
+    /// file's first record is intact.
+    pub(crate) runs: Vec<Run>,
+    /// The bytes after the last run start with a header whose length fits
+    /// in the file but whose checksum fails. An interrupted write leaves a
+    /// short record instead, so this is worth a warning even when the bytes
+    /// are trimmed as a tail.
+    pub(crate) complete_bad_tail: bool,
 }
 
 impl Segment {
@@ -105,42 +139,60 @@ impl Segment {
         self.len += record_len;
     }
 
-    /// Reads the file from the start and keeps the longest prefix of valid
-    /// records: complete, CRC-correct, seqs consecutive from `first_seq`.
-    /// I/O errors are returned, never mistaken for a torn tail, so that a
-    /// flaky disk cannot make recovery cut durable data.
+    /// Reads the whole file and finds every run of valid records. Where a
+    /// record fails (bad length, checksum or seq), it resynchronises: the
+    /// next offset holding a complete, CRC-correct record whose seq is above
+    /// the last valid one, and no further above it than the bytes skipped
+    /// could have held records, starts a new run. I/O errors are returned,
+    /// never mistaken for damage, so that a flaky disk cannot make recovery
+    /// cut durable data. Peak memory is one segment file.
     pub(crate) fn scan(path: &Path, first_seq: u64) -> Result<Scan, SpoolError> {
-        let mut segment = Segment::new(path.to_path_buf(), first_seq, None);
-        let file = File::open(path).map_err(io_err("open", path))?;
-        let file_len = file.metadata().map_err(io_err("stat", path))?.len();
-        let mut reader = BufReader::with_capacity(READ_BUF, file);
-        let mut payload = Vec::new();
-        loop {
-            let remaining = file_len - segment.len;
-            if remaining < HEADER_LEN as u64 {
-                break;
+        let bytes = fs::read(path).map_err(io_err("read", path))?;
+        let n = bytes.len();
+        let mut runs: Vec<Run> = Vec::new();
+        let mut pos = 0usize;
+        let mut last = first_seq.wrapping_sub(1);
+        let mut in_run = false;
+        let mut complete_bad_tail = false;
+        while pos < n {
+            let want = last.wrapping_add(1);
+            if let Some((h, rl)) = record_at(&bytes, pos, |seq| seq == want) {
+                match runs.last_mut() {
+                    Some(run) if in_run => run.push(&h, rl),
+                    _ => runs.push(Run::new(path, pos, &h, rl)),
+                }
+                in_run = true;
+                last = h.seq;
+                pos += rl;
+                continue;
             }
-            let mut hb = [0u8; HEADER_LEN];
-            read_exact_or_eof(&mut reader, &mut hb, path)?;
-            let header = Header::parse(&hb);
-            let Some(plen) = header.payload_len() else {
-                break;
-            };
-            if header.seq != segment.last_seq.wrapping_add(1) || header.record_len() > remaining {
-                break;
+            let from = pos;
+            let found = (from + 1..n).find_map(|p| {
+                // Records lost between `last` and a candidate lie in
+                // [from, p), each at least a header long.
+                let max_gap = ((p - from) / HEADER_LEN) as u64;
+                record_at(&bytes, p, |seq| {
+                    seq > last && seq.wrapping_sub(last).wrapping_sub(1) <= max_gap
+                })
+                .map(|(h, rl)| (p, h, rl))
+            });
+            match found {
+                Some((p, h, rl)) => {
+                    runs.push(Run::new(path, p, &h, rl));
+                    in_run = true;
+                    last = h.seq;
+                    pos = p + rl;
+                }
+                None => {
+                    complete_bad_tail = complete_header_at(&bytes, from);
+                    break;
+                }
             }
-            payload.resize(plen, 0);
-            read_exact_or_eof(&mut reader, &mut payload, path)?;
-            if !header.matches(&payload) {
-                break;
-            }
-            segment.push(header.seq, header.record_len());
         }
-        segment.synced_len = segment.len;
         Ok(Scan {
-            valid_len: segment.len,
-            file_len,
-            segment,
+            file_len: n as u64,
+            runs,
+            complete_bad_tail,
         })
     }
 
@@ -219,23 +271,56 @@ impl Segment {
     }
 }
 
-/// `read_exact` that maps a short read to `Ok` with a zeroed tail instead
-/// of an error: during recovery a file can shrink under us only if someone
-/// else is writing it, and a zeroed header or payload then simply fails
-/// validation like any torn record would.
-fn read_exact_or_eof(
-    reader: &mut impl Read,
-    buf: &mut [u8],
-    path: &Path,
-) -> Result<(), SpoolError> {
-    match reader.read_exact(buf) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            buf.fill(0);
-            Ok(())
+impl Run {
+    fn new(path: &Path, start: usize, h: &Header, record_len: usize) -> Run {
+        let mut segment = Segment::new(path.to_path_buf(), h.seq, None);
+        segment.push(h.seq, record_len as u64);
+        segment.synced_len = segment.len;
+        Run {
+            start: start as u64,
+            end: (start + record_len) as u64,
+            max_synced: h.synced,
+            segment,
         }
-        Err(e) => Err(io_err("read", path)(e)),
     }
+
+    fn push(&mut self, h: &Header, record_len: usize) {
+        self.segment.push(h.seq, record_len as u64);
+        self.segment.synced_len = self.segment.len;
+        self.end += record_len as u64;
+        self.max_synced = self.max_synced.max(h.synced);
+    }
+}
+
+/// The record at `pos` if it is complete, its seq passes `seq_ok` (checked
+/// before the CRC, which keeps resynchronisation cheap) and its checksum
+/// matches; with its total length.
+fn record_at(bytes: &[u8], pos: usize, seq_ok: impl Fn(u64) -> bool) -> Option<(Header, usize)> {
+    let hb: &[u8; HEADER_LEN] = bytes
+        .get(pos..pos.checked_add(HEADER_LEN)?)?
+        .try_into()
+        .ok()?;
+    let h = Header::parse(hb);
+    if !seq_ok(h.seq) {
+        return None;
+    }
+    let plen = h.payload_len()?;
+    let body = pos + HEADER_LEN;
+    let payload = bytes.get(body..body.checked_add(plen)?)?;
+    h.matches(payload).then_some((h, HEADER_LEN + plen))
+}
+
+/// Whether a header at `pos` claims a length that fits in the file.
+fn complete_header_at(bytes: &[u8], pos: usize) -> bool {
+    let Some(hb) = bytes
+        .get(pos..pos.saturating_add(HEADER_LEN))
+        .and_then(|b| <&[u8; HEADER_LEN]>::try_from(b).ok())
+    else {
+        return false;
+    };
+    let h = Header::parse(hb);
+    h.payload_len()
+        .is_some_and(|plen| pos + HEADER_LEN + plen <= bytes.len() && hb.iter().any(|&b| b != 0))
 }
 
 #[cfg(test)]

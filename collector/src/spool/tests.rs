@@ -22,7 +22,11 @@ fn open(dir: &Path, o: SpoolOptions) -> (Spool, Recovery) {
     Spool::open(dir, o).unwrap()
 }
 
-/// 20-byte payloads, so each record is 36 bytes on disk.
+/// Bytes on disk of one record with a [`payload`]: a 24-byte header and 20
+/// bytes of payload.
+const REC: u64 = 44;
+
+/// 20-byte payloads, so each record is [`REC`] bytes on disk.
 fn payload(i: u64) -> Vec<u8> {
     format!("payload-{i:012}").into_bytes()
 }
@@ -67,7 +71,7 @@ fn append_sync_read_round_trip() {
     assert_eq!(s.read(4, 10, usize::MAX).unwrap(), vec![]);
     assert_eq!(s.pending_records(), 3);
     assert_eq!(s.segment_count(), 1);
-    assert_eq!(s.used_bytes(), 3 * 36);
+    assert_eq!(s.used_bytes(), 3 * REC);
 }
 
 #[test]
@@ -99,7 +103,7 @@ fn rotation_creates_ordered_bounded_segments() {
     assert_eq!(
         names,
         [1, 3, 5, 7].map(|i| format!("{i:020}.seg")).to_vec(),
-        "two 36-byte records per 100-byte segment"
+        "two 44-byte records per 100-byte segment"
     );
     for f in &files {
         assert!(fs::metadata(f).unwrap().len() <= 100);
@@ -151,7 +155,8 @@ fn ack_deletes_segments_and_persists_across_reopen() {
         Recovery {
             records: 2,
             truncated_bytes: 0,
-            segments: 2
+            segments: 2,
+            ..Recovery::default()
         }
     );
     assert_eq!(read_all(&s), expected(6..=7));
@@ -214,18 +219,19 @@ fn torn_tail_mid_record_is_cut() {
     drop(s);
     let seg = seg_files(dir.path())[0].clone();
     let f = OpenOptions::new().write(true).open(&seg).unwrap();
-    f.set_len(5 * 36 - 3).unwrap();
+    f.set_len(5 * REC - 3).unwrap();
     drop(f);
     let (mut s, rec) = open(dir.path(), SpoolOptions::default());
     assert_eq!(
         rec,
         Recovery {
             records: 4,
-            truncated_bytes: 33,
-            segments: 1
+            truncated_bytes: REC - 3,
+            segments: 1,
+            ..Recovery::default()
         }
     );
-    assert_eq!(fs::metadata(&seg).unwrap().len(), 4 * 36);
+    assert_eq!(fs::metadata(&seg).unwrap().len(), 4 * REC);
     assert_eq!(read_all(&s), expected(1..=4));
     assert_eq!(s.append(&payload(5)).unwrap(), 5);
     s.sync().unwrap();
@@ -250,7 +256,7 @@ fn garbage_tail_is_cut_and_complete_records_kept() {
         let (mut s, rec) = open(dir.path(), SpoolOptions::default());
         assert_eq!(rec.records, 3);
         assert_eq!(rec.truncated_bytes, garbage.len() as u64);
-        assert_eq!(fs::metadata(&seg).unwrap().len(), 3 * 36);
+        assert_eq!(fs::metadata(&seg).unwrap().len(), 3 * REC);
         assert_eq!(s.append(&payload(4)).unwrap(), 4);
         s.sync().unwrap();
         assert_eq!(read_all(&s), expected(1..=4));
@@ -259,6 +265,7 @@ fn garbage_tail_is_cut_and_complete_records_kept() {
 
 #[test]
 fn segment_after_a_hole_is_dropped() {
+    // (One sync for all six: nothing vouches for record 4.)
     // A later segment reaching the disk while an earlier unsynced tail did
     // not must not survive: records after a hole would not be a prefix.
     let dir = tempfile::tempdir().unwrap();
@@ -269,11 +276,11 @@ fn segment_after_a_hole_is_dropped() {
     drop(s);
     let files = seg_files(dir.path());
     let f = OpenOptions::new().write(true).open(&files[1]).unwrap();
-    f.set_len(36 + 10).unwrap(); // keeps 3, tears 4
+    f.set_len(REC + 10).unwrap(); // keeps 3, tears 4
     drop(f);
     let (s, rec) = open(dir.path(), o);
     assert_eq!(read_all(&s), expected(1..=3));
-    assert_eq!(rec.truncated_bytes, 10 + 2 * 36);
+    assert_eq!(rec.truncated_bytes, 10 + 2 * REC);
     assert_eq!(rec.segments, 2);
     assert!(!files[2].exists());
 }
@@ -302,13 +309,16 @@ fn segment_continuing_after_garbage_is_kept() {
 
 #[test]
 fn bit_flip_in_durable_record_is_reported_on_read_and_cut_on_open() {
+    // All three records went in one sync, so nothing vouches that record 2
+    // was synced: at open it is indistinguishable from a torn write and is
+    // cut with what follows (see `recover`).
     let dir = tempfile::tempdir().unwrap();
     let (mut s, _) = open(dir.path(), SpoolOptions::default());
     append_n(&mut s, 3);
     s.sync().unwrap();
     let seg = seg_files(dir.path())[0].clone();
     let mut bytes = fs::read(&seg).unwrap();
-    bytes[36 + 20] ^= 1; // payload of record 2
+    bytes[REC as usize + 30] ^= 1; // payload of record 2
     fs::write(&seg, &bytes).unwrap();
     assert_eq!(s.read(1, 1, usize::MAX).unwrap(), expected(1..=1));
     assert!(matches!(
@@ -317,21 +327,19 @@ fn bit_flip_in_durable_record_is_reported_on_read_and_cut_on_open() {
     ));
     drop(s);
     let (s, rec) = open(dir.path(), SpoolOptions::default());
-    assert_eq!(rec.truncated_bytes, 2 * 36);
+    assert_eq!(rec.truncated_bytes, 2 * REC);
     assert_eq!(read_all(&s), expected(1..=1));
 }
 
 #[test]
 fn full_is_refused_without_writing_and_clears_after_ack() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut s, _) = open(dir.path(), opts(100, 165));
-    append_n(&mut s, 4); // 144 bytes
+    let max = 4 * REC + 30; // room for a 2-byte record, not a 20-byte one
+    let (mut s, _) = open(dir.path(), opts(100, max));
+    append_n(&mut s, 4);
     let before = (s.used_bytes(), s.pending_records(), s.segment_count());
     match s.append(&payload(5)) {
-        Err(SpoolError::Full {
-            used: 144,
-            max: 165,
-        }) => {}
+        Err(SpoolError::Full { used, max: m }) if used == 4 * REC && m == max => {}
         other => panic!("expected Full, got {other:?}"),
     }
     assert_eq!(
@@ -403,13 +411,25 @@ fn incarnation_is_stable_and_new_for_a_new_directory() {
 }
 
 #[test]
-fn segments_without_incarnation_are_refused() {
+fn segments_without_any_incarnation_copy_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (mut s, _) = open(dir.path(), SpoolOptions::default());
+    let inc = s.incarnation();
     append_n(&mut s, 1);
     s.sync().unwrap();
     drop(s);
+    // The file alone: restored from the copy in the ack file.
     fs::remove_file(dir.path().join(meta::INCARNATION_FILE)).unwrap();
+    let (s, rec) = open(dir.path(), SpoolOptions::default());
+    assert_eq!(s.incarnation(), inc);
+    assert_eq!(rec.repairs.len(), 1, "{:?}", rec.repairs);
+    assert_eq!(read_all(&s), expected(1..=1));
+    drop(s);
+    // Both: a new id could double count the pending record; refuse.
+    fs::remove_file(dir.path().join(meta::INCARNATION_FILE)).unwrap();
+    let mut ack = fs::read(dir.path().join(meta::ACK_FILE)).unwrap();
+    ack[1024] ^= 0xff;
+    fs::write(dir.path().join(meta::ACK_FILE), &ack).unwrap();
     assert!(matches!(
         Spool::open(dir.path(), SpoolOptions::default()),
         Err(SpoolError::Corrupt(_))
@@ -477,4 +497,114 @@ fn spool_can_be_shared_behind_a_mutex() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Spool>();
     assert_send_sync::<SpoolError>();
+}
+
+/// Appends `n` records with one sync each, as the collector's group commit
+/// does: every record then vouches for the ones before it.
+fn append_synced(s: &mut Spool, n: u64) {
+    for _ in 0..n {
+        append_n(s, 1);
+        s.sync().unwrap();
+    }
+}
+
+#[test]
+fn bit_flip_in_a_vouched_record_costs_only_that_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path(), SpoolOptions::default());
+    append_synced(&mut s, 40);
+    drop(s);
+    let seg = seg_files(dir.path())[0].clone();
+    let mut bytes = fs::read(&seg).unwrap();
+    let at = bytes.len() / 4; // inside record 11 (44 bytes each)
+    bytes[at] ^= 0x10;
+    fs::write(&seg, &bytes).unwrap();
+    let hit = at as u64 / REC + 1;
+
+    let report = verify(dir.path()).unwrap();
+    assert!(report.is_damaged());
+    assert_eq!(report.lost_seqs, vec![(hit, hit)]);
+
+    let (s, rec) = open(dir.path(), SpoolOptions::default());
+    assert_eq!(rec.lost_seqs, vec![(hit, hit)]);
+    assert_eq!(rec.lost_records, 1);
+    assert_eq!(rec.damage.len(), 1);
+    assert_eq!(rec.damage[0].bytes, REC);
+    let saved = rec.damage[0].saved_to.clone().unwrap();
+    assert_eq!(
+        fs::read(&saved).unwrap(),
+        bytes[(hit - 1) as usize * REC as usize..][..REC as usize]
+    );
+    assert!(dir.path().join(CORRUPT_DIR).join("report.log").exists());
+    // Every other record is back, in order; the lost one is a tombstone.
+    let want: Vec<(u64, Vec<u8>)> = (1..=40)
+        .map(|i| (i, if i == hit { Vec::new() } else { payload(i) }))
+        .collect();
+    assert_eq!(read_all(&s), want);
+    drop(s);
+    let (mut s, rec) = open(dir.path(), SpoolOptions::default());
+    assert_eq!(rec.damage, vec![]);
+    assert_eq!(rec.lost_seqs, vec![]);
+    assert_eq!(read_all(&s), want);
+    assert_eq!(s.append(&payload(41)).unwrap(), 41);
+    assert!(!verify(dir.path()).unwrap().is_damaged());
+}
+
+#[test]
+fn truncated_segment_keeps_the_segments_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(100, u64::MAX);
+    let (mut s, _) = open(dir.path(), o);
+    append_synced(&mut s, 6); // two records per segment
+    drop(s);
+    let files = seg_files(dir.path());
+    let f = OpenOptions::new().write(true).open(&files[1]).unwrap();
+    f.set_len(REC + 10).unwrap(); // keeps 3, tears 4
+    drop(f);
+    let (s, rec) = open(dir.path(), o);
+    assert_eq!(rec.lost_seqs, vec![(4, 4)]);
+    let want: Vec<(u64, Vec<u8>)> = (1..=6)
+        .map(|i| (i, if i == 4 { Vec::new() } else { payload(i) }))
+        .collect();
+    assert_eq!(read_all(&s), want);
+}
+
+#[test]
+fn damaged_ack_slots_are_repaired_without_reusing_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(100, u64::MAX);
+    let (mut s, _) = open(dir.path(), o);
+    let inc = s.incarnation();
+    append_synced(&mut s, 6);
+    s.ack(3).unwrap(); // deletes the first segment (1, 2)
+    drop(s);
+    let ack_path = dir.path().join(meta::ACK_FILE);
+    let mut ack = fs::read(&ack_path).unwrap();
+    ack[2] ^= 1;
+    ack[514] ^= 1;
+    fs::write(&ack_path, &ack).unwrap();
+    assert!(verify(dir.path()).unwrap().is_damaged());
+    // Both slots gone, segments left: resend from the oldest segment (3 is
+    // acked already; the aggregator drops it as a replay), same identity.
+    let (mut s, rec) = open(dir.path(), o);
+    assert_eq!(rec.repairs.len(), 1, "{:?}", rec.repairs);
+    assert_eq!(s.incarnation(), inc);
+    assert_eq!(s.acked_seq(), 2);
+    assert_eq!(read_all(&s), expected(3..=6));
+    s.ack(6).unwrap();
+    drop(s);
+    assert!(!verify(dir.path()).unwrap().is_damaged());
+    // Both slots gone and nothing pending: the next seq is unknown, so a
+    // new incarnation (collector id) makes any seq safe.
+    let mut ack = fs::read(&ack_path).unwrap();
+    ack[2] ^= 1;
+    ack[514] ^= 1;
+    fs::write(&ack_path, &ack).unwrap();
+    let (s, rec) = open(dir.path(), o);
+    assert_eq!(rec.repairs.len(), 1, "{:?}", rec.repairs);
+    assert_ne!(s.incarnation(), inc);
+    drop(s);
+    let (s, rec) = open(dir.path(), o);
+    assert!(rec.repairs.is_empty(), "{:?}", rec.repairs);
+    assert_eq!(read_all(&s), vec![]);
 }
