@@ -30,6 +30,46 @@ pub struct AggregatorConfig {
     /// Secrets collectors must send (`authorization: Bearer <key>`) to ingest. Empty =
     /// ingest is open to anyone who reaches `listen_grpc` (dev only: a warning is logged).
     pub ingest_keys: Vec<String>,
+    /// Exact dedup: RAM ceiling (the rest spills to `data_dir`).
+    pub dedup: DedupConfig,
+    /// The log of clicks that were not counted (`<data_dir>/quarantine.jsonl`).
+    pub quarantine: QuarantineConfig,
+}
+
+/// Exact dedup of impression ids (see `state::dedup`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// RAM the dedup set may use: 3/4 for ids inserted since the last spill, 1/4 for the
+    /// Bloom filter over the ids on disk (in the store in `data_dir`). Holds under any flood
+    /// of unique impressions; the disk holds the ids of the last token lifetime + retention.
+    pub memory_bytes: usize,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            memory_bytes: 256 << 20,
+        }
+    }
+}
+
+/// The quarantine log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    /// Largest size of `quarantine.jsonl`; records beyond it are dropped and counted
+    /// (`adclick_aggregator_quarantine_dropped_total`; the clicks are still counted by
+    /// reason in `adclick_aggregator_clicks_total`).
+    pub max_bytes: u64,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            max_bytes: 64 << 20,
+        }
+    }
 }
 
 impl Default for AggregatorConfig {
@@ -44,6 +84,8 @@ impl Default for AggregatorConfig {
             query: QueryConfig::default(),
             api_keys: Vec::new(),
             ingest_keys: Vec::new(),
+            dedup: DedupConfig::default(),
+            quarantine: QuarantineConfig::default(),
         }
     }
 }
@@ -174,6 +216,9 @@ impl AggregatorConfig {
             || w.retention_days < 1
         {
             return err("windows: allowed_delay_ms >= 0, retention_minutes >= 2, retention_hours and retention_days >= 1".into());
+        }
+        if self.dedup.memory_bytes < 1 << 20 {
+            return err("dedup.memory_bytes must be at least 1 MiB (1048576)".into());
         }
         if self.shards.count == 0 || self.shards.count > 256 {
             return err("shards.count must be 1 to 256".into());

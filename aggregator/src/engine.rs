@@ -26,6 +26,7 @@ use crate::config::AggregatorConfig;
 use crate::metrics::Metrics;
 use crate::state::operator::Operator;
 use crate::state::shard::{Applied, LEVEL_MS, ShardState};
+use crate::state::dedup::Dedup;
 use crate::state::windows::{ClickWindows, Routed};
 use crate::store::{Checkpoint, Store, StoreError, WalEntry};
 
@@ -104,6 +105,10 @@ struct Writer<S: Store> {
     cfg: AggregatorConfig,
     last_checkpoint: Instant,
     last_evict: [i64; 3],
+    /// Dedup floor of the last committed checkpoint (see `state::dedup`).
+    dedup_floor: i64,
+    /// The dedup disk tier failed: stop acking; a restart replays the WAL.
+    poisoned: bool,
 }
 
 /// Opens the store, recovers, and starts the threads.
@@ -114,8 +119,16 @@ pub fn start<S: Store + 'static>(
 ) -> Result<(Engine, Arc<View>, Threads), StoreError> {
     let n = cfg.shards.count.max(1);
     let cp = store.load_checkpoint()?.unwrap_or_default();
-    let mut windows = ClickWindows::new(cfg.windows.clone(), &cfg.shards);
+    // Exact dedup: bounded RAM tier + Bloom filter over a disk tier in the same store.
+    let dedup = Dedup::new(cfg.dedup.memory_bytes, store.dedup_table()?);
+    let mut windows = ClickWindows::with_dedup(cfg.windows.clone(), &cfg.shards, dedup);
     windows.restore(&cp.tables).map_err(StoreError)?;
+    windows
+        .rebuild_dedup_bloom()
+        .map_err(|e| StoreError(e.to_string()))?;
+    // Dedup ids below the floor of the checkpoint we start from may be deleted from disk:
+    // no recovery ever starts below it again.
+    let dedup_floor = windows.dedup_floor_ms();
     let mut shards = Vec::with_capacity(n);
     for i in 0..n {
         let name = format!("shard/{i}");
@@ -154,14 +167,20 @@ pub fn start<S: Store + 'static>(
         cfg,
         last_checkpoint: Instant::now(),
         last_evict: [i64::MIN; 3],
+        dedup_floor,
+        poisoned: false,
     };
     // Replay what the WAL holds after the checkpoint.
     let replay = w.store.wal_after(cp.wal_pos)?;
     let replayed = replay.len();
-    for (_, bytes) in replay {
+    for (pos, bytes) in replay {
         match IngestBatch::decode(bytes.as_slice()) {
             Ok(b) => {
+                w.windows.begin_batch(pos);
                 w.apply(b.clicks, None);
+                if let Some(e) = w.windows.take_error() {
+                    return Err(StoreError(e.to_string()));
+                }
             }
             Err(e) => tracing::error!(error = %e, "undecodable WAL entry skipped"),
         }
@@ -225,6 +244,11 @@ impl<S: Store> Writer<S> {
                 }
             }
             self.handle_group(group);
+            if self.poisoned {
+                // Like a crash: no checkpoint of a state that may have missed a dedup
+                // lookup; every later request is refused (channel closed) until restart.
+                return;
+            }
             if self.last_checkpoint.elapsed() >= tick {
                 self.checkpoint();
             }
@@ -283,9 +307,13 @@ impl<S: Store> Writer<S> {
             sync_channel::<()>(self.shard_tx.len() * replies.len().max(1));
         let mut outcomes = Vec::with_capacity(replies.len());
         let mut pending_shards = 0;
+        // WAL positions of the new batches, in order (they order the dedup entries).
+        let mut positions = fresh.iter().map(|f| f.pos);
         for (req, new) in &mut replies.iter_mut() {
             let counts = if *new {
                 let taken = std::mem::take(&mut req.batch.clicks);
+                self.windows.begin_batch(positions.next().unwrap_or(0));
+
                 let (a, d, n) = self.apply(taken, Some(&applied_tx));
                 pending_shards += n;
                 Some((a, d))
@@ -296,6 +324,17 @@ impl<S: Store> Writer<S> {
         }
         for _ in 0..pending_shards {
             let _ = applied_rx.recv();
+        }
+        if let Some(e) = self.windows.take_error() {
+            // The batches are in the WAL; a restart replays them. Until then nothing is
+            // acked (the collectors keep them spooled and retry).
+            tracing::error!(error = %e, "dedup disk tier failed; refusing ingest until restart");
+            self.metrics.dedup_errors.inc();
+            self.poisoned = true;
+            for (req, _) in replies {
+                let _ = req.done.send(Err(format!("aggregator storage failure: {e}")));
+            }
+            return;
         }
         self.publish();
         for ((req, new), counts) in replies.into_iter().zip(outcomes) {
@@ -335,6 +374,8 @@ impl<S: Store> Writer<S> {
                     per_shard[shard].push(a);
                 }
                 Routed::Duplicate => duplicate += 1,
+                // Reported by the caller through `take_error` (nothing is acked).
+                Routed::Unavailable => {}
                 Routed::TooOld => {
                     quarantined.push((ad, event, id, "older than windows.retention_minutes"))
                 }
@@ -386,10 +427,13 @@ impl<S: Store> Writer<S> {
 
     /// Appends clicks that cannot be counted to `<data_dir>/quarantine.jsonl` with their
     /// reason (rare by nature; a write failure is logged, the click is still counted in the
-    /// metrics by reason).
+    /// metrics by reason). The file stops growing at `quarantine.max_bytes`: records past
+    /// it are dropped and counted (`quarantine_dropped`, an alert), never buffered.
     fn quarantine(&self, clicks: &[(u64, i64, Vec<u8>, &'static str)]) {
         use std::io::Write;
         let path = self.cfg.data_dir.join("quarantine.jsonl");
+        let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let room = self.cfg.quarantine.max_bytes.saturating_sub(size);
         let mut out = String::new();
         for (ad, event, id, reason) in clicks {
             let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -399,6 +443,30 @@ impl<S: Store> Writer<S> {
                 .to_string(),
             );
             out.push('\n');
+        }
+        // Whole records only: cut at the last line that fits.
+        let fits = if (out.len() as u64) <= room {
+            out.len()
+        } else {
+            out[..usize::try_from(room).unwrap_or(usize::MAX).min(out.len())]
+                .rfind('\n')
+                .map_or(0, |i| i + 1)
+        };
+        let dropped = out[fits..].lines().count() as u64;
+        if dropped > 0 {
+            self.metrics.quarantine_dropped.inc_by(dropped);
+            tracing::warn!(
+                dropped,
+                max_bytes = self.cfg.quarantine.max_bytes,
+                "quarantine log full (quarantine.max_bytes): records dropped, clicks still counted by reason"
+            );
+        }
+        out.truncate(fits);
+        self.metrics
+            .quarantine_bytes
+            .set(i64::try_from(size + fits as u64).unwrap_or(i64::MAX));
+        if out.is_empty() {
+            return;
         }
         let written = std::fs::OpenOptions::new()
             .create(true)
@@ -457,10 +525,35 @@ impl<S: Store> Writer<S> {
         self.metrics
             .dedup_entries
             .set(i64::try_from(self.windows.dedup_len()).unwrap_or(i64::MAX));
+        let d = self.windows.dedup();
+        self.metrics
+            .dedup_ram_bytes
+            .set(i64::try_from(d.ram_bytes()).unwrap_or(i64::MAX));
+        let (spilled, reads) = (d.stats.spilled, d.stats.disk_reads);
+        let m = &self.metrics;
+        m.dedup_spilled.inc_by(spilled.saturating_sub(m.dedup_spilled.get()));
+        m.dedup_disk_reads
+            .inc_by(reads.saturating_sub(m.dedup_disk_reads.get()));
     }
 
     fn checkpoint(&mut self) {
         let started = Instant::now();
+        // Dedup first: the RAM tier goes to disk (its entries carry their ordinals, so this
+        // commit may precede the checkpoint's), and ids below the floor of the previous
+        // committed checkpoint are deleted.
+        let floor = self.windows.dedup_floor_ms();
+        if let Err(e) = self.windows.flush_dedup(self.dedup_floor) {
+            self.metrics.checkpoint_errors.inc();
+            self.metrics.dedup_errors.inc();
+            tracing::error!(error = %e, "dedup flush failed; checkpoint skipped, the WAL is kept");
+            self.last_checkpoint = Instant::now();
+            return;
+        }
+        if let Ok(n) = self.windows.dedup().disk_len() {
+            self.metrics
+                .dedup_disk_entries
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
         let mut tables: Vec<(String, Vec<u8>)> = self
             .windows
             .checkpoint()
@@ -483,6 +576,7 @@ impl<S: Store> Writer<S> {
         };
         match self.store.save_checkpoint(&cp) {
             Ok(()) => {
+                self.dedup_floor = floor;
                 self.metrics
                     .checkpoint_seconds
                     .observe(started.elapsed().as_secs_f64());

@@ -40,8 +40,22 @@ pub struct Metrics {
     pub checkpoint_errors: Counter,
     /// Watermark (event time, ms).
     pub watermark_ms: Gauge,
-    /// Impression ids held for exact dedup.
+    /// Impression ids held for exact dedup in RAM (the RAM tier).
     pub dedup_entries: Gauge,
+    /// Impression ids in the dedup disk tier (updated at checkpoints).
+    pub dedup_disk_entries: Gauge,
+    /// Approximate RAM of the dedup set (RAM tier + Bloom filter).
+    pub dedup_ram_bytes: Gauge,
+    /// Impression ids written to the dedup disk tier.
+    pub dedup_spilled: Counter,
+    /// Dedup disk reads (Bloom "maybe").
+    pub dedup_disk_reads: Counter,
+    /// Dedup disk-tier failures (the writer stops acking until restarted).
+    pub dedup_errors: Counter,
+    /// Size of quarantine.jsonl.
+    pub quarantine_bytes: Gauge,
+    /// Quarantine records dropped because quarantine.max_bytes was reached (alert on it).
+    pub quarantine_dropped: Counter,
     /// Query latency by rpc.
     pub query_seconds: Family<RpcLabel, Histogram>,
     /// Wall clock minus watermark, updated on every ingest group (how far behind real time
@@ -68,6 +82,13 @@ impl Metrics {
             checkpoint_errors: Counter::default(),
             watermark_ms: Gauge::default(),
             dedup_entries: Gauge::default(),
+            dedup_disk_entries: Gauge::default(),
+            dedup_ram_bytes: Gauge::default(),
+            dedup_spilled: Counter::default(),
+            dedup_disk_reads: Counter::default(),
+            dedup_errors: Counter::default(),
+            quarantine_bytes: Gauge::default(),
+            quarantine_dropped: Counter::default(),
             query_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
             }),
@@ -104,8 +125,43 @@ impl Metrics {
         );
         r.register(
             "dedup_entries",
-            "Impression ids held for exact dedup",
+            "Impression ids held for exact dedup in RAM",
             m.dedup_entries.clone(),
+        );
+        r.register(
+            "dedup_disk_entries",
+            "Impression ids in the dedup disk tier",
+            m.dedup_disk_entries.clone(),
+        );
+        r.register(
+            "dedup_ram_bytes",
+            "Approximate RAM of the dedup set",
+            m.dedup_ram_bytes.clone(),
+        );
+        r.register(
+            "dedup_spilled",
+            "Impression ids written to the dedup disk tier",
+            m.dedup_spilled.clone(),
+        );
+        r.register(
+            "dedup_disk_reads",
+            "Dedup disk reads",
+            m.dedup_disk_reads.clone(),
+        );
+        r.register(
+            "dedup_errors",
+            "Dedup disk-tier failures",
+            m.dedup_errors.clone(),
+        );
+        r.register(
+            "quarantine_bytes",
+            "Size of quarantine.jsonl",
+            m.quarantine_bytes.clone(),
+        );
+        r.register(
+            "quarantine_dropped",
+            "Quarantine records dropped at quarantine.max_bytes",
+            m.quarantine_dropped.clone(),
         );
         r.register(
             "query_seconds",

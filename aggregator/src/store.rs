@@ -9,17 +9,29 @@
 //! durable commits, and it is maintained; fjall (LSM) would suit much larger state but is
 //! a larger dependency for what is here a WAL plus a few blobs.
 //!
+//! The exact-dedup disk tier lives in the same database (tables `dedup`: impression id ->
+//! encoded entry, and `dedup_expiry`: (keep_until, id) -> () for expiry in order), reached
+//! through [`Store::dedup_table`]; see `state::dedup` for why its commits need not be tied
+//! to the checkpoint's.
+//!
 //! This module knows nothing about windows or counts: it stores bytes.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 const WAL: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("wal");
 const HWM: TableDefinition<'static, &str, u64> = TableDefinition::new("hwm");
 const CHECKPOINT: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("checkpoint");
 const META_WAL_POS: &str = "_wal_pos";
+const DEDUP: TableDefinition<'static, &[u8; 16], &[u8; ENTRY_LEN]> = TableDefinition::new("dedup");
+/// Key: keep_until as big-endian with the sign bit flipped (so byte order = time order),
+/// then the id.
+const DEDUP_EXPIRY: TableDefinition<'static, &[u8; 24], ()> = TableDefinition::new("dedup_expiry");
+
+use crate::state::dedup::{DedupError, ENTRY_LEN, Entry, Id, SpillTable};
 
 /// A storage failure. After one, the aggregator stops acking (clients retry).
 #[derive(Debug, thiserror::Error)]
@@ -67,12 +79,14 @@ pub trait Store: Send {
     fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError>;
     /// Writes a checkpoint and deletes the WAL up to its position, in one commit.
     fn save_checkpoint(&mut self, cp: &Checkpoint) -> Result<(), StoreError>;
+    /// The disk tier of the exact-dedup set (in the same store).
+    fn dedup_table(&self) -> Result<Box<dyn SpillTable>, StoreError>;
 }
 
 /// The redb store (`<data_dir>/aggregator.redb`).
 #[derive(Debug)]
 pub struct RedbStore {
-    db: Database,
+    db: Arc<Database>,
     /// Test hook: abort (drop uncommitted) the next checkpoint after this many tables, as a
     /// crash mid-checkpoint would.
     pub fail_checkpoint_after_tables: Option<usize>,
@@ -88,10 +102,12 @@ impl RedbStore {
             tx.open_table(WAL).map_err(e)?;
             tx.open_table(HWM).map_err(e)?;
             tx.open_table(CHECKPOINT).map_err(e)?;
+            tx.open_table(DEDUP).map_err(e)?;
+            tx.open_table(DEDUP_EXPIRY).map_err(e)?;
         }
         tx.commit().map_err(e)?;
         Ok(RedbStore {
-            db,
+            db: Arc::new(db),
             fail_checkpoint_after_tables: None,
         })
     }
@@ -189,5 +205,95 @@ impl Store for RedbStore {
             wal.retain(|k, _| k > cp.wal_pos).map_err(e)?;
         }
         tx.commit().map_err(e)
+    }
+
+    fn dedup_table(&self) -> Result<Box<dyn SpillTable>, StoreError> {
+        Ok(Box::new(RedbDedup {
+            db: self.db.clone(),
+        }))
+    }
+}
+
+/// The dedup disk tier in the aggregator's redb file.
+#[derive(Debug)]
+pub struct RedbDedup {
+    db: Arc<Database>,
+}
+
+fn d(x: impl std::fmt::Display) -> DedupError {
+    DedupError(x.to_string())
+}
+
+fn expiry_key(keep_until: i64, id: &Id) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&((keep_until as u64) ^ (1 << 63)).to_be_bytes());
+    k[8..].copy_from_slice(id);
+    k
+}
+
+impl SpillTable for RedbDedup {
+    fn get(&self, id: &Id) -> Result<Option<Entry>, DedupError> {
+        let tx = self.db.begin_read().map_err(d)?;
+        let t = tx.open_table(DEDUP).map_err(d)?;
+        Ok(t.get(id).map_err(d)?.map(|v| Entry::decode(v.value())))
+    }
+
+    fn put(&mut self, entries: &[(Id, Entry)]) -> Result<(), DedupError> {
+        let tx = self.db.begin_write().map_err(d)?;
+        {
+            let mut t = tx.open_table(DEDUP).map_err(d)?;
+            let mut x = tx.open_table(DEDUP_EXPIRY).map_err(d)?;
+            for (id, en) in entries {
+                let old = t.insert(id, &en.encode()).map_err(d)?;
+                if let Some(old) = old {
+                    let old = Entry::decode(old.value());
+                    x.remove(&expiry_key(old.keep_until, id)).map_err(d)?;
+                }
+                x.insert(&expiry_key(en.keep_until, id), ()).map_err(d)?;
+            }
+        }
+        tx.commit().map_err(d)
+    }
+
+    fn expire(&mut self, before: i64) -> Result<u64, DedupError> {
+        let tx = self.db.begin_write().map_err(d)?;
+        let mut n = 0;
+        {
+            let mut t = tx.open_table(DEDUP).map_err(d)?;
+            let mut x = tx.open_table(DEDUP_EXPIRY).map_err(d)?;
+            let end = expiry_key(before, &[0; 16]);
+            let mut gone: Vec<Id> = Vec::new();
+            for row in x
+                .extract_from_if::<&[u8; 24], _>(..&end, |_, _| true)
+                .map_err(d)?
+            {
+                let (k, _) = row.map_err(d)?;
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&k.value()[8..]);
+                gone.push(id);
+            }
+            for id in &gone {
+                t.remove(id).map_err(d)?;
+            }
+            n += gone.len() as u64;
+        }
+        tx.commit().map_err(d)?;
+        Ok(n)
+    }
+
+    fn for_each_id(&self, f: &mut dyn FnMut(&Id)) -> Result<(), DedupError> {
+        let tx = self.db.begin_read().map_err(d)?;
+        let t = tx.open_table(DEDUP).map_err(d)?;
+        for row in t.iter().map_err(d)? {
+            let (k, _) = row.map_err(d)?;
+            f(k.value());
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> Result<u64, DedupError> {
+        let tx = self.db.begin_read().map_err(d)?;
+        let t = tx.open_table(DEDUP).map_err(d)?;
+        t.len().map_err(d)
     }
 }

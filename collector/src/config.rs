@@ -135,7 +135,7 @@ impl Default for TokenChecks {
             skew_ms: 30_000,
             max_device_clock_skew_ms: 24 * 3_600_000,
             key_reload_interval_ms: 2_000,
-            max_click_age_ms: 47 * 3_600_000,
+            max_click_age_ms: adclick_proto::countable::MAX_CLICK_AGE_MS,
         }
     }
 }
@@ -280,6 +280,21 @@ impl CollectorConfig {
             return err(
                 "spool.segment_bytes must be >= 4096 and spool.max_bytes >= spool.segment_bytes",
             );
+        }
+        // The shared countable rule (adclick_proto::countable) assumes these bounds; past
+        // them the collector could ack clicks the aggregators refuse.
+        if !(0..=adclick_proto::countable::MAX_SKEW_MS).contains(&self.tokens.skew_ms) {
+            return Err(ConfigError(format!(
+                "tokens.skew_ms must be 0 to {} (adclick_proto::countable::MAX_SKEW_MS)",
+                adclick_proto::countable::MAX_SKEW_MS
+            )));
+        }
+        if !(1..=adclick_proto::countable::MAX_CLICK_AGE_MS).contains(&self.tokens.max_click_age_ms)
+        {
+            return Err(ConfigError(format!(
+                "tokens.max_click_age_ms must be 1 to {} (47 h, below the aggregators' 48 h retention)",
+                adclick_proto::countable::MAX_CLICK_AGE_MS
+            )));
         }
         if self.forward.hot_fanout == 0 {
             return err("forward.hot_fanout must be >= 1");

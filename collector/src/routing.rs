@@ -1,13 +1,21 @@
-//! Which aggregator shard owns a click, and hot-ad fanout.
+//! Which aggregator shard owns a click, and the fanout salt.
 //!
-//! Routing key = the ad id, or (ad id, salt) for an ad the aggregators report as hot; the
-//! shard is chosen by rendezvous (highest-random-weight) hashing over the configured
-//! endpoints, so adding a shard moves only ~1/n of the ads. The hash is a fixed mix
-//! (splitmix64 over FNV-1a of the endpoint), stable across processes and Rust versions.
+//! Routing key = (ad id, salt); the shard is chosen by rendezvous (highest-random-weight)
+//! hashing over the configured endpoints, so adding a shard moves only ~1/n of the keys.
+//! The hash is a fixed mix (splitmix64 over FNV-1a of the endpoint), stable across
+//! processes and Rust versions.
 //!
-//! The salt is decided when the click is spooled and stored with it, so a resend after a
-//! crash always goes to the same shard; it derives from the impression id, so duplicates
-//! of one impression land on the same shard and meet the same exact dedup.
+//! **The salt is a pure function of the impression id** (and `forward.hot_fanout`), never
+//! of what this collector happens to know about hot ads: aggregator shards are separate
+//! processes with separate exact dedup, so every copy of one impression, through any
+//! collector, at any time, must reach the same shard. (A salt chosen only for ads a
+//! collector believed hot sent one impression to two shards when two collectors disagreed,
+//! and it counted twice.) With `hot_fanout = 1` every ad lives on one shard; above 1 every
+//! ad's clicks are spread over up to `hot_fanout` keys, so queries sum the shards. The
+//! aggregators' hot lists are still tracked ([`HotAds::is_hot`]) for metrics and logs.
+//!
+//! The salt is stored with the spooled click, so a resend after a crash goes to the same
+//! shard even if the fanout setting changed meanwhile.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
@@ -87,24 +95,38 @@ impl HotAds {
         m.insert(shard, hot.iter().copied().collect());
     }
 
-    /// Salt for a click: 0 for ordinary ads, 1..=fanout from the impression id for hot ads.
-    pub fn salt(&self, ad_id: u64, impression_id: &[u8]) -> u32 {
-        if self.fanout <= 1 {
-            return 0;
-        }
-        let hot = self
-            .by_shard
+    /// Whether any aggregator currently reports `ad_id` as hot.
+    pub fn is_hot(&self, ad_id: u64) -> bool {
+        self.by_shard
             .read()
-            .is_ok_and(|m| m.values().any(|s| s.contains(&ad_id)));
-        if !hot {
-            return 0;
-        }
-        let mut b = [0u8; 4];
-        for (dst, src) in b.iter_mut().zip(impression_id.iter().rev()) {
-            *dst = *src;
-        }
-        1 + u32::from_le_bytes(b) % self.fanout
+            .is_ok_and(|m| m.values().any(|s| s.contains(&ad_id)))
     }
+
+    /// Salt for a click: 0 when `hot_fanout` is 1, else 1..=fanout from the impression id
+    /// alone (see the module doc: never from this collector's view of hot ads). `ad_id` is
+    /// deliberately unused.
+    pub fn salt(&self, _ad_id: u64, impression_id: &[u8]) -> u32 {
+        fanout_salt(self.fanout, impression_id)
+    }
+}
+
+/// The salt of an impression under `fanout`: 0 for `fanout <= 1`, else
+/// `1 + mix(impression id) % fanout`. Impression ids are random, but the mix keeps the
+/// spread even for ids that are not.
+pub fn fanout_salt(fanout: u32, impression_id: &[u8]) -> u32 {
+    if fanout <= 1 {
+        return 0;
+    }
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    for (dst, src) in a.iter_mut().zip(impression_id.iter()) {
+        *dst = *src;
+    }
+    for (dst, src) in b.iter_mut().zip(impression_id.iter().skip(8)) {
+        *dst = *src;
+    }
+    let h = splitmix(u64::from_le_bytes(a) ^ splitmix(u64::from_le_bytes(b)));
+    1 + (h % u64::from(fanout)) as u32
 }
 
 #[cfg(test)]
@@ -137,15 +159,42 @@ mod tests {
     }
 
     #[test]
-    fn hot_ads_get_stable_salts_in_range() {
-        let hot = HotAds::new(4);
-        assert_eq!(hot.salt(7, &[1; 16]), 0);
-        hot.update(0, &[7]);
-        let s = hot.salt(7, &[9; 16]);
-        assert!((1..=4).contains(&s));
-        assert_eq!(hot.salt(7, &[9; 16]), s, "same impression, same salt");
-        assert_eq!(hot.salt(8, &[9; 16]), 0);
-        let salts: HashSet<u32> = (0..64u8).map(|i| hot.salt(7, &[i; 16])).collect();
+    fn salts_depend_on_the_impression_only_never_on_hot_state() {
+        let a = HotAds::new(4);
+        let b = HotAds::new(4);
+        // Collector `a` heard that ad 7 is hot, collector `b` did not: same salts anyway.
+        a.update(0, &[7]);
+        assert!(a.is_hot(7) && !b.is_hot(7));
+        for i in 0..=255u8 {
+            let id = [
+                i,
+                i.wrapping_mul(7),
+                3,
+                4,
+                5,
+                6,
+                7,
+                8,
+                9,
+                10,
+                11,
+                12,
+                13,
+                14,
+                15,
+                i,
+            ];
+            let s = a.salt(7, &id);
+            assert!((1..=4).contains(&s));
+            assert_eq!(
+                b.salt(7, &id),
+                s,
+                "same impression, same salt on every collector"
+            );
+            assert_eq!(a.salt(8, &id), s, "the salt does not depend on the ad");
+        }
+        let salts: HashSet<u32> = (0..64u8).map(|i| a.salt(7, &[i; 16])).collect();
         assert_eq!(salts.len(), 4);
+        assert_eq!(HotAds::new(1).salt(7, &[9; 16]), 0, "fanout 1: no salt");
     }
 }

@@ -2,6 +2,7 @@
 //! watermark, routing), the shards' cells and top-N index, unique-user sketches and
 //! heavy-hitter detection. No I/O and no wire types beyond the `IngestClick` input.
 
+pub mod dedup;
 pub mod dims;
 pub mod hll;
 pub mod hot;

@@ -5,13 +5,19 @@
 //! Deterministic by construction (no wall clock, no randomness): dedup entries expire by
 //! event time, hot-key rounds are counted in clicks. A replay of the WAL from a
 //! checkpoint therefore reaches exactly the same state.
+//!
+//! What counts is decided by the rule shared with the collectors
+//! (`adclick_proto::countable`), so nothing a collector acked is refused here except as a
+//! duplicate (or for an ad owner mismatch, which only a misbehaving ad server causes).
+//! Exact dedup lives in [`super::dedup`] (bounded RAM, spilled to disk).
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::BTreeSet;
 
+use adclick_proto::countable;
 use adclick_proto::v1::IngestClick;
 use prost::Message;
 
+use super::dedup::{Dedup, DedupError, Entry, MemTable, Ordinal};
 use super::dims::{DimKey, Interner, country_code};
 use super::hll::hash_user_id;
 use super::hot::HotDetector;
@@ -19,13 +25,11 @@ use super::operator::{Operator, StateDecl};
 use super::shard::{Applied, LEVEL_MS};
 use crate::config::{ShardConfig, WindowConfig};
 
-/// Earliest and latest event time accepted (2000-01-01 .. 2200-01-01 UTC): keeps every
-/// bucket computation far from i64 overflow.
-pub const MIN_EVENT_MS: i64 = 946_684_800_000;
-/// See [`MIN_EVENT_MS`].
-pub const MAX_EVENT_MS: i64 = 7_258_118_400_000;
-/// Longest token lifetime the pipeline accepts (the SDK signer allows up to 30 days).
-pub const MAX_TOKEN_LIFETIME_MS: i64 = 31 * 86_400_000;
+pub use adclick_proto::countable::{MAX_EVENT_MS, MAX_TOKEN_LIFETIME_MS, MIN_EVENT_MS};
+
+/// RAM budget of the dedup set of [`ClickWindows::new`] (the engine sets its own from
+/// `dedup.memory_bytes`).
+pub const DEFAULT_DEDUP_MEMORY_BYTES: usize = 256 << 20;
 
 /// What became of one click.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +42,9 @@ pub enum Routed {
     TooOld,
     /// Not a valid click record (bad impression id, implausible event time).
     Malformed,
+    /// The dedup disk tier failed: nothing can be decided; the engine stops acking and a
+    /// restart replays the WAL.
+    Unavailable,
     /// The ad was first seen with another advertiser/campaign: refused, so an advertiser can
     /// never read (or inflate) counts of an ad that is not theirs.
     OwnerMismatch,
@@ -65,8 +72,11 @@ pub struct WindowCounters {
 pub struct ClickWindows {
     cfg: WindowConfig,
     shards: usize,
-    seen: super::FastMap<[u8; 16], i64>,
-    expiry: BinaryHeap<Reverse<(i64, [u8; 16])>>,
+    dedup: Dedup,
+    /// Ordinal of the next click (set per WAL entry by [`ClickWindows::begin_batch`]).
+    next: Ordinal,
+    /// The first dedup disk failure, for the engine.
+    error: Option<DedupError>,
     max_event_ms: i64,
     interner: Interner,
     hot: HotDetector,
@@ -80,7 +90,7 @@ pub struct ClickWindows {
 
 const DECLS: &[StateDecl] = &[StateDecl {
     table: "windows",
-    what: "watermark, dedup ids with expiry, interned strings, hot and split ads",
+    what: "watermark, interned strings, hot and split ads (dedup ids live in the dedup tiers)",
 }];
 
 fn splitmix(mut x: u64) -> u64 {
@@ -91,13 +101,23 @@ fn splitmix(mut x: u64) -> u64 {
 }
 
 impl ClickWindows {
-    /// A fresh operator.
+    /// A fresh operator with an in-memory dedup disk tier.
     pub fn new(cfg: WindowConfig, shards: &ShardConfig) -> Self {
+        Self::with_dedup(
+            cfg,
+            shards,
+            Dedup::new(DEFAULT_DEDUP_MEMORY_BYTES, Box::<MemTable>::default()),
+        )
+    }
+
+    /// A fresh operator over the given dedup set.
+    pub fn with_dedup(cfg: WindowConfig, shards: &ShardConfig, dedup: Dedup) -> Self {
         ClickWindows {
             cfg,
             shards: shards.count.max(1),
-            seen: Default::default(),
-            expiry: BinaryHeap::new(),
+            dedup,
+            next: Ordinal::default(),
+            error: None,
             max_event_ms: i64::MIN,
             interner: Interner::default(),
             hot: HotDetector::new(shards.hot_window_clicks, shards.hot_fraction),
@@ -127,21 +147,42 @@ impl ClickWindows {
         &self.interner
     }
 
-    /// Impression ids held for dedup.
+    /// Impression ids held in the dedup RAM tier.
     pub fn dedup_len(&self) -> usize {
-        self.seen.len()
+        self.dedup.ram_len()
     }
 
-    fn expire(&mut self) {
-        while let Some(Reverse((until, id))) = self.expiry.peek().copied() {
-            if until >= self.max_event_ms {
-                break;
-            }
-            self.expiry.pop();
-            if self.seen.get(&id) == Some(&until) {
-                self.seen.remove(&id);
-            }
-        }
+    /// The dedup set (stats, sizes).
+    pub fn dedup(&self) -> &Dedup {
+        &self.dedup
+    }
+
+    /// The clicks that follow come from the WAL entry at `pos`, in order.
+    pub fn begin_batch(&mut self, pos: u64) {
+        self.next = Ordinal { pos, idx: 0 };
+    }
+
+    /// The first dedup disk failure since the last call.
+    pub fn take_error(&mut self) -> Option<DedupError> {
+        self.error.take()
+    }
+
+    /// Oldest event time still counted (watermark - minute retention): dedup ids whose
+    /// `keep_until` is before it can never matter again.
+    pub fn dedup_floor_ms(&self) -> i64 {
+        self.watermark_ms()
+            .saturating_sub(self.cfg.retention_minutes.saturating_mul(LEVEL_MS[0]))
+    }
+
+    /// Checkpoint step for the dedup set: spill the RAM tier to disk and delete ids below
+    /// `expire_before` (the floor of the last *committed* checkpoint: see `dedup`).
+    pub fn flush_dedup(&mut self, expire_before: i64) -> Result<(), DedupError> {
+        self.dedup.checkpoint(expire_before)
+    }
+
+    /// Rebuilds the dedup Bloom filter from its disk tier (after opening it).
+    pub fn rebuild_dedup_bloom(&mut self) -> Result<(), DedupError> {
+        self.dedup.rebuild_bloom()
     }
 }
 
@@ -154,32 +195,34 @@ impl Operator for ClickWindows {
     }
 
     fn process(&mut self, c: IngestClick) -> Routed {
+        let ordinal = self.next;
+        self.next.idx = self.next.idx.saturating_add(1);
         let Ok(id) = <[u8; 16]>::try_from(c.impression_id.as_slice()) else {
             self.counters.malformed += 1;
             return Routed::Malformed;
         };
         // Never trust a time from the wire: an absurd event time would drag the watermark
-        // (evicting everything) or overflow bucket arithmetic. A click happens while its
-        // token is valid, and tokens live at most MAX_TOKEN_LIFETIME_MS.
-        let plausible = (MIN_EVENT_MS..=MAX_EVENT_MS).contains(&c.event_time_ms)
-            && c.event_time_ms <= c.token_expires_at_ms.saturating_add(self.cfg.dedup_skew_ms)
-            && c.event_time_ms
-                >= c.token_expires_at_ms
-                    .saturating_sub(MAX_TOKEN_LIFETIME_MS + self.cfg.dedup_skew_ms);
-        if !plausible {
+        // (evicting everything) or overflow bucket arithmetic. The rule is the one the
+        // collectors applied before acking.
+        if countable::check_event_time(c.event_time_ms, c.token_expires_at_ms).is_err() {
             self.counters.malformed += 1;
             return Routed::Malformed;
         }
         let watermark = self.watermark_ms();
-        let oldest =
-            watermark.saturating_sub(self.cfg.retention_minutes.saturating_mul(LEVEL_MS[0]));
-        if c.event_time_ms < oldest {
+        if countable::check_age(c.event_time_ms, self.dedup_floor_ms()).is_err() {
             self.counters.too_old += 1;
             return Routed::TooOld;
         }
-        if self.seen.contains_key(&id) {
-            self.counters.duplicate += 1;
-            return Routed::Duplicate;
+        match self.dedup.seen(&id, ordinal) {
+            Ok(false) => {}
+            Ok(true) => {
+                self.counters.duplicate += 1;
+                return Routed::Duplicate;
+            }
+            Err(e) => {
+                self.error.get_or_insert(e);
+                return Routed::Unavailable;
+            }
         }
         let owner = *self
             .owners
@@ -189,14 +232,23 @@ impl Operator for ClickWindows {
             self.counters.owner_mismatch += 1;
             return Routed::OwnerMismatch;
         }
-        let keep = c.token_expires_at_ms.saturating_add(self.cfg.dedup_skew_ms);
-        self.seen.insert(id, keep);
-        self.expiry.push(Reverse((keep, id)));
+        // Every copy of this impression has an event time at or before `keep` (countable
+        // rule), so the id matters until `keep` falls below the dedup floor.
+        let keep = c
+            .token_expires_at_ms
+            .saturating_add(self.cfg.dedup_skew_ms.max(countable::MAX_SKEW_MS));
+        let entry = Entry {
+            keep_until: keep,
+            ordinal,
+        };
+        if let Err(e) = self.dedup.insert(id, entry) {
+            self.error.get_or_insert(e);
+            return Routed::Unavailable;
+        }
         let minute_end = c.event_time_ms.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0] + LEVEL_MS[0];
         let late = minute_end <= watermark;
         if c.event_time_ms > self.max_event_ms {
             self.max_event_ms = c.event_time_ms;
-            self.expire();
         }
         self.hot.observe(c.ad_id);
         let site = if c.site.is_empty() { &c.app } else { &c.site };
@@ -209,7 +261,10 @@ impl Operator for ClickWindows {
         let id_hash = splitmix(u64::from_le_bytes([
             id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7],
         ]));
-        let shard = if self.shards > 1 && (self.hot.is_hot(c.ad_id) || c.salt != 0) {
+        // Only this aggregator's own hot detector spreads an ad over its worker shards: the
+        // collectors' salt is set for every ad (it picks the aggregator process, see the
+        // collector's routing.rs) and says nothing about heat here.
+        let shard = if self.shards > 1 && self.hot.is_hot(c.ad_id) {
             // A hot ad is spread over every shard; the impression picks one, so its
             // duplicates (already dropped above) would have met the same dedup anyway.
             self.split.insert(c.ad_id);
@@ -234,14 +289,15 @@ impl Operator for ClickWindows {
     }
 
     fn on_watermark(&mut self, _watermark_ms: i64) {
-        self.expire();
+        // Dedup ids expire at checkpoints (`flush_dedup`), where deletion is crash-safe.
     }
 
     fn checkpoint(&self) -> Vec<(&'static str, Vec<u8>)> {
         let pb = WindowsPb {
             max_event_ms: self.max_event_ms,
-            seen_ids: self.seen.keys().flat_map(|k| k.iter().copied()).collect(),
-            seen_until: self.seen.values().copied().collect(),
+            // Dedup ids are in the dedup disk tier (flushed before every checkpoint).
+            seen_ids: Vec::new(),
+            seen_until: Vec::new(),
             names: self.interner.names().to_vec(),
             hot: self.hot.hot().to_vec(),
             split: self.split.iter().copied().collect(),
@@ -270,13 +326,18 @@ impl Operator for ClickWindows {
             return Err("windows checkpoint: dedup table is inconsistent".into());
         }
         self.max_event_ms = pb.max_event_ms;
-        self.seen.clear();
-        self.expiry.clear();
+        // A checkpoint written before dedup spilled to disk carries the ids inline: move
+        // them into the dedup set (ordinal 0: inserted before anything in the WAL).
         for (chunk, until) in pb.seen_ids.chunks_exact(16).zip(pb.seen_until) {
             let mut id = [0u8; 16];
             id.copy_from_slice(chunk);
-            self.seen.insert(id, until);
-            self.expiry.push(Reverse((until, id)));
+            let entry = Entry {
+                keep_until: until.saturating_add(countable::MAX_SKEW_MS),
+                ordinal: Ordinal::default(),
+            };
+            self.dedup
+                .insert(id, entry)
+                .map_err(|e| format!("windows checkpoint: {e}"))?;
         }
         self.interner = Interner::from_names(pb.names);
         self.hot.restore(pb.hot);

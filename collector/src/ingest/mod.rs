@@ -12,6 +12,7 @@ pub mod keys;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use adclick_proto::countable;
 use adclick_proto::v1::{self, ClickBatchResult, IngestClick};
 use prost::Message;
 
@@ -178,15 +179,20 @@ impl Processor {
                     imp.issued_at_ms,
                     self.checks.max_device_clock_skew_ms,
                 );
-                if c.event_time_ms < now.saturating_sub(self.checks.max_click_age_ms) {
-                    // The aggregators would refuse it as older than their retention:
-                    // refuse it here, where the client still hears about it.
+                // The one countable rule the aggregators apply too: refuse here, where the
+                // client still hears about it, anything they would not count (a token
+                // living past the maximum lifetime, an implausible event time, a click
+                // older than the retention), instead of acking it to be dropped downstream.
+                if let Err(why) = countable::check_at_edge(
+                    imp.issued_at_ms,
+                    imp.expires_at_ms,
+                    c.event_time_ms,
+                    now,
+                    self.checks.max_click_age_ms,
+                ) {
                     out.rejected.push(Rejected {
-                        reason: "too_old",
-                        detail: format!(
-                            "click is older than max_click_age_ms ({} ms)",
-                            self.checks.max_click_age_ms
-                        ),
+                        reason: why.reason(),
+                        detail: why.to_string(),
                         token: truncate(&click.token, 256),
                         occurred_at_ms: click.occurred_at_ms,
                         sent_at_ms: click.sent_at_ms,
