@@ -82,6 +82,7 @@ pub fn run(cmd: ImpressionCommand) -> Result<()> {
             count,
             format,
         } => {
+            check_ttl(ttl)?;
             let file = read_key_file(&keys)?;
             let signer = ImpressionSigner::new(file.keyring).with_ttl(ttl)?;
             let placement = AdPlacement {
@@ -130,6 +131,25 @@ pub fn run(cmd: ImpressionCommand) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a lifetime the pipeline would not count (`adclick_proto::countable`): the
+/// collectors reject clicks on such tokens as `token_lifetime_too_long`.
+fn check_ttl(ttl: Duration) -> Result<()> {
+    let max = adclick_proto::countable::MAX_TOKEN_LIFETIME_MS;
+    let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    if ms > max {
+        bail!(
+            "--ttl {} is longer than the maximum token lifetime of {} ({max} ms): collectors \
+             reject clicks on such tokens (token_lifetime_too_long); use at most 30d",
+            humantime::format_duration(ttl),
+            humantime::format_duration(Duration::from_millis(max.unsigned_abs())),
+        );
+    }
+    if ttl < Duration::from_secs(1) {
+        bail!("--ttl must be at least 1s");
+    }
+    Ok(())
+}
+
 fn print_impression(imp: &Impression, format: Format) {
     match format {
         Format::Jsonl => println!(
@@ -165,5 +185,21 @@ fn print_impression(imp: &Impression, format: Format) {
             );
             println!("  key_id         {}", imp.key_id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_above_the_countable_maximum_is_refused_with_the_reason() {
+        let ten_years = Duration::from_secs(3650 * 86_400);
+        let e = check_ttl(ten_years).unwrap_err().to_string();
+        assert!(e.contains("maximum token lifetime"), "{e}");
+        assert!(e.contains("token_lifetime_too_long"), "{e}");
+        assert!(check_ttl(Duration::from_secs(30 * 86_400)).is_ok());
+        assert!(check_ttl(Duration::from_secs(30 * 86_400 + 1)).is_err());
+        assert!(check_ttl(Duration::from_millis(10)).is_err());
     }
 }
