@@ -25,11 +25,16 @@ pub struct AggregatorConfig {
     pub shards: ShardConfig,
     /// Query limits.
     pub query: QueryConfig,
-    /// API keys allowed to query.
+    /// API keys allowed to query. Required unless `query.allow_unauthenticated`.
     pub api_keys: Vec<ApiKey>,
-    /// Secrets collectors must send (`authorization: Bearer <key>`) to ingest. Empty =
-    /// ingest is open to anyone who reaches `listen_grpc` (dev only: a warning is logged).
+    /// Secrets collectors must send (`authorization: Bearer <key>`) to ingest. Required:
+    /// the aggregator refuses to start without one (`adclick keys ingest new` makes one;
+    /// `adclick dev` generates its own).
     pub ingest_keys: Vec<String>,
+    /// Ingest limits (message size, seq window).
+    pub ingest: IngestConfig,
+    /// Connection limits and timeouts, applied to each listener (gRPC and HTTP) separately.
+    pub connections: ConnectionConfig,
     /// Exact dedup: RAM ceiling (the rest spills to `data_dir`).
     pub dedup: DedupConfig,
     /// The log of clicks that were not counted (`<data_dir>/quarantine.jsonl`).
@@ -84,8 +89,97 @@ impl Default for AggregatorConfig {
             query: QueryConfig::default(),
             api_keys: Vec::new(),
             ingest_keys: Vec::new(),
+            ingest: IngestConfig::default(),
+            connections: ConnectionConfig::default(),
             dedup: DedupConfig::default(),
             quarantine: QuarantineConfig::default(),
+        }
+    }
+}
+
+/// Largest encoded `IngestClick` the collector can produce with its default limits, as a
+/// `clicks` entry of an `IngestBatch`: impression id 16 B (+2), three u64 ids and five i64
+/// times at 10 B varints (+1 tag each), country 2 B (+2), device (+1), os/site/app/user_id
+/// at `limits.max_string_len` = 256 B (+3 each), then fields 16 and up with 2-byte tags:
+/// client ip 16 B (+3), two bools (3 each) and the salt (7), plus 3 B of entry framing:
+/// 18 + 88 + 4 + 2 + 4 * 259 + 19 + 6 + 7 + 3 = 1,183 B.
+pub const MAX_CLICK_BYTES: usize = 1_183;
+
+/// Largest legitimate `IngestBatch`: the collector forwards one spool record per batch (or
+/// a part of one, split by shard), and its writer closes a record at 8 MiB of encoded clicks
+/// (`MAX_GROUP_BYTES` in collector/src/writer.rs) or `spool.max_clicks_per_record`
+/// (20,000 x 1,183 B = 22.6 MiB, so the byte bound is the binding one). The first request
+/// of a record is taken whole: at most `limits.max_clicks_per_batch` (1,000) x 1,183 B =
+/// 1.1 MiB, below 8 MiB. Twice 8 MiB is the margin for collector_id, seq and a collector
+/// configured with larger requests.
+pub const DEFAULT_MAX_INGEST_MESSAGE_BYTES: usize = 2 * (8 << 20);
+
+/// Ingest limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest `IngestBatch` accepted, in bytes (checked from the gRPC frame header before
+    /// the body is buffered; see [`DEFAULT_MAX_INGEST_MESSAGE_BYTES`] for the default).
+    pub max_message_bytes: usize,
+    /// How far above a collector's high-water mark a batch's seq may be. A collector's seq
+    /// grows by one per spool record and a shard sees gaps (records whose clicks all went to
+    /// other shards), but never a jump of a million records between two of its batches;
+    /// a batch past the window is refused with FAILED_PRECONDITION and the mark is kept,
+    /// so one bad batch (`seq = u64::MAX`) cannot silence a collector id.
+    pub max_seq_jump: u64,
+    /// Highest seq the FIRST batch of a collector id not seen before may carry. Unbounded
+    /// in practice by default (2^48: 9 years at a million records a second), because a new
+    /// or rebuilt aggregator must accept collectors whose spools have run for months; the
+    /// ceiling keeps a new id from being pushed to `u64::MAX`.
+    pub max_first_seq: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_message_bytes: DEFAULT_MAX_INGEST_MESSAGE_BYTES,
+            max_seq_jump: 1_000_000,
+            max_first_seq: 1 << 48,
+        }
+    }
+}
+
+/// Connection limits and timeouts, for each listener separately.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionConfig {
+    /// A new connection must deliver its first complete request (HTTP/1 headers, or the
+    /// HTTP/2 preface and a HEADERS frame) within this many seconds, or it is closed.
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in flight is closed after this many seconds (HTTP/1
+    /// keep-alive and HTTP/2 alike; clients reconnect).
+    pub idle_timeout_secs: u64,
+    /// A request (body included) that takes longer is answered with an error
+    /// (DEADLINE_EXCEEDED / 503), so no in-flight request holds a connection forever.
+    pub request_timeout_secs: u64,
+    /// HTTP/2 PING interval on connections with requests in flight (a dead peer is dropped).
+    pub keepalive_interval_secs: u64,
+    /// How long a PING may go unanswered.
+    pub keepalive_timeout_secs: u64,
+    /// HTTP/2 streams a client may have open on one connection.
+    pub max_concurrent_streams: u32,
+    /// Open connections on the listener; more are closed at once, before any read.
+    pub max_connections: usize,
+    /// Open connections from one client IP address; more are closed at once.
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            request_timeout_secs: 30,
+            keepalive_interval_secs: 20,
+            keepalive_timeout_secs: 10,
+            max_concurrent_streams: 128,
+            max_connections: 4096,
+            max_connections_per_ip: 256,
         }
     }
 }
@@ -166,6 +260,9 @@ pub struct QueryConfig {
     pub max_top_n: u32,
     /// Longest queried range in days.
     pub max_range_days: i64,
+    /// Serve queries without an API key, as admin (a trusted network only: logged loudly
+    /// at start). Without it the aggregator refuses to start when `api_keys` is empty.
+    pub allow_unauthenticated: bool,
 }
 
 impl Default for QueryConfig {
@@ -173,6 +270,7 @@ impl Default for QueryConfig {
         QueryConfig {
             max_top_n: 1000,
             max_range_days: 400,
+            allow_unauthenticated: false,
         }
     }
 }
@@ -226,6 +324,47 @@ impl AggregatorConfig {
         if !(self.shards.hot_fraction > 0.0 && self.shards.hot_fraction <= 1.0) {
             return err("shards.hot_fraction must be in (0, 1]".into());
         }
+        if self.ingest_keys.is_empty() {
+            return err(
+                "ingest_keys is empty: the aggregator refuses to start with open ingest. \
+                 Generate a key with `adclick keys ingest new`, list it in ingest_keys and set it \
+                 as `aggregator_key` in every collector's config"
+                    .into(),
+            );
+        }
+        if self.api_keys.is_empty() && !self.query.allow_unauthenticated {
+            return err(
+                "api_keys is empty: add [[api_keys]] entries (a random secret of at least \
+                 16 characters, e.g. from `adclick keys ingest new`, with role = \"admin\" or \
+                 \"advertiser\"), or set query.allow_unauthenticated = true on a trusted network"
+                    .into(),
+            );
+        }
+        let c = &self.connections;
+        if c.header_read_timeout_secs == 0
+            || c.idle_timeout_secs == 0
+            || c.request_timeout_secs == 0
+            || c.keepalive_interval_secs == 0
+            || c.keepalive_timeout_secs == 0
+        {
+            return err("connections: every *_secs value must be at least 1".into());
+        }
+        if c.max_connections == 0 || c.max_connections_per_ip == 0 || c.max_concurrent_streams == 0
+        {
+            return err(
+                "connections: max_connections, max_connections_per_ip and max_concurrent_streams must be at least 1"
+                    .into(),
+            );
+        }
+        if self.ingest.max_message_bytes < 1024 || self.ingest.max_seq_jump == 0 {
+            return err(
+                "ingest: max_message_bytes must be at least 1024 and max_seq_jump at least 1"
+                    .into(),
+            );
+        }
+        if self.ingest.max_first_seq == 0 || self.ingest.max_first_seq > u64::MAX / 2 {
+            return err("ingest.max_first_seq must be between 1 and 2^63".into());
+        }
         if self.ingest_keys.iter().any(|k| k.len() < 16) {
             return err("ingest_keys must be at least 16 characters".into());
         }
@@ -243,5 +382,78 @@ impl AggregatorConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod edge_tests {
+    use super::*;
+    use adclick_proto::v1::{IngestBatch, IngestClick};
+    use prost::Message;
+
+    /// The derivation of `MAX_CLICK_BYTES`, checked against prost: every field at its
+    /// largest encoding under the collector's default limits.
+    #[test]
+    fn max_click_bytes_is_the_largest_encoded_click() {
+        let s = "x".repeat(256);
+        let click = IngestClick {
+            impression_id: vec![0xff; 16],
+            ad_id: u64::MAX,
+            advertiser_id: u64::MAX,
+            campaign_id: u64::MAX,
+            token_expires_at_ms: -1,
+            event_time_ms: -1,
+            received_at_ms: -1,
+            occurred_at_ms: -1,
+            sent_at_ms: -1,
+            country: "US".into(),
+            device: 4,
+            os: s.clone(),
+            site: s.clone(),
+            app: s.clone(),
+            user_id: s,
+            client_ip: vec![0xff; 16],
+            clock_skew_flagged: true,
+            dedup_suspect: true,
+            salt: u32::MAX,
+        };
+        let batch = IngestBatch {
+            clicks: vec![click],
+            ..Default::default()
+        };
+        assert_eq!(batch.encoded_len(), MAX_CLICK_BYTES);
+    }
+
+    fn keyed() -> AggregatorConfig {
+        AggregatorConfig {
+            ingest_keys: vec!["ingest-key-0123456789".into()],
+            api_keys: vec![ApiKey {
+                key: "admin-key-0123456789".into(),
+                role: Role::Admin,
+                advertiser_id: None,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn no_ingest_key_or_no_api_key_refuses_to_start_with_the_way_out() {
+        assert_eq!(keyed().validate(), Ok(()));
+        let mut c = keyed();
+        c.ingest_keys.clear();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("ingest_keys") && e.contains("adclick keys ingest new"),
+            "{e}"
+        );
+        let mut c = keyed();
+        c.api_keys.clear();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("api_keys") && e.contains("query.allow_unauthenticated"),
+            "{e}"
+        );
+        c.query.allow_unauthenticated = true;
+        assert_eq!(c.validate(), Ok(()));
     }
 }

@@ -22,11 +22,12 @@ use adclick_proto::v1::{IngestAck, IngestBatch};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::AggregatorConfig;
+use crate::config::{AggregatorConfig, IngestConfig};
+use crate::health::{self, Readiness};
 use crate::metrics::Metrics;
+use crate::state::dedup::Dedup;
 use crate::state::operator::Operator;
 use crate::state::shard::{Applied, LEVEL_MS, ShardState};
-use crate::state::dedup::Dedup;
 use crate::state::windows::{ClickWindows, Routed};
 use crate::store::{Checkpoint, Store, StoreError, WalEntry};
 
@@ -41,6 +42,8 @@ pub struct View {
     pub meta: RwLock<QueryMeta>,
     /// Set by a simulated crash: the writer exits without its final checkpoint.
     pub killed: std::sync::atomic::AtomicBool,
+    /// Whether this node can accept writes (raised by the writer on a failed WAL commit).
+    pub ready: Readiness,
 }
 
 /// What queries need from the window operator.
@@ -58,7 +61,42 @@ pub struct IngestReq {
     /// The batch.
     pub batch: IngestBatch,
     /// Where the ack goes.
-    pub done: oneshot::Sender<Result<IngestAck, String>>,
+    pub done: oneshot::Sender<Result<IngestAck, IngestError>>,
+}
+
+/// Why a batch was not acked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    /// `seq` is beyond the window above the collector's high-water mark (or above
+    /// `ingest.max_first_seq` for a collector id not seen before). Nothing was written and
+    /// the mark did not move; resending it will not help.
+    #[error(
+        "seq {seq} is out of the window for collector_id {collector_id:?}: at most {limit} \
+         is accepted now (last acked seq {hwm}; ingest.max_seq_jump / ingest.max_first_seq)"
+    )]
+    SeqOutOfWindow {
+        /// The sender.
+        collector_id: String,
+        /// What it sent.
+        seq: u64,
+        /// Its high-water mark (0: never seen).
+        hwm: u64,
+        /// The highest seq accepted now.
+        limit: u64,
+    },
+    /// Storage failed or the engine is stopping: retry later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Highest seq a batch may carry: `max_seq_jump` above the collector's high-water mark, or
+/// `max_first_seq` for a collector id without one (a new or rebuilt aggregator must accept
+/// collectors whose spool seqs have grown for months).
+pub fn seq_limit(hwm: Option<u64>, cfg: &IngestConfig) -> u64 {
+    match hwm {
+        Some(h) => h.saturating_add(cfg.max_seq_jump),
+        None => cfg.max_first_seq,
+    }
 }
 
 enum ShardMsg {
@@ -76,14 +114,14 @@ pub struct Engine {
 
 impl Engine {
     /// Queues a batch; resolves once it is durable (or refused).
-    pub async fn ingest(&self, batch: IngestBatch) -> Result<IngestAck, String> {
+    pub async fn ingest(&self, batch: IngestBatch) -> Result<IngestAck, IngestError> {
+        let stopping = || IngestError::Unavailable("aggregator is shutting down".into());
         let (done, rx) = oneshot::channel();
         self.tx
             .send(IngestReq { batch, done })
             .await
-            .map_err(|_| "aggregator is shutting down".to_string())?;
-        rx.await
-            .map_err(|_| "aggregator is shutting down".to_string())?
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())?
     }
 }
 
@@ -143,6 +181,7 @@ pub fn start<S: Store + 'static>(
         watermark_ms: AtomicI64::new(windows.watermark_ms()),
         meta: RwLock::new(QueryMeta::default()),
         killed: std::sync::atomic::AtomicBool::new(false),
+        ready: Readiness::default(),
     });
     let mut shard_tx = Vec::with_capacity(n);
     for i in 0..n {
@@ -267,11 +306,29 @@ impl<S: Store> Writer<S> {
         let mut replies = Vec::with_capacity(group.len());
         for req in group {
             let b = &req.batch;
-            let hwm = pending
+            let known = pending
                 .get(&b.collector_id)
                 .or_else(|| self.hwm.get(&b.collector_id))
-                .copied()
-                .unwrap_or(0);
+                .copied();
+            let hwm = known.unwrap_or(0);
+            let limit = seq_limit(known, &self.cfg.ingest);
+            if b.seq > limit {
+                // Refused before the WAL: the mark stays where it was, so the collector's
+                // real next batch still gets through.
+                tracing::warn!(
+                    collector_id = %b.collector_id, seq = b.seq, hwm, limit,
+                    "ingest refused: seq out of window"
+                );
+                self.metrics.refuse_ingest("seq_window");
+                let err = IngestError::SeqOutOfWindow {
+                    collector_id: b.collector_id.clone(),
+                    seq: b.seq,
+                    hwm,
+                    limit,
+                };
+                let _ = req.done.send(Err(err));
+                continue;
+            }
             let new = b.seq > hwm;
             if new {
                 pending.insert(b.collector_id.clone(), b.seq);
@@ -288,13 +345,15 @@ impl<S: Store> Writer<S> {
             if let Err(e) = self.store.append(&fresh) {
                 tracing::error!(error = %e, "WAL append failed; batches not acked");
                 self.metrics.wal_errors.inc();
+                self.set_wal_failed(true);
                 for (req, _) in replies {
-                    let _ = req
-                        .done
-                        .send(Err(format!("aggregator storage failure: {e}")));
+                    let _ = req.done.send(Err(IngestError::Unavailable(format!(
+                        "aggregator storage failure: {e}"
+                    ))));
                 }
                 return;
             }
+            self.set_wal_failed(false);
             self.next_pos += fresh.len() as u64;
             self.hwm.extend(pending);
             self.metrics
@@ -313,7 +372,6 @@ impl<S: Store> Writer<S> {
             let counts = if *new {
                 let taken = std::mem::take(&mut req.batch.clicks);
                 self.windows.begin_batch(positions.next().unwrap_or(0));
-
                 let (a, d, n) = self.apply(taken, Some(&applied_tx));
                 pending_shards += n;
                 Some((a, d))
@@ -332,7 +390,9 @@ impl<S: Store> Writer<S> {
             self.metrics.dedup_errors.inc();
             self.poisoned = true;
             for (req, _) in replies {
-                let _ = req.done.send(Err(format!("aggregator storage failure: {e}")));
+                let _ = req.done.send(Err(IngestError::Unavailable(format!(
+                    "aggregator storage failure: {e}"
+                ))));
             }
             return;
         }
@@ -350,9 +410,24 @@ impl<S: Store> Writer<S> {
             } else {
                 self.metrics.redeliveries.inc();
             }
+            // `accepted` and `duplicate` are ADVISORY: they describe what this delivery
+            // applied. A redelivery (`already_acked`) reports 0 and 0 even when the first
+            // delivery applied clicks, so under concurrent replays of one seq the counts
+            // land on whichever delivery the writer saw first, whose ack the collector may
+            // never receive. Nothing accounts with them (collectors read `hot_ad_ids`);
+            // counts come from queries and `adclick_aggregator_clicks`.
             ack.hot_ad_ids = self.windows.hot_ads().to_vec();
             let _ = req.done.send(Ok(ack));
         }
+    }
+
+    /// Not ready while WAL commits fail (`/readyz`, gRPC health); ready again after the next
+    /// successful one.
+    fn set_wal_failed(&self, failed: bool) {
+        self.view.ready.set(health::WAL_WRITE_FAILED, failed);
+        self.metrics
+            .ready
+            .set(i64::from(self.view.ready.is_ready()));
     }
 
     /// Runs clicks through the window operator and hands them to the shards. Returns
@@ -531,7 +606,8 @@ impl<S: Store> Writer<S> {
             .set(i64::try_from(d.ram_bytes()).unwrap_or(i64::MAX));
         let (spilled, reads) = (d.stats.spilled, d.stats.disk_reads);
         let m = &self.metrics;
-        m.dedup_spilled.inc_by(spilled.saturating_sub(m.dedup_spilled.get()));
+        m.dedup_spilled
+            .inc_by(spilled.saturating_sub(m.dedup_spilled.get()));
         m.dedup_disk_reads
             .inc_by(reads.saturating_sub(m.dedup_disk_reads.get()));
     }

@@ -1,60 +1,219 @@
 //! The gRPC front: `IngestService` (collectors), `QueryService` (advertisers, API keys in
 //! `authorization: Bearer <key>` metadata), server reflection and health. Converts
 //! between wire messages and the engine/query layer; holds no state of its own.
+//!
+//! `IngestService` is served by a hand-written [`IngestServer`] rather than the generated
+//! one, for two reasons: the ingest key is checked from the request headers before a byte
+//! of the body is read or decoded (an unauthenticated caller costs a header parse), and the
+//! body is decoded by [`decode_ingest`], which answers INVALID_ARGUMENT with a message for
+//! bytes that are not an `IngestBatch` (the generated prost codec says INTERNAL). The
+//! message size is capped by `ingest.max_message_bytes`, checked against the gRPC frame
+//! header before the body is buffered.
+//!
+//! `IngestAck.accepted` / `duplicate` are advisory (see `engine.rs`): they describe what one
+//! delivery applied, and a redelivery reports 0 even when the first one counted clicks.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-use adclick_proto::v1::ingest_service_server::IngestService;
 use adclick_proto::v1::query_service_server::QueryService;
 use adclick_proto::v1::{
     GetAdClicksRequest, GetAdClicksResponse, IngestAck, IngestBatch, TopAdsRequest, TopAdsResponse,
 };
+use bytes::Buf;
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
+use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
 use crate::config::{ApiKey, QueryConfig};
-use crate::engine::{Engine, View};
+use crate::engine::{Engine, IngestError, View};
 use crate::metrics::{Metrics, RpcLabel};
 use crate::query::{self, Caller, QueryError};
 
-/// Largest gRPC message accepted (collector batches are far smaller).
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Largest gRPC message the query service decodes or any service encodes (queries and acks
+/// are small; ingest has its own, configured, cap).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
-/// `IngestService` over the engine.
+/// Longest `collector_id` accepted (the collector's own config allows 1 to 128 characters).
+pub const MAX_COLLECTOR_ID_LEN: usize = 128;
+
+/// Decodes and validates one `IngestBatch` body: the one function between the wire and the
+/// engine. Every failure is INVALID_ARGUMENT naming what is wrong; it never panics.
+pub fn decode_ingest(buf: impl Buf) -> Result<IngestBatch, Status> {
+    let batch = IngestBatch::decode(buf)
+        .map_err(|e| Status::invalid_argument(format!("undecodable IngestBatch: {e}")))?;
+    if batch.collector_id.is_empty() || batch.collector_id.len() > MAX_COLLECTOR_ID_LEN {
+        return Err(Status::invalid_argument(format!(
+            "collector_id must be 1 to {MAX_COLLECTOR_ID_LEN} bytes"
+        )));
+    }
+    if batch.seq == 0 {
+        return Err(Status::invalid_argument("seq must be >= 1"));
+    }
+    Ok(batch)
+}
+
+/// The ingest side: key check and hand-over to the engine.
 #[derive(Debug, Clone)]
 pub struct Ingest {
     /// The engine.
     pub engine: Engine,
-    /// Accepted collector secrets (empty: open).
+    /// Accepted collector secrets (never empty: the config refuses that).
     pub keys: Arc<Vec<String>>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
 }
 
-#[tonic::async_trait]
-impl IngestService for Ingest {
-    async fn ingest(&self, req: Request<IngestBatch>) -> Result<Response<IngestAck>, Status> {
-        if !self.keys.is_empty() {
-            let h = req
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok());
-            let token = h.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
-            if !self.keys.iter().any(|k| query::constant_time_eq(k, token)) {
-                return Err(Status::unauthenticated(
-                    "ingest needs `authorization: Bearer <ingest key>` (collector `aggregator_key`)",
-                ));
-            }
+impl Ingest {
+    /// Checks `authorization: Bearer <ingest key>` from the headers alone.
+    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<(), Status> {
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Every key is compared, so timing does not say which one matched.
+        let ok = self
+            .keys
+            .iter()
+            .fold(false, |ok, k| query::constant_time_eq(k, token) | ok);
+        if ok {
+            Ok(())
+        } else {
+            self.metrics.refuse_ingest("unauthenticated");
+            Err(Status::unauthenticated(
+                "ingest needs `authorization: Bearer <ingest key>` (collector `aggregator_key`)",
+            ))
         }
-        let batch = req.into_inner();
-        if batch.collector_id.is_empty() || batch.seq == 0 {
-            return Err(Status::invalid_argument(
-                "collector_id must be set and seq must be >= 1",
-            ));
+    }
+
+    /// Hands a decoded batch to the engine.
+    pub async fn ingest(&self, batch: IngestBatch) -> Result<IngestAck, Status> {
+        self.engine.ingest(batch).await.map_err(|e| match e {
+            IngestError::SeqOutOfWindow { .. } => Status::failed_precondition(e.to_string()),
+            IngestError::Unavailable(m) => Status::unavailable(m),
+        })
+    }
+}
+
+/// `adclick.v1.IngestService` over [`Ingest`]: authenticates from the headers, then
+/// decodes with [`decode_ingest`] under `max_message_bytes`.
+#[derive(Debug, Clone)]
+pub struct IngestServer {
+    ingest: Arc<Ingest>,
+    max_message_bytes: usize,
+}
+
+impl IngestServer {
+    /// Serves `ingest`, refusing messages larger than `max_message_bytes`.
+    pub fn new(ingest: Ingest, max_message_bytes: usize) -> Self {
+        IngestServer {
+            ingest: Arc::new(ingest),
+            max_message_bytes,
         }
-        self.engine
-            .ingest(batch)
-            .await
-            .map(Response::new)
-            .map_err(Status::unavailable)
+    }
+}
+
+impl NamedService for IngestServer {
+    const NAME: &'static str = "adclick.v1.IngestService";
+}
+
+fn status_response(status: Status) -> http::Response<tonic::body::Body> {
+    status.into_http()
+}
+
+impl<B> Service<http::Request<B>> for IngestServer
+where
+    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != "/adclick.v1.IngestService/Ingest" {
+            let resp = status_response(Status::unimplemented("unknown method"));
+            return Box::pin(async move { Ok(resp) });
+        }
+        // Before the body: an unauthenticated caller never gets a byte buffered or decoded
+        // (dropping the request resets the HTTP/2 stream).
+        if let Err(status) = self.ingest.authenticate(req.headers()) {
+            drop(req);
+            let resp = status_response(status);
+            return Box::pin(async move { Ok(resp) });
+        }
+        let method = IngestMethod(self.ingest.clone());
+        let mut grpc = tonic::server::Grpc::new(IngestCodec {
+            metrics: self.ingest.metrics.clone(),
+        })
+        .apply_max_message_size_config(Some(self.max_message_bytes), Some(MAX_MESSAGE_BYTES));
+        Box::pin(async move { Ok(grpc.unary(method, req).await) })
+    }
+}
+
+struct IngestMethod(Arc<Ingest>);
+
+impl UnaryService<IngestBatch> for IngestMethod {
+    type Response = IngestAck;
+    type Future = BoxFuture<Response<IngestAck>, Status>;
+
+    fn call(&mut self, req: Request<IngestBatch>) -> Self::Future {
+        let ingest = self.0.clone();
+        Box::pin(async move { ingest.ingest(req.into_inner()).await.map(Response::new) })
+    }
+}
+
+/// Acks out with prost, batches in with [`decode_ingest`].
+#[derive(Debug, Clone)]
+struct IngestCodec {
+    metrics: Arc<Metrics>,
+}
+
+impl Codec for IngestCodec {
+    type Encode = IngestAck;
+    type Decode = IngestBatch;
+    type Encoder = AckEncoder;
+    type Decoder = IngestCodec;
+
+    fn encoder(&mut self) -> AckEncoder {
+        AckEncoder
+    }
+
+    fn decoder(&mut self) -> IngestCodec {
+        self.clone()
+    }
+}
+
+#[derive(Debug)]
+struct AckEncoder;
+
+impl Encoder for AckEncoder {
+    type Item = IngestAck;
+    type Error = Status;
+
+    fn encode(&mut self, item: IngestAck, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("cannot encode IngestAck: {e}")))
+    }
+}
+
+impl Decoder for IngestCodec {
+    type Item = IngestBatch;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<IngestBatch>, Status> {
+        decode_ingest(src).map(Some).inspect_err(|_| {
+            self.metrics.refuse_ingest("invalid_argument");
+        })
     }
 }
 
@@ -79,12 +238,21 @@ fn status(e: QueryError) -> Status {
 }
 
 impl Query {
+    /// Resolves the caller from an `authorization` header value. Without one, and only
+    /// with `query.allow_unauthenticated`, the caller is admin (a trusted network).
+    pub fn authorize(&self, header: Option<&str>) -> Result<Caller, QueryError> {
+        match header {
+            None if self.cfg.allow_unauthenticated => Ok(Caller::Admin),
+            h => query::authorize(&self.keys, h),
+        }
+    }
+
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let h = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        query::authorize(&self.keys, h).map_err(status)
+        self.authorize(h).map_err(status)
     }
 
     fn timed<T>(&self, rpc: &'static str, f: impl FnOnce() -> T) -> T {
@@ -124,5 +292,79 @@ impl QueryService for Query {
         })
         .map(Response::new)
         .map_err(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adclick_proto::v1::IngestClick;
+    use proptest::prelude::*;
+
+    fn batch(collector_id: &str, seq: u64, clicks: usize) -> Vec<u8> {
+        IngestBatch {
+            collector_id: collector_id.into(),
+            seq,
+            clicks: vec![
+                IngestClick {
+                    impression_id: vec![7; 16],
+                    ad_id: 1,
+                    ..Default::default()
+                };
+                clicks
+            ],
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn valid_batches_decode_and_bad_ones_name_the_field() {
+        let b = decode_ingest(&batch("edge-1", 3, 2)[..]).unwrap();
+        assert_eq!(
+            (b.collector_id.as_str(), b.seq, b.clicks.len()),
+            ("edge-1", 3, 2)
+        );
+        for (bytes, field) in [
+            (batch("", 1, 0), "collector_id"),
+            (batch(&"x".repeat(129), 1, 0), "collector_id"),
+            (batch("edge-1", 0, 0), "seq"),
+            (vec![0xff, 0xff, 0xff], "undecodable IngestBatch"),
+        ] {
+            let e = decode_ingest(&bytes[..]).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(field), "{}", e.message());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Arbitrary bytes: never a panic, every refusal is INVALID_ARGUMENT with a message.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            if let Err(e) = decode_ingest(&bytes[..]) {
+                prop_assert_eq!(e.code(), tonic::Code::InvalidArgument);
+                prop_assert!(!e.message().is_empty());
+            }
+        }
+
+        /// A valid batch with bytes flipped or cut: same.
+        #[test]
+        fn mutated_batches_never_panic(
+            n in 0usize..20,
+            cut in any::<prop::sample::Index>(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+        ) {
+            let mut bytes = batch("edge-1", 9, n);
+            for (i, v) in flips {
+                let i = i.index(bytes.len());
+                bytes[i] = v;
+            }
+            bytes.truncate(cut.index(bytes.len() + 1));
+            match decode_ingest(&bytes[..]) {
+                Ok(b) => prop_assert!(!b.collector_id.is_empty() && b.seq >= 1),
+                Err(e) => prop_assert_eq!(e.code(), tonic::Code::InvalidArgument),
+            }
+        }
     }
 }

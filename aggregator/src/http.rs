@@ -1,5 +1,10 @@
 //! The HTTP side of the aggregator: a JSON mirror of the two queries for curl and
-//! dashboards, plus `/healthz` and `/metrics`. Same authorisation and query code as gRPC.
+//! dashboards, plus `/livez` (the process answers), `/readyz` (it can accept writes; 503
+//! with the reasons when not; `/healthz` is the same) and `/metrics`. Same authorisation
+//! and query code as gRPC. Connections are accepted by `listen.rs`, with its limits.
+//!
+//! Query strings are parsed under fixed bounds ([`MAX_QUERY_BYTES`], [`MAX_PARAMS`]) before
+//! anything is allocated per parameter, and every bad parameter is a 400 naming it.
 //!
 //! `GET /v1/ads/{id}/clicks?last_minutes=60&granularity=minute&country=US`
 //! `GET /v1/ads/{id}/clicks?from_ms=..&to_ms=..&granularity=hour`
@@ -7,22 +12,29 @@
 //! Filters (repeatable): country, device (desktop|mobile|tablet|other), os, site,
 //! advertiser, campaign. Header: `Authorization: Bearer <key>`.
 
-use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use adclick_proto::v1::{self, Granularity};
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::grpc::Query;
+use crate::listen::ConnService;
 use crate::query::{self, QueryError};
+
+/// Longest query string served (a legitimate one, with every filter repeated a few times,
+/// is well under 1 KiB).
+pub const MAX_QUERY_BYTES: usize = 4096;
+/// Most `key=value` pairs in one query string.
+pub const MAX_PARAMS: usize = 64;
+/// Longest value quoted back in an error message.
+const MAX_QUOTED: usize = 32;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -49,35 +61,70 @@ fn query_error(e: QueryError) -> Resp {
     }
 }
 
-/// Serves until `shutdown` flips.
-pub async fn serve(listener: TcpListener, q: Arc<Query>, mut shutdown: watch::Receiver<bool>) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
-        let q = q.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let q = q.clone();
-            async move { Ok::<_, Infallible>(handle(&q, req)) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        tokio::spawn(graceful.watch(conn));
+/// One connection's service: [`handle`] on the shared query state.
+#[derive(Debug, Clone)]
+pub struct HttpService(pub Arc<Query>);
+
+impl ConnService for HttpService {
+    type Body = Full<Bytes>;
+
+    fn call(&self, req: Request<Incoming>) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
+        // The handler never reads the body (GET only) and does no I/O: answered at once.
+        let resp = handle(&self.0, req);
+        Box::pin(async move { resp })
     }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+
+    fn timed_out(&self) -> Resp {
+        error(StatusCode::SERVICE_UNAVAILABLE, "request timed out")
     }
+}
+
+/// Parses a query string under [`MAX_QUERY_BYTES`] and [`MAX_PARAMS`].
+pub fn params(query: Option<&str>) -> Result<Vec<(String, String)>, QueryError> {
+    let Some(q) = query else {
+        return Ok(Vec::new());
+    };
+    if q.len() > MAX_QUERY_BYTES {
+        return Err(QueryError::InvalidArgument(format!(
+            "query string is {} bytes, more than {MAX_QUERY_BYTES}",
+            q.len()
+        )));
+    }
+    let mut out = Vec::new();
+    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+        if out.len() == MAX_PARAMS {
+            return Err(QueryError::InvalidArgument(format!(
+                "more than {MAX_PARAMS} query parameters"
+            )));
+        }
+        out.push((k.into_owned(), v.into_owned()));
+    }
+    Ok(out)
+}
+
+/// A value as quoted in an error: at most [`MAX_QUOTED`] characters.
+fn quote(v: &str) -> String {
+    if v.chars().count() <= MAX_QUOTED {
+        format!("{v:?}")
+    } else {
+        let head: String = v.chars().take(MAX_QUOTED).collect();
+        format!("{head:?}...")
+    }
+}
+
+fn readiness(q: &Query) -> Resp {
+    let reasons = q.view.ready.reasons();
+    let ready = reasons.is_empty();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    reply(
+        status,
+        json!({ "ready": ready, "reasons": reasons }).to_string(),
+        "application/json",
+    )
 }
 
 fn handle<B>(q: &Query, req: Request<B>) -> Resp {
@@ -86,7 +133,8 @@ fn handle<B>(q: &Query, req: Request<B>) -> Resp {
     }
     let path = req.uri().path().to_string();
     match path.as_str() {
-        "/healthz" => return reply(StatusCode::OK, "ok\n".into(), "text/plain; charset=utf-8"),
+        "/livez" => return reply(StatusCode::OK, "ok\n".into(), "text/plain; charset=utf-8"),
+        "/readyz" | "/healthz" => return readiness(q),
         "/metrics" => {
             return reply(
                 StatusCode::OK,
@@ -96,17 +144,16 @@ fn handle<B>(q: &Query, req: Request<B>) -> Resp {
         }
         _ => {}
     }
-    let params: Vec<(String, String)> = req
-        .uri()
-        .query()
-        .map(|s| form_urlencoded::parse(s.as_bytes()).into_owned().collect())
-        .unwrap_or_default();
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let caller = match query::authorize(&q.keys, auth) {
+    let caller = match q.authorize(auth) {
         Ok(c) => c,
+        Err(e) => return query_error(e),
+    };
+    let params = match params(req.uri().query()) {
+        Ok(p) => p,
         Err(e) => return query_error(e),
     };
     let result = if path == "/v1/ads/top" {
@@ -118,13 +165,14 @@ fn handle<B>(q: &Query, req: Request<B>) -> Resp {
         match id.parse::<u64>() {
             Ok(ad) => clicks(q, caller, ad, &params),
             Err(_) => Err(QueryError::InvalidArgument(format!(
-                "ad id {id:?} is not a number"
+                "ad id {} is not a number",
+                quote(id)
             ))),
         }
     } else {
         return error(
             StatusCode::NOT_FOUND,
-            "not found: GET /v1/ads/{id}/clicks, GET /v1/ads/top, /healthz, /metrics",
+            "not found: GET /v1/ads/{id}/clicks, GET /v1/ads/top, /livez, /readyz, /metrics",
         );
     };
     match result {
@@ -140,8 +188,9 @@ fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
 fn num<T: std::str::FromStr>(p: &[(String, String)], k: &str) -> Result<Option<T>, QueryError> {
     get(p, k)
         .map(|v| {
-            v.parse::<T>()
-                .map_err(|_| QueryError::InvalidArgument(format!("{k}={v:?} is not a number")))
+            v.parse::<T>().map_err(|_| {
+                QueryError::InvalidArgument(format!("{k}={} is not a number", quote(v)))
+            })
         })
         .transpose()
 }
@@ -168,7 +217,12 @@ fn filter(p: &[(String, String)]) -> Result<v1::Filter, QueryError> {
             "mobile" => v1::Device::Mobile,
             "tablet" => v1::Device::Tablet,
             "other" => v1::Device::Other,
-            _ => return Err(QueryError::InvalidArgument(format!("unknown device {d:?}"))),
+            _ => {
+                return Err(QueryError::InvalidArgument(format!(
+                    "device={} is not desktop, mobile, tablet or other",
+                    quote(&d)
+                )));
+            }
         } as i32);
     }
     for (k, dst) in [
@@ -176,11 +230,9 @@ fn filter(p: &[(String, String)]) -> Result<v1::Filter, QueryError> {
         ("campaign", &mut f.campaign_id),
     ] {
         for v in all(k) {
-            dst.push(
-                v.parse().map_err(|_| {
-                    QueryError::InvalidArgument(format!("{k}={v:?} is not a number"))
-                })?,
-            );
+            dst.push(v.parse().map_err(|_| {
+                QueryError::InvalidArgument(format!("{k}={} is not a number", quote(&v)))
+            })?);
         }
     }
     Ok(f)
@@ -201,7 +253,7 @@ fn range(p: &[(String, String)]) -> Result<(i64, i64), QueryError> {
         ),
         (None, Some(f), Some(t)) => Ok((f, t)),
         _ => Err(QueryError::InvalidArgument(
-            "give last_minutes, or from_ms and to_ms".into(),
+            "last_minutes, or from_ms and to_ms: give one of the two".into(),
         )),
     }
 }
@@ -218,7 +270,8 @@ fn clicks(
         "day" => Granularity::Day,
         g => {
             return Err(QueryError::InvalidArgument(format!(
-                "unknown granularity {g:?}: minute, hour or day"
+                "unknown granularity {}: minute, hour or day",
+                quote(g)
             )));
         }
     };

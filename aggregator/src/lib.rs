@@ -12,7 +12,9 @@
 pub mod config;
 pub mod engine;
 pub mod grpc;
+pub mod health;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod query;
 pub mod state;
@@ -22,10 +24,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use adclick_proto::v1::ingest_service_server::IngestServiceServer;
 use adclick_proto::v1::query_service_server::QueryServiceServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 pub use config::AggregatorConfig;
 pub use metrics::Metrics;
@@ -108,45 +112,62 @@ pub async fn start_with_store<S: Store + 'static>(
         .build_v1()
         .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<QueryServiceServer<grpc::Query>>()
-        .await;
-    health
-        .set_serving::<IngestServiceServer<grpc::Ingest>>()
-        .await;
+    report_health(&health, &view.ready.reasons()).await;
 
     let (shutdown, rx) = watch::channel(false);
-    let mut grpc_rx = rx.clone();
-    if cfg.ingest_keys.is_empty() {
+    if cfg.query.allow_unauthenticated {
         tracing::warn!(
-            "ingest_keys is empty: anyone who reaches {} can ingest clicks (set ingest_keys in production)",
-            cfg.listen_grpc
+            "query.allow_unauthenticated = true: ANYONE who reaches {} or {} can query every \
+             ad as admin without a key; only on a trusted network",
+            cfg.listen_grpc,
+            cfg.listen_http
         );
     }
-    let ingest = IngestServiceServer::new(grpc::Ingest {
-        engine,
-        keys: Arc::new(cfg.ingest_keys.clone()),
-    })
-    .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES);
-    let router = tonic::transport::Server::builder()
-        // Collector batches are ~100 KB: the 64 KiB HTTP/2 default window stalls each one.
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(16 << 20)
-        .add_service(ingest)
-        .add_service(QueryServiceServer::new(query.clone()))
+    let ingest = grpc::IngestServer::new(
+        grpc::Ingest {
+            engine,
+            keys: Arc::new(cfg.ingest_keys.clone()),
+            metrics: metrics.clone(),
+        },
+        cfg.ingest.max_message_bytes,
+    );
+    let routes = tonic::service::Routes::new(ingest)
+        .add_service(
+            QueryServiceServer::new(query.clone())
+                .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
+        )
         .add_service(reflection)
-        .add_service(health_service);
-    let grpc_task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
-        let stop = async move {
-            let _ = grpc_rx.changed().await;
-        };
-        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    });
-    let http_task = tokio::spawn(http::serve(http_listener, Arc::new(query), rx));
+        .add_service(health_service)
+        .prepare();
+    let health_task = tokio::spawn(watch_health(health, view.clone(), rx.clone()));
+    let grpc_task = tokio::spawn(listen::serve(listen::Serve {
+        listener: grpc_listener,
+        port: listen::Port::Grpc,
+        limits: cfg.connections.clone(),
+        metrics: metrics.clone(),
+        http2_only: true,
+        // Collector batches are ~100 KB: the 64 KiB HTTP/2 default window stalls each one.
+        windows: Some(listen::Windows {
+            stream: 8 << 20,
+            connection: 16 << 20,
+        }),
+        make_service: move |_| GrpcRoutes(routes.clone()),
+        shutdown: rx.clone(),
+    }));
+    let http_task = tokio::spawn(listen::serve(listen::Serve {
+        listener: http_listener,
+        port: listen::Port::Http,
+        limits: cfg.connections.clone(),
+        metrics: metrics.clone(),
+        http2_only: false,
+        windows: None,
+        make_service: {
+            let q = Arc::new(query);
+            move |_| http::HttpService(q.clone())
+        },
+        shutdown: rx,
+    }));
     tracing::info!(%grpc_addr, %http_addr, "aggregator started");
     Ok(Aggregator {
         grpc_addr,
@@ -154,9 +175,70 @@ pub async fn start_with_store<S: Store + 'static>(
         metrics,
         view,
         shutdown,
-        tasks: vec![grpc_task, http_task],
+        tasks: vec![grpc_task, http_task, health_task],
         threads: Some(threads),
     })
+}
+
+/// The gRPC routes as one connection's service.
+#[derive(Debug, Clone)]
+struct GrpcRoutes(tonic::service::Routes);
+
+impl listen::ConnService for GrpcRoutes {
+    type Body = tonic::body::Body;
+
+    fn call(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = hyper::Response<Self::Body>> + Send>> {
+        use tonic::codegen::Service as _;
+        let fut = self.0.clone().call(req);
+        Box::pin(async move {
+            match fut.await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
+        })
+    }
+
+    fn timed_out(&self) -> hyper::Response<Self::Body> {
+        tonic::Status::deadline_exceeded(
+            "request took longer than connections.request_timeout_secs",
+        )
+        .into_http()
+    }
+}
+
+/// gRPC health mirrors readiness: the whole server ("") and `IngestService` are
+/// NOT_SERVING while writes cannot be accepted; `QueryService` keeps answering.
+async fn report_health(health: &HealthReporter, reasons: &[&'static str]) {
+    let status = if reasons.is_empty() {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(grpc::IngestServer::NAME, status)
+        .await;
+    health
+        .set_service_status(
+            <QueryServiceServer<grpc::Query> as NamedService>::NAME,
+            ServingStatus::Serving,
+        )
+        .await;
+}
+
+async fn watch_health(health: HealthReporter, view: Arc<View>, mut stop: watch::Receiver<bool>) {
+    let mut reasons = view.ready.subscribe();
+    loop {
+        tokio::select! {
+            r = reasons.changed() => if r.is_err() { return },
+            _ = stop.changed() => return,
+        }
+        let now = reasons.borrow_and_update().clone();
+        report_health(&health, &now).await;
+    }
 }
 
 /// Runs until `shutdown` resolves, then stops gracefully.
@@ -213,6 +295,7 @@ impl Aggregator {
 
     /// Graceful stop: stop serving, let the writer finish (it writes a final checkpoint).
     pub async fn shutdown(mut self) {
+        self.view.ready.set(health::SHUTTING_DOWN, true);
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
             let _ = t.await;

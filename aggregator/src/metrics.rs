@@ -22,6 +22,29 @@ pub struct RpcLabel {
     pub rpc: &'static str,
 }
 
+/// `port` label (connection metrics).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabel {
+    /// grpc or http.
+    pub port: &'static str,
+}
+
+/// `port` and `reason` labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortReasonLabel {
+    /// grpc or http.
+    pub port: &'static str,
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// `reason` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: &'static str,
+}
+
 /// Every aggregator metric.
 #[derive(Debug)]
 pub struct Metrics {
@@ -61,6 +84,21 @@ pub struct Metrics {
     /// Wall clock minus watermark, updated on every ingest group (how far behind real time
     /// the final minutes are).
     pub watermark_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Open connections by listener.
+    pub connections: Family<PortLabel, Gauge>,
+    /// Connections closed at accept by listener and cap (max_connections,
+    /// max_connections_per_ip).
+    pub connections_refused: Family<PortReasonLabel, Counter>,
+    /// Connections closed by the server by listener and reason (header_read_timeout,
+    /// idle_timeout).
+    pub connections_closed: Family<PortReasonLabel, Counter>,
+    /// Requests answered with a timeout error by listener.
+    pub request_timeouts: Family<PortLabel, Counter>,
+    /// Ingest requests refused before the engine, by reason (unauthenticated,
+    /// invalid_argument, seq_window).
+    pub ingest_refused: Family<ReasonLabel, Counter>,
+    /// 1 while the node can accept writes (`/readyz`), 0 otherwise.
+    pub ready: Gauge,
 }
 
 impl Default for Metrics {
@@ -93,6 +131,12 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
             }),
             watermark_lag_seconds: Gauge::default(),
+            connections: Family::default(),
+            connections_refused: Family::default(),
+            connections_closed: Family::default(),
+            request_timeouts: Family::default(),
+            ingest_refused: Family::default(),
+            ready: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -168,7 +212,71 @@ impl Metrics {
             "Query latency by rpc",
             m.query_seconds.clone(),
         );
+        r.register(
+            "connections",
+            "Open connections by listener",
+            m.connections.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed at accept by listener and cap",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Connections closed by the server by listener and timeout",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "request_timeouts",
+            "Requests that ran past connections.request_timeout_secs",
+            m.request_timeouts.clone(),
+        );
+        r.register(
+            "ingest_refused",
+            "Ingest requests refused before counting, by reason",
+            m.ingest_refused.clone(),
+        );
+        r.register(
+            "ready",
+            "1 while the node can accept writes",
+            m.ready.clone(),
+        );
+        m.ready.set(1);
         Metrics { registry, ..m }
+    }
+
+    /// The open-connections gauge of a listener.
+    pub fn connections_open(&self, port: &'static str) -> Gauge {
+        self.connections.get_or_create(&PortLabel { port }).clone()
+    }
+
+    /// Counts a connection refused at accept.
+    pub fn connection_refused(&self, port: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&PortReasonLabel { port, reason })
+            .inc();
+    }
+
+    /// Counts a connection closed by a timeout.
+    pub fn connection_closed(&self, port: &'static str, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&PortReasonLabel { port, reason })
+            .inc();
+    }
+
+    /// Counts a request that ran past its deadline.
+    pub fn request_timed_out(&self, port: &'static str) {
+        self.request_timeouts
+            .get_or_create(&PortLabel { port })
+            .inc();
+    }
+
+    /// Counts an ingest request refused before counting.
+    pub fn refuse_ingest(&self, reason: &'static str) {
+        self.ingest_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Adds `n` clicks with `outcome`.

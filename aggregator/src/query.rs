@@ -39,13 +39,11 @@ pub enum Caller {
     Advertiser(u64),
 }
 
-/// Compares secrets without revealing, by timing, how long a matching prefix is.
+/// Compares secrets without revealing, by timing, how long a matching prefix is (`subtle`;
+/// only the lengths, which are not secret, can be learnt).
 pub fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    use subtle::ConstantTimeEq;
+    bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 /// Resolves an `authorization` header value against the configured keys.
@@ -60,13 +58,7 @@ pub fn authorize(keys: &[ApiKey], header: Option<&str>) -> Result<Caller, QueryE
     // Compare every key fully so timing does not reveal a matching prefix.
     let mut found = None;
     for k in keys {
-        let eq = k.key.len() == token.len()
-            && k.key
-                .bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if eq {
+        if constant_time_eq(&k.key, token) {
             found = Some(k);
         }
     }

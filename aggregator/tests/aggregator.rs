@@ -20,6 +20,8 @@ use tonic::transport::Channel;
 
 const ADMIN: &str = "admin-key-0123456789";
 const ADV1: &str = "advertiser-1-key-0123";
+/// What the test "collectors" send as `authorization: Bearer`.
+const INGEST: &str = "ingest-key-0123456789";
 /// 2026-01-01T00:00:00Z
 const T0: i64 = 1_767_225_600_000;
 const MIN: i64 = 60_000;
@@ -41,6 +43,7 @@ fn config(dir: &std::path::Path) -> AggregatorConfig {
             advertiser_id: Some(1),
         },
     ];
+    c.ingest_keys = vec![INGEST.into()];
     c.shards.count = 2;
     c
 }
@@ -98,11 +101,14 @@ async fn send(
     clicks: Vec<IngestClick>,
 ) -> v1::IngestAck {
     client
-        .ingest(IngestBatch {
-            collector_id: collector.into(),
-            seq,
-            clicks,
-        })
+        .ingest(authed(
+            IngestBatch {
+                collector_id: collector.into(),
+                seq,
+                clicks,
+            },
+            INGEST,
+        ))
         .await
         .unwrap()
         .into_inner()

@@ -1,5 +1,7 @@
-//! `adclick keys new|rotate|list`: create and rotate the HMAC keys in `keys.toml`.
-//! Files are written with mode 0600, atomically (temp file, fsync, rename).
+//! `adclick keys new|rotate|list`: create and rotate the HMAC keys in `keys.toml`; and
+//! `adclick keys ingest new`: a fresh collector-to-aggregator ingest key, printed as the two
+//! config lines that use it. Files are written with mode 0600, atomically (temp file,
+//! fsync, rename).
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -39,6 +41,25 @@ pub enum KeysCommand {
         /// The key file.
         #[arg(long, default_value = "keys.toml")]
         keys: PathBuf,
+    },
+    /// Ingest keys: the secret collectors present to aggregators.
+    #[command(subcommand)]
+    Ingest(IngestKeyCommand),
+}
+
+/// `adclick keys ingest ...`
+#[derive(Debug, Subcommand)]
+pub enum IngestKeyCommand {
+    /// Print a fresh random ingest key as the aggregator's `ingest_keys` line and the
+    /// collectors' `aggregator_key` line. To rotate, list the old and the new key in
+    /// `ingest_keys`, move every collector to the new one, then drop the old one.
+    New {
+        /// Also write the bare key to this file (mode 0600).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -86,6 +107,24 @@ pub fn run(cmd: KeysCommand) -> Result<()> {
             }
             println!("reload collectors and ad servers so they pick up the new key");
         }
+        KeysCommand::Ingest(IngestKeyCommand::New { out, force }) => {
+            let key = ingest_key()?;
+            if let Some(out) = &out {
+                if out.exists() && !force {
+                    bail!(
+                        "{} already exists; use --force to replace it (collectors using it \
+                         will be refused once it is gone from ingest_keys)",
+                        out.display()
+                    );
+                }
+                write_private(out, format!("{key}\n").as_bytes())?;
+                eprintln!("wrote {} (mode 0600)", out.display());
+            }
+            println!("# aggregator.toml (keep any key still in use while collectors move over)");
+            println!("ingest_keys = [\"{key}\"]");
+            println!("# collector.toml");
+            println!("aggregator_key = \"{key}\"");
+        }
         KeysCommand::List { keys } => {
             let file = read_key_file(&keys)?;
             let current = file.keyring.current().id();
@@ -119,9 +158,22 @@ pub fn read_key_file(path: &Path) -> Result<KeyFile> {
     KeyFile::parse(&text).with_context(|| format!("in {}", path.display()))
 }
 
+/// A random ingest key: 32 bytes from the OS, in hex (64 characters).
+pub fn ingest_key() -> Result<String> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
+    Ok(hex::encode(secret))
+}
+
 fn write_key_file(path: &Path, file: &KeyFile) -> Result<()> {
-    let text = file.render()?;
-    let tmp = path.with_extension("toml.tmp");
+    write_private(path, file.render()?.as_bytes())
+}
+
+/// Writes `bytes` to `path` with mode 0600, atomically (temp file, fsync, rename).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut opts = OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -129,7 +181,7 @@ fn write_key_file(path: &Path, file: &KeyFile) -> Result<()> {
     let mut f = opts
         .open(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())

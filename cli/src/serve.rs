@@ -152,8 +152,12 @@ pub fn aggregator(args: AggregatorArgs) -> Result<()> {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
-    if cfg.api_keys.is_empty() {
-        eprintln!("warning: no api_keys configured: every query will be refused (UNAUTHENTICATED)");
+    if cfg.query.allow_unauthenticated {
+        eprintln!(
+            "WARNING: query.allow_unauthenticated = true: anyone who reaches {} or {} can query \
+             every ad as admin without a key. Only on a trusted network.",
+            cfg.listen_grpc, cfg.listen_http
+        );
     }
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()

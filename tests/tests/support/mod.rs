@@ -26,6 +26,8 @@ pub const ADV_A: u64 = 10;
 /// Advertiser key of `ADV_B`.
 pub const ADV_B_KEY: &str = "e2e-advertiser-11-key-01";
 pub const ADV_B: u64 = 11;
+/// The collectors' `aggregator_key`, listed in the aggregator's `ingest_keys`.
+pub const INGEST_KEY: &str = "e2e-ingest-key-000000000001";
 pub const MIN: i64 = 60_000;
 pub const HOUR: i64 = 3_600_000;
 
@@ -119,6 +121,7 @@ pub fn aggregator_config(dir: &Path, grpc: SocketAddr) -> AggregatorConfig {
     c.listen_http = "127.0.0.1:0".parse().unwrap();
     c.data_dir = dir.to_path_buf();
     c.api_keys = api_keys();
+    c.ingest_keys = vec![INGEST_KEY.into()];
     c.checkpoint.interval_ms = 500;
     c
 }
@@ -136,6 +139,7 @@ pub fn collector_config(
     c.data_dir = dir.join(id);
     c.keys_file = keys_file.to_path_buf();
     c.aggregators = vec![format!("http://{aggregator}")];
+    c.aggregator_key = Some(INGEST_KEY.into());
     c.forward.retry_base_ms = 20;
     c.forward.retry_max_ms = 200;
     c.forward.request_timeout_ms = 2_000;
@@ -159,6 +163,7 @@ listen_http = "{listen}"
 data_dir = {data_dir:?}
 keys_file = {keys_file:?}
 aggregators = ["http://{aggregator}"]
+aggregator_key = "{INGEST_KEY}"
 
 [dedup]
 expected_clicks = 100000
@@ -183,6 +188,7 @@ pub fn aggregator_toml(grpc: SocketAddr, data_dir: &Path) -> String {
         r#"listen_grpc = "{grpc}"
 listen_http = "127.0.0.1:0"
 data_dir = {data_dir:?}
+ingest_keys = ["{INGEST_KEY}"]
 
 [checkpoint]
 interval_ms = 300

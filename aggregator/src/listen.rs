@@ -1,0 +1,485 @@
+//! The accept loop both aggregator listeners (gRPC and HTTP) run, with the connection
+//! limits that keep idle and slow clients from holding them:
+//!
+//! - a cap on open connections per listener and per client IP: the excess is closed right
+//!   after `accept`, before a byte is read or a task is spawned;
+//! - a deadline for the first request (HTTP/1 headers, or the HTTP/2 preface and a HEADERS
+//!   frame): `header_read_timeout`;
+//! - an idle timeout once no request is in flight (HTTP/1 keep-alive and HTTP/2 alike): the
+//!   clock restarts when the last response is produced, not on any byte, so a client that
+//!   only trickles bytes or PINGs is still idle;
+//! - a deadline per request (body included), so an in-flight request cannot keep a
+//!   connection open forever either; HTTP/2 PINGs drop dead peers, and the number of
+//!   concurrent streams is bounded.
+//!
+//! It knows nothing about what is served: the caller hands it one service per connection.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::config::ConnectionConfig;
+use crate::metrics::Metrics;
+
+/// Which listener (the `port` label of the connection metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// gRPC (ingest, queries, reflection, health): HTTP/2 only.
+    Grpc,
+    /// HTTP/JSON queries, health, metrics: HTTP/1.1 and HTTP/2.
+    Http,
+}
+
+impl Port {
+    /// Metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Port::Grpc => "grpc",
+            Port::Http => "http",
+        }
+    }
+}
+
+/// HTTP/2 flow-control windows of the gRPC port: a collector batch (~100 KB, at most
+/// `ingest.max_message_bytes`) should not stall on the 64 KiB default.
+#[derive(Debug, Clone, Copy)]
+pub struct Windows {
+    /// Per stream.
+    pub stream: u32,
+    /// Per connection.
+    pub connection: u32,
+}
+
+/// What one listener serves and how.
+pub struct Serve<M> {
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// Which one it is.
+    pub port: Port,
+    /// Limits and timeouts.
+    pub limits: ConnectionConfig,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Only HTTP/2 (gRPC) or HTTP/1.1 and HTTP/2.
+    pub http2_only: bool,
+    /// HTTP/2 windows (None: hyper's defaults).
+    pub windows: Option<Windows>,
+    /// Makes the service for one connection from the peer address.
+    pub make_service: M,
+    /// Stops accepting when it flips; open connections are then closed gracefully.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl<M> std::fmt::Debug for Serve<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serve")
+            .field("port", &self.port)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A per-connection service: a request in, a response out, never an error (errors are
+/// responses), and a response for a request that ran past `request_timeout_secs`.
+pub trait ConnService: Clone + Send + 'static {
+    /// Response body.
+    type Body: hyper::body::Body<
+            Data = bytes::Bytes,
+            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        > + Send
+        + 'static;
+    /// Handles one request.
+    fn call(
+        &self,
+        req: Request<Incoming>,
+    ) -> Pin<Box<dyn Future<Output = Response<Self::Body>> + Send>>;
+    /// What a request that took too long gets.
+    fn timed_out(&self) -> Response<Self::Body>;
+}
+
+/// Runs the accept loop until shutdown, then waits (at most 5 s) for open connections.
+pub async fn serve<M, S>(s: Serve<M>)
+where
+    M: Fn(SocketAddr) -> S,
+    S: ConnService,
+{
+    let Serve {
+        listener,
+        port,
+        limits,
+        metrics,
+        http2_only,
+        windows,
+        make_service,
+        mut shutdown,
+    } = s;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .keep_alive_interval(Duration::from_secs(limits.keepalive_interval_secs))
+        .keep_alive_timeout(Duration::from_secs(limits.keepalive_timeout_secs));
+    if let Some(w) = windows {
+        builder
+            .http2()
+            .initial_stream_window_size(w.stream)
+            .initial_connection_window_size(w.connection);
+    }
+    let builder = if http2_only {
+        builder.http2_only()
+    } else {
+        builder
+    };
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let timeouts = Timeouts {
+        header: Duration::from_secs(limits.header_read_timeout_secs),
+        idle: Duration::from_secs(limits.idle_timeout_secs),
+    };
+    let request_timeout = Duration::from_secs(limits.request_timeout_secs);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(port = port.label(), error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let permit = match Permit::admit(&counts, peer.ip(), &limits, &metrics, port) {
+            Ok(p) => p,
+            Err(reason) => {
+                metrics.connection_refused(port.label(), reason);
+                tracing::debug!(port = port.label(), %peer, reason, "connection refused");
+                drop(stream);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::new());
+        let io = GuardedIo::new(stream, activity.clone(), timeouts, metrics.clone(), port);
+        let svc = Tracked {
+            inner: make_service(peer),
+            activity,
+            timeout: request_timeout,
+            metrics: metrics.clone(),
+            port,
+        };
+        let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = conn.await;
+        });
+    }
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Connection caps
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; gives its slot back when dropped.
+struct Permit {
+    counts: Arc<Mutex<Counts>>,
+    ip: IpAddr,
+    metrics: Arc<Metrics>,
+    port: Port,
+}
+
+impl Permit {
+    fn admit(
+        counts: &Arc<Mutex<Counts>>,
+        ip: IpAddr,
+        limits: &ConnectionConfig,
+        metrics: &Arc<Metrics>,
+        port: Port,
+    ) -> Result<Permit, &'static str> {
+        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+        if c.total >= limits.max_connections {
+            return Err("max_connections");
+        }
+        let n = c.per_ip.entry(ip).or_insert(0);
+        if *n >= limits.max_connections_per_ip {
+            return Err("max_connections_per_ip");
+        }
+        *n += 1;
+        c.total += 1;
+        metrics.connections_open(port.label()).inc();
+        Ok(Permit {
+            counts: counts.clone(),
+            ip,
+            metrics: metrics.clone(),
+            port,
+        })
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+        self.metrics.connections_open(self.port.label()).dec();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Request activity and the deadlines it drives
+
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    header: Duration,
+    idle: Duration,
+}
+
+/// Requests on one connection, shared by its IO (which enforces the deadlines) and its
+/// service (which reports requests starting and ending).
+#[derive(Debug)]
+struct Activity {
+    inner: Mutex<ActivityState>,
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    in_flight: usize,
+    requests: u64,
+    accepted: Instant,
+    last_end: Instant,
+    /// The connection task, woken when the last request ends so its IO re-arms the idle
+    /// deadline.
+    waker: Option<Waker>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        let now = Instant::now();
+        Activity {
+            inner: Mutex::new(ActivityState {
+                in_flight: 0,
+                requests: 0,
+                accepted: now,
+                last_end: now,
+                waker: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        let mut s = self.lock();
+        s.in_flight += 1;
+        s.requests += 1;
+        InFlight(self.clone())
+    }
+
+    /// When the connection must close, and why; `None` while a request is in flight (the
+    /// request deadline bounds that). Registers `waker` to hear about the last request
+    /// ending.
+    fn deadline(&self, t: Timeouts, waker: &Waker) -> Option<(Instant, &'static str)> {
+        let mut s = self.lock();
+        if !s.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            s.waker = Some(waker.clone());
+        }
+        if s.in_flight > 0 {
+            None
+        } else if s.requests == 0 {
+            Some((s.accepted + t.header, "header_read_timeout"))
+        } else {
+            Some((s.last_end + t.idle, "idle_timeout"))
+        }
+    }
+}
+
+/// A request in flight; ends when dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let waker = {
+            let mut s = self.0.lock();
+            s.in_flight = s.in_flight.saturating_sub(1);
+            s.last_end = Instant::now();
+            if s.in_flight == 0 {
+                s.waker.take()
+            } else {
+                None
+            }
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// The connection's socket: once its deadline has passed, reads fail with `TimedOut` and
+/// hyper closes the connection.
+struct GuardedIo {
+    io: TcpStream,
+    activity: Arc<Activity>,
+    timeouts: Timeouts,
+    sleep: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
+    metrics: Arc<Metrics>,
+    port: Port,
+    expired: bool,
+}
+
+impl GuardedIo {
+    fn new(
+        io: TcpStream,
+        activity: Arc<Activity>,
+        timeouts: Timeouts,
+        metrics: Arc<Metrics>,
+        port: Port,
+    ) -> Self {
+        GuardedIo {
+            io,
+            activity,
+            timeouts,
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: None,
+            metrics,
+            port,
+            expired: false,
+        }
+    }
+
+    /// `Some(reason)` once the connection is past its deadline; otherwise arms the timer so
+    /// the task is woken when it passes.
+    fn check(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
+        let (deadline, reason) = self.activity.deadline(self.timeouts, cx.waker())?;
+        if Instant::now() >= deadline {
+            return Some(reason);
+        }
+        if self.armed != Some(deadline) {
+            self.sleep.as_mut().reset(deadline);
+            self.armed = Some(deadline);
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Some(reason),
+            Poll::Pending => None,
+        }
+    }
+}
+
+impl AsyncRead for GuardedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.expired {
+            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+        }
+        // The deadline is checked before reading, so a client that keeps a trickle of bytes
+        // coming cannot push it back.
+        if let Some(reason) = this.check(cx) {
+            this.expired = true;
+            this.metrics.connection_closed(this.port.label(), reason);
+            tracing::debug!(port = this.port.label(), reason, "closing connection");
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, reason)));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GuardedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The per-connection service with request tracking and the request deadline.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+    port: Port,
+}
+
+impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Tracked<S> {
+    type Response = Response<S::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let guard = self.activity.begin();
+        let fut = self.inner.call(req);
+        let inner = self.inner.clone();
+        let (timeout, metrics, port) = (self.timeout, self.metrics.clone(), self.port);
+        Box::pin(async move {
+            let resp = match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r,
+                Err(_) => {
+                    metrics.request_timed_out(port.label());
+                    inner.timed_out()
+                }
+            };
+            drop(guard);
+            Ok(resp)
+        })
+    }
+}
