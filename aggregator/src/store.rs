@@ -33,6 +33,46 @@ const DEDUP_EXPIRY: TableDefinition<'static, &[u8; 24], ()> = TableDefinition::n
 
 use crate::state::dedup::{DedupError, ENTRY_LEN, Entry, Id, SpillTable};
 
+/// File name of the store inside the data dir.
+pub const STORE_FILE: &str = "aggregator.redb";
+
+/// The error for a store file that fails its integrity check (or cannot be opened), naming
+/// the file and what to do: the aggregator never runs on state it cannot vouch for.
+fn damaged(path: &Path, err: &redb::DatabaseError) -> StoreError {
+    let corrupt = matches!(
+        err,
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))
+    );
+    if !corrupt {
+        return StoreError(format!("cannot open {}: {err}", path.display()));
+    }
+    StoreError(format!(
+        "{} failed its integrity check ({err}); refusing to start on damaged state. Recovery: \
+         stop, move the file aside (keep it for inspection), restore the data dir from its last \
+         backup or snapshot and start again: collectors resend every batch they have not had \
+         acked, and seqs the restored store already has are dropped as replays. Batches acked \
+         after the backup are gone from this store: recount them from the raw click archive. \
+         Protection against losing a whole disk is the replicated JetStream back end. See \
+         docs/operations.md, 'Aggregator store damage'.",
+        path.display()
+    ))
+}
+
+/// Verifies the store in `dir` without starting anything (`adclick aggregator --check`):
+/// opens it with the integrity check on, which verifies every committed page. Note that
+/// the check, like every open, commits (redb rebuilds its allocator state).
+pub fn check(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(STORE_FILE);
+    if !path.exists() {
+        return Err(StoreError(format!("{}: no such store", path.display())));
+    }
+    Database::builder()
+        .set_check_integrity_on_open(true)
+        .open(&path)
+        .map(drop)
+        .map_err(|err| damaged(&path, &err))
+}
+
 /// A storage failure. After one, the aggregator stops acking (clients retry).
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
@@ -96,7 +136,16 @@ impl RedbStore {
     /// Opens or creates the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(e)?;
-        let db = Database::create(dir.join("aggregator.redb")).map_err(e)?;
+        let path = dir.join(STORE_FILE);
+        // Every open verifies the checksum of every committed page (redb's
+        // check on open): a file damaged outside redb (bit rot, a bad sector,
+        // a zeroed page) is refused with a clear error instead of being
+        // trusted, where a plain open may panic or read wrong state. It reads
+        // the whole file once per start; see docs/operations.md.
+        let db = Database::builder()
+            .set_check_integrity_on_open(true)
+            .create(&path)
+            .map_err(|err| damaged(&path, &err))?;
         let tx = db.begin_write().map_err(e)?;
         {
             tx.open_table(WAL).map_err(e)?;

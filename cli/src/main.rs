@@ -9,6 +9,7 @@ mod keys;
 mod loadgen;
 mod query;
 mod serve;
+mod spool;
 mod traffic;
 
 use std::process::ExitCode;
@@ -48,11 +49,20 @@ enum Command {
     Collector(serve::CollectorArgs),
     /// Run a regional aggregator (ingest from collectors, windows, top-N, query API).
     Aggregator(serve::AggregatorArgs),
+    /// Offline spool tools: verify a collector's spool, repair its identity.
+    #[command(subcommand)]
+    Spool(spool::SpoolCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Spool(cmd) => {
+            return spool::run(cmd).unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            });
+        }
         Command::Dev(args) => dev::run(args),
         Command::Query { conn, cmd } => query::run(conn, cmd),
         Command::Loadgen(args) => loadgen::run(args),

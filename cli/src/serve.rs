@@ -139,7 +139,8 @@ pub struct AggregatorArgs {
     /// ADCLICK_AGGREGATOR__WINDOWS__ALLOWED_DELAY_MS=5000.
     #[arg(long, short)]
     config: PathBuf,
-    /// Only check the config and exit.
+    /// Only check the config and the store (if the data dir has one: every committed
+    /// page's checksum) and exit; non-zero on a problem. Run it on a stopped aggregator.
     #[arg(long)]
     check: bool,
 }
@@ -150,6 +151,14 @@ pub fn aggregator(args: AggregatorArgs) -> Result<()> {
     cfg.validate()?;
     if args.check {
         println!("{}: ok", args.config.display());
+        // The store too, if there is one: every committed page's checksum.
+        let store = cfg.data_dir.join(adclick_aggregator::store::STORE_FILE);
+        if store.exists() {
+            adclick_aggregator::store::check(&cfg.data_dir)?;
+            println!("{}: ok (integrity check passed)", store.display());
+        } else {
+            println!("{}: no store yet", store.display());
+        }
         return Ok(());
     }
     if cfg.query.allow_unauthenticated {

@@ -13,4 +13,5 @@ mod aggregator_kill;
 mod aggregator_outage;
 mod collector_kill;
 mod mixed;
+mod spool_damage;
 mod visibility_and_redirect;
