@@ -52,6 +52,12 @@ pub struct CollectorConfig {
     pub forward: ForwardConfig,
     /// Rejected-click log.
     pub quarantine: QuarantineConfig,
+    /// Load balancers and proxies (CIDRs, e.g. `["10.0.0.0/8"]`) whose `Forwarded` /
+    /// `X-Forwarded-For` headers are believed: the client IP (for rate limits, connection
+    /// caps do not see it) is the rightmost address in those headers that is not itself a
+    /// trusted proxy. Empty (the default): the headers are ignored and the TCP/UDP peer is
+    /// the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for CollectorConfig {
@@ -73,28 +79,58 @@ impl Default for CollectorConfig {
             spool: SpoolConfig::default(),
             forward: ForwardConfig::default(),
             quarantine: QuarantineConfig::default(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
 
-/// Request limits. Anything beyond them gets a 4xx with a message and a counter.
+/// Request and connection limits. Anything beyond them gets a 4xx/503 with a message (or,
+/// for connections, is closed) and a counter. All are on by default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest request body (413 above).
     pub max_body_bytes: usize,
-    /// Most clicks in one batch (413 above).
+    /// Most clicks in one batch (413 above); checked while decoding, before the clicks
+    /// are materialised.
     pub max_clicks_per_batch: usize,
     /// Longest dimension string (os, site, app, user_id); longer clicks are rejected as
     /// `invalid_dimension`.
     pub max_string_len: usize,
-    /// A client must send its request headers within this time.
+    /// A new connection must complete its first request's headers within this time
+    /// (also bounds protocol detection and an h2c connection that only sends its preface);
+    /// otherwise it is closed.
     pub header_read_timeout_ms: u64,
-    /// Connections served at once; more wait in the listen backlog.
+    /// A request body (and a whole QUIC request) must arrive within this time after its
+    /// headers: 408 otherwise (a whole-body deadline: a body trickled byte by byte cannot
+    /// hold a connection longer than this).
+    pub body_read_timeout_ms: u64,
+    /// A connection with no request in progress for this long is closed: HTTP/1
+    /// keep-alive idle and HTTP/2 without open streams.
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 keep-alive PING interval; a peer that does not answer within
+    /// `idle_timeout_ms` is dropped (0 = no pings).
+    pub http2_keep_alive_interval_ms: u64,
+    /// Concurrent streams per HTTP/2 or QUIC connection (more wait for flow control).
+    pub max_streams_per_connection: u32,
+    /// A QUIC connection without traffic for this long is closed (also bounds stalled
+    /// handshakes).
+    pub quic_idle_timeout_ms: u64,
+    /// Open connections per listener (HTTP and QUIC each). Beyond it a new connection is
+    /// accepted and closed at once (no task, no buffer). Keep the process's open-file limit
+    /// (`ulimit -n`) above the HTTP value plus spool and forwarder files.
     pub max_connections: usize,
-    /// Sustained requests per second per client IP (0 = unlimited); 429 above.
+    /// Open connections per client IP (the TCP/UDP peer) per listener; beyond it new
+    /// connections are closed at once.
+    pub max_connections_per_ip: usize,
+    /// Request body bytes buffered at once across all requests (HTTP and QUIC); a request
+    /// that cannot reserve its body's size (its Content-Length, else `max_body_bytes`)
+    /// gets 503 + `Retry-After` at once.
+    pub max_inflight_body_bytes: usize,
+    /// Sustained clicks per second per client IP (0 = unlimited): a batch costs its click
+    /// count (at least 1, at most the burst), a redirect costs 1; 429 + `Retry-After` above.
     pub rate_limit_per_ip: f64,
-    /// Burst allowance per client IP.
+    /// Clicks a client IP may send at once before the rate applies.
     pub rate_limit_burst: f64,
 }
 
@@ -105,10 +141,34 @@ impl Default for Limits {
             max_clicks_per_batch: 1000,
             max_string_len: 256,
             header_read_timeout_ms: 5_000,
-            max_connections: 10_000,
-            rate_limit_per_ip: 0.0,
-            rate_limit_burst: 100.0,
+            body_read_timeout_ms: 10_000,
+            idle_timeout_ms: 10_000,
+            http2_keep_alive_interval_ms: 15_000,
+            max_streams_per_connection: 100,
+            quic_idle_timeout_ms: 10_000,
+            max_connections: 16_384,
+            max_connections_per_ip: 256,
+            max_inflight_body_bytes: 64 << 20,
+            rate_limit_per_ip: 500.0,
+            rate_limit_burst: 2_000.0,
         }
+    }
+}
+
+impl Limits {
+    /// `header_read_timeout_ms` as a duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms.max(1))
+    }
+
+    /// `body_read_timeout_ms` as a duration.
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms.max(1))
+    }
+
+    /// `idle_timeout_ms` as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.max(1))
     }
 }
 
@@ -267,8 +327,35 @@ impl CollectorConfig {
                 "limits.max_body_bytes must be >= 1024 and limits.max_clicks_per_batch >= 1",
             );
         }
-        if self.limits.max_connections == 0 {
-            return err("limits.max_connections must be >= 1");
+        let l = &self.limits;
+        if l.max_connections == 0 || l.max_connections_per_ip == 0 {
+            return err("limits.max_connections and limits.max_connections_per_ip must be >= 1");
+        }
+        if l.header_read_timeout_ms == 0
+            || l.body_read_timeout_ms == 0
+            || l.idle_timeout_ms == 0
+            || l.quic_idle_timeout_ms == 0
+        {
+            return err(
+                "limits.header_read_timeout_ms, body_read_timeout_ms, idle_timeout_ms and quic_idle_timeout_ms must be >= 1 (timeouts cannot be switched off)",
+            );
+        }
+        if l.quic_idle_timeout_ms > 600_000 {
+            return err("limits.quic_idle_timeout_ms must be <= 600000");
+        }
+        if l.max_streams_per_connection == 0 {
+            return err("limits.max_streams_per_connection must be >= 1");
+        }
+        if l.max_inflight_body_bytes < l.max_body_bytes {
+            return err("limits.max_inflight_body_bytes must be >= limits.max_body_bytes");
+        }
+        if !(l.rate_limit_per_ip >= 0.0 && l.rate_limit_per_ip.is_finite())
+            || !(l.rate_limit_burst >= 1.0 && l.rate_limit_burst.is_finite())
+        {
+            return err("limits.rate_limit_per_ip must be >= 0 and limits.rate_limit_burst >= 1");
+        }
+        if let Err(e) = self.trusted_proxy_nets() {
+            return Err(e);
         }
         if !(self.dedup.false_positive_rate > 0.0 && self.dedup.false_positive_rate < 0.5) {
             return err("dedup.false_positive_rate must be in (0, 0.5)");
@@ -304,7 +391,23 @@ impl CollectorConfig {
 
     /// The header read timeout as a duration.
     pub fn header_read_timeout(&self) -> Duration {
-        Duration::from_millis(self.limits.header_read_timeout_ms.max(1))
+        self.limits.header_read_timeout()
+    }
+
+    /// `trusted_proxies` parsed; a bare address means a single host (`/32`, `/128`).
+    pub fn trusted_proxy_nets(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ConfigError(format!(
+                            "trusted_proxies: {s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or an IP address"
+                        ))
+                    })
+            })
+            .collect()
     }
 }
 

@@ -37,12 +37,12 @@ pub use config::CollectorConfig;
 pub use metrics::Metrics;
 
 use forward::Forwarder;
-use http::{HttpState, ratelimit::RateLimiter};
+use http::{HttpState, client_ip::TrustedProxies, ratelimit::RateLimiter};
 use ingest::{Processor, keys::KeySource};
 use quarantine::Quarantine;
 use routing::HotAds;
 use spool::{Spool, SpoolOptions};
-use writer::Committer;
+use writer::{Committer, SpoolLocation};
 
 /// Why the collector could not start.
 #[derive(Debug, thiserror::Error)]
@@ -115,13 +115,15 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         Some(_) => Some(quic::load_tls(&cfg)?),
         None => None,
     };
-    let (spool, recovery) = Spool::open(
-        &cfg.data_dir.join("spool"),
-        SpoolOptions {
+    let spool_location = SpoolLocation {
+        dir: cfg.data_dir.join("spool"),
+        standby_dir: cfg.data_dir.join("spool-standby"),
+        opts: SpoolOptions {
             segment_bytes: cfg.spool.segment_bytes,
             max_bytes: cfg.spool.max_bytes,
         },
-    )?;
+    };
+    let (spool, recovery) = Spool::open(&spool_location.dir, spool_location.opts)?;
     let collector_id = format!("{}-{:016x}", cfg.collector_id, spool.incarnation());
     tracing::info!(
         collector_id,
@@ -149,6 +151,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
     ));
     let (committer, writer) = Committer::start(
         spool.clone(),
+        spool_location,
         cfg.spool.max_clicks_per_record,
         metrics.clone(),
         durable.0,
@@ -182,6 +185,8 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         limits: cfg.limits.clone(),
         limiter: RateLimiter::new(cfg.limits.rate_limit_per_ip, cfg.limits.rate_limit_burst),
         cors_origins: cfg.cors_origins.clone(),
+        trusted_proxies: TrustedProxies::new(cfg.trusted_proxy_nets()?),
+        body_budget: HttpState::body_budget_for(&cfg.limits),
     });
     let quic = match (cfg.listen_quic, &quic_tls) {
         (Some(addr), Some(tls)) => {

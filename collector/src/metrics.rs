@@ -32,6 +32,22 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// Labels of the connection counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabel {
+    /// http or quic.
+    pub listener: &'static str,
+    /// Why: listener_cap, per_ip_cap (refused); header_timeout, idle_timeout (closed).
+    pub reason: &'static str,
+}
+
+/// `listener` label of the open-connections gauge.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// http or quic.
+    pub listener: &'static str,
+}
+
 /// Every collector metric.
 #[derive(Debug)]
 pub struct Metrics {
@@ -75,6 +91,14 @@ pub struct Metrics {
     pub key_reloads: Family<ResultLabel, Counter>,
     /// Redirect (`GET /c/{token}`) latency including the durable commit.
     pub redirect_seconds: Histogram,
+    /// Connections refused at accept (closed at once), by listener and cap.
+    pub connections_refused: Family<ConnLabel, Counter>,
+    /// Connections closed by the collector for sending nothing, by listener and timeout.
+    pub connections_closed: Family<ConnLabel, Counter>,
+    /// Connections open now, by listener.
+    pub connections_open: Family<ListenerLabel, Gauge>,
+    /// Spool reopen attempts after a write or fsync failure, by result.
+    pub spool_reopens: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -107,6 +131,10 @@ impl Metrics {
             quarantine_dropped: Counter::default(),
             key_reloads: Family::default(),
             redirect_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            connections_refused: Family::default(),
+            connections_closed: Family::default(),
+            connections_open: Family::default(),
+            spool_reopens: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -132,7 +160,7 @@ impl Metrics {
         );
         r.register(
             "rate_limited",
-            "Requests refused by the per-IP rate limit",
+            "Requests refused by the per-IP rate limit (their clicks: clicks_total{outcome=\"rate_limited\"})",
             m.rate_limited.clone(),
         );
         r.register(
@@ -204,6 +232,26 @@ impl Metrics {
             "redirect_seconds",
             "GET /c/{token} latency including the durable commit",
             m.redirect_seconds.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed at accept because a connection cap was reached",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Connections closed for sending no request in time (header or idle timeout)",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Connections open now",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "spool_reopens",
+            "Spool reopen attempts after a write or fsync failure, by result",
+            m.spool_reopens.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -12,11 +12,18 @@
 //! ```
 //!
 //! `status` uses the HTTP codes: 202 (body: protobuf `ClickBatchResult`, sent only after
-//! the accepted clicks are fsynced), 400 malformed, 408 the request was not read within
-//! `limits.header_read_timeout_ms`, 413 over `limits.max_body_bytes` (judged on the length
-//! prefix, before any body byte is read) or `limits.max_clicks_per_batch`, 429 per-IP rate
-//! limit, 503 spool full or failed. Non-202 bodies are UTF-8 text; 429 and 503 end with
-//! `retry-after: N` (seconds), the QUIC stand-in for the `Retry-After` header.
+//! the accepted clicks are fsynced), 400 malformed, 408 the length prefix was not read
+//! within `limits.header_read_timeout_ms` or the batch within `limits.body_read_timeout_ms`
+//! after it, 413 over `limits.max_body_bytes` (judged on the length prefix, before any
+//! body byte is read) or `limits.max_clicks_per_batch` (counted before decoding), 429
+//! per-IP click rate limit, 503 spool full or failed (or too many bodies in flight).
+//! Non-202 bodies are UTF-8 text; 429 and 503 end with `retry-after: N` (seconds), the
+//! QUIC stand-in for the `Retry-After` header.
+//!
+//! Limits: `limits.quic_idle_timeout_ms` (idle connections and stalled handshakes),
+//! `limits.max_streams_per_connection`, and the per-listener and per-IP connection caps
+//! (`limits.max_connections`, `limits.max_connections_per_ip`; excess refused before any
+//! handshake work).
 //!
 //! This module frames and answers; it must not hold click logic of its own.
 
@@ -25,19 +32,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use adclick_proto::v1;
 use base64::Engine as _;
 use prost::Message;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 
-use crate::config::CollectorConfig;
+use crate::config::{CollectorConfig, Limits};
+use crate::http::conn::ConnLimiter;
+use crate::http::decode::{self, BatchDecodeError};
 use crate::http::{self, HttpState};
 use crate::ingest::RequestCtx;
+use crate::metrics::{ConnLabel, ListenerLabel};
 
 /// The ALPN protocol id of the QUIC ingest protocol.
 pub const ALPN: &[u8] = b"adclick/1";
@@ -46,11 +55,6 @@ pub const DEV_CERT_FILE: &str = "quic-dev-cert.pem";
 /// The dev certificate's private key (mode 0600).
 pub const DEV_KEY_FILE: &str = "quic-dev-key.pem";
 
-/// Streams one connection may have open at once; QUIC flow control makes the client wait
-/// for more, so one client cannot tie up unbounded tasks.
-const MAX_STREAMS_PER_CONNECTION: u32 = 256;
-/// A connection with no traffic for this long is closed (also bounds stalled handshakes).
-const IDLE_TIMEOUT_MS: u32 = 30_000;
 /// Longest wait for in-flight streams at shutdown (the HTTP front drains as long).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for peers to acknowledge the close at shutdown.
@@ -78,9 +82,9 @@ pub fn load_tls(cfg: &CollectorConfig) -> Result<QuicTls, TlsError> {
     match (&cfg.tls_cert_file, &cfg.tls_key_file) {
         (Some(cert), Some(key)) => {
             let (chain, key) = read_pem_files(cert, key)?;
-            build(chain, key, false)
+            build(chain, key, false, &cfg.limits)
         }
-        (None, None) => dev_tls(&cfg.data_dir),
+        (None, None) => dev_tls(&cfg.data_dir, &cfg.limits),
         _ => Err(TlsError(
             "tls_cert_file and tls_key_file must be set together".into(),
         )),
@@ -118,6 +122,7 @@ fn build(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     dev: bool,
+    limits: &Limits,
 ) -> Result<QuicTls, TlsError> {
     let cert_pem = chain.iter().map(|c| to_pem(c)).collect();
     // An explicit ring provider: the process-wide default may be unset or another one.
@@ -132,12 +137,14 @@ fn build(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError(e.to_string()))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
+    // Streams one connection may have open at once; QUIC flow control makes the client
+    // wait for more, so one client cannot tie up unbounded tasks. A connection with no
+    // traffic for the idle timeout is closed (this also bounds stalled handshakes).
+    let idle_ms = u32::try_from(limits.quic_idle_timeout_ms.max(1)).unwrap_or(600_000);
     transport
-        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION))
+        .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_streams_per_connection))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(
-            IDLE_TIMEOUT_MS,
-        ))));
+        .max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(idle_ms))));
     server_config.transport_config(Arc::new(transport));
     Ok(QuicTls {
         server_config,
@@ -157,11 +164,11 @@ fn to_pem(der: &[u8]) -> String {
     s
 }
 
-fn dev_tls(data_dir: &Path) -> Result<QuicTls, TlsError> {
+fn dev_tls(data_dir: &Path, limits: &Limits) -> Result<QuicTls, TlsError> {
     let cert_path = data_dir.join(DEV_CERT_FILE);
     let key_path = data_dir.join(DEV_KEY_FILE);
     if cert_path.exists() && key_path.exists() {
-        match read_pem_files(&cert_path, &key_path).and_then(|(c, k)| build(c, k, true)) {
+        match read_pem_files(&cert_path, &key_path).and_then(|(c, k)| build(c, k, true, limits)) {
             Ok(t) => {
                 tracing::warn!(
                     cert = %cert_path.display(),
@@ -190,7 +197,7 @@ fn dev_tls(data_dir: &Path) -> Result<QuicTls, TlsError> {
     );
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| TlsError(format!("generated key: {e}")))?;
-    build(vec![generated.cert.der().clone()], key, true)
+    build(vec![generated.cert.der().clone()], key, true, limits)
 }
 
 fn write_atomic(path: &Path, contents: &[u8], private: bool) -> std::io::Result<()> {
@@ -227,7 +234,15 @@ pub async fn serve(
     read_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(state.limits.max_connections));
+    let conns = ConnLimiter::new(
+        state.limits.max_connections,
+        state.limits.max_connections_per_ip,
+    );
+    let open_gauge = state
+        .metrics
+        .connections_open
+        .get_or_create(&ListenerLabel { listener: "quic" })
+        .clone();
     // Every connection and stream task holds a sender; `recv` returns None once all are
     // gone, which is how shutdown knows the drain is over.
     let (drain, mut drained) = mpsc::channel::<()>(1);
@@ -236,16 +251,31 @@ pub async fn serve(
             i = endpoint.accept() => match i { Some(i) => i, None => break },
             _ = shutdown.wait_for(|&stop| stop) => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(remote = %incoming.remote_address(), "QUIC connection limit reached");
-            incoming.refuse();
-            continue;
+        let permit = match conns.try_acquire(incoming.remote_address().ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::debug!(remote = %incoming.remote_address(), reason = why.reason(), "QUIC connection refused");
+                state
+                    .metrics
+                    .connections_refused
+                    .get_or_create(&ConnLabel {
+                        listener: "quic",
+                        reason: why.reason(),
+                    })
+                    .inc();
+                // Before any handshake work: one CONNECTION_REFUSED packet.
+                incoming.refuse();
+                continue;
+            }
         };
         let st = state.clone();
         let (stop, drain) = (shutdown.clone(), drain.clone());
+        let gauge = open_gauge.clone();
+        gauge.inc();
         tokio::spawn(async move {
             serve_connection(incoming, st, read_timeout, stop, drain).await;
             drop(permit);
+            gauge.dec();
         });
     }
     endpoint.set_server_config(None);
@@ -346,14 +376,22 @@ async fn answer(
     ip: IpAddr,
     deadline: Instant,
 ) -> (u16, Vec<u8>) {
-    if !st.limiter.allow(ip, std::time::Instant::now()) {
-        st.metrics.rate_limited.inc();
-        return error(429, "rate limit exceeded for this client; retry-after: 1");
+    let limited = |retry: http::ratelimit::RetryAfter| {
+        error(
+            429,
+            format!(
+                "click rate limit exceeded for this client (limits.rate_limit_per_ip); retry-after: {}",
+                retry.0
+            ),
+        )
+    };
+    if let Err(retry) = st.admit(ip) {
+        return limited(retry);
     }
     let too_slow = || {
         error(
             408,
-            "request not received in time (limits.header_read_timeout_ms)",
+            "request not received in time (limits.header_read_timeout_ms for the length prefix, limits.body_read_timeout_ms for the batch)",
         )
     };
     let mut prefix = [0u8; 4];
@@ -370,6 +408,15 @@ async fn answer(
             format!("batch of {len} bytes exceeds {max} bytes (limits.max_body_bytes)"),
         );
     }
+    // The batch has its own deadline from here (as an HTTP body after its headers), and
+    // its size is held in the in-flight body budget until the batch is decoded.
+    let deadline = Instant::now() + st.limits.body_read_timeout();
+    let Some(_budget) = st.reserve_body(len) else {
+        return error(
+            503,
+            "too many request bodies in flight (limits.max_inflight_body_bytes); retry-after: 1",
+        );
+    };
     // Grown as bytes arrive, not allocated from the prefix: announcing 1 MiB on many
     // streams and sending nothing must not reserve 1 MiB each.
     let mut body = Vec::with_capacity(len.min(64 << 10));
@@ -404,13 +451,18 @@ async fn answer(
         Ok(Ok(_)) => {}
     }
     let received_at_ms = http::now_ms();
-    let batch = match v1::ClickBatch::decode(body.as_slice()) {
+    let batch = match decode::decode_batch(&body, st.limits.max_clicks_per_batch) {
         Ok(b) => b,
-        Err(e) => {
+        Err(e @ BatchDecodeError::TooManyClicks { .. }) => return error(413, e.to_string()),
+        Err(e @ BatchDecodeError::Malformed(_)) => {
             st.metrics.add_clicks("malformed_batch", 1);
-            return error(400, format!("body is not a protobuf ClickBatch: {e}"));
+            return error(400, e.to_string());
         }
     };
+    drop(body);
+    if let Err(retry) = st.charge_clicks(ip, batch.clicks.len()) {
+        return limited(retry);
+    }
     let ctx = RequestCtx {
         received_at_ms,
         client_ip: Some(ip),

@@ -7,9 +7,49 @@
 //!              "device": "mobile", "os": "ios", "site": "news.example", "user_id": "u1"}]}
 //! ```
 //! Timestamps may be omitted: a click without `occurred_at_ms` happened when it arrived.
+//!
+//! The click count is bounded while parsing: the parser stops at the first click past
+//! `limits.max_clicks_per_batch`, so a body of a million `{}`s never becomes a million
+//! structs.
+
+use std::cell::Cell;
 
 use adclick_proto::v1;
 use serde::Deserialize;
+use serde::de::{Deserializer, SeqAccess, Visitor};
+
+use super::decode::BatchDecodeError;
+
+thread_local! {
+    /// The click limit of the parse running on this thread (the parse is synchronous, so
+    /// a thread-local is how a derived `Deserialize` gets a runtime bound).
+    static MAX_CLICKS: Cell<usize> = const { Cell::new(usize::MAX) };
+    /// Set when the bound stopped the parse.
+    static EXCEEDED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn bounded_clicks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ClickJson>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<ClickJson>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of clicks")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let max = MAX_CLICKS.with(Cell::get);
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(max).min(64));
+            while let Some(c) = seq.next_element::<ClickJson>()? {
+                if out.len() == max {
+                    EXCEEDED.with(|e| e.set(true));
+                    return Err(serde::de::Error::custom("too many clicks"));
+                }
+                out.push(c);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(V)
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +60,7 @@ struct BatchJson {
     sdk_version: String,
     #[serde(default)]
     sent_at_ms: Option<i64>,
+    #[serde(deserialize_with = "bounded_clicks")]
     clicks: Vec<ClickJson>,
 }
 
@@ -60,14 +101,36 @@ fn device(s: &str) -> Result<v1::Device, String> {
     })
 }
 
-/// Parses a JSON batch. Missing timestamps default to `received_at_ms` (a click "now").
-pub fn parse_batch(body: &[u8], received_at_ms: i64) -> Result<v1::ClickBatch, String> {
-    let b: BatchJson =
-        serde_json::from_slice(body).map_err(|e| format!("invalid JSON batch: {e}"))?;
+/// Parses a JSON batch of at most `max_clicks` clicks. Missing timestamps default to
+/// `received_at_ms` (a click "now").
+pub fn parse_batch(
+    body: &[u8],
+    received_at_ms: i64,
+    max_clicks: usize,
+) -> Result<v1::ClickBatch, BatchDecodeError> {
+    MAX_CLICKS.with(|m| m.set(max_clicks));
+    EXCEEDED.with(|e| e.set(false));
+    let parsed = serde_json::from_slice::<BatchJson>(body);
+    MAX_CLICKS.with(|m| m.set(usize::MAX));
+    let b = match parsed {
+        Ok(b) => b,
+        Err(_) if EXCEEDED.with(Cell::get) => {
+            return Err(BatchDecodeError::TooManyClicks {
+                max: max_clicks,
+                found: max_clicks.saturating_add(1),
+            });
+        }
+        Err(e) => {
+            return Err(BatchDecodeError::Malformed(format!(
+                "invalid JSON batch: {e}"
+            )));
+        }
+    };
     let batch_sent = b.sent_at_ms;
     let mut clicks = Vec::with_capacity(b.clicks.len());
     for (i, c) in b.clicks.into_iter().enumerate() {
-        let device = device(&c.device).map_err(|e| format!("clicks[{i}]: {e}"))?;
+        let device = device(&c.device)
+            .map_err(|e| BatchDecodeError::Malformed(format!("clicks[{i}]: {e}")))?;
         let sent = c.sent_at_ms.or(batch_sent);
         let (occurred, sent) = match (c.occurred_at_ms, sent) {
             (Some(o), Some(s)) => (o, s),
@@ -110,12 +173,21 @@ pub fn render_result(r: &v1::ClickBatchResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn msg(e: BatchDecodeError) -> String {
+        match e {
+            BatchDecodeError::Malformed(m) => m,
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn parses_with_defaults_and_names_errors() {
         let b = parse_batch(
             br#"{"clicks":[{"token":"t","device":"Mobile","country":"us"}]}"#,
             77,
+            10,
         )
         .unwrap();
         let c = &b.clicks[0];
@@ -126,15 +198,74 @@ mod tests {
         let b = parse_batch(
             br#"{"sent_at_ms":10,"clicks":[{"token":"t","occurred_at_ms":5}]}"#,
             77,
+            10,
         )
         .unwrap();
         assert_eq!(
             (b.clicks[0].occurred_at_ms, b.clicks[0].sent_at_ms),
             (5, 10)
         );
-        let e = parse_batch(br#"{"clicks":[{"token":"t","device":"toaster"}]}"#, 0).unwrap_err();
+        let e = msg(
+            parse_batch(br#"{"clicks":[{"token":"t","device":"toaster"}]}"#, 0, 10).unwrap_err(),
+        );
         assert!(e.contains("clicks[0]: unknown device"), "{e}");
-        let e = parse_batch(br#"{"clicks":[{"tokn":"t"}]}"#, 0).unwrap_err();
+        let e = msg(parse_batch(br#"{"clicks":[{"tokn":"t"}]}"#, 0, 10).unwrap_err());
         assert!(e.starts_with("invalid JSON batch"), "{e}");
+    }
+
+    #[test]
+    fn the_click_limit_holds_while_parsing() {
+        let body = format!(
+            r#"{{"clicks":[{}]}}"#,
+            vec![r#"{"token":""}"#; 1001].join(",")
+        );
+        assert_eq!(
+            parse_batch(body.as_bytes(), 0, 1000),
+            Err(BatchDecodeError::TooManyClicks {
+                max: 1000,
+                found: 1001
+            })
+        );
+        assert_eq!(
+            parse_batch(body.as_bytes(), 0, 1001).unwrap().clicks.len(),
+            1001
+        );
+        // The bound does not leak into the next parse on this thread.
+        let one = br#"{"clicks":[{"token":"a"},{"token":"b"}]}"#;
+        assert_eq!(parse_batch(one, 0, 2).unwrap().clicks.len(), 2);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1_000, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes never panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(b) = parse_batch(&body, 0, 3) {
+                prop_assert!(b.clicks.len() <= 3);
+            }
+        }
+
+        /// Mutated valid batches never panic and never exceed the limit.
+        #[test]
+        fn mutated_batches_are_bounded(
+            n in 0usize..12,
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let clicks = vec![r#"{"token":"t","device":"mobile","occurred_at_ms":5}"#; n].join(",");
+            let mut body = format!(r#"{{"sent_at_ms":1,"clicks":[{clicks}]}}"#).into_bytes();
+            for (i, b) in &flips {
+                let i = i.index(body.len());
+                body[i] ^= *b;
+            }
+            body.truncate(cut.index(body.len() + 1));
+            let max = 8;
+            match parse_batch(&body, 0, max) {
+                Ok(b) => prop_assert!(b.clicks.len() <= max),
+                Err(BatchDecodeError::TooManyClicks { .. }) => prop_assert!(n > max),
+                Err(BatchDecodeError::Malformed(_)) => {}
+            }
+        }
     }
 }

@@ -1,12 +1,22 @@
 //! The collector's HTTP front (hyper; HTTP/1.1 and h2c on one port):
 //! `POST /v1/clicks` (protobuf or JSON `ClickBatch`), `GET /c/{token}` (record + 302),
-//! `GET /healthz`, `GET /metrics`.
+//! `GET /livez` (liveness), `GET /readyz` and its alias `GET /healthz` (readiness, JSON
+//! with reasons), `GET /metrics`.
 //!
-//! Status codes: 202 only after the accepted clicks are fsynced; 400 malformed; 413 too
-//! large; 415 unknown content type; 429 per-IP rate limit; 503 + `Retry-After` when the
-//! spool is full or the disk failed. This module parses and answers; click logic is in
-//! `ingest`, durability in `writer`.
+//! Status codes: 202 only after the accepted clicks are fsynced; 400 malformed; 408 body
+//! not received within `limits.body_read_timeout_ms`; 413 too large (bytes, or clicks,
+//! counted before decoding); 415 unknown content type; 429 + `Retry-After` per-IP click
+//! rate limit; 503 + `Retry-After` when the spool is full or the disk failed. This module
+//! parses and answers; click logic is in `ingest`, durability in `writer`.
+//!
+//! Every connection is bounded: caps per listener and per peer IP (refused at accept),
+//! a deadline for the first request, an idle timeout between requests, a whole-body
+//! deadline, HTTP/2 stream and keep-alive limits, and a global budget of buffered body
+//! bytes (see `config::Limits`).
 
+pub mod client_ip;
+pub mod conn;
+pub mod decode;
 pub mod json;
 pub mod ratelimit;
 
@@ -28,10 +38,13 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::Limits;
 use crate::ingest::{Processed, Processor, RequestCtx};
-use crate::metrics::Metrics;
+use crate::metrics::{ConnLabel, ListenerLabel, Metrics};
 use crate::quarantine::Quarantine;
 use crate::writer::{CommitError, Committer};
-use ratelimit::RateLimiter;
+use client_ip::TrustedProxies;
+use conn::{Activity, ConnLimiter};
+use decode::BatchDecodeError;
+use ratelimit::{RateLimiter, RetryAfter};
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -50,6 +63,49 @@ pub struct HttpState {
     pub limiter: RateLimiter,
     /// CORS allowed origins (`*` = any).
     pub cors_origins: Vec<String>,
+    /// Proxies whose forwarding headers name the client.
+    pub trusted_proxies: TrustedProxies,
+    /// Budget of buffered request-body bytes, in KiB permits (`limits.max_inflight_body_bytes`).
+    pub body_budget: Arc<Semaphore>,
+}
+
+impl HttpState {
+    /// The shared parts built from `limits` (rate limiter, body budget), around the
+    /// given processing pieces.
+    pub fn body_budget_for(limits: &Limits) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(kib(limits.max_inflight_body_bytes)))
+    }
+
+    /// Reserves `bytes` of the in-flight body budget, or None at once when it is used up
+    /// (the caller answers 503: refusing is cheaper than queueing bodies).
+    pub fn reserve_body(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = u32::try_from(kib(bytes)).unwrap_or(u32::MAX);
+        self.body_budget.clone().try_acquire_many_owned(n).ok()
+    }
+
+    /// Charges `clicks` more clicks (beyond the one taken before the body was read) to
+    /// `ip`'s rate limit; on refusal the clicks are counted as `rate_limited`.
+    pub fn charge_clicks(&self, ip: IpAddr, clicks: usize) -> Result<(), RetryAfter> {
+        let extra = clicks.max(1).min(self.limiter.burst()) - 1;
+        self.limiter
+            .take(ip, extra, Instant::now())
+            .inspect_err(|_| {
+                self.metrics.rate_limited.inc();
+                self.metrics.add_clicks("rate_limited", clicks as u64);
+            })
+    }
+
+    /// The cheap check before a request's body is read: one click's worth.
+    pub fn admit(&self, ip: IpAddr) -> Result<(), RetryAfter> {
+        self.limiter.take(ip, 1, Instant::now()).inspect_err(|_| {
+            self.metrics.rate_limited.inc();
+        })
+    }
+}
+
+/// Bytes to KiB permits, rounded up, at least 1.
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024).max(1)
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -85,8 +141,20 @@ fn json_error(status: StatusCode, msg: &str) -> Resp {
 pub fn retry_after_secs(e: &CommitError) -> u32 {
     match e {
         CommitError::Full(_) => 5,
-        CommitError::Disk(_) | CommitError::Closed => 30,
+        // The writer reopens the spool by itself (backoff up to 5 s).
+        CommitError::Disk(_) => 10,
+        CommitError::Closed => 30,
     }
+}
+
+fn too_many(retry: RetryAfter) -> Resp {
+    let mut r = json_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "click rate limit exceeded for this client (limits.rate_limit_per_ip)",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry.0));
+    r
 }
 
 fn unavailable(e: &CommitError) -> Resp {
@@ -104,19 +172,29 @@ pub async fn serve(
     header_read_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(state.limits.max_connections));
+    let limits = state.limits.clone();
+    let conns = ConnLimiter::new(limits.max_connections, limits.max_connections_per_ip);
+    let idle_timeout = limits.idle_timeout();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
+        .keep_alive(true)
         .header_read_timeout(header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    let mut h2 = builder.http2();
+    h2.timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams_per_connection);
+    if limits.http2_keep_alive_interval_ms > 0 {
+        h2.keep_alive_interval(Duration::from_millis(limits.http2_keep_alive_interval_ms))
+            .keep_alive_timeout(idle_timeout);
+    }
+    let open_gauge = state
+        .metrics
+        .connections_open
+        .get_or_create(&ListenerLabel { listener: "http" })
+        .clone();
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.changed() => break,
-        };
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -129,19 +207,69 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        // Caps are on the TCP peer: forwarding headers are not read yet (and a proxy's
+        // connections are many clients', which is what max_connections_per_ip allows for).
+        let slot = match conns.try_acquire(remote.ip()) {
+            Ok(s) => s,
+            Err(why) => {
+                state
+                    .metrics
+                    .connections_refused
+                    .get_or_create(&ConnLabel {
+                        listener: "http",
+                        reason: why.reason(),
+                    })
+                    .inc();
+                // Refused cheaply: closed right here, nothing spawned or buffered.
+                drop(stream);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
         let st = state.clone();
+        let act = activity.clone();
         let svc = hyper::service::service_fn(move |req| {
             let st = st.clone();
-            async move { Ok::<_, Infallible>(handle(&st, req, remote).await) }
+            let in_flight = act.begin();
+            async move {
+                let r = handle(&st, req, remote).await;
+                drop(in_flight);
+                Ok::<_, Infallible>(r)
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
         let watched = graceful.watch(conn);
+        let metrics = state.metrics.clone();
+        let gauge = open_gauge.clone();
+        gauge.inc();
         tokio::spawn(async move {
-            let _permit = permit;
-            let _ = watched.await;
+            let _slot = slot;
+            tokio::pin!(watched);
+            // The watchdog: a connection that sends no complete request in time, or none
+            // for `idle_timeout` after the last, is dropped (which closes it). This also
+            // covers what hyper's own timers do not: protocol detection, an h2c connection
+            // that only sent its preface, HTTP/2 without streams.
+            loop {
+                let (at, _) = activity.deadline(header_read_timeout, idle_timeout);
+                tokio::select! {
+                    _ = &mut watched => break,
+                    _ = tokio::time::sleep_until(at) => {
+                        // Look again: a request may have started or ended meanwhile.
+                        let (at, why) = activity.deadline(header_read_timeout, idle_timeout);
+                        if let Some(why) = why.filter(|_| at <= tokio::time::Instant::now()) {
+                            metrics
+                                .connections_closed
+                                .get_or_create(&ConnLabel { listener: "http", reason: why.reason() })
+                                .inc();
+                            break;
+                        }
+                    }
+                }
+            }
+            gauge.dec();
         });
     }
     drop(listener);
@@ -169,13 +297,14 @@ fn cors_origin(st: &HttpState, req: &Request<Incoming>) -> Option<HeaderValue> {
 async fn handle(st: &HttpState, req: Request<Incoming>, remote: SocketAddr) -> Resp {
     let path = req.uri().path().to_string();
     let cors = cors_origin(st, &req);
+    let ip = st.trusted_proxies.client_ip(remote.ip(), req.headers());
     let (route, mut resp) = match (req.method(), path.as_str()) {
         (&Method::OPTIONS, "/v1/clicks") => ("preflight", preflight(cors.clone())),
-        (&Method::POST, "/v1/clicks") => ("clicks", ingest(st, req, remote.ip()).await),
-        (&Method::GET, p) if p.starts_with("/c/") => {
-            ("redirect", redirect(st, &p[3..], remote.ip()).await)
-        }
-        (&Method::GET, "/healthz") => ("healthz", health(st)),
+        (&Method::POST, "/v1/clicks") => ("clicks", ingest(st, req, ip).await),
+        (&Method::GET, p) if p.starts_with("/c/") => ("redirect", redirect(st, &p[3..], ip).await),
+        (&Method::GET, "/livez") => ("livez", text(StatusCode::OK, "ok\n")),
+        (&Method::GET, "/readyz") => ("readyz", readiness(st)),
+        (&Method::GET, "/healthz") => ("healthz", readiness(st)),
         (&Method::GET, "/metrics") => {
             let mut r = text(StatusCode::OK, st.metrics.render());
             r.headers_mut().insert(
@@ -192,7 +321,7 @@ async fn handle(st: &HttpState, req: Request<Incoming>, remote: SocketAddr) -> R
             "other",
             json_error(
                 StatusCode::NOT_FOUND,
-                "not found: the collector serves POST /v1/clicks, GET /c/{token}, GET /healthz, GET /metrics",
+                "not found: the collector serves POST /v1/clicks, GET /c/{token}, GET /livez, GET /readyz, GET /healthz, GET /metrics",
             ),
         ),
     };
@@ -232,15 +361,29 @@ fn preflight(origin: Option<HeaderValue>) -> Resp {
     r
 }
 
-fn health(st: &HttpState) -> Resp {
-    if st.committer.failed() {
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unhealthy: spool disk failure, restart required\n",
-        )
-    } else {
-        text(StatusCode::OK, "ok\n")
+/// Readiness: 200 `{"ready":true,"reasons":[]}` while clicks can be made durable, else
+/// 503 with the reasons (`spool_failed`, `spool_full`) and a `Retry-After`.
+fn readiness(st: &HttpState) -> Resp {
+    let reasons = st.committer.not_ready_reasons();
+    let ready = reasons.is_empty();
+    let body = serde_json::json!({ "ready": ready, "reasons": reasons }).to_string();
+    let mut r = text(
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        body,
+    );
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if !ready {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }
+    r
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -273,7 +416,14 @@ fn encoding_of(req: &Request<Incoming>) -> Option<Encoding> {
     }
 }
 
-async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Resp> {
+/// Reads the body within `limits.body_read_timeout_ms` (a whole-body deadline), holding
+/// its size in the in-flight body budget; the permit is returned with the bytes and must
+/// be kept until the decoded batch is gone.
+async fn read_body(
+    st: &HttpState,
+    req: Request<Incoming>,
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Resp> {
+    let max = st.limits.max_body_bytes;
     let too_large = || {
         json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -288,15 +438,38 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Resp> {
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e)
+    let deadline = tokio::time::Instant::now() + st.limits.body_read_timeout();
+    let reserve = declared.map_or(max, |n| n as usize);
+    let Some(permit) = st.reserve_body(reserve) else {
+        let mut r = json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many request bodies in flight (limits.max_inflight_body_bytes)",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Err(r);
+    };
+    let collect = Limited::new(req.into_body(), reserve).collect();
+    match tokio::time::timeout_at(deadline, collect).await {
+        Err(_) => Err(json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time (limits.body_read_timeout_ms)",
+        )),
+        Ok(Ok(b)) => Ok((b.to_bytes(), permit)),
+        Ok(Err(e))
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            Err(too_large())
+            Err(if declared.is_some() {
+                json_error(
+                    StatusCode::BAD_REQUEST,
+                    "request body longer than its Content-Length",
+                )
+            } else {
+                too_large()
+            })
         }
-        Err(e) => Err(json_error(
+        Ok(Err(e)) => Err(json_error(
             StatusCode::BAD_REQUEST,
             &format!("could not read request body: {e}"),
         )),
@@ -304,15 +477,8 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Resp> {
 }
 
 async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
-    if !st.limiter.allow(ip, Instant::now()) {
-        st.metrics.rate_limited.inc();
-        let mut r = json_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate limit exceeded for this client",
-        );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+    if let Err(retry) = st.admit(ip) {
+        return too_many(retry);
     }
     let Some(enc) = encoding_of(&req) else {
         return json_error(
@@ -320,23 +486,37 @@ async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
             "Content-Type must be application/x-protobuf, application/json, or text/plain (protobuf from a beacon)",
         );
     };
-    let body = match read_body(req, st.limits.max_body_bytes).await {
+    let (body, _budget) = match read_body(st, req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
     let received_at_ms = now_ms();
+    let max_clicks = st.limits.max_clicks_per_batch;
     let batch = match enc {
-        Encoding::Proto => v1::ClickBatch::decode(body.as_ref())
-            .map_err(|e| format!("body is not a protobuf ClickBatch: {e}")),
-        Encoding::Json => json::parse_batch(&body, received_at_ms),
+        Encoding::Proto => decode::decode_batch(&body, max_clicks),
+        Encoding::Json => json::parse_batch(&body, received_at_ms, max_clicks),
     };
+    drop(body);
     let batch = match batch {
         Ok(b) => b,
-        Err(msg) => {
+        Err(e @ BatchDecodeError::TooManyClicks { .. }) => {
+            return json_error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string());
+        }
+        Err(BatchDecodeError::Malformed(msg)) => {
             st.metrics.add_clicks("malformed_batch", 1);
-            return json_error(StatusCode::BAD_REQUEST, &msg);
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &if enc == Encoding::Proto {
+                    format!("body is not a protobuf ClickBatch: {msg}")
+                } else {
+                    msg
+                },
+            );
         }
     };
+    if let Err(retry) = st.charge_clicks(ip, batch.clicks.len()) {
+        return too_many(retry);
+    }
     let ctx = RequestCtx {
         received_at_ms,
         client_ip: Some(ip),
@@ -420,6 +600,12 @@ pub async fn record(
 
 async fn redirect(st: &HttpState, token: &str, ip: IpAddr) -> Resp {
     let started = Instant::now();
+    // A redirect is one click for the rate limit; a limited visitor is not redirected
+    // (a 429 is cheaper than verifying and spooling a flood).
+    if let Err(retry) = st.admit(ip) {
+        st.metrics.add_clicks("rate_limited", 1);
+        return too_many(retry);
+    }
     let now = now_ms();
     let click = v1::Click {
         token: token.to_string(),
