@@ -186,7 +186,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         dir.join("collector.toml"),
         format!(
             "listen_http = \"127.0.0.1:{chttp}\"\ndata_dir = {:?}\nkeys_file = {:?}\naggregators = [\"http://127.0.0.1:{grpc}\"]\n\
-             [forward]\nretry_base_ms = 20\nretry_max_ms = 500\n[limits]\nmax_clicks_per_batch = 5000\nmax_body_bytes = 8388608\n",
+             [forward]\nretry_base_ms = 20\nretry_max_ms = 500\n[limits]\nmax_clicks_per_batch = 5000\nmax_body_bytes = 8388608\n\
+             # every bench client is 127.0.0.1: no per-IP click rate limit\n\
+             rate_limit_per_ip = 0.0\n",
             dir.join("col"),
             keys
         ),

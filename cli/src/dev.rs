@@ -125,6 +125,10 @@ pub fn run(args: DevArgs) -> Result<()> {
         };
         ccfg.forward.retry_base_ms = 50;
         ccfg.forward.retry_max_ms = 1_000;
+        // Dev traffic (the built-in generator, `adclick loadgen`, the browser demo) all comes
+        // from 127.0.0.1 at thousands of clicks/s: the per-IP click rate limit is off in dev
+        // (explicitly; production keeps the default of limits.rate_limit_per_ip).
+        ccfg.limits.rate_limit_per_ip = 0.0;
         let col = adclick_collector::start(ccfg)
             .await
             .context("cannot start the collector (is the port free? try --collector-port)")?;

@@ -124,8 +124,17 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
         if errors.is_empty() {
             println!("errors             none");
         } else {
+            let limited = errors.contains_key("http 429");
             for (k, v) in errors {
                 println!("errors             {k}: {v}");
+            }
+            if limited {
+                // All of loadgen's clicks come from one address.
+                println!(
+                    "hint               429 = the collector's per-IP click rate limit \
+                     (limits.rate_limit_per_ip, default 500/s); `adclick dev` turns it off, \
+                     raise it in collector.toml to load-test another collector from one machine"
+                );
             }
         }
         let refused = stats.refused.load(Ordering::Relaxed);
