@@ -4,8 +4,10 @@
 //! Layout: `<dir>/clicks.log`, an append-only log of records
 //! `len: u32 LE | crc32(kind ++ body): u32 LE | kind: u8 | body`, where kind 1 is a click
 //! (`seq: u64 LE` + protobuf `Click`) and kind 2 a removal (`seq: u64 LE` repeated).
-//! Opening replays the log, keeps every complete record and truncates a torn or corrupt
-//! tail. The log is rewritten (temp file, fsync, rename) when mostly dead, and emptied
+//! Opening replays the log and keeps every complete, CRC-correct record: a torn or corrupt
+//! tail is truncated, and damage in the middle (a bad sector, a flipped bit) is skipped by
+//! resynchronising at the next valid record, so it costs only the records it touches; the
+//! log is then rewritten without it and [`FileQueue::damaged_bytes`] says how much was lost. The log is rewritten (temp file, fsync, rename) when mostly dead, and emptied
 //! when the queue drains. `<dir>/lock` is held with an OS file lock so two processes
 //! never share a queue.
 //!
@@ -41,6 +43,7 @@ pub struct FileQueue {
     live: BTreeMap<u64, Vec<u8>>,
     dead: usize,
     loaded: Option<Vec<StoredClick>>,
+    damaged_bytes: u64,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> QueueError {
@@ -60,24 +63,59 @@ fn record(kind: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Parses the complete records of `buf`; returns them and the length of the valid prefix.
-fn parse(buf: &[u8]) -> (Vec<(u8, &[u8])>, usize) {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while buf.len() - pos >= HEADER {
-        let len = u32::from_le_bytes([buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
-        let crc = u32::from_le_bytes([buf[pos + 4], buf[pos + 5], buf[pos + 6], buf[pos + 7]]);
-        if len == 0 || len > MAX_RECORD || buf.len() - pos - HEADER < len {
-            break;
-        }
-        let data = &buf[pos + HEADER..pos + HEADER + len];
-        if crc32fast::hash(data) != crc {
-            break;
-        }
-        out.push((data[0], &data[1..]));
-        pos += HEADER + len;
+/// The valid record (kind, body) at `pos` with its total length, if there is one.
+fn record_at(buf: &[u8], pos: usize) -> Option<((u8, &[u8]), usize)> {
+    let head = buf.get(pos..pos.checked_add(HEADER)?)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if len == 0 || len > MAX_RECORD {
+        return None;
     }
-    (out, pos)
+    let data = buf.get(pos + HEADER..(pos + HEADER).checked_add(len)?)?;
+    (crc32fast::hash(data) == crc).then_some(((data[0], &data[1..]), HEADER + len))
+}
+
+/// What [`parse`] found in a log.
+#[derive(Debug, Default)]
+struct Parsed<'a> {
+    /// Every valid record, in file order.
+    records: Vec<(u8, &'a [u8])>,
+    /// Byte ranges that failed their checks but have valid records after them: damage
+    /// (a torn write only ever leaves a tail).
+    damaged: Vec<(usize, usize)>,
+    /// End of the last valid record; what follows is a torn or corrupt tail.
+    end: usize,
+}
+
+/// Parses every valid record of `buf`. Where a record fails its checks, it resynchronises
+/// at the next offset holding a valid record of a known kind, so that one damaged byte in
+/// the middle costs only the record it is in, never every click queued after it.
+fn parse(buf: &[u8]) -> Parsed<'_> {
+    let mut out = Parsed::default();
+    let mut pos = 0;
+    while pos < buf.len() {
+        if let Some((rec, len)) = record_at(buf, pos) {
+            out.records.push(rec);
+            pos += len;
+            out.end = pos;
+            continue;
+        }
+        // The kind byte is checked first: it rules out most offsets before any CRC.
+        let next = (pos + 1..buf.len()).find_map(|p| {
+            if !matches!(buf.get(p + HEADER), Some(&KIND_CLICK | &KIND_REMOVE)) {
+                return None;
+            }
+            record_at(buf, p).map(|(rec, len)| (p, rec, len))
+        });
+        let Some((p, rec, len)) = next else {
+            break;
+        };
+        out.damaged.push((pos, p));
+        out.records.push(rec);
+        pos = p + len;
+        out.end = pos;
+    }
+    out
 }
 
 impl FileQueue {
@@ -105,7 +143,10 @@ impl FileQueue {
         let mut buf = Vec::new();
         log.read_to_end(&mut buf)
             .map_err(|e| io("cannot read", &path, e))?;
-        let (records, valid) = parse(&buf);
+        let parsed = parse(&buf);
+        let damaged_bytes: usize = parsed.damaged.iter().map(|(a, b)| b - a).sum();
+        let valid = parsed.end;
+        let records = parsed.records;
 
         let mut live = BTreeMap::new();
         let mut dead = 0;
@@ -131,7 +172,10 @@ impl FileQueue {
                 _ => dead += 1,
             }
         }
-        if valid < buf.len() {
+        // Damage in the middle is handled by rewriting the log from the valid records
+        // (below), so the bad bytes are not met again. A removal lost to damage only makes
+        // its clicks come back and be sent again: the collector deduplicates them.
+        if damaged_bytes == 0 && valid < buf.len() {
             // Torn or corrupt tail: keep every complete record, drop the rest.
             log.set_len(valid as u64)
                 .map_err(|e| io("cannot truncate", &path, e))?;
@@ -157,9 +201,21 @@ impl FileQueue {
             live,
             dead,
             loaded: Some(loaded),
+            damaged_bytes: damaged_bytes as u64,
         };
-        q.maybe_compact()?;
+        if damaged_bytes > 0 {
+            q.rewrite()?;
+        } else {
+            q.maybe_compact()?;
+        }
         Ok(q)
+    }
+
+    /// Bytes of damage found in the middle of the log at open (skipped; the records after
+    /// them were kept and the log rewritten). Non-zero means some queued clicks were lost
+    /// to disk damage: worth reporting.
+    pub fn damaged_bytes(&self) -> u64 {
+        self.damaged_bytes
     }
 
     /// Also fsync after every append and removal (power-loss durability; slower).
@@ -207,6 +263,12 @@ impl FileQueue {
         if self.dead < COMPACT_MIN_DEAD || self.dead <= self.live.len() {
             return Ok(());
         }
+        self.rewrite()
+    }
+
+    /// Rewrites the log from the live records: temp file, fsync, rename.
+    fn rewrite(&mut self) -> Result<(), QueueError> {
+        let path = self.log_path();
         let tmp = self.dir.join("clicks.log.tmp");
         let mut out = File::create(&tmp).map_err(|e| io("cannot create", &tmp, e))?;
         for rec in self.live.values() {
@@ -271,6 +333,36 @@ mod tests {
                 ..Default::default()
             },
         }
+    }
+
+    #[test]
+    fn damage_in_the_middle_costs_only_the_damaged_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sizes = Vec::new();
+        {
+            let mut q = FileQueue::open(dir.path()).unwrap();
+            for i in 0..20 {
+                q.append(&click(i)).unwrap();
+                sizes.push(fs::metadata(dir.path().join("clicks.log")).unwrap().len());
+            }
+            q.remove(&[0, 1]).unwrap();
+        }
+        // Flip a byte inside click 7's record (bytes sizes[6]..sizes[7]).
+        let path = dir.path().join("clicks.log");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[(sizes[6] + 12) as usize] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        let want: Vec<u64> = (2..20).filter(|&i| i != 7).collect();
+        let mut q = FileQueue::open(dir.path()).unwrap();
+        assert_eq!(q.damaged_bytes(), sizes[7] - sizes[6]);
+        let got: Vec<u64> = q.load().unwrap().iter().map(|c| c.seq).collect();
+        assert_eq!(got, want);
+        drop(q);
+        // Rewritten: the damage is gone, nothing else changed.
+        let mut q = FileQueue::open(dir.path()).unwrap();
+        assert_eq!(q.damaged_bytes(), 0);
+        let got: Vec<u64> = q.load().unwrap().iter().map(|c| c.seq).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
