@@ -12,6 +12,8 @@ mod support;
 mod aggregator_kill;
 mod aggregator_outage;
 mod collector_kill;
+mod countable;
+mod hot_dedup;
 mod mixed;
 mod spool_damage;
 mod visibility_and_redirect;
