@@ -136,6 +136,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
     let spool = Arc::new(Mutex::new(spool));
 
     let metrics = Arc::new(Metrics::new());
+    report_spool_damage(&collector_id, &recovery, &metrics);
     metrics
         .forward_lag_records
         .set(i64::try_from(recovered_lag).unwrap_or(i64::MAX));
@@ -338,4 +339,41 @@ async fn reload_keys(
             }
         }
     }
+}
+
+/// Makes every loss or repair that spool recovery found visible: an ERROR
+/// line per damaged range (segment, offset, bytes, where it was saved), per
+/// lost seq range and per metadata repair, and the corruption counters.
+/// Silent only for what a crash normally leaves (a torn unsynced tail).
+fn report_spool_damage(collector_id: &str, recovery: &spool::Recovery, metrics: &Metrics) {
+    for d in &recovery.damage {
+        tracing::error!(
+            collector_id,
+            segment = %d.segment.display(),
+            offset = d.offset,
+            bytes = d.bytes,
+            saved_to = ?d.saved_to,
+            "spool damage: bytes inside synced data failed their checksum; moved out"
+        );
+    }
+    for &(first, last) in &recovery.lost_seqs {
+        tracing::error!(
+            collector_id,
+            first_seq = first,
+            last_seq = last,
+            records = last - first + 1,
+            "spool damage: acknowledged records lost; every record after them is kept \
+             (reconcile this seq range)"
+        );
+    }
+    for r in &recovery.repairs {
+        tracing::error!(collector_id, repair = %r, "spool metadata repaired");
+    }
+    if let Some(t) = &recovery.suspicious_tail {
+        tracing::warn!(collector_id, tail = %t, "spool tail trimmed");
+    }
+    metrics.spool_corrupt_records.inc_by(recovery.lost_records);
+    metrics
+        .spool_corrupt_bytes
+        .inc_by(recovery.damage.iter().map(|d| d.bytes).sum());
 }
