@@ -349,14 +349,12 @@ impl CollectorConfig {
         if l.max_inflight_body_bytes < l.max_body_bytes {
             return err("limits.max_inflight_body_bytes must be >= limits.max_body_bytes");
         }
-        if !(l.rate_limit_per_ip >= 0.0 && l.rate_limit_per_ip.is_finite())
-            || !(l.rate_limit_burst >= 1.0 && l.rate_limit_burst.is_finite())
-        {
+        let rate_ok = l.rate_limit_per_ip >= 0.0 && l.rate_limit_per_ip.is_finite();
+        let burst_ok = l.rate_limit_burst >= 1.0 && l.rate_limit_burst.is_finite();
+        if !(rate_ok && burst_ok) {
             return err("limits.rate_limit_per_ip must be >= 0 and limits.rate_limit_burst >= 1");
         }
-        if let Err(e) = self.trusted_proxy_nets() {
-            return Err(e);
-        }
+        self.trusted_proxy_nets()?;
         if !(self.dedup.false_positive_rate > 0.0 && self.dedup.false_positive_rate < 0.5) {
             return err("dedup.false_positive_rate must be in (0, 0.5)");
         }

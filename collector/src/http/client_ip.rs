@@ -86,7 +86,7 @@ fn hops_right_to_left<'a>(
 ) -> impl Iterator<Item = Option<IpAddr>> + 'a {
     values.iter().rev().flat_map(move |v| {
         let s = std::str::from_utf8(v).unwrap_or("\u{0}");
-        s.rsplit(',').map(move |e| parse(e))
+        s.rsplit(',').map(parse)
     })
 }
 
