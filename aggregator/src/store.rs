@@ -73,6 +73,10 @@ pub fn check(dir: &Path) -> Result<(), StoreError> {
         .map_err(|err| damaged(&path, &err))
 }
 
+/// redb page cache of the aggregator's store (WAL, checkpoints, dedup disk tier), outside
+/// `dedup.memory_bytes`.
+pub const STORE_CACHE_BYTES: usize = 64 << 20;
+
 /// A storage failure. After one, the aggregator stops acking (clients retry).
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
@@ -144,6 +148,9 @@ impl RedbStore {
         // the whole file once per start; see docs/operations.md.
         let db = Database::builder()
             .set_check_integrity_on_open(true)
+            // redb's page cache defaults to 1 GiB and would fill under a dedup spill flood:
+            // the dedup disk tier must not bring back the RAM it moved to disk.
+            .set_cache_size(STORE_CACHE_BYTES)
             .create(&path)
             .map_err(|err| damaged(&path, &err))?;
         let tx = db.begin_write().map_err(e)?;
