@@ -136,16 +136,12 @@ pub fn run(cmd: ImpressionCommand) -> Result<()> {
 fn check_ttl(ttl: Duration) -> Result<()> {
     let max = adclick_proto::countable::MAX_TOKEN_LIFETIME_MS;
     let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-    if ms > max {
+    if ms > max || ttl < Duration::from_secs(1) {
         bail!(
-            "--ttl {} is longer than the maximum token lifetime of {} ({max} ms): collectors \
-             reject clicks on such tokens (token_lifetime_too_long); use at most 30d",
-            humantime::format_duration(ttl),
-            humantime::format_duration(Duration::from_millis(max.unsigned_abs())),
+            "--ttl of {} s: ttl must be between 1s and 30d, the maximum token lifetime \
+             ({max} ms); collectors reject clicks on longer tokens (token_lifetime_too_long)",
+            ttl.as_secs()
         );
-    }
-    if ttl < Duration::from_secs(1) {
-        bail!("--ttl must be at least 1s");
     }
     Ok(())
 }
