@@ -114,6 +114,8 @@ fn main() {
         cfg.aggregators = vec![format!("http://{agg_addr}")];
         cfg.limits.max_clicks_per_batch = batch.max(1000);
         cfg.limits.max_body_bytes = 16 << 20;
+        // Every bench client is 127.0.0.1: no per-IP click rate limit.
+        cfg.limits.rate_limit_per_ip = 0.0;
         cfg.dedup.expected_clicks = total * 2;
         cfg.dedup.exact_capacity = total * 2;
         let col = adclick_collector::start(cfg).await.unwrap();

@@ -108,6 +108,29 @@ impl Drop for ConnSlot {
     }
 }
 
+/// The process's soft open-file limit (Linux `/proc/self/limits`), if known.
+pub fn open_files_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Warns when `max_connections` cannot be reached because the open-file limit is lower:
+/// then `accept` fails with EMFILE before the cap refuses anyone, and real clients wait in
+/// the backlog instead of being served.
+pub fn warn_if_files_limit_low(listener: &str, max_connections: usize) {
+    if let Some(limit) = open_files_limit()
+        && limit < max_connections as u64 + 256
+    {
+        tracing::warn!(
+            listener,
+            open_files_limit = limit,
+            max_connections,
+            "the open-file limit (ulimit -n) is below limits.max_connections + 256: raise it, or lower max_connections"
+        );
+    }
+}
+
 /// What one HTTP connection has been doing, updated by its request handlers and read by
 /// its watchdog.
 #[derive(Debug)]

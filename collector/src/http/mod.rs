@@ -174,6 +174,7 @@ pub async fn serve(
 ) {
     let limits = state.limits.clone();
     let conns = ConnLimiter::new(limits.max_connections, limits.max_connections_per_ip);
+    conn::warn_if_files_limit_low("http", limits.max_connections);
     let idle_timeout = limits.idle_timeout();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
