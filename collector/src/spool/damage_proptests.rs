@@ -65,7 +65,7 @@ fn ranges(seqs: &BTreeSet<u64>) -> Vec<(u64, u64)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn damage_costs_only_the_records_it_touches(

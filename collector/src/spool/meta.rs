@@ -148,6 +148,25 @@ fn read_small(path: &Path) -> Result<Option<Vec<u8>>, SpoolError> {
     Ok(Some(buf))
 }
 
+/// Size of the ack file written by spool format 1 (16-byte record headers, no `synced`
+/// watermark, no incarnation copy): such a directory must be drained by the adclick that
+/// wrote it, since its records do not parse as format 2.
+const FORMAT1_ACK_FILE_LEN: u64 = 512 + ACK_SLOT_LEN as u64;
+
+/// Refuses a spool directory written by spool format 1 (see [`FORMAT1_ACK_FILE_LEN`]).
+pub(crate) fn refuse_old_format(dir: &Path) -> Result<(), SpoolError> {
+    let path = dir.join(ACK_FILE);
+    match fs::metadata(&path) {
+        Ok(m) if m.len() == FORMAT1_ACK_FILE_LEN => Err(SpoolError::Corrupt(format!(
+            "{} was written by an older adclick (spool format 1): drain it with that version \
+             (start it with the aggregator reachable until adclick_collector_forward_lag_records \
+             is 0), then start this version",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// What the incarnation file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Incarnation {

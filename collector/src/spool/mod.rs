@@ -223,6 +223,7 @@ impl Spool {
     pub fn open(dir: &Path, opts: SpoolOptions) -> Result<(Spool, Recovery), SpoolError> {
         create_dir(dir)?;
         let lock = meta::lock_dir(dir)?;
+        meta::refuse_old_format(dir)?;
         meta::remove_tmp_files(dir)?;
         remove_tmp_segments(dir)?;
         let files = list_segments(dir)?;
@@ -859,12 +860,22 @@ fn carry_out(
         let keeps_file = sp.keeps_file();
         let mut in_place = None;
         let mut moved = Vec::new();
+        // Every moved run is read before anything is written: a moved run's new name can
+        // be its own source file's (damage at the start of a segment).
+        let mut to_move = Vec::new();
         for (mut run, loss) in sp.kept {
             if run.start == 0 && loss.is_none() {
                 run.segment.path = sp.path.clone();
                 in_place = Some(run);
                 continue;
             }
+            let source = read_range(&sp.path, run.start, run.end)?;
+            to_move.push((run, loss, source));
+        }
+        // A run that takes its source's own name goes last: until every other run from the
+        // source is durable elsewhere, the source must stay as it is.
+        to_move.sort_by_key(|(run, loss, _)| target_of(run, loss) == sp.path);
+        for (run, loss, source) in to_move {
             let target = target_of(&run, &loss);
             let first = loss.map_or(run.first_seq(), |(a, _)| a);
             let mut bytes = Vec::new();
@@ -875,7 +886,7 @@ fn carry_out(
                     bytes.extend_from_slice(&rec);
                 }
             }
-            bytes.extend_from_slice(&read_range(&sp.path, run.start, run.end)?);
+            bytes.extend_from_slice(&source);
             let tmp = dir.join(format!("{}{TMP_SEGMENT_SUFFIX}", segment_name(first)));
             write_file(&tmp, &bytes)?;
             fs::rename(&tmp, &target).map_err(io_err("rename", &target))?;
@@ -901,6 +912,7 @@ fn carry_out(
             remove_segment(&sp.path)?;
             changed = true;
         }
+        moved.sort_by_key(|s: &Segment| s.first_seq);
         segments.extend(moved);
     }
     Ok((segments, changed))

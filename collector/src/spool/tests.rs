@@ -608,3 +608,18 @@ fn damaged_ack_slots_are_repaired_without_reusing_seqs() {
     assert!(rec.repairs.is_empty(), "{:?}", rec.repairs);
     assert_eq!(read_all(&s), vec![]);
 }
+
+#[test]
+fn a_format_1_spool_is_refused_not_misread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path(), SpoolOptions::default());
+    append_synced(&mut s, 2);
+    drop(s);
+    // Format 1's ack file was 524 bytes (two slots, no incarnation copy).
+    let ack = dir.path().join(meta::ACK_FILE);
+    let old = fs::read(&ack).unwrap()[..524].to_vec();
+    fs::write(&ack, old).unwrap();
+    let err = Spool::open(dir.path(), SpoolOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("format 1"), "{err}");
+    assert!(verify(dir.path()).is_err());
+}

@@ -74,6 +74,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, SpoolError> {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
     }
+    meta::refuse_old_format(dir)?;
     let files = list_segments(dir)?;
     let incarnation = match meta::read_incarnation(dir)? {
         Incarnation::Valid(v) => Some(v),
