@@ -127,7 +127,7 @@ impl Rng {
     }
     /// One of the edge-heavy values, or uniform in [lo, hi].
     fn pick(&mut self, edges: &[i64], lo: i64, hi: i64) -> i64 {
-        if self.next() % 3 == 0 {
+        if self.next().is_multiple_of(3) {
             edges[(self.next() % edges.len() as u64) as usize]
         } else {
             self.range(lo, hi)
@@ -189,7 +189,7 @@ fn every_click_the_collector_acks_the_aggregator_counts() {
                     -50 * 3_600_000,
                     60_000,
                 );
-            let sent = if rng.next() % 4 == 0 {
+            let sent = if rng.next().is_multiple_of(4) {
                 now + rng.range(-DAY, DAY)
             } else {
                 now
@@ -202,7 +202,7 @@ fn every_click_the_collector_acks_the_aggregator_counts() {
             oracle_long.push(life > 30 * DAY);
             oracle_plain_ok.push(valid_now && life <= 30 * DAY && occurred == now && sent == now);
             // Some repeats, as duplicates.
-            let repeat = rng.next() % 8 == 0;
+            let repeat = rng.next().is_multiple_of(8);
             let click = v1::Click {
                 token,
                 occurred_at_ms: occurred,

@@ -260,7 +260,7 @@ impl Dedup {
             return Ok(());
         }
         let mut batch: Vec<(Id, Entry)> = self.recent.iter().map(|(k, v)| (*k, *v)).collect();
-        batch.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        batch.sort_unstable_by_key(|e| e.0);
         self.disk.put(&batch)?;
         for (id, _) in &batch {
             self.bloom.insert_hash(bloom_hash(id));
