@@ -115,16 +115,20 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         Some(_) => Some(quic::load_tls(&cfg)?),
         None => None,
     };
-    let spool_location = SpoolLocation {
+    let mut spool_location = SpoolLocation {
         dir: cfg.data_dir.join("spool"),
         standby_dir: cfg.data_dir.join("spool-standby"),
         opts: SpoolOptions {
             segment_bytes: cfg.spool.segment_bytes,
             max_bytes: cfg.spool.max_bytes,
         },
+        collector_id: String::new(),
+        incarnation: 0,
     };
     let (spool, recovery) = Spool::open(&spool_location.dir, spool_location.opts)?;
     let collector_id = format!("{}-{:016x}", cfg.collector_id, spool.incarnation());
+    spool_location.collector_id = collector_id.clone();
+    spool_location.incarnation = spool.incarnation();
     tracing::info!(
         collector_id,
         pending_records = recovery.records,
@@ -345,7 +349,11 @@ async fn reload_keys(
 /// line per damaged range (segment, offset, bytes, where it was saved), per
 /// lost seq range and per metadata repair, and the corruption counters.
 /// Silent only for what a crash normally leaves (a torn unsynced tail).
-fn report_spool_damage(collector_id: &str, recovery: &spool::Recovery, metrics: &Metrics) {
+pub(crate) fn report_spool_damage(
+    collector_id: &str,
+    recovery: &spool::Recovery,
+    metrics: &Metrics,
+) {
     for d in &recovery.damage {
         tracing::error!(
             collector_id,

@@ -70,6 +70,12 @@ pub struct SpoolLocation {
     pub standby_dir: PathBuf,
     /// Options the spool is opened with.
     pub opts: SpoolOptions,
+    /// The collector id (for the damage report of a reopen).
+    pub collector_id: String,
+    /// The spool's incarnation at start. A reopen that comes back with another one (its
+    /// recovery had to pick a new identity) is refused: the forwarder sends under the old
+    /// collector id, whose seqs the aggregator has already seen. That needs a restart.
+    pub incarnation: u64,
 }
 
 /// Why the node cannot take writes now (readiness reasons).
@@ -319,6 +325,15 @@ fn reopen(
         drop(std::mem::replace(&mut *guard, sb));
     }
     let (fresh, recovery) = Spool::open(&loc.dir, loc.opts).map_err(|e| e.to_string())?;
+    crate::report_spool_damage(&loc.collector_id, &recovery, metrics);
+    if fresh.incarnation() != loc.incarnation {
+        return Err(format!(
+            "the reopened spool has a new incarnation ({:016x}, was {:016x}): restart the \
+             collector so that it forwards under its new collector id",
+            fresh.incarnation(),
+            loc.incarnation
+        ));
+    }
     tracing::info!(
         pending_records = recovery.records,
         truncated_bytes = recovery.truncated_bytes,
