@@ -262,7 +262,10 @@ pub struct ForwardConfig {
     pub retry_max_ms: u64,
     /// Per-call timeout.
     pub request_timeout_ms: u64,
-    /// Salted keys a hot ad is spread over.
+    /// Keys every ad's clicks are spread over across aggregator shards, by a salt taken
+    /// from the impression id (so one impression always reaches one shard, whichever
+    /// collector it comes through). 1 (the default): an ad lives on one aggregator shard,
+    /// which spreads a hot ad over its own threads. Above 1: a query must sum the shards.
     pub hot_fanout: u32,
 }
 
@@ -272,7 +275,7 @@ impl Default for ForwardConfig {
             retry_base_ms: 100,
             retry_max_ms: 10_000,
             request_timeout_ms: 10_000,
-            hot_fanout: 8,
+            hot_fanout: 1,
         }
     }
 }
