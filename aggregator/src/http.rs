@@ -258,12 +258,11 @@ fn range(p: &[(String, String)]) -> Result<(i64, i64), QueryError> {
     }
 }
 
-fn clicks(
-    q: &Query,
-    caller: query::Caller,
+/// `GET /v1/ads/{ad}/clicks?...` as a request (no state read): what the fuzz test drives.
+pub fn clicks_request(
     ad: u64,
     p: &[(String, String)],
-) -> Result<Value, QueryError> {
+) -> Result<v1::GetAdClicksRequest, QueryError> {
     let granularity = match get(p, "granularity").unwrap_or("minute") {
         "minute" => Granularity::Minute,
         "hour" => Granularity::Hour,
@@ -276,13 +275,22 @@ fn clicks(
         }
     };
     let (from_ms, to_ms) = range(p)?;
-    let req = v1::GetAdClicksRequest {
+    Ok(v1::GetAdClicksRequest {
         ad_id: ad,
         from_ms,
         to_ms,
         granularity: granularity as i32,
         filter: Some(filter(p)?),
-    };
+    })
+}
+
+fn clicks(
+    q: &Query,
+    caller: query::Caller,
+    ad: u64,
+    p: &[(String, String)],
+) -> Result<Value, QueryError> {
+    let req = clicks_request(ad, p)?;
     let r = query::get_ad_clicks(&q.view, caller, &req, &q.cfg)?;
     let granularity = ["unspecified", "minute", "hour", "day"]
         .get(r.granularity as usize)
@@ -298,16 +306,21 @@ fn clicks(
     }))
 }
 
-fn top(q: &Query, caller: query::Caller, p: &[(String, String)]) -> Result<Value, QueryError> {
+/// `GET /v1/ads/top?...` as a request (no state read): what the fuzz test drives.
+pub fn top_request(p: &[(String, String)]) -> Result<v1::TopAdsRequest, QueryError> {
     let (from_ms, to_ms) = range(p)?;
-    let req = v1::TopAdsRequest {
+    Ok(v1::TopAdsRequest {
         n: num::<u32>(p, "n")?.unwrap_or(10),
         window: Some(v1::top_ads_request::Window::Range(v1::TimeRange {
             from_ms,
             to_ms,
         })),
         filter: Some(filter(p)?),
-    };
+    })
+}
+
+fn top(q: &Query, caller: query::Caller, p: &[(String, String)]) -> Result<Value, QueryError> {
+    let req = top_request(p)?;
     let r = query::top_ads(&q.view, caller, &req, &q.cfg, query::now_ms())?;
     let range = r.range.unwrap_or_default();
     Ok(json!({
@@ -316,4 +329,96 @@ fn top(q: &Query, caller: query::Caller, p: &[(String, String)]) -> Result<Value
         "to_ms": range.to_ms,
         "watermark_ms": r.watermark_ms,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What an error may name: a parameter, or the query string as a whole.
+    const NAMED: [&str; 14] = [
+        "last_minutes",
+        "from_ms",
+        "to_ms",
+        "n=",
+        "granularity",
+        "device=",
+        "advertiser=",
+        "campaign=",
+        "query string",
+        "query parameters",
+        "country",
+        "os",
+        "site",
+        "range",
+    ];
+
+    fn check(q: &str) -> Result<(), TestCaseError> {
+        let parsed = params(Some(q));
+        let result = parsed.and_then(|p| {
+            let _ = clicks_request(7, &p)?;
+            top_request(&p).map(drop)
+        });
+        if let Err(QueryError::InvalidArgument(m)) = result {
+            // Bounded: a quoted value is cut at MAX_QUOTED characters.
+            prop_assert!(m.len() < 200, "{m}");
+            prop_assert!(
+                NAMED.iter().any(|n| m.contains(n)),
+                "names no parameter: {m}"
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Arbitrary bytes, percent-encoded as a client could send them.
+        #[test]
+        fn arbitrary_query_strings_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let q: String = form_urlencoded::byte_serialize(&bytes).collect();
+            check(&q)?;
+            check(&String::from_utf8_lossy(&bytes))?;
+        }
+
+        /// Known parameters with hostile values, repeated and mixed.
+        #[test]
+        fn known_parameters_with_hostile_values(
+            pairs in proptest::collection::vec((
+                prop::sample::select(vec![
+                    "last_minutes", "from_ms", "to_ms", "n", "granularity", "device",
+                    "advertiser", "campaign", "country", "os", "site",
+                ]),
+                prop_oneof![
+                    "-?[0-9]{0,25}",
+                    "[a-z%+]{0,40}",
+                    any::<i64>().prop_map(|v| v.to_string()),
+                    any::<u64>().prop_map(|v| v.to_string()),
+                    ".{0,50}",
+                ],
+            ), 0..12),
+        ) {
+            let q = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(pairs)
+                .finish();
+            check(&q)?;
+        }
+    }
+
+    #[test]
+    fn bounds_apply_before_parsing() {
+        let long = "a".repeat(MAX_QUERY_BYTES + 1);
+        assert!(
+            matches!(params(Some(&long)), Err(QueryError::InvalidArgument(m)) if m.contains("query string"))
+        );
+        let many = "x=1&".repeat(MAX_PARAMS + 1);
+        assert!(
+            matches!(params(Some(&many)), Err(QueryError::InvalidArgument(m)) if m.contains("query parameters"))
+        );
+        assert_eq!(
+            params(Some(&"x=1&".repeat(MAX_PARAMS))).unwrap().len(),
+            MAX_PARAMS
+        );
+    }
 }

@@ -277,3 +277,84 @@ fn bad_arguments_get_clear_errors() {
         "{err}"
     );
 }
+
+/// `adclick keys ingest new` prints a fresh key as both config lines; an aggregator config
+/// without ingest keys (or without API keys, unless explicitly opened) is refused with the
+/// way out; the shipped config passes.
+#[test]
+fn ingest_keys_are_generated_and_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_of = |out: &str| -> String {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("ingest_keys = "))
+            .unwrap();
+        let key = line
+            .trim_start_matches("ingest_keys = [\"")
+            .trim_end_matches("\"]")
+            .to_string();
+        assert_eq!(key.len(), 64, "32 random bytes in hex: {line}");
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()), "{line}");
+        assert!(
+            out.lines()
+                .any(|l| l == format!("aggregator_key = \"{key}\"")),
+            "{out}"
+        );
+        key
+    };
+    let k1 = key_of(&ok(&["keys", "ingest", "new"]));
+    let k2 = key_of(&ok(&["keys", "ingest", "new"]));
+    assert_ne!(k1, k2);
+    let file = dir.path().join("ingest.key");
+    let file_s = file.to_str().unwrap();
+    let k3 = key_of(&ok(&["keys", "ingest", "new", "--out", file_s]));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{k3}\n"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let err = fails(&["keys", "ingest", "new", "--out", file_s]);
+    assert!(err.contains("already exists"), "{err}");
+
+    let check = |toml: &str| {
+        let path = dir.path().join("aggregator.toml");
+        std::fs::write(&path, toml).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_adclick"))
+            .args(["aggregator", "--check", "--config", path.to_str().unwrap()])
+            .env("ADCLICK_AGGREGATOR__DATA_DIR", dir.path().join("agg"))
+            .output()
+            .unwrap()
+    };
+    let api = "[[api_keys]]\nkey = \"admin-key-0123456789\"\nrole = \"admin\"\n";
+    let out = check(api);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ingest_keys") && err.contains("adclick keys ingest new"),
+        "{err}"
+    );
+    let ingest = format!("ingest_keys = [\"{k1}\"]\n");
+    let out = check(&ingest);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("api_keys") && err.contains("query.allow_unauthenticated"),
+        "{err}"
+    );
+    let open = format!("{ingest}[query]\nallow_unauthenticated = true\n");
+    assert!(check(&open).status.success());
+    assert!(check(&format!("{ingest}{api}")).status.success());
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/aggregator.toml"
+    ))
+    .unwrap();
+    let out = check(&shipped);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
