@@ -695,7 +695,7 @@ fn child_aggregator() {
         println!("GRPC {}", a.grpc_addr());
         tokio::task::spawn_blocking(|| {
             let mut s = String::new();
-            while std::io::stdin().read_line(&mut s).map_or(false, |n| n > 0) {}
+            while std::io::stdin().read_line(&mut s).is_ok_and(|n| n > 0) {}
         })
         .await
         .unwrap();
