@@ -258,7 +258,7 @@ impl Aggregator {
         self.grpc_addr
     }
 
-    /// HTTP address (JSON queries, /healthz, /metrics).
+    /// HTTP address (JSON queries, /livez, /readyz and /healthz, /metrics).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
