@@ -33,8 +33,8 @@ use crate::query::{self, QueryError};
 pub const MAX_QUERY_BYTES: usize = 4096;
 /// Most `key=value` pairs in one query string.
 pub const MAX_PARAMS: usize = 64;
-/// Longest value quoted back in an error message.
-const MAX_QUOTED: usize = 32;
+/// Longest value (in bytes, escaped) quoted back in an error message.
+const MAX_QUOTED: usize = 48;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -102,14 +102,17 @@ pub fn params(query: Option<&str>) -> Result<Vec<(String, String)>, QueryError> 
     Ok(out)
 }
 
-/// A value as quoted in an error: at most [`MAX_QUOTED`] characters.
+/// A value as quoted in an error: escaped, and cut to at most [`MAX_QUOTED`] bytes.
 fn quote(v: &str) -> String {
-    if v.chars().count() <= MAX_QUOTED {
-        format!("{v:?}")
-    } else {
-        let head: String = v.chars().take(MAX_QUOTED).collect();
-        format!("{head:?}...")
+    let full = format!("{v:?}");
+    if full.len() <= MAX_QUOTED {
+        return full;
     }
+    let mut end = MAX_QUOTED;
+    while !full.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &full[..end])
 }
 
 fn readiness(q: &Query) -> Resp {
@@ -361,7 +364,7 @@ mod tests {
             top_request(&p).map(drop)
         });
         if let Err(QueryError::InvalidArgument(m)) = result {
-            // Bounded: a quoted value is cut at MAX_QUOTED characters.
+            // Bounded: a quoted value is cut at MAX_QUOTED bytes.
             prop_assert!(m.len() < 200, "{m}");
             prop_assert!(
                 NAMED.iter().any(|n| m.contains(n)),
