@@ -2,6 +2,7 @@
 //! places in a real store file. Every open must either refuse with an error naming the file
 //! (never a panic, never a crash loop) or read back exactly what was written; the
 //! aggregator itself refuses to start on a damaged store.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::fs;
@@ -9,9 +10,12 @@ use std::path::Path;
 
 use adclick_aggregator::store::{RedbStore, STORE_FILE, Store, WalEntry};
 
+/// What a reader must see: the WAL rows and the per-collector high-water marks.
+type Contents = (Vec<(u64, Vec<u8>)>, HashMap<String, u64>);
+
 /// Writes a store with `n` WAL batches from two collectors and returns what a reader must
 /// see: the WAL rows and the high-water marks.
-fn write_store(dir: &Path, n: u64) -> (Vec<(u64, Vec<u8>)>, HashMap<String, u64>) {
+fn write_store(dir: &Path, n: u64) -> Contents {
     let mut store = RedbStore::open(dir).unwrap();
     let mut wal = Vec::new();
     let mut hwm = HashMap::new();
@@ -33,7 +37,7 @@ fn write_store(dir: &Path, n: u64) -> (Vec<(u64, Vec<u8>)>, HashMap<String, u64>
 }
 
 /// Opens the store and reads everything; `Err` carries the open error's text.
-fn read_back(dir: &Path) -> Result<(Vec<(u64, Vec<u8>)>, HashMap<String, u64>), String> {
+fn read_back(dir: &Path) -> Result<Contents, String> {
     let store = RedbStore::open(dir).map_err(|e| e.to_string())?;
     let wal = store.wal_after(0).map_err(|e| e.to_string())?;
     let hwm = store.high_water_marks().map_err(|e| e.to_string())?;
