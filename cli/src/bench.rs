@@ -173,11 +173,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .render()?,
     )?;
     let admin = "bench-admin-key-0123456789";
+    let ingest = crate::keys::ingest_key()?;
     let (grpc, qhttp, chttp) = (free_port()?, free_port()?, free_port()?);
     std::fs::write(
         dir.join("aggregator.toml"),
         format!(
             "listen_grpc = \"127.0.0.1:{grpc}\"\nlisten_http = \"127.0.0.1:{qhttp}\"\ndata_dir = {:?}\n\
+             ingest_keys = [\"{ingest}\"]\n\
              [windows]\nallowed_delay_ms = 2000\n[[api_keys]]\nkey = \"{admin}\"\nrole = \"admin\"\n",
             dir.join("agg")
         ),
@@ -186,6 +188,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         dir.join("collector.toml"),
         format!(
             "listen_http = \"127.0.0.1:{chttp}\"\ndata_dir = {:?}\nkeys_file = {:?}\naggregators = [\"http://127.0.0.1:{grpc}\"]\n\
+             aggregator_key = \"{ingest}\"\n\
              [forward]\nretry_base_ms = 20\nretry_max_ms = 500\n[limits]\nmax_clicks_per_batch = 5000\nmax_body_bytes = 8388608\n\
              # every bench client is 127.0.0.1: no per-IP click rate limit\n\
              rate_limit_per_ip = 0.0\n",

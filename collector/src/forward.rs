@@ -222,8 +222,17 @@ impl Forwarder {
                         .max(1);
                     let delay = Duration::from_millis(fastrand::u64(ceiling / 2..=ceiling));
                     if attempt == 1 || attempt.is_power_of_two() {
-                        tracing::warn!(shard, seq = batch.seq, attempt, code = ?status.code(),
-                            message = status.message(), ?delay, "forward failed; retrying");
+                        if needs_operator(status.code()) {
+                            // Retrying cannot fix these (wrong aggregator_key, a refused seq
+                            // window, a batch the aggregator rejects): the spool fills until
+                            // someone acts, so say it at ERROR.
+                            tracing::error!(shard, seq = batch.seq, attempt, code = ?status.code(),
+                                message = status.message(), ?delay,
+                                "aggregator refuses this collector's batches; fix the cause (see the message), retrying");
+                        } else {
+                            tracing::warn!(shard, seq = batch.seq, attempt, code = ?status.code(),
+                                message = status.message(), ?delay, "forward failed; retrying");
+                        }
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -233,4 +242,16 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// gRPC codes that mean the aggregator refuses what this collector sends, not that it is
+/// unavailable: retries continue (the spool keeps everything), but an operator must act.
+fn needs_operator(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::InvalidArgument
+    )
 }
