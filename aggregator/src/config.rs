@@ -6,6 +6,10 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+/// Keys starting with this are the placeholders of the shipped example configs; they are
+/// refused (see [`AggregatorConfig::validate`]).
+pub const EXAMPLE_KEY_PREFIX: &str = "change-me";
+
 /// Everything an aggregator needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -331,6 +335,22 @@ impl AggregatorConfig {
                  as `aggregator_key` in every collector's config"
                     .into(),
             );
+        }
+        // The example keys in config/aggregator.toml are public: deploying them as they are
+        // would be open ingest and open queries under another name.
+        let example = |k: &str| k.starts_with(EXAMPLE_KEY_PREFIX);
+        if let Some(i) = self.ingest_keys.iter().position(|k| example(k)) {
+            return err(format!(
+                "ingest_keys[{i}] is the example value from config/aggregator.toml: generate a \
+                 real key with `adclick keys ingest new` (and set it as every collector's \
+                 aggregator_key)"
+            ));
+        }
+        if let Some(i) = self.api_keys.iter().position(|k| example(&k.key)) {
+            return err(format!(
+                "api_keys[{i}].key is the example value from config/aggregator.toml: use a random \
+                 secret of at least 16 characters (e.g. from `adclick keys ingest new`)"
+            ));
         }
         if self.api_keys.is_empty() && !self.query.allow_unauthenticated {
             return err(

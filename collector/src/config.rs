@@ -308,6 +308,16 @@ impl CollectorConfig {
         if self.collector_id.is_empty() || self.collector_id.len() > 128 {
             return err("collector_id must be 1 to 128 characters");
         }
+        if self
+            .aggregator_key
+            .as_deref()
+            .is_some_and(|k| k.starts_with("change-me"))
+        {
+            return err(
+                "aggregator_key is the example value from config/collector.toml: generate a real \
+                 key with `adclick keys ingest new` and list it in the aggregators' ingest_keys",
+            );
+        }
         if self.aggregators.is_empty() {
             return err(
                 "aggregators must list at least one gRPC endpoint, e.g. \"http://127.0.0.1:9090\"",
