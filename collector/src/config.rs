@@ -238,6 +238,9 @@ pub struct SpoolConfig {
     pub segment_bytes: u64,
     /// Disk budget; when it is used up ingest answers 503 until the forwarder catches up.
     pub max_bytes: u64,
+    /// Free space kept on the spool's filesystem: below it ingest answers 503 +
+    /// Retry-After (readiness `disk_low`) before the disk can fill. 0 disables.
+    pub min_free_bytes: u64,
     /// Most clicks written by one group commit (one spool record, one forwarded batch).
     pub max_clicks_per_record: usize,
 }
@@ -247,6 +250,7 @@ impl Default for SpoolConfig {
         SpoolConfig {
             segment_bytes: 64 << 20,
             max_bytes: 8 << 30,
+            min_free_bytes: 256 << 20,
             max_clicks_per_record: 20_000,
         }
     }

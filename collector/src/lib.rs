@@ -121,6 +121,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         opts: SpoolOptions {
             segment_bytes: cfg.spool.segment_bytes,
             max_bytes: cfg.spool.max_bytes,
+            min_free_bytes: cfg.spool.min_free_bytes,
         },
         collector_id: String::new(),
         incarnation: 0,

@@ -86,6 +86,10 @@ struct Health {
     /// Spool bytes in use when an append was refused as full (0 = not full). Clears when
     /// a commit succeeds or the forwarder's acks shrink the spool below it.
     full_at_bytes: AtomicU64,
+    /// The spool directory and its free-space floor, for the `disk_low` reason (checked
+    /// on each probe, so it clears as soon as space is freed, traffic or not).
+    spool_dir: PathBuf,
+    min_free_bytes: u64,
 }
 
 /// Handle to the writer thread. Cloned into every request handler.
@@ -116,7 +120,11 @@ impl Committer {
         dir_lock: std::fs::File,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (tx, mut rx) = mpsc::channel::<Request>(16_384);
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health {
+            spool_dir: location.dir.clone(),
+            min_free_bytes: location.opts.min_free_bytes,
+            ..Health::default()
+        });
         let h = health.clone();
         let m = metrics.clone();
         // Opened now, while the disk is fine; without it a failure needs a restart.
@@ -125,6 +133,7 @@ impl Committer {
             SpoolOptions {
                 segment_bytes: 4096,
                 max_bytes: 4096,
+                min_free_bytes: 0,
             },
         ) {
             Ok((s, _)) => Some(s),
@@ -265,11 +274,18 @@ impl Committer {
     /// Why the node cannot take writes now; empty when it can. Reasons: `spool_failed`
     /// (a write or fsync failed, the spool is being reopened), `spool_full` (the disk
     /// budget is used up: the aggregators are behind or unreachable for longer than the
-    /// spool can hold). Lock-free: a readiness probe never waits for an fsync.
+    /// spool can hold), `disk_low` (the spool's filesystem is below
+    /// `spool.min_free_bytes`). Lock-free: a readiness probe never waits for an fsync.
     pub fn not_ready_reasons(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         if self.failed() {
             out.push("spool_failed");
+        }
+        let h = &self.health;
+        if h.min_free_bytes > 0
+            && crate::spool::free_bytes(&h.spool_dir).is_some_and(|f| f < h.min_free_bytes)
+        {
+            out.push("disk_low");
         }
         let full_at = self.health.full_at_bytes.load(Ordering::Acquire);
         if full_at > 0 {
@@ -371,7 +387,9 @@ fn commit(
                 .set(i64::try_from(used).unwrap_or(i64::MAX));
             CommitError::Full(e.to_string())
         }
-        SpoolError::RecordTooLarge { .. } => CommitError::Full(e.to_string()),
+        SpoolError::RecordTooLarge { .. } | SpoolError::DiskLow { .. } => {
+            CommitError::Full(e.to_string())
+        }
         other => {
             // A failed write may have left part of a record behind: stop writing; the
             // writer reopens the spool (recovery cuts it off) once the disk takes writes.

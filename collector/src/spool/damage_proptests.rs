@@ -18,6 +18,7 @@ use super::*;
 const OPTS: SpoolOptions = SpoolOptions {
     segment_bytes: 300,
     max_bytes: u64::MAX,
+    min_free_bytes: 0,
 };
 
 #[derive(Debug, Clone)]

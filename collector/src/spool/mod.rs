@@ -70,6 +70,12 @@ pub struct SpoolOptions {
     /// Appends fail with [`SpoolError::Full`] rather than let the segment
     /// files not yet deleted grow past this many bytes. Default 8 GiB.
     pub max_bytes: u64,
+    /// Appends fail with [`SpoolError::DiskLow`] rather than leave less than
+    /// this many bytes free on the filesystem holding the spool, whatever
+    /// `max_bytes` says: the spool must refuse clicks (503) before the disk
+    /// fills, not fail an fsync when it has. 0 turns the check off. Default
+    /// 256 MiB.
+    pub min_free_bytes: u64,
 }
 
 impl Default for SpoolOptions {
@@ -77,6 +83,7 @@ impl Default for SpoolOptions {
         SpoolOptions {
             segment_bytes: 64 * 1024 * 1024,
             max_bytes: 8 * 1024 * 1024 * 1024,
+            min_free_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -102,6 +109,15 @@ pub enum SpoolError {
         path: PathBuf,
         /// The underlying error.
         source: io::Error,
+    },
+    /// The filesystem holding the spool has less than `min_free_bytes`
+    /// free (after this record); nothing was written. Clears as space frees.
+    #[error("disk almost full: {free} bytes free on the spool's filesystem, floor {min}")]
+    DiskLow {
+        /// Bytes free for unprivileged writers.
+        free: u64,
+        /// The configured `min_free_bytes`.
+        min: u64,
     },
     /// The payload exceeds [`MAX_PAYLOAD_BYTES`]; nothing was written.
     #[error("record of {len} bytes exceeds the {max}-byte limit")]
@@ -347,6 +363,15 @@ impl Spool {
             return Err(SpoolError::Full {
                 used,
                 max: self.opts.max_bytes,
+            });
+        }
+        if self.opts.min_free_bytes > 0
+            && let Some(free) = free_bytes(&self.dir)
+            && free < self.opts.min_free_bytes.saturating_add(record_len)
+        {
+            return Err(SpoolError::DiskLow {
+                free,
+                min: self.opts.min_free_bytes,
             });
         }
         let seq = self.next_seq;
@@ -916,4 +941,20 @@ fn carry_out(
         segments.extend(moved);
     }
     Ok((segments, changed))
+}
+
+/// Bytes free for unprivileged writers on the filesystem holding `dir`;
+/// `None` where that cannot be known (then only `max_bytes` applies).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        rustix::fs::statvfs(dir)
+            .ok()
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
 }

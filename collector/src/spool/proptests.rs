@@ -24,6 +24,7 @@ use super::*;
 const OPTS: SpoolOptions = SpoolOptions {
     segment_bytes: 256,
     max_bytes: 640,
+    min_free_bytes: 0,
 };
 
 #[derive(Debug, Clone)]

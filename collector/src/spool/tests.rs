@@ -15,6 +15,7 @@ fn opts(segment_bytes: u64, max_bytes: u64) -> SpoolOptions {
     SpoolOptions {
         segment_bytes,
         max_bytes,
+        min_free_bytes: 0,
     }
 }
 
@@ -622,4 +623,38 @@ fn a_format_1_spool_is_refused_not_misread() {
     let err = Spool::open(dir.path(), SpoolOptions::default()).unwrap_err();
     assert!(err.to_string().contains("format 1"), "{err}");
     assert!(verify(dir.path()).is_err());
+}
+
+#[test]
+fn appends_stop_at_the_free_disk_floor_and_go_on_below_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let free = free_bytes(dir.path()).expect("statvfs works on this platform");
+    assert!(free > 0);
+    // A floor above what the disk has: refused, nothing written, seq not consumed.
+    let (mut s, _) = open(
+        dir.path(),
+        SpoolOptions {
+            min_free_bytes: free.saturating_mul(2),
+            ..SpoolOptions::default()
+        },
+    );
+    match s.append(&payload(1)) {
+        Err(SpoolError::DiskLow { free: f, min }) => {
+            assert!(f < min);
+        }
+        other => panic!("expected DiskLow, got {other:?}"),
+    }
+    assert_eq!(s.used_bytes(), 0);
+    drop(s);
+    // A floor the disk clears: the same append goes through as seq 1.
+    let (mut s, _) = open(
+        dir.path(),
+        SpoolOptions {
+            min_free_bytes: 1,
+            ..SpoolOptions::default()
+        },
+    );
+    assert_eq!(s.append(&payload(1)).unwrap(), 1);
+    s.sync().unwrap();
+    assert_eq!(read_all(&s), expected(1..=1));
 }
