@@ -88,14 +88,12 @@ pub async fn start_with_store<S: Store + 'static>(
     let (engine, view, threads) = engine::start(store, cfg.clone(), metrics.clone())?;
 
     let io = |what: String| move |source| AggregatorError::Io { what, source };
-    let grpc_listener = tokio::net::TcpListener::bind(cfg.listen_grpc)
-        .await
+    let grpc_listener = listen::bind_listener(cfg.listen_grpc)
         .map_err(io(format!("cannot listen on {}", cfg.listen_grpc)))?;
     let grpc_addr = grpc_listener
         .local_addr()
         .map_err(io("local address".into()))?;
-    let http_listener = tokio::net::TcpListener::bind(cfg.listen_http)
-        .await
+    let http_listener = listen::bind_listener(cfg.listen_http)
         .map_err(io(format!("cannot listen on {}", cfg.listen_http)))?;
     let http_addr = http_listener
         .local_addr()

@@ -483,3 +483,23 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Tracked<S> {
         })
     }
 }
+
+/// Listen backlog for the public listener. tokio's default (1,024) overflows when thousands
+/// of idle connections are cut at once and reconnect together: a real client's SYN is then
+/// dropped and retried only after the kernel's 1 s SYN timeout. The kernel caps it at
+/// `net.core.somaxconn` (4,096 on current kernels).
+pub(crate) const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as tokio's `bind` does).
+pub(crate) fn bind_listener(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}

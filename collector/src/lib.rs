@@ -177,8 +177,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         cfg.aggregator_key.as_deref(),
     )?;
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen_http)
-        .await
+    let listener = http::conn::bind_listener(cfg.listen_http)
         .map_err(io(format!("cannot listen on {}", cfg.listen_http)))?;
     let http_addr = listener
         .local_addr()
