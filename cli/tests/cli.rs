@@ -280,7 +280,7 @@ fn bad_arguments_get_clear_errors() {
 
 /// `adclick keys ingest new` prints a fresh key as both config lines; an aggregator config
 /// without ingest keys (or without API keys, unless explicitly opened) is refused with the
-/// way out; the shipped config passes.
+/// way out; the shipped config is refused until real keys are added (as the README does).
 #[test]
 fn ingest_keys_are_generated_and_required() {
     let dir = tempfile::tempdir().unwrap();
@@ -351,7 +351,25 @@ fn ingest_keys_are_generated_and_required() {
         "/../config/aggregator.toml"
     ))
     .unwrap();
+    // The shipped config carries no usable secret: it is refused with the way out...
     let out = check(&shipped);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("adclick keys ingest new"), "{err}");
+    // ...and so are its commented-out example keys, uncommented...
+    let examples = format!("ingest_keys = [\"change-me-collector-ingest-key\"]\n{shipped}{api}");
+    let err = String::from_utf8_lossy(&check(&examples).stderr).to_string();
+    assert!(err.contains("example value"), "{err}");
+    let example_api = format!(
+        "{ingest}{shipped}[[api_keys]]\nkey = \"change-me-admin-key-0001\"\nrole = \"admin\"\n"
+    );
+    let err = String::from_utf8_lossy(&check(&example_api).stderr).to_string();
+    assert!(
+        err.contains("api_keys[0].key is the example value"),
+        "{err}"
+    );
+    // ...while the README's recipe (a real key before it, an API key after it) passes.
+    let out = check(&format!("{ingest}{shipped}\n{api}"));
     assert!(
         out.status.success(),
         "{}",
