@@ -90,6 +90,9 @@ struct Health {
     /// on each probe, so it clears as soon as space is freed, traffic or not).
     spool_dir: PathBuf,
     min_free_bytes: u64,
+    /// Free bytes the last append refused for the floor needed (0 = none refused since the
+    /// last commit): readiness stays false until the filesystem has that much free.
+    disk_low_need: AtomicU64,
 }
 
 /// Handle to the writer thread. Cloned into every request handler.
@@ -282,9 +285,10 @@ impl Committer {
             out.push("spool_failed");
         }
         let h = &self.health;
-        if h.min_free_bytes > 0
-            && crate::spool::free_bytes(&h.spool_dir).is_some_and(|f| f < h.min_free_bytes)
-        {
+        let need = h
+            .min_free_bytes
+            .max(h.disk_low_need.load(Ordering::Acquire));
+        if need > 0 && crate::spool::free_bytes(&h.spool_dir).is_some_and(|f| f < need) {
             out.push("disk_low");
         }
         let full_at = self.health.full_at_bytes.load(Ordering::Acquire);
@@ -387,9 +391,11 @@ fn commit(
                 .set(i64::try_from(used).unwrap_or(i64::MAX));
             CommitError::Full(e.to_string())
         }
-        SpoolError::RecordTooLarge { .. } | SpoolError::DiskLow { .. } => {
+        SpoolError::DiskLow { need, .. } => {
+            health.disk_low_need.store(need, Ordering::Release);
             CommitError::Full(e.to_string())
         }
+        SpoolError::RecordTooLarge { .. } => CommitError::Full(e.to_string()),
         other => {
             // A failed write may have left part of a record behind: stop writing; the
             // writer reopens the spool (recovery cuts it off) once the disk takes writes.
@@ -405,6 +411,7 @@ fn commit(
         return Err(CommitError::Disk(e.to_string()));
     }
     health.full_at_bytes.store(0, Ordering::Release);
+    health.disk_low_need.store(0, Ordering::Release);
     metrics.fsync_seconds.observe(t.elapsed().as_secs_f64());
     metrics
         .spool_bytes

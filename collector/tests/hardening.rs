@@ -492,8 +492,8 @@ async fn readiness_reports_a_full_spool_and_clears_when_it_drains() {
 
 /// Disk full for real (a 512 KiB tmpfs): the write fails, readiness says `spool_failed`,
 /// and after space returns the collector reopens its spool and takes clicks again without
-/// a restart; everything acked before and after is forwarded. Needs root for the mount;
-/// skipped (with a note) where `mount -t tmpfs` is not allowed.
+/// a restart; everything acked before and after is forwarded. Needs root for the mount
+/// (CI has it); fails where `mount -t tmpfs` is not allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_by_itself_after_the_disk_fills_and_frees() {
     let dir = tempfile::tempdir().unwrap();
@@ -528,6 +528,9 @@ async fn recovers_by_itself_after_the_disk_fills_and_frees() {
     let mut cfg = config(dir.path(), vec![format!("http://{agg_addr}")]);
     cfg.data_dir = mnt.join("data");
     cfg.spool.segment_bytes = 16 << 10;
+    // No free-space floor: this is the path where the disk fills anyway (another process
+    // took the space between the check and the write); the floor has its own test below.
+    cfg.spool.min_free_bytes = 0;
     let col = adclick_collector::start(cfg).await.unwrap();
     // Fill most of the filesystem with a file we can delete later.
     let filler = mnt.join("filler");
@@ -607,6 +610,130 @@ async fn recovers_by_itself_after_the_disk_fills_and_frees() {
             .cloned()
             .collect::<std::collections::HashSet<_>>(),
         accepted
+    );
+    col.shutdown().await;
+    agg.stop().await;
+}
+
+/// The free-space floor (`spool.min_free_bytes`) on a real 4 MiB tmpfs: with the aggregator
+/// down, clicks are acked until the spool would leave less than the floor free; then 503 +
+/// Retry-After and readiness `disk_low`, and the filesystem never fills (no failed write).
+/// Once the aggregator is back and the forwarder's acks delete segments, readiness returns
+/// and clicks are taken again; every acked click is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spool_stops_at_its_free_space_floor_before_the_disk_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        mounted,
+        "cannot mount a tmpfs at {} (needs root)",
+        mnt.display()
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let floor: u64 = 2 << 20;
+
+    let ring = keyring(1, 1);
+    write_keys(&dir.path().join("keys.toml"), &ring);
+    let agg_addr = free_addr();
+    let mut cfg = config(dir.path(), vec![format!("http://{agg_addr}")]);
+    cfg.data_dir = mnt.join("data");
+    cfg.spool.segment_bytes = 64 << 10;
+    cfg.spool.min_free_bytes = floor;
+    // Thousands of clicks from 127.0.0.1 in a moment: not what the rate limit is for here.
+    cfg.limits.rate_limit_per_ip = 0.0;
+    let col = adclick_collector::start(cfg).await.unwrap();
+    let c = http();
+    let s = signer(&ring);
+    let readyz = || {
+        let c = c.clone();
+        let url = format!("http://{}/readyz", col.http_addr());
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let free = || adclick_collector::spool::free_bytes(&mnt).unwrap();
+    let mut accepted = std::collections::HashSet::new();
+    let mut refused = false;
+    for round in 0..2_000u64 {
+        let minted: Vec<_> = (0..20)
+            .map(|i| s.mint(&ad(round * 20 + i)).unwrap())
+            .collect();
+        let batch = ClickBatch {
+            clicks: minted.iter().map(|m| click(&m.token)).collect(),
+            ..Default::default()
+        };
+        let r = post(&c, &col, batch.encode_to_vec()).await;
+        if r.status() == 503 {
+            assert!(r.headers().contains_key("retry-after"));
+            let msg = r.text().await.unwrap();
+            assert!(msg.contains("disk almost full"), "{msg}");
+            refused = true;
+            break;
+        }
+        assert_eq!(r.status(), 202);
+        accepted.extend(minted.iter().map(|m| m.impression.impression_id.to_vec()));
+    }
+    assert!(refused, "the floor was reached");
+    assert!(!accepted.is_empty());
+    // Refused before the filesystem filled: the floor (less one record) is still free.
+    assert!(
+        free() + (64 << 10) >= floor,
+        "free {} below the floor",
+        free()
+    );
+    assert_eq!(
+        readyz().await,
+        (503, r#"{"ready":false,"reasons":["disk_low"]}"#.to_string())
+    );
+
+    // The aggregator comes back: acks delete segments, space returns, ingest resumes.
+    let agg = fake_aggregator_on(agg_addr, FakeAggregator::default()).await;
+    let mut ready = false;
+    for _ in 0..400 {
+        if readyz().await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "ready again once the forwarder freed space");
+    let minted: Vec<_> = (0..5).map(|i| s.mint(&ad(90_000 + i)).unwrap()).collect();
+    let batch = ClickBatch {
+        clicks: minted.iter().map(|m| click(&m.token)).collect(),
+        ..Default::default()
+    };
+    assert_eq!(post(&c, &col, batch.encode_to_vec()).await.status(), 202);
+    accepted.extend(minted.iter().map(|m| m.impression.impression_id.to_vec()));
+    let applied = agg.wait_applied(accepted.len()).await;
+    assert_eq!(
+        applied
+            .keys()
+            .cloned()
+            .collect::<std::collections::HashSet<_>>(),
+        accepted
+    );
+    assert_eq!(
+        metric(
+            &col,
+            "adclick_collector_spool_reopens_total{result=\"ok\"} "
+        ),
+        0
     );
     col.shutdown().await;
     agg.stop().await;

@@ -118,6 +118,8 @@ pub enum SpoolError {
         free: u64,
         /// The configured `min_free_bytes`.
         min: u64,
+        /// Free bytes this append needed (the floor plus the record).
+        need: u64,
     },
     /// The payload exceeds [`MAX_PAYLOAD_BYTES`]; nothing was written.
     #[error("record of {len} bytes exceeds the {max}-byte limit")]
@@ -372,6 +374,7 @@ impl Spool {
             return Err(SpoolError::DiskLow {
                 free,
                 min: self.opts.min_free_bytes,
+                need: self.opts.min_free_bytes.saturating_add(record_len),
             });
         }
         let seq = self.next_seq;

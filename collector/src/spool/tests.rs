@@ -639,8 +639,8 @@ fn appends_stop_at_the_free_disk_floor_and_go_on_below_it() {
         },
     );
     match s.append(&payload(1)) {
-        Err(SpoolError::DiskLow { free: f, min }) => {
-            assert!(f < min);
+        Err(SpoolError::DiskLow { free: f, min, need }) => {
+            assert!(f < min && min < need);
         }
         other => panic!("expected DiskLow, got {other:?}"),
     }
