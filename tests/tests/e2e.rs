@@ -7,7 +7,12 @@
     clippy::field_reassign_with_default
 )]
 
-mod support;
+/// The shared test setup (`adclick-test-support`), as one namespace for the scenarios.
+mod support {
+    pub use adclick_test_support::child::*;
+    pub use adclick_test_support::common::*;
+    pub use adclick_test_support::stack::*;
+}
 
 mod aggregator_kill;
 mod aggregator_outage;

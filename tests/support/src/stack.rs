@@ -1,72 +1,40 @@
-//! Shared helpers: keys and tokens, server configs on temp dirs, the `adclick` binary as a
-//! child process, device clocks, the query client and bounded polling.
+//! The whole pipeline for the cross-component tests: their credentials, in-process and
+//! TOML configs for collectors and an aggregator wired to each other, device clocks, an
+//! HTTP client, the gRPC query client and a polling of TopAds, and a steady SDK load with
+//! its ledger of what it clicked.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use adclick_aggregator::AggregatorConfig;
 use adclick_aggregator::config::{ApiKey, Role};
 use adclick_collector::CollectorConfig;
-use adclick_proto::keyfile::KeyFile;
-use adclick_proto::token::{Keyring, SigningKey};
 use adclick_proto::v1::query_service_client::QueryServiceClient;
 use adclick_proto::v1::{self, Filter, GetAdClicksRequest, Granularity, TopAdsRequest};
 use adclick_sdk::core::Clock;
 use adclick_sdk::{AdPlacement, ImpressionSigner, MintedToken};
 use tonic::transport::Channel;
 
+use crate::common::{authed, now_ms};
+
+/// The admin API key of [`api_keys`].
 pub const ADMIN: &str = "e2e-admin-key-0000000001";
 /// Advertiser key of `ADV_A`.
 pub const ADV_A_KEY: &str = "e2e-advertiser-10-key-01";
+/// Advertiser A (key `ADV_A_KEY`).
 pub const ADV_A: u64 = 10;
 /// Advertiser key of `ADV_B`.
 pub const ADV_B_KEY: &str = "e2e-advertiser-11-key-01";
+/// Advertiser B (key `ADV_B_KEY`).
 pub const ADV_B: u64 = 11;
 /// The collectors' `aggregator_key`, listed in the aggregator's `ingest_keys`.
 pub const INGEST_KEY: &str = "e2e-ingest-key-000000000001";
-pub const MIN: i64 = 60_000;
-pub const HOUR: i64 = 3_600_000;
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-pub fn minute_of(t: i64) -> i64 {
-    t.div_euclid(MIN) * MIN
-}
-
-// ---------------------------------------------------------------------------------------
-// Keys and tokens
-
-pub fn keyring(id: u32, fill: u8) -> Keyring {
-    Keyring::new(SigningKey::new(id, &[fill; 32]).unwrap())
-}
-
-/// The collectors' key file (one key file shared by every collector of a test).
-pub fn write_keys(path: &Path, ring: &Keyring) {
-    let created = ring.keys().map(|k| (k.id(), 0)).collect();
-    let text = KeyFile {
-        keyring: ring.clone(),
-        created,
-    }
-    .render()
-    .unwrap();
-    std::fs::write(path, text).unwrap();
-}
-
-pub fn signer(ring: &Keyring) -> ImpressionSigner {
-    ImpressionSigner::new(ring.clone())
-        .with_ttl(Duration::from_secs(3600))
-        .unwrap()
-}
-
+/// Ad `ad_id` of `advertiser_id`, campaign `campaign_id`, landing on
+/// `https://shop.example/landing/{ad_id}?c={campaign_id}`.
 pub fn placement(ad_id: u64, advertiser_id: u64, campaign_id: u64) -> AdPlacement {
     AdPlacement {
         ad_id,
@@ -76,24 +44,10 @@ pub fn placement(ad_id: u64, advertiser_id: u64, campaign_id: u64) -> AdPlacemen
     }
 }
 
-/// The same token with one character of its HMAC tag changed: a tampered token that still
-/// decodes (the last 43 characters are the 32-byte tag), so the collector must answer
-/// `bad_signature`, not `malformed`.
-pub fn tamper(token: &str) -> String {
-    let mut b = token.as_bytes().to_vec();
-    let i = b.len() - 10;
-    b[i] = if b[i] == b'A' { b'B' } else { b'A' };
-    String::from_utf8(b).unwrap()
-}
-
 // ---------------------------------------------------------------------------------------
 // Server configs
 
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
+/// The admin key and the keys of advertisers `ADV_A` and `ADV_B`.
 pub fn api_keys() -> Vec<ApiKey> {
     vec![
         ApiKey {
@@ -206,113 +160,6 @@ interval_ms = 300
 }
 
 // ---------------------------------------------------------------------------------------
-// The `adclick` binary
-
-/// `<target>/debug/adclick`, built once per test run (`cargo build -p adclick-cli`).
-pub fn adclick_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let workspace = manifest.parent().unwrap();
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args(["build", "-q", "-p", "adclick-cli", "--bin", "adclick"])
-            .current_dir(workspace);
-        // Drop what cargo set for this test process (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...):
-        // build scripts that track them (ring's does) would otherwise rerun, and the outer
-        // and inner builds would invalidate each other's artifacts on every run.
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k == "OUT_DIR"
-                || k.starts_with("CARGO_PKG_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_BIN_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                ]
-                .contains(&k.as_ref())
-            {
-                cargo.env_remove(&key);
-            }
-        }
-        let status = cargo.status().expect("cannot run cargo");
-        assert!(status.success(), "cargo build -p adclick-cli failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"));
-        let target = if target.is_relative() {
-            workspace.join(target)
-        } else {
-            target
-        };
-        let bin = target
-            .join("debug")
-            .join(format!("adclick{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
-    .clone()
-}
-
-/// A running `adclick <command> --config <file>`; SIGKILLed when dropped, so a failing
-/// test never leaves a server behind. Its stderr goes to `log`.
-pub struct ChildServer {
-    child: Child,
-    pub log: PathBuf,
-}
-
-impl ChildServer {
-    pub fn spawn(command: &str, config: &Path, log: &Path) -> ChildServer {
-        let err = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new(adclick_bin())
-            .args([command, "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(err))
-            .spawn()
-            .unwrap();
-        ChildServer {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    /// SIGKILL (on Unix `Child::kill` is SIGKILL) and reap: no shutdown path runs.
-    pub fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// Fails the test if the process exited (with its log).
-    pub fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("adclick exited with {status}; log:\n{}", self.log_text());
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Device clocks
 
 /// A device clock `skew_ms` off the true time. `pin` freezes it at a chosen device time
@@ -321,11 +168,13 @@ impl Drop for ChildServer {
 /// while offline.
 #[derive(Debug)]
 pub struct DeviceClock {
+    /// How far the device clock is off the true time.
     pub skew_ms: i64,
     pinned: Mutex<Option<i64>>,
 }
 
 impl DeviceClock {
+    /// A running clock `skew_ms` off the true time.
     pub fn new(skew_ms: i64) -> Self {
         DeviceClock {
             skew_ms,
@@ -338,6 +187,7 @@ impl DeviceClock {
         *self.pinned.lock().unwrap() = Some(true_ms + self.skew_ms);
     }
 
+    /// Lets the clock run again.
     pub fn unpin(&self) {
         *self.pinned.lock().unwrap() = None;
     }
@@ -355,6 +205,7 @@ impl Clock for DeviceClock {
 // ---------------------------------------------------------------------------------------
 // HTTP
 
+/// A reqwest client that does not follow redirects, with a 5 s timeout.
 pub fn http_client() -> reqwest::Client {
     adclick_sdk::HttpTransport::install_crypto_provider();
     reqwest::Client::builder()
@@ -381,13 +232,6 @@ pub async fn wait_healthy(base: &str, within: Duration) -> bool {
 
 // ---------------------------------------------------------------------------------------
 // Queries
-
-pub fn authed<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
-}
 
 /// A `QueryService` client on a fresh connection (servers restart in these tests).
 pub async fn query_client(
@@ -430,6 +274,7 @@ pub async fn top_ads(
         .collect())
 }
 
+/// GetAdClicks for `ad_id` over `[from, to)` (panics if the call fails).
 pub async fn ad_clicks(
     grpc: SocketAddr,
     key: &str,
@@ -490,20 +335,6 @@ pub async fn poll_counts(
     }
 }
 
-/// Polls `f` until true (or `within`).
-pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Steady SDK load
 
@@ -512,6 +343,7 @@ pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub struct LoadLedger {
     /// Distinct impressions clicked, per ad: what the aggregator must count.
     pub per_ad: BTreeMap<u64, u64>,
+    /// Distinct impressions clicked.
     pub unique: u64,
     /// Repeated clicks on an impression already clicked (the collector drops them).
     pub duplicates: u64,
@@ -519,6 +351,7 @@ pub struct LoadLedger {
 
 /// One tracker clicking through `tokens` every `every` until stopped; every 9th click is
 /// followed by a repeat of an impression clicked 3 clicks earlier.
+#[derive(Debug)]
 pub struct SdkLoad {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Distinct impressions clicked so far.
@@ -527,6 +360,7 @@ pub struct SdkLoad {
 }
 
 impl SdkLoad {
+    /// Starts clicking `tokens` through `tracker`, one every `every`.
     pub fn start(tracker: adclick_sdk::Tracker, tokens: Vec<MintedToken>, every: Duration) -> Self {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -562,10 +396,12 @@ impl SdkLoad {
         }
     }
 
+    /// Distinct impressions clicked so far.
     pub fn clicked(&self) -> u64 {
         self.clicked.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Stops the load (within 10 s) and returns its ledger.
     pub async fn stop(self) -> LoadLedger {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::time::timeout(Duration::from_secs(10), self.task)
@@ -589,12 +425,4 @@ pub fn load_tokens(
             signer.mint(&placement(ad, ADV_A, 1)).unwrap()
         })
         .collect()
-}
-
-/// Runs a scenario with a hard time limit, so a hang fails the test instead of the CI job.
-pub async fn within<F: std::future::Future>(limit: Duration, scenario: F) -> F::Output {
-    match tokio::time::timeout(limit, scenario).await {
-        Ok(out) => out,
-        Err(_) => panic!("scenario did not finish within {limit:?}"),
-    }
 }

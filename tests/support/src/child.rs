@@ -1,0 +1,115 @@
+//! The real `adclick` binary as a child process: built once per test run, started with a
+//! config file, SIGKILLed on demand and always on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+/// `<target>/debug/adclick`, built once per test run (`cargo build -p adclick-cli`).
+pub fn adclick_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // This crate sits at `<workspace>/tests/support`.
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let workspace = manifest.parent().and_then(Path::parent).unwrap();
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "-q", "-p", "adclick-cli", "--bin", "adclick"])
+            .current_dir(workspace);
+        // Drop what cargo set for this test process (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...):
+        // build scripts that track them (ring's does) would otherwise rerun, and the outer
+        // and inner builds would invalidate each other's artifacts on every run.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k == "OUT_DIR"
+                || k.starts_with("CARGO_PKG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&k.as_ref())
+            {
+                cargo.env_remove(&key);
+            }
+        }
+        let status = cargo.status().expect("cannot run cargo");
+        assert!(status.success(), "cargo build -p adclick-cli failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"));
+        let target = if target.is_relative() {
+            workspace.join(target)
+        } else {
+            target
+        };
+        let bin = target
+            .join("debug")
+            .join(format!("adclick{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.exists(), "{} missing after the build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A running `adclick <command> --config <file>`; SIGKILLed when dropped, so a failing
+/// test never leaves a server behind. Its stderr goes to `log`.
+#[derive(Debug)]
+pub struct ChildServer {
+    child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl ChildServer {
+    /// Starts `adclick <command> --config <config>` with `RUST_LOG=warn`.
+    pub fn spawn(command: &str, config: &Path, log: &Path) -> ChildServer {
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(adclick_bin())
+            .args([command, "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap();
+        ChildServer {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// SIGKILL (on Unix `Child::kill` is SIGKILL) and reap: no shutdown path runs.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Fails the test if the process exited (with its log).
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("adclick exited with {status}; log:\n{}", self.log_text());
+        }
+    }
+
+    /// Its log so far (empty if unreadable).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
