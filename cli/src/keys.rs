@@ -8,7 +8,7 @@ use std::io::Write;
 #[cfg(unix)]
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use adclick_proto::keyfile::KeyFile;
 use adclick_proto::token::{Keyring, SigningKey};
@@ -193,10 +193,11 @@ fn random_key(id: u32) -> Result<SigningKey> {
     Ok(SigningKey::new(id, &secret)?)
 }
 
+/// Wall-clock milliseconds since the Unix epoch: the SDK's system clock, the one the
+/// product's clients use.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    use adclick_sdk::core::Clock as _;
+    adclick_sdk::native::SystemClock.now_ms()
 }
 
 /// RFC 3339 with milliseconds, or the raw number when out of range.
