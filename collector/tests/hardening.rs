@@ -6,24 +6,23 @@
 //!
 //! Every test starts the real collector on 127.0.0.1:0. Time bounds are generous ("closed
 //! eventually, within 10x the configured timeout"); nothing here measures speed.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::field_reassign_with_default
-)]
 
-mod support;
-
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use adclick_collector::{Collector, CollectorConfig};
-use adclick_proto::v1::{self, ClickBatch};
+use adclick_proto::v1::ClickBatch;
+use adclick_test_support::collector::{ad, config};
+use adclick_test_support::common::{
+    connect_from, eventually, free_addr, keyring, signer, write_keys,
+};
+use adclick_test_support::fake_aggregator::{FakeAggregator, fake_aggregator_on};
 use prost::Message;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
+
+use crate::util::{POLL_LIMIT, click};
 
 fn http() -> reqwest::Client {
     adclick_sdk::HttpTransport::install_crypto_provider();
@@ -33,16 +32,6 @@ fn http() -> reqwest::Client {
         .unwrap()
 }
 
-fn click(token: &str) -> v1::Click {
-    let now = now_ms();
-    v1::Click {
-        token: token.into(),
-        occurred_at_ms: now,
-        sent_at_ms: now,
-        ..Default::default()
-    }
-}
-
 async fn post(c: &reqwest::Client, col: &Collector, body: Vec<u8>) -> reqwest::Response {
     c.post(format!("http://{}/v1/clicks", col.http_addr()))
         .header("content-type", "application/x-protobuf")
@@ -50,14 +39,6 @@ async fn post(c: &reqwest::Client, col: &Collector, body: Vec<u8>) -> reqwest::R
         .send()
         .await
         .unwrap()
-}
-
-/// A TCP connection to `to` from the loopback address `from` (any 127.x.y.z works on
-/// Linux without configuration).
-async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
-    let s = TcpSocket::new_v4().unwrap();
-    s.bind(SocketAddr::from((from, 0))).unwrap();
-    s.connect(to).await.unwrap()
 }
 
 /// Reads until the server closes the connection; the bytes it sent first. Panics if it
@@ -152,7 +133,7 @@ async fn idle_and_slow_connections_are_closed() {
     let r = h2.get(format!("http://{addr}/livez")).send().await.unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert!(
-        eventually(|| metric(
+        eventually(POLL_LIMIT, || metric(
             &col,
             "adclick_collector_connections_closed_total{listener=\"http\",reason=\"idle_timeout\"} "
         ) >= 1)
@@ -167,7 +148,7 @@ async fn idle_and_slow_connections_are_closed() {
     );
     // Nothing is left open.
     assert!(
-        eventually(|| metric(
+        eventually(POLL_LIMIT, || metric(
             &col,
             "adclick_collector_connections_open{listener=\"http\"} "
         ) == 0)
@@ -202,7 +183,7 @@ async fn connection_caps_refuse_the_excess_at_accept() {
     // While .2 holds two slots and .4 one, the listener is full for everyone.
     let _c1 = connect_from([127, 0, 0, 4], addr).await;
     assert!(
-        eventually(|| col
+        eventually(POLL_LIMIT, || col
             .metrics()
             .render()
             .contains("connections_open{listener=\"http\"} 3"))

@@ -8,15 +8,8 @@
 //! each side needs only ~10,000 open files, under the usual 20,000 limit:
 //!
 //! ```text
-//! cargo test --release -p adclick-collector --test idle_flood -- --ignored --nocapture
+//! cargo test --release -p adclick-collector --test collector -- --ignored --nocapture idle_flood
 //! ```
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::field_reassign_with_default
-)]
-
-mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,8 +18,10 @@ use std::time::{Duration, Instant};
 
 use adclick_collector::CollectorConfig;
 use adclick_proto::v1::{self, ClickBatch};
+use adclick_test_support::collector::ad;
+use adclick_test_support::common::{keyring, now_ms, signer, write_keys};
+use adclick_test_support::fake_aggregator::fake_aggregator;
 use prost::Message;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
@@ -80,7 +75,8 @@ async fn idle_slot(i: usize, to: SocketAddr, open: Arc<AtomicUsize>, stop: Arc<A
 }
 
 const SERVER_ENV: &str = "ADCLICK_IDLE_FLOOD_SERVER";
-const TEST_NAME: &str = "ten_thousand_idle_connections_do_not_lock_out_a_real_client";
+/// The full libtest name (module path within the `collector` test binary), for `--exact`.
+const TEST_NAME: &str = "idle_flood::ten_thousand_idle_connections_do_not_lock_out_a_real_client";
 
 /// Server mode: the collector with the shipped configuration (paths and port changed),
 /// until stdin closes; then its connection metrics.

@@ -1,13 +1,6 @@
 //! QUIC ingest tests over real UDP sockets on 127.0.0.1: the SDK's `QuicTransport` and a
 //! raw quinn client on one side, the in-test gRPC aggregator on the other. Every expected
 //! number is computed from what the test sent.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::field_reassign_with_default
-)]
-
-mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -18,11 +11,15 @@ use std::time::Duration;
 use adclick_collector::{Collector, CollectorConfig};
 use adclick_proto::v1::{self, ClickBatch, ClickBatchResult};
 use adclick_sdk::{Device, Dimensions, QuicTransport, Tracker};
+use adclick_test_support::collector::{ad, config};
+use adclick_test_support::common::{eventually, keyring, now_ms, signer, write_keys};
+use adclick_test_support::fake_aggregator::fake_aggregator;
 use prost::Message;
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use support::*;
+
+use crate::util::{POLL_LIMIT, id_of};
 
 /// Bounds every network wait of these tests.
 const WAIT: Duration = Duration::from_secs(10);
@@ -53,10 +50,6 @@ fn der_of(pem: &str) -> Vec<Vec<u8>> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .map(|c| c.unwrap().as_ref().to_vec())
         .collect()
-}
-
-fn id_of(m: &adclick_sdk::MintedToken) -> Vec<u8> {
-    m.impression.impression_id.to_vec()
 }
 
 fn requests(col: &Collector, code: u16) -> u64 {
@@ -135,7 +128,11 @@ async fn sdk_over_quic_clicks_are_verified_deduplicated_and_forwarded() {
     assert_eq!(m.clicks_with("accepted"), valid.len() as u64);
     assert_eq!(m.clicks_with("duplicate"), duplicates);
     assert_eq!(m.clicks_with("bad_signature"), 2);
-    assert!(eventually(|| m.forwarded_clicks.get() == valid.len() as u64).await);
+    assert!(
+        eventually(POLL_LIMIT, || m.forwarded_clicks.get()
+            == valid.len() as u64)
+        .await
+    );
     {
         let state = agg.agg.state.lock().unwrap();
         let forwarded: usize = state.batches.iter().map(|b| b.clicks.len()).sum();
