@@ -4,50 +4,26 @@
 //! with a counter. Expected counts come from the test's own ledger.
 //!
 //! The 1M-unique-impression RSS figure: `cargo test --release -p adclick-aggregator --test
-//! dedup_bound -- --ignored --nocapture flood`.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::field_reassign_with_default
-)]
+//! aggregator -- --ignored --nocapture dedup_bound::flood`.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
+use adclick_aggregator::AggregatorConfig;
 use adclick_aggregator::state::dedup::RAM_ENTRY_BYTES;
-use adclick_aggregator::{Aggregator, AggregatorConfig};
 use adclick_proto::v1::ingest_service_client::IngestServiceClient;
 use adclick_proto::v1::query_service_client::QueryServiceClient;
 use adclick_proto::v1::{GetAdClicksRequest, Granularity, IngestBatch, IngestClick};
+use adclick_test_support::aggregator::{ADMIN, INGEST, T0, connect, start_retrying};
+use adclick_test_support::common::{MIN, authed};
 use tonic::transport::Channel;
 
-const ADMIN: &str = "admin-key-0123456789";
-const INGEST: &str = "ingest-key-0123456789";
-/// 2026-01-01T00:00:00Z
-const T0: i64 = 1_767_225_600_000;
-const MIN: i64 = 60_000;
 const ADS: u64 = 7;
 
+/// The shared aggregator test config with `dedup.memory_bytes` set.
 fn config(dir: &std::path::Path, memory_bytes: usize) -> AggregatorConfig {
-    let mut c = AggregatorConfig::default();
-    c.listen_grpc = "127.0.0.1:0".parse().unwrap();
-    c.listen_http = "127.0.0.1:0".parse().unwrap();
-    c.data_dir = dir.to_path_buf();
-    c.api_keys = vec![adclick_aggregator::config::ApiKey {
-        key: ADMIN.into(),
-        role: adclick_aggregator::config::Role::Admin,
-        advertiser_id: None,
-    }];
-    c.ingest_keys = vec![INGEST.into()];
+    let mut c = adclick_test_support::aggregator::config(dir);
     c.dedup.memory_bytes = memory_bytes;
     c
-}
-
-fn authed<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
 }
 
 fn id(n: u64) -> [u8; 16] {
@@ -69,14 +45,6 @@ fn click(n: u64) -> IngestClick {
         received_at_ms: T0,
         ..Default::default()
     }
-}
-
-async fn connect(a: &Aggregator) -> Channel {
-    Channel::from_shared(format!("http://{}", a.grpc_addr()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 async fn send(ch: &Channel, seq: u64, clicks: Vec<IngestClick>) -> bool {
@@ -118,19 +86,6 @@ async fn totals(ch: &Channel) -> BTreeMap<u64, u64> {
     out
 }
 
-async fn start_retrying(cfg: AggregatorConfig) -> Aggregator {
-    // A killed aggregator's writer thread releases the database when it exits.
-    for _ in 0..200 {
-        if let Ok(store) = adclick_aggregator::store::RedbStore::open(&cfg.data_dir) {
-            return adclick_aggregator::start_with_store(cfg, store)
-                .await
-                .unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("could not reopen the store")
-}
-
 /// Batch `k` (1-based): 1,000 new impressions plus 150 repeats of impressions from earlier
 /// batches (long spilled by then), and 5 repeats inside the batch.
 fn batch(k: u64) -> Vec<IngestClick> {
@@ -159,7 +114,7 @@ async fn dedup_is_bounded_in_ram_and_exact_across_spills_checkpoints_and_kill() 
     // that already holds every spill of this life ("entries from the future").
     let mut cfg = config(dir.path(), memory);
     cfg.checkpoint.interval_ms = 3_600_000;
-    let a = start_retrying(cfg).await;
+    let a = start_retrying(cfg, None).await;
     let ch = connect(&a).await;
     for (i, b) in batches.iter().enumerate().take(20) {
         assert!(!send(&ch, i as u64 + 1, b.clone()).await);
@@ -172,7 +127,7 @@ async fn dedup_is_bounded_in_ram_and_exact_across_spills_checkpoints_and_kill() 
     // Life 2: replay, then the rest with a checkpoint after every group; killed again.
     let mut cfg = config(dir.path(), memory);
     cfg.checkpoint.interval_ms = 1;
-    let a = start_retrying(cfg).await;
+    let a = start_retrying(cfg, None).await;
     let ch = connect(&a).await;
     for (i, b) in batches.iter().enumerate().skip(20) {
         assert!(!send(&ch, i as u64 + 1, b.clone()).await);
@@ -182,7 +137,7 @@ async fn dedup_is_bounded_in_ram_and_exact_across_spills_checkpoints_and_kill() 
     a.kill();
 
     // Life 3: every batch again is a no-op; counts are exactly the unique impressions.
-    let a = start_retrying(config(dir.path(), memory)).await;
+    let a = start_retrying(config(dir.path(), memory), None).await;
     let ch = connect(&a).await;
     for (i, b) in batches.iter().enumerate() {
         assert!(send(&ch, i as u64 + 1, b.clone()).await, "batch {}", i + 1);
@@ -200,7 +155,7 @@ async fn quarantine_stops_at_its_byte_cap_and_counts_what_it_drops() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), 1 << 20);
     cfg.quarantine.max_bytes = 1_000;
-    let a = start_retrying(cfg).await;
+    let a = start_retrying(cfg, None).await;
     let ch = connect(&a).await;
     // 50 implausible clicks (event time after the token's expiry): all quarantined.
     let bad: Vec<IngestClick> = (0..50)
@@ -242,7 +197,7 @@ async fn flood_of_a_million_unique_impressions_keeps_rss_under_the_ceiling() {
     let memory = 32 << 20;
     let mut cfg = config(dir.path(), memory);
     cfg.checkpoint.interval_ms = 5_000;
-    let a = start_retrying(cfg).await;
+    let a = start_retrying(cfg, None).await;
     let ch = connect(&a).await;
     // Warm up (threads, connections, first cells) before the baseline.
     send(&ch, 1, (10_000_000..10_001_000).map(click).collect()).await;

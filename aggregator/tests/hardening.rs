@@ -8,12 +8,7 @@
 //!
 //! The memory figure for an unauthenticated 64 MiB `Ingest` (issue 11) is an ignored test
 //! with its own command, because it measures a child process:
-//! `cargo test -p adclick-aggregator --test hardening -- --ignored --nocapture unauthenticated_64_mib`
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::field_reassign_with_default
-)]
+//! `cargo test -p adclick-aggregator --test aggregator -- --ignored --nocapture unauthenticated_64_mib`
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -21,44 +16,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use adclick_aggregator::config::{ApiKey, Role};
+use adclick_aggregator::Aggregator;
 use adclick_aggregator::store::{Checkpoint, RedbStore, Store, StoreError, WalEntry};
-use adclick_aggregator::{Aggregator, AggregatorConfig};
 use adclick_proto::v1::ingest_service_client::IngestServiceClient;
 use adclick_proto::v1::query_service_client::QueryServiceClient;
 use adclick_proto::v1::{IngestAck, IngestBatch, IngestClick, TopAdsRequest, top_ads_request};
+use adclick_test_support::aggregator::{ADMIN, INGEST, T0, config};
+use adclick_test_support::common::{authed, connect_from};
 use bytes::BufMut;
 use prost::Message;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
-
-const ADMIN: &str = "admin-key-0123456789";
-const INGEST: &str = "ingest-key-0123456789";
-/// 2026-01-01T00:00:00Z
-const T0: i64 = 1_767_225_600_000;
-
-fn config(dir: &std::path::Path) -> AggregatorConfig {
-    let mut c = AggregatorConfig::default();
-    c.listen_grpc = "127.0.0.1:0".parse().unwrap();
-    c.listen_http = "127.0.0.1:0".parse().unwrap();
-    c.data_dir = dir.to_path_buf();
-    c.api_keys = vec![ApiKey {
-        key: ADMIN.into(),
-        role: Role::Admin,
-        advertiser_id: None,
-    }];
-    c.ingest_keys = vec![INGEST.into()];
-    c
-}
-
-fn authed<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
-}
 
 fn click(i: u64) -> IngestClick {
     let mut id = [0u8; 16];
@@ -429,12 +399,6 @@ async fn readiness_is_false_while_the_wal_cannot_be_written() {
 // ---------------------------------------------------------------------------------------
 // Finding 1: idle and slow connections, connection caps
 
-async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
-    let s = TcpSocket::new_v4().unwrap();
-    s.bind(SocketAddr::new(from, 0)).unwrap();
-    s.connect(to).await.unwrap()
-}
-
 async fn write_all(s: &TcpStream, mut bytes: &[u8]) {
     while !bytes.is_empty() {
         s.writable().await.unwrap();
@@ -720,7 +684,8 @@ async fn unauthenticated_64_mib_ingest_costs_under_10_mib() {
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "child_aggregator",
+            // Its libtest name in the `aggregator` test binary.
+            "hardening::child_aggregator",
             "--ignored",
             "--nocapture",
             "--test-threads=1",
@@ -736,7 +701,7 @@ async fn unauthenticated_64_mib_ingest_costs_under_10_mib() {
     let addr: SocketAddr = loop {
         line.clear();
         assert!(out.read_line(&mut line).unwrap() > 0, "child exited");
-        // libtest prints "test child_aggregator ... " on the same line first.
+        // libtest prints "test hardening::child_aggregator ... " on the same line first.
         if let Some(i) = line.find("GRPC ") {
             break line[i + 5..].trim().parse().unwrap();
         }

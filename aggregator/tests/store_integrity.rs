@@ -2,7 +2,6 @@
 //! places in a real store file. Every open must either refuse with an error naming the file
 //! (never a panic, never a crash loop) or read back exactly what was written; the
 //! aggregator itself refuses to start on a damaged store.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::fs;
