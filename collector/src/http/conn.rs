@@ -206,6 +206,26 @@ impl Drop for InFlight {
     }
 }
 
+/// Listen backlog for the public listener. tokio's default (1,024) overflows when thousands
+/// of idle connections are cut at once and reconnect together: a real client's SYN is then
+/// dropped and retried only after the kernel's 1 s SYN timeout. The kernel caps it at
+/// `net.core.somaxconn` (4,096 on current kernels).
+pub(crate) const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as tokio's `bind` does).
+pub(crate) fn bind_listener(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,24 +265,4 @@ mod tests {
         assert_eq!(why, Some(Expired::Idle));
         assert!(at >= t0 + Duration::from_millis(20) + i && at <= Instant::now() + i);
     }
-}
-
-/// Listen backlog for the public listener. tokio's default (1,024) overflows when thousands
-/// of idle connections are cut at once and reconnect together: a real client's SYN is then
-/// dropped and retried only after the kernel's 1 s SYN timeout. The kernel caps it at
-/// `net.core.somaxconn` (4,096 on current kernels).
-pub(crate) const LISTEN_BACKLOG: u32 = 4096;
-
-/// Binds `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as tokio's `bind` does).
-pub(crate) fn bind_listener(
-    addr: std::net::SocketAddr,
-) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
 }
