@@ -342,6 +342,16 @@ impl AckFile {
     }
 }
 
+/// The value in the ack slot at `offset` of an ack file's bytes (0 if damaged); for tests
+/// that damage the newer slot.
+#[cfg(test)]
+pub(crate) fn tests_decode_slot(ack_file: &[u8], offset: usize) -> u64 {
+    ack_file
+        .get(offset..)
+        .and_then(decode_u64_crc)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -260,32 +260,35 @@ impl Spool {
             !files.is_empty(),
             &mut recovery.repairs,
         )?;
-        let (acked, incarnation) = match (state.value, files.first()) {
-            (Some(v), _) => (v, incarnation),
-            // Both ack slots lost. Resending acked records is harmless (the
-            // aggregator drops seqs at or below its high-water mark), and a
-            // fully acked segment is deleted before the ack moves past it,
-            // so everything below the oldest segment is acked.
-            (None, Some(&(first, _))) => {
-                let acked = first - 1;
+        // A damaged slot means the newest ack may be lost (the other slot can hold an
+        // older value). Resending acked records is harmless (the aggregator drops seqs at
+        // or below its high-water mark), and a fully acked segment is deleted only after
+        // the ack moved past it, so everything below the oldest segment is acked. With no
+        // segment left the next seq is unknown: only a fresh incarnation (a new collector
+        // id) can never reuse a seq the aggregator has seen. (A torn slot write cannot
+        // leave the spool without segments: they are deleted after the ack is stored.)
+        let ack_path = dir.join(meta::ACK_FILE);
+        let (acked, incarnation) = match (state.value, state.damaged_slots, files.first()) {
+            (Some(v), 0, _) => (v, incarnation),
+            (v, _, Some(&(first, _))) => {
+                let acked = v.unwrap_or(0).max(first - 1);
                 recovery.repairs.push(format!(
-                    "{}: both ack slots damaged; acked seq set to {acked} (the seq before the \
-                     oldest segment): records after it are resent, and the aggregator drops \
-                     those it already has",
-                    dir.join(meta::ACK_FILE).display()
+                    "{}: {} ack slot(s) damaged; acked seq set to {acked} (the newer of the \
+                     readable slot and the seq before the oldest segment): records after it \
+                     are resent, and the aggregator drops those it already has",
+                    ack_path.display(),
+                    state.damaged_slots
                 ));
                 (acked, incarnation)
             }
-            // Nothing pending, and the next seq is unknown: a fresh
-            // incarnation (a new collector id) can never reuse a seq the
-            // aggregator has seen under the old one.
-            (None, None) => {
+            (_, _, None) => {
                 let fresh = meta::new_incarnation();
                 meta::write_incarnation(dir, fresh)?;
                 recovery.repairs.push(format!(
-                    "{}: both ack slots damaged and no records pending; new incarnation \
-                     {fresh:016x} (a new collector id) so that no seq is reused",
-                    dir.join(meta::ACK_FILE).display()
+                    "{}: {} ack slot(s) damaged and no records pending; new incarnation \
+                     {fresh:016x} (a new collector id) so that no seq is ever reused",
+                    ack_path.display(),
+                    state.damaged_slots
                 ));
                 (0, fresh)
             }
@@ -294,12 +297,6 @@ impl Spool {
             || state.damaged_slots > 0
             || state.incarnation != Some(incarnation)
         {
-            if state.value.is_some() && state.damaged_slots > 0 {
-                recovery.repairs.push(format!(
-                    "{}: one ack slot damaged; kept the other ({acked})",
-                    dir.join(meta::ACK_FILE).display()
-                ));
-            }
             ack.rewrite(acked, incarnation)?;
         }
 

@@ -611,6 +611,58 @@ fn damaged_ack_slots_are_repaired_without_reusing_seqs() {
 }
 
 #[test]
+fn one_damaged_ack_slot_never_lets_a_seq_be_reused() {
+    let ack_path = |d: &Path| d.join(meta::ACK_FILE);
+    // Drained spool, the newer slot (holding 6) damaged: the other slot says 5, so
+    // trusting it would hand out seq 6 again, which the aggregator has already acked.
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(100, u64::MAX);
+    let (mut s, _) = open(dir.path(), o);
+    let inc = s.incarnation();
+    append_synced(&mut s, 6);
+    s.ack(5).unwrap();
+    s.ack(6).unwrap(); // slot 1 holds 6 (slots alternate from slot 1 after init)
+    assert_eq!(s.segment_count(), 0);
+    drop(s);
+    let mut ack = fs::read(ack_path(dir.path())).unwrap();
+    let (a, b) = (
+        meta::tests_decode_slot(&ack, 0),
+        meta::tests_decode_slot(&ack, 512),
+    );
+    let newer = if a > b { 0 } else { 512 };
+    ack[newer + 3] ^= 1;
+    fs::write(ack_path(dir.path()), &ack).unwrap();
+    let (mut s, rec) = open(dir.path(), o);
+    assert_eq!(rec.repairs.len(), 1, "{:?}", rec.repairs);
+    assert_ne!(s.incarnation(), inc, "a new identity, so no seq can collide");
+    assert_eq!(s.append(&payload(1)).unwrap(), 1);
+    drop(s);
+
+    // With segments left, the damaged newer slot costs only resends from the oldest
+    // segment, never a false loss report.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path(), o);
+    let inc = s.incarnation();
+    append_synced(&mut s, 6); // segments (1,2) (3,4) (5,6)
+    s.ack(2).unwrap();
+    s.ack(3).unwrap(); // deletes (1,2); (3,4) stays
+    drop(s);
+    let mut ack = fs::read(ack_path(dir.path())).unwrap();
+    let (a, b) = (
+        meta::tests_decode_slot(&ack, 0),
+        meta::tests_decode_slot(&ack, 512),
+    );
+    let newer = if a > b { 0 } else { 512 };
+    ack[newer + 3] ^= 1;
+    fs::write(ack_path(dir.path()), &ack).unwrap();
+    let (s, rec) = open(dir.path(), o);
+    assert_eq!(s.incarnation(), inc);
+    assert_eq!(rec.lost_seqs, vec![], "no false loss");
+    assert_eq!(s.acked_seq(), 2, "max(readable slot 2, oldest segment 3 - 1)");
+    assert_eq!(read_all(&s), expected(3..=6));
+}
+
+#[test]
 fn a_format_1_spool_is_refused_not_misread() {
     let dir = tempfile::tempdir().unwrap();
     let (mut s, _) = open(dir.path(), SpoolOptions::default());
