@@ -346,10 +346,7 @@ impl AckFile {
 /// that damage the newer slot.
 #[cfg(test)]
 pub(crate) fn tests_decode_slot(ack_file: &[u8], offset: usize) -> u64 {
-    ack_file
-        .get(offset..)
-        .and_then(decode_u64_crc)
-        .unwrap_or(0)
+    ack_file.get(offset..).and_then(decode_u64_crc).unwrap_or(0)
 }
 
 #[cfg(test)]

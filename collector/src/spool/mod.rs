@@ -307,6 +307,13 @@ impl Spool {
             meta::sync_dir(dir)?;
         }
         let mut segments = segments;
+        // What survives recovery counts as durable and may be forwarded: after a kill -9
+        // its bytes can still be only in the page cache, so make them durable now (a
+        // no-op for clean files), or a later power loss could cut records whose seqs the
+        // aggregator has seen and reuse them.
+        for seg in &segments {
+            sync_file(&seg.path)?;
+        }
         if let Some(seg) = segments.last_mut() {
             seg.writer = Some(open_append(&seg.path)?);
         }
@@ -326,6 +333,21 @@ impl Spool {
             buf: Vec::new(),
             _lock: lock,
         };
+        let mut spool = spool;
+        if let Some(tail) = recovery.suspicious_tail.as_mut() {
+            // The trimmed record looked complete: it may have been synced and forwarded
+            // (damage to the last commit, which nothing later vouches for). Never hand its
+            // seq out again: a tombstone takes it (the forwarder sends nothing for it).
+            let floor = std::mem::replace(&mut spool.opts.min_free_bytes, 0);
+            let seq = spool.append(&[]);
+            spool.opts.min_free_bytes = floor;
+            let seq = seq?;
+            spool.sync()?;
+            tail.push_str(&format!(
+                "; seq {seq} is skipped with a tombstone in case the trimmed record had been \
+                 forwarded"
+            ));
+        }
         recovery.records = spool.pending_records();
         Ok((spool, recovery))
     }
@@ -957,4 +979,11 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
         let _ = dir;
         None
     }
+}
+
+/// fsyncs a file (data and size).
+fn sync_file(path: &Path) -> Result<(), SpoolError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("fsync segment", path))
 }

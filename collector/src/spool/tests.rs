@@ -634,7 +634,11 @@ fn one_damaged_ack_slot_never_lets_a_seq_be_reused() {
     fs::write(ack_path(dir.path()), &ack).unwrap();
     let (mut s, rec) = open(dir.path(), o);
     assert_eq!(rec.repairs.len(), 1, "{:?}", rec.repairs);
-    assert_ne!(s.incarnation(), inc, "a new identity, so no seq can collide");
+    assert_ne!(
+        s.incarnation(),
+        inc,
+        "a new identity, so no seq can collide"
+    );
     assert_eq!(s.append(&payload(1)).unwrap(), 1);
     drop(s);
 
@@ -658,7 +662,11 @@ fn one_damaged_ack_slot_never_lets_a_seq_be_reused() {
     let (s, rec) = open(dir.path(), o);
     assert_eq!(s.incarnation(), inc);
     assert_eq!(rec.lost_seqs, vec![], "no false loss");
-    assert_eq!(s.acked_seq(), 2, "max(readable slot 2, oldest segment 3 - 1)");
+    assert_eq!(
+        s.acked_seq(),
+        2,
+        "max(readable slot 2, oldest segment 3 - 1)"
+    );
     assert_eq!(read_all(&s), expected(3..=6));
 }
 
@@ -709,4 +717,56 @@ fn appends_stop_at_the_free_disk_floor_and_go_on_below_it() {
     assert_eq!(s.append(&payload(1)).unwrap(), 1);
     s.sync().unwrap();
     assert_eq!(read_all(&s), expected(1..=1));
+}
+
+#[test]
+fn a_complete_but_damaged_last_record_is_trimmed_and_its_seq_never_reused() {
+    // Nothing vouches for the last record, so damage there looks like a torn write; but
+    // its length is complete, so it may have been synced and forwarded: trim it, warn,
+    // and take its seq with a tombstone.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path(), SpoolOptions::default());
+    append_synced(&mut s, 3);
+    drop(s);
+    let seg = seg_files(dir.path())[0].clone();
+    let mut bytes = fs::read(&seg).unwrap();
+    let last = bytes.len() - 5; // inside record 3's payload
+    bytes[last] ^= 0x01;
+    fs::write(&seg, &bytes).unwrap();
+    let (mut s, rec) = open(dir.path(), SpoolOptions::default());
+    assert!(rec.suspicious_tail.is_some(), "{rec:?}");
+    assert_eq!(rec.lost_seqs, vec![]);
+    assert_eq!(
+        read_all(&s),
+        vec![(1, payload(1)), (2, payload(2)), (3, Vec::new())]
+    );
+    assert_eq!(s.append(&payload(4)).unwrap(), 4);
+    s.sync().unwrap();
+    drop(s);
+    let (_, rec) = open(dir.path(), SpoolOptions::default());
+    assert_eq!(rec.suspicious_tail, None, "the tombstone settled it");
+}
+
+#[test]
+fn a_torn_short_tail_is_trimmed_silently_and_its_seq_reused() {
+    // What kill -9 in the middle of a write leaves: a short record. It was never synced,
+    // so nothing saw its seq.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = open(dir.path(), SpoolOptions::default());
+    append_synced(&mut s, 2);
+    drop(s);
+    let seg = seg_files(dir.path())[0].clone();
+    let mut torn = Vec::new();
+    record::encode(&mut torn, 3, 2, 20, &payload(3));
+    torn.truncate(30);
+    OpenOptions::new()
+        .append(true)
+        .open(&seg)
+        .unwrap()
+        .write_all(&torn)
+        .unwrap();
+    let (mut s, rec) = open(dir.path(), SpoolOptions::default());
+    assert_eq!(rec.suspicious_tail, None);
+    assert_eq!(rec.truncated_bytes, 30);
+    assert_eq!(s.append(&payload(3)).unwrap(), 3);
 }
