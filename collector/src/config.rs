@@ -271,6 +271,10 @@ pub struct ForwardConfig {
     /// collector it comes through). 1 (the default): an ad lives on one aggregator shard,
     /// which spreads a hot ad over its own threads. Above 1: a query must sum the shards.
     pub hot_fanout: u32,
+    /// A shard that got no clicks for this many spool records is sent an empty batch with
+    /// the current seq, so that its high-water mark for this collector stays within the
+    /// aggregators' `ingest.max_seq_jump` (keep this well below it).
+    pub heartbeat_records: u64,
 }
 
 impl Default for ForwardConfig {
@@ -280,6 +284,7 @@ impl Default for ForwardConfig {
             retry_max_ms: 10_000,
             request_timeout_ms: 10_000,
             hot_fanout: 1,
+            heartbeat_records: 100_000,
         }
     }
 }
@@ -397,6 +402,9 @@ impl CollectorConfig {
                 "tokens.max_click_age_ms must be 1 to {} (47 h, below the aggregators' 48 h retention)",
                 adclick_proto::countable::MAX_CLICK_AGE_MS
             )));
+        }
+        if self.forward.heartbeat_records == 0 {
+            return err("forward.heartbeat_records must be >= 1");
         }
         if self.forward.hot_fanout == 0 {
             return err("forward.hot_fanout must be >= 1");

@@ -23,7 +23,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::config::ForwardConfig;
 use crate::metrics::Metrics;
 use crate::routing::{HotAds, Router};
-use crate::spool::Spool;
+use crate::spool::{Spool, SpoolError};
+use crate::writer::Committer;
 
 /// Largest gRPC message either side may send (a spool record holds at most
 /// `spool.max_clicks_per_record` clicks, well below this).
@@ -49,6 +50,10 @@ pub struct Forwarder {
     cfg: ForwardConfig,
     durable: watch::Receiver<u64>,
     auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// Last seq sent to each shard (0 = none since start: a heartbeat goes first).
+    last_sent: Vec<u64>,
+    /// Where to ask for a spool reopen when a durable record reads back damaged.
+    reopen: Option<Committer>,
 }
 
 struct Stopped;
@@ -84,9 +89,12 @@ impl Forwarder {
             );
         }
         let auth = aggregator_key.and_then(|k| format!("Bearer {k}").parse().ok());
+        let last_sent = vec![0; shards.len()];
         Ok(Forwarder {
             auth,
             spool,
+            last_sent,
+            reopen: None,
             shards,
             router: Router::new(endpoints),
             collector_id,
@@ -95,6 +103,13 @@ impl Forwarder {
             cfg,
             durable,
         })
+    }
+
+    /// Lets the forwarder ask `committer` to reopen the spool when a durable record reads
+    /// back damaged (recovery then isolates it) instead of retrying it forever.
+    pub fn with_reopen(mut self, committer: Committer) -> Self {
+        self.reopen = Some(committer);
+        self
     }
 
     fn spool(&self) -> std::sync::MutexGuard<'_, Spool> {
@@ -121,6 +136,11 @@ impl Forwarder {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, seq = next, "cannot read spool; retrying");
+                    if matches!(e, SpoolError::Corrupt(_))
+                        && let Some(c) = &self.reopen
+                    {
+                        c.request_reopen();
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                         _ = shutdown.changed() => return,
@@ -128,7 +148,12 @@ impl Forwarder {
                 }
             };
             let Some(last) = records.last().map(|(s, _)| *s) else {
-                continue;
+                // Durable says there is more, but the spool has nothing (it is being
+                // reopened behind the standby): wait rather than spin.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    _ = shutdown.changed() => return,
+                }
             };
             let payloads: Vec<&[u8]> = records.iter().map(|(_, p)| p.as_slice()).collect();
             if self
@@ -180,7 +205,13 @@ impl Forwarder {
             }
         }
         for (shard, clicks) in by_shard.into_iter().enumerate() {
-            if clicks.is_empty() {
+            // A shard that got no clicks for `heartbeat_records` records gets an empty batch
+            // with this seq: aggregators refuse a seq more than `ingest.max_seq_jump` above
+            // their mark, and a shard owning few ads could otherwise see a jump that large
+            // and wedge this collector's forwarding.
+            if clicks.is_empty()
+                && seq.saturating_sub(self.last_sent[shard]) < self.cfg.heartbeat_records
+            {
                 continue;
             }
             let n = clicks.len() as u64;
@@ -190,6 +221,7 @@ impl Forwarder {
                 clicks,
             };
             let ack = self.send(shard, batch, shutdown).await?;
+            self.last_sent[shard] = seq;
             self.hot.update(shard, &ack.hot_ad_ids);
             self.metrics.forwarded_clicks.inc_by(n);
             self.metrics.forwarded_batches.inc();

@@ -175,7 +175,8 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         cfg.forward.clone(),
         durable.1,
         cfg.aggregator_key.as_deref(),
-    )?;
+    )?
+    .with_reopen(committer.clone());
 
     let listener = http::conn::bind_listener(cfg.listen_http)
         .map_err(io(format!("cannot listen on {}", cfg.listen_http)))?;

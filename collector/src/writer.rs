@@ -269,6 +269,22 @@ impl Committer {
         rx.await.map_err(|_| CommitError::Closed)?
     }
 
+    /// Asks the writer to drop and reopen the spool (recovery re-runs), as after a write
+    /// failure: for a reader that found damage in a durable record, which recovery then
+    /// isolates (the forwarder would otherwise retry the damaged seq forever).
+    pub fn request_reopen(&self) {
+        if !self.health.failed.swap(true, Ordering::AcqRel) {
+            tracing::error!("spool damage found while reading: reopening the spool to recover it");
+        }
+        // Wake the writer if it is idle; an empty request commits nothing.
+        let (done, _) = oneshot::channel();
+        let _ = self.tx.try_send(Request {
+            encoded: Vec::new(),
+            clicks: 0,
+            done,
+        });
+    }
+
     /// True while the spool is unusable after a write or fsync failure (until reopened).
     pub fn failed(&self) -> bool {
         self.health.failed.load(Ordering::Acquire)

@@ -294,3 +294,134 @@ fn fastrand_ms() -> u64 {
     h.write_u8(0);
     h.finish() % 300
 }
+
+/// A shard that owns none of the traffic still hears from the collector: after
+/// `forward.heartbeat_records` records without clicks for it, an empty batch carries the
+/// current seq, so its high-water mark never falls behind by more than that (aggregators
+/// refuse a seq that jumps more than `ingest.max_seq_jump` past the mark, which would
+/// otherwise wedge forwarding for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_shard_gets_heartbeats_that_keep_its_seq_mark_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = keyring(1, 1);
+    write_keys(&dir.path().join("keys.toml"), &ring);
+    let a = fake_aggregator().await;
+    let b = fake_aggregator().await;
+    let endpoints = vec![a.url(), b.url()];
+    let mut cfg = config(dir.path(), endpoints.clone());
+    cfg.forward.heartbeat_records = 4;
+    let col = adclick_collector::start(cfg).await.unwrap();
+    // Ads owned by shard 0 (a) only.
+    let router = adclick_collector::routing::Router::new(&endpoints);
+    let ads: Vec<u64> = (1..1000u64)
+        .filter(|&x| router.shard(x, 0) == 0)
+        .take(12)
+        .collect();
+    assert_eq!(ads.len(), 12);
+    let s = signer(&ring);
+    let c = http();
+    // 12 requests one after another: 12 spool records, every click for shard a.
+    for ad_id in &ads {
+        let m = s.mint(&ad(*ad_id)).unwrap();
+        post_proto(
+            &c,
+            &col,
+            &ClickBatch {
+                clicks: vec![click(&m.token)],
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    assert!(eventually(POLL_LIMIT, || a.applied().len() == 12).await);
+    assert!(
+        eventually(POLL_LIMIT, || b.agg.state.lock().unwrap().batches.len()
+            >= 3)
+        .await
+    );
+    let seen = b.agg.state.lock().unwrap().batches.clone();
+    assert!(seen.iter().all(|x| x.clicks.is_empty()), "b owns no clicks");
+    let seqs: Vec<u64> = seen.iter().map(|x| x.seq).collect();
+    // Records 1..=12; b hears seq 4, 8, 12 (every 4 records without clicks for it).
+    assert_eq!(seqs, vec![4, 8, 12]);
+    col.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A durable record that reads back damaged while the collector runs (bit rot after it
+/// was written) does not stop forwarding: the forwarder asks for a spool reopen, recovery
+/// isolates the damaged record (logged, counted, a tombstone takes its seq), and every
+/// other acked click is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_found_while_forwarding_is_isolated_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = keyring(1, 1);
+    write_keys(&dir.path().join("keys.toml"), &ring);
+    let agg_addr = free_addr();
+    let cfg = config(dir.path(), vec![format!("http://{agg_addr}")]);
+    let spool_dir = cfg.data_dir.join("spool");
+    let col = adclick_collector::start(cfg).await.unwrap();
+    let s = signer(&ring);
+    let c = http();
+    // Five records while the aggregator is down; remember each record's impression ids.
+    let mut per_record: Vec<Vec<Vec<u8>>> = Vec::new();
+    for r in 0..5u64 {
+        let minted: Vec<_> = (0..4).map(|i| s.mint(&ad(r * 10 + i)).unwrap()).collect();
+        post_proto(
+            &c,
+            &col,
+            &ClickBatch {
+                clicks: minted.iter().map(|m| click(&m.token)).collect(),
+                ..Default::default()
+            },
+        )
+        .await;
+        per_record.push(
+            minted
+                .iter()
+                .map(|m| m.impression.impression_id.to_vec())
+                .collect(),
+        );
+    }
+    // Flip a byte in the middle of record 3 (the file holds records 1..=5 in order; each
+    // record's length is in its first 4 bytes, the header is 24 bytes).
+    let seg = std::fs::read_dir(&spool_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mut off = 0usize;
+    for _ in 0..2 {
+        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        off += 24 + len;
+    }
+    let len3 = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+    bytes[off + 24 + len3 / 2] ^= 0x20;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let agg = fake_aggregator_on(agg_addr, FakeAggregator::default()).await;
+    let want: HashSet<Vec<u8>> = per_record
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .flat_map(|(_, ids)| ids.iter().cloned())
+        .collect();
+    assert!(
+        eventually(POLL_LIMIT, || agg.applied().len() == want.len()).await,
+        "forwarded {} of {}",
+        agg.applied().len(),
+        want.len()
+    );
+    let got: HashSet<Vec<u8>> = agg.applied().keys().cloned().collect();
+    assert_eq!(got, want);
+    let text = col.metrics().render();
+    assert!(
+        text.lines()
+            .any(|l| l == "adclick_collector_spool_corrupt_records_total 1"),
+        "{text}"
+    );
+    col.shutdown().await;
+    agg.stop().await;
+}
