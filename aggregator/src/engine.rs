@@ -389,6 +389,8 @@ impl<S: Store> Writer<S> {
             tracing::error!(error = %e, "dedup disk tier failed; refusing ingest until restart");
             self.metrics.dedup_errors.inc();
             self.poisoned = true;
+            self.view.ready.set(health::DEDUP_FAILED, true);
+            self.metrics.ready.set(0);
             for (req, _) in replies {
                 let _ = req.done.send(Err(IngestError::Unavailable(format!(
                     "aggregator storage failure: {e}"

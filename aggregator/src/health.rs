@@ -8,6 +8,9 @@ use tokio::sync::watch;
 /// The WAL commit of the last batch group failed (disk full, I/O error): batches are not
 /// acked until a later commit succeeds.
 pub const WAL_WRITE_FAILED: &str = "wal_write_failed";
+/// Reason: the exact-dedup disk tier failed; ingest is refused until a restart replays the
+/// WAL.
+pub const DEDUP_FAILED: &str = "dedup_failed";
 /// The aggregator is stopping.
 pub const SHUTTING_DOWN: &str = "shutting_down";
 

@@ -396,6 +396,110 @@ async fn readiness_is_false_while_the_wal_cannot_be_written() {
     a.shutdown().await;
 }
 
+/// A dedup disk tier whose writes fail (a dying disk under the spill table).
+#[derive(Debug)]
+struct FailingSpill;
+
+impl adclick_aggregator::state::dedup::SpillTable for FailingSpill {
+    fn get(
+        &self,
+        _: &adclick_aggregator::state::dedup::Id,
+    ) -> Result<
+        Option<adclick_aggregator::state::dedup::Entry>,
+        adclick_aggregator::state::dedup::DedupError,
+    > {
+        Ok(None)
+    }
+    fn put(
+        &mut self,
+        _: &[(
+            adclick_aggregator::state::dedup::Id,
+            adclick_aggregator::state::dedup::Entry,
+        )],
+    ) -> Result<(), adclick_aggregator::state::dedup::DedupError> {
+        Err(adclick_aggregator::state::dedup::DedupError(
+            "Input/output error (os error 5)".into(),
+        ))
+    }
+    fn expire(&mut self, _: i64) -> Result<u64, adclick_aggregator::state::dedup::DedupError> {
+        Ok(0)
+    }
+    fn for_each_id(
+        &self,
+        _: &mut dyn FnMut(&adclick_aggregator::state::dedup::Id),
+    ) -> Result<(), adclick_aggregator::state::dedup::DedupError> {
+        Ok(())
+    }
+    fn len(&self) -> Result<u64, adclick_aggregator::state::dedup::DedupError> {
+        Ok(0)
+    }
+}
+
+/// A store whose dedup spill table fails.
+struct SpillFailingStore(RedbStore);
+
+impl Store for SpillFailingStore {
+    fn append(&mut self, entries: &[WalEntry]) -> Result<(), StoreError> {
+        self.0.append(entries)
+    }
+    fn high_water_marks(&self) -> Result<HashMap<String, u64>, StoreError> {
+        self.0.high_water_marks()
+    }
+    fn wal_after(&self, pos: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.0.wal_after(pos)
+    }
+    fn last_wal_pos(&self) -> Result<u64, StoreError> {
+        self.0.last_wal_pos()
+    }
+    fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.0.load_checkpoint()
+    }
+    fn save_checkpoint(&mut self, cp: &Checkpoint) -> Result<(), StoreError> {
+        self.0.save_checkpoint(cp)
+    }
+    fn dedup_table(
+        &self,
+    ) -> Result<Box<dyn adclick_aggregator::state::dedup::SpillTable>, StoreError> {
+        Ok(Box::new(FailingSpill))
+    }
+}
+
+/// When the dedup disk tier fails, ingest is refused until a restart, and readiness says
+/// so (`dedup_failed`), so the not-ready alert fires instead of a silent refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_false_after_the_dedup_disk_tier_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.dedup.memory_bytes = 1 << 20; // spills after a few thousand ids
+    let store = SpillFailingStore(RedbStore::open(dir.path()).unwrap());
+    let a = adclick_aggregator::start_with_store(cfg, store)
+        .await
+        .unwrap();
+    let (http, ch) = (a.http_addr(), channel(a.grpc_addr(), None).await);
+    let mut ing = IngestServiceClient::new(ch.clone());
+    let mut refused = None;
+    for seq in 1..=40u64 {
+        let from = seq * 5_000;
+        match ing
+            .ingest(authed(batch("edge", seq, from..from + 5_000), INGEST))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("a spill must have failed within 200k unique ids");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let (code, body) = http_get(http, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("dedup_failed"), "{body}");
+    assert_eq!(metric(&a, "adclick_aggregator_ready "), 0);
+    a.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Finding 1: idle and slow connections, connection caps
 
