@@ -127,6 +127,9 @@ pub struct Limits {
     /// that cannot reserve its body's size (its Content-Length, else `max_body_bytes`)
     /// gets 503 + `Retry-After` at once.
     pub max_inflight_body_bytes: usize,
+    /// Most of that budget one client address may hold at once (bodies it announced and
+    /// is still sending): beyond it, 503 + Retry-After for that address only.
+    pub max_inflight_body_bytes_per_ip: usize,
     /// Sustained clicks per second per client IP (0 = unlimited): a batch costs its click
     /// count (at least 1, at most the burst), a redirect costs 1; 429 + `Retry-After` above.
     pub rate_limit_per_ip: f64,
@@ -149,6 +152,7 @@ impl Default for Limits {
             max_connections: 16_384,
             max_connections_per_ip: 256,
             max_inflight_body_bytes: 64 << 20,
+            max_inflight_body_bytes_per_ip: 4 << 20,
             rate_limit_per_ip: 500.0,
             rate_limit_burst: 2_000.0,
         }
@@ -367,6 +371,9 @@ impl CollectorConfig {
         }
         if l.max_streams_per_connection == 0 {
             return err("limits.max_streams_per_connection must be >= 1");
+        }
+        if l.max_inflight_body_bytes_per_ip < l.max_body_bytes {
+            return err("limits.max_inflight_body_bytes_per_ip must be >= limits.max_body_bytes");
         }
         if l.max_inflight_body_bytes < l.max_body_bytes {
             return err("limits.max_inflight_body_bytes must be >= limits.max_body_bytes");

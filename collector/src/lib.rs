@@ -193,6 +193,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         cors_origins: cfg.cors_origins.clone(),
         trusted_proxies: TrustedProxies::new(cfg.trusted_proxy_nets()?),
         body_budget: HttpState::body_budget_for(&cfg.limits),
+        body_per_ip: Arc::default(),
     });
     let quic = match (cfg.listen_quic, &quic_tls) {
         (Some(addr), Some(tls)) => {

@@ -411,7 +411,7 @@ async fn answer(
     // The batch has its own deadline from here (as an HTTP body after its headers), and
     // its size is held in the in-flight body budget until the batch is decoded.
     let deadline = Instant::now() + st.limits.body_read_timeout();
-    let Some(_budget) = st.reserve_body(len) else {
+    let Some(_budget) = st.reserve_body(ip, len) else {
         return error(
             503,
             "too many request bodies in flight (limits.max_inflight_body_bytes); retry-after: 1",

@@ -288,6 +288,57 @@ async fn in_flight_bodies_share_a_bounded_budget() {
     col.shutdown().await;
 }
 
+/// One address cannot hold the whole body budget with bodies it announces and never
+/// sends: its share (`limits.max_inflight_body_bytes_per_ip`) runs out first, and a client
+/// at another address still gets its 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_the_whole_body_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base(dir.path());
+    cfg.limits.max_body_bytes = 4096;
+    cfg.limits.max_inflight_body_bytes = 64 << 10;
+    cfg.limits.max_inflight_body_bytes_per_ip = 8192;
+    cfg.limits.body_read_timeout_ms = 5_000;
+    let col = adclick_collector::start(cfg).await.unwrap();
+    // 127.0.0.1 announces two 4,000-byte bodies and sends 2 bytes of each: its share.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(col.http_addr()).await.unwrap();
+        s.write_all(
+            b"POST /v1/clicks HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\nContent-Length: 4000\r\n\r\nab",
+        )
+        .await
+        .unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A third body from the same address is refused at once...
+    let r = post(&http(), &col, ClickBatch::default().encode_to_vec()).await;
+    assert_eq!(r.status(), 503);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("max_inflight_body_bytes_per_ip")
+    );
+    // ...while another address is served (most of the global budget is free).
+    adclick_sdk::HttpTransport::install_crypto_provider();
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let r = other
+        .post(format!("http://{}/v1/clicks", col.http_addr()))
+        .header("content-type", "application/x-protobuf")
+        .body(ClickBatch::default().encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    drop(stalled);
+    col.shutdown().await;
+}
+
 /// The per-IP limit counts clicks: a batch costs its clicks, a redirect one; refusals are
 /// 429 with Retry-After and counted as `rate_limited` clicks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,6 +67,31 @@ pub struct HttpState {
     pub trusted_proxies: TrustedProxies,
     /// Budget of buffered request-body bytes, in KiB permits (`limits.max_inflight_body_bytes`).
     pub body_budget: Arc<Semaphore>,
+    /// Each client address's share of that budget in use (`limits.max_inflight_body_bytes_per_ip`),
+    /// so one address cannot hold the whole budget with bodies it never sends.
+    pub body_per_ip: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+}
+
+/// A reservation of request-body bytes: its global budget permit plus its client's share,
+/// both given back when dropped.
+#[derive(Debug)]
+pub struct BodyPermit {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    per_ip: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+    bytes: usize,
+}
+
+impl Drop for BodyPermit {
+    fn drop(&mut self) {
+        let mut m = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(used) = m.get_mut(&self.ip) {
+            *used = used.saturating_sub(self.bytes);
+            if *used == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl HttpState {
@@ -76,11 +101,26 @@ impl HttpState {
         Arc::new(Semaphore::new(kib(limits.max_inflight_body_bytes)))
     }
 
-    /// Reserves `bytes` of the in-flight body budget, or None at once when it is used up
-    /// (the caller answers 503: refusing is cheaper than queueing bodies).
-    pub fn reserve_body(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    /// Reserves `bytes` of the in-flight body budget for a request from `ip`, or None at
+    /// once when the budget, or `ip`'s share of it, is used up (the caller answers 503:
+    /// refusing is cheaper than queueing bodies). The map of shares holds only addresses
+    /// with a body in flight, so it is bounded by the connection caps.
+    pub fn reserve_body(&self, ip: IpAddr, bytes: usize) -> Option<BodyPermit> {
         let n = u32::try_from(kib(bytes)).unwrap_or(u32::MAX);
-        self.body_budget.clone().try_acquire_many_owned(n).ok()
+        let global = self.body_budget.clone().try_acquire_many_owned(n).ok()?;
+        let share = self.limits.max_inflight_body_bytes_per_ip;
+        let mut m = self.body_per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let used = m.get(&ip).copied().unwrap_or(0);
+        if used.saturating_add(bytes) > share {
+            return None; // `global` is released here
+        }
+        m.insert(ip, used + bytes);
+        Some(BodyPermit {
+            _global: global,
+            per_ip: self.body_per_ip.clone(),
+            ip,
+            bytes,
+        })
     }
 
     /// Charges `clicks` more clicks (beyond the one taken before the body was read) to
@@ -423,7 +463,8 @@ fn encoding_of(req: &Request<Incoming>) -> Option<Encoding> {
 async fn read_body(
     st: &HttpState,
     req: Request<Incoming>,
-) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Resp> {
+    ip: IpAddr,
+) -> Result<(Bytes, BodyPermit), Resp> {
     let max = st.limits.max_body_bytes;
     let too_large = || {
         json_error(
@@ -441,10 +482,11 @@ async fn read_body(
     }
     let deadline = tokio::time::Instant::now() + st.limits.body_read_timeout();
     let reserve = declared.map_or(max, |n| n as usize);
-    let Some(permit) = st.reserve_body(reserve) else {
+    let Some(permit) = st.reserve_body(ip, reserve) else {
         let mut r = json_error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "too many request bodies in flight (limits.max_inflight_body_bytes)",
+            "too many request bodies in flight (limits.max_inflight_body_bytes, or this \
+             address's share: limits.max_inflight_body_bytes_per_ip)",
         );
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -487,7 +529,7 @@ async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
             "Content-Type must be application/x-protobuf, application/json, or text/plain (protobuf from a beacon)",
         );
     };
-    let (body, _budget) = match read_body(st, req).await {
+    let (body, _budget) = match read_body(st, req, ip).await {
         Ok(b) => b,
         Err(r) => return r,
     };
