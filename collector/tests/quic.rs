@@ -392,7 +392,19 @@ async fn sdk_reconnects_after_a_collector_restart_with_the_same_dev_certificate(
 
     let mut cfg = quic_config(dir.path(), vec![agg.url()]);
     cfg.listen_quic = Some(addr);
-    let col = adclick_collector::start(cfg).await.unwrap();
+    // The old endpoint's UDP socket can take a moment to be released after shutdown.
+    let mut attempts = 0;
+    let col = loop {
+        match adclick_collector::start(cfg.clone()).await {
+            Ok(c) => break c,
+            Err(e) if attempts < 40 => {
+                attempts += 1;
+                eprintln!("restart attempt {attempts}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("restart failed: {e}"),
+        }
+    };
     assert_eq!(col.quic_cert_pem().unwrap(), pem, "dev certificate reused");
     let second = signer.mint(&ad(2)).unwrap();
     tracker.click(&second.token, Dimensions::new()).unwrap();
