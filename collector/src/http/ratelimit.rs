@@ -1,6 +1,12 @@
 //! Per-client-IP token buckets for the ingest endpoints (batches over HTTP and QUIC, and
 //! redirects), measured in clicks. In memory, approximate by design (a restart forgets the
 //! buckets); idle full buckets are swept so the table stays small.
+//!
+//! IPv6 clients are keyed by their /64: one subscriber usually holds a whole /64, and
+//! keying by full address would let one attacker make 2^64 buckets. Sweeps run at most
+//! once a second, and the table has a hard cap: at the cap a new address is refused
+//! (Retry-After 1) rather than costing memory, so no number of addresses costs more than
+//! `MAX_BUCKETS` entries or makes every request pay for a sweep.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,10 +18,29 @@ use std::time::Instant;
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug)]
+struct Buckets {
+    map: HashMap<IpAddr, (f64, Instant)>,
+    last_sweep: Option<Instant>,
 }
 
 const SWEEP_AT: usize = 100_000;
+/// Most buckets held (~50 MB at worst).
+const MAX_BUCKETS: usize = 1_000_000;
+
+/// The bucket key of a client address: IPv4 (and IPv4-mapped IPv6) as is, IPv6 by /64.
+fn key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+        }
+        v4 => v4,
+    }
+}
 
 /// Refused: the client may retry after this many whole seconds (at least 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +52,10 @@ impl RateLimiter {
         RateLimiter {
             rate,
             burst: burst.max(1.0),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets {
+                map: HashMap::new(),
+                last_sweep: None,
+            }),
         }
     }
 
@@ -54,15 +82,21 @@ impl RateLimiter {
             return Ok(());
         }
         let cost = (cost as f64).min(self.burst);
-        let ip = ip.to_canonical();
-        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if b.len() >= SWEEP_AT {
+        let ip = key(ip);
+        let mut guard = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let Buckets { map, last_sweep } = &mut *guard;
+        let sweep_due = last_sweep.is_none_or(|t| now.saturating_duration_since(t).as_secs() >= 1);
+        if map.len() >= SWEEP_AT && sweep_due {
             let (rate, burst) = (self.rate, self.burst);
-            b.retain(|_, (tokens, at)| {
+            map.retain(|_, (tokens, at)| {
                 *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst
             });
+            *last_sweep = Some(now);
         }
-        let (tokens, at) = b.entry(ip).or_insert((self.burst, now));
+        if map.len() >= MAX_BUCKETS && !map.contains_key(&ip) {
+            return Err(RetryAfter(1));
+        }
+        let (tokens, at) = map.entry(ip).or_insert((self.burst, now));
         *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.rate)
             .min(self.burst);
         *at = now;
@@ -97,6 +131,22 @@ mod tests {
         assert!(l.allow(ip, t0 + Duration::from_millis(100)));
         assert!(!l.allow(ip, t0 + Duration::from_millis(100)));
         assert!(RateLimiter::new(0.0, 1.0).allow(ip, t0));
+    }
+
+    #[test]
+    fn ipv6_addresses_of_one_64_share_a_bucket() {
+        let l = RateLimiter::new(1.0, 2.0);
+        let t0 = Instant::now();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.allow(a, t0) && l.allow(b, t0));
+        assert!(!l.allow(a, t0), "the /64 spent its burst");
+        assert!(l.allow(other, t0), "another /64 has its own");
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(l.allow(mapped, t0) && l.allow(v4, t0));
+        assert!(!l.allow(v4, t0), "IPv4-mapped is the IPv4 address");
     }
 
     #[test]
