@@ -695,83 +695,11 @@ fn le_u32(b: &[u8]) -> u32 {
         .fold(0, |acc, &x| acc << 8 | u32::from(x))
 }
 
-/// Little-endian value of up to the first 8 bytes of `b`.
-fn le_u64(b: &[u8]) -> u64 {
-    b.iter()
-        .take(8)
-        .rev()
-        .fold(0, |acc, &x| acc << 8 | u64::from(x))
-}
-
-const P1: u64 = 0x9E37_79B1_85EB_CA87;
-const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-const P3: u64 = 0x1656_67B1_9E37_79F9;
-const P4: u64 = 0x85EB_CA77_C2B2_AE63;
-const P5: u64 = 0x27D4_EB2F_1656_67C5;
-
-fn xxh_round(acc: u64, input: u64) -> u64 {
-    acc.wrapping_add(input.wrapping_mul(P2))
-        .rotate_left(31)
-        .wrapping_mul(P1)
-}
-
-fn xxh_merge_round(acc: u64, val: u64) -> u64 {
-    (acc ^ xxh_round(0, val)).wrapping_mul(P1).wrapping_add(P4)
-}
-
-/// XXH64 (reference algorithm, little-endian reads), written out so the hash
-/// can never change under us.
+/// XXH64 from `xxhash-rust` (pure Rust, maintained). The hash is part of the sketches'
+/// persisted state (checkpoints), so it must never change: the reference-vector test below
+/// pins it.
 fn xxh64(input: &[u8], seed: u64) -> u64 {
-    let stripes = input.chunks_exact(32);
-    let mut rest = stripes.remainder();
-    let mut h = if input.len() >= 32 {
-        let mut v = [
-            seed.wrapping_add(P1).wrapping_add(P2),
-            seed.wrapping_add(P2),
-            seed,
-            seed.wrapping_sub(P1),
-        ];
-        for stripe in stripes {
-            for (lane, word) in v.iter_mut().zip(stripe.chunks_exact(8)) {
-                *lane = xxh_round(*lane, le_u64(word));
-            }
-        }
-        let [v1, v2, v3, v4] = v;
-        let mut h = v1
-            .rotate_left(1)
-            .wrapping_add(v2.rotate_left(7))
-            .wrapping_add(v3.rotate_left(12))
-            .wrapping_add(v4.rotate_left(18));
-        for lane in v {
-            h = xxh_merge_round(h, lane);
-        }
-        h
-    } else {
-        seed.wrapping_add(P5)
-    };
-    h = h.wrapping_add(input.len() as u64);
-    while rest.len() >= 8 {
-        let (word, tail) = rest.split_at(8);
-        h ^= xxh_round(0, le_u64(word));
-        h = h.rotate_left(27).wrapping_mul(P1).wrapping_add(P4);
-        rest = tail;
-    }
-    if rest.len() >= 4 {
-        let (word, tail) = rest.split_at(4);
-        h ^= u64::from(le_u32(word)).wrapping_mul(P1);
-        h = h.rotate_left(23).wrapping_mul(P2).wrapping_add(P3);
-        rest = tail;
-    }
-    for &byte in rest {
-        h ^= u64::from(byte).wrapping_mul(P5);
-        h = h.rotate_left(11).wrapping_mul(P1);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(P2);
-    h ^= h >> 29;
-    h = h.wrapping_mul(P3);
-    h ^= h >> 32;
-    h
+    xxhash_rust::xxh64::xxh64(input, seed)
 }
 
 #[cfg(test)]
