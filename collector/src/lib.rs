@@ -142,6 +142,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
 
     let metrics = Arc::new(Metrics::new());
     report_spool_damage(&collector_id, &recovery, &metrics);
+    confirm_reported(&spool);
     metrics
         .forward_lag_records
         .set(i64::try_from(recovered_lag).unwrap_or(i64::MAX));
@@ -386,4 +387,13 @@ pub(crate) fn report_spool_damage(
     metrics
         .spool_corrupt_bytes
         .inc_by(recovery.damage.iter().map(|d| d.bytes).sum());
+}
+
+/// Tells the spool its recovery report was logged and counted (see
+/// [`spool::Spool::damage_reported`]); a failure only means it is reported again next time.
+pub(crate) fn confirm_reported(spool: &Mutex<Spool>) {
+    let s = spool.lock().unwrap_or_else(|e| e.into_inner());
+    if let Err(e) = s.damage_reported() {
+        tracing::warn!(error = %e, "cannot clear the spool's pending damage report; it will be repeated at the next start");
+    }
 }

@@ -362,6 +362,9 @@ fn reopen(
     }
     let (fresh, recovery) = Spool::open(&loc.dir, loc.opts).map_err(|e| e.to_string())?;
     crate::report_spool_damage(&loc.collector_id, &recovery, metrics);
+    if let Err(e) = fresh.damage_reported() {
+        tracing::warn!(error = %e, "cannot clear the spool's pending damage report; it will be repeated at the next start");
+    }
     if fresh.incarnation() != loc.incarnation {
         return Err(format!(
             "the reopened spool has a new incarnation ({:016x}, was {:016x}): restart the \

@@ -302,7 +302,11 @@ impl Spool {
 
         let scans = scan_all(&files)?;
         let plan = recover::plan(scans, acked);
-        let (segments, dir_changed) = carry_out(dir, plan, &mut recovery)?;
+        // Losses a previous open found but whose report was never confirmed (a crash
+        // before the caller logged them, or in the middle of the repair) are reported
+        // again, with the new ones.
+        let unreported = read_pending(dir)?;
+        let (segments, dir_changed) = carry_out(dir, plan, unreported, &mut recovery)?;
         if dir_changed {
             meta::sync_dir(dir)?;
         }
@@ -573,6 +577,18 @@ impl Spool {
         result
     }
 
+    /// Confirms that the losses and damage in the last [`Recovery`] were reported (logged
+    /// and counted): until then they are on record in `corrupt/pending` and every open
+    /// reports them again, so a crash between the repair and the report cannot hide them.
+    pub fn damage_reported(&self) -> Result<(), SpoolError> {
+        let path = self.dir.join(CORRUPT_DIR).join(PENDING_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => meta::sync_dir(&self.dir.join(CORRUPT_DIR)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &path)(e)),
+        }
+    }
+
     /// Last acked seq (0 if none).
     pub fn acked_seq(&self) -> u64 {
         self.ack.value()
@@ -822,12 +838,16 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
 fn carry_out(
     dir: &Path,
     plan: recover::Plan,
+    unreported: Pending,
     recovery: &mut Recovery,
 ) -> Result<(Vec<Segment>, bool), SpoolError> {
     use std::collections::HashSet;
     let mut changed = false;
-    recovery.lost_records = plan.lost_records();
-    recovery.lost_seqs = plan.lost.clone();
+    recovery.lost_seqs = unreported.lost;
+    recovery.lost_seqs.extend(plan.lost.iter().copied());
+    recovery.lost_records = recovery.lost_seqs.iter().map(|&(a, b)| b - a + 1).sum();
+    recovery.damage = unreported.damage;
+    let had_unreported = !recovery.damage.is_empty() || !recovery.lost_seqs.is_empty();
 
     // 1. Save every damaged range before anything is cut.
     let corrupt = dir.join(CORRUPT_DIR);
@@ -878,6 +898,11 @@ fn carry_out(
             .map_err(io_err("write", &log))?;
         f.sync_all().map_err(io_err("fsync", &log))?;
         meta::sync_dir(&corrupt)?;
+    }
+    // Before anything is cut: the losses stay on record until the caller confirms it
+    // reported them (`Spool::damage_reported`).
+    if had_unreported || !report.is_empty() {
+        write_pending(dir, &recovery.lost_seqs, &recovery.damage)?;
     }
 
     // 2. Files with nothing to keep go first, so that no moved run's new
@@ -986,4 +1011,79 @@ fn sync_file(path: &Path) -> Result<(), SpoolError> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(io_err("fsync segment", path))
+}
+
+/// File in `corrupt/` listing losses not yet confirmed as reported.
+const PENDING_FILE: &str = "pending";
+
+/// What `corrupt/pending` holds.
+#[derive(Debug, Default)]
+struct Pending {
+    lost: Vec<(u64, u64)>,
+    damage: Vec<Damage>,
+}
+
+/// Reads `corrupt/pending` (tab-separated lines: `lost<TAB>first<TAB>last`,
+/// `damage<TAB>offset<TAB>bytes<TAB>saved<TAB>segment`); empty if there is none. Lines
+/// that do not parse are skipped: the file is a reminder, `report.log` is the record.
+fn read_pending(dir: &Path) -> Result<Pending, SpoolError> {
+    let path = dir.join(CORRUPT_DIR).join(PENDING_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Pending::default()),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => return Ok(Pending::default()),
+        Err(e) => return Err(io_err("read", &path)(e)),
+    };
+    let mut out = Pending::default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        match f.as_slice() {
+            ["lost", a, b] => {
+                if let (Ok(a), Ok(b)) = (a.parse(), b.parse()) {
+                    out.lost.push((a, b));
+                }
+            }
+            ["damage", off, bytes, saved, seg] => {
+                if let (Ok(offset), Ok(bytes)) = (off.parse(), bytes.parse()) {
+                    out.damage.push(Damage {
+                        segment: PathBuf::from(seg),
+                        offset,
+                        bytes,
+                        saved_to: (*saved != "-").then(|| PathBuf::from(saved)),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `corrupt/pending` atomically (temp file, fsync, rename, directory fsync).
+fn write_pending(dir: &Path, lost: &[(u64, u64)], damage: &[Damage]) -> Result<(), SpoolError> {
+    let corrupt = dir.join(CORRUPT_DIR);
+    if !corrupt.is_dir() {
+        create_dir(&corrupt)?;
+    }
+    let mut text = String::new();
+    for &(a, b) in lost {
+        text.push_str(&format!("lost\t{a}\t{b}\n"));
+    }
+    for d in damage {
+        let saved = d
+            .saved_to
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |p| p.display().to_string());
+        text.push_str(&format!(
+            "damage\t{}\t{}\t{saved}\t{}\n",
+            d.offset,
+            d.bytes,
+            d.segment.display()
+        ));
+    }
+    let tmp = corrupt.join(format!("{PENDING_FILE}.tmp"));
+    write_file(&tmp, text.as_bytes())?;
+    let path = corrupt.join(PENDING_FILE);
+    fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+    meta::sync_dir(&corrupt)
 }

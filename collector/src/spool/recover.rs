@@ -93,13 +93,6 @@ pub(crate) struct Plan {
     pub(crate) watermark: u64,
 }
 
-impl Plan {
-    /// Number of records lost to damage.
-    pub(crate) fn lost_records(&self) -> u64 {
-        self.lost.iter().map(|&(a, b)| b - a + 1).sum()
-    }
-}
-
 /// Decides the fate of every run and byte; see the module docs.
 pub(crate) fn plan(scans: Vec<SegmentScan>, acked: u64) -> Plan {
     let watermark = scans

@@ -542,6 +542,8 @@ fn bit_flip_in_a_vouched_record_costs_only_that_record() {
         .map(|i| (i, if i == hit { Vec::new() } else { payload(i) }))
         .collect();
     assert_eq!(read_all(&s), want);
+    s.damage_reported().unwrap();
+    assert!(!dir.path().join(CORRUPT_DIR).join(PENDING_FILE).exists());
     drop(s);
     let (mut s, rec) = open(dir.path(), SpoolOptions::default());
     assert_eq!(rec.damage, vec![]);
@@ -564,6 +566,7 @@ fn truncated_segment_keeps_the_segments_after_it() {
     drop(f);
     let (s, rec) = open(dir.path(), o);
     assert_eq!(rec.lost_seqs, vec![(4, 4)]);
+    s.damage_reported().unwrap();
     let want: Vec<(u64, Vec<u8>)> = (1..=6)
         .map(|i| (i, if i == 4 { Vec::new() } else { payload(i) }))
         .collect();
