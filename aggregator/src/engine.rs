@@ -30,30 +30,7 @@ use crate::state::operator::Operator;
 use crate::state::shard::{Applied, LEVEL_MS, ShardState};
 use crate::state::windows::{ClickWindows, Routed};
 use crate::store::{Checkpoint, Store, StoreError, WalEntry};
-
-/// Shared, read-mostly view for queries.
-#[derive(Debug)]
-pub struct View {
-    /// The shards (queries take read locks).
-    pub shards: Vec<RwLock<ShardState>>,
-    /// Current watermark (ms).
-    pub watermark_ms: AtomicI64,
-    /// Interned strings, hot and split ads: what queries need from the window operator.
-    pub meta: RwLock<QueryMeta>,
-    /// Set by a simulated crash: the writer exits without its final checkpoint.
-    pub killed: std::sync::atomic::AtomicBool,
-    /// Whether this node can accept writes (raised by the writer on a failed WAL commit).
-    pub ready: Readiness,
-}
-
-/// What queries need from the window operator.
-#[derive(Debug, Default, Clone)]
-pub struct QueryMeta {
-    /// Interned names (id = index + 1).
-    pub names: HashMap<String, u32>,
-    /// Ads spread over several shards (always TopAds candidates).
-    pub split: Vec<u64>,
-}
+use crate::view::{QueryMeta, View};
 
 /// An ingest request waiting for its ack.
 #[derive(Debug)]
@@ -596,7 +573,7 @@ impl<S: Store> Writer<S> {
         }
         self.metrics.watermark_ms.set(wm.max(0));
         if wm > 0 {
-            let lag = crate::query::now_ms().saturating_sub(wm) as f64 / 1000.0;
+            let lag = crate::view::now_ms().saturating_sub(wm) as f64 / 1000.0;
             self.metrics.watermark_lag_seconds.set(lag);
         }
         self.metrics

@@ -30,9 +30,10 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
 use crate::config::{ApiKey, QueryConfig};
-use crate::engine::{Engine, IngestError, View};
+use crate::engine::{Engine, IngestError};
 use crate::metrics::{Metrics, RpcLabel};
 use crate::query::{self, Caller, QueryError};
+use crate::view::View;
 
 /// Largest gRPC message the query service decodes or any service encodes (queries and acks
 /// are small; ingest has its own, configured, cap).
@@ -288,7 +289,7 @@ impl QueryService for Query {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
         self.timed("TopAds", || {
-            query::top_ads(&self.view, caller, &r, &self.cfg, query::now_ms())
+            query::top_ads(&self.view, caller, &r, &self.cfg, crate::view::now_ms())
         })
         .map(Response::new)
         .map_err(status)

@@ -252,7 +252,7 @@ fn range(p: &[(String, String)]) -> Result<(i64, i64), QueryError> {
                 window: Some(v1::top_ads_request::Window::LastMinutes(m)),
                 ..Default::default()
             },
-            query::now_ms(),
+            crate::view::now_ms(),
         ),
         (None, Some(f), Some(t)) => Ok((f, t)),
         _ => Err(QueryError::InvalidArgument(
@@ -324,7 +324,7 @@ pub fn top_request(p: &[(String, String)]) -> Result<v1::TopAdsRequest, QueryErr
 
 fn top(q: &Query, caller: query::Caller, p: &[(String, String)]) -> Result<Value, QueryError> {
     let req = top_request(p)?;
-    let r = query::top_ads(&q.view, caller, &req, &q.cfg, query::now_ms())?;
+    let r = query::top_ads(&q.view, caller, &req, &q.cfg, crate::view::now_ms())?;
     let range = r.range.unwrap_or_default();
     Ok(json!({
         "ads": r.ads.iter().map(|a| json!({"ad_id": a.ad_id, "clicks": a.clicks})).collect::<Vec<_>>(),

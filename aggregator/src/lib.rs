@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod query;
 pub mod state;
 pub mod store;
+pub mod view;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,8 +35,8 @@ use tonic_health::server::HealthReporter;
 pub use config::AggregatorConfig;
 pub use metrics::Metrics;
 
-use engine::View;
 use store::{RedbStore, Store};
+use view::View;
 
 /// Why the aggregator could not start.
 #[derive(Debug, thiserror::Error)]

@@ -7,17 +7,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use adclick_proto::v1::{
     self, AdCount, Bucket, GetAdClicksResponse, Granularity, TimeRange, TopAdsResponse,
 };
 
 use crate::config::{ApiKey, QueryConfig, Role};
-use crate::engine::{QueryMeta, View};
 use crate::state::dims::{DimKey, country_code};
 use crate::state::hll::Hll;
 use crate::state::shard::{Cell, LEVEL_MS};
+use crate::view::{QueryMeta, View};
 
 /// Why a query was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -207,13 +206,6 @@ fn ad_meta(view: &View, ad: u64) -> Option<(u64, u64)> {
     view.shards
         .iter()
         .find_map(|s| s.read().ok().and_then(|s| s.ad_meta(ad)))
-}
-
-/// Wall clock, ms.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// `GetAdClicks`.

@@ -1,0 +1,43 @@
+//! The read side of the aggregator's state: what the engine's writer publishes and the
+//! query code reads (the shards behind read-write locks, the watermark, interned names,
+//! split ads, readiness). Owned by neither side, so `engine` and `query` do not import each
+//! other. It must not hold logic: reading and writing stay in `query` and `engine`.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::AtomicI64;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::health::Readiness;
+use crate::state::shard::ShardState;
+
+/// Shared, read-mostly view for queries.
+#[derive(Debug)]
+pub struct View {
+    /// The shards (queries take read locks).
+    pub shards: Vec<RwLock<ShardState>>,
+    /// Current watermark (ms).
+    pub watermark_ms: AtomicI64,
+    /// Interned strings, hot and split ads: what queries need from the window operator.
+    pub meta: RwLock<QueryMeta>,
+    /// Set by a simulated crash: the writer exits without its final checkpoint.
+    pub killed: std::sync::atomic::AtomicBool,
+    /// Whether this node can accept writes (raised by the writer on a failed WAL commit).
+    pub ready: Readiness,
+}
+
+/// What queries need from the window operator.
+#[derive(Debug, Default, Clone)]
+pub struct QueryMeta {
+    /// Interned names (id = index + 1).
+    pub names: HashMap<String, u32>,
+    /// Ads spread over several shards (always TopAds candidates).
+    pub split: Vec<u64>,
+}
+
+/// Wall clock, ms (queries' "now", the watermark-lag gauge).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
