@@ -66,9 +66,10 @@ impl ConnLimiter {
         })
     }
 
-    /// Takes a slot for a connection from `ip`, or says why not.
+    /// Takes a slot for a connection from `ip` (IPv6: its /64), or says why not.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, Refused> {
-        let ip = ip.to_canonical();
+        // IPv6 by /64, as the rate limit: one /64 must not open a connection per address.
+        let ip = super::ratelimit::key(ip);
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if c.total >= self.max {
             return Err(Refused::Listener);
@@ -229,6 +230,19 @@ pub(crate) fn bind_listener(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_addresses_of_one_64_share_the_per_ip_cap() {
+        let l = ConnLimiter::new(100, 2);
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        let c: IpAddr = "2001:db8::3".parse().unwrap();
+        let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        let _s1 = l.try_acquire(a).unwrap();
+        let _s2 = l.try_acquire(b).unwrap();
+        assert_eq!(l.try_acquire(c).err(), Some(Refused::PerIp));
+        assert!(l.try_acquire(other).is_ok());
+    }
 
     #[test]
     fn caps_per_listener_and_per_ip_and_release_on_drop() {

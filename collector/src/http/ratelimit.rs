@@ -31,8 +31,10 @@ const SWEEP_AT: usize = 100_000;
 /// Most buckets held (~50 MB at worst).
 const MAX_BUCKETS: usize = 1_000_000;
 
-/// The bucket key of a client address: IPv4 (and IPv4-mapped IPv6) as is, IPv6 by /64.
-fn key(ip: IpAddr) -> IpAddr {
+/// The key a client address is limited under: IPv4 (and IPv4-mapped IPv6) as is, IPv6 by
+/// its /64 (one subscriber usually holds a whole /64). Also used for the per-IP
+/// connection caps.
+pub(crate) fn key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let s = v6.segments();
