@@ -522,6 +522,37 @@ async fn readiness_reports_a_full_spool_and_clears_when_it_drains() {
     agg.stop().await;
 }
 
+/// Unmounts (lazily) when dropped, so a failing test leaves no mount behind.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Mounts a tmpfs of `size` (e.g. "512k") at `dir/mnt`: a real filesystem that fills.
+/// CI runs as root (see .ci/run); a machine that cannot mount fails here rather than
+/// passing without exercising the disk-full paths.
+fn mount_tmpfs(dir: &std::path::Path, size: &str) -> (std::path::PathBuf, Unmount) {
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        mounted,
+        "cannot mount a tmpfs at {} (needs root): this test fills a real filesystem",
+        mnt.display()
+    );
+    (mnt.clone(), Unmount(mnt))
+}
+
 /// Disk full for real (a 512 KiB tmpfs): the write fails, readiness says `spool_failed`,
 /// and after space returns the collector reopens its spool and takes clicks again without
 /// a restart; everything acked before and after is forwarded. Needs root for the mount
@@ -529,30 +560,7 @@ async fn readiness_reports_a_full_spool_and_clears_when_it_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_by_itself_after_the_disk_fills_and_frees() {
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    // CI runs as root (see .ci/run); a machine that cannot mount fails here rather than
-    // passing without exercising the disk-full recovery path.
-    assert!(
-        mounted,
-        "cannot mount a tmpfs at {} (needs root): this test fills a real filesystem",
-        mnt.display()
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
+    let (mnt, _unmount) = mount_tmpfs(dir.path(), "512k");
 
     let ring = keyring(1, 1);
     write_keys(&dir.path().join("keys.toml"), &ring);
@@ -655,28 +663,7 @@ async fn recovers_by_itself_after_the_disk_fills_and_frees() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_spool_stops_at_its_free_space_floor_before_the_disk_fills() {
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        mounted,
-        "cannot mount a tmpfs at {} (needs root)",
-        mnt.display()
-    );
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(mnt.clone());
+    let (mnt, _unmount) = mount_tmpfs(dir.path(), "4m");
     let floor: u64 = 2 << 20;
 
     let ring = keyring(1, 1);
