@@ -12,7 +12,6 @@
 //!
 //! Recovery: load the checkpoint, then replay the WAL after it through the same path.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, RwLock};
@@ -22,7 +21,8 @@ use adclick_proto::v1::{IngestAck, IngestBatch};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{AggregatorConfig, IngestConfig};
+use crate::admit::{Admission, Pending, Verdict};
+use crate::config::AggregatorConfig;
 use crate::health::{self, Readiness};
 use crate::metrics::Metrics;
 use crate::state::dedup::Dedup;
@@ -66,15 +66,7 @@ pub enum IngestError {
     Unavailable(String),
 }
 
-/// Highest seq a batch may carry: `max_seq_jump` above the collector's high-water mark, or
-/// `max_first_seq` for a collector id without one (a new or rebuilt aggregator must accept
-/// collectors whose spool seqs have grown for months).
-pub fn seq_limit(hwm: Option<u64>, cfg: &IngestConfig) -> u64 {
-    match hwm {
-        Some(h) => h.saturating_add(cfg.max_seq_jump),
-        None => cfg.max_first_seq,
-    }
-}
+pub use crate::admit::seq_limit;
 
 enum ShardMsg {
     /// Clicks to apply; the sender (if any) is told when they are visible to queries.
@@ -115,7 +107,7 @@ struct Writer<S: Store> {
     shard_tx: Vec<SyncSender<ShardMsg>>,
     view: Arc<View>,
     metrics: Arc<Metrics>,
-    hwm: HashMap<String, u64>,
+    admission: Admission,
     next_pos: u64,
     cfg: AggregatorConfig,
     last_checkpoint: Instant,
@@ -170,7 +162,7 @@ pub fn start<S: Store + 'static>(
             .map_err(|e| StoreError(e.to_string()))?;
         shard_tx.push(tx);
     }
-    let hwm = store.high_water_marks()?;
+    let admission = Admission::new(store.high_water_marks()?);
     let next_pos = store.last_wal_pos()? + 1;
     let mut w = Writer {
         store,
@@ -178,7 +170,7 @@ pub fn start<S: Store + 'static>(
         shard_tx,
         view: view.clone(),
         metrics,
-        hwm,
+        admission,
         next_pos,
         cfg,
         last_checkpoint: Instant::now(),
@@ -278,37 +270,29 @@ impl<S: Store> Writer<S> {
 
     fn handle_group(&mut self, group: Vec<IngestReq>) {
         let started = Instant::now();
-        let mut pending: HashMap<String, u64> = HashMap::new();
+        let mut pending = Pending::default();
         let mut fresh = Vec::new();
         let mut replies = Vec::with_capacity(group.len());
         for req in group {
             let b = &req.batch;
-            let known = pending
-                .get(&b.collector_id)
-                .or_else(|| self.hwm.get(&b.collector_id))
-                .copied();
-            let hwm = known.unwrap_or(0);
-            let limit = seq_limit(known, &self.cfg.ingest);
-            if b.seq > limit {
-                // Refused before the WAL: the mark stays where it was, so the collector's
-                // real next batch still gets through.
-                tracing::warn!(
-                    collector_id = %b.collector_id, seq = b.seq, hwm, limit,
-                    "ingest refused: seq out of window"
-                );
-                self.metrics.refuse_ingest("seq_window");
-                let err = IngestError::SeqOutOfWindow {
-                    collector_id: b.collector_id.clone(),
-                    seq: b.seq,
-                    hwm,
-                    limit,
-                };
-                let _ = req.done.send(Err(err));
-                continue;
-            }
-            let new = b.seq > hwm;
+            let new = match self.admission.judge(
+                &mut pending,
+                &b.collector_id,
+                b.seq,
+                &self.cfg.ingest,
+            ) {
+                Verdict::New => true,
+                Verdict::AlreadyAcked => false,
+                Verdict::Refused(err) => {
+                    // Refused before the WAL: the state stays where it was, so the
+                    // collector's real next batch still gets through.
+                    tracing::warn!(collector_id = %b.collector_id, seq = b.seq, error = %err, "ingest refused");
+                    self.metrics.refuse_ingest("seq_window");
+                    let _ = req.done.send(Err(err));
+                    continue;
+                }
+            };
             if new {
-                pending.insert(b.collector_id.clone(), b.seq);
                 fresh.push(WalEntry {
                     pos: self.next_pos + fresh.len() as u64,
                     collector_id: b.collector_id.clone(),
@@ -332,7 +316,7 @@ impl<S: Store> Writer<S> {
             }
             self.set_wal_failed(false);
             self.next_pos += fresh.len() as u64;
-            self.hwm.extend(pending);
+            self.admission.commit(pending);
             self.metrics
                 .wal_commit_seconds
                 .observe(started.elapsed().as_secs_f64());

@@ -9,6 +9,7 @@
 //! `adclick-proto` only, never on the collector.
 #![deny(missing_docs)]
 
+pub mod admit;
 pub mod config;
 pub mod engine;
 pub mod grpc;
