@@ -17,16 +17,15 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use adclick_proto::v1::{IngestAck, IngestBatch};
-use prost::Message;
+use adclick_proto::v1::IngestAck;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admit::{Admission, Pending, Verdict};
 use crate::config::AggregatorConfig;
+use crate::decode::{self, RawBatch};
 use crate::health::{self, Readiness};
 use crate::metrics::Metrics;
 use crate::state::dedup::Dedup;
-use crate::state::operator::Operator;
 use crate::state::shard::{Applied, LEVEL_MS, ShardState};
 use crate::state::windows::{ClickWindows, Routed};
 use crate::store::{Checkpoint, Store, StoreError, WalEntry};
@@ -35,8 +34,8 @@ use crate::view::{QueryMeta, View};
 /// An ingest request waiting for its ack.
 #[derive(Debug)]
 pub struct IngestReq {
-    /// The batch.
-    pub batch: IngestBatch,
+    /// The batch, checked at the edge (`decode`).
+    pub batch: RawBatch,
     /// Where the ack goes.
     pub done: oneshot::Sender<Result<IngestAck, IngestError>>,
 }
@@ -72,6 +71,8 @@ enum ShardMsg {
     /// Clicks to apply; the sender (if any) is told when they are visible to queries.
     Apply(Vec<Applied>, Option<SyncSender<()>>),
     Evict([i64; 3]),
+    /// Roll minutes before this up into their hours and days (`ShardState::seal`).
+    Seal(i64),
     Barrier(SyncSender<Vec<u8>>),
 }
 
@@ -83,7 +84,7 @@ pub struct Engine {
 
 impl Engine {
     /// Queues a batch; resolves once it is durable (or refused).
-    pub async fn ingest(&self, batch: IngestBatch) -> Result<IngestAck, IngestError> {
+    pub async fn ingest(&self, batch: RawBatch) -> Result<IngestAck, IngestError> {
         let stopping = || IngestError::Unavailable("aggregator is shutting down".into());
         let (done, rx) = oneshot::channel();
         self.tx
@@ -112,6 +113,8 @@ struct Writer<S: Store> {
     cfg: AggregatorConfig,
     last_checkpoint: Instant,
     last_evict: [i64; 3],
+    /// Minute start the shards were last told to seal before.
+    last_seal: i64,
     /// Dedup floor of the last committed checkpoint (see `state::dedup`).
     dedup_floor: i64,
     /// The dedup disk tier failed: stop acking; a restart replays the WAL.
@@ -140,7 +143,9 @@ pub fn start<S: Store + 'static>(
     for i in 0..n {
         let name = format!("shard/{i}");
         let s = match cp.tables.iter().find(|(t, _)| *t == name) {
-            Some((_, b)) => ShardState::from_bytes(b).map_err(StoreError)?,
+            Some((_, b)) => {
+                ShardState::from_bytes(b, &mut |k| windows.intern_combo(k)).map_err(StoreError)?
+            }
             None => ShardState::default(),
         };
         shards.push(RwLock::new(s));
@@ -175,6 +180,7 @@ pub fn start<S: Store + 'static>(
         cfg,
         last_checkpoint: Instant::now(),
         last_evict: [i64::MIN; 3],
+        last_seal: i64::MIN,
         dedup_floor,
         poisoned: false,
     };
@@ -182,15 +188,16 @@ pub fn start<S: Store + 'static>(
     let replay = w.store.wal_after(cp.wal_pos)?;
     let replayed = replay.len();
     for (pos, bytes) in replay {
-        match IngestBatch::decode(bytes.as_slice()) {
-            Ok(b) => {
-                w.windows.begin_batch(pos);
-                w.apply(b.clicks, None);
-                if let Some(e) = w.windows.take_error() {
-                    return Err(StoreError(e.to_string()));
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "undecodable WAL entry skipped"),
+        // Checked at the edge before it was written, and redb checksums its pages: a
+        // failure here is damage, and the entry is skipped whole.
+        if let Err(e) = RawBatch::parse(bytes::Bytes::from(bytes.clone())) {
+            tracing::error!(pos, error = %e, "undecodable WAL entry skipped");
+            continue;
+        }
+        w.windows.begin_batch(pos);
+        w.apply(&bytes, None);
+        if let Some(e) = w.windows.take_error() {
+            return Err(StoreError(e.to_string()));
         }
     }
     w.publish();
@@ -220,6 +227,10 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>) {
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
+            }
+            ShardMsg::Seal(before) => {
+                let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
+                s.seal(before);
             }
             ShardMsg::Evict(before) => {
                 let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
@@ -297,7 +308,7 @@ impl<S: Store> Writer<S> {
                     pos: self.next_pos + fresh.len() as u64,
                     collector_id: b.collector_id.clone(),
                     seq: b.seq,
-                    batch: b.encode_to_vec(),
+                    batch: b.bytes.to_vec(),
                 });
             }
             replies.push((req, new));
@@ -331,9 +342,8 @@ impl<S: Store> Writer<S> {
         let mut positions = fresh.iter().map(|f| f.pos);
         for (req, new) in &mut replies.iter_mut() {
             let counts = if *new {
-                let taken = std::mem::take(&mut req.batch.clicks);
                 self.windows.begin_batch(positions.next().unwrap_or(0));
-                let (a, d, n) = self.apply(taken, Some(&applied_tx));
+                let (a, d, n) = self.apply(&req.batch.bytes, Some(&applied_tx));
                 pending_shards += n;
                 Some((a, d))
             } else {
@@ -395,17 +405,21 @@ impl<S: Store> Writer<S> {
 
     /// Runs clicks through the window operator and hands them to the shards. Returns
     /// (accepted, duplicates, shards that will confirm on `done`).
-    fn apply(
-        &mut self,
-        clicks: Vec<adclick_proto::v1::IngestClick>,
-        done: Option<&SyncSender<()>>,
-    ) -> (u32, u32, usize) {
+    fn apply(&mut self, batch: &[u8], done: Option<&SyncSender<()>>) -> (u32, u32, usize) {
         let mut per_shard: Vec<Vec<Applied>> = vec![Vec::new(); self.shard_tx.len()];
         let (mut accepted, mut duplicate) = (0u32, 0u32);
         let before = self.windows.counters;
         let mut quarantined = Vec::new();
-        for c in clicks {
-            let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id.clone());
+        for c in decode::clicks(batch) {
+            let c = match c {
+                Ok(c) => c,
+                Err(e) => {
+                    // Checked at the edge before it was written: only damage gets here.
+                    tracing::error!(error = %e, "undecodable click in a WAL entry: the rest of the entry is skipped");
+                    break;
+                }
+            };
+            let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id);
             match self.windows.process(c) {
                 Routed::Apply(shard, a) => {
                     accepted += 1;
@@ -467,7 +481,7 @@ impl<S: Store> Writer<S> {
     /// reason (rare by nature; a write failure is logged, the click is still counted in the
     /// metrics by reason). The file stops growing at `quarantine.max_bytes`: records past
     /// it are dropped and counted (`quarantine_dropped`, an alert), never buffered.
-    fn quarantine(&self, clicks: &[(u64, i64, Vec<u8>, &'static str)]) {
+    fn quarantine(&self, clicks: &[(u64, i64, &[u8], &'static str)]) {
         use std::io::Write;
         let path = self.cfg.data_dir.join("quarantine.jsonl");
         let size = std::fs::metadata(&path).map_or(0, |m| m.len());
@@ -525,6 +539,15 @@ impl<S: Store> Writer<S> {
         if wm == i64::MIN {
             return;
         }
+        // Minutes that ended at or before the watermark are final: seal them (once per
+        // minute of progress), so their clicks reach the hour and day cells.
+        let seal = wm.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0];
+        if seal > self.last_seal {
+            self.last_seal = seal;
+            for tx in &self.shard_tx {
+                let _ = tx.send(ShardMsg::Seal(seal));
+            }
+        }
         let w = &self.cfg.windows;
         let before = [
             wm.saturating_sub(w.retention_minutes.saturating_mul(LEVEL_MS[0])),
@@ -551,6 +574,11 @@ impl<S: Store> Writer<S> {
                 .enumerate()
                 .map(|(i, n)| (n.clone(), u32::try_from(i + 1).unwrap_or(u32::MAX)))
                 .collect();
+        }
+        let combos = self.windows.combos().keys();
+        if meta.combos.len() < combos.len() {
+            let known = meta.combos.len();
+            meta.combos.extend_from_slice(&combos[known..]);
         }
         if meta.split.len() != self.windows.split_ads().len() {
             meta.split = self.windows.split_ads().iter().copied().collect();

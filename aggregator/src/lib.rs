@@ -11,6 +11,7 @@
 
 pub mod admit;
 pub mod config;
+pub mod decode;
 pub mod engine;
 pub mod grpc;
 pub mod health;

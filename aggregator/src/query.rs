@@ -15,7 +15,7 @@ use adclick_proto::v1::{
 use crate::config::{ApiKey, QueryConfig, Role};
 use crate::state::dims::{DimKey, country_code};
 use crate::state::hll::Hll;
-use crate::state::shard::{Cell, LEVEL_MS};
+use crate::state::shard::{CellRef, LEVEL_MS};
 use crate::view::{QueryMeta, View};
 
 /// Why a query was refused.
@@ -81,6 +81,8 @@ pub struct Filter {
     sites: Option<Vec<u32>>,
     advertisers: Option<Vec<u64>>,
     campaigns: Option<Vec<u64>>,
+    /// With a dimension filter: whether combination id `i + 1` matches.
+    combo_ok: Vec<bool>,
 }
 
 fn ids(values: &[String], meta: &QueryMeta) -> Option<Vec<u32>> {
@@ -96,7 +98,7 @@ impl Filter {
     /// Converts the wire filter.
     pub fn from_wire(f: Option<&v1::Filter>, meta: &QueryMeta) -> Self {
         let Some(f) = f else { return Filter::default() };
-        Filter {
+        let mut filter = Filter {
             countries: (!f.country.is_empty())
                 .then(|| f.country.iter().map(|c| country_code(c)).collect()),
             devices: (!f.device.is_empty()).then(|| {
@@ -109,7 +111,12 @@ impl Filter {
             sites: ids(&f.site, meta),
             advertisers: (!f.advertiser_id.is_empty()).then(|| f.advertiser_id.clone()),
             campaigns: (!f.campaign_id.is_empty()).then(|| f.campaign_id.clone()),
+            combo_ok: Vec::new(),
+        };
+        if filter.dims_filtered() {
+            filter.combo_ok = meta.combos.iter().map(|k| filter.matches_dims(k)).collect();
         }
+        filter
     }
 
     fn dims_filtered(&self) -> bool {
@@ -146,26 +153,23 @@ impl Filter {
     }
 
     /// Clicks and users of a cell that match the dimension filter.
-    fn tally(&self, cell: &Cell, users: Option<&mut Hll>) -> u64 {
+    fn tally(&self, cell: CellRef<'_>, users: Option<&mut Hll>) -> u64 {
         if !self.dims_filtered() {
-            if let Some(u) = users {
-                for c in cell.combos.values() {
-                    u.merge(&c.users);
-                }
+            if users.is_none() {
+                return u64::from(cell.cell.clicks);
             }
-            return cell.clicks;
+            return cell.tally(|_| true, users);
         }
-        let mut clicks = 0;
-        let mut users = users;
-        for (k, c) in &cell.combos {
-            if self.matches_dims(k) {
-                clicks += c.clicks;
-                if let Some(u) = users.as_deref_mut() {
-                    u.merge(&c.users);
-                }
-            }
-        }
-        clicks
+        cell.tally(
+            |id| {
+                (id as usize)
+                    .checked_sub(1)
+                    .and_then(|i| self.combo_ok.get(i))
+                    .copied()
+                    .unwrap_or(false)
+            },
+            users,
+        )
     }
 }
 
@@ -248,7 +252,7 @@ pub fn get_ad_clicks(
         let mut users = Hll::new();
         let mut clicks = 0;
         for s in &shards {
-            if let Some(cell) = s.cell(level, req.ad_id, start) {
+            for cell in s.parts(level, req.ad_id, start) {
                 clicks += filter.tally(cell, Some(&mut users));
             }
         }

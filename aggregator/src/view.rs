@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicI64;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::health::Readiness;
+use crate::state::dims::DimKey;
 use crate::state::shard::ShardState;
 
 /// Shared, read-mostly view for queries.
@@ -33,6 +34,8 @@ pub struct QueryMeta {
     pub names: HashMap<String, u32>,
     /// Ads spread over several shards (always TopAds candidates).
     pub split: Vec<u64>,
+    /// Dimension combinations (combination id = index + 1).
+    pub combos: Vec<DimKey>,
 }
 
 /// Wall clock, ms (queries' "now", the watermark-lag gauge).

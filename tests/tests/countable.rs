@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use adclick_aggregator::state::dedup::{Dedup, MemTable};
-use adclick_aggregator::state::operator::Operator;
 use adclick_aggregator::state::windows::{ClickWindows, Routed};
 use adclick_collector::config::{DedupConfig, TokenChecks};
 use adclick_collector::ingest::keys::KeySource;
@@ -256,7 +255,7 @@ fn every_click_the_collector_acks_the_aggregator_counts() {
         windows.begin_batch(1);
         for c in out.accepted {
             acked += 1;
-            match windows.process(c.clone()) {
+            match windows.process(adclick_aggregator::decode::click_from_wire(&c)) {
                 Routed::Apply(..) | Routed::Duplicate => {}
                 other => panic!("case {case}: acked click {c:?} was {other:?} at the aggregator"),
             }

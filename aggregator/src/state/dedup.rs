@@ -245,6 +245,45 @@ impl Dedup {
         Ok(hit)
     }
 
+    /// [`Dedup::seen`] then, when not seen, [`Dedup::insert`], with one lookup of the RAM
+    /// tier: the per-click path. Returns whether `id` was seen before `entry.ordinal`.
+    pub fn check_insert(&mut self, id: Id, entry: Entry) -> Result<bool, DedupError> {
+        use std::collections::hash_map::Entry as Slot;
+        match self.recent.entry(id) {
+            Slot::Occupied(mut o) => {
+                if o.get().ordinal < entry.ordinal {
+                    return Ok(true);
+                }
+                // Inserted by this click's own future (a replay after a crash): not seen.
+                o.insert(entry);
+                return Ok(false);
+            }
+            Slot::Vacant(v) => {
+                // The filter is empty until the first spill: no hashing, no cache miss.
+                let maybe_on_disk =
+                    self.bloom_items > 0 && self.bloom.contains_hash(bloom_hash(&id));
+                if !maybe_on_disk {
+                    v.insert(entry);
+                } else {
+                    self.stats.disk_reads += 1;
+                    let hit = self
+                        .disk
+                        .get(&id)?
+                        .is_some_and(|e| e.ordinal < entry.ordinal);
+                    self.stats.bloom_false_positives += u64::from(!hit);
+                    if hit {
+                        return Ok(true);
+                    }
+                    v.insert(entry);
+                }
+            }
+        }
+        if self.recent.len() >= self.max_recent {
+            self.spill()?;
+        }
+        Ok(false)
+    }
+
     /// Records `id`; spills the RAM tier to disk when it is full.
     pub fn insert(&mut self, id: Id, entry: Entry) -> Result<(), DedupError> {
         self.recent.insert(id, entry);

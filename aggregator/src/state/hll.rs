@@ -184,13 +184,26 @@ impl Hll {
     /// used, so the hash must be uniform in its top bits; a raw counter or an
     /// unmixed id is not.
     pub fn insert_hash(&mut self, h: u64) {
+        self.insert_entry(sparse_entry(h));
+    }
+
+    /// The compact per-user token of a hash: its sparse entry (`index25 << 6 | rank25`,
+    /// never 0, below `2^31`). Callers that keep one or two users inline store this instead
+    /// of a sketch and add it later with [`Hll::insert_entry`].
+    pub fn entry_of_hash(h: u64) -> u32 {
+        sparse_entry(h)
+    }
+
+    /// Adds a user given its entry ([`Hll::entry_of_hash`]); the same as
+    /// [`Hll::insert_hash`] of the hash it came from (the dense register an entry stands
+    /// for is derived exactly).
+    pub fn insert_entry(&mut self, e: u32) {
         match &mut self.repr {
             Repr::Dense(regs) => {
-                let (i, r) = dense_slot(h);
+                let (i, r) = sparse_entry_to_dense(e);
                 set_max(regs, i, r);
             }
             Repr::Sparse(entries) => {
-                let e = sparse_entry(h);
                 match entries.binary_search_by_key(&(e >> RANK_BITS), |x| x >> RANK_BITS) {
                     Ok(pos) => {
                         // Same index: same entry layout, so the larger u32 is
@@ -202,7 +215,7 @@ impl Hll {
                     Err(pos) if entries.len() < SPARSE_MAX_ENTRIES => entries.insert(pos, e),
                     Err(_) => {
                         let mut regs = sparse_to_dense(entries);
-                        let (i, r) = dense_slot(h);
+                        let (i, r) = sparse_entry_to_dense(e);
                         set_max(&mut regs, i, r);
                         self.repr = Repr::Dense(regs);
                     }
@@ -266,6 +279,14 @@ impl Hll {
         match &self.repr {
             Repr::Sparse(e) => e.is_empty(),
             Repr::Dense(regs) => regs.iter().all(|&r| r == 0),
+        }
+    }
+
+    /// The entries of a sparse sketch, sorted (None once dense).
+    pub fn sparse_entries(&self) -> Option<&[u32]> {
+        match &self.repr {
+            Repr::Sparse(e) => Some(e),
+            Repr::Dense(_) => None,
         }
     }
 
@@ -482,6 +503,7 @@ pub fn hash_user_id(user_id: &[u8]) -> u64 {
     xxh64(user_id, 0)
 }
 
+#[cfg(test)] // the reference the sparse -> dense derivation is tested against
 /// Dense register index and rank of a hash.
 fn dense_slot(h: u64) -> (usize, u8) {
     let index = (h >> Q) as usize;

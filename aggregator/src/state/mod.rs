@@ -1,12 +1,12 @@
 //! Counting state and the operators over it: dimension keys, the window operator (dedup,
 //! watermark, routing), the shards' cells and top-N index, unique-user sketches and
-//! heavy-hitter detection. No I/O and no wire types beyond the `IngestClick` input.
+//! heavy-hitter detection. No I/O and no wire types: clicks arrive as [`click::ClickIn`].
 
+pub mod click;
 pub mod dedup;
 pub mod dims;
 pub mod hll;
 pub mod hot;
-pub mod operator;
 pub mod shard;
 pub mod topn;
 pub mod windows;

@@ -1,16 +1,24 @@
 //! One shard of the counting state: per (ad, bucket) cells at three levels (minute, hour,
-//! day), each broken down by dimension combination with a unique-user sketch per
-//! combination, plus the unfiltered minute-level top-N index. A shard is owned by one
-//! worker thread (writes) and read by queries under a read lock.
+//! day), each broken down by dimension combination with unique users per combination, plus
+//! the unfiltered minute-level top-N index. A shard is owned by one worker thread (writes)
+//! and read by queries.
 //!
-//! Memory per active (ad, minute) cell: the map entry (~80 bytes incl. key and hash
-//! overhead) + one combo per distinct dimension combination (~64 bytes + its HLL, which is
-//! a few bytes per user while sparse) + the top-N index entry; `heap_bytes` estimates it.
-//! The same click also updates its hour and day cells.
+//! Layout, for memory and for the per-click path (no allocation for the common cell):
+//! - a level is one flat hash map `(ad, bucket start) -> Cell` plus, per bucket, the list
+//!   of its ads (for time-ordered scans and whole-bucket eviction, no ordered set);
+//! - a [`Cell`] is 32 bytes: its totals, its first dimension combination inline, and the
+//!   others (rare at the minute level) in one `ThinVec` (a single pointer; the length lives
+//!   in the allocation, so reaching the combinations costs one cache miss, not two);
+//! - a combination ([`Combo`], 16 bytes) holds its clicks and up to two users inline as
+//!   sparse HLL entries ([`Hll::entry_of_hash`]); its third distinct user moves them into
+//!   a real [`Hll`] kept in the level's sketch slab, so a 1-click cell costs no heap at all.
+//!
+//! The same click also updates its hour and day cells. `heap_bytes` estimates the memory.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use prost::Message;
+use thin_vec::ThinVec;
 
 use super::dims::DimKey;
 use super::hll::Hll;
@@ -19,7 +27,7 @@ use super::topn::TopIndex;
 /// Bucket widths in ms: minute, hour, day (UTC).
 pub const LEVEL_MS: [i64; 3] = [60_000, 3_600_000, 86_400_000];
 
-/// A click as a shard applies it (already deduplicated and routed).
+/// A click as a shard applies it (already deduplicated, interned and routed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
     /// Ad.
@@ -30,42 +38,278 @@ pub struct Applied {
     pub campaign: u64,
     /// Corrected event time.
     pub event_time_ms: i64,
-    /// Dimensions.
-    pub dims: DimKey,
-    /// Hash of the user id (None: no user id).
-    pub user_hash: Option<u64>,
+    /// Dimension combination id (`dims::ComboTable`).
+    pub combo: u32,
+    /// The user's sparse HLL entry ([`Hll::entry_of_hash`]); 0: no user id.
+    pub user: u32,
     /// The minute was already final: this is a correction.
     pub late: bool,
 }
 
+/// Marks `Users.0[0]` as an index into the level's sketch slab (sparse entries are below
+/// `2^31`, so the bit is free).
+const SKETCH_TAG: u32 = 1 << 31;
+
+/// Users of one combination: 0, 1 or 2 sparse entries inline, or a slab index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Users([u32; 2]);
+
+impl Users {
+    fn insert(&mut self, e: u32, slab: &mut Slab) {
+        let [a, b] = self.0;
+        if a & SKETCH_TAG != 0 {
+            slab.get_mut(a & !SKETCH_TAG).insert_entry(e);
+        } else if a == 0 || a == e {
+            self.0[0] = e;
+        } else if b == 0 || b == e {
+            self.0[1] = e;
+        } else {
+            let mut h = Hll::new();
+            h.insert_entry(a);
+            h.insert_entry(b);
+            h.insert_entry(e);
+            self.0 = [SKETCH_TAG | slab.put(h), 0];
+        }
+    }
+
+    fn merge_into(&self, into: &mut Hll, slab: &Slab) {
+        let [a, b] = self.0;
+        if a & SKETCH_TAG != 0 {
+            into.merge(slab.get(a & !SKETCH_TAG));
+        } else {
+            for e in [a, b] {
+                if e != 0 {
+                    into.insert_entry(e);
+                }
+            }
+        }
+    }
+
+    /// Adds the users of `other` (whose sketch, if any, is in `from`) to these.
+    fn merge_from(&mut self, other: Users, from: &Slab, slab: &mut Slab) {
+        let [a, b] = other.0;
+        if a & SKETCH_TAG == 0 {
+            for e in [a, b] {
+                if e != 0 {
+                    self.insert(e, slab);
+                }
+            }
+            return;
+        }
+        let theirs = from.get(a & !SKETCH_TAG);
+        if self.0[0] & SKETCH_TAG != 0 {
+            slab.get_mut(self.0[0] & !SKETCH_TAG).merge(theirs);
+        } else {
+            let mut h = self.to_hll(slab);
+            h.merge(theirs);
+            self.0 = [SKETCH_TAG | slab.put(h), 0];
+        }
+    }
+
+    fn to_hll(self, slab: &Slab) -> Hll {
+        let mut h = Hll::new();
+        self.merge_into(&mut h, slab);
+        h
+    }
+
+    fn from_hll(h: Hll, slab: &mut Slab) -> Self {
+        match h.sparse_entries() {
+            Some(e) if e.len() <= 2 => Users([
+                e.first().copied().unwrap_or(0),
+                e.get(1).copied().unwrap_or(0),
+            ]),
+            _ => Users([SKETCH_TAG | slab.put(h), 0]),
+        }
+    }
+
+    fn free(self, slab: &mut Slab) {
+        if self.0[0] & SKETCH_TAG != 0 {
+            slab.free(self.0[0] & !SKETCH_TAG);
+        }
+    }
+}
+
+/// Sketches of one level, addressed by index, slots reused after eviction.
+#[derive(Debug, Default)]
+struct Slab {
+    items: Vec<Hll>,
+    free: Vec<u32>,
+}
+
+impl Slab {
+    fn put(&mut self, h: Hll) -> u32 {
+        if let Some(i) = self.free.pop() {
+            self.items[i as usize] = h;
+            return i;
+        }
+        self.items.push(h);
+        u32::try_from(self.items.len() - 1).unwrap_or(u32::MAX)
+    }
+
+    fn get(&self, i: u32) -> &Hll {
+        &self.items[i as usize]
+    }
+
+    fn get_mut(&mut self, i: u32) -> &mut Hll {
+        &mut self.items[i as usize]
+    }
+
+    fn free(&mut self, i: u32) {
+        self.items[i as usize] = Hll::new();
+        self.free.push(i);
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.items.capacity() * size_of::<Hll>()
+            + self.free.capacity() * 4
+            + self.items.iter().map(Hll::heap_bytes).sum::<usize>()
+    }
+}
+
 /// Counts of one dimension combination in a cell.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Combo {
+    /// Combination id (`dims::ComboTable`).
+    pub id: u32,
     /// Clicks.
-    pub clicks: u64,
-    /// Distinct users.
-    pub users: Hll,
+    pub clicks: u32,
+    users: Users,
 }
 
 /// One (ad, bucket) cell.
 #[derive(Debug, Clone, Default)]
 pub struct Cell {
     /// All clicks.
-    pub clicks: u64,
+    pub clicks: u32,
     /// Bumped by every late correction of a final bucket.
     pub version: u32,
-    /// Breakdown by dimensions.
-    pub combos: super::FastMap<DimKey, Combo>,
+    first: Combo,
+    /// The other combinations, sorted by id (one pointer: empty for most minute cells).
+    more: ThinVec<Combo>,
+}
+
+impl Cell {
+    /// The combination `id` of this cell, added if new. `more` is kept sorted by id: hot
+    /// ads' hour and day cells hold hundreds of combinations.
+    fn combo_mut(&mut self, id: u32) -> &mut Combo {
+        if self.first.id == id || self.first.id == 0 {
+            self.first.id = id;
+            return &mut self.first;
+        }
+        let more = &mut self.more;
+        let pos = match more.binary_search_by_key(&id, |c| c.id) {
+            Ok(p) => p,
+            Err(p) => {
+                more.insert(
+                    p,
+                    Combo {
+                        id,
+                        ..Combo::default()
+                    },
+                );
+                p
+            }
+        };
+        &mut more[pos]
+    }
+
+    /// Every combination of the cell.
+    pub fn combos(&self) -> impl Iterator<Item = &Combo> + '_ {
+        std::iter::once(&self.first)
+            .filter(|c| c.id != 0)
+            .chain(self.more.iter())
+    }
+}
+
+/// A cell with what its users' sketches need, as queries read it.
+#[derive(Debug, Clone, Copy)]
+pub struct CellRef<'a> {
+    /// The cell.
+    pub cell: &'a Cell,
+    slab: &'a Slab,
+}
+
+impl CellRef<'_> {
+    /// Clicks of the combinations `keep` accepts, merging their users into `users`.
+    pub fn tally(&self, keep: impl Fn(u32) -> bool, mut users: Option<&mut Hll>) -> u64 {
+        let mut clicks = 0;
+        for c in self.cell.combos() {
+            if keep(c.id) {
+                clicks += u64::from(c.clicks);
+                if let Some(u) = users.as_deref_mut() {
+                    c.users.merge_into(u, self.slab);
+                }
+            }
+        }
+        clicks
+    }
+}
+
+/// One level (minute, hour or day): see the module doc.
+#[derive(Debug, Default)]
+struct Level {
+    cells: super::FastMap<(u64, i64), Cell>,
+    /// Bucket start -> the ads that have a cell in it, in creation order.
+    by_bucket: BTreeMap<i64, Vec<u64>>,
+    sketches: Slab,
+}
+
+impl Level {
+    /// The cell of (ad, start), created if new, with the level's sketch slab.
+    fn cell_mut(&mut self, ad: u64, start: i64) -> (&mut Cell, &mut Slab) {
+        use std::collections::hash_map::Entry;
+        let cell = match self.cells.entry((ad, start)) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
+                self.by_bucket.entry(start).or_default().push(ad);
+                v.insert(Cell::default())
+            }
+        };
+        (cell, &mut self.sketches)
+    }
+
+    fn free_cell(&mut self, cell: Cell) {
+        for c in cell.combos() {
+            c.users.free(&mut self.sketches);
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        let slot = size_of::<((u64, i64), Cell)>() + 1;
+        let mut total = self.cells.capacity() * slot + self.sketches.heap_bytes();
+        total += self.by_bucket.len() * 64
+            + self.by_bucket.values().map(|v| v.capacity() * 8).sum::<usize>();
+        total += self
+            .cells
+            .values()
+            .filter(|c| c.more.capacity() > 0)
+            .map(|c| 16 + c.more.capacity() * size_of::<Combo>())
+            .sum::<usize>();
+        total
+    }
 }
 
 /// See the module doc.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ShardState {
-    levels: [super::FastMap<(u64, i64), Cell>; 3],
-    /// (bucket start, ad) per level, for time-ordered scans and eviction.
-    order: [BTreeSet<(i64, u64)>; 3],
+    levels: [Level; 3],
     top: TopIndex,
     ads: super::FastMap<u64, (u64, u64)>,
+    /// Minutes starting before this are rolled up into their hour and day cells ("sealed");
+    /// a click for a sealed minute updates all three levels, any other click only its
+    /// minute cell until [`ShardState::seal`] rolls it up.
+    sealed_before: i64,
+}
+
+impl Default for ShardState {
+    fn default() -> Self {
+        ShardState {
+            levels: Default::default(),
+            top: TopIndex::default(),
+            ads: Default::default(),
+            sealed_before: i64::MIN,
+        }
+    }
 }
 
 fn bucket(t: i64, level: usize) -> i64 {
@@ -73,46 +317,114 @@ fn bucket(t: i64, level: usize) -> i64 {
 }
 
 impl ShardState {
-    /// Applies one click to its minute, hour and day cells.
+    /// Applies one click to its minute cell, and to its hour and day cells when its minute
+    /// is sealed (otherwise the seal rolls it up).
     pub fn apply(&mut self, a: &Applied) {
-        self.ads.insert(a.ad, (a.advertiser, a.campaign));
-        for level in 0..3 {
+        self.ads
+            .entry(a.ad)
+            .or_insert((a.advertiser, a.campaign));
+        let levels = if bucket(a.event_time_ms, 0) < self.sealed_before {
+            3
+        } else {
+            1
+        };
+        for level in 0..levels {
             let start = bucket(a.event_time_ms, level);
-            let cell = self.levels[level].entry((a.ad, start)).or_insert_with(|| {
-                self.order[level].insert((start, a.ad));
-                Cell::default()
-            });
-            cell.clicks += 1;
+            let (cell, sketches) = self.levels[level].cell_mut(a.ad, start);
+            cell.clicks = cell.clicks.saturating_add(1);
             if a.late {
                 cell.version = cell.version.saturating_add(1);
             }
-            let combo = cell.combos.entry(a.dims).or_default();
-            combo.clicks += 1;
-            if let Some(h) = a.user_hash {
-                combo.users.insert_hash(h);
+            let combo = cell.combo_mut(a.combo);
+            combo.clicks = combo.clicks.saturating_add(1);
+            if a.user != 0 {
+                combo.users.insert(a.user, sketches);
             }
         }
         self.top
             .add(a.ad, a.event_time_ms.div_euclid(LEVEL_MS[0]), 1);
     }
 
-    /// Drops buckets of `level` that start before `before_ms`.
-    pub fn evict(&mut self, level: usize, before_ms: i64) {
-        while let Some(&(start, ad)) = self.order[level].iter().next() {
-            if start >= before_ms {
-                break;
+    /// Rolls every minute starting before `before_ms` (a minute boundary the watermark has
+    /// passed) up into its hour and day cells: per cell, not per click, so the per-click
+    /// path touches one cell. Idempotent; never moves backwards.
+    pub fn seal(&mut self, before_ms: i64) {
+        let before_ms = bucket(before_ms, 0);
+        if before_ms <= self.sealed_before {
+            return;
+        }
+        let (minutes, upper) = self.levels.split_at_mut(1);
+        let m = &minutes[0];
+        for (&start, ads) in m.by_bucket.range(self.sealed_before..before_ms) {
+            for ad in ads {
+                let Some(cell) = m.cells.get(&(*ad, start)) else {
+                    continue;
+                };
+                for (i, l) in upper.iter_mut().enumerate() {
+                    let (up, slab) = l.cell_mut(*ad, bucket(start, i + 1));
+                    up.clicks = up.clicks.saturating_add(cell.clicks);
+                    up.version = up.version.saturating_add(cell.version);
+                    for c in cell.combos() {
+                        let uc = up.combo_mut(c.id);
+                        uc.clicks = uc.clicks.saturating_add(c.clicks);
+                        uc.users.merge_from(c.users, &m.sketches, slab);
+                    }
+                }
             }
-            self.order[level].remove(&(start, ad));
-            self.levels[level].remove(&(ad, start));
+        }
+        self.sealed_before = before_ms;
+    }
+
+    /// Minutes before this are rolled up (see [`ShardState::seal`]).
+    pub fn sealed_before(&self) -> i64 {
+        self.sealed_before
+    }
+
+    /// Drops buckets of `level` that start before `before_ms`. Minutes are sealed first, so
+    /// an evicted minute is always in its hour and day.
+    pub fn evict(&mut self, level: usize, before_ms: i64) {
+        if level == 0 {
+            self.seal(before_ms);
+        }
+        let l = &mut self.levels[level];
+        let keep = l.by_bucket.split_off(&before_ms);
+        let old = std::mem::replace(&mut l.by_bucket, keep);
+        for (start, ads) in old {
+            for ad in ads {
+                if let Some(cell) = l.cells.remove(&(ad, start)) {
+                    l.free_cell(cell);
+                }
+            }
         }
         if level == 0 {
             self.top.evict_before(before_ms.div_euclid(LEVEL_MS[0]));
         }
     }
 
-    /// The cell of `ad` at `level` starting at `start`.
-    pub fn cell(&self, level: usize, ad: u64, start: i64) -> Option<&Cell> {
-        self.levels[level].get(&(ad, start))
+    /// What `ad` counted in the bucket of `level` starting at `start`: the bucket's cell
+    /// and, above the minute level, the cells of its minutes not yet sealed into it. Sum
+    /// them (each click is in exactly one).
+    pub fn parts(&self, level: usize, ad: u64, start: i64) -> impl Iterator<Item = CellRef<'_>> {
+        let own = self.cell(level, ad, start);
+        let unsealed = (level > 0).then(|| {
+            let from = start.max(self.sealed_before);
+            let to = start.saturating_add(LEVEL_MS[level]);
+            let m = &self.levels[0];
+            m.by_bucket
+                .range(from..to.max(from))
+                .filter_map(move |(s, _)| self.cell(0, ad, *s))
+        });
+        own.into_iter().chain(unsealed.into_iter().flatten())
+    }
+
+    /// The cell of `ad` at `level` starting at `start` (above the minute level: only what
+    /// is sealed; see [`ShardState::parts`]).
+    pub fn cell(&self, level: usize, ad: u64, start: i64) -> Option<CellRef<'_>> {
+        let l = &self.levels[level];
+        l.cells.get(&(ad, start)).map(|cell| CellRef {
+            cell,
+            slab: &l.sketches,
+        })
     }
 
     /// Every cell of `level` whose bucket starts in [from, to), in time order.
@@ -121,10 +433,23 @@ impl ShardState {
         level: usize,
         from: i64,
         to: i64,
-    ) -> impl Iterator<Item = (i64, u64, &Cell)> + '_ {
-        self.order[level]
-            .range((from, 0)..(to, 0))
-            .filter_map(move |(s, ad)| self.levels[level].get(&(*ad, *s)).map(|c| (*s, *ad, c)))
+    ) -> impl Iterator<Item = (i64, u64, CellRef<'_>)> + '_ {
+        let l = &self.levels[level];
+        let range = if from < to { from..to } else { from..from };
+        l.by_bucket.range(range).flat_map(move |(s, ads)| {
+            ads.iter().filter_map(move |ad| {
+                l.cells.get(&(*ad, *s)).map(|cell| {
+                    (
+                        *s,
+                        *ad,
+                        CellRef {
+                            cell,
+                            slab: &l.sketches,
+                        },
+                    )
+                })
+            })
+        })
     }
 
     /// Exact unfiltered top `n` over minutes [from, to) (minute indices).
@@ -144,48 +469,37 @@ impl ShardState {
 
     /// Active minute cells.
     pub fn minute_cells(&self) -> usize {
-        self.levels[0].len()
+        self.levels[0].cells.len()
     }
 
     /// Approximate heap bytes of everything in this shard.
     pub fn heap_bytes(&self) -> usize {
-        let mut total = self.top.heap_bytes() + self.ads.len() * 40;
-        for level in 0..3 {
-            total +=
-                self.levels[level].len() * (16 + 8 + 4 + 48 + 16) + self.order[level].len() * 32;
-            for cell in self.levels[level].values() {
-                total += cell.combos.len() * (12 + 8 + 24 + 16);
-                total += cell
-                    .combos
-                    .values()
-                    .map(|c| c.users.heap_bytes())
-                    .sum::<usize>();
-            }
-        }
-        total
+        self.top.heap_bytes()
+            + self.ads.capacity() * (8 + 16 + 1)
+            + self.levels.iter().map(Level::heap_bytes).sum::<usize>()
     }
 
     /// Serialises the shard (checkpoint table).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut pb = ShardPb::default();
-        for (level, map) in self.levels.iter().enumerate() {
-            for ((ad, start), cell) in map {
+        let mut pb = ShardPb {
+            sealed_before: self.sealed_before,
+            ..ShardPb::default()
+        };
+        for (level, l) in self.levels.iter().enumerate() {
+            for ((ad, start), cell) in &l.cells {
                 pb.cells.push(CellPb {
                     level: level as u32,
                     ad: *ad,
                     start: *start,
-                    clicks: cell.clicks,
+                    clicks: u64::from(cell.clicks),
                     version: cell.version,
                     combos: cell
-                        .combos
-                        .iter()
-                        .map(|(k, c)| ComboPb {
-                            country: u32::from(u16::from_le_bytes(k.country)),
-                            device: u32::from(k.device),
-                            os: k.os,
-                            site: k.site,
-                            clicks: c.clicks,
-                            users: c.users.to_bytes(),
+                        .combos()
+                        .map(|c| ComboPb {
+                            combo: c.id,
+                            clicks: u64::from(c.clicks),
+                            users: c.users.to_hll(&l.sketches).to_bytes(),
+                            ..Default::default()
                         })
                         .collect(),
                 });
@@ -203,42 +517,61 @@ impl ShardState {
         pb.encode_to_vec()
     }
 
-    /// Restores a shard from `to_bytes` output.
-    pub fn from_bytes(b: &[u8]) -> Result<Self, String> {
+    /// Restores a shard from `to_bytes` output. `intern` gives the combination id of the
+    /// dimensions a checkpoint from before combination ids carries.
+    pub fn from_bytes(b: &[u8], intern: &mut dyn FnMut(DimKey) -> u32) -> Result<Self, String> {
         let pb = ShardPb::decode(b).map_err(|e| format!("shard checkpoint: {e}"))?;
         let mut s = ShardState::default();
+        // A checkpoint from before seal-time rollups (field absent: 0) holds every minute
+        // in its hour and day already: all of it is sealed.
+        let legacy = pb.sealed_before == 0;
+        s.sealed_before = pb.sealed_before;
         for c in pb.cells {
             let level = c.level as usize;
             if level > 2 {
                 return Err(format!("shard checkpoint: bad level {level}"));
             }
+            let l = &mut s.levels[level];
             let mut cell = Cell {
-                clicks: c.clicks,
+                clicks: u32::try_from(c.clicks).unwrap_or(u32::MAX),
                 version: c.version,
-                combos: Default::default(),
+                ..Cell::default()
             };
             for k in c.combos {
-                let key = DimKey {
-                    country: u16::try_from(k.country).unwrap_or(0).to_le_bytes(),
-                    device: u8::try_from(k.device).unwrap_or(0),
-                    os: k.os,
-                    site: k.site,
+                let id = if k.combo != 0 {
+                    k.combo
+                } else {
+                    intern(DimKey {
+                        country: u16::try_from(k.country).unwrap_or(0).to_le_bytes(),
+                        device: u8::try_from(k.device).unwrap_or(0),
+                        os: k.os,
+                        site: k.site,
+                    })
                 };
                 let users =
                     Hll::from_bytes(&k.users).map_err(|e| format!("shard checkpoint: {e}"))?;
-                cell.combos.insert(
-                    key,
-                    Combo {
-                        clicks: k.clicks,
-                        users,
-                    },
-                );
+                let combo = cell.combo_mut(id);
+                combo.clicks = combo
+                    .clicks
+                    .saturating_add(u32::try_from(k.clicks).unwrap_or(u32::MAX));
+                let mut merged = combo.users.to_hll(&l.sketches);
+                combo.users.free(&mut l.sketches);
+                merged.merge(&users);
+                combo.users = Users::from_hll(merged, &mut l.sketches);
             }
             if level == 0 {
                 s.top.add(c.ad, c.start.div_euclid(LEVEL_MS[0]), c.clicks);
             }
-            s.order[level].insert((c.start, c.ad));
-            s.levels[level].insert((c.ad, c.start), cell);
+            if l.cells.insert((c.ad, c.start), cell).is_none() {
+                l.by_bucket.entry(c.start).or_default().push(c.ad);
+            }
+        }
+        if legacy {
+            s.sealed_before = s.levels[0]
+                .by_bucket
+                .keys()
+                .next_back()
+                .map_or(i64::MIN, |m| m + LEVEL_MS[0]);
         }
         s.ads = pb
             .ads
@@ -255,6 +588,9 @@ struct ShardPb {
     cells: Vec<CellPb>,
     #[prost(message, repeated, tag = "2")]
     ads: Vec<AdPb>,
+    /// `ShardState::sealed_before` (0: a checkpoint from before it existed).
+    #[prost(sint64, tag = "3")]
+    sealed_before: i64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -287,6 +623,9 @@ struct ComboPb {
     clicks: u64,
     #[prost(bytes = "vec", tag = "6")]
     users: Vec<u8>,
+    /// Combination id (0 in checkpoints from before ids: then the dimensions above).
+    #[prost(uint32, tag = "7")]
+    combo: u32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -304,19 +643,25 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn splitmix(mut x: u64) -> u64 {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^ (x >> 31)
+    }
+
+    fn total(s: &ShardState, level: usize, ad: u64, start: i64) -> u64 {
+        s.parts(level, ad, start).map(|c| u64::from(c.cell.clicks)).sum()
+    }
+
     fn click(ad: u64, t: i64) -> Applied {
         Applied {
             ad,
             advertiser: 1,
             campaign: 2,
             event_time_ms: t,
-            dims: DimKey {
-                country: *b"US",
-                device: 2,
-                os: 1,
-                site: 1,
-            },
-            user_hash: Some(ad.wrapping_mul(31).wrapping_add(t as u64)),
+            combo: 1,
+            user: Hll::entry_of_hash(splitmix(ad.wrapping_mul(31).wrapping_add(t as u64))),
             late: false,
         }
     }
@@ -330,21 +675,81 @@ mod tests {
         }
         s.evict(0, t0 + 5 * 60_000);
         assert!(s.cell(0, 1, t0 + 4 * 60_000).is_none());
-        assert_eq!(s.cell(0, 1, t0 + 5 * 60_000).map(|c| c.clicks), Some(1));
+        assert_eq!(s.cell(0, 1, t0 + 5 * 60_000).map(|c| c.cell.clicks), Some(1));
         assert_eq!(
             s.count(1, t0 / 60_000, t0 / 60_000 + 10),
             5,
             "top-N index evicted too"
         );
-        // The hour and day rollups keep everything until their own retention.
-        assert_eq!(s.cell(1, 1, t0).map(|c| c.clicks), Some(10));
-        assert_eq!(s.cell(2, 1, t0).map(|c| c.clicks), Some(10));
-        let back = ShardState::from_bytes(&s.to_bytes()).unwrap();
-        assert_eq!(back.cell(1, 1, t0).map(|c| c.clicks), Some(10));
+        // The hour and day rollups keep everything until their own retention: the evicted
+        // minutes were sealed into them, the others are still read from the minutes.
+        assert_eq!(s.cell(1, 1, t0).map(|c| c.cell.clicks), Some(5));
+        assert_eq!(total(&s, 1, 1, t0), 10);
+        assert_eq!(total(&s, 2, 1, t0), 10);
+        let back = ShardState::from_bytes(&s.to_bytes(), &mut |_| 0).unwrap();
+        assert_eq!(total(&back, 1, 1, t0), 10);
         assert_eq!(back.count(1, t0 / 60_000, t0 / 60_000 + 10), 5);
     }
 
     proptest! {
+        /// Per-combination clicks and distinct users of every cell match a brute-force model,
+        /// through the inline -> sketch transition, a checkpoint round trip and eviction.
+        #[test]
+        fn cells_match_a_model(
+            clicks in proptest::collection::vec((0u64..4, 0i64..180, 1u32..5, 0u64..6), 1..300),
+            seal_minute in 0i64..180,
+            seal_after in 0usize..300,
+            evict_minute in 0i64..180,
+        ) {
+            use std::collections::{HashMap, HashSet};
+            let t0 = 1_767_225_600_000i64;
+            let mut s = ShardState::default();
+            let mut model: HashMap<(usize, u64, i64, u32), (u32, HashSet<u64>)> = HashMap::new();
+            for (i, &(ad, minute, combo, user)) in clicks.iter().enumerate() {
+                if i == seal_after {
+                    s.seal(t0 + seal_minute * 60_000);
+                }
+                let t = t0 + minute * 60_000 + 7;
+                let h = splitmix(user);
+                s.apply(&Applied {
+                    ad, advertiser: 1, campaign: 1, event_time_ms: t, combo,
+                    user: if user == 0 { 0 } else { Hll::entry_of_hash(h) },
+                    late: false,
+                });
+                for level in 0..3 {
+                    let m = model.entry((level, ad, bucket(t, level), combo)).or_default();
+                    m.0 += 1;
+                    if user != 0 {
+                        m.1.insert(user);
+                    }
+                }
+            }
+            let check = |s: &ShardState, model: &HashMap<(usize, u64, i64, u32), (u32, HashSet<u64>)>| -> Result<(), TestCaseError> {
+                for (&(level, ad, start, combo), (n, users)) in model {
+                    let mut u = Hll::new();
+                    let mut got = 0;
+                    for cell in s.parts(level, ad, start) {
+                        got += cell.tally(|id| id == combo, Some(&mut u));
+                    }
+                    prop_assert_eq!(got, u64::from(*n));
+                    prop_assert_eq!(u.estimate(), users.len() as u64);
+                }
+                let expected: HashSet<_> = model.keys().filter(|k| k.0 == 0).map(|k| (k.1, k.2)).collect();
+                prop_assert_eq!(s.levels[0].cells.len(), expected.len());
+                Ok(())
+            };
+            check(&s, &model)?;
+            let back = ShardState::from_bytes(&s.to_bytes(), &mut |_| 0).unwrap();
+            check(&back, &model)?;
+            let mut s = back;
+            let cut = t0 + evict_minute * 60_000;
+            s.evict(0, cut);
+            model.retain(|k, _| k.0 != 0 || k.2 >= cut);
+            check(&s, &model)?;
+            let in_range = s.cells_in(0, t0, t0 + 180 * 60_000).count();
+            prop_assert_eq!(in_range, model.keys().filter(|k| k.0 == 0).map(|k| (k.1, k.2)).collect::<HashSet<_>>().len());
+        }
+
         /// Window assignment: every click lands in the bucket that contains its event time,
         /// at every level, including before the epoch.
         #[test]
@@ -354,7 +759,7 @@ mod tests {
             for (level, w) in LEVEL_MS.iter().enumerate() {
                 let start = t.div_euclid(*w) * w;
                 prop_assert!(start <= t && t < start + w);
-                prop_assert_eq!(s.cell(level, 7, start).map(|c| c.clicks), Some(1));
+                prop_assert_eq!(total(&s, level, 7, start), 1);
             }
         }
     }

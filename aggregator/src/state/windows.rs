@@ -14,14 +14,13 @@
 use std::collections::BTreeSet;
 
 use adclick_proto::countable;
-use adclick_proto::v1::IngestClick;
 use prost::Message;
 
 use super::dedup::{Dedup, DedupError, Entry, MemTable, Ordinal};
-use super::dims::{DimKey, Interner, country_code};
-use super::hll::hash_user_id;
+use super::click::ClickIn;
+use super::dims::{ComboTable, DimKey, Interner, country_code};
+use super::hll::{Hll, hash_user_id};
 use super::hot::HotDetector;
-use super::operator::{Operator, StateDecl};
 use super::shard::{Applied, LEVEL_MS};
 use crate::config::{ShardConfig, WindowConfig};
 
@@ -79,6 +78,7 @@ pub struct ClickWindows {
     error: Option<DedupError>,
     max_event_ms: i64,
     interner: Interner,
+    combos: ComboTable,
     hot: HotDetector,
     /// Ads whose clicks were ever spread over several shards (always TopAds candidates).
     split: BTreeSet<u64>,
@@ -87,11 +87,6 @@ pub struct ClickWindows {
     /// Totals.
     pub counters: WindowCounters,
 }
-
-const DECLS: &[StateDecl] = &[StateDecl {
-    table: "windows",
-    what: "watermark, interned strings, hot and split ads (dedup ids live in the dedup tiers)",
-}];
 
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -120,6 +115,7 @@ impl ClickWindows {
             error: None,
             max_event_ms: i64::MIN,
             interner: Interner::default(),
+            combos: ComboTable::default(),
             hot: HotDetector::new(shards.hot_window_clicks, shards.hot_fraction),
             split: BTreeSet::new(),
             owners: Default::default(),
@@ -145,6 +141,16 @@ impl ClickWindows {
     /// Interned strings (for query-side lookups).
     pub fn interner(&self) -> &Interner {
         &self.interner
+    }
+
+    /// The id of a dimension combination (restoring shards checkpointed before ids).
+    pub fn intern_combo(&mut self, k: DimKey) -> u32 {
+        self.combos.intern(k)
+    }
+
+    /// Dimension combinations (query-side lookups of combination ids).
+    pub fn combos(&self) -> &ComboTable {
+        &self.combos
     }
 
     /// Impression ids held in the dedup RAM tier.
@@ -186,18 +192,14 @@ impl ClickWindows {
     }
 }
 
-impl Operator for ClickWindows {
-    type Input = IngestClick;
-    type Output = Routed;
+impl ClickWindows {
 
-    fn declared_state(&self) -> &'static [StateDecl] {
-        DECLS
-    }
-
-    fn process(&mut self, c: IngestClick) -> Routed {
+    /// Classifies one click and, when it counts, routes it. Deterministic: a WAL replay
+    /// feeds the same clicks in the same order and reaches the same state.
+    pub fn process(&mut self, c: ClickIn<'_>) -> Routed {
         let ordinal = self.next;
         self.next.idx = self.next.idx.saturating_add(1);
-        let Ok(id) = <[u8; 16]>::try_from(c.impression_id.as_slice()) else {
+        let Ok(id) = <[u8; 16]>::try_from(c.impression_id) else {
             self.counters.malformed += 1;
             return Routed::Malformed;
         };
@@ -213,17 +215,8 @@ impl Operator for ClickWindows {
             self.counters.too_old += 1;
             return Routed::TooOld;
         }
-        match self.dedup.seen(&id, ordinal) {
-            Ok(false) => {}
-            Ok(true) => {
-                self.counters.duplicate += 1;
-                return Routed::Duplicate;
-            }
-            Err(e) => {
-                self.error.get_or_insert(e);
-                return Routed::Unavailable;
-            }
-        }
+        // Owner before dedup: one lookup each, and an id is only recorded for a click that
+        // can count (a repeat of a mismatching click mismatches again).
         let owner = *self
             .owners
             .entry(c.ad_id)
@@ -241,9 +234,16 @@ impl Operator for ClickWindows {
             keep_until: keep,
             ordinal,
         };
-        if let Err(e) = self.dedup.insert(id, entry) {
-            self.error.get_or_insert(e);
-            return Routed::Unavailable;
+        match self.dedup.check_insert(id, entry) {
+            Ok(false) => {}
+            Ok(true) => {
+                self.counters.duplicate += 1;
+                return Routed::Duplicate;
+            }
+            Err(e) => {
+                self.error.get_or_insert(e);
+                return Routed::Unavailable;
+            }
         }
         let minute_end = c.event_time_ms.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0] + LEVEL_MS[0];
         let late = minute_end <= watermark;
@@ -251,13 +251,12 @@ impl Operator for ClickWindows {
             self.max_event_ms = c.event_time_ms;
         }
         self.hot.observe(c.ad_id);
-        let site = if c.site.is_empty() { &c.app } else { &c.site };
-        let dims = DimKey {
-            country: country_code(&c.country),
+        let combo = self.combos.intern(DimKey {
+            country: country_code(c.country),
             device: u8::try_from(c.device).unwrap_or(0),
-            os: self.interner.intern(&c.os),
-            site: self.interner.intern(site),
-        };
+            os: self.interner.intern(c.os),
+            site: self.interner.intern(c.site),
+        });
         let id_hash = splitmix(u64::from_le_bytes([
             id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7],
         ]));
@@ -281,18 +280,19 @@ impl Operator for ClickWindows {
                 advertiser: c.advertiser_id,
                 campaign: c.campaign_id,
                 event_time_ms: c.event_time_ms,
-                dims,
-                user_hash: (!c.user_id.is_empty()).then(|| hash_user_id(c.user_id.as_bytes())),
+                combo,
+                user: if c.user_id.is_empty() {
+                    0
+                } else {
+                    Hll::entry_of_hash(hash_user_id(c.user_id))
+                },
                 late,
             },
         )
     }
 
-    fn on_watermark(&mut self, _watermark_ms: i64) {
-        // Dedup ids expire at checkpoints (`flush_dedup`), where deletion is crash-safe.
-    }
-
-    fn checkpoint(&self) -> Vec<(&'static str, Vec<u8>)> {
+    /// The operator's checkpoint table (`windows`).
+    pub fn checkpoint(&self) -> Vec<(&'static str, Vec<u8>)> {
         let pb = WindowsPb {
             max_event_ms: self.max_event_ms,
             // Dedup ids are in the dedup disk tier (flushed before every checkpoint).
@@ -312,11 +312,13 @@ impl Operator for ClickWindows {
                 .flat_map(|(ad, (adv, camp))| [*ad, *adv, *camp])
                 .collect(),
             owner_mismatch: self.counters.owner_mismatch,
+            combos: self.combos.pack(),
         };
         vec![("windows", pb.encode_to_vec())]
     }
 
-    fn restore(&mut self, tables: &[(String, Vec<u8>)]) -> Result<(), String> {
+    /// Restores from the tables written by `checkpoint` (missing: empty state).
+    pub fn restore(&mut self, tables: &[(String, Vec<u8>)]) -> Result<(), String> {
         let Some((_, blob)) = tables.iter().find(|(t, _)| t == "windows") else {
             return Ok(());
         };
@@ -340,6 +342,8 @@ impl Operator for ClickWindows {
                 .map_err(|e| format!("windows checkpoint: {e}"))?;
         }
         self.interner = Interner::from_names(pb.names);
+        self.combos = ComboTable::unpack(&pb.combos)
+            .map_err(|e| format!("windows checkpoint: {e}"))?;
         self.hot.restore(pb.hot);
         self.split = pb.split.into_iter().collect();
         self.counters = WindowCounters {
@@ -390,4 +394,7 @@ struct WindowsPb {
     owners: Vec<u64>,
     #[prost(uint64, tag = "13")]
     owner_mismatch: u64,
+    /// Dimension combinations in id order, three u32 each (`ComboTable::pack`).
+    #[prost(uint32, repeated, tag = "14")]
+    combos: Vec<u32>,
 }
