@@ -154,6 +154,7 @@ pub fn start<S: Store + 'static>(
         shards,
         watermark_ms: AtomicI64::new(windows.watermark_ms()),
         meta: RwLock::new(QueryMeta::default()),
+        owners: RwLock::new(windows.owners().clone()),
         killed: std::sync::atomic::AtomicBool::new(false),
         ready: Readiness::default(),
     });
@@ -563,7 +564,7 @@ impl<S: Store> Writer<S> {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let wm = self.windows.watermark_ms();
         self.view.watermark_ms.store(wm, Ordering::Release);
         let mut meta = self.view.meta.write().unwrap_or_else(|e| e.into_inner());
@@ -574,6 +575,14 @@ impl<S: Store> Writer<S> {
                 .enumerate()
                 .map(|(i, n)| (n.clone(), u32::try_from(i + 1).unwrap_or(u32::MAX)))
                 .collect();
+        }
+        let owners = self.windows.take_new_owners();
+        if !owners.is_empty() {
+            self.view
+                .owners
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(owners);
         }
         let combos = self.windows.combos().keys();
         if meta.combos.len() < combos.len() {

@@ -207,9 +207,11 @@ fn check_range(from: i64, to: i64, cfg: &QueryConfig) -> Result<(), QueryError> 
 }
 
 fn ad_meta(view: &View, ad: u64) -> Option<(u64, u64)> {
-    view.shards
-        .iter()
-        .find_map(|s| s.read().ok().and_then(|s| s.ad_meta(ad)))
+    view.owners
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&ad)
+        .copied()
 }
 
 /// `GetAdClicks`.
@@ -335,11 +337,12 @@ pub fn top_ads(
     } else {
         let mut sums: HashMap<u64, u64> = HashMap::new();
         let mut allowed: HashMap<u64, bool> = HashMap::new();
+        let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
         for s in &shards {
             for (_, ad, cell) in s.cells_in(0, fm * LEVEL_MS[0], tm * LEVEL_MS[0]) {
                 let ok = *allowed
                     .entry(ad)
-                    .or_insert_with(|| filter.matches_ad(s.ad_meta(ad), caller));
+                    .or_insert_with(|| filter.matches_ad(owners.get(&ad).copied(), caller));
                 if ok {
                     let c = filter.tally(cell, None);
                     if c > 0 {

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicI64;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::health::Readiness;
+use crate::state::FastMap;
 use crate::state::dims::DimKey;
 use crate::state::shard::ShardState;
 
@@ -21,6 +22,8 @@ pub struct View {
     pub watermark_ms: AtomicI64,
     /// Interned strings, hot and split ads: what queries need from the window operator.
     pub meta: RwLock<QueryMeta>,
+    /// ad -> (advertiser, campaign), as the window operator pinned them (grows only).
+    pub owners: RwLock<FastMap<u64, (u64, u64)>>,
     /// Set by a simulated crash: the writer exits without its final checkpoint.
     pub killed: std::sync::atomic::AtomicBool,
     /// Whether this node can accept writes (raised by the writer on a failed WAL commit).

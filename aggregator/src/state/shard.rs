@@ -294,7 +294,6 @@ impl Level {
 pub struct ShardState {
     levels: [Level; 3],
     top: TopIndex,
-    ads: super::FastMap<u64, (u64, u64)>,
     /// Minutes starting before this are rolled up into their hour and day cells ("sealed");
     /// a click for a sealed minute updates all three levels, any other click only its
     /// minute cell until [`ShardState::seal`] rolls it up.
@@ -306,7 +305,6 @@ impl Default for ShardState {
         ShardState {
             levels: Default::default(),
             top: TopIndex::default(),
-            ads: Default::default(),
             sealed_before: i64::MIN,
         }
     }
@@ -320,9 +318,6 @@ impl ShardState {
     /// Applies one click to its minute cell, and to its hour and day cells when its minute
     /// is sealed (otherwise the seal rolls it up).
     pub fn apply(&mut self, a: &Applied) {
-        self.ads
-            .entry(a.ad)
-            .or_insert((a.advertiser, a.campaign));
         let levels = if bucket(a.event_time_ms, 0) < self.sealed_before {
             3
         } else {
@@ -373,6 +368,7 @@ impl ShardState {
             }
         }
         self.sealed_before = before_ms;
+        self.top.seal(before_ms.div_euclid(LEVEL_MS[0]));
     }
 
     /// Minutes before this are rolled up (see [`ShardState::seal`]).
@@ -462,11 +458,6 @@ impl ShardState {
         self.top.count(ad, from_minute, to_minute)
     }
 
-    /// (advertiser, campaign) of an ad this shard has seen.
-    pub fn ad_meta(&self, ad: u64) -> Option<(u64, u64)> {
-        self.ads.get(&ad).copied()
-    }
-
     /// Active minute cells.
     pub fn minute_cells(&self) -> usize {
         self.levels[0].cells.len()
@@ -475,7 +466,6 @@ impl ShardState {
     /// Approximate heap bytes of everything in this shard.
     pub fn heap_bytes(&self) -> usize {
         self.top.heap_bytes()
-            + self.ads.capacity() * (8 + 16 + 1)
             + self.levels.iter().map(Level::heap_bytes).sum::<usize>()
     }
 
@@ -505,15 +495,6 @@ impl ShardState {
                 });
             }
         }
-        pb.ads = self
-            .ads
-            .iter()
-            .map(|(ad, (adv, camp))| AdPb {
-                ad: *ad,
-                advertiser: *adv,
-                campaign: *camp,
-            })
-            .collect();
         pb.encode_to_vec()
     }
 
@@ -573,11 +554,10 @@ impl ShardState {
                 .next_back()
                 .map_or(i64::MIN, |m| m + LEVEL_MS[0]);
         }
-        s.ads = pb
-            .ads
-            .into_iter()
-            .map(|a| (a.ad, (a.advertiser, a.campaign)))
-            .collect();
+        // The top-N index was rebuilt from the minutes alone: give it back its hours.
+        if s.sealed_before > i64::MIN {
+            s.top.seal(s.sealed_before.div_euclid(LEVEL_MS[0]));
+        }
         Ok(s)
     }
 }
@@ -586,6 +566,8 @@ impl ShardState {
 struct ShardPb {
     #[prost(message, repeated, tag = "1")]
     cells: Vec<CellPb>,
+    /// Ad owners, written by versions before the window operator's owner table was the
+    /// only one; read and ignored (`windows` holds the same).
     #[prost(message, repeated, tag = "2")]
     ads: Vec<AdPb>,
     /// `ShardState::sealed_before` (0: a checkpoint from before it existed).

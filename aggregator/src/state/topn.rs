@@ -388,6 +388,10 @@ pub struct TopIndex {
     hour_level: bool,
     /// Minutes below this were evicted; adds to them are ignored.
     evicted_before: i64,
+    /// Minutes below this are sealed: their counts are in their hour aggregates too. An add
+    /// to an unsealed minute touches only its minute list (the per-click path); the hour
+    /// gets the minute's counts, per ad not per click, when [`TopIndex::seal`] passes it.
+    sealed_before: i64,
     seed: Seeded,
 }
 
@@ -428,6 +432,7 @@ impl TopIndex {
             hours: BTreeMap::new(),
             hour_level,
             evicted_before: i64::MIN,
+            sealed_before: i64::MIN,
             seed: Seeded::random(),
         }
     }
@@ -443,12 +448,33 @@ impl TopIndex {
             .entry(minute)
             .or_insert_with(|| Node::new(seed))
             .add(ad, by);
-        if self.hour_level {
+        if self.hour_level && minute < self.sealed_before {
             self.hours
                 .entry(minute.div_euclid(HOUR))
                 .or_insert_with(|| Node::new(seed))
                 .add(ad, by);
         }
+    }
+
+    /// Seals every minute below `before`: adds its counts to its hour aggregate (once; a
+    /// later add to a sealed minute updates both). Never moves backwards.
+    pub fn seal(&mut self, before: i64) {
+        if before <= self.sealed_before {
+            return;
+        }
+        if self.hour_level {
+            let seed = self.seed;
+            for (&m, node) in self.minutes.range(self.sealed_before..before) {
+                let hour = self
+                    .hours
+                    .entry(m.div_euclid(HOUR))
+                    .or_insert_with(|| Node::new(seed));
+                for (ad, c) in node.iter() {
+                    hour.add(ad, c);
+                }
+            }
+        }
+        self.sealed_before = before;
     }
 
     /// Exact top `n` over minutes `[from, to)`: `(ad, clicks)`, most clicks
@@ -480,6 +506,8 @@ impl TopIndex {
         if before <= self.evicted_before {
             return;
         }
+        // Evicted minutes are always sealed, so the hour they leave holds them.
+        self.seal(before);
         self.evicted_before = before;
         let kept = self.minutes.split_off(&before);
         let evicted = std::mem::replace(&mut self.minutes, kept);
@@ -542,7 +570,8 @@ impl TopIndex {
         }
         if self.hour_level {
             let h0 = from.div_euclid(HOUR) + i64::from(from.rem_euclid(HOUR) != 0);
-            let h1 = to.div_euclid(HOUR);
+            // Only hours whose every minute is sealed hold their whole sum.
+            let h1 = to.div_euclid(HOUR).min(self.sealed_before.div_euclid(HOUR));
             // `checked_mul` fails only next to i64::MIN/MAX; fall back to
             // minutes there.
             if h0 < h1
@@ -728,7 +757,9 @@ mod tests {
             if self.hour_level {
                 let mut sums: HashMap<(i64, u64), u64> = HashMap::new();
                 for (ad, m, c) in self.cells() {
-                    *sums.entry((m.div_euclid(HOUR), ad)).or_insert(0) += c;
+                    if m < self.sealed_before {
+                        *sums.entry((m.div_euclid(HOUR), ad)).or_insert(0) += c;
+                    }
                 }
                 let mut from_hours = HashMap::new();
                 for (&h, node) in &self.hours {
@@ -758,6 +789,7 @@ mod tests {
     enum Op {
         Add(u64, i64, u64),
         Evict(i64),
+        Seal(i64),
         Query(usize, i64, i64),
     }
 
@@ -780,6 +812,7 @@ mod tests {
             // Hot ad: keeps hitting a few recent minutes.
             10 => (100i64..130).prop_map(|m| Op::Add(7, m, 1)),
             1 => (-80i64..140).prop_map(Op::Evict),
+            2 => (-80i64..140).prop_map(Op::Seal),
             3 => (0usize..25, -100i64..160, -100i64..160).prop_map(|(n, f, t)| Op::Query(n, f, t)),
         ]
     }
@@ -801,6 +834,7 @@ mod tests {
                     idx.evict_before(b);
                     oracle.evict_before(b);
                 }
+                Op::Seal(b) => idx.seal(b),
                 Op::Query(n, f, t) => {
                     prop_assert_eq!(idx.top_all_paths(n, f, t), oracle.top(n, f, t));
                 }
@@ -810,6 +844,7 @@ mod tests {
         let rebuilt: TopIndex = {
             let mut r = TopIndex::with_hour_level(hour_level);
             r.extend(idx.cells());
+            r.seal(idx.sealed_before);
             r
         };
         rebuilt.check_invariants();

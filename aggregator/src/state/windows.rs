@@ -84,6 +84,8 @@ pub struct ClickWindows {
     split: BTreeSet<u64>,
     /// ad -> (advertiser, campaign), pinned on first sight.
     owners: super::FastMap<u64, (u64, u64)>,
+    /// Owners pinned since the last [`ClickWindows::take_new_owners`] (for the query view).
+    new_owners: Vec<(u64, (u64, u64))>,
     /// Totals.
     pub counters: WindowCounters,
 }
@@ -119,6 +121,7 @@ impl ClickWindows {
             hot: HotDetector::new(shards.hot_window_clicks, shards.hot_fraction),
             split: BTreeSet::new(),
             owners: Default::default(),
+            new_owners: Vec::new(),
             counters: WindowCounters::default(),
         }
     }
@@ -141,6 +144,16 @@ impl ClickWindows {
     /// Interned strings (for query-side lookups).
     pub fn interner(&self) -> &Interner {
         &self.interner
+    }
+
+    /// Ads pinned to an owner since the last call, for the query view.
+    pub fn take_new_owners(&mut self) -> Vec<(u64, (u64, u64))> {
+        std::mem::take(&mut self.new_owners)
+    }
+
+    /// ad -> (advertiser, campaign) of every ad seen.
+    pub fn owners(&self) -> &super::FastMap<u64, (u64, u64)> {
+        &self.owners
     }
 
     /// The id of a dimension combination (restoring shards checkpointed before ids).
@@ -217,10 +230,15 @@ impl ClickWindows {
         }
         // Owner before dedup: one lookup each, and an id is only recorded for a click that
         // can count (a repeat of a mismatching click mismatches again).
-        let owner = *self
-            .owners
-            .entry(c.ad_id)
-            .or_insert((c.advertiser_id, c.campaign_id));
+        let claimed = (c.advertiser_id, c.campaign_id);
+        let owner = match self.owners.entry(c.ad_id) {
+            std::collections::hash_map::Entry::Occupied(o) => *o.get(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(claimed);
+                self.new_owners.push((c.ad_id, claimed));
+                claimed
+            }
+        };
         if owner != (c.advertiser_id, c.campaign_id) {
             self.counters.owner_mismatch += 1;
             return Routed::OwnerMismatch;
