@@ -19,6 +19,7 @@ pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod query;
+pub mod sketch;
 pub mod state;
 pub mod store;
 pub mod view;

@@ -30,7 +30,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
-use fastbloom::BloomFilter;
+use crate::sketch::bloom::IdFilter;
 
 use super::FastMap;
 
@@ -171,11 +171,8 @@ pub struct DedupStats {
 pub struct Dedup {
     recent: FastMap<Id, Entry>,
     max_recent: usize,
-    bloom: BloomFilter,
-    bloom_bits: usize,
-    bloom_capacity: usize,
-    /// Ids inserted into the filter since it was built.
-    bloom_items: u64,
+    /// Ids on disk (may contain ids since deleted there; rebuilt when mostly stale).
+    bloom: IdFilter,
     /// Ids the disk held at the last rebuild.
     live_at_rebuild: u64,
     disk: Box<dyn SpillTable>,
@@ -188,27 +185,11 @@ impl fmt::Debug for Dedup {
         f.debug_struct("Dedup")
             .field("recent", &self.recent.len())
             .field("max_recent", &self.max_recent)
-            .field("bloom_bits", &self.bloom_bits)
-            .field("bloom_items", &self.bloom_items)
+            .field("bloom_bytes", &self.bloom.bytes())
+            .field("bloom_items", &self.bloom.items())
             .field("disk", &self.disk)
             .finish()
     }
-}
-
-fn bloom_hash(id: &Id) -> u64 {
-    let mut a = [0u8; 8];
-    let mut b = [0u8; 8];
-    a.copy_from_slice(&id[..8]);
-    b.copy_from_slice(&id[8..]);
-    // Ids are random, but a mix keeps the filter honest for ids that are not.
-    let mut x = u64::from_le_bytes(a) ^ u64::from_le_bytes(b).rotate_left(29);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-fn new_bloom(bits: usize, capacity: usize) -> BloomFilter {
-    BloomFilter::with_num_bits(bits.max(64)).expected_items(capacity.max(1))
 }
 
 impl Dedup {
@@ -221,10 +202,7 @@ impl Dedup {
         Dedup {
             recent: FastMap::default(),
             max_recent: (memory_bytes - memory_bytes / 4) / RAM_ENTRY_BYTES,
-            bloom: new_bloom(bloom_bits, bloom_capacity),
-            bloom_bits,
-            bloom_capacity,
-            bloom_items: 0,
+            bloom: IdFilter::new(bloom_bits, bloom_capacity),
             live_at_rebuild: 0,
             disk,
             stats: DedupStats::default(),
@@ -236,7 +214,7 @@ impl Dedup {
         if let Some(e) = self.recent.get(id) {
             return Ok(e.ordinal < at);
         }
-        if !self.bloom.contains_hash(bloom_hash(id)) {
+        if !self.bloom.may_contain(id) {
             return Ok(false);
         }
         self.stats.disk_reads += 1;
@@ -260,9 +238,7 @@ impl Dedup {
             }
             Slot::Vacant(v) => {
                 // The filter is empty until the first spill: no hashing, no cache miss.
-                let maybe_on_disk =
-                    self.bloom_items > 0 && self.bloom.contains_hash(bloom_hash(&id));
-                if !maybe_on_disk {
+                if !self.bloom.may_contain(&id) {
                     v.insert(entry);
                 } else {
                     self.stats.disk_reads += 1;
@@ -302,9 +278,8 @@ impl Dedup {
         batch.sort_unstable_by_key(|e| e.0);
         self.disk.put(&batch)?;
         for (id, _) in &batch {
-            self.bloom.insert_hash(bloom_hash(id));
+            self.bloom.insert(id);
         }
-        self.bloom_items += batch.len() as u64;
         self.stats.spilled += batch.len() as u64;
         // Keep the table's allocation: it is within the budget and the next fill reuses it.
         self.recent.clear();
@@ -317,8 +292,9 @@ impl Dedup {
     pub fn checkpoint(&mut self, expire_before: i64) -> Result<(), DedupError> {
         self.spill()?;
         self.stats.expired += self.disk.expire(expire_before)?;
-        let overfull = self.bloom_items > self.bloom_capacity as u64
-            && self.bloom_items > 2 * self.live_at_rebuild.max(1);
+        let items = self.bloom.items();
+        let overfull =
+            items > self.bloom.capacity() as u64 && items > 2 * self.live_at_rebuild.max(1);
         if overfull {
             self.rebuild_bloom()?;
         }
@@ -328,14 +304,13 @@ impl Dedup {
     /// Rebuilds the Bloom filter from the disk tier (at start, and when expiry left it
     /// mostly stale).
     pub fn rebuild_bloom(&mut self) -> Result<(), DedupError> {
-        let mut bloom = new_bloom(self.bloom_bits, self.bloom_capacity);
+        let mut bloom = self.bloom.emptied();
         let mut n = 0u64;
         self.disk.for_each_id(&mut |id| {
-            bloom.insert_hash(bloom_hash(id));
+            bloom.insert(id);
             n += 1;
         })?;
         self.bloom = bloom;
-        self.bloom_items = n;
         self.live_at_rebuild = n;
         self.stats.bloom_rebuilds += 1;
         Ok(())
@@ -353,7 +328,7 @@ impl Dedup {
 
     /// Approximate RAM held (RAM tier at its allocated capacity + Bloom filter).
     pub fn ram_bytes(&self) -> usize {
-        self.recent.capacity() * (16 + std::mem::size_of::<Entry>() + 1) + self.bloom_bits / 8
+        self.recent.capacity() * (16 + std::mem::size_of::<Entry>() + 1) + self.bloom.bytes()
     }
 
     /// Largest RAM-tier size before a spill.

@@ -5,7 +5,6 @@
 pub mod click;
 pub mod dedup;
 pub mod dims;
-pub mod hll;
 pub mod hot;
 pub mod shard;
 pub mod topn;

@@ -21,7 +21,7 @@ use prost::Message;
 use thin_vec::ThinVec;
 
 use super::dims::DimKey;
-use super::hll::Hll;
+use crate::sketch::hll::Hll;
 use super::topn::TopIndex;
 
 /// Bucket widths in ms: minute, hour, day (UTC).

@@ -19,7 +19,7 @@ use prost::Message;
 use super::dedup::{Dedup, DedupError, Entry, MemTable, Ordinal};
 use super::click::ClickIn;
 use super::dims::{ComboTable, DimKey, Interner, country_code};
-use super::hll::{Hll, hash_user_id};
+use crate::sketch::hll::{Hll, hash_user_id};
 use super::hot::HotDetector;
 use super::shard::{Applied, LEVEL_MS};
 use crate::config::{ShardConfig, WindowConfig};
