@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use adclick_proto::v1::IngestAck;
+use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admit::{Admission, Pending, Verdict};
@@ -26,6 +27,7 @@ use crate::decode::{self, RawBatch};
 use crate::health::{self, Readiness};
 use crate::metrics::Metrics;
 use crate::state::dedup::Dedup;
+use crate::state::published::{TopOp, TopWriter};
 use crate::state::shard::{Applied, LEVEL_MS, ShardState};
 use crate::state::windows::{ClickWindows, Routed};
 use crate::store::{Checkpoint, Store, StoreError, WalEntry};
@@ -140,6 +142,8 @@ pub fn start<S: Store + 'static>(
     // no recovery ever starts below it again.
     let dedup_floor = windows.dedup_floor_ms();
     let mut shards = Vec::with_capacity(n);
+    let mut tops = Vec::with_capacity(n);
+    let mut top_writers = Vec::with_capacity(n);
     for i in 0..n {
         let name = format!("shard/{i}");
         let s = match cp.tables.iter().find(|(t, _)| *t == name) {
@@ -148,23 +152,27 @@ pub fn start<S: Store + 'static>(
             }
             None => ShardState::default(),
         };
+        let (writer, published) = TopWriter::new(s.top_index());
+        top_writers.push(writer);
+        tops.push(published);
         shards.push(RwLock::new(s));
     }
     let view = Arc::new(View {
         shards,
+        tops,
         watermark_ms: AtomicI64::new(windows.watermark_ms()),
-        meta: RwLock::new(QueryMeta::default()),
+        meta: ArcSwap::from_pointee(QueryMeta::default()),
         owners: RwLock::new(windows.owners().clone()),
         killed: std::sync::atomic::AtomicBool::new(false),
         ready: Readiness::default(),
     });
     let mut shard_tx = Vec::with_capacity(n);
-    for i in 0..n {
+    for (i, top) in top_writers.into_iter().enumerate() {
         let (tx, rx) = sync_channel::<ShardMsg>(1024);
         let v = view.clone();
         std::thread::Builder::new()
             .name(format!("adclick-shard-{i}"))
-            .spawn(move || shard_loop(i, rx, v))
+            .spawn(move || shard_loop(i, rx, v, top))
             .map_err(|e| StoreError(e.to_string()))?;
         shard_tx.push(tx);
     }
@@ -215,8 +223,32 @@ pub fn start<S: Store + 'static>(
     Ok((Engine { tx }, view, Threads { writer }))
 }
 
-fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>) {
-    while let Ok(msg) = rx.recv() {
+fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWriter) {
+    let minute = |t: i64| t.div_euclid(LEVEL_MS[0]);
+    // Confirmations held until the top-N index shows their clicks (`published.rs`): an
+    // acked click is in every query.
+    let mut waiting: Vec<SyncSender<()>> = Vec::new();
+    loop {
+        let msg = if waiting.is_empty() {
+            match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            }
+        } else {
+            // A reader still holds the copy to update: retry shortly, never block on it.
+            match rx.recv_timeout(Duration::from_millis(1)) {
+                Ok(m) => m,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if top.publish(&view.tops[i]) {
+                        for d in waiting.drain(..) {
+                            let _ = d.send(());
+                        }
+                    }
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        };
         match msg {
             ShardMsg::Apply(clicks, done) => {
                 {
@@ -225,23 +257,35 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>) {
                         s.apply(a);
                     }
                 }
-                if let Some(done) = done {
-                    let _ = done.send(());
+                for a in &clicks {
+                    top.push(TopOp::Add {
+                        ad: a.ad,
+                        minute: minute(a.event_time_ms),
+                        by: 1,
+                    });
                 }
+                waiting.extend(done);
             }
             ShardMsg::Seal(before) => {
                 let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
                 s.seal(before);
+                top.push(TopOp::Seal(minute(before)));
             }
             ShardMsg::Evict(before) => {
                 let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
                 for (level, b) in before.iter().enumerate() {
                     s.evict(level, *b);
                 }
+                top.push(TopOp::Evict(minute(before[0])));
             }
             ShardMsg::Barrier(reply) => {
                 let s = view.shards[i].read().unwrap_or_else(|e| e.into_inner());
                 let _ = reply.send(s.to_bytes());
+            }
+        }
+        if top.publish(&view.tops[i]) {
+            for d in waiting.drain(..) {
+                let _ = d.send(());
             }
         }
     }
@@ -567,14 +611,30 @@ impl<S: Store> Writer<S> {
     fn publish(&mut self) {
         let wm = self.windows.watermark_ms();
         self.view.watermark_ms.store(wm, Ordering::Release);
-        let mut meta = self.view.meta.write().unwrap_or_else(|e| e.into_inner());
+        // Queries load the meta lock-free; a new one is published only when something in it
+        // changed (new strings, combinations or split ads: rare after warm-up).
+        let current = self.view.meta.load();
         let names = self.windows.interner().names();
-        if meta.names.len() != names.len() {
-            meta.names = names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (n.clone(), u32::try_from(i + 1).unwrap_or(u32::MAX)))
-                .collect();
+        let combos = self.windows.combos().keys();
+        let split = self.windows.split_ads();
+        if current.names.len() != names.len()
+            || current.combos.len() != combos.len()
+            || current.split.len() != split.len()
+        {
+            let mut meta = QueryMeta::clone(&current);
+            if meta.names.len() != names.len() {
+                meta.names = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (n.clone(), u32::try_from(i + 1).unwrap_or(u32::MAX)))
+                    .collect();
+            }
+            meta.combos = combos.to_vec();
+            meta.split = split.iter().copied().collect();
+            drop(current);
+            self.view.meta.store(Arc::new(meta));
+        } else {
+            drop(current);
         }
         let owners = self.windows.take_new_owners();
         if !owners.is_empty() {
@@ -583,14 +643,6 @@ impl<S: Store> Writer<S> {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(owners);
-        }
-        let combos = self.windows.combos().keys();
-        if meta.combos.len() < combos.len() {
-            let known = meta.combos.len();
-            meta.combos.extend_from_slice(&combos[known..]);
-        }
-        if meta.split.len() != self.windows.split_ads().len() {
-            meta.split = self.windows.split_ads().iter().copied().collect();
         }
         self.metrics.watermark_ms.set(wm.max(0));
         if wm > 0 {

@@ -238,7 +238,7 @@ pub fn get_ad_clicks(
         watermark_ms: view.watermark_ms.load(Ordering::Acquire),
         ..Default::default()
     };
-    let meta = view.meta.read().map(|m| m.clone()).unwrap_or_default();
+    let meta = view.meta.load_full();
     let filter = Filter::from_wire(req.filter.as_ref(), &meta);
     if !filter.matches_ad(ad_meta(view, req.ad_id), caller) {
         return Ok(resp);
@@ -315,26 +315,28 @@ pub fn top_ads(
         from.div_euclid(LEVEL_MS[0]),
         (to + LEVEL_MS[0] - 1).div_euclid(LEVEL_MS[0]),
     );
-    let meta = view.meta.read().map(|m| m.clone()).unwrap_or_default();
+    let meta = view.meta.load_full();
     let filter = Filter::from_wire(req.filter.as_ref(), &meta);
-    let shards: Vec<_> = view
-        .shards
-        .iter()
-        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
-        .collect();
     let mut ranked: Vec<(u64, u64)> = if filter.is_empty() && caller == Caller::Admin {
+        // Lock-free: each shard's published top-N index (see `state::published`).
+        let tops: Vec<_> = view.tops.iter().map(|t| t.load_full()).collect();
         // Ads live on one shard unless they were hot (split): per-shard top-n lists plus
         // every split ad are a candidate set that provably contains the global top n.
         let mut candidates: BTreeSet<u64> = meta.split.iter().copied().collect();
-        for s in &shards {
-            candidates.extend(s.top(n, fm, tm).into_iter().map(|(ad, _)| ad));
+        for t in &tops {
+            candidates.extend(t.top(n, fm, tm).into_iter().map(|(ad, _)| ad));
         }
         candidates
             .into_iter()
-            .map(|ad| (ad, shards.iter().map(|s| s.count(ad, fm, tm)).sum()))
+            .map(|ad| (ad, tops.iter().map(|t| t.count(ad, fm, tm)).sum()))
             .filter(|(_, c)| *c > 0)
             .collect()
     } else {
+        let shards: Vec<_> = view
+            .shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
+            .collect();
         let mut sums: HashMap<u64, u64> = HashMap::new();
         let mut allowed: HashMap<u64, bool> = HashMap::new();
         let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());

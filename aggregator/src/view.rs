@@ -12,16 +12,22 @@ use crate::health::Readiness;
 use crate::state::FastMap;
 use crate::state::dims::DimKey;
 use crate::state::shard::ShardState;
+use crate::state::topn::TopIndex;
+use arc_swap::ArcSwap;
 
 /// Shared, read-mostly view for queries.
 #[derive(Debug)]
 pub struct View {
-    /// The shards (queries take read locks).
+    /// The shards' cells (queries take read locks).
     pub shards: Vec<RwLock<ShardState>>,
+    /// The shards' unfiltered top-N indexes, published read-copy-update style: a reader
+    /// loads one (no lock) and the shard thread never waits for it (`state::published`).
+    pub tops: Vec<ArcSwap<TopIndex>>,
     /// Current watermark (ms).
     pub watermark_ms: AtomicI64,
-    /// Interned strings, hot and split ads: what queries need from the window operator.
-    pub meta: RwLock<QueryMeta>,
+    /// Interned strings, combinations and split ads: what queries need from the window
+    /// operator, replaced whole when it changes (queries load it without a lock).
+    pub meta: ArcSwap<QueryMeta>,
     /// ad -> (advertiser, campaign), as the window operator pinned them (grows only).
     pub owners: RwLock<FastMap<u64, (u64, u64)>>,
     /// Set by a simulated crash: the writer exits without its final checkpoint.

@@ -6,6 +6,7 @@ pub mod click;
 pub mod dedup;
 pub mod dims;
 pub mod hot;
+pub mod published;
 pub mod shard;
 pub mod topn;
 pub mod windows;

@@ -1,7 +1,8 @@
 //! One shard of the counting state: per (ad, bucket) cells at three levels (minute, hour,
-//! day), each broken down by dimension combination with unique users per combination, plus
-//! the unfiltered minute-level top-N index. A shard is owned by one worker thread (writes)
-//! and read by queries.
+//! day), each broken down by dimension combination with unique users per combination. A
+//! shard is owned by one worker thread (writes) and read by queries. The shard's unfiltered
+//! top-N index lives beside it (`published.rs`), fed by the same thread, and can be rebuilt
+//! from the minute cells ([`ShardState::top_index`]).
 //!
 //! Layout, for memory and for the per-click path (no allocation for the common cell):
 //! - a level is one flat hash map `(ad, bucket start) -> Cell` plus, per bucket, the list
@@ -293,7 +294,6 @@ impl Level {
 #[derive(Debug)]
 pub struct ShardState {
     levels: [Level; 3],
-    top: TopIndex,
     /// Minutes starting before this are rolled up into their hour and day cells ("sealed");
     /// a click for a sealed minute updates all three levels, any other click only its
     /// minute cell until [`ShardState::seal`] rolls it up.
@@ -304,7 +304,6 @@ impl Default for ShardState {
     fn default() -> Self {
         ShardState {
             levels: Default::default(),
-            top: TopIndex::default(),
             sealed_before: i64::MIN,
         }
     }
@@ -336,8 +335,6 @@ impl ShardState {
                 combo.users.insert(a.user, sketches);
             }
         }
-        self.top
-            .add(a.ad, a.event_time_ms.div_euclid(LEVEL_MS[0]), 1);
     }
 
     /// Rolls every minute starting before `before_ms` (a minute boundary the watermark has
@@ -368,7 +365,6 @@ impl ShardState {
             }
         }
         self.sealed_before = before_ms;
-        self.top.seal(before_ms.div_euclid(LEVEL_MS[0]));
     }
 
     /// Minutes before this are rolled up (see [`ShardState::seal`]).
@@ -391,9 +387,6 @@ impl ShardState {
                     l.free_cell(cell);
                 }
             }
-        }
-        if level == 0 {
-            self.top.evict_before(before_ms.div_euclid(LEVEL_MS[0]));
         }
     }
 
@@ -448,14 +441,17 @@ impl ShardState {
         })
     }
 
-    /// Exact unfiltered top `n` over minutes [from, to) (minute indices).
-    pub fn top(&self, n: usize, from_minute: i64, to_minute: i64) -> Vec<(u64, u64)> {
-        self.top.top(n, from_minute, to_minute)
-    }
-
-    /// Unfiltered count of `ad` over minutes [from, to).
-    pub fn count(&self, ad: u64, from_minute: i64, to_minute: i64) -> u64 {
-        self.top.count(ad, from_minute, to_minute)
+    /// The unfiltered top-N index of these cells (minute lists, and hour lists for the
+    /// sealed minutes): what the shard thread starts from after a restore.
+    pub fn top_index(&self) -> TopIndex {
+        let mut top = TopIndex::new();
+        for ((ad, start), cell) in &self.levels[0].cells {
+            top.add(*ad, start.div_euclid(LEVEL_MS[0]), u64::from(cell.clicks));
+        }
+        if self.sealed_before > i64::MIN {
+            top.seal(self.sealed_before.div_euclid(LEVEL_MS[0]));
+        }
+        top
     }
 
     /// Active minute cells.
@@ -465,8 +461,7 @@ impl ShardState {
 
     /// Approximate heap bytes of everything in this shard.
     pub fn heap_bytes(&self) -> usize {
-        self.top.heap_bytes()
-            + self.levels.iter().map(Level::heap_bytes).sum::<usize>()
+        self.levels.iter().map(Level::heap_bytes).sum::<usize>()
     }
 
     /// Serialises the shard (checkpoint table).
@@ -540,9 +535,6 @@ impl ShardState {
                 merged.merge(&users);
                 combo.users = Users::from_hll(merged, &mut l.sketches);
             }
-            if level == 0 {
-                s.top.add(c.ad, c.start.div_euclid(LEVEL_MS[0]), c.clicks);
-            }
             if l.cells.insert((c.ad, c.start), cell).is_none() {
                 l.by_bucket.entry(c.start).or_default().push(c.ad);
             }
@@ -553,10 +545,6 @@ impl ShardState {
                 .keys()
                 .next_back()
                 .map_or(i64::MIN, |m| m + LEVEL_MS[0]);
-        }
-        // The top-N index was rebuilt from the minutes alone: give it back its hours.
-        if s.sealed_before > i64::MIN {
-            s.top.seal(s.sealed_before.div_euclid(LEVEL_MS[0]));
         }
         Ok(s)
     }
@@ -659,9 +647,9 @@ mod tests {
         assert!(s.cell(0, 1, t0 + 4 * 60_000).is_none());
         assert_eq!(s.cell(0, 1, t0 + 5 * 60_000).map(|c| c.cell.clicks), Some(1));
         assert_eq!(
-            s.count(1, t0 / 60_000, t0 / 60_000 + 10),
+            s.top_index().count(1, t0 / 60_000, t0 / 60_000 + 10),
             5,
-            "top-N index evicted too"
+            "the top-N index rebuilt from the cells holds what is left"
         );
         // The hour and day rollups keep everything until their own retention: the evicted
         // minutes were sealed into them, the others are still read from the minutes.
@@ -670,7 +658,7 @@ mod tests {
         assert_eq!(total(&s, 2, 1, t0), 10);
         let back = ShardState::from_bytes(&s.to_bytes(), &mut |_| 0).unwrap();
         assert_eq!(total(&back, 1, 1, t0), 10);
-        assert_eq!(back.count(1, t0 / 60_000, t0 / 60_000 + 10), 5);
+        assert_eq!(back.top_index().count(1, t0 / 60_000, t0 / 60_000 + 10), 5);
     }
 
     proptest! {
