@@ -293,12 +293,14 @@ mod tests {
         fn reads_what_prost_writes(
             id in "[a-z0-9-]{0,12}",
             seq in any::<u64>(),
+            acked_floor in any::<u64>(),
             wire in proptest::collection::vec(wire_click(), 0..6),
         ) {
-            let batch = IngestBatch { collector_id: id.clone(), seq, clicks: wire.clone() };
+            let batch = IngestBatch { collector_id: id.clone(), seq, clicks: wire.clone(), acked_floor };
             let raw = RawBatch::parse(Bytes::from(batch.encode_to_vec())).unwrap();
             prop_assert_eq!(&raw.collector_id, &id);
             prop_assert_eq!(raw.seq, seq);
+            prop_assert_eq!(raw.acked_floor, acked_floor);
             prop_assert_eq!(raw.clicks, wire.len());
             let ours: Vec<ClickIn<'_>> = raw.clicks().collect::<Result<_, _>>().unwrap();
             let theirs: Vec<ClickIn<'_>> = wire.iter().map(click_from_wire).collect();
@@ -315,7 +317,7 @@ mod tests {
             noise in proptest::collection::vec(any::<u8>(), 0..64),
         ) {
             let click = IngestClick { impression_id: vec![1; 16], ad_id: 7, country: "US".into(), site: "s".into(), user_id: "u".into(), ..Default::default() };
-            let mut bytes = IngestBatch { collector_id: "c".into(), seq: 3, clicks: vec![click; n] }.encode_to_vec();
+            let mut bytes = IngestBatch { collector_id: "c".into(), seq: 3, clicks: vec![click; n], acked_floor: 2 }.encode_to_vec();
             for (i, v) in flips {
                 if !bytes.is_empty() {
                     let i = i.index(bytes.len());
@@ -330,6 +332,7 @@ mod tests {
                     let theirs = theirs.unwrap();
                     prop_assert_eq!(&raw.collector_id, &theirs.collector_id);
                     prop_assert_eq!(raw.seq, theirs.seq);
+                    prop_assert_eq!(raw.acked_floor, theirs.acked_floor);
                     let ours: Vec<ClickIn<'_>> = raw.clicks().collect::<Result<_, _>>().unwrap();
                     let wire: Vec<ClickIn<'_>> = theirs.clicks.iter().map(click_from_wire).collect();
                     prop_assert_eq!(ours, wire);

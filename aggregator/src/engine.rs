@@ -176,7 +176,7 @@ pub fn start<S: Store + 'static>(
             .map_err(|e| StoreError(e.to_string()))?;
         shard_tx.push(tx);
     }
-    let admission = Admission::new(store.high_water_marks()?);
+    let admission = Admission::new(store.delivery_states()?);
     let next_pos = store.last_wal_pos()? + 1;
     let mut w = Writer {
         store,
@@ -335,15 +335,16 @@ impl<S: Store> Writer<S> {
                 &mut pending,
                 &b.collector_id,
                 b.seq,
+                b.acked_floor,
                 &self.cfg.ingest,
             ) {
                 Verdict::New => true,
                 Verdict::AlreadyAcked => false,
-                Verdict::Refused(err) => {
+                Verdict::Refused(err, reason) => {
                     // Refused before the WAL: the state stays where it was, so the
                     // collector's real next batch still gets through.
                     tracing::warn!(collector_id = %b.collector_id, seq = b.seq, error = %err, "ingest refused");
-                    self.metrics.refuse_ingest("seq_window");
+                    self.metrics.refuse_ingest(reason);
                     let _ = req.done.send(Err(err));
                     continue;
                 }
@@ -353,6 +354,7 @@ impl<S: Store> Writer<S> {
                     pos: self.next_pos + fresh.len() as u64,
                     collector_id: b.collector_id.clone(),
                     seq: b.seq,
+                    acked_floor: b.acked_floor,
                     batch: b.bytes.to_vec(),
                 });
             }

@@ -317,6 +317,7 @@ mod tests {
                 };
                 clicks
             ],
+            ..Default::default()
         }
         .encode_to_vec()
     }

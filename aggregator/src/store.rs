@@ -1,9 +1,15 @@
-//! Durable storage behind a trait: the WAL of ingested batches, the per-collector seq
-//! high-water marks, and checkpoints. The default implementation is redb (pure Rust,
-//! ACID, one fsync'd commit per write transaction, crash-safe by design), so a WAL append
-//! and its high-water mark update commit together, and a checkpoint plus the WAL
-//! truncation it allows commit together: a crash mid-checkpoint leaves the previous
-//! checkpoint and the full WAL.
+//! Durable storage behind a trait: the WAL of ingested batches, the per-collector delivery
+//! state (which seqs were acked: `admit::Delivery`), and checkpoints. The default
+//! implementation is redb (pure Rust, ACID, one fsync'd commit per write transaction,
+//! crash-safe by design), so a WAL append and its delivery-state update commit together,
+//! and a checkpoint plus the WAL truncation it allows commit together: a crash
+//! mid-checkpoint leaves the previous checkpoint and the full WAL.
+//!
+//! Delivery state lives in table `delivery` (collector id -> `Delivery::encode`). Stores
+//! written before out-of-order admission hold only table `hwm` (collector id -> highest
+//! acked seq, everything below it acked): such a collector reads as `Delivery::in_order`
+//! until its next append writes its `delivery` row. `hwm` is still kept (the highest
+//! acked seq) so that the high-water marks stay readable by tools and older versions.
 //!
 //! Why redb: pure Rust (no C build on two cores), a single file, transactions with
 //! durable commits, and it is maintained; fjall (LSM) would suit much larger state but is
@@ -24,6 +30,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 const WAL: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("wal");
 const HWM: TableDefinition<'static, &str, u64> = TableDefinition::new("hwm");
+const DELIVERY: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("delivery");
 const CHECKPOINT: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("checkpoint");
 const META_WAL_POS: &str = "_wal_pos";
 const DEDUP: TableDefinition<'static, &[u8; 16], &[u8; ENTRY_LEN]> = TableDefinition::new("dedup");
@@ -31,6 +38,7 @@ const DEDUP: TableDefinition<'static, &[u8; 16], &[u8; ENTRY_LEN]> = TableDefini
 /// then the id.
 const DEDUP_EXPIRY: TableDefinition<'static, &[u8; 24], ()> = TableDefinition::new("dedup_expiry");
 
+use crate::admit::Delivery;
 use crate::state::dedup::{DedupError, ENTRY_LEN, Entry, Id, SpillTable};
 
 /// File name of the store inside the data dir.
@@ -93,8 +101,10 @@ pub struct WalEntry {
     pub pos: u64,
     /// Sender.
     pub collector_id: String,
-    /// Sender's seq (becomes the collector's high-water mark).
+    /// Sender's seq.
     pub seq: u64,
+    /// The batch's `acked_floor` (0: an in-order sender), for the delivery state.
+    pub acked_floor: u64,
     /// Encoded `IngestBatch`.
     pub batch: Vec<u8>,
 }
@@ -110,11 +120,13 @@ pub struct Checkpoint {
 
 /// What the aggregator needs from a store.
 pub trait Store: Send {
-    /// Durably appends entries and raises their collectors' high-water marks, in one
-    /// commit.
+    /// Durably appends entries and records their seqs as acked in their collectors'
+    /// delivery state (`Delivery::admit` with each entry's seq and floor), in one commit.
     fn append(&mut self, entries: &[WalEntry]) -> Result<(), StoreError>;
-    /// High-water marks of every collector.
+    /// Highest acked seq of every collector (`Delivery::mark`).
     fn high_water_marks(&self) -> Result<HashMap<String, u64>, StoreError>;
+    /// Delivery state of every collector, as the appends left it.
+    fn delivery_states(&self) -> Result<HashMap<String, Delivery>, StoreError>;
     /// WAL entries after `pos`, in order.
     fn wal_after(&self, pos: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// Highest WAL position written (0 if none).
@@ -157,6 +169,7 @@ impl RedbStore {
         {
             tx.open_table(WAL).map_err(e)?;
             tx.open_table(HWM).map_err(e)?;
+            tx.open_table(DELIVERY).map_err(e)?;
             tx.open_table(CHECKPOINT).map_err(e)?;
             tx.open_table(DEDUP).map_err(e)?;
             tx.open_table(DEDUP_EXPIRY).map_err(e)?;
@@ -175,14 +188,38 @@ impl Store for RedbStore {
         {
             let mut wal = tx.open_table(WAL).map_err(e)?;
             let mut hwm = tx.open_table(HWM).map_err(e)?;
+            let mut delivery = tx.open_table(DELIVERY).map_err(e)?;
+            // Each collector's state is read once, moved by every entry in order (the
+            // order the admission judged them), and written once.
+            let mut touched: HashMap<&str, Delivery> = HashMap::new();
             for en in entries {
                 wal.insert(en.pos, en.batch.as_slice()).map_err(e)?;
-                let cur = hwm
-                    .get(en.collector_id.as_str())
-                    .map_err(e)?
-                    .map(|v| v.value());
-                if cur.is_none_or(|c| c < en.seq) {
-                    hwm.insert(en.collector_id.as_str(), en.seq).map_err(e)?;
+                let id = en.collector_id.as_str();
+                let d = match touched.entry(id) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let stored = match delivery.get(id).map_err(e)? {
+                            Some(row) => Some(decode_delivery(id, row.value())?),
+                            None => None,
+                        };
+                        let d = match stored {
+                            Some(d) => d,
+                            None => match hwm.get(id).map_err(e)? {
+                                Some(h) => Delivery::in_order(h.value()),
+                                None => Delivery::unknown(),
+                            },
+                        };
+                        v.insert(d)
+                    }
+                };
+                d.admit(en.seq, en.acked_floor);
+            }
+            for (id, d) in touched {
+                delivery.insert(id, d.encode().as_slice()).map_err(e)?;
+                let mark = d.mark();
+                let cur = hwm.get(id).map_err(e)?.map(|v| v.value());
+                if cur.is_none_or(|c| c < mark) {
+                    hwm.insert(id, mark).map_err(e)?;
                 }
             }
         }
@@ -190,12 +227,30 @@ impl Store for RedbStore {
     }
 
     fn high_water_marks(&self) -> Result<HashMap<String, u64>, StoreError> {
+        Ok(self
+            .delivery_states()?
+            .into_iter()
+            .map(|(id, d)| (id, d.mark()))
+            .collect())
+    }
+
+    fn delivery_states(&self) -> Result<HashMap<String, Delivery>, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
-        let t = tx.open_table(HWM).map_err(e)?;
         let mut out = HashMap::new();
+        let t = tx.open_table(DELIVERY).map_err(e)?;
         for row in t.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
-            out.insert(k.value().to_string(), v.value());
+            out.insert(
+                k.value().to_string(),
+                decode_delivery(k.value(), v.value())?,
+            );
+        }
+        // Collectors last seen before the `delivery` table existed.
+        let t = tx.open_table(HWM).map_err(e)?;
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            out.entry(k.value().to_string())
+                .or_insert_with(|| Delivery::in_order(v.value()));
         }
         Ok(out)
     }
@@ -268,6 +323,17 @@ impl Store for RedbStore {
             db: self.db.clone(),
         }))
     }
+}
+
+/// A stored delivery state that does not decode: the aggregator must not guess which seqs
+/// it acked (guessing low double counts, guessing high loses), so it refuses to go on.
+fn decode_delivery(collector_id: &str, bytes: &[u8]) -> Result<Delivery, StoreError> {
+    Delivery::decode(bytes).map_err(|err| {
+        StoreError(format!(
+            "delivery state of collector {collector_id:?}: {err}; see docs/operations.md, \
+             'Aggregator store damage'"
+        ))
+    })
 }
 
 /// The dedup disk tier in the aggregator's redb file.
@@ -351,5 +417,144 @@ impl SpillTable for RedbDedup {
         let tx = self.db.begin_read().map_err(d)?;
         let t = tx.open_table(DEDUP).map_err(d)?;
         t.len().map_err(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admit::{Admission, Pending, Verdict};
+    use crate::config::IngestConfig;
+
+    fn entry(pos: u64, collector_id: &str, seq: u64, acked_floor: u64) -> WalEntry {
+        WalEntry {
+            pos,
+            collector_id: collector_id.into(),
+            seq,
+            acked_floor,
+            batch: vec![pos as u8; 3],
+        }
+    }
+
+    /// A store file as the version before out-of-order admission wrote it: tables `wal`,
+    /// `hwm` (collector -> highest acked seq) and `checkpoint`, no `delivery`.
+    fn write_old_format(dir: &Path) {
+        let db = Database::create(dir.join(STORE_FILE)).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut wal = tx.open_table(WAL).unwrap();
+            let mut hwm = tx.open_table(HWM).unwrap();
+            for (pos, (id, seq)) in [("old-a", 7u64), ("old-b", 3), ("old-a", 9)]
+                .into_iter()
+                .enumerate()
+            {
+                wal.insert(pos as u64 + 1, [1u8, 2, 3].as_slice()).unwrap();
+                hwm.insert(id, seq).unwrap();
+            }
+            tx.open_table(CHECKPOINT).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn a_store_from_before_delivery_states_opens_and_reads_as_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        write_old_format(dir.path());
+        let mut store = RedbStore::open(dir.path()).unwrap();
+        let states = store.delivery_states().unwrap();
+        assert_eq!(states.len(), 2);
+        assert_eq!(states["old-a"], Delivery::in_order(9));
+        assert_eq!(states["old-b"], Delivery::in_order(3));
+        assert_eq!(
+            store.high_water_marks().unwrap(),
+            HashMap::from([("old-a".to_string(), 9), ("old-b".to_string(), 3)])
+        );
+        assert_eq!(store.wal_after(0).unwrap().len(), 3);
+        assert_eq!(store.last_wal_pos().unwrap(), 3);
+
+        // The admission built from it keeps the old verdicts, and takes floors from here on.
+        let cfg = IngestConfig::default();
+        let mut adm = Admission::new(states);
+        let mut p = Pending::default();
+        let judge =
+            |adm: &Admission, p: &mut Pending, id, seq, floor| adm.judge(p, id, seq, floor, &cfg);
+        assert_eq!(judge(&adm, &mut p, "old-a", 9, 0), Verdict::AlreadyAcked);
+        assert_eq!(judge(&adm, &mut p, "old-a", 4, 10), Verdict::AlreadyAcked);
+        assert_eq!(judge(&adm, &mut p, "old-a", 12, 10), Verdict::New);
+        assert_eq!(judge(&adm, &mut p, "old-b", 4, 0), Verdict::New);
+        store
+            .append(&[entry(4, "old-a", 12, 10), entry(5, "old-b", 4, 0)])
+            .unwrap();
+        adm.commit(p);
+
+        // Reopened: the new rows win over `hwm`, which still holds the highest acked seq.
+        drop(store);
+        let store = RedbStore::open(dir.path()).unwrap();
+        let states = store.delivery_states().unwrap();
+        assert_eq!(states["old-a"].floor(), 10);
+        assert_eq!(
+            states["old-a"].acked_above_floor().collect::<Vec<_>>(),
+            vec![12]
+        );
+        assert_eq!(states["old-b"], Delivery::in_order(4));
+        assert_eq!(states["old-a"], *adm.delivery("old-a").unwrap());
+        assert_eq!(
+            store.high_water_marks().unwrap(),
+            HashMap::from([("old-a".to_string(), 12), ("old-b".to_string(), 4)])
+        );
+        let adm = Admission::new(states);
+        let mut p = Pending::default();
+        assert_eq!(adm.judge(&mut p, "old-a", 11, 10, &cfg), Verdict::New);
+        assert_eq!(adm.judge(&mut p, "old-a", 10, 10, &cfg), Verdict::New);
+        assert_eq!(
+            adm.judge(&mut p, "old-a", 12, 10, &cfg),
+            Verdict::AlreadyAcked
+        );
+    }
+
+    #[test]
+    fn one_append_moves_each_collector_by_every_entry_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = RedbStore::open(dir.path()).unwrap();
+        store
+            .append(&[
+                entry(1, "c", 5, 2),
+                entry(2, "d", 1, 0),
+                entry(3, "c", 2, 2),
+                entry(4, "c", 9, 4),
+                entry(5, "d", 2, 0),
+            ])
+            .unwrap();
+        let states = store.delivery_states().unwrap();
+        let mut want = Delivery::unknown();
+        for (seq, floor) in [(5, 2), (2, 2), (9, 4)] {
+            want.admit(seq, floor);
+        }
+        assert_eq!(states["c"], want);
+        assert_eq!(states["c"].floor(), 4);
+        assert_eq!(
+            states["c"].acked_above_floor().collect::<Vec<_>>(),
+            vec![5, 9]
+        );
+        assert_eq!(states["d"], Delivery::in_order(2));
+    }
+
+    #[test]
+    fn an_undecodable_delivery_row_is_an_error_naming_the_collector() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            let tx = store.db.begin_write().unwrap();
+            tx.open_table(DELIVERY)
+                .unwrap()
+                .insert("edge-7", [1u8, 0, 0].as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let mut store = RedbStore::open(dir.path()).unwrap();
+        let err = store.delivery_states().unwrap_err().to_string();
+        assert!(err.contains("edge-7"), "{err}");
+        let err = store.append(&[entry(1, "edge-7", 1, 1)]).unwrap_err();
+        assert!(err.to_string().contains("edge-7"), "{err}");
     }
 }

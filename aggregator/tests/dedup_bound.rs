@@ -54,6 +54,7 @@ async fn send(ch: &Channel, seq: u64, clicks: Vec<IngestClick>) -> bool {
             collector_id: "c".into(),
             seq,
             clicks,
+            ..Default::default()
         },
         INGEST,
     ))

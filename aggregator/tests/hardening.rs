@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use adclick_aggregator::Aggregator;
+use adclick_aggregator::admit::Delivery;
 use adclick_aggregator::store::{Checkpoint, RedbStore, Store, StoreError, WalEntry};
 use adclick_proto::v1::ingest_service_client::IngestServiceClient;
 use adclick_proto::v1::query_service_client::QueryServiceClient;
@@ -50,6 +51,7 @@ fn batch(collector: &str, seq: u64, clicks: std::ops::Range<u64>) -> IngestBatch
         collector_id: collector.into(),
         seq,
         clicks: clicks.map(click).collect(),
+        ..Default::default()
     }
 }
 
@@ -284,6 +286,9 @@ impl Store for FlakyStore {
     fn high_water_marks(&self) -> Result<HashMap<String, u64>, StoreError> {
         self.inner.high_water_marks()
     }
+    fn delivery_states(&self) -> Result<HashMap<String, Delivery>, StoreError> {
+        self.inner.delivery_states()
+    }
     fn wal_after(&self, pos: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.inner.wal_after(pos)
     }
@@ -444,6 +449,9 @@ impl Store for SpillFailingStore {
     }
     fn high_water_marks(&self) -> Result<HashMap<String, u64>, StoreError> {
         self.0.high_water_marks()
+    }
+    fn delivery_states(&self) -> Result<HashMap<String, Delivery>, StoreError> {
+        self.0.delivery_states()
     }
     fn wal_after(&self, pos: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         self.0.wal_after(pos)

@@ -24,6 +24,7 @@ async fn hostile_input_is_refused_without_damage() {
             collector_id: "c".into(),
             seq: 1,
             clicks: clicks(20, 1, 5, 1, 1),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -33,6 +34,7 @@ async fn hostile_input_is_refused_without_damage() {
             collector_id: "c".into(),
             seq,
             clicks: cs,
+            ..Default::default()
         });
         req.metadata_mut().insert(
             "authorization",

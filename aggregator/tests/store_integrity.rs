@@ -26,6 +26,7 @@ fn write_store(dir: &Path, n: u64) -> Contents {
                 pos,
                 collector_id: collector.clone(),
                 seq: pos,
+                acked_floor: 0,
                 batch: batch.clone(),
             }])
             .unwrap();

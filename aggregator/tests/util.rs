@@ -90,6 +90,7 @@ pub async fn send(
                 collector_id: collector.into(),
                 seq,
                 clicks,
+                ..Default::default()
             },
             INGEST,
         ))

@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Largest `forward.max_in_flight`: aggregators hold at most 4x this many seqs acked out of
+/// order per collector (`admit::MAX_OUT_OF_ORDER` there).
+pub const MAX_IN_FLIGHT: usize = 256;
+
 /// Everything a collector needs. Every field has a default, so `CollectorConfig::default()`
 /// plus `keys_file` and `aggregators` is a working configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -279,6 +283,13 @@ pub struct ForwardConfig {
     /// the current seq, so that its high-water mark for this collector stays within the
     /// aggregators' `ingest.max_seq_jump` (keep this well below it).
     pub heartbeat_records: u64,
+    /// Spool records in flight at once (1 to 256): records past the lowest one not yet
+    /// acked by every owning aggregator are read and sent while earlier ones wait for
+    /// their acks, which may come back in any order; each destination so has at most this
+    /// many batches in flight. The spool is truncated only up to the contiguous acked
+    /// point. 1 sends one record at a time. Memory: up to this many records (each at most
+    /// `spool.max_clicks_per_record` clicks) held by the forwarder.
+    pub max_in_flight: usize,
 }
 
 impl Default for ForwardConfig {
@@ -289,6 +300,7 @@ impl Default for ForwardConfig {
             request_timeout_ms: 10_000,
             hot_fanout: 1,
             heartbeat_records: 100_000,
+            max_in_flight: 8,
         }
     }
 }
@@ -416,6 +428,9 @@ impl CollectorConfig {
         if self.forward.hot_fanout == 0 {
             return err("forward.hot_fanout must be >= 1");
         }
+        if !(1..=MAX_IN_FLIGHT).contains(&self.forward.max_in_flight) {
+            return err("forward.max_in_flight must be 1 to 256");
+        }
         Ok(())
     }
 
@@ -466,6 +481,22 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().0.contains("set together"));
+    }
+
+    #[test]
+    fn max_in_flight_is_1_to_256() {
+        assert_eq!(CollectorConfig::default().forward.max_in_flight, 8);
+        for (n, ok) in [(0, false), (1, true), (256, true), (257, false)] {
+            let mut c = CollectorConfig::default();
+            c.forward.max_in_flight = n;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{n} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{n} refused: {e:?}");
+                    assert!(e.0.contains("forward.max_in_flight"), "{e:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -359,7 +359,11 @@ async fn damage_found_while_forwarding_is_isolated_without_a_restart() {
     let ring = keyring(1, 1);
     write_keys(&dir.path().join("keys.toml"), &ring);
     let agg_addr = free_addr();
-    let cfg = config(dir.path(), vec![format!("http://{agg_addr}")]);
+    let mut cfg = config(dir.path(), vec![format!("http://{agg_addr}")]);
+    // The forwarder reads a record from disk when it enters the window: with two in
+    // flight (1 and 2, retried while the aggregator is down), record 3 is read only after
+    // the damage below.
+    cfg.forward.max_in_flight = 2;
     let spool_dir = cfg.data_dir.join("spool");
     let col = adclick_collector::start(cfg).await.unwrap();
     let s = signer(&ring);

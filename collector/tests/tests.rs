@@ -21,5 +21,6 @@ mod hardening;
 mod idle_flood;
 mod ingest;
 mod limits;
+mod pipelined;
 mod quic;
 mod tokens;

@@ -1,9 +1,10 @@
 //! An in-test `IngestService` that behaves like an aggregator's ingest edge (per-collector
-//! seq high-water mark, exact dedup by impression id) and records what it got: the test
-//! double of the aggregator for collector tests. It can fail calls on demand and report
-//! ads as hot. It checks no ingest key.
+//! acked seqs as a floor plus the set above it, exact dedup by impression id) and records
+//! what it got: the test double of the aggregator for collector tests. It can fail calls on
+//! demand, hold acks back (so they complete out of order) and report ads as hot. It checks
+//! no ingest key.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,11 @@ pub struct AggState {
     pub batches: Vec<IngestBatch>,
     /// Per collector: highest applied seq.
     pub hwm: HashMap<String, u64>,
+    /// Per collector: every seq below this was acked (the highest `acked_floor` received,
+    /// read as the seq itself when 0, as the real aggregator does).
+    pub floor: HashMap<String, u64>,
+    /// Per collector: acked seqs at or above its floor.
+    pub acked_above: HashMap<String, BTreeSet<u64>>,
     /// Applied clicks by impression id -> how many times applied (exact dedup means 1).
     pub applied: HashMap<Vec<u8>, IngestClick>,
     /// Clicks that arrived in a new batch but were exact duplicates.
@@ -38,6 +44,8 @@ pub struct FakeAggregator {
     pub fail_next: Arc<AtomicU32>,
     /// Reported as hot in every ack.
     pub hot: Arc<Mutex<Vec<u64>>>,
+    /// Seqs whose ack is held back (after the batch was applied) until they leave the set.
+    pub hold: Arc<Mutex<HashSet<u64>>>,
 }
 
 #[tonic::async_trait]
@@ -51,21 +59,50 @@ impl IngestService for FakeAggregator {
             return Err(Status::unavailable("scripted failure"));
         }
         let b = req.into_inner();
+        let seq = b.seq;
+        let ack = self.apply(b);
+        // A held ack waits (the batch is already applied, like a slow ack path).
+        while self.hold.lock().unwrap().contains(&seq) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(Response::new(ack))
+    }
+}
+
+impl FakeAggregator {
+    fn apply(&self, b: IngestBatch) -> IngestAck {
         let mut s = self.state.lock().unwrap();
         s.batches.push(b.clone());
-        let hwm = s.hwm.get(&b.collector_id).copied().unwrap_or(0);
+        let id = b.collector_id.clone();
         let mut ack = IngestAck {
-            collector_id: b.collector_id.clone(),
+            collector_id: id.clone(),
             seq: b.seq,
             hot_ad_ids: self.hot.lock().unwrap().clone(),
             ..Default::default()
         };
-        if b.seq <= hwm {
+        let mut floor = s.floor.get(&id).copied().unwrap_or(1);
+        let mut above = s.acked_above.remove(&id).unwrap_or_default();
+        let claim = if b.acked_floor == 0 {
+            b.seq
+        } else {
+            b.acked_floor.min(b.seq)
+        };
+        if b.seq < floor || above.contains(&b.seq) {
             s.redeliveries += 1;
             ack.already_acked = true;
-            return Ok(Response::new(ack));
+            s.acked_above.insert(id, above);
+            return ack;
         }
-        s.hwm.insert(b.collector_id.clone(), b.seq);
+        floor = floor.max(claim);
+        above.insert(b.seq);
+        above.retain(|x| *x >= floor);
+        while above.remove(&floor) {
+            floor += 1;
+        }
+        s.floor.insert(id.clone(), floor);
+        s.acked_above.insert(id.clone(), above);
+        let hwm = s.hwm.entry(id).or_default();
+        *hwm = (*hwm).max(b.seq);
         for c in b.clicks {
             if s.applied.contains_key(&c.impression_id) {
                 s.duplicates += 1;
@@ -75,7 +112,12 @@ impl IngestService for FakeAggregator {
                 s.applied.insert(c.impression_id.clone(), c);
             }
         }
-        Ok(Response::new(ack))
+        ack
+    }
+
+    /// Lets the held ack of `seq` go.
+    pub fn release(&self, seq: u64) {
+        self.hold.lock().unwrap().remove(&seq);
     }
 }
 
