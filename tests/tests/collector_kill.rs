@@ -1,6 +1,10 @@
 //! The real `adclick collector` process SIGKILLed in the middle of a load and restarted on
 //! the same config, data dir and port: every click of a batch that got a 202 is counted
-//! exactly once; a batch that got no answer is counted at most once.
+//! exactly once; a batch that got no answer is counted at most once. The collector
+//! forwards pipelined (`forward.max_in_flight` records in flight, acked in any order). A
+//! second scenario kills it while records are acked out of order for certain: with two
+//! aggregator shards, one down, records owned only by the live shard complete while
+//! earlier records wait for the dead one; nothing is lost or counted twice.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +17,8 @@ use prost::Message;
 
 use crate::support::*;
 
+/// Records in flight in these scenarios (the default is 8).
+const MAX_IN_FLIGHT: usize = 16;
 const CLIENTS: usize = 4;
 const BATCHES: usize = 40;
 const PER_BATCH: usize = 10;
@@ -130,6 +136,7 @@ async fn scenario() {
 
     let listen = free_addr();
     let config = dir.path().join("collector.toml");
+    // `[forward]` is the last table of the file.
     std::fs::write(
         &config,
         collector_toml(
@@ -138,7 +145,7 @@ async fn scenario() {
             &dir.path().join("collector"),
             &keys_file,
             grpc,
-        ),
+        ) + &format!("max_in_flight = {MAX_IN_FLIGHT}\n"),
     )
     .unwrap();
     let log = dir.path().join("collector.log");
@@ -312,4 +319,215 @@ async fn scenario() {
     );
     drop(child);
     agg.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Records acked out of order across two shards
+
+/// Records in the two-shard scenario before the kill; odd ones have clicks for both
+/// shards, even ones only for the live shard.
+const OOO_RECORDS: u64 = 10;
+const OOO_PER_SHARD: usize = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_collector_with_records_acked_out_of_order_loses_and_doubles_nothing() {
+    tokio::task::spawn_blocking(adclick_bin).await.unwrap();
+    within(Duration::from_secs(90), two_shard_scenario()).await;
+}
+
+async fn two_shard_scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.toml");
+    let ring = keyring(1, 23);
+    write_keys(&keys_file, &ring);
+    // Shard A runs; shard B's address is reserved and it starts only after the kill.
+    let a = adclick_aggregator::start(aggregator_config(
+        &dir.path().join("agg-a"),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    let b_addr = free_addr();
+    let endpoints = vec![
+        format!("http://{}", a.grpc_addr()),
+        format!("http://{b_addr}"),
+    ];
+    let router = adclick_collector::routing::Router::new(&endpoints);
+    let ads_of = |shard: usize| -> Vec<u64> {
+        (5_000..6_000u64)
+            .filter(|ad| router.shard(*ad, 0) == shard)
+            .take(40)
+            .collect()
+    };
+    let (ads_a, ads_b) = (ads_of(0), ads_of(1));
+
+    let listen = free_addr();
+    let config = dir.path().join("collector.toml");
+    let toml = collector_toml(
+        "edge-ooo",
+        listen,
+        &dir.path().join("collector"),
+        &keys_file,
+        a.grpc_addr(),
+    )
+    .replace(
+        &format!("aggregators = [\"{}\"]", endpoints[0]),
+        &format!("aggregators = [\"{}\", \"{}\"]", endpoints[0], endpoints[1]),
+    ) + &format!("max_in_flight = {MAX_IN_FLIGHT}\n");
+    assert!(toml.contains(&endpoints[1]), "{toml}");
+    std::fs::write(&config, toml).unwrap();
+    let log = dir.path().join("collector.log");
+    let base = format!("http://{listen}");
+    let mut child = ChildServer::spawn("collector", &config, &log);
+    assert!(
+        wait_healthy(&base, Duration::from_secs(20)).await,
+        "collector did not get healthy; log:\n{}",
+        child.log_text()
+    );
+
+    // One request at a time, so one spool record each. The ledger: clicks per ad, all
+    // acked (202) by the collector.
+    let mut p = Poster {
+        url: format!("{base}/v1/clicks"),
+        http: http_client(),
+        signer: signer(&ring),
+        ads: [ads_a.clone(), ads_b.clone()],
+        next: [0; 2],
+        ledger: BTreeMap::new(),
+    };
+    for r in 1..=OOO_RECORDS {
+        if r % 2 == 1 {
+            p.post(&[0, 1]).await;
+        } else {
+            p.post(&[0]).await;
+        }
+    }
+    // Shard A has counted every click it owns, so it acked every record (the odd ones
+    // only their A half); record 1 waits for B, so none is complete, and the even records
+    // completed out of order above it.
+    let on = |ads: &[u64], l: &BTreeMap<u64, u64>| -> BTreeMap<u64, u64> {
+        l.iter()
+            .filter(|(ad, _)| ads.contains(ad))
+            .map(|(a, c)| (*a, *c))
+            .collect()
+    };
+    let range = (now_ms() - 10 * MIN, now_ms() + 5 * MIN);
+    let want_a = on(&ads_a, &p.ledger);
+    let got = poll_counts(a.grpc_addr(), range, Duration::from_secs(20), |c| {
+        *c == want_a
+    })
+    .await;
+    assert_eq!(
+        got,
+        want_a,
+        "shard A before the kill; log:\n{}",
+        child.log_text()
+    );
+    let redeliveries_before = a.metrics().redeliveries.get();
+    child.assert_running();
+    child.kill();
+
+    // B comes up, the collector restarts from its spool: it resends every record (none
+    // was truncated), A takes them for redeliveries, B counts its halves once.
+    let b = adclick_aggregator::start(aggregator_config(&dir.path().join("agg-b"), b_addr))
+        .await
+        .unwrap();
+    let child = ChildServer::spawn("collector", &config, &log);
+    assert!(
+        wait_healthy(&base, Duration::from_secs(20)).await,
+        "restart failed; log:\n{}",
+        child.log_text()
+    );
+    // Two more records after the restart, one per kind.
+    p.post(&[0, 1]).await;
+    p.post(&[0]).await;
+    let (want_a, want_b) = (on(&ads_a, &p.ledger), on(&ads_b, &p.ledger));
+    let got_b = poll_counts(b_addr, range, Duration::from_secs(20), |c| *c == want_b).await;
+    let got_a = poll_counts(a.grpc_addr(), range, Duration::from_secs(20), |c| {
+        *c == want_a
+    })
+    .await;
+    assert_eq!(got_a, want_a, "shard A; log:\n{}", child.log_text());
+    assert_eq!(got_b, want_b, "shard B; log:\n{}", child.log_text());
+    // The records A acked before the kill came again (the spool kept them) and were not
+    // counted again.
+    let resent = a.metrics().redeliveries.get() - redeliveries_before;
+    assert!(
+        resent >= OOO_RECORDS,
+        "A got {resent} redeliveries after the restart"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        top_ads(a.grpc_addr(), ADMIN, 1000, range, None)
+            .await
+            .unwrap(),
+        ranked(&want_a, 1000)
+    );
+    assert_eq!(
+        top_ads(b_addr, ADMIN, 1000, range, None).await.unwrap(),
+        ranked(&want_b, 1000)
+    );
+    let total: u64 = p.ledger.values().sum();
+    assert_eq!(
+        total,
+        (OOO_RECORDS + 2) * OOO_PER_SHARD as u64 + (OOO_RECORDS / 2 + 1) * OOO_PER_SHARD as u64
+    );
+    drop(child);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Posts records of the two-shard scenario and keeps their ledger.
+struct Poster {
+    url: String,
+    http: reqwest::Client,
+    signer: adclick_sdk::ImpressionSigner,
+    /// Ads of shard 0 and shard 1.
+    ads: [Vec<u64>; 2],
+    next: [usize; 2],
+    /// Clicks per ad, every one acked (202) by the collector.
+    ledger: BTreeMap<u64, u64>,
+}
+
+impl Poster {
+    /// One request (one spool record) with `OOO_PER_SHARD` clicks for each of `shards`.
+    async fn post(&mut self, shards: &[usize]) {
+        let mut clicks = Vec::new();
+        for &shard in shards {
+            for _ in 0..OOO_PER_SHARD {
+                let ads = &self.ads[shard];
+                let ad = ads[self.next[shard] % ads.len()];
+                self.next[shard] += 1;
+                let t = self.signer.mint(&placement(ad, ADVERTISER, 1)).unwrap();
+                *self.ledger.entry(ad).or_default() += 1;
+                clicks.push(v1::Click {
+                    token: t.token,
+                    occurred_at_ms: now_ms(),
+                    sent_at_ms: now_ms(),
+                    country: "US".into(),
+                    ..Default::default()
+                });
+            }
+        }
+        let body = ClickBatch {
+            sent_at_ms: now_ms(),
+            clicks,
+            ..Default::default()
+        };
+        let r = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/x-protobuf")
+            .body(body.encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let res = ClickBatchResult::decode(r.bytes().await.unwrap()).unwrap();
+        assert_eq!(
+            res.accepted as usize,
+            shards.len() * OOO_PER_SHARD,
+            "{res:?}"
+        );
+    }
 }
