@@ -5,8 +5,9 @@
 //! from the minute cells ([`ShardState::top_index`]).
 //!
 //! Layout, for memory and for the per-click path (no allocation for the common cell):
-//! - a level is one flat hash map `(ad, bucket start) -> Cell` plus, per bucket, the list
-//!   of its ads (for time-ordered scans and whole-bucket eviction, no ordered set);
+//! - a level is one hash table `ad -> Cell` per bucket (minute, hour, day), in an ordered
+//!   map by bucket start: 8-byte keys, sequential scans and sealing of a minute, eviction
+//!   drops whole tables;
 //! - a [`Cell`] is 32 bytes: its totals, its first dimension combination inline, and the
 //!   others (rare at the minute level) in one `ThinVec` (a single pointer; the length lives
 //!   in the allocation, so reaching the combinations costs one cache miss, not two);
@@ -246,46 +247,66 @@ impl CellRef<'_> {
     }
 }
 
-/// One level (minute, hour or day): see the module doc.
+/// One level (minute, hour or day): one table per bucket, keyed by ad (see the module doc).
 #[derive(Debug, Default)]
 struct Level {
-    cells: super::FastMap<(u64, i64), Cell>,
-    /// Bucket start -> the ads that have a cell in it, in creation order.
-    by_bucket: BTreeMap<i64, Vec<u64>>,
+    buckets: BTreeMap<i64, Bucket>,
+    /// Cells in all buckets.
+    len: usize,
     sketches: Slab,
 }
+
+/// The cells of one bucket (a minute, an hour or a day).
+type Bucket = super::FastMap<u64, Cell>;
 
 impl Level {
     /// The cell of (ad, start), created if new, with the level's sketch slab.
     fn cell_mut(&mut self, ad: u64, start: i64) -> (&mut Cell, &mut Slab) {
         use std::collections::hash_map::Entry;
-        let cell = match self.cells.entry((ad, start)) {
+        let cell = match self.buckets.entry(start).or_default().entry(ad) {
             Entry::Occupied(o) => o.into_mut(),
             Entry::Vacant(v) => {
-                self.by_bucket.entry(start).or_default().push(ad);
+                self.len += 1;
                 v.insert(Cell::default())
             }
         };
         (cell, &mut self.sketches)
     }
 
-    fn free_cell(&mut self, cell: Cell) {
-        for c in cell.combos() {
-            c.users.free(&mut self.sketches);
+    fn get(&self, ad: u64, start: i64) -> Option<&Cell> {
+        self.buckets.get(&start)?.get(&ad)
+    }
+
+    fn insert(&mut self, ad: u64, start: i64, cell: Cell) {
+        if self.buckets.entry(start).or_default().insert(ad, cell).is_none() {
+            self.len += 1;
+        }
+    }
+
+    /// Drops every bucket starting before `before`, freeing their sketches.
+    fn evict(&mut self, before: i64) {
+        let keep = self.buckets.split_off(&before);
+        for (_, b) in std::mem::replace(&mut self.buckets, keep) {
+            self.len -= b.len();
+            for cell in b.values() {
+                for c in cell.combos() {
+                    c.users.free(&mut self.sketches);
+                }
+            }
         }
     }
 
     fn heap_bytes(&self) -> usize {
-        let slot = size_of::<((u64, i64), Cell)>() + 1;
-        let mut total = self.cells.capacity() * slot + self.sketches.heap_bytes();
-        total += self.by_bucket.len() * 64
-            + self.by_bucket.values().map(|v| v.capacity() * 8).sum::<usize>();
-        total += self
-            .cells
-            .values()
-            .filter(|c| c.more.capacity() > 0)
-            .map(|c| 16 + c.more.capacity() * size_of::<Combo>())
-            .sum::<usize>();
+        let slot = size_of::<(u64, Cell)>() + 1;
+        let mut total = self.sketches.heap_bytes() + self.buckets.len() * 96;
+        for b in self.buckets.values() {
+            total += b.capacity() * slot;
+            total += b
+                .values()
+                .filter(|c| c.more.capacity() > 0)
+                .map(|c| 16 + c.more.capacity() * size_of::<Combo>())
+                .sum::<usize>();
+        }
         total
     }
 }
@@ -347,11 +368,8 @@ impl ShardState {
         }
         let (minutes, upper) = self.levels.split_at_mut(1);
         let m = &minutes[0];
-        for (&start, ads) in m.by_bucket.range(self.sealed_before..before_ms) {
-            for ad in ads {
-                let Some(cell) = m.cells.get(&(*ad, start)) else {
-                    continue;
-                };
+        for (&start, cells) in m.buckets.range(self.sealed_before..before_ms) {
+            for (ad, cell) in cells {
                 for (i, l) in upper.iter_mut().enumerate() {
                     let (up, slab) = l.cell_mut(*ad, bucket(start, i + 1));
                     up.clicks = up.clicks.saturating_add(cell.clicks);
@@ -378,16 +396,7 @@ impl ShardState {
         if level == 0 {
             self.seal(before_ms);
         }
-        let l = &mut self.levels[level];
-        let keep = l.by_bucket.split_off(&before_ms);
-        let old = std::mem::replace(&mut l.by_bucket, keep);
-        for (start, ads) in old {
-            for ad in ads {
-                if let Some(cell) = l.cells.remove(&(ad, start)) {
-                    l.free_cell(cell);
-                }
-            }
-        }
+        self.levels[level].evict(before_ms);
     }
 
     /// What `ad` counted in the bucket of `level` starting at `start`: the bucket's cell
@@ -399,9 +408,14 @@ impl ShardState {
             let from = start.max(self.sealed_before);
             let to = start.saturating_add(LEVEL_MS[level]);
             let m = &self.levels[0];
-            m.by_bucket
+            m.buckets
                 .range(from..to.max(from))
-                .filter_map(move |(s, _)| self.cell(0, ad, *s))
+                .filter_map(move |(_, cells)| {
+                    cells.get(&ad).map(|cell| CellRef {
+                        cell,
+                        slab: &m.sketches,
+                    })
+                })
         });
         own.into_iter().chain(unsealed.into_iter().flatten())
     }
@@ -410,7 +424,7 @@ impl ShardState {
     /// is sealed; see [`ShardState::parts`]).
     pub fn cell(&self, level: usize, ad: u64, start: i64) -> Option<CellRef<'_>> {
         let l = &self.levels[level];
-        l.cells.get(&(ad, start)).map(|cell| CellRef {
+        l.get(ad, start).map(|cell| CellRef {
             cell,
             slab: &l.sketches,
         })
@@ -425,18 +439,16 @@ impl ShardState {
     ) -> impl Iterator<Item = (i64, u64, CellRef<'_>)> + '_ {
         let l = &self.levels[level];
         let range = if from < to { from..to } else { from..from };
-        l.by_bucket.range(range).flat_map(move |(s, ads)| {
-            ads.iter().filter_map(move |ad| {
-                l.cells.get(&(*ad, *s)).map(|cell| {
-                    (
-                        *s,
-                        *ad,
-                        CellRef {
-                            cell,
-                            slab: &l.sketches,
-                        },
-                    )
-                })
+        l.buckets.range(range).flat_map(move |(s, cells)| {
+            cells.iter().map(move |(ad, cell)| {
+                (
+                    *s,
+                    *ad,
+                    CellRef {
+                        cell,
+                        slab: &l.sketches,
+                    },
+                )
             })
         })
     }
@@ -445,8 +457,10 @@ impl ShardState {
     /// sealed minutes): what the shard thread starts from after a restore.
     pub fn top_index(&self) -> TopIndex {
         let mut top = TopIndex::new();
-        for ((ad, start), cell) in &self.levels[0].cells {
-            top.add(*ad, start.div_euclid(LEVEL_MS[0]), u64::from(cell.clicks));
+        for (start, cells) in &self.levels[0].buckets {
+            for (ad, cell) in cells {
+                top.add(*ad, start.div_euclid(LEVEL_MS[0]), u64::from(cell.clicks));
+            }
         }
         if self.sealed_before > i64::MIN {
             top.seal(self.sealed_before.div_euclid(LEVEL_MS[0]));
@@ -456,7 +470,7 @@ impl ShardState {
 
     /// Active minute cells.
     pub fn minute_cells(&self) -> usize {
-        self.levels[0].cells.len()
+        self.levels[0].len
     }
 
     /// Approximate heap bytes of everything in this shard.
@@ -471,7 +485,11 @@ impl ShardState {
             ..ShardPb::default()
         };
         for (level, l) in self.levels.iter().enumerate() {
-            for ((ad, start), cell) in &l.cells {
+            for ((start, ad), cell) in l
+                .buckets
+                .iter()
+                .flat_map(|(s, cells)| cells.iter().map(move |(ad, c)| ((s, ad), c)))
+            {
                 pb.cells.push(CellPb {
                     level: level as u32,
                     ad: *ad,
@@ -535,13 +553,11 @@ impl ShardState {
                 merged.merge(&users);
                 combo.users = Users::from_hll(merged, &mut l.sketches);
             }
-            if l.cells.insert((c.ad, c.start), cell).is_none() {
-                l.by_bucket.entry(c.start).or_default().push(c.ad);
-            }
+            l.insert(c.ad, c.start, cell);
         }
         if legacy {
             s.sealed_before = s.levels[0]
-                .by_bucket
+                .buckets
                 .keys()
                 .next_back()
                 .map_or(i64::MIN, |m| m + LEVEL_MS[0]);
@@ -705,7 +721,7 @@ mod tests {
                     prop_assert_eq!(u.estimate(), users.len() as u64);
                 }
                 let expected: HashSet<_> = model.keys().filter(|k| k.0 == 0).map(|k| (k.1, k.2)).collect();
-                prop_assert_eq!(s.levels[0].cells.len(), expected.len());
+                prop_assert_eq!(s.levels[0].len, expected.len());
                 Ok(())
             };
             check(&s, &model)?;
