@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod admit;
+pub mod benchkit;
 pub mod config;
 pub mod decode;
 pub mod engine;

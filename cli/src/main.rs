@@ -37,7 +37,7 @@ enum Command {
     },
     /// Drive a running collector with synthetic traffic and report rate, latency, errors.
     Loadgen(loadgen::LoadgenArgs),
-    /// Whole-pipeline benchmark: collector + aggregator processes under SDK load.
+    /// Benchmarks: whole pipeline (default), aggregator state path, TopAds over many ads.
     Bench(bench::BenchArgs),
     /// Manage impression-token signing keys (keys.toml).
     #[command(subcommand)]

@@ -376,3 +376,158 @@ fn ingest_keys_are_generated_and_required() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The `RESULT bench=<name> key=value ...` line of a benchmark's output: exactly one.
+fn result_line(out: &str, bench: &str) -> std::collections::HashMap<String, String> {
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("RESULT ")).collect();
+    assert_eq!(lines.len(), 1, "one RESULT line expected:\n{out}");
+    let kv: std::collections::HashMap<String, String> = lines[0]["RESULT ".len()..]
+        .split(' ')
+        .map(|p| {
+            let (k, v) = p.split_once('=').expect("key=value");
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    assert_eq!(kv["bench"], bench, "{out}");
+    kv
+}
+
+fn num(kv: &std::collections::HashMap<String, String>, key: &str) -> f64 {
+    kv.get(key)
+        .unwrap_or_else(|| panic!("RESULT has no {key}: {kv:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number: {kv:?}"))
+}
+
+/// `adclick bench aggregator` runs the click mix through the state path and reports it in
+/// its table and one parsable line; every click is either counted or a duplicate.
+#[test]
+fn bench_aggregator_prints_a_result_line() {
+    let out = ok(&["bench", "aggregator", "--clicks", "20000", "--ads", "1000"]);
+    assert!(out.contains("| metric | value |"), "{out}");
+    let r = result_line(&out, "aggregator");
+    assert_eq!(num(&r, "clicks"), 20000.0);
+    assert_eq!(num(&r, "ads"), 1000.0);
+    assert_eq!(r["decode"], "true");
+    assert_eq!(num(&r, "applied") + num(&r, "duplicates"), 20000.0);
+    // 2% re-sent impressions and 1% late clicks by default: some of each.
+    assert!(
+        num(&r, "duplicates") > 0.0 && num(&r, "late") > 0.0,
+        "{r:?}"
+    );
+    for key in [
+        "clicks_per_sec",
+        "clicks_per_cpu_sec",
+        "ns_per_click",
+        "minute_cells",
+        "bytes_per_cell",
+        "dedup_entries",
+        "dedup_bytes_per_entry",
+        "top100_p50_ms",
+        "top100_p99_ms",
+    ] {
+        assert!(num(&r, key) >= 0.0, "{key}: {r:?}");
+    }
+    assert_eq!(num(&r, "dedup_entries"), num(&r, "applied"));
+
+    let out = ok(&[
+        "bench",
+        "aggregator",
+        "--clicks",
+        "5000",
+        "--ads",
+        "100",
+        "--no-memory",
+        "--no-decode",
+        "--dup-pct",
+        "0",
+    ]);
+    let r = result_line(&out, "aggregator");
+    assert_eq!(r["decode"], "false");
+    assert_eq!(num(&r, "applied"), 5000.0);
+    assert!(
+        !r.contains_key("bytes_per_cell"),
+        "no memory figures: {r:?}"
+    );
+}
+
+/// `adclick bench topads` builds a state with the asked number of distinct ads and times
+/// unfiltered and one-country TopAds through the query code.
+#[test]
+fn bench_topads_prints_a_result_line() {
+    let out = ok(&[
+        "bench", "topads", "--ads", "2000", "--runs", "5", "--budget", "1s",
+    ]);
+    let r = result_line(&out, "topads");
+    assert_eq!(num(&r, "ads"), 2000.0);
+    assert_eq!(
+        num(&r, "clicks"),
+        4000.0,
+        "one click per ad + as many Zipf clicks"
+    );
+    assert!(num(&r, "minute_cells") >= 2000.0, "{r:?}");
+    for key in ["p50_ms", "p99_ms", "filtered_p50_ms", "filtered_p99_ms"] {
+        assert!(num(&r, key) >= 0.0, "{key}: {r:?}");
+    }
+    assert_eq!(num(&r, "runs"), 5.0);
+}
+
+/// `adclick bench` without a subcommand is `pipeline` (the form that predates the
+/// subcommands), so both reach the same argument checks (before anything is started).
+#[test]
+fn bench_without_subcommand_is_the_pipeline() {
+    let err = fails(&["bench", "--collectors", "0"]);
+    assert!(
+        err.contains("--collectors and --rate must be positive"),
+        "{err}"
+    );
+    let err = fails(&["bench", "pipeline", "--rate", "0"]);
+    assert!(
+        err.contains("--collectors and --rate must be positive"),
+        "{err}"
+    );
+    let err = fails(&["bench", "aggregator", "--clicks", "0"]);
+    assert!(err.contains("must be at least 1"), "{err}");
+    let help = ok(&["bench", "--help"]);
+    for sub in ["pipeline", "aggregator", "topads"] {
+        assert!(help.contains(sub), "{help}");
+    }
+}
+
+/// A short whole-pipeline run with the real binaries: everything the collectors acked is
+/// counted, or refused by the aggregator's exact dedup as a repeat, once the drain is over
+/// (undelivered = 0), and the line has every figure.
+#[test]
+fn bench_pipeline_counts_everything_acked() {
+    let out = ok(&[
+        "bench",
+        "pipeline",
+        "--rate",
+        "2000",
+        "--duration",
+        "2s",
+        "--ads",
+        "1000",
+        "--drain",
+        "60s",
+    ]);
+    let r = result_line(&out, "pipeline");
+    assert_eq!(num(&r, "collectors"), 2.0);
+    assert!(num(&r, "acked") > 0.0, "{r:?}");
+    assert_eq!(num(&r, "undelivered"), 0.0, "{out}");
+    assert_eq!(num(&r, "acked"), num(&r, "counted") + num(&r, "refused"));
+    for key in [
+        "offered_per_sec",
+        "acked_per_sec",
+        "counted_per_sec",
+        "cpu_aggregator",
+        "cpu_collectors",
+        "cpu_loadgen",
+        "rss_aggregator_mib",
+        "rss_collector_max_mib",
+        "topads_queries",
+        "probes",
+    ] {
+        assert!(num(&r, key) >= 0.0, "{key}: {r:?}");
+    }
+}

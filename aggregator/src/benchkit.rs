@@ -1,0 +1,1090 @@
+//! Benchmark kit for the aggregator's state, shared by `adclick bench aggregator`,
+//! `adclick bench topads` and `benches/state.rs`, so the CLI and the bench measure the
+//! same thing the same way:
+//!
+//! - [`MixGen`]: a deterministic generator of the realistic click mix (issue 13): Zipf
+//!   ads, five dimensions (country, device, os, site, user id), a share of re-sent
+//!   impression ids (duplicates) and of late clicks (event time minutes behind the
+//!   watermark). It produces wire `IngestClick`s; [`MixBatches`] encodes them into
+//!   `IngestBatch` bytes, which is what the engine receives from collectors.
+//! - [`apply_mix`]: single-threaded apply throughput of the per-click path as the engine
+//!   runs it (decode from the batch bytes, window operator, one shard, minute seals), with
+//!   every batch generated and encoded before the clock starts; plus RSS per active minute
+//!   cell and per dedup entry, each measured in its own pass.
+//! - [`topads_index`]: TopAds latency (unfiltered and one-country) through the real query
+//!   code over a state holding many distinct ads.
+//!
+//! Everything that touches the state API is in the `adapter` section at the end of this
+//! file ([`StatePath`], `IndexPath`, `DedupOnly`): a change of that API changes those few
+//! lines, never the generator or the measurements. Not used by the server; it measures and
+//! never asserts (figures go to BENCHMARKS.md).
+
+use std::sync::atomic::{AtomicBool, AtomicI64};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use adclick_proto::v1::{self, IngestClick};
+
+/// Event time of the first generated click (2026-01-01T00:00Z).
+pub const T0_MS: i64 = 1_767_225_600_000;
+
+const COUNTRIES: [&str; 5] = ["US", "DE", "FR", "GB", "BR"];
+const OSES: [&str; 2] = ["ios", "android"];
+const SITES: usize = 50;
+/// Re-sent impressions are drawn from this many recent clicks.
+const RECENT: usize = 4096;
+
+/// xorshift64: fast, deterministic, no dependencies (load shapes, not secrets).
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.max(1))
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn pct(&mut self, p: f64) -> bool {
+        self.unit() * 100.0 < p
+    }
+}
+
+/// Bijective scramble, so that popular ads are not simply the small ids.
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Resident set size of this process, bytes (0 where /proc is missing).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU time (user + system) of the calling thread, seconds, from `/proc/thread-self/stat`
+/// (clock ticks of 1/100 s, Linux's `USER_HZ`); 0 where /proc is missing. On a shared
+/// machine, clicks per CPU-second is the figure that other load does not change much.
+pub fn thread_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // After the command name (which may hold spaces), utime and stime are fields 12 and 13.
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+/// Memory the kernel says can still be allocated (`MemAvailable`), bytes.
+pub fn mem_available_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    })
+}
+
+/// Why a benchmark stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BenchError {
+    /// Building the data set would leave less than the configured free memory.
+    #[error(
+        "stopped building after {clicks} of {wanted} clicks ({used_mib} MiB): only {available_mib} MiB \
+         of memory left; use fewer ads"
+    )]
+    OutOfMemory {
+        /// Clicks applied when it stopped.
+        clicks: u64,
+        /// Clicks it was asked for.
+        wanted: u64,
+        /// RSS growth so far, MiB.
+        used_mib: u64,
+        /// `MemAvailable` at that point, MiB.
+        available_mib: u64,
+    },
+}
+
+/// Latency percentiles of a repeated operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Latency {
+    /// Runs measured.
+    pub runs: usize,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Slowest, ms.
+    pub max_ms: f64,
+}
+
+/// Times `f` up to `runs` times, stopping early once `budget` is spent (at least 3 runs).
+pub fn time_runs(runs: usize, budget: Duration, mut f: impl FnMut()) -> Latency {
+    let started = Instant::now();
+    let mut v: Vec<f64> = Vec::with_capacity(runs);
+    while v.len() < runs.max(1) && (v.len() < 3 || started.elapsed() < budget) {
+        let t = Instant::now();
+        f();
+        v.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[(((v.len() - 1) as f64) * q).round() as usize];
+    Latency {
+        runs: v.len(),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: at(1.0),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The click mix
+// ---------------------------------------------------------------------------------------
+
+/// Shape of the click mix and what to measure.
+#[derive(Debug, Clone)]
+pub struct MixConfig {
+    /// Clicks generated (duplicates and late clicks included).
+    pub clicks: u64,
+    /// Distinct ads (ids 1..=ads), Zipf(s = 1) popularity.
+    pub ads: u64,
+    /// Minutes of event time the clicks are spread over.
+    pub minutes: i64,
+    /// Percent of clicks that re-send a recent impression (same id, same record).
+    pub duplicate_pct: f64,
+    /// Percent of clicks whose event time is 2-5 minutes behind the watermark.
+    pub late_pct: f64,
+    /// Distinct user ids.
+    pub users: u64,
+    /// Generator seed.
+    pub seed: u64,
+    /// Also measure RSS per minute cell and per dedup entry (two extra untimed passes).
+    pub measure_memory: bool,
+    /// Time the engine's input: clicks decoded from encoded `IngestBatch` bytes (zero
+    /// copy). `false`: already-decoded `IngestClick`s, so the state path alone.
+    pub decode: bool,
+    /// Clicks per encoded batch (collectors send up to 20k per spool record).
+    pub batch: usize,
+}
+
+impl Default for MixConfig {
+    /// The issue-13 mix: 5M clicks over 1M ads in 60 minutes, 2% duplicates, 1% late.
+    fn default() -> Self {
+        MixConfig {
+            clicks: 5_000_000,
+            ads: 1_000_000,
+            minutes: 60,
+            duplicate_pct: 2.0,
+            late_pct: 1.0,
+            users: 200_000,
+            seed: 0x9E37_79B9_7F4A_7C15,
+            measure_memory: true,
+            decode: true,
+            batch: 5_000,
+        }
+    }
+}
+
+/// The click stream of a [`MixConfig`]: deterministic, so separate passes (timed, memory)
+/// see exactly the same clicks.
+#[derive(Debug)]
+pub struct MixGen {
+    cfg: MixConfig,
+    rng: Rng,
+    i: u64,
+    /// Recent fresh clicks (a re-sent impression is an exact copy of one).
+    recent: Vec<IngestClick>,
+    /// Duplicates generated so far.
+    pub duplicates: u64,
+    /// Late clicks generated so far.
+    pub late: u64,
+}
+
+impl MixGen {
+    /// A generator at the start of the stream.
+    pub fn new(cfg: &MixConfig) -> Self {
+        MixGen {
+            cfg: cfg.clone(),
+            rng: Rng::new(cfg.seed),
+            i: 0,
+            recent: Vec::with_capacity(RECENT),
+            duplicates: 0,
+            late: 0,
+        }
+    }
+
+    /// Zipf(s = 1)-like ad choice: floor(ads^u) for uniform u, scrambled over 1..=ads.
+    fn ad(&mut self) -> u64 {
+        let ads = self.cfg.ads.max(1);
+        let rank = ((ads as f64).powf(self.rng.unit()) as u64).clamp(1, ads);
+        // A fixed permutation of 1..=ads would cost a table; an offset keeps ids in range
+        // and hot ads away from id 1.
+        (rank - 1 + splitmix(self.cfg.seed) % ads) % ads + 1
+    }
+
+    fn fresh(&mut self) -> IngestClick {
+        let span = self.cfg.minutes.max(1) * 60_000;
+        let n = self.cfg.clicks.max(1);
+        let now = T0_MS + (i128::from(self.i) * i128::from(span) / i128::from(n)) as i64;
+        let r = &mut self.rng;
+        let late = r.pct(self.cfg.late_pct);
+        // In-order clicks arrive up to 2 s out of order (within the allowed delay); late
+        // ones happened 2-5 minutes before the newest (an app that was offline).
+        let event_time_ms = if late {
+            now - 120_000 - (r.next() % 180_000) as i64
+        } else {
+            now - (r.next() % 2_000) as i64
+        };
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&r.next().to_le_bytes());
+        id[8..].copy_from_slice(&self.i.to_le_bytes());
+        let country = COUNTRIES[(r.next() % COUNTRIES.len() as u64) as usize];
+        let device = (1 + r.next() % 3) as i32;
+        let os = OSES[(r.next() % OSES.len() as u64) as usize];
+        let site = format!("site{}", r.next() % SITES as u64);
+        let user_id = format!("u{}", r.next() % self.cfg.users.max(1));
+        let ad = self.ad();
+        self.late += u64::from(late);
+        IngestClick {
+            impression_id: id.to_vec(),
+            ad_id: ad,
+            advertiser_id: 1 + ad % 7,
+            campaign_id: 100 + ad % 23,
+            token_expires_at_ms: event_time_ms + 3_600_000,
+            event_time_ms,
+            received_at_ms: now,
+            country: country.into(),
+            device,
+            os: os.into(),
+            site,
+            user_id,
+            ..Default::default()
+        }
+    }
+}
+
+impl Iterator for MixGen {
+    type Item = IngestClick;
+
+    fn next(&mut self) -> Option<IngestClick> {
+        if self.i >= self.cfg.clicks {
+            return None;
+        }
+        let c = if !self.recent.is_empty() && self.rng.pct(self.cfg.duplicate_pct) {
+            self.duplicates += 1;
+            let k = (self.rng.next() % self.recent.len() as u64) as usize;
+            self.recent[k].clone()
+        } else {
+            let c = self.fresh();
+            if self.recent.len() < RECENT {
+                self.recent.push(c.clone());
+            } else {
+                let k = (self.i % RECENT as u64) as usize;
+                self.recent[k] = c.clone();
+            }
+            c
+        };
+        self.i += 1;
+        Some(c)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = usize::try_from(self.cfg.clicks - self.i).unwrap_or(usize::MAX);
+        (left, Some(left))
+    }
+}
+
+/// The stream of a [`MixGen`] as encoded `IngestBatch`es of `cfg.batch` clicks.
+#[derive(Debug)]
+pub struct MixBatches {
+    /// The click generator (its counters say what was generated).
+    pub clicks: MixGen,
+    batch: usize,
+    seq: u64,
+}
+
+impl MixBatches {
+    /// Batches of the whole stream.
+    pub fn new(cfg: &MixConfig) -> Self {
+        MixBatches {
+            clicks: MixGen::new(cfg),
+            batch: cfg.batch.max(1),
+            seq: 0,
+        }
+    }
+}
+
+impl Iterator for MixBatches {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        use prost::Message as _;
+        let clicks: Vec<IngestClick> = self.clicks.by_ref().take(self.batch).collect();
+        if clicks.is_empty() {
+            return None;
+        }
+        self.seq += 1;
+        Some(
+            v1::IngestBatch {
+                collector_id: "bench".into(),
+                seq: self.seq,
+                clicks,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    }
+}
+
+/// Memory figures of [`apply_mix`] (RSS deltas, so they include allocator overhead).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MixMemory {
+    /// RSS growth of the counting state (window operator + shard) minus the dedup set.
+    pub state_bytes: u64,
+    /// `state_bytes` per active (ad, minute) cell: its hour and day rollups, dimension
+    /// combinations, unique-user sketches, top-N entry and ad metadata included.
+    pub bytes_per_cell: f64,
+    /// The shard's own estimate (`heap_bytes`) per minute cell.
+    pub heap_estimate_per_cell: f64,
+    /// Impression ids the dedup set holds (RAM tier + spilled tier; the bench's spill
+    /// tier is in memory).
+    pub dedup_entries: u64,
+    /// RSS growth of a dedup set alone fed the same ids.
+    pub dedup_bytes: u64,
+    /// `dedup_bytes` per entry.
+    pub dedup_bytes_per_entry: f64,
+}
+
+/// What [`apply_mix`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixReport {
+    /// The configuration measured.
+    pub clicks: u64,
+    /// Distinct ads configured.
+    pub ads: u64,
+    /// Minutes of event time.
+    pub minutes: i64,
+    /// Whether the timed loop decoded the clicks from batch bytes.
+    pub decode: bool,
+    /// Clicks counted.
+    pub applied: u64,
+    /// Clicks dropped as duplicates by the state path.
+    pub duplicates: u64,
+    /// Clicks counted as late corrections of an already-final minute.
+    pub late: u64,
+    /// Re-sent impressions the generator produced.
+    pub generated_duplicates: u64,
+    /// Late clicks the generator produced.
+    pub generated_late: u64,
+    /// Wall time of the timed loop, seconds.
+    pub seconds: f64,
+    /// CPU time of the timed loop (this thread), seconds: below `seconds` when other
+    /// processes took the core.
+    pub cpu_seconds: f64,
+    /// Clicks per CPU-second of the timed loop.
+    pub clicks_per_cpu_sec: f64,
+    /// All clicks pushed per second (duplicates and late included), one core.
+    pub clicks_per_sec: f64,
+    /// Nanoseconds per click pushed.
+    pub ns_per_click: f64,
+    /// Active (ad, minute) cells at the end.
+    pub minute_cells: u64,
+    /// Unfiltered TopAds(n=100) over the mix's minutes, in process (shard index only).
+    pub top100: Latency,
+    /// Unfiltered TopAds(n=10) over its last 5 minutes.
+    pub top10_last5: Latency,
+    /// Memory, when measured.
+    pub memory: Option<MixMemory>,
+}
+
+/// Runs the click mix through the per-click state path on this thread, as the engine's
+/// writer and one shard thread do it (decode, window operator, apply, seal each minute the
+/// watermark passes). The timed loop only reads batches encoded beforehand (or, without
+/// `decode`, borrows pre-generated clicks: nothing is cloned per click); generation, memory
+/// passes and TopAds are outside it. With `measure_memory`, two untimed passes come first,
+/// streamed so that no freed input is reused by the state: the whole path, then a dedup set
+/// alone fed the same ids.
+pub fn apply_mix(cfg: &MixConfig) -> MixReport {
+    let memory = cfg.measure_memory.then(|| {
+        let rss0 = rss_bytes();
+        let mut path = StatePath::new();
+        for b in MixBatches::new(cfg) {
+            path.push_batch(&b);
+        }
+        let rss1 = rss_bytes();
+        let cells = path.minute_cells().max(1);
+        let heap = path.heap_bytes();
+        let rss_d0 = rss_bytes();
+        let mut dedup = DedupOnly::new();
+        for c in MixGen::new(cfg) {
+            dedup.push(&c);
+        }
+        let rss_d1 = rss_bytes();
+        let entries = dedup.len().max(1);
+        let dedup_bytes = rss_d1.saturating_sub(rss_d0);
+        let state_bytes = rss1.saturating_sub(rss0).saturating_sub(dedup_bytes);
+        drop(dedup);
+        drop(path);
+        MixMemory {
+            state_bytes,
+            bytes_per_cell: state_bytes as f64 / cells as f64,
+            heap_estimate_per_cell: heap as f64 / cells as f64,
+            dedup_entries: entries,
+            dedup_bytes,
+            dedup_bytes_per_entry: dedup_bytes as f64 / entries as f64,
+        }
+    });
+
+    let mut path = StatePath::new();
+    let (n, times, generated) = if cfg.decode {
+        let mut gen_ = MixBatches::new(cfg);
+        let batches: Vec<Vec<u8>> = gen_.by_ref().collect();
+        let (t, cpu) = (Instant::now(), thread_cpu_seconds());
+        for b in &batches {
+            path.push_batch(b);
+        }
+        let times = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
+        (gen_.clicks.i, times, gen_.clicks)
+    } else {
+        let mut gen_ = MixGen::new(cfg);
+        let clicks: Vec<IngestClick> = gen_.by_ref().collect();
+        let (t, cpu) = (Instant::now(), thread_cpu_seconds());
+        for chunk in clicks.chunks(cfg.batch.max(1)) {
+            path.push_clicks(chunk);
+        }
+        let times = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
+        (gen_.i, times, gen_)
+    };
+    let seconds = times.0.max(1e-9);
+    let cpu_seconds = times.1.max(0.0);
+    let counts = path.counts();
+
+    let m0 = T0_MS / 60_000;
+    let m1 = m0 + cfg.minutes.max(1);
+    let budget = Duration::from_secs(5);
+    let top100 = time_runs(200, budget, || {
+        std::hint::black_box(path.top(100, m0, m1));
+    });
+    let top10_last5 = time_runs(200, budget, || {
+        std::hint::black_box(path.top(10, m1 - 5, m1));
+    });
+    MixReport {
+        clicks: n,
+        ads: cfg.ads,
+        minutes: cfg.minutes,
+        decode: cfg.decode,
+        applied: counts.applied,
+        duplicates: counts.duplicates,
+        late: counts.late,
+        generated_duplicates: generated.duplicates,
+        generated_late: generated.late,
+        seconds,
+        cpu_seconds,
+        clicks_per_cpu_sec: n as f64 / cpu_seconds.max(0.01),
+        clicks_per_sec: n as f64 / seconds,
+        ns_per_click: seconds * 1e9 / n.max(1) as f64,
+        minute_cells: path.minute_cells(),
+        top100,
+        top10_last5,
+        memory,
+    }
+}
+
+impl MixReport {
+    /// The human table (markdown).
+    pub fn table(&self) -> String {
+        let mut t = String::from("| metric | value |\n|---|---|\n");
+        t += &format!(
+            "| clicks / distinct ads (Zipf s=1) / minutes | {} / {} / {} |\n",
+            self.clicks, self.ads, self.minutes
+        );
+        t += &format!(
+            "| generated re-sent impressions / late clicks | {} / {} |\n",
+            self.generated_duplicates, self.generated_late
+        );
+        t += &format!(
+            "| counted / dropped as duplicates / of the counted, late corrections | {} / {} / {} |\n",
+            self.applied, self.duplicates, self.late
+        );
+        t += &format!(
+            "| **per-click path, one core** ({}window operator, shard apply, seals; all clicks) | **{:.0} clicks/s** ({:.0} ns/click, {:.2} s) |\n",
+            if self.decode {
+                "decode from batch bytes, "
+            } else {
+                ""
+            },
+            self.clicks_per_sec,
+            self.ns_per_click,
+            self.seconds
+        );
+        t += &format!(
+            "| the same per CPU-second of the loop (CPU {:.2} s of {:.2} s wall: the rest went to other processes) | {:.0} clicks/s |\n",
+            self.cpu_seconds, self.seconds, self.clicks_per_cpu_sec
+        );
+        t += &format!("| active (ad, minute) cells | {} |\n", self.minute_cells);
+        if let Some(m) = &self.memory {
+            t += &format!(
+                "| RSS per active minute cell, counting state without dedup (rollups, combos, HLLs, top-N) | {:.0} bytes ({:.0} MiB in all; heap estimate {:.0} bytes) |\n",
+                m.bytes_per_cell,
+                m.state_bytes as f64 / 1048576.0,
+                m.heap_estimate_per_cell
+            );
+            t += &format!(
+                "| dedup: entries / RSS per entry | {} / {:.0} bytes |\n",
+                m.dedup_entries, m.dedup_bytes_per_entry
+            );
+        }
+        t += &format!(
+            "| TopAds n=100 over all minutes, in process: p50 / p99 | {:.3} / {:.3} ms |\n",
+            self.top100.p50_ms, self.top100.p99_ms
+        );
+        t += &format!(
+            "| TopAds n=10 over the last 5 minutes: p50 / p99 | {:.3} / {:.3} ms |\n",
+            self.top10_last5.p50_ms, self.top10_last5.p99_ms
+        );
+        t
+    }
+
+    /// One machine-parsable line: `RESULT bench=aggregator key=value ...`.
+    pub fn result_line(&self) -> String {
+        let mut l = format!(
+            "RESULT bench=aggregator clicks={} ads={} minutes={} decode={} applied={} duplicates={} late={} seconds={:.3} cpu_seconds={:.2} clicks_per_sec={:.0} clicks_per_cpu_sec={:.0} ns_per_click={:.1} minute_cells={} top100_p50_ms={:.3} top100_p99_ms={:.3}",
+            self.clicks,
+            self.ads,
+            self.minutes,
+            self.decode,
+            self.applied,
+            self.duplicates,
+            self.late,
+            self.seconds,
+            self.cpu_seconds,
+            self.clicks_per_sec,
+            self.clicks_per_cpu_sec,
+            self.ns_per_click,
+            self.minute_cells,
+            self.top100.p50_ms,
+            self.top100.p99_ms
+        );
+        if let Some(m) = &self.memory {
+            l += &format!(
+                " bytes_per_cell={:.0} dedup_entries={} dedup_bytes_per_entry={:.1}",
+                m.bytes_per_cell, m.dedup_entries, m.dedup_bytes_per_entry
+            );
+        }
+        l
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// TopAds over a large index
+// ---------------------------------------------------------------------------------------
+
+/// Shape of the TopAds benchmark.
+#[derive(Debug, Clone)]
+pub struct TopadsConfig {
+    /// Distinct ads in the window (each clicked at least once).
+    pub ads: u64,
+    /// Extra clicks on Zipf(s = 1.1)-distributed ads on top of one per ad.
+    pub zipf_clicks: u64,
+    /// Minutes the clicks are spread over (the query asks for the last 60).
+    pub minutes: i64,
+    /// Most timed runs per query kind.
+    pub runs: usize,
+    /// Time budget per query kind (at least 3 runs are made).
+    pub budget: Duration,
+    /// Country of the filtered query.
+    pub country: String,
+    /// Generator seed.
+    pub seed: u64,
+    /// Stop building (with [`BenchError::OutOfMemory`]) when less memory than this is left.
+    pub min_available_bytes: u64,
+}
+
+impl Default for TopadsConfig {
+    /// 10M distinct ads plus 10M Zipf clicks over 60 minutes; 300 runs or 20 s per query.
+    fn default() -> Self {
+        TopadsConfig {
+            ads: 10_000_000,
+            zipf_clicks: 10_000_000,
+            minutes: 60,
+            runs: 300,
+            budget: Duration::from_secs(20),
+            country: "US".into(),
+            seed: 0x5EED_1234_ABCD_0001,
+            min_available_bytes: 2 << 30,
+        }
+    }
+}
+
+/// What [`topads_index`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopadsReport {
+    /// Distinct ads in the window.
+    pub ads: u64,
+    /// Clicks applied to build the state.
+    pub clicks: u64,
+    /// Active (ad, minute) cells.
+    pub minute_cells: u64,
+    /// Build time, seconds.
+    pub build_seconds: f64,
+    /// RSS growth while building, bytes.
+    pub rss_bytes: u64,
+    /// Unfiltered TopAds(n=100, last 60 min) through the query code.
+    pub unfiltered: Latency,
+    /// TopAds(n=100, last 60 min) filtered to one country.
+    pub filtered: Latency,
+    /// Country of the filtered query.
+    pub country: String,
+    /// Whether the filtered answer was non-empty (a sanity check of the set-up).
+    pub filtered_hits: usize,
+}
+
+/// Continuous inverse-CDF approximation of Zipf(s) over ranks 0..n.
+struct Zipf {
+    a: f64,
+    s: f64,
+    n: u64,
+}
+
+impl Zipf {
+    fn new(n: u64, s: f64) -> Self {
+        Zipf {
+            a: (n as f64).powf(1.0 - s) - 1.0,
+            s,
+            n: n.max(1),
+        }
+    }
+    fn sample(&self, rng: &mut Rng) -> u64 {
+        let r = (self.a * rng.unit() + 1.0).powf(1.0 / (1.0 - self.s));
+        (r as u64).saturating_sub(1).min(self.n - 1)
+    }
+}
+
+/// Builds a state holding `cfg.ads` distinct ads in the last `cfg.minutes` minutes (every
+/// ad clicked once, then `zipf_clicks` more on Zipf-popular ads, all with dimensions and
+/// user ids) and times TopAds(n=100, last 60 min) through the query code as gRPC runs it
+/// (minus the network), unfiltered and filtered to one country. Checks the memory left
+/// while building and stops early rather than make the machine swap or kill.
+pub fn topads_index(cfg: &TopadsConfig) -> Result<TopadsReport, BenchError> {
+    let span = cfg.minutes.max(1);
+    // The data ends inside the current minute of `now`, as under live load.
+    let base_minute = T0_MS / 60_000;
+    let now_ms = (base_minute + span) * 60_000 - 1;
+    let mut rng = Rng::new(cfg.seed);
+    let zipf = Zipf::new(cfg.ads.max(1), 1.1);
+    let mut index = IndexPath::new();
+    let rss0 = rss_bytes();
+    let t = Instant::now();
+    let mut add = |rank: u64, rng: &mut Rng| {
+        let ad = (splitmix(rank) >> 1) + 1;
+        let minute = base_minute + (rng.next() % span as u64) as i64;
+        let t_ms = minute * 60_000 + (rng.next() % 60_000) as i64;
+        let dims = IndexDims {
+            country: COUNTRIES[(rng.next() % COUNTRIES.len() as u64) as usize],
+            device: (1 + rng.next() % 3) as u8,
+            os: (1 + rng.next() % OSES.len() as u64) as u32,
+            site: (1 + OSES.len() as u64 + rng.next() % SITES as u64) as u32,
+            user: splitmix(rng.next() % 1_000_000),
+        };
+        index.add(ad, t_ms, dims);
+    };
+    let wanted = cfg.ads + cfg.zipf_clicks;
+    for i in 0..wanted {
+        // Every ad once, then the Zipf-popular ones.
+        let rank = if i < cfg.ads {
+            i
+        } else {
+            zipf.sample(&mut rng)
+        };
+        add(rank, &mut rng);
+        if i % (1 << 18) == 0
+            && let Some(avail) = mem_available_bytes()
+            && avail < cfg.min_available_bytes
+        {
+            return Err(BenchError::OutOfMemory {
+                clicks: i,
+                wanted,
+                used_mib: rss_bytes().saturating_sub(rss0) >> 20,
+                available_mib: avail >> 20,
+            });
+        }
+    }
+    let build_seconds = t.elapsed().as_secs_f64();
+    let rss_bytes = rss_bytes().saturating_sub(rss0);
+    let minute_cells = index.minute_cells();
+    // The watermark trails the newest click by the default allowed delay (10 s).
+    let view = index.into_view(now_ms - 10_000);
+
+    let request = |filter: Option<v1::Filter>| v1::TopAdsRequest {
+        n: 100,
+        window: Some(v1::top_ads_request::Window::LastMinutes(60)),
+        filter,
+    };
+    let unfiltered_req = request(None);
+    let filtered_req = request(Some(v1::Filter {
+        country: vec![cfg.country.clone()],
+        ..Default::default()
+    }));
+    let unfiltered = time_runs(cfg.runs, cfg.budget, || {
+        std::hint::black_box(view.top_ads(&unfiltered_req, now_ms));
+    });
+    let filtered_hits = view.top_ads(&filtered_req, now_ms);
+    let filtered = time_runs(cfg.runs, cfg.budget, || {
+        std::hint::black_box(view.top_ads(&filtered_req, now_ms));
+    });
+    Ok(TopadsReport {
+        ads: cfg.ads,
+        clicks: wanted,
+        minute_cells,
+        build_seconds,
+        rss_bytes,
+        unfiltered,
+        filtered,
+        country: cfg.country.clone(),
+        filtered_hits,
+    })
+}
+
+impl TopadsReport {
+    /// The human table (markdown).
+    pub fn table(&self) -> String {
+        let mut t = String::from("| metric | value |\n|---|---|\n");
+        t += &format!(
+            "| distinct ads in the window / clicks / active minute cells | {} / {} / {} |\n",
+            self.ads, self.clicks, self.minute_cells
+        );
+        t += &format!(
+            "| build (one core, shard apply only) / RSS growth | {:.1} s ({:.0} clicks/s) / {:.0} MiB |\n",
+            self.build_seconds,
+            self.clicks as f64 / self.build_seconds.max(1e-9),
+            self.rss_bytes as f64 / 1048576.0
+        );
+        t += &format!(
+            "| **TopAds(n=100, last 60 min)**, query code in process: p50 / p99 / max ({} runs) | **{:.3} / {:.3}** / {:.3} ms |\n",
+            self.unfiltered.runs,
+            self.unfiltered.p50_ms,
+            self.unfiltered.p99_ms,
+            self.unfiltered.max_ms
+        );
+        t += &format!(
+            "| TopAds(n=100, last 60 min, country={}): p50 / p99 / max ({} runs) | {:.3} / {:.3} / {:.3} ms |\n",
+            self.country,
+            self.filtered.runs,
+            self.filtered.p50_ms,
+            self.filtered.p99_ms,
+            self.filtered.max_ms
+        );
+        t
+    }
+
+    /// One machine-parsable line: `RESULT bench=topads key=value ...`.
+    pub fn result_line(&self) -> String {
+        format!(
+            "RESULT bench=topads ads={} clicks={} minute_cells={} build_seconds={:.1} rss_mib={:.0} p50_ms={:.3} p99_ms={:.3} max_ms={:.3} runs={} filtered_p50_ms={:.3} filtered_p99_ms={:.3} filtered_runs={}",
+            self.ads,
+            self.clicks,
+            self.minute_cells,
+            self.build_seconds,
+            self.rss_bytes as f64 / 1048576.0,
+            self.unfiltered.p50_ms,
+            self.unfiltered.p99_ms,
+            self.unfiltered.max_ms,
+            self.unfiltered.runs,
+            self.filtered.p50_ms,
+            self.filtered.p99_ms,
+            self.filtered.runs
+        )
+    }
+}
+
+/// Dimensions of one click of the TopAds data set (`os`/`site` are interned ids).
+#[derive(Debug, Clone, Copy)]
+struct IndexDims {
+    country: &'static str,
+    device: u8,
+    os: u32,
+    site: u32,
+    user: u64,
+}
+
+// ---------------------------------------------------------------------------------------
+// Adapter: the only code here that calls the state API. Adapt these when it changes.
+// ---------------------------------------------------------------------------------------
+
+use crate::config::{QueryConfig, ShardConfig, WindowConfig};
+use crate::decode::{click_from_wire, clicks as decode_clicks};
+use crate::sketch::hll::Hll;
+use crate::state::click::ClickIn;
+use crate::state::dedup::{Dedup, Entry, MemTable, Ordinal};
+use crate::state::dims::{ComboTable, DimKey, country_code};
+use crate::state::published::{TopOp, TopWriter};
+use crate::state::shard::{Applied, LEVEL_MS, ShardState};
+use crate::state::topn::TopIndex;
+use crate::state::windows::{ClickWindows, DEFAULT_DEDUP_MEMORY_BYTES, Routed};
+use crate::view::{QueryMeta, View};
+use arc_swap::ArcSwap;
+
+/// Counters of a [`StatePath`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathCounts {
+    /// Clicks counted.
+    pub applied: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Late corrections among the counted.
+    pub late: u64,
+}
+
+/// The per-click path of the engine with one shard, on one thread: the writer's decode and
+/// window operator (dedup, watermark, interning, hot keys, routing), the shard thread's
+/// apply and its top-N index updates published read-copy-update style once per batch, and
+/// the minute seals the writer sends when the watermark passes a minute (`engine.rs`).
+#[derive(Debug)]
+pub struct StatePath {
+    windows: ClickWindows,
+    shard: ShardState,
+    top: TopWriter,
+    published: ArcSwap<TopIndex>,
+    last_seal: i64,
+}
+
+impl Default for StatePath {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StatePath {
+    /// One shard, default window configuration, in-memory dedup spill tier.
+    pub fn new() -> Self {
+        let shards = ShardConfig {
+            count: 1,
+            ..Default::default()
+        };
+        let shard = ShardState::default();
+        let (top, published) = TopWriter::new(shard.top_index());
+        StatePath {
+            windows: ClickWindows::new(WindowConfig::default(), &shards),
+            shard,
+            top,
+            published,
+            last_seal: i64::MIN,
+        }
+    }
+
+    /// One encoded `IngestBatch`, as the engine applies a WAL entry.
+    pub fn push_batch(&mut self, batch: &[u8]) {
+        for c in decode_clicks(batch).map_while(Result::ok) {
+            self.push(c);
+        }
+        self.end_batch();
+    }
+
+    /// Already-decoded clicks as one batch.
+    pub fn push_clicks(&mut self, clicks: &[IngestClick]) {
+        for c in clicks {
+            self.push(click_from_wire(c));
+        }
+        self.end_batch();
+    }
+
+    #[inline]
+    fn push(&mut self, c: ClickIn<'_>) {
+        if let Routed::Apply(_, a) = self.windows.process(c) {
+            self.shard.apply(&a);
+            self.top.push(TopOp::Add {
+                ad: a.ad,
+                minute: a.event_time_ms.div_euclid(LEVEL_MS[0]),
+                by: 1,
+            });
+        }
+    }
+
+    /// What the engine does after each batch: seal the minutes the watermark passed
+    /// (`evict_if_due`; eviction is past the 48 h retention, never within a bench), and
+    /// publish the top-N index (`shard_loop`).
+    fn end_batch(&mut self) {
+        let wm = self.windows.watermark_ms();
+        let seal = wm.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0];
+        if wm != i64::MIN && seal > self.last_seal {
+            self.last_seal = seal;
+            self.shard.seal(seal);
+            self.top.push(TopOp::Seal(seal.div_euclid(LEVEL_MS[0])));
+        }
+        self.top.publish(&self.published);
+    }
+
+    /// Counters so far.
+    pub fn counts(&self) -> PathCounts {
+        let c = &self.windows.counters;
+        PathCounts {
+            applied: c.applied,
+            duplicates: c.duplicate,
+            late: c.late,
+        }
+    }
+
+    /// Active (ad, minute) cells.
+    pub fn minute_cells(&self) -> u64 {
+        self.shard.minute_cells() as u64
+    }
+
+    /// The shard's own heap estimate.
+    pub fn heap_bytes(&self) -> u64 {
+        self.shard.heap_bytes() as u64
+    }
+
+    /// Unfiltered top `n` over minutes [from, to) (minute indices), from the published
+    /// index as a query reads it.
+    pub fn top(&self, n: usize, from_minute: i64, to_minute: i64) -> Vec<(u64, u64)> {
+        self.published.load().top(n, from_minute, to_minute)
+    }
+}
+
+/// A dedup set alone, fed the same impression ids (to split its memory from the state's).
+struct DedupOnly {
+    dedup: Dedup,
+    next: u32,
+}
+
+impl DedupOnly {
+    fn new() -> Self {
+        DedupOnly {
+            dedup: Dedup::new(DEFAULT_DEDUP_MEMORY_BYTES, Box::<MemTable>::default()),
+            next: 0,
+        }
+    }
+
+    fn push(&mut self, c: &IngestClick) {
+        let Ok(id) = <[u8; 16]>::try_from(c.impression_id.as_slice()) else {
+            return;
+        };
+        let ordinal = Ordinal {
+            pos: 0,
+            idx: self.next,
+        };
+        self.next = self.next.saturating_add(1);
+        let _ = self.dedup.check_insert(
+            id,
+            Entry {
+                keep_until: c.token_expires_at_ms + 60_000,
+                ordinal,
+            },
+        );
+    }
+
+    fn len(&self) -> u64 {
+        self.dedup.ram_len() as u64 + self.dedup.disk_len().unwrap_or(0)
+    }
+}
+
+/// A shard filled directly (no window operator: the TopAds data set has no duplicates and
+/// its dedup set would only cost memory), then sealed and published as the query side's
+/// [`View`], with the owners and dimension combinations the window operator would publish.
+struct IndexPath {
+    shard: ShardState,
+    combos: ComboTable,
+    owners: crate::state::FastMap<u64, (u64, u64)>,
+}
+
+impl IndexPath {
+    fn new() -> Self {
+        IndexPath {
+            shard: ShardState::default(),
+            combos: ComboTable::default(),
+            owners: Default::default(),
+        }
+    }
+
+    fn add(&mut self, ad: u64, event_time_ms: i64, d: IndexDims) {
+        let (advertiser, campaign) = (1 + ad % 7, 100 + ad % 23);
+        self.owners.entry(ad).or_insert((advertiser, campaign));
+        let combo = self.combos.intern(DimKey {
+            country: country_code(d.country),
+            device: d.device,
+            os: d.os,
+            site: d.site,
+        });
+        self.shard.apply(&Applied {
+            ad,
+            advertiser,
+            campaign,
+            event_time_ms,
+            combo,
+            user: Hll::entry_of_hash(d.user),
+            late: false,
+        });
+    }
+
+    fn minute_cells(&self) -> u64 {
+        self.shard.minute_cells() as u64
+    }
+
+    /// Seals what the watermark (`watermark_ms`) has passed and publishes the view.
+    fn into_view(mut self, watermark_ms: i64) -> IndexView {
+        self.shard
+            .seal(watermark_ms.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0]);
+        let mut names = std::collections::HashMap::new();
+        for (i, os) in OSES.iter().enumerate() {
+            names.insert((*os).to_string(), i as u32 + 1);
+        }
+        for s in 0..SITES {
+            names.insert(format!("site{s}"), (1 + OSES.len() + s) as u32);
+        }
+        IndexView {
+            view: Arc::new(View {
+                tops: vec![ArcSwap::from_pointee(self.shard.top_index())],
+                shards: vec![RwLock::new(self.shard)],
+                watermark_ms: AtomicI64::new(watermark_ms),
+                meta: ArcSwap::from_pointee(QueryMeta {
+                    names,
+                    split: Vec::new(),
+                    combos: self.combos.keys().to_vec(),
+                }),
+                owners: RwLock::new(self.owners),
+                killed: AtomicBool::new(false),
+                ready: Default::default(),
+            }),
+            cfg: QueryConfig::default(),
+        }
+    }
+}
+
+/// The query side over an [`IndexPath`].
+struct IndexView {
+    view: Arc<View>,
+    cfg: QueryConfig,
+}
+
+impl IndexView {
+    /// Runs TopAds as an admin through the query code; the number of ads answered.
+    fn top_ads(&self, req: &v1::TopAdsRequest, now_ms: i64) -> usize {
+        crate::query::top_ads(
+            &self.view,
+            crate::query::Caller::Admin,
+            req,
+            &self.cfg,
+            now_ms,
+        )
+        .map_or(0, |r| r.ads.len())
+    }
+}

@@ -1,0 +1,81 @@
+//! `adclick bench aggregator`: apply-only throughput of the aggregator's per-click state
+//! path (window operator + one shard) on this thread, on the issue-13 click mix, plus RSS
+//! per active minute cell and per dedup entry. The work is
+//! `adclick_aggregator::benchkit::apply_mix`, shared with `cargo bench --bench state`.
+
+use std::path::PathBuf;
+
+use adclick_aggregator::benchkit::{MixConfig, apply_mix};
+use anyhow::{Result, bail};
+use clap::Args;
+
+/// `adclick bench aggregator`
+#[derive(Debug, Args)]
+pub struct AggregatorArgs {
+    /// Clicks pushed through the state (duplicates and late clicks included).
+    #[arg(long, default_value_t = 5_000_000)]
+    clicks: u64,
+    /// Distinct ads (Zipf popularity).
+    #[arg(long, default_value_t = 1_000_000)]
+    ads: u64,
+    /// Minutes of event time the clicks are spread over.
+    #[arg(long, default_value_t = 60)]
+    minutes: i64,
+    /// Percent of re-sent impressions (duplicates).
+    #[arg(long, default_value_t = 2.0)]
+    dup_pct: f64,
+    /// Percent of late clicks (2-5 minutes behind the watermark).
+    #[arg(long, default_value_t = 1.0)]
+    late_pct: f64,
+    /// Skip the two untimed memory passes (no bytes per cell / per dedup entry).
+    #[arg(long)]
+    no_memory: bool,
+    /// Time already-decoded clicks (the state path alone) instead of decoding them from
+    /// encoded batches as the engine does.
+    #[arg(long)]
+    no_decode: bool,
+    /// Append the result table to this file.
+    #[arg(long)]
+    append: Option<PathBuf>,
+}
+
+pub fn run(a: AggregatorArgs) -> Result<()> {
+    if a.clicks == 0 || a.ads == 0 || a.minutes < 1 {
+        bail!("--clicks, --ads and --minutes must be at least 1");
+    }
+    let cfg = MixConfig {
+        clicks: a.clicks,
+        ads: a.ads,
+        minutes: a.minutes,
+        duplicate_pct: a.dup_pct,
+        late_pct: a.late_pct,
+        measure_memory: !a.no_memory,
+        decode: !a.no_decode,
+        ..MixConfig::default()
+    };
+    eprintln!(
+        "aggregator state path: {} clicks over {} ads, {}% duplicates, {}% late{}...",
+        cfg.clicks,
+        cfg.ads,
+        cfg.duplicate_pct,
+        cfg.late_pct,
+        if cfg.measure_memory {
+            " (memory passes first)"
+        } else {
+            ""
+        }
+    );
+    let r = apply_mix(&cfg);
+    let mut t = format!("### adclick bench aggregator, {}\n\n", super::machine());
+    t += &format!(
+        "`adclick bench aggregator --clicks {} --ads {} --minutes {} --dup-pct {} --late-pct {}{}`\n\n",
+        a.clicks,
+        a.ads,
+        a.minutes,
+        a.dup_pct,
+        a.late_pct,
+        if a.no_decode { " --no-decode" } else { "" }
+    );
+    t += &r.table();
+    super::emit(&t, &r.result_line(), a.append.as_deref())
+}

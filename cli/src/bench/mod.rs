@@ -1,0 +1,82 @@
+//! `adclick bench`: the benchmarks behind BENCHMARKS.md, one subcommand each.
+//!
+//! - `pipeline` ([`pipeline`]): the whole path with the real `adclick` binaries as child
+//!   processes (collectors + aggregator) under SDK load from this process.
+//! - `aggregator` ([`aggregator`]): apply-only throughput of the aggregator's per-click
+//!   state path on one core, and memory per cell (`adclick_aggregator::benchkit`).
+//! - `topads` ([`topads`]): TopAds latency over a state holding millions of ads.
+//!
+//! `adclick bench --rate R ...` without a subcommand is `pipeline` (the form that predates
+//! the subcommands). Each prints a human table and exactly one line `RESULT bench=<name>
+//! key=value ...` on stdout for scripts (`scripts/bench.sh`). Measures, never asserts.
+
+mod aggregator;
+mod pipeline;
+mod topads;
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+/// `adclick bench`
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    cmd: Option<BenchCommand>,
+    /// Without a subcommand: the `pipeline` benchmark with these arguments.
+    #[command(flatten)]
+    pipeline: pipeline::PipelineArgs,
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Whole pipeline: collectors + aggregator as processes under SDK load (the default).
+    Pipeline(pipeline::PipelineArgs),
+    /// Aggregator per-click state path, apply only, one core: clicks/s and memory per cell.
+    Aggregator(aggregator::AggregatorArgs),
+    /// TopAds(n=100, last 60 min) latency over a state holding millions of distinct ads.
+    Topads(topads::TopadsArgs),
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.cmd {
+        None => pipeline::run(a.pipeline),
+        Some(BenchCommand::Pipeline(p)) => pipeline::run(p),
+        Some(BenchCommand::Aggregator(x)) => aggregator::run(x),
+        Some(BenchCommand::Topads(x)) => topads::run(x),
+    }
+}
+
+/// "date: N cores, CPU model" for table headers.
+fn machine() -> String {
+    let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{date}: {cores} cores, {cpu_model}")
+}
+
+/// Prints the table, then appends it to `append` when given.
+fn emit(table: &str, result: &str, append: Option<&Path>) -> Result<()> {
+    print!("{table}");
+    println!("{result}");
+    if let Some(path) = append {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)?;
+        writeln!(f, "\n{table}")?;
+        eprintln!("appended to {}", path.display());
+    }
+    Ok(())
+}

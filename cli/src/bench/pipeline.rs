@@ -1,0 +1,624 @@
+//! `adclick bench pipeline` (also `adclick bench` without a subcommand): whole-pipeline
+//! benchmark on one machine. It runs the real `adclick aggregator` and `--collectors`
+//! `adclick collector`s as child processes (so CPU and peak RSS can be read per process
+//! from /proc) and drives them with the synthetic SDK traffic of `adclick dev` from this
+//! process, split evenly over the collectors. It reports offered load, clicks acked (2xx:
+//! fsynced at a collector), clicks counted by the aggregator during the load and after a
+//! bounded drain (undelivered = acked - counted - refused, where refused are the repeats
+//! only the aggregator's exact dedup could tell), click-to-queryable latency (probe clicks
+//! timed until `GetAdClicks` sees them), TopAds(n=100, last 60 min) latency over gRPC
+//! while the load runs, CPU per process and peak RSS.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use adclick_proto::keyfile::KeyFile;
+use adclick_proto::token::{Keyring, SigningKey};
+use adclick_proto::v1::query_service_client::QueryServiceClient;
+use adclick_proto::v1::{self, GetAdClicksRequest, TopAdsRequest};
+use adclick_sdk::ImpressionSigner;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use prost::Message;
+use tonic::transport::Channel;
+
+use crate::keys::now_ms;
+use crate::traffic::{self, Target, TrafficConfig};
+
+/// `adclick bench pipeline`
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// Offered load, clicks per second (split evenly over the collectors).
+    #[arg(long, default_value_t = 20_000.0)]
+    rate: f64,
+    /// Measurement time (load runs this long; the drain comes after).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    duration: Duration,
+    /// Collector processes.
+    #[arg(long, default_value_t = 2)]
+    collectors: usize,
+    /// Distinct ads (Zipf).
+    #[arg(long, default_value_t = 100_000)]
+    ads: u64,
+    /// Longest wait after the load for the aggregator to count what was acked.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    drain: Duration,
+    /// Append the result table to this file (e.g. BENCHMARKS.md).
+    #[arg(long)]
+    append: Option<PathBuf>,
+}
+
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(&format!("/proc/{}/stat", self.child.id()))
+    }
+    fn peak_rss_mib(&self) -> f64 {
+        peak_rss(&format!("/proc/{}/status", self.child.id()))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn peak_rss(status: &str) -> f64 {
+    std::fs::read_to_string(status)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// User + system CPU seconds from a `/proc/<pid>/stat` file (after the command name,
+/// utime and stime are fields 12 and 13, in clock ticks of 1/100 s).
+fn cpu_seconds(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+fn own_cpu_seconds() -> f64 {
+    cpu_seconds("/proc/self/stat")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn spawn(name: &str, args: &[&str], log: &Path) -> Result<Proc> {
+    let exe = std::env::current_exe().context("cannot find the adclick binary")?;
+    let log = std::fs::File::create(log)?;
+    let child = Command::new(exe)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .with_context(|| format!("cannot start the {name}"))?;
+    Ok(Proc { child })
+}
+
+async fn wait_healthy(http: &reqwest::Client, url: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if http
+            .get(url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("{url} did not become healthy within 30 s")
+}
+
+async fn scrape(http: &reqwest::Client, url: &str, metric: &str) -> u64 {
+    let Ok(r) = http.get(url).send().await else {
+        return 0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(metric))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn authed<T>(msg: T, key: &str) -> Result<tonic::Request<T>> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse()?);
+    Ok(r)
+}
+
+/// The processes under test and how to reach them.
+struct Setup {
+    keyring: Keyring,
+    admin: &'static str,
+    grpc: u16,
+    agg_http: u16,
+    collector_http: Vec<u16>,
+    agg: Proc,
+    collectors: Vec<Proc>,
+}
+
+pub fn run(a: PipelineArgs) -> Result<()> {
+    if a.collectors == 0 || a.rate <= 0.0 {
+        bail!("--collectors and --rate must be positive");
+    }
+    let dir = std::env::temp_dir().join(format!("adclick-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let setup = start(&a, &dir);
+    let result = setup.and_then(|s| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(measure(&a, &s))
+    });
+    if let Err(e) = &result {
+        // The children's logs say why (a refused config, a port in use): show their ends.
+        let mut logs = String::new();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                if !tail.is_empty() {
+                    logs += &format!("\n--- {} (last lines)\n", path.display());
+                    for l in tail.into_iter().rev() {
+                        logs += l;
+                        logs.push('\n');
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        bail!("{e:#}{logs}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let (table, line) = result?;
+    super::emit(&table, &line, a.append.as_deref())
+}
+
+fn start(a: &PipelineArgs, dir: &Path) -> Result<Setup> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
+    let keyring = Keyring::new(SigningKey::new(1, &secret)?);
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        KeyFile {
+            keyring: keyring.clone(),
+            created: vec![(1, now_ms())],
+        }
+        .render()?,
+    )?;
+    let admin = "bench-admin-key-0123456789";
+    let ingest = crate::keys::ingest_key()?;
+    let (grpc, agg_http) = (free_port()?, free_port()?);
+    std::fs::write(
+        dir.join("aggregator.toml"),
+        format!(
+            "listen_grpc = \"127.0.0.1:{grpc}\"\nlisten_http = \"127.0.0.1:{agg_http}\"\ndata_dir = {:?}\n\
+             ingest_keys = [\"{ingest}\"]\n\
+             [windows]\nallowed_delay_ms = 2000\n[[api_keys]]\nkey = \"{admin}\"\nrole = \"admin\"\n",
+            dir.join("agg")
+        ),
+    )?;
+    let agg = spawn(
+        "aggregator",
+        &[
+            "aggregator",
+            "--config",
+            &dir.join("aggregator.toml").to_string_lossy(),
+        ],
+        &dir.join("aggregator.log"),
+    )?;
+    let mut collector_http = Vec::new();
+    let mut collectors = Vec::new();
+    for i in 0..a.collectors {
+        let port = free_port()?;
+        let cfg = dir.join(format!("collector{i}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen_http = \"127.0.0.1:{port}\"\ndata_dir = {:?}\nkeys_file = {:?}\n\
+                 aggregators = [\"http://127.0.0.1:{grpc}\"]\naggregator_key = \"{ingest}\"\n\
+                 [forward]\nretry_base_ms = 20\nretry_max_ms = 500\n\
+                 [limits]\nmax_clicks_per_batch = 5000\nmax_body_bytes = 8388608\n\
+                 # every bench client is 127.0.0.1: no per-IP click rate limit, and the\n\
+                 # whole in-flight body budget for that one address\n\
+                 rate_limit_per_ip = 0.0\nmax_inflight_body_bytes_per_ip = 67108864\n",
+                dir.join(format!("col{i}")),
+                keys
+            ),
+        )?;
+        collectors.push(spawn(
+            "collector",
+            &["collector", "--config", &cfg.to_string_lossy()],
+            &dir.join(format!("collector{i}.log")),
+        )?);
+        collector_http.push(port);
+    }
+    Ok(Setup {
+        keyring,
+        admin,
+        grpc,
+        agg_http,
+        collector_http,
+        agg,
+        collectors,
+    })
+}
+
+const ACCEPTED: &str = "adclick_collector_clicks_total{outcome=\"accepted\"}";
+const APPLIED: &str = "adclick_aggregator_clicks_total{outcome=\"applied\"}";
+/// What the aggregator refuses of what a collector accepted, each for a reason: repeats a
+/// collector could only suspect (a repeat of an impression still pending at one collector,
+/// a Bloom positive) meet the exact dedup here; the others do not occur in this traffic.
+const REFUSED: [&str; 4] = [
+    "adclick_aggregator_clicks_total{outcome=\"duplicate\"}",
+    "adclick_aggregator_clicks_total{outcome=\"too_old\"}",
+    "adclick_aggregator_clicks_total{outcome=\"malformed\"}",
+    "adclick_aggregator_clicks_total{outcome=\"owner_mismatch\"}",
+];
+
+/// Clicks acked by all collectors, counted by the aggregator and refused by it so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    acked: u64,
+    counted: u64,
+    refused: u64,
+}
+
+impl std::ops::Sub for Totals {
+    type Output = Totals;
+    fn sub(self, o: Totals) -> Totals {
+        Totals {
+            acked: self.acked.saturating_sub(o.acked),
+            counted: self.counted.saturating_sub(o.counted),
+            refused: self.refused.saturating_sub(o.refused),
+        }
+    }
+}
+
+async fn totals(http: &reqwest::Client, s: &Setup) -> Totals {
+    let mut acked = 0;
+    for port in &s.collector_http {
+        acked += scrape(http, &format!("http://127.0.0.1:{port}/metrics"), ACCEPTED).await;
+    }
+    let agg = format!("http://127.0.0.1:{}/metrics", s.agg_http);
+    let counted = scrape(http, &agg, APPLIED).await;
+    let mut refused = 0;
+    for m in REFUSED {
+        refused += scrape(http, &agg, m).await;
+    }
+    Totals {
+        acked,
+        counted,
+        refused,
+    }
+}
+
+/// Probe clicks: a fresh ad each, posted directly (round robin over the collectors) and
+/// timed until `GetAdClicks` sees it.
+fn spawn_probes(
+    s: &Setup,
+    channel: Channel,
+    http: reqwest::Client,
+    done: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<f64>> {
+    let signer = ImpressionSigner::new(s.keyring.clone());
+    let urls: Vec<String> = s
+        .collector_http
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}/v1/clicks"))
+        .collect();
+    let admin = s.admin.to_string();
+    tokio::spawn(async move {
+        let mut q = QueryServiceClient::new(channel);
+        let mut lat = Vec::new();
+        let mut i = 0u64;
+        while !done.load(Ordering::Relaxed) {
+            i += 1;
+            let ad = 900_000_000 + i;
+            let Ok(m) = signer.mint(&traffic::placement(ad)) else {
+                break;
+            };
+            let now = now_ms();
+            let body = v1::ClickBatch {
+                clicks: vec![v1::Click {
+                    token: m.token,
+                    occurred_at_ms: now,
+                    sent_at_ms: now,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let url = &urls[(i as usize) % urls.len()];
+            let start = Instant::now();
+            let ok = http
+                .post(url)
+                .header("content-type", "application/x-protobuf")
+                .body(body.encode_to_vec())
+                .send()
+                .await;
+            if !ok.is_ok_and(|r| r.status() == 202) {
+                continue;
+            }
+            let deadline = start + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let req = GetAdClicksRequest {
+                    ad_id: ad,
+                    from_ms: now - 120_000,
+                    to_ms: now + 120_000,
+                    ..Default::default()
+                };
+                let Ok(req) = authed(req, &admin) else { break };
+                if q.get_ad_clicks(req)
+                    .await
+                    .is_ok_and(|r| r.into_inner().total_clicks == 1)
+                {
+                    lat.push(start.elapsed().as_secs_f64() * 1e3);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        lat
+    })
+}
+
+/// TopAds(n=100, last 60 min) over gRPC every 50 ms.
+fn spawn_topads(
+    channel: Channel,
+    admin: &str,
+    done: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<f64>> {
+    let admin = admin.to_string();
+    tokio::spawn(async move {
+        let mut q = QueryServiceClient::new(channel);
+        let mut lat = Vec::new();
+        while !done.load(Ordering::Relaxed) {
+            let req = TopAdsRequest {
+                n: 100,
+                window: Some(v1::top_ads_request::Window::LastMinutes(60)),
+                filter: None,
+            };
+            let Ok(req) = authed(req, &admin) else { break };
+            let s = Instant::now();
+            if q.top_ads(req).await.is_ok() {
+                lat.push(s.elapsed().as_secs_f64() * 1e3);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        lat
+    })
+}
+
+async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
+    adclick_sdk::HttpTransport::install_crypto_provider();
+    let http = reqwest::Client::new();
+    wait_healthy(&http, &format!("http://127.0.0.1:{}/healthz", s.agg_http)).await?;
+    for port in &s.collector_http {
+        wait_healthy(&http, &format!("http://127.0.0.1:{port}/healthz")).await?;
+    }
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", s.grpc))?
+        .connect()
+        .await?;
+    let cpu = |s: &Setup| {
+        (
+            s.agg.cpu_seconds(),
+            s.collectors
+                .iter()
+                .map(Proc::cpu_seconds)
+                .collect::<Vec<_>>(),
+            own_cpu_seconds(),
+        )
+    };
+
+    let cpu0 = cpu(s);
+    let start = totals(&http, s).await;
+    let n = s.collector_http.len();
+    let mut loads = Vec::new();
+    for port in &s.collector_http {
+        let cfg = TrafficConfig {
+            rate: a.rate / n as f64,
+            ads: a.ads,
+            trackers: (8 / n).max(2),
+            batch_size: 500,
+            late_pct: 0.0,
+            ..Default::default()
+        };
+        loads.push(traffic::start(
+            cfg,
+            Target::Http(format!("http://127.0.0.1:{port}")),
+            s.keyring.clone(),
+            None,
+        )?);
+    }
+    let t0 = Instant::now();
+    let done = Arc::new(AtomicBool::new(false));
+    let probes = spawn_probes(s, channel.clone(), http.clone(), done.clone());
+    let tops = spawn_topads(channel.clone(), s.admin, done.clone());
+    tokio::time::sleep(a.duration).await;
+
+    // End of the measured window.
+    let secs = t0.elapsed().as_secs_f64();
+    let at_end = totals(&http, s).await - start;
+    let cpu1 = cpu(s);
+    done.store(true, Ordering::Relaxed);
+    let generated: u64 = loads
+        .iter()
+        .map(|l| l.stats.clicks.load(Ordering::Relaxed))
+        .sum();
+    let mut req_lat = Vec::new();
+    let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    for l in &loads {
+        let (_, p50, p99, _) = l.stats.latency_ms();
+        req_lat.push((p50, p99));
+        for (k, v) in l.stats.errors() {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    for l in loads {
+        l.stop().await;
+    }
+    let mut probe_lat = probes.await.unwrap_or_default();
+    let mut top_lat = tops.await.unwrap_or_default();
+
+    // Drain: wait (bounded) until the aggregator has decided about everything acked.
+    let drain_start = Instant::now();
+    let mut after = totals(&http, s).await - start;
+    let mut last_progress = Instant::now();
+    while after.counted + after.refused < after.acked && drain_start.elapsed() < a.drain {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = totals(&http, s).await - start;
+        if now != after {
+            last_progress = Instant::now();
+        }
+        after = now;
+        if last_progress.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+    }
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+
+    let Totals {
+        acked,
+        counted,
+        refused,
+    } = after;
+    let undelivered = acked as i64 - counted as i64 - refused as i64;
+    let lag_at_end = at_end.acked as i64 - at_end.counted as i64 - at_end.refused as i64;
+    let (ca, cl) = (cpu1.0 - cpu0.0, cpu1.2 - cpu0.2);
+    let ccs: Vec<f64> = cpu1.1.iter().zip(&cpu0.1).map(|(b, a)| b - a).collect();
+    let cc: f64 = ccs.iter().sum();
+    let rss_cols: Vec<f64> = s.collectors.iter().map(Proc::peak_rss_mib).collect();
+    let rss_agg = s.agg.peak_rss_mib();
+    let offered = generated as f64 / secs;
+    let acked_rate = at_end.acked as f64 / secs;
+    let counted_rate = at_end.counted as f64 / secs;
+    let (pl, tl) = (probe_lat.len(), top_lat.len());
+    let (probe50, probe99) = (pct(&mut probe_lat, 0.5), pct(&mut probe_lat, 0.99));
+    let (top50, top99) = (pct(&mut top_lat, 0.5), pct(&mut top_lat, 0.99));
+    let join = |v: &[f64], prec: usize| {
+        v.iter()
+            .map(|x| format!("{x:.prec$}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+
+    let mut t = format!("### adclick bench pipeline, {}\n\n", super::machine());
+    t += &format!(
+        "`adclick bench pipeline --rate {} --duration {}s --collectors {} --ads {}`\n\n",
+        a.rate,
+        a.duration.as_secs(),
+        n,
+        a.ads
+    );
+    t += "| metric | value |\n|---|---|\n";
+    t += &format!(
+        "| offered load (SDK, batches of 500, over {n} collectors) | {offered:.0} clicks/s ({generated} generated in {secs:.1} s) |\n"
+    );
+    t += &format!(
+        "| acked by the collectors (2xx, fsynced) during the load | {acked_rate:.0} clicks/s |\n"
+    );
+    t += &format!(
+        "| **counted by the aggregator during the load** | **{counted_rate:.0} clicks/s** (lag at the end of the load: {lag_at_end} clicks) |\n"
+    );
+    t += &format!(
+        "| after the drain ({drain_secs:.1} s): acked / counted / refused as repeats by the aggregator / **undelivered** | {acked} / {counted} / {refused} / **{undelivered}** |\n"
+    );
+    t += &format!(
+        "| CPU: aggregator / collectors ({}) / load generator | {:.2} / {} / {:.2} cores |\n",
+        n,
+        ca / secs,
+        join(&ccs.iter().map(|c| c / secs).collect::<Vec<_>>(), 2),
+        cl / secs
+    );
+    t += &format!(
+        "| collectors: clicks per CPU-second | {:.0} |\n",
+        at_end.acked as f64 / cc.max(1e-9)
+    );
+    t += &format!(
+        "| aggregator: clicks per CPU-second | {:.0} |\n",
+        at_end.counted as f64 / ca.max(1e-9)
+    );
+    t += &format!(
+        "| click -> queryable p50 / p99 ({pl} probes) | {probe50:.1} / {probe99:.1} ms |\n"
+    );
+    t += &format!(
+        "| TopAds(n=100, last 60 min) over gRPC under load p50 / p99 ({tl} queries) | {top50:.2} / {top99:.2} ms |\n"
+    );
+    t += &format!(
+        "| SDK request latency p50 / p99 per collector | {} ms |\n",
+        req_lat
+            .iter()
+            .map(|(a, b)| format!("{a:.1} / {b:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    t += &format!(
+        "| peak RSS: aggregator / collectors | {rss_agg:.0} / {} MiB |\n",
+        join(&rss_cols, 0)
+    );
+    let error_text = if errors.is_empty() {
+        "none".to_string()
+    } else {
+        format!("{errors:?}")
+    };
+    t += &format!("| load generator errors | {error_text} |\n");
+    let error_count: u64 = errors.values().sum();
+    let line = format!(
+        "RESULT bench=pipeline rate={} duration_s={secs:.1} collectors={n} ads={} offered_per_sec={offered:.0} \
+         acked_per_sec={acked_rate:.0} counted_per_sec={counted_rate:.0} acked={acked} counted={counted} \
+         refused={refused} undelivered={undelivered} lag_at_end={lag_at_end} drain_s={drain_secs:.1} \
+         probe_p50_ms={probe50:.1} probe_p99_ms={probe99:.1} probes={pl} \
+         topads_p50_ms={top50:.2} topads_p99_ms={top99:.2} topads_queries={tl} \
+         cpu_aggregator={:.2} cpu_collectors={:.2} cpu_loadgen={:.2} \
+         rss_aggregator_mib={rss_agg:.0} rss_collector_max_mib={:.0} errors={error_count}",
+        a.rate,
+        a.ads,
+        ca / secs,
+        cc / secs,
+        cl / secs,
+        rss_cols.iter().copied().fold(0.0, f64::max),
+    );
+    Ok((t, line))
+}
