@@ -130,7 +130,7 @@ impl ComboTable {
 
     /// Inverse of [`ComboTable::pack`].
     pub fn unpack(packed: &[u32]) -> Result<Self, String> {
-        if packed.len() % 3 != 0 {
+        if !packed.len().is_multiple_of(3) {
             return Err("combo table is inconsistent".into());
         }
         let keys = packed
