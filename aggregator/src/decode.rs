@@ -236,8 +236,8 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use adclick_proto::v1::IngestBatch;
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
 
     fn wire_click() -> impl Strategy<Value = IngestClick> {
         (
@@ -262,27 +262,32 @@ mod tests {
                 any::<u32>(),
             ),
         )
-            .prop_map(|((id, ad, adv, camp, exp, ev, recv), (country, device, os, site, app, user, ip, flag, salt))| IngestClick {
-                impression_id: id,
-                ad_id: ad,
-                advertiser_id: adv,
-                campaign_id: camp,
-                token_expires_at_ms: exp,
-                event_time_ms: ev,
-                received_at_ms: recv,
-                occurred_at_ms: recv.wrapping_sub(1),
-                sent_at_ms: recv.wrapping_add(1),
-                country,
-                device,
-                os,
-                site,
-                app,
-                user_id: user,
-                client_ip: ip,
-                clock_skew_flagged: flag,
-                dedup_suspect: !flag,
-                salt,
-            })
+            .prop_map(
+                |(
+                    (id, ad, adv, camp, exp, ev, recv),
+                    (country, device, os, site, app, user, ip, flag, salt),
+                )| IngestClick {
+                    impression_id: id,
+                    ad_id: ad,
+                    advertiser_id: adv,
+                    campaign_id: camp,
+                    token_expires_at_ms: exp,
+                    event_time_ms: ev,
+                    received_at_ms: recv,
+                    occurred_at_ms: recv.wrapping_sub(1),
+                    sent_at_ms: recv.wrapping_add(1),
+                    country,
+                    device,
+                    os,
+                    site,
+                    app,
+                    user_id: user,
+                    client_ip: ip,
+                    clock_skew_flagged: flag,
+                    dedup_suspect: !flag,
+                    salt,
+                },
+            )
     }
 
     proptest! {

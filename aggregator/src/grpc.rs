@@ -325,10 +325,7 @@ mod tests {
     #[test]
     fn valid_batches_decode_and_bad_ones_name_the_field() {
         let b = decode_ingest(&batch("edge-1", 3, 2)[..]).unwrap();
-        assert_eq!(
-            (b.collector_id.as_str(), b.seq, b.clicks),
-            ("edge-1", 3, 2)
-        );
+        assert_eq!((b.collector_id.as_str(), b.seq, b.clicks), ("edge-1", 3, 2));
         for (bytes, field) in [
             (batch("", 1, 0), "collector_id"),
             (batch(&"x".repeat(129), 1, 0), "collector_id"),

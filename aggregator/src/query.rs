@@ -13,8 +13,8 @@ use adclick_proto::v1::{
 };
 
 use crate::config::{ApiKey, QueryConfig, Role};
-use crate::state::dims::{DimKey, country_code};
 use crate::sketch::hll::Hll;
+use crate::state::dims::{DimKey, country_code};
 use crate::state::shard::{CellRef, LEVEL_MS};
 use crate::view::{QueryMeta, View};
 

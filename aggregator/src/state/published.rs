@@ -128,7 +128,9 @@ mod tests {
         ) {
             let (mut w, shared) = TopWriter::new(TopIndex::new());
             let mut model = TopIndex::new();
-            let mut held: Vec<(Arc<TopIndex>, Vec<(u64, u64)>)> = Vec::new();
+            // Copies readers hold, with the answer they saw when they took them.
+            type Held = (Arc<TopIndex>, Vec<(u64, u64)>);
+            let mut held: Vec<Held> = Vec::new();
             for (ad, minute, hold, release, kind) in steps {
                 let op = match kind {
                     0 => TopOp::Seal(minute),

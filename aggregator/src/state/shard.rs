@@ -23,8 +23,8 @@ use prost::Message;
 use thin_vec::ThinVec;
 
 use super::dims::DimKey;
-use crate::sketch::hll::Hll;
 use super::topn::TopIndex;
+use crate::sketch::hll::Hll;
 
 /// Bucket widths in ms: minute, hour, day (UTC).
 pub const LEVEL_MS: [i64; 3] = [60_000, 3_600_000, 86_400_000];
@@ -278,7 +278,13 @@ impl Level {
     }
 
     fn insert(&mut self, ad: u64, start: i64, cell: Cell) {
-        if self.buckets.entry(start).or_default().insert(ad, cell).is_none() {
+        if self
+            .buckets
+            .entry(start)
+            .or_default()
+            .insert(ad, cell)
+            .is_none()
+        {
             self.len += 1;
         }
     }
@@ -637,7 +643,9 @@ mod tests {
     }
 
     fn total(s: &ShardState, level: usize, ad: u64, start: i64) -> u64 {
-        s.parts(level, ad, start).map(|c| u64::from(c.cell.clicks)).sum()
+        s.parts(level, ad, start)
+            .map(|c| u64::from(c.cell.clicks))
+            .sum()
     }
 
     fn click(ad: u64, t: i64) -> Applied {
@@ -661,7 +669,10 @@ mod tests {
         }
         s.evict(0, t0 + 5 * 60_000);
         assert!(s.cell(0, 1, t0 + 4 * 60_000).is_none());
-        assert_eq!(s.cell(0, 1, t0 + 5 * 60_000).map(|c| c.cell.clicks), Some(1));
+        assert_eq!(
+            s.cell(0, 1, t0 + 5 * 60_000).map(|c| c.cell.clicks),
+            Some(1)
+        );
         assert_eq!(
             s.top_index().count(1, t0 / 60_000, t0 / 60_000 + 10),
             5,
@@ -690,7 +701,9 @@ mod tests {
             use std::collections::{HashMap, HashSet};
             let t0 = 1_767_225_600_000i64;
             let mut s = ShardState::default();
-            let mut model: HashMap<(usize, u64, i64, u32), (u32, HashSet<u64>)> = HashMap::new();
+            // (level, ad, bucket start, combination) -> (clicks, users)
+            type Model = HashMap<(usize, u64, i64, u32), (u32, HashSet<u64>)>;
+            let mut model: Model = HashMap::new();
             for (i, &(ad, minute, combo, user)) in clicks.iter().enumerate() {
                 if i == seal_after {
                     s.seal(t0 + seal_minute * 60_000);
@@ -710,7 +723,7 @@ mod tests {
                     }
                 }
             }
-            let check = |s: &ShardState, model: &HashMap<(usize, u64, i64, u32), (u32, HashSet<u64>)>| -> Result<(), TestCaseError> {
+            let check = |s: &ShardState, model: &Model| -> Result<(), TestCaseError> {
                 for (&(level, ad, start, combo), (n, users)) in model {
                     let mut u = Hll::new();
                     let mut got = 0;

@@ -16,13 +16,13 @@ use std::collections::BTreeSet;
 use adclick_proto::countable;
 use prost::Message;
 
-use super::dedup::{Dedup, DedupError, Entry, MemTable, Ordinal};
 use super::click::ClickIn;
+use super::dedup::{Dedup, DedupError, Entry, MemTable, Ordinal};
 use super::dims::{ComboTable, DimKey, Interner, country_code};
-use crate::sketch::hll::{Hll, hash_user_id};
 use super::hot::HotDetector;
 use super::shard::{Applied, LEVEL_MS};
 use crate::config::{ShardConfig, WindowConfig};
+use crate::sketch::hll::{Hll, hash_user_id};
 
 pub use adclick_proto::countable::{MAX_EVENT_MS, MAX_TOKEN_LIFETIME_MS, MIN_EVENT_MS};
 
@@ -206,7 +206,6 @@ impl ClickWindows {
 }
 
 impl ClickWindows {
-
     /// Classifies one click and, when it counts, routes it. Deterministic: a WAL replay
     /// feeds the same clicks in the same order and reaches the same state.
     pub fn process(&mut self, c: ClickIn<'_>) -> Routed {
@@ -360,8 +359,8 @@ impl ClickWindows {
                 .map_err(|e| format!("windows checkpoint: {e}"))?;
         }
         self.interner = Interner::from_names(pb.names);
-        self.combos = ComboTable::unpack(&pb.combos)
-            .map_err(|e| format!("windows checkpoint: {e}"))?;
+        self.combos =
+            ComboTable::unpack(&pb.combos).map_err(|e| format!("windows checkpoint: {e}"))?;
         self.hot.restore(pb.hot);
         self.split = pb.split.into_iter().collect();
         self.counters = WindowCounters {
