@@ -487,6 +487,9 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         .iter()
         .map(|l| l.stats.clicks.load(Ordering::Relaxed))
         .sum();
+    // Clicks still in the SDK queues when the load stops: offered but not yet sent, so the
+    // limit was before the collectors' acks (the SDK, this process, the CPU it got).
+    let backlog: usize = loads.iter().map(|l| l.queued()).sum();
     let mut req_lat = Vec::new();
     let mut errors = std::collections::BTreeMap::<String, u64>::new();
     for l in &loads {
@@ -557,7 +560,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         "| offered load (SDK, batches of 500, over {n} collectors) | {offered:.0} clicks/s ({generated} generated in {secs:.1} s) |\n"
     );
     t += &format!(
-        "| acked by the collectors (2xx, fsynced) during the load | {acked_rate:.0} clicks/s |\n"
+        "| acked by the collectors (2xx, fsynced) during the load | {acked_rate:.0} clicks/s (SDK backlog at the end: {backlog} clicks) |\n"
     );
     t += &format!(
         "| **counted by the aggregator during the load** | **{counted_rate:.0} clicks/s** (lag at the end of the load: {lag_at_end} clicks) |\n"
@@ -608,7 +611,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     let line = format!(
         "RESULT bench=pipeline rate={} duration_s={secs:.1} collectors={n} ads={} offered_per_sec={offered:.0} \
          acked_per_sec={acked_rate:.0} counted_per_sec={counted_rate:.0} acked={acked} counted={counted} \
-         refused={refused} undelivered={undelivered} lag_at_end={lag_at_end} drain_s={drain_secs:.1} \
+         refused={refused} undelivered={undelivered} sdk_backlog={backlog} lag_at_end={lag_at_end} drain_s={drain_secs:.1} \
          probe_p50_ms={probe50:.1} probe_p99_ms={probe99:.1} probes={pl} \
          topads_p50_ms={top50:.2} topads_p99_ms={top99:.2} topads_queries={tl} \
          cpu_aggregator={:.2} cpu_collectors={:.2} cpu_loadgen={:.2} \
