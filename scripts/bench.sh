@@ -43,6 +43,7 @@ SKIP=${SKIP:-}
 OUT=${1:-}
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/adclick-bench-sh.XXXXXX")
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 REDIS_PID=""
 
 cleanup() {
@@ -171,6 +172,7 @@ fmt() { # thousands separators for integers, as is otherwise
     echo "|---|---|---|"
     if ! skipped aggregator; then
         echo "| aggregator apply, one core ($(fmt "$AGG_CLICKS") clicks, $(fmt "$AGG_ADS") ads, 2% dup, 1% late) | **$(fmt "$(v aggregator.clicks_per_sec)") clicks/s** ($(v aggregator.ns_per_click) ns/click) | $(ratio "$(v aggregator.clicks_per_sec)" "$REDIS_OPS") |"
+        echo "| the same per CPU-second of the timed loop (other load on the machine excluded) | $(fmt "$(v aggregator.clicks_per_cpu_sec)") clicks/s | $(ratio "$(v aggregator.clicks_per_cpu_sec)" "$REDIS_OPS") |"
         echo "| aggregator memory per active minute cell (without dedup) / per dedup entry | $(v aggregator.bytes_per_cell) B / $(v aggregator.dedup_bytes_per_entry) B | — |"
     fi
     if ! skipped topads; then
@@ -179,7 +181,7 @@ fmt() { # thousands separators for integers, as is otherwise
     fi
     if ! skipped pipeline; then
         echo "| pipeline at $(fmt "$PIPE_RATE")/s offered, $PIPE_COLLECTORS collectors: offered / acked / counted | $(v pipeline.offered_per_sec) / $(v pipeline.acked_per_sec) / **$(v pipeline.counted_per_sec)** clicks/s | — |"
-        echo "| pipeline: undelivered after drain (acked - counted) | $(v pipeline.undelivered) of $(v pipeline.acked) | — |"
+        echo "| pipeline: undelivered after the drain (acked - counted - refused as repeats) | $(v pipeline.undelivered) of $(v pipeline.acked) acked ($(v pipeline.refused) refused; SDK backlog at the end of the load: $(v pipeline.sdk_backlog)) | — |"
         echo "| pipeline: click -> queryable p50 / p99 | $(v pipeline.probe_p50_ms) / $(v pipeline.probe_p99_ms) ms | — |"
         echo "| pipeline: TopAds over gRPC under load p50 / p99 | $(v pipeline.topads_p50_ms) / $(v pipeline.topads_p99_ms) ms | — |"
         echo "| pipeline: CPU aggregator / collectors / loadgen | $(v pipeline.cpu_aggregator) / $(v pipeline.cpu_collectors) / $(v pipeline.cpu_loadgen) cores | — |"
@@ -189,8 +191,10 @@ fmt() { # thousands separators for integers, as is otherwise
         echo "| Redis $REDIS_VERSION HINCRBY, pipelined -P $REDIS_PIPELINE, $REDIS_CLIENTS clients, $(fmt "$REDIS_KEYS") keys (${REDIS_KEYS_HELD:-?} held, $(( ${REDIS_MEM:-0} / 1048576 )) MiB) | **$(fmt "${REDIS_OPS%.*}") ops/s** | 1.00x |"
     fi
     echo
-    echo "Redis runs one thread for commands; redis-benchmark (the client) shares the same cores. The"
-    echo "aggregator figure is one thread with clicks generated beforehand. RESULT lines:"
+    echo "Load average at the start / end: $LOAD_START / $(cut -d' ' -f1-3 /proc/loadavg) (the machine may be"
+    echo "shared: per-CPU-second figures are the ones other load changes least). Redis runs one thread"
+    echo "for commands; redis-benchmark (the client) shares the same cores. The aggregator figure is one"
+    echo "thread with clicks generated and encoded beforehand. RESULT lines:"
     echo
     echo '```'
     cat "$WORK"/*.out 2>/dev/null | grep '^RESULT ' || true

@@ -5,7 +5,9 @@
 //! process, split evenly over the collectors. It reports offered load, clicks acked (2xx:
 //! fsynced at a collector), clicks counted by the aggregator during the load and after a
 //! bounded drain (undelivered = acked - counted - refused, where refused are the repeats
-//! only the aggregator's exact dedup could tell), click-to-queryable latency (probe clicks
+//! only the aggregator's exact dedup could tell; a negative figure means clicks were
+//! written and counted although the collector never answered their request, as when the
+//! SDK's shutdown timeout abandons a send), click-to-queryable latency (probe clicks
 //! timed until `GetAdClicks` sees them), TopAds(n=100, last 60 min) latency over gRPC
 //! while the load runs, CPU per process and peak RSS.
 
@@ -138,12 +140,17 @@ async fn wait_healthy(http: &reqwest::Client, url: &str) -> Result<()> {
     bail!("{url} did not become healthy within 30 s")
 }
 
-async fn scrape(http: &reqwest::Client, url: &str, metric: &str) -> u64 {
+/// The text of a Prometheus endpoint ("" when unreachable).
+async fn scrape(http: &reqwest::Client, url: &str) -> String {
     let Ok(r) = http.get(url).send().await else {
-        return 0;
+        return String::new();
     };
-    let text = r.text().await.unwrap_or_default();
-    text.lines()
+    r.text().await.unwrap_or_default()
+}
+
+/// The value of `metric` (name with labels) in a Prometheus text page (0 when absent).
+fn metric(page: &str, metric: &str) -> u64 {
+    page.lines()
         .find(|l| l.starts_with(metric))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse::<f64>().ok())
@@ -316,16 +323,16 @@ impl std::ops::Sub for Totals {
     }
 }
 
+/// The aggregator is read first: what it counted was acked before, so a lag computed from
+/// one reading is never negative (it may include clicks acked between the two reads).
 async fn totals(http: &reqwest::Client, s: &Setup) -> Totals {
+    let agg = scrape(http, &format!("http://127.0.0.1:{}/metrics", s.agg_http)).await;
+    let counted = metric(&agg, APPLIED);
+    let refused = REFUSED.iter().map(|m| metric(&agg, m)).sum();
     let mut acked = 0;
     for port in &s.collector_http {
-        acked += scrape(http, &format!("http://127.0.0.1:{port}/metrics"), ACCEPTED).await;
-    }
-    let agg = format!("http://127.0.0.1:{}/metrics", s.agg_http);
-    let counted = scrape(http, &agg, APPLIED).await;
-    let mut refused = 0;
-    for m in REFUSED {
-        refused += scrape(http, &agg, m).await;
+        let page = scrape(http, &format!("http://127.0.0.1:{port}/metrics")).await;
+        acked += metric(&page, ACCEPTED);
     }
     Totals {
         acked,
