@@ -537,7 +537,7 @@ impl MixReport {
             self.seconds
         );
         t += &format!(
-            "| the same per CPU-second of the loop (CPU {:.2} s of {:.2} s wall: the rest went to other processes) | {:.0} clicks/s |\n",
+            "| the same per CPU-second of the loop (CPU {:.2} s in {:.2} s of wall time; 10 ms ticks) | {:.0} clicks/s |\n",
             self.cpu_seconds, self.seconds, self.clicks_per_cpu_sec
         );
         t += &format!("| active (ad, minute) cells | {} |\n", self.minute_cells);
