@@ -393,3 +393,67 @@ async fn cors_preflight_and_beacon_content_type() {
     col.shutdown().await;
     agg.stop().await;
 }
+
+/// A client that gives up on its request (an HTTP/2 stream reset, an SDK shutting down)
+/// while the collector is committing it: what the writer makes durable is forwarded, so it
+/// must also be counted as accepted and its id committed for dedup. The requests here are
+/// abandoned after 0 to 3 ms, so some go before the collector sees them, some during the
+/// fsync they wait for, some after the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_while_committing_still_counts_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = keyring(1, 1);
+    write_keys(&dir.path().join("keys.toml"), &ring);
+    let agg = fake_aggregator().await;
+    let col = adclick_collector::start(config(dir.path(), vec![agg.url()]))
+        .await
+        .unwrap();
+    let signer = signer(&ring);
+    adclick_sdk::HttpTransport::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let minted: Vec<_> = (0..300).map(|i| signer.mint(&ad(i % 4)).unwrap()).collect();
+    for (i, m) in minted.iter().enumerate() {
+        let batch = ClickBatch {
+            clicks: vec![click(&m.token)],
+            ..Default::default()
+        };
+        let send = client
+            .post(format!("http://{}/v1/clicks", col.http_addr()))
+            .header("content-type", "application/x-protobuf")
+            .body(batch.encode_to_vec())
+            .send();
+        let patience = Duration::from_micros((i as u64 * 37) % 3_000);
+        let _ = tokio::time::timeout(patience, send).await;
+    }
+    // Let the server finish what it started, then the forwarder drain the spool.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = col.metrics();
+    assert!(eventually(POLL_LIMIT, || m.forward_lag_records.get() == 0).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let forwarded = agg.applied().len() as u64;
+    assert!(
+        forwarded > 0,
+        "no request got through: the test proves nothing"
+    );
+    assert_eq!(
+        m.clicks_with("accepted"),
+        forwarded,
+        "every click written and forwarded is counted as accepted"
+    );
+    // And each is committed for dedup: a repeat is a duplicate, not a suspect.
+    let written: Vec<_> = minted
+        .iter()
+        .filter(|m| agg.applied().contains_key(&id_of(m)))
+        .collect();
+    let again = ClickBatch {
+        clicks: written.iter().map(|m| click(&m.token)).collect(),
+        ..Default::default()
+    };
+    let r = post_proto(&http(), &col, &again).await;
+    let res = ClickBatchResult::decode(r.bytes().await.unwrap()).unwrap();
+    assert_eq!((res.accepted, res.duplicate), (0, written.len() as u32));
+    col.shutdown().await;
+}

@@ -628,17 +628,39 @@ pub async fn record(
         ctx.client_ip,
         processed.rejected.clone(),
     );
-    if !processed.accepted.is_empty() {
-        let encoded = processed.encode_accepted();
-        if let Err(e) = st.committer.commit(encoded, processed.accepted.len()).await {
-            st.processor.release(&processed);
-            st.metrics
-                .add_clicks("spool_unavailable", processed.accepted.len() as u64);
-            return Err(e);
-        }
-        st.processor.committed(&processed);
+    if processed.accepted.is_empty() {
+        return Ok(processed);
     }
-    Ok(processed)
+    // The writer commits what it was handed even when the client goes away and this
+    // future is dropped at the await (a reset stream, an SDK shutting down): the dedup
+    // bookkeeping and the `accepted` count must follow the commit, not the request, or the
+    // ids would stay pending forever and a click written and forwarded would never be
+    // counted as accepted. So the commit and its outcome run in a task of their own.
+    let encoded = processed.encode_accepted();
+    let (processor, committer, metrics) = (
+        st.processor.clone(),
+        st.committer.clone(),
+        st.metrics.clone(),
+    );
+    let outcome = tokio::spawn(async move {
+        let n = processed.accepted.len();
+        match committer.commit(encoded, n).await {
+            Ok(_seq) => {
+                processor.committed(&processed);
+                Ok(processed)
+            }
+            Err(e) => {
+                processor.release(&processed);
+                metrics.add_clicks("spool_unavailable", n as u64);
+                Err(e)
+            }
+        }
+    });
+    outcome.await.unwrap_or_else(|e| {
+        // Only a panic in the task (a bug) gets here: nothing was acknowledged.
+        tracing::error!(error = %e, "commit task failed");
+        Err(CommitError::Disk(format!("commit task failed: {e}")))
+    })
 }
 
 async fn redirect(st: &HttpState, token: &str, ip: IpAddr) -> Resp {
