@@ -184,6 +184,9 @@ pub struct MixConfig {
     pub decode: bool,
     /// Clicks per encoded batch (collectors send up to 20k per spool record).
     pub batch: usize,
+    /// RAM budget of the exact-dedup set (`dedup.memory_bytes`; the production default
+    /// spills to the disk tier, an in-memory stand-in here, every ~2.1M new ids).
+    pub dedup_memory_bytes: usize,
 }
 
 impl Default for MixConfig {
@@ -200,6 +203,7 @@ impl Default for MixConfig {
             measure_memory: true,
             decode: true,
             batch: 5_000,
+            dedup_memory_bytes: crate::state::windows::DEFAULT_DEDUP_MEMORY_BYTES,
         }
     }
 }
@@ -385,6 +389,8 @@ pub struct MixReport {
     pub minutes: i64,
     /// Whether the timed loop decoded the clicks from batch bytes.
     pub decode: bool,
+    /// The dedup RAM budget, MiB.
+    pub dedup_mib: usize,
     /// Clicks counted.
     pub applied: u64,
     /// Clicks dropped as duplicates by the state path.
@@ -426,7 +432,7 @@ pub struct MixReport {
 pub fn apply_mix(cfg: &MixConfig) -> MixReport {
     let memory = cfg.measure_memory.then(|| {
         let rss0 = rss_bytes();
-        let mut path = StatePath::new();
+        let mut path = StatePath::with_dedup_memory(cfg.dedup_memory_bytes);
         for b in MixBatches::new(cfg) {
             path.push_batch(&b);
         }
@@ -454,7 +460,7 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
         }
     });
 
-    let mut path = StatePath::new();
+    let mut path = StatePath::with_dedup_memory(cfg.dedup_memory_bytes);
     let (n, times, generated) = if cfg.decode {
         let mut gen_ = MixBatches::new(cfg);
         let batches: Vec<Vec<u8>> = gen_.by_ref().collect();
@@ -492,6 +498,7 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
         ads: cfg.ads,
         minutes: cfg.minutes,
         decode: cfg.decode,
+        dedup_mib: cfg.dedup_memory_bytes >> 20,
         applied: counts.applied,
         duplicates: counts.duplicates,
         late: counts.late,
@@ -567,11 +574,12 @@ impl MixReport {
     /// One machine-parsable line: `RESULT bench=aggregator key=value ...`.
     pub fn result_line(&self) -> String {
         let mut l = format!(
-            "RESULT bench=aggregator clicks={} ads={} minutes={} decode={} applied={} duplicates={} late={} seconds={:.3} cpu_seconds={:.2} clicks_per_sec={:.0} clicks_per_cpu_sec={:.0} ns_per_click={:.1} minute_cells={} top100_p50_ms={:.3} top100_p99_ms={:.3}",
+            "RESULT bench=aggregator clicks={} ads={} minutes={} decode={} dedup_mib={} applied={} duplicates={} late={} seconds={:.3} cpu_seconds={:.2} clicks_per_sec={:.0} clicks_per_cpu_sec={:.0} ns_per_click={:.1} minute_cells={} top100_p50_ms={:.3} top100_p99_ms={:.3}",
             self.clicks,
             self.ads,
             self.minutes,
             self.decode,
+            self.dedup_mib,
             self.applied,
             self.duplicates,
             self.late,
@@ -876,6 +884,11 @@ impl Default for StatePath {
 impl StatePath {
     /// One shard, default window configuration, in-memory dedup spill tier.
     pub fn new() -> Self {
+        Self::with_dedup_memory(crate::state::windows::DEFAULT_DEDUP_MEMORY_BYTES)
+    }
+
+    /// The same with a dedup RAM tier of `memory_bytes`.
+    pub fn with_dedup_memory(memory_bytes: usize) -> Self {
         let shards = ShardConfig {
             count: 1,
             ..Default::default()
@@ -883,7 +896,11 @@ impl StatePath {
         let shard = ShardState::default();
         let (top, published) = TopWriter::new(shard.top_index());
         StatePath {
-            windows: ClickWindows::new(WindowConfig::default(), &shards),
+            windows: ClickWindows::with_dedup(
+                WindowConfig::default(),
+                &shards,
+                Dedup::new(memory_bytes, Box::<MemTable>::default()),
+            ),
             shard,
             top,
             published,

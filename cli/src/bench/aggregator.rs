@@ -34,6 +34,10 @@ pub struct AggregatorArgs {
     /// encoded batches as the engine does.
     #[arg(long)]
     no_decode: bool,
+    /// RAM budget of the exact-dedup set, MiB (`dedup.memory_bytes`; 256 = the default,
+    /// which spills ids to the disk tier every ~2.1M new ones; 4096 keeps this mix in RAM).
+    #[arg(long, default_value_t = 256)]
+    dedup_mib: usize,
     /// Append the result table to this file.
     #[arg(long)]
     append: Option<PathBuf>,
@@ -51,6 +55,7 @@ pub fn run(a: AggregatorArgs) -> Result<()> {
         late_pct: a.late_pct,
         measure_memory: !a.no_memory,
         decode: !a.no_decode,
+        dedup_memory_bytes: a.dedup_mib.max(1) << 20,
         ..MixConfig::default()
     };
     eprintln!(
