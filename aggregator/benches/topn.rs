@@ -60,15 +60,7 @@ fn ad_of(rank: u64) -> u64 {
 }
 
 fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    adclick_aggregator::benchkit::rss_bytes() as f64 / 1_048_576.0
 }
 
 fn percentiles(name: &str, mut f: impl FnMut()) {

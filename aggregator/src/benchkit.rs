@@ -77,11 +77,17 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// CPU time (user + system) of the calling thread, seconds, from `/proc/thread-self/stat`
-/// (clock ticks of 1/100 s, Linux's `USER_HZ`); 0 where /proc is missing. On a shared
-/// machine, clicks per CPU-second is the figure that other load does not change much.
+/// CPU time (user + system) of the calling thread, seconds, from `/proc/thread-self/stat`;
+/// 0 where /proc is missing. On a shared machine, clicks per CPU-second is the figure that
+/// other load does not change much.
 pub fn thread_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    proc_cpu_seconds("/proc/thread-self/stat")
+}
+
+/// User + system CPU seconds from a `/proc/<pid>[/task/<tid>]/stat` file (clock ticks of
+/// 1/100 s, Linux's `USER_HZ`); 0 where it cannot be read.
+pub fn proc_cpu_seconds(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
     // After the command name (which may hold spaces), utime and stime are fields 12 and 13.
     let f: Vec<&str> = stat
         .rsplit(')')

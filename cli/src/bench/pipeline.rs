@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use adclick_aggregator::benchkit::proc_cpu_seconds as cpu_seconds;
 use adclick_proto::keyfile::KeyFile;
 use adclick_proto::token::{Keyring, SigningKey};
 use adclick_proto::v1::query_service_client::QueryServiceClient;
@@ -85,20 +86,6 @@ fn peak_rss(status: &str) -> f64 {
         })
         .unwrap_or(0.0)
         / 1024.0
-}
-
-/// User + system CPU seconds from a `/proc/<pid>/stat` file (after the command name,
-/// utime and stime are fields 12 and 13, in clock ticks of 1/100 s).
-fn cpu_seconds(stat_path: &str) -> f64 {
-    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
 }
 
 fn own_cpu_seconds() -> f64 {
