@@ -196,7 +196,9 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         let k = self.varint()?;
-        let field = u32::try_from(k >> 3).map_err(|_| err("field number out of range"))?;
+        // As prost: a key is a u32 (field number < 2^29, then the wire type).
+        let k = u32::try_from(k).map_err(|_| err("field key out of range"))?;
+        let field = k >> 3;
         if field == 0 {
             return Err(err("field number 0"));
         }

@@ -232,13 +232,14 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
     // acked click is in every query.
     let mut waiting: Vec<SyncSender<()>> = Vec::new();
     loop {
-        let msg = if waiting.is_empty() {
+        let msg = if waiting.is_empty() && top.is_published() {
             match rx.recv() {
                 Ok(m) => m,
                 Err(_) => break,
             }
         } else {
-            // A reader still holds the copy to update: retry shortly, never block on it.
+            // A reader still holds the copy to update: retry shortly, never block on it (also
+            // with nothing waiting, so TopAds never stays behind, e.g. after a seal).
             match rx.recv_timeout(Duration::from_millis(1)) {
                 Ok(m) => m,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
