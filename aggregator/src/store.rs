@@ -8,8 +8,9 @@
 //! Delivery state lives in table `delivery` (collector id -> `Delivery::encode`). Stores
 //! written before out-of-order admission hold only table `hwm` (collector id -> highest
 //! acked seq, everything below it acked): such a collector reads as `Delivery::in_order`
-//! until its next append writes its `delivery` row. `hwm` is still kept (the highest
-//! acked seq) so that the high-water marks stay readable by tools and older versions.
+//! until its next append writes its `delivery` row. `hwm` is still kept, as the
+//! contiguous point (floor - 1: every seq at or below it acked), which is what tools and
+//! older versions read it as.
 //!
 //! Why redb: pure Rust (no C build on two cores), a single file, transactions with
 //! durable commits, and it is maintained; fjall (LSM) would suit much larger state but is
@@ -216,7 +217,11 @@ impl Store for RedbStore {
             }
             for (id, d) in touched {
                 delivery.insert(id, d.encode().as_slice()).map_err(e)?;
-                let mark = d.mark();
+                // What an older version reads as "everything at or below is acked": only
+                // the contiguous point is true of that (a rollback re-admits the acked seqs
+                // above it, and exact dedup drops their clicks; the highest acked seq would
+                // make it drop unacked ones).
+                let mark = d.floor().saturating_sub(1);
                 let cur = hwm.get(id).map_err(e)?.map(|v| v.value());
                 if cur.is_none_or(|c| c < mark) {
                     hwm.insert(id, mark).map_err(e)?;

@@ -4,9 +4,11 @@
 //! they like. The shard thread keeps a second copy: it logs every change, and to publish
 //! it brings that copy up to date and swaps it in; the copy swapped out becomes the next
 //! one to update, once the last reader has dropped it. While a reader still holds it the
-//! writer simply keeps logging and retries at its next step (it never blocks): readers then
-//! see the previous state a little longer, and acks wait for the publication (see
-//! `engine::shard_loop`), so an acked click is in TopAds.
+//! writer simply keeps logging and retries at its next step, and every millisecond while
+//! behind (it never blocks): readers then see the previous state a little longer. Acks do
+//! not wait for it either (`engine::shard_loop`): an acked click is in GetAdClicks at once
+//! and in TopAds at once unless a TopAds query holds the other copy, then when it ends.
+//! The log grows with the clicks that arrive while such a query runs.
 //!
 //! Two copies of the index cost its memory twice (~40 bytes per minute cell each) and each
 //! change is applied twice; in exchange a TopAds query never touches a lock the writer

@@ -398,7 +398,10 @@ impl ShardState {
 
     /// Drops buckets of `level` that start before `before_ms`. Minutes are sealed first, so
     /// an evicted minute is always in its hour and day.
+    /// `before_ms` is rounded down to its bucket: the bucket holding it may still take
+    /// clicks (the window operator admits event times from `before_ms` on), so it stays.
     pub fn evict(&mut self, level: usize, before_ms: i64) {
+        let before_ms = bucket(before_ms, level);
         if level == 0 {
             self.seal(before_ms);
         }
@@ -685,6 +688,13 @@ mod tests {
         assert_eq!(total(&s, 2, 1, t0), 10);
         let back = ShardState::from_bytes(&s.to_bytes(), &mut |_| 0).unwrap();
         assert_eq!(total(&back, 1, 1, t0), 10);
+        // A boundary inside a minute keeps that minute: it may still take clicks.
+        s.evict(0, t0 + 6 * 60_000 + 30_000);
+        assert!(s.cell(0, 1, t0 + 5 * 60_000).is_none());
+        assert_eq!(
+            s.cell(0, 1, t0 + 6 * 60_000).map(|c| c.cell.clicks),
+            Some(1)
+        );
         assert_eq!(back.top_index().count(1, t0 / 60_000, t0 / 60_000 + 10), 5);
     }
 

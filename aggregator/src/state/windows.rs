@@ -227,18 +227,12 @@ impl ClickWindows {
             self.counters.too_old += 1;
             return Routed::TooOld;
         }
-        // Owner before dedup: one lookup each, and an id is only recorded for a click that
-        // can count (a repeat of a mismatching click mismatches again).
+        // Owner before dedup (a mismatching click is refused without recording its id),
+        // but an unseen ad is pinned only once dedup says the click is new: a duplicate
+        // claiming another ad must not pin it.
         let claimed = (c.advertiser_id, c.campaign_id);
-        let owner = match self.owners.entry(c.ad_id) {
-            std::collections::hash_map::Entry::Occupied(o) => *o.get(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(claimed);
-                self.new_owners.push((c.ad_id, claimed));
-                claimed
-            }
-        };
-        if owner != (c.advertiser_id, c.campaign_id) {
+        let known = self.owners.get(&c.ad_id).copied();
+        if known.is_some_and(|owner| owner != claimed) {
             self.counters.owner_mismatch += 1;
             return Routed::OwnerMismatch;
         }
@@ -261,6 +255,10 @@ impl ClickWindows {
                 self.error.get_or_insert(e);
                 return Routed::Unavailable;
             }
+        }
+        if known.is_none() {
+            self.owners.insert(c.ad_id, claimed);
+            self.new_owners.push((c.ad_id, claimed));
         }
         let minute_end = c.event_time_ms.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0] + LEVEL_MS[0];
         let late = minute_end <= watermark;
@@ -414,4 +412,39 @@ struct WindowsPb {
     /// Dimension combinations in id order, three u32 each (`ComboTable::pack`).
     #[prost(uint32, repeated, tag = "14")]
     combos: Vec<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_767_225_600_000;
+
+    fn click(id: u8, ad: u64, owner: (u64, u64)) -> ClickIn<'static> {
+        let ids: &'static [u8; 16] = Box::leak(Box::new([id; 16]));
+        ClickIn {
+            impression_id: ids,
+            ad_id: ad,
+            advertiser_id: owner.0,
+            campaign_id: owner.1,
+            token_expires_at_ms: T0 + 3_600_000,
+            event_time_ms: T0,
+            ..Default::default()
+        }
+    }
+
+    /// An ad is pinned to its owner by its first click that counts: a duplicate claiming
+    /// an unseen ad pins nothing, so that ad's real owner still counts.
+    #[test]
+    fn only_a_counted_click_pins_an_ad_owner() {
+        let mut w = ClickWindows::new(WindowConfig::default(), &ShardConfig::default());
+        w.begin_batch(1);
+        assert!(matches!(w.process(click(1, 10, (1, 1))), Routed::Apply(..)));
+        // Same impression id, another ad and owner: a duplicate, and ad 20 stays unowned.
+        assert_eq!(w.process(click(1, 20, (9, 9))), Routed::Duplicate);
+        assert!(matches!(w.process(click(2, 20, (2, 2))), Routed::Apply(..)));
+        assert_eq!(w.process(click(3, 20, (9, 9))), Routed::OwnerMismatch);
+        assert_eq!(w.owners().get(&20), Some(&(2, 2)));
+        assert_eq!(w.take_new_owners(), vec![(10, (1, 1)), (20, (2, 2))]);
+    }
 }
