@@ -5,9 +5,10 @@
 //! record their delivery state in ONE durable commit -> read each click from the batch
 //! bytes (`decode`) and run it through the window operator (dedup, watermark, hot keys,
 //! routing) -> hand them to their shards -> ack once every shard has applied them (and
-//! published its top-N index, unless a TopAds query still holds the other copy). Shards apply in the order they receive, so a replay of the
-//! WAL reproduces the same state. When the watermark passes a minute, the shards are told
-//! to seal it (roll it up into its hour and day).
+//! published its top-N index, unless a TopAds query still holds the other copy). Shards
+//! apply in the order they receive, so a replay of the WAL reproduces the same state.
+//! When the watermark passes a minute, the shards are told to seal it (roll it up into its
+//! hour and day).
 //!
 //! Checkpoint: the writer sends a barrier through every shard queue; each shard answers
 //! with its serialised state as of that point; the writer stores them with its own state
