@@ -75,6 +75,13 @@ pub struct Forwarder {
 }
 
 /// The forwarder is stopping.
+/// What a finished send task means for the forwarding loop.
+enum Joined {
+    Acked,
+    Stop,
+    Reset,
+}
+
 struct Stopped;
 
 /// One record in flight.
@@ -256,36 +263,44 @@ impl Forwarder {
             let retry_at = read_after.unwrap_or_else(Instant::now);
             tokio::select! {
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    match joined {
-                        Ok(Ok(sent)) => self.on_ack(&mut w, sent),
-                        Ok(Err(Stopped)) => return,
-                        Err(e) => {
-                            // A send task died (a bug): resend the whole window rather than
-                            // wait forever for its ack. Aggregators drop what they have.
-                            tracing::error!(error = %e, "forward task failed; resending the window");
-                            tasks.shutdown().await;
-                            w = Window::new(self.spool().acked_seq());
-                            continue;
-                        }
-                    }
                     // Take every ack already there before touching the spool once.
-                    while let Some(joined) = tasks.try_join_next() {
-                        match joined {
-                            Ok(Ok(sent)) => self.on_ack(&mut w, sent),
-                            Ok(Err(Stopped)) => return,
-                            Err(e) => {
-                                tracing::error!(error = %e, "forward task failed; resending the window");
-                                tasks.shutdown().await;
-                                w = Window::new(self.spool().acked_seq());
-                                break;
-                            }
-                        }
+                    let mut next = Some(joined);
+                    while let Some(j) = next {
+                        next = match self.on_joined(&mut w, &mut tasks, j).await {
+                            Joined::Stop => return,
+                            Joined::Reset => None,
+                            Joined::Acked => tasks.try_join_next(),
+                        };
                     }
                     self.advance(&mut w);
                 }
                 r = self.durable.changed(), if can_read => if r.is_err() { return },
                 _ = tokio::time::sleep_until(retry_at), if read_after.is_some() => {}
                 _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// One finished send task: its ack, the forwarder stopping, or a task that died (a
+    /// bug: the whole window is resent rather than waiting forever for its ack;
+    /// aggregators drop what they already have).
+    async fn on_joined(
+        &mut self,
+        w: &mut Window,
+        tasks: &mut JoinSet<Result<Sent, Stopped>>,
+        joined: Result<Result<Sent, Stopped>, tokio::task::JoinError>,
+    ) -> Joined {
+        match joined {
+            Ok(Ok(sent)) => {
+                self.on_ack(w, sent);
+                Joined::Acked
+            }
+            Ok(Err(Stopped)) => Joined::Stop,
+            Err(e) => {
+                tracing::error!(error = %e, "forward task failed; resending the window");
+                tasks.shutdown().await;
+                *w = Window::new(self.spool().acked_seq());
+                Joined::Reset
             }
         }
     }
