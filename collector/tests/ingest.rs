@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use adclick_proto::v1::{ClickBatch, ClickBatchResult};
 use adclick_sdk::{Device, Dimensions, Tracker};
-use adclick_test_support::collector::{ad, config};
-use adclick_test_support::common::{eventually, keyring, now_ms, signer, write_keys};
-use adclick_test_support::fake_aggregator::fake_aggregator;
+use adclick_test_support::collector::ad;
+use adclick_test_support::common::{eventually, now_ms, signer};
 use prost::Message;
 
 use crate::util::*;
@@ -20,13 +19,12 @@ use crate::util::*;
 /// quarantined, and never forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_clicks_are_verified_deduplicated_spooled_and_forwarded() {
-    let dir = tempfile::tempdir().unwrap();
-    let ring = keyring(1, 1);
-    write_keys(&dir.path().join("keys.toml"), &ring);
-    let agg = fake_aggregator().await;
-    let col = adclick_collector::start(config(dir.path(), vec![agg.url()]))
-        .await
-        .unwrap();
+    let Started {
+        dir,
+        ring,
+        agg,
+        col,
+    } = started(|_| {}).await;
 
     let signer = signer(&ring);
     let valid: Vec<_> = (0..20).map(|i| signer.mint(&ad(i % 4)).unwrap()).collect();
@@ -141,14 +139,16 @@ async fn sdk_clicks_are_verified_deduplicated_spooled_and_forwarded() {
 /// curl users: JSON in, JSON out; every malformed request gets its own status and message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_status_codes_and_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let ring = keyring(1, 1);
-    write_keys(&dir.path().join("keys.toml"), &ring);
-    let agg = fake_aggregator().await;
-    let mut cfg = config(dir.path(), vec![agg.url()]);
-    cfg.limits.max_body_bytes = 4096;
-    cfg.limits.max_clicks_per_batch = 5;
-    let col = adclick_collector::start(cfg).await.unwrap();
+    let Started {
+        dir: _dir,
+        ring,
+        agg,
+        col,
+    } = started(|cfg| {
+        cfg.limits.max_body_bytes = 4096;
+        cfg.limits.max_clicks_per_batch = 5;
+    })
+    .await;
     let base = format!("http://{}", col.http_addr());
     let c = http();
     let tok = signer(&ring).mint(&ad(9)).unwrap();
@@ -264,13 +264,12 @@ async fn http_status_codes_and_json() {
 /// token never redirects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_records_and_never_opens_a_redirect() {
-    let dir = tempfile::tempdir().unwrap();
-    let ring = keyring(1, 1);
-    write_keys(&dir.path().join("keys.toml"), &ring);
-    let agg = fake_aggregator().await;
-    let col = adclick_collector::start(config(dir.path(), vec![agg.url()]))
-        .await
-        .unwrap();
+    let Started {
+        dir: _dir,
+        ring,
+        agg,
+        col,
+    } = started(|_| {}).await;
     let base = format!("http://{}", col.http_addr());
     let c = http();
     let good = signer(&ring).mint(&ad(5)).unwrap();
@@ -331,13 +330,12 @@ async fn redirect_records_and_never_opens_a_redirect() {
 /// `text/plain` body (protobuf bytes) is accepted with the CORS header on the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_and_beacon_content_type() {
-    let dir = tempfile::tempdir().unwrap();
-    let ring = keyring(1, 1);
-    write_keys(&dir.path().join("keys.toml"), &ring);
-    let agg = fake_aggregator().await;
-    let mut cfg = config(dir.path(), vec![agg.url()]);
-    cfg.cors_origins = vec!["https://news.example".into()];
-    let col = adclick_collector::start(cfg).await.unwrap();
+    let Started {
+        dir: _dir,
+        ring,
+        agg,
+        col,
+    } = started(|cfg| cfg.cors_origins = vec!["https://news.example".into()]).await;
     let c = http();
     let url = format!("http://{}/v1/clicks", col.http_addr());
     let pre = |origin: &'static str| {
@@ -401,13 +399,12 @@ async fn cors_preflight_and_beacon_content_type() {
 /// fsync they wait for, some after the answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_abandoned_while_committing_still_counts_what_was_written() {
-    let dir = tempfile::tempdir().unwrap();
-    let ring = keyring(1, 1);
-    write_keys(&dir.path().join("keys.toml"), &ring);
-    let agg = fake_aggregator().await;
-    let col = adclick_collector::start(config(dir.path(), vec![agg.url()]))
-        .await
-        .unwrap();
+    let Started {
+        dir: _dir,
+        ring,
+        agg,
+        col,
+    } = started(|_| {}).await;
     let signer = signer(&ring);
     adclick_sdk::HttpTransport::install_crypto_provider();
     let client = reqwest::Client::builder()
@@ -456,4 +453,5 @@ async fn a_request_abandoned_while_committing_still_counts_what_was_written() {
     let res = ClickBatchResult::decode(r.bytes().await.unwrap()).unwrap();
     assert_eq!((res.accepted, res.duplicate), (0, written.len() as u32));
     col.shutdown().await;
+    agg.stop().await;
 }

@@ -50,3 +50,34 @@ pub fn signer_of_other_key() -> adclick_sdk::ImpressionSigner {
     // Same key id as the collector's, different secret: a forgery.
     signer(&keyring(1, 99))
 }
+
+/// A collector (keys written, `tweak` applied to its test config) forwarding to an
+/// in-test aggregator: the setup most ingest tests share.
+pub struct Started {
+    /// Holds the collector's files.
+    pub dir: tempfile::TempDir,
+    /// The keys the collector verifies with.
+    pub ring: adclick_proto::token::Keyring,
+    /// The in-test aggregator.
+    pub agg: adclick_test_support::fake_aggregator::AggHandle,
+    /// The collector.
+    pub col: Collector,
+}
+
+pub async fn started(
+    tweak: impl FnOnce(&mut adclick_collector::config::CollectorConfig),
+) -> Started {
+    let dir = tempfile::tempdir().unwrap();
+    let ring = keyring(1, 1);
+    adclick_test_support::common::write_keys(&dir.path().join("keys.toml"), &ring);
+    let agg = adclick_test_support::fake_aggregator::fake_aggregator().await;
+    let mut cfg = adclick_test_support::collector::config(dir.path(), vec![agg.url()]);
+    tweak(&mut cfg);
+    let col = adclick_collector::start(cfg).await.unwrap();
+    Started {
+        dir,
+        ring,
+        agg,
+        col,
+    }
+}
