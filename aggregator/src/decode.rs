@@ -39,33 +39,55 @@ pub struct RawBatch {
     pub bytes: Bytes,
 }
 
+/// The header of an encoded `IngestBatch`, every click checked decodable.
+struct Header<'a> {
+    collector_id: &'a str,
+    seq: u64,
+    acked_floor: u64,
+    clicks: usize,
+}
+
+fn check(bytes: &[u8]) -> Result<Header<'_>, DecodeError> {
+    let mut h = Header {
+        collector_id: "",
+        seq: 0,
+        acked_floor: 0,
+        clicks: 0,
+    };
+    let mut r = Reader(bytes);
+    while let Some((field, wire)) = r.key()? {
+        match (field, wire) {
+            (1, LEN) => h.collector_id = r.str()?,
+            (2, VARINT) => h.seq = r.varint()?,
+            (3, LEN) => {
+                read_click(r.len_delimited()?)?;
+                h.clicks += 1;
+            }
+            (4, VARINT) => h.acked_floor = r.varint()?,
+            (1..=4, _) => return Err(err(format!("field {field} has wire type {wire}"))),
+            _ => r.skip(wire)?,
+        }
+    }
+    Ok(h)
+}
+
+/// Checks that `bytes` are a decodable `IngestBatch` (a WAL entry before replay).
+pub fn check_batch(bytes: &[u8]) -> Result<(), DecodeError> {
+    check(bytes).map(drop)
+}
+
 impl RawBatch {
     /// Parses and checks a whole batch (header and every click).
     pub fn parse(bytes: Bytes) -> Result<Self, DecodeError> {
-        let mut collector_id = "";
-        let mut seq = 0;
-        let mut acked_floor = 0;
-        let mut clicks = 0usize;
-        let mut r = Reader(&bytes[..]);
-        while let Some((field, wire)) = r.key()? {
-            match (field, wire) {
-                (1, LEN) => collector_id = r.str()?,
-                (2, VARINT) => seq = r.varint()?,
-                (3, LEN) => {
-                    read_click(r.len_delimited()?)?;
-                    clicks += 1;
-                }
-                (4, VARINT) => acked_floor = r.varint()?,
-                (1..=4, _) => return Err(err(format!("field {field} has wire type {wire}"))),
-                _ => r.skip(wire)?,
-            }
-        }
+        let h = check(&bytes)?;
+        let (collector_id, seq, acked_floor, clicks) =
+            (h.collector_id.to_string(), h.seq, h.acked_floor, h.clicks);
         Ok(RawBatch {
-            collector_id: collector_id.to_string(),
+            collector_id,
             seq,
             acked_floor,
             clicks,
-            bytes: bytes.clone(),
+            bytes,
         })
     }
 

@@ -203,7 +203,7 @@ pub fn start<S: Store + 'static>(
     for (pos, bytes) in replay {
         // Checked at the edge before it was written, and redb checksums its pages: a
         // failure here is damage, and the entry is skipped whole.
-        if let Err(e) = RawBatch::parse(bytes::Bytes::from(bytes.clone())) {
+        if let Err(e) = decode::check_batch(&bytes) {
             tracing::error!(pos, error = %e, "undecodable WAL entry skipped");
             continue;
         }
