@@ -53,12 +53,7 @@ async fn scenario() {
     )
     .unwrap();
     let log = dir.path().join("aggregator.log");
-    let mut child = ChildServer::spawn("aggregator", &config, &log);
-    assert!(
-        wait_queryable(grpc, Duration::from_secs(20)).await,
-        "aggregator did not start; log:\n{}",
-        child.log_text()
-    );
+    let mut child = spawn_aggregator(&config, &log, grpc).await;
 
     let mut col_cfg = collector_config(dir.path(), "edge", &keys_file, grpc);
     col_cfg.forward.max_in_flight = MAX_IN_FLIGHT;
@@ -91,12 +86,7 @@ async fn scenario() {
     );
     assert!(load.clicked() > clicked_at_kill + 50, "load continued");
 
-    let child = ChildServer::spawn("aggregator", &config, &log);
-    assert!(
-        wait_queryable(grpc, Duration::from_secs(20)).await,
-        "aggregator did not restart; log:\n{}",
-        child.log_text()
-    );
+    let child = spawn_aggregator(&config, &log, grpc).await;
     let clicked_at_restart = load.clicked();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ledger = load.stop().await;
@@ -276,12 +266,7 @@ async fn out_of_order_scenario() {
     )
     .unwrap();
     let log = dir.path().join("aggregator.log");
-    let mut child = ChildServer::spawn("aggregator", &config, &log);
-    assert!(
-        wait_queryable(grpc, Duration::from_secs(20)).await,
-        "aggregator did not start; log:\n{}",
-        child.log_text()
-    );
+    let mut child = spawn_aggregator(&config, &log, grpc).await;
     let now = now_ms();
     let c = ingest_client(grpc).await;
 
@@ -341,12 +326,7 @@ async fn out_of_order_scenario() {
     // Life 2: restart, then resend like the restarted collector does: everything not
     // seen acked, floor = the lowest of those; the acks it did see come back too (a
     // collector that missed them) and must be known as acked; so must older seqs.
-    let child = ChildServer::spawn("aggregator", &config, &log);
-    assert!(
-        wait_queryable(grpc, Duration::from_secs(20)).await,
-        "aggregator did not restart; log:\n{}",
-        child.log_text()
-    );
+    let child = spawn_aggregator(&config, &log, grpc).await;
     let c = ingest_client(grpc).await;
     let floor = (1..=OOO_BATCHES)
         .find(|s| !acked_before_kill.contains(s))
@@ -386,4 +366,19 @@ async fn out_of_order_scenario() {
     let counts = poll_counts(grpc, range, Duration::from_secs(20), |c| *c == want).await;
     assert_eq!(counts, want, "log:\n{}", child.log_text());
     drop(child);
+}
+
+/// Starts the `adclick aggregator` binary and waits until it answers queries.
+async fn spawn_aggregator(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    grpc: std::net::SocketAddr,
+) -> ChildServer {
+    let child = ChildServer::spawn("aggregator", config, log);
+    assert!(
+        wait_queryable(grpc, Duration::from_secs(20)).await,
+        "aggregator did not start; log:\n{}",
+        child.log_text()
+    );
+    child
 }
