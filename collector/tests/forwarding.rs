@@ -44,6 +44,11 @@ async fn routes_by_ad_and_fans_out_hot_ads() {
     .await;
     let total = || a.applied().len() + b.applied().len();
     assert!(eventually(POLL_LIMIT, || total() == 200).await);
+    // The aggregators applied round 1 before the collector read their acks: wait until it
+    // has (it counts a click forwarded after taking the ack's hot ads), or round 2 may be
+    // routed before it knows ad 42 is hot.
+    let m = col.metrics().clone();
+    assert!(eventually(POLL_LIMIT, || m.forwarded_clicks.get() == 200).await);
     // Round 2: ad 42 only.
     let hot: Vec<_> = (0..400).map(|_| s.mint(&ad(42)).unwrap()).collect();
     post_proto(
@@ -323,15 +328,7 @@ async fn an_idle_shard_gets_heartbeats_that_keep_its_seq_mark_close() {
     // 12 requests one after another: 12 spool records, every click for shard a.
     for ad_id in &ads {
         let m = s.mint(&ad(*ad_id)).unwrap();
-        post_proto(
-            &c,
-            &col,
-            &ClickBatch {
-                clicks: vec![click(&m.token)],
-                ..Default::default()
-            },
-        )
-        .await;
+        post_click(&c, &col, &m.token).await;
     }
     assert!(eventually(POLL_LIMIT, || a.applied().len() == 12).await);
     assert!(

@@ -120,26 +120,17 @@ async fn out_of_order_acks_truncate_the_spool_only_at_the_contiguous_point() {
 /// floor is its own seq (nothing below it is unacked).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_of_one_sends_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let ring = keyring(1, 1);
-    write_keys(&dir.path().join("keys.toml"), &ring);
-    let agg = fake_aggregator().await;
-    let mut cfg = config(dir.path(), vec![agg.url()]);
-    cfg.forward.max_in_flight = 1;
-    let col = adclick_collector::start(cfg).await.unwrap();
+    let Started {
+        dir: _dir,
+        ring,
+        agg,
+        col,
+    } = started(|cfg| cfg.forward.max_in_flight = 1).await;
     let s = signer(&ring);
     let c = http();
     for r in 0..5u64 {
         let m = s.mint(&ad(r)).unwrap();
-        post_proto(
-            &c,
-            &col,
-            &ClickBatch {
-                clicks: vec![click(&m.token)],
-                ..Default::default()
-            },
-        )
-        .await;
+        post_click(&c, &col, &m.token).await;
     }
     assert!(eventually(POLL_LIMIT, || agg.applied().len() == 5).await);
     let m = col.metrics().clone();

@@ -32,6 +32,15 @@ pub async fn post_proto(
         .unwrap()
 }
 
+/// One request holding one click of `token`.
+pub async fn post_click(c: &reqwest::Client, col: &Collector, token: &str) -> reqwest::Response {
+    let batch = ClickBatch {
+        clicks: vec![click(token)],
+        ..Default::default()
+    };
+    post_proto(c, col, &batch).await
+}
+
 pub fn click(token: &str) -> v1::Click {
     let now = now_ms();
     v1::Click {
