@@ -852,7 +852,7 @@ use crate::state::dedup::{Dedup, Entry, MemTable, Ordinal};
 use crate::state::dims::{ComboTable, DimKey, country_code};
 use crate::state::published::{TopOp, TopWriter};
 use crate::state::shard::{Applied, LEVEL_MS, ShardState};
-use crate::state::topn::TopIndex;
+use crate::state::topset::{ClickKeys, TopSet};
 use crate::state::windows::{ClickWindows, DEFAULT_DEDUP_MEMORY_BYTES, Routed};
 use crate::view::{QueryMeta, View};
 use arc_swap::ArcSwap;
@@ -877,7 +877,7 @@ pub struct StatePath {
     windows: ClickWindows,
     shard: ShardState,
     top: TopWriter,
-    published: ArcSwap<TopIndex>,
+    published: ArcSwap<TopSet>,
     last_seal: i64,
 }
 
@@ -900,7 +900,7 @@ impl StatePath {
             ..Default::default()
         };
         let shard = ShardState::default();
-        let (top, published) = TopWriter::new(shard.top_index());
+        let (top, published) = TopWriter::new(TopSet::new());
         StatePath {
             windows: ClickWindows::with_dedup(
                 WindowConfig::default(),
@@ -938,6 +938,11 @@ impl StatePath {
                 ad: a.ad,
                 minute: a.event_time_ms.div_euclid(LEVEL_MS[0]),
                 by: 1,
+                keys: ClickKeys {
+                    dims: a.dims,
+                    advertiser: a.advertiser,
+                    campaign: a.campaign,
+                },
             });
         }
     }
@@ -979,7 +984,7 @@ impl StatePath {
     /// Unfiltered top `n` over minutes [from, to) (minute indices), from the published
     /// index as a query reads it.
     pub fn top(&self, n: usize, from_minute: i64, to_minute: i64) -> Vec<(u64, u64)> {
-        self.published.load().top(n, from_minute, to_minute)
+        self.published.load().all.top(n, from_minute, to_minute)
     }
 }
 
@@ -1041,18 +1046,20 @@ impl IndexPath {
     fn add(&mut self, ad: u64, event_time_ms: i64, d: IndexDims) {
         let (advertiser, campaign) = (1 + ad % 7, 100 + ad % 23);
         self.owners.entry(ad).or_insert((advertiser, campaign));
-        let combo = self.combos.intern(DimKey {
+        let dims = DimKey {
             country: country_code(d.country),
             device: d.device,
             os: d.os,
             site: d.site,
-        });
+        };
+        let combo = self.combos.intern(dims);
         self.shard.apply(&Applied {
             ad,
             advertiser,
             campaign,
             event_time_ms,
             combo,
+            dims,
             user: Hll::entry_of_hash(d.user),
             late: false,
         });
@@ -1075,12 +1082,13 @@ impl IndexPath {
         }
         IndexView {
             view: Arc::new(View {
-                tops: vec![ArcSwap::from_pointee(self.shard.top_index())],
+                tops: vec![ArcSwap::from_pointee(
+                    self.shard.top_set(self.combos.keys(), &self.owners),
+                )],
                 shards: vec![RwLock::new(self.shard)],
                 watermark_ms: AtomicI64::new(watermark_ms),
                 meta: ArcSwap::from_pointee(QueryMeta {
                     names,
-                    split: Vec::new(),
                     combos: self.combos.keys().to_vec(),
                 }),
                 owners: RwLock::new(self.owners),

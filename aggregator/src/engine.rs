@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::state::dedup::Dedup;
 use crate::state::published::{TopOp, TopWriter};
 use crate::state::shard::{Applied, LEVEL_MS, ShardState};
+use crate::state::topset::ClickKeys;
 use crate::state::windows::{ClickWindows, Routed};
 use crate::store::{Checkpoint, Store, StoreError, WalEntry};
 use crate::view::{QueryMeta, View};
@@ -156,7 +157,8 @@ pub fn start<S: Store + 'static>(
             }
             None => ShardState::default(),
         };
-        let (writer, published) = TopWriter::new(s.top_index());
+        let (writer, published) =
+            TopWriter::new(s.top_set(windows.combos().keys(), windows.owners()));
         top_writers.push(writer);
         tops.push(published);
         shards.push(RwLock::new(s));
@@ -269,6 +271,11 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                         ad: a.ad,
                         minute: minute(a.event_time_ms),
                         by: 1,
+                        keys: ClickKeys {
+                            dims: a.dims,
+                            advertiser: a.advertiser,
+                            campaign: a.campaign,
+                        },
                     });
                 }
                 done = confirm;
@@ -624,15 +631,11 @@ impl<S: Store> Writer<S> {
         let wm = self.windows.watermark_ms();
         self.view.watermark_ms.store(wm, Ordering::Release);
         // Queries load the meta lock-free; a new one is published only when something in it
-        // changed (new strings, combinations or split ads: rare after warm-up).
+        // changed (new strings or combinations: rare after warm-up).
         let current = self.view.meta.load();
         let names = self.windows.interner().names();
         let combos = self.windows.combos().keys();
-        let split = self.windows.split_ads();
-        if current.names.len() != names.len()
-            || current.combos.len() != combos.len()
-            || current.split.len() != split.len()
-        {
+        if current.names.len() != names.len() || current.combos.len() != combos.len() {
             let mut meta = QueryMeta::clone(&current);
             if meta.names.len() != names.len() {
                 meta.names = names
@@ -642,7 +645,6 @@ impl<S: Store> Writer<S> {
                     .collect();
             }
             meta.combos = combos.to_vec();
-            meta.split = split.iter().copied().collect();
             drop(current);
             self.view.meta.store(Arc::new(meta));
         } else {

@@ -5,7 +5,8 @@
 //! Visibility: an advertiser key sees only its advertiser's ads; other ads are simply
 //! absent (an empty answer), never an error that would reveal they exist.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use adclick_proto::v1::{
@@ -16,6 +17,8 @@ use crate::config::{ApiKey, QueryConfig, Role};
 use crate::sketch::hll::Hll;
 use crate::state::dims::{DimKey, country_code};
 use crate::state::shard::{CellRef, LEVEL_MS};
+use crate::state::topn::{TopIndex, count_of, top_bounded, top_of};
+use crate::state::topset::{FilterKey, TopSet};
 use crate::view::{QueryMeta, View};
 
 /// Why a query was refused.
@@ -119,15 +122,57 @@ impl Filter {
         filter
     }
 
+    /// The constrained fields and the value indexes each allows, including the caller's
+    /// advertiser scope (empty: nothing is filtered).
+    pub fn fields(&self, caller: Caller) -> Vec<Field> {
+        let mut out = Vec::new();
+        let mut push = |keys: Option<Vec<FilterKey>>, per_ad: bool| {
+            if let Some(keys) = keys {
+                out.push(Field { keys, per_ad });
+            }
+        };
+        let map = |v: &Option<Vec<u32>>, f: fn(u32) -> FilterKey| {
+            v.as_ref().map(|v| v.iter().map(|x| f(*x)).collect())
+        };
+        push(
+            self.countries
+                .as_ref()
+                .map(|v| v.iter().map(|c| FilterKey::Country(*c)).collect()),
+            false,
+        );
+        push(
+            self.devices
+                .as_ref()
+                .map(|v| v.iter().map(|d| FilterKey::Device(*d)).collect()),
+            false,
+        );
+        push(map(&self.os, FilterKey::Os), false);
+        push(map(&self.sites, FilterKey::Site), false);
+        let advertisers = match (caller, &self.advertisers) {
+            (Caller::Admin, a) => a.clone(),
+            (Caller::Advertiser(own), None) => Some(vec![own]),
+            (Caller::Advertiser(own), Some(a)) => {
+                Some(a.iter().copied().filter(|x| *x == own).collect())
+            }
+        };
+        push(
+            advertisers.map(|v| v.into_iter().map(FilterKey::Advertiser).collect()),
+            true,
+        );
+        push(
+            self.campaigns
+                .as_ref()
+                .map(|v| v.iter().map(|c| FilterKey::Campaign(*c)).collect()),
+            true,
+        );
+        out
+    }
+
     fn dims_filtered(&self) -> bool {
         self.countries.is_some()
             || self.devices.is_some()
             || self.os.is_some()
             || self.sites.is_some()
-    }
-
-    fn is_empty(&self) -> bool {
-        !self.dims_filtered() && self.advertisers.is_none() && self.campaigns.is_none()
     }
 
     fn matches_dims(&self, k: &DimKey) -> bool {
@@ -171,6 +216,124 @@ impl Filter {
             users,
         )
     }
+}
+
+/// One constrained field of a filter: the value indexes its allowed values select, and
+/// whether it is a property of the ad (advertiser, campaign) or of each click.
+#[derive(Debug)]
+pub struct Field {
+    keys: Vec<FilterKey>,
+    per_ad: bool,
+}
+
+/// `TopAds` for a filter over one or more fields, from the per-value indexes; `None` when
+/// the search would cost more than a scan (the caller scans the cells).
+///
+/// With one field, the union of its values' indexes holds exactly the matching clicks
+/// (each click has one value per field): the Threshold Algorithm over them is exact.
+/// With several, the field with the fewest cells bounds the search (a matching click is in
+/// its indexes) and each candidate gets its exact count: per-ad fields (advertiser,
+/// campaign) only gate the ad (an ad has one owner, so it matches iff it has clicks in
+/// that field's indexes), one per-click field counts from its indexes, and only two or
+/// more per-click fields need the minute cells (read under the shards' read locks).
+fn filtered_top(
+    view: &View,
+    tops: &[Arc<TopSet>],
+    filter: &Filter,
+    fields: &[Field],
+    n: usize,
+    (fm, tm): (i64, i64),
+) -> Option<Vec<(u64, u64)>> {
+    let indexes = |f: &Field| -> Vec<&TopIndex> {
+        tops.iter()
+            .flat_map(|t| f.keys.iter().filter_map(|k| t.index(*k)))
+            .collect()
+    };
+    let per_field: Vec<(bool, Vec<&TopIndex>)> =
+        fields.iter().map(|f| (f.per_ad, indexes(f))).collect();
+    if let [(_, only)] = &per_field[..] {
+        return Some(top_of(only, n, fm, tm));
+    }
+    let bound = per_field
+        .iter()
+        .min_by_key(|(_, idx)| idx.iter().map(|i| i.cell_count()).sum::<usize>())
+        .map(|(_, idx)| idx.as_slice())
+        .unwrap_or(&[]);
+    let gates: Vec<&[&TopIndex]> = per_field
+        .iter()
+        .filter(|(per_ad, _)| *per_ad)
+        .map(|(_, idx)| idx.as_slice())
+        .collect();
+    let clicks: Vec<&[&TopIndex]> = per_field
+        .iter()
+        .filter(|(per_ad, _)| !*per_ad)
+        .map(|(_, idx)| idx.as_slice())
+        .collect();
+    let owned = |ad: u64| gates.iter().all(|g| count_of(g, ad, fm, tm) > 0);
+    match &clicks[..] {
+        [] => top_bounded(bound, n, fm, tm, |ad| {
+            if owned(ad) {
+                count_of(bound, ad, fm, tm)
+            } else {
+                0
+            }
+        }),
+        [one] => top_bounded(bound, n, fm, tm, |ad| {
+            if owned(ad) {
+                count_of(one, ad, fm, tm)
+            } else {
+                0
+            }
+        }),
+        _ => {
+            let shards: Vec<_> = view
+                .shards
+                .iter()
+                .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
+                .collect();
+            top_bounded(bound, n, fm, tm, |ad| {
+                if !owned(ad) {
+                    return 0;
+                }
+                let mut sum = 0u64;
+                for s in &shards {
+                    for m in fm..tm {
+                        if let Some(cell) = s.cell(0, ad, m * LEVEL_MS[0]) {
+                            sum = sum.saturating_add(filter.tally(cell, None));
+                        }
+                    }
+                }
+                sum
+            })
+        }
+    }
+}
+
+/// `TopAds` by scanning every minute cell of the range under the shards' read locks: what
+/// [`filtered_top`] falls back to when its bound cannot prune.
+fn scan_top(view: &View, filter: &Filter, caller: Caller, (fm, tm): (i64, i64)) -> Vec<(u64, u64)> {
+    let shards: Vec<_> = view
+        .shards
+        .iter()
+        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    let mut sums: HashMap<u64, u64> = HashMap::new();
+    let mut allowed: HashMap<u64, bool> = HashMap::new();
+    let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
+    for s in &shards {
+        for (_, ad, cell) in s.cells_in(0, fm * LEVEL_MS[0], tm * LEVEL_MS[0]) {
+            let ok = *allowed
+                .entry(ad)
+                .or_insert_with(|| filter.matches_ad(owners.get(&ad).copied(), caller));
+            if ok {
+                let c = filter.tally(cell, None);
+                if c > 0 {
+                    *sums.entry(ad).or_default() += c;
+                }
+            }
+        }
+    }
+    sums.into_iter().collect()
 }
 
 fn level_of(g: i32) -> Result<usize, QueryError> {
@@ -293,8 +456,9 @@ pub fn top_range(req: &v1::TopAdsRequest, now: i64) -> Result<(i64, i64), QueryE
     }
 }
 
-/// `TopAds`: exact; the unfiltered admin case uses the shards' top-N indexes, anything
-/// filtered scans the minute cells of the range.
+/// `TopAds`: exact, from the shards' published top-N indexes (no lock): the unfiltered
+/// index, or the per-value indexes of the filtered fields (`state::topset`). Only a filter
+/// whose bound cannot prune (see [`filtered_top`]) falls back to scanning minute cells.
 pub fn top_ads(
     view: &View,
     caller: Caller,
@@ -317,43 +481,19 @@ pub fn top_ads(
     );
     let meta = view.meta.load_full();
     let filter = Filter::from_wire(req.filter.as_ref(), &meta);
-    let mut ranked: Vec<(u64, u64)> = if filter.is_empty() && caller == Caller::Admin {
-        // Lock-free: each shard's published top-N index (see `state::published`).
-        let tops: Vec<_> = view.tops.iter().map(|t| t.load_full()).collect();
-        // Ads live on one shard unless they were hot (split): per-shard top-n lists plus
-        // every split ad are a candidate set that provably contains the global top n.
-        let mut candidates: BTreeSet<u64> = meta.split.iter().copied().collect();
-        for t in &tops {
-            candidates.extend(t.top(n, fm, tm).into_iter().map(|(ad, _)| ad));
-        }
-        candidates
-            .into_iter()
-            .map(|ad| (ad, tops.iter().map(|t| t.count(ad, fm, tm)).sum()))
-            .filter(|(_, c)| *c > 0)
-            .collect()
+    // Lock-free: each shard's published indexes (see `state::published`). An ad lives on
+    // one shard unless it was hot (split over shards); summing the lists of every shard
+    // gives its total either way.
+    let tops: Vec<_> = view.tops.iter().map(|t| t.load_full()).collect();
+    let fields = filter.fields(caller);
+    let mut ranked = if fields.is_empty() {
+        let all: Vec<&TopIndex> = tops.iter().map(|t| &t.all).collect();
+        top_of(&all, n, fm, tm)
     } else {
-        let shards: Vec<_> = view
-            .shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
-            .collect();
-        let mut sums: HashMap<u64, u64> = HashMap::new();
-        let mut allowed: HashMap<u64, bool> = HashMap::new();
-        let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
-        for s in &shards {
-            for (_, ad, cell) in s.cells_in(0, fm * LEVEL_MS[0], tm * LEVEL_MS[0]) {
-                let ok = *allowed
-                    .entry(ad)
-                    .or_insert_with(|| filter.matches_ad(owners.get(&ad).copied(), caller));
-                if ok {
-                    let c = filter.tally(cell, None);
-                    if c > 0 {
-                        *sums.entry(ad).or_default() += c;
-                    }
-                }
-            }
+        match filtered_top(view, &tops, &filter, &fields, n, (fm, tm)) {
+            Some(top) => top,
+            None => scan_top(view, &filter, caller, (fm, tm)),
         }
-        sums.into_iter().collect()
     };
     ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     ranked.truncate(n);

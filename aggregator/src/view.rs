@@ -1,6 +1,6 @@
 //! The read side of the aggregator's state: what the engine's writer publishes and the
 //! query code reads (the shards behind read-write locks, the watermark, interned names,
-//! split ads, readiness). Owned by neither side, so `engine` and `query` do not import each
+//! readiness). Owned by neither side, so `engine` and `query` do not import each
 //! other. It must not hold logic: reading and writing stay in `query` and `engine`.
 
 use std::collections::HashMap;
@@ -12,7 +12,7 @@ use crate::health::Readiness;
 use crate::state::FastMap;
 use crate::state::dims::DimKey;
 use crate::state::shard::ShardState;
-use crate::state::topn::TopIndex;
+use crate::state::topset::TopSet;
 use arc_swap::ArcSwap;
 
 /// Shared, read-mostly view for queries.
@@ -20,12 +20,13 @@ use arc_swap::ArcSwap;
 pub struct View {
     /// The shards' cells (queries take read locks).
     pub shards: Vec<RwLock<ShardState>>,
-    /// The shards' unfiltered top-N indexes, published read-copy-update style: a reader
-    /// loads one (no lock) and the shard thread never waits for it (`state::published`).
-    pub tops: Vec<ArcSwap<TopIndex>>,
+    /// The shards' top-N indexes (unfiltered and per filter value), published
+    /// read-copy-update style: a reader loads one (no lock) and the shard thread never
+    /// waits for it (`state::published`).
+    pub tops: Vec<ArcSwap<TopSet>>,
     /// Current watermark (ms).
     pub watermark_ms: AtomicI64,
-    /// Interned strings, combinations and split ads: what queries need from the window
+    /// Interned strings and combinations: what queries need from the window
     /// operator, replaced whole when it changes (queries load it without a lock).
     pub meta: ArcSwap<QueryMeta>,
     /// ad -> (advertiser, campaign), as the window operator pinned them (grows only).
@@ -41,8 +42,6 @@ pub struct View {
 pub struct QueryMeta {
     /// Interned names (id = index + 1).
     pub names: HashMap<String, u32>,
-    /// Ads spread over several shards (always TopAds candidates).
-    pub split: Vec<u64>,
     /// Dimension combinations (combination id = index + 1).
     pub combos: Vec<DimKey>,
 }

@@ -19,6 +19,7 @@ mod util;
 
 mod counting;
 mod dedup_bound;
+mod filtered_top;
 mod hardening;
 mod hostile_input;
 mod query_api;

@@ -3,7 +3,7 @@
 //! ingest stage, so ids are assigned in WAL order and a replay assigns the same ids.
 
 /// A dimension combination. `site` is the click's site, or its app when site is empty.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DimKey {
     /// ISO-3166 alpha-2 as two ASCII bytes (0 = unknown).
     pub country: [u8; 2],

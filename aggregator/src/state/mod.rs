@@ -1,5 +1,5 @@
 //! Counting state and the operators over it: dimension keys, the window operator (dedup,
-//! watermark, routing), the shards' cells and top-N index, unique-user sketches and
+//! watermark, routing), the shards' cells and top-N indexes (unfiltered and per filter value), unique-user sketches and
 //! heavy-hitter detection. No I/O and no wire types: clicks arrive as [`click::ClickIn`].
 
 pub mod click;
@@ -9,6 +9,7 @@ pub mod hot;
 pub mod published;
 pub mod shard;
 pub mod topn;
+pub mod topset;
 pub mod windows;
 
 /// Hash maps of the per-click path use foldhash with a fixed seed: several times faster

@@ -1,5 +1,5 @@
 //! Readers never wait for the writer, and the writer never waits for readers: the
-//! unfiltered top-N index of a shard is published read-copy-update style. Readers take the
+//! top-N indexes of a shard (a [`TopSet`]: unfiltered and per filter value) are published read-copy-update style. Readers take the
 //! current copy from an [`ArcSwap`] (an `Arc` clone, no lock) and query it for as long as
 //! they like. The shard thread keeps a second copy: it logs every change, and to publish
 //! it brings that copy up to date and swaps it in; the copy swapped out becomes the next
@@ -10,17 +10,17 @@
 //! and in TopAds at once unless a TopAds query holds the other copy, then when it ends.
 //! The log grows with the clicks that arrive while such a query runs.
 //!
-//! Two copies of the index cost its memory twice (~40 bytes per minute cell each) and each
-//! change is applied twice; in exchange a TopAds query never touches a lock the writer
-//! takes. The cells (GetAdClicks, filtered TopAds) are still read under the shard's
-//! read-write lock.
+//! Two copies of the indexes cost their memory twice and each change is applied twice; in
+//! exchange a TopAds query never touches a lock the writer takes (except a filter over
+//! several fields, which checks exact counts in the cells). The cells (GetAdClicks) are
+//! still read under the shard's read-write lock.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::topn::TopIndex;
+use super::topset::{ClickKeys, TopSet};
 
 /// One change to a top-N index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,16 +33,23 @@ pub enum TopOp {
         minute: i64,
         /// Clicks.
         by: u64,
+        /// The clicks' dimensions and owners (which value indexes they go to).
+        keys: ClickKeys,
     },
-    /// [`TopIndex::seal`] before this minute index.
+    /// [`TopSet::seal`] before this minute index.
     Seal(i64),
-    /// [`TopIndex::evict_before`] this minute index.
+    /// [`TopSet::evict_before`] this minute index.
     Evict(i64),
 }
 
-fn apply(idx: &mut TopIndex, op: TopOp) {
+fn apply(idx: &mut TopSet, op: TopOp) {
     match op {
-        TopOp::Add { ad, minute, by } => idx.add(ad, minute, by),
+        TopOp::Add {
+            ad,
+            minute,
+            by,
+            keys,
+        } => idx.add(ad, minute, by, &keys),
         TopOp::Seal(m) => idx.seal(m),
         TopOp::Evict(m) => idx.evict_before(m),
     }
@@ -52,7 +59,7 @@ fn apply(idx: &mut TopIndex, op: TopOp) {
 #[derive(Debug)]
 pub struct TopWriter {
     /// The copy readers do not see (possibly still held by readers of its last publication).
-    stale: Arc<TopIndex>,
+    stale: Arc<TopSet>,
     /// Changes the stale copy lacks, oldest first.
     log: VecDeque<TopOp>,
     /// Changes logged in total / reflected in the stale copy / in the published copy.
@@ -63,7 +70,7 @@ pub struct TopWriter {
 
 impl TopWriter {
     /// Starts from `index`, published in a new [`ArcSwap`] for readers.
-    pub fn new(index: TopIndex) -> (Self, ArcSwap<TopIndex>) {
+    pub fn new(index: TopSet) -> (Self, ArcSwap<TopSet>) {
         let shared = ArcSwap::from_pointee(index.clone());
         let w = TopWriter {
             stale: Arc::new(index),
@@ -88,7 +95,7 @@ impl TopWriter {
 
     /// Makes every change pushed so far visible in `shared`. Returns false, having done
     /// nothing, while a reader still holds the copy it would update (call again later).
-    pub fn publish(&mut self, shared: &ArcSwap<TopIndex>) -> bool {
+    pub fn publish(&mut self, shared: &ArcSwap<TopSet>) -> bool {
         if self.is_published() {
             return true;
         }
@@ -118,6 +125,7 @@ impl TopWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::topset::FilterKey;
     use proptest::prelude::*;
 
     proptest! {
@@ -128,22 +136,22 @@ mod tests {
         fn publishes_what_one_copy_would_hold(
             steps in proptest::collection::vec((0u64..5, 0i64..30, any::<bool>(), any::<bool>(), 0u8..20), 1..200)
         ) {
-            let (mut w, shared) = TopWriter::new(TopIndex::new());
-            let mut model = TopIndex::new();
+            let (mut w, shared) = TopWriter::new(TopSet::new());
+            let mut model = TopSet::new();
             // Copies readers hold, with the answer they saw when they took them.
-            type Held = (Arc<TopIndex>, Vec<(u64, u64)>);
+            type Held = (Arc<TopSet>, Vec<(u64, u64)>);
             let mut held: Vec<Held> = Vec::new();
             for (ad, minute, hold, release, kind) in steps {
                 let op = match kind {
                     0 => TopOp::Seal(minute),
                     1 => TopOp::Evict(minute / 3),
-                    _ => TopOp::Add { ad, minute, by: 1 },
+                    _ => TopOp::Add { ad, minute, by: 1, keys: ClickKeys { advertiser: ad % 2, ..ClickKeys::default() } },
                 };
                 w.push(op);
                 apply(&mut model, op);
                 if hold {
                     let snap = shared.load_full();
-                    let seen = snap.top(10, 0, 30);
+                    let seen = snap.all.top(10, 0, 30);
                     held.push((snap, seen));
                 }
                 if release && !held.is_empty() {
@@ -153,18 +161,22 @@ mod tests {
                 let ok = w.publish(&shared);
                 prop_assert_eq!(ok, !held_stale || w.is_published());
                 if ok {
-                    prop_assert_eq!(shared.load().top(10, 0, 30), model.top(10, 0, 30));
+                    prop_assert_eq!(shared.load().all.top(10, 0, 30), model.all.top(10, 0, 30));
+                    let adv = |s: &TopSet| s.index(FilterKey::Advertiser(1)).map(|i| i.top(10, 0, 30));
+                    prop_assert_eq!(adv(&shared.load()), adv(&model));
                     for a in 0..5 {
-                        prop_assert_eq!(shared.load().count(a, 0, 30), model.count(a, 0, 30));
+                        prop_assert_eq!(shared.load().all.count(a, 0, 30), model.all.count(a, 0, 30));
                     }
                 }
                 for (snap, seen) in &held {
-                    prop_assert_eq!(&snap.top(10, 0, 30), seen);
+                    prop_assert_eq!(&snap.all.top(10, 0, 30), seen);
                 }
             }
             held.clear();
             prop_assert!(w.publish(&shared));
-            prop_assert_eq!(shared.load().top(10, 0, 30), model.top(10, 0, 30));
+            prop_assert_eq!(shared.load().all.top(10, 0, 30), model.all.top(10, 0, 30));
+                    let adv = |s: &TopSet| s.index(FilterKey::Advertiser(1)).map(|i| i.top(10, 0, 30));
+                    prop_assert_eq!(adv(&shared.load()), adv(&model));
         }
     }
 }

@@ -2,7 +2,7 @@
 //! day), each broken down by dimension combination with unique users per combination. A
 //! shard is owned by one worker thread (writes) and read by queries. The shard's unfiltered
 //! top-N index lives beside it (`published.rs`), fed by the same thread, and can be rebuilt
-//! from the minute cells ([`ShardState::top_index`]).
+//! from the minute cells ([`ShardState::top_set`]).
 //!
 //! Layout, for memory and for the per-click path (no allocation for the common cell):
 //! - a level is one hash table `ad -> Cell` per bucket (minute, hour, day), in an ordered
@@ -23,7 +23,7 @@ use prost::Message;
 use thin_vec::ThinVec;
 
 use super::dims::DimKey;
-use super::topn::TopIndex;
+use super::topset::{ClickKeys, TopSet};
 use crate::sketch::hll::Hll;
 
 /// Bucket widths in ms: minute, hour, day (UTC).
@@ -42,6 +42,8 @@ pub struct Applied {
     pub event_time_ms: i64,
     /// Dimension combination id (`dims::ComboTable`).
     pub combo: u32,
+    /// The combination itself (for the per-value top-N indexes, `super::topset`).
+    pub dims: DimKey,
     /// The user's sparse HLL entry ([`Hll::entry_of_hash`]); 0: no user id.
     pub user: u32,
     /// The minute was already final: this is a correction.
@@ -462,17 +464,35 @@ impl ShardState {
         })
     }
 
-    /// The unfiltered top-N index of these cells (minute lists, and hour lists for the
-    /// sealed minutes): what the shard thread starts from after a restore.
-    pub fn top_index(&self) -> TopIndex {
-        let mut top = TopIndex::new();
-        for (start, cells) in &self.levels[0].buckets {
-            for (ad, cell) in cells {
-                top.add(*ad, start.div_euclid(LEVEL_MS[0]), u64::from(cell.clicks));
-            }
-        }
+    /// The top-N indexes of these cells (unfiltered: minute lists, and hour lists for the
+    /// sealed minutes; per filter value: minute lists): what the shard thread starts from
+    /// after a restore. `combos` maps combination ids to keys (id = index + 1) and
+    /// `owners` ads to (advertiser, campaign), as the window operator holds them.
+    pub fn top_set(&self, combos: &[DimKey], owners: &super::FastMap<u64, (u64, u64)>) -> TopSet {
+        let mut top = TopSet::new();
         if self.sealed_before > i64::MIN {
+            // Sealing first costs nothing (no lists yet) and makes every add below land in
+            // its hour list too.
             top.seal(self.sealed_before.div_euclid(LEVEL_MS[0]));
+        }
+        for (start, cells) in &self.levels[0].buckets {
+            let minute = start.div_euclid(LEVEL_MS[0]);
+            for (ad, cell) in cells {
+                let (advertiser, campaign) = owners.get(ad).copied().unwrap_or((0, 0));
+                for c in cell.combos() {
+                    let dims = (c.id as usize)
+                        .checked_sub(1)
+                        .and_then(|i| combos.get(i))
+                        .copied()
+                        .unwrap_or_default();
+                    let keys = ClickKeys {
+                        dims,
+                        advertiser,
+                        campaign,
+                    };
+                    top.add(*ad, minute, u64::from(c.clicks), &keys);
+                }
+            }
         }
         top
     }
@@ -636,6 +656,7 @@ struct AdPb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::topset::FilterKey;
     use proptest::prelude::*;
 
     fn splitmix(mut x: u64) -> u64 {
@@ -658,6 +679,7 @@ mod tests {
             campaign: 2,
             event_time_ms: t,
             combo: 1,
+            dims: DimKey::default(),
             user: Hll::entry_of_hash(splitmix(ad.wrapping_mul(31).wrapping_add(t as u64))),
             late: false,
         }
@@ -670,6 +692,7 @@ mod tests {
         for m in 0..10 {
             s.apply(&click(1, t0 + m * 60_000));
         }
+        let owners: crate::state::FastMap<u64, (u64, u64)> = [(1, (1, 2))].into_iter().collect();
         s.evict(0, t0 + 5 * 60_000);
         assert!(s.cell(0, 1, t0 + 4 * 60_000).is_none());
         assert_eq!(
@@ -677,7 +700,9 @@ mod tests {
             Some(1)
         );
         assert_eq!(
-            s.top_index().count(1, t0 / 60_000, t0 / 60_000 + 10),
+            s.top_set(&[], &owners)
+                .all
+                .count(1, t0 / 60_000, t0 / 60_000 + 10),
             5,
             "the top-N index rebuilt from the cells holds what is left"
         );
@@ -695,7 +720,13 @@ mod tests {
             s.cell(0, 1, t0 + 6 * 60_000).map(|c| c.cell.clicks),
             Some(1)
         );
-        assert_eq!(back.top_index().count(1, t0 / 60_000, t0 / 60_000 + 10), 5);
+        let rebuilt = back.top_set(&[], &owners);
+        assert_eq!(rebuilt.all.count(1, t0 / 60_000, t0 / 60_000 + 10), 5);
+        // The per-value indexes are rebuilt too: the ad's advertiser holds the same clicks.
+        let adv = rebuilt
+            .index(FilterKey::Advertiser(1))
+            .map(|i| i.count(1, t0 / 60_000, t0 / 60_000 + 10));
+        assert_eq!(adv, Some(5));
     }
 
     proptest! {
@@ -721,7 +752,7 @@ mod tests {
                 let t = t0 + minute * 60_000 + 7;
                 let h = splitmix(user);
                 s.apply(&Applied {
-                    ad, advertiser: 1, campaign: 1, event_time_ms: t, combo,
+                    ad, advertiser: 1, campaign: 1, event_time_ms: t, combo, dims: DimKey::default(),
                     user: if user == 0 { 0 } else { Hll::entry_of_hash(h) },
                     late: false,
                 });

@@ -481,16 +481,7 @@ impl TopIndex {
     /// first, ties by smaller ad id; ads with 0 clicks in the range never
     /// appear. Empty when `n == 0` or `from >= to`.
     pub fn top(&self, n: usize, from: i64, to: i64) -> Vec<(u64, u64)> {
-        let lists = self.lists(from, to);
-        if n == 0 || lists.is_empty() {
-            return Vec::new();
-        }
-        // Past this much work a single aggregation pass is cheaper.
-        let budget = lists.iter().map(|l| l.len()).sum::<usize>();
-        match self.top_threshold(n, &lists, Some(budget)) {
-            Some(top) => top,
-            None => self.top_scan(n, &lists),
-        }
+        top_of(&[self], n, from, to)
     }
 
     /// Clicks of one ad over minutes `[from, to)`.
@@ -593,13 +584,15 @@ impl TopIndex {
             .fold(0u64, |acc, l| acc.saturating_add(l.get(ad)))
     }
 
-    /// Threshold Algorithm over `lists`. Returns `None` once sorted plus
-    /// random accesses exceed `budget`.
+    /// Threshold Algorithm over `lists`, ranking by `exact(ad)`, which must never exceed
+    /// the ad's sum over `lists` (the lists' bounds are then bounds on it). Returns `None`
+    /// once sorted plus random accesses exceed `budget`.
     fn top_threshold(
         &self,
         n: usize,
         lists: &[&Node],
         budget: Option<usize>,
+        mut exact: impl FnMut(u64) -> u64,
     ) -> Option<Vec<(u64, u64)>> {
         let mut cursors = Vec::with_capacity(lists.len());
         // Max-heap of (bound of current bucket, list): read the list that
@@ -644,7 +637,7 @@ impl TopIndex {
                     if budget.is_some_and(|b| work > b) {
                         return None;
                     }
-                    best.offer(Self::exact_sum(lists, ad), ad);
+                    best.offer(exact(ad), ad);
                 }
             }
         }
@@ -683,6 +676,64 @@ impl FromIterator<(u64, i64, u64)> for TopIndex {
         index.extend(cells);
         index
     }
+}
+
+/// The lists of every index covering `[from, to)`.
+fn lists_of<'a>(indexes: &[&'a TopIndex], from: i64, to: i64) -> Vec<&'a Node> {
+    indexes.iter().flat_map(|i| i.lists(from, to)).collect()
+}
+
+/// Exact top `n` over minutes `[from, to)` of the *sum* of several indexes, as
+/// [`TopIndex::top`] answers for one: e.g. one index per shard (an ad split over shards
+/// sums its parts), or one per value of a dimension (each click is in exactly one).
+/// The Threshold Algorithm does not care which index a list came from: a list only bounds
+/// what an ad not yet seen can have in it.
+pub fn top_of(indexes: &[&TopIndex], n: usize, from: i64, to: i64) -> Vec<(u64, u64)> {
+    let lists = lists_of(indexes, from, to);
+    let Some(first) = indexes.first() else {
+        return Vec::new();
+    };
+    if n == 0 || lists.is_empty() {
+        return Vec::new();
+    }
+    // Past this much work a single aggregation pass is cheaper.
+    let budget = lists.iter().map(|l| l.len()).sum::<usize>();
+    match first.top_threshold(n, &lists, Some(budget), |ad| {
+        TopIndex::exact_sum(&lists, ad)
+    }) {
+        Some(top) => top,
+        None => first.top_scan(n, &lists),
+    }
+}
+
+/// Top `n` ads over minutes `[from, to)` ranked by `exact(ad)`, which the caller
+/// guarantees is at most the ad's sum over `indexes` (e.g. clicks of one country *and* one
+/// device, bounded by the country's index). Exact under that guarantee, by the argument of
+/// the module doc. `None` when the search would cost more than a pass over the lists'
+/// cells (flat data, or a bound far above the exact values): the caller then scans.
+pub fn top_bounded(
+    indexes: &[&TopIndex],
+    n: usize,
+    from: i64,
+    to: i64,
+    exact: impl FnMut(u64) -> u64,
+) -> Option<Vec<(u64, u64)>> {
+    let lists = lists_of(indexes, from, to);
+    let Some(first) = indexes.first() else {
+        return Some(Vec::new());
+    };
+    if n == 0 || lists.is_empty() {
+        return Some(Vec::new());
+    }
+    let budget = lists.iter().map(|l| l.len()).sum::<usize>();
+    first.top_threshold(n, &lists, Some(budget), exact)
+}
+
+/// Clicks of one ad over minutes `[from, to)`, summed over `indexes`.
+pub fn count_of(indexes: &[&TopIndex], ad: u64, from: i64, to: i64) -> u64 {
+    indexes
+        .iter()
+        .fold(0u64, |acc, i| acc.saturating_add(i.count(ad, from, to)))
 }
 
 #[cfg(test)]
@@ -778,7 +829,12 @@ mod tests {
             let top = self.top(n, from, to);
             let lists = self.lists(from, to);
             if n > 0 && !lists.is_empty() {
-                assert_eq!(self.top_threshold(n, &lists, None), Some(top.clone()), "TA");
+                let exact = |ad| TopIndex::exact_sum(&lists, ad);
+                assert_eq!(
+                    self.top_threshold(n, &lists, None, exact),
+                    Some(top.clone()),
+                    "TA"
+                );
                 assert_eq!(self.top_scan(n, &lists), top, "scan");
             }
             top

@@ -266,12 +266,13 @@ impl ClickWindows {
             self.max_event_ms = c.event_time_ms;
         }
         self.hot.observe(c.ad_id);
-        let combo = self.combos.intern(DimKey {
+        let dims = DimKey {
             country: country_code(c.country),
             device: u8::try_from(c.device).unwrap_or(0),
             os: self.interner.intern(c.os),
             site: self.interner.intern(c.site),
-        });
+        };
+        let combo = self.combos.intern(dims);
         let id_hash = splitmix(u64::from_le_bytes([
             id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7],
         ]));
@@ -296,6 +297,7 @@ impl ClickWindows {
                 campaign: c.campaign_id,
                 event_time_ms: c.event_time_ms,
                 combo,
+                dims,
                 user: if c.user_id.is_empty() {
                     0
                 } else {

@@ -1,0 +1,180 @@
+//! The top-N indexes one shard publishes: the unfiltered index, and one index per value of
+//! every filterable field (country, device, os, site, advertiser, campaign), so that
+//! `TopAds` filtered by any of them ranks from an index instead of scanning minute cells.
+//!
+//! A click is in exactly one value index per field, so for a filter naming values of one
+//! field the union of those values' indexes holds exactly the filtered clicks
+//! ([`super::topn::top_of`] sums lists); a filter over several fields ranks by exact counts
+//! bounded by one field's indexes ([`super::topn::top_bounded`]). The value indexes keep
+//! minute lists only (no hour level): a 60-minute range reads about 60 lists per value,
+//! and they cost half the memory of the unfiltered index's two levels.
+//!
+//! It must not know about queries, callers or wire types: it maps a click's keys to
+//! indexes and nothing else. Fed by the shard thread through [`super::published`].
+
+use super::FastMap;
+use super::dims::DimKey;
+use super::topn::TopIndex;
+
+/// One value of one filterable field: the key of a value index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FilterKey {
+    /// ISO 3166-1 alpha-2, as `DimKey::country` packs it.
+    Country([u8; 2]),
+    /// `adclick.v1.Device` value.
+    Device(u8),
+    /// Interned os id.
+    Os(u32),
+    /// Interned site/app id.
+    Site(u32),
+    /// Advertiser id.
+    Advertiser(u64),
+    /// Campaign id.
+    Campaign(u64),
+}
+
+/// What a click contributes to the value indexes: its dimensions and its ad's owners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClickKeys {
+    /// Country, device, os, site.
+    pub dims: DimKey,
+    /// The ad's advertiser.
+    pub advertiser: u64,
+    /// The ad's campaign.
+    pub campaign: u64,
+}
+
+impl ClickKeys {
+    /// The six value-index keys of this click, one per field.
+    pub fn keys(&self) -> [FilterKey; 6] {
+        [
+            FilterKey::Country(self.dims.country),
+            FilterKey::Device(self.dims.device),
+            FilterKey::Os(self.dims.os),
+            FilterKey::Site(self.dims.site),
+            FilterKey::Advertiser(self.advertiser),
+            FilterKey::Campaign(self.campaign),
+        ]
+    }
+}
+
+/// See the module doc.
+#[derive(Debug, Clone, Default)]
+pub struct TopSet {
+    /// Every click.
+    pub all: TopIndex,
+    /// One index per field value seen in the live minutes.
+    by: FastMap<FilterKey, TopIndex>,
+}
+
+impl TopSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `by` clicks of `ad` in minute index `minute` carrying `keys`.
+    pub fn add(&mut self, ad: u64, minute: i64, by: u64, keys: &ClickKeys) {
+        self.all.add(ad, minute, by);
+        for k in keys.keys() {
+            self.by
+                .entry(k)
+                .or_insert_with(TopIndex::minutes_only)
+                .add(ad, minute, by);
+        }
+    }
+
+    /// [`TopIndex::seal`] of the unfiltered index (value indexes have no hour level).
+    pub fn seal(&mut self, before: i64) {
+        self.all.seal(before);
+    }
+
+    /// [`TopIndex::evict_before`] on every index; value indexes left empty are dropped.
+    pub fn evict_before(&mut self, before: i64) {
+        self.all.evict_before(before);
+        self.by.retain(|_, idx| {
+            idx.evict_before(before);
+            idx.cell_count() > 0
+        });
+    }
+
+    /// The index of one field value (`None`: no live click has it).
+    pub fn index(&self, key: FilterKey) -> Option<&TopIndex> {
+        self.by.get(&key)
+    }
+
+    /// Approximate heap bytes of every index.
+    pub fn heap_bytes(&self) -> usize {
+        let per_entry = size_of::<(FilterKey, TopIndex)>() + 1;
+        self.all.heap_bytes()
+            + self
+                .by
+                .values()
+                .map(|i| i.heap_bytes() + per_entry)
+                .sum::<usize>()
+    }
+
+    /// Number of value indexes (for metrics and tests).
+    pub fn value_indexes(&self) -> usize {
+        self.by.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::topn::{count_of, top_of};
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn keys(c: u8, d: u8, adv: u64) -> ClickKeys {
+        ClickKeys {
+            dims: DimKey {
+                country: [b'A' + c, b'A'],
+                device: d,
+                os: u32::from(c % 2),
+                site: 0,
+            },
+            advertiser: adv,
+            campaign: adv * 10 + u64::from(d),
+        }
+    }
+
+    proptest! {
+        /// Each value index answers what a brute-force count of the clicks carrying that
+        /// value gives, across eviction; a union of one field's values answers their sum.
+        #[test]
+        fn value_indexes_match_brute_force(
+            clicks in proptest::collection::vec((0u64..20, 0i64..10, 0u8..3, 0u8..2), 1..300),
+            evict in 0i64..6,
+        ) {
+            let mut set = TopSet::new();
+            for &(ad, m, c, d) in &clicks {
+                set.add(ad, m, 1, &keys(c, d, ad % 3));
+            }
+            set.evict_before(evict);
+            for c in 0u8..3 {
+                let k = FilterKey::Country([b'A' + c, b'A']);
+                let mut want: HashMap<u64, u64> = HashMap::new();
+                for &(ad, m, cc, _) in &clicks {
+                    if cc == c && m >= evict {
+                        *want.entry(ad).or_default() += 1;
+                    }
+                }
+                let idx: Vec<&TopIndex> = set.index(k).into_iter().collect();
+                for ad in 0..20 {
+                    prop_assert_eq!(count_of(&idx, ad, 0, 10), want.get(&ad).copied().unwrap_or(0));
+                }
+                let mut expect: Vec<(u64, u64)> = want.into_iter().collect();
+                expect.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                expect.truncate(5);
+                prop_assert_eq!(top_of(&idx, 5, 0, 10), expect);
+            }
+            // Device 0 or 1 covers every click: the union equals the unfiltered index.
+            let both: Vec<&TopIndex> = (0u8..2).filter_map(|d| set.index(FilterKey::Device(d))).collect();
+            prop_assert_eq!(top_of(&both, 7, 0, 10), set.all.top(7, 0, 10));
+            // Nothing evicted is left behind as an empty index.
+            prop_assert!(set.by.values().all(|i| i.cell_count() > 0));
+        }
+    }
+}
