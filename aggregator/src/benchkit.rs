@@ -193,6 +193,8 @@ pub struct MixConfig {
     /// RAM budget of the exact-dedup set (`dedup.memory_bytes`; the production default
     /// spills to the disk tier, an in-memory stand-in here, every ~2.1M new ids).
     pub dedup_memory_bytes: usize,
+    /// Fields with per-value top-N indexes (`shards.top_index_fields`).
+    pub top_index_fields: Vec<IndexField>,
 }
 
 impl Default for MixConfig {
@@ -210,6 +212,7 @@ impl Default for MixConfig {
             decode: true,
             batch: 5_000,
             dedup_memory_bytes: crate::state::windows::DEFAULT_DEDUP_MEMORY_BYTES,
+            top_index_fields: IndexField::DEFAULT.to_vec(),
         }
     }
 }
@@ -438,7 +441,7 @@ pub struct MixReport {
 pub fn apply_mix(cfg: &MixConfig) -> MixReport {
     let memory = cfg.measure_memory.then(|| {
         let rss0 = rss_bytes();
-        let mut path = StatePath::with_dedup_memory(cfg.dedup_memory_bytes);
+        let mut path = StatePath::with_dedup_memory(cfg.dedup_memory_bytes, &cfg.top_index_fields);
         for b in MixBatches::new(cfg) {
             path.push_batch(&b);
         }
@@ -466,7 +469,7 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
         }
     });
 
-    let mut path = StatePath::with_dedup_memory(cfg.dedup_memory_bytes);
+    let mut path = StatePath::with_dedup_memory(cfg.dedup_memory_bytes, &cfg.top_index_fields);
     let (n, times, generated) = if cfg.decode {
         let mut gen_ = MixBatches::new(cfg);
         let batches: Vec<Vec<u8>> = gen_.by_ref().collect();
@@ -631,6 +634,8 @@ pub struct TopadsConfig {
     pub seed: u64,
     /// Stop building (with [`BenchError::OutOfMemory`]) when less memory than this is left.
     pub min_available_bytes: u64,
+    /// Fields with per-value top-N indexes (`shards.top_index_fields`).
+    pub top_index_fields: Vec<IndexField>,
 }
 
 impl Default for TopadsConfig {
@@ -645,6 +650,7 @@ impl Default for TopadsConfig {
             country: "US".into(),
             seed: 0x5EED_1234_ABCD_0001,
             min_available_bytes: 2 << 30,
+            top_index_fields: IndexField::DEFAULT.to_vec(),
         }
     }
 }
@@ -666,6 +672,11 @@ pub struct TopadsReport {
     pub unfiltered: Latency,
     /// TopAds(n=100, last 60 min) filtered to one country.
     pub filtered: Latency,
+    /// TopAds(n=100, last 60 min) as advertiser 1's key asks it (scoped to its ads).
+    pub advertiser: Latency,
+    /// TopAds(n=100, last 60 min) filtered to one country and one device (two per-click
+    /// fields: exact counts come from the minute cells).
+    pub two_fields: Latency,
     /// Country of the filtered query.
     pub country: String,
     /// Whether the filtered answer was non-empty (a sanity check of the set-up).
@@ -746,7 +757,7 @@ pub fn topads_index(cfg: &TopadsConfig) -> Result<TopadsReport, BenchError> {
     let rss_bytes = rss_bytes().saturating_sub(rss0);
     let minute_cells = index.minute_cells();
     // The watermark trails the newest click by the default allowed delay (10 s).
-    let view = index.into_view(now_ms - 10_000);
+    let view = index.into_view(now_ms - 10_000, &cfg.top_index_fields);
 
     let request = |filter: Option<v1::Filter>| v1::TopAdsRequest {
         n: 100,
@@ -765,6 +776,21 @@ pub fn topads_index(cfg: &TopadsConfig) -> Result<TopadsReport, BenchError> {
     let filtered = time_runs(cfg.runs, cfg.budget, || {
         std::hint::black_box(view.top_ads(&filtered_req, now_ms));
     });
+    let advertiser = time_runs(cfg.runs, cfg.budget, || {
+        std::hint::black_box(view.top_ads_as(
+            crate::query::Caller::Advertiser(1),
+            &unfiltered_req,
+            now_ms,
+        ));
+    });
+    let two_req = request(Some(v1::Filter {
+        country: vec![cfg.country.clone()],
+        device: vec![2],
+        ..Default::default()
+    }));
+    let two_fields = time_runs(cfg.runs, cfg.budget, || {
+        std::hint::black_box(view.top_ads(&two_req, now_ms));
+    });
     Ok(TopadsReport {
         ads: cfg.ads,
         clicks: wanted,
@@ -773,6 +799,8 @@ pub fn topads_index(cfg: &TopadsConfig) -> Result<TopadsReport, BenchError> {
         rss_bytes,
         unfiltered,
         filtered,
+        advertiser,
+        two_fields,
         country: cfg.country.clone(),
         filtered_hits,
     })
@@ -807,13 +835,25 @@ impl TopadsReport {
             self.filtered.p99_ms,
             self.filtered.max_ms
         );
+        for (what, l) in [
+            ("advertiser 1's key (its ads only)", &self.advertiser),
+            (
+                &*format!("country={} and device=2", self.country),
+                &self.two_fields,
+            ),
+        ] {
+            t += &format!(
+                "| TopAds(n=100, last 60 min, {what}): p50 / p99 / max ({} runs) | {:.3} / {:.3} / {:.3} ms |\n",
+                l.runs, l.p50_ms, l.p99_ms, l.max_ms
+            );
+        }
         t
     }
 
     /// One machine-parsable line: `RESULT bench=topads key=value ...`.
     pub fn result_line(&self) -> String {
         format!(
-            "RESULT bench=topads ads={} clicks={} minute_cells={} build_seconds={:.1} rss_mib={:.0} p50_ms={:.3} p99_ms={:.3} max_ms={:.3} runs={} filtered_p50_ms={:.3} filtered_p99_ms={:.3} filtered_runs={}",
+            "RESULT bench=topads ads={} clicks={} minute_cells={} build_seconds={:.1} rss_mib={:.0} p50_ms={:.3} p99_ms={:.3} max_ms={:.3} runs={} filtered_p50_ms={:.3} filtered_p99_ms={:.3} filtered_runs={} advertiser_p50_ms={:.3} advertiser_p99_ms={:.3} two_fields_p50_ms={:.3} two_fields_p99_ms={:.3}",
             self.ads,
             self.clicks,
             self.minute_cells,
@@ -825,7 +865,11 @@ impl TopadsReport {
             self.unfiltered.runs,
             self.filtered.p50_ms,
             self.filtered.p99_ms,
-            self.filtered.runs
+            self.filtered.runs,
+            self.advertiser.p50_ms,
+            self.advertiser.p99_ms,
+            self.two_fields.p50_ms,
+            self.two_fields.p99_ms
         )
     }
 }
@@ -852,7 +896,7 @@ use crate::state::dedup::{Dedup, Entry, MemTable, Ordinal};
 use crate::state::dims::{ComboTable, DimKey, country_code};
 use crate::state::published::{TopOp, TopWriter};
 use crate::state::shard::{Applied, LEVEL_MS, ShardState};
-use crate::state::topset::{ClickKeys, TopSet};
+use crate::state::topset::{ClickKeys, IndexField, TopSet};
 use crate::state::windows::{ClickWindows, DEFAULT_DEDUP_MEMORY_BYTES, Routed};
 use crate::view::{QueryMeta, View};
 use arc_swap::ArcSwap;
@@ -890,17 +934,20 @@ impl Default for StatePath {
 impl StatePath {
     /// One shard, default window configuration, in-memory dedup spill tier.
     pub fn new() -> Self {
-        Self::with_dedup_memory(crate::state::windows::DEFAULT_DEDUP_MEMORY_BYTES)
+        Self::with_dedup_memory(
+            crate::state::windows::DEFAULT_DEDUP_MEMORY_BYTES,
+            &IndexField::DEFAULT,
+        )
     }
 
-    /// The same with a dedup RAM tier of `memory_bytes`.
-    pub fn with_dedup_memory(memory_bytes: usize) -> Self {
+    /// The same with a dedup RAM tier of `memory_bytes` and value indexes for `fields`.
+    pub fn with_dedup_memory(memory_bytes: usize, fields: &[IndexField]) -> Self {
         let shards = ShardConfig {
             count: 1,
             ..Default::default()
         };
         let shard = ShardState::default();
-        let (top, published) = TopWriter::new(TopSet::new());
+        let (top, published) = TopWriter::new(TopSet::with_fields(fields));
         StatePath {
             windows: ClickWindows::with_dedup(
                 WindowConfig::default(),
@@ -1070,7 +1117,7 @@ impl IndexPath {
     }
 
     /// Seals what the watermark (`watermark_ms`) has passed and publishes the view.
-    fn into_view(mut self, watermark_ms: i64) -> IndexView {
+    fn into_view(mut self, watermark_ms: i64, fields: &[IndexField]) -> IndexView {
         self.shard
             .seal(watermark_ms.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0]);
         let mut names = std::collections::HashMap::new();
@@ -1082,9 +1129,11 @@ impl IndexPath {
         }
         IndexView {
             view: Arc::new(View {
-                tops: vec![ArcSwap::from_pointee(
-                    self.shard.top_set(self.combos.keys(), &self.owners),
-                )],
+                tops: vec![ArcSwap::from_pointee(self.shard.top_set(
+                    self.combos.keys(),
+                    &self.owners,
+                    fields,
+                ))],
                 shards: vec![RwLock::new(self.shard)],
                 watermark_ms: AtomicI64::new(watermark_ms),
                 meta: ArcSwap::from_pointee(QueryMeta {
@@ -1109,13 +1158,16 @@ struct IndexView {
 impl IndexView {
     /// Runs TopAds as an admin through the query code; the number of ads answered.
     fn top_ads(&self, req: &v1::TopAdsRequest, now_ms: i64) -> usize {
-        crate::query::top_ads(
-            &self.view,
-            crate::query::Caller::Admin,
-            req,
-            &self.cfg,
-            now_ms,
-        )
-        .map_or(0, |r| r.ads.len())
+        self.top_ads_as(crate::query::Caller::Admin, req, now_ms)
+    }
+
+    /// The same as `caller`.
+    fn top_ads_as(
+        &self,
+        caller: crate::query::Caller,
+        req: &v1::TopAdsRequest,
+        now_ms: i64,
+    ) -> usize {
+        crate::query::top_ads(&self.view, caller, req, &self.cfg, now_ms).map_or(0, |r| r.ads.len())
     }
 }

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use crate::state::topset::IndexField;
 use serde::Deserialize;
 
 /// Keys starting with this are the placeholders of the shipped example configs; they are
@@ -244,6 +245,12 @@ pub struct ShardConfig {
     pub hot_fraction: f64,
     /// Clicks per hot-key detection round (Space-Saving summary reset between rounds).
     pub hot_window_clicks: u64,
+    /// Fields with per-value top-N indexes, so that TopAds filtered by one of their values
+    /// ranks from an index (any of `advertiser`, `campaign`, `country`, `device`, `os`,
+    /// `site`). Each costs memory and apply time about like the unfiltered index's minute
+    /// level; a filter on a field without one still answers exactly, bounded by another
+    /// index or by a scan of the minute cells (slower). See BENCHMARKS.md.
+    pub top_index_fields: Vec<IndexField>,
 }
 
 impl Default for ShardConfig {
@@ -252,6 +259,7 @@ impl Default for ShardConfig {
             count: 2,
             hot_fraction: 0.05,
             hot_window_clicks: 100_000,
+            top_index_fields: IndexField::DEFAULT.to_vec(),
         }
     }
 }

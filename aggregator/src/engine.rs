@@ -157,8 +157,11 @@ pub fn start<S: Store + 'static>(
             }
             None => ShardState::default(),
         };
-        let (writer, published) =
-            TopWriter::new(s.top_set(windows.combos().keys(), windows.owners()));
+        let (writer, published) = TopWriter::new(s.top_set(
+            windows.combos().keys(),
+            windows.owners(),
+            &cfg.shards.top_index_fields,
+        ));
         top_writers.push(writer);
         tops.push(published);
         shards.push(RwLock::new(s));

@@ -18,7 +18,7 @@ use crate::sketch::hll::Hll;
 use crate::state::dims::{DimKey, country_code};
 use crate::state::shard::{CellRef, LEVEL_MS};
 use crate::state::topn::{TopIndex, count_of, top_bounded, top_of};
-use crate::state::topset::{FilterKey, TopSet};
+use crate::state::topset::{FilterKey, IndexField, TopSet};
 use crate::view::{QueryMeta, View};
 
 /// Why a query was refused.
@@ -125,29 +125,9 @@ impl Filter {
     /// The constrained fields and the value indexes each allows, including the caller's
     /// advertiser scope (empty: nothing is filtered).
     pub fn fields(&self, caller: Caller) -> Vec<Field> {
-        let mut out = Vec::new();
-        let mut push = |keys: Option<Vec<FilterKey>>, per_ad: bool| {
-            if let Some(keys) = keys {
-                out.push(Field { keys, per_ad });
-            }
-        };
-        let map = |v: &Option<Vec<u32>>, f: fn(u32) -> FilterKey| {
+        fn keys<T: Copy>(v: &Option<Vec<T>>, f: impl Fn(T) -> FilterKey) -> Option<Vec<FilterKey>> {
             v.as_ref().map(|v| v.iter().map(|x| f(*x)).collect())
-        };
-        push(
-            self.countries
-                .as_ref()
-                .map(|v| v.iter().map(|c| FilterKey::Country(*c)).collect()),
-            false,
-        );
-        push(
-            self.devices
-                .as_ref()
-                .map(|v| v.iter().map(|d| FilterKey::Device(*d)).collect()),
-            false,
-        );
-        push(map(&self.os, FilterKey::Os), false);
-        push(map(&self.sites, FilterKey::Site), false);
+        }
         let advertisers = match (caller, &self.advertisers) {
             (Caller::Admin, a) => a.clone(),
             (Caller::Advertiser(own), None) => Some(vec![own]),
@@ -155,17 +135,26 @@ impl Filter {
                 Some(a.iter().copied().filter(|x| *x == own).collect())
             }
         };
-        push(
-            advertisers.map(|v| v.into_iter().map(FilterKey::Advertiser).collect()),
-            true,
-        );
-        push(
-            self.campaigns
-                .as_ref()
-                .map(|v| v.iter().map(|c| FilterKey::Campaign(*c)).collect()),
-            true,
-        );
-        out
+        [
+            (
+                IndexField::Country,
+                keys(&self.countries, FilterKey::Country),
+            ),
+            (IndexField::Device, keys(&self.devices, FilterKey::Device)),
+            (IndexField::Os, keys(&self.os, FilterKey::Os)),
+            (IndexField::Site, keys(&self.sites, FilterKey::Site)),
+            (
+                IndexField::Advertiser,
+                keys(&advertisers, FilterKey::Advertiser),
+            ),
+            (
+                IndexField::Campaign,
+                keys(&self.campaigns, FilterKey::Campaign),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(kind, keys)| keys.map(|keys| Field { kind, keys }))
+        .collect()
     }
 
     fn dims_filtered(&self) -> bool {
@@ -218,67 +207,91 @@ impl Filter {
     }
 }
 
-/// One constrained field of a filter: the value indexes its allowed values select, and
-/// whether it is a property of the ad (advertiser, campaign) or of each click.
+/// One constrained field of a filter: which field, and the value indexes its allowed
+/// values select (empty: no value can match).
 #[derive(Debug)]
 pub struct Field {
+    kind: IndexField,
     keys: Vec<FilterKey>,
-    per_ad: bool,
 }
 
-/// `TopAds` for a filter over one or more fields, from the per-value indexes; `None` when
-/// the search would cost more than a scan (the caller scans the cells).
+impl Field {
+    /// Advertiser and campaign are properties of the ad; the others of each click.
+    fn per_ad(&self) -> bool {
+        matches!(self.kind, IndexField::Advertiser | IndexField::Campaign)
+    }
+}
+
+/// `TopAds` for a filtered request from the top-N indexes; `None` when the search would
+/// cost more than a scan (the caller then scans the minute cells).
 ///
-/// With one field, the union of its values' indexes holds exactly the matching clicks
-/// (each click has one value per field): the Threshold Algorithm over them is exact.
-/// With several, the field with the fewest cells bounds the search (a matching click is in
-/// its indexes) and each candidate gets its exact count: per-ad fields (advertiser,
-/// campaign) only gate the ad (an ad has one owner, so it matches iff it has clicks in
-/// that field's indexes), one per-click field counts from its indexes, and only two or
-/// more per-click fields need the minute cells (read under the shards' read locks).
+/// A field with value indexes (`shards.top_index_fields`) answers alone exactly: each click
+/// has one value per field, so the union of the allowed values' indexes holds exactly the
+/// matching clicks. Otherwise the indexed field with the fewest cells (or the unfiltered
+/// index) bounds the search, since a matching click is in it, and each candidate gets its
+/// exact count: per-ad fields only gate the ad (an ad has one owner: it matches iff it has
+/// clicks in that field's indexes, or by the owner table when the field has none), a lone
+/// indexed per-click field counts from its indexes, and anything else from the minute
+/// cells (read under the shards' read locks).
 fn filtered_top(
     view: &View,
     tops: &[Arc<TopSet>],
     filter: &Filter,
+    caller: Caller,
     fields: &[Field],
     n: usize,
     (fm, tm): (i64, i64),
 ) -> Option<Vec<(u64, u64)>> {
-    let indexes = |f: &Field| -> Vec<&TopIndex> {
-        tops.iter()
-            .flat_map(|t| f.keys.iter().filter_map(|k| t.index(*k)))
-            .collect()
+    if fields.iter().any(|f| f.keys.is_empty()) {
+        return Some(Vec::new());
+    }
+    let indexes = |f: &Field| -> Option<Vec<&TopIndex>> {
+        tops.iter().all(|t| t.has(f.kind)).then(|| {
+            tops.iter()
+                .flat_map(|t| f.keys.iter().filter_map(|k| t.index(*k)))
+                .collect()
+        })
     };
-    let per_field: Vec<(bool, Vec<&TopIndex>)> =
-        fields.iter().map(|f| (f.per_ad, indexes(f))).collect();
-    if let [(_, only)] = &per_field[..] {
+    let idx: Vec<Option<Vec<&TopIndex>>> = fields.iter().map(indexes).collect();
+    if let [Some(only)] = &idx[..] {
         return Some(top_of(only, n, fm, tm));
     }
-    let bound = per_field
+    let all: Vec<&TopIndex> = tops.iter().map(|t| &t.all).collect();
+    let bound: &[&TopIndex] = idx
         .iter()
-        .min_by_key(|(_, idx)| idx.iter().map(|i| i.cell_count()).sum::<usize>())
-        .map(|(_, idx)| idx.as_slice())
-        .unwrap_or(&[]);
-    let gates: Vec<&[&TopIndex]> = per_field
+        .flatten()
+        .min_by_key(|i| i.iter().map(|x| x.cell_count()).sum::<usize>())
+        .map_or(&all, Vec::as_slice);
+    let per_ad: Vec<Option<&[&TopIndex]>> = fields
         .iter()
-        .filter(|(per_ad, _)| *per_ad)
-        .map(|(_, idx)| idx.as_slice())
+        .zip(&idx)
+        .filter(|(f, _)| f.per_ad())
+        .map(|(_, i)| i.as_deref())
         .collect();
-    let clicks: Vec<&[&TopIndex]> = per_field
+    let per_click: Vec<Option<&[&TopIndex]>> = fields
         .iter()
-        .filter(|(per_ad, _)| !*per_ad)
-        .map(|(_, idx)| idx.as_slice())
+        .zip(&idx)
+        .filter(|(f, _)| !f.per_ad())
+        .map(|(_, i)| i.as_deref())
         .collect();
-    let owned = |ad: u64| gates.iter().all(|g| count_of(g, ad, fm, tm) > 0);
-    match &clicks[..] {
+    // Per-ad gate: from the indexes when every per-ad field has them, else the owner table.
+    let owners = per_ad
+        .iter()
+        .any(Option::is_none)
+        .then(|| view.owners.read().unwrap_or_else(|e| e.into_inner()));
+    let owned = |ad: u64| match &owners {
+        Some(o) => filter.matches_ad(o.get(&ad).copied(), caller),
+        None => per_ad.iter().flatten().all(|g| count_of(g, ad, fm, tm) > 0),
+    };
+    match &per_click[..] {
         [] => top_bounded(bound, n, fm, tm, |ad| {
             if owned(ad) {
-                count_of(bound, ad, fm, tm)
+                count_of(&all, ad, fm, tm)
             } else {
                 0
             }
         }),
-        [one] => top_bounded(bound, n, fm, tm, |ad| {
+        [Some(one)] => top_bounded(bound, n, fm, tm, |ad| {
             if owned(ad) {
                 count_of(one, ad, fm, tm)
             } else {
@@ -490,7 +503,7 @@ pub fn top_ads(
         let all: Vec<&TopIndex> = tops.iter().map(|t| &t.all).collect();
         top_of(&all, n, fm, tm)
     } else {
-        match filtered_top(view, &tops, &filter, &fields, n, (fm, tm)) {
+        match filtered_top(view, &tops, &filter, caller, &fields, n, (fm, tm)) {
             Some(top) => top,
             None => scan_top(view, &filter, caller, (fm, tm)),
         }

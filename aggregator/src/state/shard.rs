@@ -23,7 +23,7 @@ use prost::Message;
 use thin_vec::ThinVec;
 
 use super::dims::DimKey;
-use super::topset::{ClickKeys, TopSet};
+use super::topset::{ClickKeys, IndexField, TopSet};
 use crate::sketch::hll::Hll;
 
 /// Bucket widths in ms: minute, hour, day (UTC).
@@ -467,9 +467,15 @@ impl ShardState {
     /// The top-N indexes of these cells (unfiltered: minute lists, and hour lists for the
     /// sealed minutes; per filter value: minute lists): what the shard thread starts from
     /// after a restore. `combos` maps combination ids to keys (id = index + 1) and
-    /// `owners` ads to (advertiser, campaign), as the window operator holds them.
-    pub fn top_set(&self, combos: &[DimKey], owners: &super::FastMap<u64, (u64, u64)>) -> TopSet {
-        let mut top = TopSet::new();
+    /// `owners` ads to (advertiser, campaign), as the window operator holds them; `fields`
+    /// are the fields with value indexes.
+    pub fn top_set(
+        &self,
+        combos: &[DimKey],
+        owners: &super::FastMap<u64, (u64, u64)>,
+        fields: &[IndexField],
+    ) -> TopSet {
+        let mut top = TopSet::with_fields(fields);
         if self.sealed_before > i64::MIN {
             // Sealing first costs nothing (no lists yet) and makes every add below land in
             // its hour list too.
@@ -700,7 +706,7 @@ mod tests {
             Some(1)
         );
         assert_eq!(
-            s.top_set(&[], &owners)
+            s.top_set(&[], &owners, &IndexField::ALL)
                 .all
                 .count(1, t0 / 60_000, t0 / 60_000 + 10),
             5,
@@ -720,7 +726,7 @@ mod tests {
             s.cell(0, 1, t0 + 6 * 60_000).map(|c| c.cell.clicks),
             Some(1)
         );
-        let rebuilt = back.top_set(&[], &owners);
+        let rebuilt = back.top_set(&[], &owners, &IndexField::ALL);
         assert_eq!(rebuilt.all.count(1, t0 / 60_000, t0 / 60_000 + 10), 5);
         // The per-value indexes are rebuilt too: the ad's advertiser holds the same clicks.
         let adv = rebuilt

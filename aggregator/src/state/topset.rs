@@ -12,9 +12,54 @@
 //! It must not know about queries, callers or wire types: it maps a click's keys to
 //! indexes and nothing else. Fed by the shard thread through [`super::published`].
 
+use serde::Deserialize;
+
 use super::FastMap;
 use super::dims::DimKey;
 use super::topn::TopIndex;
+
+/// A filterable field that can have per-value indexes (`shards.top_index_fields`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexField {
+    /// The click's country.
+    Country,
+    /// The click's device.
+    Device,
+    /// The click's os.
+    Os,
+    /// The click's site/app.
+    Site,
+    /// The ad's advertiser.
+    Advertiser,
+    /// The ad's campaign.
+    Campaign,
+}
+
+impl IndexField {
+    /// All six, in [`ClickKeys::keys`] order.
+    pub const ALL: [IndexField; 6] = [
+        IndexField::Country,
+        IndexField::Device,
+        IndexField::Os,
+        IndexField::Site,
+        IndexField::Advertiser,
+        IndexField::Campaign,
+    ];
+
+    /// The default set: the advertiser (every advertiser key's TopAds is scoped to it),
+    /// its campaigns, and the country. Each field costs about as much per click and per
+    /// cell as the unfiltered index's minute level (BENCHMARKS.md); the others are opt-in.
+    pub const DEFAULT: [IndexField; 3] = [
+        IndexField::Advertiser,
+        IndexField::Campaign,
+        IndexField::Country,
+    ];
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
 
 /// One value of one filterable field: the key of a value index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,6 +76,20 @@ pub enum FilterKey {
     Advertiser(u64),
     /// Campaign id.
     Campaign(u64),
+}
+
+impl FilterKey {
+    /// The field this is a value of.
+    pub fn field(self) -> IndexField {
+        match self {
+            FilterKey::Country(_) => IndexField::Country,
+            FilterKey::Device(_) => IndexField::Device,
+            FilterKey::Os(_) => IndexField::Os,
+            FilterKey::Site(_) => IndexField::Site,
+            FilterKey::Advertiser(_) => IndexField::Advertiser,
+            FilterKey::Campaign(_) => IndexField::Campaign,
+        }
+    }
 }
 
 /// What a click contributes to the value indexes: its dimensions and its ad's owners.
@@ -63,20 +122,41 @@ impl ClickKeys {
 pub struct TopSet {
     /// Every click.
     pub all: TopIndex,
-    /// One index per field value seen in the live minutes.
+    /// One index per value seen in the live minutes, of the fields in `fields`.
     by: FastMap<FilterKey, TopIndex>,
+    /// Bit set of the [`IndexField`]s that have value indexes.
+    fields: u8,
 }
 
 impl TopSet {
-    /// An empty set.
+    /// An empty set with value indexes for every field.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_fields(&IndexField::ALL)
+    }
+
+    /// An empty set with value indexes for `fields` only.
+    pub fn with_fields(fields: &[IndexField]) -> Self {
+        TopSet {
+            fields: fields.iter().fold(0, |b, f| b | f.bit()),
+            ..Self::default()
+        }
+    }
+
+    /// Whether `field` has value indexes (otherwise [`TopSet::index`] is always `None`).
+    pub fn has(&self, field: IndexField) -> bool {
+        self.fields & field.bit() != 0
     }
 
     /// Adds `by` clicks of `ad` in minute index `minute` carrying `keys`.
     pub fn add(&mut self, ad: u64, minute: i64, by: u64, keys: &ClickKeys) {
         self.all.add(ad, minute, by);
+        if self.fields == 0 {
+            return;
+        }
         for k in keys.keys() {
+            if !self.has(k.field()) {
+                continue;
+            }
             self.by
                 .entry(k)
                 .or_insert_with(TopIndex::minutes_only)
@@ -175,6 +255,18 @@ mod tests {
             prop_assert_eq!(top_of(&both, 7, 0, 10), set.all.top(7, 0, 10));
             // Nothing evicted is left behind as an empty index.
             prop_assert!(set.by.values().all(|i| i.cell_count() > 0));
+            // A set without the device field keeps no device index, and the same others.
+            let mut some = TopSet::with_fields(&[IndexField::Country]);
+            for &(ad, m, c, d) in &clicks {
+                some.add(ad, m, 1, &keys(c, d, ad % 3));
+            }
+            some.evict_before(evict);
+            prop_assert!(!some.has(IndexField::Device) && some.index(FilterKey::Device(0)).is_none());
+            let k = FilterKey::Country([b'A', b'A']);
+            prop_assert_eq!(
+                some.index(k).map(|i| i.top(9, 0, 10)),
+                set.index(k).map(|i| i.top(9, 0, 10))
+            );
         }
     }
 }
