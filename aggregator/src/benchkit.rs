@@ -392,6 +392,8 @@ pub struct MixMemory {
 pub struct MixReport {
     /// The configuration measured.
     pub clicks: u64,
+    /// Fields with per-value top-N indexes.
+    pub top_index_fields: Vec<IndexField>,
     /// Distinct ads configured.
     pub ads: u64,
     /// Minutes of event time.
@@ -503,6 +505,7 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
         std::hint::black_box(path.top(10, m1 - 5, m1));
     });
     MixReport {
+        top_index_fields: cfg.top_index_fields.clone(),
         clicks: n,
         ads: cfg.ads,
         minutes: cfg.minutes,
@@ -583,7 +586,8 @@ impl MixReport {
     /// One machine-parsable line: `RESULT bench=aggregator key=value ...`.
     pub fn result_line(&self) -> String {
         let mut l = format!(
-            "RESULT bench=aggregator clicks={} ads={} minutes={} decode={} dedup_mib={} applied={} duplicates={} late={} seconds={:.3} cpu_seconds={:.2} clicks_per_sec={:.0} clicks_per_cpu_sec={:.0} ns_per_click={:.1} minute_cells={} top100_p50_ms={:.3} top100_p99_ms={:.3}",
+            "RESULT bench=aggregator top_index_fields={} clicks={} ads={} minutes={} decode={} dedup_mib={} applied={} duplicates={} late={} seconds={:.3} cpu_seconds={:.2} clicks_per_sec={:.0} clicks_per_cpu_sec={:.0} ns_per_click={:.1} minute_cells={} top100_p50_ms={:.3} top100_p99_ms={:.3}",
+            fields_str(&self.top_index_fields),
             self.clicks,
             self.ads,
             self.minutes,
@@ -658,6 +662,8 @@ impl Default for TopadsConfig {
 /// What [`topads_index`] measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopadsReport {
+    /// Fields with per-value top-N indexes.
+    pub top_index_fields: Vec<IndexField>,
     /// Distinct ads in the window.
     pub ads: u64,
     /// Clicks applied to build the state.
@@ -681,6 +687,18 @@ pub struct TopadsReport {
     pub country: String,
     /// Whether the filtered answer was non-empty (a sanity check of the set-up).
     pub filtered_hits: usize,
+}
+
+/// `advertiser,country` (`none` for none), as `--top-index-fields` takes it.
+fn fields_str(fields: &[IndexField]) -> String {
+    if fields.is_empty() {
+        return "none".into();
+    }
+    let names: Vec<String> = fields
+        .iter()
+        .map(|f| format!("{f:?}").to_lowercase())
+        .collect();
+    names.join(",")
 }
 
 /// Continuous inverse-CDF approximation of Zipf(s) over ranks 0..n.
@@ -792,6 +810,7 @@ pub fn topads_index(cfg: &TopadsConfig) -> Result<TopadsReport, BenchError> {
         std::hint::black_box(view.top_ads(&two_req, now_ms));
     });
     Ok(TopadsReport {
+        top_index_fields: cfg.top_index_fields.clone(),
         ads: cfg.ads,
         clicks: wanted,
         minute_cells,
@@ -853,7 +872,8 @@ impl TopadsReport {
     /// One machine-parsable line: `RESULT bench=topads key=value ...`.
     pub fn result_line(&self) -> String {
         format!(
-            "RESULT bench=topads ads={} clicks={} minute_cells={} build_seconds={:.1} rss_mib={:.0} p50_ms={:.3} p99_ms={:.3} max_ms={:.3} runs={} filtered_p50_ms={:.3} filtered_p99_ms={:.3} filtered_runs={} advertiser_p50_ms={:.3} advertiser_p99_ms={:.3} two_fields_p50_ms={:.3} two_fields_p99_ms={:.3}",
+            "RESULT bench=topads top_index_fields={} ads={} clicks={} minute_cells={} build_seconds={:.1} rss_mib={:.0} p50_ms={:.3} p99_ms={:.3} max_ms={:.3} runs={} filtered_p50_ms={:.3} filtered_p99_ms={:.3} filtered_runs={} advertiser_p50_ms={:.3} advertiser_p99_ms={:.3} two_fields_p50_ms={:.3} two_fields_p99_ms={:.3}",
+            fields_str(&self.top_index_fields),
             self.ads,
             self.clicks,
             self.minute_cells,

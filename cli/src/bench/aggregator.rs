@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use adclick_aggregator::benchkit::{MixConfig, apply_mix};
+use adclick_aggregator::state::topset::IndexField;
 use anyhow::{Result, bail};
 use clap::Args;
 
@@ -38,6 +39,10 @@ pub struct AggregatorArgs {
     /// which spills ids to the disk tier every ~2.1M new ones; 4096 keeps this mix in RAM).
     #[arg(long, default_value_t = 256)]
     dedup_mib: usize,
+    /// Fields with per-value top-N indexes, comma-separated (`shards.top_index_fields`;
+    /// "none" for none).
+    #[arg(long, default_value = "advertiser,country")]
+    top_index_fields: String,
     /// Append the result table to this file.
     #[arg(long)]
     append: Option<PathBuf>,
@@ -56,6 +61,8 @@ pub fn run(a: AggregatorArgs) -> Result<()> {
         measure_memory: !a.no_memory,
         decode: !a.no_decode,
         dedup_memory_bytes: a.dedup_mib.max(1) << 20,
+        top_index_fields: IndexField::parse_list(&a.top_index_fields)
+            .map_err(|e| anyhow::anyhow!("--top-index-fields: {e}"))?,
         ..MixConfig::default()
     };
     eprintln!(

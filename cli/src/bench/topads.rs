@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use adclick_aggregator::benchkit::{TopadsConfig, topads_index};
+use adclick_aggregator::state::topset::IndexField;
 use anyhow::{Result, bail};
 use clap::Args;
 
@@ -34,6 +35,10 @@ pub struct TopadsArgs {
     /// Stop building when less memory than this (MiB) is left.
     #[arg(long, default_value_t = 2048)]
     min_free_mib: u64,
+    /// Fields with per-value top-N indexes, comma-separated (`shards.top_index_fields`;
+    /// "none" for none).
+    #[arg(long, default_value = "advertiser,country")]
+    top_index_fields: String,
     /// Append the result table to this file.
     #[arg(long)]
     append: Option<PathBuf>,
@@ -51,6 +56,8 @@ pub fn run(a: TopadsArgs) -> Result<()> {
         budget: a.budget,
         country: a.country.clone(),
         min_available_bytes: a.min_free_mib << 20,
+        top_index_fields: IndexField::parse_list(&a.top_index_fields)
+            .map_err(|e| anyhow::anyhow!("--top-index-fields: {e}"))?,
         ..TopadsConfig::default()
     };
     eprintln!(
