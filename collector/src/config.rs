@@ -353,8 +353,10 @@ pub struct JetStreamConfig {
     /// Retention by age: messages older than this are removed, consumed or not. Size it
     /// far above the longest aggregator outage (a shard rebuilds from the stream within it).
     pub max_age_ms: u64,
-    /// Retention by size (per replica). Always set, well under the disk: a stream without
-    /// it stops when the disk fills (nats-server #4878). When full, the oldest messages go.
+    /// Retention by size (per replica; the servers reserve it at creation). Always set,
+    /// well under the disk: a stream without it stops when the disk fills (nats-server
+    /// #4878). When full, the oldest messages go (discard old), consumed or not: size it
+    /// far above what the longest aggregator outage accumulates, and alert on stream bytes.
     pub max_bytes: u64,
     /// JetStream's message-id dedup window: a republish of a `Nats-Msg-Id` within it is
     /// acked as a duplicate and not stored again. Must exceed the longest delay before a
@@ -376,7 +378,7 @@ impl Default for JetStreamConfig {
             partitions: 16,
             replicas: 3,
             max_age_ms: 7 * 24 * 3_600_000,
-            max_bytes: 64 << 30,
+            max_bytes: 8 << 30,
             duplicate_window_ms: 3_600_000,
             max_message_bytes: 8 << 20,
         }

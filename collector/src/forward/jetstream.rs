@@ -292,6 +292,16 @@ pub async fn ensure_stream(
                         spec.subject_filter()
                     )));
                 }
+                CreateStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STORAGE_RESOURCES_EXCEEDED =>
+                {
+                    // Servers reserve max_bytes per replica up front.
+                    return Err(JetStreamError::Unavailable(format!(
+                        "stream create: {j}: the servers cannot reserve forward.jetstream.max_bytes = {} per replica; \
+                         lower it or give the servers more JetStream storage (max_file_store)",
+                        spec.max_bytes
+                    )));
+                }
                 _ => return Err(JetStreamError::Unavailable(format!("stream create: {e}"))),
             },
         }
