@@ -170,9 +170,9 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
             Duration::from_millis(cfg.forward.request_timeout_ms.max(1)),
             cfg.aggregator_key.as_deref(),
         )?),
-        SinkKind::Jetstream => {
-            AnySink::JetStream(start_jetstream(&cfg.forward, &collector_id).await?)
-        }
+        SinkKind::Jetstream => AnySink::JetStream(Box::new(
+            start_jetstream(&cfg.forward, &collector_id).await?,
+        )),
     };
     let max_record_bytes = match cfg.forward.sink {
         SinkKind::Grpc => writer::MAX_GROUP_BYTES,
@@ -270,7 +270,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
 /// The configured sink (the forwarder is generic over it).
 enum AnySink {
     Grpc(GrpcSink),
-    JetStream(JetStreamSink),
+    JetStream(Box<JetStreamSink>),
 }
 
 /// What the forwarder needs besides its sink.
@@ -288,7 +288,7 @@ impl Forwarding {
     fn spawn(self, sink: AnySink, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
         match sink {
             AnySink::Grpc(s) => tokio::spawn(self.forwarder(s).run(shutdown)),
-            AnySink::JetStream(s) => tokio::spawn(self.forwarder(s).run(shutdown)),
+            AnySink::JetStream(s) => tokio::spawn(self.forwarder(*s).run(shutdown)),
         }
     }
 
