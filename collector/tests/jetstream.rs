@@ -382,3 +382,91 @@ async fn jetstream_init_creates_the_stream() {
     })
     .await;
 }
+
+/// Measurement, not a check (ignored): PubAck latency of the JetStream sink against a
+/// 3-node R3 cluster with `sync_interval: always` on this machine, one partition batch of
+/// 100 clicks (~13 KB) per message, sequential and 8 in flight. Run:
+/// `cargo test -p adclick-collector --test collector -- --ignored --nocapture publish_latency`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --ignored --nocapture"]
+async fn publish_latency() {
+    use adclick_collector::forward::{JetStreamSink, Sink};
+    use adclick_proto::v1::IngestClick;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(&dir.path().join("nats"), 3).await;
+    let cfg = js_config(dir.path(), cluster.urls(), 3).forward.jetstream;
+    let sink = std::sync::Arc::new(
+        JetStreamSink::new(&cfg, "latency", Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
+    sink.ready().await.unwrap();
+    let batch = |seq: u64| IngestBatch {
+        collector_id: "latency-0000000000000001".into(),
+        seq,
+        acked_floor: seq,
+        clicks: (0..100u64)
+            .map(|i| IngestClick {
+                impression_id: (seq * 1000 + i).to_le_bytes().repeat(2),
+                ad_id: 1,
+                advertiser_id: 2,
+                campaign_id: 3,
+                token_expires_at_ms: 1_900_000_000_000,
+                event_time_ms: 1_800_000_000_000,
+                received_at_ms: 1_800_000_000_000,
+                occurred_at_ms: 1_800_000_000_000,
+                sent_at_ms: 1_800_000_000_000,
+                country: "US".into(),
+                os: "android".into(),
+                site: "news.example".into(),
+                user_id: format!("user-{i}"),
+                client_ip: vec![10, 0, 0, 1],
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let bytes = batch(1).encode_to_vec().len();
+    let pct = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+        (at(0.5), at(0.99), v[v.len() - 1])
+    };
+    const N: u64 = 500;
+    let mut seq_lat = Vec::new();
+    let t0 = std::time::Instant::now();
+    for s in 1..=N {
+        let b = sink.prepare(1, batch(s));
+        let t = std::time::Instant::now();
+        sink.send(1, &b).await.unwrap();
+        seq_lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let seq_rate = N as f64 / t0.elapsed().as_secs_f64();
+    let mut conc_lat = Vec::new();
+    let t0 = std::time::Instant::now();
+    for round in 0..(N / 8) {
+        let mut set = tokio::task::JoinSet::new();
+        for k in 0..8u64 {
+            let sink = sink.clone();
+            let s = N + 1 + round * 8 + k;
+            set.spawn(async move {
+                let b = sink.prepare((k % 4) as usize, batch(s));
+                let t = std::time::Instant::now();
+                sink.send((k % 4) as usize, &b).await.unwrap();
+                t.elapsed().as_secs_f64() * 1e3
+            });
+        }
+        while let Some(l) = set.join_next().await {
+            conc_lat.push(l.unwrap());
+        }
+    }
+    let conc_rate = (N / 8 * 8) as f64 / t0.elapsed().as_secs_f64();
+    let (p50, p99, max) = pct(seq_lat);
+    println!(
+        "JetStream R3 sync_interval=always, {bytes} B messages: sequential p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms ({seq_rate:.0} msg/s)"
+    );
+    let (p50, p99, max) = pct(conc_lat);
+    println!(
+        "  8 in flight over 4 partitions: p50 {p50:.2} ms p99 {p99:.2} ms max {max:.2} ms ({conc_rate:.0} msg/s, {:.0} clicks/s)",
+        conc_rate * 100.0
+    );
+}
