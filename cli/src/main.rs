@@ -5,6 +5,7 @@
 mod bench;
 mod dev;
 mod impression;
+mod jetstream;
 mod keys;
 mod loadgen;
 mod query;
@@ -52,6 +53,9 @@ enum Command {
     /// Offline spool tools: verify a collector's spool, repair its identity.
     #[command(subcommand)]
     Spool(spool::SpoolCommand),
+    /// NATS JetStream back end: create or verify the clicks stream.
+    #[command(subcommand)]
+    Jetstream(jetstream::JetStreamCommand),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Command::Impression(cmd) => impression::run(cmd),
         Command::Collector(args) => serve::collector(args),
         Command::Aggregator(args) => serve::aggregator(args),
+        Command::Jetstream(cmd) => jetstream::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

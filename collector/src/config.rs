@@ -290,6 +290,11 @@ pub struct ForwardConfig {
     /// point. 1 sends one record at a time. Memory: up to this many records (each at most
     /// `spool.max_clicks_per_record` clicks) held by the forwarder.
     pub max_in_flight: usize,
+    /// Where batches go: `"grpc"` (the default: straight to the `aggregators`) or
+    /// `"jetstream"` (to a NATS JetStream stream, `[forward.jetstream]`).
+    pub sink: SinkKind,
+    /// The JetStream stream (used when `sink = "jetstream"`).
+    pub jetstream: JetStreamConfig,
 }
 
 impl Default for ForwardConfig {
@@ -301,7 +306,157 @@ impl Default for ForwardConfig {
             hot_fanout: 1,
             heartbeat_records: 100_000,
             max_in_flight: 8,
+            sink: SinkKind::Grpc,
+            jetstream: JetStreamConfig::default(),
         }
+    }
+}
+
+/// The forwarding transport (`forward.sink`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// gRPC `IngestService` to the `aggregators` (routed by rendezvous hashing).
+    Grpc,
+    /// NATS JetStream: subjects `<subject_prefix>.<partition>` of one stream.
+    Jetstream,
+}
+
+/// Bytes of a JetStream message beyond its clicks (batch header, NATS headers) that a
+/// spool record leaves free: records are capped at `max_message_bytes` minus this.
+pub const JETSTREAM_HEADROOM_BYTES: usize = 4096;
+
+/// Largest `forward.jetstream.partitions`.
+pub const MAX_PARTITIONS: u32 = adclick_proto::partition::MAX_PARTITIONS;
+
+/// `[forward.jetstream]`: the stream collectors publish to and aggregator shards consume.
+/// Every collector (and `adclick jetstream init`) of one stream must use the same
+/// `stream`, `subject_prefix` and `partitions`; the stream is created with these values
+/// when missing and verified when present (a different partition count is an error, never
+/// a silent reconfiguration).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamConfig {
+    /// NATS server URLs (`nats://host:4222`, `tls://...`); the client fails over between
+    /// them and reconnects forever.
+    pub servers: Vec<String>,
+    /// Stream name.
+    pub stream: String,
+    /// Subjects are `<subject_prefix>.<partition>`; the stream captures
+    /// `<subject_prefix>.*`.
+    pub subject_prefix: String,
+    /// Partitions P: an ad's clicks go to `adclick_proto::partition::partition(ad, P)`.
+    /// Fixed when the stream is created (kept in the stream's metadata).
+    pub partitions: u32,
+    /// Stream replicas (1 to 5; 3 for production: survives one node lost).
+    pub replicas: usize,
+    /// Retention by age: messages older than this are removed, consumed or not. Size it
+    /// far above the longest aggregator outage (a shard rebuilds from the stream within it).
+    pub max_age_ms: u64,
+    /// Retention by size (per replica; the servers reserve it at creation). Always set,
+    /// well under the disk: a stream without it stops when the disk fills (nats-server
+    /// #4878). When full, the oldest messages go (discard old), consumed or not: size it
+    /// far above what the longest aggregator outage accumulates, and alert on stream bytes.
+    pub max_bytes: u64,
+    /// JetStream's message-id dedup window: a republish of a `Nats-Msg-Id` within it is
+    /// acked as a duplicate and not stored again. Must exceed the longest delay before a
+    /// crashed collector republishes (its downtime); a guard, not the guarantee (the
+    /// aggregator's own `(collector_id, seq)` and impression-id dedup is).
+    pub duplicate_window_ms: u64,
+    /// Largest message this collector publishes: spool records are capped at this minus
+    /// `JETSTREAM_HEADROOM_BYTES`, so every partition's batch of a record fits one
+    /// message. The servers' `max_payload` must be at least this (checked on connect).
+    pub max_message_bytes: usize,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            stream: "CLICKS".into(),
+            subject_prefix: "clicks".into(),
+            partitions: 16,
+            replicas: 3,
+            max_age_ms: 7 * 24 * 3_600_000,
+            max_bytes: 8 << 30,
+            duplicate_window_ms: 3_600_000,
+            max_message_bytes: 8 << 20,
+        }
+    }
+}
+
+impl JetStreamConfig {
+    /// Checks the values; every message names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        if self.servers.is_empty() {
+            return err(
+                "forward.jetstream.servers must list at least one NATS URL, e.g. \"nats://127.0.0.1:4222\""
+                    .into(),
+            );
+        }
+        for s in &self.servers {
+            if s.parse::<async_nats::ServerAddr>().is_err() {
+                return err(format!(
+                    "forward.jetstream.servers: {s:?} is not a NATS URL (nats://host:port, tls://host:port)"
+                ));
+            }
+        }
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !name_ok(&self.stream) {
+            return err(format!(
+                "forward.jetstream.stream {:?} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -",
+                self.stream
+            ));
+        }
+        if self.subject_prefix.len() > 128 || !self.subject_prefix.split('.').all(name_ok) {
+            return err(format!(
+                "forward.jetstream.subject_prefix {:?} must be dot-separated tokens of A-Z, a-z, 0-9, _ and - (no wildcards), at most 128 characters",
+                self.subject_prefix
+            ));
+        }
+        if !(1..=MAX_PARTITIONS).contains(&self.partitions) {
+            return err(format!(
+                "forward.jetstream.partitions must be 1 to {MAX_PARTITIONS}"
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return err("forward.jetstream.replicas must be 1 to 5 (NATS's limit)".into());
+        }
+        if self.duplicate_window_ms < 1_000 {
+            return err("forward.jetstream.duplicate_window_ms must be >= 1000".into());
+        }
+        if self.max_age_ms < self.duplicate_window_ms {
+            return err(
+                "forward.jetstream.max_age_ms must be >= duplicate_window_ms (JetStream refuses a dedup window longer than the retention)"
+                    .into(),
+            );
+        }
+        if self.max_bytes < 1 << 20 {
+            return err(
+                "forward.jetstream.max_bytes must be >= 1 MiB (and well under the servers' disk)"
+                    .into(),
+            );
+        }
+        if !(64 << 10..=64 << 20).contains(&self.max_message_bytes) {
+            return err(
+                "forward.jetstream.max_message_bytes must be 64 KiB to 64 MiB (and at most the servers' max_payload)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The spool record cap this config needs: every partition batch of a record must fit
+    /// one message.
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_message_bytes
+            .saturating_sub(JETSTREAM_HEADROOM_BYTES)
     }
 }
 
@@ -343,16 +498,39 @@ impl CollectorConfig {
                  key with `adclick keys ingest new` and list it in the aggregators' ingest_keys",
             );
         }
-        if self.aggregators.is_empty() {
-            return err(
-                "aggregators must list at least one gRPC endpoint, e.g. \"http://127.0.0.1:9090\"",
-            );
-        }
-        for a in &self.aggregators {
-            if !(a.starts_with("http://") || a.starts_with("https://")) {
-                return Err(ConfigError(format!(
-                    "aggregator endpoint {a:?} must start with http:// or https://"
-                )));
+        match self.forward.sink {
+            SinkKind::Grpc => {
+                if self.aggregators.is_empty() {
+                    return err(
+                        "aggregators must list at least one gRPC endpoint, e.g. \"http://127.0.0.1:9090\"",
+                    );
+                }
+                for a in &self.aggregators {
+                    if !(a.starts_with("http://") || a.starts_with("https://")) {
+                        return Err(ConfigError(format!(
+                            "aggregator endpoint {a:?} must start with http:// or https://"
+                        )));
+                    }
+                }
+            }
+            SinkKind::Jetstream => {
+                self.forward.jetstream.validate()?;
+                // An ad lives in exactly one partition (the query front merges exactly);
+                // a salt spreading it over several keys has nowhere to go.
+                if self.forward.hot_fanout != 1 {
+                    return err(
+                        "forward.hot_fanout must be 1 with sink = \"jetstream\": an ad lives in one partition, and the aggregator shard owning it spreads a hot ad over its own threads",
+                    );
+                }
+                // A request's clicks are committed together (one record) whatever the
+                // cap, and an encoded click is no larger than the request's bytes for it.
+                if self.limits.max_body_bytes > self.forward.jetstream.max_record_bytes() {
+                    return Err(ConfigError(format!(
+                        "limits.max_body_bytes ({}) must be at most forward.jetstream.max_message_bytes minus {JETSTREAM_HEADROOM_BYTES} ({}): one request's clicks must fit one message",
+                        self.limits.max_body_bytes,
+                        self.forward.jetstream.max_record_bytes()
+                    )));
+                }
             }
         }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
@@ -497,6 +675,84 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_sink_is_grpc_by_default_and_jetstream_is_checked() {
+        let c = CollectorConfig::default();
+        assert_eq!(c.forward.sink, SinkKind::Grpc);
+        let c: CollectorConfig = toml::from_str(
+            r#"
+            aggregators = []
+            [forward]
+            sink = "jetstream"
+            [forward.jetstream]
+            servers = ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"]
+            partitions = 4
+            replicas = 1
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let js = &c.forward.jetstream;
+        assert_eq!(
+            (js.stream.as_str(), js.subject_prefix.as_str()),
+            ("CLICKS", "clicks")
+        );
+        assert_eq!((js.partitions, js.replicas), (4, 1));
+        assert_eq!(js.max_record_bytes(), (8 << 20) - 4096);
+        assert!(
+            toml::from_str::<CollectorConfig>("[forward]\nsink = \"kafka\"\n").is_err(),
+            "unknown sink"
+        );
+        assert!(
+            toml::from_str::<CollectorConfig>("[forward.jetstream]\npartition = 4\n").is_err(),
+            "unknown field"
+        );
+        let bad = |f: &dyn Fn(&mut CollectorConfig), field: &str| {
+            let mut c = CollectorConfig::default();
+            c.forward.sink = SinkKind::Jetstream;
+            f(&mut c);
+            let e = c.validate().unwrap_err();
+            assert!(e.0.contains(field), "{field}: {e}");
+        };
+        bad(&|c| c.forward.jetstream.servers.clear(), "servers");
+        bad(
+            &|c| c.forward.jetstream.servers = vec!["nats://a b".into()],
+            "servers",
+        );
+        bad(&|c| c.forward.jetstream.stream = "CL.ICKS".into(), "stream");
+        bad(
+            &|c| c.forward.jetstream.subject_prefix = "clicks.*".into(),
+            "subject_prefix",
+        );
+        bad(
+            &|c| c.forward.jetstream.subject_prefix = "".into(),
+            "subject_prefix",
+        );
+        bad(&|c| c.forward.jetstream.partitions = 0, "partitions");
+        bad(&|c| c.forward.jetstream.partitions = 1025, "partitions");
+        bad(&|c| c.forward.jetstream.replicas = 6, "replicas");
+        bad(
+            &|c| c.forward.jetstream.duplicate_window_ms = 10,
+            "duplicate_window_ms",
+        );
+        bad(&|c| c.forward.jetstream.max_age_ms = 1_000, "max_age_ms");
+        bad(&|c| c.forward.jetstream.max_bytes = 0, "max_bytes");
+        bad(
+            &|c| c.forward.jetstream.max_message_bytes = 1 << 30,
+            "max_message_bytes",
+        );
+        bad(&|c| c.forward.hot_fanout = 4, "hot_fanout");
+        bad(&|c| c.limits.max_body_bytes = 8 << 20, "max_body_bytes");
+        // The gRPC checks do not apply to a JetStream collector, and vice versa.
+        let mut c = CollectorConfig::default();
+        c.forward.sink = SinkKind::Jetstream;
+        c.aggregators.clear();
+        c.validate().unwrap();
+        let mut c = CollectorConfig::default();
+        c.forward.jetstream.partitions = 0;
+        c.validate().unwrap();
     }
 
     #[test]

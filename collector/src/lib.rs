@@ -1,7 +1,8 @@
 //! adclick edge collector: accepts clicks from SDKs and redirect links, verifies their
 //! impression tokens, corrects device clocks, drops duplicates, makes accepted clicks
 //! durable in a local spool (fsync before any 2xx), and forwards them to aggregators over
-//! gRPC, deleting spooled data only after the aggregators acked it.
+//! gRPC or to a NATS JetStream stream (`forward`), deleting spooled data only after the
+//! destination acked it.
 //!
 //! Clicks arrive over HTTP (`http`) and, when `listen_quic` is set, over QUIC (`quic`);
 //! both share one click path.
@@ -36,7 +37,8 @@ use tokio::task::JoinHandle;
 pub use config::CollectorConfig;
 pub use metrics::Metrics;
 
-use forward::Forwarder;
+use config::SinkKind;
+use forward::{Forwarder, GrpcSink, JetStreamSink};
 use http::{HttpState, client_ip::TrustedProxies, ratelimit::RateLimiter};
 use ingest::{Processor, keys::KeySource};
 use quarantine::Quarantine;
@@ -70,6 +72,10 @@ pub enum CollectorError {
     /// A bad aggregator endpoint.
     #[error(transparent)]
     Endpoint(#[from] forward::EndpointError),
+    /// The JetStream stream does not match the config, or the servers cannot take our
+    /// messages (`forward.sink = "jetstream"`).
+    #[error(transparent)]
+    JetStream(#[from] forward::JetStreamError),
     /// The QUIC certificate or key could not be loaded or generated.
     #[error(transparent)]
     Tls(#[from] quic::TlsError),
@@ -156,10 +162,27 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         metrics.clone(),
         http::now_ms(),
     ));
+    // The sink first: a JetStream stream that does not match the config fails the start
+    // before anything binds or the writer runs.
+    let sink = match cfg.forward.sink {
+        SinkKind::Grpc => AnySink::Grpc(GrpcSink::new(
+            &cfg.aggregators,
+            Duration::from_millis(cfg.forward.request_timeout_ms.max(1)),
+            cfg.aggregator_key.as_deref(),
+        )?),
+        SinkKind::Jetstream => AnySink::JetStream(Box::new(
+            start_jetstream(&cfg.forward, &collector_id).await?,
+        )),
+    };
+    let max_record_bytes = match cfg.forward.sink {
+        SinkKind::Grpc => writer::MAX_GROUP_BYTES,
+        SinkKind::Jetstream => cfg.forward.jetstream.max_record_bytes(),
+    };
     let (committer, writer) = Committer::start(
         spool.clone(),
         spool_location,
         cfg.spool.max_clicks_per_record,
+        max_record_bytes,
         metrics.clone(),
         durable.0,
         lock,
@@ -167,17 +190,15 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
     .map_err(io("cannot start the spool writer"))?;
     let quarantine = Quarantine::start(&cfg.data_dir, cfg.quarantine.max_bytes, metrics.clone())
         .map_err(io("cannot open the quarantine log"))?;
-    let forwarder = Forwarder::new(
-        &cfg.aggregators,
-        spool.clone(),
-        collector_id.clone(),
+    let forwarding = Forwarding {
+        spool: spool.clone(),
+        collector_id: collector_id.clone(),
         hot,
-        metrics.clone(),
-        cfg.forward.clone(),
-        durable.1,
-        cfg.aggregator_key.as_deref(),
-    )?
-    .with_reopen(committer.clone());
+        metrics: metrics.clone(),
+        cfg: cfg.forward.clone(),
+        durable: durable.1,
+        committer: committer.clone(),
+    };
 
     let listener = http::conn::bind_listener(cfg.listen_http)
         .map_err(io(format!("cannot listen on {}", cfg.listen_http)))?;
@@ -216,7 +237,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
             cfg.header_read_timeout(),
             shutdown_rx.clone(),
         )),
-        tokio::spawn(forwarder.run(shutdown_rx.clone())),
+        forwarding.spawn(sink, shutdown_rx.clone()),
         tokio::spawn(reload_keys(
             keys,
             metrics.clone(),
@@ -244,6 +265,70 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         writer: Some(writer),
         state,
     })
+}
+
+/// The configured sink (the forwarder is generic over it).
+enum AnySink {
+    Grpc(GrpcSink),
+    JetStream(Box<JetStreamSink>),
+}
+
+/// What the forwarder needs besides its sink.
+struct Forwarding {
+    spool: Arc<Mutex<Spool>>,
+    collector_id: String,
+    hot: Arc<HotAds>,
+    metrics: Arc<Metrics>,
+    cfg: config::ForwardConfig,
+    durable: watch::Receiver<u64>,
+    committer: Committer,
+}
+
+impl Forwarding {
+    fn spawn(self, sink: AnySink, shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+        match sink {
+            AnySink::Grpc(s) => tokio::spawn(self.forwarder(s).run(shutdown)),
+            AnySink::JetStream(s) => tokio::spawn(self.forwarder(*s).run(shutdown)),
+        }
+    }
+
+    fn forwarder<S: forward::Sink>(self, sink: S) -> Forwarder<S> {
+        Forwarder::new(
+            sink,
+            self.spool,
+            self.collector_id,
+            self.hot,
+            self.metrics,
+            self.cfg,
+            self.durable,
+        )
+        .with_reopen(self.committer)
+    }
+}
+
+/// Connects the JetStream sink and verifies (or creates) the stream, waiting at most
+/// `forward.request_timeout_ms`: a stream that does not match the config, or servers whose
+/// `max_payload` is too small, fail the start. Servers that do not answer in time do not:
+/// the collector starts, spools, and the forwarder verifies before its first publish.
+async fn start_jetstream(
+    cfg: &config::ForwardConfig,
+    collector_id: &str,
+) -> Result<JetStreamSink, CollectorError> {
+    let timeout = Duration::from_millis(cfg.request_timeout_ms.max(1));
+    let sink = JetStreamSink::new(&cfg.jetstream, collector_id, timeout).await?;
+    match tokio::time::timeout(timeout, sink.ready()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.is_permanent() => return Err(e.into()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "JetStream not ready yet; clicks are spooled and published once it is")
+        }
+        Err(_) => tracing::warn!(
+            servers = ?cfg.jetstream.servers,
+            ?timeout,
+            "NATS did not answer in time; clicks are spooled and published once it does"
+        ),
+    }
+    Ok(sink)
 }
 
 /// Runs a collector until `shutdown` resolves, then stops it gracefully.

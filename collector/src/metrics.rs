@@ -78,6 +78,13 @@ pub struct Metrics {
     pub forwarded_batches: Counter,
     /// Failed forward attempts (retried).
     pub forward_errors: Counter,
+    /// Acked batches the destination already had (resends after a crash or a lost ack:
+    /// an aggregator's `already_acked`, a JetStream duplicate PubAck).
+    pub forward_duplicate_acks: Counter,
+    /// Time from a batch's first send attempt to its ack (retries included), per
+    /// destination batch: the gRPC ingest round trip, or the JetStream publish until the
+    /// PubAck (replicated and fsynced on the servers).
+    pub forward_batch_seconds: Histogram,
     /// Spool fsync latency.
     pub fsync_seconds: Histogram,
     /// Clicks per group commit.
@@ -125,6 +132,8 @@ impl Metrics {
             forwarded_clicks: Counter::default(),
             forwarded_batches: Counter::default(),
             forward_errors: Counter::default(),
+            forward_duplicate_acks: Counter::default(),
+            forward_batch_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             commit_clicks: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             quarantined: Counter::default(),
@@ -202,6 +211,16 @@ impl Metrics {
             "forward_errors",
             "Failed forward attempts (retried)",
             m.forward_errors.clone(),
+        );
+        r.register(
+            "forward_duplicate_acks",
+            "Acked batches the destination already had (resends)",
+            m.forward_duplicate_acks.clone(),
+        );
+        r.register(
+            "forward_batch_seconds",
+            "Time from a forwarded batch's first attempt to its ack (gRPC ingest or JetStream PubAck)",
+            m.forward_batch_seconds.clone(),
         );
         r.register(
             "fsync_seconds",

@@ -37,8 +37,9 @@ const PROBE_BYTES: usize = 64 << 10;
 const PROBE_FILE: &str = ".write-probe";
 
 /// Most bytes of clicks in one group commit (one spool record); well below the spool's
-/// 16 MiB record limit and the gRPC message limit.
-const MAX_GROUP_BYTES: usize = 8 << 20;
+/// 16 MiB record limit and the gRPC message limit. A smaller cap can be asked for
+/// (`Committer::start`'s `max_record_bytes`: the JetStream sink's message size).
+pub const MAX_GROUP_BYTES: usize = 8 << 20;
 
 /// Why a commit failed; nothing of the request was made durable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,11 +114,14 @@ impl std::fmt::Debug for Request {
 
 impl Committer {
     /// Starts the writer thread. `durable` is advanced to each committed record's seq.
-    /// `location` says where to reopen the spool after a failure.
+    /// `location` says where to reopen the spool after a failure. A record holds at most
+    /// `max_clicks_per_record` clicks and `max_record_bytes` (at most [`MAX_GROUP_BYTES`])
+    /// of them, except that one request's clicks are never split.
     pub fn start(
         spool: Arc<Mutex<Spool>>,
         location: SpoolLocation,
         max_clicks_per_record: usize,
+        max_record_bytes: usize,
         metrics: Arc<Metrics>,
         durable: watch::Sender<u64>,
         dir_lock: std::fs::File,
@@ -152,6 +156,7 @@ impl Committer {
                 // the runtime that started us is gone.
                 let _dir_lock = dir_lock;
                 let metrics = m;
+                let max_group_bytes = max_record_bytes.clamp(1, MAX_GROUP_BYTES);
                 let mut carry: Option<Request> = None;
                 let mut backoff = REOPEN_BACKOFF_MIN;
                 let mut next_attempt = Instant::now() + backoff;
@@ -215,7 +220,7 @@ impl Committer {
                     // record limit whatever the clicks' sizes.
                     while clicks < max_clicks_per_record {
                         match rx.try_recv() {
-                            Ok(r) if bytes + r.encoded.len() > MAX_GROUP_BYTES => {
+                            Ok(r) if bytes + r.encoded.len() > max_group_bytes => {
                                 carry = Some(r);
                                 break;
                             }

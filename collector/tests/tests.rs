@@ -2,7 +2,8 @@
 //! concern. Each test starts a real collector on 127.0.0.1:0 (in-process, or in a child
 //! process for the idle-connection benchmark) over real sockets and files, with the native
 //! SDK, raw HTTP, QUIC or raw TCP on one side and the in-test gRPC aggregator
-//! (`adclick_test_support::fake_aggregator`) on the other. Every expected number is
+//! (`adclick_test_support::fake_aggregator`) or real nats-server processes (`jetstream`,
+//! `adclick_test_support::nats`) on the other. Every expected number is
 //! computed from what the test sent.
 //!
 //! The ignored benchmark: `cargo test --release -p adclick-collector --test collector --
@@ -20,6 +21,7 @@ mod forwarding;
 mod hardening;
 mod idle_flood;
 mod ingest;
+mod jetstream;
 mod limits;
 mod pipelined;
 mod quic;

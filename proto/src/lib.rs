@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod countable;
+pub mod partition;
 pub mod token;
 
 #[cfg(feature = "keyfile")]

@@ -16,6 +16,8 @@
 //! - [`stack`]: the whole pipeline (collectors, aggregator, SDK load, queries) for the
 //!   cross-component tests.
 //! - [`child`]: the real `adclick` binary as a child process.
+//! - [`nats`]: real nats-server processes (single node or R3 cluster) for the JetStream
+//!   back end, installed by `scripts/setup-nats.sh` when missing.
 #![deny(missing_docs)]
 #![allow(
     clippy::unwrap_used,
@@ -28,4 +30,5 @@ pub mod child;
 pub mod collector;
 pub mod common;
 pub mod fake_aggregator;
+pub mod nats;
 pub mod stack;
