@@ -44,8 +44,7 @@ pub const MAX_PARAMS: usize = 64;
 /// The `type` of the problem answered to an invalid request (400). A stable identifier to
 /// compare, not a page to fetch (the host is the project's placeholder); the rules are in
 /// `docs/api.md`, "Validation".
-pub const PROBLEM_INVALID_REQUEST: &str =
-    "https://example.invalid/adclick/problems/invalid-request";
+pub const PROBLEM_INVALID_REQUEST: &str = "https://example.invalid/adclick/invalid-request";
 
 /// Filter parameters (repeatable), as `(parameter, filter list)`.
 const FILTER_PARAMS: [(&str, Dim); 6] = [
