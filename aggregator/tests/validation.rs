@@ -238,6 +238,23 @@ async fn grpc_invalid_filters_are_invalid_argument_naming_the_field() {
         e.message()
     );
 
+    // The most a request can do wrong: 64 values with the longest descriptions each. The
+    // first 20 are reported (they fit the trailers), the message says how many there were.
+    let worst = "\"\u{1},".repeat(40);
+    let e = top_err(
+        &mut q,
+        top_req(0, None, filter(|f| f.country = vec![worst.clone(); 64])),
+    )
+    .await;
+    let v = violations(&e);
+    assert_eq!(v.len(), 20, "{v:?}");
+    assert_eq!(v[0], ("n".to_string(), "OUT_OF_RANGE".to_string()));
+    assert_eq!(
+        v[2],
+        ("filter.country[0]".to_string(), "MALFORMED".to_string())
+    );
+    assert!(e.message().ends_with("(and 63 more)"), "{}", e.message());
+
     // Not validation: a missing or wrong key is still UNAUTHENTICATED, whatever the body.
     let bad = top_req(0, None, filter(|f| f.country = vec!["USA".into()]));
     let e = q
@@ -371,7 +388,7 @@ async fn grpc_invalid_numbers_and_ranges_are_named() {
         (range(T0 + HOUR, T0), "range.to_ms", "EMPTY_RANGE"),
         (range(T0 / 1000, T0), "range.from_ms", "OUT_OF_RANGE"),
     ] {
-        let e = top_err(&mut q, top_req(5, window.clone(), None)).await;
+        let e = top_err(&mut q, top_req(5, window, None)).await;
         assert_eq!(violations(&e), one(field, reason), "{window:?}");
     }
     let m = a.metrics().render();
