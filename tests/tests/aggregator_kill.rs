@@ -27,7 +27,10 @@ async fn wait_queryable(grpc: std::net::SocketAddr, limit: Duration) -> bool {
         // Any valid query will do (the last minute); one that fails validation never
         // answers (a range starting at 1970 did before issue 14).
         let now = now_ms();
-        if top_ads(grpc, ADMIN, 1, (now - MIN, now), None).await.is_ok() {
+        if top_ads(grpc, ADMIN, 1, (now - MIN, now), None)
+            .await
+            .is_ok()
+        {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
