@@ -20,6 +20,8 @@ use adclick_proto::countable::{MAX_EVENT_MS, MIN_EVENT_MS};
 use adclick_proto::v1::{self, Device, Granularity, top_ads_request::Window};
 
 use crate::config::{QueryConfig, WindowConfig};
+// Bucket width per level (minute, hour, day): a constant of the state layout, not state.
+use crate::state::shard::LEVEL_MS as WIDTH_MS;
 
 pub use iso3166::EXTRA as EXTRA_COUNTRIES;
 
@@ -38,11 +40,8 @@ pub const MAX_VIOLATIONS: usize = 20;
 /// Longest value (in bytes, escaped) quoted back in a description.
 pub const MAX_QUOTED: usize = 48;
 
-const MINUTE_MS: i64 = 60_000;
-const HOUR_MS: i64 = 3_600_000;
-const DAY_MS: i64 = 86_400_000;
-/// Bucket width per level (minute, hour, day).
-const WIDTH_MS: [i64; 3] = [MINUTE_MS, HOUR_MS, DAY_MS];
+const MINUTE_MS: i64 = WIDTH_MS[0];
+const DAY_MS: i64 = WIDTH_MS[2];
 const LEVEL_NAMES: [&str; 3] = ["minute", "hour", "day"];
 /// Latest `to_ms`: a day-aligned range may end one day after the last countable time.
 const MAX_TO_MS: i64 = MAX_EVENT_MS + DAY_MS;
