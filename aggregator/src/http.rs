@@ -56,15 +56,26 @@ const FILTER_PARAMS: [(&str, Dim); 6] = [
     ("campaign", Dim::CampaignId),
 ];
 /// Single-valued parameters of `/v1/ads/{ad_id}/clicks`.
-const CLICKS_PARAMS: [&str; 5] = [
+const CLICKS_PARAMS: [&str; 8] = [
     "last_minutes",
+    "last",
     "from_ms",
+    "from",
     "to_ms",
+    "to",
     "granularity",
     "fill_empty",
 ];
 /// Single-valued parameters of `/v1/ads/top`.
-const TOP_PARAMS: [&str; 4] = ["n", "last_minutes", "from_ms", "to_ms"];
+const TOP_PARAMS: [&str; 7] = [
+    "n",
+    "last_minutes",
+    "last",
+    "from_ms",
+    "from",
+    "to_ms",
+    "to",
+];
 
 type Resp = Response<Full<Bytes>>;
 
@@ -412,12 +423,44 @@ enum Window {
 }
 
 fn window(p: &[(String, String)], bad: &mut Violations) -> Option<Window> {
-    const ONE_OF: &str = "give last_minutes, or from_ms and to_ms";
-    let m = num::<u32>(p, "last_minutes", Field::LastMinutes, bad);
-    let from = num::<i64>(p, "from_ms", Field::FromMs, bad);
-    let to = num::<i64>(p, "to_ms", Field::ToMs, bad);
-    let has = |k| get(p, k).is_some();
-    match (has("last_minutes"), has("from_ms"), has("to_ms")) {
+    const ONE_OF: &str =
+        "give last_minutes (or last, e.g. 15m), or from_ms and to_ms (or from and to in RFC 3339)";
+    // Each end (and the length) may come in either form, but not in both.
+    let m = either(
+        p,
+        ("last_minutes", "last"),
+        Field::LastMinutes,
+        bad,
+        |v| v.parse::<u32>().ok(),
+        |v| {
+            let d = humantime::parse_duration(v).ok()?;
+            (d.as_secs() % 60 == 0 && d.subsec_nanos() == 0)
+                .then(|| u32::try_from(d.as_secs() / 60).ok())
+                .flatten()
+        },
+    );
+    let from = either(
+        p,
+        ("from_ms", "from"),
+        Field::FromMs,
+        bad,
+        |v| v.parse::<i64>().ok(),
+        rfc3339_ms,
+    );
+    let to = either(
+        p,
+        ("to_ms", "to"),
+        Field::ToMs,
+        bad,
+        |v| v.parse::<i64>().ok(),
+        rfc3339_ms,
+    );
+    let has = |a, b| get(p, a).is_some() || get(p, b).is_some();
+    match (
+        has("last_minutes", "last"),
+        has("from_ms", "from"),
+        has("to_ms", "to"),
+    ) {
         (true, false, false) => m.map(Window::LastMinutes),
         (false, true, true) => Some(Window::Range(from?, to?)),
         (true, from, _) => {
@@ -446,6 +489,89 @@ fn window(p: &[(String, String)], bad: &mut Violations) -> Option<Window> {
             None
         }
     }
+}
+
+/// A value given as `names.0` (parsed by `plain`) or `names.1` (parsed by `alt`), never
+/// both; a malformed one is reported under the name it came as.
+fn either<T>(
+    p: &[(String, String)],
+    names: (&str, &str),
+    field: Field,
+    bad: &mut Violations,
+    plain: impl Fn(&str) -> Option<T>,
+    alt: impl Fn(&str) -> Option<T>,
+) -> Option<T> {
+    match (get(p, names.0), get(p, names.1)) {
+        (Some(_), Some(_)) => {
+            bad.push(
+                field,
+                Reason::Conflict,
+                format!("give {} or {}, not both", names.0, names.1),
+            );
+            None
+        }
+        (Some(v), None) => plain(v).or_else(|| {
+            bad.push(
+                field,
+                Reason::Malformed,
+                format!("{}={} is not a number", names.0, quote(v)),
+            );
+            None
+        }),
+        (None, Some(v)) => alt(v).or_else(|| {
+            let what = if names.1 == "last" {
+                "a whole number of minutes such as 15m, 2h or 1d"
+            } else {
+                "an RFC 3339 time such as 2026-12-04T15:00:00Z"
+            };
+            bad.push(
+                Field::Param(names.1.to_string()),
+                Reason::Malformed,
+                format!("{}={} is not {what}", names.1, quote(v)),
+            );
+            None
+        }),
+        (None, None) => None,
+    }
+}
+
+/// Ms since the epoch of an RFC 3339 time (`2026-12-04T15:00:00Z`; fractions and numeric
+/// offsets such as `+01:00` accepted), if it is one. humantime reads only UTC (`Z`), so an
+/// offset is taken off by hand.
+fn rfc3339_ms(v: &str) -> Option<i64> {
+    let b = v.as_bytes();
+    let cut = b
+        .len()
+        .checked_sub(6)
+        .filter(|&i| matches!(b[i], b'+' | b'-') && b[i + 3] == b':' && v.is_char_boundary(i));
+    let (base, offset_ms) = match cut.map(|i| v.split_at(i)) {
+        Some((base, off)) => {
+            let h: i64 = off.get(1..3)?.parse().ok()?;
+            let m: i64 = off.get(4..6)?.parse().ok()?;
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let sign = if off.starts_with('-') { -1 } else { 1 };
+            (format!("{base}Z"), sign * (h * 60 + m) * 60_000)
+        }
+        _ => (v.to_string(), 0),
+    };
+    let t = humantime::parse_rfc3339_weak(&base).ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(d.as_millis()).ok()?.checked_sub(offset_ms)
+}
+
+/// An epoch-ms time as RFC 3339 (UTC, milliseconds), for the answers beside the ms value.
+fn rfc3339(ms: i64) -> String {
+    u64::try_from(ms).map_or_else(
+        |_| String::new(),
+        |ms| {
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+            .to_string()
+        },
+    )
 }
 
 /// `GET /v1/ads/{ad}/clicks?...` as a request at `now_ms`, and whether its range was
@@ -541,10 +667,11 @@ fn clicks(
     Ok(json!({
         "ad_id": r.ad_id,
         "granularity": granularity,
-        "buckets": r.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "clicks": b.clicks, "unique_users": b.unique_users})).collect::<Vec<_>>(),
+        "buckets": r.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "start": rfc3339(b.start_ms), "clicks": b.clicks, "unique_users": b.unique_users})).collect::<Vec<_>>(),
         "total_clicks": r.total_clicks,
         "total_unique_users": r.total_unique_users,
         "watermark_ms": r.watermark_ms,
+        "watermark": rfc3339(r.watermark_ms),
     }))
 }
 
@@ -579,8 +706,11 @@ fn top(q: &Query, caller: query::Caller, p: &[(String, String)]) -> Result<Value
     Ok(json!({
         "ads": r.ads.iter().map(|a| json!({"ad_id": a.ad_id, "clicks": a.clicks})).collect::<Vec<_>>(),
         "from_ms": range.from_ms,
+        "from": rfc3339(range.from_ms),
         "to_ms": range.to_ms,
+        "to": rfc3339(range.to_ms),
         "watermark_ms": r.watermark_ms,
+        "watermark": rfc3339(r.watermark_ms),
     }))
 }
 
@@ -709,6 +839,20 @@ mod tests {
 
     fn parse(q: &str) -> Vec<(String, String)> {
         params(Some(q)).unwrap()
+    }
+
+    #[test]
+    fn rfc_3339_times_with_offsets_and_hostile_strings() {
+        let t0 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+        assert_eq!(rfc3339_ms("2026-01-01T00:00:00Z"), Some(t0));
+        assert_eq!(rfc3339_ms("2026-01-01T00:00:00.250Z"), Some(t0 + 250));
+        assert_eq!(rfc3339_ms("2025-12-31T19:00:00-05:00"), Some(t0));
+        assert_eq!(rfc3339_ms("2026-01-01T05:30:00+05:30"), Some(t0));
+        for bad in ["", "x", "+01:00", "é+01:00", "ééé-0é:00", "2026-01-01T00:00:00+24:00", "2026-01-01"] {
+            assert_eq!(rfc3339_ms(bad), None, "{bad}");
+        }
+        assert_eq!(rfc3339(t0), "2026-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(-1), "");
     }
 
     #[test]

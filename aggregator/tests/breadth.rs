@@ -166,3 +166,75 @@ async fn buckets_are_zero_filled_and_ads_come_in_batches() {
     assert_eq!(body["invalid_params"][0]["name"], "fill_empty", "{body}");
     a.shutdown().await;
 }
+
+/// The HTTP mirror takes RFC 3339 times and `15m`-style lengths beside epoch ms and
+/// `last_minutes`, answers with both forms, and names a malformed or doubled one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_takes_and_gives_rfc_3339_times_and_duration_lengths() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = adclick_aggregator::start(config(dir.path())).await.unwrap();
+    let (mut ing, _) = clients(&a).await;
+    let all = clicks(32, 300, 10, 20, 50);
+    send(&mut ing, "c", 1, all.clone()).await;
+    let h = Http::new(&a);
+    // T0 is 2026-01-01T00:00:00Z (adclick_test_support::aggregator::T0).
+    assert_eq!(T0, 1_767_225_600_000);
+    let ms = format!("from_ms={T0}&to_ms={}", T0 + 20 * MIN);
+    let rfc = "from=2026-01-01T00:00:00Z&to=2026-01-01T00:20:00Z";
+    let offset = "from=2026-01-01T01:00:00%2B01:00&to=2026-01-01T00:20:00.000Z";
+    let mut answers = Vec::new();
+    for q in [&ms, rfc, offset] {
+        let (code, _, body) = h.get(&format!("/v1/ads/3/clicks?{q}"), Some(ADMIN)).await;
+        assert_eq!(code, 200, "{q}: {body}");
+        answers.push(body["buckets"].clone());
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0], answers[2]);
+    let first = &answers[0][0];
+    assert_eq!(first["start_ms"], T0);
+    assert_eq!(first["start"], "2026-01-01T00:00:00.000Z");
+    let total: u64 = answers[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["clicks"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, all.iter().filter(|c| c.ad_id == 3).count() as u64);
+
+    // `last` and `last_minutes` are the same window.
+    let (_, _, by_minutes) = h.get("/v1/ads/top?last_minutes=120", Some(ADMIN)).await;
+    let (code, _, by_duration) = h.get("/v1/ads/top?last=2h", Some(ADMIN)).await;
+    assert_eq!(code, 200, "{by_duration}");
+    assert_eq!(by_minutes["from_ms"], by_duration["from_ms"]);
+    assert_eq!(
+        by_duration["from"].as_str().map(|s| s.ends_with('Z')),
+        Some(true)
+    );
+
+    for (q, name, code) in [
+        ("/v1/ads/top?last=90s", "last", "MALFORMED"),
+        ("/v1/ads/top?last=soon", "last", "MALFORMED"),
+        ("/v1/ads/top?from=yesterday&to_ms=1", "from", "MALFORMED"),
+        (
+            &*format!("/v1/ads/top?{rfc}&from_ms={T0}"),
+            "from_ms",
+            "CONFLICT",
+        ),
+        (
+            "/v1/ads/top?last=15m&last_minutes=15",
+            "last_minutes",
+            "CONFLICT",
+        ),
+    ] {
+        let (status, _, body) = h.get(q, Some(ADMIN)).await;
+        assert_eq!(status, 400, "{q}: {body}");
+        let params = body["invalid_params"].as_array().unwrap();
+        assert!(
+            params
+                .iter()
+                .any(|p| p["name"] == name && p["code"] == code),
+            "{q}: want {name} {code} in {body}"
+        );
+    }
+    a.shutdown().await;
+}
