@@ -291,6 +291,15 @@ impl Query {
         query::get_ad_clicks(&self.view, caller, req, &self.limits)
     }
 
+    /// `BatchGetAdClicks` for `caller`: ids and shared fields validated, then answered.
+    pub fn batch_ad_clicks(
+        &self,
+        caller: Caller,
+        req: &BatchGetAdClicksRequest,
+    ) -> Result<BatchGetAdClicksResponse, QueryError> {
+        query::batch_get_ad_clicks(&self.view, caller, req, &self.limits)
+    }
+
     /// `TopAds` for `caller` at `now_ms`: every field validated (`validate::top_ads`, so
     /// the range is checked against the retention and the watermark), then answered.
     pub fn top(
@@ -359,12 +368,10 @@ impl QueryService for Query {
     ) -> Result<Response<BatchGetAdClicksResponse>, Status> {
         let caller = self.caller(&req, "BatchGetAdClicks")?;
         let r = req.into_inner();
-        self.timed("BatchGetAdClicks", || {
-            query::batch_get_ad_clicks(&self.view, caller, &r, &self.limits)
-        })
-        .inspect_err(|e| self.count_refusal("BatchGetAdClicks", e))
-        .map(Response::new)
-        .map_err(status)
+        self.timed("BatchGetAdClicks", || self.batch_ad_clicks(caller, &r))
+            .inspect_err(|e| self.count_refusal("BatchGetAdClicks", e))
+            .map(Response::new)
+            .map_err(status)
     }
 
     async fn top_ads(

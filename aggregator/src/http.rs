@@ -121,7 +121,8 @@ fn problem_reply(status: StatusCode, body: Value) -> Resp {
 pub fn param_name(f: &Field) -> Cow<'_, str> {
     Cow::Borrowed(match f {
         Field::AdId => "ad_id",
-        Field::AdIds | Field::AdIdsValue(_) => "ad_ids",
+        // The HTTP mirror takes the list as repeated `ad_id` parameters.
+        Field::AdIds | Field::AdIdsValue(_) => "ad_id",
         Field::FillEmpty => "fill_empty",
         Field::FromMs | Field::RangeFromMs => "from_ms",
         Field::ToMs | Field::RangeToMs => "to_ms",
@@ -280,11 +281,12 @@ fn handle<B>(q: &Query, req: Request<B>) -> Resp {
         .and_then(|p| p.strip_suffix("/clicks"));
     let rpc = match (path.as_str(), ad) {
         ("/v1/ads/top", _) => "TopAds",
+        ("/v1/ads/clicks", _) => "BatchGetAdClicks",
         (_, Some(_)) => "GetAdClicks",
         _ => {
             return error(
                 StatusCode::NOT_FOUND,
-                "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/top, /livez, /readyz, /metrics",
+                "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/clicks?ad_id=..., GET /v1/ads/top, /livez, /readyz, /metrics",
             );
         }
     };
@@ -294,9 +296,10 @@ fn handle<B>(q: &Query, req: Request<B>) -> Resp {
         .and_then(|v| v.to_str().ok());
     let result = q.authorize(auth).and_then(|caller| {
         let params = params(req.uri().query())?;
-        match ad {
-            Some(id) => clicks(q, caller, id, &params),
-            None => top(q, caller, &params),
+        match (rpc, ad) {
+            (_, Some(id)) => clicks(q, caller, id, &params),
+            ("BatchGetAdClicks", None) => batch(q, caller, &params),
+            _ => top(q, caller, &params),
         }
     });
     match result {
@@ -645,6 +648,17 @@ pub fn clicks_request(
     Ok((req, last))
 }
 
+/// A range given as last_minutes is reported under that name.
+fn name_last_minutes(e: QueryError, last_minutes: bool) -> QueryError {
+    match e {
+        QueryError::Invalid(v) if last_minutes => QueryError::Invalid(v.map_fields(|f| match f {
+            Field::FromMs | Field::ToMs => Field::LastMinutes,
+            f => f,
+        })),
+        e => e,
+    }
+}
+
 fn clicks(
     q: &Query,
     caller: query::Caller,
@@ -652,24 +666,77 @@ fn clicks(
     p: &[(String, String)],
 ) -> Result<Value, QueryError> {
     let (req, last_minutes) = clicks_request(ad, p, crate::view::now_ms())?;
-    let r = q.ad_clicks(caller, &req).map_err(|e| match e {
-        // A range given as last_minutes is reported under that name.
-        QueryError::Invalid(v) if last_minutes => QueryError::Invalid(v.map_fields(|f| match f {
-            Field::FromMs | Field::ToMs => Field::LastMinutes,
-            f => f,
-        })),
-        e => e,
-    })?;
+    let r = q
+        .ad_clicks(caller, &req)
+        .map_err(|e| name_last_minutes(e, last_minutes))?;
+    Ok(clicks_json(&r))
+}
+
+fn clicks_json(r: &v1::GetAdClicksResponse) -> Value {
     let granularity = ["unspecified", "minute", "hour", "day"]
         .get(r.granularity as usize)
         .copied()
         .unwrap_or("unspecified");
-    Ok(json!({
+    json!({
         "ad_id": r.ad_id,
         "granularity": granularity,
         "buckets": r.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "start": rfc3339(b.start_ms), "clicks": b.clicks, "unique_users": b.unique_users})).collect::<Vec<_>>(),
         "total_clicks": r.total_clicks,
         "total_unique_users": r.total_unique_users,
+        "watermark_ms": r.watermark_ms,
+        "watermark": rfc3339(r.watermark_ms),
+    })
+}
+
+/// `GET /v1/ads/clicks?ad_id=1&ad_id=2&...` (the other parameters as for one ad) as a
+/// `BatchGetAdClicks` request, and whether its range was given as `last_minutes`.
+pub fn batch_request(
+    p: &[(String, String)],
+    now_ms: i64,
+) -> Result<(v1::BatchGetAdClicksRequest, bool), QueryError> {
+    let mut bad = Violations::default();
+    let mut ad_ids = Vec::new();
+    for (i, (_, v)) in p.iter().filter(|(k, _)| k == "ad_id").enumerate() {
+        match v.parse::<u64>() {
+            Ok(id) => ad_ids.push(id),
+            Err(_) => bad.push(
+                Field::AdIdsValue(i),
+                Reason::Malformed,
+                format!("ad_id={} is not a number", quote(v)),
+            ),
+        }
+    }
+    let rest: Vec<(String, String)> = p.iter().filter(|(k, _)| k != "ad_id").cloned().collect();
+    // The shared parameters are those of one ad's clicks; "1" stands in for the path id.
+    let (one, last) = match clicks_request("1", &rest, now_ms) {
+        Ok(x) => x,
+        Err(QueryError::Invalid(v)) => {
+            bad.extend(v);
+            return Err(QueryError::Invalid(bad));
+        }
+        Err(e) => return Err(e),
+    };
+    if !bad.is_empty() {
+        return Err(QueryError::Invalid(bad));
+    }
+    let req = v1::BatchGetAdClicksRequest {
+        ad_ids,
+        from_ms: one.from_ms,
+        to_ms: one.to_ms,
+        granularity: one.granularity,
+        filter: one.filter,
+        fill_empty: one.fill_empty,
+    };
+    Ok((req, last))
+}
+
+fn batch(q: &Query, caller: query::Caller, p: &[(String, String)]) -> Result<Value, QueryError> {
+    let (req, last_minutes) = batch_request(p, crate::view::now_ms())?;
+    let r = q
+        .batch_ad_clicks(caller, &req)
+        .map_err(|e| name_last_minutes(e, last_minutes))?;
+    Ok(json!({
+        "ads": r.ads.iter().map(clicks_json).collect::<Vec<_>>(),
         "watermark_ms": r.watermark_ms,
         "watermark": rfc3339(r.watermark_ms),
     }))
@@ -848,7 +915,15 @@ mod tests {
         assert_eq!(rfc3339_ms("2026-01-01T00:00:00.250Z"), Some(t0 + 250));
         assert_eq!(rfc3339_ms("2025-12-31T19:00:00-05:00"), Some(t0));
         assert_eq!(rfc3339_ms("2026-01-01T05:30:00+05:30"), Some(t0));
-        for bad in ["", "x", "+01:00", "é+01:00", "ééé-0é:00", "2026-01-01T00:00:00+24:00", "2026-01-01"] {
+        for bad in [
+            "",
+            "x",
+            "+01:00",
+            "é+01:00",
+            "ééé-0é:00",
+            "2026-01-01T00:00:00+24:00",
+            "2026-01-01",
+        ] {
             assert_eq!(rfc3339_ms(bad), None, "{bad}");
         }
         assert_eq!(rfc3339(t0), "2026-01-01T00:00:00.000Z");

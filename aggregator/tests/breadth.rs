@@ -164,6 +164,48 @@ async fn buckets_are_zero_filled_and_ads_come_in_batches() {
     let (code, _, body) = h.get(&path("&fill_empty=yes"), Some(ADMIN)).await;
     assert_eq!(code, 400, "{body}");
     assert_eq!(body["invalid_params"][0]["name"], "fill_empty", "{body}");
+
+    // The HTTP batch: repeated ad_id, answers in order, problems named by parameter.
+    let batch_path = |ids: &str| format!("/v1/ads/clicks?{ids}&from_ms={from}&to_ms={to}");
+    let (code, _, body) = h
+        .get(&batch_path("ad_id=17&ad_id=1&ad_id=999"), Some(ADMIN))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let got: Vec<(u64, u64, usize)> = body["ads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["ad_id"].as_u64().unwrap(),
+                x["total_clicks"].as_u64().unwrap(),
+                x["buckets"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    let n = |ad: u64| all.iter().filter(|c| c.ad_id == ad).count() as u64;
+    assert_eq!(got, vec![(17, n(17), 30), (1, n(1), 30), (999, 0, 30)]);
+    for (ids, code) in [
+        ("ad_id=x", "MALFORMED"),
+        ("ad_id=3&ad_id=3", "CONFLICT"),
+        ("n=1", "UNKNOWN_PARAMETER"),
+    ] {
+        let (status, _, body) = h.get(&batch_path(ids), Some(ADMIN)).await;
+        assert_eq!(status, 400, "{ids}: {body}");
+        let p = &body["invalid_params"][0];
+        assert_eq!(p["code"], code, "{ids}: {body}");
+    }
+    let (status, _, body) = h
+        .get(
+            &format!("/v1/ads/clicks?from_ms={from}&to_ms={to}"),
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["invalid_params"][0]["name"]),
+        (400, &serde_json::json!("ad_id")),
+        "{body}"
+    );
     a.shutdown().await;
 }
 
