@@ -25,8 +25,8 @@ use std::time::Instant;
 
 use adclick_proto::v1::query_service_server::QueryService;
 use adclick_proto::v1::{
-    BatchGetAdClicksRequest, BatchGetAdClicksResponse, GetAdClicksRequest, GetAdClicksResponse,
-    IngestAck, TopAdsRequest, TopAdsResponse,
+    BatchGetAdClicksRequest, BatchGetAdClicksResponse, BreakdownRequest, BreakdownResponse,
+    GetAdClicksRequest, GetAdClicksResponse, IngestAck, TopAdsRequest, TopAdsResponse,
 };
 use bytes::Buf;
 use prost::Message;
@@ -300,6 +300,15 @@ impl Query {
         query::batch_get_ad_clicks(&self.view, caller, req, &self.limits)
     }
 
+    /// `Breakdown` for `caller`: every field validated, then answered.
+    pub fn breakdown(
+        &self,
+        caller: Caller,
+        req: &BreakdownRequest,
+    ) -> Result<BreakdownResponse, QueryError> {
+        query::breakdown(&self.view, caller, req, &self.limits)
+    }
+
     /// `TopAds` for `caller` at `now_ms`: every field validated (`validate::top_ads`, so
     /// the range is checked against the retention and the watermark), then answered.
     pub fn top(
@@ -370,6 +379,18 @@ impl QueryService for Query {
         let r = req.into_inner();
         self.timed("BatchGetAdClicks", || self.batch_ad_clicks(caller, &r))
             .inspect_err(|e| self.count_refusal("BatchGetAdClicks", e))
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn breakdown(
+        &self,
+        req: Request<BreakdownRequest>,
+    ) -> Result<Response<BreakdownResponse>, Status> {
+        let caller = self.caller(&req, "Breakdown")?;
+        let r = req.into_inner();
+        self.timed("Breakdown", || self.breakdown(caller, &r))
+            .inspect_err(|e| self.count_refusal("Breakdown", e))
             .map(Response::new)
             .map_err(status)
     }

@@ -124,6 +124,7 @@ pub fn param_name(f: &Field) -> Cow<'_, str> {
         // The HTTP mirror takes the list as repeated `ad_id` parameters.
         Field::AdIds | Field::AdIdsValue(_) => "ad_id",
         Field::FillEmpty => "fill_empty",
+        Field::GroupBy => "group_by",
         Field::FromMs | Field::RangeFromMs => "from_ms",
         Field::ToMs | Field::RangeToMs => "to_ms",
         Field::Granularity => "granularity",

@@ -462,6 +462,122 @@ pub fn get_ad_clicks(
     Ok(resp)
 }
 
+/// `Breakdown`: one ad's clicks in the range by the values of one dimension, top `n`.
+/// Validated like `GetAdClicks` plus `group_by` and `n` (all problems reported together).
+pub fn breakdown(
+    view: &View,
+    caller: Caller,
+    req: &v1::BreakdownRequest,
+    limits: &Limits,
+) -> Result<v1::BreakdownResponse, QueryError> {
+    let watermark_ms = view.watermark_ms.load(Ordering::Acquire);
+    let mut bad = validate::breakdown(req);
+    let as_clicks = v1::GetAdClicksRequest {
+        ad_id: req.ad_id,
+        from_ms: req.from_ms,
+        to_ms: req.to_ms,
+        granularity: req.granularity,
+        filter: req.filter.clone(),
+        fill_empty: Some(false),
+    };
+    let plan = match validate::ad_clicks(&as_clicks, limits, watermark_ms) {
+        Ok(p) if bad.is_empty() => p,
+        Ok(_) => return Err(QueryError::Invalid(bad)),
+        Err(v) => {
+            bad.extend(v);
+            return Err(QueryError::Invalid(bad));
+        }
+    };
+    let dim = v1::Dimension::try_from(req.group_by).unwrap_or(v1::Dimension::Country);
+    let mut resp = v1::BreakdownResponse {
+        ad_id: req.ad_id,
+        group_by: dim as i32,
+        watermark_ms,
+        ..Default::default()
+    };
+    let meta = view.meta.load_full();
+    let filter = Filter::resolve(&plan.filter, &meta);
+    if !filter.matches_ad(ad_meta(view, req.ad_id), caller) {
+        return Ok(resp);
+    }
+    // Value of each combination (combination id = index + 1) and the names of the values.
+    let mut names: Vec<String> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut by_id: Vec<&str> = vec![""; meta.names.len() + 1];
+    for (name, id) in &meta.names {
+        if let Some(slot) = by_id.get_mut(*id as usize) {
+            *slot = name;
+        }
+    }
+    let value_of = |k: &DimKey| -> String {
+        match dim {
+            v1::Dimension::Device => v1::Device::try_from(i32::from(k.device))
+                .map_or_else(|_| k.device.to_string(), |d| d.as_str_name().to_string()),
+            v1::Dimension::Os => by_id.get(k.os as usize).copied().unwrap_or("").to_string(),
+            v1::Dimension::Site => by_id
+                .get(k.site as usize)
+                .copied()
+                .unwrap_or("")
+                .to_string(),
+            _ if k.country == [0, 0] => String::new(),
+            _ => String::from_utf8_lossy(&k.country).into_owned(),
+        }
+    };
+    let group: Vec<Option<usize>> = meta
+        .combos
+        .iter()
+        .map(|k| {
+            if !filter.matches_dims(k) {
+                return None;
+            }
+            let v = value_of(k);
+            let next = names.len();
+            Some(*index.entry(v.clone()).or_insert_with(|| {
+                names.push(v);
+                next
+            }))
+        })
+        .collect();
+    let mut sums: Vec<(u64, Hll)> = (0..names.len()).map(|_| (0, Hll::new())).collect();
+    let shards: Vec<_> = view
+        .shards
+        .iter()
+        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
+        .collect();
+    let width = LEVEL_MS[plan.level];
+    let mut start = plan.from_ms;
+    while start < plan.to_ms {
+        for s in &shards {
+            for cell in s.parts(plan.level, req.ad_id, start) {
+                cell.tally_by(
+                    |id| {
+                        (id as usize)
+                            .checked_sub(1)
+                            .and_then(|i| group.get(i).copied().flatten())
+                    },
+                    &mut sums,
+                );
+            }
+        }
+        start += width;
+    }
+    let mut values: Vec<v1::ValueCount> = names
+        .into_iter()
+        .zip(sums)
+        .filter(|(_, (c, _))| *c > 0)
+        .map(|(value, (clicks, users))| v1::ValueCount {
+            value,
+            clicks,
+            unique_users: users.estimate(),
+        })
+        .collect();
+    resp.total_clicks = values.iter().map(|v| v.clicks).sum();
+    values.sort_unstable_by(|a, b| b.clicks.cmp(&a.clicks).then_with(|| a.value.cmp(&b.value)));
+    values.truncate(req.n as usize);
+    resp.values = values;
+    Ok(resp)
+}
+
 /// `BatchGetAdClicks`: the ad ids and the shared fields validated (every problem of both
 /// reported at once), then `GetAdClicks` for each ad.
 pub fn batch_get_ad_clicks(

@@ -280,3 +280,115 @@ async fn http_takes_and_gives_rfc_3339_times_and_duration_lengths() {
     }
     a.shutdown().await;
 }
+
+/// `Breakdown`: one ad's clicks by country, device or os, top n values with counts, exact
+/// against the oracle; filters apply; other advertisers' ads are empty; bad fields named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breakdown_by_a_dimension_matches_the_oracle() {
+    use adclick_proto::v1::{BreakdownRequest, Device, Dimension, Filter};
+    use std::collections::HashMap;
+    let dir = tempfile::tempdir().unwrap();
+    let a = adclick_aggregator::start(config(dir.path())).await.unwrap();
+    let (mut ing, mut q) = clients(&a).await;
+    let all = clicks(33, 900, 6, 30, 200);
+    send(&mut ing, "c", 1, all.clone()).await;
+    let (from, to) = (T0, T0 + 30 * MIN);
+    let req = |ad, group_by: Dimension, n, filter: Option<Filter>| BreakdownRequest {
+        ad_id: ad,
+        from_ms: from,
+        to_ms: to,
+        granularity: Granularity::Minute as i32,
+        filter,
+        group_by: group_by as i32,
+        n,
+    };
+    let expect = |ad: u64,
+                  n: usize,
+                  key: &dyn Fn(&adclick_proto::v1::IngestClick) -> String,
+                  keep: &dyn Fn(&adclick_proto::v1::IngestClick) -> bool| {
+        let mut m: HashMap<String, u64> = HashMap::new();
+        for c in all.iter().filter(|c| c.ad_id == ad && keep(c)) {
+            *m.entry(key(c)).or_default() += 1;
+        }
+        let total: u64 = m.values().sum();
+        let mut v: Vec<(String, u64)> = m.into_iter().collect();
+        v.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+        v.truncate(n);
+        (v, total)
+    };
+    let device_name = |c: &adclick_proto::v1::IngestClick| {
+        Device::try_from(c.device)
+            .unwrap()
+            .as_str_name()
+            .to_string()
+    };
+    for ad in [1u64, 2, 5] {
+        for (dim, n, key, filter, keep) in [
+            (
+                Dimension::Country,
+                2u32,
+                (&|c: &adclick_proto::v1::IngestClick| c.country.clone()) as &dyn Fn(&_) -> String,
+                None,
+                (&|_: &adclick_proto::v1::IngestClick| true) as &dyn Fn(&_) -> bool,
+            ),
+            (
+                Dimension::Device,
+                10,
+                &device_name as &dyn Fn(&_) -> String,
+                None,
+                &|_: &adclick_proto::v1::IngestClick| true,
+            ),
+            (
+                Dimension::Os,
+                10,
+                &|c: &adclick_proto::v1::IngestClick| c.os.clone(),
+                Some(Filter {
+                    country: vec!["US".into()],
+                    ..Default::default()
+                }),
+                &|c: &adclick_proto::v1::IngestClick| c.country == "US",
+            ),
+        ] {
+            let r = q
+                .breakdown(authed(req(ad, dim, n, filter), ADMIN))
+                .await
+                .unwrap()
+                .into_inner();
+            let got: Vec<(String, u64)> = r
+                .values
+                .iter()
+                .map(|v| (v.value.clone(), v.clicks))
+                .collect();
+            let (want, total) = expect(ad, n as usize, key, keep);
+            assert_eq!(got, want, "ad {ad} by {dim:?}");
+            assert_eq!(r.total_clicks, total, "ad {ad} by {dim:?}");
+            assert!(
+                r.values
+                    .iter()
+                    .all(|v| v.unique_users >= 1 && v.unique_users <= v.clicks)
+            );
+        }
+    }
+    // Another advertiser's ad (ad 2 belongs to advertiser 2): nothing, not an error.
+    let r = q
+        .breakdown(authed(req(2, Dimension::Country, 5, None), ADV1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.values.is_empty() && r.total_clicks == 0);
+    // Every problem named at once.
+    let mut bad = req(1, Dimension::Unspecified, 0, None);
+    bad.granularity = 7;
+    let v = violations(&q.breakdown(authed(bad, ADMIN)).await.unwrap_err());
+    for want in [
+        ("group_by", "REQUIRED"),
+        ("n", "OUT_OF_RANGE"),
+        ("granularity", "UNKNOWN_VALUE"),
+    ] {
+        assert!(
+            v.contains(&(want.0.into(), want.1.into())),
+            "{want:?} in {v:?}"
+        );
+    }
+    a.shutdown().await;
+}

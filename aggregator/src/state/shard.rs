@@ -249,6 +249,19 @@ impl CellRef<'_> {
     }
 }
 
+impl CellRef<'_> {
+    /// Adds each combination's clicks (and users) to the group `group` puts it in (`None`:
+    /// left out): what a breakdown by one dimension sums.
+    pub fn tally_by(&self, group: impl Fn(u32) -> Option<usize>, out: &mut [(u64, Hll)]) {
+        for c in self.cell.combos() {
+            if let Some((clicks, users)) = group(c.id).and_then(|g| out.get_mut(g)) {
+                *clicks += u64::from(c.clicks);
+                c.users.merge_into(users, self.slab);
+            }
+        }
+    }
+}
+
 /// One level (minute, hour or day): one table per bucket, keyed by ad (see the module doc).
 #[derive(Debug, Default)]
 struct Level {

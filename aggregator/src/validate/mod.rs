@@ -88,6 +88,8 @@ pub enum Field {
     AdIdsValue(usize),
     /// `fill_empty` (only the HTTP mirror can send a malformed one).
     FillEmpty,
+    /// `BreakdownRequest.group_by`.
+    GroupBy,
     /// `GetAdClicksRequest.from_ms`.
     FromMs,
     /// `GetAdClicksRequest.to_ms`.
@@ -122,6 +124,7 @@ impl fmt::Display for Field {
             Field::AdIds => f.write_str("ad_ids"),
             Field::AdIdsValue(i) => write!(f, "ad_ids[{i}]"),
             Field::FillEmpty => f.write_str("fill_empty"),
+            Field::GroupBy => f.write_str("group_by"),
             Field::FromMs => f.write_str("from_ms"),
             Field::ToMs => f.write_str("to_ms"),
             Field::Granularity => f.write_str("granularity"),
@@ -430,6 +433,35 @@ pub fn ad_ids(ids: &[u64]) -> Violations {
                 format!("ad id {id} is listed twice"),
             );
         }
+    }
+    bad
+}
+
+/// Most values in one `Breakdown` answer.
+pub const MAX_BREAKDOWN_N: u32 = 1000;
+
+/// Checks the fields `Breakdown` adds to `GetAdClicks`'s (`group_by`, `n`).
+pub fn breakdown(req: &v1::BreakdownRequest) -> Violations {
+    let mut bad = Violations::default();
+    match v1::Dimension::try_from(req.group_by) {
+        Ok(v1::Dimension::Unspecified) => bad.push(
+            Field::GroupBy,
+            Reason::Required,
+            "group_by is required: DIMENSION_COUNTRY, DIMENSION_DEVICE, DIMENSION_OS or DIMENSION_SITE",
+        ),
+        Ok(_) => {}
+        Err(_) => bad.push(
+            Field::GroupBy,
+            Reason::UnknownValue,
+            format!("unknown group_by {}", req.group_by),
+        ),
+    }
+    if req.n == 0 || req.n > MAX_BREAKDOWN_N {
+        bad.push(
+            Field::N,
+            Reason::OutOfRange,
+            format!("n must be between 1 and {MAX_BREAKDOWN_N} (got {})", req.n),
+        );
     }
     bad
 }
