@@ -25,3 +25,4 @@ mod hostile_input;
 mod query_api;
 mod recovery;
 mod store_integrity;
+mod stream_positions;
