@@ -103,7 +103,9 @@ async fn stream_batches_chain_commit_their_position_and_resume_after_it() {
     let (eng, _view, threads) = engine::start(store, cfg, Arc::new(Metrics::new())).unwrap();
     assert_eq!((eng.stream_position(3), eng.stream_position(4)), (12, 6));
     // A consumer restarted after 12 gets 13 on; one that restarted from scratch is refused.
-    let e = send2(&eng, batch(3, 30, 1), at(3, 13, 0)).await.unwrap_err();
+    let e = send2(&eng, batch(3, 30, 1), at(3, 13, 0))
+        .await
+        .unwrap_err();
     assert!(matches!(e, IngestError::Unavailable(_)), "{e}");
     let ack = send2(&eng, batch(3, 30, 1), at(3, 13, 12)).await.unwrap();
     assert_eq!(ack.accepted, 1);

@@ -11,6 +11,8 @@
 //!   binary consuming every partition is SIGKILLed mid-stream and restarted on the same
 //!   data dir: it resumes after the stream positions it committed with its state, and the
 //!   counts equal the ledger, nothing counted twice.
+//! - A replacement shard started on an empty data dir rebuilds its partitions from the
+//!   stream (first scenario, at the end).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -182,6 +184,16 @@ async fn split_scenario() {
         ledger.unique,
         "applied once each"
     );
+    // A replacement shard on an empty data dir rebuilds its partitions from the stream
+    // (everything is within retention): the same counts as the shard it replaces.
+    let mut rebuilt = source(cluster.urls(), "rebuilt1");
+    rebuilt.partitions = Some("8-15".into());
+    let a_rebuilt = adclick_aggregator::start(agg("rebuilt", rebuilt))
+        .await
+        .unwrap();
+    let c_rebuilt = poll_counts(a_rebuilt.grpc_addr(), range, wait, |c| *c == high).await;
+    assert_eq!(c_rebuilt, high, "a shard rebuilt from the stream");
+    a_rebuilt.shutdown().await;
     eprintln!(
         "jetstream split: {} clicks on {} ads ({} in partitions 0-7), {} stream messages, in {:?}",
         ledger.unique,
@@ -272,4 +284,109 @@ async fn kill_scenario() {
     tracker.shutdown().await.unwrap();
     col.shutdown().await;
     drop(child);
+}
+
+/// Apply throughput of the JetStream source: `MESSAGES` messages of `CLICKS` clicks per
+/// partition are stored first (R3, `sync_interval: always`), then an aggregator owning
+/// 1 and then 4 of those partitions reads them from the start; the time runs from its
+/// start to the last click applied. Figures in BENCHMARKS.md:
+/// `cargo test --release -p adclick-e2e --test e2e -- --ignored --nocapture stream_apply_throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --release, see BENCHMARKS.md"]
+async fn stream_apply_throughput() {
+    use adclick_collector::config::JetStreamConfig;
+    use adclick_collector::forward::jetstream::{StreamSpec, ensure_stream};
+    use adclick_proto::v1::{IngestBatch, IngestClick};
+    use prost::Message;
+    const MESSAGES: u64 = 1_000;
+    const CLICKS: u64 = 100;
+    const OWNED: u32 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(&dir.path().join("nats"), 3).await;
+    let client = cluster.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let spec = StreamSpec::from_config(&JetStreamConfig {
+        partitions: PARTITIONS,
+        replicas: 3,
+        max_bytes: 1 << 30,
+        ..Default::default()
+    });
+    ensure_stream(&js, &spec).await.unwrap();
+    let now = now_ms();
+    for p in 0..OWNED {
+        let ads: Vec<u64> = (1..)
+            .filter(|a| partition(*a, PARTITIONS) == p)
+            .take(50)
+            .collect();
+        let mut acks = Vec::new();
+        for m in 0..MESSAGES {
+            let clicks = (0..CLICKS)
+                .map(|i| {
+                    let n = (u64::from(p) << 40) | (m * CLICKS + i);
+                    let mut id = [9u8; 16];
+                    id[..8].copy_from_slice(&n.to_le_bytes());
+                    IngestClick {
+                        impression_id: id.to_vec(),
+                        ad_id: ads[(n % 50) as usize],
+                        advertiser_id: ADV_A,
+                        campaign_id: 1,
+                        token_expires_at_ms: now + HOUR,
+                        event_time_ms: now,
+                        received_at_ms: now,
+                        country: "US".into(),
+                        user_id: format!("u{}", n % 1000),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            let body = IngestBatch {
+                collector_id: "bench".into(),
+                seq: m + 1,
+                clicks,
+                acked_floor: m + 1,
+            }
+            .encode_to_vec();
+            acks.push(js.publish(spec.subject(p), body.into()).await.unwrap());
+            if acks.len() >= 256 {
+                for a in acks.drain(..) {
+                    a.await.unwrap();
+                }
+            }
+        }
+        for a in acks {
+            a.await.unwrap();
+        }
+    }
+    for owned in [1, OWNED] {
+        let mut c = aggregator_config(
+            &dir.path().join(format!("agg{owned}")),
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        let mut s = source(cluster.urls(), &format!("bench{owned}"));
+        s.partitions = Some(format!("0-{}", owned - 1));
+        c.source = s;
+        c.checkpoint.interval_ms = 5_000;
+        let total = u64::from(owned) * MESSAGES * CLICKS;
+        let t = Instant::now();
+        let a = adclick_aggregator::start(c).await.unwrap();
+        let m = a.metrics().clone();
+        assert!(
+            eventually(Duration::from_secs(300), || m.clicks_with("applied")
+                >= total)
+            .await,
+            "applied {} of {total}",
+            m.clicks_with("applied")
+        );
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!(m.clicks_with("applied"), total);
+        eprintln!(
+            "{owned} partition(s): {total} clicks in {} messages applied in {secs:.2} s: \
+             {:.0} clicks/s, {:.0} messages/s ({:.0} clicks/s per partition)",
+            u64::from(owned) * MESSAGES,
+            total as f64 / secs,
+            (u64::from(owned) * MESSAGES) as f64 / secs,
+            total as f64 / secs / f64::from(owned)
+        );
+        a.shutdown().await;
+    }
 }
