@@ -6,7 +6,8 @@
 //!   (`shard = 0, shards = 2` and `partitions = "8-15"`). The full one counts exactly the
 //!   ledger of acked clicks, each shard exactly its partitions' share, and their union is
 //!   the ledger. A message republished under a new message id (what a collector's
-//!   republish beyond the server's dedup window stores) changes nothing.
+//!   republish beyond the server's dedup window stores) changes nothing, and a click of an
+//!   ad published on another ad's partition is not counted.
 //! - `a_sigkilled_jetstream_aggregator_resumes_exactly`: the real `adclick aggregator`
 //!   binary consuming every partition is SIGKILLed mid-stream and restarted on the same
 //!   data dir: it resumes after the stream positions it committed with its state, and the
@@ -170,20 +171,55 @@ async fn split_scenario() {
     }
     let last = read_stream(&client, "CLICKS").await.len();
     assert_eq!(last, stored.len() + replayed, "the replays are stored");
-    // Wait until the full aggregator has read past them, then compare again.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // After them, a message on partition 0 from a foreign publisher: one click of a new
+    // ad of partition 0 (counted) and one of an ad of another partition (removed: an ad is
+    // counted by the shard owning its partition only).
+    let ad_of = |p: u32| {
+        (10_000u64..)
+            .find(|a| partition(*a, PARTITIONS) == p)
+            .unwrap()
+    };
+    let (own_ad, foreign_ad) = (ad_of(0), ad_of(9));
+    let now = now_ms();
+    let click = |ad: u64, k: u8| adclick_proto::v1::IngestClick {
+        impression_id: vec![k; 16],
+        ad_id: ad,
+        advertiser_id: ADV_A,
+        campaign_id: 1,
+        token_expires_at_ms: now + HOUR,
+        event_time_ms: now,
+        received_at_ms: now,
+        country: "US".into(),
+        ..Default::default()
+    };
+    let foreign = adclick_proto::v1::IngestBatch {
+        collector_id: "foreign".into(),
+        seq: 1,
+        clicks: vec![click(own_ad, 0xa1), click(foreign_ad, 0xa2)],
+        acked_floor: 1,
+    };
+    js.publish("clicks.0", prost::Message::encode_to_vec(&foreign).into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut expected = ledger.per_ad.clone();
+    expected.insert(own_ad, 1);
+    let mut low_expected = low.clone();
+    low_expected.insert(own_ad, 1);
+    // Once the full aggregator has counted the last message, it has read the replays.
+    let after = poll_counts(a_full.grpc_addr(), range, wait, |c| *c == expected).await;
     assert_eq!(
-        top_ads(a_full.grpc_addr(), ADMIN, 1000, range, None)
-            .await
-            .unwrap(),
-        ranked(&ledger.per_ad, 1000),
-        "replayed messages are not counted again"
+        after, expected,
+        "replays not counted again, the foreign ad's click not counted"
     );
     assert_eq!(
         a_full.metrics().clicks_with("applied"),
-        ledger.unique,
+        ledger.unique + 1,
         "applied once each"
     );
+    let c_s0 = poll_counts(a_s0.grpc_addr(), range, wait, |c| *c == low_expected).await;
+    assert_eq!(c_s0, low_expected);
     // A replacement shard on an empty data dir rebuilds its partitions from the stream
     // (everything is within retention): the same counts as the shard it replaces.
     let mut rebuilt = source(cluster.urls(), "rebuilt1");

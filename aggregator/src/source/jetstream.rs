@@ -17,15 +17,22 @@
 //!   stream sequence but the same `(collector_id, seq)` on the same partition: admission
 //!   (keyed by collector and partition) drops it, and impression-id dedup drops its clicks.
 //!
+//! A click whose ad is not in the message's partition (`partition(ad_id, P)`) was not
+//! published by an adclick collector of this stream: it is removed from the batch before
+//! the batch reaches the engine (so the WAL holds what was applied, and a replay agrees)
+//! and logged at ERROR. An ad is thus counted by exactly one shard, which is what lets a
+//! query front merge shards' answers exactly.
+//!
 //! It must not decide what a batch means (the engine does), nor write anything itself.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adclick_proto::partition::STREAM_PARTITIONS_KEY;
-use adclick_proto::v1::IngestAck;
+use adclick_proto::partition::{STREAM_PARTITIONS_KEY, partition};
+use adclick_proto::v1::{IngestAck, IngestBatch};
 use async_nats::jetstream::{self, consumer};
+use prost::Message;
 use tokio::sync::{oneshot, watch};
 use tokio_stream::StreamExt;
 
@@ -66,6 +73,8 @@ fn nats(e: impl std::fmt::Display) -> SourceError {
 #[derive(Debug, Clone)]
 struct Ctx {
     cfg: SourceConfig,
+    /// The stream's partition count P (0 until known).
+    partitions: u32,
     engine: Engine,
     max_message_bytes: usize,
 }
@@ -83,6 +92,7 @@ pub fn spawn(
     tokio::spawn(async move {
         let ctx = Ctx {
             cfg,
+            partitions: 0,
             engine,
             max_message_bytes,
         };
@@ -99,7 +109,7 @@ pub fn spawn(
     })
 }
 
-async fn run(ctx: Ctx, owned: Owned, view: Arc<View>, stop: watch::Receiver<bool>) {
+async fn run(mut ctx: Ctx, owned: Owned, view: Arc<View>, stop: watch::Receiver<bool>) {
     let timeout = Duration::from_millis(ctx.cfg.request_timeout_ms);
     let addrs: Result<Vec<async_nats::ServerAddr>, _> =
         ctx.cfg.servers.iter().map(|s| s.parse()).collect();
@@ -147,6 +157,7 @@ async fn run(ctx: Ctx, owned: Owned, view: Arc<View>, stop: watch::Receiver<bool
             return;
         }
     };
+    ctx.partitions = partitions;
     view.ready.set(health::SOURCE_FAILED, false);
     tracing::info!(stream = ctx.cfg.stream, partitions, owned = ?owned, "consuming partitions");
     let mut tasks = tokio::task::JoinSet::new();
@@ -204,6 +215,30 @@ async fn consume(
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
+}
+
+/// `batch` if every click's ad is in partition `p` of `partitions`, else how many are not.
+fn owned_clicks(batch: RawBatch, p: u32, partitions: u32) -> Result<RawBatch, usize> {
+    let foreign = batch
+        .clicks()
+        .filter(|c| {
+            c.as_ref()
+                .is_ok_and(|c| partition(c.ad_id, partitions) != p)
+        })
+        .count();
+    if foreign == 0 {
+        Ok(batch)
+    } else {
+        Err(foreign)
+    }
+}
+
+/// The batch in `body` without the clicks of other partitions (re-encoded: rare, and the
+/// WAL must hold exactly what is applied).
+fn foreign_removed(body: &[u8], p: u32, partitions: u32) -> Option<RawBatch> {
+    let mut b = IngestBatch::decode(body).ok()?;
+    b.clicks.retain(|c| partition(c.ad_id, partitions) == p);
+    RawBatch::parse(b.encode_to_vec().into()).ok()
 }
 
 type Reply = Result<Result<IngestAck, IngestError>, oneshot::error::RecvError>;
@@ -327,7 +362,21 @@ async fn consume_once(
                         continue;
                     }
                     let batch = match RawBatch::parse(m.payload.clone()) {
-                        Ok(b) => b,
+                        Ok(b) => match owned_clicks(b, p, ctx.partitions) {
+                            Ok(b) => b,
+                            Err(foreign) => {
+                                tracing::error!(
+                                    partition = p,
+                                    stream_seq = sseq,
+                                    foreign,
+                                    "clicks of ads of other partitions removed from a message (not published by an adclick collector of this stream?)"
+                                );
+                                match foreign_removed(&m.payload, p, ctx.partitions) {
+                                    Some(b) => b,
+                                    None => continue,
+                                }
+                            }
+                        },
                         Err(e) => {
                             // Not ours to fix: skipped (read again, and skipped again, after a
                             // restart that resumes before it).
