@@ -123,6 +123,7 @@ pub async fn start_with_store<S: Store + 'static>(
         &cfg.source,
         &engine,
         &view,
+        &metrics,
         cfg.ingest.max_message_bytes,
         rx.clone(),
     );

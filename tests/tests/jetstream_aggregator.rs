@@ -220,6 +220,13 @@ async fn split_scenario() {
     );
     let c_s0 = poll_counts(a_s0.grpc_addr(), range, wait, |c| *c == low_expected).await;
     assert_eq!(c_s0, low_expected);
+    assert_eq!(a_full.metrics().source.foreign_clicks.get(), 1);
+    let text = a_full.metrics().render();
+    assert!(
+        text.contains("adclick_aggregator_source_position{partition=\"0\"}")
+            && text.contains("adclick_aggregator_source_pending{partition=\"15\"}"),
+        "{text}"
+    );
     // A replacement shard on an empty data dir rebuilds its partitions from the stream
     // (everything is within retention): the same counts as the shard it replaces.
     let mut rebuilt = source(cluster.urls(), "rebuilt1");

@@ -37,6 +37,8 @@ use tokio::sync::{oneshot, watch};
 use tokio_stream::StreamExt;
 
 use super::config::{Owned, SourceConfig};
+use super::metrics::PartitionLabel;
+use crate::Metrics;
 use crate::decode::RawBatch;
 use crate::engine::{Engine, IngestError, StreamOrigin};
 use crate::health;
@@ -73,6 +75,7 @@ fn nats(e: impl std::fmt::Display) -> SourceError {
 #[derive(Debug, Clone)]
 struct Ctx {
     cfg: SourceConfig,
+    metrics: Arc<Metrics>,
     /// The stream's partition count P (0 until known).
     partitions: u32,
     engine: Engine,
@@ -86,12 +89,14 @@ pub fn spawn(
     owned: Owned,
     engine: Engine,
     view: Arc<View>,
+    metrics: Arc<Metrics>,
     max_message_bytes: usize,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let ctx = Ctx {
             cfg,
+            metrics,
             partitions: 0,
             engine,
             max_message_bytes,
@@ -207,6 +212,11 @@ async fn consume(
         match consume_once(&ctx, &stream, p, &mut stop).await {
             Ok(()) => return,
             Err(e) => {
+                ctx.metrics.source.restart(match e {
+                    SourceError::Nats(_) => "nats",
+                    SourceError::Gap { .. } => "gap",
+                    SourceError::Refused(..) => "chain",
+                });
                 tracing::warn!(partition = p, error = %e, "consumer restarts after the committed position");
             }
         }
@@ -321,6 +331,11 @@ async fn consume_once(
             Event::Stop => break Ok(()),
             Event::Done(seq, r) => {
                 inflight.pop_front();
+                ctx.metrics
+                    .source
+                    .position
+                    .get_or_create(&PartitionLabel { partition: p })
+                    .set(i64::try_from(ctx.engine.stream_position(p)).unwrap_or(i64::MAX));
                 match r {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
@@ -338,7 +353,14 @@ async fn consume_once(
                 Some(Err(e)) => break Err(nats(e)),
                 Some(Ok(m)) => {
                     let (sseq, cseq) = match m.info() {
-                        Ok(i) => (i.stream_sequence, i.consumer_sequence),
+                        Ok(i) => {
+                            ctx.metrics
+                                .source
+                                .pending
+                                .get_or_create(&PartitionLabel { partition: p })
+                                .set(i64::try_from(i.pending).unwrap_or(i64::MAX));
+                            (i.stream_sequence, i.consumer_sequence)
+                        }
                         Err(e) => break Err(nats(e)),
                     };
                     if cseq != consumer_seq + 1 {
@@ -359,12 +381,14 @@ async fn consume_once(
                             bytes = m.payload.len(),
                             "message larger than ingest.max_message_bytes skipped"
                         );
+                        ctx.metrics.source.skip("too_large");
                         continue;
                     }
                     let batch = match RawBatch::parse(m.payload.clone()) {
                         Ok(b) => match owned_clicks(b, p, ctx.partitions) {
                             Ok(b) => b,
                             Err(foreign) => {
+                                ctx.metrics.source.foreign_clicks.inc_by(foreign as u64);
                                 tracing::error!(
                                     partition = p,
                                     stream_seq = sseq,
@@ -381,6 +405,7 @@ async fn consume_once(
                             // Not ours to fix: skipped (read again, and skipped again, after a
                             // restart that resumes before it).
                             tracing::error!(partition = p, stream_seq = sseq, error = %e, "undecodable message skipped");
+                            ctx.metrics.source.skip("undecodable");
                             continue;
                         }
                     };

@@ -8,11 +8,13 @@
 
 pub mod config;
 pub mod jetstream;
+pub mod metrics;
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::Metrics;
 use crate::engine::Engine;
 use crate::view::View;
 pub use config::{SourceConfig, SourceKind};
@@ -22,6 +24,7 @@ pub fn start(
     cfg: &SourceConfig,
     engine: &Engine,
     view: &Arc<View>,
+    metrics: &Arc<Metrics>,
     max_message_bytes: usize,
     stop: watch::Receiver<bool>,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -35,6 +38,7 @@ pub fn start(
                 owned,
                 engine.clone(),
                 view.clone(),
+                metrics.clone(),
                 max_message_bytes,
                 stop,
             ))
