@@ -159,6 +159,15 @@ impl SourceConfig {
         if self.servers.is_empty() {
             return Err("source.servers is empty: list the NATS servers (nats://host:4222)".into());
         }
+        if let Some(s) = self
+            .servers
+            .iter()
+            .find(|s| s.parse::<async_nats::ServerAddr>().is_err())
+        {
+            return Err(format!(
+                "source.servers: {s:?} is not a NATS URL (nats://host:port, tls://host:port)"
+            ));
+        }
         if !name_ok(&self.stream, false) {
             return Err(format!(
                 "source.stream {:?} is not a stream name (no spaces, '.', '*' or '>')",
@@ -297,6 +306,8 @@ mod tests {
         let mut c = js();
         c.servers.clear();
         assert!(c.validate().unwrap_err().contains("source.servers"));
+        c.servers = vec!["http://[::1".into()];
+        assert!(c.validate().unwrap_err().contains("not a NATS URL"));
     }
 
     #[test]

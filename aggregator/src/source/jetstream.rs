@@ -146,7 +146,7 @@ async fn run(mut ctx: Ctx, owned: Owned, view: Arc<View>, stop: watch::Receiver<
     js.set_timeout(timeout);
     // The stream is created by the first collector: wait for it, then read P.
     let (stream, partitions) = loop {
-        match stream_and_partitions(&js, &ctx.cfg.stream).await {
+        match stream_and_partitions(&js, &ctx.cfg.stream, &ctx.cfg.subject_prefix).await {
             Ok(Some(found)) => break found,
             Ok(None) => tracing::info!(stream = ctx.cfg.stream, "waiting for the stream to exist"),
             Err(e) => tracing::warn!(error = %e, "stream not usable yet"),
@@ -176,6 +176,7 @@ async fn run(mut ctx: Ctx, owned: Owned, view: Arc<View>, stop: watch::Receiver<
 async fn stream_and_partitions(
     js: &jetstream::Context,
     name: &str,
+    prefix: &str,
 ) -> Result<Option<(jetstream::stream::Stream, u32)>, SourceError> {
     let stream = match js.get_stream(name).await {
         Ok(s) => s,
@@ -188,6 +189,12 @@ async fn stream_and_partitions(
             return Err(nats(e));
         }
     };
+    let subjects = &stream.cached_info().config.subjects;
+    if !subjects.iter().any(|s| *s == format!("{prefix}.*")) {
+        return Err(SourceError::Nats(format!(
+            "stream {name} captures {subjects:?}, not {prefix}.* (source.subject_prefix)"
+        )));
+    }
     let meta = stream
         .cached_info()
         .config
