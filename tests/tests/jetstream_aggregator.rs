@@ -6,7 +6,8 @@
 //!   (`shard = 0, shards = 2` and `partitions = "8-15"`). The full one counts exactly the
 //!   ledger of acked clicks, each shard exactly its partitions' share, and their union is
 //!   the ledger. A message republished under a new message id (what a collector's
-//!   republish beyond the server's dedup window stores) changes nothing, and a click of an
+//!   republish beyond the server's dedup window stores) changes nothing, a consumer
+//!   deleted under its aggregator is re-created after the committed position, and a click of an
 //!   ad published on another ad's partition is not counted.
 //! - `a_sigkilled_jetstream_aggregator_resumes_exactly`: the real `adclick aggregator`
 //!   binary consuming every partition is SIGKILLed mid-stream and restarted on the same
@@ -155,6 +156,26 @@ async fn split_scenario() {
     let client = cluster.client().await;
     let stored = read_stream(&client, "CLICKS").await;
     let js = async_nats::jetstream::new(client.clone());
+    // The full aggregator's consumer of partition 0 is deleted under it: it restarts after
+    // its committed position (the foreign message below, on partition 0, is read by the
+    // new incarnation).
+    let m_full = a_full.metrics().clone();
+    js.get_stream("CLICKS")
+        .await
+        .unwrap()
+        .delete_consumer("full-0")
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(40), || m_full
+            .source
+            .restarts
+            .get_or_create(&adclick_aggregator::source::metrics::ReasonLabel { reason: "nats" })
+            .get()
+            >= 1)
+        .await,
+        "the consumer restarts after its deletion"
+    );
     let mut replayed = 0;
     for m in stored.iter().take(10) {
         let mut h = async_nats::HeaderMap::new();
