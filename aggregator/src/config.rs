@@ -271,9 +271,11 @@ impl Default for ShardConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueryConfig {
-    /// Largest `n` for TopAds.
+    /// Largest `n` for TopAds: 1 to 10,000 (`validate::MAX_TOP_N`, the API's bound).
     pub max_top_n: u32,
-    /// Longest queried range in days.
+    /// Longest queried range in days (at least 1). Ranges are also bounded by what is
+    /// kept: a range may not start before the oldest bucket of its granularity
+    /// (`windows.retention_*`; TopAds counts minutes).
     pub max_range_days: i64,
     /// Serve queries without an API key, as admin (a trusted network only: logged loudly
     /// at start). Without it the aggregator refuses to start when `api_keys` is empty.
@@ -283,7 +285,7 @@ pub struct QueryConfig {
 impl Default for QueryConfig {
     fn default() -> Self {
         QueryConfig {
-            max_top_n: 1000,
+            max_top_n: crate::validate::MAX_TOP_N,
             max_range_days: 400,
             allow_unauthenticated: false,
         }
@@ -370,6 +372,16 @@ impl AggregatorConfig {
                  \"advertiser\"), or set query.allow_unauthenticated = true on a trusted network"
                     .into(),
             );
+        }
+        let q = &self.query;
+        if q.max_top_n == 0 || q.max_top_n > crate::validate::MAX_TOP_N {
+            return err(format!(
+                "query.max_top_n must be between 1 and {}",
+                crate::validate::MAX_TOP_N
+            ));
+        }
+        if q.max_range_days < 1 {
+            return err("query.max_range_days must be at least 1".into());
         }
         let c = &self.connections;
         if c.header_read_timeout_secs == 0
@@ -489,5 +501,20 @@ mod edge_tests {
         );
         c.query.allow_unauthenticated = true;
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn query_limits_are_checked() {
+        let mut c = keyed();
+        assert_eq!(c.query.max_top_n, crate::validate::MAX_TOP_N);
+        for n in [0, crate::validate::MAX_TOP_N + 1] {
+            c.query.max_top_n = n;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("query.max_top_n"), "{e}");
+        }
+        c.query.max_top_n = 1;
+        c.query.max_range_days = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("query.max_range_days"), "{e}");
     }
 }

@@ -12,6 +12,11 @@
 //!
 //! `IngestAck.accepted` / `duplicate` are advisory (see `engine.rs`): they describe what one
 //! delivery applied, and a redelivery reports 0 even when the first one counted clicks.
+//!
+//! A query with invalid fields gets INVALID_ARGUMENT whose details carry a
+//! `google.rpc.BadRequest` with one field violation per problem (`field` = the field path,
+//! e.g. `filter.country[0]`; `reason` = a code such as `MALFORMED`; `description`), read
+//! with `tonic_types::StatusExt::get_error_details`. The message lists the first few.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,7 +25,8 @@ use std::time::Instant;
 
 use adclick_proto::v1::query_service_server::QueryService;
 use adclick_proto::v1::{
-    GetAdClicksRequest, GetAdClicksResponse, IngestAck, TopAdsRequest, TopAdsResponse,
+    BatchGetAdClicksRequest, BatchGetAdClicksResponse, GetAdClicksRequest, GetAdClicksResponse,
+    IngestAck, TopAdsRequest, TopAdsResponse,
 };
 use bytes::Buf;
 use prost::Message;
@@ -28,12 +34,14 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::config::{ApiKey, QueryConfig};
 use crate::decode::RawBatch;
 use crate::engine::{Engine, IngestError};
 use crate::metrics::{Metrics, RpcLabel};
 use crate::query::{self, Caller, QueryError};
+use crate::validate::{self, Limits, Violations};
 use crate::view::View;
 
 /// Largest gRPC message the query service decodes or any service encodes (queries and acks
@@ -221,7 +229,7 @@ impl Decoder for IngestCodec {
     }
 }
 
-/// `QueryService` over the shared view.
+/// `QueryService` over the shared view (the HTTP mirror answers through it too).
 #[derive(Debug, Clone)]
 pub struct Query {
     /// State to read.
@@ -230,15 +238,38 @@ pub struct Query {
     pub keys: Arc<Vec<ApiKey>>,
     /// Limits.
     pub cfg: QueryConfig,
+    /// What requests are validated against (from `cfg` and the window retention).
+    pub limits: Limits,
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
 
-fn status(e: QueryError) -> Status {
+/// The gRPC status of a refused query: UNAUTHENTICATED, or INVALID_ARGUMENT with a
+/// `google.rpc.BadRequest` naming every invalid field.
+pub fn status(e: QueryError) -> Status {
     match e {
         QueryError::Unauthenticated => Status::unauthenticated(e.to_string()),
         QueryError::InvalidArgument(m) => Status::invalid_argument(m),
+        QueryError::Invalid(v) => bad_request(&v),
     }
+}
+
+fn bad_request(v: &Violations) -> Status {
+    let violations: Vec<FieldViolation> = v
+        .list()
+        .iter()
+        .map(|x| FieldViolation {
+            field: x.field.to_string(),
+            description: x.description.clone(),
+            reason: x.reason.code().into(),
+            localized_message: None,
+        })
+        .collect();
+    Status::with_error_details(
+        tonic::Code::InvalidArgument,
+        v.to_string(),
+        ErrorDetails::with_bad_request(violations),
+    )
 }
 
 impl Query {
@@ -251,12 +282,50 @@ impl Query {
         }
     }
 
-    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+    /// `GetAdClicks` for `caller`: every field validated, then answered.
+    pub fn ad_clicks(
+        &self,
+        caller: Caller,
+        req: &GetAdClicksRequest,
+    ) -> Result<GetAdClicksResponse, QueryError> {
+        query::get_ad_clicks(&self.view, caller, req, &self.limits)
+    }
+
+    /// `TopAds` for `caller` at `now_ms`: every field validated (`validate::top_ads`, so
+    /// the range is checked against the retention and the watermark), then answered.
+    pub fn top(
+        &self,
+        caller: Caller,
+        req: &TopAdsRequest,
+        now_ms: i64,
+    ) -> Result<TopAdsResponse, QueryError> {
+        let watermark_ms = self
+            .view
+            .watermark_ms
+            .load(std::sync::atomic::Ordering::Acquire);
+        validate::top_ads(req, &self.limits, watermark_ms, now_ms)?;
+        query::top_ads(&self.view, caller, req, &self.cfg, now_ms)
+    }
+
+    /// Counts a refused query by rpc and reason (`adclick_aggregator_queries_refused_total`).
+    pub fn count_refusal(&self, rpc: &'static str, e: &QueryError) {
+        let reason = match e {
+            QueryError::Unauthenticated => "unauthenticated",
+            QueryError::InvalidArgument(_) => "invalid_argument",
+            QueryError::Invalid(v) => v.first_reason().map_or("invalid_argument", |r| r.label()),
+        };
+        self.metrics.refuse_query(rpc, reason);
+    }
+
+    fn caller<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Caller, Status> {
         let h = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.authorize(h).map_err(status)
+        self.authorize(h).map_err(|e| {
+            self.count_refusal(rpc, &e);
+            status(e)
+        })
     }
 
     fn timed<T>(&self, rpc: &'static str, f: impl FnOnce() -> T) -> T {
@@ -276,11 +345,24 @@ impl QueryService for Query {
         &self,
         req: Request<GetAdClicksRequest>,
     ) -> Result<Response<GetAdClicksResponse>, Status> {
-        let caller = self.caller(&req)?;
+        let caller = self.caller(&req, "GetAdClicks")?;
         let r = req.into_inner();
-        self.timed("GetAdClicks", || {
-            query::get_ad_clicks(&self.view, caller, &r, &self.cfg)
+        self.timed("GetAdClicks", || self.ad_clicks(caller, &r))
+            .inspect_err(|e| self.count_refusal("GetAdClicks", e))
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn batch_get_ad_clicks(
+        &self,
+        req: Request<BatchGetAdClicksRequest>,
+    ) -> Result<Response<BatchGetAdClicksResponse>, Status> {
+        let caller = self.caller(&req, "BatchGetAdClicks")?;
+        let r = req.into_inner();
+        self.timed("BatchGetAdClicks", || {
+            query::batch_get_ad_clicks(&self.view, caller, &r, &self.limits)
         })
+        .inspect_err(|e| self.count_refusal("BatchGetAdClicks", e))
         .map(Response::new)
         .map_err(status)
     }
@@ -289,13 +371,12 @@ impl QueryService for Query {
         &self,
         req: Request<TopAdsRequest>,
     ) -> Result<Response<TopAdsResponse>, Status> {
-        let caller = self.caller(&req)?;
+        let caller = self.caller(&req, "TopAds")?;
         let r = req.into_inner();
-        self.timed("TopAds", || {
-            query::top_ads(&self.view, caller, &r, &self.cfg, crate::view::now_ms())
-        })
-        .map(Response::new)
-        .map_err(status)
+        self.timed("TopAds", || self.top(caller, &r, crate::view::now_ms()))
+            .inspect_err(|e| self.count_refusal("TopAds", e))
+            .map(Response::new)
+            .map_err(status)
     }
 }
 

@@ -1,17 +1,24 @@
 //! The HTTP side of the aggregator: a JSON mirror of the two queries for curl and
 //! dashboards, plus `/livez` (the process answers), `/readyz` (it can accept writes; 503
-//! with the reasons when not; `/healthz` is the same) and `/metrics`. Same authorisation
-//! and query code as gRPC. Connections are accepted by `listen.rs`, with its limits.
+//! with the reasons when not; `/healthz` is the same) and `/metrics`. Same authorisation,
+//! validation and query code as gRPC. Connections are accepted by `listen.rs`, with its
+//! limits.
 //!
 //! Query strings are parsed under fixed bounds ([`MAX_QUERY_BYTES`], [`MAX_PARAMS`]) before
-//! anything is allocated per parameter, and every bad parameter is a 400 naming it.
+//! anything is allocated per parameter. An unknown parameter, a repeated single-valued one,
+//! or any invalid value is a 400 whose body is an RFC 9457 problem
+//! (`application/problem+json`: `type` [`PROBLEM_INVALID_REQUEST`], `title`, `status`,
+//! `detail`, and `invalid_params: [{name, reason, code}]` naming each parameter); other
+//! errors (401, 404, 405, 503) are problems of type `about:blank`.
 //!
-//! `GET /v1/ads/{id}/clicks?last_minutes=60&granularity=minute&country=US`
-//! `GET /v1/ads/{id}/clicks?from_ms=..&to_ms=..&granularity=hour`
+//! `GET /v1/ads/{ad_id}/clicks?last_minutes=60&granularity=minute&country=US`
+//! `GET /v1/ads/{ad_id}/clicks?from_ms=..&to_ms=..&granularity=hour`
 //! `GET /v1/ads/top?n=10&last_minutes=60&device=mobile`
-//! Filters (repeatable): country, device (desktop|mobile|tablet|other), os, site,
-//! advertiser, campaign. Header: `Authorization: Bearer <key>`.
+//! Filters (repeat a parameter for several values): country, device
+//! (desktop|mobile|tablet|other), os, site, advertiser, campaign. Header:
+//! `Authorization: Bearer <key>`.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,14 +34,37 @@ use serde_json::{Value, json};
 use crate::grpc::Query;
 use crate::listen::ConnService;
 use crate::query::{self, QueryError};
+use crate::validate::{self, Dim, Field, MAX_QUOTED, Reason, Violations, quote};
 
 /// Longest query string served (a legitimate one, with every filter repeated a few times,
 /// is well under 1 KiB).
 pub const MAX_QUERY_BYTES: usize = 4096;
 /// Most `key=value` pairs in one query string.
 pub const MAX_PARAMS: usize = 64;
-/// Longest value (in bytes, escaped) quoted back in an error message.
-const MAX_QUOTED: usize = 48;
+/// The `type` of the problem answered to an invalid request (400). A stable identifier to
+/// compare, not a page to fetch (the host is the project's placeholder); the rules are in
+/// `docs/api.md`, "Validation".
+pub const PROBLEM_INVALID_REQUEST: &str = "https://example.invalid/adclick/invalid-request";
+
+/// Filter parameters (repeatable), as `(parameter, filter list)`.
+const FILTER_PARAMS: [(&str, Dim); 6] = [
+    ("country", Dim::Country),
+    ("device", Dim::Device),
+    ("os", Dim::Os),
+    ("site", Dim::Site),
+    ("advertiser", Dim::AdvertiserId),
+    ("campaign", Dim::CampaignId),
+];
+/// Single-valued parameters of `/v1/ads/{ad_id}/clicks`.
+const CLICKS_PARAMS: [&str; 5] = [
+    "last_minutes",
+    "from_ms",
+    "to_ms",
+    "granularity",
+    "fill_empty",
+];
+/// Single-valued parameters of `/v1/ads/top`.
+const TOP_PARAMS: [&str; 4] = ["n", "last_minutes", "from_ms", "to_ms"];
 
 type Resp = Response<Full<Bytes>>;
 
@@ -46,18 +76,109 @@ fn reply(status: StatusCode, body: String, ct: &'static str) -> Resp {
     r
 }
 
-fn error(status: StatusCode, msg: &str) -> Resp {
-    reply(
-        status,
-        json!({ "error": msg }).to_string(),
-        "application/json",
-    )
+/// An RFC 9457 problem of type `about:blank`: the status says it all.
+fn error(status: StatusCode, detail: &str) -> Resp {
+    let title = status.canonical_reason().unwrap_or("Error");
+    problem_reply(status, problem("about:blank", title, status, detail, None))
 }
 
-fn query_error(e: QueryError) -> Resp {
+/// An RFC 9457 problem body.
+fn problem(
+    kind: &str,
+    title: &str,
+    status: StatusCode,
+    detail: &str,
+    invalid_params: Option<Vec<Value>>,
+) -> Value {
+    let mut body = json!({
+        "type": kind,
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    if let (Some(p), Some(o)) = (invalid_params, body.as_object_mut()) {
+        o.insert("invalid_params".into(), Value::Array(p));
+    }
+    body
+}
+
+fn problem_reply(status: StatusCode, body: Value) -> Resp {
+    reply(status, body.to_string(), "application/problem+json")
+}
+
+/// The HTTP name of a request field: the parameter (or path segment) it came from.
+pub fn param_name(f: &Field) -> Cow<'_, str> {
+    Cow::Borrowed(match f {
+        Field::AdId => "ad_id",
+        Field::AdIds | Field::AdIdsValue(_) => "ad_ids",
+        Field::FillEmpty => "fill_empty",
+        Field::FromMs | Field::RangeFromMs => "from_ms",
+        Field::ToMs | Field::RangeToMs => "to_ms",
+        Field::Granularity => "granularity",
+        Field::N => "n",
+        Field::LastMinutes | Field::Window => "last_minutes",
+        Field::Filter(d) | Field::FilterValue(d, _) => FILTER_PARAMS
+            .iter()
+            .find(|(_, x)| x == d)
+            .map_or("filter", |(p, _)| p),
+        Field::Param(p) => p,
+    })
+}
+
+/// The answer to a refused query: 401, or 400 with a problem naming each parameter.
+pub fn query_error(e: &QueryError) -> Resp {
+    let (status, body) = problem_of(e);
+    problem_reply(status, body)
+}
+
+/// The status and RFC 9457 problem body of a refused query.
+pub fn problem_of(e: &QueryError) -> (StatusCode, Value) {
+    const TITLE: &str = "Invalid request";
+    let bad = StatusCode::BAD_REQUEST;
     match e {
-        QueryError::Unauthenticated => error(StatusCode::UNAUTHORIZED, &e.to_string()),
-        QueryError::InvalidArgument(m) => error(StatusCode::BAD_REQUEST, &m),
+        QueryError::Unauthenticated => {
+            let s = StatusCode::UNAUTHORIZED;
+            (
+                s,
+                problem("about:blank", "Unauthorized", s, &e.to_string(), None),
+            )
+        }
+        QueryError::InvalidArgument(m) => (
+            bad,
+            problem(PROBLEM_INVALID_REQUEST, TITLE, bad, m, Some(Vec::new())),
+        ),
+        QueryError::Invalid(v) => {
+            let params: Vec<Value> = v
+                .list()
+                .iter()
+                .map(|x| {
+                    json!({
+                        "name": param_name(&x.field),
+                        "reason": x.description,
+                        "code": x.reason.code(),
+                    })
+                })
+                .collect();
+            let mut names: Vec<Cow<'_, str>> = Vec::new();
+            for x in v.list() {
+                let n = param_name(&x.field);
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+            let mut detail = match v.total() {
+                1 => "invalid parameter: ".to_string(),
+                n => format!("{n} invalid parameters: "),
+            };
+            detail += &names.join(", ");
+            if v.total() > v.list().len() {
+                detail += &format!(" (the first {} are listed)", v.list().len());
+            }
+            (
+                bad,
+                problem(PROBLEM_INVALID_REQUEST, TITLE, bad, &detail, Some(params)),
+            )
+        }
     }
 }
 
@@ -102,17 +223,13 @@ pub fn params(query: Option<&str>) -> Result<Vec<(String, String)>, QueryError> 
     Ok(out)
 }
 
-/// A value as quoted in an error: escaped, and cut to at most [`MAX_QUOTED`] bytes.
-fn quote(v: &str) -> String {
-    let full = format!("{v:?}");
-    if full.len() <= MAX_QUOTED {
-        return full;
-    }
-    let mut end = MAX_QUOTED;
-    while !full.is_char_boundary(end) {
+/// A parameter name as reported back: cut to at most [`MAX_QUOTED`] bytes.
+fn cut(name: &str) -> String {
+    let mut end = name.len().min(MAX_QUOTED);
+    while !name.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}...", &full[..end])
+    name[..end].to_string()
 }
 
 fn readiness(q: &Query) -> Resp {
@@ -147,154 +264,276 @@ fn handle<B>(q: &Query, req: Request<B>) -> Resp {
         }
         _ => {}
     }
+    let ad = path
+        .strip_prefix("/v1/ads/")
+        .and_then(|p| p.strip_suffix("/clicks"));
+    let rpc = match (path.as_str(), ad) {
+        ("/v1/ads/top", _) => "TopAds",
+        (_, Some(_)) => "GetAdClicks",
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/top, /livez, /readyz, /metrics",
+            );
+        }
+    };
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let caller = match q.authorize(auth) {
-        Ok(c) => c,
-        Err(e) => return query_error(e),
-    };
-    let params = match params(req.uri().query()) {
-        Ok(p) => p,
-        Err(e) => return query_error(e),
-    };
-    let result = if path == "/v1/ads/top" {
-        top(q, caller, &params)
-    } else if let Some(id) = path
-        .strip_prefix("/v1/ads/")
-        .and_then(|p| p.strip_suffix("/clicks"))
-    {
-        match id.parse::<u64>() {
-            Ok(ad) => clicks(q, caller, ad, &params),
-            Err(_) => Err(QueryError::InvalidArgument(format!(
-                "ad id {} is not a number",
-                quote(id)
-            ))),
+    let result = q.authorize(auth).and_then(|caller| {
+        let params = params(req.uri().query())?;
+        match ad {
+            Some(id) => clicks(q, caller, id, &params),
+            None => top(q, caller, &params),
         }
-    } else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not found: GET /v1/ads/{id}/clicks, GET /v1/ads/top, /livez, /readyz, /metrics",
-        );
-    };
+    });
     match result {
         Ok(v) => reply(StatusCode::OK, v.to_string(), "application/json"),
-        Err(e) => query_error(e),
+        Err(e) => {
+            q.count_refusal(rpc, &e);
+            query_error(&e)
+        }
     }
 }
 
+/// Reports unknown parameters and repeated single-valued ones.
+fn check_names(p: &[(String, String)], single: &[&str], bad: &mut Violations) {
+    let mut seen: Vec<&str> = Vec::new();
+    let mut repeated: Vec<&str> = Vec::new();
+    for (k, _) in p {
+        let k = k.as_str();
+        if FILTER_PARAMS.iter().any(|(f, _)| *f == k) {
+            continue;
+        }
+        if !single.contains(&k) {
+            let known: Vec<&str> = single
+                .iter()
+                .copied()
+                .chain(FILTER_PARAMS.iter().map(|(f, _)| *f))
+                .collect();
+            bad.push(
+                Field::Param(cut(k)),
+                Reason::UnknownParameter,
+                format!(
+                    "unknown parameter {}: this endpoint takes {}",
+                    quote(k),
+                    known.join(", ")
+                ),
+            );
+        } else if !seen.contains(&k) {
+            seen.push(k);
+        } else if !repeated.contains(&k) {
+            repeated.push(k);
+            bad.push(
+                Field::Param(k.to_string()),
+                Reason::RepeatedParameter,
+                format!("{k} is given more than once: it takes one value"),
+            );
+        }
+    }
+}
+
+/// The first value of a single-valued parameter (a repeat is reported by [`check_names`]).
 fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
     p.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str())
 }
 
-fn num<T: std::str::FromStr>(p: &[(String, String)], k: &str) -> Result<Option<T>, QueryError> {
-    get(p, k)
-        .map(|v| {
-            v.parse::<T>().map_err(|_| {
-                QueryError::InvalidArgument(format!("{k}={} is not a number", quote(v)))
-            })
+fn num<T: std::str::FromStr>(
+    p: &[(String, String)],
+    k: &str,
+    field: Field,
+    bad: &mut Violations,
+) -> Option<T> {
+    let v = get(p, k)?;
+    v.parse::<T>()
+        .inspect_err(|_| {
+            bad.push(
+                field,
+                Reason::Malformed,
+                format!("{k}={} is not a number", quote(v)),
+            );
         })
-        .transpose()
+        .ok()
 }
 
-fn filter(p: &[(String, String)]) -> Result<v1::Filter, QueryError> {
-    let all = |k: &str| {
-        p.iter()
-            .filter(|(a, _)| a == k)
-            .map(|(_, v)| v.clone())
-            .collect::<Vec<_>>()
-    };
+/// The filter parameters as a wire filter (values as sent: the shared validation checks
+/// and normalises them); device names and ids that do not parse are reported here.
+fn filter(p: &[(String, String)], bad: &mut Violations) -> v1::Filter {
+    let all = |k: &'static str| p.iter().filter(move |(a, _)| a == k).map(|(_, v)| v);
     let mut f = v1::Filter {
-        country: all("country")
-            .into_iter()
-            .map(|c| c.to_ascii_uppercase())
-            .collect(),
-        os: all("os"),
-        site: all("site"),
+        country: all("country").cloned().collect(),
+        os: all("os").cloned().collect(),
+        site: all("site").cloned().collect(),
         ..Default::default()
     };
-    for d in all("device") {
-        f.device.push(match d.as_str() {
+    for (i, d) in all("device").enumerate() {
+        let device = match d.as_str() {
             "desktop" => v1::Device::Desktop,
             "mobile" => v1::Device::Mobile,
             "tablet" => v1::Device::Tablet,
             "other" => v1::Device::Other,
             _ => {
-                return Err(QueryError::InvalidArgument(format!(
-                    "device={} is not desktop, mobile, tablet or other",
-                    quote(&d)
-                )));
+                bad.push(
+                    Field::FilterValue(Dim::Device, i),
+                    Reason::UnknownValue,
+                    format!(
+                        "device={} is not desktop, mobile, tablet or other",
+                        quote(d)
+                    ),
+                );
+                continue;
             }
-        } as i32);
+        };
+        f.device.push(device as i32);
     }
-    for (k, dst) in [
-        ("advertiser", &mut f.advertiser_id),
-        ("campaign", &mut f.campaign_id),
+    for (k, dim, dst) in [
+        ("advertiser", Dim::AdvertiserId, &mut f.advertiser_id),
+        ("campaign", Dim::CampaignId, &mut f.campaign_id),
     ] {
-        for v in all(k) {
-            dst.push(v.parse().map_err(|_| {
-                QueryError::InvalidArgument(format!("{k}={} is not a number", quote(&v)))
-            })?);
+        for (i, v) in all(k).enumerate() {
+            match v.parse() {
+                Ok(id) => dst.push(id),
+                Err(_) => bad.push(
+                    Field::FilterValue(dim, i),
+                    Reason::Malformed,
+                    format!("{k}={} is not a number", quote(v)),
+                ),
+            }
         }
     }
-    Ok(f)
+    f
 }
 
-fn range(p: &[(String, String)]) -> Result<(i64, i64), QueryError> {
-    match (
-        num::<u32>(p, "last_minutes")?,
-        num::<i64>(p, "from_ms")?,
-        num::<i64>(p, "to_ms")?,
-    ) {
-        (Some(m), None, None) => query::top_range(
-            &v1::TopAdsRequest {
-                window: Some(v1::top_ads_request::Window::LastMinutes(m)),
-                ..Default::default()
-            },
-            crate::view::now_ms(),
-        ),
-        (None, Some(f), Some(t)) => Ok((f, t)),
-        _ => Err(QueryError::InvalidArgument(
-            "last_minutes, or from_ms and to_ms: give one of the two".into(),
-        )),
+/// How the range was given.
+enum Window {
+    LastMinutes(u32),
+    Range(i64, i64),
+}
+
+fn window(p: &[(String, String)], bad: &mut Violations) -> Option<Window> {
+    const ONE_OF: &str = "give last_minutes, or from_ms and to_ms";
+    let m = num::<u32>(p, "last_minutes", Field::LastMinutes, bad);
+    let from = num::<i64>(p, "from_ms", Field::FromMs, bad);
+    let to = num::<i64>(p, "to_ms", Field::ToMs, bad);
+    let has = |k| get(p, k).is_some();
+    match (has("last_minutes"), has("from_ms"), has("to_ms")) {
+        (true, false, false) => m.map(Window::LastMinutes),
+        (false, true, true) => Some(Window::Range(from?, to?)),
+        (true, from, _) => {
+            let field = if from { Field::FromMs } else { Field::ToMs };
+            bad.push(field, Reason::Conflict, format!("{ONE_OF}, not both"));
+            None
+        }
+        (false, false, false) => {
+            bad.push(Field::LastMinutes, Reason::Required, ONE_OF);
+            None
+        }
+        (false, true, false) => {
+            bad.push(
+                Field::ToMs,
+                Reason::Required,
+                format!("to_ms is missing: {ONE_OF}"),
+            );
+            None
+        }
+        (false, false, true) => {
+            bad.push(
+                Field::FromMs,
+                Reason::Required,
+                format!("from_ms is missing: {ONE_OF}"),
+            );
+            None
+        }
     }
 }
 
-/// `GET /v1/ads/{ad}/clicks?...` as a request (no state read): what the fuzz test drives.
+/// `GET /v1/ads/{ad}/clicks?...` as a request at `now_ms`, and whether its range was
+/// given as `last_minutes` (no state read; the request is then validated like gRPC's).
+/// What the fuzz test drives.
 pub fn clicks_request(
-    ad: u64,
+    ad: &str,
     p: &[(String, String)],
-) -> Result<v1::GetAdClicksRequest, QueryError> {
+    now_ms: i64,
+) -> Result<(v1::GetAdClicksRequest, bool), QueryError> {
+    let mut bad = Violations::default();
+    check_names(p, &CLICKS_PARAMS, &mut bad);
+    let ad_id = ad.parse::<u64>().unwrap_or_else(|_| {
+        bad.push(
+            Field::AdId,
+            Reason::Malformed,
+            format!("ad id {} is not a number", quote(ad)),
+        );
+        0
+    });
     let granularity = match get(p, "granularity").unwrap_or("minute") {
         "minute" => Granularity::Minute,
         "hour" => Granularity::Hour,
         "day" => Granularity::Day,
         g => {
-            return Err(QueryError::InvalidArgument(format!(
-                "unknown granularity {}: minute, hour or day",
-                quote(g)
-            )));
+            bad.push(
+                Field::Granularity,
+                Reason::UnknownValue,
+                format!("unknown granularity {}: minute, hour or day", quote(g)),
+            );
+            Granularity::Unspecified
         }
     };
-    let (from_ms, to_ms) = range(p)?;
-    Ok(v1::GetAdClicksRequest {
-        ad_id: ad,
+    let fill_empty = match get(p, "fill_empty") {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(v) => {
+            bad.push(
+                Field::FillEmpty,
+                Reason::Malformed,
+                format!("fill_empty is true or false, not {}", quote(v)),
+            );
+            None
+        }
+    };
+    let window = window(p, &mut bad);
+    let filter = filter(p, &mut bad);
+    let (from_ms, to_ms, last) = match window {
+        Some(_) if !bad.is_empty() => return Err(QueryError::Invalid(bad)),
+        Some(Window::Range(f, t)) => (f, t, false),
+        Some(Window::LastMinutes(m)) => {
+            let req = v1::TopAdsRequest {
+                window: Some(v1::top_ads_request::Window::LastMinutes(m)),
+                ..Default::default()
+            };
+            let (f, t) = validate::top_window(&req, now_ms)?;
+            (f, t, true)
+        }
+        // `window` reported why there is none.
+        None => return Err(QueryError::Invalid(bad)),
+    };
+    let req = v1::GetAdClicksRequest {
+        ad_id,
         from_ms,
         to_ms,
         granularity: granularity as i32,
-        filter: Some(filter(p)?),
-    })
+        filter: Some(filter),
+        fill_empty,
+    };
+    Ok((req, last))
 }
 
 fn clicks(
     q: &Query,
     caller: query::Caller,
-    ad: u64,
+    ad: &str,
     p: &[(String, String)],
 ) -> Result<Value, QueryError> {
-    let req = clicks_request(ad, p)?;
-    let r = query::get_ad_clicks(&q.view, caller, &req, &q.cfg)?;
+    let (req, last_minutes) = clicks_request(ad, p, crate::view::now_ms())?;
+    let r = q.ad_clicks(caller, &req).map_err(|e| match e {
+        // A range given as last_minutes is reported under that name.
+        QueryError::Invalid(v) if last_minutes => QueryError::Invalid(v.map_fields(|f| match f {
+            Field::FromMs | Field::ToMs => Field::LastMinutes,
+            f => f,
+        })),
+        e => e,
+    })?;
     let granularity = ["unspecified", "minute", "hour", "day"]
         .get(r.granularity as usize)
         .copied()
@@ -309,22 +548,33 @@ fn clicks(
     }))
 }
 
-/// `GET /v1/ads/top?...` as a request (no state read): what the fuzz test drives.
+/// `GET /v1/ads/top?...` as a request (no state read): the parameter checks; the request
+/// is then validated like gRPC's. What the fuzz test drives.
 pub fn top_request(p: &[(String, String)]) -> Result<v1::TopAdsRequest, QueryError> {
-    let (from_ms, to_ms) = range(p)?;
+    let mut bad = Violations::default();
+    check_names(p, &TOP_PARAMS, &mut bad);
+    let n = num::<u32>(p, "n", Field::N, &mut bad);
+    let window = window(p, &mut bad);
+    let filter = filter(p, &mut bad);
+    let window = match window {
+        Some(_) if !bad.is_empty() => return Err(QueryError::Invalid(bad)),
+        Some(Window::LastMinutes(m)) => v1::top_ads_request::Window::LastMinutes(m),
+        Some(Window::Range(from_ms, to_ms)) => {
+            v1::top_ads_request::Window::Range(v1::TimeRange { from_ms, to_ms })
+        }
+        // `window` reported why there is none.
+        None => return Err(QueryError::Invalid(bad)),
+    };
     Ok(v1::TopAdsRequest {
-        n: num::<u32>(p, "n")?.unwrap_or(10),
-        window: Some(v1::top_ads_request::Window::Range(v1::TimeRange {
-            from_ms,
-            to_ms,
-        })),
-        filter: Some(filter(p)?),
+        n: n.unwrap_or(10),
+        window: Some(window),
+        filter: Some(filter),
     })
 }
 
 fn top(q: &Query, caller: query::Caller, p: &[(String, String)]) -> Result<Value, QueryError> {
     let req = top_request(p)?;
-    let r = query::top_ads(&q.view, caller, &req, &q.cfg, crate::view::now_ms())?;
+    let r = q.top(caller, &req, crate::view::now_ms())?;
     let range = r.range.unwrap_or_default();
     Ok(json!({
         "ads": r.ads.iter().map(|a| json!({"ad_id": a.ad_id, "clicks": a.clicks})).collect::<Vec<_>>(),
@@ -339,37 +589,74 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// What an error may name: a parameter, or the query string as a whole.
-    const NAMED: [&str; 14] = [
+    /// Every parameter name a violation may carry besides an unknown one.
+    const KNOWN: [&str; 12] = [
+        "ad_id",
         "last_minutes",
         "from_ms",
         "to_ms",
-        "n=",
+        "n",
         "granularity",
-        "device=",
-        "advertiser=",
-        "campaign=",
-        "query string",
-        "query parameters",
         "country",
+        "device",
         "os",
         "site",
-        "range",
+        "advertiser",
+        "campaign",
     ];
+    const NOW: i64 = 1_767_225_600_000;
+
+    /// Every error names parameters (known ones, or unknown ones as sent, cut) with a
+    /// bounded description, and renders as a bounded problem.
+    fn check_error(e: &QueryError, p: &[(String, String)]) -> Result<(), TestCaseError> {
+        match e {
+            QueryError::InvalidArgument(m) => prop_assert!(
+                m.contains("query string") || m.contains("query parameters"),
+                "names nothing: {m}"
+            ),
+            QueryError::Invalid(v) => {
+                prop_assert!(!v.list().is_empty() && v.list().len() <= validate::MAX_VIOLATIONS);
+                for x in v.list() {
+                    let name = param_name(&x.field);
+                    prop_assert!(
+                        KNOWN.contains(&name.as_ref())
+                            || p.iter().any(|(k, _)| k.starts_with(name.as_ref())),
+                        "{name:?} is no parameter of {p:?}"
+                    );
+                    prop_assert!(name.len() <= MAX_QUOTED);
+                    prop_assert!(x.description.len() < 256, "{}", x.description);
+                }
+            }
+            QueryError::Unauthenticated => prop_assert!(false, "unauthenticated?"),
+        }
+        let (status, body) = problem_of(e);
+        prop_assert_eq!(status, StatusCode::BAD_REQUEST);
+        prop_assert_eq!(&body["type"], PROBLEM_INVALID_REQUEST);
+        prop_assert!(body.to_string().len() < 400 * validate::MAX_VIOLATIONS);
+        Ok(())
+    }
 
     fn check(q: &str) -> Result<(), TestCaseError> {
-        let parsed = params(Some(q));
-        let result = parsed.and_then(|p| {
-            let _ = clicks_request(7, &p)?;
-            top_request(&p).map(drop)
-        });
-        if let Err(QueryError::InvalidArgument(m)) = result {
-            // Bounded: a quoted value is cut at MAX_QUOTED bytes.
-            prop_assert!(m.len() < 200, "{m}");
-            prop_assert!(
-                NAMED.iter().any(|n| m.contains(n)),
-                "names no parameter: {m}"
-            );
+        let p = match params(Some(q)) {
+            Ok(p) => p,
+            Err(e) => return check_error(&e, &[]),
+        };
+        let limits = validate::Limits::default();
+        match clicks_request("7", &p, NOW) {
+            Ok((req, _)) => {
+                if let Err(v) = validate::ad_clicks(&req, &limits, NOW) {
+                    check_error(&QueryError::Invalid(v), &p)?;
+                }
+            }
+            Err(e) => check_error(&e, &p)?,
+        }
+        match top_request(&p) {
+            Ok(req) => {
+                if let Err(v) = validate::top_ads(&req, &limits, NOW, NOW) {
+                    check_error(&QueryError::Invalid(v), &p)?;
+                }
+            }
+            Err(e) => check_error(&e, &p)?,
         }
         Ok(())
     }
@@ -407,6 +694,85 @@ mod tests {
                 .finish();
             check(&q)?;
         }
+    }
+
+    fn names(e: QueryError) -> Vec<(String, &'static str)> {
+        match e {
+            QueryError::Invalid(v) => v
+                .list()
+                .iter()
+                .map(|x| (param_name(&x.field).into_owned(), x.reason.code()))
+                .collect(),
+            e => panic!("{e:?}"),
+        }
+    }
+
+    fn parse(q: &str) -> Vec<(String, String)> {
+        params(Some(q)).unwrap()
+    }
+
+    #[test]
+    fn unknown_and_repeated_parameters_are_named() {
+        let e = top_request(&parse("last_minutes=5&coutnry=US&n=3&n=4&n=5")).unwrap_err();
+        assert_eq!(
+            names(e),
+            [
+                ("coutnry".into(), "UNKNOWN_PARAMETER"),
+                ("n".into(), "REPEATED_PARAMETER")
+            ]
+        );
+        // granularity is a parameter of /clicks, not of /top; n the other way round.
+        let e = top_request(&parse("last_minutes=5&granularity=hour")).unwrap_err();
+        assert_eq!(names(e), [("granularity".into(), "UNKNOWN_PARAMETER")]);
+        let e = clicks_request("1", &parse("last_minutes=5&n=3"), NOW).unwrap_err();
+        assert_eq!(names(e), [("n".into(), "UNKNOWN_PARAMETER")]);
+        // Filters repeat freely.
+        assert!(top_request(&parse("last_minutes=5&country=US&country=DE&os=a&os=b")).is_ok());
+        // A long unknown name is cut.
+        let long = "x".repeat(500);
+        let e = top_request(&parse(&format!("last_minutes=5&{long}=1"))).unwrap_err();
+        assert_eq!(names(e), [("x".repeat(MAX_QUOTED), "UNKNOWN_PARAMETER")]);
+    }
+
+    #[test]
+    fn ranges_need_one_form() {
+        for (q, name, code) in [
+            ("", "last_minutes", "REQUIRED"),
+            ("from_ms=1", "to_ms", "REQUIRED"),
+            ("to_ms=1", "from_ms", "REQUIRED"),
+            ("last_minutes=5&from_ms=1", "from_ms", "CONFLICT"),
+            ("last_minutes=5&to_ms=1", "to_ms", "CONFLICT"),
+            ("last_minutes=x", "last_minutes", "MALFORMED"),
+        ] {
+            let e = top_request(&parse(q)).unwrap_err();
+            assert_eq!(names(e), [(name.to_string(), code)], "{q}");
+        }
+    }
+
+    #[test]
+    fn a_last_minutes_range_is_named_last_minutes() {
+        let (req, last) = clicks_request("1", &parse("last_minutes=60"), NOW).unwrap();
+        assert!(last);
+        assert_eq!(req.to_ms - req.from_ms, 60 * 60_000);
+        let e = clicks_request("1", &parse("last_minutes=0"), NOW).unwrap_err();
+        assert_eq!(names(e), [("last_minutes".into(), "OUT_OF_RANGE")]);
+    }
+
+    #[test]
+    fn problems_are_rfc_9457() {
+        let e = top_request(&parse("last_minutes=5&country=US&device=toaster")).unwrap_err();
+        let r = query_error(&e);
+        assert_eq!(r.status(), 400);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let r = query_error(&QueryError::Unauthenticated);
+        assert_eq!(r.status(), 401);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod sketch;
 pub mod source;
 pub mod state;
 pub mod store;
+pub mod validate;
 pub mod view;
 
 use std::future::Future;
@@ -109,6 +110,7 @@ pub async fn start_with_store<S: Store + 'static>(
         view: view.clone(),
         keys: Arc::new(cfg.api_keys.clone()),
         cfg: cfg.query.clone(),
+        limits: validate::Limits::new(&cfg.query, &cfg.windows),
         metrics: metrics.clone(),
     };
     let reflection = tonic_reflection::server::Builder::configure()

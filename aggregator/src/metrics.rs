@@ -22,6 +22,15 @@ pub struct RpcLabel {
     pub rpc: &'static str,
 }
 
+/// `rpc` and `reason` labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcReasonLabel {
+    /// GetAdClicks or TopAds (gRPC and HTTP alike).
+    pub rpc: &'static str,
+    /// unauthenticated, or the first invalid field's reason (`validate::Reason::label`).
+    pub reason: &'static str,
+}
+
 /// `port` label (connection metrics).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PortLabel {
@@ -81,6 +90,8 @@ pub struct Metrics {
     pub quarantine_dropped: Counter,
     /// Query latency by rpc.
     pub query_seconds: Family<RpcLabel, Histogram>,
+    /// Queries refused (gRPC and HTTP), by rpc and reason.
+    pub queries_refused: Family<RpcReasonLabel, Counter>,
     /// Wall clock minus watermark, updated on every ingest group (how far behind real time
     /// the final minutes are).
     pub watermark_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -132,6 +143,7 @@ impl Metrics {
             query_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
             }),
+            queries_refused: Family::default(),
             watermark_lag_seconds: Gauge::default(),
             connections: Family::default(),
             connections_refused: Family::default(),
@@ -216,6 +228,11 @@ impl Metrics {
             m.query_seconds.clone(),
         );
         r.register(
+            "queries_refused",
+            "Queries refused, by rpc and reason (unauthenticated, or the first invalid field's)",
+            m.queries_refused.clone(),
+        );
+        r.register(
             "connections",
             "Open connections by listener",
             m.connections.clone(),
@@ -280,6 +297,13 @@ impl Metrics {
     pub fn refuse_ingest(&self, reason: &'static str) {
         self.ingest_refused
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a refused query.
+    pub fn refuse_query(&self, rpc: &'static str, reason: &'static str) {
+        self.queries_refused
+            .get_or_create(&RpcReasonLabel { rpc, reason })
             .inc();
     }
 

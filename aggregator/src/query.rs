@@ -1,6 +1,8 @@
 //! Query answering over the shards: authorisation, filters, `GetAdClicks` and `TopAds`,
 //! shared by the gRPC service and the HTTP/JSON mirror. Wire types are converted to the
-//! domain `Filter` here; shard state never sees them.
+//! domain `Filter` here; shard state never sees them. Every field is validated (`validate`)
+//! before state is read: an invalid request is a [`QueryError::Invalid`] naming its
+//! fields, never an answer.
 //!
 //! Visibility: an advertiser key sees only its advertiser's ads; other ads are simply
 //! absent (an empty answer), never an error that would reveal they exist.
@@ -15,10 +17,11 @@ use adclick_proto::v1::{
 
 use crate::config::{ApiKey, QueryConfig, Role};
 use crate::sketch::hll::Hll;
-use crate::state::dims::{DimKey, country_code};
+use crate::state::dims::DimKey;
 use crate::state::shard::{CellRef, LEVEL_MS};
 use crate::state::topn::{TopIndex, count_of, top_bounded, top_of};
 use crate::state::topset::{FilterKey, IndexField, TopSet};
+use crate::validate::{self, FilterSpec, Limits, Violations};
 use crate::view::{QueryMeta, View};
 
 /// Why a query was refused.
@@ -27,9 +30,21 @@ pub enum QueryError {
     /// Missing or unknown API key.
     #[error("missing or invalid API key: send `authorization: Bearer <key>`")]
     Unauthenticated,
-    /// A bad argument, with what to fix.
+    /// Request fields that are invalid, each named (gRPC INVALID_ARGUMENT with
+    /// `google.rpc.BadRequest` details, HTTP 400 with an RFC 9457 problem).
+    #[error("{0}")]
+    Invalid(Violations),
+    /// A bad request not tied to one field (an HTTP query string over its bounds), or a
+    /// check inside [`top_ads`] that `validate::top_ads` makes first for every caller
+    /// that validates.
     #[error("{0}")]
     InvalidArgument(String),
+}
+
+impl From<Violations> for QueryError {
+    fn from(v: Violations) -> Self {
+        QueryError::Invalid(v)
+    }
 }
 
 /// Who is asking.
@@ -97,23 +112,31 @@ fn ids(values: &[String], meta: &QueryMeta) -> Option<Vec<u32>> {
     })
 }
 
+fn list<T: Clone>(values: &[T]) -> Option<Vec<T>> {
+    (!values.is_empty()).then(|| values.to_vec())
+}
+
 impl Filter {
-    /// Converts the wire filter.
-    pub fn from_wire(f: Option<&v1::Filter>, meta: &QueryMeta) -> Self {
-        let Some(f) = f else { return Filter::default() };
+    /// Validates the wire filter (every value: see `validate::filter`) and resolves it
+    /// against the interned names and combinations.
+    pub fn parse(f: Option<&v1::Filter>, meta: &QueryMeta) -> Result<Self, QueryError> {
+        let mut bad = Violations::default();
+        let spec = validate::filter(f, &mut bad);
+        if !bad.is_empty() {
+            return Err(QueryError::Invalid(bad));
+        }
+        Ok(Filter::resolve(&spec, meta))
+    }
+
+    /// Resolves a validated filter against the interned names and combinations.
+    pub fn resolve(spec: &FilterSpec<'_>, meta: &QueryMeta) -> Self {
         let mut filter = Filter {
-            countries: (!f.country.is_empty())
-                .then(|| f.country.iter().map(|c| country_code(c)).collect()),
-            devices: (!f.device.is_empty()).then(|| {
-                f.device
-                    .iter()
-                    .map(|d| u8::try_from(*d).unwrap_or(u8::MAX))
-                    .collect()
-            }),
-            os: ids(&f.os, meta),
-            sites: ids(&f.site, meta),
-            advertisers: (!f.advertiser_id.is_empty()).then(|| f.advertiser_id.clone()),
-            campaigns: (!f.campaign_id.is_empty()).then(|| f.campaign_id.clone()),
+            countries: list(&spec.countries),
+            devices: list(&spec.devices),
+            os: ids(spec.os, meta),
+            sites: ids(spec.sites, meta),
+            advertisers: list(spec.advertisers),
+            campaigns: list(spec.campaigns),
             combo_ok: Vec::new(),
         };
         if filter.dims_filtered() {
@@ -349,17 +372,6 @@ fn scan_top(view: &View, filter: &Filter, caller: Caller, (fm, tm): (i64, i64)) 
     sums.into_iter().collect()
 }
 
-fn level_of(g: i32) -> Result<usize, QueryError> {
-    match Granularity::try_from(g) {
-        Ok(Granularity::Unspecified | Granularity::Minute) => Ok(0),
-        Ok(Granularity::Hour) => Ok(1),
-        Ok(Granularity::Day) => Ok(2),
-        Err(_) => Err(QueryError::InvalidArgument(format!(
-            "unknown granularity {g}: use GRANULARITY_MINUTE, GRANULARITY_HOUR or GRANULARITY_DAY"
-        ))),
-    }
-}
-
 fn check_range(from: i64, to: i64, cfg: &QueryConfig) -> Result<(), QueryError> {
     use crate::state::windows::{MAX_EVENT_MS, MIN_EVENT_MS};
     // Bounds first: every bucket computation below stays far from i64 overflow.
@@ -390,40 +402,39 @@ fn ad_meta(view: &View, ad: u64) -> Option<(u64, u64)> {
         .copied()
 }
 
-/// `GetAdClicks`.
+/// `GetAdClicks`: validates every field (`validate::ad_clicks`, against `limits` and the
+/// current watermark), then answers.
 pub fn get_ad_clicks(
     view: &View,
     caller: Caller,
     req: &v1::GetAdClicksRequest,
-    cfg: &QueryConfig,
+    limits: &Limits,
 ) -> Result<GetAdClicksResponse, QueryError> {
-    let level = level_of(req.granularity)?;
-    check_range(req.from_ms, req.to_ms, cfg)?;
+    // One watermark for the retention check and the answer.
+    let watermark_ms = view.watermark_ms.load(Ordering::Acquire);
+    let plan = validate::ad_clicks(req, limits, watermark_ms)?;
+    let (level, from, to) = (plan.level, plan.from_ms, plan.to_ms);
     let width = LEVEL_MS[level];
-    let from = req.from_ms.div_euclid(width) * width;
-    let to = req.to_ms;
-    let buckets = (to - from + width - 1) / width;
-    if buckets > 200_000 {
-        return Err(QueryError::InvalidArgument(format!(
-            "{buckets} buckets requested: use a coarser granularity or a shorter range"
-        )));
-    }
     let mut resp = GetAdClicksResponse {
         ad_id: req.ad_id,
         granularity: [Granularity::Minute, Granularity::Hour, Granularity::Day][level] as i32,
-        watermark_ms: view.watermark_ms.load(Ordering::Acquire),
+        watermark_ms,
         ..Default::default()
     };
     let meta = view.meta.load_full();
-    let filter = Filter::from_wire(req.filter.as_ref(), &meta);
-    if !filter.matches_ad(ad_meta(view, req.ad_id), caller) {
-        return Ok(resp);
-    }
-    let shards: Vec<_> = view
-        .shards
-        .iter()
-        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
-        .collect();
+    let filter = Filter::resolve(&plan.filter, &meta);
+    let fill = req.fill_empty.unwrap_or(true);
+    // An ad the caller may not see answers like an ad without clicks (zeros when filled):
+    // nothing tells it apart from an unknown ad.
+    let visible = filter.matches_ad(ad_meta(view, req.ad_id), caller);
+    let shards: Vec<_> = if visible {
+        view.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut total_users = Hll::new();
     let mut start = from;
     while start < to {
@@ -437,10 +448,12 @@ pub fn get_ad_clicks(
         if clicks > 0 {
             total_users.merge(&users);
             resp.total_clicks += clicks;
+        }
+        if clicks > 0 || fill {
             resp.buckets.push(Bucket {
                 start_ms: start,
                 clicks,
-                unique_users: users.estimate(),
+                unique_users: if clicks > 0 { users.estimate() } else { 0 },
             });
         }
         start += width;
@@ -449,24 +462,47 @@ pub fn get_ad_clicks(
     Ok(resp)
 }
 
-/// The [from, to) minute range a `TopAds` request asks for, in ms.
-pub fn top_range(req: &v1::TopAdsRequest, now: i64) -> Result<(i64, i64), QueryError> {
-    match &req.window {
-        Some(v1::top_ads_request::Window::LastMinutes(m)) => {
-            if *m == 0 {
-                return Err(QueryError::InvalidArgument(
-                    "last_minutes must be at least 1".into(),
-                ));
-            }
-            // The current (partial) minute plus the M-1 before it.
-            let to = now.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0] + LEVEL_MS[0];
-            Ok((to - i64::from(*m) * LEVEL_MS[0], to))
-        }
-        Some(v1::top_ads_request::Window::Range(r)) => Ok((r.from_ms, r.to_ms)),
-        None => Err(QueryError::InvalidArgument(
-            "set either last_minutes or range {from_ms, to_ms}".into(),
-        )),
+/// `BatchGetAdClicks`: the ad ids and the shared fields validated (every problem of both
+/// reported at once), then `GetAdClicks` for each ad.
+pub fn batch_get_ad_clicks(
+    view: &View,
+    caller: Caller,
+    req: &v1::BatchGetAdClicksRequest,
+    limits: &Limits,
+) -> Result<v1::BatchGetAdClicksResponse, QueryError> {
+    let mut bad = validate::ad_ids(&req.ad_ids);
+    let one = |ad_id| v1::GetAdClicksRequest {
+        ad_id,
+        from_ms: req.from_ms,
+        to_ms: req.to_ms,
+        granularity: req.granularity,
+        filter: req.filter.clone(),
+        fill_empty: req.fill_empty,
+    };
+    // The shared fields, checked once with a stand-in id (the ids were checked above).
+    let watermark_ms = view.watermark_ms.load(Ordering::Acquire);
+    let shared = one(1);
+    if let Err(v) = validate::ad_clicks(&shared, limits, watermark_ms) {
+        bad.extend(v);
     }
+    if !bad.is_empty() {
+        return Err(QueryError::Invalid(bad));
+    }
+    let mut out = v1::BatchGetAdClicksResponse {
+        watermark_ms: i64::MAX,
+        ..Default::default()
+    };
+    for &ad in &req.ad_ids {
+        let r = get_ad_clicks(view, caller, &one(ad), limits)?;
+        out.watermark_ms = out.watermark_ms.min(r.watermark_ms);
+        out.ads.push(r);
+    }
+    Ok(out)
+}
+
+/// The [from, to) minute range a `TopAds` request asks for, in ms (`validate::top_window`).
+pub fn top_range(req: &v1::TopAdsRequest, now: i64) -> Result<(i64, i64), QueryError> {
+    Ok(validate::top_window(req, now)?)
 }
 
 /// `TopAds`: exact, from the shards' published top-N indexes (no lock): the unfiltered
@@ -493,7 +529,7 @@ pub fn top_ads(
         (to + LEVEL_MS[0] - 1).div_euclid(LEVEL_MS[0]),
     );
     let meta = view.meta.load_full();
-    let filter = Filter::from_wire(req.filter.as_ref(), &meta);
+    let filter = Filter::parse(req.filter.as_ref(), &meta)?;
     // Lock-free: each shard's published indexes (see `state::published`). An ad lives on
     // one shard unless it was hot (split over shards); summing the lists of every shard
     // gives its total either way.

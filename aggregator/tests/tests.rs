@@ -17,6 +17,7 @@
 
 mod util;
 
+mod breadth;
 mod counting;
 mod dedup_bound;
 mod filtered_top;
@@ -26,3 +27,4 @@ mod query_api;
 mod recovery;
 mod store_integrity;
 mod stream_positions;
+mod validation;

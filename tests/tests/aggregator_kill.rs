@@ -24,7 +24,13 @@ const MAX_IN_FLIGHT: usize = 16;
 async fn wait_queryable(grpc: std::net::SocketAddr, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if top_ads(grpc, ADMIN, 1, (0, MIN), None).await.is_ok() {
+        // Any valid query will do (the last minute); one that fails validation never
+        // answers (a range starting at 1970 did before issue 14).
+        let now = now_ms();
+        if top_ads(grpc, ADMIN, 1, (now - MIN, now), None)
+            .await
+            .is_ok()
+        {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
