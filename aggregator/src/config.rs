@@ -44,6 +44,8 @@ pub struct AggregatorConfig {
     pub dedup: DedupConfig,
     /// The log of clicks that were not counted (`<data_dir>/quarantine.jsonl`).
     pub quarantine: QuarantineConfig,
+    /// Where batches come from: gRPC ingest (default) or JetStream partitions.
+    pub source: crate::source::SourceConfig,
 }
 
 /// Exact dedup of impression ids (see `state::dedup`).
@@ -98,6 +100,7 @@ impl Default for AggregatorConfig {
             connections: ConnectionConfig::default(),
             dedup: DedupConfig::default(),
             quarantine: QuarantineConfig::default(),
+            source: crate::source::SourceConfig::default(),
         }
     }
 }
@@ -404,6 +407,9 @@ impl AggregatorConfig {
         }
         if self.ingest.max_first_seq == 0 || self.ingest.max_first_seq > u64::MAX / 2 {
             return err("ingest.max_first_seq must be between 1 and 2^63".into());
+        }
+        if let Err(m) = self.source.validate() {
+            return err(m);
         }
         if self.ingest_keys.iter().any(|k| k.len() < 16) {
             return err("ingest_keys must be at least 16 characters".into());

@@ -15,6 +15,11 @@
 //! and the WAL position in one commit, which also deletes the WAL up to that position.
 //!
 //! Recovery: load the checkpoint, then replay the WAL after it through the same path.
+//!
+//! Batches from the JetStream source (`source`) take the same path with a
+//! [`StreamOrigin`]: their admission key is `(collector_id, partition)` ([`stream_key`]),
+//! each must chain onto the last applied stream sequence of its partition
+//! (`StreamOrigin::prev`), and the partition's new position commits with the WAL entries.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -45,7 +50,37 @@ pub struct IngestReq {
     pub batch: RawBatch,
     /// Where the ack goes.
     pub done: oneshot::Sender<Result<IngestAck, IngestError>>,
+    /// Set for a message read from the JetStream source.
+    pub origin: Option<StreamOrigin>,
 }
+
+/// Where a batch of the JetStream source sits in its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamOrigin {
+    /// Its partition (subject `<prefix>.<partition>`).
+    pub partition: u32,
+    /// Its stream sequence.
+    pub stream_seq: u64,
+    /// The stream sequence of the message of the same partition the consumer delivered
+    /// before it (the position the consumer started after, for its first message). The
+    /// writer admits the batch only if this is the partition's last applied position, so
+    /// no message is ever skipped (a failed commit breaks the chain and the consumer
+    /// restarts from the committed position) or applied twice.
+    pub prev: u64,
+}
+
+/// The admission key of a batch of `collector_id` read from `partition`: a collector
+/// publishes one message per (seq, partition), each with that partition's `acked_floor`,
+/// so its delivery state is kept per partition, exactly as the gRPC path keeps it per
+/// aggregator. `#` cannot collide with a gRPC sender in practice: a data dir is fed by one
+/// source kind.
+pub fn stream_key(collector_id: &str, partition: u32) -> String {
+    format!("{collector_id}#p{partition}")
+}
+
+/// Last applied stream sequence per partition, as the writer last committed it (shared
+/// with the source's consumers).
+pub type StreamPositions = Arc<std::sync::Mutex<std::collections::HashMap<u32, u64>>>;
 
 /// Why a batch was not acked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,6 +122,7 @@ enum ShardMsg {
 #[derive(Debug, Clone)]
 pub struct Engine {
     tx: mpsc::Sender<IngestReq>,
+    positions: StreamPositions,
 }
 
 impl Engine {
@@ -95,10 +131,45 @@ impl Engine {
         let stopping = || IngestError::Unavailable("aggregator is shutting down".into());
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(IngestReq { batch, done })
+            .send(IngestReq {
+                batch,
+                done,
+                origin: None,
+            })
             .await
             .map_err(|_| stopping())?;
         rx.await.map_err(|_| stopping())?
+    }
+
+    /// Queues a batch read from the JetStream source (waiting for room in the queue) and
+    /// returns where its outcome will arrive, so a consumer can keep several in flight;
+    /// batches queued by one task are judged in the order they were queued. `Err`: the
+    /// engine has stopped.
+    pub async fn submit_from_stream(
+        &self,
+        batch: RawBatch,
+        origin: StreamOrigin,
+    ) -> Result<oneshot::Receiver<Result<IngestAck, IngestError>>, IngestError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(IngestReq {
+                batch,
+                done,
+                origin: Some(origin),
+            })
+            .await
+            .map_err(|_| IngestError::Unavailable("aggregator is shutting down".into()))?;
+        Ok(rx)
+    }
+
+    /// Last applied stream sequence of `partition` (0: none): a consumer (re)starts after it.
+    pub fn stream_position(&self, partition: u32) -> u64 {
+        self.positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&partition)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -126,6 +197,9 @@ struct Writer<S: Store> {
     dedup_floor: i64,
     /// The dedup disk tier failed: stop acking; a restart replays the WAL.
     poisoned: bool,
+    /// Last applied stream sequence per partition (committed, or passed over by
+    /// redeliveries that needed no commit), mirrored for the consumers.
+    positions: StreamPositions,
 }
 
 /// Opens the store, recovers, and starts the threads.
@@ -186,6 +260,7 @@ pub fn start<S: Store + 'static>(
         shard_tx.push(tx);
     }
     let admission = Admission::new(store.delivery_states()?);
+    let positions: StreamPositions = Arc::new(std::sync::Mutex::new(store.stream_positions()?));
     let next_pos = store.last_wal_pos()? + 1;
     let mut w = Writer {
         store,
@@ -201,6 +276,7 @@ pub fn start<S: Store + 'static>(
         last_seal: i64::MIN,
         dedup_floor,
         poisoned: false,
+        positions: positions.clone(),
     };
     // Replay what the WAL holds after the checkpoint.
     let replay = w.store.wal_after(cp.wal_pos)?;
@@ -238,7 +314,7 @@ pub fn start<S: Store + 'static>(
         .name("adclick-agg-writer".into())
         .spawn(move || w.run(rx))
         .map_err(|e| StoreError(e.to_string()))?;
-    Ok((Engine { tx }, view, Threads { writer }))
+    Ok((Engine { tx, positions }, view, Threads { writer }))
 }
 
 fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWriter) {
@@ -349,11 +425,34 @@ impl<S: Store> Writer<S> {
         let mut pending = Pending::default();
         let mut fresh = Vec::new();
         let mut replies = Vec::with_capacity(group.len());
+        // Stream positions this group moves (partition -> stream seq), committed with it.
+        let mut moved: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
         for req in group {
             let b = &req.batch;
+            let key = match req.origin {
+                None => b.collector_id.clone(),
+                Some(o) => {
+                    let last = moved
+                        .get(&o.partition)
+                        .copied()
+                        .unwrap_or_else(|| self.stream_position(o.partition));
+                    if o.prev != last {
+                        // The consumer is not where the committed state is (a commit of
+                        // an earlier message failed, or it restarted): it must restart
+                        // after `last`. Nothing moves.
+                        let _ = req.done.send(Err(IngestError::Unavailable(format!(
+                            "partition {}: stream seq {} follows {}, but the last applied is {last}; restart the consumer after it",
+                            o.partition, o.stream_seq, o.prev
+                        ))));
+                        continue;
+                    }
+                    moved.insert(o.partition, o.stream_seq);
+                    stream_key(&b.collector_id, o.partition)
+                }
+            };
             let new = match self.admission.judge(
                 &mut pending,
-                &b.collector_id,
+                &key,
                 b.seq,
                 b.acked_floor,
                 &self.cfg.ingest,
@@ -362,8 +461,17 @@ impl<S: Store> Writer<S> {
                 Verdict::AlreadyAcked => false,
                 Verdict::Refused(err, reason) => {
                     // Refused before the WAL: the state stays where it was, so the
-                    // collector's real next batch still gets through.
-                    tracing::warn!(collector_id = %b.collector_id, seq = b.seq, error = %err, "ingest refused");
+                    // collector's real next batch still gets through. A stream message
+                    // cannot be sent again in another order: its position moves past it
+                    // (it is skipped, logged with its stream seq and counted).
+                    match req.origin {
+                        Some(o) => {
+                            tracing::error!(collector_id = %b.collector_id, seq = b.seq, partition = o.partition, stream_seq = o.stream_seq, error = %err, "stream message refused and skipped")
+                        }
+                        None => {
+                            tracing::warn!(collector_id = %b.collector_id, seq = b.seq, error = %err, "ingest refused")
+                        }
+                    }
                     self.metrics.refuse_ingest(reason);
                     let _ = req.done.send(Err(err));
                     continue;
@@ -372,7 +480,7 @@ impl<S: Store> Writer<S> {
             if new {
                 fresh.push(WalEntry {
                     pos: self.next_pos + fresh.len() as u64,
-                    collector_id: b.collector_id.clone(),
+                    collector_id: key,
                     seq: b.seq,
                     acked_floor: b.acked_floor,
                     batch: b.bytes.to_vec(),
@@ -380,8 +488,9 @@ impl<S: Store> Writer<S> {
             }
             replies.push((req, new));
         }
+        let moved: Vec<(u32, u64)> = moved.into_iter().collect();
         if !fresh.is_empty() {
-            if let Err(e) = self.store.append(&fresh) {
+            if let Err(e) = self.store.append_at(&fresh, &moved) {
                 tracing::error!(error = %e, "WAL append failed; batches not acked");
                 self.metrics.wal_errors.inc();
                 self.set_wal_failed(true);
@@ -395,9 +504,14 @@ impl<S: Store> Writer<S> {
             self.set_wal_failed(false);
             self.next_pos += fresh.len() as u64;
             self.admission.commit(pending);
+            self.set_positions(&moved);
             self.metrics
                 .wal_commit_seconds
                 .observe(started.elapsed().as_secs_f64());
+        } else {
+            // Only redeliveries (or refusals): nothing to commit, their admission state is
+            // already durable. A restart reads them again and judges them the same.
+            self.set_positions(&moved);
         }
         // Apply every new batch, wait until the shards have made it visible, then ack: an
         // acked click is both durable and queryable.
@@ -458,6 +572,25 @@ impl<S: Store> Writer<S> {
             // counts come from queries and `adclick_aggregator_clicks`.
             ack.hot_ad_ids = self.windows.hot_ads().to_vec();
             let _ = req.done.send(Ok(ack));
+        }
+    }
+
+    fn stream_position(&self, partition: u32) -> u64 {
+        self.positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&partition)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn set_positions(&self, moved: &[(u32, u64)]) {
+        if moved.is_empty() {
+            return;
+        }
+        let mut p = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        for (partition, seq) in moved {
+            p.insert(*partition, *seq);
         }
     }
 

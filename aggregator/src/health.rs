@@ -11,6 +11,9 @@ pub const WAL_WRITE_FAILED: &str = "wal_write_failed";
 /// Reason: the exact-dedup disk tier failed; ingest is refused until a restart replays the
 /// WAL.
 pub const DEDUP_FAILED: &str = "dedup_failed";
+/// The JetStream source cannot consume (no stream yet, a stream that is not adclick's, or
+/// partitions the stream does not have).
+pub const SOURCE_FAILED: &str = "source_failed";
 /// The aggregator is stopping.
 pub const SHUTTING_DOWN: &str = "shutting_down";
 

@@ -21,6 +21,7 @@ pub mod listen;
 pub mod metrics;
 pub mod query;
 pub mod sketch;
+pub mod source;
 pub mod state;
 pub mod store;
 pub mod validate;
@@ -120,6 +121,14 @@ pub async fn start_with_store<S: Store + 'static>(
     report_health(&health, &view.ready.reasons()).await;
 
     let (shutdown, rx) = watch::channel(false);
+    let source = source::start(
+        &cfg.source,
+        &engine,
+        &view,
+        &metrics,
+        cfg.ingest.max_message_bytes,
+        rx.clone(),
+    );
     if cfg.query.allow_unauthenticated {
         tracing::warn!(
             "query.allow_unauthenticated = true: ANYONE who reaches {} or {} can query every \
@@ -180,7 +189,10 @@ pub async fn start_with_store<S: Store + 'static>(
         metrics,
         view,
         shutdown,
-        tasks: vec![grpc_task, http_task, health_task],
+        tasks: [grpc_task, http_task, health_task]
+            .into_iter()
+            .chain(source)
+            .collect(),
         threads: Some(threads),
     })
 }

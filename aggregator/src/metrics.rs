@@ -110,6 +110,8 @@ pub struct Metrics {
     pub ingest_refused: Family<ReasonLabel, Counter>,
     /// 1 while the node can accept writes (`/readyz`), 0 otherwise.
     pub ready: Gauge,
+    /// The JetStream source's (declared and registered in `source::metrics`).
+    pub source: crate::source::metrics::SourceMetrics,
 }
 
 impl Default for Metrics {
@@ -149,6 +151,7 @@ impl Metrics {
             request_timeouts: Family::default(),
             ingest_refused: Family::default(),
             ready: Gauge::default(),
+            source: Default::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -259,6 +262,7 @@ impl Metrics {
             "1 while the node can accept writes",
             m.ready.clone(),
         );
+        m.source.register(r);
         m.ready.set(1);
         Metrics { registry, ..m }
     }

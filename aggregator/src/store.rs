@@ -21,6 +21,11 @@
 //! through [`Store::dedup_table`]; see `state::dedup` for why its commits need not be tied
 //! to the checkpoint's.
 //!
+//! The JetStream source's position lives in table `stream_pos` (partition -> last applied
+//! stream sequence), written by [`Store::append_at`] in the same commit as the WAL entries
+//! and delivery states of the messages it covers: after a crash the position and the state
+//! agree, which is what makes the JetStream path exactly-once (see `source`).
+//!
 //! This module knows nothing about windows or counts: it stores bytes.
 
 use std::collections::HashMap;
@@ -33,6 +38,8 @@ const WAL: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("wal");
 const HWM: TableDefinition<'static, &str, u64> = TableDefinition::new("hwm");
 const DELIVERY: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("delivery");
 const CHECKPOINT: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("checkpoint");
+/// JetStream source: partition -> last applied stream sequence (see `source`).
+const STREAM_POS: TableDefinition<'static, u32, u64> = TableDefinition::new("stream_pos");
 const META_WAL_POS: &str = "_wal_pos";
 const DEDUP: TableDefinition<'static, &[u8; 16], &[u8; ENTRY_LEN]> = TableDefinition::new("dedup");
 /// Key: keep_until as big-endian with the sign bit flipped (so byte order = time order),
@@ -124,6 +131,26 @@ pub trait Store: Send {
     /// Durably appends entries and records their seqs as acked in their collectors'
     /// delivery state (`Delivery::admit` with each entry's seq and floor), in one commit.
     fn append(&mut self, entries: &[WalEntry]) -> Result<(), StoreError>;
+    /// [`Store::append`], and in the same commit records `positions` (partition, last
+    /// applied stream sequence) of the JetStream source. Stores without a `stream_pos`
+    /// table (test doubles) support only an empty `positions`.
+    fn append_at(
+        &mut self,
+        entries: &[WalEntry],
+        positions: &[(u32, u64)],
+    ) -> Result<(), StoreError> {
+        if positions.is_empty() {
+            self.append(entries)
+        } else {
+            Err(StoreError(
+                "this store does not record stream positions".into(),
+            ))
+        }
+    }
+    /// Last applied stream sequence of every partition the JetStream source has applied.
+    fn stream_positions(&self) -> Result<HashMap<u32, u64>, StoreError> {
+        Ok(HashMap::new())
+    }
     /// Highest acked seq of every collector (`Delivery::mark`).
     fn high_water_marks(&self) -> Result<HashMap<String, u64>, StoreError>;
     /// Delivery state of every collector, as the appends left it.
@@ -172,6 +199,7 @@ impl RedbStore {
             tx.open_table(HWM).map_err(e)?;
             tx.open_table(DELIVERY).map_err(e)?;
             tx.open_table(CHECKPOINT).map_err(e)?;
+            tx.open_table(STREAM_POS).map_err(e)?;
             tx.open_table(DEDUP).map_err(e)?;
             tx.open_table(DEDUP_EXPIRY).map_err(e)?;
         }
@@ -185,8 +213,22 @@ impl RedbStore {
 
 impl Store for RedbStore {
     fn append(&mut self, entries: &[WalEntry]) -> Result<(), StoreError> {
+        self.append_at(entries, &[])
+    }
+
+    fn append_at(
+        &mut self,
+        entries: &[WalEntry],
+        positions: &[(u32, u64)],
+    ) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(e)?;
         {
+            if !positions.is_empty() {
+                let mut pos = tx.open_table(STREAM_POS).map_err(e)?;
+                for (p, seq) in positions {
+                    pos.insert(*p, *seq).map_err(e)?;
+                }
+            }
             let mut wal = tx.open_table(WAL).map_err(e)?;
             let mut hwm = tx.open_table(HWM).map_err(e)?;
             let mut delivery = tx.open_table(DELIVERY).map_err(e)?;
@@ -229,6 +271,17 @@ impl Store for RedbStore {
             }
         }
         tx.commit().map_err(e)
+    }
+
+    fn stream_positions(&self) -> Result<HashMap<u32, u64>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(STREAM_POS).map_err(e)?;
+        let mut out = HashMap::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            out.insert(k.value(), v.value());
+        }
+        Ok(out)
     }
 
     fn high_water_marks(&self) -> Result<HashMap<String, u64>, StoreError> {

@@ -26,4 +26,5 @@ mod hostile_input;
 mod query_api;
 mod recovery;
 mod store_integrity;
+mod stream_positions;
 mod validation;

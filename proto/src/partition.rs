@@ -17,6 +17,10 @@
 /// stay manageable; 1024 is far above what one region needs).
 pub const MAX_PARTITIONS: u32 = 1024;
 
+/// The stream metadata key holding `P`, written by the collector that creates the stream
+/// and read by the aggregator shards that consume it.
+pub const STREAM_PARTITIONS_KEY: &str = "adclick.partitions";
+
 /// The XXH64 (seed 0) of `ad_id`'s 8 little-endian bytes: the stable hash partitions are
 /// taken from.
 pub fn ad_hash(ad_id: u64) -> u64 {

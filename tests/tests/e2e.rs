@@ -19,6 +19,7 @@ mod aggregator_outage;
 mod collector_kill;
 mod countable;
 mod hot_dedup;
+mod jetstream_aggregator;
 mod jetstream_collector_kill;
 mod mixed;
 mod spool_damage;

@@ -47,7 +47,7 @@ use super::sink::{Delivered, SendError, Sink};
 use crate::config::JetStreamConfig;
 
 /// The stream metadata key holding the partition count P the stream was created with.
-pub const PARTITIONS_KEY: &str = "adclick.partitions";
+pub const PARTITIONS_KEY: &str = adclick_proto::partition::STREAM_PARTITIONS_KEY;
 
 /// Why the stream cannot be used (yet).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
