@@ -17,6 +17,7 @@
 
 mod util;
 
+mod clients;
 mod counting;
 mod dedup_bound;
 mod filtered_top;
