@@ -538,4 +538,35 @@ mod edge_tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("query.max_range_days"), "{e}");
     }
+
+    #[test]
+    fn rate_limit_and_cors_settings_are_checked() {
+        let mut c = keyed();
+        c.query.rate_limit_burst = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("query.rate_limit_burst"), "{e}");
+        c.query.rate_limit_per_second = 0;
+        assert_eq!(c.validate(), Ok(()), "0 = off: the burst does not matter");
+        c.query.cors_allowed_origins = vec!["https://dash.example/".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("query.cors_allowed_origins"), "{e}");
+        c.query.cors_allowed_origins = vec!["https://dash.example".into(), "*".into()];
+        assert_eq!(c.validate(), Ok(()));
+        let parsed: AggregatorConfig = toml_like(
+            r#"{"query": {"cors_allowed_origins": ["http://localhost:3000"], "rate_limit_per_second": 5, "rate_limit_burst": 7}}"#,
+        );
+        assert_eq!(parsed.query.cors_allowed_origins, ["http://localhost:3000"]);
+        assert_eq!(
+            (
+                parsed.query.rate_limit_per_second,
+                parsed.query.rate_limit_burst
+            ),
+            (5, 7)
+        );
+    }
+
+    /// The serde shape of the config (the CLI parses TOML into the same derive).
+    fn toml_like(json: &str) -> AggregatorConfig {
+        serde_json::from_str(json).unwrap()
+    }
 }

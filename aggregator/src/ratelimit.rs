@@ -210,6 +210,26 @@ mod tests {
     }
 
     #[test]
+    fn on_by_default_at_50_per_second_bursts_of_100() {
+        let cfg = QueryConfig::default();
+        assert_eq!((cfg.rate_limit_per_second, cfg.rate_limit_burst), (50, 100));
+        let l = RateLimiter::new(
+            &cfg,
+            &[ApiKey {
+                key: "key-a-0123456789ab".into(),
+                role: Role::Admin,
+                advertiser_id: None,
+            }],
+        );
+        let t = Instant::now();
+        for _ in 0..100 {
+            assert_eq!(l.check_at(A, t), Ok(()));
+        }
+        let e = l.check_at(A, t).unwrap_err();
+        assert_eq!(e.retry_after, Duration::from_millis(20));
+    }
+
+    #[test]
     fn the_keyless_caller_shares_one_bucket() {
         let l = limiter(1, 2, true);
         let t = Instant::now();
