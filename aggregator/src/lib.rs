@@ -119,8 +119,8 @@ pub async fn start_with_store<S: Store + 'static>(
             cors::Cors::new(&cfg.query.cors_allowed_origins).map_err(config::ConfigError)?,
         ),
     };
-    // Reflection in both versions: grpcurl and grpcui speak v1, many clients (Python's
-    // grpcio-reflection before 1.62, Postman, older grpcurl) only v1alpha. Both list the
+    // Reflection in both versions: current grpcurl and grpcui speak v1, older tools and
+    // some client libraries (issue 14 met a Python client) only v1alpha. Both list the
     // health service too (its descriptors come with tonic-health).
     let reflection = || {
         tonic_reflection::server::Builder::configure()
