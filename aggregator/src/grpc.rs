@@ -25,7 +25,8 @@ use std::time::Instant;
 
 use adclick_proto::v1::query_service_server::QueryService;
 use adclick_proto::v1::{
-    GetAdClicksRequest, GetAdClicksResponse, IngestAck, TopAdsRequest, TopAdsResponse,
+    BatchGetAdClicksRequest, BatchGetAdClicksResponse, GetAdClicksRequest, GetAdClicksResponse,
+    IngestAck, TopAdsRequest, TopAdsResponse,
 };
 use bytes::Buf;
 use prost::Message;
@@ -372,6 +373,20 @@ impl QueryService for Query {
             .inspect_err(|e| self.count_refusal("GetAdClicks", e))
             .map(Response::new)
             .map_err(status)
+    }
+
+    async fn batch_get_ad_clicks(
+        &self,
+        req: Request<BatchGetAdClicksRequest>,
+    ) -> Result<Response<BatchGetAdClicksResponse>, Status> {
+        let caller = self.caller(&req, "BatchGetAdClicks")?;
+        let r = req.into_inner();
+        self.timed("BatchGetAdClicks", || {
+            query::batch_get_ad_clicks(&self.view, caller, &r, &self.limits)
+        })
+        .inspect_err(|e| self.count_refusal("BatchGetAdClicks", e))
+        .map(Response::new)
+        .map_err(status)
     }
 
     async fn top_ads(

@@ -56,7 +56,13 @@ const FILTER_PARAMS: [(&str, Dim); 6] = [
     ("campaign", Dim::CampaignId),
 ];
 /// Single-valued parameters of `/v1/ads/{ad_id}/clicks`.
-const CLICKS_PARAMS: [&str; 4] = ["last_minutes", "from_ms", "to_ms", "granularity"];
+const CLICKS_PARAMS: [&str; 5] = [
+    "last_minutes",
+    "from_ms",
+    "to_ms",
+    "granularity",
+    "fill_empty",
+];
 /// Single-valued parameters of `/v1/ads/top`.
 const TOP_PARAMS: [&str; 4] = ["n", "last_minutes", "from_ms", "to_ms"];
 
@@ -104,6 +110,8 @@ fn problem_reply(status: StatusCode, body: Value) -> Resp {
 pub fn param_name(f: &Field) -> Cow<'_, str> {
     Cow::Borrowed(match f {
         Field::AdId => "ad_id",
+        Field::AdIds | Field::AdIdsValue(_) => "ad_ids",
+        Field::FillEmpty => "fill_empty",
         Field::FromMs | Field::RangeFromMs => "from_ms",
         Field::ToMs | Field::RangeToMs => "to_ms",
         Field::Granularity => "granularity",
@@ -507,6 +515,19 @@ pub fn clicks_request(
             Granularity::Unspecified
         }
     };
+    let fill_empty = match get(p, "fill_empty") {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(v) => {
+            bad.push(
+                Field::FillEmpty,
+                Reason::Malformed,
+                format!("fill_empty is true or false, not {}", quote(v)),
+            );
+            None
+        }
+    };
     let window = window(p, &mut bad);
     let filter = filter(p, &mut bad);
     let (from_ms, to_ms, last) = match window {
@@ -529,6 +550,7 @@ pub fn clicks_request(
         to_ms,
         granularity: granularity as i32,
         filter: Some(filter),
+        fill_empty,
     };
     Ok((req, last))
 }

@@ -71,6 +71,7 @@ async fn totals(ch: &Channel) -> BTreeMap<u64, u64> {
         let r = q
             .get_ad_clicks(authed(
                 GetAdClicksRequest {
+                    fill_empty: None,
                     ad_id: ad,
                     from_ms: T0 - 10 * MIN,
                     to_ms: T0 + 10 * MIN,

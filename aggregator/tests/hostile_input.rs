@@ -70,6 +70,7 @@ async fn hostile_input_is_refused_without_damage() {
     );
     for (from, to) in [(i64::MAX - 1000, i64::MAX), (i64::MIN, 0), (-5, 10)] {
         let req = GetAdClicksRequest {
+            fill_empty: None,
             ad_id: 1,
             from_ms: from,
             to_ms: to,

@@ -56,6 +56,7 @@ async fn api_keys_scope_what_a_caller_sees_and_bad_requests_are_named() {
     for (req, what) in [
         (
             GetAdClicksRequest {
+                fill_empty: None,
                 ad_id: 1,
                 from_ms: T0 + 1,
                 to_ms: T0,
@@ -65,6 +66,7 @@ async fn api_keys_scope_what_a_caller_sees_and_bad_requests_are_named() {
         ),
         (
             GetAdClicksRequest {
+                fill_empty: None,
                 ad_id: 1,
                 from_ms: T0,
                 to_ms: T0 + MIN,

@@ -17,6 +17,7 @@
 
 mod util;
 
+mod breadth;
 mod clients;
 mod counting;
 mod dedup_bound;

@@ -177,6 +177,7 @@ pub async fn ad_clicks(
     filter: Option<Filter>,
 ) -> v1::GetAdClicksResponse {
     let req = GetAdClicksRequest {
+        fill_empty: Some(false),
         ad_id: ad,
         from_ms: T0,
         to_ms: T0 + 2 * 86_400_000,

@@ -21,7 +21,7 @@ const DAY: i64 = 86_400_000;
 const PROBLEM: &str = "https://example.invalid/adclick/invalid-request";
 
 /// `(field, reason)` of each violation in an INVALID_ARGUMENT status's BadRequest.
-fn violations(s: &tonic::Status) -> Vec<(String, String)> {
+pub fn violations(s: &tonic::Status) -> Vec<(String, String)> {
     assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
     let details = s.get_error_details();
     let bad = details
@@ -61,6 +61,7 @@ fn clicks_req(
     filter: Option<Filter>,
 ) -> GetAdClicksRequest {
     GetAdClicksRequest {
+        fill_empty: None,
         ad_id: 1,
         from_ms,
         to_ms,
@@ -208,6 +209,7 @@ async fn grpc_invalid_filters_are_invalid_argument_naming_the_field() {
     let e = clicks_err(
         &mut q,
         GetAdClicksRequest {
+            fill_empty: None,
             ad_id: 0,
             from_ms: to,
             to_ms: from,
@@ -350,6 +352,7 @@ async fn grpc_invalid_numbers_and_ranges_are_named() {
         ),
         (
             GetAdClicksRequest {
+                fill_empty: None,
                 granularity: 4,
                 ..clicks_req(T0, T0 + HOUR, m, None)
             },
@@ -459,13 +462,13 @@ async fn grpc_last_minutes_beyond_the_minute_retention_is_refused() {
 // ---------------------------------------------------------------------------------------
 // HTTP
 
-struct Http {
+pub struct Http {
     client: reqwest::Client,
     base: String,
 }
 
 impl Http {
-    fn new(a: &adclick_aggregator::Aggregator) -> Self {
+    pub fn new(a: &adclick_aggregator::Aggregator) -> Self {
         adclick_sdk::HttpTransport::install_crypto_provider();
         Http {
             client: reqwest::Client::new(),
@@ -474,7 +477,7 @@ impl Http {
     }
 
     /// Status, content type and body (JSON) of `GET path` with `key`.
-    async fn get(&self, path: &str, key: Option<&str>) -> (u16, String, Value) {
+    pub async fn get(&self, path: &str, key: Option<&str>) -> (u16, String, Value) {
         let mut r = self.client.get(format!("{}{path}", self.base));
         if let Some(k) = key {
             r = r.header("authorization", format!("Bearer {k}"));

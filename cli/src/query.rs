@@ -172,6 +172,7 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                     GranularityArg::Day => Granularity::Day,
                 };
                 let mut req = tonic::Request::new(GetAdClicksRequest {
+                    fill_empty: None,
                     ad_id: ad,
                     from_ms: from,
                     to_ms: to,

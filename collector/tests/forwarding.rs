@@ -243,7 +243,12 @@ fn crash_mid_stream_then_restart_forwards_every_acked_click_once() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(150));
+    // Crash once the first 202s are in (a fixed sleep raced them on a loaded machine):
+    // the senders are spread over 300 ms, so most are still on their way.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // No graceful shutdown: the runtime and every task on it just die.
     rt.shutdown_background();
     drop(col);

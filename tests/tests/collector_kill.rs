@@ -292,6 +292,7 @@ async fn scenario() {
         let r = q
             .get_ad_clicks(authed(
                 v1::GetAdClicksRequest {
+                    fill_empty: None,
                     ad_id: *ad,
                     from_ms: range.0,
                     to_ms: range.1,

@@ -82,6 +82,12 @@ impl Dim {
 pub enum Field {
     /// `GetAdClicksRequest.ad_id`.
     AdId,
+    /// `BatchGetAdClicksRequest.ad_ids` as a whole.
+    AdIds,
+    /// One value of `BatchGetAdClicksRequest.ad_ids`.
+    AdIdsValue(usize),
+    /// `fill_empty` (only the HTTP mirror can send a malformed one).
+    FillEmpty,
     /// `GetAdClicksRequest.from_ms`.
     FromMs,
     /// `GetAdClicksRequest.to_ms`.
@@ -113,6 +119,9 @@ impl fmt::Display for Field {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Field::AdId => f.write_str("ad_id"),
+            Field::AdIds => f.write_str("ad_ids"),
+            Field::AdIdsValue(i) => write!(f, "ad_ids[{i}]"),
+            Field::FillEmpty => f.write_str("fill_empty"),
             Field::FromMs => f.write_str("from_ms"),
             Field::ToMs => f.write_str("to_ms"),
             Field::Granularity => f.write_str("granularity"),
@@ -262,6 +271,15 @@ impl Violations {
         self
     }
 
+    /// Adds every violation of `other` (within the cap; all counted).
+    pub fn extend(&mut self, other: Violations) {
+        let uncounted = other.total.saturating_sub(other.list.len());
+        for v in other.list {
+            self.push(v.field, v.reason, v.description);
+        }
+        self.total += uncounted;
+    }
+
     /// `Ok(value)` when empty, else `Err(self)`.
     pub fn into_result<T>(self, value: T) -> Result<T, Violations> {
         if self.is_empty() {
@@ -379,6 +397,41 @@ pub struct AdClicksPlan<'a> {
     pub to_ms: i64,
     /// The filter.
     pub filter: FilterSpec<'a>,
+}
+
+/// Most ads in one `BatchGetAdClicks`.
+pub const MAX_BATCH_ADS: usize = 100;
+
+/// Checks `BatchGetAdClicksRequest.ad_ids`: 1 to [`MAX_BATCH_ADS`] distinct nonzero ids.
+pub fn ad_ids(ids: &[u64]) -> Violations {
+    let mut bad = Violations::default();
+    if ids.is_empty() {
+        bad.push(
+            Field::AdIds,
+            Reason::Required,
+            "ad_ids is required: 1 to 100 ad ids",
+        );
+    } else if ids.len() > MAX_BATCH_ADS {
+        bad.push(
+            Field::AdIds,
+            Reason::TooManyValues,
+            format!("{} ad ids: at most {MAX_BATCH_ADS} per call", ids.len()),
+        );
+        return bad;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    for (i, &id) in ids.iter().enumerate() {
+        if id == 0 {
+            bad.push(Field::AdIdsValue(i), Reason::Required, "ad ids are nonzero");
+        } else if !seen.insert(id) {
+            bad.push(
+                Field::AdIdsValue(i),
+                Reason::Conflict,
+                format!("ad id {id} is listed twice"),
+            );
+        }
+    }
+    bad
 }
 
 /// Checks every field of a `GetAdClicks` request; `watermark_ms` is the view's (what

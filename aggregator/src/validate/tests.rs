@@ -14,6 +14,7 @@ const DAY: i64 = 86_400_000;
 
 fn clicks(from_ms: i64, to_ms: i64, g: Granularity, filter: Option<Filter>) -> GetAdClicksRequest {
     GetAdClicksRequest {
+        fill_empty: None,
         ad_id: 1,
         from_ms,
         to_ms,
@@ -290,6 +291,7 @@ fn ranges_start_within_the_retention_of_their_granularity() {
 fn granularity_is_known_and_bounds_the_buckets() {
     let req = clicks(T0, T0 + HOUR, Granularity::Minute, None);
     let req = GetAdClicksRequest {
+        fill_empty: None,
         granularity: 99,
         ..req
     };
@@ -317,6 +319,7 @@ fn every_violation_is_reported_and_the_list_is_capped() {
         ..Default::default()
     };
     let req = GetAdClicksRequest {
+        fill_empty: None,
         ad_id: 0,
         from_ms: T0,
         to_ms: T0,
@@ -386,7 +389,7 @@ proptest! {
             campaign_id: ids,
         };
         let to = from.saturating_add(len);
-        let req = GetAdClicksRequest { ad_id, from_ms: from, to_ms: to, granularity: g, filter: Some(f.clone()) };
+        let req = GetAdClicksRequest { ad_id, from_ms: from, to_ms: to, granularity: g, filter: Some(f.clone()), fill_empty: None };
         match ad_clicks(&req, &Limits::default(), wm) {
             Ok(p) => {
                 prop_assert!(p.from_ms < p.to_ms && p.level < 3);

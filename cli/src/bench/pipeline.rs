@@ -379,6 +379,7 @@ fn spawn_probes(
             let deadline = start + Duration::from_secs(10);
             while Instant::now() < deadline {
                 let req = GetAdClicksRequest {
+                    fill_empty: Some(false),
                     ad_id: ad,
                     from_ms: now - 120_000,
                     to_ms: now + 120_000,

@@ -288,6 +288,7 @@ pub async fn ad_clicks(
     let mut q = query_client(grpc).await.unwrap();
     q.get_ad_clicks(authed(
         GetAdClicksRequest {
+            fill_empty: Some(false),
             ad_id,
             from_ms: from,
             to_ms: to,
