@@ -280,6 +280,20 @@ pub struct QueryConfig {
     /// Serve queries without an API key, as admin (a trusted network only: logged loudly
     /// at start). Without it the aggregator refuses to start when `api_keys` is empty.
     pub allow_unauthenticated: bool,
+    /// Origins (`scheme://host[:port]`, exactly as browsers send `Origin`) allowed to call
+    /// the HTTP mirror and gRPC-Web from a web page: their requests get CORS headers and
+    /// their preflights are answered. Empty (the default): no CORS headers at all. `"*"`
+    /// allows every origin (API keys are bearer tokens, never cookies, so no credentials
+    /// are shared by the browser), but only when listed explicitly. See `cors.rs`.
+    pub cors_allowed_origins: Vec<String>,
+    /// Queries each API key may make per second, sustained (a token bucket per key; the
+    /// unauthenticated caller of `allow_unauthenticated` shares one bucket). 0 turns rate
+    /// limiting off. Over the limit: RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` / HTTP
+    /// 429 with `Retry-After`. See `ratelimit.rs`.
+    pub rate_limit_per_second: u32,
+    /// Queries a key may make at once after being idle (the bucket's size); at least 1
+    /// when rate limiting is on.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for QueryConfig {
@@ -288,6 +302,9 @@ impl Default for QueryConfig {
             max_top_n: crate::validate::MAX_TOP_N,
             max_range_days: 400,
             allow_unauthenticated: false,
+            cors_allowed_origins: Vec::new(),
+            rate_limit_per_second: 50,
+            rate_limit_burst: 100,
         }
     }
 }
@@ -382,6 +399,16 @@ impl AggregatorConfig {
         }
         if q.max_range_days < 1 {
             return err("query.max_range_days must be at least 1".into());
+        }
+        if q.rate_limit_per_second > 0 && q.rate_limit_burst == 0 {
+            return err(
+                "query.rate_limit_burst must be at least 1 when rate_limit_per_second is set \
+                 (rate_limit_per_second = 0 turns rate limiting off)"
+                    .into(),
+            );
+        }
+        if let Err(m) = crate::cors::Cors::new(&q.cors_allowed_origins) {
+            return err(format!("query.cors_allowed_origins: {m}"));
         }
         let c = &self.connections;
         if c.header_read_timeout_secs == 0
@@ -516,5 +543,36 @@ mod edge_tests {
         c.query.max_range_days = 0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("query.max_range_days"), "{e}");
+    }
+
+    #[test]
+    fn rate_limit_and_cors_settings_are_checked() {
+        let mut c = keyed();
+        c.query.rate_limit_burst = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("query.rate_limit_burst"), "{e}");
+        c.query.rate_limit_per_second = 0;
+        assert_eq!(c.validate(), Ok(()), "0 = off: the burst does not matter");
+        c.query.cors_allowed_origins = vec!["https://dash.example/".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("query.cors_allowed_origins"), "{e}");
+        c.query.cors_allowed_origins = vec!["https://dash.example".into(), "*".into()];
+        assert_eq!(c.validate(), Ok(()));
+        let parsed: AggregatorConfig = toml_like(
+            r#"{"query": {"cors_allowed_origins": ["http://localhost:3000"], "rate_limit_per_second": 5, "rate_limit_burst": 7}}"#,
+        );
+        assert_eq!(parsed.query.cors_allowed_origins, ["http://localhost:3000"]);
+        assert_eq!(
+            (
+                parsed.query.rate_limit_per_second,
+                parsed.query.rate_limit_burst
+            ),
+            (5, 7)
+        );
+    }
+
+    /// The serde shape of the config (the CLI parses TOML into the same derive).
+    fn toml_like(json: &str) -> AggregatorConfig {
+        serde_json::from_str(json).unwrap()
     }
 }

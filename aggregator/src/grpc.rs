@@ -37,10 +37,12 @@ use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::config::{ApiKey, QueryConfig};
+use crate::cors::Cors;
 use crate::decode::RawBatch;
 use crate::engine::{Engine, IngestError};
 use crate::metrics::{Metrics, RpcLabel};
 use crate::query::{self, Caller, QueryError};
+use crate::ratelimit::{Limited, RateLimiter};
 use crate::validate::{self, Limits, Violations};
 use crate::view::View;
 
@@ -242,6 +244,20 @@ pub struct Query {
     pub limits: Limits,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Per-key query rate limits (`ratelimit.rs`).
+    pub limiter: Arc<RateLimiter>,
+    /// Origins allowed to call from a web page (`cors.rs`; the HTTP mirror and gRPC-Web).
+    pub cors: Arc<Cors>,
+}
+
+/// RESOURCE_EXHAUSTED for a key over its rate limit, with a `google.rpc.RetryInfo` saying
+/// when to retry (`tonic_types::StatusExt::get_details_retry_info`).
+pub fn rate_limited(l: &Limited) -> Status {
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        l.to_string(),
+        ErrorDetails::with_retry_info(Some(l.retry_after)),
+    )
 }
 
 /// The gRPC status of a refused query: UNAUTHENTICATED, or INVALID_ARGUMENT with a
@@ -340,10 +356,16 @@ impl Query {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.authorize(h).map_err(|e| {
+        let caller = self.authorize(h).map_err(|e| {
             self.count_refusal(rpc, &e);
             status(e)
-        })
+        })?;
+        // After authorisation: only a known key (or the keyless admin) has a bucket.
+        self.limiter.check(h).map_err(|l| {
+            self.metrics.refuse_query(rpc, "rate_limited");
+            rate_limited(&l)
+        })?;
+        Ok(caller)
     }
 
     fn timed<T>(&self, rpc: &'static str, f: impl FnOnce() -> T) -> T {

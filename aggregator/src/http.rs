@@ -138,6 +138,30 @@ pub fn param_name(f: &Field) -> Cow<'_, str> {
     })
 }
 
+/// The `type` of the problem answered to a key over its rate limit (429).
+pub const PROBLEM_RATE_LIMITED: &str = "https://example.invalid/adclick/rate-limited";
+
+/// 429 for a key over its rate limit: `Retry-After` (whole seconds, rounded up) and an
+/// RFC 9457 problem with `retry_after_ms`.
+pub fn rate_limited(l: &crate::ratelimit::Limited) -> Resp {
+    let s = StatusCode::TOO_MANY_REQUESTS;
+    let mut body = problem(
+        PROBLEM_RATE_LIMITED,
+        "Too Many Requests",
+        s,
+        &l.to_string(),
+        None,
+    );
+    if let Some(o) = body.as_object_mut() {
+        let ms = u64::try_from(l.retry_after.as_millis()).unwrap_or(u64::MAX);
+        o.insert("retry_after_ms".into(), json!(ms.max(1)));
+    }
+    let mut r = problem_reply(s, body);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(l.retry_after_secs()));
+    r
+}
+
 /// The answer to a refused query: 401, or 400 with a problem naming each parameter.
 pub fn query_error(e: &QueryError) -> Resp {
     let (status, body) = problem_of(e);
@@ -203,8 +227,15 @@ impl ConnService for HttpService {
     type Body = Full<Bytes>;
 
     fn call(&self, req: Request<Incoming>) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
+        // A CORS preflight (OPTIONS) is answered before routing; everything else gets the
+        // CORS headers of its origin (`cors.rs`; none unless query.cors_allowed_origins).
+        if let Some(resp) = self.0.cors.preflight(&req) {
+            return Box::pin(async move { resp });
+        }
+        let origin = crate::cors::origin_of(req.headers());
         // The handler never reads the body (GET only) and does no I/O: answered at once.
-        let resp = handle(&self.0, req);
+        let mut resp = handle(&self.0, req);
+        self.0.cors.decorate(&origin, &mut resp);
         Box::pin(async move { resp })
     }
 
@@ -295,6 +326,11 @@ fn handle<B>(q: &Query, req: Request<B>) -> Resp {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    // Charges only a configured key (an unknown one is refused with 401 just below).
+    if let Err(l) = q.limiter.check(auth) {
+        q.metrics.refuse_query(rpc, "rate_limited");
+        return rate_limited(&l);
+    }
     let result = q.authorize(auth).and_then(|caller| {
         let params = params(req.uri().query())?;
         match (rpc, ad) {

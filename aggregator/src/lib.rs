@@ -12,14 +12,17 @@
 pub mod admit;
 pub mod benchkit;
 pub mod config;
+pub mod cors;
 pub mod decode;
 pub mod engine;
 pub mod grpc;
+pub mod grpc_web;
 pub mod health;
 pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod query;
+pub mod ratelimit;
 pub mod sketch;
 pub mod source;
 pub mod state;
@@ -112,9 +115,23 @@ pub async fn start_with_store<S: Store + 'static>(
         cfg: cfg.query.clone(),
         limits: validate::Limits::new(&cfg.query, &cfg.windows),
         metrics: metrics.clone(),
+        limiter: Arc::new(ratelimit::RateLimiter::new(&cfg.query, &cfg.api_keys)),
+        cors: Arc::new(
+            cors::Cors::new(&cfg.query.cors_allowed_origins).map_err(config::ConfigError)?,
+        ),
     };
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(adclick_proto::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: current grpcurl and grpcui speak v1, older tools and
+    // some client libraries (issue 14 met a Python client) only v1alpha. Both list the
+    // health service too (its descriptors come with tonic-health).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(adclick_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
+    let reflection = reflection()
         .build_v1()
         .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -152,6 +169,7 @@ pub async fn start_with_store<S: Store + 'static>(
                 .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
         )
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(health_service)
         .prepare();
     let health_task = tokio::spawn(watch_health(health, view.clone(), rx.clone()));
@@ -160,13 +178,17 @@ pub async fn start_with_store<S: Store + 'static>(
         port: listen::Port::Grpc,
         limits: cfg.connections.clone(),
         metrics: metrics.clone(),
-        http2_only: true,
+        // HTTP/1.1 too, for gRPC-Web from browsers (`grpc_web.rs`); plain gRPC stays HTTP/2.
+        http2_only: false,
         // Collector batches are ~100 KB: the 64 KiB HTTP/2 default window stalls each one.
         windows: Some(listen::Windows {
             stream: 8 << 20,
             connection: 16 << 20,
         }),
-        make_service: move |_| GrpcRoutes(routes.clone()),
+        make_service: {
+            let front = grpc_web::GrpcFront::new(routes, query.cors.clone());
+            move |_| front.clone()
+        },
         shutdown: rx.clone(),
     }));
     let http_task = tokio::spawn(listen::serve(listen::Serve {
@@ -195,35 +217,6 @@ pub async fn start_with_store<S: Store + 'static>(
             .collect(),
         threads: Some(threads),
     })
-}
-
-/// The gRPC routes as one connection's service.
-#[derive(Debug, Clone)]
-struct GrpcRoutes(tonic::service::Routes);
-
-impl listen::ConnService for GrpcRoutes {
-    type Body = tonic::body::Body;
-
-    fn call(
-        &self,
-        req: hyper::Request<hyper::body::Incoming>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = hyper::Response<Self::Body>> + Send>> {
-        use tonic::codegen::Service as _;
-        let fut = self.0.clone().call(req);
-        Box::pin(async move {
-            match fut.await {
-                Ok(r) => r,
-                Err(never) => match never {},
-            }
-        })
-    }
-
-    fn timed_out(&self) -> hyper::Response<Self::Body> {
-        tonic::Status::deadline_exceeded(
-            "request took longer than connections.request_timeout_secs",
-        )
-        .into_http()
-    }
 }
 
 /// gRPC health mirrors readiness: the whole server ("") and `IngestService` are

@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 /// Which listener (the `port` label of the connection metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Port {
-    /// gRPC (ingest, queries, reflection, health): HTTP/2 only.
+    /// gRPC (ingest, queries, reflection, health): HTTP/2, and HTTP/1.1 for gRPC-Web.
     Grpc,
     /// HTTP/JSON queries, health, metrics: HTTP/1.1 and HTTP/2.
     Http,

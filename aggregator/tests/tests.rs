@@ -18,6 +18,7 @@
 mod util;
 
 mod breadth;
+mod clients;
 mod counting;
 mod dedup_bound;
 mod filtered_top;

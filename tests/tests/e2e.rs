@@ -16,6 +16,7 @@ mod support {
 
 mod aggregator_kill;
 mod aggregator_outage;
+mod clients;
 mod collector_kill;
 mod countable;
 mod hot_dedup;

@@ -229,7 +229,9 @@ fn start(a: &PipelineArgs, dir: &Path) -> Result<Setup> {
         format!(
             "listen_grpc = \"127.0.0.1:{grpc}\"\nlisten_http = \"127.0.0.1:{agg_http}\"\ndata_dir = {:?}\n\
              ingest_keys = [\"{ingest}\"]\n\
-             [windows]\nallowed_delay_ms = 2000\n[[api_keys]]\nkey = \"{admin}\"\nrole = \"admin\"\n",
+             [windows]\nallowed_delay_ms = 2000\n\
+             # The visibility probe polls every 2 ms: no per-key query rate limit.\n\
+             [query]\nrate_limit_per_second = 0\n[[api_keys]]\nkey = \"{admin}\"\nrole = \"admin\"\n",
             dir.join("agg")
         ),
     )?;

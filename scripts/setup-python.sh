@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs what the Python client example (examples/python/) needs into the project-local
+# venv `.venv/` (the same one scripts/setup-nats.sh fills): grpcio and grpcio-tools (the
+# stubs are generated from proto/proto/adclick/v1/adclick.proto at run time, nothing
+# generated is committed). Prints the venv's python on stdout (nothing else goes to
+# stdout, so `py=$(bash scripts/setup-python.sh)` works). Idempotent and quiet when the
+# pinned versions are already installed; never touches the system Python.
+#
+# Usage: bash scripts/setup-python.sh   (from anywhere; the venv is <repo>/.venv)
+# Env:   ADCLICK_VENV overrides the venv directory (default <repo>/.venv).
+set -euo pipefail
+
+GRPC_VERSION=1.76.0
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${ADCLICK_VENV:-$root/.venv}"
+py="$venv/bin/python"
+log() { printf '[setup-python] %s\n' "$*" >&2; }
+
+installed() {
+  [ -x "$py" ] && "$py" - "$GRPC_VERSION" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+import grpc, grpc_tools.protoc  # noqa: F401  (both import)
+want = sys.argv[1]
+sys.exit(0 if version("grpcio") == want and version("grpcio-tools") == want else 1)
+PY
+}
+
+if installed; then
+  printf '%s\n' "$py"
+  exit 0
+fi
+
+if ! command -v python3 >/dev/null 2>&1; then
+  log "python3 not found: install Python 3 (3.9 or later) with venv support (Debian: apt-get install python3-venv)"
+  exit 1
+fi
+if [ ! -x "$py" ]; then
+  log "creating $venv"
+  if ! python3 -m venv "$venv" >&2; then
+    log "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    exit 1
+  fi
+fi
+log "installing grpcio==$GRPC_VERSION grpcio-tools==$GRPC_VERSION into $venv (from PyPI)"
+if ! "$py" -m pip install -q --disable-pip-version-check \
+  "grpcio==$GRPC_VERSION" "grpcio-tools==$GRPC_VERSION" >&2; then
+  log "pip install failed: PyPI must be reachable (or a mirror set with PIP_INDEX_URL)"
+  exit 1
+fi
+if ! installed; then
+  log "grpcio/grpcio-tools $GRPC_VERSION installed but do not import from $py"
+  exit 1
+fi
+log "installed grpcio and grpcio-tools $GRPC_VERSION"
+printf '%s\n' "$py"
