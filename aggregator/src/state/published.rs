@@ -1,13 +1,14 @@
-//! Readers never wait for the writer, and the writer never waits for readers: the
-//! top-N indexes of a shard (a [`TopSet`]: unfiltered and per filter value) are published read-copy-update style. Readers take the
-//! current copy from an [`ArcSwap`] (an `Arc` clone, no lock) and query it for as long as
-//! they like. The shard thread keeps a second copy: it logs every change, and to publish
-//! it brings that copy up to date and swaps it in; the copy swapped out becomes the next
-//! one to update, once the last reader has dropped it. While a reader still holds it the
-//! writer simply keeps logging and retries at its next step, and every millisecond while
-//! behind (it never blocks): readers then see the previous state a little longer. Acks do
-//! not wait for it either (`engine::shard_loop`): an acked click is in GetAdClicks at once
-//! and in TopAds at once unless a TopAds query holds the other copy, then when it ends.
+//! Readers never wait for the writer, and the writer never waits for readers: the top-N
+//! indexes of a shard (a [`TopSet`]: unfiltered and per filter value) are published
+//! read-copy-update style. Readers take the current copy from an [`ArcSwap`] (an `Arc`
+//! clone, no lock) and query it for as long as they like. The shard thread keeps a second
+//! copy: it logs every change, and to publish it brings that copy up to date and swaps it
+//! in; the copy swapped out becomes the next one to update, once the last reader has
+//! dropped it. While a reader still holds it the writer simply keeps logging and retries
+//! at its next step, and every millisecond while behind (it never blocks): readers then
+//! see the previous state a little longer. Acks do not wait for it either
+//! (`engine::shard_loop`): an acked click is in GetAdClicks at once and in TopAds at once
+//! unless a TopAds query holds the other copy, then when it ends.
 //! The log grows with the clicks that arrive while such a query runs.
 //!
 //! Two copies of the indexes cost their memory twice and each change is applied twice; in
@@ -145,7 +146,10 @@ mod tests {
                 let op = match kind {
                     0 => TopOp::Seal(minute),
                     1 => TopOp::Evict(minute / 3),
-                    _ => TopOp::Add { ad, minute, by: 1, keys: ClickKeys { advertiser: ad % 2, ..ClickKeys::default() } },
+                    _ => {
+                        let keys = ClickKeys { advertiser: ad % 2, ..ClickKeys::default() };
+                        TopOp::Add { ad, minute, by: 1, keys }
+                    }
                 };
                 w.push(op);
                 apply(&mut model, op);
@@ -175,8 +179,8 @@ mod tests {
             held.clear();
             prop_assert!(w.publish(&shared));
             prop_assert_eq!(shared.load().all.top(10, 0, 30), model.all.top(10, 0, 30));
-                    let adv = |s: &TopSet| s.index(FilterKey::Advertiser(1)).map(|i| i.top(10, 0, 30));
-                    prop_assert_eq!(adv(&shared.load()), adv(&model));
+            let adv = |s: &TopSet| s.index(FilterKey::Advertiser(1)).map(|i| i.top(10, 0, 30));
+            prop_assert_eq!(adv(&shared.load()), adv(&model));
         }
     }
 }
