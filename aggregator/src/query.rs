@@ -18,7 +18,7 @@ use adclick_proto::v1::{
 use crate::config::{ApiKey, QueryConfig, Role};
 use crate::sketch::hll::Hll;
 use crate::state::dims::DimKey;
-use crate::state::shard::{CellRef, LEVEL_MS};
+use crate::state::shard::{CellRef, LEVEL_MS, ShardState};
 use crate::state::topn::{TopIndex, count_of, top_bounded, top_of};
 use crate::state::topset::{FilterKey, IndexField, TopSet};
 use crate::validate::{self, FilterSpec, Limits, Violations};
@@ -322,11 +322,7 @@ fn filtered_top(
             }
         }),
         _ => {
-            let shards: Vec<_> = view
-                .shards
-                .iter()
-                .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
-                .collect();
+            let shards = read_shards(view);
             top_bounded(bound, n, fm, tm, |ad| {
                 if !owned(ad) {
                     return 0;
@@ -345,14 +341,19 @@ fn filtered_top(
     }
 }
 
+/// Read guards on every shard's cells (a poisoned lock is read anyway, as everywhere in
+/// this crate: queries keep answering after a writer panic).
+fn read_shards(view: &View) -> Vec<std::sync::RwLockReadGuard<'_, ShardState>> {
+    view.shards
+        .iter()
+        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
+        .collect()
+}
+
 /// `TopAds` by scanning every minute cell of the range under the shards' read locks: what
 /// [`filtered_top`] falls back to when its bound cannot prune.
 fn scan_top(view: &View, filter: &Filter, caller: Caller, (fm, tm): (i64, i64)) -> Vec<(u64, u64)> {
-    let shards: Vec<_> = view
-        .shards
-        .iter()
-        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
-        .collect();
+    let shards = read_shards(view);
     let mut sums: HashMap<u64, u64> = HashMap::new();
     let mut allowed: HashMap<u64, bool> = HashMap::new();
     let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
@@ -413,25 +414,44 @@ pub fn get_ad_clicks(
     // One watermark for the retention check and the answer.
     let watermark_ms = view.watermark_ms.load(Ordering::Acquire);
     let plan = validate::ad_clicks(req, limits, watermark_ms)?;
+    let meta = view.meta.load_full();
+    let filter = Filter::resolve(&plan.filter, &meta);
+    let fill = req.fill_empty.unwrap_or(true);
+    Ok(answer_ad_clicks(
+        view,
+        caller,
+        req.ad_id,
+        &plan,
+        &filter,
+        fill,
+        watermark_ms,
+    ))
+}
+
+/// The answer to a validated `GetAdClicks` for `ad` (`plan` and `filter` from its
+/// request, which `BatchGetAdClicks` shares between its ads).
+fn answer_ad_clicks(
+    view: &View,
+    caller: Caller,
+    ad: u64,
+    plan: &validate::AdClicksPlan<'_>,
+    filter: &Filter,
+    fill: bool,
+    watermark_ms: i64,
+) -> GetAdClicksResponse {
     let (level, from, to) = (plan.level, plan.from_ms, plan.to_ms);
     let width = LEVEL_MS[level];
     let mut resp = GetAdClicksResponse {
-        ad_id: req.ad_id,
+        ad_id: ad,
         granularity: [Granularity::Minute, Granularity::Hour, Granularity::Day][level] as i32,
         watermark_ms,
         ..Default::default()
     };
-    let meta = view.meta.load_full();
-    let filter = Filter::resolve(&plan.filter, &meta);
-    let fill = req.fill_empty.unwrap_or(true);
     // An ad the caller may not see answers like an ad without clicks (zeros when filled):
     // nothing tells it apart from an unknown ad.
-    let visible = filter.matches_ad(ad_meta(view, req.ad_id), caller);
-    let shards: Vec<_> = if visible {
-        view.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
-            .collect()
+    let visible = filter.matches_ad(ad_meta(view, ad), caller);
+    let shards = if visible {
+        read_shards(view)
     } else {
         Vec::new()
     };
@@ -441,7 +461,7 @@ pub fn get_ad_clicks(
         let mut users = Hll::new();
         let mut clicks = 0;
         for s in &shards {
-            for cell in s.parts(level, req.ad_id, start) {
+            for cell in s.parts(level, ad, start) {
                 clicks += filter.tally(cell, Some(&mut users));
             }
         }
@@ -459,7 +479,7 @@ pub fn get_ad_clicks(
         start += width;
     }
     resp.total_unique_users = total_users.estimate();
-    Ok(resp)
+    resp
 }
 
 /// `Breakdown`: one ad's clicks in the range by the values of one dimension, top `n`.
@@ -539,11 +559,7 @@ pub fn breakdown(
         })
         .collect();
     let mut sums: Vec<(u64, Hll)> = (0..names.len()).map(|_| (0, Hll::new())).collect();
-    let shards: Vec<_> = view
-        .shards
-        .iter()
-        .map(|s| s.read().unwrap_or_else(|e| e.into_inner()))
-        .collect();
+    let shards = read_shards(view);
     let width = LEVEL_MS[plan.level];
     let mut start = plan.from_ms;
     while start < plan.to_ms {
@@ -587,33 +603,36 @@ pub fn batch_get_ad_clicks(
     limits: &Limits,
 ) -> Result<v1::BatchGetAdClicksResponse, QueryError> {
     let mut bad = validate::ad_ids(&req.ad_ids);
-    let one = |ad_id| v1::GetAdClicksRequest {
-        ad_id,
+    // The shared fields, checked once with a stand-in id (the ids were checked above); one
+    // watermark for every ad.
+    let watermark_ms = view.watermark_ms.load(Ordering::Acquire);
+    let shared = v1::GetAdClicksRequest {
+        ad_id: 1,
         from_ms: req.from_ms,
         to_ms: req.to_ms,
         granularity: req.granularity,
         filter: req.filter.clone(),
         fill_empty: req.fill_empty,
     };
-    // The shared fields, checked once with a stand-in id (the ids were checked above).
-    let watermark_ms = view.watermark_ms.load(Ordering::Acquire);
-    let shared = one(1);
-    if let Err(v) = validate::ad_clicks(&shared, limits, watermark_ms) {
-        bad.extend(v);
-    }
-    if !bad.is_empty() {
-        return Err(QueryError::Invalid(bad));
-    }
-    let mut out = v1::BatchGetAdClicksResponse {
-        watermark_ms: i64::MAX,
-        ..Default::default()
+    let plan = match validate::ad_clicks(&shared, limits, watermark_ms) {
+        Ok(plan) if bad.is_empty() => plan,
+        Ok(_) => return Err(QueryError::Invalid(bad)),
+        Err(v) => {
+            bad.extend(v);
+            return Err(QueryError::Invalid(bad));
+        }
     };
-    for &ad in &req.ad_ids {
-        let r = get_ad_clicks(view, caller, &one(ad), limits)?;
-        out.watermark_ms = out.watermark_ms.min(r.watermark_ms);
-        out.ads.push(r);
-    }
-    Ok(out)
+    let meta = view.meta.load_full();
+    let filter = Filter::resolve(&plan.filter, &meta);
+    let fill = req.fill_empty.unwrap_or(true);
+    Ok(v1::BatchGetAdClicksResponse {
+        ads: req
+            .ad_ids
+            .iter()
+            .map(|&ad| answer_ad_clicks(view, caller, ad, &plan, &filter, fill, watermark_ms))
+            .collect(),
+        watermark_ms,
+    })
 }
 
 /// The [from, to) minute range a `TopAds` request asks for, in ms (`validate::top_window`).
