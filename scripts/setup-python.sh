@@ -15,6 +15,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${ADCLICK_VENV:-$root/.venv}"
 py="$venv/bin/python"
 log() { printf '[setup-python] %s\n' "$*" >&2; }
+# shellcheck source=scripts/venv.sh
+. "$root/scripts/venv.sh"
 
 installed() {
   [ -x "$py" ] && "$py" - "$GRPC_VERSION" <<'PY' 2>/dev/null
@@ -31,17 +33,7 @@ if installed; then
   exit 0
 fi
 
-if ! command -v python3 >/dev/null 2>&1; then
-  log "python3 not found: install Python 3 (3.9 or later) with venv support (Debian: apt-get install python3-venv)"
-  exit 1
-fi
-if [ ! -x "$py" ]; then
-  log "creating $venv"
-  if ! python3 -m venv "$venv" >&2; then
-    log "python3 -m venv failed (Debian: apt-get install python3-venv)"
-    exit 1
-  fi
-fi
+ensure_venv || exit 1
 log "installing grpcio==$GRPC_VERSION grpcio-tools==$GRPC_VERSION into $venv (from PyPI)"
 if ! "$py" -m pip install -q --disable-pip-version-check \
   "grpcio==$GRPC_VERSION" "grpcio-tools==$GRPC_VERSION" >&2; then
