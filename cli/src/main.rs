@@ -4,6 +4,7 @@
 
 mod bench;
 mod dev;
+mod global;
 mod impression;
 mod jetstream;
 mod keys;

@@ -189,8 +189,12 @@ async fn stream_and_partitions(
             return Err(nats(e));
         }
     };
-    let subjects = &stream.cached_info().config.subjects;
-    if !subjects.iter().any(|s| *s == format!("{prefix}.*")) {
+    let config = &stream.cached_info().config;
+    let subjects = &config.subjects;
+    // A global stream (`adclick jetstream init-global`) has no subjects of its own: it
+    // sources regional streams, whose messages keep their `<prefix>.<p>` subjects.
+    let sourced = subjects.is_empty() && config.sources.as_ref().is_some_and(|s| !s.is_empty());
+    if !sourced && !subjects.iter().any(|s| *s == format!("{prefix}.*")) {
         return Err(SourceError::Nats(format!(
             "stream {name} captures {subjects:?}, not {prefix}.* (source.subject_prefix)"
         )));

@@ -383,3 +383,106 @@ pub async fn read_stream(client: &async_nats::Client, stream: &str) -> Vec<Store
     }
     out
 }
+
+/// Regions joined to a hub, the multi-region layout of ARCHITECTURE.md ("Regions"): one
+/// hub node (JetStream domain `hub`, a leaf-node listener) and one node per region (its
+/// own JetStream domain, the region's name), each a leaf node of the hub. The leaf links
+/// deny `clicks.>` both ways, so a region's publishes stay in its region (its stream
+/// would otherwise capture every region's clicks); the hub reaches each region's
+/// JetStream only through `$JS.<region>.API`, which stream sourcing uses.
+#[derive(Debug)]
+pub struct NatsRegions {
+    hub: NatsCluster,
+    regions: Vec<NatsCluster>,
+}
+
+impl NatsRegions {
+    /// Starts the hub and one node per name in `regions` under `dir`.
+    pub async fn start(dir: &Path, regions: &[&str]) -> NatsRegions {
+        server_binary();
+        for attempt in 0..5 {
+            let leaf = free_port();
+            let hub = Self::node(
+                dir,
+                "hub",
+                attempt,
+                "domain: hub",
+                &format!("leafnodes {{\n  listen: 127.0.0.1:{leaf}\n}}\n"),
+            );
+            let mut hub = NatsCluster { nodes: vec![hub] };
+            if !hub.spawn_all() {
+                continue;
+            }
+            let mut started = Vec::new();
+            for r in regions {
+                let mut region = NatsCluster {
+                    nodes: vec![Self::node(
+                        dir,
+                        r,
+                        attempt,
+                        &format!("domain: {r}"),
+                        &format!(
+                            "leafnodes {{\n  remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf}\", \
+                             deny_imports: [\"clicks.>\"], deny_exports: [\"clicks.>\"] }} ]\n}}\n"
+                        ),
+                    )],
+                };
+                if region.spawn_all() {
+                    started.push(region);
+                }
+            }
+            if started.len() < regions.len() {
+                eprintln!("nats regions start attempt {attempt} failed (port taken?)");
+                continue;
+            }
+            hub.wait_jetstream(1, Duration::from_secs(30)).await;
+            for r in &started {
+                r.wait_jetstream(1, Duration::from_secs(30)).await;
+            }
+            return NatsRegions {
+                hub,
+                regions: started,
+            };
+        }
+        panic!("could not start the hub and regions in {}", dir.display());
+    }
+
+    fn node(dir: &Path, name: &str, attempt: usize, jetstream: &str, extra: &str) -> Node {
+        let client = free_port();
+        let node_dir = dir.join(name);
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let store = node_dir.join("jetstream").display().to_string();
+        let text = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{client}\nmax_payload: 8MB\n\
+             jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n  {jetstream}\n}}\n{extra}"
+        );
+        let config = node_dir.join(format!("nats-{attempt}.conf"));
+        std::fs::write(&config, text).unwrap();
+        Node {
+            name: name.into(),
+            client: SocketAddr::from(([127, 0, 0, 1], client)),
+            config,
+            log: node_dir.join("nats.log"),
+            child: None,
+        }
+    }
+
+    /// The hub (where the global stream lives).
+    pub fn hub(&self) -> &NatsCluster {
+        &self.hub
+    }
+
+    /// Region `i`, in the order given to [`NatsRegions::start`].
+    pub fn region(&self, i: usize) -> &NatsCluster {
+        &self.regions[i]
+    }
+
+    /// Every node's log so far.
+    pub fn logs(&self) -> String {
+        let mut s = self.hub.logs();
+        for r in &self.regions {
+            s.push_str(&r.logs());
+        }
+        s
+    }
+}
