@@ -5,12 +5,15 @@
 //! - `aggregator` ([`aggregator`]): apply-only throughput of the aggregator's per-click
 //!   state path on one core, and memory per cell (`adclick_aggregator::benchkit`).
 //! - `topads` ([`topads`]): TopAds latency over a state holding millions of ads.
+//! - `jetstream` ([`jetstream`]): publish latency and per-partition shard throughput on
+//!   the JetStream back end.
 //!
 //! `adclick bench --rate R ...` without a subcommand is `pipeline` (the form that predates
 //! the subcommands). Each prints a human table and exactly one line `RESULT bench=<name>
 //! key=value ...` on stdout for scripts (`scripts/bench.sh`). Measures, never asserts.
 
 mod aggregator;
+mod jetstream;
 mod pipeline;
 mod topads;
 
@@ -40,6 +43,9 @@ enum BenchCommand {
     Aggregator(aggregator::AggregatorArgs),
     /// TopAds(n=100, last 60 min) latency over a state holding millions of distinct ads.
     Topads(topads::TopadsArgs),
+    /// JetStream back end: publish latency p50/p99 (acked) and one shard's per-partition
+    /// consume throughput, on running NATS servers.
+    Jetstream(jetstream::JetstreamArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -48,6 +54,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(BenchCommand::Pipeline(p)) => pipeline::run(p),
         Some(BenchCommand::Aggregator(x)) => aggregator::run(x),
         Some(BenchCommand::Topads(x)) => topads::run(x),
+        Some(BenchCommand::Jetstream(x)) => jetstream::run(x),
     }
 }
 
