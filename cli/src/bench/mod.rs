@@ -11,7 +11,7 @@
 //! key=value ...` on stdout for scripts (`scripts/bench.sh`). Measures, never asserts.
 
 mod aggregator;
-mod pipeline;
+pub(crate) mod pipeline;
 mod topads;
 
 use std::io::Write;
