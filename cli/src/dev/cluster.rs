@@ -192,6 +192,8 @@ impl Procs {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
+            // Logs are files: no terminal colour codes in them.
+            .env("NO_COLOR", "1")
             .process_group(0)
             .spawn()
             .with_context(|| format!("cannot start {name} ({})", program.display()))?;
