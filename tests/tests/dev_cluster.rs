@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use adclick_devtools::process;
 use adclick_proto::keyfile::KeyFile;
 use adclick_proto::partition::partition;
-use adclick_proto::v1::{self, ClickBatch};
 use adclick_sdk::MintedToken;
 use adclick_test_support::nats::server_binary;
 use prost::Message;
@@ -72,20 +71,7 @@ fn cmdline(pid: u32) -> String {
 
 /// Posts `tokens` as one protobuf batch; the HTTP status (0 when unreachable).
 async fn post(http: &reqwest::Client, collector: &str, tokens: &[&MintedToken]) -> u16 {
-    let now = now_ms();
-    let body = ClickBatch {
-        sent_at_ms: now,
-        clicks: tokens
-            .iter()
-            .map(|m| v1::Click {
-                token: m.token.clone(),
-                occurred_at_ms: now,
-                sent_at_ms: now,
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
+    let body = click_batch(tokens.iter().copied(), now_ms());
     http.post(format!("{collector}/v1/clicks"))
         .header("content-type", "application/x-protobuf")
         .timeout(Duration::from_secs(5))

@@ -572,7 +572,7 @@ fn refuse_if_running(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Keys and paths the start needs.
+/// The API and ingest keys of the data dir, for the generated configs and the live view.
 struct Secrets {
     admin: String,
     adv: String,
