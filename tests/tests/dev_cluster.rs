@@ -70,6 +70,24 @@ fn cmdline(pid: u32) -> String {
 }
 
 /// Posts `tokens` as one protobuf batch; the HTTP status (0 when unreachable).
+/// Kills, when dropped (a failed assertion), every listed process still running under
+/// the test's data dir: a failing run must not leave nats-servers behind. A pid is only
+/// killed while its command line names that dir (never a reused pid).
+struct Reaper {
+    pids: Vec<u32>,
+    dir: String,
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            if process::running(pid) && cmdline(pid).contains(&self.dir) {
+                let _ = process::kill(pid);
+            }
+        }
+    }
+}
+
 async fn post(http: &reqwest::Client, collector: &str, tokens: &[&MintedToken]) -> u16 {
     let body = click_batch(tokens.iter().copied(), now_ms());
     http.post(format!("{collector}/v1/clicks"))
@@ -183,13 +201,19 @@ async fn scenario(nats: PathBuf) {
     // dev.json, once every server is up.
     let json_path = data.join("dev.json");
     let deadline = Instant::now() + Duration::from_secs(120);
+    let mut reaper = Reaper {
+        pids: Vec::new(),
+        dir: data.display().to_string(),
+    };
     let doc: serde_json::Value = loop {
         dev.assert_running();
         if let Ok(text) = std::fs::read_to_string(&json_path)
             && let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text)
-            && doc["ready"] == true
         {
-            break doc;
+            reaper.pids = entries(&doc).iter().map(|p| p.pid).collect();
+            if doc["ready"] == true {
+                break doc;
+            }
         }
         assert!(
             Instant::now() < deadline,
