@@ -240,7 +240,10 @@ mod tests {
         let nodes = local_cluster(Path::new("/d"), "n", "c", &[(1, 11), (2, 12), (3, 13)]);
         let t = nodes[1].render();
         assert!(t.contains("server_name: n1\nlisten: 127.0.0.1:2\n"), "{t}");
-        assert!(t.contains("store_dir: \"/d/n1/jetstream\"\n  sync_interval: always"), "{t}");
+        assert!(
+            t.contains("store_dir: \"/d/n1/jetstream\"\n  sync_interval: always"),
+            "{t}"
+        );
         assert!(
             t.contains(
                 "name: c\n  listen: 127.0.0.1:12\n  routes: [\"nats-route://127.0.0.1:11\", \"nats-route://127.0.0.1:13\"]"

@@ -50,7 +50,11 @@ pub fn running(pid: u32) -> bool {
 /// Waits until something accepts TCP connections on `addr` (polling every 20 ms), or
 /// `within` passes, or `gave_up()` says to stop (the process that should listen exited).
 /// Whether it listens.
-pub fn wait_listening(addr: SocketAddr, within: Duration, mut gave_up: impl FnMut() -> bool) -> bool {
+pub fn wait_listening(
+    addr: SocketAddr,
+    within: Duration,
+    mut gave_up: impl FnMut() -> bool,
+) -> bool {
     let deadline = Instant::now() + within;
     loop {
         if gave_up() {
@@ -72,7 +76,10 @@ mod tests {
 
     #[test]
     fn a_child_is_running_until_killed_and_reaped() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pid = child.id();
         assert!(exists(pid) && running(pid));
         kill(pid).unwrap();
@@ -88,7 +95,10 @@ mod tests {
 
     #[test]
     fn terminate_stops_a_child() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         terminate(child.id()).unwrap();
         let status = child.wait().unwrap();
         assert!(!status.success());

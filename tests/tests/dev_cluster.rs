@@ -232,7 +232,12 @@ async fn scenario(nats: PathBuf) {
     );
     assert!(by_role("query-front") <= 1);
     for p in &procs {
-        assert!(process::running(p.pid), "{} (pid {}) is not running", p.name, p.pid);
+        assert!(
+            process::running(p.pid),
+            "{} (pid {}) is not running",
+            p.name,
+            p.pid
+        );
         let cmd = cmdline(p.pid);
         assert!(
             cmd.contains(&p.config.display().to_string()),
@@ -241,7 +246,12 @@ async fn scenario(nats: PathBuf) {
             p.name,
             p.config.display()
         );
-        assert!(p.log.exists(), "{} has no log at {}", p.name, p.log.display());
+        assert!(
+            p.log.exists(),
+            "{} has no log at {}",
+            p.name,
+            p.log.display()
+        );
     }
     let mut owned: Vec<&str> = procs
         .iter()
@@ -249,7 +259,11 @@ async fn scenario(nats: PathBuf) {
         .map(|p| p.partitions.as_deref().unwrap())
         .collect();
     owned.sort();
-    assert_eq!(owned, ["0-7", "8-15"], "shard 0 and 1 of 2 over 16 partitions");
+    assert_eq!(
+        owned,
+        ["0-7", "8-15"],
+        "shard 0 and 1 of 2 over 16 partitions"
+    );
 
     // Known clicks, signed with the keys dev made, half to each collector; 10 of them to
     // both (the second copy is a duplicate across collectors: counted once).
@@ -265,14 +279,23 @@ async fn scenario(nats: PathBuf) {
         .map(|i| signer.mint(&placement(1 + i % 30, 7, 1)).unwrap())
         .collect();
     let collectors: Vec<&Entry> = procs.iter().filter(|p| p.role == "collector").collect();
-    let urls: Vec<String> = collectors.iter().map(|c| c.endpoints["http"].clone()).collect();
+    let urls: Vec<String> = collectors
+        .iter()
+        .map(|c| c.endpoints["http"].clone())
+        .collect();
     let http = http_client();
     let mut ledger = BTreeMap::new();
     let (a, b) = tokens.split_at(60);
     send_all(&http, &urls[0], &a.iter().collect::<Vec<_>>(), &mut ledger).await;
     send_all(&http, &urls[1], &b.iter().collect::<Vec<_>>(), &mut ledger).await;
     let mut again = BTreeMap::new();
-    send_all(&http, &urls[1], &a[..10].iter().collect::<Vec<_>>(), &mut again).await;
+    send_all(
+        &http,
+        &urls[1],
+        &a[..10].iter().collect::<Vec<_>>(),
+        &mut again,
+    )
+    .await;
     assert_eq!(ledger.values().sum::<u64>(), 120);
     let range = (now_ms() - 10 * MIN, now_ms() + 5 * MIN);
     let got = poll_until(&procs, &admin, range, &ledger).await;
@@ -289,17 +312,34 @@ async fn scenario(nats: PathBuf) {
         .await,
         "the pids of dev.json did not die"
     );
-    assert_eq!(post(&http, &urls[1], &[&tokens[0]]).await, 0, "{} still answers", urls[1]);
-    for p in procs.iter().filter(|p| p.pid != victim.pid && p.pid != node.pid) {
+    assert_eq!(
+        post(&http, &urls[1], &[&tokens[0]]).await,
+        0,
+        "{} still answers",
+        urls[1]
+    );
+    for p in procs
+        .iter()
+        .filter(|p| p.pid != victim.pid && p.pid != node.pid)
+    {
         assert!(process::running(p.pid), "{} died with the others", p.name);
     }
     // The rest still counts: 30 more clicks through collector-0, two NATS nodes left.
     let more: Vec<MintedToken> = (0..30u64)
         .map(|i| signer.mint(&placement(1 + i % 30, 7, 1)).unwrap())
         .collect();
-    send_all(&http, &urls[0], &more.iter().collect::<Vec<_>>(), &mut ledger).await;
+    send_all(
+        &http,
+        &urls[0],
+        &more.iter().collect::<Vec<_>>(),
+        &mut ledger,
+    )
+    .await;
     let got = poll_until(&procs, &admin, range, &ledger).await;
-    assert_eq!(got, ledger, "counted after losing a collector and a NATS node");
+    assert_eq!(
+        got, ledger,
+        "counted after losing a collector and a NATS node"
+    );
 
     // SIGTERM to dev: every child stops gracefully, is reaped, and dev.json goes.
     dev.assert_running();
@@ -319,7 +359,10 @@ async fn scenario(nats: PathBuf) {
             cmdline(p.pid)
         );
     }
-    for p in procs.iter().filter(|p| p.pid != victim.pid && p.pid != node.pid) {
+    for p in procs
+        .iter()
+        .filter(|p| p.pid != victim.pid && p.pid != node.pid)
+    {
         let text = std::fs::read_to_string(&p.log).unwrap();
         let graceful = match p.role.as_str() {
             "nats" => "Server Exiting",
@@ -332,5 +375,8 @@ async fn scenario(nats: PathBuf) {
             p.log.display()
         );
     }
-    assert!(!json_path.exists(), "dev.json outlived the processes it lists");
+    assert!(
+        !json_path.exists(),
+        "dev.json outlived the processes it lists"
+    );
 }

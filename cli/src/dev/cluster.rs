@@ -104,7 +104,12 @@ impl Ports {
                 .map(|i| add(args.collector_port, i))
                 .collect::<Result<_>>()?,
             shards: (0..SHARDS as usize)
-                .map(|i| Ok((add(args.shard_port, 2 * i)?, add(args.shard_port, 2 * i + 1)?)))
+                .map(|i| {
+                    Ok((
+                        add(args.shard_port, 2 * i)?,
+                        add(args.shard_port, 2 * i + 1)?,
+                    ))
+                })
                 .collect::<Result<_>>()?,
             front: (args.grpc_port, args.query_port),
         })
@@ -290,8 +295,7 @@ impl Procs {
         let tmp = self.dir.join(format!("{DEV_JSON}.tmp"));
         std::fs::write(&tmp, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
     }
 
@@ -687,13 +691,23 @@ async fn start(
         let sdir = dir.join(&name);
         std::fs::create_dir_all(&sdir)
             .with_context(|| format!("cannot create {}", sdir.display()))?;
-        let text = shard_toml(dir, s, ports.shards[s as usize], &servers, &secrets.ingest, &keys);
+        let text = shard_toml(
+            dir,
+            s,
+            ports.shards[s as usize],
+            &servers,
+            &secrets.ingest,
+            &keys,
+        );
         let cfg: adclick_aggregator::AggregatorConfig =
             toml::from_str(&text).context("the generated shard config")?;
         cfg.validate().context("the generated shard config")?;
-        let owned = Owned::Shard { shard: s, shards: SHARDS }
-            .resolve(args.partitions)
-            .map_err(anyhow::Error::msg)?;
+        let owned = Owned::Shard {
+            shard: s,
+            shards: SHARDS,
+        }
+        .resolve(args.partitions)
+        .map_err(anyhow::Error::msg)?;
         let config = sdir.join("aggregator.toml");
         std::fs::write(&config, text)
             .with_context(|| format!("cannot write {}", config.display()))?;
@@ -703,10 +717,17 @@ async fn start(
             "aggregator",
             &name,
             exe,
-            vec!["aggregator".into(), "--config".into(), config.clone().into()],
+            vec![
+                "aggregator".into(),
+                "--config".into(),
+                config.clone().into(),
+            ],
             config,
             sdir.join("aggregator.log"),
-            vec![("grpc", grpc.clone()), ("http", format!("http://{}", local(h)))],
+            vec![
+                ("grpc", grpc.clone()),
+                ("http", format!("http://{}", local(h))),
+            ],
             Some(("partitions", ranges(&owned))),
         )?;
         front_shards.push((name, grpc, ranges(&owned)));
@@ -747,8 +768,11 @@ async fn start(
     let fdir = dir.join("front");
     std::fs::create_dir_all(&fdir).with_context(|| format!("cannot create {}", fdir.display()))?;
     let config = fdir.join("front.toml");
-    std::fs::write(&config, front_toml(ports.front, args.partitions, &front_shards, &keys))
-        .with_context(|| format!("cannot write {}", config.display()))?;
+    std::fs::write(
+        &config,
+        front_toml(ports.front, args.partitions, &front_shards, &keys),
+    )
+    .with_context(|| format!("cannot write {}", config.display()))?;
     let front = has_subcommand(exe, "query-front");
     if front {
         let (g, h) = ports.front;
@@ -756,7 +780,11 @@ async fn start(
             "query-front",
             "front",
             exe,
-            vec!["query-front".into(), "--config".into(), config.clone().into()],
+            vec![
+                "query-front".into(),
+                "--config".into(),
+                config.clone().into(),
+            ],
             config,
             fdir.join("front.log"),
             vec![
@@ -789,10 +817,16 @@ async fn ensure_stream(
         }
         match init(js, Duration::from_secs(5)).await {
             Ok((spec, Ensured::Created)) => {
-                return Ok(format!("created stream {} ({} partitions)", spec.name, spec.partitions));
+                return Ok(format!(
+                    "created stream {} ({} partitions)",
+                    spec.name, spec.partitions
+                ));
             }
             Ok((spec, Ensured::Found { differences })) => {
-                let mut s = format!("found stream {} ({} partitions)", spec.name, spec.partitions);
+                let mut s = format!(
+                    "found stream {} ({} partitions)",
+                    spec.name, spec.partitions
+                );
                 for d in differences {
                     s += &format!("; differs from the config, left as it is: {d}");
                 }
@@ -819,7 +853,11 @@ fn banner(procs: &Procs, dir: &Path, started: &Started) {
     let d = dir.display();
     println!("adclick dev --cluster: {}", started.stream);
     for p in &procs.list {
-        let eps: Vec<String> = p.endpoints.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let eps: Vec<String> = p
+            .endpoints
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
         let extra = p
             .extra
             .as_ref()
@@ -840,7 +878,9 @@ fn banner(procs: &Procs, dir: &Path, started: &Started) {
         );
     }
     println!("processes, pids, endpoints and logs: {d}/{DEV_JSON}");
-    println!("keys: {d}/keys.toml   admin API key: {d}/admin.key   advertiser 1 key: {d}/advertiser-1.key");
+    println!(
+        "keys: {d}/keys.toml   admin API key: {d}/admin.key   advertiser 1 key: {d}/advertiser-1.key"
+    );
     let query = procs
         .list
         .iter()
@@ -862,7 +902,9 @@ fn banner(procs: &Procs, dir: &Path, started: &Started) {
         "  T=$(adclick impression mint --keys {d}/keys.toml --ad 42 --advertiser 7 --campaign 1 --landing-url https://example.com/x)"
     );
     println!("  curl -s -o /dev/null -w '%{{http_code}} %{{redirect_url}}\\n' {collector}/c/$T");
-    println!("  kill -9 $(jq '.processes[] | select(.name==\"nats-1\") | .pid' {d}/{DEV_JSON})   # lose a node");
+    println!(
+        "  kill -9 $(jq '.processes[] | select(.name==\"nats-1\") | .pid' {d}/{DEV_JSON})   # lose a node"
+    );
     std::thread::sleep(Duration::from_millis(1500));
 }
 
@@ -886,7 +928,12 @@ async fn live(
         .list
         .iter()
         .filter(|p| p.role == "aggregator")
-        .filter_map(|p| Some((p.endpoint("grpc")?.to_string(), p.endpoint("http")?.to_string())))
+        .filter_map(|p| {
+            Some((
+                p.endpoint("grpc")?.to_string(),
+                p.endpoint("http")?.to_string(),
+            ))
+        })
         .collect();
     // TopAds from the front when it runs; else from every shard, merged (exact: an ad
     // lives in one partition, so in one shard).
@@ -902,7 +949,12 @@ async fn live(
                 ads: args.ads,
                 ..Default::default()
             };
-            traffic.push(traffic::start(cfg, Target::Http(url.clone()), keyring.clone(), None)?);
+            traffic.push(traffic::start(
+                cfg,
+                Target::Http(url.clone()),
+                keyring.clone(),
+                None,
+            )?);
         }
     }
     let mut clients = Vec::new();
@@ -949,8 +1001,10 @@ async fn live(
                 window: Some(Window::LastMinutes(5)),
                 filter: None,
             });
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {}", secrets.admin).parse()?);
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {}", secrets.admin).parse()?,
+            );
             if let Ok(r) = q.top_ads(req).await {
                 top.extend(r.into_inner().ads.iter().map(|a| (a.ad_id, a.clicks)));
             }
@@ -1038,21 +1092,38 @@ mod tests {
         assert_eq!(c.forward.jetstream.partitions, 16);
         assert_eq!(c.data_dir, dir.join("collector-1/data"));
         let keys = query_sections("a".repeat(32).as_str(), "b".repeat(32).as_str());
-        let a: adclick_aggregator::AggregatorConfig =
-            toml::from_str(&shard_toml(dir, 1, (9192, 9193), &servers, &"i".repeat(32), &keys))
-                .unwrap();
+        let a: adclick_aggregator::AggregatorConfig = toml::from_str(&shard_toml(
+            dir,
+            1,
+            (9192, 9193),
+            &servers,
+            &"i".repeat(32),
+            &keys,
+        ))
+        .unwrap();
         a.validate().unwrap();
         assert_eq!(
             a.source.owned().unwrap(),
-            Owned::Shard { shard: 1, shards: 2 }
+            Owned::Shard {
+                shard: 1,
+                shards: 2
+            }
         );
         assert_eq!(a.api_keys.len(), 2);
         let f: toml::Table = toml::from_str(&front_toml(
             (9090, 9091),
             16,
             &[
-                ("shard-0".into(), "http://127.0.0.1:9190".into(), "0-7".into()),
-                ("shard-1".into(), "http://127.0.0.1:9192".into(), "8-15".into()),
+                (
+                    "shard-0".into(),
+                    "http://127.0.0.1:9190".into(),
+                    "0-7".into(),
+                ),
+                (
+                    "shard-1".into(),
+                    "http://127.0.0.1:9192".into(),
+                    "8-15".into(),
+                ),
             ],
             &keys,
         ))

@@ -35,7 +35,10 @@ pub const INGEST_KEY: &str = "e2e-ingest-key-000000000001";
 
 /// A `ClickBatch` (as an SDK sends it) of `tokens`: every click and the batch stamped `at`
 /// on the device clock.
-pub fn click_batch<'a>(tokens: impl IntoIterator<Item = &'a MintedToken>, at: i64) -> v1::ClickBatch {
+pub fn click_batch<'a>(
+    tokens: impl IntoIterator<Item = &'a MintedToken>,
+    at: i64,
+) -> v1::ClickBatch {
     v1::ClickBatch {
         sdk_name: "e2e".into(),
         sdk_version: "0".into(),
