@@ -19,6 +19,7 @@ mod aggregator_outage;
 mod clients;
 mod collector_kill;
 mod countable;
+mod dev_cluster;
 mod hot_dedup;
 mod jetstream_aggregator;
 mod jetstream_collector_kill;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use adclick_aggregator::Aggregator;
 use adclick_collector::Collector;
 use adclick_collector::routing::Router;
-use adclick_proto::v1::{self, ClickBatch, ClickBatchResult, Granularity};
+use adclick_proto::v1::{ClickBatchResult, Granularity};
 use adclick_sdk::MintedToken;
 use prost::Message;
 
@@ -22,20 +22,7 @@ use crate::support::*;
 const FANOUT: u32 = 8;
 
 async fn post(col: &Collector, tokens: &[MintedToken], at: i64) -> ClickBatchResult {
-    let batch = ClickBatch {
-        sdk_name: "e2e".into(),
-        sdk_version: "0".into(),
-        sent_at_ms: at,
-        clicks: tokens
-            .iter()
-            .map(|t| v1::Click {
-                token: t.token.clone(),
-                occurred_at_ms: at,
-                sent_at_ms: at,
-                ..Default::default()
-            })
-            .collect(),
-    };
+    let batch = click_batch(tokens, at);
     let r = http_client()
         .post(format!("http://{}/v1/clicks", col.http_addr()))
         .header("content-type", "application/x-protobuf")

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adclick_proto::partition::partition;
-use adclick_proto::v1::{self, ClickBatch, IngestBatch};
+use adclick_proto::v1::IngestBatch;
 use adclick_sdk::MintedToken;
 use adclick_test_support::nats::{NatsCluster, read_stream};
 use prost::Message;
@@ -41,20 +41,7 @@ async fn run_client(
         let mut attempts = 0;
         let ok = loop {
             attempts += 1;
-            let now = now_ms();
-            let body = ClickBatch {
-                sent_at_ms: now,
-                clicks: chunk
-                    .iter()
-                    .map(|m| v1::Click {
-                        token: m.token.clone(),
-                        occurred_at_ms: now,
-                        sent_at_ms: now,
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            };
+            let body = click_batch(chunk, now_ms());
             let r = http
                 .post(&url)
                 .header("content-type", "application/x-protobuf")

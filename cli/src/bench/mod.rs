@@ -14,7 +14,7 @@
 
 mod aggregator;
 mod jetstream;
-mod pipeline;
+pub(crate) mod pipeline;
 mod topads;
 
 use std::io::Write;

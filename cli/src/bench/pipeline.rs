@@ -128,7 +128,7 @@ async fn wait_healthy(http: &reqwest::Client, url: &str) -> Result<()> {
 }
 
 /// The text of a Prometheus endpoint ("" when unreachable).
-async fn scrape(http: &reqwest::Client, url: &str) -> String {
+pub(crate) async fn scrape(http: &reqwest::Client, url: &str) -> String {
     let Ok(r) = http.get(url).send().await else {
         return String::new();
     };
@@ -136,7 +136,7 @@ async fn scrape(http: &reqwest::Client, url: &str) -> String {
 }
 
 /// The value of `metric` (name with labels) in a Prometheus text page (0 when absent).
-fn metric(page: &str, metric: &str) -> u64 {
+pub(crate) fn metric(page: &str, metric: &str) -> u64 {
     page.lines()
         .find(|l| l.starts_with(metric))
         .and_then(|l| l.split_whitespace().last())

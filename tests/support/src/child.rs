@@ -1,6 +1,7 @@
 //! The real `adclick` binary as a child process: built once per test run, started with a
 //! config file, SIGKILLed on demand and always on drop.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -111,5 +112,60 @@ impl Drop for ChildServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl ChildServer {
+    /// Starts `adclick <args...>` with extra environment `envs`, stdout and stderr appended
+    /// to `log` (for commands other than a server on a config file, e.g. `dev --cluster`).
+    pub fn spawn_args<I, S>(args: I, envs: &[(&str, &OsStr)], log: &Path) -> ChildServer
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let err = out.try_clone().unwrap();
+        let mut cmd = Command::new(adclick_bin());
+        cmd.args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        ChildServer {
+            child: cmd.spawn().unwrap(),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM (the graceful stop; Ctrl-C does the same).
+    pub fn terminate(&self) {
+        adclick_devtools::process::terminate(self.child.id()).unwrap();
+    }
+
+    /// Waits up to `within` for the process to exit and reaps it; its status, or `None`
+    /// if it still runs.
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }

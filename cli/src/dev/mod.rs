@@ -2,6 +2,13 @@
 //! API keys if missing, starts an aggregator and a collector in-process (embedded
 //! storage, localhost ports), drives synthetic traffic through the native SDK, and
 //! redraws a live view every second until Ctrl-C or `--duration`.
+//!
+//! `adclick dev --cluster` (`cluster.rs`) runs the JetStream back end instead, every server
+//! a child process: 3 nats-server nodes, 2 collectors, 2 aggregator shards and the query
+//! front. This file holds what both share: the arguments, the data dir's secrets and the
+//! live view.
+
+mod cluster;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -45,6 +52,25 @@ pub struct DevArgs {
     /// Aggregator HTTP port (JSON queries, /metrics).
     #[arg(long, default_value_t = 9091)]
     query_port: u16,
+    /// The JetStream back end, every server a child process: 3 nats-server nodes (R3),
+    /// 2 collectors (--collector-port and the next), 2 aggregator shards (--shard-port..),
+    /// the query front (--grpc-port, --query-port); `<data-dir>/dev.json` lists them.
+    #[arg(long)]
+    cluster: bool,
+    /// With --cluster: partitions of the clicks stream (fixed when the stream is created).
+    #[arg(long, default_value_t = 16, requires = "cluster")]
+    partitions: u32,
+    /// With --cluster: first NATS client port (nodes use it and the next two; cluster routes
+    /// use the three ports from --nats-port + 2000).
+    #[arg(long, default_value_t = 4222, requires = "cluster")]
+    nats_port: u16,
+    /// With --cluster: first shard port (shard i: gRPC --shard-port + 2i, HTTP the next).
+    #[arg(long, default_value_t = 9190, requires = "cluster")]
+    shard_port: u16,
+    /// With --cluster: every port OS-assigned instead of the fixed defaults (for scripts and
+    /// tests running several at once); dev.json and the banner say which.
+    #[arg(long, requires = "cluster")]
+    auto_ports: bool,
 }
 
 fn read_or_create(path: &Path, make: impl FnOnce() -> Result<String>) -> Result<String> {
@@ -91,6 +117,9 @@ fn prepare(dir: &Path) -> Result<(Keyring, String, String, String)> {
 }
 
 pub fn run(args: DevArgs) -> Result<()> {
+    if args.cluster {
+        return cluster::run(args);
+    }
     let (keyring, admin, adv, ingest) = prepare(&args.data_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -181,6 +210,8 @@ pub fn run(args: DevArgs) -> Result<()> {
                 watermark: wm,
                 top: top.iter().map(|a| (a.ad_id, a.clicks)).collect(),
                 queued: traffic.as_ref().map_or(0, |t| t.queued()),
+                title: "adclick dev".into(),
+                notes: Vec::new(),
             };
             if tty {
                 print!("\x1b[2J\x1b[H{}", view.render());
@@ -242,12 +273,20 @@ struct View {
     watermark: i64,
     top: Vec<(u64, u64)>,
     queued: usize,
+    /// "adclick dev" or "adclick dev --cluster".
+    title: String,
+    /// Lines shown under the title (processes that exited).
+    notes: Vec<String>,
 }
 
 impl View {
     fn render(&self) -> String {
         let mut s = String::new();
-        s += &format!("adclick dev — up {}s\n\n", self.uptime.as_secs());
+        s += &format!("{} — up {}s\n", self.title, self.uptime.as_secs());
+        for n in &self.notes {
+            s += &format!("!! {n}\n");
+        }
+        s += "\n";
         s += &format!("ingest       {:>10.0} clicks/s\n", self.rate);
         s += &format!(
             "accepted     {:>10}   duplicate {:>8}   queued in SDK {:>6}\n",
@@ -294,8 +333,13 @@ impl View {
             .take(3)
             .map(|(a, c)| format!("{a}:{c}"))
             .collect();
+        let notes = if self.notes.is_empty() {
+            String::new()
+        } else {
+            format!("  !! {}", self.notes.join("; "))
+        };
         format!(
-            "up {:>4}s  {:>7.0}/s  accepted {}  duplicate {}  rejected {}  counted {}  late {}  top {}",
+            "up {:>4}s  {:>7.0}/s  accepted {}  duplicate {}  rejected {}  counted {}  late {}  top {}{notes}",
             self.uptime.as_secs(),
             self.rate,
             self.accepted,
