@@ -70,11 +70,16 @@ fn executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// The repository this crate was built from (`<repo>/devtools` is its manifest dir): where
+/// The repository this crate was built from (`<repo>/cli/devtools` is its manifest dir): where
 /// `scripts/setup-nats.sh` and the project venv are when running from a checkout.
 pub fn repo_root() -> PathBuf {
+    // This crate sits at `<repo>/cli/devtools`.
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    manifest
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(manifest)
+        .to_path_buf()
 }
 
 /// The project venvs' server paths, in lookup order: `./.venv` (the current directory, for
