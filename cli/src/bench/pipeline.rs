@@ -52,19 +52,26 @@ pub struct PipelineArgs {
     /// Append the result table to this file (e.g. BENCHMARKS.md).
     #[arg(long)]
     append: Option<PathBuf>,
+    /// The JetStream back end instead of one aggregator: `adclick dev --cluster
+    /// --no-traffic` (3 NATS nodes R3 with sync always, 2 jetstream collectors, 2 shards,
+    /// the query front) as the system under test; counted = the shards' sum, queries
+    /// through the front. `--collectors` does not apply (the cluster has 2).
+    #[arg(long)]
+    cluster: bool,
 }
 
 struct Proc {
     child: Child,
 }
 
-impl Proc {
-    fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(&format!("/proc/{}/stat", self.child.id()))
-    }
-    fn peak_rss_mib(&self) -> f64 {
-        peak_rss(&format!("/proc/{}/status", self.child.id()))
-    }
+/// CPU seconds used so far by process `pid` (0 once it is gone).
+fn pid_cpu(pid: u32) -> f64 {
+    cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// Peak RSS of process `pid`, MiB.
+fn pid_rss(pid: u32) -> f64 {
+    peak_rss(&format!("/proc/{pid}/status"))
 }
 
 impl Drop for Proc {
@@ -162,12 +169,41 @@ fn authed<T>(msg: T, key: &str) -> Result<tonic::Request<T>> {
 /// The processes under test and how to reach them.
 struct Setup {
     keyring: Keyring,
-    admin: &'static str,
+    admin: String,
+    /// Where queries go: the aggregator, or the query front.
     grpc: u16,
-    agg_http: u16,
+    /// HTTP (/metrics, /healthz) of the aggregator or of every shard.
+    agg_http: Vec<u16>,
     collector_http: Vec<u16>,
-    agg: Proc,
-    collectors: Vec<Proc>,
+    /// Pids of the aggregator or the shards.
+    aggs: Vec<u32>,
+    collectors: Vec<u32>,
+    /// Other processes of the system under test (NATS nodes, the query front), by role.
+    others: Vec<(String, u32)>,
+    /// Children this process started (SIGKILLed on drop), or `adclick dev --cluster`.
+    _owned: Vec<Proc>,
+    _dev: Option<DevCluster>,
+}
+
+/// `adclick dev --cluster` as a child: SIGTERMed and waited for on drop, so it stops its
+/// own children (NATS, shards, collectors, front) in order.
+struct DevCluster {
+    child: Child,
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        let _ = adclick_devtools::process::terminate(self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 pub fn run(a: PipelineArgs) -> Result<()> {
@@ -176,7 +212,11 @@ pub fn run(a: PipelineArgs) -> Result<()> {
     }
     let dir = std::env::temp_dir().join(format!("adclick-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let setup = start(&a, &dir);
+    let setup = if a.cluster {
+        start_cluster(&dir)
+    } else {
+        start(&a, &dir)
+    };
     let result = setup.and_then(|s| {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -272,13 +312,119 @@ fn start(a: &PipelineArgs, dir: &Path) -> Result<Setup> {
     }
     Ok(Setup {
         keyring,
-        admin,
+        admin: admin.into(),
         grpc,
-        agg_http,
+        agg_http: vec![agg_http],
         collector_http,
-        agg,
-        collectors,
+        aggs: vec![agg.child.id()],
+        collectors: collectors.iter().map(|c| c.child.id()).collect(),
+        others: vec![],
+        _owned: std::iter::once(agg).chain(collectors).collect(),
+        _dev: None,
     })
+}
+
+/// The port of `url` (`http://127.0.0.1:9090`).
+fn port_of(url: &str) -> Result<u16> {
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .with_context(|| format!("no port in {url:?}"))
+}
+
+/// Starts `adclick dev --cluster --no-traffic --auto-ports` on `dir` and reads what it
+/// started from its dev.json. The bench's settings reach the children through the config
+/// environment overrides (no per-IP limits: every bench client is 127.0.0.1; no query rate
+/// limit: the visibility probe polls every 2 ms).
+fn start_cluster(dir: &Path) -> Result<Setup> {
+    let exe = std::env::current_exe().context("cannot find the adclick binary")?;
+    let data = dir.join("dev");
+    let log = std::fs::File::create(dir.join("dev.log"))?;
+    let child = Command::new(exe)
+        .args([
+            "dev",
+            "--cluster",
+            "--no-traffic",
+            "--auto-ports",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .env("ADCLICK_COLLECTOR__LIMITS__MAX_CLICKS_PER_BATCH", "5000")
+        .env("ADCLICK_COLLECTOR__LIMITS__MAX_BODY_BYTES", "4194304")
+        .env("ADCLICK_COLLECTOR__LIMITS__RATE_LIMIT_PER_IP", "0.0")
+        .env(
+            "ADCLICK_COLLECTOR__LIMITS__MAX_INFLIGHT_BODY_BYTES_PER_IP",
+            "67108864",
+        )
+        .env("ADCLICK_AGGREGATOR__QUERY__RATE_LIMIT_PER_SECOND", "0")
+        .env("ADCLICK_FRONT__QUERY__RATE_LIMIT_PER_SECOND", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start adclick dev --cluster")?;
+    let dev = DevCluster { child };
+    let json = data.join(crate::dev::cluster::DEV_JSON);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let doc: serde_json::Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&json)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && v["ready"] == true
+        {
+            break v;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "adclick dev --cluster was not ready within 120 s (see {})",
+                dir.join("dev.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let keys = KeyFile::parse(&std::fs::read_to_string(data.join("keys.toml"))?)
+        .context("the dev cluster's keys.toml")?;
+    let admin = std::fs::read_to_string(data.join("admin.key"))?
+        .trim()
+        .to_string();
+    let mut setup = Setup {
+        keyring: keys.keyring,
+        admin,
+        grpc: 0,
+        agg_http: vec![],
+        collector_http: vec![],
+        aggs: vec![],
+        collectors: vec![],
+        others: vec![],
+        _owned: vec![],
+        _dev: None,
+    };
+    let procs = doc["processes"].as_array().cloned().unwrap_or_default();
+    for p in &procs {
+        let role = p["role"].as_str().unwrap_or_default();
+        let pid = p["pid"].as_u64().unwrap_or(0) as u32;
+        let ep = |k: &str| p["endpoints"][k].as_str().unwrap_or_default().to_string();
+        match role {
+            "aggregator" => {
+                setup.aggs.push(pid);
+                setup.agg_http.push(port_of(&ep("http"))?);
+            }
+            "collector" => {
+                setup.collectors.push(pid);
+                setup.collector_http.push(port_of(&ep("http"))?);
+            }
+            "query-front" => {
+                setup.grpc = port_of(&ep("grpc"))?;
+                setup.others.push((role.into(), pid));
+            }
+            _ => setup.others.push((role.into(), pid)),
+        }
+    }
+    if setup.grpc == 0 || setup.aggs.is_empty() || setup.collectors.is_empty() {
+        bail!("dev.json lists no query front, shard or collector: {doc}");
+    }
+    setup._dev = Some(dev);
+    Ok(setup)
 }
 
 const ACCEPTED: &str = "adclick_collector_clicks_total{outcome=\"accepted\"}";
@@ -315,9 +461,12 @@ impl std::ops::Sub for Totals {
 /// The aggregator is read first: what it counted was acked before, so a lag computed from
 /// one reading is never negative (it may include clicks acked between the two reads).
 async fn totals(http: &reqwest::Client, s: &Setup) -> Totals {
-    let agg = scrape(http, &format!("http://127.0.0.1:{}/metrics", s.agg_http)).await;
-    let counted = metric(&agg, APPLIED);
-    let refused = REFUSED.iter().map(|m| metric(&agg, m)).sum();
+    let (mut counted, mut refused) = (0, 0);
+    for port in &s.agg_http {
+        let agg = scrape(http, &format!("http://127.0.0.1:{port}/metrics")).await;
+        counted += metric(&agg, APPLIED);
+        refused += REFUSED.iter().map(|m| metric(&agg, m)).sum::<u64>();
+    }
     let mut acked = 0;
     for port in &s.collector_http {
         let page = scrape(http, &format!("http://127.0.0.1:{port}/metrics")).await;
@@ -431,7 +580,9 @@ fn spawn_topads(
 async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     adclick_sdk::HttpTransport::install_crypto_provider();
     let http = reqwest::Client::new();
-    wait_healthy(&http, &format!("http://127.0.0.1:{}/healthz", s.agg_http)).await?;
+    for port in &s.agg_http {
+        wait_healthy(&http, &format!("http://127.0.0.1:{port}/healthz")).await?;
+    }
     for port in &s.collector_http {
         wait_healthy(&http, &format!("http://127.0.0.1:{port}/healthz")).await?;
     }
@@ -440,12 +591,17 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         .await?;
     let cpu = |s: &Setup| {
         (
-            s.agg.cpu_seconds(),
+            s.aggs.iter().copied().map(pid_cpu).sum::<f64>(),
             s.collectors
                 .iter()
-                .map(Proc::cpu_seconds)
+                .copied()
+                .map(pid_cpu)
                 .collect::<Vec<_>>(),
             own_cpu_seconds(),
+            s.others
+                .iter()
+                .map(|(_, p)| pid_cpu(*p))
+                .collect::<Vec<_>>(),
         )
     };
 
@@ -472,7 +628,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     let t0 = Instant::now();
     let done = Arc::new(AtomicBool::new(false));
     let probes = spawn_probes(s, channel.clone(), http.clone(), done.clone());
-    let tops = spawn_topads(channel.clone(), s.admin, done.clone());
+    let tops = spawn_topads(channel.clone(), &s.admin, done.clone());
     tokio::time::sleep(a.duration).await;
 
     // End of the measured window.
@@ -529,8 +685,16 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     let (ca, cl) = (cpu1.0 - cpu0.0, cpu1.2 - cpu0.2);
     let ccs: Vec<f64> = cpu1.1.iter().zip(&cpu0.1).map(|(b, a)| b - a).collect();
     let cc: f64 = ccs.iter().sum();
-    let rss_cols: Vec<f64> = s.collectors.iter().map(Proc::peak_rss_mib).collect();
-    let rss_agg = s.agg.peak_rss_mib();
+    let rss_cols: Vec<f64> = s.collectors.iter().copied().map(pid_rss).collect();
+    let rss_agg = s.aggs.iter().copied().map(pid_rss).fold(0.0, f64::max);
+    // CPU of the other processes, summed by role (NATS nodes, the query front).
+    let mut other_cpu: Vec<(String, f64)> = Vec::new();
+    for ((role, _), (b, a)) in s.others.iter().zip(cpu1.3.iter().zip(&cpu0.3)) {
+        match other_cpu.iter_mut().find(|(r, _)| r == role) {
+            Some((_, c)) => *c += b - a,
+            None => other_cpu.push((role.clone(), b - a)),
+        }
+    }
     let offered = generated as f64 / secs;
     let acked_rate = at_end.acked as f64 / secs;
     let counted_rate = at_end.counted as f64 / secs;
@@ -544,12 +708,24 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
             .join(" / ")
     };
 
-    let mut t = format!("### adclick bench pipeline, {}\n\n", super::machine());
+    let backend = if a.cluster {
+        "JetStream cluster (adclick dev --cluster: 3 NATS R3, 2 shards, query front)"
+    } else {
+        "one aggregator"
+    };
+    let mut t = format!(
+        "### adclick bench pipeline, {backend}, {}\n\n",
+        super::machine()
+    );
     t += &format!(
-        "`adclick bench pipeline --rate {} --duration {}s --collectors {} --ads {}`\n\n",
+        "`adclick bench pipeline --rate {} --duration {}s {} --ads {}`\n\n",
         a.rate,
         a.duration.as_secs(),
-        n,
+        if a.cluster {
+            "--cluster".to_string()
+        } else {
+            format!("--collectors {n}")
+        },
         a.ads
     );
     t += "| metric | value |\n|---|---|\n";
@@ -572,6 +748,9 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         join(&ccs.iter().map(|c| c / secs).collect::<Vec<_>>(), 2),
         cl / secs
     );
+    for (role, c) in &other_cpu {
+        t += &format!("| CPU: {role} (all processes) | {:.2} cores |\n", c / secs);
+    }
     t += &format!(
         "| collectors: clicks per CPU-second | {:.0} |\n",
         at_end.acked as f64 / cc.max(1e-9)
@@ -606,13 +785,14 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     t += &format!("| load generator errors | {error_text} |\n");
     let error_count: u64 = errors.values().sum();
     let line = format!(
-        "RESULT bench=pipeline rate={} duration_s={secs:.1} collectors={n} ads={} offered_per_sec={offered:.0} \
+        "RESULT bench=pipeline cluster={} rate={} duration_s={secs:.1} collectors={n} ads={} offered_per_sec={offered:.0} \
          acked_per_sec={acked_rate:.0} counted_per_sec={counted_rate:.0} acked={acked} counted={counted} \
          refused={refused} undelivered={undelivered} sdk_backlog={backlog} lag_at_end={lag_at_end} drain_s={drain_secs:.1} \
          probe_p50_ms={probe50:.1} probe_p99_ms={probe99:.1} probes={pl} \
          topads_p50_ms={top50:.2} topads_p99_ms={top99:.2} topads_queries={tl} \
          cpu_aggregator={:.2} cpu_collectors={:.2} cpu_loadgen={:.2} \
          rss_aggregator_mib={rss_agg:.0} rss_collector_max_mib={:.0} errors={error_count}",
+        a.cluster,
         a.rate,
         a.ads,
         ca / secs,

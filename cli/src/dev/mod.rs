@@ -8,7 +8,7 @@
 //! front. This file holds what both share: the arguments, the data dir's secrets and the
 //! live view.
 
-mod cluster;
+pub(crate) mod cluster;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
