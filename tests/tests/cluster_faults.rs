@@ -2,9 +2,10 @@
 //! `adclick collector` processes with `forward.sink = "jetstream"` and two `adclick
 //! aggregator` shards with `[source] kind = "jetstream"` (P = 4, partitions 0-1 and 2-3).
 //! Four HTTP clients post signed click batches through both collectors (a failed request
-//! is retried on the other collector until it is answered 202), and the test keeps a
-//! ledger of every click of a request answered 202. Under that load, one after another on
-//! the same stack:
+//! is retried on the other collector until it is answered 202; every 10th acknowledged
+//! request is posted once more to the other collector, as a client that lost the answer
+//! would), and the test keeps a ledger of every click of a request answered 202. Under
+//! that load, one after another on the same stack:
 //!
 //! (a) the stream leader's nats-server is SIGKILLed (the stream keeps taking messages on
 //!     the other two) and restarted;
@@ -19,7 +20,14 @@
 //! `shards::per_ad_totals`, which a query front can answer for in the shards' place) equal
 //! the ledger: each distinct acknowledged impression exactly once. A request retried
 //! across a fault may have been made durable by two collectors (or twice by one whose
-//! dedup memory died with it); the aggregator's impression-id dedup makes that once.
+//! dedup memory died with it), and a resent one is: the aggregator's impression-id dedup
+//! makes that once. At the end the stream itself is read: it holds every acknowledged
+//! click, nothing no client posted, and some clicks twice (so that dedup was exercised).
+//!
+//! One test on one stack, the phases in sequence: four stacks would start twelve
+//! nats-servers and eight `adclick` processes on a 2-core CI box, and run in parallel
+//! with each other and the rest of the suite. About a minute of wall time plus the stack's
+//! start and the final stream read.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,7 +36,9 @@ use std::time::{Duration, Instant};
 
 use adclick_proto::partition::partition;
 use adclick_test_support::http_load::{AckLedger, HttpLoad, LoadSpec};
-use adclick_test_support::nats::NatsCluster;
+use adclick_proto::v1::IngestBatch;
+use adclick_test_support::nats::{NatsCluster, read_stream};
+use prost::Message;
 use adclick_test_support::shards::{
     QueryTargets, last_sequence, metrics_text, per_ad_totals, sample,
 };
@@ -186,6 +196,7 @@ impl Stack {
                 pause: Duration::from_millis(15),
                 give_up: Duration::from_secs(60),
                 attempt_timeout: Duration::from_secs(3),
+                resend_every: 10,
                 ads: (1..=ADS).collect(),
             },
         )
@@ -284,10 +295,11 @@ impl Stack {
         self.wait_drained(phase).await;
         self.check(phase).await;
         eprintln!(
-            "{phase}: {} clicks acked in {} requests ({} retried), {} in total, in {:?}",
+            "{phase}: {} clicks acked in {} requests ({} retried, {} resent to the other collector), {} in total, in {:?}",
             ledger.acked.len(),
             ledger.batches,
             ledger.retried,
+            ledger.resent,
             self.ledger.acked.len(),
             started.elapsed()
         );
@@ -482,6 +494,41 @@ async fn scenario() {
     // Nothing arrives twice later.
     tokio::time::sleep(Duration::from_secs(1)).await;
     stack.check("after all faults").await;
+
+    // The stream itself: every acked click is in it, nothing nobody posted is; a click
+    // stored in two messages (a request retried across a collector kill, made durable by
+    // both attempts) was counted once above.
+    let t = Instant::now();
+    let stored = read_stream(&stack.cluster.client().await, STREAM).await;
+    let mut copies: BTreeMap<[u8; 16], u32> = BTreeMap::new();
+    for m in &stored {
+        for c in IngestBatch::decode(m.payload.as_slice()).unwrap().clicks {
+            *copies.entry(c.impression_id.try_into().unwrap()).or_insert(0) += 1;
+        }
+    }
+    let missing = stack
+        .ledger
+        .acked
+        .keys()
+        .filter(|id| !copies.contains_key(*id))
+        .count();
+    assert_eq!(missing, 0, "acked clicks missing from the stream");
+    assert!(
+        copies.keys().all(|id| stack.ledger.posted.contains(id)),
+        "a click in the stream that no client posted"
+    );
+    let twice = copies.values().filter(|n| **n > 1).count();
+    assert!(
+        twice > 0 && stack.ledger.resent > 0,
+        "resent requests put clicks in the stream twice ({twice}; {} resent): \
+         the impression-id dedup was exercised",
+        stack.ledger.resent
+    );
+    eprintln!(
+        "stream: {} messages, {twice} clicks stored more than once (read in {:?})",
+        stored.len(),
+        t.elapsed()
+    );
     eprintln!(
         "cluster faults: {} clicks on {} ads, in {:?}",
         stack.ledger.acked.len(),

@@ -61,6 +61,10 @@ pub struct AckLedger {
     /// Requests answered 202 after more than one attempt (their clicks may have been made
     /// durable by an earlier attempt too).
     pub retried: u64,
+    /// Acknowledged requests posted once more, to the next collector, after their 202 (a
+    /// client that lost the answer and retried elsewhere), and answered 202 there too:
+    /// their clicks are durable on two collectors, under two `(collector_id, seq)`.
+    pub resent: u64,
     /// Requests given up (no 202 within the give-up time): their clicks are in `posted`
     /// only, and may or may not be counted.
     pub gave_up: u64,
@@ -82,6 +86,7 @@ impl AckLedger {
         self.posted.extend(other.posted.iter().copied());
         self.batches += other.batches;
         self.retried += other.retried;
+        self.resent += other.resent;
         self.gave_up += other.gave_up;
     }
 }
@@ -99,6 +104,9 @@ pub struct LoadSpec {
     pub give_up: Duration,
     /// Timeout of one attempt.
     pub attempt_timeout: Duration,
+    /// Every `resend_every`-th acknowledged request of a client is posted again to the
+    /// next collector (0: never; see [`AckLedger::resent`]).
+    pub resend_every: u64,
     /// The ads clicked (advertiser `ADV_A`, campaign 1), spread evenly.
     pub ads: Vec<u64>,
 }
@@ -139,6 +147,7 @@ impl HttpLoad {
                 tokio::spawn(async move {
                     let http = http_client();
                     let mut n = i;
+                    let mut sent = 0u64;
                     while !stop.load(Ordering::SeqCst) {
                         let tokens: Vec<MintedToken> = (0..spec.per_batch)
                             .map(|_| {
@@ -168,8 +177,19 @@ impl HttpLoad {
                             }
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         };
+                        let mut resent = false;
+                        if ok && spec.resend_every > 0 {
+                            sent += 1;
+                            if sent % spec.resend_every == 0 {
+                                let url = &urls[(i + attempt) % urls.len()];
+                                resent = post_clicks(&http, url, &tokens, spec.attempt_timeout)
+                                    .await
+                                    == Ok(202);
+                            }
+                        }
                         {
                             let mut l = ledger.lock().unwrap();
+                            l.resent += u64::from(resent);
                             if ok {
                                 l.acked.extend(tokens.iter().map(|t| {
                                     (t.impression.impression_id, t.impression.ad_id)
