@@ -35,13 +35,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use adclick_proto::partition::partition;
-use adclick_test_support::http_load::{AckLedger, HttpLoad, LoadSpec};
 use adclick_proto::v1::IngestBatch;
+use adclick_test_support::http_load::{AckLedger, HttpLoad, LoadSpec};
 use adclick_test_support::nats::{NatsCluster, read_stream};
-use prost::Message;
 use adclick_test_support::shards::{
     QueryTargets, last_sequence, metrics_text, per_ad_totals, sample,
 };
+use async_nats::jetstream::consumer::DeliverPolicy;
+use prost::Message;
 
 use crate::support::*;
 
@@ -148,14 +149,8 @@ impl Stack {
         for (i, owned) in ["0-1", "2-3"].iter().enumerate() {
             let (grpc, http) = (free_addr(), free_addr());
             let name = format!("shard{i}");
-            let toml = jetstream_shard_toml(
-                grpc,
-                http,
-                &dir.path().join(&name),
-                &urls,
-                owned,
-                &name,
-            );
+            let toml =
+                jetstream_shard_toml(grpc, http, &dir.path().join(&name), &urls, owned, &name);
             shards.push(Proc::new("aggregator", dir.path(), &name, toml, http));
             targets.push((grpc, if i == 0 { vec![0, 1] } else { vec![2, 3] }));
         }
@@ -310,7 +305,11 @@ impl Stack {
     async fn check(&self, phase: &str) {
         let expected = self.ledger.per_ad();
         assert_eq!(
-            expected.keys().map(|a| partition(*a, PARTITIONS)).collect::<std::collections::BTreeSet<_>>().len(),
+            expected
+                .keys()
+                .map(|a| partition(*a, PARTITIONS))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
             PARTITIONS as usize,
             "the load covers every partition"
         );
@@ -390,7 +389,10 @@ async fn scenario() {
     // keep storing; the killed node comes back on its store.
     let t = Instant::now();
     let load = stack.load();
-    assert!(load.wait_acked(0, STEP, wait).await, "(a) load did not start");
+    assert!(
+        load.wait_acked(0, STEP, wait).await,
+        "(a) load did not start"
+    );
     let leader = stack.stream_leader().await;
     stack.cluster.kill(leader);
     let before = stream_last_seq(&stack.cluster).await.unwrap_or(0);
@@ -415,7 +417,10 @@ async fn scenario() {
     // positions it committed with its state.
     let t = Instant::now();
     let load = stack.load();
-    assert!(load.wait_acked(0, STEP, wait).await, "(b) load did not start");
+    assert!(
+        load.wait_acked(0, STEP, wait).await,
+        "(b) load did not start"
+    );
     stack.shards[1].kill();
     let acked = load.acked();
     assert!(
@@ -426,12 +431,30 @@ async fn scenario() {
     let acked = load.acked();
     assert!(load.wait_acked(acked, STEP, wait).await, "(b) load stalled");
     stack.finish("(b) shard 1 killed", load, t).await;
+    // It resumed after the positions it committed with its state, not from the stream's
+    // start (which exact dedup would make come out right too, by reading everything again).
+    let js = async_nats::jetstream::new(stack.cluster.client().await);
+    let stream = js.get_stream(STREAM).await.unwrap();
+    for p in [2, 3] {
+        let info = stream.consumer_info(format!("shard1-{p}")).await.unwrap();
+        assert!(
+            matches!(
+                info.config.deliver_policy,
+                DeliverPolicy::ByStartSequence { start_sequence } if start_sequence > 1
+            ),
+            "(b) the restarted shard's consumer of partition {p} starts at {:?}, not after a committed position",
+            info.config.deliver_policy
+        );
+    }
 
     // (c) A collector dies mid-load; its clients retry on the other one; it restarts on its
     // spool and republishes what the stream had not acknowledged.
     let t = Instant::now();
     let load = stack.load();
-    assert!(load.wait_acked(0, STEP, wait).await, "(c) load did not start");
+    assert!(
+        load.wait_acked(0, STEP, wait).await,
+        "(c) load did not start"
+    );
     let failed = load.failed_attempts();
     stack.collectors[0].kill();
     let acked = load.acked();
@@ -457,7 +480,10 @@ async fn scenario() {
     // their spools, then publish the backlog once the servers are back.
     let t = Instant::now();
     let load = stack.load();
-    assert!(load.wait_acked(0, STEP, wait).await, "(d) load did not start");
+    assert!(
+        load.wait_acked(0, STEP, wait).await,
+        "(d) load did not start"
+    );
     for i in 0..3 {
         stack.cluster.kill(i);
     }
@@ -503,7 +529,9 @@ async fn scenario() {
     let mut copies: BTreeMap<[u8; 16], u32> = BTreeMap::new();
     for m in &stored {
         for c in IngestBatch::decode(m.payload.as_slice()).unwrap().clicks {
-            *copies.entry(c.impression_id.try_into().unwrap()).or_insert(0) += 1;
+            *copies
+                .entry(c.impression_id.try_into().unwrap())
+                .or_insert(0) += 1;
         }
     }
     let missing = stack

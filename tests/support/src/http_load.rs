@@ -131,8 +131,12 @@ impl HttpLoad {
         let acked_clicks = Arc::new(AtomicU64::new(0));
         let failed_attempts = Arc::new(AtomicU64::new(0));
         let ledger = Arc::new(Mutex::new(AckLedger::default()));
-        let urls: Arc<Vec<String>> =
-            Arc::new(collectors.iter().map(|c| format!("{c}/v1/clicks")).collect());
+        let urls: Arc<Vec<String>> = Arc::new(
+            collectors
+                .iter()
+                .map(|c| format!("{c}/v1/clicks"))
+                .collect(),
+        );
         let tasks = (0..spec.clients)
             .map(|i| {
                 let (stop, acked_clicks, failed, ledger, urls, signer, spec) = (
@@ -191,9 +195,11 @@ impl HttpLoad {
                             let mut l = ledger.lock().unwrap();
                             l.resent += u64::from(resent);
                             if ok {
-                                l.acked.extend(tokens.iter().map(|t| {
-                                    (t.impression.impression_id, t.impression.ad_id)
-                                }));
+                                l.acked.extend(
+                                    tokens
+                                        .iter()
+                                        .map(|t| (t.impression.impression_id, t.impression.ad_id)),
+                                );
                                 l.batches += 1;
                                 l.retried += u64::from(attempt > 1);
                                 acked_clicks.fetch_add(tokens.len() as u64, Ordering::SeqCst);

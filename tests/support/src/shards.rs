@@ -87,7 +87,10 @@ pub async fn per_ad_totals(
         }
         for (ad, a) in ads.iter().zip(r.ads) {
             if a.ad_id != *ad {
-                return Err(format!("{addr}: answer for ad {} in ad {ad}'s place", a.ad_id));
+                return Err(format!(
+                    "{addr}: answer for ad {} in ad {ad}'s place",
+                    a.ad_id
+                ));
             }
             if a.total_clicks > 0 {
                 out.insert(*ad, a.total_clicks);
@@ -113,12 +116,10 @@ pub async fn metrics_text(addr: SocketAddr) -> Result<String, String> {
 /// The value of the sample `series` (name with its labels exactly as rendered, e.g.
 /// `adclick_aggregator_source_position{partition="0"}`) in a Prometheus text exposition.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
 }
 
 /// The stream sequence of the last message on `subject` in `stream` (0 when it has none).
