@@ -215,7 +215,7 @@ impl Stack {
                 Err(e) => return Some(format!("{}: {e}", c.config.display())),
             };
             match sample(&text, "adclick_collector_forward_lag_records") {
-                Some(v) if v == 0.0 => {}
+                Some(0.0) => {}
                 v => return Some(format!("{} forward lag {v:?}", c.config.display())),
             }
         }

@@ -184,7 +184,7 @@ impl HttpLoad {
                         let mut resent = false;
                         if ok && spec.resend_every > 0 {
                             sent += 1;
-                            if sent % spec.resend_every == 0 {
+                            if sent.is_multiple_of(spec.resend_every) {
                                 let url = &urls[(i + attempt) % urls.len()];
                                 resent = post_clicks(&http, url, &tokens, spec.attempt_timeout)
                                     .await
