@@ -101,6 +101,21 @@ impl Proc {
         c.kill();
     }
 
+    /// ERROR lines logged by adclick code (not by libraries), escape codes removed. Under
+    /// these faults there must be none: adclick logs at ERROR what a retry cannot fix
+    /// (refusals, skipped messages, foreign clicks, damage).
+    fn adclick_errors(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(strip_ansi)
+            .filter(|l| {
+                l.split_once(" ERROR ")
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with("adclick"))
+            })
+            .collect()
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -363,6 +378,24 @@ impl Stack {
     }
 }
 
+/// `line` without ANSI escape sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn base(p: &Proc) -> String {
     format!("http://{}", p.http)
 }
@@ -557,6 +590,17 @@ async fn scenario() {
         stored.len(),
         t.elapsed()
     );
+    let errors: Vec<String> = stack
+        .collectors
+        .iter()
+        .chain(&stack.shards)
+        .flat_map(Proc::adclick_errors)
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "adclick logged errors:\n{}",
+        errors.join("\n")
+    );
     eprintln!(
         "cluster faults: {} clicks on {} ads, in {:?}",
         stack.ledger.acked.len(),
@@ -577,4 +621,21 @@ async fn eventually_async(within: Duration, mut f: impl AsyncFnMut() -> bool) ->
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[test]
+fn adclick_error_lines_are_found_in_colored_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::new("collector", dir.path(), "c", String::new(), free_addr());
+    std::fs::write(
+        &p.log,
+        "2026-12-04T18:30:03.068676Z \u{1b}[33m WARN\u{1b}[0m \u{1b}[2madclick_aggregator::source::jetstream\u{1b}[0m: restarts\n\
+         2026-12-04T18:30:04.000000Z \u{1b}[31mERROR\u{1b}[0m \u{1b}[2masync_nats::connector\u{1b}[0m: expected INFO, got nothing\n\
+         2026-12-04T18:30:05.000000Z \u{1b}[31mERROR\u{1b}[0m \u{1b}[2madclick_aggregator::engine\u{1b}[0m: refused\n",
+    )
+    .unwrap();
+    assert_eq!(
+        p.adclick_errors(),
+        vec!["2026-12-04T18:30:05.000000Z ERROR adclick_aggregator::engine: refused".to_string()]
+    );
 }
