@@ -278,14 +278,14 @@ impl Stack {
         None
     }
 
-    /// Waits (60 s at most) until [`Stack::not_drained`] says drained.
+    /// Waits (90 s at most) until [`Stack::not_drained`] says drained.
     async fn wait_drained(&self, phase: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             match self.not_drained().await {
                 None => return,
                 Some(why) if Instant::now() > deadline => panic!(
-                    "{phase}: not drained within 60 s: {why}\nlogs:\n{}",
+                    "{phase}: not drained within 90 s: {why}\nlogs:\n{}",
                     self.logs()
                 ),
                 Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -431,7 +431,7 @@ async fn scenario() {
     let before = stream_last_seq(&stack.cluster).await.unwrap_or(0);
     let mut stored = before;
     assert!(
-        eventually_async(wait, async || {
+        eventually_async(Duration::from_secs(60), async || {
             stored = stream_last_seq(&stack.cluster).await.unwrap_or(0);
             stored >= before + 20
         })
