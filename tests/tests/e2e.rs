@@ -17,6 +17,7 @@ mod support {
 mod aggregator_kill;
 mod aggregator_outage;
 mod clients;
+mod cluster_faults;
 mod collector_kill;
 mod countable;
 mod dev_cluster;

@@ -288,12 +288,14 @@ async fn kill_scenario() {
     write_keys(&keys_file, &ring);
     let grpc = free_addr();
     let config = dir.path().join("aggregator.toml");
-    let mut text = aggregator_toml(grpc, &dir.path().join("aggregator"));
-    // `aggregator_toml` ends inside the last [[api_keys]] table: [source] after it.
-    text.push_str(&format!(
-        "\n[source]\nkind = \"jetstream\"\nservers = {:?}\npartitions = \"0-15\"\nmax_in_flight = 8\nfetch_batch = 16\n",
-        cluster.urls()
-    ));
+    let text = jetstream_shard_toml(
+        grpc,
+        free_addr(),
+        &dir.path().join("aggregator"),
+        &cluster.urls(),
+        "0-15",
+        "adclick-agg",
+    );
     std::fs::write(&config, text).unwrap();
     let log = dir.path().join("aggregator.log");
     let mut child = ChildServer::spawn("aggregator", &config, &log);

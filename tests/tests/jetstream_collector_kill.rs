@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use adclick_proto::partition::partition;
 use adclick_proto::v1::IngestBatch;
 use adclick_sdk::MintedToken;
+use adclick_test_support::http_load::post_clicks;
 use adclick_test_support::nats::{NatsCluster, read_stream};
 use prost::Message;
 
@@ -41,15 +42,8 @@ async fn run_client(
         let mut attempts = 0;
         let ok = loop {
             attempts += 1;
-            let body = click_batch(chunk, now_ms());
-            let r = http
-                .post(&url)
-                .header("content-type", "application/x-protobuf")
-                .timeout(Duration::from_secs(3))
-                .body(body.encode_to_vec())
-                .send()
-                .await;
-            if r.is_ok_and(|r| r.status() == 202) {
+            let r = post_clicks(&http, &url, chunk, Duration::from_secs(3)).await;
+            if r == Ok(202) {
                 *acked.lock().unwrap() += 1;
                 break true;
             }
@@ -80,31 +74,13 @@ async fn scenario() {
     let config = dir.path().join("collector.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"collector_id = "edge-js"
-listen_http = "{listen}"
-data_dir = {data:?}
-keys_file = {keys:?}
-
-[limits]
-rate_limit_per_ip = 0.0
-
-[forward]
-sink = "jetstream"
-retry_base_ms = 20
-retry_max_ms = 200
-request_timeout_ms = 2000
-max_in_flight = 16
-
-[forward.jetstream]
-servers = {servers:?}
-partitions = {PARTITIONS}
-replicas = 3
-max_bytes = 67108864
-"#,
-            data = dir.path().join("collector").display().to_string(),
-            keys = keys_file.display().to_string(),
-            servers = cluster.urls(),
+        jetstream_collector_toml(
+            "edge-js",
+            listen,
+            &dir.path().join("collector"),
+            &keys_file,
+            &cluster.urls(),
+            PARTITIONS,
         ),
     )
     .unwrap();

@@ -18,6 +18,10 @@
 //! - [`child`]: the real `adclick` binary as a child process.
 //! - [`nats`]: real nats-server processes (single node or R3 cluster) for the JetStream
 //!   back end, installed by `scripts/setup-nats.sh` when missing.
+//! - [`http_load`]: concurrent HTTP clients posting signed click batches to collectors,
+//!   retrying across them, with the ledger of what got a 202.
+//! - [`shards`]: per-ad totals from the query endpoints owning each ad's partition,
+//!   `/metrics` samples, a partition's last stream sequence.
 #![deny(missing_docs)]
 #![allow(
     clippy::unwrap_used,
@@ -30,5 +34,7 @@ pub mod child;
 pub mod collector;
 pub mod common;
 pub mod fake_aggregator;
+pub mod http_load;
 pub mod nats;
+pub mod shards;
 pub mod stack;

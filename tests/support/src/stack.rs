@@ -183,6 +183,72 @@ interval_ms = 300
     s
 }
 
+/// A `collector.toml` for the binary with `forward.sink = "jetstream"`: an R3 stream of
+/// `partitions` partitions on `servers` (64 MiB `max_bytes`), fast retries, 16 batches in
+/// flight, no per-IP rate limit (all test traffic comes from 127.0.0.1).
+pub fn jetstream_collector_toml(
+    id: &str,
+    listen: SocketAddr,
+    data_dir: &Path,
+    keys_file: &Path,
+    servers: &[String],
+    partitions: u32,
+) -> String {
+    format!(
+        r#"collector_id = "{id}"
+listen_http = "{listen}"
+data_dir = {data_dir:?}
+keys_file = {keys_file:?}
+
+[limits]
+rate_limit_per_ip = 0.0
+
+[dedup]
+expected_clicks = 100000
+exact_capacity = 100000
+
+[forward]
+sink = "jetstream"
+retry_base_ms = 20
+retry_max_ms = 200
+request_timeout_ms = 2000
+max_in_flight = 16
+
+[forward.jetstream]
+servers = {servers:?}
+partitions = {partitions}
+replicas = 3
+max_bytes = 67108864
+"#,
+        data_dir = data_dir.display().to_string(),
+        keys_file = keys_file.display().to_string(),
+    )
+}
+
+/// An `aggregator.toml` for the binary ([`aggregator_toml`], HTTP on `http`) that is a
+/// JetStream shard: `[source] kind = "jetstream"` on `servers`, owning `partitions`
+/// (`"0-1"`), durable consumers `<durable>-<p>`, 8 messages in flight, pulls of 16.
+pub fn jetstream_shard_toml(
+    grpc: SocketAddr,
+    http: SocketAddr,
+    data_dir: &Path,
+    servers: &[String],
+    partitions: &str,
+    durable: &str,
+) -> String {
+    let mut text = aggregator_toml(grpc, data_dir).replacen(
+        "listen_http = \"127.0.0.1:0\"",
+        &format!("listen_http = \"{http}\""),
+        1,
+    );
+    // `aggregator_toml` ends inside the last [[api_keys]] table: [source] after it.
+    text.push_str(&format!(
+        "\n[source]\nkind = \"jetstream\"\nservers = {servers:?}\npartitions = {partitions:?}\n\
+         durable_prefix = {durable:?}\nmax_in_flight = 8\nfetch_batch = 16\n"
+    ));
+    text
+}
+
 // ---------------------------------------------------------------------------------------
 // Device clocks
 
