@@ -127,7 +127,12 @@ fn key1() -> (u32, Vec<u8>) {
     (1, (0u8..32).collect())
 }
 fn key2() -> (u32, Vec<u8>) {
-    (2, (0u8..32).map(|i| i.wrapping_mul(37).wrapping_add(101)).collect())
+    (
+        2,
+        (0u8..32)
+            .map(|i| i.wrapping_mul(37).wrapping_add(101))
+            .collect(),
+    )
 }
 fn key_min() -> (u32, Vec<u8>) {
     (7, (0u8..16).map(|i| 0xf0 ^ i).collect())
@@ -560,7 +565,11 @@ pub fn generate() -> Vectors {
             break;
         }
     }
-    assert_eq!(ragged_len % 4, 3, "one of three lengths leaves 2 spare bytes");
+    assert_eq!(
+        ragged_len % 4,
+        3,
+        "one of three lengths leaves 2 spare bytes"
+    );
     g.bad(
         "base64_padding",
         "A valid token with '=' padding added: tokens are unpadded and '=' is not in the alphabet.",
@@ -700,7 +709,9 @@ pub fn generate() -> Vectors {
         malformed("payload"),
     );
     let mut p = payload_of(&impression(54, "https://example.com/"), 1).encode_to_vec();
-    p.extend_from_slice(&[0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]);
+    p.extend_from_slice(&[
+        0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02,
+    ]);
     g.bad(
         "payload_varint_overflow",
         "ad_id as a 10-byte varint whose last byte is 0x02: more than 64 bits.",

@@ -38,8 +38,8 @@ use std::sync::Arc;
 use adclick_proto::v1;
 use adclick_sdk::core::{
     BatchConfig, ClickError, Clock, Completion, Dimensions, Disposition, InFlight, Outbox,
-    OverflowPolicy, PushOutcome, QueueError, RetryPolicy, Stats, TrackerEvent, build_click, classify,
-    encode_batch, parse_retry_after,
+    OverflowPolicy, PushOutcome, QueueError, RetryPolicy, Stats, TrackerEvent, build_click,
+    classify, encode_batch, parse_retry_after,
 };
 use js_sys::{Object, Promise, Reflect};
 use wasm_bindgen::JsCast;
@@ -263,7 +263,10 @@ impl Tracker {
     }
 
     /// `"granted"`, `"pending"` (no answer yet: clicks held in memory) or `"denied"`.
-    #[wasm_bindgen(getter, unchecked_return_type = "\"granted\" | \"pending\" | \"denied\"")]
+    #[wasm_bindgen(
+        getter,
+        unchecked_return_type = "\"granted\" | \"pending\" | \"denied\""
+    )]
     pub fn consent(&self) -> String {
         match self.inner.consent.get() {
             Consent::Granted => "granted",
@@ -283,7 +286,10 @@ impl Tracker {
             ("queued", s.queued),
             ("sent", s.sent),
             ("rejected", s.rejected),
-            ("droppedOverflow", s.dropped_overflow + c.held_overflow.get()),
+            (
+                "droppedOverflow",
+                s.dropped_overflow + c.held_overflow.get(),
+            ),
             ("droppedConsent", c.dropped_consent.get()),
             ("held", self.inner.held.borrow().len() as u64),
             ("invalid", s.invalid + c.invalid.get()),
