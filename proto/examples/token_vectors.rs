@@ -12,6 +12,8 @@
 //! HMAC-SHA256 directly. `proto/tests/token_vectors.rs` re-verifies the file and fails when
 //! it differs from this program's output. This program must not read clocks, randomness or
 //! files: the output is a pure function of the code.
+// A generator run by developers and tests: a broken invariant must stop it loudly.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use adclick_proto::countable::{self, MAX_TOKEN_LIFETIME_MS};
 use adclick_proto::token::{
