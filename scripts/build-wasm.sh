@@ -3,7 +3,7 @@
 #   cargo build --release --target wasm32-unknown-unknown -p adclick-sdk-wasm
 #   wasm-bindgen --target web  ->  adclick_sdk_wasm.js, .d.ts, adclick_sdk_wasm_bg.wasm
 #   wasm-opt -Oz (binaryen)    ->  smaller .wasm
-#   sdk-wasm/package.json      ->  pkg/package.json
+#   sdk-wasm/package.json      ->  pkg/package.json (version: the workspace's)
 # and prints raw and gzipped sizes. Installs missing toolchain pieces (see
 # scripts/wasm-toolchain.sh); safe to run again (skips what is already installed).
 #
@@ -64,7 +64,14 @@ else
   smoke
 fi
 
-cp sdk-wasm/package.json "$PKG/package.json"
+# The package version is the workspace's ([workspace.package] version in Cargo.toml).
+VERSION=$(awk '/^\[workspace.package\]/ { p = 1; next } /^\[/ { p = 0 }
+  p && /^version *=/ { gsub(/version *= *|"/, ""); print; exit }' Cargo.toml)
+if [ -z "$VERSION" ]; then
+  wasm_log "no [workspace.package] version in Cargo.toml"
+  exit 1
+fi
+sed -E "s/\"version\": \"[^\"]*\"/\"version\": \"$VERSION\"/" sdk-wasm/package.json >"$PKG/package.json"
 [ -f sdk-wasm/README.md ] && cp sdk-wasm/README.md "$PKG/README.md"
 # wasm-bindgen writes a .gitignore ("*") into the package; keep it (pkg/ is build output).
 
@@ -80,4 +87,5 @@ size_line "$WASM_OUT"
 size_line "$PKG/$LIB.js"
 total_raw=$(cat "$WASM_OUT" "$PKG/$LIB.js" | wc -c)
 total_gz=$(( $(gzip -9 -c "$WASM_OUT" | wc -c) + $(gzip -9 -c "$PKG/$LIB.js" | wc -c) ))
-printf '  %-28s %8d bytes raw %8d bytes gzip -9 (target <= 102400)\n' "wasm + JS glue" "$total_raw" "$total_gz"
+printf '  %-28s %8d bytes raw %8d bytes gzip -9\n' "wasm + JS glue" "$total_raw" "$total_gz"
+echo "  version $VERSION; size budget: scripts/check-wasm-size.sh"

@@ -125,6 +125,26 @@ pub enum Malformed {
     },
 }
 
+impl Malformed {
+    /// Stable label of the way a token is malformed (`empty`, `too_long`, `base64`,
+    /// `too_short`, `version`, `payload`, `impression_id`, `landing_url`, `lifetime`):
+    /// the `malformed` field of `docs/token-vectors.json`. Collectors count all of them
+    /// under the one reason `malformed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Malformed::Empty => "empty",
+            Malformed::TooLong(_) => "too_long",
+            Malformed::Base64(_) => "base64",
+            Malformed::TooShort(_) => "too_short",
+            Malformed::Version(_) => "version",
+            Malformed::Payload(_) => "payload",
+            Malformed::ImpressionId(_) => "impression_id",
+            Malformed::LandingUrl => "landing_url",
+            Malformed::Lifetime { .. } => "lifetime",
+        }
+    }
+}
+
 /// Errors building keys or signing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {

@@ -63,6 +63,9 @@ pub struct Options {
     pub site: Option<String>,
     /// `onEvent` callback.
     pub on_event: Option<js_sys::Function>,
+    /// Consent given at construction (`consent`, default true). Without it the tracker
+    /// neither stores nor sends until `setConsent(true)`.
+    pub consent: bool,
 }
 
 /// `{endpoint}/v1/clicks` for an `http(s)://` endpoint or a same-origin path (`/...`).
@@ -255,6 +258,10 @@ pub fn parse_options(v: &JsValue) -> Result<Options, String> {
         None => true,
         Some(b) => b.as_bool().ok_or("`persist` must be a boolean")?,
     };
+    let consent = match field(v, "consent")? {
+        None => true,
+        Some(b) => b.as_bool().ok_or("`consent` must be a boolean")?,
+    };
     let storage_key = string_field(v, "storageKey")?.unwrap_or_else(|| DEFAULT_STORAGE_KEY.into());
     if storage_key.is_empty() || storage_key.contains(':') {
         return Err("`storageKey` must be a non-empty string without ':'".into());
@@ -277,6 +284,7 @@ pub fn parse_options(v: &JsValue) -> Result<Options, String> {
         storage_key,
         site: string_field(v, "site")?,
         on_event,
+        consent,
     })
 }
 

@@ -183,6 +183,20 @@ impl BrowserQueue {
     }
 }
 
+/// Deletes every click stored under `storage_key` (all pages and tabs of this origin):
+/// what withdrawing consent does. Returns how many entries were deleted.
+pub fn purge(backend: &mut dyn KeyValue, storage_key: &str) -> Result<usize, String> {
+    let prefix = key_prefix(storage_key);
+    let mut n = 0;
+    for key in backend.keys()? {
+        if parse_key(&prefix, &key).is_some() {
+            backend.remove(&key)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 impl OfflineQueue for BrowserQueue {
     fn load(&mut self) -> Result<Vec<StoredClick>, QueueError> {
         let mut guard = self.state.borrow_mut();

@@ -17,19 +17,29 @@
 //!   them on the next load and the collector's dedup by impression id drops the copy.
 //!   Each click is beaconed at most once per page.
 //!
+//! - Consent (`consent: false` in the options, `setConsent(true|false)`): until consent
+//!   is given the tracker touches neither `localStorage` nor the network (no send, no
+//!   beacon, no restore of earlier pages' clicks); validated clicks wait in memory only
+//!   (at most `maxQueue`, oldest dropped and counted). `setConsent(true)` opens the
+//!   stored queue and sends them. `setConsent(false)` stops sending, discards every
+//!   unsent click in memory and deletes every stored one of the origin
+//!   (`droppedConsent`); later clicks are discarded until consent is given again. A send
+//!   in progress when consent is withdrawn is not completed into the new state (`epoch`).
+//!
 //! Must not re-implement policy (validation, batching, overflow, retry classification):
 //! that is `adclick_sdk::core`. Must not call into JavaScript callbacks (`onEvent`) while
 //! holding a `RefCell` borrow, so a callback may call back into the tracker.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use adclick_proto::v1;
 use adclick_sdk::core::{
     BatchConfig, ClickError, Clock, Completion, Dimensions, Disposition, InFlight, Outbox,
-    OverflowPolicy, PushOutcome, RetryPolicy, Stats, TrackerEvent, build_click, classify,
-    encode_batch, parse_retry_after,
+    OverflowPolicy, PushOutcome, QueueError, RetryPolicy, Stats, TrackerEvent, build_click,
+    classify, encode_batch, parse_retry_after,
 };
 use js_sys::{Object, Promise, Reflect};
 use wasm_bindgen::JsCast;
@@ -57,6 +67,21 @@ struct LocalCounts {
     retries: Cell<u64>,
     gave_up: Cell<u64>,
     beaconed: Cell<u64>,
+    /// Clicks discarded because consent was refused or withdrawn.
+    dropped_consent: Cell<u64>,
+    /// Clicks dropped from the pre-consent memory hold (more than `maxQueue`).
+    held_overflow: Cell<u64>,
+}
+
+/// The consent state (`tracker.consent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consent {
+    /// Not given yet: clicks wait in memory only.
+    Pending,
+    /// Given: store and send.
+    Granted,
+    /// Refused or withdrawn: clicks are discarded.
+    Denied,
 }
 
 fn bump(c: &Cell<u64>, n: u64) {
@@ -73,7 +98,16 @@ struct Listener {
 
 pub(crate) struct Inner {
     outbox: RefCell<Outbox<BrowserQueue>>,
-    queue: BrowserQueue,
+    /// Replaced (with the outbox) when consent is given or withdrawn.
+    queue: RefCell<BrowserQueue>,
+    consent: Cell<Consent>,
+    /// Validated clicks waiting for consent (memory only, at most `max_queue`).
+    held: RefCell<VecDeque<v1::Click>>,
+    /// Bumped whenever the outbox is replaced: a send that started before does not
+    /// complete its batch into the new outbox.
+    epoch: Cell<u64>,
+    /// The options, to open the stored queue when consent is given.
+    opts: Options,
     stats: Arc<Stats>,
     counts: LocalCounts,
     retry: RetryPolicy,
@@ -142,7 +176,8 @@ impl std::fmt::Debug for Tracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracker")
             .field("ingest_url", &self.inner.ingest_url)
-            .field("queue", &self.inner.queue)
+            .field("queue", &self.inner.queue.borrow())
+            .field("consent", &self.inner.consent.get())
             .finish_non_exhaustive()
     }
 }
@@ -209,13 +244,36 @@ impl Tracker {
     /// Clicks not yet delivered (including any batch being sent).
     #[wasm_bindgen(getter)]
     pub fn queued(&self) -> u32 {
-        u32::try_from(self.inner.outbox.borrow().len()).unwrap_or(u32::MAX)
+        u32::try_from(self.inner.unsent()).unwrap_or(u32::MAX)
     }
 
     /// True when unsent clicks are kept in `localStorage`.
     #[wasm_bindgen(getter)]
     pub fn persistent(&self) -> bool {
-        self.inner.queue.is_persistent()
+        self.inner.queue.borrow().is_persistent()
+    }
+
+    /// Gives (`true`) or refuses/withdraws (`false`) consent to store and send clicks.
+    /// Giving it opens the `localStorage` queue (with clicks earlier pages left) and sends
+    /// the clicks held in memory; refusing it discards every unsent click, in memory and
+    /// in `localStorage`, and discards later clicks until consent is given.
+    #[wasm_bindgen(js_name = setConsent)]
+    pub fn set_consent(&self, granted: bool) {
+        Inner::set_consent(&self.inner, granted);
+    }
+
+    /// `"granted"`, `"pending"` (no answer yet: clicks held in memory) or `"denied"`.
+    #[wasm_bindgen(
+        getter,
+        unchecked_return_type = "\"granted\" | \"pending\" | \"denied\""
+    )]
+    pub fn consent(&self) -> String {
+        match self.inner.consent.get() {
+            Consent::Granted => "granted",
+            Consent::Pending => "pending",
+            Consent::Denied => "denied",
+        }
+        .to_string()
     }
 
     /// Counters since this tracker was created.
@@ -224,11 +282,16 @@ impl Tracker {
         let s = self.inner.stats.snapshot();
         let c = &self.inner.counts;
         let obj = Object::new();
-        let fields: [(&str, u64); 12] = [
+        let fields: [(&str, u64); 14] = [
             ("queued", s.queued),
             ("sent", s.sent),
             ("rejected", s.rejected),
-            ("droppedOverflow", s.dropped_overflow),
+            (
+                "droppedOverflow",
+                s.dropped_overflow + c.held_overflow.get(),
+            ),
+            ("droppedConsent", c.dropped_consent.get()),
+            ("held", self.inner.held.borrow().len() as u64),
             ("invalid", s.invalid + c.invalid.get()),
             ("retries", s.retries + c.retries.get()),
             ("gaveUp", s.gave_up + c.gave_up.get()),
@@ -236,7 +299,7 @@ impl Tracker {
             ("restored", s.restored),
             ("batches", s.batches),
             ("beaconed", c.beaconed.get()),
-            ("pending", self.inner.outbox.borrow().len() as u64),
+            ("pending", self.inner.unsent() as u64),
         ];
         for (k, v) in fields {
             set(&obj, k, &JsValue::from_f64(v as f64));
@@ -263,30 +326,54 @@ fn set(obj: &Object, key: &str, value: &JsValue) {
     let _ = Reflect::set(obj, &JsValue::from_str(key), value);
 }
 
+/// `localStorage` when the options keep clicks there and the page has it.
+fn storage(opts: &Options) -> Option<Box<dyn KeyValue>> {
+    if opts.persist {
+        js::local_storage().map(|s| Box::new(LocalStorage(s)) as Box<dyn KeyValue>)
+    } else {
+        None
+    }
+}
+
+/// A queue (persistent when `stored`) and the outbox over it, with the load error.
+fn open_outbox(
+    opts: &Options,
+    stored: bool,
+    stats: &Arc<Stats>,
+) -> (BrowserQueue, Outbox<BrowserQueue>, Option<QueueError>) {
+    let queue = BrowserQueue::new(
+        if stored { storage(opts) } else { None },
+        &opts.storage_key,
+        &js::instance_id(),
+        opts.max_queue as usize,
+    );
+    let cfg = BatchConfig {
+        batch_size: opts.batch_size as usize,
+        max_queue: opts.max_queue as usize,
+        overflow: OverflowPolicy::DropOldest,
+    };
+    let (outbox, load_err) = Outbox::open(cfg, queue.clone(), stats.clone());
+    (queue, outbox, load_err)
+}
+
 impl Inner {
     fn start(opts: Options) -> Rc<Inner> {
-        let backend: Option<Box<dyn KeyValue>> = if opts.persist {
-            js::local_storage().map(|s| Box::new(LocalStorage(s)) as Box<dyn KeyValue>)
-        } else {
-            None
-        };
-        let queue = BrowserQueue::new(
-            backend,
-            &opts.storage_key,
-            &js::instance_id(),
-            opts.max_queue as usize,
-        );
         let stats = Arc::new(Stats::default());
-        let cfg = BatchConfig {
-            batch_size: opts.batch_size as usize,
-            max_queue: opts.max_queue as usize,
-            overflow: OverflowPolicy::DropOldest,
-        };
-        let (outbox, load_err) = Outbox::open(cfg, queue.clone(), stats.clone());
+        // Without consent nothing is read from or written to storage: a memory-only
+        // outbox until `setConsent(true)` replaces it.
+        let (queue, outbox, load_err) = open_outbox(&opts, opts.consent, &stats);
         let restored = !outbox.is_empty();
         let inner = Rc::new(Inner {
             outbox: RefCell::new(outbox),
-            queue,
+            queue: RefCell::new(queue),
+            consent: Cell::new(if opts.consent {
+                Consent::Granted
+            } else {
+                Consent::Pending
+            }),
+            held: RefCell::new(VecDeque::new()),
+            epoch: Cell::new(0),
+            opts: opts.clone(),
             stats,
             counts: LocalCounts::default(),
             retry: RetryPolicy {
@@ -310,21 +397,85 @@ impl Inner {
             listeners: RefCell::new(Vec::new()),
             interval: RefCell::new(None),
         });
-        if let Some(e) = load_err {
-            inner.emit(&TrackerEvent::PersistError {
-                message: e.to_string(),
-            });
-        }
-        let dropped = inner.queue.dropped_at_load();
-        if dropped > 0 {
-            inner.emit(&TrackerEvent::Dropped { clicks: dropped });
-        }
+        inner.after_open(load_err);
         inner.install_timer(f64::from(opts.flush_interval_ms));
         inner.install_page_hooks();
         if restored {
             Inner::start_send(&inner, false);
         }
         inner
+    }
+
+    /// Reports what opening the stored queue found (read errors, clicks over the bound).
+    fn after_open(&self, load_err: Option<QueueError>) {
+        if let Some(e) = load_err {
+            self.emit(&TrackerEvent::PersistError {
+                message: e.to_string(),
+            });
+        }
+        let dropped = self.queue.borrow().dropped_at_load();
+        if dropped > 0 {
+            self.emit(&TrackerEvent::Dropped { clicks: dropped });
+        }
+    }
+
+    /// Clicks not delivered yet: the outbox's, plus those waiting for consent.
+    fn unsent(&self) -> usize {
+        self.outbox.borrow().len() + self.held.borrow().len()
+    }
+
+    /// See `Tracker::set_consent` and the module doc.
+    fn set_consent(inner: &Rc<Inner>, granted: bool) {
+        let was = inner.consent.get();
+        let now = if granted {
+            Consent::Granted
+        } else {
+            Consent::Denied
+        };
+        if was == now {
+            return;
+        }
+        inner.consent.set(now);
+        inner.epoch.set(inner.epoch.get() + 1);
+        inner.keepalive_in_flight.set(0);
+        inner.beaconed_through.set(None);
+        let (queue, outbox, load_err) = open_outbox(&inner.opts, granted, &inner.stats);
+        let discarded = if granted {
+            0
+        } else {
+            inner.outbox.borrow().len() + inner.held.borrow().len()
+        };
+        *inner.outbox.borrow_mut() = outbox;
+        *inner.queue.borrow_mut() = queue;
+        if granted {
+            inner.after_open(load_err);
+            let held: Vec<v1::Click> = inner.held.borrow_mut().drain(..).collect();
+            for click in held {
+                // Already validated when clicked; a full queue drops (and reports) the oldest.
+                let _ = inner.push(click);
+            }
+            if !inner.outbox.borrow().is_empty() {
+                Inner::start_send(inner, false);
+            }
+            return;
+        }
+        inner.held.borrow_mut().clear();
+        if was == Consent::Granted
+            && let Some(mut backend) = storage(&inner.opts)
+            && let Err(e) = crate::queue::purge(backend.as_mut(), &inner.opts.storage_key)
+        {
+            inner.emit(&TrackerEvent::PersistError { message: e });
+        }
+        if discarded > 0 {
+            bump(&inner.counts.dropped_consent, discarded as u64);
+            inner.emit_js(
+                "dropped",
+                &[
+                    ("clicks", JsValue::from_f64(discarded as f64)),
+                    ("reason", JsValue::from_str("consent")),
+                ],
+            );
+        }
     }
 
     fn install_timer(self: &Rc<Self>, period_ms: f64) {
@@ -397,7 +548,8 @@ impl Inner {
         self.default_site.as_deref()
     }
 
-    /// Validates and queues a click. `Ok(true)` when a full batch is now waiting.
+    /// Validates and queues a click (or, without consent, holds or discards it). `Ok(true)`
+    /// when a full batch is now waiting.
     pub(crate) fn record(&self, token: &str, dims: Dimensions) -> Result<bool, ClickError> {
         let click = match build_click(token, dims, self.clock.now_ms()) {
             Ok(c) => c,
@@ -406,6 +558,29 @@ impl Inner {
                 return Err(e);
             }
         };
+        match self.consent.get() {
+            Consent::Granted => self.push(click),
+            Consent::Denied => {
+                bump(&self.counts.dropped_consent, 1);
+                Ok(false)
+            }
+            Consent::Pending => {
+                let over = {
+                    let mut held = self.held.borrow_mut();
+                    held.push_back(click);
+                    held.len() > self.opts.max_queue as usize && held.pop_front().is_some()
+                };
+                if over {
+                    bump(&self.counts.held_overflow, 1);
+                    self.emit(&TrackerEvent::Dropped { clicks: 1 });
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Queues a validated click in the outbox. `Ok(true)` when a full batch is waiting.
+    fn push(&self, click: v1::Click) -> Result<bool, ClickError> {
         let (pushed, ready) = {
             let mut outbox = self.outbox.borrow_mut();
             let pushed = outbox.push(click);
@@ -433,7 +608,7 @@ impl Inner {
     /// Starts a sender unless one is running (it will see the new clicks). Returns the
     /// sender's promise when one was started.
     pub(crate) fn start_send(inner: &Rc<Inner>, full_only: bool) -> Option<Promise> {
-        if inner.busy.get() {
+        if inner.busy.get() || inner.consent.get() != Consent::Granted {
             return None;
         }
         inner.busy.set(true);
@@ -456,6 +631,12 @@ impl Inner {
     /// Waits for a running sender, then sends everything. Resolves to `undefined` or to
     /// the reason string of an undelivered batch.
     pub(crate) async fn flush(inner: &Rc<Inner>) -> JsValue {
+        let held = inner.held.borrow().len();
+        if inner.consent.get() == Consent::Pending && held > 0 {
+            return JsValue::from_str(&format!(
+                "no consent yet: {held} clicks held in memory until setConsent(true)"
+            ));
+        }
         loop {
             if !inner.busy.get() {
                 break;
@@ -480,7 +661,11 @@ impl Inner {
         // Only one sender runs (`busy`), so nothing else is sending a batch marked in
         // flight; a sender abandoned mid-send cannot exist here, but stay safe.
         self.outbox.borrow_mut().abandon_in_flight();
+        let epoch = self.epoch.get();
         loop {
+            if self.epoch.get() != epoch {
+                return Ok(());
+            }
             let batch = {
                 let mut outbox = self.outbox.borrow_mut();
                 if full_only && !outbox.batch_ready() {
@@ -491,11 +676,13 @@ impl Inner {
             let Some(batch) = batch else {
                 return Ok(());
             };
-            self.send_batch(batch).await?;
+            self.send_batch(batch, epoch).await?;
         }
     }
 
-    async fn send_batch(&self, batch: InFlight) -> Result<(), String> {
+    /// Sends one batch with retries. Stops without completing it when the outbox was
+    /// replaced meanwhile (consent changed: `epoch`).
+    async fn send_batch(&self, batch: InFlight, epoch: u64) -> Result<(), String> {
         let n = batch.clicks.len();
         let mut attempt = 0u32;
         loop {
@@ -507,6 +694,9 @@ impl Inner {
                 self.keepalive_in_flight.set(n);
             }
             let reply = js::post(&self.ingest_url, &body, keepalive, self.request_timeout_ms).await;
+            if self.epoch.get() != epoch {
+                return Ok(());
+            }
             self.keepalive_in_flight.set(0);
             let (retry_after, reason) = match reply {
                 Ok(r) => match classify(r.status) {
@@ -550,6 +740,9 @@ impl Inner {
                 reason,
             });
             js::sleep(delay.as_secs_f64() * 1000.0).await;
+            if self.epoch.get() != epoch {
+                return Ok(());
+            }
         }
     }
 
@@ -565,10 +758,14 @@ impl Inner {
     /// The page is being hidden or unloaded: hand the unsent clicks that no beacon or
     /// keepalive request carries yet to `sendBeacon`. They stay queued (see module doc).
     pub(crate) fn on_hide(&self) {
+        if self.consent.get() != Consent::Granted {
+            return;
+        }
         let skip = self.keepalive_in_flight.get();
         let after = self.beaconed_through.get();
         let todo: Vec<(u64, v1::Click)> = self
             .queue
+            .borrow()
             .pending()
             .into_iter()
             .skip(skip)

@@ -27,4 +27,5 @@ mod jetstream_collector_kill;
 mod mixed;
 mod regions;
 mod spool_damage;
+mod token_python;
 mod visibility_and_redirect;

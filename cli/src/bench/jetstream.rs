@@ -215,21 +215,23 @@ async fn measure(
 
     // 3. one aggregator shard consumes partition 0 from the start
     let dir = tempdir()?;
-    let mut cfg = AggregatorConfig::default();
-    cfg.data_dir = dir.clone();
-    cfg.listen_grpc = "127.0.0.1:0".parse()?;
-    cfg.listen_http = "127.0.0.1:0".parse()?;
-    cfg.ingest_keys = vec![format!("bench-ingest-key-{tag:0>16}", tag = rand_u32())];
-    cfg.query.allow_unauthenticated = true;
-    cfg.source = SourceConfig {
-        kind: SourceKind::Jetstream,
-        servers: a.servers.clone(),
-        stream: spec.name.clone(),
-        subject_prefix: spec.subject_prefix.clone(),
-        partitions: Some("0".into()),
-        durable_prefix: format!("bench-{}", spec.subject_prefix),
+    let mut cfg = AggregatorConfig {
+        data_dir: dir.clone(),
+        listen_grpc: "127.0.0.1:0".parse()?,
+        listen_http: "127.0.0.1:0".parse()?,
+        ingest_keys: vec![format!("bench-ingest-key-{tag:0>16}", tag = rand_u32())],
+        source: SourceConfig {
+            kind: SourceKind::Jetstream,
+            servers: a.servers.clone(),
+            stream: spec.name.clone(),
+            subject_prefix: spec.subject_prefix.clone(),
+            partitions: Some("0".into()),
+            durable_prefix: format!("bench-{}", spec.subject_prefix),
+            ..Default::default()
+        },
         ..Default::default()
     };
+    cfg.query.allow_unauthenticated = true;
     let t0 = Instant::now();
     let agg = adclick_aggregator::start(cfg)
         .await
