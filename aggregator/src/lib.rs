@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod admit;
+pub mod api;
 pub mod benchkit;
 pub mod config;
 pub mod cors;
@@ -109,7 +110,7 @@ pub async fn start_with_store<S: Store + 'static>(
         .local_addr()
         .map_err(io("local address".into()))?;
 
-    let query = grpc::Query {
+    let api = grpc::Query {
         view: view.clone(),
         keys: Arc::new(cfg.api_keys.clone()),
         cfg: cfg.query.clone(),
@@ -119,7 +120,8 @@ pub async fn start_with_store<S: Store + 'static>(
         cors: Arc::new(
             cors::Cors::new(&cfg.query.cors_allowed_origins).map_err(config::ConfigError)?,
         ),
-    };
+    }
+    .api();
     // Reflection in both versions: current grpcurl and grpcui speak v1, older tools and
     // some client libraries (issue 14 met a Python client) only v1alpha. Both list the
     // health service too (its descriptors come with tonic-health).
@@ -164,7 +166,7 @@ pub async fn start_with_store<S: Store + 'static>(
     );
     let routes = tonic::service::Routes::new(ingest)
         .add_service(
-            QueryServiceServer::new(query.clone())
+            QueryServiceServer::new(api.clone())
                 .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
         )
@@ -186,7 +188,7 @@ pub async fn start_with_store<S: Store + 'static>(
             connection: 16 << 20,
         }),
         make_service: {
-            let front = grpc_web::GrpcFront::new(routes, query.cors.clone());
+            let front = grpc_web::GrpcFront::new(routes, api.cors.clone());
             move |_| front.clone()
         },
         shutdown: rx.clone(),
@@ -199,7 +201,7 @@ pub async fn start_with_store<S: Store + 'static>(
         http2_only: false,
         windows: None,
         make_service: {
-            let q = Arc::new(query);
+            let q = Arc::new(api);
             move |_| http::HttpService(q.clone())
         },
         shutdown: rx,
@@ -233,7 +235,7 @@ async fn report_health(health: &HealthReporter, reasons: &[&'static str]) {
         .await;
     health
         .set_service_status(
-            <QueryServiceServer<grpc::Query> as NamedService>::NAME,
+            <QueryServiceServer<api::Api> as NamedService>::NAME,
             ServingStatus::Serving,
         )
         .await;
