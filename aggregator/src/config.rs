@@ -376,13 +376,39 @@ impl AggregatorConfig {
                  aggregator_key)"
             ));
         }
-        if let Some(i) = self.api_keys.iter().position(|k| example(&k.key)) {
+        check_query_access(&self.query, &self.api_keys)?;
+        self.connections.validate()?;
+        if self.ingest.max_message_bytes < 1024 || self.ingest.max_seq_jump == 0 {
+            return err(
+                "ingest: max_message_bytes must be at least 1024 and max_seq_jump at least 1"
+                    .into(),
+            );
+        }
+        if self.ingest.max_first_seq == 0 || self.ingest.max_first_seq > u64::MAX / 2 {
+            return err("ingest.max_first_seq must be between 1 and 2^63".into());
+        }
+        if let Err(m) = self.source.validate() {
+            return err(m);
+        }
+        if self.ingest_keys.iter().any(|k| k.len() < 16) {
+            return err("ingest_keys must be at least 16 characters".into());
+        }
+        Ok(())
+    }
+}
+
+/// The `[query]` and `[[api_keys]]` checks the aggregator and the query front share: no
+/// example keys, keys required unless `allow_unauthenticated`, limits in range.
+pub fn check_query_access(query: &QueryConfig, api_keys: &[ApiKey]) -> Result<(), ConfigError> {
+    let err = |m: String| Err(ConfigError(m));
+    let example = |k: &str| k.starts_with(EXAMPLE_KEY_PREFIX);
+        if let Some(i) = api_keys.iter().position(|k| example(&k.key)) {
             return err(format!(
                 "api_keys[{i}].key is the example value from config/aggregator.toml: use a random \
                  secret of at least 16 characters (e.g. from `adclick keys ingest new`)"
             ));
         }
-        if self.api_keys.is_empty() && !self.query.allow_unauthenticated {
+        if api_keys.is_empty() && !query.allow_unauthenticated {
             return err(
                 "api_keys is empty: add [[api_keys]] entries (a random secret of at least \
                  16 characters, e.g. from `adclick keys ingest new`, with role = \"admin\" or \
@@ -390,7 +416,7 @@ impl AggregatorConfig {
                     .into(),
             );
         }
-        let q = &self.query;
+        let q = query;
         if q.max_top_n == 0 || q.max_top_n > crate::validate::MAX_TOP_N {
             return err(format!(
                 "query.max_top_n must be between 1 and {}",
@@ -410,7 +436,27 @@ impl AggregatorConfig {
         if let Err(m) = crate::cors::Cors::new(&q.cors_allowed_origins) {
             return err(format!("query.cors_allowed_origins: {m}"));
         }
-        let c = &self.connections;
+        for k in api_keys {
+            if k.key.len() < 16 {
+                return err(format!(
+                    "api key {:?}...: keys must be at least 16 characters",
+                    k.key.chars().take(4).collect::<String>()
+                ));
+            }
+            if (k.role == Role::Advertiser) != k.advertiser_id.is_some() {
+                return err(
+                    "advertiser keys need advertiser_id; admin keys must not have one".into(),
+                );
+            }
+        }
+    Ok(())
+}
+
+impl ConnectionConfig {
+    /// Every timeout and cap at least 1.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        let c = self;
         if c.header_read_timeout_secs == 0
             || c.idle_timeout_secs == 0
             || c.request_timeout_secs == 0
@@ -425,34 +471,6 @@ impl AggregatorConfig {
                 "connections: max_connections, max_connections_per_ip and max_concurrent_streams must be at least 1"
                     .into(),
             );
-        }
-        if self.ingest.max_message_bytes < 1024 || self.ingest.max_seq_jump == 0 {
-            return err(
-                "ingest: max_message_bytes must be at least 1024 and max_seq_jump at least 1"
-                    .into(),
-            );
-        }
-        if self.ingest.max_first_seq == 0 || self.ingest.max_first_seq > u64::MAX / 2 {
-            return err("ingest.max_first_seq must be between 1 and 2^63".into());
-        }
-        if let Err(m) = self.source.validate() {
-            return err(m);
-        }
-        if self.ingest_keys.iter().any(|k| k.len() < 16) {
-            return err("ingest_keys must be at least 16 characters".into());
-        }
-        for k in &self.api_keys {
-            if k.key.len() < 16 {
-                return err(format!(
-                    "api key {:?}...: keys must be at least 16 characters",
-                    k.key.chars().take(4).collect::<String>()
-                ));
-            }
-            if (k.role == Role::Advertiser) != k.advertiser_id.is_some() {
-                return err(
-                    "advertiser keys need advertiser_id; admin keys must not have one".into(),
-                );
-            }
         }
         Ok(())
     }

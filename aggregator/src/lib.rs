@@ -16,6 +16,7 @@ pub mod config;
 pub mod cors;
 pub mod decode;
 pub mod engine;
+pub mod front;
 pub mod grpc;
 pub mod grpc_web;
 pub mod health;
@@ -122,20 +123,7 @@ pub async fn start_with_store<S: Store + 'static>(
         ),
     }
     .api();
-    // Reflection in both versions: current grpcurl and grpcui speak v1, older tools and
-    // some client libraries (issue 14 met a Python client) only v1alpha. Both list the
-    // health service too (its descriptors come with tonic-health).
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(adclick_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
-    let reflection = reflection()
-        .build_v1()
-        .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
+    let (reflection, reflection_v1alpha) = reflection()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     report_health(&health, &view.ready.reasons()).await;
 
@@ -219,6 +207,35 @@ pub async fn start_with_store<S: Store + 'static>(
             .collect(),
         threads: Some(threads),
     })
+}
+
+/// The reflection services, in both versions: current grpcurl and grpcui speak v1, older
+/// tools and some client libraries (issue 14 met a Python client) only v1alpha. Both list
+/// the health service too (its descriptors come with tonic-health). The aggregator and the
+/// query front register the same.
+pub(crate) fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    AggregatorError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(adclick_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1alpha = builder()
+        .build_v1alpha()
+        .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
+    let v1 = builder()
+        .build_v1()
+        .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
+    Ok((v1, v1alpha))
 }
 
 /// gRPC health mirrors readiness: the whole server ("") and `IngestService` are
