@@ -23,5 +23,6 @@ mod hot_dedup;
 mod jetstream_aggregator;
 mod jetstream_collector_kill;
 mod mixed;
+mod query_front;
 mod spool_damage;
 mod visibility_and_redirect;

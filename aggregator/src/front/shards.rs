@@ -382,13 +382,18 @@ impl QueryBackend for Shards {
         ctx: &Ctx,
         req: BreakdownRequest,
     ) -> Result<BreakdownResponse, BackendError> {
+        // Its own fields, then those it shares with GetAdClicks (as `query::breakdown`).
+        let shared = GetAdClicksRequest {
+            ad_id: req.ad_id,
+            from_ms: req.from_ms,
+            to_ms: req.to_ms,
+            granularity: req.granularity,
+            filter: req.filter.clone(),
+            fill_empty: None,
+        };
         let mut bad = validate::breakdown(&req);
-        if req.ad_id == 0 {
-            bad.push(
-                validate::Field::AdId,
-                validate::Reason::Required,
-                "ad_id is required: ad ids are nonzero",
-            );
+        if let Err(v) = validate::ad_clicks(&shared, &self.limits, i64::MIN) {
+            bad.extend(v);
         }
         refuse(bad)?;
         let i = self.owner_of(req.ad_id);
