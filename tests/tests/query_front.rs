@@ -68,7 +68,8 @@ fn counts(sent: &[Sent], keep: impl Fn(&Sent) -> bool) -> BTreeMap<u64, u64> {
 }
 
 /// Publishes every click as a collector's JetStream sink would: one batch per partition,
-/// seq 1, message id `<collector>-<seq>-<p>`.
+/// seq 1, message id `<collector>-<seq>-<p>`. Clicks of partitions 2-3 happened 90 s
+/// earlier, so the two shards' watermarks differ.
 async fn publish(client: &async_nats::Client, sent: &[Sent], now: i64) {
     let js = async_nats::jetstream::new(client.clone());
     for p in 0..P {
@@ -82,7 +83,8 @@ async fn publish(client: &async_nats::Client, sent: &[Sent], now: i64) {
                 advertiser_id: s.advertiser,
                 campaign_id: 1,
                 token_expires_at_ms: now + HOUR,
-                event_time_ms: now,
+                // Shard s1's partitions a little behind: its watermark is the lower one.
+                event_time_ms: now - i64::from(p / 2) * 90_000,
                 received_at_ms: now,
                 country: s.country.into(),
                 ..Default::default()
@@ -294,6 +296,7 @@ async fn scenario() {
             .watermark_ms
     };
     let (w0, w1) = (wm(s0.grpc_addr(), ADMIN).await, wm(s1_grpc, ADMIN).await);
+    assert!(w1 < w0, "s1 is behind: {w0} {w1}");
     let r = q
         .top_ads(authed(top_req(3, range, None), ADMIN))
         .await
