@@ -104,8 +104,7 @@ pub trait QueryBackend: Debug + Send + Sync + 'static {
         req: BreakdownRequest,
     ) -> Result<BreakdownResponse, BackendError>;
     /// `TopAds`.
-    async fn top_ads(&self, ctx: &Ctx, req: TopAdsRequest)
-    -> Result<TopAdsResponse, BackendError>;
+    async fn top_ads(&self, ctx: &Ctx, req: TopAdsRequest) -> Result<TopAdsResponse, BackendError>;
     /// Why queries cannot be answered right now (empty: ready): `/readyz`, gRPC health.
     fn not_ready(&self) -> Vec<String>;
 }

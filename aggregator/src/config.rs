@@ -402,53 +402,51 @@ impl AggregatorConfig {
 pub fn check_query_access(query: &QueryConfig, api_keys: &[ApiKey]) -> Result<(), ConfigError> {
     let err = |m: String| Err(ConfigError(m));
     let example = |k: &str| k.starts_with(EXAMPLE_KEY_PREFIX);
-        if let Some(i) = api_keys.iter().position(|k| example(&k.key)) {
-            return err(format!(
-                "api_keys[{i}].key is the example value from config/aggregator.toml: use a random \
+    if let Some(i) = api_keys.iter().position(|k| example(&k.key)) {
+        return err(format!(
+            "api_keys[{i}].key is the example value from config/aggregator.toml: use a random \
                  secret of at least 16 characters (e.g. from `adclick keys ingest new`)"
-            ));
-        }
-        if api_keys.is_empty() && !query.allow_unauthenticated {
-            return err(
-                "api_keys is empty: add [[api_keys]] entries (a random secret of at least \
+        ));
+    }
+    if api_keys.is_empty() && !query.allow_unauthenticated {
+        return err(
+            "api_keys is empty: add [[api_keys]] entries (a random secret of at least \
                  16 characters, e.g. from `adclick keys ingest new`, with role = \"admin\" or \
                  \"advertiser\"), or set query.allow_unauthenticated = true on a trusted network"
-                    .into(),
-            );
-        }
-        let q = query;
-        if q.max_top_n == 0 || q.max_top_n > crate::validate::MAX_TOP_N {
+                .into(),
+        );
+    }
+    let q = query;
+    if q.max_top_n == 0 || q.max_top_n > crate::validate::MAX_TOP_N {
+        return err(format!(
+            "query.max_top_n must be between 1 and {}",
+            crate::validate::MAX_TOP_N
+        ));
+    }
+    if q.max_range_days < 1 {
+        return err("query.max_range_days must be at least 1".into());
+    }
+    if q.rate_limit_per_second > 0 && q.rate_limit_burst == 0 {
+        return err(
+            "query.rate_limit_burst must be at least 1 when rate_limit_per_second is set \
+                 (rate_limit_per_second = 0 turns rate limiting off)"
+                .into(),
+        );
+    }
+    if let Err(m) = crate::cors::Cors::new(&q.cors_allowed_origins) {
+        return err(format!("query.cors_allowed_origins: {m}"));
+    }
+    for k in api_keys {
+        if k.key.len() < 16 {
             return err(format!(
-                "query.max_top_n must be between 1 and {}",
-                crate::validate::MAX_TOP_N
+                "api key {:?}...: keys must be at least 16 characters",
+                k.key.chars().take(4).collect::<String>()
             ));
         }
-        if q.max_range_days < 1 {
-            return err("query.max_range_days must be at least 1".into());
+        if (k.role == Role::Advertiser) != k.advertiser_id.is_some() {
+            return err("advertiser keys need advertiser_id; admin keys must not have one".into());
         }
-        if q.rate_limit_per_second > 0 && q.rate_limit_burst == 0 {
-            return err(
-                "query.rate_limit_burst must be at least 1 when rate_limit_per_second is set \
-                 (rate_limit_per_second = 0 turns rate limiting off)"
-                    .into(),
-            );
-        }
-        if let Err(m) = crate::cors::Cors::new(&q.cors_allowed_origins) {
-            return err(format!("query.cors_allowed_origins: {m}"));
-        }
-        for k in api_keys {
-            if k.key.len() < 16 {
-                return err(format!(
-                    "api key {:?}...: keys must be at least 16 characters",
-                    k.key.chars().take(4).collect::<String>()
-                ));
-            }
-            if (k.role == Role::Advertiser) != k.advertiser_id.is_some() {
-                return err(
-                    "advertiser keys need advertiser_id; admin keys must not have one".into(),
-                );
-            }
-        }
+    }
     Ok(())
 }
 

@@ -35,11 +35,11 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use crate::api::{BackendError, Ctx, QueryBackend};
 use crate::config::{ApiKey, QueryConfig};
 use crate::cors::Cors;
 use crate::decode::RawBatch;
 use crate::engine::{Engine, IngestError};
-use crate::api::{BackendError, Ctx, QueryBackend};
 use crate::metrics::Metrics;
 use crate::query::{self, Caller, QueryError};
 use crate::ratelimit::{Limited, RateLimiter};
@@ -341,7 +341,6 @@ impl Query {
         validate::top_ads(req, &self.limits, watermark_ms, now_ms)?;
         query::top_ads(&self.view, caller, req, &self.cfg, now_ms)
     }
-
 }
 
 /// The `reason` label of a refused query: unauthenticated, or the first invalid field's.
@@ -381,11 +380,7 @@ impl QueryBackend for Query {
         Ok(Query::breakdown(self, ctx.caller, &req)?)
     }
 
-    async fn top_ads(
-        &self,
-        ctx: &Ctx,
-        req: TopAdsRequest,
-    ) -> Result<TopAdsResponse, BackendError> {
+    async fn top_ads(&self, ctx: &Ctx, req: TopAdsRequest) -> Result<TopAdsResponse, BackendError> {
         Ok(self.top(ctx.caller, &req, ctx.now_ms)?)
     }
 

@@ -243,9 +243,7 @@ pub fn status_problem(s: &tonic::Status, last_minutes: bool) -> (StatusCode, Val
         tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
         tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
         tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_GATEWAY,
     };
     if code != StatusCode::BAD_REQUEST {
@@ -798,12 +796,7 @@ impl From<QueryError> for Refused {
     }
 }
 
-async fn clicks(
-    q: &Api,
-    ctx: &Ctx,
-    ad: &str,
-    p: &[(String, String)],
-) -> Result<Value, Refused> {
+async fn clicks(q: &Api, ctx: &Ctx, ad: &str, p: &[(String, String)]) -> Result<Value, Refused> {
     let (req, last_minutes) = clicks_request(ad, p, ctx.now_ms)?;
     let r = q
         .backend
@@ -911,11 +904,7 @@ pub fn top_request(p: &[(String, String)]) -> Result<v1::TopAdsRequest, QueryErr
 
 async fn top(q: &Api, ctx: &Ctx, p: &[(String, String)]) -> Result<Value, Refused> {
     let req = top_request(p)?;
-    let r = q
-        .backend
-        .top_ads(ctx, req)
-        .await
-        .map_err(|e| (e, false))?;
+    let r = q.backend.top_ads(ctx, req).await.map_err(|e| (e, false))?;
     let range = r.range.unwrap_or_default();
     Ok(json!({
         "ads": r.ads.iter().map(|a| json!({"ad_id": a.ad_id, "clicks": a.clicks})).collect::<Vec<_>>(),

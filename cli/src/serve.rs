@@ -206,8 +206,13 @@ pub struct QueryFrontArgs {
 pub fn query_front(args: QueryFrontArgs) -> Result<()> {
     let cfg: adclick_aggregator::front::FrontConfig =
         read_config(&args.config, "ADCLICK_QUERY_FRONT")?;
-    cfg.validate()
-        .map_err(|e| anyhow::anyhow!("invalid query-front config {}: {}", args.config.display(), e.0))?;
+    cfg.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "invalid query-front config {}: {}",
+            args.config.display(),
+            e.0
+        )
+    })?;
     if args.check {
         println!(
             "{}: ok ({} partitions over {} shards)",

@@ -285,7 +285,11 @@ async fn scenario() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(pairs(&r), ranked(&of_a, 100), "TopAds with advertiser A's key");
+    assert_eq!(
+        pairs(&r),
+        ranked(&of_a, 100),
+        "TopAds with advertiser A's key"
+    );
     // The watermark is the minimum of the shards'.
     let wm = |addr: SocketAddr, key: &'static str| async move {
         let mut c = query_client(addr).await.unwrap();
@@ -462,7 +466,10 @@ async fn scenario() {
         (via_front.code(), via_front.message()),
         (direct.code(), direct.message())
     );
-    let v = via_front.get_details_bad_request().unwrap().field_violations;
+    let v = via_front
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations;
     let fields = |v: &[tonic_types::FieldViolation]| {
         v.iter()
             .map(|x| format!("{}|{}|{}", x.field, x.reason, x.description))
@@ -472,7 +479,10 @@ async fn scenario() {
         fields(&v),
         fields(&direct.get_details_bad_request().unwrap().field_violations)
     );
-    assert_eq!((v[0].field.as_str(), v[0].reason.as_str()), ("from_ms", "BEFORE_RETENTION"));
+    assert_eq!(
+        (v[0].field.as_str(), v[0].reason.as_str()),
+        ("from_ms", "BEFORE_RETENTION")
+    );
     // Unknown keys are refused by the front itself.
     let e = q
         .top_ads(authed(top_req(3, range, None), "not-a-key-0123456789"))
@@ -493,7 +503,10 @@ async fn scenario() {
                 .unwrap();
             let status = r.status().as_u16();
             let text = r.text().await.unwrap();
-            (status, serde_json::from_str::<serde_json::Value>(&text).unwrap())
+            (
+                status,
+                serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+            )
         }
     };
     let (status, body) = get(format!(
@@ -555,7 +568,10 @@ async fn scenario() {
     .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["invalid_params"][0]["name"], "from_ms", "{body}");
-    assert_eq!(body["invalid_params"][0]["code"], "BEFORE_RETENTION", "{body}");
+    assert_eq!(
+        body["invalid_params"][0]["code"], "BEFORE_RETENTION",
+        "{body}"
+    );
     let (status, body) = get("/readyz".into()).await;
     assert_eq!((status, &body["ready"]), (200, &serde_json::json!(true)));
 

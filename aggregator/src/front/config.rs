@@ -98,7 +98,9 @@ impl FrontConfig {
         let mut owner: Vec<Option<usize>> = vec![None; p];
         for (i, s) in self.shards.iter().enumerate() {
             if s.name.is_empty() || s.name.len() > 64 || s.name.chars().any(char::is_control) {
-                return err(format!("shards[{i}].name must be 1 to 64 printable characters"));
+                return err(format!(
+                    "shards[{i}].name must be 1 to 64 printable characters"
+                ));
             }
             if let Some(j) = self.shards[..i].iter().position(|o| o.name == s.name) {
                 return err(format!(
@@ -106,10 +108,9 @@ impl FrontConfig {
                     s.name
                 ));
             }
-            let uri_ok = s
-                .grpc
-                .parse::<tonic::transport::Uri>()
-                .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+            let uri_ok = s.grpc.parse::<tonic::transport::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
             if !uri_ok {
                 return err(format!(
                     "shard {:?}: grpc = {:?} is not a URL like http://127.0.0.1:9190",
@@ -187,11 +188,17 @@ mod tests {
             cfg(&[("a", "0-1"), ("b", "2-3")]).validate(),
             Ok(vec![0, 0, 1, 1])
         );
-        assert_eq!(cfg(&[("a", "0,2"), ("b", "1,3")]).validate(), Ok(vec![0, 1, 0, 1]));
+        assert_eq!(
+            cfg(&[("a", "0,2"), ("b", "1,3")]).validate(),
+            Ok(vec![0, 1, 0, 1])
+        );
         let e = cfg(&[("a", "0-1"), ("b", "3")]).validate().unwrap_err();
         assert!(e.0.contains("partition(s) 2 of 0-3"), "{e}");
         let e = cfg(&[("a", "0-2"), ("b", "2-3")]).validate().unwrap_err();
-        assert!(e.0.contains("partition 2 is owned by both shard \"a\" and shard \"b\""), "{e}");
+        assert!(
+            e.0.contains("partition 2 is owned by both shard \"a\" and shard \"b\""),
+            "{e}"
+        );
         let e = cfg(&[("a", "0-4")]).validate().unwrap_err();
         assert!(e.0.contains("owns partition 4"), "{e}");
         let e = cfg(&[("a", "0-1"), ("a", "2-3")]).validate().unwrap_err();

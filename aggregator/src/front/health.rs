@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as Pb;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::server::HealthReporter;
-use tonic_health::ServingStatus;
 
 use crate::front::metrics::ShardLabel;
 use crate::front::shards::{Shard, join_all};

@@ -195,7 +195,10 @@ impl Shards {
             Err(_) => Err(self.unavailable(
                 i,
                 rpc,
-                &format!("no answer within shard_timeout_ms ({} ms)", self.timeout.as_millis()),
+                &format!(
+                    "no answer within shard_timeout_ms ({} ms)",
+                    self.timeout.as_millis()
+                ),
             )),
         }
     }
@@ -231,9 +234,7 @@ impl Shards {
         F: Fn(QueryServiceClient<Channel>, Request<Q>) -> Fut + Copy,
         Fut: Future<Output = Result<Response<R>, Status>>,
     {
-        let all = calls
-            .into_iter()
-            .map(|(i, q)| self.call(i, rpc, ctx, q, f));
+        let all = calls.into_iter().map(|(i, q)| self.call(i, rpc, ctx, q, f));
         let results = join_all(all).await;
         let mut out = Vec::with_capacity(results.len());
         let mut down: Vec<String> = Vec::new();
@@ -306,7 +307,11 @@ impl QueryBackend for Shards {
         ctx: &Ctx,
         req: GetAdClicksRequest,
     ) -> Result<GetAdClicksResponse, BackendError> {
-        refuse(validate::ad_clicks(&req, &self.limits, i64::MIN).err().unwrap_or_default())?;
+        refuse(
+            validate::ad_clicks(&req, &self.limits, i64::MIN)
+                .err()
+                .unwrap_or_default(),
+        )?;
         let i = self.owner_of(req.ad_id);
         self.call(i, "GetAdClicks", ctx, req, |mut c, r| async move {
             c.get_ad_clicks(r).await
@@ -403,11 +408,7 @@ impl QueryBackend for Shards {
         .await
     }
 
-    async fn top_ads(
-        &self,
-        ctx: &Ctx,
-        req: TopAdsRequest,
-    ) -> Result<TopAdsResponse, BackendError> {
+    async fn top_ads(&self, ctx: &Ctx, req: TopAdsRequest) -> Result<TopAdsResponse, BackendError> {
         refuse(
             validate::top_ads(&req, &self.limits, i64::MIN, ctx.now_ms)
                 .err()
@@ -423,9 +424,8 @@ impl QueryBackend for Shards {
                 c.top_ads(r).await
             })
         };
-        let same_range = |answers: &[TopAdsResponse]| {
-            answers.windows(2).all(|w| w[0].range == w[1].range)
-        };
+        let same_range =
+            |answers: &[TopAdsResponse]| answers.windows(2).all(|w| w[0].range == w[1].range);
         let mut answers = ask().await?;
         if !same_range(&answers) {
             answers = ask().await?;
