@@ -1130,6 +1130,80 @@ mod tests {
         );
     }
 
+    /// A shard's field path maps back to the parameter `param_name` gives its field, for
+    /// every field the shared validation can name.
+    #[test]
+    fn shard_field_paths_map_to_the_mirror_parameters() {
+        let dims = [
+            Dim::Country,
+            Dim::Device,
+            Dim::Os,
+            Dim::Site,
+            Dim::AdvertiserId,
+            Dim::CampaignId,
+        ];
+        let mut fields = vec![
+            Field::AdId,
+            Field::AdIds,
+            Field::AdIdsValue(3),
+            Field::FillEmpty,
+            Field::GroupBy,
+            Field::FromMs,
+            Field::ToMs,
+            Field::Granularity,
+            Field::N,
+            Field::LastMinutes,
+            Field::Window,
+            Field::RangeFromMs,
+            Field::RangeToMs,
+        ];
+        for d in dims {
+            fields.push(Field::Filter(d));
+            fields.push(Field::FilterValue(d, 2));
+        }
+        for f in fields {
+            assert_eq!(param_of_path(&f.to_string(), false), param_name(&f), "{f}");
+        }
+        assert_eq!(param_of_path("from_ms", true), "last_minutes");
+    }
+
+    #[test]
+    fn passed_through_statuses_become_problems() {
+        use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+        let s = tonic::Status::with_error_details(
+            tonic::Code::InvalidArgument,
+            "1 invalid field: filter.advertiser_id[0]",
+            ErrorDetails::with_bad_request(vec![FieldViolation {
+                field: "filter.advertiser_id[0]".into(),
+                description: "ids are nonzero".into(),
+                reason: "REQUIRED".into(),
+                localized_message: None,
+            }]),
+        );
+        let (status, body) = status_problem(&s, false);
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["type"], PROBLEM_INVALID_REQUEST);
+        assert_eq!(body["invalid_params"][0]["name"], "advertiser");
+        assert_eq!(body["invalid_params"][0]["code"], "REQUIRED");
+        let (status, body) = status_problem(
+            &tonic::Status::unavailable("shard s1 (http://x) is unavailable"),
+            false,
+        );
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["detail"], "shard s1 (http://x) is unavailable");
+        for (code, http) in [
+            (tonic::Code::DeadlineExceeded, 503),
+            (tonic::Code::Unauthenticated, 401),
+            (tonic::Code::ResourceExhausted, 429),
+            (tonic::Code::Internal, 502),
+        ] {
+            assert_eq!(
+                status_problem(&tonic::Status::new(code, "x"), false).0,
+                http
+            );
+        }
+    }
+
     #[test]
     fn bounds_apply_before_parsing() {
         let long = "a".repeat(MAX_QUERY_BYTES + 1);
