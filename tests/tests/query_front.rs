@@ -574,6 +574,22 @@ async fn scenario() {
     );
     let (status, body) = get("/readyz".into()).await;
     assert_eq!((status, &body["ready"]), (200, &serde_json::json!(true)));
+    // gRPC health as on the aggregator (SERVING while every shard is).
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", front.grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = |service: &str| {
+        let mut c = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+        let req = tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        };
+        async move { c.check(req).await.unwrap().into_inner().status }
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    assert_eq!(health("").await, serving);
+    assert_eq!(health("adclick.v1.QueryService").await, serving);
 
     // --- Shard s1 dies: TopAds fails naming it, s0's ads are still answered.
     s1.kill();
@@ -636,6 +652,7 @@ async fn scenario() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(ready_body["ready"], false, "{ready_body}");
+    assert_ne!(health("").await, serving, "gRPC health follows readiness");
     assert!(
         ready_body["reasons"].to_string().contains("shard s1"),
         "{ready_body}"
