@@ -56,18 +56,37 @@ pub fn unchecked(shards: &[Shard]) -> Vec<String> {
         .collect()
 }
 
+/// What [`watch_shards`] checks and where it reports.
+#[derive(Debug)]
+pub struct Watch {
+    /// The shards.
+    pub shards: Vec<Shard>,
+    /// Check interval (`health_interval_ms`).
+    pub every: Duration,
+    /// How long one check may take (`shard_timeout_ms`).
+    pub timeout: Duration,
+    /// The reasons `/readyz` reports (empty: ready).
+    pub reasons: watch::Sender<Vec<String>>,
+    /// The front's own gRPC health.
+    pub health: HealthReporter,
+    /// The name its QueryService is reported under.
+    pub query_service: &'static str,
+    /// `front_shard_up` and `ready`.
+    pub metrics: Arc<Metrics>,
+}
+
 /// Checks every shard each `every` until `stop` flips, publishing the reasons to
 /// `reasons`, the front's own gRPC health and the `front_shard_up` / `ready` gauges.
-pub async fn watch_shards(
-    shards: Vec<Shard>,
-    every: Duration,
-    timeout: Duration,
-    reasons: watch::Sender<Vec<String>>,
-    health: HealthReporter,
-    query_service: &'static str,
-    metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn watch_shards(w: Watch, mut stop: watch::Receiver<bool>) {
+    let Watch {
+        shards,
+        every,
+        timeout,
+        reasons,
+        health,
+        query_service,
+        metrics,
+    } = w;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

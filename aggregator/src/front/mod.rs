@@ -112,13 +112,15 @@ pub async fn start(cfg: FrontConfig) -> Result<QueryFront, AggregatorError> {
 
     let (shutdown, rx) = watch::channel(false);
     let health_task = tokio::spawn(health::watch_shards(
-        shard_list,
-        Duration::from_millis(cfg.health_interval_ms),
-        Duration::from_millis(cfg.shard_timeout_ms),
-        reasons_tx,
-        health,
-        query_service,
-        metrics.clone(),
+        health::Watch {
+            shards: shard_list,
+            every: Duration::from_millis(cfg.health_interval_ms),
+            timeout: Duration::from_millis(cfg.shard_timeout_ms),
+            reasons: reasons_tx,
+            health,
+            query_service,
+            metrics: metrics.clone(),
+        },
         rx.clone(),
     ));
     let grpc_task = tokio::spawn(listen::serve(listen::Serve {
