@@ -376,56 +376,8 @@ impl AggregatorConfig {
                  aggregator_key)"
             ));
         }
-        if let Some(i) = self.api_keys.iter().position(|k| example(&k.key)) {
-            return err(format!(
-                "api_keys[{i}].key is the example value from config/aggregator.toml: use a random \
-                 secret of at least 16 characters (e.g. from `adclick keys ingest new`)"
-            ));
-        }
-        if self.api_keys.is_empty() && !self.query.allow_unauthenticated {
-            return err(
-                "api_keys is empty: add [[api_keys]] entries (a random secret of at least \
-                 16 characters, e.g. from `adclick keys ingest new`, with role = \"admin\" or \
-                 \"advertiser\"), or set query.allow_unauthenticated = true on a trusted network"
-                    .into(),
-            );
-        }
-        let q = &self.query;
-        if q.max_top_n == 0 || q.max_top_n > crate::validate::MAX_TOP_N {
-            return err(format!(
-                "query.max_top_n must be between 1 and {}",
-                crate::validate::MAX_TOP_N
-            ));
-        }
-        if q.max_range_days < 1 {
-            return err("query.max_range_days must be at least 1".into());
-        }
-        if q.rate_limit_per_second > 0 && q.rate_limit_burst == 0 {
-            return err(
-                "query.rate_limit_burst must be at least 1 when rate_limit_per_second is set \
-                 (rate_limit_per_second = 0 turns rate limiting off)"
-                    .into(),
-            );
-        }
-        if let Err(m) = crate::cors::Cors::new(&q.cors_allowed_origins) {
-            return err(format!("query.cors_allowed_origins: {m}"));
-        }
-        let c = &self.connections;
-        if c.header_read_timeout_secs == 0
-            || c.idle_timeout_secs == 0
-            || c.request_timeout_secs == 0
-            || c.keepalive_interval_secs == 0
-            || c.keepalive_timeout_secs == 0
-        {
-            return err("connections: every *_secs value must be at least 1".into());
-        }
-        if c.max_connections == 0 || c.max_connections_per_ip == 0 || c.max_concurrent_streams == 0
-        {
-            return err(
-                "connections: max_connections, max_connections_per_ip and max_concurrent_streams must be at least 1"
-                    .into(),
-            );
-        }
+        check_query_access(&self.query, &self.api_keys)?;
+        self.connections.validate()?;
         if self.ingest.max_message_bytes < 1024 || self.ingest.max_seq_jump == 0 {
             return err(
                 "ingest: max_message_bytes must be at least 1024 and max_seq_jump at least 1"
@@ -441,18 +393,82 @@ impl AggregatorConfig {
         if self.ingest_keys.iter().any(|k| k.len() < 16) {
             return err("ingest_keys must be at least 16 characters".into());
         }
-        for k in &self.api_keys {
-            if k.key.len() < 16 {
-                return err(format!(
-                    "api key {:?}...: keys must be at least 16 characters",
-                    k.key.chars().take(4).collect::<String>()
-                ));
-            }
-            if (k.role == Role::Advertiser) != k.advertiser_id.is_some() {
-                return err(
-                    "advertiser keys need advertiser_id; admin keys must not have one".into(),
-                );
-            }
+        Ok(())
+    }
+}
+
+/// The `[query]` and `[[api_keys]]` checks the aggregator and the query front share: no
+/// example keys, keys required unless `allow_unauthenticated`, limits in range.
+pub fn check_query_access(query: &QueryConfig, api_keys: &[ApiKey]) -> Result<(), ConfigError> {
+    let err = |m: String| Err(ConfigError(m));
+    let example = |k: &str| k.starts_with(EXAMPLE_KEY_PREFIX);
+    if let Some(i) = api_keys.iter().position(|k| example(&k.key)) {
+        return err(format!(
+            "api_keys[{i}].key is the example value from config/aggregator.toml: use a random \
+                 secret of at least 16 characters (e.g. from `adclick keys ingest new`)"
+        ));
+    }
+    if api_keys.is_empty() && !query.allow_unauthenticated {
+        return err(
+            "api_keys is empty: add [[api_keys]] entries (a random secret of at least \
+                 16 characters, e.g. from `adclick keys ingest new`, with role = \"admin\" or \
+                 \"advertiser\"), or set query.allow_unauthenticated = true on a trusted network"
+                .into(),
+        );
+    }
+    let q = query;
+    if q.max_top_n == 0 || q.max_top_n > crate::validate::MAX_TOP_N {
+        return err(format!(
+            "query.max_top_n must be between 1 and {}",
+            crate::validate::MAX_TOP_N
+        ));
+    }
+    if q.max_range_days < 1 {
+        return err("query.max_range_days must be at least 1".into());
+    }
+    if q.rate_limit_per_second > 0 && q.rate_limit_burst == 0 {
+        return err(
+            "query.rate_limit_burst must be at least 1 when rate_limit_per_second is set \
+                 (rate_limit_per_second = 0 turns rate limiting off)"
+                .into(),
+        );
+    }
+    if let Err(m) = crate::cors::Cors::new(&q.cors_allowed_origins) {
+        return err(format!("query.cors_allowed_origins: {m}"));
+    }
+    for k in api_keys {
+        if k.key.len() < 16 {
+            return err(format!(
+                "api key {:?}...: keys must be at least 16 characters",
+                k.key.chars().take(4).collect::<String>()
+            ));
+        }
+        if (k.role == Role::Advertiser) != k.advertiser_id.is_some() {
+            return err("advertiser keys need advertiser_id; admin keys must not have one".into());
+        }
+    }
+    Ok(())
+}
+
+impl ConnectionConfig {
+    /// Every timeout and cap at least 1.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        let c = self;
+        if c.header_read_timeout_secs == 0
+            || c.idle_timeout_secs == 0
+            || c.request_timeout_secs == 0
+            || c.keepalive_interval_secs == 0
+            || c.keepalive_timeout_secs == 0
+        {
+            return err("connections: every *_secs value must be at least 1".into());
+        }
+        if c.max_connections == 0 || c.max_connections_per_ip == 0 || c.max_concurrent_streams == 0
+        {
+            return err(
+                "connections: max_connections, max_connections_per_ip and max_concurrent_streams must be at least 1"
+                    .into(),
+            );
         }
         Ok(())
     }

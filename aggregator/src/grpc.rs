@@ -1,5 +1,6 @@
 //! The gRPC front: `IngestService` (collectors), `QueryService` (advertisers, API keys in
-//! `authorization: Bearer <key>` metadata), server reflection and health. Converts
+//! `authorization: Bearer <key>` metadata; `api::Api` serves it over [`Query`], the local
+//! engine), server reflection and health. Converts
 //! between wire messages and the engine/query layer; holds no state of its own.
 //!
 //! `IngestService` is served by a hand-written [`IngestServer`] rather than the generated
@@ -21,9 +22,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
-use adclick_proto::v1::query_service_server::QueryService;
 use adclick_proto::v1::{
     BatchGetAdClicksRequest, BatchGetAdClicksResponse, BreakdownRequest, BreakdownResponse,
     GetAdClicksRequest, GetAdClicksResponse, IngestAck, TopAdsRequest, TopAdsResponse,
@@ -36,11 +35,12 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use crate::api::{BackendError, Ctx, QueryBackend};
 use crate::config::{ApiKey, QueryConfig};
 use crate::cors::Cors;
 use crate::decode::RawBatch;
 use crate::engine::{Engine, IngestError};
-use crate::metrics::{Metrics, RpcLabel};
+use crate::metrics::Metrics;
 use crate::query::{self, Caller, QueryError};
 use crate::ratelimit::{Limited, RateLimiter};
 use crate::validate::{self, Limits, Violations};
@@ -231,7 +231,8 @@ impl Decoder for IngestCodec {
     }
 }
 
-/// `QueryService` over the shared view (the HTTP mirror answers through it too).
+/// The local query engine over the shared view: the [`QueryBackend`] of `adclick
+/// aggregator` (`api::Api` serves it over gRPC and the HTTP mirror).
 #[derive(Debug, Clone)]
 pub struct Query {
     /// State to read.
@@ -340,93 +341,70 @@ impl Query {
         validate::top_ads(req, &self.limits, watermark_ms, now_ms)?;
         query::top_ads(&self.view, caller, req, &self.cfg, now_ms)
     }
+}
 
-    /// Counts a refused query by rpc and reason (`adclick_aggregator_queries_refused_total`).
-    pub fn count_refusal(&self, rpc: &'static str, e: &QueryError) {
-        let reason = match e {
-            QueryError::Unauthenticated => "unauthenticated",
-            QueryError::InvalidArgument(_) => "invalid_argument",
-            QueryError::Invalid(v) => v.first_reason().map_or("invalid_argument", |r| r.label()),
-        };
-        self.metrics.refuse_query(rpc, reason);
-    }
-
-    fn caller<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Caller, Status> {
-        let h = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        let caller = self.authorize(h).map_err(|e| {
-            self.count_refusal(rpc, &e);
-            status(e)
-        })?;
-        // After authorisation: only a known key (or the keyless admin) has a bucket.
-        self.limiter.check(h).map_err(|l| {
-            self.metrics.refuse_query(rpc, "rate_limited");
-            rate_limited(&l)
-        })?;
-        Ok(caller)
-    }
-
-    fn timed<T>(&self, rpc: &'static str, f: impl FnOnce() -> T) -> T {
-        let t = Instant::now();
-        let out = f();
-        self.metrics
-            .query_seconds
-            .get_or_create(&RpcLabel { rpc })
-            .observe(t.elapsed().as_secs_f64());
-        out
+/// The `reason` label of a refused query: unauthenticated, or the first invalid field's.
+pub fn refusal_reason(e: &QueryError) -> &'static str {
+    match e {
+        QueryError::Unauthenticated => "unauthenticated",
+        QueryError::InvalidArgument(_) => "invalid_argument",
+        QueryError::Invalid(v) => v.first_reason().map_or("invalid_argument", |r| r.label()),
     }
 }
 
+/// The local engine behind the API seam (`api.rs`): this process's view, answered at
+/// once (the sync methods above never wait on I/O).
 #[tonic::async_trait]
-impl QueryService for Query {
-    async fn get_ad_clicks(
+impl QueryBackend for Query {
+    async fn ad_clicks(
         &self,
-        req: Request<GetAdClicksRequest>,
-    ) -> Result<Response<GetAdClicksResponse>, Status> {
-        let caller = self.caller(&req, "GetAdClicks")?;
-        let r = req.into_inner();
-        self.timed("GetAdClicks", || self.ad_clicks(caller, &r))
-            .inspect_err(|e| self.count_refusal("GetAdClicks", e))
-            .map(Response::new)
-            .map_err(status)
+        ctx: &Ctx,
+        req: GetAdClicksRequest,
+    ) -> Result<GetAdClicksResponse, BackendError> {
+        Ok(Query::ad_clicks(self, ctx.caller, &req)?)
     }
 
-    async fn batch_get_ad_clicks(
+    async fn batch_ad_clicks(
         &self,
-        req: Request<BatchGetAdClicksRequest>,
-    ) -> Result<Response<BatchGetAdClicksResponse>, Status> {
-        let caller = self.caller(&req, "BatchGetAdClicks")?;
-        let r = req.into_inner();
-        self.timed("BatchGetAdClicks", || self.batch_ad_clicks(caller, &r))
-            .inspect_err(|e| self.count_refusal("BatchGetAdClicks", e))
-            .map(Response::new)
-            .map_err(status)
+        ctx: &Ctx,
+        req: BatchGetAdClicksRequest,
+    ) -> Result<BatchGetAdClicksResponse, BackendError> {
+        Ok(Query::batch_ad_clicks(self, ctx.caller, &req)?)
     }
 
     async fn breakdown(
         &self,
-        req: Request<BreakdownRequest>,
-    ) -> Result<Response<BreakdownResponse>, Status> {
-        let caller = self.caller(&req, "Breakdown")?;
-        let r = req.into_inner();
-        self.timed("Breakdown", || self.breakdown(caller, &r))
-            .inspect_err(|e| self.count_refusal("Breakdown", e))
-            .map(Response::new)
-            .map_err(status)
+        ctx: &Ctx,
+        req: BreakdownRequest,
+    ) -> Result<BreakdownResponse, BackendError> {
+        Ok(Query::breakdown(self, ctx.caller, &req)?)
     }
 
-    async fn top_ads(
-        &self,
-        req: Request<TopAdsRequest>,
-    ) -> Result<Response<TopAdsResponse>, Status> {
-        let caller = self.caller(&req, "TopAds")?;
-        let r = req.into_inner();
-        self.timed("TopAds", || self.top(caller, &r, crate::view::now_ms()))
-            .inspect_err(|e| self.count_refusal("TopAds", e))
-            .map(Response::new)
-            .map_err(status)
+    async fn top_ads(&self, ctx: &Ctx, req: TopAdsRequest) -> Result<TopAdsResponse, BackendError> {
+        Ok(self.top(ctx.caller, &req, ctx.now_ms)?)
+    }
+
+    fn not_ready(&self) -> Vec<String> {
+        self.view
+            .ready
+            .reasons()
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Query {
+    /// The API over this engine: keys, rate limits, metrics and CORS from this query's.
+    pub fn api(self) -> crate::api::Api {
+        crate::api::Api {
+            keys: self.keys.clone(),
+            allow_unauthenticated: self.cfg.allow_unauthenticated,
+            metrics: self.metrics.clone(),
+            limiter: self.limiter.clone(),
+            cors: self.cors.clone(),
+            backend: Arc::new(self),
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! The HTTP side of the aggregator: a JSON mirror of the two queries for curl and
 //! dashboards, plus `/livez` (the process answers), `/readyz` (it can accept writes; 503
 //! with the reasons when not; `/healthz` is the same) and `/metrics`. Same authorisation,
-//! validation and query code as gRPC. Connections are accepted by `listen.rs`, with its
-//! limits.
+//! validation and query code as gRPC: it answers through `api::Api`, so `adclick
+//! aggregator` (the local engine) and `adclick query-front` (the shards) serve this one
+//! mirror. Connections are accepted by `listen.rs`, with its limits.
 //!
 //! Query strings are parsed under fixed bounds ([`MAX_QUERY_BYTES`], [`MAX_PARAMS`]) before
 //! anything is allocated per parameter. An unknown parameter, a repeated single-valued one,
@@ -31,9 +32,9 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 
-use crate::grpc::Query;
+use crate::api::{Api, BackendError, Ctx};
 use crate::listen::ConnService;
-use crate::query::{self, QueryError};
+use crate::query::QueryError;
 use crate::validate::{self, Dim, Field, MAX_QUOTED, Reason, Violations, quote};
 
 /// Longest query string served (a legitimate one, with every filter repeated a few times,
@@ -219,9 +220,81 @@ pub fn problem_of(e: &QueryError) -> (StatusCode, Value) {
     }
 }
 
-/// One connection's service: [`handle`] on the shared query state.
+/// The answer to a query a backend refused: [`query_error`] for our own refusals,
+/// [`status_problem`] for a status passed through from a shard.
+pub fn backend_error(e: &BackendError, last_minutes: bool) -> Resp {
+    match e {
+        BackendError::Query(e) => query_error(e),
+        BackendError::Status(s) => {
+            let (status, body) = status_problem(s, last_minutes);
+            problem_reply(status, body)
+        }
+    }
+}
+
+/// A gRPC status (from a shard, through the query front) as an HTTP status and RFC 9457
+/// problem: INVALID_ARGUMENT is a 400 of type [`PROBLEM_INVALID_REQUEST`] whose
+/// `invalid_params` come from its `google.rpc.BadRequest` (field paths mapped to the
+/// mirror's parameter names), UNAUTHENTICATED 401, RESOURCE_EXHAUSTED 429, UNAVAILABLE and
+/// DEADLINE_EXCEEDED 503 (the detail names the shard), anything else 502.
+pub fn status_problem(s: &tonic::Status, last_minutes: bool) -> (StatusCode, Value) {
+    use tonic_types::StatusExt;
+    let code = match s.code() {
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    if code != StatusCode::BAD_REQUEST {
+        let title = code.canonical_reason().unwrap_or("Error");
+        return (code, problem("about:blank", title, code, s.message(), None));
+    }
+    let params: Vec<Value> = s
+        .get_details_bad_request()
+        .map(|b| b.field_violations)
+        .unwrap_or_default()
+        .iter()
+        .map(|v| {
+            json!({
+                "name": param_of_path(&v.field, last_minutes),
+                "reason": v.description,
+                "code": v.reason,
+            })
+        })
+        .collect();
+    let body = problem(
+        PROBLEM_INVALID_REQUEST,
+        "Invalid request",
+        code,
+        s.message(),
+        Some(params),
+    );
+    (code, body)
+}
+
+/// The mirror's parameter name for a gRPC field path (`filter.country[0]` -> `country`,
+/// `ad_ids[2]` -> `ad_id`, `range.from_ms` -> `from_ms`): the inverse of [`param_name`]
+/// for the paths `validate::Field` prints.
+fn param_of_path(path: &str, last_minutes: bool) -> String {
+    let base = path.split('[').next().unwrap_or(path);
+    let leaf = base.rsplit('.').next().unwrap_or(base);
+    let name = match (base.strip_prefix("filter."), leaf) {
+        (Some(dim), _) => FILTER_PARAMS
+            .iter()
+            .find(|(_, d)| d.field_name() == dim)
+            .map_or(dim, |(p, _)| p),
+        (None, "ad_ids") => "ad_id",
+        (None, "from_ms" | "to_ms") if last_minutes => "last_minutes",
+        (None, "window") => "last_minutes",
+        (None, leaf) => leaf,
+    };
+    name.to_string()
+}
+
+/// One connection's service: [`handle`] on the shared query API.
 #[derive(Debug, Clone)]
-pub struct HttpService(pub Arc<Query>);
+pub struct HttpService(pub Arc<Api>);
 
 impl ConnService for HttpService {
     type Body = Full<Bytes>;
@@ -233,10 +306,13 @@ impl ConnService for HttpService {
             return Box::pin(async move { resp });
         }
         let origin = crate::cors::origin_of(req.headers());
-        // The handler never reads the body (GET only) and does no I/O: answered at once.
-        let mut resp = handle(&self.0, req);
-        self.0.cors.decorate(&origin, &mut resp);
-        Box::pin(async move { resp })
+        // The handler never reads the body (GET only); the backend may wait on shards.
+        let api = self.0.clone();
+        Box::pin(async move {
+            let mut resp = handle(&api, req).await;
+            api.cors.decorate(&origin, &mut resp);
+            resp
+        })
     }
 
     fn timed_out(&self) -> Resp {
@@ -276,8 +352,8 @@ fn cut(name: &str) -> String {
     name[..end].to_string()
 }
 
-fn readiness(q: &Query) -> Resp {
-    let reasons = q.view.ready.reasons();
+fn readiness(q: &Api) -> Resp {
+    let reasons = q.backend.not_ready();
     let ready = reasons.is_empty();
     let status = if ready {
         StatusCode::OK
@@ -291,7 +367,7 @@ fn readiness(q: &Query) -> Resp {
     )
 }
 
-fn handle<B>(q: &Query, req: Request<B>) -> Resp {
+async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
     if req.method() != Method::GET {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served");
     }
@@ -331,20 +407,26 @@ fn handle<B>(q: &Query, req: Request<B>) -> Resp {
         q.metrics.refuse_query(rpc, "rate_limited");
         return rate_limited(&l);
     }
-    let result = q.authorize(auth).and_then(|caller| {
+    let ctx = q.authorize(auth).map(|caller| Ctx {
+        caller,
+        authorization: auth.map(str::to_string),
+        now_ms: crate::view::now_ms(),
+    });
+    let result = async {
+        let ctx = ctx?;
         let params = params(req.uri().query())?;
         match (rpc, ad) {
-            (_, Some(id)) => clicks(q, caller, id, &params),
-            ("BatchGetAdClicks", None) => batch(q, caller, &params),
-            _ => top(q, caller, &params),
+            (_, Some(id)) => clicks(q, &ctx, id, &params).await,
+            ("BatchGetAdClicks", None) => batch(q, &ctx, &params).await,
+            _ => top(q, &ctx, &params).await,
         }
-    });
+    };
+    let started = std::time::Instant::now();
+    let result = result.await;
+    q.observe(rpc, started, result.as_ref().err().map(|(e, _)| e));
     match result {
         Ok(v) => reply(StatusCode::OK, v.to_string(), "application/json"),
-        Err(e) => {
-            q.count_refusal(rpc, &e);
-            query_error(&e)
-        }
+        Err((e, last_minutes)) => backend_error(&e, last_minutes),
     }
 }
 
@@ -685,26 +767,41 @@ pub fn clicks_request(
     Ok((req, last))
 }
 
+/// A refusal, and whether the range was given as `last_minutes`.
+type Refused = (BackendError, bool);
+
 /// A range given as last_minutes is reported under that name.
-fn name_last_minutes(e: QueryError, last_minutes: bool) -> QueryError {
+fn name_last_minutes(e: BackendError, last_minutes: bool) -> Refused {
     match e {
-        QueryError::Invalid(v) if last_minutes => QueryError::Invalid(v.map_fields(|f| match f {
-            Field::FromMs | Field::ToMs => Field::LastMinutes,
-            f => f,
-        })),
-        e => e,
+        BackendError::Query(QueryError::Invalid(v)) if last_minutes => (
+            QueryError::Invalid(v.map_fields(|f| match f {
+                Field::FromMs | Field::ToMs => Field::LastMinutes,
+                f => f,
+            }))
+            .into(),
+            true,
+        ),
+        e => (e, last_minutes),
     }
 }
 
-fn clicks(
-    q: &Query,
-    caller: query::Caller,
-    ad: &str,
-    p: &[(String, String)],
-) -> Result<Value, QueryError> {
-    let (req, last_minutes) = clicks_request(ad, p, crate::view::now_ms())?;
+/// A refusal before the backend was asked.
+fn early(e: QueryError) -> Refused {
+    (e.into(), false)
+}
+
+impl From<QueryError> for Refused {
+    fn from(e: QueryError) -> Self {
+        early(e)
+    }
+}
+
+async fn clicks(q: &Api, ctx: &Ctx, ad: &str, p: &[(String, String)]) -> Result<Value, Refused> {
+    let (req, last_minutes) = clicks_request(ad, p, ctx.now_ms)?;
     let r = q
-        .ad_clicks(caller, &req)
+        .backend
+        .ad_clicks(ctx, req)
+        .await
         .map_err(|e| name_last_minutes(e, last_minutes))?;
     Ok(clicks_json(&r))
 }
@@ -767,10 +864,12 @@ pub fn batch_request(
     Ok((req, last))
 }
 
-fn batch(q: &Query, caller: query::Caller, p: &[(String, String)]) -> Result<Value, QueryError> {
-    let (req, last_minutes) = batch_request(p, crate::view::now_ms())?;
+async fn batch(q: &Api, ctx: &Ctx, p: &[(String, String)]) -> Result<Value, Refused> {
+    let (req, last_minutes) = batch_request(p, ctx.now_ms)?;
     let r = q
-        .batch_ad_clicks(caller, &req)
+        .backend
+        .batch_ad_clicks(ctx, req)
+        .await
         .map_err(|e| name_last_minutes(e, last_minutes))?;
     Ok(json!({
         "ads": r.ads.iter().map(clicks_json).collect::<Vec<_>>(),
@@ -803,9 +902,9 @@ pub fn top_request(p: &[(String, String)]) -> Result<v1::TopAdsRequest, QueryErr
     })
 }
 
-fn top(q: &Query, caller: query::Caller, p: &[(String, String)]) -> Result<Value, QueryError> {
+async fn top(q: &Api, ctx: &Ctx, p: &[(String, String)]) -> Result<Value, Refused> {
     let req = top_request(p)?;
-    let r = q.top(caller, &req, crate::view::now_ms())?;
+    let r = q.backend.top_ads(ctx, req).await.map_err(|e| (e, false))?;
     let range = r.range.unwrap_or_default();
     Ok(json!({
         "ads": r.ads.iter().map(|a| json!({"ad_id": a.ad_id, "clicks": a.clicks})).collect::<Vec<_>>(),
@@ -1029,6 +1128,80 @@ mod tests {
             r.headers()[header::CONTENT_TYPE],
             "application/problem+json"
         );
+    }
+
+    /// A shard's field path maps back to the parameter `param_name` gives its field, for
+    /// every field the shared validation can name.
+    #[test]
+    fn shard_field_paths_map_to_the_mirror_parameters() {
+        let dims = [
+            Dim::Country,
+            Dim::Device,
+            Dim::Os,
+            Dim::Site,
+            Dim::AdvertiserId,
+            Dim::CampaignId,
+        ];
+        let mut fields = vec![
+            Field::AdId,
+            Field::AdIds,
+            Field::AdIdsValue(3),
+            Field::FillEmpty,
+            Field::GroupBy,
+            Field::FromMs,
+            Field::ToMs,
+            Field::Granularity,
+            Field::N,
+            Field::LastMinutes,
+            Field::Window,
+            Field::RangeFromMs,
+            Field::RangeToMs,
+        ];
+        for d in dims {
+            fields.push(Field::Filter(d));
+            fields.push(Field::FilterValue(d, 2));
+        }
+        for f in fields {
+            assert_eq!(param_of_path(&f.to_string(), false), param_name(&f), "{f}");
+        }
+        assert_eq!(param_of_path("from_ms", true), "last_minutes");
+    }
+
+    #[test]
+    fn passed_through_statuses_become_problems() {
+        use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+        let s = tonic::Status::with_error_details(
+            tonic::Code::InvalidArgument,
+            "1 invalid field: filter.advertiser_id[0]",
+            ErrorDetails::with_bad_request(vec![FieldViolation {
+                field: "filter.advertiser_id[0]".into(),
+                description: "ids are nonzero".into(),
+                reason: "REQUIRED".into(),
+                localized_message: None,
+            }]),
+        );
+        let (status, body) = status_problem(&s, false);
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["type"], PROBLEM_INVALID_REQUEST);
+        assert_eq!(body["invalid_params"][0]["name"], "advertiser");
+        assert_eq!(body["invalid_params"][0]["code"], "REQUIRED");
+        let (status, body) = status_problem(
+            &tonic::Status::unavailable("shard s1 (http://x) is unavailable"),
+            false,
+        );
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["detail"], "shard s1 (http://x) is unavailable");
+        for (code, http) in [
+            (tonic::Code::DeadlineExceeded, 503),
+            (tonic::Code::Unauthenticated, 401),
+            (tonic::Code::ResourceExhausted, 429),
+            (tonic::Code::Internal, 502),
+        ] {
+            assert_eq!(
+                status_problem(&tonic::Status::new(code, "x"), false).0,
+                http
+            );
+        }
     }
 
     #[test]

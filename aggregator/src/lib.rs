@@ -10,11 +10,13 @@
 #![deny(missing_docs)]
 
 pub mod admit;
+pub mod api;
 pub mod benchkit;
 pub mod config;
 pub mod cors;
 pub mod decode;
 pub mod engine;
+pub mod front;
 pub mod grpc;
 pub mod grpc_web;
 pub mod health;
@@ -109,7 +111,7 @@ pub async fn start_with_store<S: Store + 'static>(
         .local_addr()
         .map_err(io("local address".into()))?;
 
-    let query = grpc::Query {
+    let api = grpc::Query {
         view: view.clone(),
         keys: Arc::new(cfg.api_keys.clone()),
         cfg: cfg.query.clone(),
@@ -119,21 +121,9 @@ pub async fn start_with_store<S: Store + 'static>(
         cors: Arc::new(
             cors::Cors::new(&cfg.query.cors_allowed_origins).map_err(config::ConfigError)?,
         ),
-    };
-    // Reflection in both versions: current grpcurl and grpcui speak v1, older tools and
-    // some client libraries (issue 14 met a Python client) only v1alpha. Both list the
-    // health service too (its descriptors come with tonic-health).
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(adclick_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
-    let reflection = reflection()
-        .build_v1()
-        .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
+    }
+    .api();
+    let (reflection, reflection_v1alpha) = reflection()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     report_health(&health, &view.ready.reasons()).await;
 
@@ -164,7 +154,7 @@ pub async fn start_with_store<S: Store + 'static>(
     );
     let routes = tonic::service::Routes::new(ingest)
         .add_service(
-            QueryServiceServer::new(query.clone())
+            QueryServiceServer::new(api.clone())
                 .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
         )
@@ -186,7 +176,7 @@ pub async fn start_with_store<S: Store + 'static>(
             connection: 16 << 20,
         }),
         make_service: {
-            let front = grpc_web::GrpcFront::new(routes, query.cors.clone());
+            let front = grpc_web::GrpcFront::new(routes, api.cors.clone());
             move |_| front.clone()
         },
         shutdown: rx.clone(),
@@ -199,7 +189,7 @@ pub async fn start_with_store<S: Store + 'static>(
         http2_only: false,
         windows: None,
         make_service: {
-            let q = Arc::new(query);
+            let q = Arc::new(api);
             move |_| http::HttpService(q.clone())
         },
         shutdown: rx,
@@ -219,6 +209,35 @@ pub async fn start_with_store<S: Store + 'static>(
     })
 }
 
+/// The reflection services, in both versions: current grpcurl and grpcui speak v1, older
+/// tools and some client libraries (issue 14 met a Python client) only v1alpha. Both list
+/// the health service too (its descriptors come with tonic-health). The aggregator and the
+/// query front register the same.
+pub(crate) fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    AggregatorError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(adclick_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1alpha = builder()
+        .build_v1alpha()
+        .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
+    let v1 = builder()
+        .build_v1()
+        .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
+    Ok((v1, v1alpha))
+}
+
 /// gRPC health mirrors readiness: the whole server ("") and `IngestService` are
 /// NOT_SERVING while writes cannot be accepted; `QueryService` keeps answering.
 async fn report_health(health: &HealthReporter, reasons: &[&'static str]) {
@@ -233,7 +252,7 @@ async fn report_health(health: &HealthReporter, reasons: &[&'static str]) {
         .await;
     health
         .set_service_status(
-            <QueryServiceServer<grpc::Query> as NamedService>::NAME,
+            <QueryServiceServer<api::Api> as NamedService>::NAME,
             ServingStatus::Serving,
         )
         .await;

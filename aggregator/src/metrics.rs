@@ -112,6 +112,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// The JetStream source's (declared and registered in `source::metrics`).
     pub source: crate::source::metrics::SourceMetrics,
+    /// The query front's (declared and registered in `front::metrics`).
+    pub front: crate::front::metrics::FrontMetrics,
 }
 
 impl Default for Metrics {
@@ -152,6 +154,7 @@ impl Metrics {
             ingest_refused: Family::default(),
             ready: Gauge::default(),
             source: Default::default(),
+            front: Default::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -263,6 +266,7 @@ impl Metrics {
             m.ready.clone(),
         );
         m.source.register(r);
+        m.front.register(r);
         m.ready.set(1);
         Metrics { registry, ..m }
     }

@@ -51,6 +51,9 @@ enum Command {
     Collector(serve::CollectorArgs),
     /// Run a regional aggregator (ingest from collectors, windows, top-N, query API).
     Aggregator(serve::AggregatorArgs),
+    /// Run the query front of a JetStream scale-out: one QueryService and HTTP mirror that
+    /// fans out to the aggregator shards owning the requested ads and merges exactly.
+    QueryFront(serve::QueryFrontArgs),
     /// Offline spool tools: verify a collector's spool, repair its identity.
     #[command(subcommand)]
     Spool(spool::SpoolCommand),
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Impression(cmd) => impression::run(cmd),
         Command::Collector(args) => serve::collector(args),
         Command::Aggregator(args) => serve::aggregator(args),
+        Command::QueryFront(args) => serve::query_front(args),
         Command::Jetstream(cmd) => jetstream::run(cmd),
     };
     match result {

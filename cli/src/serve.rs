@@ -1,4 +1,5 @@
-//! `adclick collector --config F` and `adclick aggregator --config F`: reads and validates the TOML config (the only place
+//! `adclick collector --config F`, `adclick aggregator --config F` and
+//! `adclick query-front --config F`: reads and validates the TOML config (the only place
 //! server config files are read), sets up logging and the tokio runtime, and hands over to
 //! the library's `run(config, shutdown)`. No server logic lives here.
 
@@ -188,6 +189,72 @@ pub fn aggregator(args: AggregatorArgs) -> Result<()> {
     })
 }
 
+/// `adclick query-front`
+#[derive(Debug, Args)]
+pub struct QueryFrontArgs {
+    /// The query front config (see config/query-front.toml for every field). Any field can
+    /// be overridden from the environment: ADCLICK_QUERY_FRONT__LISTEN_GRPC=0.0.0.0:9290,
+    /// ADCLICK_QUERY_FRONT__QUERY__RATE_LIMIT_PER_SECOND=100.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Only check the config (shards covering every partition exactly once included) and
+    /// exit; non-zero on a problem.
+    #[arg(long)]
+    check: bool,
+}
+
+pub fn query_front(args: QueryFrontArgs) -> Result<()> {
+    let cfg: adclick_aggregator::front::FrontConfig =
+        read_config(&args.config, "ADCLICK_QUERY_FRONT")?;
+    cfg.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "invalid query-front config {}: {}",
+            args.config.display(),
+            e.0
+        )
+    })?;
+    if args.check {
+        println!(
+            "{}: ok ({} partitions over {} shards)",
+            args.config.display(),
+            cfg.partitions,
+            cfg.shards.len()
+        );
+        return Ok(());
+    }
+    if cfg.query.allow_unauthenticated {
+        eprintln!(
+            "WARNING: query.allow_unauthenticated = true: anyone who reaches {} or {} can query \
+             every ad as admin without a key (if the shards allow it). Only on a trusted network.",
+            cfg.listen_grpc, cfg.listen_http
+        );
+    }
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("adclick-query-front")
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async {
+        let shards: Vec<String> = cfg
+            .shards
+            .iter()
+            .map(|s| format!("{} {} [{}]", s.name, s.grpc, s.partitions))
+            .collect();
+        let f = adclick_aggregator::front::start(cfg).await?;
+        eprintln!(
+            "adclick query-front: gRPC on {} (query, reflection, health), HTTP on http://{}, over shards {} (Ctrl-C to stop)",
+            f.grpc_addr(),
+            f.http_addr(),
+            shards.join(", ")
+        );
+        shutdown_signal().await;
+        eprintln!("shutting down: finishing in-flight queries");
+        f.shutdown().await;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +286,22 @@ mod tests {
         assert_eq!(cfg.limits.max_body_bytes, 2048);
         assert_eq!(cfg.forward.hot_fanout, 4);
         assert_eq!(cfg.aggregators, ["http://a:1", "http://b:2"]);
+    }
+
+    /// The shipped query-front.toml parses; with a key it validates (two shards over P = 8).
+    #[test]
+    fn the_shipped_query_front_config_parses_and_validates() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/query-front.toml");
+        let mut cfg: adclick_aggregator::front::FrontConfig =
+            read_config(Path::new(path), "ADCLICK_QUERY_FRONT_TEST").unwrap();
+        assert_eq!((cfg.partitions, cfg.shards.len()), (8, 2));
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("api_keys is empty"), "{e}");
+        cfg.api_keys.push(adclick_aggregator::config::ApiKey {
+            key: "front-admin-key-0123456789".into(),
+            role: adclick_aggregator::config::Role::Admin,
+            advertiser_id: None,
+        });
+        assert_eq!(cfg.validate().unwrap(), [0, 0, 0, 0, 1, 1, 1, 1]);
     }
 }

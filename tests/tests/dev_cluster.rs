@@ -2,8 +2,8 @@
 //! synthetic traffic. Its `dev.json` must list every child process with a pid that really is
 //! that process (its command line names the config the file names); known signed clicks
 //! sent to both collectors (some to both, which must count once) are counted exactly by
-//! the shards, each shard holding only the ads of its partitions (through the query front
-//! instead when this build has one); a collector and a NATS node SIGKILLed by their pids
+//! the query front and by the shards' sum, each shard holding only the ads of its
+//! partitions; a collector and a NATS node SIGKILLed by their pids
 //! from dev.json die while the rest keeps counting (R3 survives one node); SIGTERM to `dev`
 //! stops every child gracefully (each logs its own shutdown) and leaves no process behind.
 
@@ -126,16 +126,18 @@ async fn send_all(
     }
 }
 
-/// Counts per ad: from the query front when dev.json lists one, else summed over the
-/// shards (each is also checked to hold only ads of its partitions).
-async fn counts(procs: &[Entry], admin: &str, range: (i64, i64)) -> BTreeMap<u64, u64> {
-    if let Some(front) = procs.iter().find(|p| p.role == "query-front") {
-        let grpc = addr_of(&front.endpoints["grpc"]);
-        return top_ads(grpc, admin, 1000, range, None)
-            .await
-            .map(|v| v.into_iter().collect())
-            .unwrap_or_default();
-    }
+/// Counts per ad through the query front.
+async fn front_counts(procs: &[Entry], admin: &str, range: (i64, i64)) -> BTreeMap<u64, u64> {
+    let front = procs.iter().find(|p| p.role == "query-front").unwrap();
+    let grpc = addr_of(&front.endpoints["grpc"]);
+    top_ads(grpc, admin, 1000, range, None)
+        .await
+        .map(|v| v.into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// Counts per ad summed over the shards, each checked to hold only ads of its partitions.
+async fn shard_counts(procs: &[Entry], admin: &str, range: (i64, i64)) -> BTreeMap<u64, u64> {
     let mut out = BTreeMap::new();
     for shard in procs.iter().filter(|p| p.role == "aggregator") {
         let grpc = addr_of(&shard.endpoints["grpc"]);
@@ -166,8 +168,11 @@ async fn poll_until(
 ) -> BTreeMap<u64, u64> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let got = counts(procs, admin, range).await;
-        if got == *want || Instant::now() > deadline {
+        // The front's answer, and the shards' sum it must equal.
+        let got = front_counts(procs, admin, range).await;
+        let summed = shard_counts(procs, admin, range).await;
+        if (got == *want && summed == *want) || Instant::now() > deadline {
+            assert_eq!(summed, got, "the front's answer = the shards' sum");
             return got;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -230,7 +235,7 @@ async fn scenario(nats: PathBuf) {
         (3, 2, 2),
         "{doc:#}"
     );
-    assert!(by_role("query-front") <= 1);
+    assert_eq!(by_role("query-front"), 1, "{doc:#}");
     for p in &procs {
         assert!(
             process::running(p.pid),

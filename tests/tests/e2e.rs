@@ -25,6 +25,7 @@ mod hot_dedup;
 mod jetstream_aggregator;
 mod jetstream_collector_kill;
 mod mixed;
+mod query_front;
 mod regions;
 mod spool_damage;
 mod token_python;

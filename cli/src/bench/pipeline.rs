@@ -358,7 +358,7 @@ fn start_cluster(dir: &Path) -> Result<Setup> {
             "67108864",
         )
         .env("ADCLICK_AGGREGATOR__QUERY__RATE_LIMIT_PER_SECOND", "0")
-        .env("ADCLICK_FRONT__QUERY__RATE_LIMIT_PER_SECOND", "0")
+        .env("ADCLICK_QUERY_FRONT__QUERY__RATE_LIMIT_PER_SECOND", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -8,7 +8,7 @@
 //!    the stream exactly as `adclick jetstream init` does;
 //! 2. 2 aggregator shards (`[source] kind = "jetstream"`, shard 0 and 1 of 2);
 //! 3. 2 collectors (`forward.sink = "jetstream"`);
-//! 4. the query front (`adclick query-front`), when this binary has that subcommand.
+//! 4. the query front (`adclick query-front`) over the two shards.
 //!
 //! Each server is `current_exe() <role> --config <file>` on a TOML file written under
 //! `<data dir>/<name>/`, logging to a file beside it. Children get their own process group,
@@ -530,18 +530,6 @@ fn front_toml(
     s + keys
 }
 
-/// Whether this binary has subcommand `name` (the query front is built in parallel with
-/// this command: until it is, the cluster runs without it and says so).
-fn has_subcommand(exe: &Path, name: &str) -> bool {
-    Command::new(exe)
-        .args([name, "--help"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Refuses to start over a running `dev --cluster` on the same data dir.
 fn refuse_if_running(dir: &Path) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(dir.join(DEV_JSON)) else {
@@ -627,7 +615,6 @@ pub fn run(args: DevArgs) -> Result<()> {
 #[derive(Debug)]
 struct Started {
     stream: String,
-    front: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -764,7 +751,7 @@ async fn start(
         wait_up(procs, i, "/readyz", || http_ok(http, &url)).await?;
     }
 
-    // 4. The query front: one more entry of the table, when this binary has it.
+    // 4. The query front, ready once every shard's health is SERVING.
     let fdir = dir.join("front");
     std::fs::create_dir_all(&fdir).with_context(|| format!("cannot create {}", fdir.display()))?;
     let config = fdir.join("front.toml");
@@ -773,35 +760,29 @@ async fn start(
         front_toml(ports.front, args.partitions, &front_shards, &keys),
     )
     .with_context(|| format!("cannot write {}", config.display()))?;
-    let front = has_subcommand(exe, "query-front");
-    if front {
-        let (g, h) = ports.front;
-        let i = procs.spawn(
-            "query-front",
-            "front",
-            exe,
-            vec![
-                "query-front".into(),
-                "--config".into(),
-                config.clone().into(),
-            ],
-            config,
-            fdir.join("front.log"),
-            vec![
-                ("grpc", format!("http://{}", local(g))),
-                ("http", format!("http://{}", local(h))),
-            ],
-            None,
-        )?;
-        let addr = local(g);
-        wait_up(procs, i, "gRPC port", || async move {
-            tokio::net::TcpStream::connect(addr).await.is_ok()
-        })
-        .await?;
-    }
+    let (g, h) = ports.front;
+    let i = procs.spawn(
+        "query-front",
+        "front",
+        exe,
+        vec![
+            "query-front".into(),
+            "--config".into(),
+            config.clone().into(),
+        ],
+        config,
+        fdir.join("front.log"),
+        vec![
+            ("grpc", format!("http://{}", local(g))),
+            ("http", format!("http://{}", local(h))),
+        ],
+        None,
+    )?;
+    let ready = format!("http://{}/readyz", local(h));
+    wait_up(procs, i, "/readyz", || http_ok(http, &ready)).await?;
     procs.ready = true;
     procs.write_json()?;
-    Ok(Started { stream, front })
+    Ok(Started { stream })
 }
 
 /// Creates or verifies the stream as `adclick jetstream init` does, retrying until the new
@@ -869,12 +850,6 @@ fn banner(procs: &Procs, dir: &Path, started: &Started) {
             p.name,
             p.child.id(),
             eps.join("  ")
-        );
-    }
-    if !started.front {
-        println!(
-            "  query-front not started: this adclick has no `query-front` subcommand yet \
-             ({d}/front/front.toml is written for it); query each shard for its partitions' ads"
         );
     }
     println!("processes, pids, endpoints and logs: {d}/{DEV_JSON}");
