@@ -17,8 +17,10 @@
 //! After each, once the collectors have nothing left to publish and every partition's
 //! owner has applied up to the partition's last stream message, the per-ad totals read
 //! from the shards (`BatchGetAdClicks` on the shard owning each ad's partition, through
-//! `shards::per_ad_totals`, which a query front can answer for in the shards' place) equal
-//! the ledger: each distinct acknowledged impression exactly once. A request retried
+//! `shards::per_ad_totals`) equal the ledger: each distinct acknowledged impression exactly
+//! once; and the query front (`front::start` over the two shard processes) answers the same
+//! per-ad totals and the TopAds a single aggregator of the ledger's clicks would give
+//! (ranked from the ledger by the test). A request retried
 //! across a fault may have been made durable by two collectors (or twice by one whose
 //! dedup memory died with it), and a resent one is: the aggregator's impression-id dedup
 //! makes that once. At the end the stream itself is read: it holds every acknowledged
@@ -43,6 +45,8 @@ use adclick_test_support::shards::{
 };
 use async_nats::jetstream::consumer::DeliverPolicy;
 use prost::Message;
+
+use adclick_aggregator::front::{FrontConfig, QueryFront, ShardEndpoint};
 
 use crate::support::*;
 
@@ -130,6 +134,8 @@ struct Stack {
     shards: Vec<Proc>,
     /// Which shard answers for which partitions.
     targets: QueryTargets,
+    /// The query front over both shards (in-process: it is not one of the faults).
+    front: QueryFront,
     signer: adclick_sdk::ImpressionSigner,
     /// Everything acknowledged so far, over every phase.
     ledger: AckLedger,
@@ -161,6 +167,7 @@ impl Stack {
             .collect();
         let mut shards = Vec::new();
         let mut targets = Vec::new();
+        let mut endpoints = Vec::new();
         for (i, owned) in ["0-1", "2-3"].iter().enumerate() {
             let (grpc, http) = (free_addr(), free_addr());
             let name = format!("shard{i}");
@@ -168,7 +175,22 @@ impl Stack {
                 jetstream_shard_toml(grpc, http, &dir.path().join(&name), &urls, owned, &name);
             shards.push(Proc::new("aggregator", dir.path(), &name, toml, http));
             targets.push((grpc, if i == 0 { vec![0, 1] } else { vec![2, 3] }));
+            endpoints.push(ShardEndpoint {
+                name,
+                grpc: format!("http://{grpc}"),
+                partitions: (*owned).into(),
+            });
         }
+        let mut front_cfg = FrontConfig {
+            listen_grpc: "127.0.0.1:0".parse().unwrap(),
+            listen_http: "127.0.0.1:0".parse().unwrap(),
+            partitions: PARTITIONS,
+            shards: endpoints,
+            api_keys: api_keys(),
+            ..Default::default()
+        };
+        front_cfg.query.rate_limit_per_second = 0;
+        let front = adclick_aggregator::front::start(front_cfg).await.unwrap();
         // Collectors first: the first one creates the stream the shards wait for.
         for p in collectors.iter_mut().chain(shards.iter_mut()) {
             p.start().await;
@@ -190,6 +212,7 @@ impl Stack {
                 partitions: PARTITIONS,
                 targets,
             },
+            front,
             signer: signer(&ring),
             ledger: AckLedger::default(),
             range: (now - 10 * MIN, now + 20 * MIN),
@@ -354,6 +377,16 @@ impl Stack {
                 self.logs()
             );
         }
+        // The front: the same per-ad totals, and the ledger's ranking for TopAds.
+        let through_front = QueryTargets::single(self.front.grpc_addr(), PARTITIONS);
+        let via_front = per_ad_totals(&through_front, &ads, self.range)
+            .await
+            .unwrap_or_else(|e| panic!("{phase}: front: {e}"));
+        assert_eq!(via_front, expected, "{phase}: the front's per-ad totals");
+        let top = top_ads(self.front.grpc_addr(), ADMIN, 20, self.range, None)
+            .await
+            .unwrap_or_else(|e| panic!("{phase}: front TopAds: {e}"));
+        assert_eq!(top, ranked(&expected, 20), "{phase}: the front's TopAds");
         for (addr, owned) in &self.targets.targets {
             let top = top_ads(*addr, ADMIN, 1000, self.range, None).await.unwrap();
             assert!(
