@@ -144,11 +144,27 @@ pub(crate) async fn scrape(http: &reqwest::Client, url: &str) -> String {
 
 /// The value of `metric` (name with labels) in a Prometheus text page (0 when absent).
 pub(crate) fn metric(page: &str, metric: &str) -> u64 {
+    metric_f64(page, metric) as u64
+}
+
+/// The value of `metric` as a float (sums of histograms in seconds); 0 when absent.
+fn metric_f64(page: &str, metric: &str) -> f64 {
     page.lines()
         .find(|l| l.starts_with(metric))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+        .unwrap_or(0.0)
+}
+
+/// The collectors' spool group-commit fsyncs so far: (seconds in fsync, fsyncs).
+async fn fsyncs(http: &reqwest::Client, s: &Setup) -> (f64, f64) {
+    let mut out = (0.0, 0.0);
+    for port in &s.collector_http {
+        let page = scrape(http, &format!("http://127.0.0.1:{port}/metrics")).await;
+        out.0 += metric_f64(&page, "adclick_collector_fsync_seconds_sum");
+        out.1 += metric_f64(&page, "adclick_collector_fsync_seconds_count");
+    }
+    out
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -606,6 +622,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     };
 
     let cpu0 = cpu(s);
+    let fsync0 = fsyncs(&http, s).await;
     let start = totals(&http, s).await;
     let n = s.collector_http.len();
     let mut loads = Vec::new();
@@ -635,6 +652,8 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     let secs = t0.elapsed().as_secs_f64();
     let at_end = totals(&http, s).await - start;
     let cpu1 = cpu(s);
+    let fsync1 = fsyncs(&http, s).await;
+    let fsync_mean_ms = (fsync1.0 - fsync0.0) / (fsync1.1 - fsync0.1).max(1.0) * 1e3;
     done.store(true, Ordering::Relaxed);
     let generated: u64 = loads
         .iter()
@@ -782,6 +801,10 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     } else {
         format!("{errors:?}")
     };
+    t += &format!(
+        "| collectors' spool group-commit fsync, mean during the load | {fsync_mean_ms:.2} ms ({:.0} fsyncs) |\n",
+        fsync1.1 - fsync0.1
+    );
     t += &format!("| load generator errors | {error_text} |\n");
     let error_count: u64 = errors.values().sum();
     let line = format!(
@@ -791,7 +814,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
          probe_p50_ms={probe50:.1} probe_p99_ms={probe99:.1} probes={pl} \
          topads_p50_ms={top50:.2} topads_p99_ms={top99:.2} topads_queries={tl} \
          cpu_aggregator={:.2} cpu_collectors={:.2} cpu_loadgen={:.2} \
-         rss_aggregator_mib={rss_agg:.0} rss_collector_max_mib={:.0} errors={error_count}",
+         rss_aggregator_mib={rss_agg:.0} rss_collector_max_mib={:.0} fsync_mean_ms={fsync_mean_ms:.2} errors={error_count}",
         a.cluster,
         a.rate,
         a.ads,
