@@ -1163,6 +1163,7 @@ impl IndexPath {
                 owners: RwLock::new(self.owners),
                 killed: AtomicBool::new(false),
                 ready: Default::default(),
+                clicks: Default::default(),
             }),
             cfg: QueryConfig::default(),
         }

@@ -11,6 +11,7 @@
 
 pub mod admit;
 pub mod benchkit;
+pub mod clickindex;
 pub mod config;
 pub mod cors;
 pub mod decode;

@@ -66,6 +66,7 @@ fn valid_requests_pass_and_are_normalised() {
         site: vec!["news.example".into(), "é".repeat(128)],
         advertiser_id: vec![7],
         campaign_id: vec![1, 2],
+        ..Default::default()
     };
     let req = clicks(
         T0 + 30_000,
@@ -387,6 +388,7 @@ proptest! {
             site: vec![],
             advertiser_id: ids.clone(),
             campaign_id: ids,
+            ..Default::default()
         };
         let to = from.saturating_add(len);
         let req = GetAdClicksRequest { ad_id, from_ms: from, to_ms: to, granularity: g, filter: Some(f.clone()), fill_empty: None };

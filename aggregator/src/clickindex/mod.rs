@@ -1,0 +1,365 @@
+//! The click index: every click the aggregator counted, by client IP and by user id, for
+//! the `ip` and `user_id` query filters. Values of that cardinality cannot live in the
+//! minute cells, so the index is a recent raw log kept beside them, in two tiers:
+//!
+//! - **chunks** (RAM): the clicks of one applied batch, sorted by IP and by user id when
+//!   the batch is done (`Chunk`), published to queries at once (before the ack);
+//! - **segments** (`<data_dir>/click_index/*.seg`, [`segment`]): at every checkpoint the
+//!   chunks since the last one are aggregated per (ip or user, minute, ad, combination),
+//!   written to one immutable file (temp + fsync + rename + directory fsync) and dropped
+//!   from RAM. A query binary-searches each segment of its range with positioned reads.
+//!
+//! Exactness: the writer pushes a click only when the window operator counted it
+//! (`Routed::Apply`: after exact dedup, late clicks included, too-old and malformed ones
+//! never), in WAL order, from the same path WAL replay takes.
+//!
+//! Crash safety: a segment is named by the WAL positions it covers, `(from, upto]`, and
+//! every checkpoint first flushes a segment up to its own position. A start keeps exactly
+//! the segments with `upto <=` the checkpoint's position and deletes the others (written
+//! for a checkpoint that did not commit): the WAL after the checkpoint still holds their
+//! batches, and replay indexes them again. So the index always equals "every click counted
+//! up to the checkpoint, plus the replayed ones": no loss, no double count.
+//!
+//! Retention: segments whose newest minute is more than `click_index.retention_minutes`
+//! behind the watermark are deleted after each checkpoint (bounded disk); `validate`
+//! refuses ranges reaching before that.
+//!
+//! It must not know protobuf, the query API or the shards: it stores (ip, user, minute,
+//! ad, combination) and answers [`Probe`]s with [`Hit`]s.
+
+pub mod segment;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::sketch::hll::hash_user_id;
+pub use segment::{Segment, SegmentError};
+
+/// Directory of the segments inside the data dir.
+pub const DIR: &str = "click_index";
+
+/// An IP as the index keys it: IPv6, IPv4 as IPv4-mapped (`::ffff:a.b.c.d`).
+pub type Ip = [u8; 16];
+
+/// The 16-byte key of a client IP as sent on the wire (4 or 16 bytes); `None` for any
+/// other length (unknown).
+pub fn ip_key(wire: &[u8]) -> Option<Ip> {
+    match wire.len() {
+        16 => {
+            let mut k = [0u8; 16];
+            k.copy_from_slice(wire);
+            Some(k)
+        }
+        4 => {
+            let mut k = [0u8; 16];
+            k[10] = 0xff;
+            k[11] = 0xff;
+            k[12..].copy_from_slice(wire);
+            Some(k)
+        }
+        _ => None,
+    }
+}
+
+/// One counted click in RAM.
+#[derive(Debug, Clone, Copy)]
+struct Rec {
+    ip: Ip,
+    /// Minute since the epoch.
+    minute: u32,
+    combo: u32,
+    ad: u64,
+    /// User id bytes in the chunk's arena.
+    user_off: u32,
+    user_len: u32,
+    has_ip: bool,
+}
+
+/// The clicks of one applied batch: sorted by IP (clicks with one first), and by user.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    recs: Vec<Rec>,
+    /// Indexes into `recs` of the clicks with a user id, sorted by user id.
+    by_user: Vec<u32>,
+    users: Vec<u8>,
+    /// Clicks in `recs` with an IP.
+    with_ip: usize,
+    min_minute: u32,
+    max_minute: u32,
+}
+
+impl Chunk {
+    fn user(&self, r: &Rec) -> &[u8] {
+        let s = r.user_off as usize;
+        &self.users[s..s + r.user_len as usize]
+    }
+
+    fn scan(&self, p: &Probe<'_>, f: &mut dyn FnMut(Hit)) {
+        if self.max_minute < p.from_minute || self.min_minute >= p.to_minute {
+            return;
+        }
+        let in_range = |r: &Rec| r.minute >= p.from_minute && r.minute < p.to_minute;
+        let hit = |r: &Rec, user: &[u8]| Hit {
+            ad: r.ad,
+            minute: r.minute,
+            combo: r.combo,
+            count: 1,
+            user: if user.is_empty() {
+                0
+            } else {
+                hash_user_id(user)
+            },
+        };
+        if let Some((lo, hi)) = p.ip {
+            let ips = &self.recs[..self.with_ip];
+            let start = ips.partition_point(|r| r.ip < lo);
+            for r in ips[start..].iter().take_while(|r| r.ip <= hi) {
+                let user = self.user(r);
+                if in_range(r) && p.user.is_none_or(|u| u == user) {
+                    f(hit(r, user));
+                }
+            }
+        } else if let Some(u) = p.user {
+            let start = self
+                .by_user
+                .partition_point(|&i| self.user(&self.recs[i as usize]) < u);
+            for &i in &self.by_user[start..] {
+                let r = &self.recs[i as usize];
+                if self.user(r) != u {
+                    break;
+                }
+                if in_range(r) {
+                    f(hit(r, u));
+                }
+            }
+        }
+    }
+}
+
+/// What a query asks the index for: clicks of an IP range and/or a user in a minute range.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe<'a> {
+    /// Inclusive IP range (one address: lo == hi).
+    pub ip: Option<(Ip, Ip)>,
+    /// Exact user id.
+    pub user: Option<&'a [u8]>,
+    /// First minute (since the epoch).
+    pub from_minute: u32,
+    /// End minute (exclusive).
+    pub to_minute: u32,
+}
+
+/// Clicks of one (ad, minute, combination, user) matching a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    /// Ad.
+    pub ad: u64,
+    /// Minute since the epoch.
+    pub minute: u32,
+    /// Dimension combination id.
+    pub combo: u32,
+    /// Clicks.
+    pub count: u64,
+    /// `hash_user_id` of the user id; 0: none.
+    pub user: u64,
+}
+
+/// What queries read: the segments and the chunks since the last flush, replaced whole.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    segments: Arc<Vec<Arc<Segment>>>,
+    chunks: Vec<Arc<Chunk>>,
+}
+
+impl Snapshot {
+    /// Calls `f` for every click matching `p` (in no particular order; one (ad, minute,
+    /// combination, user) may come in several hits, to be summed).
+    pub fn scan(&self, p: &Probe<'_>, f: &mut dyn FnMut(Hit)) -> Result<(), SegmentError> {
+        if p.ip.is_none() && p.user.is_none() {
+            return Ok(());
+        }
+        for s in self.segments.iter() {
+            s.scan(p, f)?;
+        }
+        for c in &self.chunks {
+            c.scan(p, f);
+        }
+        Ok(())
+    }
+
+    /// Segments on disk (tests, metrics).
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+/// The published snapshot (queries load it without a lock).
+pub type Shared = ArcSwap<Snapshot>;
+
+/// The writer's side: builds chunks, flushes segments, drops old ones. Owned by the engine's
+/// writer thread.
+#[derive(Debug)]
+pub struct IndexWriter {
+    dir: PathBuf,
+    shared: Arc<Shared>,
+    building: Chunk,
+    /// Chunks since the last flush (also in the published snapshot).
+    chunks: Vec<Arc<Chunk>>,
+    segments: Arc<Vec<Arc<Segment>>>,
+    /// WAL position the segments cover up to.
+    flushed_pos: u64,
+}
+
+impl IndexWriter {
+    /// Opens the index in `dir` for a start from a checkpoint at WAL position `cp_pos`:
+    /// segments covering positions after it (written for a checkpoint that did not commit)
+    /// and temporary files are deleted, since the replay indexes those batches again.
+    pub fn open(dir: &Path, cp_pos: u64) -> Result<(Self, Arc<Shared>), SegmentError> {
+        std::fs::create_dir_all(dir).map_err(|e| SegmentError::io(dir, e))?;
+        let mut segments = Vec::new();
+        let mut flushed_pos = 0;
+        let entries = std::fs::read_dir(dir).map_err(|e| SegmentError::io(dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| SegmentError::io(dir, e))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((from, upto)) = segment::parse_name(&name) else {
+                if name.ends_with(".tmp") {
+                    std::fs::remove_file(&path).map_err(|e| SegmentError::io(&path, e))?;
+                }
+                continue;
+            };
+            if upto > cp_pos {
+                tracing::info!(file = %path.display(), upto, cp_pos, "click index segment after the checkpoint removed (replay rebuilds it)");
+                std::fs::remove_file(&path).map_err(|e| SegmentError::io(&path, e))?;
+                continue;
+            }
+            let seg = Segment::open(&path, from, upto)?;
+            flushed_pos = flushed_pos.max(upto);
+            segments.push(Arc::new(seg));
+        }
+        segments.sort_by_key(|s| s.upto());
+        let segments = Arc::new(segments);
+        let shared = Arc::new(ArcSwap::from_pointee(Snapshot {
+            segments: segments.clone(),
+            chunks: Vec::new(),
+        }));
+        Ok((
+            IndexWriter {
+                dir: dir.to_path_buf(),
+                shared: shared.clone(),
+                building: Chunk::default(),
+                chunks: Vec::new(),
+                segments,
+                flushed_pos: flushed_pos.min(cp_pos),
+            },
+            shared,
+        ))
+    }
+
+    /// Records one counted click (no allocation beyond amortised growth of the batch's
+    /// buffers). `ip`: the wire bytes (4, 16, or anything else for unknown).
+    pub fn push(&mut self, ad: u64, event_time_ms: i64, combo: u32, ip: &[u8], user: &[u8]) {
+        let minute = u32::try_from(event_time_ms.div_euclid(60_000)).unwrap_or(u32::MAX);
+        let key = ip_key(ip);
+        let b = &mut self.building;
+        let user_off = u32::try_from(b.users.len()).unwrap_or(u32::MAX);
+        b.users.extend_from_slice(user);
+        b.recs.push(Rec {
+            ip: key.unwrap_or([0; 16]),
+            minute,
+            combo,
+            ad,
+            user_off,
+            user_len: u32::try_from(user.len()).unwrap_or(0),
+            has_ip: key.is_some(),
+        });
+    }
+
+    /// Ends the batch: sorts its chunk and publishes it (before the batch is acked).
+    pub fn end_batch(&mut self) {
+        if self.building.recs.is_empty() {
+            return;
+        }
+        let mut c = std::mem::take(&mut self.building);
+        c.recs
+            .sort_unstable_by(|a, b| (!a.has_ip, a.ip).cmp(&(!b.has_ip, b.ip)));
+        c.with_ip = c.recs.partition_point(|r| r.has_ip);
+        c.min_minute = c.recs.iter().map(|r| r.minute).min().unwrap_or(0);
+        c.max_minute = c.recs.iter().map(|r| r.minute).max().unwrap_or(0);
+        let mut by_user: Vec<u32> = (0..c.recs.len() as u32)
+            .filter(|&i| c.recs[i as usize].user_len > 0)
+            .collect();
+        by_user.sort_unstable_by(|&a, &b| c.user(&c.recs[a as usize]).cmp(c.user(&c.recs[b as usize])));
+        c.by_user = by_user;
+        self.chunks.push(Arc::new(c));
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.shared.store(Arc::new(Snapshot {
+            segments: self.segments.clone(),
+            chunks: self.chunks.clone(),
+        }));
+    }
+
+    /// Writes the chunks since the last flush as one durable segment covering WAL
+    /// positions up to `upto` (the checkpoint about to be saved), then serves it from disk.
+    /// Must succeed before the checkpoint is saved (the WAL up to `upto` is then deleted).
+    pub fn flush(&mut self, upto: u64) -> Result<(), SegmentError> {
+        self.end_batch();
+        if self.chunks.is_empty() || upto <= self.flushed_pos {
+            self.flushed_pos = self.flushed_pos.max(upto);
+            return Ok(());
+        }
+        let mut clicks = Vec::new();
+        for c in &self.chunks {
+            for r in &c.recs {
+                clicks.push(segment::Click {
+                    ip: r.has_ip.then_some(r.ip),
+                    user: c.user(r),
+                    minute: r.minute,
+                    ad: r.ad,
+                    combo: r.combo,
+                });
+            }
+        }
+        let path = self.dir.join(segment::name(self.flushed_pos, upto));
+        let seg = segment::write(&path, self.flushed_pos, upto, &clicks)?;
+        let mut segments = Vec::clone(&self.segments);
+        segments.push(Arc::new(seg));
+        self.segments = Arc::new(segments);
+        self.chunks.clear();
+        self.flushed_pos = upto;
+        self.publish();
+        Ok(())
+    }
+
+    /// Deletes segments whose newest minute is before `oldest_minute` (nothing a valid
+    /// query can reach). Returns how many were deleted.
+    pub fn expire(&mut self, oldest_minute: u32) -> usize {
+        let (old, keep): (Vec<_>, Vec<_>) = self
+            .segments
+            .iter()
+            .cloned()
+            .partition(|s| s.max_minute() < oldest_minute);
+        if old.is_empty() {
+            return 0;
+        }
+        self.segments = Arc::new(keep);
+        self.publish();
+        for s in &old {
+            if let Err(e) = std::fs::remove_file(s.path()) {
+                tracing::warn!(file = %s.path().display(), error = %e, "cannot delete an expired click index segment");
+            }
+        }
+        old.len()
+    }
+
+    /// Bytes of the segments on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len()).sum()
+    }
+}
