@@ -267,6 +267,7 @@ pub fn status(e: QueryError) -> Status {
         QueryError::Unauthenticated => Status::unauthenticated(e.to_string()),
         QueryError::InvalidArgument(m) => Status::invalid_argument(m),
         QueryError::Invalid(v) => bad_request(&v),
+        QueryError::Unavailable(m) => Status::unavailable(m),
     }
 }
 
@@ -346,6 +347,7 @@ impl Query {
         let reason = match e {
             QueryError::Unauthenticated => "unauthenticated",
             QueryError::InvalidArgument(_) => "invalid_argument",
+            QueryError::Unavailable(_) => "unavailable",
             QueryError::Invalid(v) => v.first_reason().map_or("invalid_argument", |r| r.label()),
         };
         self.metrics.refuse_query(rpc, reason);

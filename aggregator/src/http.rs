@@ -55,6 +55,8 @@ const FILTER_PARAMS: [(&str, Dim); 6] = [
     ("advertiser", Dim::AdvertiserId),
     ("campaign", Dim::CampaignId),
 ];
+/// Single-valued filter parameters (every query endpoint): `filter.ip`, `filter.user_id`.
+const INDEX_PARAMS: [&str; 2] = ["ip", "user_id"];
 /// Single-valued parameters of `/v1/ads/{ad_id}/clicks`.
 const CLICKS_PARAMS: [&str; 8] = [
     "last_minutes",
@@ -134,6 +136,8 @@ pub fn param_name(f: &Field) -> Cow<'_, str> {
             .iter()
             .find(|(_, x)| x == d)
             .map_or("filter", |(p, _)| p),
+        Field::FilterIp => "ip",
+        Field::FilterUserId => "user_id",
         Field::Param(p) => p,
     })
 }
@@ -179,6 +183,10 @@ pub fn problem_of(e: &QueryError) -> (StatusCode, Value) {
                 s,
                 problem("about:blank", "Unauthorized", s, &e.to_string(), None),
             )
+        }
+        QueryError::Unavailable(m) => {
+            let s = StatusCode::SERVICE_UNAVAILABLE;
+            (s, problem("about:blank", "Unavailable", s, m, None))
         }
         QueryError::InvalidArgument(m) => (
             bad,
@@ -357,11 +365,12 @@ fn check_names(p: &[(String, String)], single: &[&str], bad: &mut Violations) {
         if FILTER_PARAMS.iter().any(|(f, _)| *f == k) {
             continue;
         }
-        if !single.contains(&k) {
+        if !single.contains(&k) && !INDEX_PARAMS.contains(&k) {
             let known: Vec<&str> = single
                 .iter()
                 .copied()
                 .chain(FILTER_PARAMS.iter().map(|(f, _)| *f))
+                .chain(INDEX_PARAMS)
                 .collect();
             bad.push(
                 Field::Param(cut(k)),
@@ -416,6 +425,8 @@ fn filter(p: &[(String, String)], bad: &mut Violations) -> v1::Filter {
         country: all("country").cloned().collect(),
         os: all("os").cloned().collect(),
         site: all("site").cloned().collect(),
+        ip: get(p, "ip").unwrap_or_default().to_string(),
+        user_id: get(p, "user_id").unwrap_or_default().to_string(),
         ..Default::default()
     };
     for (i, d) in all("device").enumerate() {
