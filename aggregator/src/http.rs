@@ -429,6 +429,15 @@ fn filter(p: &[(String, String)], bad: &mut Violations) -> v1::Filter {
         user_id: get(p, "user_id").unwrap_or_default().to_string(),
         ..Default::default()
     };
+    for (k, field) in [("ip", Field::FilterIp), ("user_id", Field::FilterUserId)] {
+        if get(p, k) == Some("") {
+            bad.push(
+                field,
+                Reason::Required,
+                format!("{k}= is empty: leave the parameter out to not filter on it"),
+            );
+        }
+    }
     for (i, d) in all("device").enumerate() {
         let device = match d.as_str() {
             "desktop" => v1::Device::Desktop,
