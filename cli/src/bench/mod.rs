@@ -5,12 +5,14 @@
 //! - `aggregator` ([`aggregator`]): apply-only throughput of the aggregator's per-click
 //!   state path on one core, and memory per cell (`adclick_aggregator::benchkit`).
 //! - `topads` ([`topads`]): TopAds latency over a state holding millions of ads.
+//! - `clickindex` ([`clickindex`]): latency of the `ip`/`user_id` filters under ingest.
 //!
 //! `adclick bench --rate R ...` without a subcommand is `pipeline` (the form that predates
 //! the subcommands). Each prints a human table and exactly one line `RESULT bench=<name>
 //! key=value ...` on stdout for scripts (`scripts/bench.sh`). Measures, never asserts.
 
 mod aggregator;
+mod clickindex;
 mod pipeline;
 mod topads;
 
@@ -40,6 +42,8 @@ enum BenchCommand {
     Aggregator(aggregator::AggregatorArgs),
     /// TopAds(n=100, last 60 min) latency over a state holding millions of distinct ads.
     Topads(topads::TopadsArgs),
+    /// `ip` / `user_id` filters: GetAdClicks and TopAds latency under live click indexing.
+    Clickindex(clickindex::ClickIndexArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -48,6 +52,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(BenchCommand::Pipeline(p)) => pipeline::run(p),
         Some(BenchCommand::Aggregator(x)) => aggregator::run(x),
         Some(BenchCommand::Topads(x)) => topads::run(x),
+        Some(BenchCommand::Clickindex(x)) => clickindex::run(x),
     }
 }
 
