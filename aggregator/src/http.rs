@@ -844,7 +844,9 @@ mod tests {
     use proptest::prelude::*;
 
     /// Every parameter name a violation may carry besides an unknown one.
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 14] = [
+        "ip",
+        "user_id",
         "ad_id",
         "last_minutes",
         "from_ms",
@@ -882,6 +884,7 @@ mod tests {
                 }
             }
             QueryError::Unauthenticated => prop_assert!(false, "unauthenticated?"),
+            QueryError::Unavailable(m) => prop_assert!(false, "unavailable? {m}"),
         }
         let (status, body) = problem_of(e);
         prop_assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -932,7 +935,7 @@ mod tests {
             pairs in proptest::collection::vec((
                 prop::sample::select(vec![
                     "last_minutes", "from_ms", "to_ms", "n", "granularity", "device",
-                    "advertiser", "campaign", "country", "os", "site",
+                    "advertiser", "campaign", "country", "os", "site", "ip", "user_id",
                 ]),
                 prop_oneof![
                     "-?[0-9]{0,25}",
