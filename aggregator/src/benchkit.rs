@@ -287,7 +287,9 @@ impl MixGen {
         let os = OSES[(r.next() % OSES.len() as u64) as usize];
         let site = format!("site{}", r.next() % SITES as u64);
         let user_id = format!("u{}", r.next() % self.cfg.users.max(1));
-        let client_ip = ((r.next() % (1 << 24)) as u32 | 10 << 24).to_be_bytes().to_vec();
+        let client_ip = ((r.next() % (1 << 24)) as u32 | 10 << 24)
+            .to_be_bytes()
+            .to_vec();
         let ad = self.ad();
         self.late += u64::from(late);
         IngestClick {
@@ -461,7 +463,9 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
         let rss0 = rss_bytes();
         let mut path = StatePath::with_dedup_memory(cfg.dedup_memory_bytes, &cfg.top_index_fields);
         if cfg.click_index {
-            path = path.with_click_index().unwrap_or_else(|e| panic!("click index: {e}"));
+            path = path
+                .with_click_index()
+                .unwrap_or_else(|e| panic!("click index: {e}"));
         }
         for b in MixBatches::new(cfg) {
             path.push_batch(&b);
@@ -492,7 +496,9 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
 
     let mut path = StatePath::with_dedup_memory(cfg.dedup_memory_bytes, &cfg.top_index_fields);
     if cfg.click_index {
-        path = path.with_click_index().unwrap_or_else(|e| panic!("click index: {e}"));
+        path = path
+            .with_click_index()
+            .unwrap_or_else(|e| panic!("click index: {e}"));
     }
     let (n, times, generated) = if cfg.decode {
         let mut gen_ = MixBatches::new(cfg);
@@ -1361,7 +1367,12 @@ impl ClickGen {
         };
         self.user.clear();
         let _ = write!(self.user, "user-{}", r.next() % self.cfg.users.max(1));
-        (ad, t - (r.next() % 2000) as i64, 1 + (r.next() % 50) as u32, ip)
+        (
+            ad,
+            t - (r.next() % 2000) as i64,
+            1 + (r.next() % 50) as u32,
+            ip,
+        )
     }
 }
 
@@ -1372,7 +1383,9 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
     use crate::clickindex::IndexWriter;
     use crate::query::{self, Caller};
     let io = |e: &dyn std::fmt::Display| BenchError::Io(e.to_string());
-    let dir = cfg.dir.join(format!("adclick-bench-clickindex-{}", std::process::id()));
+    let dir = cfg
+        .dir
+        .join(format!("adclick-bench-clickindex-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let _cleanup = tempfile_dir::Dir(dir.clone());
     let (mut w, shared) = IndexWriter::open(&dir, 0).map_err(|e| io(&e))?;
@@ -1407,8 +1420,9 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
     }
     let segments = shared.load().segment_count();
     let disk_bytes = w.disk_bytes();
-    let owners: crate::state::FastMap<u64, (u64, u64)> =
-        (1..=cfg.ads).map(|ad| (ad, (1 + ad % 7, 100 + ad % 23))).collect();
+    let owners: crate::state::FastMap<u64, (u64, u64)> = (1..=cfg.ads)
+        .map(|ad| (ad, (1 + ad % 7, 100 + ad % 23)))
+        .collect();
     let rate = cfg.rate.max(1);
     let end = move |i: u64| T0_MS + (u128::from(i) * 1000 / u128::from(rate)) as i64;
     let view = Arc::new(View {
@@ -1430,7 +1444,8 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
             let first = g.i;
             let mut since_flush = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let due = started + Duration::from_secs_f64((g.i - first) as f64 / g.cfg.rate as f64);
+                let due =
+                    started + Duration::from_secs_f64((g.i - first) as f64 / g.cfg.rate as f64);
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
@@ -1439,7 +1454,8 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
                     w.push(ad, t, combo, &ip, g.user.as_bytes());
                 }
                 w.end_batch();
-                view.watermark_ms.store(end(g.i) - 10_000, std::sync::atomic::Ordering::Release);
+                view.watermark_ms
+                    .store(end(g.i) - 10_000, std::sync::atomic::Ordering::Release);
                 pos += 1;
                 since_flush += 1000;
                 if since_flush >= per_flush {
@@ -1482,7 +1498,12 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
         })
     };
     let get_ip = get(&|r| filter(ip_text(r.next()), String::new()));
-    let get_user = get(&|r| filter(String::new(), format!("user-{}", r.next() % cfg.users.max(1))));
+    let get_user = get(&|r| {
+        filter(
+            String::new(),
+            format!("user-{}", r.next() % cfg.users.max(1)),
+        )
+    });
     let mut rng = Rng::new(78);
     let mut top = |f: &dyn Fn(&mut Rng) -> v1::Filter| {
         time_runs(cfg.runs, cfg.budget, || {
@@ -1500,10 +1521,18 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
         })
     };
     let top_ip = top(&|r| filter(ip_text(r.next()), String::new()));
-    let top_user = top(&|r| filter(String::new(), format!("user-{}", r.next() % cfg.users.max(1))));
+    let top_user = top(&|r| {
+        filter(
+            String::new(),
+            format!("user-{}", r.next() % cfg.users.max(1)),
+        )
+    });
     let top_cidr24 = top(&|r| {
         let n = (r.next() % cfg.ips.max(1)) as u32 & 0x00ff_ff00;
-        filter(format!("{}/24", std::net::Ipv4Addr::from(n | 10 << 24)), String::new())
+        filter(
+            format!("{}/24", std::net::Ipv4Addr::from(n | 10 << 24)),
+            String::new(),
+        )
     });
     let top_heavy = top(&|_| filter("10.255.255.254".into(), String::new()));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1537,10 +1566,21 @@ impl ClickIndexReport {
         let c = &self.cfg;
         let mut t = format!(
             "click index: {} min at {} clicks/s indexed ({} clicks, {} ips, {} users, {} ads, {}% from one heavy IP), a segment every {} s: {} segments, {:.1} MiB ({:.1} B/click); push {:.0} ns/click (writer CPU), flush mean {:.0} ms, max {:.0} ms; live ingest while querying {:.0} clicks/s\n\n| query (last 60 min) | runs | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|\n",
-            c.minutes, c.rate, self.fill_clicks, c.ips, c.users, c.ads, c.heavy_pct, c.flush_secs,
-            self.segments, self.disk_bytes as f64 / (1 << 20) as f64,
+            c.minutes,
+            c.rate,
+            self.fill_clicks,
+            c.ips,
+            c.users,
+            c.ads,
+            c.heavy_pct,
+            c.flush_secs,
+            self.segments,
+            self.disk_bytes as f64 / (1 << 20) as f64,
             self.disk_bytes as f64 / self.fill_clicks.max(1) as f64,
-            self.push_ns_per_click, self.flush_ms.0, self.flush_ms.1, self.live_rate
+            self.push_ns_per_click,
+            self.flush_ms.0,
+            self.flush_ms.1,
+            self.live_rate
         );
         for (name, l) in [
             ("GetAdClicks(ad, minute) ip=one address", &self.get_ip),
@@ -1562,11 +1602,20 @@ impl ClickIndexReport {
     pub fn result_line(&self) -> String {
         format!(
             "RESULT bench=clickindex rate={} minutes={} flush_secs={} segments={} bytes_per_click={:.1} push_ns={:.0} flush_ms_max={:.0} live_rate={:.0} get_ip_p99_ms={:.2} get_user_p99_ms={:.2} top_ip_p99_ms={:.2} top_user_p99_ms={:.2} top_cidr24_p99_ms={:.2} top_heavy_p99_ms={:.2}",
-            self.cfg.rate, self.cfg.minutes, self.cfg.flush_secs, self.segments,
+            self.cfg.rate,
+            self.cfg.minutes,
+            self.cfg.flush_secs,
+            self.segments,
             self.disk_bytes as f64 / self.fill_clicks.max(1) as f64,
-            self.push_ns_per_click, self.flush_ms.1, self.live_rate,
-            self.get_ip.p99_ms, self.get_user.p99_ms, self.top_ip.p99_ms,
-            self.top_user.p99_ms, self.top_cidr24.p99_ms, self.top_heavy.p99_ms
+            self.push_ns_per_click,
+            self.flush_ms.1,
+            self.live_rate,
+            self.get_ip.p99_ms,
+            self.get_user.p99_ms,
+            self.top_ip.p99_ms,
+            self.top_user.p99_ms,
+            self.top_cidr24.p99_ms,
+            self.top_heavy.p99_ms
         )
     }
 }

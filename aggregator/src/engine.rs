@@ -246,9 +246,8 @@ pub fn start<S: Store + 'static>(
     }
     // The click index keeps what was counted up to the checkpoint; the replay below adds
     // the rest (segments written for a checkpoint that never committed are dropped).
-    let (index, clicks) =
-        IndexWriter::open(&cfg.data_dir.join(crate::clickindex::DIR), cp.wal_pos)
-            .map_err(|e| StoreError(e.to_string()))?;
+    let (index, clicks) = IndexWriter::open(&cfg.data_dir.join(crate::clickindex::DIR), cp.wal_pos)
+        .map_err(|e| StoreError(e.to_string()))?;
     let view = Arc::new(View {
         clicks,
         shards,

@@ -490,15 +490,7 @@ pub fn get_ad_clicks(
     let meta = view.meta.load_full();
     let filter = Filter::resolve(&plan.filter, &meta);
     let fill = req.fill_empty.unwrap_or(true);
-    answer_ad_clicks(
-        view,
-        caller,
-        req.ad_id,
-        &plan,
-        &filter,
-        fill,
-        watermark_ms,
-    )
+    answer_ad_clicks(view, caller, req.ad_id, &plan, &filter, fill, watermark_ms)
 }
 
 /// The answer to a validated `GetAdClicks` for `ad` (`plan` and `filter` from its
@@ -531,7 +523,9 @@ fn answer_ad_clicks(
                 return;
             }
             let t = i64::from(h.minute) * LEVEL_MS[0];
-            let b = indexed.entry(t.div_euclid(width) * width).or_insert_with(|| (0, Hll::new()));
+            let b = indexed
+                .entry(t.div_euclid(width) * width)
+                .or_insert_with(|| (0, Hll::new()));
             b.0 += h.count;
             if h.user != 0 {
                 b.1.insert_hash(h.user);

@@ -4,8 +4,8 @@
 //! other. It must not hold logic: reading and writing stay in `query` and `engine`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
 use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::health::Readiness;

@@ -103,7 +103,11 @@ fn in_prefix(ip: &[u8], prefix: &str) -> bool {
 /// The filters checked, each with the oracle's predicate.
 fn cases() -> Vec<(Filter, Box<dyn Fn(&IngestClick) -> bool>)> {
     let mut out: Vec<(Filter, Box<dyn Fn(&IngestClick) -> bool>)> = Vec::new();
-    for ip in IP_TEXT.iter().copied().chain(["203.0.113.0/24", "2001:db8::/32"]) {
+    for ip in IP_TEXT
+        .iter()
+        .copied()
+        .chain(["203.0.113.0/24", "2001:db8::/32"])
+    {
         out.push((
             Filter {
                 ip: ip.into(),
@@ -152,7 +156,11 @@ fn cases() -> Vec<(Filter, Box<dyn Fn(&IngestClick) -> bool>)> {
 }
 
 /// Everything the filtered queries answer, to compare across restarts.
-type Answers = Vec<(Vec<(u64, u64)>, Vec<(u64, BTreeMap<i64, u64>)>, Vec<(String, u64)>)>;
+type Answers = Vec<(
+    Vec<(u64, u64)>,
+    Vec<(u64, BTreeMap<i64, u64>)>,
+    Vec<(String, u64)>,
+)>;
 
 /// Runs every case against `a`, asserting each answer equals the oracle's.
 async fn check(a: &Aggregator, unique: &[IngestClick]) -> Answers {
@@ -179,8 +187,13 @@ async fn check(a: &Aggregator, unique: &[IngestClick]) -> Answers {
                 filter: Some(filter.clone()),
                 fill_empty: Some(false),
             };
-            let r = q.get_ad_clicks(authed(req, ADMIN)).await.unwrap().into_inner();
-            let got: BTreeMap<i64, u64> = r.buckets.iter().map(|b| (b.start_ms, b.clicks)).collect();
+            let r = q
+                .get_ad_clicks(authed(req, ADMIN))
+                .await
+                .unwrap()
+                .into_inner();
+            let got: BTreeMap<i64, u64> =
+                r.buckets.iter().map(|b| (b.start_ms, b.clicks)).collect();
             let mut want: BTreeMap<i64, u64> = BTreeMap::new();
             let mut users: HashMap<i64, std::collections::HashSet<&str>> = HashMap::new();
             for c in unique.iter().filter(|c| c.ad_id == ad && keep(c)) {
@@ -205,7 +218,11 @@ async fn check(a: &Aggregator, unique: &[IngestClick]) -> Answers {
             filter: Some(filter.clone()),
             fill_empty: Some(false),
         };
-        let r = q.batch_get_ad_clicks(authed(req, ADMIN)).await.unwrap().into_inner();
+        let r = q
+            .batch_get_ad_clicks(authed(req, ADMIN))
+            .await
+            .unwrap()
+            .into_inner();
         for (ad, got) in r.ads.iter().zip(&per_ad) {
             assert_eq!(ad.total_clicks, got.1.values().sum::<u64>(), "batch {what}");
         }
@@ -220,7 +237,11 @@ async fn check(a: &Aggregator, unique: &[IngestClick]) -> Answers {
             n: 10,
         };
         let r = q.breakdown(authed(req, ADMIN)).await.unwrap().into_inner();
-        let got: Vec<(String, u64)> = r.values.iter().map(|v| (v.value.clone(), v.clicks)).collect();
+        let got: Vec<(String, u64)> = r
+            .values
+            .iter()
+            .map(|v| (v.value.clone(), v.clicks))
+            .collect();
         let mut want: HashMap<String, u64> = HashMap::new();
         for c in unique.iter().filter(|c| c.ad_id == 4 && keep(c)) {
             *want.entry(c.country.clone()).or_default() += 1;
@@ -251,7 +272,9 @@ fn ip_and_user_filters_are_exact_and_survive_restarts_and_crashes() {
     let dir = tempfile::tempdir().unwrap();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let a = rt.block_on(adclick_aggregator::start(config(dir.path()))).unwrap();
+    let a = rt
+        .block_on(adclick_aggregator::start(config(dir.path())))
+        .unwrap();
     rt.block_on(send_all(&a, &batches, batches.len()));
     let live = rt.block_on(check(&a, &unique));
     rt.block_on(a.shutdown());
@@ -259,9 +282,17 @@ fn ip_and_user_filters_are_exact_and_survive_restarts_and_crashes() {
 
     // Clean restart: the segments written at the final checkpoint answer.
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let a = rt.block_on(adclick_aggregator::start(config(dir.path()))).unwrap();
-    assert_eq!(rt.block_on(check(&a, &unique)), live, "after a clean restart");
-    let segments = std::fs::read_dir(dir.path().join("click_index")).unwrap().count();
+    let a = rt
+        .block_on(adclick_aggregator::start(config(dir.path())))
+        .unwrap();
+    assert_eq!(
+        rt.block_on(check(&a, &unique)),
+        live,
+        "after a clean restart"
+    );
+    let segments = std::fs::read_dir(dir.path().join("click_index"))
+        .unwrap()
+        .count();
     assert!(segments >= 1, "a segment was written");
     rt.block_on(a.shutdown());
     drop(rt);
@@ -325,9 +356,16 @@ fn validation_and_retention() {
             ("2001:db8::/31", "", "filter.ip", "OUT_OF_RANGE"),
             ("", &"x".repeat(257), "filter.user_id", "TOO_LONG"),
         ] {
-            let e = q.get_ad_clicks(authed(req(ip, user, T0), ADMIN)).await.unwrap_err();
+            let e = q
+                .get_ad_clicks(authed(req(ip, user, T0), ADMIN))
+                .await
+                .unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{ip} {e:?}");
-            assert_eq!(violations(&e), vec![(field.to_string(), reason.to_string())], "{ip}");
+            assert_eq!(
+                violations(&e),
+                vec![(field.to_string(), reason.to_string())],
+                "{ip}"
+            );
         }
         // Within retention: answered.
         q.get_ad_clicks(authed(req("203.0.113.0/24", "alice", T0), ADMIN))
@@ -337,8 +375,14 @@ fn validation_and_retention() {
         let late = make(61, 200, T0 + 120 * MIN, 5);
         send(&mut ing, "c", 2, late).await;
         send(&mut ing, "c", 3, make(62, 10, T0 + 124 * MIN, 1)).await;
-        let e = q.get_ad_clicks(authed(req("203.0.113.7", "", T0), ADMIN)).await.unwrap_err();
-        assert_eq!(violations(&e), vec![("from_ms".to_string(), "BEFORE_RETENTION".to_string())]);
+        let e = q
+            .get_ad_clicks(authed(req("203.0.113.7", "", T0), ADMIN))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            violations(&e),
+            vec![("from_ms".to_string(), "BEFORE_RETENTION".to_string())]
+        );
         let top = v1::TopAdsRequest {
             n: 5,
             window: Some(v1::top_ads_request::Window::Range(v1::TimeRange {
@@ -356,7 +400,9 @@ fn validation_and_retention() {
             vec![("range.from_ms".to_string(), "BEFORE_RETENTION".to_string())]
         );
         // Unfiltered, the minute cells still answer that far back.
-        q.get_ad_clicks(authed(req("", "", T0), ADMIN)).await.unwrap();
+        q.get_ad_clicks(authed(req("", "", T0), ADMIN))
+            .await
+            .unwrap();
 
         // HTTP: parameters ip= and user_id=, problems name them.
         adclick_sdk::HttpTransport::install_crypto_provider();
@@ -369,19 +415,33 @@ fn validation_and_retention() {
         };
         let (f, t) = (T0 + 120 * MIN, T0 + 126 * MIN);
         for (query, name) in [
-            (format!("/v1/ads/1/clicks?from_ms={f}&to_ms={t}&ip=1.2.3"), "ip"),
-            (format!("/v1/ads/top?n=3&from_ms={f}&to_ms={t}&ip=0.0.0.0/0"), "ip"),
-            (format!("/v1/ads/top?n=3&from_ms={f}&to_ms={t}&user_id="), "user_id"),
-            (format!("/v1/ads/top?n=3&from_ms={f}&to_ms={t}&ip=1.2.3.4&ip=1.2.3.5"), "ip"),
+            (
+                format!("/v1/ads/1/clicks?from_ms={f}&to_ms={t}&ip=1.2.3"),
+                "ip",
+            ),
+            (
+                format!("/v1/ads/top?n=3&from_ms={f}&to_ms={t}&ip=0.0.0.0/0"),
+                "ip",
+            ),
+            (
+                format!("/v1/ads/top?n=3&from_ms={f}&to_ms={t}&user_id="),
+                "user_id",
+            ),
+            (
+                format!("/v1/ads/top?n=3&from_ms={f}&to_ms={t}&ip=1.2.3.4&ip=1.2.3.5"),
+                "ip",
+            ),
         ] {
             let r = get(query.clone()).await.unwrap();
             assert_eq!(r.status(), 400, "{query}");
             let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
             assert_eq!(v["invalid_params"][0]["name"], name, "{query}: {v}");
         }
-        let r = get(format!("/v1/ads/top?n=3&from_ms={f}&to_ms={t}&ip=203.0.113.0/24&user_id=bob"))
-            .await
-            .unwrap();
+        let r = get(format!(
+            "/v1/ads/top?n=3&from_ms={f}&to_ms={t}&ip=203.0.113.0/24&user_id=bob"
+        ))
+        .await
+        .unwrap();
         assert_eq!(r.status(), 200);
         let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
         let got: Vec<(u64, u64)> = v["ads"]
@@ -390,7 +450,11 @@ fn validation_and_retention() {
             .iter()
             .map(|a| (a["ad_id"].as_u64().unwrap(), a["clicks"].as_u64().unwrap()))
             .collect();
-        let sent: Vec<IngestClick> = [make(61, 200, T0 + 120 * MIN, 5), make(62, 10, T0 + 124 * MIN, 1)].concat();
+        let sent: Vec<IngestClick> = [
+            make(61, 200, T0 + 120 * MIN, 5),
+            make(62, 10, T0 + 124 * MIN, 1),
+        ]
+        .concat();
         let want = top_oracle(&sent, 3, f, t, |c| {
             in_prefix(&c.client_ip, "203.0.113.0/24") && c.user_id == "bob"
         });

@@ -292,7 +292,9 @@ impl IndexWriter {
         let mut by_user: Vec<u32> = (0..c.recs.len() as u32)
             .filter(|&i| c.recs[i as usize].user_len > 0)
             .collect();
-        by_user.sort_unstable_by(|&a, &b| c.user(&c.recs[a as usize]).cmp(c.user(&c.recs[b as usize])));
+        by_user.sort_unstable_by(|&a, &b| {
+            c.user(&c.recs[a as usize]).cmp(c.user(&c.recs[b as usize]))
+        });
         c.by_user = by_user;
         self.chunks.push(Arc::new(c));
         self.publish();
@@ -389,7 +391,11 @@ mod tests {
         let clicks: Vec<([u8; 4], String, u64)> = (0..N)
             .map(|_| {
                 let ip = ((next() % (1 << 24)) as u32 | 10 << 24).to_be_bytes();
-                (ip, format!("user-{}", next() % 1_000_000), 1 + next() % 1_000_000)
+                (
+                    ip,
+                    format!("user-{}", next() % 1_000_000),
+                    1 + next() % 1_000_000,
+                )
             })
             .collect();
         let minute = |i: u64| T0_MIN * 60_000 + (i * 1000 / 80_000) as i64;
@@ -428,11 +434,16 @@ mod tests {
                 for (i, (ip, user, ad)) in group.iter().enumerate() {
                     let mut k = Vec::with_capacity(64);
                     k.extend_from_slice(&ip_key(ip).unwrap());
-                    k.extend_from_slice(&((minute((g * 64_000 + i) as u64) / 60_000) as u32).to_be_bytes());
+                    k.extend_from_slice(
+                        &((minute((g * 64_000 + i) as u64) / 60_000) as u32).to_be_bytes(),
+                    );
                     k.extend_from_slice(&ad.to_be_bytes());
                     k.extend_from_slice(&1u32.to_be_bytes());
                     k.extend_from_slice(user.as_bytes());
-                    let old = table.insert(k.as_slice(), 1).unwrap().map_or(0, |v| v.value());
+                    let old = table
+                        .insert(k.as_slice(), 1)
+                        .unwrap()
+                        .map_or(0, |v| v.value());
                     if old > 0 {
                         table.insert(k.as_slice(), old + 1).unwrap();
                     }
@@ -441,7 +452,9 @@ mod tests {
             tx.commit().unwrap();
         }
         let redb_t = t.elapsed();
-        let size = std::fs::metadata(dir.path().join("cmp.redb")).unwrap().len();
+        let size = std::fs::metadata(dir.path().join("cmp.redb"))
+            .unwrap()
+            .len();
         println!(
             "redb (ip table only, no user table): {:.2} s = {:.0} clicks/s, {} bytes",
             redb_t.as_secs_f64(),

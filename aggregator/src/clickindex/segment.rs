@@ -106,7 +106,12 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 /// Writes a segment durably and opens it.
-pub fn write(path: &Path, from: u64, upto: u64, clicks: &[Click<'_>]) -> Result<Segment, SegmentError> {
+pub fn write(
+    path: &Path,
+    from: u64,
+    upto: u64,
+    clicks: &[Click<'_>],
+) -> Result<Segment, SegmentError> {
     let io = |e| SegmentError::io(path, e);
     // Users: distinct, sorted by (hash, bytes).
     let mut users: Vec<(u64, &[u8])> = clicks
@@ -480,16 +485,24 @@ mod tests {
     #[test]
     fn written_segments_answer_like_the_clicks_they_hold() {
         let dir = tempfile::tempdir().unwrap();
-        let ips: Vec<Ip> = (0..7u8).map(|i| ip_key(&[10, 0, i / 3, i]).unwrap()).collect();
+        let ips: Vec<Ip> = (0..7u8)
+            .map(|i| ip_key(&[10, 0, i / 3, i]).unwrap())
+            .collect();
         let users: Vec<String> = (0..5).map(|i| format!("user-{i}")).collect();
         let mut clicks = Vec::new();
         let mut x = 7u64;
         for _ in 0..2000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let r = x >> 20;
             clicks.push(Click {
                 ip: (r % 11 != 0).then(|| ips[(r % 7) as usize]),
-                user: if r % 13 == 0 { b"" } else { users[(r / 7 % 5) as usize].as_bytes() },
+                user: if r % 13 == 0 {
+                    b""
+                } else {
+                    users[(r / 7 % 5) as usize].as_bytes()
+                },
                 minute: 1000 + (r / 35 % 6) as u32,
                 ad: 1 + r / 210 % 4,
                 combo: 1 + (r / 840 % 3) as u32,
@@ -502,7 +515,12 @@ mod tests {
             for (ip, user, from, to) in [
                 (Some((ips[2], ips[2])), None, 1000, 1006),
                 (Some((ips[0], ips[2])), None, 1001, 1004),
-                (Some((ips[3], ips[3])), Some(users[1].as_bytes()), 1000, 1006),
+                (
+                    Some((ips[3], ips[3])),
+                    Some(users[1].as_bytes()),
+                    1000,
+                    1006,
+                ),
                 (None, Some(users[4].as_bytes()), 1002, 1003),
                 (None, Some(b"nobody".as_slice()), 1000, 1006),
             ] {

@@ -425,14 +425,19 @@ pub const MIN_PREFIX_V6: u8 = 32;
 /// `filter.ip`: one address or a CIDR prefix, as an inclusive range of click-index keys
 /// (IPv4 as IPv4-mapped IPv6). Host bits set in a prefix (`203.0.113.7/24`) are refused,
 /// since the caller may have meant the address.
-pub fn ip_filter(v: &str) -> Result<(crate::clickindex::Ip, crate::clickindex::Ip), (Reason, String)> {
+pub fn ip_filter(
+    v: &str,
+) -> Result<(crate::clickindex::Ip, crate::clickindex::Ip), (Reason, String)> {
     use std::net::IpAddr;
     let key = |a: IpAddr| match a {
         IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
         IpAddr::V6(a) => a.octets(),
     };
     if v.len() > 64 {
-        return Err((Reason::TooLong, format!("{} bytes: an address or CIDR prefix is at most 64", v.len())));
+        return Err((
+            Reason::TooLong,
+            format!("{} bytes: an address or CIDR prefix is at most 64", v.len()),
+        ));
     }
     if !v.contains('/') {
         return v.parse::<IpAddr>().map(|a| (key(a), key(a))).map_err(|_| {
@@ -504,7 +509,11 @@ pub fn click_index_range(
         return;
     };
     if from_ms < oldest {
-        let by = if spec.ip.is_some() { "filter.ip" } else { "filter.user_id" };
+        let by = if spec.ip.is_some() {
+            "filter.ip"
+        } else {
+            "filter.user_id"
+        };
         bad.push(
             field,
             Reason::BeforeRetention,
@@ -652,7 +661,14 @@ pub fn ad_clicks<'a>(
     }
     let filter = filter(req.filter.as_ref(), &mut bad);
     if bad.is_empty() {
-        click_index_range(&filter, from_ms, Field::FromMs, limits, watermark_ms, &mut bad);
+        click_index_range(
+            &filter,
+            from_ms,
+            Field::FromMs,
+            limits,
+            watermark_ms,
+            &mut bad,
+        );
     }
     bad.into_result(AdClicksPlan {
         level: level.unwrap_or(0),
@@ -905,7 +921,11 @@ pub fn filter<'a>(f: Option<&'a v1::Filter>, bad: &mut Violations) -> FilterSpec
             bad.push(
                 Field::FilterUserId,
                 Reason::TooLong,
-                format!("{} bytes, more than {MAX_USER_ID_LEN}: {}", f.user_id.len(), quote(&f.user_id)),
+                format!(
+                    "{} bytes, more than {MAX_USER_ID_LEN}: {}",
+                    f.user_id.len(),
+                    quote(&f.user_id)
+                ),
             );
         } else {
             // Any bytes the collector accepts (it bounds only the length) can be asked for.

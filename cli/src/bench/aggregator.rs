@@ -92,7 +92,11 @@ pub fn run(a: AggregatorArgs) -> Result<()> {
         a.dup_pct,
         a.late_pct,
         if a.no_decode { " --no-decode" } else { "" },
-        if a.no_click_index { " --no-click-index" } else { "" }
+        if a.no_click_index {
+            " --no-click-index"
+        } else {
+            ""
+        }
     );
     t += &r.table();
     super::emit(&t, &r.result_line(), a.append.as_deref())
