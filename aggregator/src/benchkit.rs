@@ -504,10 +504,18 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
         let mut gen_ = MixBatches::new(cfg);
         let batches: Vec<Vec<u8>> = gen_.by_ref().collect();
         let (t, cpu) = (Instant::now(), thread_cpu_seconds());
+        let proc0 = proc_cpu_seconds("/proc/self/stat");
         for b in &batches {
             path.push_batch(b);
         }
         let times = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
+        path.finish_click_index();
+        let proc_cpu = proc_cpu_seconds("/proc/self/stat") - proc0;
+        if cfg.click_index {
+            eprintln!(
+                "process CPU while applying (applying thread + click-index flusher): {proc_cpu:.2} s"
+            );
+        }
         (gen_.clicks.i, times, gen_.clicks)
     } else {
         let mut gen_ = MixGen::new(cfg);
@@ -1043,6 +1051,13 @@ impl StatePath {
         }
     }
 
+    /// Waits for a click-index flush still being written.
+    pub fn finish_click_index(&mut self) {
+        if let Some((w, _)) = &mut self.index {
+            let _ = w.finish_flush(true);
+        }
+    }
+
     /// Also feeds a click index (in a temporary directory), as the engine does.
     pub fn with_click_index(mut self) -> Result<Self, BenchError> {
         let dir = tempfile_dir::Dir::new().map_err(|e| BenchError::Io(e.to_string()))?;
@@ -1107,9 +1122,11 @@ impl StatePath {
             let applied = self.windows.counters.applied;
             if applied - self.indexed >= CLICK_INDEX_FLUSH_CLICKS {
                 self.indexed = applied;
-                if let Err(e) = w.flush(self.wal_pos) {
+                // As the engine: the segment is written by the flusher thread.
+                if let Some(Err(e)) = w.finish_flush(true) {
                     tracing::error!(error = %e, "bench: click index flush failed");
                 }
+                w.start_flush(self.wal_pos);
             }
         }
     }

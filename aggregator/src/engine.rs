@@ -204,6 +204,10 @@ struct Writer<S: Store> {
     /// The click index (`ip` / `user_id` filters): fed every counted click, flushed to disk
     /// before every checkpoint.
     index: IndexWriter,
+    /// A checkpoint taken, waiting for the click index's segment up to its position
+    /// (written off this thread) before it is saved: (checkpoint, its dedup floor, when it
+    /// started).
+    pending: Option<(Checkpoint, i64, Instant)>,
 }
 
 /// Opens the store, recovers, and starts the threads.
@@ -287,6 +291,7 @@ pub fn start<S: Store + 'static>(
         poisoned: false,
         positions: positions.clone(),
         index,
+        pending: None,
     };
     // Replay what the WAL holds after the checkpoint.
     let replay = w.store.wal_after(cp.wal_pos)?;
@@ -419,6 +424,7 @@ impl<S: Store> Writer<S> {
                 // lookup; every later request is refused (channel closed) until restart.
                 return;
             }
+            self.save_checkpoint(false);
             if self.last_checkpoint.elapsed() >= tick {
                 self.checkpoint();
             }
@@ -426,7 +432,9 @@ impl<S: Store> Writer<S> {
         // Shutdown: one last checkpoint makes the next start fast (not after a simulated
         // crash, which must leave the disk as a crash would).
         if !self.view.killed.load(Ordering::Acquire) {
+            self.save_checkpoint(true);
             self.checkpoint();
+            self.save_checkpoint(true);
         }
     }
 
@@ -850,6 +858,10 @@ impl<S: Store> Writer<S> {
     }
 
     fn checkpoint(&mut self) {
+        if self.pending.is_some() || self.index.flushing() {
+            // The previous one still waits for its click-index segment.
+            return;
+        }
         let started = Instant::now();
         // Dedup first: the RAM tier goes to disk (its entries carry their ordinals, so this
         // commit may precede the checkpoint's), and ids below the floor of the previous
@@ -888,8 +900,26 @@ impl<S: Store> Writer<S> {
             tables,
         };
         // The click index up to this position must be on disk before the WAL behind it is
-        // deleted (`clickindex`: a start drops segments past its checkpoint).
-        if let Err(e) = self.index.flush(cp.wal_pos) {
+        // deleted (`clickindex`: a start drops segments past its checkpoint). The segment
+        // is written off this thread; the checkpoint is saved once it is done.
+        self.index.start_flush(cp.wal_pos);
+        self.pending = Some((cp, floor, started));
+        self.last_checkpoint = Instant::now();
+    }
+
+    /// Saves the pending checkpoint once the click index's segment up to its position is
+    /// durable (waiting for it with `wait`).
+    fn save_checkpoint(&mut self, wait: bool) {
+        if self.pending.is_none() {
+            return;
+        }
+        let Some(flushed) = self.index.finish_flush(wait) else {
+            return;
+        };
+        let Some((cp, floor, started)) = self.pending.take() else {
+            return;
+        };
+        if let Err(e) = flushed {
             self.metrics.checkpoint_errors.inc();
             tracing::error!(error = %e, "click index flush failed; checkpoint skipped, the WAL is kept");
             self.last_checkpoint = Instant::now();

@@ -9,8 +9,9 @@
 //!                n_users u32, n_ip u32, n_user u32, blob_len u64, 0 u64, crc32(header[..60])
 //! users    n_users x 16 B: xxh64(user) u64, offset u32, len u32 — sorted by (hash, bytes)
 //! blob     the user ids' bytes
-//! by ip    n_ip x 40 B: ip [16], minute u32, ad u64, combo u32, user u32 (index into users,
-//!          u32::MAX: none), clicks u32 — sorted by (ip, minute, ad, combo, user)
+//! by ip    n_ip x 48 B: ip [16], minute u32, ad u64, combo u32, user u32 (index into users,
+//!          u32::MAX: none), clicks u32, xxh64(user) u64 (0: none; unique users without a
+//!          read of the user table) — sorted by (ip, minute, ad, combo, user)
 //! by user  n_user x 24 B: user u32, minute u32, ad u64, combo u32, clicks u32 — sorted
 //! ```
 //!
@@ -29,7 +30,7 @@ use crate::sketch::hll::hash_user_id;
 const MAGIC: &[u8; 8] = b"ADCLIX01";
 const HEADER: u64 = 64;
 const USER_ENTRY: u64 = 16;
-const IP_REC: u64 = 40;
+const IP_REC: u64 = 48;
 const USER_REC: u64 = 24;
 const NO_USER: u32 = u32::MAX;
 /// Records read per positioned read while scanning a run.
@@ -197,6 +198,8 @@ pub fn write(
         r[28..32].copy_from_slice(&combo.to_le_bytes());
         r[32..36].copy_from_slice(&user.to_le_bytes());
         r[36..40].copy_from_slice(&n.to_le_bytes());
+        let hash = users.get(user as usize).map_or(0, |(h, _)| *h);
+        r[40..48].copy_from_slice(&hash.to_le_bytes());
         w.write_all(&r).map_err(io)?;
     }
     for (i, n) in &user_runs {
@@ -328,12 +331,6 @@ impl Segment {
         Ok((u64_at(&e, 0), b))
     }
 
-    fn user_hash(&self, i: u32) -> Result<u64, SegmentError> {
-        let mut e = [0u8; 8];
-        self.read(&mut e, HEADER + u64::from(i) * USER_ENTRY)?;
-        Ok(u64::from_le_bytes(e))
-    }
-
     /// Index of `user` in this file's user table.
     fn find_user(&self, user: &[u8]) -> Result<Option<u32>, SegmentError> {
         let key = (hash_user_id(user), user);
@@ -419,7 +416,6 @@ impl Segment {
                 (ip, u32_at(r, 16))
             };
             let start = self.lower_bound(self.ip_off, IP_REC, self.n_ip, &(lo, first), key_of)?;
-            let mut hashes: Vec<(u32, u64)> = Vec::new();
             self.run(self.ip_off, IP_REC, self.n_ip, start, &mut |r| {
                 let (ip, minute) = key_of(r);
                 if ip > hi || (lo == hi && minute >= p.to_minute) {
@@ -429,15 +425,7 @@ impl Segment {
                 if minute < p.from_minute || minute >= p.to_minute || user.is_some_and(|x| x != u) {
                     return Ok(true);
                 }
-                let hash = if u == NO_USER {
-                    0
-                } else if let Some((_, h)) = hashes.iter().find(|(x, _)| *x == u) {
-                    *h
-                } else {
-                    let h = self.user_hash(u)?;
-                    hashes.push((u, h));
-                    h
-                };
+                let hash = u64_at(r, 40);
                 f(Hit {
                     ad: u64_at(r, 20),
                     minute,

@@ -415,14 +415,23 @@ proptest! {
 fn ip_filters_are_address_ranges_and_bad_ones_are_named() {
     use super::ip_filter;
     let v4 = |a: [u8; 4]| crate::clickindex::ip_key(&a).unwrap();
-    assert_eq!(ip_filter("203.0.113.7").unwrap(), (v4([203, 0, 113, 7]), v4([203, 0, 113, 7])));
+    assert_eq!(
+        ip_filter("203.0.113.7").unwrap(),
+        (v4([203, 0, 113, 7]), v4([203, 0, 113, 7]))
+    );
     // An IPv4-mapped IPv6 address is the IPv4 address.
-    assert_eq!(ip_filter("::ffff:203.0.113.7").unwrap(), ip_filter("203.0.113.7").unwrap());
+    assert_eq!(
+        ip_filter("::ffff:203.0.113.7").unwrap(),
+        ip_filter("203.0.113.7").unwrap()
+    );
     assert_eq!(
         ip_filter("203.0.113.0/24").unwrap(),
         (v4([203, 0, 113, 0]), v4([203, 0, 113, 255]))
     );
-    assert_eq!(ip_filter("10.0.0.0/8").unwrap(), (v4([10, 0, 0, 0]), v4([10, 255, 255, 255])));
+    assert_eq!(
+        ip_filter("10.0.0.0/8").unwrap(),
+        (v4([10, 0, 0, 0]), v4([10, 255, 255, 255]))
+    );
     let (lo, hi) = ip_filter("2001:db8::/32").unwrap();
     assert_eq!(lo[..4], [0x20, 0x01, 0x0d, 0xb8]);
     assert!(lo[4..].iter().all(|b| *b == 0) && hi[4..].iter().all(|b| *b == 0xff));
