@@ -57,7 +57,7 @@ pub struct AggregatorConfig {
 pub struct ClickIndexConfig {
     /// Minutes of event time kept (default 1440, 24 h; at least 2). A query filtered by `ip`
     /// or `user_id` whose range starts before `watermark - retention_minutes` is refused.
-    /// Disk: about 64 bytes per counted click kept (BENCHMARKS.md).
+    /// Disk: about 94 bytes per counted click kept (BENCHMARKS.md, "Click index").
     pub retention_minutes: i64,
 }
 

@@ -17,7 +17,7 @@ pub struct ClickIndexArgs {
     /// Ingest rate, clicks/s (event time while filling, wall time while querying).
     #[arg(long, default_value_t = 80_000)]
     rate: u64,
-    /// Minutes of clicks indexed before the queries (60 at 80k/s is ~20 GB of segments).
+    /// Minutes of clicks indexed before the queries (60 at 80k/s is ~27 GB of segments).
     #[arg(long, default_value_t = 10)]
     minutes: i64,
     /// Seconds of clicks per segment (the server writes one per checkpoint, 30 s).
