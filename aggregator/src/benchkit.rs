@@ -1556,7 +1556,7 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
     let (live, secs) = ingest
         .join()
         .map_err(|_| BenchError::Io("ingest thread panicked".into()))?
-        .map_err(|e| BenchError::Io(e))?;
+        .map_err(BenchError::Io)?;
     Ok(ClickIndexReport {
         cfg: cfg.clone(),
         fill_clicks: fill,

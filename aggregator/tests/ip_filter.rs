@@ -101,8 +101,11 @@ fn in_prefix(ip: &[u8], prefix: &str) -> bool {
 }
 
 /// The filters checked, each with the oracle's predicate.
-fn cases() -> Vec<(Filter, Box<dyn Fn(&IngestClick) -> bool>)> {
-    let mut out: Vec<(Filter, Box<dyn Fn(&IngestClick) -> bool>)> = Vec::new();
+/// A filter and the oracle's predicate for it.
+type Case = (Filter, Box<dyn Fn(&IngestClick) -> bool>);
+
+fn cases() -> Vec<Case> {
+    let mut out: Vec<Case> = Vec::new();
     for ip in IP_TEXT
         .iter()
         .copied()

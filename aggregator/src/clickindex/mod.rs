@@ -321,8 +321,7 @@ impl IndexWriter {
             return;
         }
         let mut c = std::mem::take(&mut self.building);
-        c.recs
-            .sort_unstable_by(|a, b| (!a.has_ip, a.ip).cmp(&(!b.has_ip, b.ip)));
+        c.recs.sort_unstable_by_key(|r| (!r.has_ip, r.ip));
         c.with_ip = c.recs.partition_point(|r| r.has_ip);
         c.min_minute = c.recs.iter().map(|r| r.minute).min().unwrap_or(0);
         c.max_minute = c.recs.iter().map(|r| r.minute).max().unwrap_or(0);

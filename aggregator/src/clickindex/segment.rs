@@ -485,8 +485,8 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             let r = x >> 20;
             clicks.push(Click {
-                ip: (r % 11 != 0).then(|| ips[(r % 7) as usize]),
-                user: if r % 13 == 0 {
+                ip: (!r.is_multiple_of(11)).then(|| ips[(r % 7) as usize]),
+                user: if r.is_multiple_of(13) {
                     b""
                 } else {
                     users[(r / 7 % 5) as usize].as_bytes()
