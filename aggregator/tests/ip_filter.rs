@@ -303,14 +303,32 @@ fn ip_and_user_filters_are_exact_and_survive_restarts_and_crashes() {
     // Crashes on a new directory: after k batches, with a checkpoint failing midway (its
     // segment is on disk, the checkpoint is not) or without any checkpoint at all.
     let dir = tempfile::tempdir().unwrap();
-    for (k, interval, fail_cp) in [(2, 1, None), (4, 1, Some(1)), (6, 3_600_000, None)] {
+    // A round whose index flushes fail (a full disk) must skip its checkpoints: a
+    // checkpoint saved without its segment would lose those clicks from the index.
+    for (k, interval, fail_cp, fail_flush) in [
+        (2, 1, None, false),
+        (3, 1, None, true),
+        (4, 1, Some(1), false),
+        (6, 3_600_000, None, false),
+    ] {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let mut cfg = config(dir.path());
         cfg.checkpoint.interval_ms = interval;
+        let index_dir = dir.path().join("click_index");
+        if fail_flush {
+            adclick_aggregator::clickindex::FAIL_FLUSHES
+                .lock()
+                .unwrap()
+                .push(index_dir.clone());
+        }
         let a = rt.block_on(start_retrying(cfg, fail_cp));
         rt.block_on(send_all(&a, &batches, k));
         a.kill();
         rt.shutdown_background();
+        adclick_aggregator::clickindex::FAIL_FLUSHES
+            .lock()
+            .unwrap()
+            .retain(|d| *d != index_dir);
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let a = rt.block_on(start_retrying(config(dir.path()), None));

@@ -355,6 +355,11 @@ impl IndexWriter {
         let chunks = lock(&self.parts).chunks.clone();
         if chunks.is_empty() || upto <= self.flushed_pos {
             let _ = tx.send(Ok(()));
+        } else if fail_flushes_in(&self.dir) {
+            let _ = tx.send(Err(SegmentError::io(
+                &self.dir,
+                std::io::Error::other("injected flush failure"),
+            )));
         } else {
             let path = self.dir.join(segment::name(self.flushed_pos, upto));
             let (from, parts, shared) = (self.flushed_pos, self.parts.clone(), self.shared.clone());
@@ -442,6 +447,19 @@ impl IndexWriter {
     pub fn disk_bytes(&self) -> u64 {
         lock(&self.parts).segments.iter().map(|s| s.len()).sum()
     }
+}
+
+/// Test hook: flushes of indexes in these directories fail (as a full disk would), so a
+/// test can check that a checkpoint is never saved without its segment. Keyed by
+/// directory so that tests running in parallel do not see each other's failures.
+pub static FAIL_FLUSHES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn fail_flushes_in(dir: &Path) -> bool {
+    FAIL_FLUSHES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|d| dir.starts_with(d))
 }
 
 /// The flusher's work: the segment of `chunks`, then, under the lock, the segment in and
