@@ -113,6 +113,9 @@ pub fn mem_available_bytes() -> Option<u64> {
 /// Why a benchmark stopped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BenchError {
+    /// A file or directory of the benchmark could not be used.
+    #[error("{0}")]
+    Io(String),
     /// Building the data set would leave less than the configured free memory.
     #[error(
         "stopped building after {clicks} of {wanted} clicks ({used_mib} MiB): only {available_mib} MiB \
@@ -195,7 +198,15 @@ pub struct MixConfig {
     pub dedup_memory_bytes: usize,
     /// Fields with per-value top-N indexes (`shards.top_index_fields`).
     pub top_index_fields: Vec<IndexField>,
+    /// Feed the click index (`clickindex`, the `ip`/`user_id` filters) as the engine does,
+    /// flushing a segment every [`CLICK_INDEX_FLUSH_CLICKS`] clicks (a 30 s checkpoint at
+    /// 80k clicks/s) into a temporary directory.
+    pub click_index: bool,
 }
+
+/// Clicks between two click-index flushes in [`apply_mix`]: the default checkpoint
+/// interval (30 s) at 80k clicks/s.
+pub const CLICK_INDEX_FLUSH_CLICKS: u64 = 2_400_000;
 
 impl Default for MixConfig {
     /// The issue-13 mix: 5M clicks over 1M ads in 60 minutes, 2% duplicates, 1% late.
@@ -213,6 +224,7 @@ impl Default for MixConfig {
             batch: 5_000,
             dedup_memory_bytes: crate::state::windows::DEFAULT_DEDUP_MEMORY_BYTES,
             top_index_fields: IndexField::DEFAULT.to_vec(),
+            click_index: true,
         }
     }
 }
@@ -275,6 +287,9 @@ impl MixGen {
         let os = OSES[(r.next() % OSES.len() as u64) as usize];
         let site = format!("site{}", r.next() % SITES as u64);
         let user_id = format!("u{}", r.next() % self.cfg.users.max(1));
+        let client_ip = ((r.next() % (1 << 24)) as u32 | 10 << 24)
+            .to_be_bytes()
+            .to_vec();
         let ad = self.ad();
         self.late += u64::from(late);
         IngestClick {
@@ -290,6 +305,7 @@ impl MixGen {
             os: os.into(),
             site,
             user_id,
+            client_ip,
             ..Default::default()
         }
     }
@@ -392,6 +408,8 @@ pub struct MixMemory {
 pub struct MixReport {
     /// The configuration measured.
     pub clicks: u64,
+    /// Whether the click index was fed.
+    pub click_index: bool,
     /// Fields with per-value top-N indexes.
     pub top_index_fields: Vec<IndexField>,
     /// Distinct ads configured.
@@ -444,6 +462,11 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
     let memory = cfg.measure_memory.then(|| {
         let rss0 = rss_bytes();
         let mut path = StatePath::with_dedup_memory(cfg.dedup_memory_bytes, &cfg.top_index_fields);
+        if cfg.click_index {
+            path = path
+                .with_click_index()
+                .unwrap_or_else(|e| panic!("click index: {e}"));
+        }
         for b in MixBatches::new(cfg) {
             path.push_batch(&b);
         }
@@ -472,14 +495,27 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
     });
 
     let mut path = StatePath::with_dedup_memory(cfg.dedup_memory_bytes, &cfg.top_index_fields);
+    if cfg.click_index {
+        path = path
+            .with_click_index()
+            .unwrap_or_else(|e| panic!("click index: {e}"));
+    }
     let (n, times, generated) = if cfg.decode {
         let mut gen_ = MixBatches::new(cfg);
         let batches: Vec<Vec<u8>> = gen_.by_ref().collect();
         let (t, cpu) = (Instant::now(), thread_cpu_seconds());
+        let proc0 = proc_cpu_seconds("/proc/self/stat");
         for b in &batches {
             path.push_batch(b);
         }
         let times = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
+        path.finish_click_index();
+        let proc_cpu = proc_cpu_seconds("/proc/self/stat") - proc0;
+        if cfg.click_index {
+            eprintln!(
+                "process CPU while applying (applying thread + click-index flusher): {proc_cpu:.2} s"
+            );
+        }
         (gen_.clicks.i, times, gen_.clicks)
     } else {
         let mut gen_ = MixGen::new(cfg);
@@ -505,6 +541,7 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
         std::hint::black_box(path.top(10, m1 - 5, m1));
     });
     MixReport {
+        click_index: cfg.click_index,
         top_index_fields: cfg.top_index_fields.clone(),
         clicks: n,
         ads: cfg.ads,
@@ -586,7 +623,8 @@ impl MixReport {
     /// One machine-parsable line: `RESULT bench=aggregator key=value ...`.
     pub fn result_line(&self) -> String {
         let mut l = format!(
-            "RESULT bench=aggregator top_index_fields={} clicks={} ads={} minutes={} decode={} dedup_mib={} applied={} duplicates={} late={} seconds={:.3} cpu_seconds={:.2} clicks_per_sec={:.0} clicks_per_cpu_sec={:.0} ns_per_click={:.1} minute_cells={} top100_p50_ms={:.3} top100_p99_ms={:.3}",
+            "RESULT bench=aggregator click_index={} top_index_fields={} clicks={} ads={} minutes={} decode={} dedup_mib={} applied={} duplicates={} late={} seconds={:.3} cpu_seconds={:.2} clicks_per_sec={:.0} clicks_per_cpu_sec={:.0} ns_per_click={:.1} minute_cells={} top100_p50_ms={:.3} top100_p99_ms={:.3}",
+            self.click_index,
             fields_str(&self.top_index_fields),
             self.clicks,
             self.ads,
@@ -943,6 +981,35 @@ pub struct StatePath {
     top: TopWriter,
     published: ArcSwap<TopSet>,
     last_seal: i64,
+    /// The click index and its directory, when fed.
+    index: Option<(crate::clickindex::IndexWriter, tempfile_dir::Dir)>,
+    indexed: u64,
+    wal_pos: u64,
+}
+
+/// A temporary directory removed on drop (the bench's click-index segments).
+mod tempfile_dir {
+    /// The directory.
+    #[derive(Debug)]
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        /// A fresh directory under the system's temporary directory.
+        pub fn new() -> std::io::Result<Self> {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!(
+                "adclick-bench-clickindex-{}-{n}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&p)?;
+            Ok(Dir(p))
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 impl Default for StatePath {
@@ -978,7 +1045,26 @@ impl StatePath {
             top,
             published,
             last_seal: i64::MIN,
+            index: None,
+            indexed: 0,
+            wal_pos: 0,
         }
+    }
+
+    /// Waits for a click-index flush still being written.
+    pub fn finish_click_index(&mut self) {
+        if let Some((w, _)) = &mut self.index {
+            let _ = w.finish_flush(true);
+        }
+    }
+
+    /// Also feeds a click index (in a temporary directory), as the engine does.
+    pub fn with_click_index(mut self) -> Result<Self, BenchError> {
+        let dir = tempfile_dir::Dir::new().map_err(|e| BenchError::Io(e.to_string()))?;
+        let (w, _) = crate::clickindex::IndexWriter::open(&dir.0, 0)
+            .map_err(|e| BenchError::Io(e.to_string()))?;
+        self.index = Some((w, dir));
+        Ok(self)
     }
 
     /// One encoded `IngestBatch`, as the engine applies a WAL entry.
@@ -999,7 +1085,11 @@ impl StatePath {
 
     #[inline]
     fn push(&mut self, c: ClickIn<'_>) {
+        let (ip, user) = (c.client_ip, c.user_id);
         if let Routed::Apply(_, a) = self.windows.process(c) {
+            if let Some((w, _)) = &mut self.index {
+                w.push(a.ad, a.event_time_ms, a.combo, ip, user);
+            }
             self.shard.apply(&a);
             self.top.push(TopOp::Add {
                 ad: a.ad,
@@ -1026,6 +1116,19 @@ impl StatePath {
             self.top.push(TopOp::Seal(seal.div_euclid(LEVEL_MS[0])));
         }
         self.top.publish(&self.published);
+        self.wal_pos += 1;
+        if let Some((w, _)) = &mut self.index {
+            w.end_batch();
+            let applied = self.windows.counters.applied;
+            if applied - self.indexed >= CLICK_INDEX_FLUSH_CLICKS {
+                self.indexed = applied;
+                // As the engine: the segment is written by the flusher thread.
+                if let Some(Err(e)) = w.finish_flush(true) {
+                    tracing::error!(error = %e, "bench: click index flush failed");
+                }
+                w.start_flush(self.wal_pos);
+            }
+        }
     }
 
     /// Counters so far.
@@ -1163,6 +1266,7 @@ impl IndexPath {
                 owners: RwLock::new(self.owners),
                 killed: AtomicBool::new(false),
                 ready: Default::default(),
+                clicks: Default::default(),
             }),
             cfg: QueryConfig::default(),
         }
@@ -1189,5 +1293,346 @@ impl IndexView {
         now_ms: i64,
     ) -> usize {
         crate::query::top_ads(&self.view, caller, req, &self.cfg, now_ms).map_or(0, |r| r.ads.len())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Click index (issue 14 item 2: `ip` and `user_id` filters)
+// ---------------------------------------------------------------------------------------
+
+/// What [`click_index_queries`] builds and measures.
+#[derive(Debug, Clone)]
+pub struct ClickIndexBench {
+    /// Ingest rate, clicks per second of event time (and of wall time while querying).
+    pub rate: u64,
+    /// Minutes of clicks in the index before queries start.
+    pub minutes: i64,
+    /// Seconds of clicks per segment (the checkpoint interval; 30 s by default in the
+    /// server).
+    pub flush_secs: u64,
+    /// Distinct client IPs (10.0.0.0/8, uniform) and users (uniform).
+    pub ips: u64,
+    /// Distinct users.
+    pub users: u64,
+    /// Distinct ads (Zipf).
+    pub ads: u64,
+    /// Percent of clicks from one heavy IP (a NAT or a bot).
+    pub heavy_pct: f64,
+    /// Most timed runs per query, and the time budget of each.
+    pub runs: usize,
+    /// Time budget per query.
+    pub budget: Duration,
+    /// Where the segments go (a temporary directory under it, removed at the end).
+    pub dir: std::path::PathBuf,
+}
+
+/// The heavy IP of [`ClickIndexBench::heavy_pct`].
+const HEAVY_IP: [u8; 4] = [10, 255, 255, 254];
+
+/// Figures of [`click_index_queries`].
+#[derive(Debug, Clone)]
+pub struct ClickIndexReport {
+    /// The configuration.
+    pub cfg: ClickIndexBench,
+    /// Clicks indexed before the queries.
+    pub fill_clicks: u64,
+    /// Writer CPU per click for `push` + `end_batch` (batches of 1,000), ns.
+    pub push_ns_per_click: f64,
+    /// Mean and slowest segment flush, ms.
+    pub flush_ms: (f64, f64),
+    /// Segments and their bytes on disk when the queries started.
+    pub segments: usize,
+    /// Bytes on disk.
+    pub disk_bytes: u64,
+    /// Ingest achieved while querying, clicks/s (wall).
+    pub live_rate: f64,
+    /// GetAdClicks(one ad, last 60 min, minute buckets) by one IP.
+    pub get_ip: Latency,
+    /// The same by one user.
+    pub get_user: Latency,
+    /// TopAds(n=100, last 60 min) by one IP.
+    pub top_ip: Latency,
+    /// The same by one user.
+    pub top_user: Latency,
+    /// The same by a /24.
+    pub top_cidr24: Latency,
+    /// The same by the heavy IP.
+    pub top_heavy: Latency,
+}
+
+struct ClickGen {
+    rng: Rng,
+    i: u64,
+    cfg: ClickIndexBench,
+    user: String,
+}
+
+impl ClickGen {
+    /// (ad, event time, combo, ip) of the next click; the user id is in `self.user`.
+    fn next(&mut self) -> (u64, i64, u32, [u8; 4]) {
+        use std::fmt::Write;
+        let r = &mut self.rng;
+        let t = T0_MS + (u128::from(self.i) * 1000 / u128::from(self.cfg.rate.max(1))) as i64;
+        self.i += 1;
+        let ads = self.cfg.ads.max(1);
+        let ad = ((ads as f64).powf(r.unit()) as u64).clamp(1, ads);
+        let ip = if r.pct(self.cfg.heavy_pct) {
+            HEAVY_IP
+        } else {
+            let n = (r.next() % self.cfg.ips.max(1)) as u32 & 0x00ff_ffff;
+            (n | 10 << 24).to_be_bytes()
+        };
+        self.user.clear();
+        let _ = write!(self.user, "user-{}", r.next() % self.cfg.users.max(1));
+        (
+            ad,
+            t - (r.next() % 2000) as i64,
+            1 + (r.next() % 50) as u32,
+            ip,
+        )
+    }
+}
+
+/// Click-index query latency (GetAdClicks and TopAds over the last 60 minutes, filtered
+/// by one IP, one user, a /24 and a heavy IP) through the real query code, while another
+/// thread keeps indexing at `rate` clicks/s with a segment every `flush_secs`.
+pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, BenchError> {
+    use crate::clickindex::IndexWriter;
+    use crate::query::{self, Caller};
+    let io = |e: &dyn std::fmt::Display| BenchError::Io(e.to_string());
+    let dir = cfg
+        .dir
+        .join(format!("adclick-bench-clickindex-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _cleanup = tempfile_dir::Dir(dir.clone());
+    let (mut w, shared) = IndexWriter::open(&dir, 0).map_err(|e| io(&e))?;
+    let mut g = ClickGen {
+        rng: Rng::new(0x5EED),
+        i: 0,
+        cfg: cfg.clone(),
+        user: String::new(),
+    };
+    let per_flush = cfg.rate * cfg.flush_secs.max(1);
+    let fill = cfg.rate * 60 * cfg.minutes.max(1) as u64;
+    let (mut push_cpu, mut flushes, mut flush_max, mut pos) = (0.0, Vec::new(), 0f64, 0u64);
+    let mut since_flush = 0;
+    while g.i < fill {
+        let cpu = thread_cpu_seconds();
+        for _ in 0..1000 {
+            let (ad, t, combo, ip) = g.next();
+            w.push(ad, t, combo, &ip, g.user.as_bytes());
+        }
+        w.end_batch();
+        push_cpu += thread_cpu_seconds() - cpu;
+        pos += 1;
+        since_flush += 1000;
+        if since_flush >= per_flush {
+            since_flush = 0;
+            let t = Instant::now();
+            w.flush(pos).map_err(|e| io(&e))?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            flush_max = flush_max.max(ms);
+            flushes.push(ms);
+        }
+    }
+    let segments = shared.load().segment_count();
+    let disk_bytes = w.disk_bytes();
+    let owners: crate::state::FastMap<u64, (u64, u64)> = (1..=cfg.ads)
+        .map(|ad| (ad, (1 + ad % 7, 100 + ad % 23)))
+        .collect();
+    let rate = cfg.rate.max(1);
+    let end = move |i: u64| T0_MS + (u128::from(i) * 1000 / u128::from(rate)) as i64;
+    let view = Arc::new(View {
+        shards: vec![RwLock::new(ShardState::default())],
+        tops: vec![ArcSwap::from_pointee(TopSet::with_fields(&[]))],
+        watermark_ms: AtomicI64::new(end(g.i)),
+        meta: ArcSwap::from_pointee(QueryMeta::default()),
+        owners: RwLock::new(owners),
+        killed: AtomicBool::new(false),
+        ready: Default::default(),
+        clicks: shared,
+    });
+    // Live ingest at `rate`, paced by the wall clock, in its own thread.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ingest = {
+        let (stop, view) = (stop.clone(), view.clone());
+        std::thread::spawn(move || -> Result<(u64, f64), String> {
+            let started = Instant::now();
+            let first = g.i;
+            let mut since_flush = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let due =
+                    started + Duration::from_secs_f64((g.i - first) as f64 / g.cfg.rate as f64);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                for _ in 0..1000 {
+                    let (ad, t, combo, ip) = g.next();
+                    w.push(ad, t, combo, &ip, g.user.as_bytes());
+                }
+                w.end_batch();
+                view.watermark_ms
+                    .store(end(g.i) - 10_000, std::sync::atomic::Ordering::Release);
+                pos += 1;
+                since_flush += 1000;
+                if since_flush >= per_flush {
+                    since_flush = 0;
+                    w.flush(pos).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok((g.i - first, started.elapsed().as_secs_f64()))
+        })
+    };
+    let limits = crate::validate::Limits::default();
+    let qcfg = QueryConfig::default();
+    let mut rng = Rng::new(77);
+    let ip_text = |n: u64| {
+        let n = (n % cfg.ips.max(1)) as u32 & 0x00ff_ffff;
+        std::net::Ipv4Addr::from(n | 10 << 24).to_string()
+    };
+    let range = |v: &View| {
+        let wm = v.watermark_ms.load(std::sync::atomic::Ordering::Acquire);
+        (wm - 60 * 60_000, wm)
+    };
+    let filter = |ip: String, user: String| v1::Filter {
+        ip,
+        user_id: user,
+        ..Default::default()
+    };
+    let mut get = |f: &dyn Fn(&mut Rng) -> v1::Filter| {
+        time_runs(cfg.runs, cfg.budget, || {
+            let (from, to) = range(&view);
+            let req = v1::GetAdClicksRequest {
+                ad_id: 1,
+                from_ms: from,
+                to_ms: to,
+                granularity: v1::Granularity::Minute as i32,
+                filter: Some(f(&mut rng)),
+                fill_empty: Some(true),
+            };
+            let r = query::get_ad_clicks(&view, Caller::Admin, &req, &limits);
+            std::hint::black_box(r.map(|r| r.total_clicks).unwrap_or_else(|e| panic!("{e}")));
+        })
+    };
+    let get_ip = get(&|r| filter(ip_text(r.next()), String::new()));
+    let get_user = get(&|r| {
+        filter(
+            String::new(),
+            format!("user-{}", r.next() % cfg.users.max(1)),
+        )
+    });
+    let mut rng = Rng::new(78);
+    let mut top = |f: &dyn Fn(&mut Rng) -> v1::Filter| {
+        time_runs(cfg.runs, cfg.budget, || {
+            let (from, to) = range(&view);
+            let req = v1::TopAdsRequest {
+                n: 100,
+                window: Some(v1::top_ads_request::Window::Range(v1::TimeRange {
+                    from_ms: from,
+                    to_ms: to,
+                })),
+                filter: Some(f(&mut rng)),
+            };
+            let r = query::top_ads(&view, Caller::Admin, &req, &qcfg, to);
+            std::hint::black_box(r.map(|r| r.ads.len()).unwrap_or_else(|e| panic!("{e}")));
+        })
+    };
+    let top_ip = top(&|r| filter(ip_text(r.next()), String::new()));
+    let top_user = top(&|r| {
+        filter(
+            String::new(),
+            format!("user-{}", r.next() % cfg.users.max(1)),
+        )
+    });
+    let top_cidr24 = top(&|r| {
+        let n = (r.next() % cfg.ips.max(1)) as u32 & 0x00ff_ff00;
+        filter(
+            format!("{}/24", std::net::Ipv4Addr::from(n | 10 << 24)),
+            String::new(),
+        )
+    });
+    let top_heavy = top(&|_| filter("10.255.255.254".into(), String::new()));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (live, secs) = ingest
+        .join()
+        .map_err(|_| BenchError::Io("ingest thread panicked".into()))?
+        .map_err(BenchError::Io)?;
+    Ok(ClickIndexReport {
+        cfg: cfg.clone(),
+        fill_clicks: fill,
+        push_ns_per_click: push_cpu * 1e9 / fill.max(1) as f64,
+        flush_ms: (
+            flushes.iter().sum::<f64>() / flushes.len().max(1) as f64,
+            flush_max,
+        ),
+        segments,
+        disk_bytes,
+        live_rate: live as f64 / secs.max(1e-9),
+        get_ip,
+        get_user,
+        top_ip,
+        top_user,
+        top_cidr24,
+        top_heavy,
+    })
+}
+
+impl ClickIndexReport {
+    /// The human table (markdown).
+    pub fn table(&self) -> String {
+        let c = &self.cfg;
+        let mut t = format!(
+            "click index: {} min at {} clicks/s indexed ({} clicks, {} ips, {} users, {} ads, {}% from one heavy IP), a segment every {} s: {} segments, {:.1} MiB ({:.1} B/click); push {:.0} ns/click (writer CPU), flush mean {:.0} ms, max {:.0} ms; live ingest while querying {:.0} clicks/s\n\n| query (last 60 min) | runs | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|\n",
+            c.minutes,
+            c.rate,
+            self.fill_clicks,
+            c.ips,
+            c.users,
+            c.ads,
+            c.heavy_pct,
+            c.flush_secs,
+            self.segments,
+            self.disk_bytes as f64 / (1 << 20) as f64,
+            self.disk_bytes as f64 / self.fill_clicks.max(1) as f64,
+            self.push_ns_per_click,
+            self.flush_ms.0,
+            self.flush_ms.1,
+            self.live_rate
+        );
+        for (name, l) in [
+            ("GetAdClicks(ad, minute) ip=one address", &self.get_ip),
+            ("GetAdClicks(ad, minute) user_id=one user", &self.get_user),
+            ("TopAds(n=100) ip=one address", &self.top_ip),
+            ("TopAds(n=100) user_id=one user", &self.top_user),
+            ("TopAds(n=100) ip=a /24", &self.top_cidr24),
+            ("TopAds(n=100) ip=the heavy IP", &self.top_heavy),
+        ] {
+            t += &format!(
+                "| {name} | {} | {:.2} | {:.2} | {:.2} |\n",
+                l.runs, l.p50_ms, l.p99_ms, l.max_ms
+            );
+        }
+        t
+    }
+
+    /// One parsable line.
+    pub fn result_line(&self) -> String {
+        format!(
+            "RESULT bench=clickindex rate={} minutes={} flush_secs={} segments={} bytes_per_click={:.1} push_ns={:.0} flush_ms_max={:.0} live_rate={:.0} get_ip_p99_ms={:.2} get_user_p99_ms={:.2} top_ip_p99_ms={:.2} top_user_p99_ms={:.2} top_cidr24_p99_ms={:.2} top_heavy_p99_ms={:.2}",
+            self.cfg.rate,
+            self.cfg.minutes,
+            self.cfg.flush_secs,
+            self.segments,
+            self.disk_bytes as f64 / self.fill_clicks.max(1) as f64,
+            self.push_ns_per_click,
+            self.flush_ms.1,
+            self.live_rate,
+            self.get_ip.p99_ms,
+            self.get_user.p99_ms,
+            self.top_ip.p99_ms,
+            self.top_user.p99_ms,
+            self.top_cidr24.p99_ms,
+            self.top_heavy.p99_ms
+        )
     }
 }

@@ -46,6 +46,27 @@ pub struct AggregatorConfig {
     pub quarantine: QuarantineConfig,
     /// Where batches come from: gRPC ingest (default) or JetStream partitions.
     pub source: crate::source::SourceConfig,
+    /// The click index behind the `ip` and `user_id` filters (`<data_dir>/click_index/`).
+    pub click_index: ClickIndexConfig,
+}
+
+/// The click index (`crate::clickindex`): every counted click's client IP and user id, kept
+/// on disk for `retention_minutes` of event time behind the watermark.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickIndexConfig {
+    /// Minutes of event time kept (default 1440, 24 h; at least 2). A query filtered by `ip`
+    /// or `user_id` whose range starts before `watermark - retention_minutes` is refused.
+    /// Disk: about 94 bytes per counted click kept (BENCHMARKS.md, "Click index").
+    pub retention_minutes: i64,
+}
+
+impl Default for ClickIndexConfig {
+    fn default() -> Self {
+        ClickIndexConfig {
+            retention_minutes: 24 * 60,
+        }
+    }
 }
 
 /// Exact dedup of impression ids (see `state::dedup`).
@@ -101,6 +122,7 @@ impl Default for AggregatorConfig {
             dedup: DedupConfig::default(),
             quarantine: QuarantineConfig::default(),
             source: crate::source::SourceConfig::default(),
+            click_index: ClickIndexConfig::default(),
         }
     }
 }
@@ -348,6 +370,9 @@ impl AggregatorConfig {
             || w.retention_days < 1
         {
             return err("windows: allowed_delay_ms >= 0, retention_minutes >= 2, retention_hours and retention_days >= 1".into());
+        }
+        if self.click_index.retention_minutes < 2 {
+            return err("click_index.retention_minutes must be at least 2".into());
         }
         if self.dedup.memory_bytes < 1 << 20 {
             return err("dedup.memory_bytes must be at least 1 MiB (1048576)".into());

@@ -142,6 +142,7 @@ pub fn click_from_wire(c: &IngestClick) -> ClickIn<'_> {
         os: &c.os,
         site: if c.site.is_empty() { &c.app } else { &c.site },
         user_id: c.user_id.as_bytes(),
+        client_ip: &c.client_ip,
     }
 }
 
@@ -172,9 +173,7 @@ fn read_click(b: &[u8]) -> Result<ClickIn<'_>, DecodeError> {
             (13, LEN) => c.site = r.str()?,
             (14, LEN) => app = r.str()?,
             (15, LEN) => c.user_id = r.str()?.as_bytes(),
-            (16, LEN) => {
-                r.len_delimited()?;
-            }
+            (16, LEN) => c.client_ip = r.len_delimited()?,
             (1..=19, _) => {
                 return Err(err(format!(
                     "IngestClick field {field} has wire type {wire}"

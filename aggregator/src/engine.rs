@@ -31,6 +31,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admit::{Admission, Pending, Verdict};
+use crate::clickindex::IndexWriter;
 use crate::config::AggregatorConfig;
 use crate::decode::{self, RawBatch};
 use crate::health::{self, Readiness};
@@ -200,6 +201,13 @@ struct Writer<S: Store> {
     /// Last applied stream sequence per partition (committed, or passed over by
     /// redeliveries that needed no commit), mirrored for the consumers.
     positions: StreamPositions,
+    /// The click index (`ip` / `user_id` filters): fed every counted click, flushed to disk
+    /// before every checkpoint.
+    index: IndexWriter,
+    /// A checkpoint taken, waiting for the click index's segment up to its position
+    /// (written off this thread) before it is saved: (checkpoint, its dedup floor, when it
+    /// started).
+    pending: Option<(Checkpoint, i64, Instant)>,
 }
 
 /// Opens the store, recovers, and starts the threads.
@@ -240,7 +248,12 @@ pub fn start<S: Store + 'static>(
         tops.push(published);
         shards.push(RwLock::new(s));
     }
+    // The click index keeps what was counted up to the checkpoint; the replay below adds
+    // the rest (segments written for a checkpoint that never committed are dropped).
+    let (index, clicks) = IndexWriter::open(&cfg.data_dir.join(crate::clickindex::DIR), cp.wal_pos)
+        .map_err(|e| StoreError(e.to_string()))?;
     let view = Arc::new(View {
+        clicks,
         shards,
         tops,
         watermark_ms: AtomicI64::new(windows.watermark_ms()),
@@ -277,6 +290,8 @@ pub fn start<S: Store + 'static>(
         dedup_floor,
         poisoned: false,
         positions: positions.clone(),
+        index,
+        pending: None,
     };
     // Replay what the WAL holds after the checkpoint.
     let replay = w.store.wal_after(cp.wal_pos)?;
@@ -409,6 +424,7 @@ impl<S: Store> Writer<S> {
                 // lookup; every later request is refused (channel closed) until restart.
                 return;
             }
+            self.save_checkpoint(false);
             if self.last_checkpoint.elapsed() >= tick {
                 self.checkpoint();
             }
@@ -416,7 +432,9 @@ impl<S: Store> Writer<S> {
         // Shutdown: one last checkpoint makes the next start fast (not after a simulated
         // crash, which must leave the disk as a crash would).
         if !self.view.killed.load(Ordering::Acquire) {
+            self.save_checkpoint(true);
             self.checkpoint();
+            self.save_checkpoint(true);
         }
     }
 
@@ -620,9 +638,12 @@ impl<S: Store> Writer<S> {
                 }
             };
             let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id);
+            let (ip, user) = (c.client_ip, c.user_id);
             match self.windows.process(c) {
                 Routed::Apply(shard, a) => {
                     accepted += 1;
+                    // Counted (after dedup, late ones too): indexed, exactly once.
+                    self.index.push(a.ad, a.event_time_ms, a.combo, ip, user);
                     per_shard[shard].push(a);
                 }
                 Routed::Duplicate => duplicate += 1,
@@ -642,6 +663,7 @@ impl<S: Store> Writer<S> {
                 }
             }
         }
+        self.index.end_batch();
         if !quarantined.is_empty() {
             self.quarantine(&quarantined);
         }
@@ -763,6 +785,27 @@ impl<S: Store> Writer<S> {
         }
     }
 
+    /// Deletes click-index segments behind `click_index.retention_minutes` (what
+    /// `validate` lets a query reach is never older).
+    fn expire_index(&mut self) {
+        let wm = self.windows.watermark_ms();
+        if wm == i64::MIN {
+            return;
+        }
+        let keep = self.cfg.click_index.retention_minutes;
+        let oldest = wm
+            .div_euclid(LEVEL_MS[0])
+            .saturating_sub(keep)
+            .clamp(0, i64::from(u32::MAX));
+        let gone = self.index.expire(u32::try_from(oldest).unwrap_or(0));
+        if gone > 0 {
+            tracing::debug!(gone, "click index segments past retention deleted");
+        }
+        self.metrics
+            .click_index_bytes
+            .set(i64::try_from(self.index.disk_bytes()).unwrap_or(i64::MAX));
+    }
+
     fn publish(&mut self) {
         let wm = self.windows.watermark_ms();
         self.view.watermark_ms.store(wm, Ordering::Release);
@@ -815,6 +858,10 @@ impl<S: Store> Writer<S> {
     }
 
     fn checkpoint(&mut self) {
+        if self.pending.is_some() || self.index.flushing() {
+            // The previous one still waits for its click-index segment.
+            return;
+        }
         let started = Instant::now();
         // Dedup first: the RAM tier goes to disk (its entries carry their ordinals, so this
         // commit may precede the checkpoint's), and ids below the floor of the previous
@@ -852,8 +899,35 @@ impl<S: Store> Writer<S> {
             wal_pos: self.next_pos - 1,
             tables,
         };
+        // The click index up to this position must be on disk before the WAL behind it is
+        // deleted (`clickindex`: a start drops segments past its checkpoint). The segment
+        // is written off this thread; the checkpoint is saved once it is done.
+        self.index.start_flush(cp.wal_pos);
+        self.pending = Some((cp, floor, started));
+        self.last_checkpoint = Instant::now();
+    }
+
+    /// Saves the pending checkpoint once the click index's segment up to its position is
+    /// durable (waiting for it with `wait`).
+    fn save_checkpoint(&mut self, wait: bool) {
+        if self.pending.is_none() {
+            return;
+        }
+        let Some(flushed) = self.index.finish_flush(wait) else {
+            return;
+        };
+        let Some((cp, floor, started)) = self.pending.take() else {
+            return;
+        };
+        if let Err(e) = flushed {
+            self.metrics.checkpoint_errors.inc();
+            tracing::error!(error = %e, "click index flush failed; checkpoint skipped, the WAL is kept");
+            self.last_checkpoint = Instant::now();
+            return;
+        }
         match self.store.save_checkpoint(&cp) {
             Ok(()) => {
+                self.expire_index();
                 self.dedup_floor = floor;
                 self.metrics
                     .checkpoint_seconds

@@ -268,6 +268,7 @@ pub fn status(e: QueryError) -> Status {
         QueryError::Unauthenticated => Status::unauthenticated(e.to_string()),
         QueryError::InvalidArgument(m) => Status::invalid_argument(m),
         QueryError::Invalid(v) => bad_request(&v),
+        QueryError::Unavailable(m) => Status::unavailable(m),
     }
 }
 
@@ -348,6 +349,7 @@ pub fn refusal_reason(e: &QueryError) -> &'static str {
     match e {
         QueryError::Unauthenticated => "unauthenticated",
         QueryError::InvalidArgument(_) => "invalid_argument",
+        QueryError::Unavailable(_) => "unavailable",
         QueryError::Invalid(v) => v.first_reason().map_or("invalid_argument", |r| r.label()),
     }
 }

@@ -56,6 +56,8 @@ const FILTER_PARAMS: [(&str, Dim); 6] = [
     ("advertiser", Dim::AdvertiserId),
     ("campaign", Dim::CampaignId),
 ];
+/// Single-valued filter parameters (every query endpoint): `filter.ip`, `filter.user_id`.
+const INDEX_PARAMS: [&str; 2] = ["ip", "user_id"];
 /// Single-valued parameters of `/v1/ads/{ad_id}/clicks`.
 const CLICKS_PARAMS: [&str; 8] = [
     "last_minutes",
@@ -135,6 +137,8 @@ pub fn param_name(f: &Field) -> Cow<'_, str> {
             .iter()
             .find(|(_, x)| x == d)
             .map_or("filter", |(p, _)| p),
+        Field::FilterIp => "ip",
+        Field::FilterUserId => "user_id",
         Field::Param(p) => p,
     })
 }
@@ -180,6 +184,10 @@ pub fn problem_of(e: &QueryError) -> (StatusCode, Value) {
                 s,
                 problem("about:blank", "Unauthorized", s, &e.to_string(), None),
             )
+        }
+        QueryError::Unavailable(m) => {
+            let s = StatusCode::SERVICE_UNAVAILABLE;
+            (s, problem("about:blank", "Unavailable", s, m, None))
         }
         QueryError::InvalidArgument(m) => (
             bad,
@@ -439,11 +447,12 @@ fn check_names(p: &[(String, String)], single: &[&str], bad: &mut Violations) {
         if FILTER_PARAMS.iter().any(|(f, _)| *f == k) {
             continue;
         }
-        if !single.contains(&k) {
+        if !single.contains(&k) && !INDEX_PARAMS.contains(&k) {
             let known: Vec<&str> = single
                 .iter()
                 .copied()
                 .chain(FILTER_PARAMS.iter().map(|(f, _)| *f))
+                .chain(INDEX_PARAMS)
                 .collect();
             bad.push(
                 Field::Param(cut(k)),
@@ -498,8 +507,19 @@ fn filter(p: &[(String, String)], bad: &mut Violations) -> v1::Filter {
         country: all("country").cloned().collect(),
         os: all("os").cloned().collect(),
         site: all("site").cloned().collect(),
+        ip: get(p, "ip").unwrap_or_default().to_string(),
+        user_id: get(p, "user_id").unwrap_or_default().to_string(),
         ..Default::default()
     };
+    for (k, field) in [("ip", Field::FilterIp), ("user_id", Field::FilterUserId)] {
+        if get(p, k) == Some("") {
+            bad.push(
+                field,
+                Reason::Required,
+                format!("{k}= is empty: leave the parameter out to not filter on it"),
+            );
+        }
+    }
     for (i, d) in all("device").enumerate() {
         let device = match d.as_str() {
             "desktop" => v1::Device::Desktop,
@@ -923,7 +943,9 @@ mod tests {
     use proptest::prelude::*;
 
     /// Every parameter name a violation may carry besides an unknown one.
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 14] = [
+        "ip",
+        "user_id",
         "ad_id",
         "last_minutes",
         "from_ms",
@@ -961,6 +983,7 @@ mod tests {
                 }
             }
             QueryError::Unauthenticated => prop_assert!(false, "unauthenticated?"),
+            QueryError::Unavailable(m) => prop_assert!(false, "unavailable? {m}"),
         }
         let (status, body) = problem_of(e);
         prop_assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -1011,7 +1034,7 @@ mod tests {
             pairs in proptest::collection::vec((
                 prop::sample::select(vec![
                     "last_minutes", "from_ms", "to_ms", "n", "granularity", "device",
-                    "advertiser", "campaign", "country", "os", "site",
+                    "advertiser", "campaign", "country", "os", "site", "ip", "user_id",
                 ]),
                 prop_oneof![
                     "-?[0-9]{0,25}",

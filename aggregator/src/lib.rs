@@ -12,6 +12,7 @@
 pub mod admit;
 pub mod api;
 pub mod benchkit;
+pub mod clickindex;
 pub mod config;
 pub mod cors;
 pub mod decode;
@@ -115,7 +116,8 @@ pub async fn start_with_store<S: Store + 'static>(
         view: view.clone(),
         keys: Arc::new(cfg.api_keys.clone()),
         cfg: cfg.query.clone(),
-        limits: validate::Limits::new(&cfg.query, &cfg.windows),
+        limits: validate::Limits::new(&cfg.query, &cfg.windows)
+            .with_click_index(cfg.click_index.retention_minutes),
         metrics: metrics.clone(),
         limiter: Arc::new(ratelimit::RateLimiter::new(&cfg.query, &cfg.api_keys)),
         cors: Arc::new(

@@ -86,6 +86,8 @@ pub struct Metrics {
     pub dedup_errors: Counter,
     /// Size of quarantine.jsonl.
     pub quarantine_bytes: Gauge,
+    /// Bytes of the click index's segments on disk (`click_index/`).
+    pub click_index_bytes: Gauge,
     /// Quarantine records dropped because quarantine.max_bytes was reached (alert on it).
     pub quarantine_dropped: Counter,
     /// Query latency by rpc.
@@ -141,6 +143,7 @@ impl Metrics {
             dedup_disk_reads: Counter::default(),
             dedup_errors: Counter::default(),
             quarantine_bytes: Gauge::default(),
+            click_index_bytes: Gauge::default(),
             quarantine_dropped: Counter::default(),
             query_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
@@ -219,6 +222,11 @@ impl Metrics {
             "quarantine_bytes",
             "Size of quarantine.jsonl",
             m.quarantine_bytes.clone(),
+        );
+        r.register(
+            "click_index_bytes",
+            "Bytes of the click index segments on disk",
+            m.click_index_bytes.clone(),
         );
         r.register(
             "quarantine_dropped",

@@ -39,6 +39,10 @@ pub enum QueryError {
     /// that validates.
     #[error("{0}")]
     InvalidArgument(String),
+    /// State needed for the answer could not be read (a click-index file): retry later
+    /// (gRPC UNAVAILABLE, HTTP 503).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<Violations> for QueryError {
@@ -101,6 +105,10 @@ pub struct Filter {
     campaigns: Option<Vec<u64>>,
     /// With a dimension filter: whether combination id `i + 1` matches.
     combo_ok: Vec<bool>,
+    /// `filter.ip` as an inclusive range of click-index keys.
+    ip: Option<(crate::clickindex::Ip, crate::clickindex::Ip)>,
+    /// `filter.user_id`.
+    user: Option<String>,
 }
 
 fn ids(values: &[String], meta: &QueryMeta) -> Option<Vec<u32>> {
@@ -138,6 +146,8 @@ impl Filter {
             advertisers: list(spec.advertisers),
             campaigns: list(spec.campaigns),
             combo_ok: Vec::new(),
+            ip: spec.ip,
+            user: spec.user_id.map(str::to_string),
         };
         if filter.dims_filtered() {
             filter.combo_ok = meta.combos.iter().map(|k| filter.matches_dims(k)).collect();
@@ -178,6 +188,50 @@ impl Filter {
         .into_iter()
         .filter_map(|(kind, keys)| keys.map(|keys| Field { kind, keys }))
         .collect()
+    }
+
+    /// Whether the answer comes from the click index (`ip` or `user_id` given).
+    pub fn uses_click_index(&self) -> bool {
+        self.ip.is_some() || self.user.is_some()
+    }
+
+    /// Whether combination `id` passes the dimension filter.
+    fn combo_matches(&self, id: u32) -> bool {
+        !self.dims_filtered()
+            || (id as usize)
+                .checked_sub(1)
+                .and_then(|i| self.combo_ok.get(i))
+                .copied()
+                .unwrap_or(false)
+    }
+
+    /// Every click-index hit of `[from_ms, to_ms)` that this filter's dimension fields keep
+    /// (the caller gates the ad: visibility, advertiser, campaign).
+    fn index_hits(
+        &self,
+        view: &View,
+        from_ms: i64,
+        to_ms: i64,
+        f: &mut dyn FnMut(crate::clickindex::Hit),
+    ) -> Result<(), QueryError> {
+        let minute = |t: i64| u32::try_from(t.div_euclid(LEVEL_MS[0]).max(0)).unwrap_or(u32::MAX);
+        let probe = crate::clickindex::Probe {
+            ip: self.ip,
+            user: self.user.as_deref().map(str::as_bytes),
+            from_minute: minute(from_ms),
+            to_minute: minute(to_ms + LEVEL_MS[0] - 1),
+        };
+        view.clicks
+            .load()
+            .scan(&probe, &mut |h| {
+                if self.combo_matches(h.combo) {
+                    f(h);
+                }
+            })
+            .map_err(|e| {
+                tracing::error!(error = %e, "click index read failed");
+                QueryError::Unavailable(format!("click index unavailable: {e}"))
+            })
     }
 
     fn dims_filtered(&self) -> bool {
@@ -373,6 +427,25 @@ fn scan_top(view: &View, filter: &Filter, caller: Caller, (fm, tm): (i64, i64)) 
     sums.into_iter().collect()
 }
 
+/// `TopAds` filtered by `ip` or `user_id`: every click of the IP range or user in the
+/// range from the click index, summed per ad the caller may see and the filter keeps.
+fn index_top(
+    view: &View,
+    filter: &Filter,
+    caller: Caller,
+    (fm, tm): (i64, i64),
+) -> Result<Vec<(u64, u64)>, QueryError> {
+    let mut sums: HashMap<u64, u64> = HashMap::new();
+    filter.index_hits(view, fm * LEVEL_MS[0], tm * LEVEL_MS[0], &mut |h| {
+        *sums.entry(h.ad).or_default() += h.count;
+    })?;
+    let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
+    Ok(sums
+        .into_iter()
+        .filter(|(ad, _)| filter.matches_ad(owners.get(ad).copied(), caller))
+        .collect())
+}
+
 fn check_range(from: i64, to: i64, cfg: &QueryConfig) -> Result<(), QueryError> {
     use crate::state::windows::{MAX_EVENT_MS, MIN_EVENT_MS};
     // Bounds first: every bucket computation below stays far from i64 overflow.
@@ -417,15 +490,7 @@ pub fn get_ad_clicks(
     let meta = view.meta.load_full();
     let filter = Filter::resolve(&plan.filter, &meta);
     let fill = req.fill_empty.unwrap_or(true);
-    Ok(answer_ad_clicks(
-        view,
-        caller,
-        req.ad_id,
-        &plan,
-        &filter,
-        fill,
-        watermark_ms,
-    ))
+    answer_ad_clicks(view, caller, req.ad_id, &plan, &filter, fill, watermark_ms)
 }
 
 /// The answer to a validated `GetAdClicks` for `ad` (`plan` and `filter` from its
@@ -438,7 +503,7 @@ fn answer_ad_clicks(
     filter: &Filter,
     fill: bool,
     watermark_ms: i64,
-) -> GetAdClicksResponse {
+) -> Result<GetAdClicksResponse, QueryError> {
     let (level, from, to) = (plan.level, plan.from_ms, plan.to_ms);
     let width = LEVEL_MS[level];
     let mut resp = GetAdClicksResponse {
@@ -450,7 +515,24 @@ fn answer_ad_clicks(
     // An ad the caller may not see answers like an ad without clicks (zeros when filled):
     // nothing tells it apart from an unknown ad.
     let visible = filter.matches_ad(ad_meta(view, ad), caller);
-    let shards = if visible {
+    // Filtered by ip or user: per-bucket clicks and users from the click index.
+    let mut indexed: HashMap<i64, (u64, Hll)> = HashMap::new();
+    if visible && filter.uses_click_index() {
+        filter.index_hits(view, from, to, &mut |h| {
+            if h.ad != ad {
+                return;
+            }
+            let t = i64::from(h.minute) * LEVEL_MS[0];
+            let b = indexed
+                .entry(t.div_euclid(width) * width)
+                .or_insert_with(|| (0, Hll::new()));
+            b.0 += h.count;
+            if h.user != 0 {
+                b.1.insert_hash(h.user);
+            }
+        })?;
+    }
+    let shards = if visible && !filter.uses_click_index() {
         read_shards(view)
     } else {
         Vec::new()
@@ -460,6 +542,10 @@ fn answer_ad_clicks(
     while start < to {
         let mut users = Hll::new();
         let mut clicks = 0;
+        if let Some((c, u)) = indexed.remove(&start) {
+            clicks = c;
+            users = u;
+        }
         for s in &shards {
             for cell in s.parts(level, ad, start) {
                 clicks += filter.tally(cell, Some(&mut users));
@@ -479,7 +565,7 @@ fn answer_ad_clicks(
         start += width;
     }
     resp.total_unique_users = total_users.estimate();
-    resp
+    Ok(resp)
 }
 
 /// `Breakdown`: one ad's clicks in the range by the values of one dimension, top `n`.
@@ -559,7 +645,24 @@ pub fn breakdown(
         })
         .collect();
     let mut sums: Vec<(u64, Hll)> = (0..names.len()).map(|_| (0, Hll::new())).collect();
-    let shards = read_shards(view);
+    if filter.uses_click_index() {
+        filter.index_hits(view, plan.from_ms, plan.to_ms, &mut |h| {
+            let g = (h.combo as usize)
+                .checked_sub(1)
+                .and_then(|i| group.get(i).copied().flatten());
+            if let (true, Some(g)) = (h.ad == req.ad_id, g) {
+                sums[g].0 += h.count;
+                if h.user != 0 {
+                    sums[g].1.insert_hash(h.user);
+                }
+            }
+        })?;
+    }
+    let shards = if filter.uses_click_index() {
+        Vec::new()
+    } else {
+        read_shards(view)
+    };
     let width = LEVEL_MS[plan.level];
     let mut start = plan.from_ms;
     while start < plan.to_ms {
@@ -630,7 +733,7 @@ pub fn batch_get_ad_clicks(
             .ad_ids
             .iter()
             .map(|&ad| answer_ad_clicks(view, caller, ad, &plan, &filter, fill, watermark_ms))
-            .collect(),
+            .collect::<Result<_, _>>()?,
         watermark_ms,
     })
 }
@@ -670,7 +773,9 @@ pub fn top_ads(
     // gives its total either way.
     let tops: Vec<_> = view.tops.iter().map(|t| t.load_full()).collect();
     let fields = filter.fields(caller);
-    let mut ranked = if fields.is_empty() {
+    let mut ranked = if filter.uses_click_index() {
+        index_top(view, &filter, caller, (fm, tm))?
+    } else if fields.is_empty() {
         let all: Vec<&TopIndex> = tops.iter().map(|t| &t.all).collect();
         top_of(&all, n, fm, tm)
     } else {

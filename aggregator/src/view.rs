@@ -4,8 +4,8 @@
 //! other. It must not hold logic: reading and writing stay in `query` and `engine`.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::health::Readiness;
@@ -35,6 +35,8 @@ pub struct View {
     pub killed: std::sync::atomic::AtomicBool,
     /// Whether this node can accept writes (raised by the writer on a failed WAL commit).
     pub ready: Readiness,
+    /// The click index behind the `ip` and `user_id` filters (loaded without a lock).
+    pub clicks: Arc<crate::clickindex::Shared>,
 }
 
 /// What queries need from the window operator.

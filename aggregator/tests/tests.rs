@@ -24,6 +24,7 @@ mod dedup_bound;
 mod filtered_top;
 mod hardening;
 mod hostile_input;
+mod ip_filter;
 mod query_api;
 mod recovery;
 mod store_integrity;

@@ -48,6 +48,12 @@ pub struct Filters {
     /// Campaign id.
     #[arg(long)]
     campaign: Vec<u64>,
+    /// Client IP or CIDR prefix, e.g. 203.0.113.7 or 203.0.113.0/24 (click index).
+    #[arg(long)]
+    ip: Option<String>,
+    /// Exact user id (click index).
+    #[arg(long)]
+    user_id: Option<String>,
 }
 
 /// Device values.
@@ -126,6 +132,8 @@ impl Filters {
             site: self.site.clone(),
             advertiser_id: self.advertiser.clone(),
             campaign_id: self.campaign.clone(),
+            ip: self.ip.clone().unwrap_or_default(),
+            user_id: self.user_id.clone().unwrap_or_default(),
         }
     }
 }

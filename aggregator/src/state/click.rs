@@ -28,4 +28,6 @@ pub struct ClickIn<'a> {
     pub site: &'a str,
     /// User id, or empty.
     pub user_id: &'a [u8],
+    /// Client IP as the collector saw it: 4 bytes (IPv4), 16 (IPv6), or empty (unknown).
+    pub client_ip: &'a [u8],
 }

@@ -110,6 +110,10 @@ pub enum Field {
     Filter(Dim),
     /// One value of a filter list (`filter.country[1]`).
     FilterValue(Dim, usize),
+    /// `filter.ip`.
+    FilterIp,
+    /// `filter.user_id`.
+    FilterUserId,
     /// An HTTP query parameter that maps to no request field (unknown, or repeated), by
     /// the name the client sent, cut to [`MAX_QUOTED`] bytes.
     Param(String),
@@ -135,6 +139,8 @@ impl fmt::Display for Field {
             Field::RangeToMs => f.write_str("range.to_ms"),
             Field::Filter(d) => write!(f, "filter.{}", d.field_name()),
             Field::FilterValue(d, i) => write!(f, "filter.{}[{i}]", d.field_name()),
+            Field::FilterIp => f.write_str("filter.ip"),
+            Field::FilterUserId => f.write_str("filter.user_id"),
             Field::Param(p) => f.write_str(p),
         }
     }
@@ -335,6 +341,9 @@ pub struct Limits {
     /// How many buckets of each level (minute, hour, day) are kept behind the watermark
     /// (`windows.retention_minutes`, `retention_hours`, `retention_days`).
     pub retention: [i64; 3],
+    /// Minutes of the click index kept behind the watermark (`click_index.retention_minutes`):
+    /// how far back a request filtered by `ip` or `user_id` may reach.
+    pub click_index_minutes: i64,
 }
 
 impl Limits {
@@ -348,7 +357,14 @@ impl Limits {
                 windows.retention_hours,
                 windows.retention_days,
             ],
+            click_index_minutes: crate::config::ClickIndexConfig::default().retention_minutes,
         }
+    }
+
+    /// These limits with the click index's retention (`click_index.retention_minutes`).
+    pub fn with_click_index(mut self, minutes: i64) -> Self {
+        self.click_index_minutes = minutes;
+        self
     }
 
     /// Start of the oldest bucket of `level` still kept when the watermark is `wm`: what
@@ -387,6 +403,126 @@ pub struct FilterSpec<'a> {
     pub advertisers: &'a [u64],
     /// Campaign ids (nonzero).
     pub campaigns: &'a [u64],
+    /// Client IP range, inclusive, as click-index keys (one address: both ends equal).
+    pub ip: Option<(crate::clickindex::Ip, crate::clickindex::Ip)>,
+    /// Exact user id.
+    pub user_id: Option<&'a str>,
+}
+
+impl FilterSpec<'_> {
+    /// Whether the filter needs the click index (`ip` or `user_id`).
+    pub fn uses_click_index(&self) -> bool {
+        self.ip.is_some() || self.user_id.is_some()
+    }
+}
+
+/// Narrowest prefix accepted in `filter.ip`, per family: a wider one would scan a large
+/// share of all clicks (the cost of a prefix is the clicks of its addresses in the range).
+pub const MIN_PREFIX_V4: u8 = 8;
+/// See [`MIN_PREFIX_V4`].
+pub const MIN_PREFIX_V6: u8 = 32;
+
+/// `filter.ip`: one address or a CIDR prefix, as an inclusive range of click-index keys
+/// (IPv4 as IPv4-mapped IPv6). Host bits set in a prefix (`203.0.113.7/24`) are refused,
+/// since the caller may have meant the address.
+pub fn ip_filter(
+    v: &str,
+) -> Result<(crate::clickindex::Ip, crate::clickindex::Ip), (Reason, String)> {
+    use std::net::IpAddr;
+    let key = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    if v.len() > 64 {
+        return Err((
+            Reason::TooLong,
+            format!("{} bytes: an address or CIDR prefix is at most 64", v.len()),
+        ));
+    }
+    if !v.contains('/') {
+        return v.parse::<IpAddr>().map(|a| (key(a), key(a))).map_err(|_| {
+            (
+                Reason::Malformed,
+                format!(
+                    "{} is not an IP address or CIDR prefix (such as \"203.0.113.7\", \"203.0.113.0/24\" or \"2001:db8::/32\")",
+                    quote(v)
+                ),
+            )
+        });
+    }
+    let net: ipnet::IpNet = v.parse().map_err(|_| {
+        (
+            Reason::Malformed,
+            format!(
+                "{} is not a CIDR prefix (such as \"203.0.113.0/24\" or \"2001:db8::/32\")",
+                quote(v)
+            ),
+        )
+    })?;
+    let min = match net {
+        ipnet::IpNet::V4(_) => MIN_PREFIX_V4,
+        ipnet::IpNet::V6(_) => MIN_PREFIX_V6,
+    };
+    if net.prefix_len() < min {
+        return Err((
+            Reason::OutOfRange,
+            format!(
+                "{}: prefixes shorter than /{min} are refused (each query scans every click of the prefix)",
+                quote(v)
+            ),
+        ));
+    }
+    if net.network() != net.addr() {
+        return Err((
+            Reason::Malformed,
+            format!(
+                "{} has host bits set: give the network ({}/{})",
+                quote(v),
+                net.network(),
+                net.prefix_len()
+            ),
+        ));
+    }
+    Ok((key(net.network()), key(net.broadcast())))
+}
+
+/// Longest `filter.user_id`, in bytes: the collector's default `limits.max_string_len`.
+pub const MAX_USER_ID_LEN: usize = 256;
+
+/// Checks that a range filtered by `ip` or `user_id` starts within the click index's
+/// retention (`click_index.retention_minutes` behind the watermark).
+pub fn click_index_range(
+    spec: &FilterSpec<'_>,
+    from_ms: i64,
+    field: Field,
+    limits: &Limits,
+    watermark_ms: i64,
+    bad: &mut Violations,
+) {
+    if !spec.uses_click_index() || watermark_ms == i64::MIN {
+        return;
+    }
+    let Some(oldest) = watermark_ms
+        .checked_sub(limits.click_index_minutes.saturating_mul(MINUTE_MS))
+        .map(|t| t.div_euclid(MINUTE_MS) * MINUTE_MS)
+    else {
+        return;
+    };
+    if from_ms < oldest {
+        let by = if spec.ip.is_some() {
+            "filter.ip"
+        } else {
+            "filter.user_id"
+        };
+        bad.push(
+            field,
+            Reason::BeforeRetention,
+            format!(
+                "the range starts at {from_ms}, before the oldest minute the click index behind {by} keeps ({oldest}: click_index.retention_minutes = {} behind the watermark); use a later start",
+                limits.click_index_minutes
+            ),
+        );
+    }
 }
 
 /// A valid `GetAdClicks` request, in the terms the query code uses.
@@ -524,6 +660,16 @@ pub fn ad_clicks<'a>(
         }
     }
     let filter = filter(req.filter.as_ref(), &mut bad);
+    if bad.is_empty() {
+        click_index_range(
+            &filter,
+            from_ms,
+            Field::FromMs,
+            limits,
+            watermark_ms,
+            &mut bad,
+        );
+    }
     bad.into_result(AdClicksPlan {
         level: level.unwrap_or(0),
         from_ms,
@@ -587,7 +733,14 @@ pub fn top_ads(
                 from_field,
                 to_field,
             };
-            range.check(Some(0), limits, watermark_ms, &mut bad);
+            if range.check(Some(0), limits, watermark_ms, &mut bad) {
+                let spec = filter(req.filter.as_ref(), &mut bad);
+                if bad.is_empty() {
+                    let field = range.from_field.clone();
+                    click_index_range(&spec, from, field, limits, watermark_ms, &mut bad);
+                }
+                return bad.into_result(());
+            }
         }
         Err(v) => {
             for v in v.list {
@@ -757,6 +910,28 @@ pub fn filter<'a>(f: Option<&'a v1::Filter>, bad: &mut Violations) -> FilterSpec
     }
     spec.advertisers = &f.advertiser_id;
     spec.campaigns = &f.campaign_id;
+    if !f.ip.is_empty() {
+        match ip_filter(&f.ip) {
+            Ok(range) => spec.ip = Some(range),
+            Err((reason, why)) => bad.push(Field::FilterIp, reason, why),
+        }
+    }
+    if !f.user_id.is_empty() {
+        if f.user_id.len() > MAX_USER_ID_LEN {
+            bad.push(
+                Field::FilterUserId,
+                Reason::TooLong,
+                format!(
+                    "{} bytes, more than {MAX_USER_ID_LEN}: {}",
+                    f.user_id.len(),
+                    quote(&f.user_id)
+                ),
+            );
+        } else {
+            // Any bytes the collector accepts (it bounds only the length) can be asked for.
+            spec.user_id = Some(&f.user_id);
+        }
+    }
     spec
 }
 

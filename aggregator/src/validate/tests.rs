@@ -66,6 +66,7 @@ fn valid_requests_pass_and_are_normalised() {
         site: vec!["news.example".into(), "é".repeat(128)],
         advertiser_id: vec![7],
         campaign_id: vec![1, 2],
+        ..Default::default()
     };
     let req = clicks(
         T0 + 30_000,
@@ -387,6 +388,7 @@ proptest! {
             site: vec![],
             advertiser_id: ids.clone(),
             campaign_id: ids,
+            ..Default::default()
         };
         let to = from.saturating_add(len);
         let req = GetAdClicksRequest { ad_id, from_ms: from, to_ms: to, granularity: g, filter: Some(f.clone()), fill_empty: None };
@@ -407,4 +409,51 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn ip_filters_are_address_ranges_and_bad_ones_are_named() {
+    use super::ip_filter;
+    let v4 = |a: [u8; 4]| crate::clickindex::ip_key(&a).unwrap();
+    assert_eq!(
+        ip_filter("203.0.113.7").unwrap(),
+        (v4([203, 0, 113, 7]), v4([203, 0, 113, 7]))
+    );
+    // An IPv4-mapped IPv6 address is the IPv4 address.
+    assert_eq!(
+        ip_filter("::ffff:203.0.113.7").unwrap(),
+        ip_filter("203.0.113.7").unwrap()
+    );
+    assert_eq!(
+        ip_filter("203.0.113.0/24").unwrap(),
+        (v4([203, 0, 113, 0]), v4([203, 0, 113, 255]))
+    );
+    assert_eq!(
+        ip_filter("10.0.0.0/8").unwrap(),
+        (v4([10, 0, 0, 0]), v4([10, 255, 255, 255]))
+    );
+    let (lo, hi) = ip_filter("2001:db8::/32").unwrap();
+    assert_eq!(lo[..4], [0x20, 0x01, 0x0d, 0xb8]);
+    assert!(lo[4..].iter().all(|b| *b == 0) && hi[4..].iter().all(|b| *b == 0xff));
+    for (bad, reason) in [
+        ("", Reason::Malformed),
+        ("203.0.113", Reason::Malformed),
+        ("203.0.113.7/24", Reason::Malformed),
+        ("203.0.113.0/33", Reason::Malformed),
+        ("0.0.0.0/0", Reason::OutOfRange),
+        ("10.0.0.0/7", Reason::OutOfRange),
+        ("2001:db8::/31", Reason::OutOfRange),
+        ("::/0", Reason::OutOfRange),
+    ] {
+        assert_eq!(ip_filter(bad).unwrap_err().0, reason, "{bad:?}");
+    }
+    let mut bad = Violations::default();
+    let f = Filter {
+        ip: "nope".into(),
+        user_id: "u".repeat(257),
+        ..Default::default()
+    };
+    super::filter(Some(&f), &mut bad);
+    let fields: Vec<String> = bad.list().iter().map(|v| v.field.to_string()).collect();
+    assert_eq!(fields, ["filter.ip", "filter.user_id"]);
 }

@@ -43,6 +43,10 @@ pub struct AggregatorArgs {
     /// "none" for none).
     #[arg(long, default_value = "advertiser,country")]
     top_index_fields: String,
+    /// Do not feed the click index (the `ip`/`user_id` filters): the path as it was
+    /// before issue 14, for a before/after comparison in one session.
+    #[arg(long)]
+    no_click_index: bool,
     /// Append the result table to this file.
     #[arg(long)]
     append: Option<PathBuf>,
@@ -63,6 +67,7 @@ pub fn run(a: AggregatorArgs) -> Result<()> {
         dedup_memory_bytes: a.dedup_mib.max(1) << 20,
         top_index_fields: IndexField::parse_list(&a.top_index_fields)
             .map_err(|e| anyhow::anyhow!("--top-index-fields: {e}"))?,
+        click_index: !a.no_click_index,
         ..MixConfig::default()
     };
     eprintln!(
@@ -80,13 +85,18 @@ pub fn run(a: AggregatorArgs) -> Result<()> {
     let r = apply_mix(&cfg);
     let mut t = format!("### adclick bench aggregator, {}\n\n", super::machine());
     t += &format!(
-        "`adclick bench aggregator --clicks {} --ads {} --minutes {} --dup-pct {} --late-pct {}{}`\n\n",
+        "`adclick bench aggregator --clicks {} --ads {} --minutes {} --dup-pct {} --late-pct {}{}{}`\n\n",
         a.clicks,
         a.ads,
         a.minutes,
         a.dup_pct,
         a.late_pct,
-        if a.no_decode { " --no-decode" } else { "" }
+        if a.no_decode { " --no-decode" } else { "" },
+        if a.no_click_index {
+            " --no-click-index"
+        } else {
+            ""
+        }
     );
     t += &r.table();
     super::emit(&t, &r.result_line(), a.append.as_deref())

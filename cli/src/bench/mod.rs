@@ -7,12 +7,14 @@
 //! - `topads` ([`topads`]): TopAds latency over a state holding millions of ads.
 //! - `jetstream` ([`jetstream`]): publish latency and per-partition shard throughput on
 //!   the JetStream back end.
+//! - `clickindex` ([`clickindex`]): latency of the `ip`/`user_id` filters under ingest.
 //!
 //! `adclick bench --rate R ...` without a subcommand is `pipeline` (the form that predates
 //! the subcommands). Each prints a human table and exactly one line `RESULT bench=<name>
 //! key=value ...` on stdout for scripts (`scripts/bench.sh`). Measures, never asserts.
 
 mod aggregator;
+mod clickindex;
 mod jetstream;
 pub(crate) mod pipeline;
 mod topads;
@@ -46,6 +48,8 @@ enum BenchCommand {
     /// JetStream back end: publish latency p50/p99 (acked) and one shard's per-partition
     /// consume throughput, on running NATS servers.
     Jetstream(jetstream::JetstreamArgs),
+    /// `ip` / `user_id` filters: GetAdClicks and TopAds latency under live click indexing.
+    Clickindex(clickindex::ClickIndexArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -55,6 +59,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(BenchCommand::Aggregator(x)) => aggregator::run(x),
         Some(BenchCommand::Topads(x)) => topads::run(x),
         Some(BenchCommand::Jetstream(x)) => jetstream::run(x),
+        Some(BenchCommand::Clickindex(x)) => clickindex::run(x),
     }
 }
 
