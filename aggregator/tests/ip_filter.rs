@@ -356,6 +356,9 @@ fn validation_and_retention() {
     rt.block_on(async {
         let (mut ing, mut q) = clients(&a).await;
         let early = make(60, 200, T0, 5);
+        // Checkpoints are taken after a write once the interval (at least 10 ms) has
+        // passed since the last: let it pass, so the early batch's write checkpoints it.
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
         send(&mut ing, "c", 1, early.clone()).await;
         let req = |ip: &str, user: &str, from: i64| GetAdClicksRequest {
             ad_id: 1,
@@ -392,6 +395,22 @@ fn validation_and_retention() {
         q.get_ad_clicks(authed(req("203.0.113.0/24", "alice", T0), ADMIN))
             .await
             .unwrap();
+        // The early batch is in a segment of its own before the later ones arrive.
+        let seg_dir = dir.path().join("click_index");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !std::fs::read_dir(&seg_dir).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .ends_with("-00000000000000000001.seg")
+            })
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no segment of the early batch within 20 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         // The watermark moves 2 hours on: a later segment, the early one expires.
         let late = make(61, 200, T0 + 120 * MIN, 5);
         send(&mut ing, "c", 2, late).await;
