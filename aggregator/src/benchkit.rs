@@ -1252,6 +1252,7 @@ impl IndexPath {
         }
         IndexView {
             view: Arc::new(View {
+                click_index_since_ms: i64::MIN,
                 tops: vec![ArcSwap::from_pointee(self.shard.top_set(
                     self.combos.keys(),
                     &self.owners,
@@ -1443,6 +1444,7 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
     let rate = cfg.rate.max(1);
     let end = move |i: u64| T0_MS + (u128::from(i) * 1000 / u128::from(rate)) as i64;
     let view = Arc::new(View {
+        click_index_since_ms: i64::MIN,
         shards: vec![RwLock::new(ShardState::default())],
         tops: vec![ArcSwap::from_pointee(TopSet::with_fields(&[]))],
         watermark_ms: AtomicI64::new(end(g.i)),

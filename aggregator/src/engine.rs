@@ -250,10 +250,22 @@ pub fn start<S: Store + 'static>(
     }
     // The click index keeps what was counted up to the checkpoint; the replay below adds
     // the rest (segments written for a checkpoint that never committed are dropped).
-    let (index, clicks) = IndexWriter::open(&cfg.data_dir.join(crate::clickindex::DIR), cp.wal_pos)
-        .map_err(|e| StoreError(e.to_string()))?;
+    let index_dir = cfg.data_dir.join(crate::clickindex::DIR);
+    // On a data dir counted before the index existed, it is complete only from the first
+    // minute no earlier click can be in: after the clock and the newest event time seen.
+    let newest_event = windows
+        .watermark_ms()
+        .saturating_add(i64::try_from(cfg.windows.allowed_delay_ms).unwrap_or(i64::MAX));
+    let click_index_since_ms = crate::clickindex::complete_since(&index_dir, cp.wal_pos, || {
+        let t = crate::view::now_ms().max(newest_event);
+        (t.div_euclid(60_000) + 1).saturating_mul(60_000)
+    })
+    .map_err(|e| StoreError(e.to_string()))?;
+    let (index, clicks) =
+        IndexWriter::open(&index_dir, cp.wal_pos).map_err(|e| StoreError(e.to_string()))?;
     let view = Arc::new(View {
         clicks,
+        click_index_since_ms,
         shards,
         tops,
         watermark_ms: AtomicI64::new(windows.watermark_ms()),

@@ -117,7 +117,8 @@ pub async fn start_with_store<S: Store + 'static>(
         keys: Arc::new(cfg.api_keys.clone()),
         cfg: cfg.query.clone(),
         limits: validate::Limits::new(&cfg.query, &cfg.windows)
-            .with_click_index(cfg.click_index.retention_minutes),
+            .with_click_index(cfg.click_index.retention_minutes)
+            .with_click_index_since(view.click_index_since_ms),
         metrics: metrics.clone(),
         limiter: Arc::new(ratelimit::RateLimiter::new(&cfg.query, &cfg.api_keys)),
         cors: Arc::new(

@@ -37,6 +37,9 @@ pub struct View {
     pub ready: Readiness,
     /// The click index behind the `ip` and `user_id` filters (loaded without a lock).
     pub clicks: Arc<crate::clickindex::Shared>,
+    /// Epoch ms from which the click index holds every counted click (`i64::MIN`: all);
+    /// see `clickindex::complete_since`.
+    pub click_index_since_ms: i64,
 }
 
 /// What queries need from the window operator.

@@ -514,3 +514,80 @@ fn validation_and_retention() {
         "the first segment expired: {names:?}"
     );
 }
+
+/// A data dir counted before the click index existed (its `click_index/` removed, as an
+/// upgrade from a version without it finds it): the index cannot hold those clicks, so a
+/// filtered range reaching before the minute it started from is refused naming the field,
+/// never answered with the part it has; unfiltered queries still answer from the cells; the
+/// start recorded survives restarts. A data dir whose first start had the index records
+/// that it is complete.
+#[test]
+fn an_index_added_to_a_counted_data_dir_refuses_ranges_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let index_dir = dir.path().join("click_index");
+    let since_file = index_dir.join("complete_since");
+    let a = rt
+        .block_on(adclick_aggregator::start(config(dir.path())))
+        .unwrap();
+    let clicks = make(70, 300, T0, 5);
+    let total_ad1 = clicks.iter().filter(|c| c.ad_id == 1).count() as u64;
+    assert!(total_ad1 > 0);
+    rt.block_on(async {
+        let (mut ing, _) = clients(&a).await;
+        send(&mut ing, "c", 1, clicks).await;
+    });
+    rt.block_on(a.shutdown());
+    assert_eq!(
+        std::fs::read_to_string(&since_file).unwrap().trim(),
+        "-",
+        "a data dir indexed from its first click is complete"
+    );
+
+    // The upgrade: the store has its checkpoint, the index directory does not exist.
+    std::fs::remove_dir_all(&index_dir).unwrap();
+    let before = adclick_test_support::common::now_ms();
+    let req = |filter: Option<Filter>| GetAdClicksRequest {
+        ad_id: 1,
+        from_ms: T0,
+        to_ms: T0 + 10 * MIN,
+        granularity: Granularity::Minute as i32,
+        filter,
+        fill_empty: Some(false),
+    };
+    let by_user = Some(Filter {
+        user_id: "alice".into(),
+        ..Default::default()
+    });
+    let mut recorded = String::new();
+    for round in 0..2 {
+        let a = rt.block_on(start_retrying(config(dir.path()), None));
+        let text = std::fs::read_to_string(&since_file).unwrap();
+        let since: i64 = text.trim().parse().unwrap_or_else(|_| panic!("{text:?}"));
+        assert!(since > before && since % MIN == 0, "{since} after {before}");
+        if round == 0 {
+            recorded = text;
+        } else {
+            assert_eq!(text, recorded, "the recorded start is kept");
+        }
+        rt.block_on(async {
+            let (_, mut q) = clients(&a).await;
+            let e = q
+                .get_ad_clicks(authed(req(by_user.clone()), ADMIN))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                violations(&e),
+                vec![("from_ms".to_string(), "BEFORE_RETENTION".to_string())]
+            );
+            assert!(e.message().contains("added"), "{}", e.message());
+            let all = q
+                .get_ad_clicks(authed(req(None), ADMIN))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(all.total_clicks, total_ad1, "the cells still answer");
+        });
+        rt.block_on(a.shutdown());
+    }
+}

@@ -20,6 +20,11 @@
 //! batches, and replay indexes them again. So the index always equals "every click counted
 //! up to the checkpoint, plus the replayed ones": no loss, no double count.
 //!
+//! Coverage: the index holds what was counted since it existed. A data dir that already
+//! had a checkpoint when the index first opened (an aggregator upgraded from a version
+//! without it) records in [`SINCE_FILE`] the first minute every click of which is indexed;
+//! `validate` refuses filtered ranges starting before it rather than answering a part.
+//!
 //! Retention: segments whose newest minute is more than `click_index.retention_minutes`
 //! behind the watermark are deleted after each checkpoint (bounded disk); `validate`
 //! refuses ranges reaching before that.
@@ -40,6 +45,70 @@ pub use segment::{Segment, SegmentError};
 
 /// Directory of the segments inside the data dir.
 pub const DIR: &str = "click_index";
+
+/// The file in [`DIR`] holding the epoch ms from which the index is complete (`-` for
+/// "since the data dir's first click").
+pub const SINCE_FILE: &str = "complete_since";
+
+/// The epoch ms from which the index in `dir` holds every counted click, recording it on
+/// the first open: `i64::MIN` for a data dir that had no checkpoint yet (every click it
+/// counts is indexed, replay included), else `upgrade_floor()`, the first minute none of
+/// whose clicks can have been counted before (the caller's: after the clock and the
+/// newest event time seen).
+pub fn complete_since(
+    dir: &Path,
+    cp_pos: u64,
+    upgrade_floor: impl FnOnce() -> i64,
+) -> Result<i64, SegmentError> {
+    let path = dir.join(SINCE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let t = text.trim();
+            if t == "-" {
+                return Ok(i64::MIN);
+            }
+            return t.parse().map_err(|_| {
+                SegmentError::io(
+                    &path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{t:?} is not epoch milliseconds or \"-\""),
+                    ),
+                )
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(SegmentError::io(&path, e)),
+    }
+    let since = if cp_pos == 0 {
+        i64::MIN
+    } else {
+        upgrade_floor()
+    };
+    let text = if since == i64::MIN {
+        "-\n".to_string()
+    } else {
+        format!("{since}\n")
+    };
+    std::fs::create_dir_all(dir).map_err(|e| SegmentError::io(dir, e))?;
+    let tmp = dir.join(format!("{SINCE_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| SegmentError::io(&path, e))?;
+    if since != i64::MIN {
+        tracing::warn!(
+            since,
+            "the click index starts now on a data dir with earlier clicks: ip/user_id filters answer from this minute on"
+        );
+    }
+    Ok(since)
+}
 
 /// An IP as the index keys it: IPv6, IPv4 as IPv4-mapped (`::ffff:a.b.c.d`).
 pub type Ip = [u8; 16];

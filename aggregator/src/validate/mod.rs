@@ -344,6 +344,9 @@ pub struct Limits {
     /// Minutes of the click index kept behind the watermark (`click_index.retention_minutes`):
     /// how far back a request filtered by `ip` or `user_id` may reach.
     pub click_index_minutes: i64,
+    /// Epoch ms from which the click index is complete (`i64::MIN`: all it retains; later
+    /// on a data dir counted before the index existed, `clickindex::complete_since`).
+    pub click_index_since_ms: i64,
 }
 
 impl Limits {
@@ -358,7 +361,14 @@ impl Limits {
                 windows.retention_days,
             ],
             click_index_minutes: crate::config::ClickIndexConfig::default().retention_minutes,
+            click_index_since_ms: i64::MIN,
         }
+    }
+
+    /// These limits with the click index complete only from `since_ms`.
+    pub fn with_click_index_since(mut self, since_ms: i64) -> Self {
+        self.click_index_since_ms = since_ms;
+        self
     }
 
     /// These limits with the click index's retention (`click_index.retention_minutes`).
@@ -499,7 +509,26 @@ pub fn click_index_range(
     watermark_ms: i64,
     bad: &mut Violations,
 ) {
-    if !spec.uses_click_index() || watermark_ms == i64::MIN {
+    if !spec.uses_click_index() {
+        return;
+    }
+    let by = if spec.ip.is_some() {
+        "filter.ip"
+    } else {
+        "filter.user_id"
+    };
+    if from_ms < limits.click_index_since_ms {
+        bad.push(
+            field,
+            Reason::BeforeRetention,
+            format!(
+                "the range starts at {from_ms}, before {}: the click index behind {by} was added to this aggregator's data dir then and holds no earlier clicks; use a later start",
+                limits.click_index_since_ms
+            ),
+        );
+        return;
+    }
+    if watermark_ms == i64::MIN {
         return;
     }
     let Some(oldest) = watermark_ms
@@ -509,11 +538,6 @@ pub fn click_index_range(
         return;
     };
     if from_ms < oldest {
-        let by = if spec.ip.is_some() {
-            "filter.ip"
-        } else {
-            "filter.user_id"
-        };
         bad.push(
             field,
             Reason::BeforeRetention,
