@@ -255,7 +255,7 @@ pub fn start<S: Store + 'static>(
     // minute no earlier click can be in: after the clock and the newest event time seen.
     let newest_event = windows
         .watermark_ms()
-        .saturating_add(i64::try_from(cfg.windows.allowed_delay_ms).unwrap_or(i64::MAX));
+        .saturating_add(cfg.windows.allowed_delay_ms);
     let click_index_since_ms = crate::clickindex::complete_since(&index_dir, cp.wal_pos, || {
         let t = crate::view::now_ms().max(newest_event);
         (t.div_euclid(60_000) + 1).saturating_mul(60_000)
