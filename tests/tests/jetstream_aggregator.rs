@@ -54,14 +54,6 @@ async fn js_collector(
     adclick_collector::start(c).await.unwrap()
 }
 
-fn tracker(col: &adclick_collector::Collector) -> adclick_sdk::Tracker {
-    adclick_sdk::Tracker::builder(format!("http://{}", col.http_addr()))
-        .batch_size(10)
-        .flush_interval(Duration::from_millis(50))
-        .build()
-        .unwrap()
-}
-
 /// Stops the load, flushes the tracker and checks every click was acked by the
 /// collector: the ledger is then what must be counted.
 async fn acked_ledger(load: SdkLoad, tracker: &adclick_sdk::Tracker) -> LoadLedger {
@@ -116,7 +108,7 @@ async fn split_scenario() {
     let a_s1 = adclick_aggregator::start(agg("s1", s1)).await.unwrap();
 
     let col = js_collector(dir.path(), &keys_file, cluster.urls()).await;
-    let tracker = tracker(&col);
+    let tracker = quick_tracker(&col);
     let load = SdkLoad::start(
         tracker.clone(),
         load_tokens(&signer(&ring), 5_000, 1, 40),
@@ -301,7 +293,7 @@ async fn kill_scenario() {
     let mut child = ChildServer::spawn("aggregator", &config, &log);
 
     let col = js_collector(dir.path(), &keys_file, cluster.urls()).await;
-    let tracker = tracker(&col);
+    let tracker = quick_tracker(&col);
     let load = SdkLoad::start(
         tracker.clone(),
         load_tokens(&signer(&ring), 8_000, 1, 25),

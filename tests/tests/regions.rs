@@ -54,14 +54,6 @@ async fn aggregator_on(
     adclick_aggregator::start(c).await.unwrap()
 }
 
-fn tracker(col: &adclick_collector::Collector) -> adclick_sdk::Tracker {
-    adclick_sdk::Tracker::builder(format!("http://{}", col.http_addr()))
-        .batch_size(10)
-        .flush_interval(Duration::from_millis(50))
-        .build()
-        .unwrap()
-}
-
 fn init_global(hub: &NatsCluster) -> String {
     let out = Command::new(adclick_bin())
         .args(["jetstream", "init-global", "--replicas", "1"])
@@ -112,7 +104,7 @@ async fn scenario() {
         aggregator_on(&dir.path().join("agg-global"), nats.hub(), "CLICKS_GLOBAL").await;
 
     // Ads 1..=30 in eu, 21..=50 in us: ads 21..=30 are clicked in both.
-    let (t_eu, t_us) = (tracker(&col_eu), tracker(&col_us));
+    let (t_eu, t_us) = (quick_tracker(&col_eu), quick_tracker(&col_us));
     let eu_tokens = load_tokens(&signer, 2_000, 1, 30);
     let again: Vec<_> = eu_tokens[..8].to_vec();
     let load_eu = SdkLoad::start(t_eu.clone(), eu_tokens, Duration::from_millis(3));

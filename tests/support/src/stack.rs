@@ -502,6 +502,16 @@ impl SdkLoad {
     }
 }
 
+/// An SDK tracker posting to `col` in batches of 10 every 50 ms (loads of a few thousand
+/// clicks finish in seconds).
+pub fn quick_tracker(col: &adclick_collector::Collector) -> adclick_sdk::Tracker {
+    adclick_sdk::Tracker::builder(format!("http://{}", col.http_addr()))
+        .batch_size(10)
+        .flush_interval(Duration::from_millis(50))
+        .build()
+        .unwrap()
+}
+
 /// `n` tokens over ads `first_ad..first_ad + ads` (ad `a` gets a share growing with `a`, so
 /// TopAds has a clear order), advertiser `ADV_A`.
 pub fn load_tokens(
