@@ -14,6 +14,10 @@ pub const DEDUP_FAILED: &str = "dedup_failed";
 /// The JetStream source cannot consume (no stream yet, a stream that is not adclick's, or
 /// partitions the stream does not have).
 pub const SOURCE_FAILED: &str = "source_failed";
+/// A partition's stream no longer holds messages after this shard's committed position
+/// (retention dropped clicks it never applied): the partition is not consumed, so no count
+/// goes on silently missing them.
+pub const STREAM_GAP: &str = "stream_retention_gap";
 /// The aggregator is stopping.
 pub const SHUTTING_DOWN: &str = "shutting_down";
 

@@ -27,6 +27,7 @@ mod jetstream_collector_kill;
 mod mixed;
 mod query_front;
 mod regions;
+mod retention_gap;
 mod spool_damage;
 mod token_python;
 mod visibility_and_redirect;

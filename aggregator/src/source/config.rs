@@ -48,6 +48,12 @@ pub struct SourceConfig {
     pub fetch_batch: usize,
     /// Timeout of each JetStream request (stream info, consumer create).
     pub request_timeout_ms: u64,
+    /// 0 (default): a partition whose committed position is older than the stream's first
+    /// message is not consumed (readiness `stream_retention_gap`: retention may have
+    /// dropped clicks it never applied). An operator who checked (an idle partition whose
+    /// last message simply aged out, or a loss recorded elsewhere) sets the stream's first
+    /// sequence named in that error here; gaps before it are then accepted (logged).
+    pub accept_gap_before: u64,
 }
 
 impl Default for SourceConfig {
@@ -64,6 +70,7 @@ impl Default for SourceConfig {
             max_in_flight: 64,
             fetch_batch: 256,
             request_timeout_ms: 5_000,
+            accept_gap_before: 0,
         }
     }
 }

@@ -65,6 +65,19 @@ pub enum SourceError {
     /// The writer refused a message out of chain (an earlier commit failed).
     #[error("partition {0}: {1}")]
     Refused(u32, String),
+    /// The stream's first message is past this shard's committed position + 1: retention
+    /// (`max_age`, `max_bytes`) or a purge removed messages the shard never applied.
+    #[error(
+        "partition {partition}: the stream no longer holds the messages after this shard's committed position {committed} (its first is {first}): retention or a purge dropped clicks this shard never applied. The partition is not consumed (readiness: stream_retention_gap), so its counts are not silently short: restore the clicks, or rebuild the shard on an empty data dir from what the stream holds, or (an idle partition whose last message aged out; a loss recorded elsewhere) set source.accept_gap_before = {first}"
+    )]
+    RetentionGap {
+        /// The partition.
+        partition: u32,
+        /// The last stream sequence applied.
+        committed: u64,
+        /// The stream's first sequence now.
+        first: u64,
+    },
 }
 
 fn nats(e: impl std::fmt::Display) -> SourceError {
@@ -167,7 +180,13 @@ async fn run(mut ctx: Ctx, owned: Owned, view: Arc<View>, stop: watch::Receiver<
     tracing::info!(stream = ctx.cfg.stream, partitions, owned = ?owned, "consuming partitions");
     let mut tasks = tokio::task::JoinSet::new();
     for p in owned {
-        tasks.spawn(consume(ctx.clone(), stream.clone(), p, stop.clone()));
+        tasks.spawn(consume(
+            ctx.clone(),
+            stream.clone(),
+            p,
+            view.clone(),
+            stop.clone(),
+        ));
     }
     while tasks.join_next().await.is_some() {}
 }
@@ -217,16 +236,26 @@ async fn consume(
     ctx: Ctx,
     stream: jetstream::stream::Stream,
     p: u32,
+    view: Arc<View>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
         match consume_once(&ctx, &stream, p, &mut stop).await {
             Ok(()) => return,
+            Err(e @ SourceError::RetentionGap { .. }) => {
+                // Not retried: nothing after it can be counted without the missing clicks.
+                ctx.metrics.source.restart("retention_gap");
+                tracing::error!(partition = p, error = %e, "partition not consumed");
+                view.ready.set(health::STREAM_GAP, true);
+                let _ = stop.wait_for(|v| *v).await;
+                return;
+            }
             Err(e) => {
                 ctx.metrics.source.restart(match e {
                     SourceError::Nats(_) => "nats",
                     SourceError::Gap { .. } => "gap",
                     SourceError::Refused(..) => "chain",
+                    SourceError::RetentionGap { .. } => "retention_gap",
                 });
                 tracing::warn!(partition = p, error = %e, "consumer restarts after the committed position");
             }
@@ -293,6 +322,27 @@ async fn consume_once(
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), SourceError> {
     let start = ctx.engine.stream_position(p);
+    if start > 0 {
+        // What retention removed after the committed position cannot be told apart by
+        // partition (sequences are shared), so any of it stops this partition.
+        let first = stream.get_info().await.map_err(nats)?.state.first_sequence;
+        if first > start + 1 && first > ctx.cfg.accept_gap_before {
+            return Err(SourceError::RetentionGap {
+                partition: p,
+                committed: start,
+                first,
+            });
+        }
+        if first > start + 1 {
+            tracing::warn!(
+                partition = p,
+                committed = start,
+                first,
+                accept_gap_before = ctx.cfg.accept_gap_before,
+                "resuming after a retention gap accepted by source.accept_gap_before"
+            );
+        }
+    }
     let name = format!("{}-{p}", ctx.cfg.durable_prefix);
     // A durable's start point cannot be moved: it is re-created at every start, so its
     // delivered state never matters (ours is in the store).
