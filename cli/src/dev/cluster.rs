@@ -604,7 +604,7 @@ pub fn run(args: DevArgs) -> Result<()> {
         banner(&procs, &dir, &started);
         live(&args, keyring, &secrets, &http, &mut procs, stop).await
     });
-    eprintln!("stopping: collectors first, then the shards, then the NATS nodes...");
+    eprintln!("stopping: the query front, the collectors, the shards, then the NATS nodes...");
     procs.stop();
     drop(rt);
     eprintln!("stopped; data kept in {}", dir.display());
