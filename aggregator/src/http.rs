@@ -395,14 +395,18 @@ async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
     let ad = path
         .strip_prefix("/v1/ads/")
         .and_then(|p| p.strip_suffix("/clicks"));
-    let rpc = match (path.as_str(), ad) {
-        ("/v1/ads/top", _) => "TopAds",
-        ("/v1/ads/clicks", _) => "BatchGetAdClicks",
-        (_, Some(_)) => "GetAdClicks",
+    let breakdown_ad = path
+        .strip_prefix("/v1/ads/")
+        .and_then(|p| p.strip_suffix("/breakdown"));
+    let rpc = match (path.as_str(), ad, breakdown_ad) {
+        ("/v1/ads/top", _, _) => "TopAds",
+        ("/v1/ads/clicks", _, _) => "BatchGetAdClicks",
+        (_, Some(_), _) => "GetAdClicks",
+        (_, _, Some(_)) => "Breakdown",
         _ => {
             return error(
                 StatusCode::NOT_FOUND,
-                "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/clicks?ad_id=..., GET /v1/ads/top, /livez, /readyz, /metrics",
+                "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/{ad_id}/breakdown, GET /v1/ads/clicks?ad_id=..., GET /v1/ads/top, /livez, /readyz, /metrics",
             );
         }
     };
@@ -423,9 +427,10 @@ async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
     let result = async {
         let ctx = ctx?;
         let params = params(req.uri().query())?;
-        match (rpc, ad) {
-            (_, Some(id)) => clicks(q, &ctx, id, &params).await,
-            ("BatchGetAdClicks", None) => batch(q, &ctx, &params).await,
+        match (rpc, ad, breakdown_ad) {
+            (_, Some(id), _) => clicks(q, &ctx, id, &params).await,
+            (_, _, Some(id)) => breakdown(q, &ctx, id, &params).await,
+            ("BatchGetAdClicks", _, _) => batch(q, &ctx, &params).await,
             _ => top(q, &ctx, &params).await,
         }
     };
@@ -840,6 +845,106 @@ fn clicks_json(r: &v1::GetAdClicksResponse) -> Value {
         "watermark_ms": r.watermark_ms,
         "watermark": rfc3339(r.watermark_ms),
     })
+}
+
+/// `GET /v1/ads/{ad}/breakdown?group_by=country&n=10&...` (the other parameters as for
+/// one ad's clicks; `n` defaults to 10) as a `Breakdown` request, and whether its range
+/// was given as `last_minutes`.
+pub fn breakdown_request(
+    ad: &str,
+    p: &[(String, String)],
+    now_ms: i64,
+) -> Result<(v1::BreakdownRequest, bool), QueryError> {
+    let mut bad = Violations::default();
+    for k in ["group_by", "n"] {
+        if p.iter().filter(|(a, _)| a == k).count() > 1 {
+            bad.push(
+                Field::Param(k.to_string()),
+                Reason::RepeatedParameter,
+                format!("{k} is given more than once: it takes one value"),
+            );
+        }
+    }
+    let group_by = match get(p, "group_by") {
+        None => {
+            bad.push(
+                Field::GroupBy,
+                Reason::Required,
+                "group_by is required: country, device, os or site",
+            );
+            v1::Dimension::Unspecified
+        }
+        Some("country") => v1::Dimension::Country,
+        Some("device") => v1::Dimension::Device,
+        Some("os") => v1::Dimension::Os,
+        Some("site") => v1::Dimension::Site,
+        Some(g) => {
+            bad.push(
+                Field::GroupBy,
+                Reason::UnknownValue,
+                format!("unknown group_by {}: country, device, os or site", quote(g)),
+            );
+            v1::Dimension::Unspecified
+        }
+    };
+    if get(p, "fill_empty").is_some() {
+        bad.push(
+            Field::Param("fill_empty".into()),
+            Reason::UnknownParameter,
+            "fill_empty does not apply to a breakdown (it has values, not buckets)",
+        );
+    }
+    let n = num::<u32>(p, "n", Field::N, &mut bad).unwrap_or(10);
+    let rest: Vec<(String, String)> = p
+        .iter()
+        .filter(|(k, _)| k != "group_by" && k != "n")
+        .cloned()
+        .collect();
+    let (one, last) = match clicks_request(ad, &rest, now_ms) {
+        Ok(x) => x,
+        Err(QueryError::Invalid(v)) => {
+            bad.extend(v);
+            return Err(QueryError::Invalid(bad));
+        }
+        Err(e) => return Err(e),
+    };
+    if !bad.is_empty() {
+        return Err(QueryError::Invalid(bad));
+    }
+    let req = v1::BreakdownRequest {
+        ad_id: one.ad_id,
+        from_ms: one.from_ms,
+        to_ms: one.to_ms,
+        granularity: one.granularity,
+        filter: one.filter,
+        group_by: group_by as i32,
+        n,
+    };
+    Ok((req, last))
+}
+
+async fn breakdown(q: &Api, ctx: &Ctx, ad: &str, p: &[(String, String)]) -> Result<Value, Refused> {
+    let (req, last_minutes) = breakdown_request(ad, p, ctx.now_ms)?;
+    let r = q
+        .backend
+        .breakdown(ctx, req)
+        .await
+        .map_err(|e| name_last_minutes(e, last_minutes))?;
+    let group_by = match v1::Dimension::try_from(r.group_by) {
+        Ok(v1::Dimension::Country) => "country",
+        Ok(v1::Dimension::Device) => "device",
+        Ok(v1::Dimension::Os) => "os",
+        Ok(v1::Dimension::Site) => "site",
+        _ => "unspecified",
+    };
+    Ok(json!({
+        "ad_id": r.ad_id,
+        "group_by": group_by,
+        "values": r.values.iter().map(|v| json!({"value": v.value, "clicks": v.clicks, "unique_users": v.unique_users})).collect::<Vec<_>>(),
+        "total_clicks": r.total_clicks,
+        "watermark_ms": r.watermark_ms,
+        "watermark": rfc3339(r.watermark_ms),
+    }))
 }
 
 /// `GET /v1/ads/clicks?ad_id=1&ad_id=2&...` (the other parameters as for one ad) as a

@@ -376,6 +376,74 @@ async fn breakdown_by_a_dimension_matches_the_oracle() {
         .unwrap()
         .into_inner();
     assert!(r.values.is_empty() && r.total_clicks == 0);
+
+    // The HTTP mirror: GET /v1/ads/{id}/breakdown, the same answers from the same oracle.
+    let h = Http::new(&a);
+    let range = format!("from_ms={from}&to_ms={to}");
+    for (ad, query, n, key, keep) in [
+        (
+            1u64,
+            "group_by=country&n=2",
+            2usize,
+            (&|c: &adclick_proto::v1::IngestClick| c.country.clone()) as &dyn Fn(&_) -> String,
+            (&|_: &adclick_proto::v1::IngestClick| true) as &dyn Fn(&_) -> bool,
+        ),
+        (
+            5,
+            "group_by=os&country=us",
+            10,
+            &|c: &adclick_proto::v1::IngestClick| c.os.clone(),
+            &|c: &adclick_proto::v1::IngestClick| c.country == "US",
+        ),
+        (
+            2,
+            "group_by=device",
+            10,
+            &device_name as &dyn Fn(&_) -> String,
+            &|_: &adclick_proto::v1::IngestClick| true,
+        ),
+    ] {
+        let path = format!("/v1/ads/{ad}/breakdown?{query}&{range}");
+        let (code, _, body) = h.get(&path, Some(ADMIN)).await;
+        assert_eq!(code, 200, "{path}: {body}");
+        let got: Vec<(String, u64)> = body["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["value"].as_str().unwrap().to_string(),
+                    v["clicks"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let (want, total) = expect(ad, n, key, keep);
+        assert_eq!(got, want, "{path}");
+        assert_eq!(body["total_clicks"], total, "{path}");
+        assert_eq!(body["ad_id"], ad);
+    }
+    let (code, _, body) = h
+        .get(
+            &format!("/v1/ads/2/breakdown?group_by=country&{range}"),
+            Some(ADV1),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["total_clicks"], 0, "another advertiser's ad is empty");
+    for (query, name) in [
+        ("n=3", "group_by"),
+        ("group_by=planet", "group_by"),
+        ("group_by=os&n=0", "n"),
+        ("group_by=os&n=many", "n"),
+        ("group_by=os&fill_empty=true", "fill_empty"),
+        ("group_by=os&group_by=site", "group_by"),
+    ] {
+        let path = format!("/v1/ads/1/breakdown?{query}&{range}");
+        let (code, _, body) = h.get(&path, Some(ADMIN)).await;
+        assert_eq!(code, 400, "{path}: {body}");
+        assert_eq!(body["invalid_params"][0]["name"], name, "{path}: {body}");
+    }
+
     // Every problem named at once.
     let mut bad = req(1, Dimension::Unspecified, 0, None);
     bad.granularity = 7;
