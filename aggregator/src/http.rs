@@ -847,6 +847,32 @@ fn clicks_json(r: &v1::GetAdClicksResponse) -> Value {
     })
 }
 
+/// The parameters of `p` but `own` read as one ad's clicks request (`clicks_request`),
+/// refused with `bad` (what the caller found in its own parameters) and those problems
+/// together.
+fn with_clicks_params(
+    ad: &str,
+    p: &[(String, String)],
+    own: &[&str],
+    now_ms: i64,
+    mut bad: Violations,
+) -> Result<(v1::GetAdClicksRequest, bool), QueryError> {
+    let rest: Vec<(String, String)> = p
+        .iter()
+        .filter(|(k, _)| !own.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    match clicks_request(ad, &rest, now_ms) {
+        Ok(_) if !bad.is_empty() => Err(QueryError::Invalid(bad)),
+        Ok(x) => Ok(x),
+        Err(QueryError::Invalid(v)) => {
+            bad.extend(v);
+            Err(QueryError::Invalid(bad))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// `GET /v1/ads/{ad}/breakdown?group_by=country&n=10&...` (the other parameters as for
 /// one ad's clicks; `n` defaults to 10) as a `Breakdown` request, and whether its range
 /// was given as `last_minutes`.
@@ -895,22 +921,7 @@ pub fn breakdown_request(
         );
     }
     let n = num::<u32>(p, "n", Field::N, &mut bad).unwrap_or(10);
-    let rest: Vec<(String, String)> = p
-        .iter()
-        .filter(|(k, _)| k != "group_by" && k != "n")
-        .cloned()
-        .collect();
-    let (one, last) = match clicks_request(ad, &rest, now_ms) {
-        Ok(x) => x,
-        Err(QueryError::Invalid(v)) => {
-            bad.extend(v);
-            return Err(QueryError::Invalid(bad));
-        }
-        Err(e) => return Err(e),
-    };
-    if !bad.is_empty() {
-        return Err(QueryError::Invalid(bad));
-    }
+    let (one, last) = with_clicks_params(ad, p, &["group_by", "n"], now_ms, bad)?;
     let req = v1::BreakdownRequest {
         ad_id: one.ad_id,
         from_ms: one.from_ms,
@@ -965,19 +976,8 @@ pub fn batch_request(
             ),
         }
     }
-    let rest: Vec<(String, String)> = p.iter().filter(|(k, _)| k != "ad_id").cloned().collect();
     // The shared parameters are those of one ad's clicks; "1" stands in for the path id.
-    let (one, last) = match clicks_request("1", &rest, now_ms) {
-        Ok(x) => x,
-        Err(QueryError::Invalid(v)) => {
-            bad.extend(v);
-            return Err(QueryError::Invalid(bad));
-        }
-        Err(e) => return Err(e),
-    };
-    if !bad.is_empty() {
-        return Err(QueryError::Invalid(bad));
-    }
+    let (one, last) = with_clicks_params("1", p, &["ad_id"], now_ms, bad)?;
     let req = v1::BatchGetAdClicksRequest {
         ad_ids,
         from_ms: one.from_ms,
