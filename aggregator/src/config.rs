@@ -48,6 +48,8 @@ pub struct AggregatorConfig {
     pub source: crate::source::SourceConfig,
     /// The click index behind the `ip` and `user_id` filters (`<data_dir>/click_index/`).
     pub click_index: ClickIndexConfig,
+    /// The raw click archive (Parquet, local directory or S3-compatible; off by default).
+    pub archive: adclick_archive::ArchiveConfig,
 }
 
 /// The click index (`crate::clickindex`): every counted click's client IP and user id, kept
@@ -123,6 +125,7 @@ impl Default for AggregatorConfig {
             quarantine: QuarantineConfig::default(),
             source: crate::source::SourceConfig::default(),
             click_index: ClickIndexConfig::default(),
+            archive: adclick_archive::ArchiveConfig::default(),
         }
     }
 }
@@ -374,6 +377,7 @@ impl AggregatorConfig {
         if self.click_index.retention_minutes < 2 {
             return err("click_index.retention_minutes must be at least 2".into());
         }
+        self.archive.validate().map_err(ConfigError)?;
         if self.dedup.memory_bytes < 1 << 20 {
             return err("dedup.memory_bytes must be at least 1 MiB (1048576)".into());
         }

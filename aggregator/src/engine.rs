@@ -179,6 +179,19 @@ impl Engine {
 pub struct Threads {
     /// The writer.
     pub writer: std::thread::JoinHandle<()>,
+    /// The raw click archive's writer (`[archive]`), stopped after the writer.
+    pub archive: Option<crate::archive::ArchiveThread>,
+}
+
+/// The apply path's side of the archive: the outcomes of the batches applied since they
+/// were last recorded.
+#[derive(Debug)]
+struct ArchiveHook {
+    builder: crate::archive::OutcomeBuilder,
+    outcomes: Vec<(u64, Vec<u8>)>,
+    signal: Arc<crate::archive::Signal>,
+    /// The archive thread's counters (copied into the metrics by `publish`).
+    stats: Option<Arc<adclick_archive::Stats>>,
 }
 
 struct Writer<S: Store> {
@@ -208,6 +221,8 @@ struct Writer<S: Store> {
     /// (written off this thread) before it is saved: (checkpoint, its dedup floor, when it
     /// started).
     pending: Option<(Checkpoint, i64, Instant)>,
+    /// Set when `[archive]` is on.
+    archive: Option<ArchiveHook>,
 }
 
 /// Opens the store, recovers, and starts the threads.
@@ -287,6 +302,37 @@ pub fn start<S: Store + 'static>(
     let admission = Admission::new(store.delivery_states()?);
     let positions: StreamPositions = Arc::new(std::sync::Mutex::new(store.stream_positions()?));
     let next_pos = store.last_wal_pos()? + 1;
+    // The archive: its state must exist before the first checkpoint of this run, or that
+    // checkpoint would delete WAL entries it has not read.
+    let mut archive_start = None;
+    match store.archive_log() {
+        Some(log) if cfg.archive.enabled => {
+            if log.load_state()?.is_none() {
+                log.save_state(&adclick_archive::State {
+                    covered: cp.wal_pos,
+                    next_seq: 0,
+                    pending: None,
+                })?;
+                tracing::info!(
+                    from = cp.wal_pos,
+                    "archive: starting at the checkpoint's WAL position"
+                );
+            }
+            archive_start = Some(log);
+        }
+        None if cfg.archive.enabled => {
+            return Err(StoreError("this store cannot feed the archive".into()));
+        }
+        Some(log) => {
+            if log.clear()? {
+                tracing::warn!(
+                    "archive turned off: its state is deleted and the WAL is no longer kept for it; turning it on again starts a new archive at that point (what is ingested meanwhile is not archived)"
+                );
+            }
+        }
+        None => {}
+    }
+    let signal = Arc::new(crate::archive::Signal::default());
     let mut w = Writer {
         store,
         windows,
@@ -304,6 +350,12 @@ pub fn start<S: Store + 'static>(
         positions: positions.clone(),
         index,
         pending: None,
+        archive: archive_start.as_ref().map(|_| ArchiveHook {
+            builder: crate::archive::OutcomeBuilder::default(),
+            outcomes: Vec::new(),
+            signal: signal.clone(),
+            stats: None,
+        }),
     };
     // Replay what the WAL holds after the checkpoint.
     let replay = w.store.wal_after(cp.wal_pos)?;
@@ -313,14 +365,19 @@ pub fn start<S: Store + 'static>(
         // failure here is damage, and the entry is skipped whole.
         if let Err(e) = decode::check_batch(&bytes) {
             tracing::error!(pos, error = %e, "undecodable WAL entry skipped");
+            if let Some(a) = &mut w.archive {
+                a.outcomes
+                    .push((pos, crate::archive::OUTCOME_UNDECODABLE.to_vec()));
+            }
             continue;
         }
         w.windows.begin_batch(pos);
-        w.apply(&bytes, None);
+        w.apply(pos, &bytes, None);
         if let Some(e) = w.windows.take_error() {
             return Err(StoreError(e.to_string()));
         }
     }
+    w.record_outcomes()?;
     // Every replayed click applied (and published) before the first request: a batch
     // resent after the crash is acked as already acked at once, so its clicks must be
     // visible by then.
@@ -336,12 +393,22 @@ pub fn start<S: Store + 'static>(
         replayed,
         "aggregator state recovered"
     );
+    let archive = match archive_start {
+        Some(log) => Some(
+            crate::archive::spawn(&w.cfg.archive, &w.cfg.data_dir, log, signal, cp.wal_pos)
+                .map_err(|e| StoreError(e.to_string()))?,
+        ),
+        None => None,
+    };
+    if let (Some(h), Some(t)) = (&mut w.archive, &archive) {
+        h.stats = Some(t.stats.clone());
+    }
     let (tx, rx) = mpsc::channel::<IngestReq>(4096);
     let writer = std::thread::Builder::new()
         .name("adclick-agg-writer".into())
         .spawn(move || w.run(rx))
         .map_err(|e| StoreError(e.to_string()))?;
-    Ok((Engine { tx, positions }, view, Threads { writer }))
+    Ok((Engine { tx, positions }, view, Threads { writer, archive }))
 }
 
 fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWriter) {
@@ -553,8 +620,9 @@ impl<S: Store> Writer<S> {
         let mut positions = fresh.iter().map(|f| f.pos);
         for (req, new) in &mut replies.iter_mut() {
             let counts = if *new {
-                self.windows.begin_batch(positions.next().unwrap_or(0));
-                let (a, d, n) = self.apply(&req.batch.bytes, Some(&applied_tx));
+                let pos = positions.next().unwrap_or(0);
+                self.windows.begin_batch(pos);
+                let (a, d, n) = self.apply(pos, &req.batch.bytes, Some(&applied_tx));
                 pending_shards += n;
                 Some((a, d))
             } else {
@@ -572,6 +640,22 @@ impl<S: Store> Writer<S> {
             self.metrics.dedup_errors.inc();
             self.poisoned = true;
             self.view.ready.set(health::DEDUP_FAILED, true);
+            self.metrics.ready.set(0);
+            for (req, _) in replies {
+                let _ = req.done.send(Err(IngestError::Unavailable(format!(
+                    "aggregator storage failure: {e}"
+                ))));
+            }
+            return;
+        }
+        if let Err(e) = self.record_outcomes() {
+            // The batches are applied but the archive could not learn what became of
+            // them: like a dedup failure, stop (no checkpoint may pass them); a restart
+            // replays them and records their outcomes again.
+            tracing::error!(error = %e, "recording archive outcomes failed; refusing ingest until restart");
+            self.metrics.wal_errors.inc();
+            self.poisoned = true;
+            self.view.ready.set(health::WAL_WRITE_FAILED, true);
             self.metrics.ready.set(0);
             for (req, _) in replies {
                 let _ = req.done.send(Err(IngestError::Unavailable(format!(
@@ -633,9 +717,36 @@ impl<S: Store> Writer<S> {
             .set(i64::from(self.view.ready.is_ready()));
     }
 
+    /// Records the outcomes of the batches applied since the last call (archive on), and
+    /// wakes the archive thread.
+    fn record_outcomes(&mut self) -> Result<(), StoreError> {
+        let Some(a) = &mut self.archive else {
+            return Ok(());
+        };
+        if a.outcomes.is_empty() {
+            return Ok(());
+        }
+        self.store.record_outcomes(&a.outcomes)?;
+        let last = a.outcomes.last().map_or(0, |o| o.0);
+        a.outcomes.clear();
+        a.signal.notify(last);
+        Ok(())
+    }
+
     /// Runs clicks through the window operator and hands them to the shards. Returns
-    /// (accepted, duplicates, shards that will confirm on `done`).
-    fn apply(&mut self, batch: &[u8], done: Option<&SyncSender<()>>) -> (u32, u32, usize) {
+    /// (accepted, duplicates, shards that will confirm on `done`). `pos`: the batch's WAL
+    /// position (its outcomes are recorded for the archive under it).
+    fn apply(
+        &mut self,
+        pos: u64,
+        batch: &[u8],
+        done: Option<&SyncSender<()>>,
+    ) -> (u32, u32, usize) {
+        use adclick_archive::Status;
+        if let Some(a) = &mut self.archive {
+            a.builder.begin();
+        }
+        let mut index = 0u32;
         let mut per_shard: Vec<Vec<Applied>> = vec![Vec::new(); self.shard_tx.len()];
         let (mut accepted, mut duplicate) = (0u32, 0u32);
         let before = self.windows.counters;
@@ -651,29 +762,52 @@ impl<S: Store> Writer<S> {
             };
             let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id);
             let (ip, user) = (c.client_ip, c.user_id);
-            match self.windows.process(c) {
+            let late_before = self.windows.counters.late;
+            let status = match self.windows.process(c) {
                 Routed::Apply(shard, a) => {
                     accepted += 1;
                     // Counted (after dedup, late ones too): indexed, exactly once.
                     self.index.push(a.ad, a.event_time_ms, a.combo, ip, user);
                     per_shard[shard].push(a);
+                    if self.windows.counters.late > late_before {
+                        Status::CountedLate
+                    } else {
+                        Status::Counted
+                    }
                 }
-                Routed::Duplicate => duplicate += 1,
-                // Reported by the caller through `take_error` (nothing is acked).
-                Routed::Unavailable => {}
+                Routed::Duplicate => {
+                    duplicate += 1;
+                    Status::Duplicate
+                }
+                // Reported by the caller through `take_error` (nothing is acked, and the
+                // outcomes are not recorded).
+                Routed::Unavailable => Status::Counted,
                 Routed::TooOld => {
-                    quarantined.push((ad, event, id, "older than windows.retention_minutes"))
+                    quarantined.push((ad, event, id, "older than windows.retention_minutes"));
+                    Status::TooOld
                 }
-                Routed::Malformed => quarantined.push((
-                    ad,
-                    event,
-                    id,
-                    "malformed: impression id or implausible event time",
-                )),
+                Routed::Malformed => {
+                    quarantined.push((
+                        ad,
+                        event,
+                        id,
+                        "malformed: impression id or implausible event time",
+                    ));
+                    Status::Malformed
+                }
                 Routed::OwnerMismatch => {
-                    quarantined.push((ad, event, id, "ad belongs to another advertiser/campaign"))
+                    quarantined.push((ad, event, id, "ad belongs to another advertiser/campaign"));
+                    Status::OwnerMismatch
                 }
+            };
+            if let Some(a) = &mut self.archive {
+                a.builder.push(index, status);
             }
+            index = index.saturating_add(1);
+        }
+        if let Some(a) = &mut self.archive {
+            let o = a.builder.finish();
+            a.outcomes.push((pos, o));
         }
         self.index.end_batch();
         if !quarantined.is_empty() {
@@ -861,6 +995,22 @@ impl<S: Store> Writer<S> {
         self.metrics
             .dedup_ram_bytes
             .set(i64::try_from(d.ram_bytes()).unwrap_or(i64::MAX));
+        if let Some(st) = self.archive.as_ref().and_then(|a| a.stats.as_ref()) {
+            use std::sync::atomic::Ordering::Relaxed;
+            let m = &self.metrics;
+            let up = |c: &prometheus_client::metrics::counter::Counter, v: u64| {
+                c.inc_by(v.saturating_sub(c.get()));
+            };
+            up(&m.archive_rows, st.rows.load(Relaxed));
+            up(&m.archive_bytes, st.bytes.load(Relaxed));
+            up(&m.archive_files, st.files.load(Relaxed));
+            up(&m.archive_errors, st.errors.load(Relaxed));
+            let lag = (self.next_pos - 1).saturating_sub(st.covered.load(Relaxed));
+            m.archive_lag_entries
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            m.archive_last_publish_seconds
+                .set(i64::try_from(st.last_publish_ms.load(Relaxed) / 1000).unwrap_or(0));
+        }
         let (spilled, reads) = (d.stats.spilled, d.stats.disk_reads);
         let m = &self.metrics;
         m.dedup_spilled

@@ -11,6 +11,7 @@
 
 pub mod admit;
 pub mod api;
+pub mod archive;
 pub mod benchkit;
 pub mod clickindex;
 pub mod config;
@@ -323,6 +324,9 @@ impl Aggregator {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        if let Some(a) = self.threads.as_ref().and_then(|t| t.archive.as_ref()) {
+            a.kill();
+        }
     }
 
     /// Graceful stop: stop serving, let the writer finish (it writes a final checkpoint).
@@ -333,7 +337,15 @@ impl Aggregator {
             let _ = t.await;
         }
         if let Some(th) = self.threads.take() {
-            let _ = tokio::task::spawn_blocking(move || th.writer.join()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = th.writer.join();
+                // After the writer: its final checkpoint made every outcome durable, and
+                // the archive publishes everything up to it before it stops.
+                if let Some(a) = th.archive {
+                    a.stop();
+                }
+            })
+            .await;
         }
         tracing::info!("aggregator stopped");
     }

@@ -88,6 +88,18 @@ pub struct Metrics {
     pub quarantine_bytes: Gauge,
     /// Bytes of the click index's segments on disk (`click_index/`).
     pub click_index_bytes: Gauge,
+    /// Rows in published archive files (`[archive]`).
+    pub archive_rows: Counter,
+    /// Bytes of published archive files.
+    pub archive_bytes: Counter,
+    /// Archive files published.
+    pub archive_files: Counter,
+    /// Archive failures (publish, state, WAL read), each retried.
+    pub archive_errors: Counter,
+    /// WAL entries applied but not yet in published archive files.
+    pub archive_lag_entries: Gauge,
+    /// Unix time of the last archive publication (0: none yet in this process).
+    pub archive_last_publish_seconds: Gauge,
     /// Quarantine records dropped because quarantine.max_bytes was reached (alert on it).
     pub quarantine_dropped: Counter,
     /// Query latency by rpc.
@@ -144,6 +156,12 @@ impl Metrics {
             dedup_errors: Counter::default(),
             quarantine_bytes: Gauge::default(),
             click_index_bytes: Gauge::default(),
+            archive_rows: Counter::default(),
+            archive_bytes: Counter::default(),
+            archive_files: Counter::default(),
+            archive_errors: Counter::default(),
+            archive_lag_entries: Gauge::default(),
+            archive_last_publish_seconds: Gauge::default(),
             quarantine_dropped: Counter::default(),
             query_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
@@ -227,6 +245,36 @@ impl Metrics {
             "click_index_bytes",
             "Bytes of the click index segments on disk",
             m.click_index_bytes.clone(),
+        );
+        r.register(
+            "archive_rows",
+            "Rows in published archive files",
+            m.archive_rows.clone(),
+        );
+        r.register(
+            "archive_bytes",
+            "Bytes of published archive files",
+            m.archive_bytes.clone(),
+        );
+        r.register(
+            "archive_files",
+            "Archive files published",
+            m.archive_files.clone(),
+        );
+        r.register(
+            "archive_errors",
+            "Archive failures (publish, state, WAL read), each retried",
+            m.archive_errors.clone(),
+        );
+        r.register(
+            "archive_lag_entries",
+            "WAL entries applied but not yet in published archive files",
+            m.archive_lag_entries.clone(),
+        );
+        r.register(
+            "archive_last_publish_seconds",
+            "Unix time of the last archive publication",
+            m.archive_last_publish_seconds.clone(),
         );
         r.register(
             "quarantine_dropped",

@@ -41,6 +41,13 @@ const CHECKPOINT: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("
 /// JetStream source: partition -> last applied stream sequence (see `source`).
 const STREAM_POS: TableDefinition<'static, u32, u64> = TableDefinition::new("stream_pos");
 const META_WAL_POS: &str = "_wal_pos";
+/// The raw click archive (`crate::archive`): WAL position -> what became of each click of
+/// that batch (`archive::encode_outcomes`), written after the batch is applied.
+const ARCHIVE_OUTCOME: TableDefinition<'static, u64, &[u8]> =
+    TableDefinition::new("archive_outcome");
+/// The archive's progress (`adclick_archive::State`, key [`ARCHIVE_STATE_KEY`]).
+const ARCHIVE_STATE: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("archive_state");
+const ARCHIVE_STATE_KEY: &str = "state";
 const DEDUP: TableDefinition<'static, &[u8; 16], &[u8; ENTRY_LEN]> = TableDefinition::new("dedup");
 /// Key: keep_until as big-endian with the sign bit flipped (so byte order = time order),
 /// then the id.
@@ -165,6 +172,17 @@ pub trait Store: Send {
     fn save_checkpoint(&mut self, cp: &Checkpoint) -> Result<(), StoreError>;
     /// The disk tier of the exact-dedup set (in the same store).
     fn dedup_table(&self) -> Result<Box<dyn SpillTable>, StoreError>;
+    /// The raw click archive's view of this store (`crate::archive`): `None` when the store
+    /// cannot feed an archive.
+    fn archive_log(&self) -> Option<ArchiveLog> {
+        None
+    }
+    /// Records what became of the clicks of applied WAL entries (position, encoded
+    /// outcomes) for the archive. Not durable by itself: the next WAL append or checkpoint
+    /// commit makes it so (a crash before replays the entries, which records them again).
+    fn record_outcomes(&mut self, _outcomes: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The redb store (`<data_dir>/aggregator.redb`).
@@ -202,6 +220,8 @@ impl RedbStore {
             tx.open_table(STREAM_POS).map_err(e)?;
             tx.open_table(DEDUP).map_err(e)?;
             tx.open_table(DEDUP_EXPIRY).map_err(e)?;
+            tx.open_table(ARCHIVE_OUTCOME).map_err(e)?;
+            tx.open_table(ARCHIVE_STATE).map_err(e)?;
         }
         tx.commit().map_err(e)?;
         Ok(RedbStore {
@@ -370,8 +390,38 @@ impl Store for RedbStore {
             }
             t.insert(META_WAL_POS, cp.wal_pos.to_le_bytes().as_slice())
                 .map_err(e)?;
+            // The WAL behind the checkpoint goes, except what the archive has not covered
+            // yet (it reads the entries with their outcomes; a start replays only what
+            // follows the checkpoint, so the entries kept are not applied twice).
+            let archived = archive_covered(&tx.open_table(ARCHIVE_STATE).map_err(e)?)?;
+            let upto = archived.map_or(cp.wal_pos, |a| a.min(cp.wal_pos));
             let mut wal = tx.open_table(WAL).map_err(e)?;
-            wal.retain(|k, _| k > cp.wal_pos).map_err(e)?;
+            wal.retain(|k, _| k > upto).map_err(e)?;
+            if let Some(a) = archived {
+                let mut out = tx.open_table(ARCHIVE_OUTCOME).map_err(e)?;
+                out.retain_in(..=a, |_, _| false).map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    fn archive_log(&self) -> Option<ArchiveLog> {
+        Some(ArchiveLog {
+            db: self.db.clone(),
+        })
+    }
+
+    fn record_outcomes(&mut self, outcomes: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write().map_err(e)?;
+        tx.set_durability(redb::Durability::None).map_err(e)?;
+        {
+            let mut t = tx.open_table(ARCHIVE_OUTCOME).map_err(e)?;
+            for (pos, o) in outcomes {
+                t.insert(*pos, o.as_slice()).map_err(e)?;
+            }
         }
         tx.commit().map_err(e)
     }
@@ -380,6 +430,99 @@ impl Store for RedbStore {
         Ok(Box::new(RedbDedup {
             db: self.db.clone(),
         }))
+    }
+}
+
+/// `covered` of the archive state, if the archive is on.
+fn archive_covered(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Option<u64>, StoreError> {
+    match t.get(ARCHIVE_STATE_KEY).map_err(e)? {
+        Some(v) => Ok(Some(
+            adclick_archive::State::decode(v.value())
+                .map_err(|err| StoreError(err.to_string()))?
+                .covered,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The raw click archive's access to the store: WAL entries with their outcomes, and the
+/// archive's state (whose `covered` holds back the WAL truncation of checkpoints).
+#[derive(Debug, Clone)]
+pub struct ArchiveLog {
+    db: Arc<Database>,
+}
+
+impl ArchiveLog {
+    /// Calls `f(pos, batch, outcomes)` for WAL entries after `after` and at or before
+    /// `until` that have outcomes recorded, in order, stopping at the first without (not
+    /// applied yet) or when `f` returns false. Returns the last position passed to `f`.
+    pub fn read(
+        &self,
+        after: u64,
+        until: u64,
+        f: &mut dyn FnMut(u64, &[u8], &[u8]) -> bool,
+    ) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let wal = tx.open_table(WAL).map_err(e)?;
+        let out = tx.open_table(ARCHIVE_OUTCOME).map_err(e)?;
+        let mut last = after;
+        if until <= after {
+            return Ok(last);
+        }
+        for row in wal.range(after.saturating_add(1)..=until).map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            let pos = k.value();
+            let Some(o) = out.get(pos).map_err(e)? else {
+                break;
+            };
+            last = pos;
+            if !f(pos, v.value(), o.value()) {
+                break;
+            }
+        }
+        Ok(last)
+    }
+
+    /// The archive's state, if it was ever saved.
+    pub fn load_state(&self) -> Result<Option<adclick_archive::State>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(ARCHIVE_STATE).map_err(e)?;
+        match t.get(ARCHIVE_STATE_KEY).map_err(e)? {
+            Some(v) => adclick_archive::State::decode(v.value())
+                .map(Some)
+                .map_err(|err| StoreError(err.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// Saves the archive's state durably (and, with it, every outcome recorded before).
+    pub fn save_state(&self, st: &adclick_archive::State) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(ARCHIVE_STATE).map_err(e)?;
+            t.insert(ARCHIVE_STATE_KEY, st.encode().as_slice())
+                .map_err(e)?;
+            let mut out = tx.open_table(ARCHIVE_OUTCOME).map_err(e)?;
+            out.retain_in(..=st.covered, |_, _| false).map_err(e)?;
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Forgets the archive (it was turned off): the WAL is no longer held for it and no
+    /// outcomes are kept. Returns whether there was one.
+    pub fn clear(&self) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        let had;
+        {
+            let mut t = tx.open_table(ARCHIVE_STATE).map_err(e)?;
+            had = t.remove(ARCHIVE_STATE_KEY).map_err(e)?.is_some();
+            let mut out = tx.open_table(ARCHIVE_OUTCOME).map_err(e)?;
+            out.retain(|_, _| false).map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(had)
     }
 }
 

@@ -1,0 +1,334 @@
+//! The raw click archive's feed from this aggregator (`[archive]`): the archive writer
+//! (`adclick_archive::Archiver`, its own thread) reads the WAL *behind* the apply path.
+//!
+//! - The writer thread applies a batch, then records what became of each of its clicks
+//!   (counted, late, duplicate, too old, malformed, owner mismatch) in the store's
+//!   `archive_outcome` table (a cheap non-durable commit: the next WAL append or
+//!   checkpoint makes it durable; a crash before that replays the batch, which records the
+//!   same outcomes again: replay reproduces the state, so it reproduces the decisions).
+//! - [`WalFeed`] turns WAL entries that have outcomes into archive rows.
+//! - The archive's progress (`covered`, plus the generation being published) lives in the
+//!   same store, and a checkpoint deletes the WAL only up to `covered`: after any crash the
+//!   archive reads again from `covered`, and every entry after it is still there with its
+//!   outcomes (positions up to the checkpoint were recorded before the checkpoint's durable
+//!   commit; later ones are replayed). So a crash can neither lose rows nor, with the
+//!   writer's redo of an interrupted generation, duplicate them.
+//!
+//! The cost on the apply path is one outcome byte string per batch (a few bytes: only the
+//! clicks not plainly counted are listed) and one non-durable commit per group; decoding
+//! and Parquet encoding happen on the archive thread (BENCHMARKS.md, "Archive").
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use adclick_archive::{
+    ArchiveConfig, ArchiveError, Archiver, Destination, Feed, Row, State, Stats, Status,
+};
+use adclick_proto::v1::IngestBatch;
+use prost::Message;
+
+use crate::store::ArchiveLog;
+
+/// Version byte that starts every outcome string.
+const OUTCOME_V1: u8 = 1;
+/// The outcome of a WAL entry that did not decode at replay (skipped, nothing counted).
+pub const OUTCOME_UNDECODABLE: &[u8] = &[0xFF];
+
+/// Builds one batch's outcome string: the clicks not plainly counted, as (index, code).
+#[derive(Debug, Default)]
+pub struct OutcomeBuilder {
+    buf: Vec<u8>,
+}
+
+impl OutcomeBuilder {
+    /// Starts a batch.
+    pub fn begin(&mut self) {
+        self.buf.clear();
+        self.buf.push(OUTCOME_V1);
+    }
+
+    /// Click `index` of the batch had `status` (plain `Counted` is implied, not stored).
+    pub fn push(&mut self, index: u32, status: Status) {
+        if status == Status::Counted {
+            return;
+        }
+        let mut v = index;
+        while v >= 0x80 {
+            self.buf.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.buf.push(v as u8);
+        self.buf.push(status as u8);
+    }
+
+    /// The batch's outcome string.
+    pub fn finish(&self) -> Vec<u8> {
+        self.buf.clone()
+    }
+}
+
+/// Decodes an outcome string into a status per click index (`n` clicks). `None`: the
+/// entry was undecodable at replay, or the string is damaged.
+pub fn decode_outcomes(o: &[u8], n: usize) -> Option<Vec<Status>> {
+    let (&v, mut rest) = o.split_first()?;
+    if v != OUTCOME_V1 {
+        return None;
+    }
+    let mut out = vec![Status::Counted; n];
+    while !rest.is_empty() {
+        let mut idx = 0u32;
+        let mut shift = 0;
+        loop {
+            let (&b, r) = rest.split_first()?;
+            rest = r;
+            idx |= u32::from(b & 0x7f).checked_shl(shift)?;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        let (&code, r) = rest.split_first()?;
+        rest = r;
+        *out.get_mut(idx as usize)? = Status::from_code(code)?;
+    }
+    Some(out)
+}
+
+/// Wakes the archive thread when outcomes were recorded.
+#[derive(Debug, Default)]
+pub struct Signal {
+    recorded: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Signal {
+    /// Outcomes up to `pos` are recorded.
+    pub fn notify(&self, pos: u64) {
+        let mut r = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        if pos > *r {
+            *r = pos;
+            self.cv.notify_all();
+        }
+    }
+
+    fn wait(&self, after: u64, timeout: Duration) {
+        let r = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        if *r > after {
+            return;
+        }
+        let _ = self.cv.wait_timeout(r, timeout);
+    }
+}
+
+/// The WAL (with outcomes) as an archive [`Feed`].
+#[derive(Debug)]
+pub struct WalFeed {
+    log: ArchiveLog,
+    signal: Arc<Signal>,
+    /// Where the archive starts when it has no state yet (the checkpoint's position).
+    start: u64,
+    /// Set by `Aggregator::kill`: the feed fails everything, as a dead process would.
+    killed: Arc<AtomicBool>,
+}
+
+fn store_err(e: crate::store::StoreError) -> ArchiveError {
+    ArchiveError(e.to_string())
+}
+
+impl WalFeed {
+    /// The feed over `log`.
+    pub fn new(log: ArchiveLog, signal: Arc<Signal>, start: u64, killed: Arc<AtomicBool>) -> Self {
+        WalFeed {
+            log,
+            signal,
+            start,
+            killed,
+        }
+    }
+
+    fn check(&self) -> Result<(), ArchiveError> {
+        if self.killed.load(Ordering::Acquire) {
+            return Err(ArchiveError("aggregator killed".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The rows of one WAL entry (`Err`: it does not decode, or its outcomes do not match it).
+pub fn rows_of(pos: u64, batch: &[u8], outcomes: &[u8], out: &mut Vec<Row>) -> Result<(), String> {
+    if outcomes == OUTCOME_UNDECODABLE {
+        return Err("undecodable at replay (nothing of it was counted)".into());
+    }
+    let b = IngestBatch::decode(batch).map_err(|e| e.to_string())?;
+    let status = decode_outcomes(outcomes, b.clicks.len())
+        .ok_or_else(|| "outcomes do not match the batch".to_string())?;
+    let collector: Arc<str> = Arc::from(b.collector_id.as_str());
+    for (i, (c, st)) in b.clicks.into_iter().zip(status).enumerate() {
+        let client_ip = match c.client_ip.len() {
+            4 => <[u8; 4]>::try_from(c.client_ip.as_slice())
+                .ok()
+                .map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(c.client_ip.as_slice())
+                .ok()
+                .map(IpAddr::from),
+            _ => None,
+        };
+        out.push(Row {
+            log_pos: pos,
+            collector_id: collector.clone(),
+            collector_seq: b.seq,
+            click_index: u32::try_from(i).unwrap_or(u32::MAX),
+            impression_id: c.impression_id,
+            ad_id: c.ad_id,
+            advertiser_id: c.advertiser_id,
+            campaign_id: c.campaign_id,
+            token_expires_at_ms: c.token_expires_at_ms,
+            event_time_ms: c.event_time_ms,
+            received_at_ms: c.received_at_ms,
+            occurred_at_ms: c.occurred_at_ms,
+            sent_at_ms: c.sent_at_ms,
+            country: c.country,
+            device: c.device,
+            os: c.os,
+            site: c.site,
+            app: c.app,
+            user_id: c.user_id,
+            client_ip,
+            clock_skew_flagged: c.clock_skew_flagged,
+            dedup_suspect: c.dedup_suspect,
+            salt: c.salt,
+            status: st,
+        });
+    }
+    Ok(())
+}
+
+impl Feed for WalFeed {
+    fn read(
+        &mut self,
+        after: u64,
+        until: u64,
+        max_rows: usize,
+        out: &mut Vec<Row>,
+    ) -> Result<u64, ArchiveError> {
+        self.check()?;
+        let start = out.len();
+        self.log
+            .read(after, until, &mut |pos, batch, outcomes| {
+                if let Err(e) = rows_of(pos, batch, outcomes, out) {
+                    // Damage the engine skipped too (redb checksums its pages: this is not
+                    // expected); logged with its position for a reconciliation.
+                    tracing::error!(pos, error = %e, "archive: WAL entry skipped");
+                }
+                out.len() - start < max_rows
+            })
+            .map_err(store_err)
+    }
+
+    fn wait(&self, after: u64, timeout: Duration) {
+        self.signal.wait(after, timeout);
+    }
+
+    fn load_state(&mut self) -> Result<State, ArchiveError> {
+        self.check()?;
+        Ok(self.log.load_state().map_err(store_err)?.unwrap_or(State {
+            covered: self.start,
+            next_seq: 0,
+            pending: None,
+        }))
+    }
+
+    fn save_state(&mut self, state: &State) -> Result<(), ArchiveError> {
+        self.check()?;
+        self.log.save_state(state).map_err(store_err)
+    }
+}
+
+/// The running archive thread.
+#[derive(Debug)]
+pub struct ArchiveThread {
+    stop: Arc<AtomicBool>,
+    killed: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+    /// Its counters.
+    pub stats: Arc<Stats>,
+}
+
+impl ArchiveThread {
+    /// Stops after archiving everything recorded (call after the engine's writer ended).
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.handle.join();
+    }
+
+    /// Stops at once, publishing nothing more (a simulated crash).
+    pub fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// Opens the destination and starts the archive thread on `log`.
+pub fn spawn(
+    cfg: &ArchiveConfig,
+    data_dir: &std::path::Path,
+    log: ArchiveLog,
+    signal: Arc<Signal>,
+    start: u64,
+) -> Result<ArchiveThread, ArchiveError> {
+    let stats = Arc::new(Stats::default());
+    let killed = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let dest = Destination::open(cfg, &data_dir.join("archive-staging"))?;
+    let feed = WalFeed::new(log, signal, start, killed.clone());
+    let archiver = Archiver::new(feed, cfg.clone(), dest, stats.clone())?;
+    let st = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("adclick-archive".into())
+        .spawn(move || {
+            if let Err(e) = archiver.run(&st) {
+                tracing::error!(error = %e, "archive writer stopped; restart the aggregator to resume (nothing is lost: the WAL is kept)");
+            }
+        })
+        .map_err(|e| ArchiveError(format!("archive thread: {e}")))?;
+    Ok(ArchiveThread {
+        stop,
+        killed,
+        handle,
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_round_trip() {
+        let mut b = OutcomeBuilder::default();
+        b.begin();
+        b.push(0, Status::Counted);
+        b.push(1, Status::Duplicate);
+        b.push(300, Status::CountedLate);
+        b.push(301, Status::OwnerMismatch);
+        let o = b.finish();
+        let d = decode_outcomes(&o, 302).unwrap();
+        assert_eq!(d[0], Status::Counted);
+        assert_eq!(d[1], Status::Duplicate);
+        assert_eq!(d[2], Status::Counted);
+        assert_eq!(d[300], Status::CountedLate);
+        assert_eq!(d[301], Status::OwnerMismatch);
+        // An index past the batch, a bad code or a bad version is damage.
+        assert_eq!(decode_outcomes(&o, 300), None);
+        assert_eq!(decode_outcomes(&[OUTCOME_V1, 0, 99], 1), None);
+        assert_eq!(decode_outcomes(&[7], 1), None);
+        assert_eq!(decode_outcomes(OUTCOME_UNDECODABLE, 1), None);
+        b.begin();
+        assert_eq!(
+            decode_outcomes(&b.finish(), 3).unwrap(),
+            vec![Status::Counted; 3]
+        );
+    }
+}
