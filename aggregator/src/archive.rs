@@ -263,10 +263,13 @@ impl ArchiveThread {
         let _ = self.handle.join();
     }
 
-    /// Stops at once, publishing nothing more (a simulated crash).
-    pub fn kill(&self) {
+    /// Stops at once, publishing nothing more (a simulated crash), and waits for the
+    /// thread to end: a dead process runs nothing, and a restart on the same directory
+    /// must not meet this thread still publishing.
+    pub fn kill(self) {
         self.killed.store(true, Ordering::Release);
         self.stop.store(true, Ordering::Release);
+        let _ = self.handle.join();
     }
 }
 

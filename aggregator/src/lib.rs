@@ -324,7 +324,7 @@ impl Aggregator {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-        if let Some(a) = self.threads.as_ref().and_then(|t| t.archive.as_ref()) {
+        if let Some(a) = self.threads.as_mut().and_then(|t| t.archive.take()) {
             a.kill();
         }
     }

@@ -17,6 +17,7 @@
 
 mod util;
 
+mod archive;
 mod breadth;
 mod clients;
 mod counting;
