@@ -16,6 +16,7 @@ mod support {
 
 mod aggregator_kill;
 mod aggregator_outage;
+mod archive_s3;
 mod clients;
 mod cluster_faults;
 mod collector_kill;
