@@ -288,12 +288,17 @@ pub fn spawn(
     let feed = WalFeed::new(log, signal, start, killed.clone());
     let archiver = Archiver::new(feed, cfg.clone(), dest, stats.clone())?;
     let st = stop.clone();
+    let thread_stats = stats.clone();
     let handle = std::thread::Builder::new()
         .name("adclick-archive".into())
         .spawn(move || {
             if let Err(e) = archiver.run(&st) {
                 tracing::error!(error = %e, "archive writer stopped; restart the aggregator to resume (nothing is lost: the WAL is kept)");
             }
+            let cpu = crate::benchkit::thread_cpu_seconds();
+            thread_stats
+                .thread_cpu_us
+                .store((cpu * 1e6) as u64, Ordering::Relaxed);
         })
         .map_err(|e| ArchiveError(format!("archive thread: {e}")))?;
     Ok(ArchiveThread {

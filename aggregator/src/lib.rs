@@ -13,6 +13,7 @@ pub mod admit;
 pub mod api;
 pub mod archive;
 pub mod benchkit;
+pub mod benchkit_archive;
 pub mod clickindex;
 pub mod config;
 pub mod cors;

@@ -117,8 +117,10 @@ pub struct Stats {
     pub errors: AtomicU64,
     /// Wall clock (ms) of the last publication.
     pub last_publish_ms: AtomicU64,
-    /// Seconds spent writing Parquet (encoding, compressing, local writes), in µs.
+    /// Time spent writing Parquet (encoding, compressing, local writes), µs.
     pub write_us: AtomicU64,
+    /// CPU time of the thread that ran the archiver, µs, set when it returns (Linux).
+    pub thread_cpu_us: AtomicU64,
 }
 
 struct PartFile {

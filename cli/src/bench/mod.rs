@@ -8,12 +8,15 @@
 //! - `jetstream` ([`jetstream`]): publish latency and per-partition shard throughput on
 //!   the JetStream back end.
 //! - `clickindex` ([`clickindex`]): latency of the `ip`/`user_id` filters under ingest.
+//! - `archive` ([`archive`]): the raw click archive's write throughput and its cost on
+//!   apply (archive off and on in one run).
 //!
 //! `adclick bench --rate R ...` without a subcommand is `pipeline` (the form that predates
 //! the subcommands). Each prints a human table and exactly one line `RESULT bench=<name>
 //! key=value ...` on stdout for scripts (`scripts/bench.sh`). Measures, never asserts.
 
 mod aggregator;
+mod archive;
 mod clickindex;
 mod jetstream;
 pub(crate) mod pipeline;
@@ -50,6 +53,9 @@ enum BenchCommand {
     Jetstream(jetstream::JetstreamArgs),
     /// `ip` / `user_id` filters: GetAdClicks and TopAds latency under live click indexing.
     Clickindex(clickindex::ClickIndexArgs),
+    /// Raw click archive: write throughput, bytes per click, and apply throughput with the
+    /// archive off and on in the same run.
+    Archive(archive::ArchiveArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -60,6 +66,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(BenchCommand::Topads(x)) => topads::run(x),
         Some(BenchCommand::Jetstream(x)) => jetstream::run(x),
         Some(BenchCommand::Clickindex(x)) => clickindex::run(x),
+        Some(BenchCommand::Archive(x)) => archive::run(x),
     }
 }
 
