@@ -62,6 +62,51 @@ pub struct CollectorConfig {
     /// trusted proxy. Empty (the default): the headers are ignored and the TCP/UDP peer is
     /// the client.
     pub trusted_proxies: Vec<String>,
+    /// Sources besides the listeners: `[[source.file]]` log files.
+    pub source: SourceConfig,
+}
+
+/// Where clicks come from besides the HTTP and QUIC listeners.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// Log files tailed for clicks, one JSON click per line (`filesource`).
+    pub file: Vec<FileSourceConfig>,
+}
+
+/// One `[[source.file]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileSourceConfig {
+    /// Names the source in metrics and its position file (`<data_dir>/file-source/<name>.pos`);
+    /// letters, digits, `_` and `-`. Changing it starts every file again from its start.
+    pub name: String,
+    /// Glob patterns (`*`, `?`, `[...]`, `**`) of the files to tail, e.g.
+    /// `["/var/log/adserver/clicks.log*"]`. Include the rotated names to read what was
+    /// appended before a rotation the source had not yet read.
+    pub paths: Vec<String>,
+    /// How often the globs are expanded and the files checked for new lines.
+    pub poll_interval_ms: u64,
+    /// Longest line read; longer ones are skipped and counted (`too_long`).
+    pub max_line_bytes: usize,
+    /// Lines per spool commit (and position write).
+    pub batch_lines: usize,
+    /// How long a file whose path no longer matches (renamed away) is still read through
+    /// its open handle before it is let go.
+    pub rotate_wait_ms: u64,
+}
+
+impl Default for FileSourceConfig {
+    fn default() -> Self {
+        FileSourceConfig {
+            name: "file".into(),
+            paths: Vec::new(),
+            poll_interval_ms: 250,
+            max_line_bytes: 64 << 10,
+            batch_lines: 1000,
+            rotate_wait_ms: 5_000,
+        }
+    }
 }
 
 impl Default for CollectorConfig {
@@ -84,6 +129,7 @@ impl Default for CollectorConfig {
             forward: ForwardConfig::default(),
             quarantine: QuarantineConfig::default(),
             trusted_proxies: Vec::new(),
+            source: SourceConfig::default(),
         }
     }
 }
@@ -487,6 +533,47 @@ impl CollectorConfig {
         let err = |m: &str| Err(ConfigError(m.to_string()));
         if self.collector_id.is_empty() || self.collector_id.len() > 128 {
             return err("collector_id must be 1 to 128 characters");
+        }
+        let mut names = std::collections::HashSet::new();
+        for f in &self.source.file {
+            if f.name.is_empty()
+                || f.name.len() > 64
+                || !f
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(ConfigError(format!(
+                    "source.file name {:?}: 1 to 64 letters, digits, '_' or '-'",
+                    f.name
+                )));
+            }
+            if !names.insert(f.name.as_str()) {
+                return Err(ConfigError(format!(
+                    "source.file name {:?} is used twice: each source needs its own (it names its position file)",
+                    f.name
+                )));
+            }
+            if f.paths.is_empty() {
+                return Err(ConfigError(format!(
+                    "source.file {:?}: paths must list at least one glob",
+                    f.name
+                )));
+            }
+            for p in &f.paths {
+                if let Err(e) = glob::Pattern::new(p) {
+                    return Err(ConfigError(format!(
+                        "source.file {:?}: bad glob {p:?}: {e}",
+                        f.name
+                    )));
+                }
+            }
+            if f.batch_lines == 0 || f.max_line_bytes < 256 || f.poll_interval_ms == 0 {
+                return Err(ConfigError(format!(
+                    "source.file {:?}: batch_lines >= 1, max_line_bytes >= 256, poll_interval_ms >= 1",
+                    f.name
+                )));
+            }
         }
         if self
             .aggregator_key

@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod filesource;
 pub mod forward;
 pub mod http;
 pub mod ingest;
@@ -98,6 +99,8 @@ pub struct Collector {
     tasks: Vec<JoinHandle<()>>,
     writer: Option<std::thread::JoinHandle<()>>,
     state: Arc<HttpState>,
+    /// The `[[source.file]]` tailers.
+    file_sources: Option<filesource::FileSources>,
 }
 
 /// Starts a collector: opens (and recovers) the spool, binds the listeners and spawns the
@@ -190,6 +193,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
     .map_err(io("cannot start the spool writer"))?;
     let quarantine = Quarantine::start(&cfg.data_dir, cfg.quarantine.max_bytes, metrics.clone())
         .map_err(io("cannot open the quarantine log"))?;
+    let pins = filesource::SourcePins::new(cfg.source.file.len());
     let forwarding = Forwarding {
         spool: spool.clone(),
         collector_id: collector_id.clone(),
@@ -198,6 +202,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         cfg: cfg.forward.clone(),
         durable: durable.1,
         committer: committer.clone(),
+        pins: pins.clone(),
     };
 
     let listener = http::conn::bind_listener(cfg.listen_http)
@@ -253,6 +258,23 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
             shutdown_rx,
         )));
     }
+    let file_sources = if cfg.source.file.is_empty() {
+        None
+    } else {
+        Some(
+            filesource::start(
+                &cfg.source.file,
+                &cfg.data_dir,
+                state.clone(),
+                spool.clone(),
+                &pins,
+            )
+            .map_err(|e| CollectorError::Io {
+                what: "cannot start the file sources".into(),
+                source: std::io::Error::other(e),
+            })?,
+        )
+    };
     tracing::info!(%http_addr, ?quic_addr, collector_id, "collector started");
     Ok(Collector {
         http_addr,
@@ -264,6 +286,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         tasks,
         writer: Some(writer),
         state,
+        file_sources,
     })
 }
 
@@ -282,6 +305,7 @@ struct Forwarding {
     cfg: config::ForwardConfig,
     durable: watch::Receiver<u64>,
     committer: Committer,
+    pins: filesource::SourcePins,
 }
 
 impl Forwarding {
@@ -303,6 +327,7 @@ impl Forwarding {
             self.durable,
         )
         .with_reopen(self.committer)
+        .with_pins(self.pins)
     }
 }
 
@@ -372,6 +397,10 @@ impl Collector {
     /// Graceful stop: stop accepting, finish in-flight requests (their clicks are fsynced
     /// before they are answered), stop forwarding, and let the writer finish.
     pub async fn shutdown(mut self) {
+        // The file sources first: each finishes the batch it is committing.
+        if let Some(f) = self.file_sources.take() {
+            let _ = tokio::task::spawn_blocking(move || f.stop()).await;
+        }
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
             let _ = t.await;

@@ -16,6 +16,15 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+/// Labels of `adclick_collector_file_lines_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileLineLabel {
+    /// The `[[source.file]]` name.
+    pub source: String,
+    /// read, invalid_json, invalid_field or too_long.
+    pub outcome: &'static str,
+}
+
 /// Labels of `adclick_collector_requests_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabel {
@@ -52,6 +61,8 @@ pub struct ListenerLabel {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Lines read by the `[[source.file]]` sources, by source and outcome.
+    pub file_lines: Family<FileLineLabel, Counter>,
     /// Clicks by outcome.
     pub clicks: Family<OutcomeLabel, Counter>,
     /// Requests by route and status.
@@ -120,6 +131,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("adclick_collector");
         let m = Metrics {
             clicks: Family::default(),
+            file_lines: Family::default(),
             requests: Family::default(),
             clock_skew_flagged: Counter::default(),
             dedup_suspect: Counter::default(),
@@ -151,6 +163,11 @@ impl Metrics {
             "clicks",
             "Clicks by outcome (accepted, duplicate, rejection reason)",
             m.clicks.clone(),
+        );
+        r.register(
+            "file_lines",
+            "Lines read by the [[source.file]] sources, by source and outcome (read, invalid_json, invalid_field, too_long)",
+            m.file_lines.clone(),
         );
         r.register(
             "requests",

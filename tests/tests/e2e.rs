@@ -22,6 +22,7 @@ mod cluster_faults;
 mod collector_kill;
 mod countable;
 mod dev_cluster;
+mod file_source_kill;
 mod hot_dedup;
 mod jetstream_aggregator;
 mod jetstream_collector_kill;

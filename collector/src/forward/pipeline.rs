@@ -53,6 +53,9 @@ pub struct Forwarder<S: Sink> {
     last_sent: Vec<u64>,
     /// Where to ask for a spool reopen when a durable record reads back damaged.
     reopen: Option<Committer>,
+    /// Records the file sources have not yet covered by their position files: acked (and
+    /// deleted) only once they have (`filesource`).
+    pins: Option<crate::filesource::SourcePins>,
 }
 
 /// What a finished send task means for the forwarding loop.
@@ -95,7 +98,14 @@ impl<S: Sink> Forwarder<S> {
             durable,
             last_sent,
             reopen: None,
+            pins: None,
         }
+    }
+
+    /// Holds the spool ack below the records `pins` still need (`filesource`).
+    pub fn with_pins(mut self, pins: crate::filesource::SourcePins) -> Self {
+        self.pins = Some(pins);
+        self
     }
 
     /// Lets the forwarder ask `committer` to reopen the spool when a durable record reads
@@ -279,13 +289,19 @@ impl<S: Sink> Forwarder<S> {
     /// next call).
     fn advance(&mut self, w: &mut Window) {
         w.pop_complete();
-        if w.complete_to <= w.acked {
+        // A file source's record stays until its position file covers it (the next
+        // advance acks it).
+        let target = self
+            .pins
+            .as_ref()
+            .map_or(w.complete_to, |p| p.clamp(w.complete_to));
+        if target <= w.acked {
             return;
         }
         let mut spool = self.spool.lock().unwrap_or_else(|e| e.into_inner());
-        match spool.ack(w.complete_to) {
-            Ok(()) => w.acked = w.complete_to,
-            Err(e) => tracing::error!(error = %e, seq = w.complete_to, "cannot ack spool records"),
+        match spool.ack(target) {
+            Ok(()) => w.acked = target,
+            Err(e) => tracing::error!(error = %e, seq = target, "cannot ack spool records"),
         }
         let lag = spool.durable_seq().saturating_sub(spool.acked_seq());
         self.metrics

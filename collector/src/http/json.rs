@@ -158,6 +158,69 @@ pub fn parse_batch(
     })
 }
 
+/// One line of a `[[source.file]]` log: the fields of a JSON click (the same names and
+/// rules as a click of a JSON batch) plus the visitor's `client_ip`, which the ad server
+/// knows and a log line cannot take from a connection.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineJson {
+    token: String,
+    #[serde(default)]
+    occurred_at_ms: Option<i64>,
+    #[serde(default)]
+    sent_at_ms: Option<i64>,
+    #[serde(default)]
+    country: String,
+    #[serde(default)]
+    device: String,
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    site: String,
+    #[serde(default)]
+    app: String,
+    #[serde(default)]
+    user_id: String,
+    #[serde(default)]
+    client_ip: Option<String>,
+}
+
+/// Parses one log line into a click and its client IP. Times: a line without
+/// `occurred_at_ms` happened when it was read; one without `sent_at_ms` is taken as sent
+/// when it was read (the ad server's clock wrote it, so its `occurred_at_ms` stands as the
+/// event time, however late the line is read), unlike a device's batch.
+pub fn parse_line(
+    line: &[u8],
+    read_at_ms: i64,
+) -> Result<(v1::Click, Option<std::net::IpAddr>), crate::filesource::LineOutcome> {
+    use crate::filesource::LineOutcome;
+    let c: LineJson = serde_json::from_slice(line).map_err(|_| LineOutcome::InvalidJson)?;
+    let device = device(&c.device).map_err(|_| LineOutcome::InvalidField)?;
+    let ip = match c.client_ip.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            s.parse::<std::net::IpAddr>()
+                .map_err(|_| LineOutcome::InvalidField)?,
+        ),
+    };
+    let occurred = c.occurred_at_ms.unwrap_or(read_at_ms);
+    let sent = c.sent_at_ms.unwrap_or(read_at_ms);
+    Ok((
+        v1::Click {
+            token: c.token,
+            occurred_at_ms: occurred,
+            sent_at_ms: sent,
+            country: c.country.to_ascii_uppercase(),
+            device: device as i32,
+            os: c.os,
+            site: c.site,
+            app: c.app,
+            user_id: c.user_id,
+        },
+        ip,
+    ))
+}
+
 /// Renders a batch result as JSON.
 pub fn render_result(r: &v1::ClickBatchResult) -> String {
     let mut rejected: Vec<_> = r.rejected.iter().collect();
