@@ -10,6 +10,7 @@
 //! - `clickindex` ([`clickindex`]): latency of the `ip`/`user_id` filters under ingest.
 //! - `archive` ([`archive`]): the raw click archive's write throughput and its cost on
 //!   apply (archive off and on in one run).
+//! - `filesource` ([`filesource`]): lines/s of the collector's log-file source.
 //!
 //! `adclick bench --rate R ...` without a subcommand is `pipeline` (the form that predates
 //! the subcommands). Each prints a human table and exactly one line `RESULT bench=<name>
@@ -18,6 +19,7 @@
 mod aggregator;
 mod archive;
 mod clickindex;
+mod filesource;
 mod jetstream;
 pub(crate) mod pipeline;
 mod topads;
@@ -56,6 +58,8 @@ enum BenchCommand {
     /// Raw click archive: write throughput, bytes per click, and apply throughput with the
     /// archive off and on in the same run.
     Archive(archive::ArchiveArgs),
+    /// Collector `[[source.file]]`: lines/s (and per CPU-second) of the log-file source.
+    Filesource(filesource::FileSourceArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -67,6 +71,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(BenchCommand::Jetstream(x)) => jetstream::run(x),
         Some(BenchCommand::Clickindex(x)) => clickindex::run(x),
         Some(BenchCommand::Archive(x)) => archive::run(x),
+        Some(BenchCommand::Filesource(x)) => filesource::run(x),
     }
 }
 
