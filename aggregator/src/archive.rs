@@ -289,9 +289,21 @@ pub fn spawn(
     let archiver = Archiver::new(feed, cfg.clone(), dest, stats.clone())?;
     let st = stop.clone();
     let thread_stats = stats.clone();
+    let nice = cfg.nice;
     let handle = std::thread::Builder::new()
         .name("adclick-archive".into())
         .spawn(move || {
+            #[cfg(target_os = "linux")]
+            if nice > 0 {
+                // On Linux a thread id is a process id for setpriority: this thread only.
+                if let Err(e) =
+                    rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice)
+                {
+                    tracing::warn!(error = %e, nice, "archive: cannot lower the thread's priority");
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = nice;
             if let Err(e) = archiver.run(&st) {
                 tracing::error!(error = %e, "archive writer stopped; restart the aggregator to resume (nothing is lost: the WAL is kept)");
             }

@@ -24,6 +24,10 @@ pub struct ArchiveConfig {
     pub max_rows_per_roll: u64,
     /// Rows per Parquet row group (the unit a scan reads and skips by statistics).
     pub row_group_rows: usize,
+    /// CPU priority of the archive thread as a Unix nice value (0 to 19, default 10): under
+    /// CPU contention the aggregator's apply path goes first and the archive catches up when
+    /// there is room (it reads the WAL, which is kept until it does).
+    pub nice: i32,
     /// An S3-compatible destination instead of `dir`.
     pub s3: Option<S3Config>,
 }
@@ -37,6 +41,7 @@ impl Default for ArchiveConfig {
             roll_interval_secs: 300,
             max_rows_per_roll: 10_000_000,
             row_group_rows: 512 * 1024,
+            nice: 10,
             s3: None,
         }
     }
@@ -103,6 +108,9 @@ impl ArchiveConfig {
         }
         if self.row_group_rows < 1024 {
             return Err("archive.row_group_rows must be at least 1024".into());
+        }
+        if !(0..=19).contains(&self.nice) {
+            return Err("archive.nice must be between 0 and 19".into());
         }
         if self.max_rows_per_roll == 0 {
             return Err("archive.max_rows_per_roll must be at least 1".into());

@@ -814,4 +814,17 @@ fn shipped_config_has_the_default_limits() {
         format!("{:?}", CollectorConfig::default().limits)
     );
     assert!(c.trusted_proxies.is_empty());
+    assert!(c.source.file.is_empty());
+    // The commented `[[source.file]]` example, uncommented, is a valid source.
+    let start = text.find("# [[source.file]]").unwrap();
+    let example: String = text[start..]
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let c: CollectorConfig = toml::from_str(&format!("{text}\n{example}")).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.source.file.len(), 1);
+    assert_eq!(c.source.file[0].name, "adserver");
+    assert_eq!(c.source.file[0].paths, ["/var/log/adserver/clicks.log*"]);
 }
