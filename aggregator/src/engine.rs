@@ -323,14 +323,12 @@ pub fn start<S: Store + 'static>(
         None if cfg.archive.enabled => {
             return Err(StoreError("this store cannot feed the archive".into()));
         }
-        Some(log) => {
-            if log.clear()? {
-                tracing::warn!(
-                    "archive turned off: its state is deleted and the WAL is no longer kept for it; turning it on again starts a new archive at that point (what is ingested meanwhile is not archived)"
-                );
-            }
+        Some(log) if log.clear()? => {
+            tracing::warn!(
+                "archive turned off: its state is deleted and the WAL is no longer kept for it; turning it on again starts a new archive at that point (what is ingested meanwhile is not archived)"
+            );
         }
-        None => {}
+        Some(_) | None => {}
     }
     let signal = Arc::new(crate::archive::Signal::default());
     let mut w = Writer {

@@ -447,6 +447,10 @@ fn archive_covered(
     }
 }
 
+/// What [`ArchiveLog::read`] calls per entry: (WAL position, batch bytes, outcomes) ->
+/// go on.
+pub type EntryVisitor<'a> = dyn FnMut(u64, &[u8], &[u8]) -> bool + 'a;
+
 /// The raw click archive's access to the store: WAL entries with their outcomes, and the
 /// archive's state (whose `covered` holds back the WAL truncation of checkpoints).
 #[derive(Debug, Clone)]
@@ -462,7 +466,7 @@ impl ArchiveLog {
         &self,
         after: u64,
         until: u64,
-        f: &mut dyn FnMut(u64, &[u8], &[u8]) -> bool,
+        f: &mut EntryVisitor<'_>,
     ) -> Result<u64, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
         let wal = tx.open_table(WAL).map_err(e)?;

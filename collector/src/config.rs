@@ -568,9 +568,12 @@ impl CollectorConfig {
                     )));
                 }
             }
-            if f.batch_lines == 0 || f.max_line_bytes < 256 || f.poll_interval_ms == 0 {
+            if f.batch_lines == 0
+                || !(256..=4 << 20).contains(&f.max_line_bytes)
+                || f.poll_interval_ms == 0
+            {
                 return Err(ConfigError(format!(
-                    "source.file {:?}: batch_lines >= 1, max_line_bytes >= 256, poll_interval_ms >= 1",
+                    "source.file {:?}: batch_lines >= 1, max_line_bytes 256 to 4194304, poll_interval_ms >= 1",
                     f.name
                 )));
             }

@@ -104,7 +104,7 @@ async fn scenario() {
             i += 1;
             *ledger.entry(ad).or_default() += 1;
             chunk.push_str(&l);
-            if pause && i % 25 == 0 {
+            if pause && i.is_multiple_of(25) {
                 append(&log, &chunk);
                 chunk.clear();
                 std::thread::sleep(Duration::from_millis(5));

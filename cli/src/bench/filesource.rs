@@ -93,13 +93,15 @@ pub fn run(a: FileSourceArgs) -> Result<()> {
     }
     w.flush()?;
     drop(w);
-    let mut cfg = CollectorConfig::default();
-    cfg.collector_id = "bench-file".into();
-    cfg.listen_http = "127.0.0.1:0".parse()?;
-    cfg.data_dir = dir.join("collector");
-    cfg.keys_file = keys;
-    cfg.aggregators = vec!["http://127.0.0.1:1".into()];
-    cfg.aggregator_key = Some("bench-ingest-key-0123456789".into());
+    let mut cfg = CollectorConfig {
+        collector_id: "bench-file".into(),
+        listen_http: "127.0.0.1:0".parse()?,
+        data_dir: dir.join("collector"),
+        keys_file: keys,
+        aggregators: vec!["http://127.0.0.1:1".into()],
+        aggregator_key: Some("bench-ingest-key-0123456789".into()),
+        ..CollectorConfig::default()
+    };
     cfg.forward.retry_base_ms = 1_000;
     cfg.forward.retry_max_ms = 10_000;
     cfg.dedup.expected_clicks = usize::try_from(a.lines.max(1000)).unwrap_or(usize::MAX);

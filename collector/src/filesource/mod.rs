@@ -415,7 +415,7 @@ impl FileSource {
             return Ok(false);
         }
         let mut any = false;
-        let chunk = self.cfg.max_line_bytes.max(64 << 10).min(4 << 20);
+        let chunk = self.cfg.max_line_bytes.clamp(64 << 10, 4 << 20);
         let mut buf = vec![0u8; chunk];
         loop {
             let t = &mut self.files[i];
