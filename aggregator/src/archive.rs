@@ -284,15 +284,30 @@ pub fn spawn(
     let stats = Arc::new(Stats::default());
     let killed = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let dest = Destination::open(cfg, &data_dir.join("archive-staging"))?;
     let feed = WalFeed::new(log, signal, start, killed.clone());
-    let archiver = Archiver::new(feed, cfg.clone(), dest, stats.clone())?;
     let st = stop.clone();
     let thread_stats = stats.clone();
     let nice = cfg.nice;
+    let cfg = cfg.clone();
+    let staging = data_dir.join("archive-staging");
+    // The destination (an S3 one owns a tokio runtime) is built and dropped on the archive
+    // thread, never in the caller's async context; its opening error still fails the start.
+    let (opened_tx, opened) = std::sync::mpsc::sync_channel::<Result<(), ArchiveError>>(1);
     let handle = std::thread::Builder::new()
         .name("adclick-archive".into())
         .spawn(move || {
+            let archiver = match Destination::open(&cfg, &staging)
+                .and_then(|dest| Archiver::new(feed, cfg.clone(), dest, thread_stats.clone()))
+            {
+                Ok(a) => {
+                    let _ = opened_tx.send(Ok(()));
+                    a
+                }
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e));
+                    return;
+                }
+            };
             #[cfg(target_os = "linux")]
             if nice > 0 {
                 // On Linux a thread id is a process id for setpriority: this thread only.
@@ -313,6 +328,19 @@ pub fn spawn(
                 .store((cpu * 1e6) as u64, Ordering::Relaxed);
         })
         .map_err(|e| ArchiveError(format!("archive thread: {e}")))?;
+    match opened.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = handle.join();
+            return Err(ArchiveError(
+                "archive thread ended before it started".into(),
+            ));
+        }
+    }
     Ok(ArchiveThread {
         stop,
         killed,

@@ -17,6 +17,7 @@
 mod util;
 
 mod dedup;
+mod file_source;
 mod forwarding;
 mod hardening;
 mod idle_flood;
