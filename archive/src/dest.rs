@@ -162,6 +162,33 @@ impl Destination {
         }
     }
 
+    /// The bytes of the file `rel` (tools: `adclick reconcile`).
+    pub fn get(&self, rel: &str) -> Result<bytes::Bytes, ArchiveError> {
+        match self {
+            Destination::Local { dir } => std::fs::read(dir.join(rel))
+                .map(bytes::Bytes::from)
+                .map_err(io(format!("cannot read {}", dir.join(rel).display()))),
+            Destination::Object {
+                store,
+                prefix,
+                rt,
+                url,
+                ..
+            } => {
+                let key = if prefix.is_empty() {
+                    ObjectPath::from(rel)
+                } else {
+                    ObjectPath::from(format!("{prefix}/{rel}"))
+                };
+                rt.block_on(async {
+                    let r = store.get(&key).await?;
+                    r.bytes().await
+                })
+                .map_err(|e| ArchiveError(format!("cannot read {url}/{rel}: {e}")))
+            }
+        }
+    }
+
     /// Names of the files under `rel_dir` (tests and tools), sorted.
     pub fn list(&self, rel_dir: &str) -> Result<Vec<String>, ArchiveError> {
         match self {

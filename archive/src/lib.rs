@@ -12,6 +12,7 @@ pub mod archiver;
 pub mod config;
 pub mod dest;
 pub mod partition;
+pub mod read;
 pub mod row;
 
 pub use archiver::{Archiver, Feed, Pending, State, Stats};

@@ -10,6 +10,7 @@ mod jetstream;
 mod keys;
 mod loadgen;
 mod query;
+mod reconcile;
 mod serve;
 mod spool;
 mod traffic;
@@ -60,6 +61,10 @@ enum Command {
     /// NATS JetStream back end: create or verify the clicks stream.
     #[command(subcommand)]
     Jetstream(jetstream::JetStreamCommand),
+    /// Recount one event day from the raw click archive and compare it with the
+    /// aggregator's cells (per ad and minute, per ad and day): summary, JSON-lines report,
+    /// exit status 3 when cells differ.
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +72,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Spool(cmd) => {
             return spool::run(cmd).unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            });
+        }
+        Command::Reconcile(args) => {
+            return reconcile::run(args).unwrap_or_else(|e| {
                 eprintln!("error: {e:#}");
                 ExitCode::FAILURE
             });

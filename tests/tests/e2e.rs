@@ -28,6 +28,7 @@ mod jetstream_aggregator;
 mod jetstream_collector_kill;
 mod mixed;
 mod query_front;
+mod reconcile;
 mod regions;
 mod retention_gap;
 mod spool_damage;

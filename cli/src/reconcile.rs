@@ -1,0 +1,310 @@
+//! `adclick reconcile --day YYYY-MM-DD`: recomputes one event day's counted clicks and
+//! unique users per (ad, minute) and per (ad, day) from the raw click archive, compares them
+//! with the aggregator's cells (`BatchGetAdClicks`), prints a summary (cells compared, cells
+//! differing, clicks off) and writes every differing cell as a JSON line to `--report`.
+//! Exit status 0: no cell differs; 3: some do (the report says which); 1: it could not run.
+//!
+//! Clicks must match exactly. Unique users are an estimate on the aggregator's side
+//! (HyperLogLog, exact while small): a cell differs on users only when they are off by more
+//! than 2% (and more than 1). Minute cells are compared while the aggregator still keeps
+//! them (`windows.retention_minutes`, 48 h by default); for older days only the day level
+//! is compared. Ads the archive does not have are found with `TopAds` over the day (up to
+//! 10,000 ads). Repairing the differences (`--repair`) is not implemented yet.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use adclick_archive::{ArchiveConfig, Destination, S3Config};
+use adclick_proto::v1::query_service_client::QueryServiceClient;
+use adclick_proto::v1::{
+    BatchGetAdClicksRequest, Granularity, TimeRange, TopAdsRequest, top_ads_request,
+};
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use serde_json::json;
+
+/// `adclick reconcile`
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The event day (UTC), YYYY-MM-DD.
+    #[arg(long)]
+    day: String,
+    /// The archive on a local directory (its `[archive] dir`).
+    #[arg(long, conflicts_with = "s3_bucket")]
+    archive_dir: Option<PathBuf>,
+    /// The archive in an S3-compatible bucket (credentials from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY, as for the aggregator).
+    #[arg(long)]
+    s3_bucket: Option<String>,
+    /// Key prefix in the bucket.
+    #[arg(long, default_value = "")]
+    s3_prefix: String,
+    /// Endpoint of a non-AWS store.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// Region.
+    #[arg(long)]
+    s3_region: Option<String>,
+    /// Allow a plain-HTTP endpoint.
+    #[arg(long)]
+    s3_allow_http: bool,
+    /// Aggregator gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:9090")]
+    endpoint: String,
+    /// Admin API key (default: $ADCLICK_API_KEY).
+    #[arg(long, env = "ADCLICK_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// Write the differing cells here, one JSON object per line.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// One compared cell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Pair {
+    archive_clicks: u64,
+    archive_users: u64,
+    aggregator_clicks: u64,
+    aggregator_users: u64,
+}
+
+impl Pair {
+    fn clicks_differ(&self) -> bool {
+        self.archive_clicks != self.aggregator_clicks
+    }
+    fn users_differ(&self) -> bool {
+        let (a, b) = (self.archive_users as f64, self.aggregator_users as f64);
+        (a - b).abs() > (0.02 * a).max(1.0)
+    }
+}
+
+/// (ad, cell start ms, the pair).
+type Compared = (u64, i64, Pair);
+
+fn day_start_ms(day: &str) -> Result<i64> {
+    let t = humantime::parse_rfc3339(&format!("{day}T00:00:00Z"))
+        .with_context(|| format!("--day {day:?}: expected YYYY-MM-DD"))?;
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| anyhow!("--day {day:?} is before 1970"))?
+        .as_millis();
+    i64::try_from(ms).context("--day out of range")
+}
+
+pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
+    let from = day_start_ms(&a.day)?;
+    let to = from + 86_400_000;
+    let cfg = ArchiveConfig {
+        dir: a.archive_dir.clone().unwrap_or_default(),
+        s3: a.s3_bucket.as_ref().map(|b| S3Config {
+            bucket: b.clone(),
+            prefix: a.s3_prefix.clone(),
+            endpoint: a.s3_endpoint.clone(),
+            region: a.s3_region.clone(),
+            path_style: true,
+            allow_http: a.s3_allow_http,
+        }),
+        ..ArchiveConfig::default()
+    };
+    if a.archive_dir.is_none() && a.s3_bucket.is_none() {
+        bail!("name the archive: --archive-dir DIR or --s3-bucket BUCKET");
+    }
+    let staging = std::env::temp_dir().join(format!("adclick-reconcile-{}", std::process::id()));
+    let dest = Destination::open(&cfg, &staging).map_err(|e| anyhow!("{e}"))?;
+    let archived = adclick_archive::read::read_day(&dest, &a.day).map_err(|e| anyhow!("{e}"))?;
+    drop(dest);
+    let _ = std::fs::remove_dir_all(&staging);
+    eprintln!(
+        "archive: {} files, {} rows, {} (ad, minute) cells with counted clicks for {}",
+        archived.files,
+        archived.rows,
+        archived.cells.len(),
+        a.day
+    );
+
+    // Archive side: minute cells and day cells (users: distinct over the day).
+    let mut minute: BTreeMap<(u64, i64), Pair> = BTreeMap::new();
+    let mut day: BTreeMap<u64, (u64, HashSet<u64>)> = BTreeMap::new();
+    for ((ad, m), c) in &archived.cells {
+        let p = minute.entry((*ad, *m)).or_default();
+        p.archive_clicks = c.clicks;
+        p.archive_users = c.users.len() as u64;
+        let d = day.entry(*ad).or_default();
+        d.0 += c.clicks;
+        d.1.extend(c.users.iter().copied());
+    }
+    let mut day: BTreeMap<u64, Pair> = day
+        .into_iter()
+        .map(|(ad, (clicks, users))| {
+            (
+                ad,
+                Pair {
+                    archive_clicks: clicks,
+                    archive_users: users.len() as u64,
+                    ..Pair::default()
+                },
+            )
+        })
+        .collect();
+
+    // Aggregator side.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    let minute_level = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(a.endpoint.clone())
+            .with_context(|| format!("invalid --endpoint {:?}", a.endpoint))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to the aggregator at {}", a.endpoint))?;
+        let mut client = QueryServiceClient::new(channel);
+        let key = a.api_key.clone();
+        let authed = |r: &mut tonic::metadata::MetadataMap| -> Result<()> {
+            r.insert(
+                "authorization",
+                format!("Bearer {key}")
+                    .parse()
+                    .context("API key is not valid header text")?,
+            );
+            Ok(())
+        };
+        // Ads the aggregator counted that day and the archive may not have.
+        let mut ads: BTreeSet<u64> = day.keys().copied().collect();
+        let mut req = tonic::Request::new(TopAdsRequest {
+            n: 10_000,
+            window: Some(top_ads_request::Window::Range(TimeRange {
+                from_ms: from,
+                to_ms: to,
+            })),
+            filter: None,
+        });
+        authed(req.metadata_mut())?;
+        match client.top_ads(req).await {
+            Ok(r) => ads.extend(r.into_inner().ads.iter().map(|e| e.ad_id)),
+            Err(s) => eprintln!(
+                "note: TopAds over the day was refused ({}): only the archive's ads are compared",
+                s.message()
+            ),
+        }
+        let ads: Vec<u64> = ads.into_iter().collect();
+        let mut minute_level = true;
+        for chunk in ads.chunks(100) {
+            for (g, level_day) in [(Granularity::Day, true), (Granularity::Minute, false)] {
+                if !level_day && !minute_level {
+                    continue;
+                }
+                let mut req = tonic::Request::new(BatchGetAdClicksRequest {
+                    ad_ids: chunk.to_vec(),
+                    from_ms: from,
+                    to_ms: to,
+                    granularity: g as i32,
+                    fill_empty: Some(false),
+                    filter: None,
+                });
+                authed(req.metadata_mut())?;
+                let r = client.batch_get_ad_clicks(req).await;
+                let r = match r {
+                    Ok(r) => r.into_inner(),
+                    Err(s) if !level_day && s.code() == tonic::Code::InvalidArgument => {
+                        eprintln!(
+                            "note: minute cells of {} are past the aggregator's minute retention ({}): comparing days only",
+                            a.day,
+                            s.message()
+                        );
+                        minute_level = false;
+                        continue;
+                    }
+                    Err(s) => bail!("BatchGetAdClicks: {} {}", s.code(), s.message()),
+                };
+                for ad in r.ads {
+                    for b in ad.buckets {
+                        if level_day {
+                            let p = day.entry(ad.ad_id).or_default();
+                            p.aggregator_clicks += b.clicks;
+                            p.aggregator_users = p.aggregator_users.max(b.unique_users);
+                        } else {
+                            let p = minute.entry((ad.ad_id, b.start_ms)).or_default();
+                            p.aggregator_clicks = b.clicks;
+                            p.aggregator_users = b.unique_users;
+                        }
+                    }
+                }
+            }
+        }
+        Ok::<bool, anyhow::Error>(minute_level)
+    })?;
+    if !minute_level {
+        minute.clear();
+    }
+
+    // Diff.
+    let mut report = match &a.report {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let mut summary = String::new();
+    let mut any = false;
+    let levels: [(&str, Vec<Compared>); 2] = [
+        (
+            "minute",
+            minute.iter().map(|((ad, m), p)| (*ad, *m, *p)).collect(),
+        ),
+        ("day", day.iter().map(|(ad, p)| (*ad, from, *p)).collect()),
+    ];
+    for (level, cells) in levels {
+        let (mut differ, mut off, mut users_differ) = (0u64, 0u64, 0u64);
+        for (ad, start, p) in &cells {
+            let c = p.clicks_differ();
+            let u = p.users_differ();
+            if c {
+                differ += 1;
+                off += p.archive_clicks.abs_diff(p.aggregator_clicks);
+            }
+            if u {
+                users_differ += 1;
+            }
+            if (c || u)
+                && let Some(w) = report.as_mut()
+            {
+                writeln!(
+                    w,
+                    "{}",
+                    json!({"level": level, "ad_id": ad, "start_ms": start,
+                        "archive_clicks": p.archive_clicks, "aggregator_clicks": p.aggregator_clicks,
+                        "archive_users": p.archive_users, "aggregator_users": p.aggregator_users,
+                        "clicks_differ": c, "users_differ": u})
+                )?;
+            }
+        }
+        any |= differ > 0 || users_differ > 0;
+        summary += &format!(
+            "{level:<6} cells compared {:>9}  differing {:>7}  clicks off {:>9}  users differing {:>7}\n",
+            cells.len(),
+            differ,
+            off,
+            users_differ
+        );
+    }
+    if let Some(mut w) = report {
+        w.flush()?;
+    }
+    print!("reconcile {}:\n{summary}", a.day);
+    println!(
+        "RESULT reconcile day={} archive_rows={} differing={}",
+        a.day,
+        archived.rows,
+        if any { "yes" } else { "no" }
+    );
+    Ok(if any {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
