@@ -95,6 +95,7 @@ fn day_start_ms(day: &str) -> Result<i64> {
 }
 
 pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
     let from = day_start_ms(&a.day)?;
     let to = from + 86_400_000;
     let cfg = ArchiveConfig {
@@ -296,11 +297,24 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
         w.flush()?;
     }
     print!("reconcile {}:\n{summary}", a.day);
+    // Peak RSS of this process (Linux), for the benchmark.
+    let peak_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(0);
     println!(
-        "RESULT reconcile day={} archive_rows={} differing={}",
+        "RESULT reconcile day={} archive_rows={} differing={} seconds={:.2} peak_rss_mib={}",
         a.day,
         archived.rows,
-        if any { "yes" } else { "no" }
+        if any { "yes" } else { "no" },
+        started.elapsed().as_secs_f64(),
+        peak_kib / 1024
     );
     Ok(if any {
         ExitCode::from(3)

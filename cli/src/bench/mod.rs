@@ -11,6 +11,7 @@
 //! - `archive` ([`archive`]): the raw click archive's write throughput and its cost on
 //!   apply (archive off and on in one run).
 //! - `filesource` ([`filesource`]): lines/s of the collector's log-file source.
+//! - `reconcile` ([`reconcile`]): `adclick reconcile` over a day of N clicks.
 //!
 //! `adclick bench --rate R ...` without a subcommand is `pipeline` (the form that predates
 //! the subcommands). Each prints a human table and exactly one line `RESULT bench=<name>
@@ -22,6 +23,7 @@ mod clickindex;
 mod filesource;
 mod jetstream;
 pub(crate) mod pipeline;
+mod reconcile;
 mod topads;
 
 use std::io::Write;
@@ -60,6 +62,8 @@ enum BenchCommand {
     Archive(archive::ArchiveArgs),
     /// Collector `[[source.file]]`: lines/s (and per CPU-second) of the log-file source.
     Filesource(filesource::FileSourceArgs),
+    /// `adclick reconcile` over one day of N clicks: wall time and peak memory.
+    Reconcile(reconcile::ReconcileArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -72,6 +76,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(BenchCommand::Clickindex(x)) => clickindex::run(x),
         Some(BenchCommand::Archive(x)) => archive::run(x),
         Some(BenchCommand::Filesource(x)) => filesource::run(x),
+        Some(BenchCommand::Reconcile(x)) => reconcile::run(x),
     }
 }
 
