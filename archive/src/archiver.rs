@@ -232,7 +232,12 @@ impl<F: Feed> Archiver<F> {
             let stopping = stop.load(Ordering::Acquire);
             let n = self.step(u64::MAX, stop)?;
             let due = self.started.is_some_and(|s| s.elapsed() >= roll)
-                || self.rows >= self.cfg.max_rows_per_roll;
+                || self.rows >= self.cfg.max_rows_per_roll
+                // Only entries without clicks (heartbeats) since the last save: record how
+                // far they go now and then, so the WAL behind them can go.
+                || (self.open.is_empty()
+                    && self.read_pos > self.state.covered
+                    && self.last_save.elapsed() >= roll);
             if due || (stopping && n == 0) {
                 if !self.close(None, stop)? {
                     return Ok(self.state);

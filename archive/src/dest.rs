@@ -26,6 +26,14 @@ pub enum Destination {
         /// The archive's root.
         dir: PathBuf,
     },
+    /// A local directory shared with other writers: files are built in
+    /// `<dir>/_tmp/<writer_id>` (what [`Destination::open`] returns for a local `dir`).
+    LocalFor {
+        /// The archive's root.
+        dir: PathBuf,
+        /// This writer's build directory.
+        tmp: PathBuf,
+    },
     /// An object store (S3-compatible).
     Object {
         /// The store.
@@ -49,8 +57,9 @@ impl Destination {
     /// The destination `cfg` names; `staging` holds files being built for an object store.
     pub fn open(cfg: &ArchiveConfig, staging: &Path) -> Result<Destination, ArchiveError> {
         let dest = match &cfg.s3 {
-            None => Destination::Local {
+            None => Destination::LocalFor {
                 dir: cfg.dir.clone(),
+                tmp: cfg.dir.join("_tmp").join(&cfg.writer_id),
             },
             Some(s3) => Destination::Object {
                 store: Arc::new(s3_store(s3)?),
@@ -65,7 +74,8 @@ impl Destination {
         };
         let tmp = dest.tmp_dir();
         std::fs::create_dir_all(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
-        // Files being built when the process stopped: the redo writes them again.
+        // Files this writer was building when it stopped: the redo writes them again
+        // (another writer's are in their own directory).
         if let Ok(rd) = std::fs::read_dir(&tmp) {
             for e in rd.flatten() {
                 let _ = std::fs::remove_file(e.path());
@@ -79,6 +89,7 @@ impl Destination {
     pub fn tmp_dir(&self) -> PathBuf {
         match self {
             Destination::Local { dir } => dir.join("_tmp"),
+            Destination::LocalFor { tmp, .. } => tmp.clone(),
             Destination::Object { staging, .. } => staging.clone(),
         }
     }
@@ -86,7 +97,9 @@ impl Destination {
     /// For logs.
     pub fn describe(&self) -> String {
         match self {
-            Destination::Local { dir } => dir.display().to_string(),
+            Destination::Local { dir } | Destination::LocalFor { dir, .. } => {
+                dir.display().to_string()
+            }
             Destination::Object { url, .. } => url.clone(),
         }
     }
@@ -95,7 +108,7 @@ impl Destination {
     /// (`dt=.../hour=.../<name>.parquet`).
     pub fn publish(&self, tmp: &Path, rel: &str) -> Result<(), ArchiveError> {
         match self {
-            Destination::Local { dir } => {
+            Destination::Local { dir } | Destination::LocalFor { dir, .. } => {
                 let to = dir.join(rel);
                 let parent = to.parent().unwrap_or(dir);
                 std::fs::create_dir_all(parent)
@@ -165,9 +178,11 @@ impl Destination {
     /// The bytes of the file `rel` (tools: `adclick reconcile`).
     pub fn get(&self, rel: &str) -> Result<bytes::Bytes, ArchiveError> {
         match self {
-            Destination::Local { dir } => std::fs::read(dir.join(rel))
-                .map(bytes::Bytes::from)
-                .map_err(io(format!("cannot read {}", dir.join(rel).display()))),
+            Destination::Local { dir } | Destination::LocalFor { dir, .. } => {
+                std::fs::read(dir.join(rel))
+                    .map(bytes::Bytes::from)
+                    .map_err(io(format!("cannot read {}", dir.join(rel).display())))
+            }
             Destination::Object {
                 store,
                 prefix,
@@ -192,7 +207,7 @@ impl Destination {
     /// Names of the files under `rel_dir` (tests and tools), sorted.
     pub fn list(&self, rel_dir: &str) -> Result<Vec<String>, ArchiveError> {
         match self {
-            Destination::Local { dir } => {
+            Destination::Local { dir } | Destination::LocalFor { dir, .. } => {
                 let mut out = Vec::new();
                 walk(&dir.join(rel_dir), dir, &mut out)?;
                 out.sort();

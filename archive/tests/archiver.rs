@@ -189,7 +189,9 @@ fn every_row_lands_once_in_its_event_hour() {
     assert_eq!(stats.rows.load(std::sync::atomic::Ordering::Relaxed), 120);
     // Nothing left in the build directory.
     assert_eq!(
-        std::fs::read_dir(dir.path().join("_tmp")).unwrap().count(),
+        std::fs::read_dir(dir.path().join("_tmp/w1"))
+            .unwrap()
+            .count(),
         0
     );
 }

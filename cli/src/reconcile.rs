@@ -5,8 +5,10 @@
 //! Exit status 0: no cell differs; 3: some do (the report says which); 1: it could not run.
 //!
 //! Clicks must match exactly. Unique users are an estimate on the aggregator's side
-//! (HyperLogLog, exact while small): a cell differs on users only when they are off by more
-//! than 2% (and more than 1). Minute cells are compared while the aggregator still keeps
+//! (HyperLogLog, exact while small, about 0.8% standard error beyond): a cell differs on
+//! users only when they are off by more than 5% (and more than 2): six standard errors, so
+//! estimation noise over millions of cells does not read as damage (at 2%, one day cell of
+//! 100,000 did in the 10M-click benchmark). Minute cells are compared while the aggregator still keeps
 //! them (`windows.retention_minutes`, 48 h by default); for older days only the day level
 //! is compared. Ads the archive does not have are found with `TopAds` over the day (up to
 //! 10,000 ads). Repairing the differences (`--repair`) is not implemented yet.
@@ -77,7 +79,7 @@ impl Pair {
     }
     fn users_differ(&self) -> bool {
         let (a, b) = (self.archive_users as f64, self.aggregator_users as f64);
-        (a - b).abs() > (0.02 * a).max(1.0)
+        (a - b).abs() > (0.05 * a).max(2.0)
     }
 }
 
