@@ -316,6 +316,17 @@ pub struct QueryConfig {
     /// Queries a key may make at once after being idle (the bucket's size); at least 1
     /// when rate limiting is on.
     pub rate_limit_burst: u32,
+    /// Least time between two updates of a watch (WatchTopAds, WatchAdClicks, their SSE
+    /// mirror) that does not ask for its own `interval_ms`: 100 to 60,000 ms.
+    pub watch_interval_ms: u32,
+    /// Watches open at once in this process (each re-runs its query at most once per
+    /// interval); at least 1.
+    pub watch_max_streams: usize,
+    /// Watches one API key may have open at once; at least 1.
+    pub watch_max_per_key: usize,
+    /// Updates a watch holds for a client that has not read them yet; when they are all
+    /// unread and the next is due, the client is dropped (RESOURCE_EXHAUSTED). 1 to 64.
+    pub watch_buffer: usize,
 }
 
 impl Default for QueryConfig {
@@ -327,6 +338,10 @@ impl Default for QueryConfig {
             cors_allowed_origins: Vec::new(),
             rate_limit_per_second: 50,
             rate_limit_burst: 100,
+            watch_interval_ms: 1000,
+            watch_max_streams: 1000,
+            watch_max_per_key: 16,
+            watch_buffer: 4,
         }
     }
 }
@@ -450,6 +465,21 @@ pub fn check_query_access(query: &QueryConfig, api_keys: &[ApiKey]) -> Result<()
     }
     if q.max_range_days < 1 {
         return err("query.max_range_days must be at least 1".into());
+    }
+    if !(crate::live::MIN_INTERVAL_MS..=crate::live::MAX_INTERVAL_MS)
+        .contains(&q.watch_interval_ms)
+    {
+        return err(format!(
+            "query.watch_interval_ms must be between {} and {}",
+            crate::live::MIN_INTERVAL_MS,
+            crate::live::MAX_INTERVAL_MS
+        ));
+    }
+    if q.watch_max_streams == 0 || q.watch_max_per_key == 0 {
+        return err("query.watch_max_streams and query.watch_max_per_key must be at least 1".into());
+    }
+    if !(1..=64).contains(&q.watch_buffer) {
+        return err("query.watch_buffer must be between 1 and 64".into());
     }
     if q.rate_limit_per_second > 0 && q.rate_limit_burst == 0 {
         return err(

@@ -32,6 +32,7 @@ pub mod state;
 pub mod store;
 pub mod validate;
 pub mod view;
+pub mod live;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -159,7 +160,7 @@ pub async fn start_with_store<S: Store + 'static>(
         .add_service(
             QueryServiceServer::new(api.clone())
                 .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
+                .max_encoding_message_size(grpc::MAX_ANSWER_BYTES),
         )
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -94,6 +94,8 @@ pub struct Metrics {
     pub query_seconds: Family<RpcLabel, Histogram>,
     /// Queries refused (gRPC and HTTP), by rpc and reason.
     pub queries_refused: Family<RpcReasonLabel, Counter>,
+    /// Watches (WatchTopAds, WatchAdClicks, their SSE mirror) open now.
+    pub watch_streams: Gauge,
     /// Wall clock minus watermark, updated on every ingest group (how far behind real time
     /// the final minutes are).
     pub watermark_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -149,6 +151,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
             }),
             queries_refused: Family::default(),
+            watch_streams: Gauge::default(),
             watermark_lag_seconds: Gauge::default(),
             connections: Family::default(),
             connections_refused: Family::default(),
@@ -242,6 +245,11 @@ impl Metrics {
             "queries_refused",
             "Queries refused, by rpc and reason (unauthenticated, or the first invalid field's)",
             m.queries_refused.clone(),
+        );
+        r.register(
+            "watch_streams",
+            "Watches (WatchTopAds, WatchAdClicks, their SSE mirror) open now",
+            m.watch_streams.clone(),
         );
         r.register(
             "connections",

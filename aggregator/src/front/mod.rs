@@ -82,6 +82,7 @@ pub async fn start(cfg: FrontConfig) -> Result<QueryFront, AggregatorError> {
         cors: Arc::new(
             cors::Cors::new(&cfg.query.cors_allowed_origins).map_err(crate::config::ConfigError)?,
         ),
+        watchers: Arc::new(crate::live::Watchers::new(&cfg.query)),
     };
     if cfg.query.allow_unauthenticated {
         tracing::warn!(
@@ -103,7 +104,7 @@ pub async fn start(cfg: FrontConfig) -> Result<QueryFront, AggregatorError> {
     let routes = tonic::service::Routes::new(
         QueryServiceServer::new(api.clone())
             .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
+            .max_encoding_message_size(grpc::MAX_ANSWER_BYTES),
     )
     .add_service(reflection)
     .add_service(reflection_v1alpha)
