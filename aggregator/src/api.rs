@@ -28,14 +28,15 @@ use tonic::{Request, Response, Status};
 use crate::config::ApiKey;
 use crate::cors::Cors;
 use crate::grpc;
+use crate::live::Update;
 use crate::metrics::{Metrics, RpcLabel};
 use crate::query::{self, Caller, QueryError};
 use crate::ratelimit::RateLimiter;
-use crate::live::Update;
 
 /// A watch as a gRPC stream: its answers (heartbeats dropped: HTTP/2 PINGs keep the
 /// connection), then the status that ended it, if any.
-pub type WatchStream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+pub type WatchStream<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 fn grpc_stream<T: Send + 'static>(rx: mpsc::Receiver<Update<T>>) -> WatchStream<T> {
     use tokio_stream::StreamExt;
@@ -48,14 +49,14 @@ fn grpc_stream<T: Send + 'static>(rx: mpsc::Receiver<Update<T>>) -> WatchStream<
 fn under_query(e: BackendError, own_last_minutes: bool) -> BackendError {
     use crate::validate::Field;
     match e {
-        BackendError::Query(QueryError::Invalid(v)) => QueryError::Invalid(v.map_fields(|f| {
-            match f {
+        BackendError::Query(QueryError::Invalid(v)) => {
+            QueryError::Invalid(v.map_fields(|f| match f {
                 Field::IntervalMs | Field::Param(_) => f,
                 Field::LastMinutes if own_last_minutes => f,
                 f => Field::Param(format!("query.{f}")),
-            }
-        }))
-        .into(),
+            }))
+            .into()
+        }
         e => e,
     }
 }
@@ -231,13 +232,25 @@ impl Api {
     ) -> Result<mpsc::Receiver<Update<TopAdsResponse>>, BackendError> {
         const RPC: &str = "WatchTopAds";
         let (slot, interval) = self.watch_slot(&ctx, RPC, interval_ms)?;
-        let first = self.timed(RPC, self.backend.top_ads(&ctx, query.clone())).await?;
+        let first = self
+            .timed(RPC, self.backend.top_ads(&ctx, query.clone()))
+            .await?;
         let backend = self.backend.clone();
-        Ok(crate::live::spawn(self, RPC, slot, interval, first, move |now_ms| {
-            let (backend, query) = (backend.clone(), query.clone());
-            let ctx = Ctx { now_ms, ..ctx.clone() };
-            async move { backend.top_ads(&ctx, query).await }
-        }))
+        Ok(crate::live::spawn(
+            self,
+            RPC,
+            slot,
+            interval,
+            first,
+            move |now_ms| {
+                let (backend, query) = (backend.clone(), query.clone());
+                let ctx = Ctx {
+                    now_ms,
+                    ..ctx.clone()
+                };
+                async move { backend.top_ads(&ctx, query).await }
+            },
+        ))
     }
 
     /// Opens a watch of `GetAdClicks`: as [`Api::watch_top`]; `request(now_ms)` is the
@@ -251,15 +264,27 @@ impl Api {
         const RPC: &str = "WatchAdClicks";
         let (slot, interval) = self.watch_slot(&ctx, RPC, interval_ms)?;
         let first = self
-            .timed(RPC, async { self.backend.ad_clicks(&ctx, request(ctx.now_ms)?).await })
+            .timed(RPC, async {
+                self.backend.ad_clicks(&ctx, request(ctx.now_ms)?).await
+            })
             .await?;
         let backend = self.backend.clone();
         let request = Arc::new(request);
-        Ok(crate::live::spawn(self, RPC, slot, interval, first, move |now_ms| {
-            let (backend, request) = (backend.clone(), request.clone());
-            let ctx = Ctx { now_ms, ..ctx.clone() };
-            async move { backend.ad_clicks(&ctx, request(now_ms)?).await }
-        }))
+        Ok(crate::live::spawn(
+            self,
+            RPC,
+            slot,
+            interval,
+            first,
+            move |now_ms| {
+                let (backend, request) = (backend.clone(), request.clone());
+                let ctx = Ctx {
+                    now_ms,
+                    ..ctx.clone()
+                };
+                async move { backend.ad_clicks(&ctx, request(now_ms)?).await }
+            },
+        ))
     }
 
     /// The interval of a new watch and its slot under the limits (a refusal is counted).
@@ -397,7 +422,9 @@ impl QueryService for Api {
                 return Ok(query.clone());
             }
             let window = TopAdsRequest {
-                window: Some(adclick_proto::v1::top_ads_request::Window::LastMinutes(last)),
+                window: Some(adclick_proto::v1::top_ads_request::Window::LastMinutes(
+                    last,
+                )),
                 ..Default::default()
             };
             let (from_ms, to_ms) = crate::validate::top_window(&window, now_ms)

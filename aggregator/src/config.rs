@@ -466,8 +466,7 @@ pub fn check_query_access(query: &QueryConfig, api_keys: &[ApiKey]) -> Result<()
     if q.max_range_days < 1 {
         return err("query.max_range_days must be at least 1".into());
     }
-    if !(crate::live::MIN_INTERVAL_MS..=crate::live::MAX_INTERVAL_MS)
-        .contains(&q.watch_interval_ms)
+    if !(crate::live::MIN_INTERVAL_MS..=crate::live::MAX_INTERVAL_MS).contains(&q.watch_interval_ms)
     {
         return err(format!(
             "query.watch_interval_ms must be between {} and {}",
@@ -476,7 +475,9 @@ pub fn check_query_access(query: &QueryConfig, api_keys: &[ApiKey]) -> Result<()
         ));
     }
     if q.watch_max_streams == 0 || q.watch_max_per_key == 0 {
-        return err("query.watch_max_streams and query.watch_max_per_key must be at least 1".into());
+        return err(
+            "query.watch_max_streams and query.watch_max_per_key must be at least 1".into(),
+        );
     }
     if !(1..=64).contains(&q.watch_buffer) {
         return err("query.watch_buffer must be between 1 and 64".into());

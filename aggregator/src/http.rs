@@ -316,10 +316,7 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 impl ConnService for HttpService {
     type Body = Body;
 
-    fn call(
-        &self,
-        req: Request<Incoming>,
-    ) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
+    fn call(&self, req: Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
         // A CORS preflight (OPTIONS) is answered before routing; everything else gets the
         // CORS headers of its origin (`cors.rs`; none unless query.cors_allowed_origins).
         if let Some(resp) = self.0.cors.preflight::<_, Full<Bytes>>(&req) {

@@ -23,6 +23,7 @@ pub mod grpc_web;
 pub mod health;
 pub mod http;
 pub mod listen;
+pub mod live;
 pub mod metrics;
 pub mod query;
 pub mod ratelimit;
@@ -32,7 +33,6 @@ pub mod state;
 pub mod store;
 pub mod validate;
 pub mod view;
-pub mod live;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -204,7 +204,8 @@ where
             };
             if answer == last {
                 // A heartbeat only into a free slot: it never counts against the client.
-                if sent.elapsed() >= HEARTBEAT && tx.capacity() > 1 && tx.try_send(Ok(None)).is_ok() {
+                if sent.elapsed() >= HEARTBEAT && tx.capacity() > 1 && tx.try_send(Ok(None)).is_ok()
+                {
                     sent = tokio::time::Instant::now();
                 }
                 continue;

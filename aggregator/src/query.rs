@@ -728,7 +728,8 @@ pub fn get_totals(
     };
     let (level, from, to) = (plan.level, plan.from_ms, plan.to_ms);
     let width = LEVEL_MS[level];
-    let mut buckets: std::collections::BTreeMap<i64, (u64, Hll)> = std::collections::BTreeMap::new();
+    let mut buckets: std::collections::BTreeMap<i64, (u64, Hll)> =
+        std::collections::BTreeMap::new();
     let mut active: std::collections::HashSet<u64> = std::collections::HashSet::new();
     if filter.uses_click_index() {
         filter.index_hits(view, from, to, &mut |h| {

@@ -29,4 +29,5 @@ mod query_api;
 mod recovery;
 mod store_integrity;
 mod stream_positions;
+mod totals_live;
 mod validation;

@@ -519,9 +519,7 @@ fn merge_totals(
         out.total_clicks += a.total_clicks;
         total.merge(&sketch(&a.total_users_sketch)?);
         for b in a.buckets {
-            let slot = buckets
-                .entry(b.start_ms)
-                .or_insert_with(|| (0, Hll::new()));
+            let slot = buckets.entry(b.start_ms).or_insert_with(|| (0, Hll::new()));
             slot.0 += b.clicks;
             slot.1.merge(&sketch(&b.users_sketch)?);
         }
@@ -532,16 +530,18 @@ fn merge_totals(
     }
     out.buckets = buckets
         .into_iter()
-        .map(|(start_ms, (clicks, users))| adclick_proto::v1::TotalsBucket {
-            start_ms,
-            clicks,
-            unique_users: if clicks > 0 { users.estimate() } else { 0 },
-            users_sketch: if req.include_sketches && clicks > 0 {
-                users.to_bytes()
-            } else {
-                Vec::new()
+        .map(
+            |(start_ms, (clicks, users))| adclick_proto::v1::TotalsBucket {
+                start_ms,
+                clicks,
+                unique_users: if clicks > 0 { users.estimate() } else { 0 },
+                users_sketch: if req.include_sketches && clicks > 0 {
+                    users.to_bytes()
+                } else {
+                    Vec::new()
+                },
             },
-        })
+        )
         .collect();
     Ok(out)
 }
