@@ -251,6 +251,7 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
     let (from, to) = (T0, T0 + 30 * MIN);
     let mut sent = more(1, 11, 5);
     sent.extend(more(2, 12, 3));
+    sent.extend(more(5, 13, 2)); // advertiser 1's ad (13 % 3)
     send(&mut ing, "c", 1, sent).await;
 
     // WatchTopAds: the answer now, then the answer after more clicks, nothing in between.
@@ -272,7 +273,7 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
             .map(|x| (x.ad_id, x.clicks))
             .collect::<Vec<_>>()
     };
-    assert_eq!(pairs(&first), vec![(11, 5), (12, 3)]);
+    assert_eq!(pairs(&first), vec![(11, 5), (12, 3), (13, 2)]);
     // Several intervals without a change: nothing may be sent for them.
     tokio::time::sleep(Duration::from_millis(500)).await;
     send(&mut ing, "c", 2, more(3, 12, 4)).await;
@@ -281,7 +282,22 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
         .expect("an update after the clicks")
         .unwrap()
         .unwrap();
-    assert_eq!(pairs(&next), vec![(12, 7), (11, 5)]);
+    assert_eq!(pairs(&next), vec![(12, 7), (11, 5), (13, 2)]);
+
+    // An advertiser key watches its own ads only; another advertiser's ad has no clicks.
+    let mut own = q
+        .watch_top_ads(authed(
+            WatchTopAdsRequest {
+                query: Some(top_range(10, from, to)),
+                interval_ms: 100,
+            },
+            ADV1,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pairs(&own.message().await.unwrap().unwrap()), vec![(13, 2)]);
+    drop(own);
 
     // WatchAdClicks on a fixed range: same, with buckets.
     let clicks_q = GetAdClicksRequest {
@@ -314,6 +330,24 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
         .unwrap();
     assert_eq!(next.total_clicks, 7);
     assert!(next.watermark_ms > 0);
+    let mut other = q
+        .watch_ad_clicks(authed(
+            WatchAdClicksRequest {
+                query: Some(clicks_q.clone()),
+                last_minutes: 0,
+                interval_ms: 100,
+            },
+            ADV1,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        other.message().await.unwrap().unwrap().total_clicks,
+        0,
+        "ad 11 is advertiser 2's"
+    );
+    drop(other);
 
     // A third watch of the key is the limit; a fourth is refused.
     let _third = q
