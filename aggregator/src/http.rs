@@ -393,6 +393,9 @@ async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served");
     }
     let path = req.uri().path().to_string();
+    if let Some(resp) = crate::ui::asset(&path) {
+        return resp;
+    }
     match path.as_str() {
         "/livez" => return reply(StatusCode::OK, "ok\n".into(), "text/plain; charset=utf-8"),
         "/readyz" | "/healthz" => return readiness(q),
@@ -421,7 +424,7 @@ async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
         _ => {
             return error(
                 StatusCode::NOT_FOUND,
-                "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/{ad_id}/breakdown, GET /v1/ads/clicks?ad_id=..., GET /v1/ads/top, GET /v1/campaigns/{id}/totals, GET /v1/advertisers/{id}/totals, /livez, /readyz, /metrics",
+                "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/{ad_id}/breakdown, GET /v1/ads/clicks?ad_id=..., GET /v1/ads/top, GET /v1/campaigns/{id}/totals, GET /v1/advertisers/{id}/totals, the watches GET /v1/ads/top/watch and GET /v1/ads/{ad_id}/clicks/watch, /ui, /livez, /readyz, /metrics",
             );
         }
     };

@@ -32,6 +32,7 @@ pub mod source;
 pub mod state;
 pub mod store;
 pub mod validate;
+pub mod ui;
 pub mod view;
 
 use std::future::Future;
