@@ -294,18 +294,18 @@ impl Api {
         rpc: &'static str,
         interval_ms: u32,
     ) -> Result<(crate::live::Slot, std::time::Duration), BackendError> {
-        let refused = |e: BackendError| {
+        let interval = self.watchers.interval(interval_ms).map_err(|v| {
+            let e = BackendError::from(QueryError::Invalid(v));
             self.count_refusal(rpc, &e);
             e
-        };
-        let interval = self
-            .watchers
-            .interval(interval_ms)
-            .map_err(|v| refused(QueryError::Invalid(v).into()))?;
+        })?;
         let slot = self
             .watchers
             .open(ctx.authorization.as_deref(), &self.metrics.watch_streams)
-            .map_err(|s| refused(BackendError::Status(s)))?;
+            .map_err(|s| {
+                self.metrics.refuse_query(rpc, "watch_limit");
+                BackendError::Status(s)
+            })?;
         Ok((slot, interval))
     }
 

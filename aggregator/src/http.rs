@@ -50,6 +50,12 @@ pub const MAX_PARAMS: usize = 64;
 /// `docs/api.md`, "Validation".
 pub const PROBLEM_INVALID_REQUEST: &str = "https://example.invalid/adclick/invalid-request";
 
+/// What a request for an unknown path is told.
+const NOT_FOUND: &str = "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/{ad_id}/breakdown, \
+    GET /v1/ads/clicks?ad_id=..., GET /v1/ads/top, GET /v1/campaigns/{id}/totals, \
+    GET /v1/advertisers/{id}/totals, the watches GET /v1/ads/top/watch and \
+    GET /v1/ads/{ad_id}/clicks/watch, /ui, /livez, /readyz, /metrics";
+
 /// Filter parameters (repeatable), as `(parameter, filter list)`.
 const FILTER_PARAMS: [(&str, Dim); 6] = [
     ("country", Dim::Country),
@@ -422,10 +428,7 @@ async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
         (_, _, Some(_)) => "Breakdown",
         _ if totals.is_some() => "GetTotals",
         _ => {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/{ad_id}/breakdown, GET /v1/ads/clicks?ad_id=..., GET /v1/ads/top, GET /v1/campaigns/{id}/totals, GET /v1/advertisers/{id}/totals, the watches GET /v1/ads/top/watch and GET /v1/ads/{ad_id}/clicks/watch, /ui, /livez, /readyz, /metrics",
-            );
+            return error(StatusCode::NOT_FOUND, NOT_FOUND);
         }
     };
     let ctx = match context(q, &req, rpc) {
@@ -495,10 +498,7 @@ async fn watch<B>(q: &Api, req: Request<B>) -> Response<Body> {
         ("/v1/ads/top/watch", _) => "WatchTopAds",
         (_, Some(_)) => "WatchAdClicks",
         _ => {
-            return boxed(error(
-                StatusCode::NOT_FOUND,
-                "not found: GET /v1/ads/top/watch, GET /v1/ads/{ad_id}/clicks/watch",
-            ));
+            return boxed(error(StatusCode::NOT_FOUND, NOT_FOUND));
         }
     };
     let ctx = match context(q, &req, rpc) {
@@ -516,6 +516,13 @@ async fn watch<B>(q: &Api, req: Request<B>) -> Response<Body> {
         let ctx = ctx.map_err(pre)?;
         let mut params = params(req.uri().query()).map_err(pre)?;
         let mut bad = Violations::default();
+        if params.iter().filter(|(k, _)| k == "interval_ms").count() > 1 {
+            bad.push(
+                Field::IntervalMs,
+                Reason::RepeatedParameter,
+                "interval_ms is given more than once: it takes one value",
+            );
+        }
         let interval_ms = num::<u32>(&params, "interval_ms", Field::IntervalMs, &mut bad);
         params.retain(|(k, _)| k != "interval_ms");
         if !bad.is_empty() {

@@ -31,8 +31,8 @@ pub mod sketch;
 pub mod source;
 pub mod state;
 pub mod store;
-pub mod validate;
 pub mod ui;
+pub mod validate;
 pub mod view;
 
 use std::future::Future;

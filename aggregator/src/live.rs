@@ -21,7 +21,7 @@
 //!
 //! A query that stops being answerable (its fixed range falls out of retention, a shard
 //! of the front goes down) ends the watch with that query's status. A client that goes
-//! away ends it at the next interval (the channel is closed).
+//! away ends it at once (the task waits on the channel's closing as well as the clock).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -101,7 +101,16 @@ impl Watchers {
         authorization: Option<&str>,
         gauge: &prometheus_client::metrics::gauge::Gauge,
     ) -> Result<Slot, Status> {
-        let key = authorization.unwrap_or("").to_string();
+        // The key itself, as authorisation reads it: `Bearer k` and `bearer k` are one key.
+        let key = authorization
+            .map(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+                    .unwrap_or(h)
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_default();
         let mut open = self.lock();
         if open.total >= self.max_streams {
             return Err(Status::resource_exhausted(format!(

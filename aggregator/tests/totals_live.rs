@@ -372,6 +372,16 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("watch_max_per_key"), "{e:?}");
+    let metrics = reqwest::get(format!("http://{}/metrics", a.http_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("queries_refused_total{rpc=\"WatchTopAds\",reason=\"watch_limit\"} 1"),
+        "{metrics}"
+    );
     drop(_third);
 
     // Invalid queries are refused before anything streams, fields named under `query.`.
