@@ -44,7 +44,7 @@ use crate::validate::{self, Dim, Field, MAX_QUOTED, Reason, Violations, quote};
 /// is well under 1 KiB).
 pub const MAX_QUERY_BYTES: usize = 4096;
 /// Most `key=value` pairs in one query string.
-pub const MAX_PARAMS: usize = 64;
+pub const MAX_PARAMS: usize = 128;
 /// The `type` of the problem answered to an invalid request (400). A stable identifier to
 /// compare, not a page to fetch (the host is the project's placeholder); the rules are in
 /// `docs/api.md`, "Validation".
