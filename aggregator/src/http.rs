@@ -406,11 +406,12 @@ async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
         "/livez" => return reply(StatusCode::OK, "ok\n".into(), "text/plain; charset=utf-8"),
         "/readyz" | "/healthz" => return readiness(q),
         "/metrics" => {
-            return reply(
-                StatusCode::OK,
-                q.metrics.render(),
-                "text/plain; version=0.0.4; charset=utf-8",
-            );
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let (content_type, body) = q.metrics.expose(accept);
+            return reply(StatusCode::OK, body, content_type);
         }
         _ => {}
     }

@@ -58,6 +58,8 @@ pub struct ReasonLabel {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Build info and process metrics, and the two exposition formats.
+    exposition: adclick_proto::metrics::Exposition,
     /// Clicks by outcome.
     pub clicks: Family<OutcomeLabel, Counter>,
     /// Batches re-delivered after their ack (no-ops).
@@ -70,8 +72,8 @@ pub struct Metrics {
     pub checkpoint_seconds: Histogram,
     /// Failed checkpoints.
     pub checkpoint_errors: Counter,
-    /// Watermark (event time, ms).
-    pub watermark_ms: Gauge,
+    /// Watermark (event time, seconds since the epoch, ms precision).
+    pub watermark_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Impression ids held for exact dedup in RAM (the RAM tier).
     pub dedup_entries: Gauge,
     /// Impression ids in the dedup disk tier (updated at checkpoints).
@@ -137,7 +139,7 @@ impl Metrics {
             wal_commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             checkpoint_errors: Counter::default(),
-            watermark_ms: Gauge::default(),
+            watermark_seconds: Gauge::default(),
             dedup_entries: Gauge::default(),
             dedup_disk_entries: Gauge::default(),
             dedup_ram_bytes: Gauge::default(),
@@ -162,6 +164,7 @@ impl Metrics {
             source: Default::default(),
             front: Default::default(),
             registry: Registry::default(),
+            exposition: adclick_proto::metrics::Exposition::new("aggregator"),
         };
         let r = &mut registry;
         r.register("clicks", "Clicks by outcome", m.clicks.clone());
@@ -186,10 +189,17 @@ impl Metrics {
             "Failed checkpoints",
             m.checkpoint_errors.clone(),
         );
-        r.register(
-            "watermark_ms",
-            "Event-time watermark (ms since epoch)",
-            m.watermark_ms.clone(),
+        r.register_with_unit(
+            "watermark",
+            "Event-time watermark (since the epoch)",
+            prometheus_client::registry::Unit::Seconds,
+            m.watermark_seconds.clone(),
+        );
+        r.register_with_unit(
+            "watermark_lag",
+            "Wall clock minus the watermark: how far behind real time the final minutes are",
+            prometheus_client::registry::Unit::Seconds,
+            m.watermark_lag_seconds.clone(),
         );
         r.register(
             "dedup_entries",
@@ -341,10 +351,24 @@ impl Metrics {
         self.clicks.get_or_create(&OutcomeLabel { outcome }).get()
     }
 
-    /// Prometheus text exposition.
+    /// `GET /metrics`: these metrics, build info and process metrics, in the format the
+    /// scraper's `Accept` asks for (`adclick_proto::metrics`): `(content type, body)`.
+    pub fn expose(&self, accept: Option<&str>) -> (&'static str, String) {
+        self.exposition.render(&[&self.registry], accept)
+    }
+
+    /// The Prometheus text 0.0.4 form of [`Metrics::expose`] (what tests and the CLI's
+    /// live views read).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        self.expose(None).1
+    }
+
+    /// The same metrics, reporting `component` in `adclick_build_info` (the query front
+    /// serves this struct too).
+    pub fn for_component(component: &'static str) -> Self {
+        Metrics {
+            exposition: adclick_proto::metrics::Exposition::new(component),
+            ..Self::new()
+        }
     }
 }

@@ -7,7 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 /// `outcome` label of `adclick_collector_clicks_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,6 +52,8 @@ pub struct ListenerLabel {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Build info and process metrics, and the two exposition formats.
+    exposition: adclick_proto::metrics::Exposition,
     /// Clicks by outcome.
     pub clicks: Family<OutcomeLabel, Counter>,
     /// Requests by route and status.
@@ -64,6 +66,13 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// Spool bytes on disk (unacked).
     pub spool_bytes: Gauge,
+    /// `spool.max_bytes`: the spool is full (readiness `spool_full`, 503s) at this size.
+    pub spool_max_bytes: Gauge,
+    /// Free bytes on the spool's filesystem, read at each scrape (readiness `disk_low`
+    /// below `spool.min_free_bytes`).
+    pub spool_free_bytes: Gauge,
+    /// The spool directory whose filesystem `spool_free_bytes` reports (set at start).
+    pub spool_dir: std::sync::OnceLock<std::path::PathBuf>,
     /// Spool segment files.
     pub spool_segments: Gauge,
     /// Durable spool records found damaged at open (lost; seq ranges are logged).
@@ -125,6 +134,9 @@ impl Metrics {
             dedup_suspect: Counter::default(),
             rate_limited: Counter::default(),
             spool_bytes: Gauge::default(),
+            spool_max_bytes: Gauge::default(),
+            spool_free_bytes: Gauge::default(),
+            spool_dir: std::sync::OnceLock::new(),
             spool_segments: Gauge::default(),
             spool_corrupt_records: Counter::default(),
             spool_corrupt_bytes: Counter::default(),
@@ -145,6 +157,7 @@ impl Metrics {
             connections_open: Family::default(),
             spool_reopens: Family::default(),
             registry: Registry::default(),
+            exposition: adclick_proto::metrics::Exposition::new("collector"),
         };
         let r = &mut registry;
         r.register(
@@ -172,10 +185,23 @@ impl Metrics {
             "Requests refused by the per-IP rate limit (their clicks: clicks_total{outcome=\"rate_limited\"})",
             m.rate_limited.clone(),
         );
-        r.register(
-            "spool_bytes",
+        r.register_with_unit(
+            "spool",
             "Spool bytes on disk not yet acked",
+            Unit::Bytes,
             m.spool_bytes.clone(),
+        );
+        r.register_with_unit(
+            "spool_max",
+            "spool.max_bytes: the spool is full at this size",
+            Unit::Bytes,
+            m.spool_max_bytes.clone(),
+        );
+        r.register_with_unit(
+            "spool_free",
+            "Free bytes on the spool's filesystem",
+            Unit::Bytes,
+            m.spool_free_bytes.clone(),
         );
         r.register(
             "spool_segments",
@@ -296,11 +322,23 @@ impl Metrics {
         self.clicks.get_or_create(&OutcomeLabel { outcome }).get()
     }
 
-    /// Prometheus text exposition.
+    /// `GET /metrics`: these metrics, build info and process metrics, in the format the
+    /// scraper's `Accept` asks for (`adclick_proto::metrics`): `(content type, body)`.
+    pub fn expose(&self, accept: Option<&str>) -> (&'static str, String) {
+        if let Some(free) = self
+            .spool_dir
+            .get()
+            .and_then(|d| crate::spool::free_bytes(d))
+        {
+            self.spool_free_bytes
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+        self.exposition.render(&[&self.registry], accept)
+    }
+
+    /// The Prometheus text 0.0.4 form of [`Metrics::expose`] (what tests and the CLI's
+    /// live views read).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        self.expose(None).1
     }
 }

@@ -24,6 +24,7 @@ mod dev_cluster;
 mod hot_dedup;
 mod jetstream_aggregator;
 mod jetstream_collector_kill;
+mod metrics_format;
 mod mixed;
 mod query_front;
 mod regions;

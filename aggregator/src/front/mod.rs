@@ -53,7 +53,7 @@ pub struct QueryFront {
 /// are connected lazily, and the front is not ready until each says SERVING.
 pub async fn start(cfg: FrontConfig) -> Result<QueryFront, AggregatorError> {
     let owner = cfg.validate()?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::for_component("query_front"));
     // Not ready until the first health round says otherwise.
     metrics.ready.set(0);
     let io = |what: String| move |source| AggregatorError::Io { what, source };

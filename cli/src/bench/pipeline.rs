@@ -148,7 +148,7 @@ pub(crate) fn metric(page: &str, metric: &str) -> u64 {
 }
 
 /// The value of `metric` as a float (sums of histograms in seconds); 0 when absent.
-fn metric_f64(page: &str, metric: &str) -> f64 {
+pub(crate) fn metric_f64(page: &str, metric: &str) -> f64 {
     page.lines()
         .find(|l| l.starts_with(metric))
         .and_then(|l| l.split_whitespace().last())

@@ -1001,7 +1001,10 @@ async fn live(
         // The cluster's watermark is its slowest shard's.
         let watermark = spages
             .iter()
-            .map(|p| metric(p, "adclick_aggregator_watermark_ms") as i64)
+            .map(|p| {
+                (crate::bench::pipeline::metric_f64(p, "adclick_aggregator_watermark_seconds")
+                    * 1000.0) as i64
+            })
             .min()
             .unwrap_or(0);
         let view = View {

@@ -197,7 +197,7 @@ pub fn run(args: DevArgs) -> Result<()> {
                 .map(|r| (r, cm.clicks_with(r)))
                 .filter(|(_, n)| *n > 0)
                 .collect();
-            let wm = am.watermark_ms.get();
+            let wm = (am.watermark_seconds.get() * 1000.0) as i64;
             let view = View {
                 uptime: started.elapsed(),
                 rate,
