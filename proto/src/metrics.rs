@@ -17,6 +17,10 @@
 
 use std::fmt::Write as _;
 
+/// The `prometheus-client` this module is built on, for the [`metrics!`](crate::metrics!)
+/// macro's expansion.
+pub use prometheus_client;
+
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -298,4 +302,76 @@ mod tests {
         );
         assert!(body.ends_with("# EOF\n"), "{body}");
     }
+}
+
+/// The doc lines of a metric's field as its help text: trimmed, joined by spaces, without
+/// a final period (`prometheus-client` adds one).
+pub fn help(lines: &[&str]) -> String {
+    let text = lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    text.trim_end_matches('.').to_string()
+}
+
+/// Declares a server's metrics once: each field is a metric whose name is the field's
+/// (under the registry prefix), whose help is its doc comment, and whose initial value is
+/// the expression after `=`; the generated `declare()` builds the struct and registers
+/// every metric, so none can be declared and forgotten (the aggregator's watermark lag
+/// was, before). Fields in the leading `extra { .. }` block are plain fields (not
+/// metrics), initialised the same way. The struct also gets a private `registry` field.
+///
+/// ```ignore
+/// adclick_proto::metrics! {
+///     /// Every collector metric.
+///     pub struct Metrics("adclick_collector") {
+///         extra { exposition: Exposition = Exposition::new("collector"), }
+///         /// Clicks by outcome.
+///         pub clicks: Family<OutcomeLabel, Counter> = Family::default();
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! metrics {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident($prefix:literal) {
+            extra {
+                $( $(#[$xmeta:meta])* $xvis:vis $xfield:ident : $xty:ty = $xinit:expr, )*
+            }
+            $(
+                $(#[doc = $help:literal])+
+                $fvis:vis $field:ident : $ty:ty = $init:expr;
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $name {
+            registry: $crate::metrics::prometheus_client::registry::Registry,
+            $( $(#[$xmeta])* $xvis $xfield: $xty, )*
+            $( $(#[doc = $help])+ $fvis $field: $ty, )*
+        }
+
+        impl $name {
+            /// Every metric at its initial value, registered under the prefix.
+            fn declare() -> Self {
+                let mut registry = $crate::metrics::prometheus_client::registry::Registry::with_prefix($prefix);
+                $( let $field: $ty = $init; )*
+                $(
+                    registry.register(
+                        stringify!($field),
+                        $crate::metrics::help(&[$($help),+]),
+                        $field.clone(),
+                    );
+                )*
+                $name {
+                    registry,
+                    $( $xfield: $xinit, )*
+                    $( $field, )*
+                }
+            }
+        }
+    };
 }
