@@ -340,6 +340,7 @@ fn kotlin_bindings_on_the_jvm_count_exactly_and_keep_clicks_across_a_restart() {
     let jna = "/usr/share/java/jna.jar";
     // One compile (kotlinc is slow): the bindings and the client into one jar.
     let jar = b.dir.join("client.jar");
+    let started = Instant::now();
     run_ok(
         Command::new(&kotlinc)
             .arg(b.dir.join("uniffi/adclick_ffi/adclick_ffi.kt"))
@@ -347,6 +348,11 @@ fn kotlin_bindings_on_the_jvm_count_exactly_and_keep_clicks_across_a_restart() {
             .args(["-cp", jna, "-include-runtime", "-nowarn", "-d"])
             .arg(&jar),
         "kotlinc",
+    );
+    // For the CI log (the cost of this test is mostly this compile).
+    eprintln!(
+        "kotlinc: bindings + client compiled in {:?}",
+        started.elapsed()
     );
     let dev = start_dev();
     scenario(&dev, 920_001, &|args| {
