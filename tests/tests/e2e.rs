@@ -21,6 +21,7 @@ mod cluster_faults;
 mod collector_kill;
 mod countable;
 mod dev_cluster;
+mod ffi_bindings;
 mod hot_dedup;
 mod jetstream_aggregator;
 mod jetstream_collector_kill;
