@@ -434,7 +434,7 @@ async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
     };
     let ctx = match context(q, &req, rpc) {
         Ok(ctx) => ctx,
-        Err(limited) => return limited,
+        Err(limited) => return *limited,
     };
     let result = async {
         let ctx = ctx?;
@@ -462,7 +462,7 @@ fn context<B>(
     q: &Api,
     req: &Request<B>,
     rpc: &'static str,
-) -> Result<Result<Ctx, QueryError>, Resp> {
+) -> Result<Result<Ctx, QueryError>, Box<Resp>> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -470,7 +470,7 @@ fn context<B>(
     // Charges only a configured key (an unknown one is refused with 401 just below).
     if let Err(l) = q.limiter.check(auth) {
         q.metrics.refuse_query(rpc, "rate_limited");
-        return Err(rate_limited(&l));
+        return Err(Box::new(rate_limited(&l)));
     }
     Ok(q.authorize(auth).map(|caller| Ctx {
         caller,
@@ -504,7 +504,7 @@ async fn watch<B>(q: &Api, req: Request<B>) -> Response<Body> {
     };
     let ctx = match context(q, &req, rpc) {
         Ok(ctx) => ctx,
-        Err(limited) => return boxed(limited),
+        Err(limited) => return boxed(*limited),
     };
     // Refusals before the watch opens are counted here; those of the watch itself (the
     // interval, the limits, the first answer) where they happen.

@@ -254,56 +254,6 @@ impl Collector for Process {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use prometheus_client::metrics::counter::Counter;
-
-    #[test]
-    fn accept_selects_the_format() {
-        assert!(wants_openmetrics(Some(
-            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
-        )));
-        assert!(!wants_openmetrics(None));
-        assert!(!wants_openmetrics(Some("text/plain")));
-        assert!(!wants_openmetrics(Some(
-            "application/openmetrics-text; q=0"
-        )));
-    }
-
-    #[test]
-    fn text_004_names_counters_and_infos_by_their_samples() {
-        let mut r = Registry::with_prefix("adclick_test");
-        let c: Counter = Counter::default();
-        c.inc();
-        r.register("things", "Things seen", c);
-        let e = Exposition::new("test");
-        let (ct, body) = e.render(&[&r], None);
-        assert_eq!(ct, TEXT_004);
-        assert!(
-            body.contains("# HELP adclick_test_things_total Things seen.\n"),
-            "{body}"
-        );
-        assert!(
-            body.contains("# TYPE adclick_test_things_total counter\n"),
-            "{body}"
-        );
-        assert!(body.contains("adclick_test_things_total 1\n"), "{body}");
-        assert!(body.contains("# TYPE adclick_build_info gauge\n"), "{body}");
-        assert!(
-            !body.contains("# EOF") && !body.contains("# UNIT"),
-            "{body}"
-        );
-        let (ct, body) = e.render(&[&r], Some("application/openmetrics-text"));
-        assert_eq!(ct, OPENMETRICS);
-        assert!(
-            body.contains("# TYPE adclick_test_things counter\n"),
-            "{body}"
-        );
-        assert!(body.ends_with("# EOF\n"), "{body}");
-    }
-}
-
 /// The doc lines of a metric's field as its help text: trimmed, joined by spaces, without
 /// a final period (`prometheus-client` adds one).
 pub fn help(lines: &[&str]) -> String {
@@ -374,4 +324,54 @@ macro_rules! metrics {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+
+    #[test]
+    fn accept_selects_the_format() {
+        assert!(wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        )));
+        assert!(!wants_openmetrics(None));
+        assert!(!wants_openmetrics(Some("text/plain")));
+        assert!(!wants_openmetrics(Some(
+            "application/openmetrics-text; q=0"
+        )));
+    }
+
+    #[test]
+    fn text_004_names_counters_and_infos_by_their_samples() {
+        let mut r = Registry::with_prefix("adclick_test");
+        let c: Counter = Counter::default();
+        c.inc();
+        r.register("things", "Things seen", c);
+        let e = Exposition::new("test");
+        let (ct, body) = e.render(&[&r], None);
+        assert_eq!(ct, TEXT_004);
+        assert!(
+            body.contains("# HELP adclick_test_things_total Things seen.\n"),
+            "{body}"
+        );
+        assert!(
+            body.contains("# TYPE adclick_test_things_total counter\n"),
+            "{body}"
+        );
+        assert!(body.contains("adclick_test_things_total 1\n"), "{body}");
+        assert!(body.contains("# TYPE adclick_build_info gauge\n"), "{body}");
+        assert!(
+            !body.contains("# EOF") && !body.contains("# UNIT"),
+            "{body}"
+        );
+        let (ct, body) = e.render(&[&r], Some("application/openmetrics-text"));
+        assert_eq!(ct, OPENMETRICS);
+        assert!(
+            body.contains("# TYPE adclick_test_things counter\n"),
+            "{body}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+    }
 }
