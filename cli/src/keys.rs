@@ -165,7 +165,7 @@ pub fn ingest_key() -> Result<String> {
     Ok(hex::encode(secret))
 }
 
-fn write_key_file(path: &Path, file: &KeyFile) -> Result<()> {
+pub fn write_key_file(path: &Path, file: &KeyFile) -> Result<()> {
     write_private(path, file.render()?.as_bytes())
 }
 

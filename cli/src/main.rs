@@ -3,12 +3,14 @@
 //! `run(config, shutdown)` entry points, never hold business logic here.
 
 mod bench;
+mod check;
 mod dev;
 mod global;
 mod impression;
 mod jetstream;
 mod keys;
 mod loadgen;
+mod logging;
 mod query;
 mod serve;
 mod spool;
@@ -22,6 +24,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "adclick", version, about, propagate_version = true)]
 struct Cli {
+    /// Log lines as JSON objects (one event per line) or text. Default: json when stderr is
+    /// not a terminal, text on a terminal. Filter with RUST_LOG (e.g. RUST_LOG=info,adclick_collector=debug).
+    #[arg(long, global = true, value_enum, env = "ADCLICK_LOG_FORMAT")]
+    log_format: Option<logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,8 +68,29 @@ enum Command {
     Jetstream(jetstream::JetStreamCommand),
 }
 
+impl Command {
+    /// The long-running servers: they log at INFO by default and report a failed start as
+    /// a log event (a JSON line when logs are JSON); a `--check` run answers on stdout.
+    fn server_role(&self) -> Option<&'static str> {
+        match self {
+            Command::Collector(a) if !a.check => Some("collector"),
+            Command::Aggregator(a) if !a.check => Some("aggregator"),
+            Command::QueryFront(a) if !a.check => Some("query-front"),
+            _ => None,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let server = cli.command.server_role();
+    let format = logging::init(
+        cli.log_format,
+        if server.is_some() { "info" } else { "warn" },
+    );
+    if let Some(role) = server {
+        logging::set_context("role", role);
+    }
     let result = match cli.command {
         Command::Spool(cmd) => {
             return spool::run(cmd).unwrap_or_else(|e| {
@@ -84,6 +111,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if server.is_some() && format == logging::LogFormat::Json => {
+            tracing::error!(target: logging::LIFECYCLE, "{e:#}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

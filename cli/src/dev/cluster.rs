@@ -197,8 +197,10 @@ impl Procs {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            // Logs are files: no terminal colour codes in them.
+            // Logs are files for a person to read (`log_tail`, the banner's paths): text
+            // without colour codes rather than the JSON a file gets by default.
             .env("NO_COLOR", "1")
+            .env("ADCLICK_LOG_FORMAT", "text")
             .process_group(0)
             .spawn()
             .with_context(|| format!("cannot start {name} ({})", program.display()))?;
