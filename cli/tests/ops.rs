@@ -738,3 +738,378 @@ mod live {
         );
     }
 }
+
+mod deploy {
+    use super::support::*;
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf()
+    }
+
+    /// A unit file: section -> (key, value) in order (keys may repeat).
+    type Unit = BTreeMap<String, Vec<(String, String)>>;
+
+    fn parse_unit(text: &str) -> Unit {
+        let mut u = Unit::new();
+        let mut section = String::new();
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+                continue;
+            }
+            if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = s.to_string();
+                continue;
+            }
+            assert!(!line.ends_with('\\'), "no continuation lines: {line}");
+            let (k, v) = line
+                .split_once('=')
+                .unwrap_or_else(|| panic!("not key=value: {line}"));
+            assert!(!section.is_empty(), "{line} outside a section");
+            u.entry(section.clone())
+                .or_default()
+                .push((k.to_string(), v.to_string()));
+        }
+        u
+    }
+
+    fn all<'a>(u: &'a Unit, sec: &str, key: &str) -> Vec<&'a str> {
+        u.get(sec)
+            .map(|e| {
+                e.iter()
+                    .filter(|(k, _)| k == key)
+                    .map(|(_, v)| v.as_str())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn one<'a>(u: &'a Unit, sec: &str, key: &str) -> &'a str {
+        let v = all(u, sec, key);
+        assert_eq!(v.len(), 1, "{sec}.{key}: {v:?}");
+        v[0]
+    }
+
+    /// `adclick <args> --help` exits 0 only if clap accepts every argument before it: the
+    /// subcommands and flags a unit or compose file uses are real.
+    fn clap_accepts(args: &[String]) {
+        let out = bin().args(args).arg("--help").output().unwrap();
+        assert!(
+            out.status.success(),
+            "adclick {args:?} is refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn tools() -> PathBuf {
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/setup-deploy-tools.sh"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/setup-deploy-tools.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    }
+
+    fn units() -> Vec<(String, PathBuf)> {
+        ["collector", "aggregator", "query-front"]
+            .iter()
+            .map(|r| {
+                let p = repo().join(format!("deploy/systemd/adclick-{r}.service"));
+                assert!(p.exists(), "{} missing", p.display());
+                (r.to_string(), p)
+            })
+            .collect()
+    }
+
+    /// Each role's unit is hardened as documented, its ExecStart(Pre) are real `adclick`
+    /// commands, and run as systemd would (credentials in %d, the unit's environment, a
+    /// state directory) the --check of ExecStartPre passes on the shipped configs plus the
+    /// secrets the unit's comment says to add: the unit and config/ agree.
+    #[test]
+    fn systemd_units_are_hardened_and_start_the_real_commands() {
+        for (role, path) in units() {
+            let u = parse_unit(&std::fs::read_to_string(&path).unwrap());
+            let s = "Service";
+            for (k, v) in [
+                ("DynamicUser", "yes"),
+                ("ProtectSystem", "strict"),
+                ("ProtectHome", "yes"),
+                ("PrivateTmp", "yes"),
+                ("NoNewPrivileges", "yes"),
+                ("CapabilityBoundingSet", ""),
+                ("LimitNOFILE", "65536"),
+                ("UMask", "0077"),
+            ] {
+                assert_eq!(one(&u, s, k), v, "{role}: {k}");
+            }
+            if role != "query-front" {
+                let state = one(&u, s, "StateDirectory");
+                assert_eq!(state, format!("adclick/{role}"));
+                assert_eq!(one(&u, s, "ReadWritePaths"), format!("/var/lib/{state}"));
+            }
+            let start: Vec<String> = one(&u, s, "ExecStart")
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            let pre: Vec<String> = one(&u, s, "ExecStartPre")
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            assert_eq!(start[0], "/usr/local/bin/adclick", "{role}");
+            assert_eq!(start[1], role);
+            assert_eq!(
+                pre,
+                [start.clone(), vec!["--check".into()]].concat(),
+                "{role}"
+            );
+            clap_accepts(&start[1..]);
+            clap_accepts(&pre[1..]);
+
+            // Run ExecStartPre as systemd would.
+            let tmp = tempfile::tempdir().unwrap();
+            let creds = tmp.path().join("credentials");
+            std::fs::create_dir(&creds).unwrap();
+            for c in all(&u, s, "LoadCredential") {
+                let (name, source) = c.split_once(':').unwrap();
+                let file = Path::new(source).file_name().unwrap().to_str().unwrap();
+                assert_eq!(name, file, "{role}");
+                assert!(source.starts_with("/etc/adclick/"), "{source}");
+                let dest = creds.join(name);
+                if name == "keys.toml" {
+                    keys(&creds);
+                } else {
+                    let shipped = repo().join("config").join(name);
+                    assert!(
+                        shipped.exists(),
+                        "{role}: {} (installed as {source}) missing",
+                        shipped.display()
+                    );
+                    let mut text = std::fs::read_to_string(&shipped).unwrap();
+                    // What the unit's comment says to add.
+                    if role == "aggregator" {
+                        text = format!("ingest_keys = [\"unit-test-ingest-key-0123\"]\n{text}");
+                    }
+                    if role != "collector" {
+                        text += "\n[[api_keys]]\nkey = \"unit-test-admin-key-0123\"\nrole = \"admin\"\n";
+                    }
+                    std::fs::write(&dest, text).unwrap();
+                }
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o400)).unwrap();
+            }
+            let mut cmd = bin();
+            let d = creds.to_str().unwrap();
+            cmd.args(pre[1..].iter().map(|a| a.replace("%d", d)));
+            let prefix = format!("ADCLICK_{}", role.to_uppercase().replace('-', "_"));
+            for e in all(&u, s, "Environment") {
+                let (k, v) = e.split_once('=').unwrap();
+                let v = v.replace("/var/lib/", &format!("{}/var/lib/", tmp.path().display()));
+                cmd.env(k, v);
+            }
+            // Ports the machine may be using for something else.
+            cmd.env(format!("{prefix}__LISTEN_HTTP"), "127.0.0.1:0");
+            if role != "collector" {
+                cmd.env(format!("{prefix}__LISTEN_GRPC"), "127.0.0.1:0");
+            }
+            let out = cmd.output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{role}: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if role == "collector" {
+                // keys_file = "keys.toml" resolved against the credentials directory.
+                assert!(
+                    text.contains(&format!("ok       keys_file {d}/keys.toml")),
+                    "{text}"
+                );
+                assert!(
+                    text.contains(&format!(
+                        "data_dir = \"{}/var/lib/adclick/collector\"",
+                        tmp.path().display()
+                    )),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    /// `systemd-analyze verify` on each unit (the binary path pointed at the built one, as
+    /// verify checks it exists): no warning, no error.
+    #[test]
+    fn systemd_analyze_verify_is_clean() {
+        tools();
+        let tmp = tempfile::tempdir().unwrap();
+        for (_, path) in units() {
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("/usr/local/bin/adclick", env!("CARGO_BIN_EXE_adclick"));
+            let copy = tmp.path().join(path.file_name().unwrap());
+            std::fs::write(&copy, text).unwrap();
+            let out = Command::new("systemd-analyze")
+                .arg("verify")
+                .arg(&copy)
+                .env("SYSTEMD_LOG_LEVEL", "notice")
+                .output()
+                .unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.status.success() && said.trim().is_empty(),
+                "{}: {said}",
+                path.display()
+            );
+        }
+    }
+
+    /// The Containerfile: multi-stage, builds the adclick binary, runs it as a non-root
+    /// user; hadolint finds nothing.
+    #[test]
+    fn containerfile_is_multi_stage_non_root_and_lints_clean() {
+        let path = repo().join("deploy/Containerfile");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+        assert_eq!(froms.len(), 2, "{froms:?}");
+        assert!(froms[0].ends_with(" AS build"), "{froms:?}");
+        assert!(text.contains("cargo build --release --locked -p adclick-cli --bin adclick"));
+        assert!(text.contains("COPY --from=build /adclick /usr/local/bin/adclick"));
+        let user = text.lines().rfind(|l| l.starts_with("USER ")).unwrap();
+        assert!(!user.contains("root") && !user.contains(" 0"), "{user}");
+        assert!(text.contains("ENTRYPOINT [\"/usr/local/bin/adclick\"]"));
+        assert!(
+            repo().join(".dockerignore").exists(),
+            "the build context needs target/ out"
+        );
+        let hadolint = tools();
+        let out = Command::new(&hadolint).arg(&path).output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty(),
+            "hadolint: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `${VAR:?msg}` and `${VAR}` replaced from `vars`, as compose does.
+    fn interpolate(s: &str, vars: &BTreeMap<&str, &str>) -> String {
+        let mut out = String::new();
+        let mut rest = s;
+        while let Some(i) = rest.find("${") {
+            out += &rest[..i];
+            let end = rest[i..].find('}').unwrap() + i;
+            let name = rest[i + 2..end].split(':').next().unwrap();
+            out += vars
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} has no value"));
+            rest = &rest[end + 1..];
+        }
+        out + rest
+    }
+
+    /// The compose file: every service runs the image with a real `adclick` command, the
+    /// host paths it mounts exist, and each server's --check passes with the compose
+    /// environment (its JSON-in-TOML secrets included) on the config it mounts.
+    #[test]
+    fn compose_services_are_real_commands_on_real_configs() {
+        let dir = repo().join("deploy");
+        let doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(dir.join("compose.yaml")).unwrap())
+                .unwrap();
+        let services = doc["services"].as_mapping().unwrap();
+        let names: Vec<&str> = services.keys().map(|k| k.as_str().unwrap()).collect();
+        assert_eq!(names, ["keys", "aggregator", "collector"]);
+        let vars = BTreeMap::from([
+            ("ADCLICK_INGEST_KEY", "compose-test-ingest-0123456789"),
+            ("ADCLICK_ADMIN_KEY", "compose-test-admin-0123456789"),
+        ]);
+        let tmp = tempfile::tempdir().unwrap();
+        for (name, svc) in services {
+            let name = name.as_str().unwrap();
+            assert_eq!(svc["image"], "localhost/adclick:latest", "{name}");
+            let command: Vec<String> = svc["command"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string())
+                .collect();
+            clap_accepts(&command);
+            let mut mounts = BTreeMap::new();
+            for v in svc["volumes"].as_sequence().unwrap() {
+                let v = v.as_str().unwrap();
+                let (host, rest) = v.split_once(':').unwrap();
+                let inside = rest.split(':').next().unwrap();
+                if host.starts_with('.') {
+                    let p = dir.join(host);
+                    assert!(p.exists(), "{name}: {} missing", p.display());
+                    mounts.insert(inside.to_string(), p);
+                } else {
+                    assert!(
+                        doc["volumes"].get(host).is_some(),
+                        "{name}: volume {host} not declared"
+                    );
+                }
+            }
+            if name == "keys" {
+                continue;
+            }
+            // The server's --check on the file it mounts, with its environment.
+            let config_at = command
+                .iter()
+                .skip_while(|a| *a != "--config")
+                .nth(1)
+                .unwrap();
+            let config = mounts
+                .get(config_at)
+                .unwrap_or_else(|| panic!("{name}: {config_at} not mounted"));
+            let mut cmd = bin();
+            cmd.arg(name).arg("--check").arg("--config").arg(config);
+            for (k, v) in svc["environment"].as_mapping().unwrap() {
+                let k = k.as_str().unwrap();
+                let mut v = interpolate(v.as_str().unwrap(), &vars);
+                if k.ends_with("__LISTEN_HTTP") || k.ends_with("__LISTEN_GRPC") {
+                    v = "127.0.0.1:0".into(); // the check binds: the compose ports may be taken here
+                }
+                if k.ends_with("__DATA_DIR") || k.ends_with("__KEYS_FILE") {
+                    v = format!("{}{v}", tmp.path().display());
+                }
+                cmd.env(k, v);
+            }
+            if name == "collector" {
+                let kdir = tmp.path().join("var/lib/adclick/keys");
+                std::fs::create_dir_all(&kdir).unwrap();
+                keys(&kdir);
+            }
+            let out = cmd.output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{name}: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if name == "aggregator" {
+                assert!(
+                    text.contains("keys: 1 ingest key(s), 1 API key(s)"),
+                    "{text}"
+                );
+            } else {
+                assert!(
+                    text.contains("aggregators = [\"http://aggregator:9090\"]"),
+                    "{text}"
+                );
+            }
+        }
+    }
+}
