@@ -14,7 +14,9 @@ mod logging;
 mod query;
 mod serve;
 mod spool;
+mod top;
 mod traffic;
+mod view;
 
 use std::process::ExitCode;
 
@@ -45,6 +47,9 @@ enum Command {
     },
     /// Drive a running collector with synthetic traffic and report rate, latency, errors.
     Loadgen(loadgen::LoadgenArgs),
+    /// Live terminal view of a running deployment from its HTTP endpoints: rates, top ads,
+    /// lag, errors by reason (the view `adclick dev` shows, for any deployment).
+    Top(top::TopArgs),
     /// Benchmarks: whole pipeline (default), aggregator state path, TopAds over many ads.
     Bench(bench::BenchArgs),
     /// Manage impression-token signing keys (keys.toml).
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => dev::run(args),
         Command::Query { conn, cmd } => query::run(conn, cmd),
         Command::Loadgen(args) => loadgen::run(args),
+        Command::Top(args) => top::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Keys(cmd) => keys::run(cmd),
         Command::Impression(cmd) => impression::run(cmd),

@@ -30,12 +30,17 @@ mod support {
 
     /// `GET http://{addr}{path}` over a plain TCP socket: (status, body).
     pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+        http_get_with(addr, path, "")
+    }
+
+    /// The same with extra header lines (each ending in CRLF).
+    pub fn http_get_with(addr: &str, path: &str, headers: &str) -> (u16, String) {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nhost: {addr}\r\n{headers}connection: close\r\n\r\n"
         )
         .unwrap();
         let mut text = String::new();
@@ -715,6 +720,76 @@ mod live {
         }
         assert_eq!(total, offered, "{out}");
         assert!(forged > 0, "10% forged: {out}");
+
+        // adclick top --once over the same servers, once the aggregator has counted
+        // everything (two equal rankings a second apart): the screen shows what the
+        // collector's metrics and the query API say.
+        let admin = std::fs::read_to_string(dev.data().join("admin.key")).unwrap();
+        let admin = admin.trim();
+        let auth = format!("authorization: Bearer {admin}\r\n");
+        let top_api = || http_get_with(&dev.http, "/v1/ads/top?n=10&last_minutes=5", &auth);
+        let mut last = top_api();
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let now = top_api();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let out = bin()
+            .args(["top", "--once", "--interval", "200ms", "--api-key", admin])
+            .arg("--endpoints")
+            .arg(format!("http://{},http://{}", dev.collector, dev.http))
+            .output()
+            .unwrap();
+        let screen = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            out.status.success(),
+            "{screen}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            screen.starts_with("adclick top (1 collector(s), 1 aggregator(s), 0 query front(s))"),
+            "{screen}"
+        );
+        let (_, metrics) = http_get(&dev.collector, "/metrics");
+        let count = |outcome: &str| -> u64 {
+            let name = format!("adclick_collector_clicks_total{{outcome=\"{outcome}\"}} ");
+            let line = metrics.lines().find(|l| l.starts_with(&name)).unwrap();
+            line[name.len()..].trim().parse().unwrap()
+        };
+        let (accepted, bad) = (count("accepted"), count("bad_signature"));
+        assert!(accepted > 0 && bad > 0, "{metrics}");
+        assert!(
+            screen.contains(&format!("accepted     {accepted:>10}   duplicate")),
+            "{screen}"
+        );
+        assert!(
+            screen.contains(&format!("rejected     bad_signature {bad}")),
+            "{screen}"
+        );
+        assert!(
+            screen.contains("forward lag           0 spool records not yet acked"),
+            "{screen}"
+        );
+        let (code, body) = top_api();
+        assert_eq!((code, &body), (last.0, &last.1), "the ranking moved");
+        assert_eq!(code, 200, "{body}");
+        let api: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let ads = api["ads"].as_array().unwrap();
+        assert_eq!(ads.len(), 10, "{body}");
+        let rows: Vec<&str> = screen
+            .lines()
+            .skip_while(|l| !l.starts_with("  rank"))
+            .skip(1)
+            .collect();
+        assert_eq!(rows.len(), 10, "{screen}");
+        for (i, (row, a)) in rows.iter().zip(ads).enumerate() {
+            let (ad, clicks) = (a["ad_id"].as_u64().unwrap(), a["clicks"].as_u64().unwrap());
+            let want = format!("  {:>4}  {ad:>8}  {clicks:>9}", i + 1);
+            assert_eq!(*row, want, "{screen}\n{body}");
+        }
 
         // Nothing listening: every click is undelivered, exit 1.
         let [dead] = free_ports::<1>();
