@@ -459,14 +459,20 @@ mod tests {
 
         let endpoints = vec![curl.clone(), aurl.clone(), "http://127.0.0.1:1".to_string()];
         let first = scrape_all(&http, &endpoints, Some(&admin)).await;
-        // Wait until the aggregator counted the five and ranks them.
+        // Wait until the aggregator counted the five and ranks them, and the collector has
+        // the ack (its forward lag back to 0).
         let deadline = Instant::now() + Duration::from_secs(30);
         let now = loop {
             let s = scrape_all(&http, &endpoints, Some(&admin)).await;
-            if s.top == [(42, 3), (7, 2)] {
+            let lag = s.sum(Role::Collector, "adclick_collector_forward_lag_records");
+            if s.top == [(42, 3), (7, 2)] && lag == 0 {
                 break s;
             }
-            assert!(Instant::now() < deadline, "top never ranked: {:?}", s.top);
+            assert!(
+                Instant::now() < deadline,
+                "top never ranked: {:?}, lag {lag}",
+                s.top
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let view = now.view(
