@@ -118,12 +118,63 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if server.is_some() && format == logging::LogFormat::Json => {
-            tracing::error!(target: logging::LIFECYCLE, "{e:#}");
+            tracing::error!(target: logging::LIFECYCLE, "{}", error_text(&e));
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes, "a: b: c", each cause once: many errors already end with their
+/// source's text ("cannot listen on X: Address in use"), which `{:#}` would repeat.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.contains(&c) {
+            continue;
+        }
+        if !text.is_empty() {
+            text += ": ";
+        }
+        text += &c;
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_text_says_each_cause_once() {
+        let os = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        /// Like the servers' thiserror `Io` variants: the source in the text and as source.
+        #[derive(Debug)]
+        struct Listen {
+            source: std::io::Error,
+        }
+        impl std::fmt::Display for Listen {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "cannot listen on 127.0.0.1:1: {}", self.source)
+            }
+        }
+        impl std::error::Error for Listen {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.source)
+            }
+        }
+        let e = anyhow::Error::new(Listen { source: os }).context("cannot start the aggregator");
+        assert_eq!(
+            error_text(&e),
+            "cannot start the aggregator: cannot listen on 127.0.0.1:1: Address already in use"
+        );
+        assert_eq!(
+            format!("{e:#}").matches("Address already in use").count(),
+            2
+        );
     }
 }

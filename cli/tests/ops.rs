@@ -332,6 +332,7 @@ mod logs {
             m.contains("cannot read config file /nonexistent/collector.toml"),
             "{m}"
         );
+        assert_eq!(m.matches("No such file or directory").count(), 1, "{m}");
         let out = run(&["keys", "list", "--keys", "/nonexistent/keys.toml"]);
         let err = String::from_utf8(out.stderr).unwrap();
         assert!(err.starts_with("error: "), "{err}");
