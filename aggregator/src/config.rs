@@ -5,14 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::state::topset::IndexField;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Keys starting with this are the placeholders of the shipped example configs; they are
 /// refused (see [`AggregatorConfig::validate`]).
 pub const EXAMPLE_KEY_PREFIX: &str = "change-me";
 
 /// Everything an aggregator needs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
     /// gRPC listener: `IngestService` (collectors), `QueryService` (advertisers), reflection
@@ -52,7 +52,7 @@ pub struct AggregatorConfig {
 
 /// The click index (`crate::clickindex`): every counted click's client IP and user id, kept
 /// on disk for `retention_minutes` of event time behind the watermark.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickIndexConfig {
     /// Minutes of event time kept (default 1440, 24 h; at least 2). A query filtered by `ip`
@@ -70,7 +70,7 @@ impl Default for ClickIndexConfig {
 }
 
 /// Exact dedup of impression ids (see `state::dedup`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DedupConfig {
     /// RAM the dedup set may use: 3/4 for ids inserted since the last spill, 1/4 for the
@@ -88,7 +88,7 @@ impl Default for DedupConfig {
 }
 
 /// The quarantine log.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuarantineConfig {
     /// Largest size of `quarantine.jsonl`; records beyond it are dropped and counted
@@ -145,7 +145,7 @@ pub const MAX_CLICK_BYTES: usize = 1_183;
 pub const DEFAULT_MAX_INGEST_MESSAGE_BYTES: usize = 2 * (8 << 20);
 
 /// Ingest limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// Largest `IngestBatch` accepted, in bytes (checked from the gRPC frame header before
@@ -175,7 +175,7 @@ impl Default for IngestConfig {
 }
 
 /// Connection limits and timeouts, for each listener separately.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectionConfig {
     /// A new connection must deliver its first complete request (HTTP/1 headers, or the
@@ -215,7 +215,7 @@ impl Default for ConnectionConfig {
 }
 
 /// Watermark, lateness and retention.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WindowConfig {
     /// Watermark = max corrected event time seen minus this; minutes before the watermark
@@ -244,7 +244,7 @@ impl Default for WindowConfig {
 }
 
 /// Checkpointing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
     /// Time between checkpoints (the WAL before a checkpoint is deleted).
@@ -260,7 +260,7 @@ impl Default for CheckpointConfig {
 }
 
 /// Internal sharding.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShardConfig {
     /// Worker threads that own disjoint parts of the counting state.
@@ -290,7 +290,7 @@ impl Default for ShardConfig {
 }
 
 /// Query limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueryConfig {
     /// Largest `n` for TopAds: 1 to 10,000 (`validate::MAX_TOP_N`, the API's bound).
@@ -347,7 +347,7 @@ impl Default for QueryConfig {
 }
 
 /// Who may query what.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKey {
     /// The secret sent as `authorization: Bearer <key>`.
@@ -360,7 +360,7 @@ pub struct ApiKey {
 }
 
 /// An API key's role.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Sees every ad.

@@ -269,13 +269,13 @@ fn start(a: &PipelineArgs, dir: &Path) -> Result<Setup> {
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
     let keyring = Keyring::new(SigningKey::new(1, &secret)?);
     let keys = dir.join("keys.toml");
-    std::fs::write(
+    // Mode 0600: a collector refuses a key file others can read.
+    crate::keys::write_key_file(
         &keys,
-        KeyFile {
+        &KeyFile {
             keyring: keyring.clone(),
             created: vec![(1, now_ms())],
-        }
-        .render()?,
+        },
     )?;
     let admin = "bench-admin-key-0123456789";
     let ingest = crate::keys::ingest_key()?;

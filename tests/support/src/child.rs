@@ -85,6 +85,8 @@ impl ChildServer {
             .args([command, "--config"])
             .arg(config)
             .env("RUST_LOG", "warn")
+            // The tests read these logs as text lines (JSON is the default off a terminal).
+            .env("ADCLICK_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(err))
@@ -139,6 +141,7 @@ impl ChildServer {
         let mut cmd = Command::new(adclick_bin());
         cmd.args(args)
             .env("RUST_LOG", "warn")
+            .env("ADCLICK_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
