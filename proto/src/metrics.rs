@@ -272,6 +272,8 @@ pub fn help(lines: &[&str]) -> String {
 /// every metric, so none can be declared and forgotten (the aggregator's watermark lag
 /// was, before). Fields in the leading `extra { .. }` block are plain fields (not
 /// metrics), initialised the same way. The struct also gets a private `registry` field.
+/// The form `struct Name under "sub" { .. }` declares a group that another registry takes
+/// under a sub-prefix (`Default` builds it, `register(&mut Registry)` adds it).
 ///
 /// ```ignore
 /// adclick_proto::metrics! {
@@ -321,6 +323,45 @@ macro_rules! metrics {
                     $( $xfield: $xinit, )*
                     $( $field, )*
                 }
+            }
+        }
+    };
+    // A group of metrics registered into another registry under a sub-prefix (the
+    // aggregator's `source_*` and `front_*`): `Default` builds it, `register` adds it.
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident under $sub:literal {
+            $(
+                $(#[doc = $help:literal])+
+                $fvis:vis $field:ident : $ty:ty = $init:expr;
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $name {
+            $( $(#[doc = $help])+ $fvis $field: $ty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name { $( $field: $init, )* }
+            }
+        }
+
+        impl $name {
+            #[doc = concat!("Registers every metric under `", $sub, "_`.")]
+            pub fn register(
+                &self,
+                registry: &mut $crate::metrics::prometheus_client::registry::Registry,
+            ) {
+                let r = registry.sub_registry_with_prefix($sub);
+                $(
+                    r.register(
+                        stringify!($field),
+                        $crate::metrics::help(&[$($help),+]),
+                        self.$field.clone(),
+                    );
+                )*
             }
         }
     };
