@@ -247,6 +247,10 @@ fn banner(args: &DevArgs, collector: &str, agg: &adclick_aggregator::Aggregator,
     println!(
         "keys: {d}/keys.toml   admin API key: {d}/admin.key   advertiser 1 key: {d}/advertiser-1.key"
     );
+    println!(
+        "dashboard: http://{}/ui   (paste the admin API key from {d}/admin.key)",
+        agg.http_addr()
+    );
     println!("try, in another terminal:");
     println!("  adclick query top --n 10 --last 5m                     # reads {d}/admin.key");
     println!(
