@@ -230,27 +230,11 @@ impl Api {
         query: TopAdsRequest,
         interval_ms: u32,
     ) -> Result<mpsc::Receiver<Update<TopAdsResponse>>, BackendError> {
-        const RPC: &str = "WatchTopAds";
-        let (slot, interval) = self.watch_slot(&ctx, RPC, interval_ms)?;
-        let first = self
-            .timed(RPC, self.backend.top_ads(&ctx, query.clone()))
-            .await?;
-        let backend = self.backend.clone();
-        Ok(crate::live::spawn(
-            self,
-            RPC,
-            slot,
-            interval,
-            first,
-            move |now_ms| {
-                let (backend, query) = (backend.clone(), query.clone());
-                let ctx = Ctx {
-                    now_ms,
-                    ..ctx.clone()
-                };
-                async move { backend.top_ads(&ctx, query).await }
-            },
-        ))
+        self.watch(ctx, "WatchTopAds", interval_ms, move |backend, ctx| {
+            let query = query.clone();
+            async move { backend.top_ads(&ctx, query).await }
+        })
+        .await
     }
 
     /// Opens a watch of `GetAdClicks`: as [`Api::watch_top`]; `request(now_ms)` is the
@@ -261,28 +245,47 @@ impl Api {
         request: impl Fn(i64) -> Result<GetAdClicksRequest, BackendError> + Send + Sync + 'static,
         interval_ms: u32,
     ) -> Result<mpsc::Receiver<Update<GetAdClicksResponse>>, BackendError> {
-        const RPC: &str = "WatchAdClicks";
-        let (slot, interval) = self.watch_slot(&ctx, RPC, interval_ms)?;
+        self.watch(ctx, "WatchAdClicks", interval_ms, move |backend, ctx| {
+            let request = request(ctx.now_ms);
+            async move { backend.ad_clicks(&ctx, request?).await }
+        })
+        .await
+    }
+
+    /// A watch of `ask`: its slot and interval, the first answer now (timed and counted
+    /// like a query), then `live::spawn` re-asking at each interval with the clock of
+    /// that moment.
+    async fn watch<T, F, Fut>(
+        &self,
+        ctx: Ctx,
+        rpc: &'static str,
+        interval_ms: u32,
+        ask: F,
+    ) -> Result<mpsc::Receiver<Update<T>>, BackendError>
+    where
+        T: PartialEq + Clone + Send + 'static,
+        F: Fn(Arc<dyn QueryBackend>, Ctx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, BackendError>> + Send + 'static,
+    {
+        let (slot, interval) = self.watch_slot(&ctx, rpc, interval_ms)?;
         let first = self
-            .timed(RPC, async {
-                self.backend.ad_clicks(&ctx, request(ctx.now_ms)?).await
-            })
+            .timed(rpc, ask(self.backend.clone(), ctx.clone()))
             .await?;
         let backend = self.backend.clone();
-        let request = Arc::new(request);
         Ok(crate::live::spawn(
             self,
-            RPC,
+            rpc,
             slot,
             interval,
             first,
             move |now_ms| {
-                let (backend, request) = (backend.clone(), request.clone());
-                let ctx = Ctx {
-                    now_ms,
-                    ..ctx.clone()
-                };
-                async move { backend.ad_clicks(&ctx, request(now_ms)?).await }
+                ask(
+                    backend.clone(),
+                    Ctx {
+                        now_ms,
+                        ..ctx.clone()
+                    },
+                )
             },
         ))
     }

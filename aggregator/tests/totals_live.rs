@@ -211,6 +211,21 @@ async fn totals_per_campaign_and_advertiser_match_the_clicks() {
     a.shutdown().await;
 }
 
+/// A `WatchTopAds` request for `query` every `interval_ms`, with `key`.
+fn watch_top(
+    query: TopAdsRequest,
+    interval_ms: u32,
+    key: &str,
+) -> tonic::Request<WatchTopAdsRequest> {
+    authed(
+        WatchTopAdsRequest {
+            query: Some(query),
+            interval_ms,
+        },
+        key,
+    )
+}
+
 fn top_range(n: u32, from: i64, to: i64) -> TopAdsRequest {
     TopAdsRequest {
         n,
@@ -256,13 +271,7 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
 
     // WatchTopAds: the answer now, then the answer after more clicks, nothing in between.
     let mut w = q
-        .watch_top_ads(authed(
-            WatchTopAdsRequest {
-                query: Some(top_range(10, from, to)),
-                interval_ms: 100,
-            },
-            ADMIN,
-        ))
+        .watch_top_ads(watch_top(top_range(10, from, to), 100, ADMIN))
         .await
         .unwrap()
         .into_inner();
@@ -286,13 +295,7 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
 
     // An advertiser key watches its own ads only; another advertiser's ad has no clicks.
     let mut own = q
-        .watch_top_ads(authed(
-            WatchTopAdsRequest {
-                query: Some(top_range(10, from, to)),
-                interval_ms: 100,
-            },
-            ADV1,
-        ))
+        .watch_top_ads(watch_top(top_range(10, from, to), 100, ADV1))
         .await
         .unwrap()
         .into_inner();
@@ -351,23 +354,11 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
 
     // A third watch of the key is the limit; a fourth is refused.
     let _third = q
-        .watch_top_ads(authed(
-            WatchTopAdsRequest {
-                query: Some(top_range(1, from, to)),
-                interval_ms: 0,
-            },
-            ADMIN,
-        ))
+        .watch_top_ads(watch_top(top_range(1, from, to), 0, ADMIN))
         .await
         .unwrap();
     let e = q
-        .watch_top_ads(authed(
-            WatchTopAdsRequest {
-                query: Some(top_range(1, from, to)),
-                interval_ms: 0,
-            },
-            ADMIN,
-        ))
+        .watch_top_ads(watch_top(top_range(1, from, to), 0, ADMIN))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
@@ -386,14 +377,12 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
 
     // Invalid queries are refused before anything streams, fields named under `query.`.
     let e = q
-        .watch_top_ads(authed(
-            WatchTopAdsRequest {
-                query: Some(TopAdsRequest {
-                    n: 0,
-                    ..top_range(1, from, to)
-                }),
-                interval_ms: 5,
+        .watch_top_ads(watch_top(
+            TopAdsRequest {
+                n: 0,
+                ..top_range(1, from, to)
             },
+            5,
             ADV1,
         ))
         .await
@@ -403,14 +392,12 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
         vec![("interval_ms".into(), "OUT_OF_RANGE".into())]
     );
     let e = q
-        .watch_top_ads(authed(
-            WatchTopAdsRequest {
-                query: Some(TopAdsRequest {
-                    n: 0,
-                    ..top_range(1, from, to)
-                }),
-                interval_ms: 0,
+        .watch_top_ads(watch_top(
+            TopAdsRequest {
+                n: 0,
+                ..top_range(1, from, to)
             },
+            0,
             ADV1,
         ))
         .await
@@ -457,13 +444,7 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
         .unwrap();
     let mut slow = v1::query_service_client::QueryServiceClient::new(ch);
     let mut stalled = slow
-        .watch_top_ads(authed(
-            WatchTopAdsRequest {
-                query: Some(top_range(10_000, from, to)),
-                interval_ms: 100,
-            },
-            ADMIN,
-        ))
+        .watch_top_ads(watch_top(top_range(10_000, from, to), 100, ADMIN))
         .await
         .unwrap()
         .into_inner();

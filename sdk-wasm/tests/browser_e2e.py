@@ -20,7 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "browser"))
-from webdriver import Browser, free_port, wait_http  # noqa: E402
+from webdriver import Browser, Scenarios, free_port, stop, wait_http  # noqa: E402
 
 ADCLICK = os.environ.get("ADCLICK_BIN", os.path.join(ROOT, "target", "debug", "adclick"))
 
@@ -91,16 +91,8 @@ window.ready = true;
             got = count(ad)
             assert got == want, f"ad {ad}: counted {got}, expected {want}"
 
-        results = []
-
-        def scenario(name, f):
-            try:
-                f()
-                results.append((name, None))
-                print(f"ok   {name}")
-            except Exception as e:  # report and go on with the next scenario
-                results.append((name, e))
-                print(f"FAIL {name}: {e}")
+        scenarios = Scenarios()
+        scenario = scenarios.run
 
         def links():
             t1, t2 = mint(777001), mint(777002)
@@ -140,19 +132,11 @@ window.ready = true;
         scenario("trackLinks: two ad links clicked, each counted once", links)
         scenario("beacon on page hide delivers a click counted once", beacon)
         scenario("offline click kept in localStorage is sent on the next load, counted once", offline)
-        failed = sum(1 for _, e in results if e is not None)
-        print(f"{len(results) - failed} passed, {failed} failed")
+        failed = scenarios.failed()
+        print(scenarios.summary())
         return 1 if failed else 0
     finally:
-        if browser:
-            browser.close()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except Exception:
-                p.kill()
+        stop(browser, procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

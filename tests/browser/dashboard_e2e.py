@@ -25,7 +25,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from webdriver import Browser, free_port, wait_http  # noqa: E402
+from webdriver import Browser, Scenarios, free_port, stop, wait_http  # noqa: E402
 
 ADCLICK = os.environ.get("ADCLICK_BIN", os.path.join(ROOT, "target", "debug", "adclick"))
 SCREENSHOT = os.environ.get("ADCLICK_SCREENSHOT", os.path.join(ROOT, "target", "ui-dashboard.png"))
@@ -91,16 +91,8 @@ def main():
         table = """return Array.from(document.querySelectorAll('#top tbody tr'))
                    .map(tr => Array.from(tr.children).map(td => Number(td.textContent)))
                    .map(([rank, ad, clicks]) => [ad, clicks]);"""
-        results = []
-
-        def scenario(name, f):
-            try:
-                f()
-                results.append((name, None))
-                print(f"ok   {name}")
-            except Exception as e:  # report and go on with the next scenario
-                results.append((name, e))
-                print(f"FAIL {name}: {e}")
+        scenarios = Scenarios()
+        scenario = scenarios.run
 
         def login(key):
             wait("!document.querySelector('#login').hidden")
@@ -160,21 +152,13 @@ def main():
         scenario("new clicks appear without a reload (SSE watch)", updates_itself)
         scenario("a row clicked charts that ad with its total (screenshot)", select_row)
         scenario("the key is kept for the tab: a reload shows the dashboard", kept_in_session)
-        failed = sum(1 for _, e in results if e is not None)
+        failed = scenarios.failed()
         if failed:
             sys.stderr.write(open(os.path.join(tmp, "dev.log")).read()[-4000:])
-        print(f"{len(results) - failed} passed, {failed} failed; screenshot: {SCREENSHOT}")
+        print(f"{scenarios.summary()}; screenshot: {SCREENSHOT}")
         return 1 if failed else 0
     finally:
-        if browser:
-            browser.close()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except Exception:
-                p.kill()
+        stop(browser, procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -96,3 +96,38 @@ class Browser:
             self.proc.wait(timeout=15)
         except Exception:
             self.proc.kill()
+
+
+class Scenarios:
+    """Runs named scenarios one after another, reporting each, going on after a failure."""
+
+    def __init__(self):
+        self.results = []
+
+    def run(self, name, f):
+        try:
+            f()
+            self.results.append((name, None))
+            print(f"ok   {name}")
+        except Exception as e:  # report and go on with the next scenario
+            self.results.append((name, e))
+            print(f"FAIL {name}: {e}")
+
+    def failed(self):
+        return sum(1 for _, e in self.results if e is not None)
+
+    def summary(self):
+        return f"{len(self.results) - self.failed()} passed, {self.failed()} failed"
+
+
+def stop(browser, procs):
+    """Closes the browser and terminates `procs` (killed after 15 s)."""
+    if browser:
+        browser.close()
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except Exception:
+            p.kill()
