@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Real-browser end-to-end test of the browser SDK: headless Chromium (Debian packages
+# Real-browser end-to-end tests of the browser SDK and the dashboard: headless Chromium (Debian packages
 # chromium + chromium-driver, installed if missing) against `adclick dev`, checked through
 # the query API. Needs the package built (scripts/build-wasm.sh).
 set -euo pipefail
@@ -12,3 +12,5 @@ fi
 [ -f sdk-wasm/pkg/adclick_sdk_wasm_bg.wasm ] || bash scripts/build-wasm.sh
 cargo build -q -p adclick-cli --bin adclick
 python3 sdk-wasm/tests/browser_e2e.py
+# The dashboard (/ui) against adclick dev; saves target/ui-dashboard.png.
+python3 tests/browser/dashboard_e2e.py

@@ -19,16 +19,47 @@ use std::time::Instant;
 use adclick_proto::v1::query_service_server::QueryService;
 use adclick_proto::v1::{
     BatchGetAdClicksRequest, BatchGetAdClicksResponse, BreakdownRequest, BreakdownResponse,
-    GetAdClicksRequest, GetAdClicksResponse, TopAdsRequest, TopAdsResponse,
+    GetAdClicksRequest, GetAdClicksResponse, GetTotalsRequest, GetTotalsResponse, TopAdsRequest,
+    TopAdsResponse, WatchAdClicksRequest, WatchTopAdsRequest,
 };
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::config::ApiKey;
 use crate::cors::Cors;
 use crate::grpc;
+use crate::live::Update;
 use crate::metrics::{Metrics, RpcLabel};
 use crate::query::{self, Caller, QueryError};
 use crate::ratelimit::RateLimiter;
+
+/// A watch as a gRPC stream: its answers (heartbeats dropped: HTTP/2 PINGs keep the
+/// connection), then the status that ended it, if any.
+pub type WatchStream<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+fn grpc_stream<T: Send + 'static>(rx: mpsc::Receiver<Update<T>>) -> WatchStream<T> {
+    use tokio_stream::StreamExt;
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).filter_map(Result::transpose))
+}
+
+/// Names a watch request's query fields under `query.` (the field of the watch request
+/// that holds them); `interval_ms` is the watch request's own, and so is `last_minutes`
+/// when `own_last_minutes` (WatchAdClicks).
+fn under_query(e: BackendError, own_last_minutes: bool) -> BackendError {
+    use crate::validate::Field;
+    match e {
+        BackendError::Query(QueryError::Invalid(v)) => {
+            QueryError::Invalid(v.map_fields(|f| match f {
+                Field::IntervalMs | Field::Param(_) => f,
+                Field::LastMinutes if own_last_minutes => f,
+                f => Field::Param(format!("query.{f}")),
+            }))
+            .into()
+        }
+        e => e,
+    }
+}
 
 /// Why a backend did not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -80,7 +111,7 @@ pub struct Ctx {
     pub now_ms: i64,
 }
 
-/// What answers the four queries. Implementations validate what they read (the local
+/// What answers the queries. Implementations validate what they read (the local
 /// engine every field; the front what it needs to route, the shards the rest) and never
 /// authorise: [`Api`] did.
 #[tonic::async_trait]
@@ -105,6 +136,12 @@ pub trait QueryBackend: Debug + Send + Sync + 'static {
     ) -> Result<BreakdownResponse, BackendError>;
     /// `TopAds`.
     async fn top_ads(&self, ctx: &Ctx, req: TopAdsRequest) -> Result<TopAdsResponse, BackendError>;
+    /// `GetTotals`.
+    async fn totals(
+        &self,
+        ctx: &Ctx,
+        req: GetTotalsRequest,
+    ) -> Result<GetTotalsResponse, BackendError>;
     /// Why queries cannot be answered right now (empty: ready): `/readyz`, gRPC health.
     fn not_ready(&self) -> Vec<String>;
 }
@@ -124,6 +161,8 @@ pub struct Api {
     pub limiter: Arc<RateLimiter>,
     /// Origins allowed to call from a web page (`cors.rs`; the HTTP mirror and gRPC-Web).
     pub cors: Arc<Cors>,
+    /// Open watches and their limits (`live.rs`).
+    pub watchers: Arc<crate::live::Watchers>,
 }
 
 impl Api {
@@ -183,6 +222,96 @@ impl Api {
         }
     }
 
+    /// Opens a watch of `TopAds` (`live.rs`): the interval checked, a slot taken, the
+    /// first answer computed (an invalid query is refused here, before anything streams).
+    pub async fn watch_top(
+        &self,
+        ctx: Ctx,
+        query: TopAdsRequest,
+        interval_ms: u32,
+    ) -> Result<mpsc::Receiver<Update<TopAdsResponse>>, BackendError> {
+        self.watch(ctx, "WatchTopAds", interval_ms, move |backend, ctx| {
+            let query = query.clone();
+            async move { backend.top_ads(&ctx, query).await }
+        })
+        .await
+    }
+
+    /// Opens a watch of `GetAdClicks`: as [`Api::watch_top`]; `request(now_ms)` is the
+    /// query at each interval (a sliding range moves with the clock).
+    pub async fn watch_ad_clicks(
+        &self,
+        ctx: Ctx,
+        request: impl Fn(i64) -> Result<GetAdClicksRequest, BackendError> + Send + Sync + 'static,
+        interval_ms: u32,
+    ) -> Result<mpsc::Receiver<Update<GetAdClicksResponse>>, BackendError> {
+        self.watch(ctx, "WatchAdClicks", interval_ms, move |backend, ctx| {
+            let request = request(ctx.now_ms);
+            async move { backend.ad_clicks(&ctx, request?).await }
+        })
+        .await
+    }
+
+    /// A watch of `ask`: its slot and interval, the first answer now (timed and counted
+    /// like a query), then `live::spawn` re-asking at each interval with the clock of
+    /// that moment.
+    async fn watch<T, F, Fut>(
+        &self,
+        ctx: Ctx,
+        rpc: &'static str,
+        interval_ms: u32,
+        ask: F,
+    ) -> Result<mpsc::Receiver<Update<T>>, BackendError>
+    where
+        T: PartialEq + Clone + Send + 'static,
+        F: Fn(Arc<dyn QueryBackend>, Ctx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, BackendError>> + Send + 'static,
+    {
+        let (slot, interval) = self.watch_slot(&ctx, rpc, interval_ms)?;
+        let first = self
+            .timed(rpc, ask(self.backend.clone(), ctx.clone()))
+            .await?;
+        let backend = self.backend.clone();
+        Ok(crate::live::spawn(
+            self,
+            rpc,
+            slot,
+            interval,
+            first,
+            move |now_ms| {
+                ask(
+                    backend.clone(),
+                    Ctx {
+                        now_ms,
+                        ..ctx.clone()
+                    },
+                )
+            },
+        ))
+    }
+
+    /// The interval of a new watch and its slot under the limits (a refusal is counted).
+    fn watch_slot(
+        &self,
+        ctx: &Ctx,
+        rpc: &'static str,
+        interval_ms: u32,
+    ) -> Result<(crate::live::Slot, std::time::Duration), BackendError> {
+        let interval = self.watchers.interval(interval_ms).map_err(|v| {
+            let e = BackendError::from(QueryError::Invalid(v));
+            self.count_refusal(rpc, &e);
+            e
+        })?;
+        let slot = self
+            .watchers
+            .open(ctx.authorization.as_deref(), &self.metrics.watch_streams)
+            .map_err(|s| {
+                self.metrics.refuse_query(rpc, "watch_limit");
+                BackendError::Status(s)
+            })?;
+        Ok((slot, interval))
+    }
+
     fn grpc_ctx<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Ctx, Status> {
         let h = req
             .metadata()
@@ -240,5 +369,79 @@ impl QueryService for Api {
             .await
             .map(Response::new)
             .map_err(BackendError::into_status)
+    }
+
+    async fn get_totals(
+        &self,
+        req: Request<GetTotalsRequest>,
+    ) -> Result<Response<GetTotalsResponse>, Status> {
+        let ctx = self.grpc_ctx(&req, "GetTotals")?;
+        let r = req.into_inner();
+        self.timed("GetTotals", self.backend.totals(&ctx, r))
+            .await
+            .map(Response::new)
+            .map_err(BackendError::into_status)
+    }
+
+    type WatchTopAdsStream = WatchStream<TopAdsResponse>;
+
+    async fn watch_top_ads(
+        &self,
+        req: Request<WatchTopAdsRequest>,
+    ) -> Result<Response<Self::WatchTopAdsStream>, Status> {
+        let ctx = self.grpc_ctx(&req, "WatchTopAds")?;
+        let r = req.into_inner();
+        let query = r.query.unwrap_or_default();
+        let rx = self
+            .watch_top(ctx, query, r.interval_ms)
+            .await
+            .map_err(|e| under_query(e, false).into_status())?;
+        Ok(Response::new(grpc_stream(rx)))
+    }
+
+    type WatchAdClicksStream = WatchStream<GetAdClicksResponse>;
+
+    async fn watch_ad_clicks(
+        &self,
+        req: Request<WatchAdClicksRequest>,
+    ) -> Result<Response<Self::WatchAdClicksStream>, Status> {
+        let ctx = self.grpc_ctx(&req, "WatchAdClicks")?;
+        let r = req.into_inner();
+        let query = r.query.unwrap_or_default();
+        let last = r.last_minutes;
+        if last > 0 && (query.from_ms != 0 || query.to_ms != 0) {
+            let mut bad = crate::validate::Violations::default();
+            bad.push(
+                crate::validate::Field::LastMinutes,
+                crate::validate::Reason::Conflict,
+                "last_minutes and query.from_ms/query.to_ms exclude each other: give one",
+            );
+            let e = BackendError::from(QueryError::Invalid(bad));
+            self.count_refusal("WatchAdClicks", &e);
+            return Err(e.into_status());
+        }
+        let request = move |now_ms: i64| -> Result<GetAdClicksRequest, BackendError> {
+            if last == 0 {
+                return Ok(query.clone());
+            }
+            let window = TopAdsRequest {
+                window: Some(adclick_proto::v1::top_ads_request::Window::LastMinutes(
+                    last,
+                )),
+                ..Default::default()
+            };
+            let (from_ms, to_ms) = crate::validate::top_window(&window, now_ms)
+                .map_err(|v| BackendError::from(QueryError::Invalid(v)))?;
+            Ok(GetAdClicksRequest {
+                from_ms,
+                to_ms,
+                ..query.clone()
+            })
+        };
+        let rx = self
+            .watch_ad_clicks(ctx, request, r.interval_ms)
+            .await
+            .map_err(|e| under_query(e, true).into_status())?;
+        Ok(Response::new(grpc_stream(rx)))
     }
 }

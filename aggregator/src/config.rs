@@ -5,14 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::state::topset::IndexField;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Keys starting with this are the placeholders of the shipped example configs; they are
 /// refused (see [`AggregatorConfig::validate`]).
 pub const EXAMPLE_KEY_PREFIX: &str = "change-me";
 
 /// Everything an aggregator needs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
     /// gRPC listener: `IngestService` (collectors), `QueryService` (advertisers), reflection
@@ -54,7 +54,7 @@ pub struct AggregatorConfig {
 
 /// The click index (`crate::clickindex`): every counted click's client IP and user id, kept
 /// on disk for `retention_minutes` of event time behind the watermark.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickIndexConfig {
     /// Minutes of event time kept (default 1440, 24 h; at least 2). A query filtered by `ip`
@@ -72,7 +72,7 @@ impl Default for ClickIndexConfig {
 }
 
 /// Exact dedup of impression ids (see `state::dedup`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DedupConfig {
     /// RAM the dedup set may use: 3/4 for ids inserted since the last spill, 1/4 for the
@@ -90,7 +90,7 @@ impl Default for DedupConfig {
 }
 
 /// The quarantine log.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuarantineConfig {
     /// Largest size of `quarantine.jsonl`; records beyond it are dropped and counted
@@ -148,7 +148,7 @@ pub const MAX_CLICK_BYTES: usize = 1_183;
 pub const DEFAULT_MAX_INGEST_MESSAGE_BYTES: usize = 2 * (8 << 20);
 
 /// Ingest limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
     /// Largest `IngestBatch` accepted, in bytes (checked from the gRPC frame header before
@@ -178,7 +178,7 @@ impl Default for IngestConfig {
 }
 
 /// Connection limits and timeouts, for each listener separately.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectionConfig {
     /// A new connection must deliver its first complete request (HTTP/1 headers, or the
@@ -218,7 +218,7 @@ impl Default for ConnectionConfig {
 }
 
 /// Watermark, lateness and retention.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WindowConfig {
     /// Watermark = max corrected event time seen minus this; minutes before the watermark
@@ -247,7 +247,7 @@ impl Default for WindowConfig {
 }
 
 /// Checkpointing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
     /// Time between checkpoints (the WAL before a checkpoint is deleted).
@@ -263,7 +263,7 @@ impl Default for CheckpointConfig {
 }
 
 /// Internal sharding.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShardConfig {
     /// Worker threads that own disjoint parts of the counting state.
@@ -293,7 +293,7 @@ impl Default for ShardConfig {
 }
 
 /// Query limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueryConfig {
     /// Largest `n` for TopAds: 1 to 10,000 (`validate::MAX_TOP_N`, the API's bound).
@@ -319,6 +319,17 @@ pub struct QueryConfig {
     /// Queries a key may make at once after being idle (the bucket's size); at least 1
     /// when rate limiting is on.
     pub rate_limit_burst: u32,
+    /// Least time between two updates of a watch (WatchTopAds, WatchAdClicks, their SSE
+    /// mirror) that does not ask for its own `interval_ms`: 100 to 60,000 ms.
+    pub watch_interval_ms: u32,
+    /// Watches open at once in this process (each re-runs its query at most once per
+    /// interval); at least 1.
+    pub watch_max_streams: usize,
+    /// Watches one API key may have open at once; at least 1.
+    pub watch_max_per_key: usize,
+    /// Updates a watch holds for a client that has not read them yet; when they are all
+    /// unread and the next is due, the client is dropped (RESOURCE_EXHAUSTED). 1 to 64.
+    pub watch_buffer: usize,
 }
 
 impl Default for QueryConfig {
@@ -330,12 +341,16 @@ impl Default for QueryConfig {
             cors_allowed_origins: Vec::new(),
             rate_limit_per_second: 50,
             rate_limit_burst: 100,
+            watch_interval_ms: 1000,
+            watch_max_streams: 1000,
+            watch_max_per_key: 16,
+            watch_buffer: 4,
         }
     }
 }
 
 /// Who may query what.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKey {
     /// The secret sent as `authorization: Bearer <key>`.
@@ -348,7 +363,7 @@ pub struct ApiKey {
 }
 
 /// An API key's role.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Sees every ad.
@@ -454,6 +469,22 @@ pub fn check_query_access(query: &QueryConfig, api_keys: &[ApiKey]) -> Result<()
     }
     if q.max_range_days < 1 {
         return err("query.max_range_days must be at least 1".into());
+    }
+    if !(crate::live::MIN_INTERVAL_MS..=crate::live::MAX_INTERVAL_MS).contains(&q.watch_interval_ms)
+    {
+        return err(format!(
+            "query.watch_interval_ms must be between {} and {}",
+            crate::live::MIN_INTERVAL_MS,
+            crate::live::MAX_INTERVAL_MS
+        ));
+    }
+    if q.watch_max_streams == 0 || q.watch_max_per_key == 0 {
+        return err(
+            "query.watch_max_streams and query.watch_max_per_key must be at least 1".into(),
+        );
+    }
+    if !(1..=64).contains(&q.watch_buffer) {
+        return err("query.watch_buffer must be between 1 and 64".into());
     }
     if q.rate_limit_per_second > 0 && q.rate_limit_burst == 0 {
         return err(

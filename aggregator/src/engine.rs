@@ -981,7 +981,9 @@ impl<S: Store> Writer<S> {
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(owners);
         }
-        self.metrics.watermark_ms.set(wm.max(0));
+        self.metrics
+            .watermark_seconds
+            .set(wm.max(0) as f64 / 1000.0);
         if wm > 0 {
             let lag = crate::view::now_ms().saturating_sub(wm) as f64 / 1000.0;
             self.metrics.watermark_lag_seconds.set(lag);

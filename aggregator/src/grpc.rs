@@ -50,6 +50,11 @@ use crate::view::View;
 /// are small; ingest has its own, configured, cap).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
+/// Largest query answer encoded (and, in the query front, decoded from a shard): a
+/// `BatchGetAdClicks` of 100 ads or a `GetTotals` with sketches for the front (1,000
+/// buckets of up to 12 KiB) stays under it.
+pub const MAX_ANSWER_BYTES: usize = 16 << 20;
+
 /// Longest `collector_id` accepted (the collector's own config allows 1 to 128 characters).
 pub const MAX_COLLECTOR_ID_LEN: usize = 128;
 
@@ -327,6 +332,15 @@ impl Query {
         query::breakdown(&self.view, caller, req, &self.limits)
     }
 
+    /// `GetTotals` for `caller`: every field validated, then answered.
+    pub fn totals(
+        &self,
+        caller: Caller,
+        req: &adclick_proto::v1::GetTotalsRequest,
+    ) -> Result<adclick_proto::v1::GetTotalsResponse, QueryError> {
+        query::get_totals(&self.view, caller, req, &self.limits)
+    }
+
     /// `TopAds` for `caller` at `now_ms`: every field validated (`validate::top_ads`, so
     /// the range is checked against the retention and the watermark), then answered.
     pub fn top(
@@ -386,6 +400,14 @@ impl QueryBackend for Query {
         Ok(self.top(ctx.caller, &req, ctx.now_ms)?)
     }
 
+    async fn totals(
+        &self,
+        ctx: &Ctx,
+        req: adclick_proto::v1::GetTotalsRequest,
+    ) -> Result<adclick_proto::v1::GetTotalsResponse, BackendError> {
+        Ok(Query::totals(self, ctx.caller, &req)?)
+    }
+
     fn not_ready(&self) -> Vec<String> {
         self.view
             .ready
@@ -405,6 +427,7 @@ impl Query {
             metrics: self.metrics.clone(),
             limiter: self.limiter.clone(),
             cors: self.cors.clone(),
+            watchers: Arc::new(crate::live::Watchers::new(&self.cfg)),
             backend: Arc::new(self),
         }
     }

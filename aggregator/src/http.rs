@@ -26,7 +26,10 @@ use std::sync::Arc;
 
 use adclick_proto::v1::{self, Granularity};
 use bytes::Bytes;
-use http_body_util::Full;
+use std::convert::Infallible;
+
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -41,11 +44,17 @@ use crate::validate::{self, Dim, Field, MAX_QUOTED, Reason, Violations, quote};
 /// is well under 1 KiB).
 pub const MAX_QUERY_BYTES: usize = 4096;
 /// Most `key=value` pairs in one query string.
-pub const MAX_PARAMS: usize = 64;
+pub const MAX_PARAMS: usize = 128;
 /// The `type` of the problem answered to an invalid request (400). A stable identifier to
 /// compare, not a page to fetch (the host is the project's placeholder); the rules are in
 /// `docs/api.md`, "Validation".
 pub const PROBLEM_INVALID_REQUEST: &str = "https://example.invalid/adclick/invalid-request";
+
+/// What a request for an unknown path is told.
+const NOT_FOUND: &str = "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/{ad_id}/breakdown, \
+    GET /v1/ads/clicks?ad_id=..., GET /v1/ads/top, GET /v1/campaigns/{id}/totals, \
+    GET /v1/advertisers/{id}/totals, the watches GET /v1/ads/top/watch and \
+    GET /v1/ads/{ad_id}/clicks/watch, /ui, /livez, /readyz, /metrics";
 
 /// Filter parameters (repeatable), as `(parameter, filter list)`.
 const FILTER_PARAMS: [(&str, Dim); 6] = [
@@ -128,6 +137,9 @@ pub fn param_name(f: &Field) -> Cow<'_, str> {
         Field::AdIds | Field::AdIdsValue(_) => "ad_id",
         Field::FillEmpty => "fill_empty",
         Field::GroupBy => "group_by",
+        Field::Scope => "scope",
+        Field::Id => "id",
+        Field::IntervalMs => "interval_ms",
         Field::FromMs | Field::RangeFromMs => "from_ms",
         Field::ToMs | Field::RangeToMs => "to_ms",
         Field::Granularity => "granularity",
@@ -304,27 +316,34 @@ fn param_of_path(path: &str, last_minutes: bool) -> String {
 #[derive(Debug, Clone)]
 pub struct HttpService(pub Arc<Api>);
 
-impl ConnService for HttpService {
-    type Body = Full<Bytes>;
+/// A response body: a whole answer, or a watch's event stream.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-    fn call(&self, req: Request<Incoming>) -> Pin<Box<dyn Future<Output = Resp> + Send>> {
+impl ConnService for HttpService {
+    type Body = Body;
+
+    fn call(&self, req: Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<Body>> + Send>> {
         // A CORS preflight (OPTIONS) is answered before routing; everything else gets the
         // CORS headers of its origin (`cors.rs`; none unless query.cors_allowed_origins).
-        if let Some(resp) = self.0.cors.preflight(&req) {
-            return Box::pin(async move { resp });
+        if let Some(resp) = self.0.cors.preflight::<_, Full<Bytes>>(&req) {
+            return Box::pin(async move { resp.map(BodyExt::boxed_unsync) });
         }
         let origin = crate::cors::origin_of(req.headers());
         // The handler never reads the body (GET only); the backend may wait on shards.
         let api = self.0.clone();
         Box::pin(async move {
-            let mut resp = handle(&api, req).await;
+            let mut resp = if req.uri().path().ends_with("/watch") {
+                watch(&api, req).await
+            } else {
+                handle(&api, req).await.map(BodyExt::boxed_unsync)
+            };
             api.cors.decorate(&origin, &mut resp);
             resp
         })
     }
 
-    fn timed_out(&self) -> Resp {
-        error(StatusCode::SERVICE_UNAVAILABLE, "request timed out")
+    fn timed_out(&self) -> Response<Body> {
+        error(StatusCode::SERVICE_UNAVAILABLE, "request timed out").map(BodyExt::boxed_unsync)
     }
 }
 
@@ -380,15 +399,19 @@ async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served");
     }
     let path = req.uri().path().to_string();
+    if let Some(resp) = crate::ui::asset(&path) {
+        return resp;
+    }
     match path.as_str() {
         "/livez" => return reply(StatusCode::OK, "ok\n".into(), "text/plain; charset=utf-8"),
         "/readyz" | "/healthz" => return readiness(q),
         "/metrics" => {
-            return reply(
-                StatusCode::OK,
-                q.metrics.render(),
-                "text/plain; version=0.0.4; charset=utf-8",
-            );
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let (content_type, body) = q.metrics.expose(accept);
+            return reply(StatusCode::OK, body, content_type);
         }
         _ => {}
     }
@@ -398,39 +421,29 @@ async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
     let breakdown_ad = path
         .strip_prefix("/v1/ads/")
         .and_then(|p| p.strip_suffix("/breakdown"));
+    let totals = totals_path(&path);
     let rpc = match (path.as_str(), ad, breakdown_ad) {
         ("/v1/ads/top", _, _) => "TopAds",
         ("/v1/ads/clicks", _, _) => "BatchGetAdClicks",
         (_, Some(_), _) => "GetAdClicks",
         (_, _, Some(_)) => "Breakdown",
+        _ if totals.is_some() => "GetTotals",
         _ => {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not found: GET /v1/ads/{ad_id}/clicks, GET /v1/ads/{ad_id}/breakdown, GET /v1/ads/clicks?ad_id=..., GET /v1/ads/top, /livez, /readyz, /metrics",
-            );
+            return error(StatusCode::NOT_FOUND, NOT_FOUND);
         }
     };
-    let auth = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    // Charges only a configured key (an unknown one is refused with 401 just below).
-    if let Err(l) = q.limiter.check(auth) {
-        q.metrics.refuse_query(rpc, "rate_limited");
-        return rate_limited(&l);
-    }
-    let ctx = q.authorize(auth).map(|caller| Ctx {
-        caller,
-        authorization: auth.map(str::to_string),
-        now_ms: crate::view::now_ms(),
-    });
+    let ctx = match context(q, &req, rpc) {
+        Ok(ctx) => ctx,
+        Err(limited) => return *limited,
+    };
     let result = async {
         let ctx = ctx?;
         let params = params(req.uri().query())?;
-        match (rpc, ad, breakdown_ad) {
-            (_, Some(id), _) => clicks(q, &ctx, id, &params).await,
-            (_, _, Some(id)) => breakdown(q, &ctx, id, &params).await,
-            ("BatchGetAdClicks", _, _) => batch(q, &ctx, &params).await,
+        match (rpc, ad, breakdown_ad, totals) {
+            (_, Some(id), _, _) => clicks(q, &ctx, id, &params).await,
+            (_, _, Some(id), _) => breakdown(q, &ctx, id, &params).await,
+            (_, _, _, Some((scope, id))) => get_totals(q, &ctx, scope, id, &params).await,
+            ("BatchGetAdClicks", _, _, _) => batch(q, &ctx, &params).await,
             _ => top(q, &ctx, &params).await,
         }
     };
@@ -441,6 +454,141 @@ async fn handle<B>(q: &Api, req: Request<B>) -> Resp {
         Ok(v) => reply(StatusCode::OK, v.to_string(), "application/json"),
         Err((e, last_minutes)) => backend_error(&e, last_minutes),
     }
+}
+
+/// The caller of `req`: its key's rate limit charged (429 over it), then authorised (an
+/// unknown key is the `Err` inside, answered 401 by the caller with the other refusals).
+fn context<B>(
+    q: &Api,
+    req: &Request<B>,
+    rpc: &'static str,
+) -> Result<Result<Ctx, QueryError>, Box<Resp>> {
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    // Charges only a configured key (an unknown one is refused with 401 just below).
+    if let Err(l) = q.limiter.check(auth) {
+        q.metrics.refuse_query(rpc, "rate_limited");
+        return Err(Box::new(rate_limited(&l)));
+    }
+    Ok(q.authorize(auth).map(|caller| Ctx {
+        caller,
+        authorization: auth.map(str::to_string),
+        now_ms: crate::view::now_ms(),
+    }))
+}
+
+/// `GET /v1/ads/top/watch?...` and `GET /v1/ads/{ad_id}/clicks/watch?...`: the parameters
+/// of the one-shot query plus `interval_ms`, answered as Server-Sent Events (`live.rs`):
+/// `event: update` with the query's JSON answer, `event: error` with an RFC 9457 problem
+/// when the watch ends (a client that fell behind, a query no longer answerable), and a
+/// `: heartbeat` comment after 15 s without change. A request refused before the stream
+/// starts gets the one-shot query's status and problem.
+async fn watch<B>(q: &Api, req: Request<B>) -> Response<Body> {
+    let boxed = |r: Resp| r.map(BodyExt::boxed_unsync);
+    if req.method() != Method::GET {
+        return boxed(error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served"));
+    }
+    let path = req.uri().path().to_string();
+    let ad = path
+        .strip_prefix("/v1/ads/")
+        .and_then(|p| p.strip_suffix("/clicks/watch"))
+        .map(str::to_string);
+    let rpc = match (path.as_str(), &ad) {
+        ("/v1/ads/top/watch", _) => "WatchTopAds",
+        (_, Some(_)) => "WatchAdClicks",
+        _ => {
+            return boxed(error(StatusCode::NOT_FOUND, NOT_FOUND));
+        }
+    };
+    let ctx = match context(q, &req, rpc) {
+        Ok(ctx) => ctx,
+        Err(limited) => return boxed(*limited),
+    };
+    // Refusals before the watch opens are counted here; those of the watch itself (the
+    // interval, the limits, the first answer) where they happen.
+    let pre = |e: QueryError| -> Refused {
+        let e = BackendError::from(e);
+        q.count_refusal(rpc, &e);
+        (e, false)
+    };
+    let opened = async {
+        let ctx = ctx.map_err(pre)?;
+        let mut params = params(req.uri().query()).map_err(pre)?;
+        let mut bad = Violations::default();
+        if params.iter().filter(|(k, _)| k == "interval_ms").count() > 1 {
+            bad.push(
+                Field::IntervalMs,
+                Reason::RepeatedParameter,
+                "interval_ms is given more than once: it takes one value",
+            );
+        }
+        let interval_ms = num::<u32>(&params, "interval_ms", Field::IntervalMs, &mut bad);
+        params.retain(|(k, _)| k != "interval_ms");
+        if !bad.is_empty() {
+            return Err(pre(QueryError::Invalid(bad)));
+        }
+        let interval_ms = interval_ms.unwrap_or(0);
+        match ad {
+            None => {
+                let query = top_request(&params).map_err(pre)?;
+                let rx = q
+                    .watch_top(ctx, query, interval_ms)
+                    .await
+                    .map_err(|e| (e, false))?;
+                Ok(sse(rx, top_json))
+            }
+            Some(ad) => {
+                // Checked once here (so a bad request is a 400, not a stream), then read
+                // again at every interval: a `last` range slides with the clock.
+                let (_, last_minutes) = clicks_request(&ad, &params, ctx.now_ms).map_err(pre)?;
+                let request = move |now_ms| {
+                    clicks_request(&ad, &params, now_ms)
+                        .map(|(r, _)| r)
+                        .map_err(BackendError::from)
+                };
+                let rx = q
+                    .watch_ad_clicks(ctx, request, interval_ms)
+                    .await
+                    .map_err(|e| name_last_minutes(e, last_minutes))?;
+                Ok(sse(rx, clicks_json))
+            }
+        }
+    };
+    match opened.await {
+        Ok(resp) => resp,
+        Err((e, last_minutes)) => boxed(backend_error(&e, last_minutes)),
+    }
+}
+
+/// A watch's updates as an event stream.
+fn sse<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<crate::live::Update<T>>,
+    json: impl Fn(&T) -> Value + Send + 'static,
+) -> Response<Body> {
+    use tokio_stream::StreamExt;
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |u| {
+        let text = match u {
+            Ok(Some(answer)) => format!("event: update\ndata: {}\n\n", json(&answer)),
+            Ok(None) => ": heartbeat\n\n".to_string(),
+            Err(status) => {
+                let (_, problem) = status_problem(&status, false);
+                format!("event: error\ndata: {problem}\n\n")
+            }
+        };
+        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(text)))
+    });
+    let mut resp = Response::new(StreamBody::new(events).boxed_unsync());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Reverse proxies that buffer responses (nginx) pass events through at once.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
 }
 
 /// Reports unknown parameters and repeated single-valued ones.
@@ -831,14 +979,17 @@ async fn clicks(q: &Api, ctx: &Ctx, ad: &str, p: &[(String, String)]) -> Result<
     Ok(clicks_json(&r))
 }
 
-fn clicks_json(r: &v1::GetAdClicksResponse) -> Value {
-    let granularity = ["unspecified", "minute", "hour", "day"]
-        .get(r.granularity as usize)
+fn granularity_name(g: i32) -> &'static str {
+    ["unspecified", "minute", "hour", "day"]
+        .get(g as usize)
         .copied()
-        .unwrap_or("unspecified");
+        .unwrap_or("unspecified")
+}
+
+fn clicks_json(r: &v1::GetAdClicksResponse) -> Value {
     json!({
         "ad_id": r.ad_id,
-        "granularity": granularity,
+        "granularity": granularity_name(r.granularity),
         "buckets": r.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "start": rfc3339(b.start_ms), "clicks": b.clicks, "unique_users": b.unique_users})).collect::<Vec<_>>(),
         "total_clicks": r.total_clicks,
         "total_unique_users": r.total_unique_users,
@@ -958,6 +1109,83 @@ async fn breakdown(q: &Api, ctx: &Ctx, ad: &str, p: &[(String, String)]) -> Resu
     }))
 }
 
+/// `/v1/campaigns/{id}/totals` or `/v1/advertisers/{id}/totals`: the scope and the id
+/// segment.
+fn totals_path(path: &str) -> Option<(v1::TotalsScope, &str)> {
+    let (scope, rest) = if let Some(r) = path.strip_prefix("/v1/campaigns/") {
+        (v1::TotalsScope::Campaign, r)
+    } else {
+        (
+            v1::TotalsScope::Advertiser,
+            path.strip_prefix("/v1/advertisers/")?,
+        )
+    };
+    Some((scope, rest.strip_suffix("/totals")?))
+}
+
+/// `GET /v1/campaigns/{id}/totals?...` (or `/v1/advertisers/{id}/totals`; the parameters
+/// as for one ad's clicks) as a `GetTotals` request, and whether its range was given as
+/// `last_minutes`.
+pub fn totals_request(
+    scope: v1::TotalsScope,
+    id: &str,
+    p: &[(String, String)],
+    now_ms: i64,
+) -> Result<(v1::GetTotalsRequest, bool), QueryError> {
+    let mut bad = Violations::default();
+    let id = id.parse::<u64>().unwrap_or_else(|_| {
+        bad.push(
+            Field::Id,
+            Reason::Malformed,
+            format!("id {} is not a number", quote(id)),
+        );
+        0
+    });
+    // The parameters are those of one ad's clicks; "1" stands in for the path's ad id.
+    let (one, last) = with_clicks_params("1", p, &[], now_ms, bad)?;
+    let req = v1::GetTotalsRequest {
+        scope: scope as i32,
+        id,
+        from_ms: one.from_ms,
+        to_ms: one.to_ms,
+        granularity: one.granularity,
+        filter: one.filter,
+        fill_empty: one.fill_empty,
+        include_sketches: false,
+    };
+    Ok((req, last))
+}
+
+async fn get_totals(
+    q: &Api,
+    ctx: &Ctx,
+    scope: v1::TotalsScope,
+    id: &str,
+    p: &[(String, String)],
+) -> Result<Value, Refused> {
+    let (req, last_minutes) = totals_request(scope, id, p, ctx.now_ms)?;
+    let r = q
+        .backend
+        .totals(ctx, req)
+        .await
+        .map_err(|e| name_last_minutes(e, last_minutes))?;
+    let scope = match v1::TotalsScope::try_from(r.scope) {
+        Ok(v1::TotalsScope::Campaign) => "campaign",
+        _ => "advertiser",
+    };
+    Ok(json!({
+        "scope": scope,
+        "id": r.id,
+        "granularity": granularity_name(r.granularity),
+        "buckets": r.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "start": rfc3339(b.start_ms), "clicks": b.clicks, "unique_users": b.unique_users})).collect::<Vec<_>>(),
+        "total_clicks": r.total_clicks,
+        "total_unique_users": r.total_unique_users,
+        "ads": r.ads,
+        "watermark_ms": r.watermark_ms,
+        "watermark": rfc3339(r.watermark_ms),
+    }))
+}
+
 /// `GET /v1/ads/clicks?ad_id=1&ad_id=2&...` (the other parameters as for one ad) as a
 /// `BatchGetAdClicks` request, and whether its range was given as `last_minutes`.
 pub fn batch_request(
@@ -1030,8 +1258,12 @@ pub fn top_request(p: &[(String, String)]) -> Result<v1::TopAdsRequest, QueryErr
 async fn top(q: &Api, ctx: &Ctx, p: &[(String, String)]) -> Result<Value, Refused> {
     let req = top_request(p)?;
     let r = q.backend.top_ads(ctx, req).await.map_err(|e| (e, false))?;
+    Ok(top_json(&r))
+}
+
+fn top_json(r: &v1::TopAdsResponse) -> Value {
     let range = r.range.unwrap_or_default();
-    Ok(json!({
+    json!({
         "ads": r.ads.iter().map(|a| json!({"ad_id": a.ad_id, "clicks": a.clicks})).collect::<Vec<_>>(),
         "from_ms": range.from_ms,
         "from": rfc3339(range.from_ms),
@@ -1039,7 +1271,7 @@ async fn top(q: &Api, ctx: &Ctx, p: &[(String, String)]) -> Result<Value, Refuse
         "to": rfc3339(range.to_ms),
         "watermark_ms": r.watermark_ms,
         "watermark": rfc3339(r.watermark_ms),
-    }))
+    })
 }
 
 #[cfg(test)]

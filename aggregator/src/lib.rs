@@ -25,6 +25,7 @@ pub mod grpc_web;
 pub mod health;
 pub mod http;
 pub mod listen;
+pub mod live;
 pub mod metrics;
 pub mod query;
 pub mod ratelimit;
@@ -32,6 +33,7 @@ pub mod sketch;
 pub mod source;
 pub mod state;
 pub mod store;
+pub mod ui;
 pub mod validate;
 pub mod view;
 
@@ -161,7 +163,7 @@ pub async fn start_with_store<S: Store + 'static>(
         .add_service(
             QueryServiceServer::new(api.clone())
                 .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
+                .max_encoding_message_size(grpc::MAX_ANSWER_BYTES),
         )
         .add_service(reflection)
         .add_service(reflection_v1alpha)

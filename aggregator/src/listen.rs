@@ -6,8 +6,9 @@
 //! - a deadline for the first request (HTTP/1 headers, or the HTTP/2 preface and a HEADERS
 //!   frame): `header_read_timeout`;
 //! - an idle timeout once no request is in flight (HTTP/1 keep-alive and HTTP/2 alike): the
-//!   clock restarts when the last response is produced, not on any byte, so a client that
-//!   only trickles bytes or PINGs is still idle;
+//!   clock restarts when the last response has been sent whole (a watch's stream keeps its
+//!   request in flight: `Held`), not on any byte, so a client that only trickles bytes or
+//!   PINGs is still idle;
 //! - a deadline per request (body included), so an in-flight request cannot keep a
 //!   connection open forever either; HTTP/2 PINGs drop dead peers, and the number of
 //!   concurrent streams is bounded.
@@ -101,6 +102,7 @@ pub trait ConnService: Clone + Send + 'static {
             Data = bytes::Bytes,
             Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         > + Send
+        + Unpin
         + 'static;
     /// Handles one request.
     fn call(
@@ -460,8 +462,36 @@ struct Tracked<S> {
     port: Port,
 }
 
+/// A response body that keeps its request in flight until it has been sent whole, so a
+/// long response (a watch's stream) is not an idle connection; it is bounded by the
+/// watch limits (`live.rs`) and ends when the client stops reading.
+struct Held<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Tracked<S> {
-    type Response = Response<S::Body>;
+    type Response = Response<Held<S::Body>>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
@@ -478,8 +508,10 @@ impl<S: ConnService> hyper::service::Service<Request<Incoming>> for Tracked<S> {
                     inner.timed_out()
                 }
             };
-            drop(guard);
-            Ok(resp)
+            Ok(resp.map(|body| Held {
+                body,
+                _in_flight: guard,
+            }))
         })
     }
 }

@@ -6,7 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// `outcome` label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,80 +54,92 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
-/// Every aggregator metric.
-#[derive(Debug)]
-pub struct Metrics {
-    registry: Registry,
-    /// Clicks by outcome.
-    pub clicks: Family<OutcomeLabel, Counter>,
-    /// Batches re-delivered after their ack (no-ops).
-    pub redeliveries: Counter,
-    /// WAL append failures.
-    pub wal_errors: Counter,
-    /// WAL group-commit latency.
-    pub wal_commit_seconds: Histogram,
-    /// Checkpoint latency.
-    pub checkpoint_seconds: Histogram,
-    /// Failed checkpoints.
-    pub checkpoint_errors: Counter,
-    /// Watermark (event time, ms).
-    pub watermark_ms: Gauge,
-    /// Impression ids held for exact dedup in RAM (the RAM tier).
-    pub dedup_entries: Gauge,
-    /// Impression ids in the dedup disk tier (updated at checkpoints).
-    pub dedup_disk_entries: Gauge,
-    /// Approximate RAM of the dedup set (RAM tier + Bloom filter).
-    pub dedup_ram_bytes: Gauge,
-    /// Impression ids written to the dedup disk tier.
-    pub dedup_spilled: Counter,
-    /// Dedup disk reads (Bloom "maybe").
-    pub dedup_disk_reads: Counter,
-    /// Dedup disk-tier failures (the writer stops acking until restarted).
-    pub dedup_errors: Counter,
-    /// Size of quarantine.jsonl.
-    pub quarantine_bytes: Gauge,
-    /// Bytes of the click index's segments on disk (`click_index/`).
-    pub click_index_bytes: Gauge,
-    /// Rows in published archive files (`[archive]`).
-    pub archive_rows: Counter,
-    /// Bytes of published archive files.
-    pub archive_bytes: Counter,
-    /// Archive files published.
-    pub archive_files: Counter,
-    /// Archive failures (publish, state, WAL read), each retried.
-    pub archive_errors: Counter,
-    /// WAL entries applied but not yet in published archive files.
-    pub archive_lag_entries: Gauge,
-    /// Unix time of the last archive publication (0: none yet in this process).
-    pub archive_last_publish_seconds: Gauge,
-    /// Quarantine records dropped because quarantine.max_bytes was reached (alert on it).
-    pub quarantine_dropped: Counter,
-    /// Query latency by rpc.
-    pub query_seconds: Family<RpcLabel, Histogram>,
-    /// Queries refused (gRPC and HTTP), by rpc and reason.
-    pub queries_refused: Family<RpcReasonLabel, Counter>,
-    /// Wall clock minus watermark, updated on every ingest group (how far behind real time
-    /// the final minutes are).
-    pub watermark_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
-    /// Open connections by listener.
-    pub connections: Family<PortLabel, Gauge>,
-    /// Connections closed at accept by listener and cap (max_connections,
-    /// max_connections_per_ip).
-    pub connections_refused: Family<PortReasonLabel, Counter>,
-    /// Connections closed by the server by listener and reason (header_read_timeout,
-    /// idle_timeout).
-    pub connections_closed: Family<PortReasonLabel, Counter>,
-    /// Requests answered with a timeout error by listener.
-    pub request_timeouts: Family<PortLabel, Counter>,
-    /// Ingest requests refused before the engine, by reason (unauthenticated,
-    /// invalid_argument, seq_window).
-    pub ingest_refused: Family<ReasonLabel, Counter>,
-    /// 1 while the node can accept writes (`/readyz`), 0 otherwise.
-    pub ready: Gauge,
-    /// The JetStream source's (declared and registered in `source::metrics`).
-    pub source: crate::source::metrics::SourceMetrics,
-    /// The query front's (declared and registered in `front::metrics`).
-    pub front: crate::front::metrics::FrontMetrics,
+adclick_proto::metrics! {
+    /// Every aggregator metric: the name is the field's (under `adclick_aggregator_`), the
+    /// help its doc comment (`adclick_proto::metrics!`).
+    #[derive(Debug)]
+    pub struct Metrics("adclick_aggregator") {
+        extra {
+            /// Build info and process metrics, and the two exposition formats.
+            exposition: adclick_proto::metrics::Exposition =
+                adclick_proto::metrics::Exposition::new("aggregator"),
+            /// The JetStream source's (declared and registered in `source::metrics`).
+            pub source: crate::source::metrics::SourceMetrics = Default::default(),
+            /// The query front's (declared and registered in `front::metrics`).
+            pub front: crate::front::metrics::FrontMetrics = Default::default(),
+        }
+        /// Clicks by outcome (applied, of which late; duplicate, too_old, malformed, ...).
+        pub clicks: Family<OutcomeLabel, Counter> = Family::default();
+        /// Batches re-delivered after their ack (ignored).
+        pub redeliveries: Counter = Counter::default();
+        /// WAL append failures.
+        pub wal_errors: Counter = Counter::default();
+        /// WAL group-commit latency (the ingest stage an ack waits for).
+        pub wal_commit_seconds: Histogram = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        /// Checkpoint latency.
+        pub checkpoint_seconds: Histogram = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        /// Failed checkpoints.
+        pub checkpoint_errors: Counter = Counter::default();
+        /// Event-time watermark, seconds since the epoch (ms precision).
+        pub watermark_seconds: Gauge<f64, AtomicU64> = Gauge::default();
+        /// Wall clock minus the watermark: how far behind real time the final minutes are
+        /// (updated on every ingest group).
+        pub watermark_lag_seconds: Gauge<f64, AtomicU64> = Gauge::default();
+        /// Impression ids held for exact dedup in RAM (the RAM tier).
+        pub dedup_entries: Gauge = Gauge::default();
+        /// Impression ids in the dedup disk tier (updated at checkpoints).
+        pub dedup_disk_entries: Gauge = Gauge::default();
+        /// Approximate RAM of the dedup set (RAM tier and Bloom filter).
+        pub dedup_ram_bytes: Gauge = Gauge::default();
+        /// Impression ids written to the dedup disk tier.
+        pub dedup_spilled: Counter = Counter::default();
+        /// Dedup disk reads (Bloom filter "maybe").
+        pub dedup_disk_reads: Counter = Counter::default();
+        /// Dedup disk-tier failures (the writer stops acking until restarted).
+        pub dedup_errors: Counter = Counter::default();
+        /// Size of quarantine.jsonl.
+        pub quarantine_bytes: Gauge = Gauge::default();
+        /// Bytes of the click index's segments on disk (`click_index/`).
+        pub click_index_bytes: Gauge = Gauge::default();
+        /// Quarantine records dropped because quarantine.max_bytes was reached (alert on it).
+        pub quarantine_dropped: Counter = Counter::default();
+        /// Rows in published raw click archive files (`[archive]`).
+        pub archive_rows: Counter = Counter::default();
+        /// Bytes of published archive files.
+        pub archive_bytes: Counter = Counter::default();
+        /// Archive files published.
+        pub archive_files: Counter = Counter::default();
+        /// Archive failures (publish, state, WAL read), each retried.
+        pub archive_errors: Counter = Counter::default();
+        /// WAL entries applied but not yet in published archive files.
+        pub archive_lag_entries: Gauge = Gauge::default();
+        /// Unix time of the last archive publication (0: none yet in this process).
+        pub archive_last_publish_seconds: Gauge = Gauge::default();
+        /// Query latency by rpc.
+        pub query_seconds: Family<RpcLabel, Histogram> = Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
+        });
+        /// Queries refused (gRPC and HTTP), by rpc and reason (unauthenticated, rate_limited,
+        /// watch_limit, fell_behind, or the first invalid field's).
+        pub queries_refused: Family<RpcReasonLabel, Counter> = Family::default();
+        /// Watches (WatchTopAds, WatchAdClicks, their SSE mirror) open now.
+        pub watch_streams: Gauge = Gauge::default();
+        /// Open connections by listener.
+        pub connections: Family<PortLabel, Gauge> = Family::default();
+        /// Connections closed at accept by listener and cap (max_connections,
+        /// max_connections_per_ip).
+        pub connections_refused: Family<PortReasonLabel, Counter> = Family::default();
+        /// Connections closed by the server by listener and reason (header_read_timeout,
+        /// idle_timeout).
+        pub connections_closed: Family<PortReasonLabel, Counter> = Family::default();
+        /// Requests that ran past connections.request_timeout_secs, by listener.
+        pub request_timeouts: Family<PortLabel, Counter> = Family::default();
+        /// Ingest requests refused before the engine, by reason (unauthenticated,
+        /// invalid_argument, seq_window).
+        pub ingest_refused: Family<ReasonLabel, Counter> = Family::default();
+        /// 1 while the node can accept writes (`/readyz`), 0 otherwise.
+        pub ready: Gauge = Gauge::default();
+    }
 }
 
 impl Default for Metrics {
@@ -137,194 +149,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// Every metric registered (the source's and the front's too), ready = 1.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("adclick_aggregator");
-        let m = Metrics {
-            clicks: Family::default(),
-            redeliveries: Counter::default(),
-            wal_errors: Counter::default(),
-            wal_commit_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
-            checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-            checkpoint_errors: Counter::default(),
-            watermark_ms: Gauge::default(),
-            dedup_entries: Gauge::default(),
-            dedup_disk_entries: Gauge::default(),
-            dedup_ram_bytes: Gauge::default(),
-            dedup_spilled: Counter::default(),
-            dedup_disk_reads: Counter::default(),
-            dedup_errors: Counter::default(),
-            quarantine_bytes: Gauge::default(),
-            click_index_bytes: Gauge::default(),
-            archive_rows: Counter::default(),
-            archive_bytes: Counter::default(),
-            archive_files: Counter::default(),
-            archive_errors: Counter::default(),
-            archive_lag_entries: Gauge::default(),
-            archive_last_publish_seconds: Gauge::default(),
-            quarantine_dropped: Counter::default(),
-            query_seconds: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
-            }),
-            queries_refused: Family::default(),
-            watermark_lag_seconds: Gauge::default(),
-            connections: Family::default(),
-            connections_refused: Family::default(),
-            connections_closed: Family::default(),
-            request_timeouts: Family::default(),
-            ingest_refused: Family::default(),
-            ready: Gauge::default(),
-            source: Default::default(),
-            front: Default::default(),
-            registry: Registry::default(),
-        };
-        let r = &mut registry;
-        r.register("clicks", "Clicks by outcome", m.clicks.clone());
-        r.register(
-            "redeliveries",
-            "Batches re-delivered after their ack (ignored)",
-            m.redeliveries.clone(),
-        );
-        r.register("wal_errors", "WAL append failures", m.wal_errors.clone());
-        r.register(
-            "wal_commit_seconds",
-            "WAL group-commit latency",
-            m.wal_commit_seconds.clone(),
-        );
-        r.register(
-            "checkpoint_seconds",
-            "Checkpoint latency",
-            m.checkpoint_seconds.clone(),
-        );
-        r.register(
-            "checkpoint_errors",
-            "Failed checkpoints",
-            m.checkpoint_errors.clone(),
-        );
-        r.register(
-            "watermark_ms",
-            "Event-time watermark (ms since epoch)",
-            m.watermark_ms.clone(),
-        );
-        r.register(
-            "dedup_entries",
-            "Impression ids held for exact dedup in RAM",
-            m.dedup_entries.clone(),
-        );
-        r.register(
-            "dedup_disk_entries",
-            "Impression ids in the dedup disk tier",
-            m.dedup_disk_entries.clone(),
-        );
-        r.register(
-            "dedup_ram_bytes",
-            "Approximate RAM of the dedup set",
-            m.dedup_ram_bytes.clone(),
-        );
-        r.register(
-            "dedup_spilled",
-            "Impression ids written to the dedup disk tier",
-            m.dedup_spilled.clone(),
-        );
-        r.register(
-            "dedup_disk_reads",
-            "Dedup disk reads",
-            m.dedup_disk_reads.clone(),
-        );
-        r.register(
-            "dedup_errors",
-            "Dedup disk-tier failures",
-            m.dedup_errors.clone(),
-        );
-        r.register(
-            "quarantine_bytes",
-            "Size of quarantine.jsonl",
-            m.quarantine_bytes.clone(),
-        );
-        r.register(
-            "click_index_bytes",
-            "Bytes of the click index segments on disk",
-            m.click_index_bytes.clone(),
-        );
-        r.register(
-            "archive_rows",
-            "Rows in published archive files",
-            m.archive_rows.clone(),
-        );
-        r.register(
-            "archive_bytes",
-            "Bytes of published archive files",
-            m.archive_bytes.clone(),
-        );
-        r.register(
-            "archive_files",
-            "Archive files published",
-            m.archive_files.clone(),
-        );
-        r.register(
-            "archive_errors",
-            "Archive failures (publish, state, WAL read), each retried",
-            m.archive_errors.clone(),
-        );
-        r.register(
-            "archive_lag_entries",
-            "WAL entries applied but not yet in published archive files",
-            m.archive_lag_entries.clone(),
-        );
-        r.register(
-            "archive_last_publish_seconds",
-            "Unix time of the last archive publication",
-            m.archive_last_publish_seconds.clone(),
-        );
-        r.register(
-            "quarantine_dropped",
-            "Quarantine records dropped at quarantine.max_bytes",
-            m.quarantine_dropped.clone(),
-        );
-        r.register(
-            "query_seconds",
-            "Query latency by rpc",
-            m.query_seconds.clone(),
-        );
-        r.register(
-            "queries_refused",
-            "Queries refused, by rpc and reason (unauthenticated, or the first invalid field's)",
-            m.queries_refused.clone(),
-        );
-        r.register(
-            "connections",
-            "Open connections by listener",
-            m.connections.clone(),
-        );
-        r.register(
-            "connections_refused",
-            "Connections closed at accept by listener and cap",
-            m.connections_refused.clone(),
-        );
-        r.register(
-            "connections_closed",
-            "Connections closed by the server by listener and timeout",
-            m.connections_closed.clone(),
-        );
-        r.register(
-            "request_timeouts",
-            "Requests that ran past connections.request_timeout_secs",
-            m.request_timeouts.clone(),
-        );
-        r.register(
-            "ingest_refused",
-            "Ingest requests refused before counting, by reason",
-            m.ingest_refused.clone(),
-        );
-        r.register(
-            "ready",
-            "1 while the node can accept writes",
-            m.ready.clone(),
-        );
-        m.source.register(r);
-        m.front.register(r);
+        let mut m = Self::declare();
+        m.source.register(&mut m.registry);
+        m.front.register(&mut m.registry);
         m.ready.set(1);
-        Metrics { registry, ..m }
+        m
     }
 
     /// The open-connections gauge of a listener.
@@ -381,10 +212,24 @@ impl Metrics {
         self.clicks.get_or_create(&OutcomeLabel { outcome }).get()
     }
 
-    /// Prometheus text exposition.
+    /// `GET /metrics`: these metrics, build info and process metrics, in the format the
+    /// scraper's `Accept` asks for (`adclick_proto::metrics`): `(content type, body)`.
+    pub fn expose(&self, accept: Option<&str>) -> (&'static str, String) {
+        self.exposition.render(&[&self.registry], accept)
+    }
+
+    /// The Prometheus text 0.0.4 form of [`Metrics::expose`] (what tests and the CLI's
+    /// live views read).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        self.expose(None).1
+    }
+
+    /// The same metrics, reporting `component` in `adclick_build_info` (the query front
+    /// serves this struct too).
+    pub fn for_component(component: &'static str) -> Self {
+        Metrics {
+            exposition: adclick_proto::metrics::Exposition::new(component),
+            ..Self::new()
+        }
     }
 }

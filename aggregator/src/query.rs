@@ -697,6 +697,112 @@ pub fn breakdown(
     Ok(resp)
 }
 
+/// `GetTotals`: the clicks of every ad of one campaign or advertiser that the caller may
+/// see and the filter keeps, per bucket, with unique users as the union of the ads'
+/// sketches (and the sketches themselves when the query front asks, to merge across
+/// shards). The group's ads come from the owner table (one pass over it), then each ad's
+/// cells as `GetAdClicks` reads them: the cost grows with the ads of the group times the
+/// buckets.
+pub fn get_totals(
+    view: &View,
+    caller: Caller,
+    req: &v1::GetTotalsRequest,
+    limits: &Limits,
+) -> Result<v1::GetTotalsResponse, QueryError> {
+    let watermark_ms = view.watermark_ms.load(Ordering::Acquire);
+    let plan = validate::totals(req, limits, watermark_ms)?;
+    let meta = view.meta.load_full();
+    let filter = Filter::resolve(&plan.filter, &meta);
+    let fill = req.fill_empty.unwrap_or(true);
+    let by_campaign = req.scope == v1::TotalsScope::Campaign as i32;
+    let ads: std::collections::HashSet<u64> = {
+        let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
+        owners
+            .iter()
+            .filter(|&(_, &(adv, camp))| {
+                (if by_campaign { camp } else { adv }) == req.id
+                    && filter.matches_ad(Some((adv, camp)), caller)
+            })
+            .map(|(&ad, _)| ad)
+            .collect()
+    };
+    let (level, from, to) = (plan.level, plan.from_ms, plan.to_ms);
+    let width = LEVEL_MS[level];
+    let mut buckets: std::collections::BTreeMap<i64, (u64, Hll)> =
+        std::collections::BTreeMap::new();
+    let mut active: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    if filter.uses_click_index() {
+        filter.index_hits(view, from, to, &mut |h| {
+            if !ads.contains(&h.ad) {
+                return;
+            }
+            let t = i64::from(h.minute) * LEVEL_MS[0];
+            let b = buckets
+                .entry(t.div_euclid(width) * width)
+                .or_insert_with(|| (0, Hll::new()));
+            b.0 += h.count;
+            if h.user != 0 {
+                b.1.insert_hash(h.user);
+            }
+            active.insert(h.ad);
+        })?;
+    } else if !ads.is_empty() {
+        let shards = read_shards(view);
+        let mut start = from;
+        while start < to {
+            let (mut clicks, mut users) = (0u64, Hll::new());
+            for &ad in &ads {
+                for s in &shards {
+                    for cell in s.parts(level, ad, start) {
+                        let c = filter.tally(cell, Some(&mut users));
+                        if c > 0 {
+                            clicks += c;
+                            active.insert(ad);
+                        }
+                    }
+                }
+            }
+            if clicks > 0 {
+                buckets.insert(start, (clicks, users));
+            }
+            start += width;
+        }
+    }
+    let mut resp = v1::GetTotalsResponse {
+        scope: req.scope,
+        id: req.id,
+        granularity: [Granularity::Minute, Granularity::Hour, Granularity::Day][level] as i32,
+        ads: u32::try_from(active.len()).unwrap_or(u32::MAX),
+        watermark_ms,
+        ..Default::default()
+    };
+    let mut total_users = Hll::new();
+    let mut start = from;
+    while start < to {
+        let (clicks, users) = buckets.remove(&start).unwrap_or_else(|| (0, Hll::new()));
+        if clicks > 0 || fill {
+            resp.total_clicks += clicks;
+            total_users.merge(&users);
+            resp.buckets.push(v1::TotalsBucket {
+                start_ms: start,
+                clicks,
+                unique_users: if clicks > 0 { users.estimate() } else { 0 },
+                users_sketch: if req.include_sketches && clicks > 0 {
+                    users.to_bytes()
+                } else {
+                    Vec::new()
+                },
+            });
+        }
+        start += width;
+    }
+    resp.total_unique_users = total_users.estimate();
+    if req.include_sketches {
+        resp.total_users_sketch = total_users.to_bytes();
+    }
+    Ok(resp)
+}
+
 /// `BatchGetAdClicks`: the ad ids and the shared fields validated (every problem of both
 /// reported at once), then `GetAdClicks` for each ad.
 pub fn batch_get_ad_clicks(

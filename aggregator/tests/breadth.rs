@@ -185,6 +185,25 @@ async fn buckets_are_zero_filled_and_ads_come_in_batches() {
         .collect();
     let n = |ad: u64| all.iter().filter(|c| c.ad_id == ad).count() as u64;
     assert_eq!(got, vec![(17, n(17), 30), (1, n(1), 30), (999, 0, 30)]);
+    // The most a batch takes, 100 ids, fits one HTTP query string with its other parameters.
+    let hundred: Vec<String> = (1..=100).map(|a| format!("ad_id={a}")).collect();
+    let (code, _, body) = h
+        .get(
+            &format!(
+                "{}&fill_empty=false&granularity=minute",
+                batch_path(&hundred.join("&"))
+            ),
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let totals: Vec<u64> = body["ads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["total_clicks"].as_u64().unwrap())
+        .collect();
+    assert_eq!(totals, (1..=100).map(n).collect::<Vec<_>>());
     for (ids, code) in [
         ("ad_id=x", "MALFORMED"),
         ("ad_id=3&ad_id=3", "CONFLICT"),

@@ -45,7 +45,7 @@ async fn hostile_input_is_refused_without_damage() {
     };
     let good = clicks(21, 10, 3, 5, 5);
     assert_eq!(send_k(&mut ing, 1, good.clone()).await.accepted, 10);
-    let wm = a.metrics().watermark_ms.get();
+    let wm = a.metrics().watermark_seconds.get();
     let mut bad = clicks(22, 3, 3, 5, 5);
     bad[0].event_time_ms = i64::MAX;
     bad[1].event_time_ms = i64::MIN;
@@ -53,7 +53,7 @@ async fn hostile_input_is_refused_without_damage() {
     let ack = send_k(&mut ing, 2, bad).await;
     assert_eq!(ack.accepted, 0);
     assert_eq!(
-        a.metrics().watermark_ms.get(),
+        a.metrics().watermark_seconds.get(),
         wm,
         "the watermark did not move"
     );

@@ -30,4 +30,5 @@ mod query_api;
 mod recovery;
 mod store_integrity;
 mod stream_positions;
+mod totals_live;
 mod validation;

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The archive's configuration (`[archive]` in aggregator.toml).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveConfig {
     /// Archive every click (off by default).
@@ -15,7 +15,7 @@ pub struct ArchiveConfig {
     /// destination needs its own (letters, digits, `_`, `-`).
     pub writer_id: String,
     /// Local destination directory (used when `[archive.s3]` is not set). Relative paths
-    /// are relative to the working directory.
+    /// resolve against the config file's directory (`adclick aggregator`).
     pub dir: PathBuf,
     /// The open files are closed (and published) at most this long after the first click
     /// they hold: how far behind the archive may be (default 300 s).
@@ -49,7 +49,7 @@ impl Default for ArchiveConfig {
 
 /// An S3-compatible bucket. Credentials come from the environment (`AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY`, optionally `AWS_SESSION_TOKEN`), never from the file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Config {
     /// Bucket name.

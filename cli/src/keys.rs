@@ -24,8 +24,11 @@ pub enum KeysCommand {
         #[arg(long, default_value = "keys.toml")]
         out: PathBuf,
         /// Replace an existing file (tokens signed with its keys stop verifying).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "if_missing")]
         force: bool,
+        /// Do nothing (exit 0) if the file exists: for init jobs run at every deployment.
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Add a new current key; the previous one stays accepted for tokens still alive.
     Rotate {
@@ -65,7 +68,15 @@ pub enum IngestKeyCommand {
 
 pub fn run(cmd: KeysCommand) -> Result<()> {
     match cmd {
-        KeysCommand::New { out, force } => {
+        KeysCommand::New {
+            out,
+            force,
+            if_missing,
+        } => {
+            if out.exists() && if_missing {
+                println!("{} exists: kept as it is", out.display());
+                return Ok(());
+            }
             if out.exists() && !force {
                 bail!(
                     "{} already exists; use `adclick keys rotate --keys {}` to add a key, \
@@ -165,7 +176,7 @@ pub fn ingest_key() -> Result<String> {
     Ok(hex::encode(secret))
 }
 
-fn write_key_file(path: &Path, file: &KeyFile) -> Result<()> {
+pub fn write_key_file(path: &Path, file: &KeyFile) -> Result<()> {
     write_private(path, file.render()?.as_bytes())
 }
 

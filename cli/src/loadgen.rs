@@ -1,6 +1,8 @@
 //! `adclick loadgen`: drives a running collector through the SDK at a target rate for a
-//! duration (the same traffic shape as `adclick dev`), then prints the achieved rate,
-//! request latency and errors by kind; `--ledger` records every click sent.
+//! duration (the same traffic shape as `adclick dev`), then accounts for every click:
+//! offered, acked by the collector (with its verdicts), refused by reason, undelivered; the
+//! exit code is non-zero if any click offered was never acknowledged. Also the request
+//! latency and errors by kind; `--ledger` records every click sent.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -98,25 +100,44 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
         let stats = t.stats.clone();
         let generated = stats.clicks.load(Ordering::Relaxed);
         let gen_secs = t0.elapsed().as_secs_f64();
-        let delivered_before = t.delivered();
-        t.stop().await;
+        let acc = t.stop_and_account().await;
         let secs = t0.elapsed().as_secs_f64();
         let (n, p50, p99, max) = stats.latency_ms();
         println!(
-            "clicks generated   {generated} in {gen_secs:.1}s ({:.0}/s; target {:.0}/s)",
+            "offered            {} clicks in {gen_secs:.1}s ({:.0}/s; target {:.0}/s): {} duplicates, {} late, {} forged",
+            acc.offered,
             generated as f64 / gen_secs,
-            a.rate
-        );
-        println!(
-            "  of which          {} duplicates, {} late, {} forged",
+            a.rate,
             stats.duplicates.load(Ordering::Relaxed),
             stats.late.load(Ordering::Relaxed),
             stats.forged.load(Ordering::Relaxed)
         );
+        println!("acked              {} (2xx from the collector; drained in {secs:.1}s total)", acc.acked);
+        let outcomes = stats.outcomes();
+        if !outcomes.is_empty() {
+            let verdict: Vec<String> = outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("  collector said   {}", verdict.join(", "));
+        }
+        let refused = [
+            ("sdk_queue", acc.sdk_queue_refused),
+            ("http_4xx", acc.http_refused),
+            ("sdk_overflow", acc.dropped_overflow),
+        ];
+        let refused: Vec<String> = refused
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
         println!(
-            "delivered (2xx)    {delivered_before} during the run; drained in {:.1}s total",
-            secs
+            "refused            {}",
+            if refused.is_empty() { "0".to_string() } else { refused.join(", ") }
         );
+        let undelivered = acc.still_queued + acc.late_lost;
+        println!(
+            "undelivered        {undelivered} ({} still queued in the SDK when the drain ended, {} late clicks whose send failed)",
+            acc.still_queued, acc.late_lost
+        );
+        println!("lost               {} (offered - acked)", acc.lost());
         println!(
             "requests           {n}: latency p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
         );
@@ -126,7 +147,7 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
         } else {
             let limited = errors.contains_key("http 429");
             for (k, v) in errors {
-                println!("errors             {k}: {v}");
+                println!("errors             {k}: {v} (requests; retried unless 4xx)");
             }
             if limited {
                 // All of loadgen's clicks come from one address.
@@ -137,12 +158,17 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
                 );
             }
         }
-        let refused = stats.refused.load(Ordering::Relaxed);
-        if refused > 0 {
-            println!("refused by the SDK {refused} (queue full)");
-        }
         if let Some(l) = &a.ledger {
             println!("ledger             {}", l.display());
+        }
+        if acc.lost() > 0 {
+            anyhow::bail!(
+                "{} of {} clicks offered were never acknowledged by the collector \
+                 (refused {}, undelivered {undelivered})",
+                acc.lost(),
+                acc.offered,
+                acc.sdk_queue_refused + acc.http_refused + acc.dropped_overflow
+            );
         }
         Ok(())
     })

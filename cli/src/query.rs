@@ -1,4 +1,4 @@
-//! `adclick query clicks|top`: the advertiser's view, over the gRPC QueryService. Prints a
+//! `adclick query clicks|top|totals`: the advertiser's view, over the gRPC QueryService. Prints a
 //! table or, with `--json`, one JSON document.
 
 use std::path::PathBuf;
@@ -105,9 +105,83 @@ pub enum QueryCommand {
         /// Range ending now, e.g. 5m, 60m.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "60m")]
         last: Duration,
+        /// Keep watching (WatchTopAds): print the answer again whenever it changes, at
+        /// most once per this interval (e.g. 1s), until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        watch: Option<Duration>,
         #[command(flatten)]
         filters: Filters,
     },
+    /// Clicks of every ad of one campaign or advertiser, per bucket.
+    Totals {
+        /// What to sum: the ads of a campaign or of an advertiser.
+        #[arg(value_enum)]
+        scope: ScopeArg,
+        /// The campaign or advertiser id.
+        id: u64,
+        /// Range ending now, e.g. 24h, 7d.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        last: Duration,
+        /// Bucket size (at most 1,000 buckets).
+        #[arg(long, value_enum, default_value_t = GranularityArg::Hour)]
+        granularity: GranularityArg,
+        #[command(flatten)]
+        filters: Filters,
+    },
+}
+
+/// What `totals` sums.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ScopeArg {
+    /// The ads of one campaign.
+    Campaign,
+    /// The ads of one advertiser.
+    Advertiser,
+}
+
+impl GranularityArg {
+    fn to_wire(self) -> Granularity {
+        match self {
+            GranularityArg::Minute => Granularity::Minute,
+            GranularityArg::Hour => Granularity::Hour,
+            GranularityArg::Day => Granularity::Day,
+        }
+    }
+}
+
+/// `(start, clicks, unique users)` rows and the totals as the table both series print.
+fn series_table(rows: &[(i64, u64, u64)], total: (u64, u64), watermark_ms: i64) -> String {
+    let mut out = format!(
+        "{:<26} {:>10} {:>13}\n",
+        "start (UTC)", "clicks", "unique users"
+    );
+    for (start, clicks, users) in rows {
+        out += &format!("{:<26} {:>10} {:>13}\n", format_ms(*start), clicks, users);
+    }
+    out += &format!("{:<26} {:>10} {:>13}\n", "total", total.0, total.1);
+    out += &format!("(minutes before {} are final)\n", format_ms(watermark_ms));
+    out
+}
+
+fn top_text(r: &v1::TopAdsResponse, minutes: u32, json: bool) -> String {
+    if json {
+        return format!(
+            "{}\n",
+            json!({
+                "ads": r.ads.iter().map(|a| json!({"ad_id": a.ad_id, "clicks": a.clicks})).collect::<Vec<_>>(),
+                "from_ms": r.range.as_ref().map(|x| x.from_ms), "to_ms": r.range.as_ref().map(|x| x.to_ms),
+                "watermark_ms": r.watermark_ms,
+            })
+        );
+    }
+    let mut out = format!("{:>4} {:>12} {:>10}\n", "rank", "ad", "clicks");
+    for (i, a) in r.ads.iter().enumerate() {
+        out += &format!("{:>4} {:>12} {:>10}\n", i + 1, a.ad_id, a.clicks);
+    }
+    if r.ads.is_empty() {
+        out += &format!("(no clicks in the last {minutes} minutes)\n");
+    }
+    out
 }
 
 impl Filters {
@@ -174,11 +248,7 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
             QueryCommand::Clicks { ad, last, granularity, filters } => {
                 let to = now_ms();
                 let from = to - i64::try_from(last.as_millis()).unwrap_or(i64::MAX);
-                let g = match granularity {
-                    GranularityArg::Minute => Granularity::Minute,
-                    GranularityArg::Hour => Granularity::Hour,
-                    GranularityArg::Day => Granularity::Day,
-                };
+                let g = granularity.to_wire();
                 let mut req = tonic::Request::new(GetAdClicksRequest {
                     fill_empty: None,
                     ad_id: ad,
@@ -196,36 +266,70 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                         "total_clicks": r.total_clicks, "total_unique_users": r.total_unique_users, "watermark_ms": r.watermark_ms,
                     }));
                 } else {
-                    out += &format!("{:<26} {:>10} {:>13}\n", "start (UTC)", "clicks", "unique users");
-                    for b in &r.buckets {
-                        out += &format!("{:<26} {:>10} {:>13}\n", format_ms(b.start_ms), b.clicks, b.unique_users);
-                    }
-                    out += &format!("{:<26} {:>10} {:>13}\n", "total", r.total_clicks, r.total_unique_users);
-                    out += &format!("(minutes before {} are final)\n", format_ms(r.watermark_ms));
+                    let rows: Vec<(i64, u64, u64)> = r.buckets.iter().map(|b| (b.start_ms, b.clicks, b.unique_users)).collect();
+                    out += &series_table(&rows, (r.total_clicks, r.total_unique_users), r.watermark_ms);
                 }
             }
-            QueryCommand::Top { n, last, filters } => {
+            QueryCommand::Top { n, last, watch, filters } => {
                 let minutes = u32::try_from(last.as_secs().div_ceil(60).max(1)).unwrap_or(u32::MAX);
-                let mut req = tonic::Request::new(TopAdsRequest {
+                let query = TopAdsRequest {
                     n,
                     window: Some(v1::top_ads_request::Window::LastMinutes(minutes)),
                     filter: Some(filters.to_wire()),
+                };
+                let Some(every) = watch else {
+                    let mut req = tonic::Request::new(query);
+                    auth(req.metadata_mut())?;
+                    let r = client.top_ads(req).await.map_err(status)?.into_inner();
+                    out += &top_text(&r, minutes, conn.json);
+                    return Ok(out);
+                };
+                let interval_ms = u32::try_from(every.as_millis()).unwrap_or(u32::MAX);
+                let mut req = tonic::Request::new(v1::WatchTopAdsRequest { query: Some(query), interval_ms });
+                auth(req.metadata_mut())?;
+                let mut updates = client.watch_top_ads(req).await.map_err(status)?.into_inner();
+                // Each update as it comes (JSON: one document per line), until the server
+                // ends the watch or Ctrl-C.
+                while let Some(r) = updates.message().await.map_err(status)? {
+                    let mut text = String::new();
+                    if !conn.json {
+                        text += &format!("-- {} --\n", format_ms(now_ms()));
+                    }
+                    text += &top_text(&r, minutes, conn.json);
+                    let mut stdout = std::io::stdout().lock();
+                    if std::io::Write::write_all(&mut stdout, text.as_bytes()).and_then(|()| std::io::Write::flush(&mut stdout)).is_err() {
+                        break;
+                    }
+                }
+            }
+            QueryCommand::Totals { scope, id, last, granularity, filters } => {
+                let to = now_ms();
+                let from = to - i64::try_from(last.as_millis()).unwrap_or(i64::MAX);
+                let mut req = tonic::Request::new(v1::GetTotalsRequest {
+                    scope: match scope {
+                        ScopeArg::Campaign => v1::TotalsScope::Campaign,
+                        ScopeArg::Advertiser => v1::TotalsScope::Advertiser,
+                    } as i32,
+                    id,
+                    from_ms: from,
+                    to_ms: to,
+                    granularity: granularity.to_wire() as i32,
+                    filter: Some(filters.to_wire()),
+                    fill_empty: None,
+                    include_sketches: false,
                 });
                 auth(req.metadata_mut())?;
-                let r = client.top_ads(req).await.map_err(status)?.into_inner();
+                let r = client.get_totals(req).await.map_err(status)?.into_inner();
                 if conn.json {
                     out += &format!("{}\n", json!({
-                        "ads": r.ads.iter().map(|a| json!({"ad_id": a.ad_id, "clicks": a.clicks})).collect::<Vec<_>>(),
-                        "from_ms": r.range.as_ref().map(|x| x.from_ms), "to_ms": r.range.as_ref().map(|x| x.to_ms),
+                        "id": r.id,
+                        "buckets": r.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "clicks": b.clicks, "unique_users": b.unique_users})).collect::<Vec<_>>(),
+                        "total_clicks": r.total_clicks, "total_unique_users": r.total_unique_users, "ads": r.ads, "watermark_ms": r.watermark_ms,
                     }));
                 } else {
-                    out += &format!("{:>4} {:>12} {:>10}\n", "rank", "ad", "clicks");
-                    for (i, a) in r.ads.iter().enumerate() {
-                        out += &format!("{:>4} {:>12} {:>10}\n", i + 1, a.ad_id, a.clicks);
-                    }
-                    if r.ads.is_empty() {
-                        out += &format!("(no clicks in the last {minutes} minutes)\n");
-                    }
+                    let rows: Vec<(i64, u64, u64)> = r.buckets.iter().map(|b| (b.start_ms, b.clicks, b.unique_users)).collect();
+                    out += &series_table(&rows, (r.total_clicks, r.total_unique_users), r.watermark_ms);
+                    out += &format!("({} ads with clicks)\n", r.ads);
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! `adclick collector --config F`, `adclick aggregator --config F` and
 //! `adclick query-front --config F`: reads and validates the TOML config (the only place
-//! server config files are read), sets up logging and the tokio runtime, and hands over to
+//! server config files are read), sets up the tokio runtime (logging: `logging.rs`), and hands over to
 //! the library's `run(config, shutdown)`. No server logic lives here.
 
 use std::path::{Path, PathBuf};
@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::de::DeserializeOwned;
+
+use crate::logging::LIFECYCLE;
 
 /// `adclick collector`
 #[derive(Debug, Args)]
@@ -19,7 +21,7 @@ pub struct CollectorArgs {
     config: PathBuf,
     /// Only check the config and exit.
     #[arg(long)]
-    check: bool,
+    pub check: bool,
 }
 
 /// Reads and parses a TOML config file, naming the file in every error, then applies
@@ -74,59 +76,132 @@ fn apply_env(
     Ok(())
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the default `info` level.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// The directory relative paths in `config` resolve against: the config file's own, so a
+/// server finds its files wherever it is started from.
+pub fn config_dir(config: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(config)
+        .with_context(|| format!("cannot resolve {}", config.display()))?;
+    Ok(abs.parent().map(Path::to_path_buf).unwrap_or(abs))
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
+/// `p` made absolute against `base` when relative.
+pub fn resolve(base: &Path, p: &mut PathBuf) {
+    if p.is_relative() {
+        *p = base.join(&*p);
+    }
+}
+
+/// Prints a `--check` run: the config's validation, every finding, the effective config;
+/// `Err` (exit 1) if anything would stop a start.
+fn finish_check(
+    config: &Path,
+    valid: std::result::Result<(), String>,
+    report: crate::check::Report,
+    effective: &str,
+) -> Result<()> {
+    match &valid {
+        Ok(()) => println!("ok       config {}: valid", config.display()),
+        Err(e) => println!("problem  config {}: {e}", config.display()),
+    }
+    print!("{}", report.render());
+    println!("\n# effective config (file, environment overrides and defaults; secrets redacted)");
+    print!("{effective}");
+    let mut problems: Vec<String> = report.problems().iter().map(|s| s.to_string()).collect();
+    if let Err(e) = valid {
+        problems.insert(0, e);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{}: {} problem(s): {}",
+            config.display(),
+            problems.len(),
+            problems.join("; ")
+        )
+    }
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this is called
+/// (inside the runtime), not when the future is first polled: a signal that arrives right
+/// after the "listening" line is logged still stops the server gracefully.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            match (term, int) {
+                (Some(mut t), Some(mut i)) => {
+                    tokio::select! {
+                        _ = t.recv() => {}
+                        _ = i.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 pub fn collector(args: CollectorArgs) -> Result<()> {
-    let cfg: adclick_collector::CollectorConfig = read_config(&args.config, "ADCLICK_COLLECTOR")?;
-    cfg.validate()?;
-    if args.check {
-        println!("{}: ok", args.config.display());
-        return Ok(());
+    let mut cfg: adclick_collector::CollectorConfig =
+        read_config(&args.config, "ADCLICK_COLLECTOR")?;
+    let base = config_dir(&args.config)?;
+    for p in [&mut cfg.data_dir, &mut cfg.keys_file]
+        .into_iter()
+        .chain(cfg.tls_cert_file.as_mut())
+        .chain(cfg.tls_key_file.as_mut())
+    {
+        resolve(&base, p);
     }
-    init_logging();
+    // `[[source.file]]` globs too (a glob is a path with wildcards).
+    for f in &mut cfg.source.file {
+        for g in &mut f.paths {
+            if std::path::Path::new(g.as_str()).is_relative() {
+                *g = base.join(g.as_str()).to_string_lossy().into_owned();
+            }
+        }
+    }
+    let valid = cfg.validate();
+    if args.check {
+        let mut r = crate::check::collector(&cfg);
+        crate::check::config_file_mode(&mut r, &args.config, cfg.aggregator_key.is_some());
+        let shown = crate::check::effective(&cfg, &["aggregator_key"])?;
+        return finish_check(&args.config, valid.map_err(|e| e.to_string()), r, &shown);
+    }
+    valid?;
+    // A key file others can read is refused at every start, not only by --check.
+    crate::check::key_files(&cfg)
+        .into_result()
+        .context("refusing to start")?;
+    crate::logging::set_context("collector_id", cfg.collector_id.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("adclick-collector")
         .build()
         .context("cannot start the tokio runtime")?;
     rt.block_on(async {
+        let stop = shutdown_signal();
         let c = adclick_collector::start(cfg).await?;
-        eprintln!(
+        // From here on the id the collector has on the wire, as its own events say it.
+        crate::logging::set_context("collector_id", c.collector_id().to_string());
+        tracing::info!(
+            target: LIFECYCLE,
+            http = %c.http_addr(),
             "adclick collector {} listening on http://{} (Ctrl-C to stop)",
             c.collector_id(),
             c.http_addr()
         );
-        shutdown_signal().await;
-        eprintln!("shutting down: finishing in-flight requests");
+        stop.await;
+        tracing::info!(target: LIFECYCLE, "shutting down: finishing in-flight requests");
         c.shutdown().await;
         Ok::<_, anyhow::Error>(())
     })
@@ -143,47 +218,63 @@ pub struct AggregatorArgs {
     /// Only check the config and the store (if the data dir has one: every committed
     /// page's checksum) and exit; non-zero on a problem. Run it on a stopped aggregator.
     #[arg(long)]
-    check: bool,
+    pub check: bool,
 }
 
 pub fn aggregator(args: AggregatorArgs) -> Result<()> {
-    let cfg: adclick_aggregator::AggregatorConfig =
+    let mut cfg: adclick_aggregator::AggregatorConfig =
         read_config(&args.config, "ADCLICK_AGGREGATOR")?;
-    cfg.validate()?;
+    let base = config_dir(&args.config)?;
+    resolve(&base, &mut cfg.data_dir);
+    resolve(&base, &mut cfg.archive.dir);
+    let valid = cfg.validate();
     if args.check {
-        println!("{}: ok", args.config.display());
+        let mut r = crate::check::aggregator(&cfg);
+        let secrets = !cfg.ingest_keys.is_empty() || !cfg.api_keys.is_empty();
+        crate::check::config_file_mode(&mut r, &args.config, secrets);
         // The store too, if there is one: every committed page's checksum.
         let store = cfg.data_dir.join(adclick_aggregator::store::STORE_FILE);
-        if store.exists() {
-            adclick_aggregator::store::check(&cfg.data_dir)?;
-            println!("{}: ok (integrity check passed)", store.display());
-        } else {
-            println!("{}: no store yet", store.display());
+        if valid.is_ok() {
+            if store.exists() {
+                match adclick_aggregator::store::check(&cfg.data_dir) {
+                    Ok(_) => r.ok(format!("store {}: integrity check passed", store.display())),
+                    Err(e) => r.problem(format!("store {}: {e:#}", store.display())),
+                }
+            } else {
+                r.ok(format!("store {}: none yet", store.display()));
+            }
         }
-        return Ok(());
+        let shown = crate::check::effective(&cfg, &["ingest_keys.[]", "api_keys.[].key"])?;
+        return finish_check(&args.config, valid.map_err(|e| e.to_string()), r, &shown);
     }
+    valid?;
     if cfg.query.allow_unauthenticated {
-        eprintln!(
+        tracing::warn!(
+            target: LIFECYCLE,
             "WARNING: query.allow_unauthenticated = true: anyone who reaches {} or {} can query \
              every ad as admin without a key. Only on a trusted network.",
-            cfg.listen_grpc, cfg.listen_http
+            cfg.listen_grpc,
+            cfg.listen_http
         );
     }
-    init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("adclick-aggregator")
         .build()
         .context("cannot start the tokio runtime")?;
     rt.block_on(async {
+        let stop = shutdown_signal();
         let a = adclick_aggregator::start(cfg).await?;
-        eprintln!(
+        tracing::info!(
+            target: LIFECYCLE,
+            grpc = %a.grpc_addr(),
+            http = %a.http_addr(),
             "adclick aggregator: gRPC on {} (ingest, query, reflection, health), HTTP on http://{} (Ctrl-C to stop)",
             a.grpc_addr(),
             a.http_addr()
         );
-        shutdown_signal().await;
-        eprintln!("shutting down: writing a final checkpoint");
+        stop.await;
+        tracing::info!(target: LIFECYCLE, "shutting down: writing a final checkpoint");
         a.shutdown().await;
         Ok::<_, anyhow::Error>(())
     })
@@ -200,36 +291,42 @@ pub struct QueryFrontArgs {
     /// Only check the config (shards covering every partition exactly once included) and
     /// exit; non-zero on a problem.
     #[arg(long)]
-    check: bool,
+    pub check: bool,
 }
 
 pub fn query_front(args: QueryFrontArgs) -> Result<()> {
     let cfg: adclick_aggregator::front::FrontConfig =
         read_config(&args.config, "ADCLICK_QUERY_FRONT")?;
-    cfg.validate().map_err(|e| {
+    let valid = cfg.validate().map(|_| ()).map_err(|e| {
         anyhow::anyhow!(
             "invalid query-front config {}: {}",
             args.config.display(),
             e.0
         )
-    })?;
+    });
     if args.check {
-        println!(
-            "{}: ok ({} partitions over {} shards)",
-            args.config.display(),
-            cfg.partitions,
-            cfg.shards.len()
-        );
-        return Ok(());
+        let mut r = crate::check::query_front(&cfg);
+        crate::check::config_file_mode(&mut r, &args.config, !cfg.api_keys.is_empty());
+        if valid.is_ok() {
+            r.ok(format!(
+                "{} partitions over {} shards, each exactly once",
+                cfg.partitions,
+                cfg.shards.len()
+            ));
+        }
+        let shown = crate::check::front_effective(&cfg)?;
+        return finish_check(&args.config, valid.map_err(|e| e.to_string()), r, &shown);
     }
+    valid?;
     if cfg.query.allow_unauthenticated {
-        eprintln!(
+        tracing::warn!(
+            target: LIFECYCLE,
             "WARNING: query.allow_unauthenticated = true: anyone who reaches {} or {} can query \
              every ad as admin without a key (if the shards allow it). Only on a trusted network.",
-            cfg.listen_grpc, cfg.listen_http
+            cfg.listen_grpc,
+            cfg.listen_http
         );
     }
-    init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("adclick-query-front")
@@ -241,15 +338,19 @@ pub fn query_front(args: QueryFrontArgs) -> Result<()> {
             .iter()
             .map(|s| format!("{} {} [{}]", s.name, s.grpc, s.partitions))
             .collect();
+        let stop = shutdown_signal();
         let f = adclick_aggregator::front::start(cfg).await?;
-        eprintln!(
+        tracing::info!(
+            target: LIFECYCLE,
+            grpc = %f.grpc_addr(),
+            http = %f.http_addr(),
             "adclick query-front: gRPC on {} (query, reflection, health), HTTP on http://{}, over shards {} (Ctrl-C to stop)",
             f.grpc_addr(),
             f.http_addr(),
             shards.join(", ")
         );
-        shutdown_signal().await;
-        eprintln!("shutting down: finishing in-flight queries");
+        stop.await;
+        tracing::info!(target: LIFECYCLE, "shutting down: finishing in-flight queries");
         f.shutdown().await;
         Ok::<_, anyhow::Error>(())
     })

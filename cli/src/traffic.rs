@@ -84,6 +84,13 @@ pub struct TrafficStats {
     errors: Mutex<BTreeMap<String, u64>>,
     /// Clicks the SDK could not queue.
     pub refused: AtomicU64,
+    /// What the collector said of the clicks in its 2xx answers (HTTP): `accepted`,
+    /// `duplicate` and each rejection reason (`bad_signature`, `expired`, ...).
+    outcomes: Mutex<BTreeMap<String, u64>>,
+    /// Late clicks (sent outside the SDK) acknowledged with a 2xx, and not.
+    pub late_acked: AtomicU64,
+    /// Late clicks whose batch got no 2xx.
+    pub late_lost: AtomicU64,
 }
 
 impl TrafficStats {
@@ -101,6 +108,88 @@ impl TrafficStats {
     /// Failed requests by kind.
     pub fn errors(&self) -> BTreeMap<String, u64> {
         self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// The collector's per-click verdicts in its 2xx answers (HTTP only; empty over QUIC).
+    pub fn outcomes(&self) -> BTreeMap<String, u64> {
+        self.outcomes.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    fn count_outcomes(&self, r: &v1::ClickBatchResult) {
+        if let Ok(mut o) = self.outcomes.lock() {
+            *o.entry("accepted".into()).or_default() += u64::from(r.accepted);
+            *o.entry("duplicate".into()).or_default() += u64::from(r.duplicate);
+            for (k, v) in &r.rejected {
+                *o.entry(k.clone()).or_default() += u64::from(*v);
+            }
+        }
+    }
+}
+
+/// HTTP transport that also reads the collector's verdict on each click (the SDK's own
+/// transport keeps only a text snippet of the body): a `ClickBatchResult` in every 2xx.
+struct VerdictHttp {
+    client: reqwest::Client,
+    url: String,
+    stats: Arc<TrafficStats>,
+}
+
+impl VerdictHttp {
+    fn new(endpoint: &str, timeout: Duration, stats: Arc<TrafficStats>) -> Result<Self> {
+        HttpTransport::install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("adclick-loadgen/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("HTTP client")?;
+        Ok(VerdictHttp {
+            client,
+            url: format!("{}/v1/clicks", endpoint.trim_end_matches('/')),
+            stats,
+        })
+    }
+}
+
+impl Transport for VerdictHttp {
+    fn send(&self, body: Vec<u8>) -> SendFuture<'_> {
+        Box::pin(async move {
+            let resp = self
+                .client
+                .post(&self.url)
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| {
+                    let kind = if e.is_timeout() {
+                        "timeout"
+                    } else if e.is_connect() {
+                        "connect error"
+                    } else {
+                        "request error"
+                    };
+                    TransportError(format!("{kind}: {e}"))
+                })?;
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let bytes = resp.bytes().await.unwrap_or_default();
+            if (200..300).contains(&status)
+                && let Ok(r) = v1::ClickBatchResult::decode(bytes.as_ref())
+            {
+                self.stats.count_outcomes(&r);
+            }
+            let end = bytes.len().min(512);
+            Ok(TransportResponse {
+                status,
+                retry_after,
+                body: String::from_utf8_lossy(&bytes[..end]).into_owned(),
+            })
+        })
     }
 }
 
@@ -219,7 +308,11 @@ pub fn start(
 ) -> Result<Traffic> {
     let stats = Arc::new(TrafficStats::default());
     let transport: Arc<dyn Transport> = match &target {
-        Target::Http(url) => Arc::new(HttpTransport::new(url, Duration::from_secs(10))?),
+        Target::Http(url) => Arc::new(VerdictHttp::new(
+            url,
+            Duration::from_secs(10),
+            stats.clone(),
+        )?),
         Target::Quic(addr, name, pem) => Arc::new(
             adclick_sdk::QuicTransport::with_pem_roots(*addr, name, pem, Duration::from_secs(10))
                 .context("QUIC transport")?,
@@ -341,7 +434,12 @@ pub fn start(
                 }
             }
             if !late_batch.is_empty() {
-                send_late(&transport, late_batch, &mut rng).await;
+                let n = late_batch.len() as u64;
+                if send_late(&transport, late_batch, &mut rng).await {
+                    st.late_acked.fetch_add(n, Ordering::Relaxed);
+                } else {
+                    st.late_lost.fetch_add(n, Ordering::Relaxed);
+                }
             }
         }
         if let Some(mut l) = ledger {
@@ -356,12 +454,13 @@ pub fn start(
     })
 }
 
-/// Sends clicks that "happened" 2–5 minutes ago in one batch, as an offline app would.
+/// Sends clicks that "happened" 2–5 minutes ago in one batch, as an offline app would
+/// (once, no retry); true if the collector acknowledged it (2xx).
 async fn send_late(
     transport: &Arc<dyn Transport>,
     clicks: Vec<(String, Dimensions)>,
     rng: &mut Rng,
-) {
+) -> bool {
     let now = crate::keys::now_ms();
     let batch = v1::ClickBatch {
         sdk_name: "adclick-loadgen".into(),
@@ -382,7 +481,8 @@ async fn send_late(
             })
             .collect(),
     };
-    let _: Result<TransportResponse, TransportError> = transport.send(batch.encode_to_vec()).await;
+    let r: Result<TransportResponse, TransportError> = transport.send(batch.encode_to_vec()).await;
+    r.is_ok_and(|r| (200..300).contains(&r.status))
 }
 
 impl Traffic {
@@ -400,8 +500,54 @@ impl Traffic {
         self.trackers.iter().map(Tracker::queued).sum()
     }
 
-    /// Clicks the SDK delivered (acked by the collector).
-    pub fn delivered(&self) -> u64 {
-        self.trackers.iter().map(|t| t.stats().sent).sum()
+    /// Stops like [`Traffic::stop`] and accounts for every click offered.
+    pub async fn stop_and_account(self) -> Accounting {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        for t in &self.trackers {
+            let _ = t.shutdown().await;
+        }
+        let mut a = Accounting {
+            offered: self.stats.clicks.load(Ordering::Relaxed),
+            sdk_queue_refused: self.stats.refused.load(Ordering::Relaxed),
+            late_lost: self.stats.late_lost.load(Ordering::Relaxed),
+            acked: self.stats.late_acked.load(Ordering::Relaxed),
+            ..Accounting::default()
+        };
+        for t in &self.trackers {
+            let s = t.stats();
+            a.acked += s.sent;
+            a.http_refused += s.rejected;
+            a.dropped_overflow += s.dropped_overflow;
+            a.still_queued += t.queued() as u64;
+        }
+        a
+    }
+}
+
+/// Where every offered click ended up once the SDK drained.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Accounting {
+    /// Clicks generated (through the SDK and the late batches).
+    pub offered: u64,
+    /// Acknowledged by the collector with a 2xx (its verdict per click may still be a
+    /// rejection: forged tokens are expected to be `bad_signature`).
+    pub acked: u64,
+    /// Refused by the SDK's `click()` (queue full or invalid).
+    pub sdk_queue_refused: u64,
+    /// In batches the collector refused for good (4xx other than 408/429).
+    pub http_refused: u64,
+    /// Dropped by the SDK's overflow policy.
+    pub dropped_overflow: u64,
+    /// Still queued in the SDK when its drain timed out.
+    pub still_queued: u64,
+    /// Late clicks whose single send failed.
+    pub late_lost: u64,
+}
+
+impl Accounting {
+    /// Offered but never acknowledged.
+    pub fn lost(&self) -> u64 {
+        self.offered.saturating_sub(self.acked)
     }
 }

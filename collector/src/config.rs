@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Largest `forward.max_in_flight`: aggregators hold at most 4x this many seqs acked out of
 /// order per collector (`admit::MAX_OUT_OF_ORDER` there).
@@ -14,7 +14,7 @@ pub const MAX_IN_FLIGHT: usize = 256;
 
 /// Everything a collector needs. Every field has a default, so `CollectorConfig::default()`
 /// plus `keys_file` and `aggregators` is a working configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CollectorConfig {
     /// Stable name of this collector; the spool's incarnation is appended to it on the wire.
@@ -67,7 +67,7 @@ pub struct CollectorConfig {
 }
 
 /// Where clicks come from besides the HTTP and QUIC listeners.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     /// Log files tailed for clicks, one JSON click per line (`filesource`).
@@ -75,7 +75,7 @@ pub struct SourceConfig {
 }
 
 /// One `[[source.file]]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileSourceConfig {
     /// Names the source in metrics and its position file (`<data_dir>/file-source/<name>.pos`);
@@ -136,7 +136,7 @@ impl Default for CollectorConfig {
 
 /// Request and connection limits. Anything beyond them gets a 4xx/503 with a message (or,
 /// for connections, is closed) and a counter. All are on by default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest request body (413 above).
@@ -227,7 +227,7 @@ impl Limits {
 }
 
 /// Token verification and clock correction.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenChecks {
     /// Clock skew allowed on a token's issue and expiry times.
@@ -255,7 +255,7 @@ impl Default for TokenChecks {
 }
 
 /// Duplicate detection: a time-rotated Bloom filter as pre-check, an exact set behind it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DedupConfig {
     /// Longest token lifetime (issue to expiry) in use; the Bloom generations cover it.
@@ -285,7 +285,7 @@ impl Default for DedupConfig {
 }
 
 /// Durable spool.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     /// Segment file size.
@@ -311,7 +311,7 @@ impl Default for SpoolConfig {
 }
 
 /// Forwarding to aggregators.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForwardConfig {
     /// First retry delay.
@@ -359,7 +359,7 @@ impl Default for ForwardConfig {
 }
 
 /// The forwarding transport (`forward.sink`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SinkKind {
     /// gRPC `IngestService` to the `aggregators` (routed by rendezvous hashing).
@@ -380,7 +380,7 @@ pub const MAX_PARTITIONS: u32 = adclick_proto::partition::MAX_PARTITIONS;
 /// `stream`, `subject_prefix` and `partitions`; the stream is created with these values
 /// when missing and verified when present (a different partition count is an error, never
 /// a silent reconfiguration).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JetStreamConfig {
     /// NATS server URLs (`nats://host:4222`, `tls://...`); the client fails over between
@@ -507,7 +507,7 @@ impl JetStreamConfig {
 }
 
 /// The bounded log of rejected clicks (`<data_dir>/quarantine.jsonl`, rotated once).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuarantineConfig {
     /// Rotate at this size; one previous file is kept.

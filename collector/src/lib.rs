@@ -150,6 +150,10 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
     let spool = Arc::new(Mutex::new(spool));
 
     let metrics = Arc::new(Metrics::new());
+    metrics
+        .spool_max_bytes
+        .set(i64::try_from(cfg.spool.max_bytes).unwrap_or(i64::MAX));
+    let _ = metrics.spool_dir.set(cfg.data_dir.join("spool"));
     report_spool_damage(&collector_id, &recovery, &metrics);
     confirm_reported(&spool);
     metrics

@@ -7,14 +7,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
-
-/// `outcome` label of `adclick_collector_clicks_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    /// accepted, duplicate, or a rejection reason.
-    pub outcome: &'static str,
-}
 
 /// Labels of `adclick_collector_file_lines_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -22,6 +14,13 @@ pub struct FileLineLabel {
     /// The `[[source.file]]` name.
     pub source: String,
     /// read, invalid_json, invalid_field or too_long.
+    pub outcome: &'static str,
+}
+
+/// `outcome` label of `adclick_collector_clicks_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// accepted, duplicate, or a rejection reason.
     pub outcome: &'static str,
 }
 
@@ -57,66 +56,84 @@ pub struct ListenerLabel {
     pub listener: &'static str,
 }
 
-/// Every collector metric.
-#[derive(Debug)]
-pub struct Metrics {
-    registry: Registry,
-    /// Lines read by the `[[source.file]]` sources, by source and outcome.
-    pub file_lines: Family<FileLineLabel, Counter>,
-    /// Clicks by outcome.
-    pub clicks: Family<OutcomeLabel, Counter>,
-    /// Requests by route and status.
-    pub requests: Family<RequestLabel, Counter>,
-    /// Clicks whose device clock was beyond the bound (counted at received_at).
-    pub clock_skew_flagged: Counter,
-    /// Bloom positives that the exact set could not confirm (forwarded as suspects).
-    pub dedup_suspect: Counter,
-    /// Requests refused by the per-IP rate limit.
-    pub rate_limited: Counter,
-    /// Spool bytes on disk (unacked).
-    pub spool_bytes: Gauge,
-    /// Spool segment files.
-    pub spool_segments: Gauge,
-    /// Durable spool records found damaged at open (lost; seq ranges are logged).
-    pub spool_corrupt_records: Counter,
-    /// Bytes of damaged spool data moved to `corrupt/` at open.
-    pub spool_corrupt_bytes: Counter,
-    /// Spool records not yet acked by the aggregators.
-    pub forward_lag_records: Gauge,
-    /// Clicks acked by aggregators.
-    pub forwarded_clicks: Counter,
-    /// Batches acked by aggregators.
-    pub forwarded_batches: Counter,
-    /// Failed forward attempts (retried).
-    pub forward_errors: Counter,
-    /// Acked batches the destination already had (resends after a crash or a lost ack:
-    /// an aggregator's `already_acked`, a JetStream duplicate PubAck).
-    pub forward_duplicate_acks: Counter,
-    /// Time from a batch's first send attempt to its ack (retries included), per
-    /// destination batch: the gRPC ingest round trip, or the JetStream publish until the
-    /// PubAck (replicated and fsynced on the servers).
-    pub forward_batch_seconds: Histogram,
-    /// Spool fsync latency.
-    pub fsync_seconds: Histogram,
-    /// Clicks per group commit.
-    pub commit_clicks: Histogram,
-    /// Rejected clicks written to the quarantine log.
-    pub quarantined: Counter,
-    /// Rejected clicks not written because the quarantine writer was behind (still counted
-    /// by reason in `clicks`).
-    pub quarantine_dropped: Counter,
-    /// Key file reloads.
-    pub key_reloads: Family<ResultLabel, Counter>,
-    /// Redirect (`GET /c/{token}`) latency including the durable commit.
-    pub redirect_seconds: Histogram,
-    /// Connections refused at accept (closed at once), by listener and cap.
-    pub connections_refused: Family<ConnLabel, Counter>,
-    /// Connections closed by the collector for sending nothing, by listener and timeout.
-    pub connections_closed: Family<ConnLabel, Counter>,
-    /// Connections open now, by listener.
-    pub connections_open: Family<ListenerLabel, Gauge>,
-    /// Spool reopen attempts after a write or fsync failure, by result.
-    pub spool_reopens: Family<ResultLabel, Counter>,
+adclick_proto::metrics! {
+    /// Every collector metric: the name is the field's (under `adclick_collector_`), the
+    /// help its doc comment (`adclick_proto::metrics!`).
+    #[derive(Debug)]
+    pub struct Metrics("adclick_collector") {
+        extra {
+            /// Build info and process metrics, and the two exposition formats.
+            exposition: adclick_proto::metrics::Exposition =
+                adclick_proto::metrics::Exposition::new("collector"),
+            /// The spool directory whose filesystem `spool_free_bytes` reports (set at start).
+            pub spool_dir: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new(),
+        }
+        /// Clicks by outcome (accepted, duplicate, or the rejection reason).
+        pub clicks: Family<OutcomeLabel, Counter> = Family::default();
+        /// Lines read by the `[[source.file]]` sources, by source and outcome (read,
+        /// invalid_json, invalid_field, too_long).
+        pub file_lines: Family<FileLineLabel, Counter> = Family::default();
+        /// HTTP/QUIC requests by route and status code.
+        pub requests: Family<RequestLabel, Counter> = Family::default();
+        /// Clicks counted at received_at because the device clock was beyond the bound.
+        pub clock_skew_flagged: Counter = Counter::default();
+        /// Bloom positives that the exact set could not confirm (forwarded as suspects: the
+        /// aggregator decides).
+        pub dedup_suspect: Counter = Counter::default();
+        /// Requests refused by the per-IP rate limit (their clicks:
+        /// clicks_total{outcome="rate_limited"}).
+        pub rate_limited: Counter = Counter::default();
+        /// Spool bytes on disk not yet acked.
+        pub spool_bytes: Gauge = Gauge::default();
+        /// `spool.max_bytes`: the spool is full (readiness `spool_full`, 503s) at this size.
+        pub spool_max_bytes: Gauge = Gauge::default();
+        /// Free bytes on the spool's filesystem, read at each scrape (readiness `disk_low`
+        /// below `spool.min_free_bytes`).
+        pub spool_free_bytes: Gauge = Gauge::default();
+        /// Spool segment files.
+        pub spool_segments: Gauge = Gauge::default();
+        /// Durable spool records lost to damage found at open (seq ranges in the ERROR log).
+        pub spool_corrupt_records: Counter = Counter::default();
+        /// Bytes of damaged spool data moved to the spool's corrupt/ folder at open.
+        pub spool_corrupt_bytes: Counter = Counter::default();
+        /// Spool records not yet acked by the aggregators.
+        pub forward_lag_records: Gauge = Gauge::default();
+        /// Clicks acked by aggregators.
+        pub forwarded_clicks: Counter = Counter::default();
+        /// Batches acked by aggregators.
+        pub forwarded_batches: Counter = Counter::default();
+        /// Failed forward attempts (retried).
+        pub forward_errors: Counter = Counter::default();
+        /// Acked batches the destination already had (resends after a crash or a lost ack:
+        /// an aggregator's `already_acked`, a JetStream duplicate PubAck).
+        pub forward_duplicate_acks: Counter = Counter::default();
+        /// Time from a batch's first send attempt to its ack (retries included), per
+        /// destination batch: the gRPC ingest round trip, or the JetStream publish until the
+        /// PubAck (replicated and fsynced on the servers).
+        pub forward_batch_seconds: Histogram = Histogram::new(exponential_buckets(0.000_1, 2.0, 18));
+        /// Spool group-commit fsync latency.
+        pub fsync_seconds: Histogram = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        /// Clicks per group commit.
+        pub commit_clicks: Histogram = Histogram::new(exponential_buckets(1.0, 2.0, 16));
+        /// Rejected clicks written to the quarantine log.
+        pub quarantined: Counter = Counter::default();
+        /// Rejected clicks not written because the quarantine writer was behind (still
+        /// counted by reason in `clicks`).
+        pub quarantine_dropped: Counter = Counter::default();
+        /// Key file reloads by result.
+        pub key_reloads: Family<ResultLabel, Counter> = Family::default();
+        /// Redirect (`GET /c/{token}`) latency including the durable commit.
+        pub redirect_seconds: Histogram = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        /// Connections refused at accept (closed at once), by listener and cap.
+        pub connections_refused: Family<ConnLabel, Counter> = Family::default();
+        /// Connections closed by the collector for sending nothing in time, by listener and
+        /// timeout (header or idle).
+        pub connections_closed: Family<ConnLabel, Counter> = Family::default();
+        /// Connections open now, by listener.
+        pub connections_open: Family<ListenerLabel, Gauge> = Family::default();
+        /// Spool reopen attempts after a write or fsync failure, by result.
+        pub spool_reopens: Family<ResultLabel, Counter> = Family::default();
+    }
 }
 
 impl Default for Metrics {
@@ -126,170 +143,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric.
+    /// Every metric registered.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("adclick_collector");
-        let m = Metrics {
-            clicks: Family::default(),
-            file_lines: Family::default(),
-            requests: Family::default(),
-            clock_skew_flagged: Counter::default(),
-            dedup_suspect: Counter::default(),
-            rate_limited: Counter::default(),
-            spool_bytes: Gauge::default(),
-            spool_segments: Gauge::default(),
-            spool_corrupt_records: Counter::default(),
-            spool_corrupt_bytes: Counter::default(),
-            forward_lag_records: Gauge::default(),
-            forwarded_clicks: Counter::default(),
-            forwarded_batches: Counter::default(),
-            forward_errors: Counter::default(),
-            forward_duplicate_acks: Counter::default(),
-            forward_batch_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
-            fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
-            commit_clicks: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
-            quarantined: Counter::default(),
-            quarantine_dropped: Counter::default(),
-            key_reloads: Family::default(),
-            redirect_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
-            connections_refused: Family::default(),
-            connections_closed: Family::default(),
-            connections_open: Family::default(),
-            spool_reopens: Family::default(),
-            registry: Registry::default(),
-        };
-        let r = &mut registry;
-        r.register(
-            "clicks",
-            "Clicks by outcome (accepted, duplicate, rejection reason)",
-            m.clicks.clone(),
-        );
-        r.register(
-            "file_lines",
-            "Lines read by the [[source.file]] sources, by source and outcome (read, invalid_json, invalid_field, too_long)",
-            m.file_lines.clone(),
-        );
-        r.register(
-            "requests",
-            "HTTP/QUIC requests by route and status code",
-            m.requests.clone(),
-        );
-        r.register(
-            "clock_skew_flagged",
-            "Clicks counted at received_at because the device clock was off",
-            m.clock_skew_flagged.clone(),
-        );
-        r.register(
-            "dedup_suspect",
-            "Bloom positives not confirmed by the exact set (aggregator decides)",
-            m.dedup_suspect.clone(),
-        );
-        r.register(
-            "rate_limited",
-            "Requests refused by the per-IP rate limit (their clicks: clicks_total{outcome=\"rate_limited\"})",
-            m.rate_limited.clone(),
-        );
-        r.register(
-            "spool_bytes",
-            "Spool bytes on disk not yet acked",
-            m.spool_bytes.clone(),
-        );
-        r.register(
-            "spool_segments",
-            "Spool segment files",
-            m.spool_segments.clone(),
-        );
-        r.register(
-            "spool_corrupt_records",
-            "Durable spool records lost to damage found at open (seq ranges in the ERROR log)",
-            m.spool_corrupt_records.clone(),
-        );
-        r.register(
-            "spool_corrupt_bytes",
-            "Bytes of damaged spool data moved to the spool's corrupt/ folder",
-            m.spool_corrupt_bytes.clone(),
-        );
-        r.register(
-            "forward_lag_records",
-            "Spool records not yet acked by aggregators",
-            m.forward_lag_records.clone(),
-        );
-        r.register(
-            "forwarded_clicks",
-            "Clicks acked by aggregators",
-            m.forwarded_clicks.clone(),
-        );
-        r.register(
-            "forwarded_batches",
-            "Batches acked by aggregators",
-            m.forwarded_batches.clone(),
-        );
-        r.register(
-            "forward_errors",
-            "Failed forward attempts (retried)",
-            m.forward_errors.clone(),
-        );
-        r.register(
-            "forward_duplicate_acks",
-            "Acked batches the destination already had (resends)",
-            m.forward_duplicate_acks.clone(),
-        );
-        r.register(
-            "forward_batch_seconds",
-            "Time from a forwarded batch's first attempt to its ack (gRPC ingest or JetStream PubAck)",
-            m.forward_batch_seconds.clone(),
-        );
-        r.register(
-            "fsync_seconds",
-            "Spool group-commit fsync latency",
-            m.fsync_seconds.clone(),
-        );
-        r.register(
-            "commit_clicks",
-            "Clicks per group commit",
-            m.commit_clicks.clone(),
-        );
-        r.register(
-            "quarantined",
-            "Rejected clicks written to the quarantine log",
-            m.quarantined.clone(),
-        );
-        r.register(
-            "quarantine_dropped",
-            "Rejected clicks not logged because the quarantine writer was behind",
-            m.quarantine_dropped.clone(),
-        );
-        r.register(
-            "key_reloads",
-            "Key file reloads by result",
-            m.key_reloads.clone(),
-        );
-        r.register(
-            "redirect_seconds",
-            "GET /c/{token} latency including the durable commit",
-            m.redirect_seconds.clone(),
-        );
-        r.register(
-            "connections_refused",
-            "Connections closed at accept because a connection cap was reached",
-            m.connections_refused.clone(),
-        );
-        r.register(
-            "connections_closed",
-            "Connections closed for sending no request in time (header or idle timeout)",
-            m.connections_closed.clone(),
-        );
-        r.register(
-            "connections_open",
-            "Connections open now",
-            m.connections_open.clone(),
-        );
-        r.register(
-            "spool_reopens",
-            "Spool reopen attempts after a write or fsync failure, by result",
-            m.spool_reopens.clone(),
-        );
-        Metrics { registry, ..m }
+        Self::declare()
     }
 
     /// Adds `n` clicks with `outcome`.
@@ -313,11 +169,23 @@ impl Metrics {
         self.clicks.get_or_create(&OutcomeLabel { outcome }).get()
     }
 
-    /// Prometheus text exposition.
+    /// `GET /metrics`: these metrics, build info and process metrics, in the format the
+    /// scraper's `Accept` asks for (`adclick_proto::metrics`): `(content type, body)`.
+    pub fn expose(&self, accept: Option<&str>) -> (&'static str, String) {
+        if let Some(free) = self
+            .spool_dir
+            .get()
+            .and_then(|d| crate::spool::free_bytes(d))
+        {
+            self.spool_free_bytes
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+        self.exposition.render(&[&self.registry], accept)
+    }
+
+    /// The Prometheus text 0.0.4 form of [`Metrics::expose`] (what tests and the CLI's
+    /// live views read).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        self.expose(None).1
     }
 }

@@ -3,10 +3,14 @@
 //!
 //! This crate is pure data and crypto: it knows nothing about tokio, sockets or files
 //! (key files are parsed from strings; reading them is the caller's job), so the browser
-//! SDK can build it for `wasm32-unknown-unknown` with default features off.
+//! SDK can build it for `wasm32-unknown-unknown` with default features off. The one
+//! exception is the servers' shared Prometheus exposition (feature `metrics`, off by
+//! default), which reads `/proc/self` for the process metrics.
 #![deny(missing_docs)]
 
 pub mod countable;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod partition;
 pub mod token;
 

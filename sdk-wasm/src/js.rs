@@ -1,5 +1,5 @@
 //! Thin bindings to the JavaScript globals the browser SDK needs: `fetch`, `setTimeout` /
-//! `setInterval`, `Date.now()`, `Math.random()`, `navigator.sendBeacon`, `localStorage`,
+//! `clearTimeout`, `Date.now()`, `Math.random()`, `navigator.sendBeacon`, `localStorage`,
 //! `document`. Everything is looked up on `globalThis` when used, so the same code runs in
 //! a page, a worker and Node (where `document`, `localStorage` and `sendBeacon` are
 //! missing and the callers fall back).
@@ -26,10 +26,10 @@ extern "C" {
     fn global_fetch(url: &str, init: &web_sys::RequestInit) -> Result<Promise, JsValue>;
     #[wasm_bindgen(catch, js_name = setTimeout)]
     fn global_set_timeout(handler: &Function, ms: f64) -> Result<JsValue, JsValue>;
-    #[wasm_bindgen(catch, js_name = setInterval)]
-    fn global_set_interval(handler: &Function, ms: f64) -> Result<JsValue, JsValue>;
-    #[wasm_bindgen(catch, js_name = clearInterval)]
-    fn global_clear_interval(id: &JsValue) -> Result<(), JsValue>;
+    #[wasm_bindgen(catch, js_name = setTimeout)]
+    fn global_set_timeout_id(handler: &Function, ms: f64) -> Result<f64, JsValue>;
+    #[wasm_bindgen(catch, js_name = clearTimeout)]
+    fn global_clear_timeout(id: f64) -> Result<(), JsValue>;
     #[wasm_bindgen(catch, js_namespace = AbortSignal, js_name = timeout)]
     fn abort_signal_timeout(ms: f64) -> Result<web_sys::AbortSignal, JsValue>;
 }
@@ -119,14 +119,15 @@ pub async fn sleep(ms: f64) {
     let _ = JsFuture::from(promise).await;
 }
 
-/// A repeating timer; cleared with [`clear_interval`].
-pub fn set_interval(handler: &Function, ms: f64) -> Option<JsValue> {
-    global_set_interval(handler, ms).ok()
+/// A one-shot timer; its id for [`clear_timeout`] (in Node the `Timeout` object converts
+/// to its numeric id, which `clearTimeout` accepts).
+pub fn set_timeout(handler: &Function, ms: f64) -> Option<f64> {
+    global_set_timeout_id(handler, ms).ok()
 }
 
-/// Clears a timer made by [`set_interval`].
-pub fn clear_interval(id: &JsValue) {
-    let _ = global_clear_interval(id);
+/// Cancels a timer made by [`set_timeout`].
+pub fn clear_timeout(id: f64) {
+    let _ = global_clear_timeout(id);
 }
 
 /// What the collector answered to a `fetch`.

@@ -65,7 +65,8 @@ fn on_link_event(inner: &Rc<Inner>, defaults: &DimsInput, ev: &web_sys::Event) {
         return;
     };
     if inner.record(&token, dims).is_ok() {
-        Inner::start_send(inner, false);
+        // The page is about to navigate: send everything now.
+        Inner::send_all(inner);
     }
 }
 

@@ -1,13 +1,14 @@
-//! The browser `Tracker`: drives the core [`Outbox`] with `fetch`, JS timers and page
-//! lifecycle events, mirroring the native tokio tracker (`sdk/src/native/tracker.rs`).
+//! The browser `Tracker`: a thin driver of the core's sans-IO [`Sender`] with `fetch`, one
+//! `setTimeout` and page lifecycle events, like the native tokio tracker
+//! (`sdk/src/native/tracker.rs`) and the FFI one (`sdk-ffi`).
 //!
-//! - `click()` validates (core `build_click`), queues (core `Outbox::push`, journalled to
-//!   `localStorage` by [`BrowserQueue`]) and starts a send when a batch is full. It never
-//!   waits for the network.
-//! - One sender at a time (`busy`): a timer tick every `flushIntervalMs` sends everything,
-//!   a full batch sends full batches, `flush()` waits for a running sender and then sends
-//!   everything. Each batch goes by `fetch` with the core's retry schedule (`classify`,
-//!   full-jitter backoff, `Retry-After` floor); sleeps are `setTimeout` promises.
+//! - `click()` hands the click to the sender (validation, queueing journalled to
+//!   `localStorage` by [`BrowserQueue`], consent) and pumps it. It never waits for the
+//!   network.
+//! - `Inner::pump`, after every input (click, flush, fetch answer, timer): starts the
+//!   `fetch` the sender asks for (one at a time), reports its outputs (`onEvent`, flush
+//!   promises) and arms one `setTimeout` for its next deadline (flush timer or backoff).
+//!   When to send, retry, back off or give up is the sender's decision, not this file's.
 //! - On `visibilitychange` to hidden and on `pagehide` the unsent clicks are handed to
 //!   `navigator.sendBeacon` (falling back to `fetch` with `keepalive`): typed
 //!   `application/x-protobuf` to the page's own origin, `text/plain` (same bytes, no CORS
@@ -24,27 +25,24 @@
 //!   stored queue and sends them. `setConsent(false)` stops sending, discards every
 //!   unsent click in memory and deletes every stored one of the origin
 //!   (`droppedConsent`); later clicks are discarded until consent is given again. A send
-//!   in progress when consent is withdrawn is not completed into the new state (`epoch`).
+//!   in progress when consent is withdrawn is forgotten by the sender (its answer ignored).
 //!
 //! Must not re-implement policy (validation, batching, overflow, retry classification):
 //! that is `adclick_sdk::core`. Must not call into JavaScript callbacks (`onEvent`) while
 //! holding a `RefCell` borrow, so a callback may call back into the tracker.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::time::Duration;
 
 use adclick_proto::v1;
 use adclick_sdk::core::{
-    BatchConfig, ClickError, Clock, Completion, Dimensions, Disposition, InFlight, Outbox,
-    OverflowPolicy, PushOutcome, QueueError, RetryPolicy, Stats, TrackerEvent, build_click,
-    classify, encode_batch, parse_retry_after,
+    BatchConfig, ClickError, Clock, Consent, Dimensions, Now, Output, OverflowPolicy, Reply,
+    RetryPolicy, Sender, SenderConfig, TrackerEvent, Transmit, encode_batch,
 };
 use js_sys::{Object, Promise, Reflect};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
-use wasm_bindgen_futures::{JsFuture, future_to_promise};
 
 use crate::js::{self, BeaconResult, JsClock};
 use crate::options::{self, Options};
@@ -58,32 +56,7 @@ pub const SDK_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// page for both together.
 pub const KEEPALIVE_MAX_BYTES: usize = 60_000;
 
-/// Counters that the core's `Stats` has but only `adclick-sdk` itself can bump
-/// (`Stats::add` is crate-private), plus the beacon count: kept here and merged into
-/// `stats()`.
-#[derive(Debug, Default)]
-struct LocalCounts {
-    invalid: Cell<u64>,
-    retries: Cell<u64>,
-    gave_up: Cell<u64>,
-    beaconed: Cell<u64>,
-    /// Clicks discarded because consent was refused or withdrawn.
-    dropped_consent: Cell<u64>,
-    /// Clicks dropped from the pre-consent memory hold (more than `maxQueue`).
-    held_overflow: Cell<u64>,
-}
-
-/// The consent state (`tracker.consent`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Consent {
-    /// Not given yet: clicks wait in memory only.
-    Pending,
-    /// Given: store and send.
-    Granted,
-    /// Refused or withdrawn: clicks are discarded.
-    Denied,
-}
-
+/// Clicks handed to a beacon (the only counter the core does not keep).
 fn bump(c: &Cell<u64>, n: u64) {
     c.set(c.get().saturating_add(n));
 }
@@ -96,31 +69,28 @@ struct Listener {
     closure: Closure<dyn FnMut(web_sys::Event)>,
 }
 
+/// A pending `flush()`: its ticket and its promise's `resolve` / `reject`.
+type FlushWaiter = (u64, js_sys::Function, js_sys::Function);
+
 pub(crate) struct Inner {
-    outbox: RefCell<Outbox<BrowserQueue>>,
-    /// Replaced (with the outbox) when consent is given or withdrawn.
+    /// The core state machine: batching, retries, timer, consent, stats.
+    sender: RefCell<Sender<BrowserQueue>>,
+    /// The sender's queue (a handle sharing its state): what the hide beacon reads.
+    /// Replaced (with the sender's queue) when consent is given or withdrawn.
     queue: RefCell<BrowserQueue>,
-    consent: Cell<Consent>,
-    /// Validated clicks waiting for consent (memory only, at most `max_queue`).
-    held: RefCell<VecDeque<v1::Click>>,
-    /// Bumped whenever the outbox is replaced: a send that started before does not
-    /// complete its batch into the new outbox.
-    epoch: Cell<u64>,
     /// The options, to open the stored queue when consent is given.
     opts: Options,
-    stats: Arc<Stats>,
-    counts: LocalCounts,
-    retry: RetryPolicy,
+    /// Clicks refused before reaching the core (not a string, bad dimension object).
+    invalid: Cell<u64>,
+    beaconed: Cell<u64>,
     ingest_url: String,
     batch_size: usize,
     request_timeout_ms: f64,
     default_site: Option<String>,
     on_event: Option<js_sys::Function>,
-    clock: JsClock,
-    /// A sender is running; `running` is its promise (resolves to `undefined`, or to the
-    /// reason string when a batch ran out of attempts; it never rejects).
-    busy: Cell<bool>,
-    running: RefCell<Option<Promise>>,
+    /// A `fetch` of the sender's is running (one at a time).
+    fetching: Cell<bool>,
+    flush_waiters: RefCell<Vec<FlushWaiter>>,
     /// Front clicks covered by a `keepalive` fetch in progress (the browser finishes it
     /// even if the page goes away, so the hide beacon skips them).
     keepalive_in_flight: Cell<usize>,
@@ -134,16 +104,15 @@ pub(crate) struct Inner {
     /// reads the same protobuf bytes. Also cleared if a protobuf beacon ever throws.
     beacon_protobuf_ok: Cell<bool>,
     listeners: RefCell<Vec<Listener>>,
-    interval: RefCell<Option<Timer>>,
+    /// The one `setTimeout` armed for the sender's next deadline: (deadline, timer id).
+    timer: Cell<Option<(u64, f64)>>,
+    timer_closure: RefCell<Option<Closure<dyn FnMut()>>>,
 }
-
-/// A `setInterval` id and the closure it calls.
-type Timer = (JsValue, Closure<dyn FnMut()>);
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some((id, _closure)) = self.interval.get_mut().take() {
-            js::clear_interval(&id);
+        if let Some((_, id)) = self.timer.take() {
+            js::clear_timeout(id);
         }
         for l in self.listeners.get_mut().drain(..) {
             let _ = l.target.remove_event_listener_with_callback_and_bool(
@@ -177,7 +146,7 @@ impl std::fmt::Debug for Tracker {
         f.debug_struct("Tracker")
             .field("ingest_url", &self.inner.ingest_url)
             .field("queue", &self.inner.queue.borrow())
-            .field("consent", &self.inner.consent.get())
+            .field("consent", &self.inner.sender.borrow().consent())
             .finish_non_exhaustive()
     }
 }
@@ -205,7 +174,7 @@ impl Tracker {
         dims: Option<options::ClickDimensionsArg>,
     ) -> Result<(), JsError> {
         let Some(token) = token.as_string() else {
-            bump(&self.inner.counts.invalid, 1);
+            bump(&self.inner.invalid, 1);
             return Err(JsError::new("invalid token: must be a string"));
         };
         let dims = options::parse_dims(&options::arg_value(dims))
@@ -213,38 +182,35 @@ impl Tracker {
         let dims = match dims {
             Ok(d) => d,
             Err(e) => {
-                bump(&self.inner.counts.invalid, 1);
+                bump(&self.inner.invalid, 1);
                 return Err(JsError::new(&e));
             }
         };
-        let ready = self
-            .inner
+        self.inner
             .record(&token, dims)
-            .map_err(|e| JsError::new(&e.to_string()))?;
-        if ready {
-            Inner::start_send(&self.inner, true);
-        }
-        Ok(())
+            .map_err(|e| JsError::new(&e.to_string()))
     }
 
     /// Sends everything queued now. Resolves when the queue is empty; rejects with an
     /// `Error` when a batch ran out of attempts (its clicks stay queued and persisted).
     #[wasm_bindgen(unchecked_return_type = "Promise<void>")]
     pub fn flush(&self) -> Promise {
-        let inner = self.inner.clone();
-        future_to_promise(async move {
-            let outcome = Inner::flush(&inner).await;
-            match outcome.as_string() {
-                Some(reason) => Err(JsError::new(&reason).into()),
-                None => Ok(JsValue::UNDEFINED),
-            }
-        })
+        let inner = &self.inner;
+        let ticket = inner.sender.borrow_mut().flush();
+        let promise = Promise::new(&mut |resolve, reject| {
+            inner
+                .flush_waiters
+                .borrow_mut()
+                .push((ticket, resolve, reject));
+        });
+        Inner::pump(inner);
+        promise
     }
 
     /// Clicks not yet delivered (including any batch being sent).
     #[wasm_bindgen(getter)]
     pub fn queued(&self) -> u32 {
-        u32::try_from(self.inner.unsent()).unwrap_or(u32::MAX)
+        u32::try_from(self.inner.sender.borrow().unsent()).unwrap_or(u32::MAX)
     }
 
     /// True when unsent clicks are kept in `localStorage`.
@@ -268,7 +234,7 @@ impl Tracker {
         unchecked_return_type = "\"granted\" | \"pending\" | \"denied\""
     )]
     pub fn consent(&self) -> String {
-        match self.inner.consent.get() {
+        match self.inner.sender.borrow().consent() {
             Consent::Granted => "granted",
             Consent::Pending => "pending",
             Consent::Denied => "denied",
@@ -279,27 +245,27 @@ impl Tracker {
     /// Counters since this tracker was created.
     #[wasm_bindgen(unchecked_return_type = "TrackerStats")]
     pub fn stats(&self) -> JsValue {
-        let s = self.inner.stats.snapshot();
-        let c = &self.inner.counts;
+        let inner = &self.inner;
+        let (s, held, unsent) = {
+            let sender = inner.sender.borrow();
+            (sender.stats(), sender.held(), sender.unsent())
+        };
         let obj = Object::new();
         let fields: [(&str, u64); 14] = [
             ("queued", s.queued),
             ("sent", s.sent),
             ("rejected", s.rejected),
-            (
-                "droppedOverflow",
-                s.dropped_overflow + c.held_overflow.get(),
-            ),
-            ("droppedConsent", c.dropped_consent.get()),
-            ("held", self.inner.held.borrow().len() as u64),
-            ("invalid", s.invalid + c.invalid.get()),
-            ("retries", s.retries + c.retries.get()),
-            ("gaveUp", s.gave_up + c.gave_up.get()),
+            ("droppedOverflow", s.dropped_overflow),
+            ("droppedConsent", s.dropped_consent),
+            ("held", held as u64),
+            ("invalid", s.invalid + inner.invalid.get()),
+            ("retries", s.retries),
+            ("gaveUp", s.gave_up),
             ("persistErrors", s.persist_errors),
             ("restored", s.restored),
             ("batches", s.batches),
-            ("beaconed", c.beaconed.get()),
-            ("pending", self.inner.unsent() as u64),
+            ("beaconed", inner.beaconed.get()),
+            ("pending", unsent as u64),
         ];
         for (k, v) in fields {
             set(&obj, k, &JsValue::from_f64(v as f64));
@@ -335,59 +301,65 @@ fn storage(opts: &Options) -> Option<Box<dyn KeyValue>> {
     }
 }
 
-/// A queue (persistent when `stored`) and the outbox over it, with the load error.
-fn open_outbox(
-    opts: &Options,
-    stored: bool,
-    stats: &Arc<Stats>,
-) -> (BrowserQueue, Outbox<BrowserQueue>, Option<QueueError>) {
-    let queue = BrowserQueue::new(
+/// A queue over `localStorage` when `stored` (and the options keep clicks there), else in
+/// memory only.
+fn new_queue(opts: &Options, stored: bool) -> BrowserQueue {
+    BrowserQueue::new(
         if stored { storage(opts) } else { None },
         &opts.storage_key,
         &js::instance_id(),
         opts.max_queue as usize,
-    );
-    let cfg = BatchConfig {
-        batch_size: opts.batch_size as usize,
-        max_queue: opts.max_queue as usize,
-        overflow: OverflowPolicy::DropOldest,
-    };
-    let (outbox, load_err) = Outbox::open(cfg, queue.clone(), stats.clone());
-    (queue, outbox, load_err)
+    )
+}
+
+/// The time for the sender: `Date.now()` for both clocks.
+fn now() -> Now {
+    let ms = JsClock.now_ms();
+    Now {
+        mono_ms: u64::try_from(ms).unwrap_or(0),
+        wall_ms: ms,
+    }
 }
 
 impl Inner {
     fn start(opts: Options) -> Rc<Inner> {
-        let stats = Arc::new(Stats::default());
         // Without consent nothing is read from or written to storage: a memory-only
-        // outbox until `setConsent(true)` replaces it.
-        let (queue, outbox, load_err) = open_outbox(&opts, opts.consent, &stats);
-        let restored = !outbox.is_empty();
-        let inner = Rc::new(Inner {
-            outbox: RefCell::new(outbox),
-            queue: RefCell::new(queue),
-            consent: Cell::new(if opts.consent {
-                Consent::Granted
-            } else {
-                Consent::Pending
-            }),
-            held: RefCell::new(VecDeque::new()),
-            epoch: Cell::new(0),
-            opts: opts.clone(),
-            stats,
-            counts: LocalCounts::default(),
+        // queue until `setConsent(true)` replaces it.
+        let queue = new_queue(&opts, opts.consent);
+        let cfg = SenderConfig {
+            batch: BatchConfig {
+                batch_size: opts.batch_size as usize,
+                max_queue: opts.max_queue as usize,
+                overflow: OverflowPolicy::DropOldest,
+            },
             retry: RetryPolicy {
                 max_attempts: opts.max_attempts.max(1),
                 ..RetryPolicy::default()
             },
+            flush_interval: Duration::from_millis(u64::from(opts.flush_interval_ms)),
+            sdk_name: SDK_NAME.to_string(),
+            sdk_version: SDK_VERSION.to_string(),
+            consent: if opts.consent {
+                Consent::Granted
+            } else {
+                Consent::Pending
+            },
+            seed: (js::random() * 9_007_199_254_740_992.0) as u64,
+        };
+        let sender = Sender::new(cfg, queue.clone(), now().mono_ms);
+        let inner = Rc::new(Inner {
+            sender: RefCell::new(sender),
+            queue: RefCell::new(queue),
+            opts: opts.clone(),
+            invalid: Cell::new(0),
+            beaconed: Cell::new(0),
             ingest_url: opts.ingest_url.clone(),
             batch_size: opts.batch_size as usize,
             request_timeout_ms: f64::from(opts.request_timeout_ms),
             default_site: opts.site.or_else(js::page_hostname),
             on_event: opts.on_event,
-            clock: JsClock,
-            busy: Cell::new(false),
-            running: RefCell::new(None),
+            fetching: Cell::new(false),
+            flush_waiters: RefCell::new(Vec::new()),
             keepalive_in_flight: Cell::new(0),
             beaconed_through: Cell::new(None),
             beacon_protobuf_ok: Cell::new(options::same_origin(
@@ -395,99 +367,166 @@ impl Inner {
                 js::page_origin().as_deref(),
             )),
             listeners: RefCell::new(Vec::new()),
-            interval: RefCell::new(None),
+            timer: Cell::new(None),
+            timer_closure: RefCell::new(None),
         });
-        inner.after_open(load_err);
-        inner.install_timer(f64::from(opts.flush_interval_ms));
+        let weak = Rc::downgrade(&inner);
+        *inner.timer_closure.borrow_mut() = Some(Closure::<dyn FnMut()>::new(move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.timer.set(None);
+                Inner::pump(&inner);
+            }
+        }));
+        inner.report_load();
         inner.install_page_hooks();
-        if restored {
-            Inner::start_send(&inner, false);
-        }
+        Inner::pump(&inner);
         inner
     }
 
-    /// Reports what opening the stored queue found (read errors, clicks over the bound).
-    fn after_open(&self, load_err: Option<QueueError>) {
-        if let Some(e) = load_err {
-            self.emit(&TrackerEvent::PersistError {
-                message: e.to_string(),
-            });
-        }
+    /// Reports clicks over the bound that opening the stored queue deleted.
+    fn report_load(&self) {
         let dropped = self.queue.borrow().dropped_at_load();
         if dropped > 0 {
             self.emit(&TrackerEvent::Dropped { clicks: dropped });
         }
     }
 
-    /// Clicks not delivered yet: the outbox's, plus those waiting for consent.
-    fn unsent(&self) -> usize {
-        self.outbox.borrow().len() + self.held.borrow().len()
+    /// Does what the sender asks: starts its next `fetch` (one at a time), reports its
+    /// outputs, and arms the timer for its next deadline. Called after every input.
+    pub(crate) fn pump(inner: &Rc<Inner>) {
+        let t = now();
+        let (transmit, outputs, deadline) = {
+            let mut s = inner.sender.borrow_mut();
+            s.handle_timeout(t);
+            let transmit = if inner.fetching.get() {
+                None
+            } else {
+                s.poll_transmit(t)
+            };
+            let outputs: Vec<Output> = std::iter::from_fn(|| s.poll_output()).collect();
+            (transmit, outputs, s.poll_timeout())
+        };
+        if let Some(tx) = transmit {
+            Inner::start_fetch(inner, tx);
+        }
+        inner.arm_timer(deadline, t.mono_ms);
+        // Last: callbacks may call back into the tracker.
+        inner.dispatch(outputs);
+    }
+
+    fn start_fetch(inner: &Rc<Inner>, tx: Transmit) {
+        inner.fetching.set(true);
+        let keepalive = tx.body.len() <= KEEPALIVE_MAX_BYTES;
+        if keepalive {
+            inner.keepalive_in_flight.set(tx.clicks);
+        }
+        let me = inner.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            let reply = js::post(&me.ingest_url, &tx.body, keepalive, me.request_timeout_ms).await;
+            me.fetching.set(false);
+            me.keepalive_in_flight.set(0);
+            let reply = match reply {
+                Ok(r) => Reply::Status {
+                    status: r.status,
+                    retry_after: r.retry_after,
+                    body: r.body,
+                },
+                Err(e) => Reply::Failed(e),
+            };
+            me.sender.borrow_mut().on_reply(tx.id, reply, now());
+            Inner::pump(&me);
+        });
+    }
+
+    /// One `setTimeout` for the sender's next deadline (re-armed when it changes).
+    fn arm_timer(&self, deadline: u64, now_ms: u64) {
+        if self.timer.get().is_some_and(|(d, _)| d == deadline) {
+            return;
+        }
+        if let Some((_, id)) = self.timer.take() {
+            js::clear_timeout(id);
+        }
+        let closure = self.timer_closure.borrow();
+        let Some(closure) = closure.as_ref() else {
+            return;
+        };
+        let wait = deadline.saturating_sub(now_ms).min(i32::MAX as u64) as f64;
+        if let Some(id) = js::set_timeout(closure.as_ref().unchecked_ref(), wait) {
+            self.timer.set(Some((deadline, id)));
+        }
+    }
+
+    /// Reports the sender's outputs: events to `onEvent`, finished flushes to their
+    /// promises.
+    fn dispatch(&self, outputs: Vec<Output>) {
+        for o in outputs {
+            match o {
+                Output::Event(e) => self.emit(&e),
+                Output::DroppedConsent { clicks } => self.emit_js(
+                    "dropped",
+                    &[
+                        ("clicks", JsValue::from_f64(clicks as f64)),
+                        ("reason", JsValue::from_str("consent")),
+                    ],
+                ),
+                Output::Flushed { through, result } => {
+                    let done: Vec<FlushWaiter> = {
+                        let mut w = self.flush_waiters.borrow_mut();
+                        let (done, keep) = w.drain(..).partition(|(t, _, _)| *t <= through);
+                        *w = keep;
+                        done
+                    };
+                    for (_, resolve, reject) in done {
+                        let _ = match &result {
+                            Ok(()) => resolve.call0(&JsValue::UNDEFINED),
+                            Err(e) => reject
+                                .call1(&JsValue::UNDEFINED, &JsError::new(&e.to_string()).into()),
+                        };
+                    }
+                }
+                Output::Accepted { .. } => {}
+            }
+        }
     }
 
     /// See `Tracker::set_consent` and the module doc.
     fn set_consent(inner: &Rc<Inner>, granted: bool) {
-        let was = inner.consent.get();
-        let now = if granted {
+        let was = inner.sender.borrow().consent();
+        let want = if granted {
             Consent::Granted
         } else {
             Consent::Denied
         };
-        if was == now {
+        if was == want {
             return;
         }
-        inner.consent.set(now);
-        inner.epoch.set(inner.epoch.get() + 1);
         inner.keepalive_in_flight.set(0);
         inner.beaconed_through.set(None);
-        let (queue, outbox, load_err) = open_outbox(&inner.opts, granted, &inner.stats);
-        let discarded = if granted {
-            0
-        } else {
-            inner.outbox.borrow().len() + inner.held.borrow().len()
-        };
-        *inner.outbox.borrow_mut() = outbox;
-        *inner.queue.borrow_mut() = queue;
         if granted {
-            inner.after_open(load_err);
-            let held: Vec<v1::Click> = inner.held.borrow_mut().drain(..).collect();
-            for click in held {
-                // Already validated when clicked; a full queue drops (and reports) the oldest.
-                let _ = inner.push(click);
+            // Open the stored queue (earlier pages' clicks), then queue the held clicks.
+            let queue = new_queue(&inner.opts, true);
+            {
+                let mut s = inner.sender.borrow_mut();
+                s.reopen(queue.clone());
+                s.set_consent(Consent::Granted);
             }
-            if !inner.outbox.borrow().is_empty() {
-                Inner::start_send(inner, false);
+            *inner.queue.borrow_mut() = queue;
+            inner.report_load();
+        } else {
+            // Discard what this page holds (and stored), then every stored click of the
+            // origin (other tabs, earlier pages), and keep nothing stored from now on.
+            inner.sender.borrow_mut().set_consent(Consent::Denied);
+            if was == Consent::Granted
+                && let Some(mut backend) = storage(&inner.opts)
+                && let Err(e) = crate::queue::purge(backend.as_mut(), &inner.opts.storage_key)
+            {
+                inner.emit(&TrackerEvent::PersistError { message: e });
             }
-            return;
+            let queue = new_queue(&inner.opts, false);
+            inner.sender.borrow_mut().reopen(queue.clone());
+            *inner.queue.borrow_mut() = queue;
         }
-        inner.held.borrow_mut().clear();
-        if was == Consent::Granted
-            && let Some(mut backend) = storage(&inner.opts)
-            && let Err(e) = crate::queue::purge(backend.as_mut(), &inner.opts.storage_key)
-        {
-            inner.emit(&TrackerEvent::PersistError { message: e });
-        }
-        if discarded > 0 {
-            bump(&inner.counts.dropped_consent, discarded as u64);
-            inner.emit_js(
-                "dropped",
-                &[
-                    ("clicks", JsValue::from_f64(discarded as f64)),
-                    ("reason", JsValue::from_str("consent")),
-                ],
-            );
-        }
-    }
-
-    fn install_timer(self: &Rc<Self>, period_ms: f64) {
-        let weak = Rc::downgrade(self);
-        let closure = Closure::<dyn FnMut()>::new(move || {
-            if let Some(inner) = weak.upgrade() {
-                Inner::start_send(&inner, false);
-            }
-        });
-        if let Some(id) = js::set_interval(closure.as_ref().unchecked_ref(), period_ms) {
-            *self.interval.borrow_mut() = Some((id, closure));
-        }
+        Inner::pump(inner);
     }
 
     /// `visibilitychange` (to hidden) on the document and `pagehide` on the window, when
@@ -548,217 +587,24 @@ impl Inner {
         self.default_site.as_deref()
     }
 
-    /// Validates and queues a click (or, without consent, holds or discards it). `Ok(true)`
-    /// when a full batch is now waiting.
-    pub(crate) fn record(&self, token: &str, dims: Dimensions) -> Result<bool, ClickError> {
-        let click = match build_click(token, dims, self.clock.now_ms()) {
-            Ok(c) => c,
-            Err(e) => {
-                bump(&self.counts.invalid, 1);
-                return Err(e);
-            }
-        };
-        match self.consent.get() {
-            Consent::Granted => self.push(click),
-            Consent::Denied => {
-                bump(&self.counts.dropped_consent, 1);
-                Ok(false)
-            }
-            Consent::Pending => {
-                let over = {
-                    let mut held = self.held.borrow_mut();
-                    held.push_back(click);
-                    held.len() > self.opts.max_queue as usize && held.pop_front().is_some()
-                };
-                if over {
-                    bump(&self.counts.held_overflow, 1);
-                    self.emit(&TrackerEvent::Dropped { clicks: 1 });
-                }
-                Ok(false)
-            }
-        }
+    /// Validates and queues a click (or, without consent, holds or discards it), and
+    /// starts a send when a batch is full.
+    pub(crate) fn record(self: &Rc<Self>, token: &str, dims: Dimensions) -> Result<(), ClickError> {
+        let result = self.sender.borrow_mut().click(token, dims, now());
+        Inner::pump(self);
+        result
     }
 
-    /// Queues a validated click in the outbox. `Ok(true)` when a full batch is waiting.
-    fn push(&self, click: v1::Click) -> Result<bool, ClickError> {
-        let (pushed, ready) = {
-            let mut outbox = self.outbox.borrow_mut();
-            let pushed = outbox.push(click);
-            (pushed, outbox.batch_ready())
-        };
-        match pushed {
-            Ok((outcome, persist_err)) => {
-                if outcome == PushOutcome::QueuedDroppedOldest {
-                    self.emit(&TrackerEvent::Dropped { clicks: 1 });
-                }
-                if let Some(e) = persist_err {
-                    self.emit(&TrackerEvent::PersistError {
-                        message: e.to_string(),
-                    });
-                }
-                Ok(ready)
-            }
-            Err(e) => {
-                self.emit(&TrackerEvent::Dropped { clicks: 1 });
-                Err(e)
-            }
-        }
-    }
-
-    /// Starts a sender unless one is running (it will see the new clicks). Returns the
-    /// sender's promise when one was started.
-    pub(crate) fn start_send(inner: &Rc<Inner>, full_only: bool) -> Option<Promise> {
-        if inner.busy.get() || inner.consent.get() != Consent::Granted {
-            return None;
-        }
-        inner.busy.set(true);
-        let me = inner.clone();
-        let promise = future_to_promise(async move {
-            let result = me.send(full_only).await;
-            me.busy.set(false);
-            *me.running.borrow_mut() = None;
-            Ok(match result {
-                Ok(()) => JsValue::UNDEFINED,
-                Err(reason) => JsValue::from_str(&reason),
-            })
-        });
-        if inner.busy.get() {
-            *inner.running.borrow_mut() = Some(promise.clone());
-        }
-        Some(promise)
-    }
-
-    /// Waits for a running sender, then sends everything. Resolves to `undefined` or to
-    /// the reason string of an undelivered batch.
-    pub(crate) async fn flush(inner: &Rc<Inner>) -> JsValue {
-        let held = inner.held.borrow().len();
-        if inner.consent.get() == Consent::Pending && held > 0 {
-            return JsValue::from_str(&format!(
-                "no consent yet: {held} clicks held in memory until setConsent(true)"
-            ));
-        }
-        loop {
-            if !inner.busy.get() {
-                break;
-            }
-            let running = inner.running.borrow().clone();
-            match running {
-                Some(p) => {
-                    let _ = JsFuture::from(p).await;
-                }
-                None => js::sleep(10.0).await,
-            }
-        }
-        match Inner::start_send(inner, false) {
-            Some(p) => JsFuture::from(p).await.unwrap_or(JsValue::UNDEFINED),
-            None => JsValue::UNDEFINED,
-        }
-    }
-
-    /// Sends queued batches: only full ones when `full_only`, else everything. `Err` with
-    /// a reason when a batch ran out of attempts (it stays queued).
-    async fn send(&self, full_only: bool) -> Result<(), String> {
-        // Only one sender runs (`busy`), so nothing else is sending a batch marked in
-        // flight; a sender abandoned mid-send cannot exist here, but stay safe.
-        self.outbox.borrow_mut().abandon_in_flight();
-        let epoch = self.epoch.get();
-        loop {
-            if self.epoch.get() != epoch {
-                return Ok(());
-            }
-            let batch = {
-                let mut outbox = self.outbox.borrow_mut();
-                if full_only && !outbox.batch_ready() {
-                    return Ok(());
-                }
-                outbox.take_batch()
-            };
-            let Some(batch) = batch else {
-                return Ok(());
-            };
-            self.send_batch(batch, epoch).await?;
-        }
-    }
-
-    /// Sends one batch with retries. Stops without completing it when the outbox was
-    /// replaced meanwhile (consent changed: `epoch`).
-    async fn send_batch(&self, batch: InFlight, epoch: u64) -> Result<(), String> {
-        let n = batch.clicks.len();
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            // Re-stamped per attempt: sent_at must be the actual send time.
-            let body = encode_batch(&batch.clicks, self.clock.now_ms(), SDK_NAME, SDK_VERSION);
-            let keepalive = body.len() <= KEEPALIVE_MAX_BYTES;
-            if keepalive {
-                self.keepalive_in_flight.set(n);
-            }
-            let reply = js::post(&self.ingest_url, &body, keepalive, self.request_timeout_ms).await;
-            if self.epoch.get() != epoch {
-                return Ok(());
-            }
-            self.keepalive_in_flight.set(0);
-            let (retry_after, reason) = match reply {
-                Ok(r) => match classify(r.status) {
-                    Disposition::Delivered => {
-                        self.finish(batch, Completion::Delivered);
-                        return Ok(());
-                    }
-                    Disposition::Reject => {
-                        self.finish(batch, Completion::Rejected);
-                        self.emit(&TrackerEvent::Rejected {
-                            status: r.status,
-                            clicks: n,
-                            message: r.body,
-                        });
-                        return Ok(());
-                    }
-                    Disposition::Retry => (
-                        r.retry_after
-                            .as_deref()
-                            .and_then(|v| parse_retry_after(v, self.clock.now_ms())),
-                        format!("HTTP {}", r.status),
-                    ),
-                },
-                Err(e) => (None, e),
-            };
-            if attempt >= self.retry.max_attempts {
-                self.finish(batch, Completion::Retry);
-                bump(&self.counts.gave_up, 1);
-                self.emit(&TrackerEvent::GaveUp {
-                    clicks: n,
-                    reason: reason.clone(),
-                });
-                let queued = self.outbox.borrow().len();
-                return Err(format!("{queued} clicks not delivered yet: {reason}"));
-            }
-            bump(&self.counts.retries, 1);
-            let delay = self.retry.delay(attempt, retry_after, js::random());
-            self.emit(&TrackerEvent::Retrying {
-                attempt,
-                delay,
-                reason,
-            });
-            js::sleep(delay.as_secs_f64() * 1000.0).await;
-            if self.epoch.get() != epoch {
-                return Ok(());
-            }
-        }
-    }
-
-    fn finish(&self, batch: InFlight, how: Completion) {
-        let err = self.outbox.borrow_mut().finish(batch, how);
-        if let Some(e) = err {
-            self.emit(&TrackerEvent::PersistError {
-                message: e.to_string(),
-            });
-        }
+    /// Sends everything queued now, without waiting (a link click about to navigate).
+    pub(crate) fn send_all(inner: &Rc<Inner>) {
+        inner.sender.borrow_mut().flush();
+        Inner::pump(inner);
     }
 
     /// The page is being hidden or unloaded: hand the unsent clicks that no beacon or
     /// keepalive request carries yet to `sendBeacon`. They stay queued (see module doc).
     pub(crate) fn on_hide(&self) {
-        if self.consent.get() != Consent::Granted {
+        if self.sender.borrow().consent() != Consent::Granted {
             return;
         }
         let skip = self.keepalive_in_flight.get();
@@ -774,14 +620,14 @@ impl Inner {
         if todo.is_empty() {
             return;
         }
-        let now = self.clock.now_ms();
+        let now = JsClock.now_ms();
         let mut handed_through = None;
         for chunk in beacon_chunks(&todo, self.batch_size, now) {
             let Some(via) = self.hand_off(&chunk.body) else {
                 break;
             };
             handed_through = Some(chunk.last_seq);
-            bump(&self.counts.beaconed, chunk.clicks as u64);
+            bump(&self.beaconed, chunk.clicks as u64);
             self.emit_js(
                 "beacon",
                 &[

@@ -13,44 +13,24 @@ Exit status 0 and a final "3 passed, 0 failed" line when all hold.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests", "browser"))
+from webdriver import Browser, Scenarios, free_port, stop, wait_http  # noqa: E402
+
 ADCLICK = os.environ.get("ADCLICK_BIN", os.path.join(ROOT, "target", "debug", "adclick"))
-CHROMIUM = os.environ.get("CHROMIUM_BIN", shutil.which("chromium") or "/usr/bin/chromium")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_http(url, timeout=60):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except Exception:
-            time.sleep(0.2)
-    raise SystemExit(f"{url} did not come up")
 
 
 def main():
     tmp = tempfile.mkdtemp(prefix="adclick-browser-")
     procs = []
-    sid = None
-    wd = None
+    browser = None
     try:
-        col, grpc, qport, site_port, wd_port = (free_port() for _ in range(5))
+        col, grpc, qport, site_port = (free_port() for _ in range(4))
         dev_dir = os.path.join(tmp, "dev")
         procs.append(subprocess.Popen(
             [ADCLICK, "dev", "--no-traffic", "--data-dir", dev_dir, "--collector-port", str(col),
@@ -96,34 +76,8 @@ window.ready = true;
         site_url = f"http://127.0.0.1:{site_port}"
         wait_http(site_url + "/blank.html")
 
-        wd = subprocess.Popen(["chromedriver", f"--port={wd_port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wd_url = f"http://127.0.0.1:{wd_port}"
-        wait_http(wd_url + "/status")
-
-        def req(method, path, body=None):
-            data = json.dumps(body).encode() if body is not None else None
-            r = urllib.request.Request(wd_url + path, data=data, method=method,
-                                       headers={"content-type": "application/json"})
-            with urllib.request.urlopen(r, timeout=60) as resp:
-                return json.loads(resp.read())["value"]
-
-        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": CHROMIUM,
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-component-update", "--no-first-run", "--disable-sync",
-                     f"--user-data-dir={os.path.join(tmp, 'profile')}"]}}}}
-        sid = req("POST", "/session", caps)["sessionId"]
-        S = f"/session/{sid}"
-        go = lambda url: req("POST", S + "/url", {"url": url})
-        js = lambda script, *args: req("POST", S + "/execute/sync", {"script": script, "args": list(args)})
-
-        def wait(cond, t=20):
-            end = time.time() + t
-            while time.time() < end:
-                if js(f"return {cond}"):
-                    return
-                time.sleep(0.1)
-            raise AssertionError(f"timeout waiting for {cond}")
+        browser = Browser(os.path.join(tmp, "profile"))
+        go, js, wait = browser.go, browser.js, browser.wait
 
         def expect_count(ad, want, t=20):
             end = time.time() + t
@@ -137,25 +91,15 @@ window.ready = true;
             got = count(ad)
             assert got == want, f"ad {ad}: counted {got}, expected {want}"
 
-        results = []
-
-        def scenario(name, f):
-            try:
-                f()
-                results.append((name, None))
-                print(f"ok   {name}")
-            except Exception as e:  # report and go on with the next scenario
-                results.append((name, e))
-                print(f"FAIL {name}: {e}")
+        scenarios = Scenarios()
+        scenario = scenarios.run
 
         def links():
             t1, t2 = mint(777001), mint(777002)
             go(f"{site_url}/example/?endpoint={collector}&tokens={t1},{t2}")
             wait("document.querySelectorAll('a[data-adclick-token]').length == 2")
             for i in (0, 1):
-                els = req("POST", S + "/elements", {"using": "css selector", "value": "a[data-adclick-token]"})
-                eid = list(els[i].values())[0]
-                req("POST", S + f"/element/{eid}/click", {})
+                browser.click(browser.elements("a[data-adclick-token]")[i])
                 wait(f"location.search.includes('clicked={i + 1}') && "
                      "document.querySelectorAll('a[data-adclick-token]').length == 2")
             go(f"{site_url}/blank.html")
@@ -188,23 +132,11 @@ window.ready = true;
         scenario("trackLinks: two ad links clicked, each counted once", links)
         scenario("beacon on page hide delivers a click counted once", beacon)
         scenario("offline click kept in localStorage is sent on the next load, counted once", offline)
-        failed = sum(1 for _, e in results if e is not None)
-        print(f"{len(results) - failed} passed, {failed} failed")
+        failed = scenarios.failed()
+        print(scenarios.summary())
         return 1 if failed else 0
     finally:
-        if sid and wd:
-            try:
-                urllib.request.urlopen(urllib.request.Request(
-                    f"http://127.0.0.1:{wd_port}/session/{sid}", method="DELETE"), timeout=10)
-            except Exception:
-                pass
-        for p in ([wd] if wd else []) + procs:
-            p.terminate()
-        for p in ([wd] if wd else []) + procs:
-            try:
-                p.wait(timeout=15)
-            except Exception:
-                p.kill()
+        stop(browser, procs)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -20,7 +20,8 @@ pub mod native;
 pub mod signer;
 
 pub use crate::core::{
-    ClickError, Device, Dimensions, OverflowPolicy, RetryPolicy, StatsSnapshot, TrackerEvent,
+    ClickError, Consent, Device, Dimensions, OverflowPolicy, RetryPolicy, StatsSnapshot,
+    TrackerEvent,
 };
 #[cfg(feature = "quic")]
 pub use crate::native::QuicTransport;

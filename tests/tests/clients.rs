@@ -245,6 +245,75 @@ async fn python_curl_and_grpcurl_read_the_known_counts() {
         .collect();
     assert_eq!(got, series(&clicks, 3), "{out}");
 
+    // The CLI: `adclick query totals` (campaign 103 is ad 3's) and a watched top.
+    let bin = adclick_test_support::child::adclick_bin();
+    let endpoint = format!("http://{}", a.grpc_addr());
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.args([
+            "query",
+            "--endpoint",
+            &endpoint,
+            "--api-key",
+            ADMIN,
+            "--json",
+        ])
+        .args(args);
+        c
+    };
+    let out = cli(&[
+        "totals",
+        "campaign",
+        "103",
+        "--last",
+        "1h",
+        "--granularity",
+        "minute",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total_clicks"], 51, "{v}");
+    assert_eq!(v["ads"], 1, "{v}");
+    let got: BTreeMap<i64, u64> = v["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["start_ms"].as_i64().unwrap(),
+                b["clicks"].as_u64().unwrap(),
+            )
+        })
+        .filter(|(_, c)| *c > 0)
+        .collect();
+    assert_eq!(got, series(&clicks, 3), "{v}");
+    let mut watch = cli(&["top", "--n", "3", "--last", "60m", "--watch", "200ms"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(watch.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let got: Vec<(u64, u64)> = v["ads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["ad_id"].as_u64().unwrap(), a["clicks"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(got, want, "adclick query top --watch: {first}");
+
     // grpcurl, when installed.
     let have_grpcurl = Command::new("grpcurl")
         .arg("-version")

@@ -20,7 +20,7 @@ use adclick_aggregator::source::{SourceConfig, SourceKind};
 use adclick_proto::partition::partition;
 use adclick_proto::v1::{
     self, BatchGetAdClicksRequest, BreakdownRequest, Dimension, Filter, GetAdClicksRequest,
-    Granularity, IngestBatch, IngestClick, TopAdsRequest,
+    GetTotalsRequest, Granularity, IngestBatch, IngestClick, TopAdsRequest,
 };
 use adclick_test_support::nats::NatsCluster;
 use tonic_types::StatusExt;
@@ -36,6 +36,9 @@ struct Sent {
     ad: u64,
     advertiser: u64,
     country: &'static str,
+    /// User `u<user>`: four users click across the ads of both shards, so a campaign's
+    /// unique users are only right if the front unions the shards' sketches.
+    user: u64,
 }
 
 /// The clicks: 12 ads, ad `i` of advertiser A when even, B when odd, with counts chosen to
@@ -53,6 +56,7 @@ fn clicks() -> Vec<Sent> {
                 ad,
                 advertiser,
                 country,
+                user: k % 4,
             });
         }
     }
@@ -87,6 +91,7 @@ async fn publish(client: &async_nats::Client, sent: &[Sent], now: i64) {
                 event_time_ms: now - i64::from(p / 2) * 90_000,
                 received_at_ms: now,
                 country: s.country.into(),
+                user_id: format!("u{}", s.user),
                 ..Default::default()
             })
             .collect();
@@ -386,6 +391,92 @@ async fn scenario() {
         .map(|a| of_b.get(a).copied().unwrap_or(0))
         .collect();
     assert_eq!(got, want, "BatchGetAdClicks with advertiser B's key");
+
+    // --- GetTotals: advertiser A's ads live on both shards; clicks add up, users are the
+    // union (four users over every ad: summing the shards' estimates would say more).
+    let totals = |scope: v1::TotalsScope, id: u64| GetTotalsRequest {
+        scope: scope as i32,
+        id,
+        from_ms: range.0,
+        to_ms: range.1,
+        granularity: Granularity::Hour as i32,
+        fill_empty: Some(false),
+        ..Default::default()
+    };
+    let users_of = |keep: &dyn Fn(&Sent) -> bool| {
+        sent.iter()
+            .filter(|s| keep(s))
+            .map(|s| s.user)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len() as u64
+    };
+    for (key, scope, id, keep) in [
+        (
+            ADMIN,
+            v1::TotalsScope::Advertiser,
+            ADV_A,
+            Box::new(|s: &Sent| s.advertiser == ADV_A) as Box<dyn Fn(&Sent) -> bool>,
+        ),
+        (
+            ADMIN,
+            v1::TotalsScope::Campaign,
+            1,
+            Box::new(|_: &Sent| true),
+        ),
+        (
+            ADV_B_KEY,
+            v1::TotalsScope::Campaign,
+            1,
+            Box::new(|s: &Sent| s.advertiser == ADV_B),
+        ),
+        (
+            ADV_B_KEY,
+            v1::TotalsScope::Advertiser,
+            ADV_A,
+            Box::new(|_: &Sent| false),
+        ),
+    ] {
+        let r = q
+            .get_totals(authed(totals(scope, id), key))
+            .await
+            .unwrap()
+            .into_inner();
+        let clicks = sent.iter().filter(|s| keep(s)).count() as u64;
+        let ads = counts(&sent, |s| keep(s)).len() as u32;
+        let what = format!("GetTotals {scope:?} {id} as {key}");
+        assert_eq!(r.total_clicks, clicks, "{what}");
+        assert_eq!(r.total_unique_users, users_of(&*keep), "{what}");
+        assert_eq!(r.ads, ads, "{what}");
+        assert_eq!(
+            r.buckets.iter().map(|b| b.clicks).sum::<u64>(),
+            clicks,
+            "{what}"
+        );
+        assert!(
+            r.buckets.iter().all(|b| b.users_sketch.is_empty()),
+            "{what}: no sketches unasked"
+        );
+        if clicks > 0 {
+            assert_eq!(r.watermark_ms, w0.min(w1), "{what}: min watermark");
+        }
+    }
+
+    // --- WatchTopAds through the front: the first update is TopAds's answer.
+    let mut watch = q
+        .watch_top_ads(authed(
+            v1::WatchTopAdsRequest {
+                query: Some(top_req(5, range, None)),
+                interval_ms: 100,
+            },
+            ADMIN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().expect("a first update");
+    assert_eq!(pairs(&first), ranked(&all, 5), "WatchTopAds first update");
+    assert_eq!(first.watermark_ms, w0.min(w1), "WatchTopAds watermark");
+    drop(watch);
 
     // --- Breakdown by country, for an ad of each shard.
     for ad in [ads0[0], ads1[0]] {

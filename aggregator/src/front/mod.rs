@@ -53,7 +53,7 @@ pub struct QueryFront {
 /// are connected lazily, and the front is not ready until each says SERVING.
 pub async fn start(cfg: FrontConfig) -> Result<QueryFront, AggregatorError> {
     let owner = cfg.validate()?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::for_component("query_front"));
     // Not ready until the first health round says otherwise.
     metrics.ready.set(0);
     let io = |what: String| move |source| AggregatorError::Io { what, source };
@@ -82,6 +82,7 @@ pub async fn start(cfg: FrontConfig) -> Result<QueryFront, AggregatorError> {
         cors: Arc::new(
             cors::Cors::new(&cfg.query.cors_allowed_origins).map_err(crate::config::ConfigError)?,
         ),
+        watchers: Arc::new(crate::live::Watchers::new(&cfg.query)),
     };
     if cfg.query.allow_unauthenticated {
         tracing::warn!(
@@ -103,7 +104,7 @@ pub async fn start(cfg: FrontConfig) -> Result<QueryFront, AggregatorError> {
     let routes = tonic::service::Routes::new(
         QueryServiceServer::new(api.clone())
             .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(grpc::MAX_MESSAGE_BYTES),
+            .max_encoding_message_size(grpc::MAX_ANSWER_BYTES),
     )
     .add_service(reflection)
     .add_service(reflection_v1alpha)

@@ -47,7 +47,8 @@ use adclick_proto::partition::partition;
 use adclick_proto::v1::query_service_client::QueryServiceClient;
 use adclick_proto::v1::{
     AdCount, BatchGetAdClicksRequest, BatchGetAdClicksResponse, BreakdownRequest,
-    BreakdownResponse, GetAdClicksRequest, GetAdClicksResponse, TopAdsRequest, TopAdsResponse,
+    BreakdownResponse, GetAdClicksRequest, GetAdClicksResponse, GetTotalsRequest,
+    GetTotalsResponse, TopAdsRequest, TopAdsResponse,
 };
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
@@ -56,7 +57,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::api::{BackendError, Ctx, QueryBackend};
 use crate::front::config::{FrontConfig, ShardEndpoint};
 use crate::front::metrics::{ShardLabel, ShardRpcLabel};
-use crate::grpc::MAX_MESSAGE_BYTES;
+use crate::grpc::{MAX_ANSWER_BYTES, MAX_MESSAGE_BYTES};
 use crate::metrics::Metrics;
 use crate::query::QueryError;
 use crate::validate::{self, Limits, Violations};
@@ -172,7 +173,7 @@ impl Shards {
         }
         r.set_timeout(self.timeout);
         let client = QueryServiceClient::new(shard.channel.clone())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_ANSWER_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.metrics
             .front
@@ -453,7 +454,94 @@ impl QueryBackend for Shards {
         })
     }
 
+    async fn totals(
+        &self,
+        ctx: &Ctx,
+        req: GetTotalsRequest,
+    ) -> Result<GetTotalsResponse, BackendError> {
+        refuse(
+            validate::totals(&req, &self.limits, i64::MIN)
+                .err()
+                .unwrap_or_default(),
+        )?;
+        // A campaign's or advertiser's ads are spread over the partitions: every shard
+        // answers for its own, with sketches so that users who clicked ads on two shards
+        // are counted once.
+        let ask = GetTotalsRequest {
+            include_sketches: true,
+            ..req.clone()
+        };
+        let calls = (0..self.shards.len()).map(|i| (i, ask.clone())).collect();
+        let answers = self
+            .fan_out("GetTotals", ctx, calls, |mut c, r| async move {
+                c.get_totals(r).await
+            })
+            .await?;
+        merge_totals(&req, answers)
+    }
+
     fn not_ready(&self) -> Vec<String> {
         self.not_ready.borrow().clone()
     }
+}
+
+/// The shards' `GetTotals` answers (with sketches) as one: clicks and ads summed (each ad
+/// lives on one shard), users as the union of the sketches, buckets in time order.
+fn merge_totals(
+    req: &GetTotalsRequest,
+    answers: Vec<GetTotalsResponse>,
+) -> Result<GetTotalsResponse, BackendError> {
+    use crate::sketch::hll::Hll;
+    let bad_sketch = |e: crate::sketch::hll::HllError| {
+        BackendError::Status(Status::internal(format!(
+            "a shard answered GetTotals with an unreadable sketch: {e}"
+        )))
+    };
+    let sketch = |b: &[u8]| -> Result<Hll, BackendError> {
+        if b.is_empty() {
+            Ok(Hll::new())
+        } else {
+            Hll::from_bytes(b).map_err(bad_sketch)
+        }
+    };
+    let mut out = GetTotalsResponse {
+        scope: req.scope,
+        id: req.id,
+        watermark_ms: NO_WATERMARK,
+        ..Default::default()
+    };
+    let mut buckets: BTreeMap<i64, (u64, Hll)> = BTreeMap::new();
+    let mut total = Hll::new();
+    for a in answers {
+        out.granularity = a.granularity;
+        out.watermark_ms = out.watermark_ms.min(a.watermark_ms);
+        out.ads = out.ads.saturating_add(a.ads);
+        out.total_clicks += a.total_clicks;
+        total.merge(&sketch(&a.total_users_sketch)?);
+        for b in a.buckets {
+            let slot = buckets.entry(b.start_ms).or_insert_with(|| (0, Hll::new()));
+            slot.0 += b.clicks;
+            slot.1.merge(&sketch(&b.users_sketch)?);
+        }
+    }
+    out.total_unique_users = total.estimate();
+    if req.include_sketches {
+        out.total_users_sketch = total.to_bytes();
+    }
+    out.buckets = buckets
+        .into_iter()
+        .map(
+            |(start_ms, (clicks, users))| adclick_proto::v1::TotalsBucket {
+                start_ms,
+                clicks,
+                unique_users: if clicks > 0 { users.estimate() } else { 0 },
+                users_sketch: if req.include_sketches && clicks > 0 {
+                    users.to_bytes()
+                } else {
+                    Vec::new()
+                },
+            },
+        )
+        .collect();
+    Ok(out)
 }

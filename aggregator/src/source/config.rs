@@ -3,12 +3,12 @@
 //! shard that reads a set of partitions of the clicks stream. Only the schema and its
 //! validation live here; nothing connects.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use adclick_proto::partition::MAX_PARTITIONS;
 
 /// Where batches come from.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     /// Collectors push over gRPC (`IngestService`).
@@ -20,7 +20,7 @@ pub enum SourceKind {
 
 /// `[source]` (see the module doc). The JetStream fields are read only when
 /// `kind = "jetstream"`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     /// `grpc` or `jetstream`.

@@ -12,14 +12,14 @@
 //! It must not know about queries, callers or wire types: it maps a click's keys to
 //! indexes and nothing else. Fed by the shard thread through [`super::published`].
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::FastMap;
 use super::dims::DimKey;
 use super::topn::TopIndex;
 
 /// A filterable field that can have per-value indexes (`shards.top_index_fields`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IndexField {
     /// The click's country.

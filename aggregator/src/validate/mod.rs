@@ -90,6 +90,12 @@ pub enum Field {
     FillEmpty,
     /// `BreakdownRequest.group_by`.
     GroupBy,
+    /// `GetTotalsRequest.scope`.
+    Scope,
+    /// `GetTotalsRequest.id`.
+    Id,
+    /// `interval_ms` of a watch request.
+    IntervalMs,
     /// `GetAdClicksRequest.from_ms`.
     FromMs,
     /// `GetAdClicksRequest.to_ms`.
@@ -129,6 +135,9 @@ impl fmt::Display for Field {
             Field::AdIdsValue(i) => write!(f, "ad_ids[{i}]"),
             Field::FillEmpty => f.write_str("fill_empty"),
             Field::GroupBy => f.write_str("group_by"),
+            Field::Scope => f.write_str("scope"),
+            Field::Id => f.write_str("id"),
+            Field::IntervalMs => f.write_str("interval_ms"),
             Field::FromMs => f.write_str("from_ms"),
             Field::ToMs => f.write_str("to_ms"),
             Field::Granularity => f.write_str("granularity"),
@@ -624,6 +633,88 @@ pub fn breakdown(req: &v1::BreakdownRequest) -> Violations {
         );
     }
     bad
+}
+
+/// Most buckets one `GetTotals` answer may hold: through the query front each bucket
+/// carries a unique-user sketch of up to 12 KiB, so this bounds that answer (~12 MiB).
+pub const MAX_TOTALS_BUCKETS: i64 = 1000;
+
+/// Checks every field of a `GetTotals` request (all problems reported together): scope
+/// and id here, the rest as `GetAdClicks`'s, within [`MAX_TOTALS_BUCKETS`].
+pub fn totals<'a>(
+    req: &'a v1::GetTotalsRequest,
+    limits: &Limits,
+    watermark_ms: i64,
+) -> Result<AdClicksPlan<'a>, Violations> {
+    let mut bad = Violations::default();
+    match v1::TotalsScope::try_from(req.scope) {
+        Ok(v1::TotalsScope::Unspecified) => bad.push(
+            Field::Scope,
+            Reason::Required,
+            "scope is required: TOTALS_SCOPE_CAMPAIGN or TOTALS_SCOPE_ADVERTISER",
+        ),
+        Ok(_) => {}
+        Err(_) => bad.push(
+            Field::Scope,
+            Reason::UnknownValue,
+            format!("unknown scope {}", req.scope),
+        ),
+    }
+    if req.id == 0 {
+        bad.push(
+            Field::Id,
+            Reason::Required,
+            "id is required: campaign and advertiser ids are nonzero",
+        );
+    }
+    // The shared fields, checked with a stand-in ad id; the filter borrowed from `req`.
+    let shared = v1::GetAdClicksRequest {
+        ad_id: 1,
+        from_ms: req.from_ms,
+        to_ms: req.to_ms,
+        granularity: req.granularity,
+        filter: None,
+        fill_empty: req.fill_empty,
+    };
+    let plan = match ad_clicks(&shared, limits, watermark_ms) {
+        Ok(p) => Some((p.level, p.from_ms, p.to_ms)),
+        Err(v) => {
+            bad.extend(v);
+            None
+        }
+    };
+    let filter = filter(req.filter.as_ref(), &mut bad);
+    let Some((level, from_ms, to_ms)) = plan else {
+        return Err(bad);
+    };
+    let width = WIDTH_MS[level];
+    let buckets = (to_ms - from_ms + width - 1) / width;
+    if buckets > MAX_TOTALS_BUCKETS {
+        bad.push(
+            Field::Granularity,
+            Reason::TooManyBuckets,
+            format!(
+                "{buckets} {} buckets from from_ms to to_ms: at most {MAX_TOTALS_BUCKETS} per totals answer; use a coarser granularity or a shorter range",
+                LEVEL_NAMES[level]
+            ),
+        );
+    }
+    if bad.is_empty() {
+        click_index_range(
+            &filter,
+            from_ms,
+            Field::FromMs,
+            limits,
+            watermark_ms,
+            &mut bad,
+        );
+    }
+    bad.into_result(AdClicksPlan {
+        level,
+        from_ms,
+        to_ms,
+        filter,
+    })
 }
 
 /// Checks every field of a `GetAdClicks` request; `watermark_ms` is the view's (what

@@ -148,7 +148,7 @@ pub(crate) fn metric(page: &str, metric: &str) -> u64 {
 }
 
 /// The value of `metric` as a float (sums of histograms in seconds); 0 when absent.
-fn metric_f64(page: &str, metric: &str) -> f64 {
+pub(crate) fn metric_f64(page: &str, metric: &str) -> f64 {
     page.lines()
         .find(|l| l.starts_with(metric))
         .and_then(|l| l.split_whitespace().last())
@@ -269,13 +269,13 @@ fn start(a: &PipelineArgs, dir: &Path) -> Result<Setup> {
     getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
     let keyring = Keyring::new(SigningKey::new(1, &secret)?);
     let keys = dir.join("keys.toml");
-    std::fs::write(
+    // Mode 0600: a collector refuses a key file others can read.
+    crate::keys::write_key_file(
         &keys,
-        KeyFile {
+        &KeyFile {
             keyring: keyring.clone(),
             created: vec![(1, now_ms())],
-        }
-        .render()?,
+        },
     )?;
     let admin = "bench-admin-key-0123456789";
     let ingest = crate::keys::ingest_key()?;

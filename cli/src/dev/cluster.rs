@@ -197,8 +197,10 @@ impl Procs {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            // Logs are files: no terminal colour codes in them.
+            // Logs are files for a person to read (`log_tail`, the banner's paths): text
+            // without colour codes rather than the JSON a file gets by default.
             .env("NO_COLOR", "1")
+            .env("ADCLICK_LOG_FORMAT", "text")
             .process_group(0)
             .spawn()
             .with_context(|| format!("cannot start {name} ({})", program.display()))?;
@@ -986,22 +988,18 @@ async fn live(
         }
         top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         top.truncate(10);
-        let rejected: Vec<(&str, u64)> = [
-            "bad_signature",
-            "expired",
-            "malformed",
-            "unknown_key",
-            "not_yet_valid",
-            "invalid_dimension",
-        ]
-        .into_iter()
-        .map(|r| (r, csum(r)))
-        .filter(|(_, n)| *n > 0)
-        .collect();
+        let rejected: Vec<(String, u64)> = crate::view::REJECT_REASONS
+            .into_iter()
+            .map(|r| (r.to_string(), csum(r)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
         // The cluster's watermark is its slowest shard's.
         let watermark = spages
             .iter()
-            .map(|p| metric(p, "adclick_aggregator_watermark_ms") as i64)
+            .map(|p| {
+                (crate::bench::pipeline::metric_f64(p, "adclick_aggregator_watermark_seconds")
+                    * 1000.0) as i64
+            })
             .min()
             .unwrap_or(0);
         let view = View {
@@ -1015,13 +1013,14 @@ async fn live(
             agg_duplicate: ssum("duplicate"),
             watermark,
             top,
-            queued: traffic.iter().map(traffic::Traffic::queued).sum(),
+            queued: Some(traffic.iter().map(traffic::Traffic::queued).sum()),
             title: format!(
                 "adclick dev --cluster ({} processes, {} partitions)",
                 procs.list.len(),
                 procs.partitions
             ),
             notes: notes.clone(),
+            ..View::default()
         };
         if tty {
             print!("\x1b[2J\x1b[H{}", view.render());

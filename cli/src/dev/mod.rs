@@ -22,8 +22,9 @@ use adclick_proto::v1::{TopAdsRequest, top_ads_request::Window};
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::keys::{format_ms, now_ms};
+use crate::keys::now_ms;
 use crate::traffic::{self, Target, TrafficConfig};
+pub(crate) use crate::view::View;
 
 /// `adclick dev`
 #[derive(Debug, Args)]
@@ -192,12 +193,12 @@ pub fn run(args: DevArgs) -> Result<()> {
             req.metadata_mut().insert("authorization", format!("Bearer {admin}").parse()?);
             let top = query.top_ads(req).await.map(|r| r.into_inner().ads).unwrap_or_default();
             let am = agg.metrics();
-            let rejected: Vec<(&str, u64)> = ["bad_signature", "expired", "malformed", "unknown_key", "not_yet_valid", "invalid_dimension"]
+            let rejected: Vec<(String, u64)> = crate::view::REJECT_REASONS
                 .into_iter()
-                .map(|r| (r, cm.clicks_with(r)))
+                .map(|r| (r.to_string(), cm.clicks_with(r)))
                 .filter(|(_, n)| *n > 0)
                 .collect();
-            let wm = am.watermark_ms.get();
+            let wm = (am.watermark_seconds.get() * 1000.0) as i64;
             let view = View {
                 uptime: started.elapsed(),
                 rate,
@@ -209,9 +210,10 @@ pub fn run(args: DevArgs) -> Result<()> {
                 agg_duplicate: am.clicks_with("duplicate"),
                 watermark: wm,
                 top: top.iter().map(|a| (a.ad_id, a.clicks)).collect(),
-                queued: traffic.as_ref().map_or(0, |t| t.queued()),
+                queued: Some(traffic.as_ref().map_or(0, |t| t.queued())),
                 title: "adclick dev".into(),
                 notes: Vec::new(),
+                ..View::default()
             };
             if tty {
                 print!("\x1b[2J\x1b[H{}", view.render());
@@ -245,6 +247,10 @@ fn banner(args: &DevArgs, collector: &str, agg: &adclick_aggregator::Aggregator,
     println!(
         "keys: {d}/keys.toml   admin API key: {d}/admin.key   advertiser 1 key: {d}/advertiser-1.key"
     );
+    println!(
+        "dashboard: http://{}/ui   (paste the admin API key from {d}/admin.key)",
+        agg.http_addr()
+    );
     println!("try, in another terminal:");
     println!("  adclick query top --n 10 --last 5m                     # reads {d}/admin.key");
     println!(
@@ -259,95 +265,4 @@ fn banner(args: &DevArgs, collector: &str, agg: &adclick_aggregator::Aggregator,
         agg.http_addr()
     );
     std::thread::sleep(Duration::from_millis(1500));
-}
-
-struct View {
-    uptime: Duration,
-    rate: f64,
-    accepted: u64,
-    duplicate: u64,
-    rejected: Vec<(&'static str, u64)>,
-    counted: u64,
-    late: u64,
-    agg_duplicate: u64,
-    watermark: i64,
-    top: Vec<(u64, u64)>,
-    queued: usize,
-    /// "adclick dev" or "adclick dev --cluster".
-    title: String,
-    /// Lines shown under the title (processes that exited).
-    notes: Vec<String>,
-}
-
-impl View {
-    fn render(&self) -> String {
-        let mut s = String::new();
-        s += &format!("{} — up {}s\n", self.title, self.uptime.as_secs());
-        for n in &self.notes {
-            s += &format!("!! {n}\n");
-        }
-        s += "\n";
-        s += &format!("ingest       {:>10.0} clicks/s\n", self.rate);
-        s += &format!(
-            "accepted     {:>10}   duplicate {:>8}   queued in SDK {:>6}\n",
-            self.accepted, self.duplicate, self.queued
-        );
-        let rej: Vec<String> = self
-            .rejected
-            .iter()
-            .map(|(r, n)| format!("{r} {n}"))
-            .collect();
-        s += &format!(
-            "rejected     {}\n",
-            if rej.is_empty() {
-                "0".to_string()
-            } else {
-                rej.join(", ")
-            }
-        );
-        s += &format!(
-            "counted      {:>10}   late corrections {:>6}   dedup at aggregator {:>6}\n",
-            self.counted, self.late, self.agg_duplicate
-        );
-        let wm = if self.watermark > 0 {
-            format!(
-                "{} ({:.1}s behind)",
-                format_ms(self.watermark),
-                (now_ms() - self.watermark) as f64 / 1000.0
-            )
-        } else {
-            "-".into()
-        };
-        s += &format!("watermark    {wm}\n\ntop 10 ads, last 5 minutes\n");
-        s += "  rank        ad     clicks\n";
-        for (i, (ad, c)) in self.top.iter().enumerate() {
-            s += &format!("  {:>4}  {:>8}  {:>9}\n", i + 1, ad, c);
-        }
-        s
-    }
-
-    fn line(&self) -> String {
-        let top: Vec<String> = self
-            .top
-            .iter()
-            .take(3)
-            .map(|(a, c)| format!("{a}:{c}"))
-            .collect();
-        let notes = if self.notes.is_empty() {
-            String::new()
-        } else {
-            format!("  !! {}", self.notes.join("; "))
-        };
-        format!(
-            "up {:>4}s  {:>7.0}/s  accepted {}  duplicate {}  rejected {}  counted {}  late {}  top {}{notes}",
-            self.uptime.as_secs(),
-            self.rate,
-            self.accepted,
-            self.duplicate,
-            self.rejected.iter().map(|(_, n)| n).sum::<u64>(),
-            self.counted,
-            self.late,
-            top.join(" ")
-        )
-    }
 }

@@ -347,11 +347,14 @@ async fn handle(st: &HttpState, req: Request<Incoming>, remote: SocketAddr) -> R
         (&Method::GET, "/readyz") => ("readyz", readiness(st)),
         (&Method::GET, "/healthz") => ("healthz", readiness(st)),
         (&Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, st.metrics.render());
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
+            let accept = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let (content_type, body) = st.metrics.expose(accept);
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             ("metrics", r)
         }
         (_, "/v1/clicks") => (

@@ -8,12 +8,14 @@ mod click;
 mod outbox;
 mod queue;
 mod retry;
+mod sender;
 mod stats;
 
 pub use click::{ClickError, Device, Dimensions, MAX_DIMENSION_LEN, build_click, encode_batch};
 pub use outbox::{BatchConfig, Completion, InFlight, Outbox, OverflowPolicy, PushOutcome};
 pub use queue::{MemoryQueue, OfflineQueue, QueueError, StoredClick};
 pub use retry::{Disposition, RetryPolicy, classify, parse_retry_after};
+pub use sender::{Consent, FlushError, Now, Output, Reply, Sender, SenderConfig, Transmit};
 pub use stats::{Stats, StatsSnapshot, TrackerEvent};
 
 /// A source of wall-clock time in milliseconds since the Unix epoch. Native code uses the

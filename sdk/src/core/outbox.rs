@@ -212,6 +212,21 @@ impl<Q: OfflineQueue> Outbox<Q> {
         err
     }
 
+    /// Forgets every held click, in memory and in the store (consent withdrawn). Returns
+    /// how many, and a store error if forgetting them there failed.
+    pub fn clear(&mut self) -> (usize, Option<QueueError>) {
+        self.in_flight = 0;
+        let seqs: Vec<u64> = self.pending.drain(..).map(|s| s.seq).collect();
+        if seqs.is_empty() {
+            return (0, None);
+        }
+        let err = self.store.remove(&seqs).err();
+        if err.is_some() {
+            Stats::add(&self.stats.persist_errors, 1);
+        }
+        (seqs.len(), err)
+    }
+
     /// Forgets that a batch is in flight without completing it (its clicks stay queued).
     /// For wrappers whose sender was cancelled mid-send.
     pub fn abandon_in_flight(&mut self) {

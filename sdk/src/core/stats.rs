@@ -17,6 +17,7 @@ pub struct Stats {
     pub(crate) persist_errors: AtomicU64,
     pub(crate) restored: AtomicU64,
     pub(crate) batches: AtomicU64,
+    pub(crate) dropped_consent: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -42,6 +43,8 @@ pub struct StatsSnapshot {
     pub restored: u64,
     /// Batches delivered.
     pub batches: u64,
+    /// Clicks discarded because consent was refused or withdrawn.
+    pub dropped_consent: u64,
 }
 
 impl Stats {
@@ -58,6 +61,7 @@ impl Stats {
             persist_errors: self.persist_errors.load(Relaxed),
             restored: self.restored.load(Relaxed),
             batches: self.batches.load(Relaxed),
+            dropped_consent: self.dropped_consent.load(Relaxed),
         }
     }
 

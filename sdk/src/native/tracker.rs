@@ -1,24 +1,24 @@
-//! The native `Tracker`: a cheap-to-clone handle over an [`Outbox`], a background tokio
-//! task that sends when a batch fills or the flush interval passes, and explicit
-//! `flush()` / `shutdown()`.
+//! The native `Tracker`: a thin tokio driver of the sans-IO [`Sender`]. A cheap-to-clone
+//! handle; a background task that does what the sender asks (post this batch, sleep
+//! until then); explicit `flush()` / `shutdown()`.
 //!
-//! One sender at a time (`send_lock`); `click()` never waits for the network. Retry policy
-//! and batching come from `crate::core`; this file only schedules them.
+//! Batching, retries, backoff, the flush timer and the stats are the sender's
+//! (`crate::core`); this file only supplies the clock, the timer, the transport and the
+//! event hook. `click()` never waits for the network.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::file_queue::FileQueue;
 use super::http::{HttpTransport, Transport};
 use super::{SdkError, SystemClock};
 use crate::core::{
-    BatchConfig, ClickError, Clock, Completion, Dimensions, Disposition, OfflineQueue, Outbox,
-    OverflowPolicy, PushOutcome, RetryPolicy, Stats, StatsSnapshot, TrackerEvent, build_click,
-    classify, encode_batch, parse_retry_after,
+    BatchConfig, ClickError, Clock, Consent, Dimensions, FlushError, Now, OfflineQueue, Output,
+    OverflowPolicy, Reply, RetryPolicy, Sender, SenderConfig, StatsSnapshot, TrackerEvent,
 };
 use crate::{SDK_NAME, SDK_VERSION};
 
@@ -50,14 +50,15 @@ impl std::fmt::Debug for Tracker {
 }
 
 struct Inner {
-    outbox: Mutex<Outbox<Store>>,
-    send_lock: tokio::sync::Mutex<()>,
+    sender: Mutex<Sender<Store>>,
     transport: Arc<dyn Transport>,
     clock: Arc<dyn Clock>,
-    retry: RetryPolicy,
-    stats: Arc<Stats>,
+    /// Origin of the sender's monotonic clock.
+    start: tokio::time::Instant,
     hook: Option<Hook>,
     wake: Arc<Notify>,
+    /// (highest finished flush ticket, its result).
+    flushed: watch::Sender<(u64, Result<(), FlushError>)>,
     closed: AtomicBool,
     shutdown_timeout: Duration,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -77,6 +78,7 @@ pub struct TrackerBuilder {
     queue: Option<Store>,
     transport: Option<Arc<dyn Transport>>,
     hook: Option<Hook>,
+    consent: Consent,
 }
 
 impl std::fmt::Debug for TrackerBuilder {
@@ -151,6 +153,12 @@ impl TrackerBuilder {
         self.transport = Some(t);
         self
     }
+    /// Consent at start (default [`Consent::Granted`]); see [`Consent`] and
+    /// [`Tracker::set_consent`].
+    pub fn consent(mut self, c: Consent) -> Self {
+        self.consent = c;
+        self
+    }
     /// Called (outside any lock) for rejections, drops, retries and persistence errors.
     pub fn on_event(mut self, f: impl Fn(&TrackerEvent) + Send + Sync + 'static) -> Self {
         self.hook = Some(Arc::new(f));
@@ -170,41 +178,42 @@ impl TrackerBuilder {
             (None, Some(dir)) => Box::new(FileQueue::open(dir)?.with_fsync(self.queue_fsync)),
             (None, None) => Box::new(crate::core::MemoryQueue),
         };
-        let stats = Arc::new(Stats::default());
-        let (outbox, load_err) = Outbox::open(self.batch, store, stats.clone());
-        let restored = !outbox.is_empty();
+        let start = tokio::time::Instant::now();
+        let cfg = SenderConfig {
+            batch: self.batch,
+            retry: self.retry,
+            flush_interval: self.flush_interval,
+            sdk_name: SDK_NAME.to_string(),
+            sdk_version: SDK_VERSION.to_string(),
+            seed: fastrand::u64(..),
+            consent: self.consent,
+        };
+        let sender = Sender::new(cfg, store, 0);
         let inner = Arc::new(Inner {
-            outbox: Mutex::new(outbox),
-            send_lock: tokio::sync::Mutex::new(()),
+            sender: Mutex::new(sender),
             transport,
             clock: self.clock,
-            retry: RetryPolicy {
-                max_attempts: self.retry.max_attempts.max(1),
-                ..self.retry
-            },
-            stats,
+            start,
             hook: self.hook,
             wake: Arc::new(Notify::new()),
+            flushed: watch::channel((0, Ok(()))).0,
             closed: AtomicBool::new(false),
             shutdown_timeout: self.shutdown_timeout,
             task: Mutex::new(None),
         });
-        if let Some(e) = load_err {
-            inner.emit(TrackerEvent::PersistError {
-                message: e.to_string(),
-            });
-        }
-        let interval = self.flush_interval.max(Duration::from_millis(1));
+        // Reports what opening the queue found (before the task can send anything).
+        let outputs = inner.with_sender(|_| ());
+        inner.dispatch(outputs.1);
         let wake = inner.wake.clone();
-        let task = handle.spawn(background(Arc::downgrade(&inner), wake, interval, restored));
+        let task = handle.spawn(background(Arc::downgrade(&inner), wake));
         *lock(&inner.task) = Some(task);
         Ok(Tracker { inner })
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic in a hook must not wedge the tracker: the guarded data stays consistent
-    // because no method panics midway through an update.
+    // A panic in a hook must not wedge the tracker: hooks run outside the lock, and no
+    // sender method panics midway through an update.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -224,6 +233,7 @@ impl Tracker {
             queue: None,
             transport: None,
             hook: None,
+            consent: Consent::Granted,
         }
     }
 
@@ -234,32 +244,14 @@ impl Tracker {
         if inner.closed.load(Ordering::Acquire) {
             return Err(ClickError::Closed);
         }
-        let click = build_click(token, dims, inner.clock.now_ms()).inspect_err(|_| {
-            Stats::add(&inner.stats.invalid, 1);
-        })?;
-        let (pushed, ready) = {
-            let mut outbox = lock(&inner.outbox);
-            let pushed = outbox.push(click);
-            (pushed, outbox.batch_ready())
-        };
-        let result = match pushed {
-            Ok((outcome, persist_err)) => {
-                if outcome == PushOutcome::QueuedDroppedOldest {
-                    inner.emit(TrackerEvent::Dropped { clicks: 1 });
-                }
-                if let Some(e) = persist_err {
-                    inner.emit(TrackerEvent::PersistError {
-                        message: e.to_string(),
-                    });
-                }
-                Ok(())
-            }
-            Err(e) => {
-                inner.emit(TrackerEvent::Dropped { clicks: 1 });
-                Err(e)
-            }
-        };
-        if ready {
+        let now = inner.now();
+        let (result, outputs) = inner.with_sender(|s| {
+            let r = s.click(token, dims, now);
+            (r, s.wants_send())
+        });
+        inner.dispatch(outputs);
+        let (result, wake) = result;
+        if wake {
             inner.wake.notify_one();
         }
         result
@@ -268,128 +260,134 @@ impl Tracker {
     /// Sends everything queued now. Returns once the queue is empty, or with
     /// [`SdkError::Undelivered`] when a batch ran out of attempts (its clicks stay queued).
     pub async fn flush(&self) -> Result<(), SdkError> {
-        self.inner.send(false).await
+        self.inner.flush().await
     }
 
-    /// Stops accepting clicks, stops the background sender and drains the queue (bounded
-    /// by the shutdown timeout). Whatever is left stays in the offline queue, if any.
+    /// Stops accepting clicks, drains the queue (bounded by the shutdown timeout), then
+    /// stops the background sender. Whatever is left stays in the offline queue, if any.
     pub async fn shutdown(&self) -> Result<(), SdkError> {
         let inner = &self.inner;
         inner.closed.store(true, Ordering::Release);
-        let task = lock(&inner.task).take();
-        if let Some(task) = task {
-            // Cancelling mid-send is safe: the outbox forgets clicks only after a
-            // completed send, and `flush` below resets the abandoned batch.
-            task.abort();
-            let _ = task.await;
-        }
-        match tokio::time::timeout(inner.shutdown_timeout, inner.send(false)).await {
+        let result = match tokio::time::timeout(inner.shutdown_timeout, inner.flush()).await {
             Ok(r) => r,
             Err(_) => Err(SdkError::Undelivered {
                 queued: self.queued(),
                 reason: format!("shutdown timeout of {:?} reached", inner.shutdown_timeout),
             }),
+        };
+        let task = lock(&inner.task).take();
+        if let Some(task) = task {
+            // Cancelling mid-send is safe: the sender forgets clicks only on an answer.
+            task.abort();
+            let _ = task.await;
+            lock(&inner.sender).cancel_send();
         }
+        result
     }
 
     /// Counters since this tracker was built.
     pub fn stats(&self) -> StatsSnapshot {
-        self.inner.stats.snapshot()
+        lock(&self.inner.sender).stats()
     }
 
-    /// Clicks not yet delivered.
+    /// Clicks not yet delivered (queued, including a batch being sent; not those held
+    /// for consent).
     pub fn queued(&self) -> usize {
-        lock(&self.inner.outbox).len()
+        lock(&self.inner.sender).queued()
+    }
+
+    /// Clicks held in memory until consent is given.
+    pub fn held(&self) -> usize {
+        lock(&self.inner.sender).held()
+    }
+
+    /// Gives or withdraws consent (see [`Consent`]): `Denied` discards every unsent click,
+    /// in memory and in the offline queue, and later clicks until consent is given;
+    /// `Pending` stops sending and holds new clicks in memory only; `Granted` queues the
+    /// held clicks and sends.
+    pub fn set_consent(&self, consent: Consent) {
+        let ((), outputs) = self.inner.with_sender(|s| s.set_consent(consent));
+        self.inner.dispatch(outputs);
+        self.inner.wake.notify_one();
+    }
+
+    /// The consent state.
+    pub fn consent(&self) -> Consent {
+        lock(&self.inner.sender).consent()
     }
 }
 
 impl Inner {
-    fn emit(&self, event: TrackerEvent) {
-        if let Some(hook) = &self.hook {
-            hook(&event);
+    fn now(&self) -> Now {
+        Now {
+            mono_ms: u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            wall_ms: self.clock.now_ms(),
         }
     }
 
-    /// Sends queued batches: only full ones when `full_only` (a size-triggered wake-up),
-    /// else everything.
-    async fn send(&self, full_only: bool) -> Result<(), SdkError> {
-        let _sender = self.send_lock.lock().await;
-        // A sender cancelled mid-send (shutdown abort, timeout) left its batch marked in
-        // flight; we hold the send lock, so nothing else is sending it.
-        lock(&self.outbox).abandon_in_flight();
-        loop {
-            let batch = {
-                let mut outbox = lock(&self.outbox);
-                if full_only && !outbox.batch_ready() {
-                    return Ok(());
-                }
-                outbox.take_batch()
-            };
-            let Some(batch) = batch else {
-                return Ok(());
-            };
-            let n = batch.clicks.len();
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                // Re-stamped per attempt: sent_at must be the actual send time.
-                let body = encode_batch(&batch.clicks, self.clock.now_ms(), SDK_NAME, SDK_VERSION);
-                let (disposition, retry_after, reason) = match self.transport.send(body).await {
-                    Ok(resp) => {
-                        let disposition = classify(resp.status);
-                        if disposition == Disposition::Reject {
-                            self.finish(batch, Completion::Rejected);
-                            self.emit(TrackerEvent::Rejected {
-                                status: resp.status,
-                                clicks: n,
-                                message: resp.body,
-                            });
-                            break;
-                        }
-                        let ra = resp
-                            .retry_after
-                            .as_deref()
-                            .and_then(|v| parse_retry_after(v, self.clock.now_ms()));
-                        (disposition, ra, format!("HTTP {}", resp.status))
-                    }
-                    Err(e) => (Disposition::Retry, None, e.0),
-                };
-                if disposition == Disposition::Delivered {
-                    self.finish(batch, Completion::Delivered);
-                    break;
-                }
-                if attempt >= self.retry.max_attempts {
-                    self.finish(batch, Completion::Retry);
-                    Stats::add(&self.stats.gave_up, 1);
-                    self.emit(TrackerEvent::GaveUp {
-                        clicks: n,
-                        reason: reason.clone(),
-                    });
-                    return Err(SdkError::Undelivered {
-                        queued: lock(&self.outbox).len(),
+    /// Runs `f` on the sender and collects what it output meanwhile (to dispatch outside
+    /// the lock).
+    fn with_sender<R>(&self, f: impl FnOnce(&mut Sender<Store>) -> R) -> (R, Vec<Output>) {
+        let mut s = lock(&self.sender);
+        let r = f(&mut s);
+        let outputs = std::iter::from_fn(|| s.poll_output()).collect();
+        (r, outputs)
+    }
+
+    /// Reports outputs: events to the hook, finished flushes to their waiters.
+    fn dispatch(&self, outputs: Vec<Output>) {
+        for o in outputs {
+            match o {
+                Output::Event(e) => {
+                    if let TrackerEvent::Retrying {
+                        attempt,
+                        delay,
                         reason,
-                    });
+                    } = &e
+                    {
+                        tracing::debug!(attempt, ?delay, %reason, "adclick: send failed, retrying");
+                    }
+                    if let Some(hook) = &self.hook {
+                        hook(&e);
+                    }
                 }
-                Stats::add(&self.stats.retries, 1);
-                let delay = self.retry.delay(attempt, retry_after, fastrand::f64());
-                tracing::debug!(attempt, ?delay, %reason, "adclick: send failed, retrying");
-                self.emit(TrackerEvent::Retrying {
-                    attempt,
-                    delay,
-                    reason,
-                });
-                tokio::time::sleep(delay).await;
+                Output::Flushed { through, result } => {
+                    let _previous = self.flushed.send_replace((through, result));
+                }
+                Output::Accepted { .. } | Output::DroppedConsent { .. } => {}
             }
         }
     }
 
-    fn finish(&self, batch: crate::core::InFlight, how: Completion) {
-        let err = lock(&self.outbox).finish(batch, how);
-        if let Some(e) = err {
-            self.emit(TrackerEvent::PersistError {
-                message: e.to_string(),
-            });
+    async fn flush(&self) -> Result<(), SdkError> {
+        let (ticket, outputs) = self.with_sender(|s| s.flush());
+        self.dispatch(outputs);
+        let alive = lock(&self.task).as_ref().is_some_and(|t| !t.is_finished());
+        if !alive {
+            // Shut down: nothing sends any more.
+            let queued = lock(&self.sender).queued();
+            return match queued {
+                0 => Ok(()),
+                _ => Err(SdkError::Undelivered {
+                    queued,
+                    reason: "the tracker is shut down".into(),
+                }),
+            };
         }
+        self.wake.notify_one();
+        let mut rx = self.flushed.subscribe();
+        let done = rx.wait_for(|(through, _)| *through >= ticket).await;
+        let result = match done {
+            Ok(v) => v.1.clone(),
+            Err(_) => Ok(()),
+        };
+        result.map_err(|e| match e {
+            FlushError::Undelivered { queued, reason } => SdkError::Undelivered { queued, reason },
+            FlushError::NoConsent { held } => SdkError::Undelivered {
+                queued: held,
+                reason: "no consent".into(),
+            },
+        })
     }
 }
 
@@ -400,26 +398,40 @@ impl Drop for Inner {
     }
 }
 
-/// Sends full batches when woken and everything every `interval`; exits when the tracker
-/// is dropped or shut down. Holds only a weak reference while idle, so dropping the last
-/// `Tracker` releases the queue (and its file lock) at once.
-async fn background(weak: Weak<Inner>, wake: Arc<Notify>, interval: Duration, restored: bool) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    if !restored {
-        // The first tick fires at once: use it only to send clicks restored from disk.
-        tick.tick().await;
-    }
+/// The driver loop: does what the sender asks (send a batch and report the answer; sleep
+/// until its timer or a wake-up). Holds only a weak reference while idle, so dropping the
+/// last `Tracker` releases the queue (and its file lock) at once.
+async fn background(weak: Weak<Inner>, wake: Arc<Notify>) {
     loop {
-        let full_only = tokio::select! {
-            _ = tick.tick() => false,
-            _ = wake.notified() => true,
-        };
         let Some(inner) = weak.upgrade() else { return };
-        if inner.closed.load(Ordering::Acquire) {
-            return;
+        let now = inner.now();
+        let ((transmit, deadline), outputs) = inner.with_sender(|s| {
+            s.handle_timeout(now);
+            (s.poll_transmit(now), s.poll_timeout())
+        });
+        inner.dispatch(outputs);
+        if let Some(t) = transmit {
+            let reply = match inner.transport.send(t.body).await {
+                Ok(r) => Reply::Status {
+                    status: r.status,
+                    retry_after: r.retry_after,
+                    body: r.body,
+                },
+                Err(e) => Reply::Failed(e.0),
+            };
+            let now = inner.now();
+            let ((), outputs) = inner.with_sender(|s| s.on_reply(t.id, reply, now));
+            inner.dispatch(outputs);
+            continue;
         }
-        // Failures are counted and reported through the hook; the next tick retries.
-        let _ = inner.send(full_only).await;
+        let at = inner
+            .start
+            .checked_add(Duration::from_millis(deadline))
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+        drop(inner);
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => {}
+            _ = wake.notified() => {}
+        }
     }
 }

@@ -10,51 +10,58 @@ use std::sync::OnceLock;
 pub fn adclick_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        // This crate sits at `<workspace>/tests/support`.
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let workspace = manifest.parent().and_then(Path::parent).unwrap();
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args(["build", "-q", "-p", "adclick-cli", "--bin", "adclick"])
-            .current_dir(workspace);
-        // Drop what cargo set for this test process (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...):
-        // build scripts that track them (ring's does) would otherwise rerun, and the outer
-        // and inner builds would invalidate each other's artifacts on every run.
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k == "OUT_DIR"
-                || k.starts_with("CARGO_PKG_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_BIN_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                ]
-                .contains(&k.as_ref())
-            {
-                cargo.env_remove(&key);
-            }
-        }
-        let status = cargo.status().expect("cannot run cargo");
-        assert!(status.success(), "cargo build -p adclick-cli failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"));
-        let target = if target.is_relative() {
-            workspace.join(target)
-        } else {
-            target
-        };
-        let bin = target
-            .join("debug")
+        let bin = cargo_build(&["-p", "adclick-cli", "--bin", "adclick"])
             .join(format!("adclick{}", std::env::consts::EXE_SUFFIX));
         assert!(bin.exists(), "{} missing after the build", bin.display());
         bin
     })
     .clone()
+}
+
+/// Runs `cargo build -q <args>` in the workspace (debug profile) and returns the
+/// directory its artifacts land in (`<target>/debug`). For tests that need a binary or a
+/// library of another crate (the `adclick` binary, the FFI cdylib).
+pub fn cargo_build(args: &[&str]) -> PathBuf {
+    // This crate sits at `<workspace>/tests/support`.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workspace = manifest.parent().and_then(Path::parent).unwrap();
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .args(["build", "-q"])
+        .args(args)
+        .current_dir(workspace);
+    // Drop what cargo set for this test process (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...):
+    // build scripts that track them (ring's does) would otherwise rerun, and the outer
+    // and inner builds would invalidate each other's artifacts on every run.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k == "OUT_DIR"
+            || k.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&k.as_ref())
+        {
+            cargo.env_remove(&key);
+        }
+    }
+    let status = cargo.status().expect("cannot run cargo");
+    assert!(status.success(), "cargo build {} failed", args.join(" "));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let target = if target.is_relative() {
+        workspace.join(target)
+    } else {
+        target
+    };
+    target.join("debug")
 }
 
 /// A running `adclick <command> --config <file>`; SIGKILLed when dropped, so a failing
@@ -78,6 +85,8 @@ impl ChildServer {
             .args([command, "--config"])
             .arg(config)
             .env("RUST_LOG", "warn")
+            // The tests read these logs as text lines (JSON is the default off a terminal).
+            .env("ADCLICK_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(err))
@@ -132,6 +141,7 @@ impl ChildServer {
         let mut cmd = Command::new(adclick_bin());
         cmd.args(args)
             .env("RUST_LOG", "warn")
+            .env("ADCLICK_LOG_FORMAT", "text")
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));

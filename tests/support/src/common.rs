@@ -80,7 +80,8 @@ pub fn keyring(id: u32, fill: u8) -> Keyring {
     Keyring::new(SigningKey::new(id, &[fill; 32]).unwrap())
 }
 
-/// Writes `ring` as a collector key file (`keys.toml`) at `path`.
+/// Writes `ring` as a collector key file (`keys.toml`) at `path`, mode 0600 (`adclick
+/// collector` refuses a key file group or others can read).
 pub fn write_keys(path: &Path, ring: &Keyring) {
     let created = ring.keys().map(|k| (k.id(), 0)).collect();
     let text = KeyFile {
@@ -90,6 +91,11 @@ pub fn write_keys(path: &Path, ring: &Keyring) {
     .render()
     .unwrap();
     std::fs::write(path, text).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
 }
 
 /// An impression signer on `ring` minting tokens that live one hour.
