@@ -103,9 +103,17 @@ async fn scenario() {
     let agg = adclick_aggregator::start(aggregator_config(&dir.path().join("agg"), grpc))
         .await
         .unwrap();
-    let col = adclick_collector::start(collector_config(dir.path(), "edge", &keys_file, grpc))
-        .await
-        .unwrap();
+    // A `[[source.file]]` with one malformed line, so its per-source counters are exposed.
+    let log = dir.path().join("clicks.log");
+    std::fs::write(&log, "not a json click\n").unwrap();
+    let mut col_cfg = collector_config(dir.path(), "edge", &keys_file, grpc);
+    col_cfg.source.file = vec![adclick_collector::config::FileSourceConfig {
+        name: "adserver".into(),
+        paths: vec![log.display().to_string()],
+        poll_interval_ms: 10,
+        ..Default::default()
+    }];
+    let col = adclick_collector::start(col_cfg).await.unwrap();
     let mut front_cfg = FrontConfig {
         listen_grpc: "127.0.0.1:0".parse().unwrap(),
         listen_http: "127.0.0.1:0".parse().unwrap(),
@@ -142,6 +150,17 @@ async fn scenario() {
         c.values().sum::<u64>() == 20
     })
     .await;
+    let line_counted =
+        "adclick_collector_file_lines_total{source=\"adserver\",outcome=\"invalid_json\"} 1";
+    assert!(
+        eventually(Duration::from_secs(10), || col
+            .metrics()
+            .render()
+            .contains(line_counted))
+        .await,
+        "{}",
+        col.metrics().render()
+    );
 
     let servers = [
         ("collector", format!("http://{}/metrics", col.http_addr())),
