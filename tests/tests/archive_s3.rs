@@ -21,26 +21,9 @@ use crate::support::*;
 const BUCKET: &str = "adclick-archive-e2e";
 const PREFIX: &str = "raw/clicks";
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The venv's python with moto and duckdb (installed by the project's script).
+/// The venv's python with moto and duckdb (`scripts/setup-archive-python.sh`).
 fn python() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(root().join("scripts/setup-archive-python.sh"))
-        .env_remove("ADCLICK_VENV")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/setup-archive-python.sh failed: the archive cannot be tested\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    PathBuf::from(setup_script("setup-archive-python.sh"))
 }
 
 /// A moto S3 server on 127.0.0.1; killed on drop.
@@ -247,7 +230,7 @@ allow_http = true
     }
 
     let out = Command::new(&py)
-        .arg(root().join("scripts/archive-duckdb.py"))
+        .arg(repo_root().join("scripts/archive-duckdb.py"))
         .args(["--s3", &format!("s3://{BUCKET}/{PREFIX}"), "--endpoint"])
         .arg(format!("http://{}", s3.1))
         .env("AWS_ACCESS_KEY_ID", "e2e-access")

@@ -11,26 +11,19 @@
 //! repository root with `ADCLICK_GRPC`, `ADCLICK_HTTP` and `ADCLICK_KEY` set.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+
 use std::process::Command;
 
 use adclick_aggregator::config::{ApiKey, Role};
 use adclick_proto::v1::ingest_service_client::IngestServiceClient;
 use adclick_proto::v1::{IngestBatch, IngestClick};
 use adclick_test_support::aggregator::{ADMIN, INGEST};
-use adclick_test_support::common::{MIN, authed, minute_of, now_ms};
+use adclick_test_support::common::{MIN, authed, minute_of, now_ms, repo_root, setup_script};
 
 /// Clicks per ad in the test's traffic (ad id = index + 1).
 const PER_AD: [u64; 6] = [37, 23, 51, 8, 15, 29];
 /// The key of advertiser 2, who owns the even ads.
 const ADV2: &str = "advertiser-2-key-0123";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// The known clicks: ad `a` gets `PER_AD[a-1]` clicks spread over the 7 minutes before the
 /// current one (inside any "last 60 minutes" however the minute turns during the test);
@@ -87,7 +80,7 @@ fn series(clicks: &[IngestClick], ad: u64) -> BTreeMap<i64, u64> {
 
 /// The command documented in docs/api.md under `<!-- tested: name -->`.
 fn documented(name: &str) -> String {
-    let doc = std::fs::read_to_string(root().join("docs/api.md")).unwrap();
+    let doc = std::fs::read_to_string(repo_root().join("docs/api.md")).unwrap();
     let marker = format!("<!-- tested: {name} -->");
     let after = doc
         .split_once(&marker)
@@ -103,7 +96,7 @@ fn run(cmd: &str, env: &[(&str, String)]) -> String {
     let out = Command::new("bash")
         .arg("-c")
         .arg(cmd)
-        .current_dir(root())
+        .current_dir(repo_root())
         .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .unwrap();
@@ -162,16 +155,7 @@ fn check_python(out: &str, want_top: &[(u64, u64)], clicks: &[IngestClick]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_curl_and_grpcurl_read_the_known_counts() {
     // The interpreter first: a failed install fails here, loudly, with the script's output.
-    let setup = Command::new("bash")
-        .arg(root().join("scripts/setup-python.sh"))
-        .env_remove("ADCLICK_VENV")
-        .output()
-        .unwrap();
-    assert!(
-        setup.status.success(),
-        "scripts/setup-python.sh failed: the Python example cannot be tested\n{}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
+    setup_script("setup-python.sh");
 
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = adclick_test_support::aggregator::config(dir.path());

@@ -23,14 +23,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use adclick_test_support::child::{ChildServer, adclick_bin, cargo_build};
-use adclick_test_support::common::free_addr;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use adclick_test_support::common::{free_addr, repo_root, stdlib_python};
 
 /// Where the generated bindings and a copy of the cdylib are.
 struct Bindings {
@@ -67,7 +60,7 @@ fn bindings() -> &'static Bindings {
                 "--out-dir",
             ])
             .arg(&dir)
-            .current_dir(root())
+            .current_dir(repo_root())
             .output()
             .unwrap();
         assert!(
@@ -291,28 +284,14 @@ fn scenario(dev: &Dev, ad0: u64, run: &dyn Fn(&[&str]) -> String) {
 }
 
 fn python() -> PathBuf {
-    let venv = root().join(".venv/bin/python");
-    if venv.is_file() {
-        return venv;
-    }
-    let on_path = Command::new("python3")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        on_path,
-        "python3 not found: the Python binding test needs Python 3.8+ (standard library \
-         only). Install it (Debian: apt-get install python3) or create the project venv \
-         (bash scripts/setup-python.sh)"
-    );
-    PathBuf::from("python3")
+    stdlib_python("the Python binding test")
 }
 
 #[test]
 fn python_bindings_count_exactly_and_keep_clicks_across_a_restart() {
     let b = bindings();
     let dev = start_dev();
-    let client = root().join("sdk-ffi/tests/python/client.py");
+    let client = repo_root().join("sdk-ffi/tests/python/client.py");
     scenario(&dev, 910_001, &|args| {
         run_ok(
             Command::new(python())
@@ -328,7 +307,7 @@ fn python_bindings_count_exactly_and_keep_clicks_across_a_restart() {
 fn kotlin_bindings_on_the_jvm_count_exactly_and_keep_clicks_across_a_restart() {
     let b = bindings();
     let setup = Command::new("bash")
-        .arg(root().join("scripts/setup-kotlin.sh"))
+        .arg(repo_root().join("scripts/setup-kotlin.sh"))
         .output()
         .unwrap();
     assert!(
@@ -344,7 +323,7 @@ fn kotlin_bindings_on_the_jvm_count_exactly_and_keep_clicks_across_a_restart() {
     run_ok(
         Command::new(&kotlinc)
             .arg(b.dir.join("uniffi/adclick_ffi/adclick_ffi.kt"))
-            .arg(root().join("sdk-ffi/tests/kotlin/Main.kt"))
+            .arg(repo_root().join("sdk-ffi/tests/kotlin/Main.kt"))
             .args(["-cp", jna, "-include-runtime", "-nowarn", "-d"])
             .arg(&jar),
         "kotlinc",

@@ -19,32 +19,6 @@ use adclick_aggregator::front::{FrontConfig, ShardEndpoint};
 
 use crate::support::*;
 
-fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Runs a setup script; its last stdout line is the tool's path.
-fn setup(script: &str) -> String {
-    let out = Command::new("bash")
-        .arg(root().join("scripts").join(script))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/{script} failed: the metrics cannot be checked\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
 /// Runs `cmd` with `input` on stdin; (success, stdout + stderr).
 fn pipe(cmd: &mut Command, input: &str) -> (bool, String) {
     let mut child = cmd
@@ -92,8 +66,8 @@ async fn every_server_exposes_metrics_real_parsers_accept() {
 }
 
 async fn scenario() {
-    let promtool = setup("setup-promtool.sh");
-    let python = setup("setup-python.sh");
+    let promtool = setup_script("setup-promtool.sh");
+    let python = setup_script("setup-python.sh");
 
     let dir = tempfile::tempdir().unwrap();
     let keys_file = dir.path().join("keys.toml");
@@ -219,7 +193,7 @@ async fn scenario() {
     );
 
     // The shipped alert rules: valid for promtool, and about metrics that exist.
-    let rules = root().join("deploy/prometheus/alerts.yml");
+    let rules = repo_root().join("deploy/prometheus/alerts.yml");
     let out = Command::new(&promtool)
         .args(["check", "rules"])
         .arg(&rules)

@@ -14,31 +14,15 @@ use tonic::transport::Channel;
 
 use crate::support::*;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
+/// The venv's python with moto and duckdb (`scripts/setup-archive-python.sh`).
 fn python() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(root().join("scripts/setup-archive-python.sh"))
-        .env_remove("ADCLICK_VENV")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/setup-archive-python.sh failed\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    PathBuf::from(setup_script("setup-archive-python.sh"))
 }
 
 /// Counted clicks in the archive under `dir`, by DuckDB.
 fn duckdb_counted(py: &Path, dir: &Path) -> u64 {
     let out = Command::new(py)
-        .arg(root().join("scripts/archive-duckdb.py"))
+        .arg(repo_root().join("scripts/archive-duckdb.py"))
         .arg("--dir")
         .arg(dir)
         .output()

@@ -7,36 +7,16 @@
 //! Python is `.venv/bin/python` when the project venv exists, else `python3` on `PATH`.
 //! Without either the test fails saying what to install: it never skips.
 
+use adclick_test_support::common::{repo_root, stdlib_python};
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use adclick_proto::token::{Keyring, SigningKey};
 use adclick_test_support::common::now_ms;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 fn python() -> PathBuf {
-    let venv = root().join(".venv/bin/python");
-    if venv.is_file() {
-        return venv;
-    }
-    let on_path = Command::new("python3")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        on_path,
-        "python3 not found: the token tests need Python 3.8 or later (standard library only). \
-         Install it (Debian/Ubuntu: apt-get install python3) or create the project venv \
-         (bash scripts/setup-python.sh)"
-    );
-    PathBuf::from("python3")
+    stdlib_python("the token tests")
 }
 
 fn check(out: &Output, what: &str) -> String {
@@ -55,7 +35,7 @@ fn python_implementation_passes_every_vector() {
     let out = Command::new(python())
         .arg("examples/python/test_adclick_token.py")
         .arg("docs/token-vectors.json")
-        .current_dir(root())
+        .current_dir(repo_root())
         .output()
         .unwrap();
     let stdout = check(&out, "examples/python/test_adclick_token.py");
@@ -65,7 +45,7 @@ fn python_implementation_passes_every_vector() {
 
 /// The Python snippet of docs/token.md under `<!-- tested: name -->`.
 fn documented_python(name: &str) -> String {
-    let doc = std::fs::read_to_string(root().join("docs/token.md")).unwrap();
+    let doc = std::fs::read_to_string(repo_root().join("docs/token.md")).unwrap();
     let marker = format!("<!-- tested: {name} -->");
     let after = doc
         .split_once(&marker)
@@ -80,8 +60,8 @@ fn documented_python_snippet_mints_a_token_the_collector_accepts() {
     let snippet = documented_python("python-mint");
     let mut child = Command::new(python())
         .arg("-")
-        .current_dir(root())
-        .env("PYTHONPATH", root().join("examples/python"))
+        .current_dir(repo_root())
+        .env("PYTHONPATH", repo_root().join("examples/python"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use adclick_proto::keyfile::KeyFile;
@@ -124,4 +124,55 @@ pub fn authed<T>(msg: T, key: &str) -> tonic::Request<T> {
     r.metadata_mut()
         .insert("authorization", format!("Bearer {key}").parse().unwrap());
     r
+}
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("tests/support is two levels below the root")
+        .to_path_buf()
+}
+
+/// Runs the project's set-up script `scripts/<script>` (idempotent installers of outside
+/// tools; never the caller's `ADCLICK_VENV`), failing the test with its stderr if it
+/// fails; returns the last line it printed (the tool's path).
+pub fn setup_script(script: &str) -> String {
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts").join(script))
+        .env_remove("ADCLICK_VENV")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/{script} failed: what it installs cannot be tested\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// A Python 3 for scripts that need only its standard library: the project venv's when it
+/// exists, else `python3` on PATH; fails the test, saying who needs it, when neither is.
+pub fn stdlib_python(needed_by: &str) -> PathBuf {
+    let venv = repo_root().join(".venv/bin/python");
+    if venv.is_file() {
+        return venv;
+    }
+    let on_path = std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        on_path,
+        "python3 not found: {needed_by} needs Python 3.8 or later (standard library only). \
+         Install it (Debian: apt-get install python3) or create the project venv \
+         (bash scripts/setup-python.sh)"
+    );
+    PathBuf::from("python3")
 }
