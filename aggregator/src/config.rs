@@ -134,9 +134,10 @@ impl Default for AggregatorConfig {
 /// `clicks` entry of an `IngestBatch`: impression id 16 B (+2), three u64 ids and five i64
 /// times at 10 B varints (+1 tag each), country 2 B (+2), device (+1), os/site/app/user_id
 /// at `limits.max_string_len` = 256 B (+3 each), then fields 16 and up with 2-byte tags:
-/// client ip 16 B (+3), two bools (3 each) and the salt (7), plus 3 B of entry framing:
-/// 18 + 88 + 4 + 2 + 4 * 259 + 19 + 6 + 7 + 3 = 1,183 B.
-pub const MAX_CLICK_BYTES: usize = 1_183;
+/// client ip 16 B (+3), two bools (3 each), the salt (7), the token's issued-at as a 10 B
+/// varint (+2) and the UA class (3), plus 3 B of entry framing:
+/// 18 + 88 + 4 + 2 + 4 * 259 + 19 + 6 + 7 + 12 + 3 + 3 = 1,198 B.
+pub const MAX_CLICK_BYTES: usize = 1_198;
 
 /// Largest legitimate `IngestBatch`: the collector forwards one spool record per batch (or
 /// a part of one, split by shard), and its writer closes a record at 8 MiB of encoded clicks
@@ -565,6 +566,8 @@ mod edge_tests {
             clock_skew_flagged: true,
             dedup_suspect: true,
             salt: u32::MAX,
+            token_issued_at_ms: -1,
+            ua_class: adclick_proto::v1::UserAgentClass::Bot as i32,
         };
         let batch = IngestBatch {
             clicks: vec![click],

@@ -309,6 +309,7 @@ mod tests {
                     clock_skew_flagged: flag,
                     dedup_suspect: !flag,
                     salt,
+                    ..Default::default()
                 },
             )
     }

@@ -230,6 +230,9 @@ impl Processor {
                     clock_skew_flagged: c.skew_flagged,
                     dedup_suspect: seen == Seen::Suspect,
                     salt: self.hot.salt(imp.ad_id, &imp.impression_id),
+                    token_issued_at_ms: imp.issued_at_ms,
+                    // Classified against the bot list once the edge has one (issue 16).
+                    ua_class: 0,
                 });
             }
         }
