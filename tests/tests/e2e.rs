@@ -30,6 +30,7 @@ mod jetstream_collector_kill;
 mod metrics_format;
 mod mixed;
 mod query_front;
+mod readme;
 mod reconcile;
 mod regions;
 mod retention_gap;
