@@ -165,12 +165,16 @@ async fn connection_caps_refuse_the_excess_at_accept() {
     let mut cfg = base(dir.path());
     cfg.limits.max_connections = 3;
     cfg.limits.max_connections_per_ip = 2;
+    // The held connections send nothing: keep the header timeout far beyond the test's
+    // length, so a slow, loaded machine does not free their slots half-way through.
+    cfg.limits.header_read_timeout_ms = 600_000;
+    cfg.limits.idle_timeout_ms = 600_000;
     let col = adclick_collector::start(cfg).await.unwrap();
     let addr = col.http_addr();
 
     let _a1 = connect_from([127, 0, 0, 2], addr).await;
     let _a2 = connect_from([127, 0, 0, 2], addr).await;
-    // Both are held (idle, before the 5 s header timeout); the third from .2 is refused.
+    // Both are held (idle, before the header timeout); the third from .2 is refused.
     let mut a3 = connect_from([127, 0, 0, 2], addr).await;
     assert_eq!(closed_within(&mut a3, Duration::from_secs(3)).await, b"");
     // Another address gets the last listener slot and is served.
