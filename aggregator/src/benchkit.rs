@@ -819,6 +819,7 @@ pub fn topads_index(cfg: &TopadsConfig) -> Result<TopadsReport, BenchError> {
         n: 100,
         window: Some(v1::top_ads_request::Window::LastMinutes(60)),
         filter,
+        ..Default::default()
     };
     let unfiltered_req = request(None);
     let filtered_req = request(Some(v1::Filter {
@@ -1252,7 +1253,8 @@ impl IndexPath {
         }
         IndexView {
             view: Arc::new(View {
-                click_index_since_ms: i64::MIN,
+                rules_on: false,
+        click_index_since_ms: i64::MIN,
                 tops: vec![ArcSwap::from_pointee(self.shard.top_set(
                     self.combos.keys(),
                     &self.owners,
@@ -1444,6 +1446,7 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
     let rate = cfg.rate.max(1);
     let end = move |i: u64| T0_MS + (u128::from(i) * 1000 / u128::from(rate)) as i64;
     let view = Arc::new(View {
+        rules_on: false,
         click_index_since_ms: i64::MIN,
         shards: vec![RwLock::new(ShardState::default())],
         tops: vec![ArcSwap::from_pointee(TopSet::with_fields(&[]))],
@@ -1511,6 +1514,7 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
                 granularity: v1::Granularity::Minute as i32,
                 filter: Some(f(&mut rng)),
                 fill_empty: Some(true),
+                ..Default::default()
             };
             let r = query::get_ad_clicks(&view, Caller::Admin, &req, &limits);
             std::hint::black_box(r.map(|r| r.total_clicks).unwrap_or_else(|e| panic!("{e}")));
@@ -1534,6 +1538,7 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
                     to_ms: to,
                 })),
                 filter: Some(f(&mut rng)),
+                ..Default::default()
             };
             let r = query::top_ads(&view, Caller::Admin, &req, &qcfg, to);
             std::hint::black_box(r.map(|r| r.ads.len()).unwrap_or_else(|e| panic!("{e}")));

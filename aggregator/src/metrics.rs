@@ -70,6 +70,11 @@ adclick_proto::metrics! {
         }
         /// Clicks by outcome (applied, of which late; duplicate, too_old, malformed, ...).
         pub clicks: Family<OutcomeLabel, Counter> = Family::default();
+        /// Counted clicks classified invalid traffic, by reason (`rules::Reason::label`;
+        /// the ones a rate rule moved after they were counted as valid included).
+        pub invalid_clicks: Family<ReasonLabel, Counter> = Family::default();
+        /// Of those, clicks a rate rule moved from valid to invalid after they were counted.
+        pub invalid_moved: Family<ReasonLabel, Counter> = Family::default();
         /// Batches re-delivered after their ack (ignored).
         pub redeliveries: Counter = Counter::default();
         /// WAL append failures.
