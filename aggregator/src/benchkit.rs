@@ -1254,7 +1254,7 @@ impl IndexPath {
         IndexView {
             view: Arc::new(View {
                 rules_on: false,
-        click_index_since_ms: i64::MIN,
+                click_index_since_ms: i64::MIN,
                 tops: vec![ArcSwap::from_pointee(self.shard.top_set(
                     self.combos.keys(),
                     &self.owners,

@@ -255,8 +255,7 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                     from_ms: from,
                     to_ms: to,
                     granularity: g as i32,
-                    filter: Some(filters.to_wire()),
-                });
+                    filter: Some(filters.to_wire()), ..Default::default() });
                 auth(req.metadata_mut())?;
                 let r = client.get_ad_clicks(req).await.map_err(status)?.into_inner();
                 if conn.json {
@@ -275,8 +274,7 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                 let query = TopAdsRequest {
                     n,
                     window: Some(v1::top_ads_request::Window::LastMinutes(minutes)),
-                    filter: Some(filters.to_wire()),
-                };
+                    filter: Some(filters.to_wire()), ..Default::default() };
                 let Some(every) = watch else {
                     let mut req = tonic::Request::new(query);
                     auth(req.metadata_mut())?;
@@ -316,8 +314,7 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                     granularity: granularity.to_wire() as i32,
                     filter: Some(filters.to_wire()),
                     fill_empty: None,
-                    include_sketches: false,
-                });
+                    include_sketches: false, ..Default::default() });
                 auth(req.metadata_mut())?;
                 let r = client.get_totals(req).await.map_err(status)?.into_inner();
                 if conn.json {

@@ -184,8 +184,7 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
                 from_ms: from,
                 to_ms: to,
             })),
-            filter: None,
-        });
+            filter: None, ..Default::default() });
         authed(req.metadata_mut())?;
         match client.top_ads(req).await {
             Ok(r) => ads.extend(r.into_inner().ads.iter().map(|e| e.ad_id)),
@@ -207,8 +206,7 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
                     to_ms: to,
                     granularity: g as i32,
                     fill_empty: Some(false),
-                    filter: None,
-                });
+                    filter: None, ..Default::default() });
                 authed(req.metadata_mut())?;
                 let r = client.batch_get_ad_clicks(req).await;
                 let r = match r {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// `[rules]`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RulesConfig {
     /// Master switch. Off by default: an existing deployment's counts do not change under
@@ -29,21 +29,6 @@ pub struct RulesConfig {
     pub too_fast: TooFastRule,
     /// Invalid when the device's clock-corrected time lies outside the token's lifetime.
     pub impossible_time: Switch,
-}
-
-impl Default for RulesConfig {
-    fn default() -> Self {
-        RulesConfig {
-            enabled: false,
-            bot_user_agent: Switch::default(),
-            datacenter_ip: DatacenterIpRule::default(),
-            ip_rate: RateRule::default(),
-            user_rate: RateRule::default(),
-            honeypot: HoneypotRule::default(),
-            too_fast: TooFastRule::default(),
-            impossible_time: Switch::default(),
-        }
-    }
 }
 
 /// A rule with only an on/off switch.
@@ -186,7 +171,9 @@ impl RulesConfig {
             .as_ref()
             .is_some_and(|p| p.as_os_str().is_empty())
         {
-            return Err("rules.datacenter_ip.cidr_file is empty: remove the key or name a file".into());
+            return Err(
+                "rules.datacenter_ip.cidr_file is empty: remove the key or name a file".into(),
+            );
         }
         Ok(())
     }

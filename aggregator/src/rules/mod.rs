@@ -117,7 +117,9 @@ pub struct Moved {
 /// Client IP as a 128-bit key (IPv4 as IPv4-mapped IPv6); `None`: unknown.
 fn ip_key(ip: &[u8]) -> Option<u128> {
     match ip.len() {
-        4 => Some(u128::from(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).to_ipv6_mapped())),
+        4 => Some(u128::from(
+            std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).to_ipv6_mapped(),
+        )),
         16 => {
             let mut b = [0u8; 16];
             b.copy_from_slice(ip);
@@ -244,13 +246,19 @@ impl Rules {
         }
         let w = cfg.honeypot.window_minutes.saturating_mul(LEVEL_MS[0]);
         let flagged = |f: Option<&(i64, i64)>| {
-            f.is_some_and(|&(first, last)| t >= first.saturating_sub(w) && t <= last.saturating_add(w))
+            f.is_some_and(|&(first, last)| {
+                t >= first.saturating_sub(w) && t <= last.saturating_add(w)
+            })
         };
         // Rate counters count every counted click of the client (invalid ones too: a bot
         // flooding is flooding whatever else it is).
         let minute = t.div_euclid(LEVEL_MS[0]);
         let m = self.minutes.entry(minute).or_default();
-        let trip = |r: &mut Rate, max: u32, reason: Reason, out: &mut Vec<Moved>, pending: &mut Vec<Option<(u32, Applied)>>| {
+        let trip = |r: &mut Rate,
+                    max: u32,
+                    reason: Reason,
+                    out: &mut Vec<Moved>,
+                    pending: &mut Vec<Option<(u32, Applied)>>| {
             r.count = r.count.saturating_add(1);
             if r.count > max && !r.tripped {
                 r.tripped = true;
@@ -346,12 +354,17 @@ impl Rules {
         let horizon = watermark_ms.saturating_sub(GRACE_MS);
         // Minute m ends at (m + 1) * 60 s: keep those ending after the horizon.
         let keep_from = horizon.div_euclid(LEVEL_MS[0]);
-        if self.minutes.first_key_value().is_some_and(|(m, _)| *m < keep_from) {
+        if self
+            .minutes
+            .first_key_value()
+            .is_some_and(|(m, _)| *m < keep_from)
+        {
             self.minutes = self.minutes.split_off(&keep_from);
         }
         let w = self.cfg.honeypot.window_minutes.saturating_mul(LEVEL_MS[0]);
         self.flag_ip.retain(|_, f| f.1.saturating_add(w) >= horizon);
-        self.flag_user.retain(|_, f| f.1.saturating_add(w) >= horizon);
+        self.flag_user
+            .retain(|_, f| f.1.saturating_add(w) >= horizon);
     }
 
     /// Minutes with rate state, clicks remembered for a retroactive move, honeypot flags.
@@ -389,12 +402,17 @@ impl Rules {
             };
             let mut ips: Vec<_> = m.ip.iter().collect();
             ips.sort_unstable_by_key(|(k, _)| **k);
-            mp.rates
-                .extend(ips.into_iter().map(|(k, r)| rate(0, k.to_be_bytes().to_vec(), r)));
+            mp.rates.extend(
+                ips.into_iter()
+                    .map(|(k, r)| rate(0, k.to_be_bytes().to_vec(), r)),
+            );
             let mut users: Vec<_> = m.user.iter().collect();
             users.sort_unstable_by_key(|(k, _)| **k);
-            mp.rates
-                .extend(users.into_iter().map(|(k, r)| rate(1, k.to_be_bytes().to_vec(), r)));
+            mp.rates.extend(
+                users
+                    .into_iter()
+                    .map(|(k, r)| rate(1, k.to_be_bytes().to_vec(), r)),
+            );
             for (id, p) in m.pending.iter().enumerate() {
                 if let Some((shard, a)) = p {
                     mp.pending.push(PendPb {
@@ -448,7 +466,10 @@ impl Rules {
                 ..Minute::default()
             };
             for p in mp.pending {
-                let slot = m.pending.get_mut(p.id as usize).ok_or_else(|| bad("pending id"))?;
+                let slot = m
+                    .pending
+                    .get_mut(p.id as usize)
+                    .ok_or_else(|| bad("pending id"))?;
                 *slot = Some((
                     p.shard,
                     Applied {
@@ -488,11 +509,13 @@ impl Rules {
             match f.kind {
                 0 => {
                     let k = <[u8; 16]>::try_from(&f.key[..]).map_err(|_| bad("flag key"))?;
-                    self.flag_ip.insert(u128::from_be_bytes(k), (f.first, f.last));
+                    self.flag_ip
+                        .insert(u128::from_be_bytes(k), (f.first, f.last));
                 }
                 _ => {
                     let k = <[u8; 8]>::try_from(&f.key[..]).map_err(|_| bad("flag key"))?;
-                    self.flag_user.insert(u64::from_be_bytes(k), (f.first, f.last));
+                    self.flag_user
+                        .insert(u64::from_be_bytes(k), (f.first, f.last));
                 }
             }
         }

@@ -44,7 +44,10 @@ fn ip_rate_moves_the_earlier_clicks_of_the_minute() {
     let ip = [10, 0, 0, 1];
     let mut moved = Vec::new();
     for i in 0..3 {
-        assert_eq!(r.judge(&click(&ip, b"", T0 + i), 0, &applied(1, T0 + i), &mut moved), None);
+        assert_eq!(
+            r.judge(&click(&ip, b"", T0 + i), 0, &applied(1, T0 + i), &mut moved),
+            None
+        );
     }
     assert!(moved.is_empty());
     // The fourth trips: itself invalid, the three before moved.
@@ -61,7 +64,10 @@ fn ip_rate_moves_the_earlier_clicks_of_the_minute() {
     assert!(moved.is_empty(), "moved once only");
     // Next minute: a fresh counter.
     let t = T0 + 60_000;
-    assert_eq!(r.judge(&click(&ip, b"", t), 0, &applied(1, t), &mut moved), None);
+    assert_eq!(
+        r.judge(&click(&ip, b"", t), 0, &applied(1, t), &mut moved),
+        None
+    );
     assert_eq!(r.counters.invalid[Reason::IpRate.index()], 5);
     assert_eq!(r.counters.moved[Reason::IpRate.index()], 3);
 }
@@ -79,11 +85,17 @@ fn a_click_moved_by_ip_rate_is_not_moved_again_by_user_rate() {
     r.judge(&click(&a, b"u", T0), 0, &applied(1, T0), &mut moved);
     r.judge(&click(&a, b"u", T0), 0, &applied(1, T0), &mut moved);
     r.judge(&click(&b, b"u", T0), 0, &applied(1, T0), &mut moved);
-    assert_eq!(r.judge(&click(&a, b"x", T0), 0, &applied(1, T0), &mut moved), Some(Reason::IpRate));
+    assert_eq!(
+        r.judge(&click(&a, b"x", T0), 0, &applied(1, T0), &mut moved),
+        Some(Reason::IpRate)
+    );
     assert_eq!(moved.len(), 2);
     moved.clear();
     // The fourth click of user u trips user_rate: only b's click is still valid to move.
-    assert_eq!(r.judge(&click(&b, b"u", T0), 0, &applied(1, T0), &mut moved), Some(Reason::UserRate));
+    assert_eq!(
+        r.judge(&click(&b, b"u", T0), 0, &applied(1, T0), &mut moved),
+        Some(Reason::UserRate)
+    );
     assert_eq!(moved.len(), 1);
     assert_eq!(moved[0].reason, Reason::UserRate);
 }
@@ -104,13 +116,22 @@ fn each_rule_and_the_master_switch() {
     let ip = [10, 0, 0, 1];
     let mut c = click(&ip, b"", T0);
     c.ua_class = 2;
-    assert_eq!(r.judge(&c, 0, &applied(1, T0), &mut mv), Some(Reason::BotUserAgent));
+    assert_eq!(
+        r.judge(&c, 0, &applied(1, T0), &mut mv),
+        Some(Reason::BotUserAgent)
+    );
     let dc = [192, 0, 2, 9];
-    assert_eq!(r.judge(&click(&dc, b"", T0), 0, &applied(1, T0), &mut mv), Some(Reason::DatacenterIp));
+    assert_eq!(
+        r.judge(&click(&dc, b"", T0), 0, &applied(1, T0), &mut mv),
+        Some(Reason::DatacenterIp)
+    );
     // too_fast: 999 ms after issue; 1000 ms is fine.
     let mut c = click(&ip, b"", T0);
     c.token_issued_at_ms = T0 - 999;
-    assert_eq!(r.judge(&c, 0, &applied(1, T0), &mut mv), Some(Reason::TooFast));
+    assert_eq!(
+        r.judge(&c, 0, &applied(1, T0), &mut mv),
+        Some(Reason::TooFast)
+    );
     c.token_issued_at_ms = T0 - 1000;
     assert_eq!(r.judge(&c, 0, &applied(1, T0), &mut mv), None);
     // impossible_time: the device says it clicked an hour before the impression existed.
@@ -119,21 +140,50 @@ fn each_rule_and_the_master_switch() {
     c.received_at_ms = T0;
     c.sent_at_ms = T0;
     c.occurred_at_ms = T0 - 3_600_000;
-    assert_eq!(r.judge(&c, 0, &applied(1, T0), &mut mv), Some(Reason::ImpossibleTime));
+    assert_eq!(
+        r.judge(&c, 0, &applied(1, T0), &mut mv),
+        Some(Reason::ImpossibleTime)
+    );
     c.occurred_at_ms = T0 - 2_000;
     assert_eq!(r.judge(&c, 0, &applied(1, T0), &mut mv), None);
     c.clock_skew_flagged = true;
     c.occurred_at_ms = T0 - 3_600_000;
-    assert_eq!(r.judge(&c, 0, &applied(1, T0), &mut mv), None, "no correction: not judged");
+    assert_eq!(
+        r.judge(&c, 0, &applied(1, T0), &mut mv),
+        None,
+        "no correction: not judged"
+    );
     // honeypot: the trap, then the same IP within the window, not after it.
     let hp = [10, 9, 9, 9];
-    assert_eq!(r.judge(&click(&hp, b"", T0), 0, &applied(99, T0), &mut mv), Some(Reason::Honeypot));
-    assert_eq!(r.judge(&click(&hp, b"", T0 + 60_000), 0, &applied(1, T0 + 60_000), &mut mv), Some(Reason::Honeypot));
-    assert_eq!(r.judge(&click(&hp, b"", T0 + 60_001), 0, &applied(1, T0 + 60_001), &mut mv), None);
+    assert_eq!(
+        r.judge(&click(&hp, b"", T0), 0, &applied(99, T0), &mut mv),
+        Some(Reason::Honeypot)
+    );
+    assert_eq!(
+        r.judge(
+            &click(&hp, b"", T0 + 60_000),
+            0,
+            &applied(1, T0 + 60_000),
+            &mut mv
+        ),
+        Some(Reason::Honeypot)
+    );
+    assert_eq!(
+        r.judge(
+            &click(&hp, b"", T0 + 60_001),
+            0,
+            &applied(1, T0 + 60_001),
+            &mut mv
+        ),
+        None
+    );
     // Master switch off: nothing, and the version says so.
     let mut off = Rules::with_data(&RulesConfig::default(), cidrs, b"");
     assert_eq!(off.version(), "off");
-    assert_eq!(off.judge(&click(&dc, b"", T0), 0, &applied(1, T0), &mut mv), None);
+    assert_eq!(
+        off.judge(&click(&dc, b"", T0), 0, &applied(1, T0), &mut mv),
+        None
+    );
     // The version moves with the config and the CIDR data.
     let other = Rules::with_data(&cfg, cidr::CidrSet::default(), b"192.0.2.0/25");
     assert_ne!(r.version(), other.version());

@@ -560,7 +560,11 @@ impl ShardState {
     /// Approximate heap bytes of everything in this shard.
     pub fn heap_bytes(&self) -> usize {
         self.levels.iter().map(Level::heap_bytes).sum::<usize>()
-            + self.invalid.iter().map(ShardState::heap_bytes).sum::<usize>()
+            + self
+                .invalid
+                .iter()
+                .map(ShardState::heap_bytes)
+                .sum::<usize>()
     }
 
     /// Serialises the shard (checkpoint table).
