@@ -372,8 +372,8 @@ pub fn start<S: Store + 'static>(
     // Every reason exported from the start (at 0): rates and the spike alert need a series.
     for r in crate::rules::Reason::ALL {
         let label = crate::metrics::ReasonLabel { reason: r.label() };
-        metrics.invalid_clicks.get_or_create(&label);
-        metrics.invalid_moved.get_or_create(&label);
+        let _ = metrics.invalid_clicks.get_or_create(&label);
+        let _ = metrics.invalid_moved.get_or_create(&label);
     }
     let mut w = Writer {
         store,
