@@ -486,6 +486,7 @@ fn crash_batches() -> (Vec<Vec<IngestClick>>, Vec<Vec<IngestClick>>) {
 /// a run without a crash, and as the oracle.
 #[test]
 fn classification_survives_a_crash_identically() {
+    adclick_sdk::HttpTransport::install_crypto_provider();
     let (pre, post) = crash_batches();
     let sent: Vec<IngestClick> = pre.iter().chain(&post).flatten().cloned().collect();
     let ads = [1, 2, 3];
@@ -517,6 +518,24 @@ fn classification_survives_a_crash_identically() {
             let (mut ing, _) = clients(&a).await;
             for (i, b) in pre.iter().enumerate() {
                 send(&mut ing, "c", i as u64 + 1, b.clone()).await;
+                // Past the writer's checkpoint tick (10 ms at least): with interval 1 ms a
+                // checkpoint holding the rules' state is taken after each batch and saved
+                // at the next one.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            if interval_ms == 1 {
+                let text = reqwest::get(format!("http://{}/metrics", a.http_addr()))
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                let saved: u64 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("adclick_aggregator_checkpoint_seconds_count "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                assert!(saved >= 1, "no checkpoint was saved before the crash");
             }
         });
         a.kill();
