@@ -255,7 +255,9 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                     from_ms: from,
                     to_ms: to,
                     granularity: g as i32,
-                    filter: Some(filters.to_wire()), ..Default::default() });
+                    filter: Some(filters.to_wire()),
+                    ..Default::default()
+                });
                 auth(req.metadata_mut())?;
                 let r = client.get_ad_clicks(req).await.map_err(status)?.into_inner();
                 if conn.json {
@@ -274,7 +276,9 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                 let query = TopAdsRequest {
                     n,
                     window: Some(v1::top_ads_request::Window::LastMinutes(minutes)),
-                    filter: Some(filters.to_wire()), ..Default::default() };
+                    filter: Some(filters.to_wire()),
+                    ..Default::default()
+                };
                 let Some(every) = watch else {
                     let mut req = tonic::Request::new(query);
                     auth(req.metadata_mut())?;
@@ -314,7 +318,9 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                     granularity: granularity.to_wire() as i32,
                     filter: Some(filters.to_wire()),
                     fill_empty: None,
-                    include_sketches: false, ..Default::default() });
+                    include_sketches: false,
+                    ..Default::default()
+                });
                 auth(req.metadata_mut())?;
                 let r = client.get_totals(req).await.map_err(status)?.into_inner();
                 if conn.json {

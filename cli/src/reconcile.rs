@@ -22,7 +22,7 @@ use std::time::Duration;
 use adclick_archive::{ArchiveConfig, Destination, S3Config};
 use adclick_proto::v1::query_service_client::QueryServiceClient;
 use adclick_proto::v1::{
-    BatchGetAdClicksRequest, Granularity, TimeRange, TopAdsRequest, top_ads_request,
+    BatchGetAdClicksRequest, Granularity, TimeRange, TopAdsRequest, Traffic, top_ads_request,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
@@ -184,7 +184,10 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
                 from_ms: from,
                 to_ms: to,
             })),
-            filter: None, ..Default::default() });
+            filter: None,
+            // The archive holds every counted click, valid or not: compare with ALL.
+            traffic: Traffic::All as i32,
+        });
         authed(req.metadata_mut())?;
         match client.top_ads(req).await {
             Ok(r) => ads.extend(r.into_inner().ads.iter().map(|e| e.ad_id)),
@@ -206,7 +209,9 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
                     to_ms: to,
                     granularity: g as i32,
                     fill_empty: Some(false),
-                    filter: None, ..Default::default() });
+                    filter: None,
+                    traffic: Traffic::All as i32,
+                });
                 authed(req.metadata_mut())?;
                 let r = client.batch_get_ad_clicks(req).await;
                 let r = match r {

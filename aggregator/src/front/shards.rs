@@ -556,3 +556,36 @@ fn merge_totals(
         .collect();
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adclick_proto::v1::ReasonCount;
+
+    /// The front sums the shards' invalid clicks per reason (each ad lives on one shard).
+    #[test]
+    fn totals_merge_sums_invalid_by_reason() {
+        let shard = |pairs: &[(i32, u64)]| GetTotalsResponse {
+            invalid_by_reason: pairs
+                .iter()
+                .map(|&(reason, clicks)| ReasonCount { reason, clicks })
+                .collect(),
+            ..Default::default()
+        };
+        let merged = merge_totals(
+            &GetTotalsRequest::default(),
+            vec![
+                shard(&[(1, 3), (6, 2)]),
+                shard(&[(6, 5), (7, 1)]),
+                shard(&[]),
+            ],
+        )
+        .unwrap();
+        let got: Vec<(i32, u64)> = merged
+            .invalid_by_reason
+            .iter()
+            .map(|r| (r.reason, r.clicks))
+            .collect();
+        assert_eq!(got, vec![(1, 3), (6, 7), (7, 1)]);
+    }
+}
