@@ -826,7 +826,8 @@ impl<S: Store> Writer<S> {
                     self.index.push(a.ad, a.event_time_ms, a.combo, ip, user);
                     // The rules stage: classify, and move earlier clicks a rate rule
                     // now finds invalid.
-                    if let Some(r) = self.rules.judge(&c, shard, &a, &mut self.moved) {
+                    let verdict = self.rules.judge(&c, shard, &a, &mut self.moved);
+                    if let Some(r) = verdict {
                         per_shard[shard].invalid.push((r as u8, a));
                     }
                     for m in self.moved.drain(..) {
@@ -837,7 +838,19 @@ impl<S: Store> Writer<S> {
                         }
                     }
                     per_shard[shard].counted.push(a);
-                    if self.windows.counters.late > late_before {
+                    if let Some(r) = verdict {
+                        // The archive's code per reason (issue 16).
+                        use crate::rules::Reason;
+                        match r {
+                            Reason::BotUserAgent => Status::InvalidBotUserAgent,
+                            Reason::DatacenterIp => Status::InvalidDatacenterIp,
+                            Reason::Honeypot => Status::InvalidHoneypot,
+                            Reason::ImpossibleTime => Status::InvalidImpossibleTime,
+                            Reason::TooFast => Status::InvalidTooFast,
+                            Reason::IpRate => Status::InvalidIpRate,
+                            Reason::UserRate => Status::InvalidUserRate,
+                        }
+                    } else if self.windows.counters.late > late_before {
                         Status::CountedLate
                     } else {
                         Status::Counted

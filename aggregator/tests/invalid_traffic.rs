@@ -247,10 +247,11 @@ async fn check_counts(q: &mut QueryServiceClient<Channel>, sent: &[IngestClick])
 fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let a = rt
-        .block_on(adclick_aggregator::start(rules_config(dir.path())))
-        .unwrap();
-    rt.block_on(async {
+    let mut cfg = rules_config(dir.path());
+    cfg.archive.enabled = true;
+    cfg.archive.dir = dir.path().join("archive");
+    let a = rt.block_on(adclick_aggregator::start(cfg)).unwrap();
+    let sent = rt.block_on(async {
         let (mut ing, mut q) = clients(&a).await;
         let mut sent: Vec<IngestClick> = Vec::new();
         let mut id = 0u64;
@@ -310,7 +311,7 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
         let b1: Vec<_> = (3..5).map(|s| flood(next(), s)).collect();
         sent.extend(a1.iter().chain(&b1).cloned());
         send(&mut ing, "col-a", 2, a1).await;
-        send(&mut ing, "col-b", 1, b1).await;
+        send(&mut ing, "col-b", 4, b1).await;
         let before = clicks_of(&mut q, 2, Granularity::Minute, Traffic::Valid).await;
         let e = expected(&sent);
         assert_eq!(before.total_clicks, e[&2].0, "before the trip");
@@ -318,7 +319,7 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
         // The sixth, through col-b: all six invalid, the five earlier ones moved.
         let six = vec![flood(next(), 5)];
         sent.extend(six.iter().cloned());
-        send(&mut ing, "col-b", 2, six).await;
+        send(&mut ing, "col-b", 5, six).await;
         let after = clicks_of(&mut q, 2, Granularity::Minute, Traffic::Valid).await;
         assert_eq!(after.total_clicks, before.total_clicks - 5, "five moved to invalid");
         assert_eq!(reasons(&after.invalid_by_reason).get("ip_rate"), Some(&6));
@@ -429,6 +430,7 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
         assert!(refused.message().contains("traffic"), "{}", refused.message());
         let r = q.get_ad_clicks(authed(by_ip(Traffic::All), ADMIN)).await.unwrap().into_inner();
         assert_eq!(r.total_clicks, 6);
+        sent
     });
     let text = rt.block_on(async {
         reqwest::get(format!("http://{}/metrics", a.http_addr()))
@@ -444,6 +446,36 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
     }
     assert!(text.contains("adclick_aggregator_invalid_moved_total{reason=\"ip_rate\"} 5"));
     rt.block_on(a.shutdown());
+    // The archive has every click, invalid ones with their rule as classified on arrival:
+    // the clicks a rate rule moved later stay `counted` there (5 for ip_rate, 4 for
+    // user_rate: the oracle's 6 and 5 minus the one that tripped each).
+    // (`read_archive` keys rows by (collector_seq, index): the two collector ids above use
+    // distinct seqs.)
+    let (rows, _) = crate::archive::read_archive(&dir.path().join("archive"));
+    assert_eq!(rows.len(), sent.len());
+    let mut by: BTreeMap<(String, Option<String>), u64> = BTreeMap::new();
+    for (_, status, reason) in rows.values() {
+        *by.entry((status.clone(), reason.clone())).or_default() += 1;
+    }
+    let inv = |r: &str| by.get(&("invalid_traffic".into(), Some(r.into()))).copied();
+    for (r, n) in [
+        ("bot_user_agent", 3),
+        ("datacenter_ip", 2),
+        ("honeypot", 2),
+        ("impossible_time", 1),
+        ("too_fast", 2),
+        ("ip_rate", 1),
+        ("user_rate", 1),
+    ] {
+        assert_eq!(inv(r), Some(n), "archived invalid_traffic/{r}: {by:?}");
+    }
+    let invalid_rows: u64 = by
+        .iter()
+        .filter(|((s, _), _)| s == "invalid_traffic")
+        .map(|(_, n)| n)
+        .sum();
+    let counted = by.get(&("counted".into(), None)).copied();
+    assert_eq!(counted, Some(sent.len() as u64 - invalid_rows));
 }
 
 /// The batches of the crash test: before the crash an IP at the limit (its clicks
