@@ -369,6 +369,12 @@ pub fn start<S: Store + 'static>(
         }
     }
     tracing::info!(version = %rules.version(), enabled = cfg.rules.enabled, "invalid-traffic rules");
+    metrics
+        .rules_info
+        .get_or_create(&crate::metrics::VersionLabel {
+            version: rules.version().to_string(),
+        })
+        .set(1);
     // Every reason exported from the start (at 0): rates and the spike alert need a series.
     for r in crate::rules::Reason::ALL {
         let label = crate::metrics::ReasonLabel { reason: r.label() };

@@ -445,6 +445,12 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
         assert!(text.contains(&line), "{line} missing from /metrics");
     }
     assert!(text.contains("adclick_aggregator_invalid_moved_total{reason=\"ip_rate\"} 5"));
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("adclick_aggregator_rules_info{version=\"") && !l.contains("\"off\"")
+        ),
+        "the rules version is exported"
+    );
     rt.block_on(a.shutdown());
     // The archive has every click, invalid ones with their rule as classified on arrival:
     // the clicks a rate rule moved later stay `counted` there (5 for ip_rate, 4 for
