@@ -140,7 +140,42 @@ struct Rate {
     count: u32,
     tripped: bool,
     /// Valid clicks of this client and minute (ids into `Minute::pending`) a trip moves.
-    pending: Vec<u32>,
+    pending: Ids,
+}
+
+/// A counter's click ids, the first inline: most IP-minutes and user-minutes see one click,
+/// and an allocation per new counter was the rules' largest cost per click.
+#[derive(Debug, Clone, Default)]
+struct Ids {
+    first: Option<u32>,
+    rest: Vec<u32>,
+}
+
+impl Ids {
+    fn push(&mut self, id: u32) {
+        if self.first.is_none() {
+            self.first = Some(id);
+        } else {
+            self.rest.push(id);
+        }
+    }
+
+    fn take(&mut self) -> impl Iterator<Item = u32> + use<> {
+        let first = self.first.take();
+        first.into_iter().chain(std::mem::take(&mut self.rest))
+    }
+
+    fn to_vec(&self) -> Vec<u32> {
+        self.first.iter().chain(&self.rest).copied().collect()
+    }
+
+    fn from_vec(v: Vec<u32>) -> Ids {
+        let mut ids = Ids::default();
+        for id in v {
+            ids.push(id);
+        }
+        ids
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -165,7 +200,8 @@ pub struct RuleCounters {
 pub struct Rules {
     cfg: RulesConfig,
     cidrs: cidr::CidrSet,
-    traps: std::collections::HashSet<u64>,
+    /// Trap ad ids, sorted (binary search; usually empty or a handful).
+    traps: Vec<u64>,
     version: String,
     minutes: BTreeMap<i64, Minute>,
     /// Honeypot flags: client -> (first, last) trap click event time.
@@ -193,7 +229,12 @@ impl Rules {
     pub fn with_data(cfg: &RulesConfig, cidrs: cidr::CidrSet, cidr_text: &[u8]) -> Rules {
         Rules {
             version: version_of(cfg, cidr_text),
-            traps: cfg.honeypot.ad_ids.iter().copied().collect(),
+            traps: {
+                let mut t = cfg.honeypot.ad_ids.clone();
+                t.sort_unstable();
+                t.dedup();
+                t
+            },
             cfg: cfg.clone(),
             cidrs,
             minutes: BTreeMap::new(),
@@ -234,7 +275,9 @@ impl Rules {
         let user = user_key(c.user_id);
         let t = a.event_time_ms;
         // Honeypot: a trap click flags its client (before judging, so it is invalid too).
-        let trap = cfg.honeypot.enabled && self.traps.contains(&a.ad);
+        let trap = cfg.honeypot.enabled
+            && !self.traps.is_empty()
+            && self.traps.binary_search(&a.ad).is_ok();
         if trap {
             let flag = |f: &mut (i64, i64)| *f = (f.0.min(t), f.1.max(t));
             if let Some(k) = ip {
@@ -262,7 +305,7 @@ impl Rules {
             r.count = r.count.saturating_add(1);
             if r.count > max && !r.tripped {
                 r.tripped = true;
-                for id in std::mem::take(&mut r.pending) {
+                for id in r.pending.take() {
                     if let Some((s, click)) = pending.get_mut(id as usize).and_then(Option::take) {
                         out.push(Moved {
                             shard: s as usize,
@@ -398,7 +441,7 @@ impl Rules {
                 key,
                 count: r.count,
                 tripped: r.tripped,
-                pending: r.pending.clone(),
+                pending: r.pending.to_vec(),
             };
             let mut ips: Vec<_> = m.ip.iter().collect();
             ips.sort_unstable_by_key(|(k, _)| **k);
@@ -488,7 +531,7 @@ impl Rules {
                 let rate = Rate {
                     count: r.count,
                     tripped: r.tripped,
-                    pending: r.pending,
+                    pending: Ids::from_vec(r.pending),
                 };
                 match r.kind {
                     0 => {
