@@ -202,6 +202,32 @@ pub struct MixConfig {
     /// flushing a segment every [`CLICK_INDEX_FLUSH_CLICKS`] clicks (a 30 s checkpoint at
     /// 80k clicks/s) into a temporary directory.
     pub click_index: bool,
+    /// Run the invalid-traffic rules stage on every counted click ([`bench_rules`]).
+    pub rules: bool,
+}
+
+/// The rules the benchmark runs with `MixConfig::rules`: every rule on at its defaults
+/// (IP and user rate 100 per minute, too_fast 1 s, impossible_time), 10 trap ads, and a
+/// data-center list of 4,096 /24s spread over the mix's 10.0.0.0/8 client addresses (so a
+/// share of the clicks take the invalid path, and the CIDR lookup searches a real-sized
+/// list).
+pub fn bench_rules() -> crate::rules::Rules {
+    let cfg = crate::rules::RulesConfig {
+        enabled: true,
+        honeypot: crate::rules::config::HoneypotRule {
+            ad_ids: (1..=10).map(|i| i * 97_003).collect(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let text: String = (0..4096u32)
+        .map(|i| {
+            let net = (10u32 << 24) | (i.wrapping_mul(2_654_435_761) & 0x00FF_FF00);
+            format!("{}/24\n", std::net::Ipv4Addr::from(net))
+        })
+        .collect();
+    let cidrs = crate::rules::cidr::CidrSet::parse(&text).unwrap_or_default();
+    crate::rules::Rules::with_data(&cfg, cidrs, text.as_bytes())
 }
 
 /// Clicks between two click-index flushes in [`apply_mix`]: the default checkpoint
@@ -225,6 +251,7 @@ impl Default for MixConfig {
             dedup_memory_bytes: crate::state::windows::DEFAULT_DEDUP_MEMORY_BYTES,
             top_index_fields: IndexField::DEFAULT.to_vec(),
             click_index: true,
+            rules: false,
         }
     }
 }
@@ -408,6 +435,10 @@ pub struct MixMemory {
 pub struct MixReport {
     /// The configuration measured.
     pub clicks: u64,
+    /// Whether the invalid-traffic rules ran.
+    pub rules: bool,
+    /// Clicks they classified invalid (moved ones included).
+    pub invalid: u64,
     /// Whether the click index was fed.
     pub click_index: bool,
     /// Fields with per-value top-N indexes.
@@ -500,6 +531,9 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
             .with_click_index()
             .unwrap_or_else(|e| panic!("click index: {e}"));
     }
+    if cfg.rules {
+        path.rules = Some((bench_rules(), Vec::new()));
+    }
     let (n, times, generated) = if cfg.decode {
         let mut gen_ = MixBatches::new(cfg);
         let batches: Vec<Vec<u8>> = gen_.by_ref().collect();
@@ -540,7 +574,13 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
     let top10_last5 = time_runs(200, budget, || {
         std::hint::black_box(path.top(10, m1 - 5, m1));
     });
+    let invalid = path
+        .rules
+        .as_ref()
+        .map_or(0, |(r, _)| r.counters.invalid.iter().sum());
     MixReport {
+        rules: cfg.rules,
+        invalid,
         click_index: cfg.click_index,
         top_index_fields: cfg.top_index_fields.clone(),
         clicks: n,
@@ -596,6 +636,11 @@ impl MixReport {
             "| the same per CPU-second of the loop (CPU {:.2} s in {:.2} s of wall time; 10 ms ticks) | {:.0} clicks/s |\n",
             self.cpu_seconds, self.seconds, self.clicks_per_cpu_sec
         );
+        t += &format!(
+            "| invalid-traffic rules / clicks classified invalid | {} / {} |\n",
+            if self.rules { "all on" } else { "off" },
+            self.invalid
+        );
         t += &format!("| active (ad, minute) cells | {} |\n", self.minute_cells);
         if let Some(m) = &self.memory {
             t += &format!(
@@ -643,6 +688,7 @@ impl MixReport {
             self.top100.p50_ms,
             self.top100.p99_ms
         );
+        l += &format!(" rules={} invalid={}", self.rules, self.invalid);
         if let Some(m) = &self.memory {
             l += &format!(
                 " bytes_per_cell={:.0} dedup_entries={} dedup_bytes_per_entry={:.1}",
@@ -819,6 +865,7 @@ pub fn topads_index(cfg: &TopadsConfig) -> Result<TopadsReport, BenchError> {
         n: 100,
         window: Some(v1::top_ads_request::Window::LastMinutes(60)),
         filter,
+        ..Default::default()
     };
     let unfiltered_req = request(None);
     let filtered_req = request(Some(v1::Filter {
@@ -985,6 +1032,8 @@ pub struct StatePath {
     index: Option<(crate::clickindex::IndexWriter, tempfile_dir::Dir)>,
     indexed: u64,
     wal_pos: u64,
+    /// The invalid-traffic rules and their moves buffer, when run.
+    rules: Option<(crate::rules::Rules, Vec<crate::rules::Moved>)>,
 }
 
 /// A temporary directory removed on drop (the bench's click-index segments).
@@ -1048,6 +1097,7 @@ impl StatePath {
             index: None,
             indexed: 0,
             wal_pos: 0,
+            rules: None,
         }
     }
 
@@ -1090,6 +1140,18 @@ impl StatePath {
             if let Some((w, _)) = &mut self.index {
                 w.push(a.ad, a.event_time_ms, a.combo, ip, user);
             }
+            // As the engine's writer and shard thread: classify, count invalid apart,
+            // apply the moves.
+            if let Some((rules, moved)) = &mut self.rules {
+                if let Some(r) = rules.judge(&c, 0, &a, moved) {
+                    self.shard.apply_invalid(r.index(), &a);
+                }
+                for m in moved.drain(..) {
+                    let mut click = m.click;
+                    click.late = true;
+                    self.shard.apply_invalid(m.reason.index(), &click);
+                }
+            }
             self.shard.apply(&a);
             self.top.push(TopOp::Add {
                 ad: a.ad,
@@ -1116,6 +1178,9 @@ impl StatePath {
             self.top.push(TopOp::Seal(seal.div_euclid(LEVEL_MS[0])));
         }
         self.top.publish(&self.published);
+        if let Some((rules, _)) = &mut self.rules {
+            rules.expire(wm);
+        }
         self.wal_pos += 1;
         if let Some((w, _)) = &mut self.index {
             w.end_batch();
@@ -1252,6 +1317,7 @@ impl IndexPath {
         }
         IndexView {
             view: Arc::new(View {
+                rules_on: false,
                 click_index_since_ms: i64::MIN,
                 tops: vec![ArcSwap::from_pointee(self.shard.top_set(
                     self.combos.keys(),
@@ -1444,6 +1510,7 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
     let rate = cfg.rate.max(1);
     let end = move |i: u64| T0_MS + (u128::from(i) * 1000 / u128::from(rate)) as i64;
     let view = Arc::new(View {
+        rules_on: false,
         click_index_since_ms: i64::MIN,
         shards: vec![RwLock::new(ShardState::default())],
         tops: vec![ArcSwap::from_pointee(TopSet::with_fields(&[]))],
@@ -1511,6 +1578,7 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
                 granularity: v1::Granularity::Minute as i32,
                 filter: Some(f(&mut rng)),
                 fill_empty: Some(true),
+                ..Default::default()
             };
             let r = query::get_ad_clicks(&view, Caller::Admin, &req, &limits);
             std::hint::black_box(r.map(|r| r.total_clicks).unwrap_or_else(|e| panic!("{e}")));
@@ -1534,6 +1602,7 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
                     to_ms: to,
                 })),
                 filter: Some(f(&mut rng)),
+                ..Default::default()
             };
             let r = query::top_ads(&view, Caller::Admin, &req, &qcfg, to);
             std::hint::black_box(r.map(|r| r.ads.len()).unwrap_or_else(|e| panic!("{e}")));

@@ -50,6 +50,8 @@ pub struct AggregatorConfig {
     pub click_index: ClickIndexConfig,
     /// The raw click archive (Parquet, local directory or S3-compatible; off by default).
     pub archive: adclick_archive::ArchiveConfig,
+    /// The invalid-traffic rules (issue 16; off unless `rules.enabled`).
+    pub rules: crate::rules::RulesConfig,
 }
 
 /// The click index (`crate::clickindex`): every counted click's client IP and user id, kept
@@ -126,6 +128,7 @@ impl Default for AggregatorConfig {
             source: crate::source::SourceConfig::default(),
             click_index: ClickIndexConfig::default(),
             archive: adclick_archive::ArchiveConfig::default(),
+            rules: crate::rules::RulesConfig::default(),
         }
     }
 }
@@ -394,6 +397,7 @@ impl AggregatorConfig {
             return err("click_index.retention_minutes must be at least 2".into());
         }
         self.archive.validate().map_err(ConfigError)?;
+        self.rules.validate().map_err(ConfigError)?;
         if self.dedup.memory_bytes < 1 << 20 {
             return err("dedup.memory_bytes must be at least 1 MiB (1048576)".into());
         }

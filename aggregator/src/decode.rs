@@ -143,6 +143,12 @@ pub fn click_from_wire(c: &IngestClick) -> ClickIn<'_> {
         site: if c.site.is_empty() { &c.app } else { &c.site },
         user_id: c.user_id.as_bytes(),
         client_ip: &c.client_ip,
+        received_at_ms: c.received_at_ms,
+        occurred_at_ms: c.occurred_at_ms,
+        sent_at_ms: c.sent_at_ms,
+        clock_skew_flagged: c.clock_skew_flagged,
+        token_issued_at_ms: c.token_issued_at_ms,
+        ua_class: c.ua_class,
     }
 }
 
@@ -164,9 +170,16 @@ fn read_click(b: &[u8]) -> Result<ClickIn<'_>, DecodeError> {
             // int64 and int32 are two's complement varints, truncated as prost does.
             (5, VARINT) => c.token_expires_at_ms = r.varint()? as i64,
             (6, VARINT) => c.event_time_ms = r.varint()? as i64,
-            (7..=9, VARINT) | (17..=19, VARINT) => {
+            (7, VARINT) => c.received_at_ms = r.varint()? as i64,
+            (8, VARINT) => c.occurred_at_ms = r.varint()? as i64,
+            (9, VARINT) => c.sent_at_ms = r.varint()? as i64,
+            // As prost: any nonzero varint is true.
+            (17, VARINT) => c.clock_skew_flagged = r.varint()? != 0,
+            (18..=19, VARINT) => {
                 r.varint()?;
             }
+            (20, VARINT) => c.token_issued_at_ms = r.varint()? as i64,
+            (21, VARINT) => c.ua_class = r.varint()? as i32,
             (10, LEN) => c.country = r.str()?,
             (11, VARINT) => c.device = r.varint()? as i32,
             (12, LEN) => c.os = r.str()?,
@@ -174,7 +187,7 @@ fn read_click(b: &[u8]) -> Result<ClickIn<'_>, DecodeError> {
             (14, LEN) => app = r.str()?,
             (15, LEN) => c.user_id = r.str()?.as_bytes(),
             (16, LEN) => c.client_ip = r.len_delimited()?,
-            (1..=19, _) => {
+            (1..=21, _) => {
                 return Err(err(format!(
                     "IngestClick field {field} has wire type {wire}"
                 )));
@@ -284,11 +297,13 @@ mod tests {
                 any::<bool>(),
                 any::<u32>(),
             ),
+            (any::<i64>(), any::<i64>(), any::<i32>()),
         )
             .prop_map(
                 |(
                     (id, ad, adv, camp, exp, ev, recv),
                     (country, device, os, site, app, user, ip, flag, salt),
+                    (sent, issued, ua),
                 )| IngestClick {
                     impression_id: id,
                     ad_id: ad,
@@ -298,7 +313,7 @@ mod tests {
                     event_time_ms: ev,
                     received_at_ms: recv,
                     occurred_at_ms: recv.wrapping_sub(1),
-                    sent_at_ms: recv.wrapping_add(1),
+                    sent_at_ms: sent,
                     country,
                     device,
                     os,
@@ -309,7 +324,8 @@ mod tests {
                     clock_skew_flagged: flag,
                     dedup_suspect: !flag,
                     salt,
-                    ..Default::default()
+                    token_issued_at_ms: issued,
+                    ua_class: ua,
                 },
             )
     }
@@ -345,7 +361,7 @@ mod tests {
             cut in any::<prop::sample::Index>(),
             noise in proptest::collection::vec(any::<u8>(), 0..64),
         ) {
-            let click = IngestClick { impression_id: vec![1; 16], ad_id: 7, country: "US".into(), site: "s".into(), user_id: "u".into(), ..Default::default() };
+            let click = IngestClick { impression_id: vec![1; 16], ad_id: 7, country: "US".into(), site: "s".into(), user_id: "u".into(), token_issued_at_ms: 1_700_000_000_000, ua_class: 2, ..Default::default() };
             let mut bytes = IngestBatch { collector_id: "c".into(), seq: 3, clicks: vec![click; n], acked_floor: 2 }.encode_to_vec();
             for (i, v) in flips {
                 if !bytes.is_empty() {

@@ -110,9 +110,22 @@ pub enum IngestError {
 
 pub use crate::admit::seq_limit;
 
+/// Checkpoint table of the invalid-traffic rules' state.
+const RULES_TABLE: &str = "rules";
+
+/// What one batch brings one shard.
+#[derive(Debug, Default)]
+struct ShardWork {
+    /// Counted clicks (valid and invalid: the cells count all traffic).
+    counted: Vec<Applied>,
+    /// Invalid ones by reason index: those of `counted` classified invalid on arrival, and
+    /// earlier clicks a rate rule moved (marked `late`: a correction of what was valid).
+    invalid: Vec<(u8, Applied)>,
+}
+
 enum ShardMsg {
     /// Clicks to apply; the sender (if any) is told when they are visible to queries.
-    Apply(Vec<Applied>, Option<SyncSender<()>>),
+    Apply(ShardWork, Option<SyncSender<()>>),
     Evict([i64; 3]),
     /// Roll minutes before this up into their hours and days (`ShardState::seal`).
     Seal(i64),
@@ -223,6 +236,10 @@ struct Writer<S: Store> {
     pending: Option<(Checkpoint, i64, Instant)>,
     /// Set when `[archive]` is on.
     archive: Option<ArchiveHook>,
+    /// The invalid-traffic rules (`rules`): state checkpointed as table `rules`.
+    rules: crate::rules::Rules,
+    /// Clicks moved by a rate rule while applying the current click (reused buffer).
+    moved: Vec<crate::rules::Moved>,
 }
 
 /// Opens the store, recovers, and starts the threads.
@@ -280,6 +297,7 @@ pub fn start<S: Store + 'static>(
         IndexWriter::open(&index_dir, cp.wal_pos).map_err(|e| StoreError(e.to_string()))?;
     let view = Arc::new(View {
         clicks,
+        rules_on: cfg.rules.enabled,
         click_index_since_ms,
         shards,
         tops,
@@ -331,6 +349,38 @@ pub fn start<S: Store + 'static>(
         Some(_) | None => {}
     }
     let signal = Arc::new(crate::archive::Signal::default());
+    let mut rules = crate::rules::Rules::new(&cfg.rules).map_err(|e| StoreError(e.to_string()))?;
+    if let Some((_, b)) = cp.tables.iter().find(|(t, _)| t == RULES_TABLE) {
+        let combos = windows.combos().keys();
+        let dims = |id: u32| {
+            (id as usize)
+                .checked_sub(1)
+                .and_then(|i| combos.get(i))
+                .copied()
+                .unwrap_or_default()
+        };
+        let was = rules.restore(b, &dims).map_err(StoreError)?;
+        if was != rules.version() {
+            tracing::warn!(
+                checkpoint_version = %was,
+                version = %rules.version(),
+                "invalid-traffic rules changed since the checkpoint: clicks from here on are classified by the new rules"
+            );
+        }
+    }
+    tracing::info!(version = %rules.version(), enabled = cfg.rules.enabled, "invalid-traffic rules");
+    metrics
+        .rules_info
+        .get_or_create(&crate::metrics::VersionLabel {
+            version: rules.version().to_string(),
+        })
+        .set(1);
+    // Every reason exported from the start (at 0): rates and the spike alert need a series.
+    for r in crate::rules::Reason::ALL {
+        let label = crate::metrics::ReasonLabel { reason: r.label() };
+        let _ = metrics.invalid_clicks.get_or_create(&label);
+        let _ = metrics.invalid_moved.get_or_create(&label);
+    }
     let mut w = Writer {
         store,
         windows,
@@ -354,6 +404,8 @@ pub fn start<S: Store + 'static>(
             signal: signal.clone(),
             stats: None,
         }),
+        rules,
+        moved: Vec::new(),
     };
     // Replay what the WAL holds after the checkpoint.
     let replay = w.store.wal_after(cp.wal_pos)?;
@@ -381,7 +433,10 @@ pub fn start<S: Store + 'static>(
     // visible by then.
     for tx in &w.shard_tx {
         let (done, applied) = sync_channel(1);
-        if tx.send(ShardMsg::Apply(Vec::new(), Some(done))).is_ok() {
+        if tx
+            .send(ShardMsg::Apply(ShardWork::default(), Some(done)))
+            .is_ok()
+        {
             let _ = applied.recv();
         }
     }
@@ -430,11 +485,17 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
         };
         let mut done = None;
         match msg {
-            ShardMsg::Apply(clicks, confirm) => {
+            ShardMsg::Apply(work, confirm) => {
+                let clicks = work.counted;
                 {
+                    // One lock for both: a query never sees a click counted but not yet
+                    // classified.
                     let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
                     for a in &clicks {
                         s.apply(a);
+                    }
+                    for (reason, a) in &work.invalid {
+                        s.apply_invalid(usize::from(*reason), a);
                     }
                 }
                 for a in &clicks {
@@ -745,7 +806,10 @@ impl<S: Store> Writer<S> {
             a.builder.begin();
         }
         let mut index = 0u32;
-        let mut per_shard: Vec<Vec<Applied>> = vec![Vec::new(); self.shard_tx.len()];
+        let mut per_shard: Vec<ShardWork> = (0..self.shard_tx.len())
+            .map(|_| ShardWork::default())
+            .collect();
+        let rules_before = self.rules.counters;
         let (mut accepted, mut duplicate) = (0u32, 0u32);
         let before = self.windows.counters;
         let mut quarantined = Vec::new();
@@ -766,8 +830,33 @@ impl<S: Store> Writer<S> {
                     accepted += 1;
                     // Counted (after dedup, late ones too): indexed, exactly once.
                     self.index.push(a.ad, a.event_time_ms, a.combo, ip, user);
-                    per_shard[shard].push(a);
-                    if self.windows.counters.late > late_before {
+                    // The rules stage: classify, and move earlier clicks a rate rule
+                    // now finds invalid.
+                    let verdict = self.rules.judge(&c, shard, &a, &mut self.moved);
+                    if let Some(r) = verdict {
+                        per_shard[shard].invalid.push((r as u8, a));
+                    }
+                    for m in self.moved.drain(..) {
+                        let mut click = m.click;
+                        click.late = true;
+                        if let Some(w) = per_shard.get_mut(m.shard) {
+                            w.invalid.push((m.reason as u8, click));
+                        }
+                    }
+                    per_shard[shard].counted.push(a);
+                    if let Some(r) = verdict {
+                        // The archive's code per reason (issue 16).
+                        use crate::rules::Reason;
+                        match r {
+                            Reason::BotUserAgent => Status::InvalidBotUserAgent,
+                            Reason::DatacenterIp => Status::InvalidDatacenterIp,
+                            Reason::Honeypot => Status::InvalidHoneypot,
+                            Reason::ImpossibleTime => Status::InvalidImpossibleTime,
+                            Reason::TooFast => Status::InvalidTooFast,
+                            Reason::IpRate => Status::InvalidIpRate,
+                            Reason::UserRate => Status::InvalidUserRate,
+                        }
+                    } else if self.windows.counters.late > late_before {
                         Status::CountedLate
                     } else {
                         Status::Counted
@@ -829,9 +918,23 @@ impl<S: Store> Writer<S> {
                 "clicks quarantined (not counted)"
             );
         }
+        let rc = self.rules.counters;
+        for r in crate::rules::Reason::ALL {
+            let i = r.index();
+            let label = crate::metrics::ReasonLabel { reason: r.label() };
+            let n = rc.invalid[i] - rules_before.invalid[i];
+            if n > 0 {
+                m.invalid_clicks.get_or_create(&label).inc_by(n);
+            }
+            let n = rc.moved[i] - rules_before.moved[i];
+            if n > 0 {
+                m.invalid_moved.get_or_create(&label).inc_by(n);
+            }
+        }
+        self.rules.expire(self.windows.watermark_ms());
         let mut confirming = 0;
         for (i, clicks) in per_shard.into_iter().enumerate() {
-            if clicks.is_empty() {
+            if clicks.counted.is_empty() && clicks.invalid.is_empty() {
                 continue;
             }
             let sent = self.shard_tx[i].send(ShardMsg::Apply(clicks, done.cloned()));
@@ -1057,6 +1160,7 @@ impl<S: Store> Writer<S> {
                 Err(_) => return,
             }
         }
+        tables.push((RULES_TABLE.to_string(), self.rules.to_bytes()));
         let cp = Checkpoint {
             wal_pos: self.next_pos - 1,
             tables,

@@ -66,7 +66,8 @@ const FILTER_PARAMS: [(&str, Dim); 6] = [
     ("campaign", Dim::CampaignId),
 ];
 /// Single-valued filter parameters (every query endpoint): `filter.ip`, `filter.user_id`.
-const INDEX_PARAMS: [&str; 2] = ["ip", "user_id"];
+/// and `traffic` (valid, invalid or all).
+const INDEX_PARAMS: [&str; 3] = ["ip", "user_id", "traffic"];
 /// Single-valued parameters of `/v1/ads/{ad_id}/clicks`.
 const CLICKS_PARAMS: [&str; 8] = [
     "last_minutes",
@@ -136,6 +137,7 @@ pub fn param_name(f: &Field) -> Cow<'_, str> {
         // The HTTP mirror takes the list as repeated `ad_id` parameters.
         Field::AdIds | Field::AdIdsValue(_) => "ad_id",
         Field::FillEmpty => "fill_empty",
+        Field::Traffic => "traffic",
         Field::GroupBy => "group_by",
         Field::Scope => "scope",
         Field::Id => "id",
@@ -629,6 +631,23 @@ fn check_names(p: &[(String, String)], single: &[&str], bad: &mut Violations) {
     }
 }
 
+/// `traffic=valid|invalid|all` (absent: valid) as the request's `adclick.v1.Traffic`.
+fn traffic(p: &[(String, String)], bad: &mut Violations) -> i32 {
+    (match get(p, "traffic") {
+        None | Some("valid") => v1::Traffic::Valid,
+        Some("invalid") => v1::Traffic::Invalid,
+        Some("all") => v1::Traffic::All,
+        Some(v) => {
+            bad.push(
+                Field::Traffic,
+                Reason::UnknownValue,
+                format!("traffic={} is not valid, invalid or all", quote(v)),
+            );
+            v1::Traffic::Valid
+        }
+    }) as i32
+}
+
 /// The first value of a single-valued parameter (a repeat is reported by [`check_names`]).
 fn get<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
     p.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str())
@@ -915,6 +934,7 @@ pub fn clicks_request(
     };
     let window = window(p, &mut bad);
     let filter = filter(p, &mut bad);
+    let traffic = traffic(p, &mut bad);
     let (from_ms, to_ms, last) = match window {
         Some(_) if !bad.is_empty() => return Err(QueryError::Invalid(bad)),
         Some(Window::Range(f, t)) => (f, t, false),
@@ -936,6 +956,7 @@ pub fn clicks_request(
         granularity: granularity as i32,
         filter: Some(filter),
         fill_empty,
+        traffic,
     };
     Ok((req, last))
 }
@@ -993,9 +1014,23 @@ fn clicks_json(r: &v1::GetAdClicksResponse) -> Value {
         "buckets": r.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "start": rfc3339(b.start_ms), "clicks": b.clicks, "unique_users": b.unique_users})).collect::<Vec<_>>(),
         "total_clicks": r.total_clicks,
         "total_unique_users": r.total_unique_users,
+        "invalid_by_reason": reasons_json(&r.invalid_by_reason),
         "watermark_ms": r.watermark_ms,
         "watermark": rfc3339(r.watermark_ms),
     })
+}
+
+/// `invalid_by_reason` as an object: reason label -> clicks (reasons with clicks only).
+fn reasons_json(r: &[v1::ReasonCount]) -> Value {
+    let mut o = serde_json::Map::new();
+    for rc in r {
+        let label = crate::rules::Reason::ALL
+            .iter()
+            .find(|x| x.proto() == rc.reason)
+            .map_or("unspecified", |x| x.label());
+        o.insert(label.to_string(), json!(rc.clicks));
+    }
+    Value::Object(o)
 }
 
 /// The parameters of `p` but `own` read as one ad's clicks request (`clicks_request`),
@@ -1081,6 +1116,7 @@ pub fn breakdown_request(
         filter: one.filter,
         group_by: group_by as i32,
         n,
+        traffic: one.traffic,
     };
     Ok((req, last))
 }
@@ -1152,6 +1188,7 @@ pub fn totals_request(
         filter: one.filter,
         fill_empty: one.fill_empty,
         include_sketches: false,
+        traffic: one.traffic,
     };
     Ok((req, last))
 }
@@ -1180,6 +1217,7 @@ async fn get_totals(
         "buckets": r.buckets.iter().map(|b| json!({"start_ms": b.start_ms, "start": rfc3339(b.start_ms), "clicks": b.clicks, "unique_users": b.unique_users})).collect::<Vec<_>>(),
         "total_clicks": r.total_clicks,
         "total_unique_users": r.total_unique_users,
+        "invalid_by_reason": reasons_json(&r.invalid_by_reason),
         "ads": r.ads,
         "watermark_ms": r.watermark_ms,
         "watermark": rfc3339(r.watermark_ms),
@@ -1213,6 +1251,7 @@ pub fn batch_request(
         granularity: one.granularity,
         filter: one.filter,
         fill_empty: one.fill_empty,
+        traffic: one.traffic,
     };
     Ok((req, last))
 }
@@ -1239,6 +1278,7 @@ pub fn top_request(p: &[(String, String)]) -> Result<v1::TopAdsRequest, QueryErr
     let n = num::<u32>(p, "n", Field::N, &mut bad);
     let window = window(p, &mut bad);
     let filter = filter(p, &mut bad);
+    let traffic = traffic(p, &mut bad);
     let window = match window {
         Some(_) if !bad.is_empty() => return Err(QueryError::Invalid(bad)),
         Some(Window::LastMinutes(m)) => v1::top_ads_request::Window::LastMinutes(m),
@@ -1252,6 +1292,7 @@ pub fn top_request(p: &[(String, String)]) -> Result<v1::TopAdsRequest, QueryErr
         n: n.unwrap_or(10),
         window: Some(window),
         filter: Some(filter),
+        traffic,
     })
 }
 

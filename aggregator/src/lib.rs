@@ -29,6 +29,7 @@ pub mod live;
 pub mod metrics;
 pub mod query;
 pub mod ratelimit;
+pub mod rules;
 pub mod sketch;
 pub mod source;
 pub mod state;

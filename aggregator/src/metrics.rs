@@ -47,6 +47,13 @@ pub struct PortReasonLabel {
     pub reason: &'static str,
 }
 
+/// `version` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    /// A version string.
+    pub version: String,
+}
+
 /// `reason` label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -70,6 +77,14 @@ adclick_proto::metrics! {
         }
         /// Clicks by outcome (applied, of which late; duplicate, too_old, malformed, ...).
         pub clicks: Family<OutcomeLabel, Counter> = Family::default();
+        /// Counted clicks classified invalid traffic, by reason (`rules::Reason::label`;
+        /// the ones a rate rule moved after they were counted as valid included).
+        pub invalid_clicks: Family<ReasonLabel, Counter> = Family::default();
+        /// The invalid-traffic rules version in force (value 1): a hash of the effective
+        /// `[rules]` config and the CIDR file, `off` when the rules are off.
+        pub rules_info: Family<VersionLabel, Gauge> = Family::default();
+        /// Of those, clicks a rate rule moved from valid to invalid after they were counted.
+        pub invalid_moved: Family<ReasonLabel, Counter> = Family::default();
         /// Batches re-delivered after their ack (ignored).
         pub redeliveries: Counter = Counter::default();
         /// WAL append failures.

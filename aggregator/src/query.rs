@@ -16,6 +16,7 @@ use adclick_proto::v1::{
 };
 
 use crate::config::{ApiKey, QueryConfig, Role};
+use crate::rules::N_REASONS;
 use crate::sketch::hll::Hll;
 use crate::state::dims::DimKey;
 use crate::state::shard::{CellRef, LEVEL_MS, ShardState};
@@ -49,6 +50,108 @@ impl From<Violations> for QueryError {
     fn from(v: Violations) -> Self {
         QueryError::Invalid(v)
     }
+}
+
+/// Which clicks a query counts (`adclick.v1.Traffic`; issue 16). The shards' cells count
+/// ALL traffic and keep invalid traffic apart by reason (`ShardState::invalid`), so VALID
+/// clicks are all − invalid. Unique users cannot be subtracted (HyperLogLog): VALID and ALL
+/// report the distinct users of all the bucket's clicks, INVALID those of its invalid
+/// clicks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Traffic {
+    /// Billable clicks (the default).
+    Valid,
+    /// Clicks the rules classified invalid.
+    Invalid,
+    /// Both.
+    All,
+}
+
+impl Traffic {
+    /// The request's `traffic` checked: a known value, and ALL when the answer comes from
+    /// the click index while rules run (the index holds every counted click and not the
+    /// rules' verdicts, which a later rate trip can change).
+    pub fn of(v: i32, uses_click_index: bool, view: &View) -> Result<Traffic, QueryError> {
+        use crate::validate::{Field, Reason};
+        let t = match v1::Traffic::try_from(v) {
+            Ok(v1::Traffic::Valid) => Traffic::Valid,
+            Ok(v1::Traffic::Invalid) => Traffic::Invalid,
+            Ok(v1::Traffic::All) => Traffic::All,
+            Err(_) => {
+                let mut bad = Violations::default();
+                bad.push(
+                    Field::Traffic,
+                    Reason::UnknownValue,
+                    format!("unknown traffic {v}: VALID (0), INVALID (1) or ALL (2)"),
+                );
+                return Err(QueryError::Invalid(bad));
+            }
+        };
+        if uses_click_index && view.rules_on && t != Traffic::All {
+            let mut bad = Violations::default();
+            bad.push(
+                Field::Traffic,
+                Reason::Conflict,
+                "filter.ip and filter.user_id count all traffic (the click index does not keep the invalid-traffic rules' verdicts): send traffic = ALL",
+            );
+            return Err(QueryError::Invalid(bad));
+        }
+        Ok(t)
+    }
+}
+
+/// Clicks of `ad` in the bucket of `level` at `start` on one shard that the filter keeps,
+/// for `traffic`; users merged into `users` (of all clicks, or of the invalid ones for
+/// INVALID); the invalid clicks added to `by_reason`.
+#[allow(clippy::too_many_arguments)]
+fn tally_traffic(
+    s: &ShardState,
+    level: usize,
+    ad: u64,
+    start: i64,
+    filter: &Filter,
+    traffic: Traffic,
+    mut users: Option<&mut Hll>,
+    by_reason: &mut [u64; N_REASONS],
+) -> u64 {
+    let mut all = 0;
+    if traffic != Traffic::Invalid {
+        for cell in s.parts(level, ad, start) {
+            all += filter.tally(cell, users.as_deref_mut());
+        }
+    }
+    let mut invalid = 0;
+    for (r, n) in by_reason.iter_mut().enumerate() {
+        if let Some(inv) = s.invalid(r) {
+            for cell in inv.parts(level, ad, start) {
+                let u = if traffic == Traffic::Invalid {
+                    users.as_deref_mut()
+                } else {
+                    None
+                };
+                let c = filter.tally(cell, u);
+                *n += c;
+                invalid += c;
+            }
+        }
+    }
+    match traffic {
+        Traffic::Valid => all.saturating_sub(invalid),
+        Traffic::Invalid => invalid,
+        Traffic::All => all,
+    }
+}
+
+/// `invalid_by_reason` of a response: the reasons with clicks.
+fn reason_counts(by_reason: &[u64; N_REASONS]) -> Vec<v1::ReasonCount> {
+    crate::rules::Reason::ALL
+        .iter()
+        .filter(|r| by_reason[r.index()] > 0)
+        .map(|r| v1::ReasonCount {
+            reason: r.proto(),
+            clicks: by_reason[r.index()],
+        })
+        .collect()
 }
 
 /// Who is asking.
@@ -490,7 +593,16 @@ pub fn get_ad_clicks(
     let meta = view.meta.load_full();
     let filter = Filter::resolve(&plan.filter, &meta);
     let fill = req.fill_empty.unwrap_or(true);
-    answer_ad_clicks(view, caller, req.ad_id, &plan, &filter, fill, watermark_ms)
+    let traffic = Traffic::of(req.traffic, filter.uses_click_index(), view)?;
+    answer_ad_clicks(
+        view,
+        caller,
+        req.ad_id,
+        &plan,
+        &filter,
+        (fill, traffic),
+        watermark_ms,
+    )
 }
 
 /// The answer to a validated `GetAdClicks` for `ad` (`plan` and `filter` from its
@@ -501,7 +613,7 @@ fn answer_ad_clicks(
     ad: u64,
     plan: &validate::AdClicksPlan<'_>,
     filter: &Filter,
-    fill: bool,
+    (fill, traffic): (bool, Traffic),
     watermark_ms: i64,
 ) -> Result<GetAdClicksResponse, QueryError> {
     let (level, from, to) = (plan.level, plan.from_ms, plan.to_ms);
@@ -538,6 +650,7 @@ fn answer_ad_clicks(
         Vec::new()
     };
     let mut total_users = Hll::new();
+    let mut by_reason = [0u64; N_REASONS];
     let mut start = from;
     while start < to {
         let mut users = Hll::new();
@@ -547,9 +660,16 @@ fn answer_ad_clicks(
             users = u;
         }
         for s in &shards {
-            for cell in s.parts(level, ad, start) {
-                clicks += filter.tally(cell, Some(&mut users));
-            }
+            clicks += tally_traffic(
+                s,
+                level,
+                ad,
+                start,
+                filter,
+                traffic,
+                Some(&mut users),
+                &mut by_reason,
+            );
         }
         if clicks > 0 {
             total_users.merge(&users);
@@ -565,6 +685,7 @@ fn answer_ad_clicks(
         start += width;
     }
     resp.total_unique_users = total_users.estimate();
+    resp.invalid_by_reason = reason_counts(&by_reason);
     Ok(resp)
 }
 
@@ -585,6 +706,7 @@ pub fn breakdown(
         granularity: req.granularity,
         filter: req.filter.clone(),
         fill_empty: Some(false),
+        traffic: req.traffic,
     };
     let plan = match validate::ad_clicks(&as_clicks, limits, watermark_ms) {
         Ok(p) if bad.is_empty() => p,
@@ -603,6 +725,7 @@ pub fn breakdown(
     };
     let meta = view.meta.load_full();
     let filter = Filter::resolve(&plan.filter, &meta);
+    let traffic = Traffic::of(req.traffic, filter.uses_click_index(), view)?;
     if !filter.matches_ad(ad_meta(view, req.ad_id), caller) {
         return Ok(resp);
     }
@@ -645,6 +768,7 @@ pub fn breakdown(
         })
         .collect();
     let mut sums: Vec<(u64, Hll)> = (0..names.len()).map(|_| (0, Hll::new())).collect();
+    let mut invalid: Vec<(u64, Hll)> = (0..names.len()).map(|_| (0, Hll::new())).collect();
     if filter.uses_click_index() {
         filter.index_hits(view, plan.from_ms, plan.to_ms, &mut |h| {
             let g = (h.combo as usize)
@@ -665,20 +789,37 @@ pub fn breakdown(
     };
     let width = LEVEL_MS[plan.level];
     let mut start = plan.from_ms;
+    let group_of = |id: u32| {
+        (id as usize)
+            .checked_sub(1)
+            .and_then(|i| group.get(i).copied().flatten())
+    };
     while start < plan.to_ms {
         for s in &shards {
-            for cell in s.parts(plan.level, req.ad_id, start) {
-                cell.tally_by(
-                    |id| {
-                        (id as usize)
-                            .checked_sub(1)
-                            .and_then(|i| group.get(i).copied().flatten())
-                    },
-                    &mut sums,
-                );
+            if traffic != Traffic::Invalid {
+                for cell in s.parts(plan.level, req.ad_id, start) {
+                    cell.tally_by(group_of, &mut sums);
+                }
+            }
+            if traffic != Traffic::All {
+                for inv in (0..N_REASONS).filter_map(|r| s.invalid(r)) {
+                    for cell in inv.parts(plan.level, req.ad_id, start) {
+                        cell.tally_by(group_of, &mut invalid);
+                    }
+                }
             }
         }
         start += width;
+    }
+    match traffic {
+        Traffic::All => {}
+        Traffic::Invalid => sums = invalid,
+        // Users of all clicks: sketches cannot subtract (see `Traffic`).
+        Traffic::Valid => {
+            for (s, i) in sums.iter_mut().zip(&invalid) {
+                s.0 = s.0.saturating_sub(i.0);
+            }
+        }
     }
     let mut values: Vec<v1::ValueCount> = names
         .into_iter()
@@ -714,6 +855,8 @@ pub fn get_totals(
     let meta = view.meta.load_full();
     let filter = Filter::resolve(&plan.filter, &meta);
     let fill = req.fill_empty.unwrap_or(true);
+    let traffic = Traffic::of(req.traffic, filter.uses_click_index(), view)?;
+    let mut by_reason = [0u64; N_REASONS];
     let by_campaign = req.scope == v1::TotalsScope::Campaign as i32;
     let ads: std::collections::HashSet<u64> = {
         let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
@@ -753,12 +896,19 @@ pub fn get_totals(
             let (mut clicks, mut users) = (0u64, Hll::new());
             for &ad in &ads {
                 for s in &shards {
-                    for cell in s.parts(level, ad, start) {
-                        let c = filter.tally(cell, Some(&mut users));
-                        if c > 0 {
-                            clicks += c;
-                            active.insert(ad);
-                        }
+                    let c = tally_traffic(
+                        s,
+                        level,
+                        ad,
+                        start,
+                        &filter,
+                        traffic,
+                        Some(&mut users),
+                        &mut by_reason,
+                    );
+                    if c > 0 {
+                        clicks += c;
+                        active.insert(ad);
                     }
                 }
             }
@@ -800,6 +950,7 @@ pub fn get_totals(
     if req.include_sketches {
         resp.total_users_sketch = total_users.to_bytes();
     }
+    resp.invalid_by_reason = reason_counts(&by_reason);
     Ok(resp)
 }
 
@@ -822,6 +973,7 @@ pub fn batch_get_ad_clicks(
         granularity: req.granularity,
         filter: req.filter.clone(),
         fill_empty: req.fill_empty,
+        traffic: req.traffic,
     };
     let plan = match validate::ad_clicks(&shared, limits, watermark_ms) {
         Ok(plan) if bad.is_empty() => plan,
@@ -834,11 +986,22 @@ pub fn batch_get_ad_clicks(
     let meta = view.meta.load_full();
     let filter = Filter::resolve(&plan.filter, &meta);
     let fill = req.fill_empty.unwrap_or(true);
+    let traffic = Traffic::of(req.traffic, filter.uses_click_index(), view)?;
     Ok(v1::BatchGetAdClicksResponse {
         ads: req
             .ad_ids
             .iter()
-            .map(|&ad| answer_ad_clicks(view, caller, ad, &plan, &filter, fill, watermark_ms))
+            .map(|&ad| {
+                answer_ad_clicks(
+                    view,
+                    caller,
+                    ad,
+                    &plan,
+                    &filter,
+                    (fill, traffic),
+                    watermark_ms,
+                )
+            })
             .collect::<Result<_, _>>()?,
         watermark_ms,
     })
@@ -879,6 +1042,25 @@ pub fn top_ads(
     // gives its total either way.
     let tops: Vec<_> = view.tops.iter().map(|t| t.load_full()).collect();
     let fields = filter.fields(caller);
+    let traffic = Traffic::of(req.traffic, filter.uses_click_index(), view)?;
+    // Invalid clicks per ad of the range (a scan of the invalid cells: invalid traffic is
+    // the small part). VALID ranks all − invalid: the top n valid ads are among the top
+    // n + k of ALL when k ads have invalid clicks (each of the k can push one ad out;
+    // every other ad's valid count is its ALL count), so ALL is asked for n + k and
+    // corrected.
+    let invalid = if traffic == Traffic::All || filter.uses_click_index() {
+        HashMap::new()
+    } else {
+        invalid_top(view, &filter, caller, (fm, tm))
+    };
+    if traffic == Traffic::Invalid {
+        let mut ranked: Vec<(u64, u64)> = invalid.into_iter().collect();
+        ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked.truncate(n);
+        return Ok(top_response(view, ranked, (fm, tm)));
+    }
+    let n_all = n.saturating_add(invalid.len());
+    let n = n_all;
     let mut ranked = if filter.uses_click_index() {
         index_top(view, &filter, caller, (fm, tm))?
     } else if fields.is_empty() {
@@ -890,9 +1072,19 @@ pub fn top_ads(
             None => scan_top(view, &filter, caller, (fm, tm)),
         }
     };
+    if !invalid.is_empty() {
+        for (ad, c) in &mut ranked {
+            *c = c.saturating_sub(invalid.get(ad).copied().unwrap_or(0));
+        }
+        ranked.retain(|(_, c)| *c > 0);
+    }
     ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    ranked.truncate(n);
-    Ok(TopAdsResponse {
+    ranked.truncate(req.n as usize);
+    Ok(top_response(view, ranked, (fm, tm)))
+}
+
+fn top_response(view: &View, ranked: Vec<(u64, u64)>, (fm, tm): (i64, i64)) -> TopAdsResponse {
+    TopAdsResponse {
         ads: ranked
             .into_iter()
             .map(|(ad_id, clicks)| AdCount { ad_id, clicks })
@@ -902,5 +1094,28 @@ pub fn top_ads(
             to_ms: tm * LEVEL_MS[0],
         }),
         watermark_ms: view.watermark_ms.load(Ordering::Acquire),
-    })
+    }
+}
+
+/// Invalid clicks per ad in minutes [fm, tm) that the filter keeps and the caller may see.
+fn invalid_top(
+    view: &View,
+    filter: &Filter,
+    caller: Caller,
+    (fm, tm): (i64, i64),
+) -> HashMap<u64, u64> {
+    let shards = read_shards(view);
+    let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
+    let mut sums: HashMap<u64, u64> = HashMap::new();
+    for s in &shards {
+        for inv in (0..N_REASONS).filter_map(|r| s.invalid(r)) {
+            for (_, ad, cell) in inv.cells_in(0, fm * LEVEL_MS[0], tm * LEVEL_MS[0]) {
+                let c = filter.tally(cell, None);
+                if c > 0 && filter.matches_ad(owners.get(&ad).copied(), caller) {
+                    *sums.entry(ad).or_default() += c;
+                }
+            }
+        }
+    }
+    sums
 }

@@ -40,6 +40,9 @@ pub struct View {
     /// Epoch ms from which the click index holds every counted click (`i64::MIN`: all);
     /// see `clickindex::complete_since`.
     pub click_index_since_ms: i64,
+    /// The invalid-traffic rules run (`rules.enabled`): the click index counts all
+    /// traffic, so `ip`/`user_id` filters then answer `traffic = ALL` only.
+    pub rules_on: bool,
 }
 
 /// What queries need from the window operator.

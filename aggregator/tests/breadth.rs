@@ -33,6 +33,7 @@ fn batch(
         granularity: Granularity::Minute as i32,
         filter: None,
         fill_empty,
+        ..Default::default()
     }
 }
 
@@ -56,6 +57,7 @@ async fn buckets_are_zero_filled_and_ads_come_in_batches() {
             granularity: Granularity::Minute as i32,
             filter: None,
             fill_empty,
+            ..Default::default()
         };
         let r = q
             .get_ad_clicks(authed(req(None), ADMIN))
@@ -320,6 +322,7 @@ async fn breakdown_by_a_dimension_matches_the_oracle() {
         filter,
         group_by: group_by as i32,
         n,
+        ..Default::default()
     };
     let expect = |ad: u64,
                   n: usize,

@@ -237,6 +237,7 @@ fn top_req(n: u32) -> TopAdsRequest {
             to_ms: T0 + 10 * MIN,
         })),
         filter: None,
+        ..Default::default()
     }
 }
 

@@ -77,6 +77,7 @@ async fn totals(ch: &Channel) -> BTreeMap<u64, u64> {
                     to_ms: T0 + 10 * MIN,
                     granularity: Granularity::Minute as i32,
                     filter: None,
+                    ..Default::default()
                 },
                 ADMIN,
             ))

@@ -607,6 +607,7 @@ async fn idle_and_slow_connections_are_closed_on_both_ports() {
         n: 1,
         window: Some(top_ads_request::Window::LastMinutes(5)),
         filter: None,
+        ..Default::default()
     };
     q.top_ads(authed(top.clone(), ADMIN)).await.unwrap();
     eventually(bound, "idle gRPC connection closed", async || {
@@ -678,6 +679,7 @@ async fn connection_caps_refuse_the_excess_and_a_real_client_gets_through() {
         n: 1,
         window: Some(top_ads_request::Window::LastMinutes(5)),
         filter: None,
+        ..Default::default()
     };
     let mut q = QueryServiceClient::new(channel(a.grpc_addr(), Some(ip("127.0.0.2"))).await);
     q.top_ads(authed(top.clone(), ADMIN)).await.unwrap();

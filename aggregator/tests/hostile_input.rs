@@ -85,6 +85,7 @@ async fn hostile_input_is_refused_without_damage() {
                 to_ms: to,
             })),
             filter: None,
+            ..Default::default()
         };
         assert_eq!(
             q.top_ads(authed(req, ADMIN)).await.unwrap_err().code(),

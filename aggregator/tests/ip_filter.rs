@@ -189,6 +189,7 @@ async fn check(a: &Aggregator, unique: &[IngestClick]) -> Answers {
                 granularity: Granularity::Minute as i32,
                 filter: Some(filter.clone()),
                 fill_empty: Some(false),
+                ..Default::default()
             };
             let r = q
                 .get_ad_clicks(authed(req, ADMIN))
@@ -220,6 +221,7 @@ async fn check(a: &Aggregator, unique: &[IngestClick]) -> Answers {
             granularity: Granularity::Hour as i32,
             filter: Some(filter.clone()),
             fill_empty: Some(false),
+            ..Default::default()
         };
         let r = q
             .batch_get_ad_clicks(authed(req, ADMIN))
@@ -238,6 +240,7 @@ async fn check(a: &Aggregator, unique: &[IngestClick]) -> Answers {
             filter: Some(filter.clone()),
             group_by: v1::Dimension::Country as i32,
             n: 10,
+            ..Default::default()
         };
         let r = q.breakdown(authed(req, ADMIN)).await.unwrap().into_inner();
         let got: Vec<(String, u64)> = r
@@ -371,6 +374,7 @@ fn validation_and_retention() {
                 ..Default::default()
             }),
             fill_empty: Some(false),
+            ..Default::default()
         };
         for (ip, user, field, reason) in [
             ("300.1.1.1", "", "filter.ip", "MALFORMED"),
@@ -433,6 +437,7 @@ fn validation_and_retention() {
                 user_id: "bob".into(),
                 ..Default::default()
             }),
+            ..Default::default()
         };
         let e = q.top_ads(authed(top, ADMIN)).await.unwrap_err();
         assert_eq!(
@@ -554,6 +559,7 @@ fn an_index_added_to_a_counted_data_dir_refuses_ranges_before_it() {
         granularity: Granularity::Minute as i32,
         filter,
         fill_empty: Some(false),
+        ..Default::default()
     };
     let by_user = Some(Filter {
         user_id: "alice".into(),

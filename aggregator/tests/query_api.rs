@@ -22,6 +22,7 @@ async fn api_keys_scope_what_a_caller_sees_and_bad_requests_are_named() {
         n: 5,
         window: Some(v1::top_ads_request::Window::LastMinutes(5)),
         filter: None,
+        ..Default::default()
     };
     let e = q
         .top_ads(tonic::Request::new(req.clone()))

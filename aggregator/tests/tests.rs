@@ -25,6 +25,7 @@ mod dedup_bound;
 mod filtered_top;
 mod hardening;
 mod hostile_input;
+mod invalid_traffic;
 mod ip_filter;
 mod query_api;
 mod recovery;

@@ -234,6 +234,7 @@ fn top_range(n: u32, from: i64, to: i64) -> TopAdsRequest {
             to_ms: to,
         })),
         filter: None,
+        ..Default::default()
     }
 }
 
@@ -310,6 +311,7 @@ async fn watches_push_changes_and_drop_clients_that_fall_behind() {
         granularity: Granularity::Minute as i32,
         filter: None,
         fill_empty: Some(false),
+        ..Default::default()
     };
     let mut wc = q
         .watch_ad_clicks(authed(

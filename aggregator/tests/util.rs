@@ -158,6 +158,7 @@ pub async fn top(
             to_ms: to,
         })),
         filter,
+        ..Default::default()
     };
     q.top_ads(authed(req, key))
         .await
@@ -183,6 +184,7 @@ pub async fn ad_clicks(
         to_ms: T0 + 2 * 86_400_000,
         granularity: g as i32,
         filter,
+        ..Default::default()
     };
     q.get_ad_clicks(authed(req, key))
         .await

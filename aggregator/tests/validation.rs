@@ -67,11 +67,17 @@ fn clicks_req(
         to_ms,
         granularity: g as i32,
         filter,
+        ..Default::default()
     }
 }
 
 fn top_req(n: u32, window: Option<Window>, filter: Option<Filter>) -> TopAdsRequest {
-    TopAdsRequest { n, window, filter }
+    TopAdsRequest {
+        n,
+        window,
+        filter,
+        ..Default::default()
+    }
 }
 
 fn range(from_ms: i64, to_ms: i64) -> Option<Window> {
@@ -218,6 +224,7 @@ async fn grpc_invalid_filters_are_invalid_argument_naming_the_field() {
                 f.country = vec!["USA".into(), "US".into(), "EU".into()];
                 f.device = vec![0];
             }),
+            ..Default::default()
         },
     )
     .await;

@@ -335,6 +335,19 @@ pub fn aggregator(cfg: &adclick_aggregator::AggregatorConfig) -> Report {
             ""
         }
     ));
+    // The invalid-traffic rules: their version, and the CIDR file read as a start reads it.
+    match adclick_aggregator::rules::Rules::new(&cfg.rules) {
+        Ok(rules) if cfg.rules.enabled => r.ok(format!(
+            "invalid-traffic rules: on, version {}{}",
+            rules.version(),
+            match &cfg.rules.datacenter_ip.cidr_file {
+                Some(p) => format!(", data-center ranges from {}", p.display()),
+                None => String::new(),
+            }
+        )),
+        Ok(_) => r.ok("invalid-traffic rules: off ([rules] enabled = false)"),
+        Err(e) => r.problem(e.to_string()),
+    }
     r
 }
 

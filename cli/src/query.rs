@@ -54,6 +54,19 @@ pub struct Filters {
     /// Exact user id (click index).
     #[arg(long)]
     user_id: Option<String>,
+    /// Which clicks to count: valid (billable), invalid (the invalid-traffic rules'), or
+    /// all. Default: valid, or all with --ip / --user-id (the click index counts all
+    /// traffic).
+    #[arg(long, value_enum)]
+    traffic: Option<TrafficArg>,
+}
+
+/// `adclick.v1.Traffic` values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TrafficArg {
+    Valid,
+    Invalid,
+    All,
 }
 
 /// Device values.
@@ -185,6 +198,16 @@ fn top_text(r: &v1::TopAdsResponse, minutes: u32, json: bool) -> String {
 }
 
 impl Filters {
+    fn traffic(&self) -> i32 {
+        (match self.traffic {
+            Some(TrafficArg::Valid) => v1::Traffic::Valid,
+            Some(TrafficArg::Invalid) => v1::Traffic::Invalid,
+            Some(TrafficArg::All) => v1::Traffic::All,
+            None if self.ip.is_some() || self.user_id.is_some() => v1::Traffic::All,
+            None => v1::Traffic::Valid,
+        }) as i32
+    }
+
     fn to_wire(&self) -> Filter {
         Filter {
             country: self
@@ -256,6 +279,7 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                     to_ms: to,
                     granularity: g as i32,
                     filter: Some(filters.to_wire()),
+                    traffic: filters.traffic(),
                 });
                 auth(req.metadata_mut())?;
                 let r = client.get_ad_clicks(req).await.map_err(status)?.into_inner();
@@ -276,6 +300,7 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                     n,
                     window: Some(v1::top_ads_request::Window::LastMinutes(minutes)),
                     filter: Some(filters.to_wire()),
+                    traffic: filters.traffic(),
                 };
                 let Some(every) = watch else {
                     let mut req = tonic::Request::new(query);
@@ -317,6 +342,7 @@ pub fn run(conn: Conn, cmd: QueryCommand) -> Result<()> {
                     filter: Some(filters.to_wire()),
                     fill_empty: None,
                     include_sketches: false,
+                    traffic: filters.traffic(),
                 });
                 auth(req.metadata_mut())?;
                 let r = client.get_totals(req).await.map_err(status)?.into_inner();

@@ -22,7 +22,7 @@ use std::time::Duration;
 use adclick_archive::{ArchiveConfig, Destination, S3Config};
 use adclick_proto::v1::query_service_client::QueryServiceClient;
 use adclick_proto::v1::{
-    BatchGetAdClicksRequest, Granularity, TimeRange, TopAdsRequest, top_ads_request,
+    BatchGetAdClicksRequest, Granularity, TimeRange, TopAdsRequest, Traffic, top_ads_request,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
@@ -185,6 +185,8 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
                 to_ms: to,
             })),
             filter: None,
+            // The archive holds every counted click, valid or not: compare with ALL.
+            traffic: Traffic::All as i32,
         });
         authed(req.metadata_mut())?;
         match client.top_ads(req).await {
@@ -208,6 +210,7 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
                     granularity: g as i32,
                     fill_empty: Some(false),
                     filter: None,
+                    traffic: Traffic::All as i32,
                 });
                 authed(req.metadata_mut())?;
                 let r = client.batch_get_ad_clicks(req).await;

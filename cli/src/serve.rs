@@ -227,6 +227,9 @@ pub fn aggregator(args: AggregatorArgs) -> Result<()> {
     let base = config_dir(&args.config)?;
     resolve(&base, &mut cfg.data_dir);
     resolve(&base, &mut cfg.archive.dir);
+    if let Some(p) = cfg.rules.datacenter_ip.cidr_file.as_mut() {
+        resolve(&base, p);
+    }
     let valid = cfg.validate();
     if args.check {
         let mut r = crate::check::aggregator(&cfg);

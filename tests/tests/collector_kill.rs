@@ -298,6 +298,7 @@ async fn scenario() {
                     to_ms: range.1,
                     granularity: Granularity::Day as i32,
                     filter: None,
+                    ..Default::default()
                 },
                 ADMIN,
             ))

@@ -25,6 +25,7 @@ mod dev_cluster;
 mod ffi_bindings;
 mod file_source_kill;
 mod hot_dedup;
+mod invalid_traffic;
 mod jetstream_aggregator;
 mod jetstream_collector_kill;
 mod metrics_format;

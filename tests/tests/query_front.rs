@@ -165,6 +165,7 @@ fn top_req(n: u32, (from, to): (i64, i64), filter: Option<Filter>) -> TopAdsRequ
             to_ms: to,
         })),
         filter,
+        ..Default::default()
     }
 }
 
@@ -317,6 +318,7 @@ async fn scenario() {
         n: 100,
         window: Some(v1::top_ads_request::Window::LastMinutes(10)),
         filter: None,
+        ..Default::default()
     };
     let r = q.top_ads(authed(last, ADMIN)).await.unwrap().into_inner();
     assert_eq!(pairs(&r), ranked(&all, 100), "TopAds last_minutes=10");
@@ -366,6 +368,7 @@ async fn scenario() {
         granularity: Granularity::Minute as i32,
         filter: None,
         fill_empty: Some(false),
+        ..Default::default()
     };
     let r = q
         .batch_get_ad_clicks(authed(batch.clone(), ADMIN))
@@ -524,6 +527,7 @@ async fn scenario() {
             ..Default::default()
         }),
         fill_empty: None,
+        ..Default::default()
     };
     let e = q
         .get_ad_clicks(authed(bad_country, ADMIN))
@@ -541,6 +545,7 @@ async fn scenario() {
         granularity: Granularity::Minute as i32,
         filter: None,
         fill_empty: None,
+        ..Default::default()
     };
     let via_front = q
         .get_ad_clicks(authed(before.clone(), ADMIN))

@@ -147,6 +147,7 @@ async fn scenario() {
         n: 1,
         window: Some(adclick_proto::v1::top_ads_request::Window::LastMinutes(5)),
         filter: None,
+        ..Default::default()
     };
     for r in [
         tonic::Request::new(req()),

@@ -15,7 +15,7 @@ use crate::dest::Destination;
 /// One (ad, minute) of the archive.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cell {
-    /// Rows with status `counted`.
+    /// Rows with status `counted` or `invalid_traffic` (the aggregator's ALL counts).
     pub clicks: u64,
     /// XXH64 of each distinct non-empty user id among them.
     pub users: HashSet<u64>,
@@ -81,7 +81,8 @@ pub fn read_day(dest: &Destination, day: &str) -> Result<Day, ArchiveError> {
                 .downcast_ref::<StringArray>()
                 .ok_or_else(|| ArchiveError(format!("{rel}: status is not a string dictionary")))?;
             let counted: Vec<bool> = (0..names.len())
-                .map(|i| names.value(i) == "counted")
+                // Invalid traffic (issue 16) is counted too (in `traffic = ALL`).
+                .map(|i| matches!(names.value(i), "counted" | "invalid_traffic"))
                 .collect();
             out.rows += batch.num_rows() as u64;
             for i in 0..batch.num_rows() {

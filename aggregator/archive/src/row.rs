@@ -34,6 +34,23 @@ pub enum Status {
     /// Archived by a writer that does not decide (a stream consumer archiving what was
     /// published, before any aggregator judged it).
     Received = 6,
+    /// Counted, and classified invalid traffic on arrival by the aggregator's rules
+    /// (issue 16), one code per reason (the `reason` column): in the counts of
+    /// `traffic = ALL` and `INVALID`, not in the valid (billed) ones. A later retroactive
+    /// move (rate rules) is not rewritten into an archived row.
+    InvalidBotUserAgent = 16,
+    /// See [`Status::InvalidBotUserAgent`].
+    InvalidDatacenterIp = 17,
+    /// See [`Status::InvalidBotUserAgent`].
+    InvalidHoneypot = 18,
+    /// See [`Status::InvalidBotUserAgent`].
+    InvalidImpossibleTime = 19,
+    /// See [`Status::InvalidBotUserAgent`].
+    InvalidTooFast = 20,
+    /// See [`Status::InvalidBotUserAgent`].
+    InvalidIpRate = 21,
+    /// See [`Status::InvalidBotUserAgent`].
+    InvalidUserRate = 22,
 }
 
 impl Status {
@@ -47,6 +64,13 @@ impl Status {
             4 => Status::Malformed,
             5 => Status::OwnerMismatch,
             6 => Status::Received,
+            16 => Status::InvalidBotUserAgent,
+            17 => Status::InvalidDatacenterIp,
+            18 => Status::InvalidHoneypot,
+            19 => Status::InvalidImpossibleTime,
+            20 => Status::InvalidTooFast,
+            21 => Status::InvalidIpRate,
+            22 => Status::InvalidUserRate,
             _ => return None,
         })
     }
@@ -59,6 +83,13 @@ impl Status {
             Status::TooOld | Status::OwnerMismatch => "quarantined",
             Status::Malformed => "invalid",
             Status::Received => "received",
+            Status::InvalidBotUserAgent
+            | Status::InvalidDatacenterIp
+            | Status::InvalidHoneypot
+            | Status::InvalidImpossibleTime
+            | Status::InvalidTooFast
+            | Status::InvalidIpRate
+            | Status::InvalidUserRate => "invalid_traffic",
         }
     }
 
@@ -71,12 +102,26 @@ impl Status {
             Status::TooOld => Some("too_old"),
             Status::Malformed => Some("malformed"),
             Status::OwnerMismatch => Some("owner_mismatch"),
+            Status::InvalidBotUserAgent => Some("bot_user_agent"),
+            Status::InvalidDatacenterIp => Some("datacenter_ip"),
+            Status::InvalidHoneypot => Some("honeypot"),
+            Status::InvalidImpossibleTime => Some("impossible_time"),
+            Status::InvalidTooFast => Some("too_fast"),
+            Status::InvalidIpRate => Some("ip_rate"),
+            Status::InvalidUserRate => Some("user_rate"),
         }
     }
 
     /// Whether the click is in the aggregator's counts.
     pub fn counted(self) -> bool {
-        matches!(self, Status::Counted | Status::CountedLate)
+        !matches!(
+            self,
+            Status::Duplicate
+                | Status::TooOld
+                | Status::Malformed
+                | Status::OwnerMismatch
+                | Status::Received
+        )
     }
 }
 
@@ -272,6 +317,21 @@ pub fn to_batch(rows: &[Row]) -> Result<RecordBatch, arrow_schema::ArrowError> {
 
 #[cfg(test)]
 mod tests {
+    /// Invalid-traffic codes read back, count as counted, and name their rule.
+    #[test]
+    fn invalid_traffic_statuses_round_trip() {
+        for code in 16..=22u8 {
+            let st = Status::from_code(code).unwrap();
+            assert_eq!(st as u8, code);
+            assert_eq!(st.name(), "invalid_traffic");
+            assert!(st.counted());
+            assert!(st.reason().is_some());
+        }
+        assert_eq!(Status::InvalidIpRate.reason(), Some("ip_rate"));
+        assert!(Status::from_code(23).is_none());
+        assert!(!Status::Duplicate.counted());
+    }
+
     use super::*;
 
     #[test]

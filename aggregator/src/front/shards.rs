@@ -334,6 +334,7 @@ impl QueryBackend for Shards {
             granularity: req.granularity,
             filter: req.filter.clone(),
             fill_empty: req.fill_empty,
+            traffic: req.traffic,
         };
         if let Err(v) = validate::ad_clicks(&shared, &self.limits, i64::MIN) {
             bad.extend(v);
@@ -396,6 +397,7 @@ impl QueryBackend for Shards {
             granularity: req.granularity,
             filter: req.filter.clone(),
             fill_empty: None,
+            traffic: req.traffic,
         };
         let mut bad = validate::breakdown(&req);
         if let Err(v) = validate::ad_clicks(&shared, &self.limits, i64::MIN) {
@@ -512,7 +514,12 @@ fn merge_totals(
     };
     let mut buckets: BTreeMap<i64, (u64, Hll)> = BTreeMap::new();
     let mut total = Hll::new();
+    // Invalid clicks by reason: summed (each ad lives on one shard).
+    let mut reasons: BTreeMap<i32, u64> = BTreeMap::new();
     for a in answers {
+        for r in &a.invalid_by_reason {
+            *reasons.entry(r.reason).or_default() += r.clicks;
+        }
         out.granularity = a.granularity;
         out.watermark_ms = out.watermark_ms.min(a.watermark_ms);
         out.ads = out.ads.saturating_add(a.ads);
@@ -525,6 +532,10 @@ fn merge_totals(
         }
     }
     out.total_unique_users = total.estimate();
+    out.invalid_by_reason = reasons
+        .into_iter()
+        .map(|(reason, clicks)| adclick_proto::v1::ReasonCount { reason, clicks })
+        .collect();
     if req.include_sketches {
         out.total_users_sketch = total.to_bytes();
     }
@@ -544,4 +555,37 @@ fn merge_totals(
         )
         .collect();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adclick_proto::v1::ReasonCount;
+
+    /// The front sums the shards' invalid clicks per reason (each ad lives on one shard).
+    #[test]
+    fn totals_merge_sums_invalid_by_reason() {
+        let shard = |pairs: &[(i32, u64)]| GetTotalsResponse {
+            invalid_by_reason: pairs
+                .iter()
+                .map(|&(reason, clicks)| ReasonCount { reason, clicks })
+                .collect(),
+            ..Default::default()
+        };
+        let merged = merge_totals(
+            &GetTotalsRequest::default(),
+            vec![
+                shard(&[(1, 3), (6, 2)]),
+                shard(&[(6, 5), (7, 1)]),
+                shard(&[]),
+            ],
+        )
+        .unwrap();
+        let got: Vec<(i32, u64)> = merged
+            .invalid_by_reason
+            .iter()
+            .map(|r| (r.reason, r.clicks))
+            .collect();
+        assert_eq!(got, vec![(1, 3), (6, 7), (7, 1)]);
+    }
 }

@@ -30,4 +30,16 @@ pub struct ClickIn<'a> {
     pub user_id: &'a [u8],
     /// Client IP as the collector saw it: 4 bytes (IPv4), 16 (IPv6), or empty (unknown).
     pub client_ip: &'a [u8],
+    /// Collector clock when the click arrived (the invalid-traffic rules' `impossible_time`).
+    pub received_at_ms: i64,
+    /// Device clock when the click happened, as sent.
+    pub occurred_at_ms: i64,
+    /// Device clock when the batch was sent, as sent.
+    pub sent_at_ms: i64,
+    /// The collector found the device clock out of bounds (event time = received time).
+    pub clock_skew_flagged: bool,
+    /// The token's issued-at (0: a collector older than the field).
+    pub token_issued_at_ms: i64,
+    /// `adclick.v1.UserAgentClass` value as the collector classified the User-Agent.
+    pub ua_class: i32,
 }

@@ -340,6 +340,12 @@ pub struct ShardState {
     /// a click for a sealed minute updates all three levels, any other click only its
     /// minute cell until [`ShardState::seal`] rolls it up.
     sealed_before: i64,
+    /// Invalid traffic (issue 16), one state per `rules::Reason` (empty until the first
+    /// invalid click): the same cells, counted apart. The cells of `self` count ALL
+    /// clicks, valid and invalid, so valid = all − Σ invalid; a click moved to invalid
+    /// later (rate rules) is only added here, every count stays increment-only (top-N
+    /// lists and sketches cannot subtract).
+    invalid: Vec<ShardState>,
 }
 
 impl Default for ShardState {
@@ -347,6 +353,7 @@ impl Default for ShardState {
         ShardState {
             levels: Default::default(),
             sealed_before: i64::MIN,
+            invalid: Vec::new(),
         }
     }
 }
@@ -404,6 +411,32 @@ impl ShardState {
             }
         }
         self.sealed_before = before_ms;
+        for s in &mut self.invalid {
+            s.seal(before_ms);
+        }
+    }
+
+    /// Counts `a` as invalid traffic of reason `reason` (`rules::Reason::index`). With
+    /// `a.late` the invalid cell's version moves (a retroactive move changes what a valid
+    /// query answered before, like a late correction).
+    pub fn apply_invalid(&mut self, reason: usize, a: &Applied) {
+        if self.invalid.is_empty() {
+            let sealed_before = self.sealed_before;
+            self.invalid = (0..crate::rules::N_REASONS)
+                .map(|_| ShardState {
+                    sealed_before,
+                    ..ShardState::default()
+                })
+                .collect();
+        }
+        if let Some(s) = self.invalid.get_mut(reason) {
+            s.apply(a);
+        }
+    }
+
+    /// The invalid clicks of `reason` (`None`: none yet on this shard).
+    pub fn invalid(&self, reason: usize) -> Option<&ShardState> {
+        self.invalid.get(reason)
     }
 
     /// Minutes before this are rolled up (see [`ShardState::seal`]).
@@ -421,6 +454,9 @@ impl ShardState {
             self.seal(before_ms);
         }
         self.levels[level].evict(before_ms);
+        for s in &mut self.invalid {
+            s.evict(level, before_ms);
+        }
     }
 
     /// What `ad` counted in the bucket of `level` starting at `start`: the bucket's cell
@@ -524,6 +560,11 @@ impl ShardState {
     /// Approximate heap bytes of everything in this shard.
     pub fn heap_bytes(&self) -> usize {
         self.levels.iter().map(Level::heap_bytes).sum::<usize>()
+            + self
+                .invalid
+                .iter()
+                .map(ShardState::heap_bytes)
+                .sum::<usize>()
     }
 
     /// Serialises the shard (checkpoint table).
@@ -556,6 +597,7 @@ impl ShardState {
                 });
             }
         }
+        pb.invalid = self.invalid.iter().map(ShardState::to_bytes).collect();
         pb.encode_to_vec()
     }
 
@@ -610,6 +652,19 @@ impl ShardState {
                 .next_back()
                 .map_or(i64::MIN, |m| m + LEVEL_MS[0]);
         }
+        for b in pb.invalid {
+            let mut sub = ShardState::from_bytes(&b, intern)?;
+            // Invalid states seal with their shard.
+            sub.sealed_before = s.sealed_before;
+            s.invalid.push(sub);
+        }
+        if !s.invalid.is_empty() && s.invalid.len() != crate::rules::N_REASONS {
+            return Err(format!(
+                "shard checkpoint: {} invalid-traffic states, expected {}",
+                s.invalid.len(),
+                crate::rules::N_REASONS
+            ));
+        }
         Ok(s)
     }
 }
@@ -625,6 +680,9 @@ struct ShardPb {
     /// `ShardState::sealed_before` (0: a checkpoint from before it existed).
     #[prost(sint64, tag = "3")]
     sealed_before: i64,
+    /// The invalid-traffic states by reason (`ShardState::invalid`), each a `ShardPb`.
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    invalid: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, Message)]

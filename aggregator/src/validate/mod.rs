@@ -120,6 +120,8 @@ pub enum Field {
     FilterIp,
     /// `filter.user_id`.
     FilterUserId,
+    /// `traffic` (every query request).
+    Traffic,
     /// An HTTP query parameter that maps to no request field (unknown, or repeated), by
     /// the name the client sent, cut to [`MAX_QUOTED`] bytes.
     Param(String),
@@ -134,6 +136,7 @@ impl fmt::Display for Field {
             Field::AdIds => f.write_str("ad_ids"),
             Field::AdIdsValue(i) => write!(f, "ad_ids[{i}]"),
             Field::FillEmpty => f.write_str("fill_empty"),
+            Field::Traffic => f.write_str("traffic"),
             Field::GroupBy => f.write_str("group_by"),
             Field::Scope => f.write_str("scope"),
             Field::Id => f.write_str("id"),
@@ -675,6 +678,7 @@ pub fn totals<'a>(
         granularity: req.granularity,
         filter: None,
         fill_empty: req.fill_empty,
+        traffic: req.traffic,
     };
     let plan = match ad_clicks(&shared, limits, watermark_ms) {
         Ok(p) => Some((p.level, p.from_ms, p.to_ms)),

@@ -20,11 +20,17 @@ fn clicks(from_ms: i64, to_ms: i64, g: Granularity, filter: Option<Filter>) -> G
         to_ms,
         granularity: g as i32,
         filter,
+        ..Default::default()
     }
 }
 
 fn top(n: u32, window: Option<Window>, filter: Option<Filter>) -> TopAdsRequest {
-    TopAdsRequest { n, window, filter }
+    TopAdsRequest {
+        n,
+        window,
+        filter,
+        ..Default::default()
+    }
 }
 
 fn range(from_ms: i64, to_ms: i64) -> Option<Window> {
@@ -326,6 +332,7 @@ fn every_violation_is_reported_and_the_list_is_capped() {
         to_ms: T0,
         granularity: 7,
         filter: Some(f),
+        ..Default::default()
     };
     assert_eq!(
         clicks_err(&req, T0),
@@ -391,7 +398,7 @@ proptest! {
             ..Default::default()
         };
         let to = from.saturating_add(len);
-        let req = GetAdClicksRequest { ad_id, from_ms: from, to_ms: to, granularity: g, filter: Some(f.clone()), fill_empty: None };
+        let req = GetAdClicksRequest { ad_id, from_ms: from, to_ms: to, granularity: g, filter: Some(f.clone()), fill_empty: None, ..Default::default() };
         match ad_clicks(&req, &Limits::default(), wm) {
             Ok(p) => {
                 prop_assert!(p.from_ms < p.to_ms && p.level < 3);

@@ -47,6 +47,10 @@ pub struct AggregatorArgs {
     /// before issue 14, for a before/after comparison in one session.
     #[arg(long)]
     no_click_index: bool,
+    /// Run the mix twice in this process, the invalid-traffic rules off then all on
+    /// (`benchkit::bench_rules`), and report both throughputs and the rules' cost per click.
+    #[arg(long)]
+    rules: bool,
     /// Append the result table to this file.
     #[arg(long)]
     append: Option<PathBuf>,
@@ -82,10 +86,15 @@ pub fn run(a: AggregatorArgs) -> Result<()> {
             ""
         }
     );
-    let r = apply_mix(&cfg);
+    let off = a.rules.then(|| apply_mix(&cfg));
+    let r = apply_mix(&MixConfig {
+        rules: a.rules,
+        measure_memory: cfg.measure_memory && !a.rules,
+        ..cfg.clone()
+    });
     let mut t = format!("### adclick bench aggregator, {}\n\n", super::machine());
     t += &format!(
-        "`adclick bench aggregator --clicks {} --ads {} --minutes {} --dup-pct {} --late-pct {}{}{}`\n\n",
+        "`adclick bench aggregator --clicks {} --ads {} --minutes {} --dup-pct {} --late-pct {}{}{}{}`\n\n",
         a.clicks,
         a.ads,
         a.minutes,
@@ -96,8 +105,26 @@ pub fn run(a: AggregatorArgs) -> Result<()> {
             " --no-click-index"
         } else {
             ""
-        }
+        },
+        if a.rules { " --rules" } else { "" }
     );
-    t += &r.table();
-    super::emit(&t, &r.result_line(), a.append.as_deref())
+    let mut line = r.result_line();
+    if let Some(off) = off {
+        t += "Rules off:\n\n";
+        t += &off.table();
+        t += "\nRules all on (same clicks, same process):\n\n";
+        let cost = 1e9 / r.clicks_per_cpu_sec.max(1.0) - 1e9 / off.clicks_per_cpu_sec.max(1.0);
+        t += &r.table();
+        t += &format!(
+            "\nRules' cost: {cost:.0} ns per click (CPU; {:.0} -> {:.0} clicks per CPU-second)\n",
+            off.clicks_per_cpu_sec, r.clicks_per_cpu_sec
+        );
+        line += &format!(
+            " rules_off_clicks_per_cpu_sec={:.0} rules_ns_per_click={cost:.1}",
+            off.clicks_per_cpu_sec
+        );
+    } else {
+        t += &r.table();
+    }
+    super::emit(&t, &line, a.append.as_deref())
 }

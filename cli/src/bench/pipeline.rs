@@ -581,6 +581,7 @@ fn spawn_topads(
                 n: 100,
                 window: Some(v1::top_ads_request::Window::LastMinutes(60)),
                 filter: None,
+                ..Default::default()
             };
             let Ok(req) = authed(req, &admin) else { break };
             let s = Instant::now();

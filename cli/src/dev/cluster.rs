@@ -977,6 +977,7 @@ async fn live(
                 n: 10,
                 window: Some(Window::LastMinutes(5)),
                 filter: None,
+                ..Default::default()
             });
             req.metadata_mut().insert(
                 "authorization",

@@ -189,7 +189,7 @@ pub fn run(args: DevArgs) -> Result<()> {
             let accepted = cm.clicks_with("accepted");
             let rate = (accepted - last.1) as f64 / last.0.elapsed().as_secs_f64();
             last = (Instant::now(), accepted);
-            let mut req = tonic::Request::new(TopAdsRequest { n: 10, window: Some(Window::LastMinutes(5)), filter: None });
+            let mut req = tonic::Request::new(TopAdsRequest { n: 10, window: Some(Window::LastMinutes(5)), filter: None, ..Default::default() });
             req.metadata_mut().insert("authorization", format!("Bearer {admin}").parse()?);
             let top = query.top_ads(req).await.map(|r| r.into_inner().ads).unwrap_or_default();
             let am = agg.metrics();

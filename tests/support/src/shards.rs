@@ -72,6 +72,7 @@ pub async fn per_ad_totals(
                     granularity: Granularity::Minute as i32,
                     filter: None,
                     fill_empty: Some(false),
+                    ..Default::default()
                 },
                 ADMIN,
             ))

@@ -352,6 +352,7 @@ pub async fn top_ads(
             to_ms: to,
         })),
         filter,
+        ..Default::default()
     };
     let r = q
         .top_ads(authed(req, key))
@@ -382,6 +383,7 @@ pub async fn ad_clicks(
             to_ms: to,
             granularity: granularity as i32,
             filter,
+            ..Default::default()
         },
         key,
     ))

@@ -1,0 +1,677 @@
+//! The invalid-traffic rules stage (issue 16): run by the writer thread on every click the
+//! window operator counted (after dedup), it classifies the click valid or invalid with
+//! one [`Reason`], and when a rate rule trips it names the earlier clicks of the same
+//! IP-minute / user-minute that move from valid to invalid (retroactive flags).
+//!
+//! Deterministic: its inputs are the click (from the WAL bytes) and its own state, which
+//! moves on event time only (expiry by the watermark), never on the wall clock. Its state
+//! is saved in every checkpoint (table `rules`, taken on the writer thread at the same
+//! point as the window operator's), so checkpoint + WAL replay reaches exactly the
+//! decisions the crashed process made.
+//!
+//! It must not do I/O on the per-click path nor know protobuf (clicks come as
+//! [`ClickIn`]); `cidr` reads the operator's file once at start.
+//!
+//! Memory: rate counters live per event-time minute and are dropped once the watermark is
+//! [`GRACE_MS`] past the minute's end. Per kept minute: one entry per distinct IP and per
+//! distinct user, and each valid click with an IP or user id (≈ 56 bytes + 4 per list it
+//! is in) until its minute expires; an entry's retroactive list holds at most
+//! `max_per_minute` clicks (once it trips, the list is emptied and no more are kept). So
+//! the bound is ~(60 bytes × the valid clicks of the last `allowed_delay_ms` + 2 minutes of
+//! event time) plus ~40 bytes per distinct IP and user of those minutes. Honeypot flags:
+//! one (first, last) pair per flagged client, kept `window_minutes` after its last trap
+//! click.
+
+pub mod cidr;
+pub mod config;
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+
+use crate::state::FastMap;
+use crate::state::click::ClickIn;
+use crate::state::dims::DimKey;
+use crate::state::shard::{Applied, LEVEL_MS};
+pub use config::RulesConfig;
+
+/// Largest `too_fast.min_ms` (one hour).
+pub const MAX_TOO_FAST_MS: i64 = 3_600_000;
+/// Rate counters and honeypot flags are kept this long after the watermark passed them:
+/// clicks a little later than the watermark still meet their minute's counter.
+pub const GRACE_MS: i64 = 60_000;
+/// Clock difference allowed between the token issuer and the collector when judging
+/// `impossible_time` (their clocks are different machines'; the device's is corrected).
+pub const ISSUER_SKEW_MS: i64 = 1_000;
+
+/// Why a click is invalid. The order is the order rules are tried in (the first match is
+/// the click's one reason) and the index is the `adclick.v1.InvalidReason` value minus 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// The collector classified the User-Agent as a bot.
+    BotUserAgent = 0,
+    /// The client IP is in a data-center range.
+    DatacenterIp = 1,
+    /// A trap ad, or a client flagged by one.
+    Honeypot = 2,
+    /// The device's corrected time is outside the token's lifetime.
+    ImpossibleTime = 3,
+    /// Sooner than `too_fast.min_ms` after the token was issued.
+    TooFast = 4,
+    /// More than `ip_rate.max_per_minute` clicks from the IP in the minute.
+    IpRate = 5,
+    /// More than `user_rate.max_per_minute` clicks from the user in the minute.
+    UserRate = 6,
+}
+
+/// Number of reasons.
+pub const N_REASONS: usize = 7;
+
+impl Reason {
+    /// Every reason, in rule order.
+    pub const ALL: [Reason; N_REASONS] = [
+        Reason::BotUserAgent,
+        Reason::DatacenterIp,
+        Reason::Honeypot,
+        Reason::ImpossibleTime,
+        Reason::TooFast,
+        Reason::IpRate,
+        Reason::UserRate,
+    ];
+
+    /// Stable label (metrics, docs, HTTP).
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::BotUserAgent => "bot_user_agent",
+            Reason::DatacenterIp => "datacenter_ip",
+            Reason::Honeypot => "honeypot",
+            Reason::ImpossibleTime => "impossible_time",
+            Reason::TooFast => "too_fast",
+            Reason::IpRate => "ip_rate",
+            Reason::UserRate => "user_rate",
+        }
+    }
+
+    /// Index 0..N_REASONS.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The `adclick.v1.InvalidReason` value.
+    pub fn proto(self) -> i32 {
+        self as i32 + 1
+    }
+}
+
+/// A click that a rate rule moved from valid to invalid after it was counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    /// The shard that counted it.
+    pub shard: usize,
+    /// The click as that shard applied it.
+    pub click: Applied,
+    /// The rate rule that tripped.
+    pub reason: Reason,
+}
+
+/// Client IP as a 128-bit key (IPv4 as IPv4-mapped IPv6); `None`: unknown.
+fn ip_key(ip: &[u8]) -> Option<u128> {
+    match ip.len() {
+        4 => Some(u128::from(
+            std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).to_ipv6_mapped(),
+        )),
+        16 => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(ip);
+            Some(u128::from_be_bytes(b))
+        }
+        _ => None,
+    }
+}
+
+/// A user id as a 64-bit key (XXH64; a collision merges two users' counters, at 2^-64
+/// per pair).
+fn user_key(user: &[u8]) -> Option<u64> {
+    (!user.is_empty()).then(|| xxhash_rust::xxh64::xxh64(user, 0x5eed))
+}
+
+#[derive(Debug, Clone, Default)]
+struct Rate {
+    count: u32,
+    tripped: bool,
+    /// Valid clicks of this client and minute (ids into `Minute::pending`) a trip moves.
+    pending: Ids,
+}
+
+/// A counter's click ids, the first inline: most IP-minutes and user-minutes see one click,
+/// and an allocation per new counter was the rules' largest cost per click.
+#[derive(Debug, Clone, Default)]
+struct Ids {
+    first: Option<u32>,
+    rest: Vec<u32>,
+}
+
+impl Ids {
+    fn push(&mut self, id: u32) {
+        if self.first.is_none() {
+            self.first = Some(id);
+        } else {
+            self.rest.push(id);
+        }
+    }
+
+    fn take(&mut self) -> impl Iterator<Item = u32> + use<> {
+        let first = self.first.take();
+        first.into_iter().chain(std::mem::take(&mut self.rest))
+    }
+
+    fn to_vec(&self) -> Vec<u32> {
+        self.first.iter().chain(&self.rest).copied().collect()
+    }
+
+    fn from_vec(v: Vec<u32>) -> Ids {
+        let mut ids = Ids::default();
+        for id in v {
+            ids.push(id);
+        }
+        ids
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Minute {
+    ip: FastMap<u128, Rate>,
+    user: FastMap<u64, Rate>,
+    /// Valid clicks that a rate rule could still move; `None` once moved.
+    pending: Vec<Option<(u32, Applied)>>,
+}
+
+/// Running totals since start (exported as metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleCounters {
+    /// Invalid clicks by reason (classified on arrival plus moved later).
+    pub invalid: [u64; N_REASONS],
+    /// Of which moved retroactively (rate rules).
+    pub moved: [u64; N_REASONS],
+}
+
+/// The rules stage: config, data and state.
+#[derive(Debug)]
+pub struct Rules {
+    cfg: RulesConfig,
+    cidrs: cidr::CidrSet,
+    /// Trap ad ids, sorted (binary search; usually empty or a handful).
+    traps: Vec<u64>,
+    version: String,
+    minutes: BTreeMap<i64, Minute>,
+    /// Honeypot flags: client -> (first, last) trap click event time.
+    flag_ip: FastMap<u128, (i64, i64)>,
+    flag_user: FastMap<u64, (i64, i64)>,
+    /// Totals (not checkpointed: metrics restart at 0 like every counter).
+    pub counters: RuleCounters,
+}
+
+impl Rules {
+    /// The stage for `cfg`, reading its CIDR file (a path already resolved by the caller).
+    pub fn new(cfg: &RulesConfig) -> Result<Rules, cidr::CidrError> {
+        let (cidrs, cidr_text) = match (&cfg.datacenter_ip.cidr_file, cfg.enabled) {
+            (Some(p), true) if cfg.datacenter_ip.enabled => {
+                let set = cidr::CidrSet::load(p)?;
+                (set, std::fs::read(p).unwrap_or_default())
+            }
+            _ => (cidr::CidrSet::default(), Vec::new()),
+        };
+        Ok(Rules::with_data(cfg, cidrs, &cidr_text))
+    }
+
+    /// The stage for `cfg` with its CIDR set given (tests, benchmarks); `cidr_text` is what
+    /// the version hashes.
+    pub fn with_data(cfg: &RulesConfig, cidrs: cidr::CidrSet, cidr_text: &[u8]) -> Rules {
+        Rules {
+            version: version_of(cfg, cidr_text),
+            traps: {
+                let mut t = cfg.honeypot.ad_ids.clone();
+                t.sort_unstable();
+                t.dedup();
+                t
+            },
+            cfg: cfg.clone(),
+            cidrs,
+            minutes: BTreeMap::new(),
+            flag_ip: FastMap::default(),
+            flag_user: FastMap::default(),
+            counters: RuleCounters::default(),
+        }
+    }
+
+    /// Whether the stage runs at all (`rules.enabled`).
+    pub fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
+    /// The rules version: a short hash of the effective rules config and the CIDR file's
+    /// bytes ("off" when the rules are off). Two aggregators with the same version classify
+    /// the same clicks the same way.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Classifies one counted click (`c` as read from the WAL, `a` as the window operator
+    /// routed it to `shard`): `None` = valid. Clicks a rate rule moves because of this one
+    /// are appended to `moved`.
+    pub fn judge(
+        &mut self,
+        c: &ClickIn<'_>,
+        shard: usize,
+        a: &Applied,
+        moved: &mut Vec<Moved>,
+    ) -> Option<Reason> {
+        if !self.cfg.enabled {
+            return None;
+        }
+        let first_moved = moved.len();
+        let cfg = &self.cfg;
+        let ip = ip_key(c.client_ip);
+        let user = user_key(c.user_id);
+        let t = a.event_time_ms;
+        // Honeypot: a trap click flags its client (before judging, so it is invalid too).
+        let trap = cfg.honeypot.enabled
+            && !self.traps.is_empty()
+            && self.traps.binary_search(&a.ad).is_ok();
+        if trap {
+            let flag = |f: &mut (i64, i64)| *f = (f.0.min(t), f.1.max(t));
+            if let Some(k) = ip {
+                flag(self.flag_ip.entry(k).or_insert((t, t)));
+            }
+            if let Some(k) = user {
+                flag(self.flag_user.entry(k).or_insert((t, t)));
+            }
+        }
+        let w = cfg.honeypot.window_minutes.saturating_mul(LEVEL_MS[0]);
+        let flagged = |f: Option<&(i64, i64)>| {
+            f.is_some_and(|&(first, last)| {
+                t >= first.saturating_sub(w) && t <= last.saturating_add(w)
+            })
+        };
+        // Rate counters count every counted click of the client (invalid ones too: a bot
+        // flooding is flooding whatever else it is).
+        let minute = t.div_euclid(LEVEL_MS[0]);
+        let m = self.minutes.entry(minute).or_default();
+        let trip = |r: &mut Rate,
+                    max: u32,
+                    reason: Reason,
+                    out: &mut Vec<Moved>,
+                    pending: &mut Vec<Option<(u32, Applied)>>| {
+            r.count = r.count.saturating_add(1);
+            if r.count > max && !r.tripped {
+                r.tripped = true;
+                for id in r.pending.take() {
+                    if let Some((s, click)) = pending.get_mut(id as usize).and_then(Option::take) {
+                        out.push(Moved {
+                            shard: s as usize,
+                            click,
+                            reason,
+                        });
+                    }
+                }
+            }
+            r.tripped
+        };
+        let ip_tripped = match ip {
+            Some(k) if cfg.ip_rate.enabled => trip(
+                m.ip.entry(k).or_default(),
+                cfg.ip_rate.max_per_minute,
+                Reason::IpRate,
+                moved,
+                &mut m.pending,
+            ),
+            _ => false,
+        };
+        let user_tripped = match user {
+            Some(k) if cfg.user_rate.enabled => trip(
+                m.user.entry(k).or_default(),
+                cfg.user_rate.max_per_minute,
+                Reason::UserRate,
+                moved,
+                &mut m.pending,
+            ),
+            _ => false,
+        };
+        let reason = if cfg.bot_user_agent.enabled
+            && c.ua_class == adclick_proto::v1::UserAgentClass::Bot as i32
+        {
+            Some(Reason::BotUserAgent)
+        } else if cfg.datacenter_ip.enabled && self.cidrs.contains(c.client_ip) {
+            Some(Reason::DatacenterIp)
+        } else if cfg.honeypot.enabled
+            && (trap
+                || ip.is_some_and(|k| flagged(self.flag_ip.get(&k)))
+                || user.is_some_and(|k| flagged(self.flag_user.get(&k))))
+        {
+            Some(Reason::Honeypot)
+        } else if cfg.impossible_time.enabled && impossible_time(c) {
+            Some(Reason::ImpossibleTime)
+        } else if cfg.too_fast.enabled
+            && c.token_issued_at_ms > 0
+            && t.saturating_sub(c.token_issued_at_ms) < cfg.too_fast.min_ms
+        {
+            Some(Reason::TooFast)
+        } else if ip_tripped {
+            Some(Reason::IpRate)
+        } else if user_tripped {
+            Some(Reason::UserRate)
+        } else {
+            None
+        };
+        // A valid click a rate rule may still move is remembered with its minute.
+        let rate_ip = ip.filter(|_| cfg.ip_rate.enabled);
+        let rate_user = user.filter(|_| cfg.user_rate.enabled);
+        if reason.is_none() && (rate_ip.is_some() || rate_user.is_some()) {
+            let id = u32::try_from(m.pending.len()).unwrap_or(u32::MAX);
+            m.pending
+                .push(Some((u32::try_from(shard).unwrap_or(0), *a)));
+            if let Some(r) = rate_ip.and_then(|k| m.ip.get_mut(&k)) {
+                r.pending.push(id);
+            }
+            if let Some(r) = rate_user.and_then(|k| m.user.get_mut(&k)) {
+                r.pending.push(id);
+            }
+        }
+        for mv in &moved[first_moved..] {
+            self.counters.invalid[mv.reason.index()] += 1;
+            self.counters.moved[mv.reason.index()] += 1;
+        }
+        if let Some(r) = reason {
+            self.counters.invalid[r.index()] += 1;
+        }
+        reason
+    }
+
+    /// Drops rate counters of minutes that ended [`GRACE_MS`] or more before the
+    /// watermark, and honeypot flags whose window ended that long ago. Called by the
+    /// writer after every batch (live and replay alike).
+    pub fn expire(&mut self, watermark_ms: i64) {
+        if watermark_ms == i64::MIN {
+            return;
+        }
+        let horizon = watermark_ms.saturating_sub(GRACE_MS);
+        // Minute m ends at (m + 1) * 60 s: keep those ending after the horizon.
+        let keep_from = horizon.div_euclid(LEVEL_MS[0]);
+        if self
+            .minutes
+            .first_key_value()
+            .is_some_and(|(m, _)| *m < keep_from)
+        {
+            self.minutes = self.minutes.split_off(&keep_from);
+        }
+        let w = self.cfg.honeypot.window_minutes.saturating_mul(LEVEL_MS[0]);
+        self.flag_ip.retain(|_, f| f.1.saturating_add(w) >= horizon);
+        self.flag_user
+            .retain(|_, f| f.1.saturating_add(w) >= horizon);
+    }
+
+    /// Minutes with rate state, clicks remembered for a retroactive move, honeypot flags.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        let pending = self
+            .minutes
+            .values()
+            .map(|m| m.pending.iter().filter(|p| p.is_some()).count())
+            .sum();
+        (
+            self.minutes.len(),
+            pending,
+            self.flag_ip.len() + self.flag_user.len(),
+        )
+    }
+
+    /// Serialises the state (checkpoint table `rules`). Sorted, so equal states give
+    /// equal bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut pb = RulesPb {
+            version: self.version.clone(),
+            ..RulesPb::default()
+        };
+        for (&minute, m) in &self.minutes {
+            let mut mp = MinutePb {
+                minute,
+                ..MinutePb::default()
+            };
+            let rate = |kind: u32, key: Vec<u8>, r: &Rate| RatePb {
+                kind,
+                key,
+                count: r.count,
+                tripped: r.tripped,
+                pending: r.pending.to_vec(),
+            };
+            let mut ips: Vec<_> = m.ip.iter().collect();
+            ips.sort_unstable_by_key(|(k, _)| **k);
+            mp.rates.extend(
+                ips.into_iter()
+                    .map(|(k, r)| rate(0, k.to_be_bytes().to_vec(), r)),
+            );
+            let mut users: Vec<_> = m.user.iter().collect();
+            users.sort_unstable_by_key(|(k, _)| **k);
+            mp.rates.extend(
+                users
+                    .into_iter()
+                    .map(|(k, r)| rate(1, k.to_be_bytes().to_vec(), r)),
+            );
+            for (id, p) in m.pending.iter().enumerate() {
+                if let Some((shard, a)) = p {
+                    mp.pending.push(PendPb {
+                        id: u32::try_from(id).unwrap_or(u32::MAX),
+                        shard: *shard,
+                        ad: a.ad,
+                        advertiser: a.advertiser,
+                        campaign: a.campaign,
+                        event_time_ms: a.event_time_ms,
+                        combo: a.combo,
+                        user: a.user,
+                        late: a.late,
+                    });
+                }
+            }
+            mp.len = u32::try_from(m.pending.len()).unwrap_or(u32::MAX);
+            pb.minutes.push(mp);
+        }
+        let mut flags: Vec<FlagPb> = self
+            .flag_ip
+            .iter()
+            .map(|(k, f)| FlagPb {
+                kind: 0,
+                key: k.to_be_bytes().to_vec(),
+                first: f.0,
+                last: f.1,
+            })
+            .chain(self.flag_user.iter().map(|(k, f)| FlagPb {
+                kind: 1,
+                key: k.to_be_bytes().to_vec(),
+                first: f.0,
+                last: f.1,
+            }))
+            .collect();
+        flags.sort_unstable_by(|a, b| (a.kind, &a.key).cmp(&(b.kind, &b.key)));
+        pb.flags = flags;
+        pb.encode_to_vec()
+    }
+
+    /// Restores the state a checkpoint saved. `dims` maps a combination id back to its key
+    /// (the window operator's table, restored first). A checkpoint from another rules
+    /// version is still restored: its counters are facts about clicks, and the version in
+    /// force decides from here on (logged by the caller).
+    pub fn restore(&mut self, b: &[u8], dims: &dyn Fn(u32) -> DimKey) -> Result<String, String> {
+        let pb = RulesPb::decode(b).map_err(|e| format!("rules checkpoint: {e}"))?;
+        let bad = |what: &str| format!("rules checkpoint: bad {what}");
+        self.minutes.clear();
+        for mp in pb.minutes {
+            let mut m = Minute {
+                pending: vec![None; mp.len as usize],
+                ..Minute::default()
+            };
+            for p in mp.pending {
+                let slot = m
+                    .pending
+                    .get_mut(p.id as usize)
+                    .ok_or_else(|| bad("pending id"))?;
+                *slot = Some((
+                    p.shard,
+                    Applied {
+                        ad: p.ad,
+                        advertiser: p.advertiser,
+                        campaign: p.campaign,
+                        event_time_ms: p.event_time_ms,
+                        combo: p.combo,
+                        dims: dims(p.combo),
+                        user: p.user,
+                        late: p.late,
+                    },
+                ));
+            }
+            for r in mp.rates {
+                let rate = Rate {
+                    count: r.count,
+                    tripped: r.tripped,
+                    pending: Ids::from_vec(r.pending),
+                };
+                match r.kind {
+                    0 => {
+                        let k = <[u8; 16]>::try_from(&r.key[..]).map_err(|_| bad("ip key"))?;
+                        m.ip.insert(u128::from_be_bytes(k), rate);
+                    }
+                    _ => {
+                        let k = <[u8; 8]>::try_from(&r.key[..]).map_err(|_| bad("user key"))?;
+                        m.user.insert(u64::from_be_bytes(k), rate);
+                    }
+                }
+            }
+            self.minutes.insert(mp.minute, m);
+        }
+        self.flag_ip.clear();
+        self.flag_user.clear();
+        for f in pb.flags {
+            match f.kind {
+                0 => {
+                    let k = <[u8; 16]>::try_from(&f.key[..]).map_err(|_| bad("flag key"))?;
+                    self.flag_ip
+                        .insert(u128::from_be_bytes(k), (f.first, f.last));
+                }
+                _ => {
+                    let k = <[u8; 8]>::try_from(&f.key[..]).map_err(|_| bad("flag key"))?;
+                    self.flag_user
+                        .insert(u64::from_be_bytes(k), (f.first, f.last));
+                }
+            }
+        }
+        Ok(pb.version)
+    }
+}
+
+/// `impossible_time`: the device's own clock, corrected for its offset, puts the click
+/// outside the token's lifetime. The collector already refused event times implausible
+/// for the token at the edge (`countable::check_at_edge`: outside [expires − 30 d − 5 min,
+/// expires + 5 min]) and clamped the corrected time into [issued, received], so the event
+/// time the aggregator counts is always plausible; what the clamp hides is a device that
+/// *claims* a time before the impression existed or after its token expired, or after it
+/// sent the click. That unclamped time is `occurred + (received − sent)`. Skipped when the
+/// collector flagged the device clock (no correction was possible; event = received time)
+/// or the click carries no issued-at (an older collector).
+fn impossible_time(c: &ClickIn<'_>) -> bool {
+    if c.clock_skew_flagged || c.token_issued_at_ms <= 0 || c.sent_at_ms <= 0 {
+        return false;
+    }
+    let raw = c
+        .occurred_at_ms
+        .saturating_add(c.received_at_ms.saturating_sub(c.sent_at_ms));
+    raw < c.token_issued_at_ms.saturating_sub(ISSUER_SKEW_MS)
+        || raw > c.token_expires_at_ms.saturating_add(ISSUER_SKEW_MS)
+        || raw > c.received_at_ms
+}
+
+/// The rules version: XXH64 of the effective rules config (JSON, the CIDR file's path left
+/// out: moving the file changes nothing) and the CIDR file's bytes, 12 hex digits.
+fn version_of(cfg: &RulesConfig, cidr_text: &[u8]) -> String {
+    if !cfg.enabled {
+        return "off".into();
+    }
+    let mut c = cfg.clone();
+    c.datacenter_ip.cidr_file = None;
+    let mut bytes = serde_json::to_vec(&c).unwrap_or_default();
+    bytes.push(0);
+    bytes.extend_from_slice(cidr_text);
+    format!("{:012x}", xxhash_rust::xxh64::xxh64(&bytes, 0) >> 16)
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RulesPb {
+    #[prost(message, repeated, tag = "1")]
+    minutes: Vec<MinutePb>,
+    #[prost(message, repeated, tag = "2")]
+    flags: Vec<FlagPb>,
+    #[prost(string, tag = "3")]
+    version: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct MinutePb {
+    #[prost(sint64, tag = "1")]
+    minute: i64,
+    #[prost(message, repeated, tag = "2")]
+    rates: Vec<RatePb>,
+    #[prost(message, repeated, tag = "3")]
+    pending: Vec<PendPb>,
+    /// Length of the pending table (moved slots are not written).
+    #[prost(uint32, tag = "4")]
+    len: u32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RatePb {
+    /// 0: IP (16-byte key), 1: user (8-byte key).
+    #[prost(uint32, tag = "1")]
+    kind: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    key: Vec<u8>,
+    #[prost(uint32, tag = "3")]
+    count: u32,
+    #[prost(bool, tag = "4")]
+    tripped: bool,
+    #[prost(uint32, repeated, tag = "5")]
+    pending: Vec<u32>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct PendPb {
+    #[prost(uint32, tag = "1")]
+    id: u32,
+    #[prost(uint32, tag = "2")]
+    shard: u32,
+    #[prost(uint64, tag = "3")]
+    ad: u64,
+    #[prost(uint64, tag = "4")]
+    advertiser: u64,
+    #[prost(uint64, tag = "5")]
+    campaign: u64,
+    #[prost(sint64, tag = "6")]
+    event_time_ms: i64,
+    #[prost(uint32, tag = "7")]
+    combo: u32,
+    #[prost(uint32, tag = "8")]
+    user: u32,
+    #[prost(bool, tag = "9")]
+    late: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct FlagPb {
+    #[prost(uint32, tag = "1")]
+    kind: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    key: Vec<u8>,
+    #[prost(sint64, tag = "3")]
+    first: i64,
+    #[prost(sint64, tag = "4")]
+    last: i64,
+}
+
+#[cfg(test)]
+mod tests;
