@@ -163,7 +163,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
     metrics
         .forward_lag_records
         .set(i64::try_from(recovered_lag).unwrap_or(i64::MAX));
-    let user_agents = Arc::new(useragent::UaClassifier::from_config(&cfg.user_agent)?);
+    let user_agents = useragent::UaClassifier::from_config(&cfg.user_agent)?;
     metrics
         .user_agent_patterns
         .set(i64::try_from(user_agents.patterns()).unwrap_or(i64::MAX));

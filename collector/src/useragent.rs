@@ -20,6 +20,7 @@
 //!   rest). Patterns are matched case-sensitively, as the list's own validators do.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use adclick_proto::v1::UserAgentClass;
 use regex::bytes::{RegexSet, RegexSetBuilder};
@@ -112,20 +113,35 @@ impl UaClassifier {
     }
 
     /// The classifier `[user_agent]` asks for: off, the embedded list, or a file.
-    pub fn from_config(cfg: &UserAgentConfig) -> Result<Self, UaListError> {
+    pub fn from_config(cfg: &UserAgentConfig) -> Result<Arc<Self>, UaListError> {
         if !cfg.classify {
-            return Ok(Self::disabled());
+            return Ok(Arc::new(Self::disabled()));
         }
         if cfg.bot_list == BUILTIN {
-            let version = BUILTIN_VERSION.lines().next().unwrap_or("").trim();
-            return Self::from_json(BUILTIN_LIST, &format!("builtin ({version})"));
+            return Self::builtin();
         }
         let path = Path::new(&cfg.bot_list);
         let text = std::fs::read_to_string(path).map_err(|source| UaListError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_json(&text, &path.display().to_string())
+        Self::from_json(&text, &path.display().to_string()).map(Arc::new)
+    }
+
+    /// The embedded list, compiled once per process and shared (it never changes, and
+    /// compiling ~1,500 patterns is the expensive part: tests and `adclick dev` start
+    /// several collectors in one process).
+    pub fn builtin() -> Result<Arc<Self>, UaListError> {
+        static BUILTIN_SET: OnceLock<Arc<UaClassifier>> = OnceLock::new();
+        if let Some(c) = BUILTIN_SET.get() {
+            return Ok(c.clone());
+        }
+        let version = BUILTIN_VERSION.lines().next().unwrap_or("").trim();
+        let c = Arc::new(Self::from_json(
+            BUILTIN_LIST,
+            &format!("builtin ({version})"),
+        )?);
+        Ok(BUILTIN_SET.get_or_init(|| c).clone())
     }
 
     /// Compiles a crawler-user-agents JSON list; `origin` names it in errors and logs.

@@ -27,3 +27,4 @@ mod limits;
 mod pipelined;
 mod quic;
 mod tokens;
+mod user_agent;
