@@ -721,6 +721,17 @@ mod live {
         }
         assert_eq!(total, offered, "{out}");
         assert!(forged > 0, "10% forged: {out}");
+        // The invalid-traffic share is acked like the rest (counted in offered and acked
+        // above); the collector classified exactly the crawler-UA clicks as bots (only
+        // loadgen sends to this dev, and its bot clicks are fresh valid tokens).
+        let bots = field(&out, "invalid share");
+        assert!(bots > 0, "2% of >= 300 clicks: {out}");
+        let (_, metrics) = http_get(&dev.collector, "/metrics");
+        let bot_line = format!("adclick_collector_user_agent_clicks_total{{class=\"bot\"}} {bots}");
+        assert!(
+            metrics.lines().any(|l| l == bot_line),
+            "want {bot_line}\n{out}"
+        );
 
         // adclick top --once over the same servers, once the aggregator has counted
         // everything (two equal rankings a second apart): the screen shows what the
