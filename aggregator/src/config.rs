@@ -50,6 +50,19 @@ pub struct AggregatorConfig {
     pub click_index: ClickIndexConfig,
     /// The raw click archive (Parquet, local directory or S3-compatible; off by default).
     pub archive: adclick_archive::ArchiveConfig,
+    /// How client IPs are stored (`crate::privacy`; docs/privacy.md).
+    pub privacy: PrivacyConfig,
+}
+
+/// `[privacy]`: the form client IPs take where they are stored (the archive's rows, the
+/// click index); the rules and everything in memory see the full address.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// `"full"` (the default: `ip` filters stay exact), `"truncated"` (/24 and /48: an
+    /// `ip` filter matches its network), or `"hashed"` (keyed hash, salt rotated daily and
+    /// kept in `<data_dir>/privacy/`: an `ip` filter takes one address).
+    pub ip_storage: crate::privacy::IpStorage,
 }
 
 /// The click index (`crate::clickindex`): every counted click's client IP and user id, kept
@@ -126,6 +139,7 @@ impl Default for AggregatorConfig {
             source: crate::source::SourceConfig::default(),
             click_index: ClickIndexConfig::default(),
             archive: adclick_archive::ArchiveConfig::default(),
+            privacy: PrivacyConfig::default(),
         }
     }
 }

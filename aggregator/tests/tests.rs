@@ -26,6 +26,7 @@ mod filtered_top;
 mod hardening;
 mod hostile_input;
 mod ip_filter;
+mod privacy;
 mod query_api;
 mod recovery;
 mod store_integrity;
