@@ -19,6 +19,9 @@ use prost::Message;
 
 use crate::util::{POLL_LIMIT, click, id_of};
 
+/// (source address, forwarding header and value, the client the collector must forward)
+type Case = ([u8; 4], Option<(&'static str, &'static str)>, IpAddr);
+
 fn from(local: [u8; 4]) -> reqwest::Client {
     adclick_sdk::HttpTransport::install_crypto_provider();
     reqwest::Client::builder()
@@ -56,8 +59,7 @@ async fn forwarded_client_ip_follows_trusted_proxies() {
         let mut want: BTreeMap<Vec<u8>, IpAddr> = BTreeMap::new();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
 
-        // (source address, header, value, the client the collector must forward)
-        let cases: [([u8; 4], Option<(&str, &str)>, IpAddr); 8] = [
+        let cases: [Case; 8] = [
             // The trusted proxy names the client.
             (
                 [127, 0, 0, 1],
