@@ -14,6 +14,10 @@
 //!   commit; later ones are replayed). So a crash can neither lose rows nor, with the
 //!   writer's redo of an interrupted generation, duplicate them.
 //!
+//! Client IPs are written in the form `[privacy] ip_storage` asks for (`crate::privacy`:
+//! full, truncated, or hashed with the event day's salt), by the same masker as the click
+//! index's; rows regenerated after a crash get the same values.
+//!
 //! The cost on the apply path is one outcome byte string per batch (a few bytes: only the
 //! clicks not plainly counted are listed) and one non-durable commit per group; decoding
 //! and Parquet encoding happen on the archive thread (BENCHMARKS.md, "Archive").
@@ -29,6 +33,7 @@ use adclick_archive::{
 use adclick_proto::v1::IngestBatch;
 use prost::Message;
 
+use crate::privacy::IpMasker;
 use crate::store::ArchiveLog;
 
 /// Version byte that starts every outcome string.
@@ -131,6 +136,8 @@ pub struct WalFeed {
     start: u64,
     /// Set by `Aggregator::kill`: the feed fails everything, as a dead process would.
     killed: Arc<AtomicBool>,
+    /// The stored form of client IPs (`[privacy]`).
+    ips: Arc<IpMasker>,
 }
 
 fn store_err(e: crate::store::StoreError) -> ArchiveError {
@@ -139,12 +146,19 @@ fn store_err(e: crate::store::StoreError) -> ArchiveError {
 
 impl WalFeed {
     /// The feed over `log`.
-    pub fn new(log: ArchiveLog, signal: Arc<Signal>, start: u64, killed: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        log: ArchiveLog,
+        signal: Arc<Signal>,
+        start: u64,
+        killed: Arc<AtomicBool>,
+        ips: Arc<IpMasker>,
+    ) -> Self {
         WalFeed {
             log,
             signal,
             start,
             killed,
+            ips,
         }
     }
 
@@ -157,7 +171,13 @@ impl WalFeed {
 }
 
 /// The rows of one WAL entry (`Err`: it does not decode, or its outcomes do not match it).
-pub fn rows_of(pos: u64, batch: &[u8], outcomes: &[u8], out: &mut Vec<Row>) -> Result<(), String> {
+pub fn rows_of(
+    pos: u64,
+    batch: &[u8],
+    outcomes: &[u8],
+    ips: &IpMasker,
+    out: &mut Vec<Row>,
+) -> Result<(), String> {
     if outcomes == OUTCOME_UNDECODABLE {
         return Err("undecodable at replay (nothing of it was counted)".into());
     }
@@ -166,15 +186,13 @@ pub fn rows_of(pos: u64, batch: &[u8], outcomes: &[u8], out: &mut Vec<Row>) -> R
         .ok_or_else(|| "outcomes do not match the batch".to_string())?;
     let collector: Arc<str> = Arc::from(b.collector_id.as_str());
     for (i, (c, st)) in b.clicks.into_iter().zip(status).enumerate() {
-        let client_ip = match c.client_ip.len() {
-            4 => <[u8; 4]>::try_from(c.client_ip.as_slice())
-                .ok()
-                .map(IpAddr::from),
-            16 => <[u8; 16]>::try_from(c.client_ip.as_slice())
-                .ok()
-                .map(IpAddr::from),
-            _ => None,
-        };
+        let client_ip: Option<IpAddr> = ips
+            .mask_wire(&c.client_ip, c.event_time_ms)
+            .unwrap_or_else(|e| {
+                // Never the full address against the configuration: the row says unknown.
+                tracing::error!(pos, error = %e, "archive: client IP not stored (privacy salt unavailable)");
+                None
+            });
         out.push(Row {
             log_pos: pos,
             collector_id: collector.clone(),
@@ -217,7 +235,7 @@ impl Feed for WalFeed {
         let start = out.len();
         self.log
             .read(after, until, &mut |pos, batch, outcomes| {
-                if let Err(e) = rows_of(pos, batch, outcomes, out) {
+                if let Err(e) = rows_of(pos, batch, outcomes, &self.ips, out) {
                     // Damage the engine skipped too (redb checksums its pages: this is not
                     // expected); logged with its position for a reconciliation.
                     tracing::error!(pos, error = %e, "archive: WAL entry skipped");
@@ -280,11 +298,12 @@ pub fn spawn(
     log: ArchiveLog,
     signal: Arc<Signal>,
     start: u64,
+    ips: Arc<IpMasker>,
 ) -> Result<ArchiveThread, ArchiveError> {
     let stats = Arc::new(Stats::default());
     let killed = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let feed = WalFeed::new(log, signal, start, killed.clone());
+    let feed = WalFeed::new(log, signal, start, killed.clone(), ips);
     let st = stop.clone();
     let thread_stats = stats.clone();
     let nice = cfg.nice;

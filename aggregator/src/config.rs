@@ -52,6 +52,19 @@ pub struct AggregatorConfig {
     pub archive: adclick_archive::ArchiveConfig,
     /// The invalid-traffic rules (issue 16; off unless `rules.enabled`).
     pub rules: crate::rules::RulesConfig,
+    /// How client IPs are stored (`crate::privacy`; docs/privacy.md).
+    pub privacy: PrivacyConfig,
+}
+
+/// `[privacy]`: the form client IPs take where they are stored (the archive's rows, the
+/// click index); the rules and everything in memory see the full address.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// `"full"` (the default: `ip` filters stay exact), `"truncated"` (/24 and /48: an
+    /// `ip` filter matches its network), or `"hashed"` (keyed hash, salt rotated daily and
+    /// kept in `<data_dir>/privacy/`: an `ip` filter takes one address).
+    pub ip_storage: crate::privacy::IpStorage,
 }
 
 /// The click index (`crate::clickindex`): every counted click's client IP and user id, kept
@@ -129,6 +142,7 @@ impl Default for AggregatorConfig {
             click_index: ClickIndexConfig::default(),
             archive: adclick_archive::ArchiveConfig::default(),
             rules: crate::rules::RulesConfig::default(),
+            privacy: PrivacyConfig::default(),
         }
     }
 }

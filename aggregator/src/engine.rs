@@ -293,8 +293,14 @@ pub fn start<S: Store + 'static>(
         (t.div_euclid(60_000) + 1).saturating_mul(60_000)
     })
     .map_err(|e| StoreError(e.to_string()))?;
-    let (index, clicks) =
+    let (mut index, clicks) =
         IndexWriter::open(&index_dir, cp.wal_pos).map_err(|e| StoreError(e.to_string()))?;
+    // One masker for the index and the archive: one salt per day, however they race.
+    let ips = Arc::new(crate::privacy::IpMasker::new(
+        &cfg.data_dir,
+        cfg.privacy.ip_storage,
+    ));
+    index.set_ip_storage(ips.clone());
     let view = Arc::new(View {
         clicks,
         rules_on: cfg.rules.enabled,
@@ -448,8 +454,15 @@ pub fn start<S: Store + 'static>(
     );
     let archive = match archive_start {
         Some(log) => Some(
-            crate::archive::spawn(&w.cfg.archive, &w.cfg.data_dir, log, signal, cp.wal_pos)
-                .map_err(|e| StoreError(e.to_string()))?,
+            crate::archive::spawn(
+                &w.cfg.archive,
+                &w.cfg.data_dir,
+                log,
+                signal,
+                cp.wal_pos,
+                ips,
+            )
+            .map_err(|e| StoreError(e.to_string()))?,
         ),
         None => None,
     };

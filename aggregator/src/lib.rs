@@ -27,6 +27,7 @@ pub mod http;
 pub mod listen;
 pub mod live;
 pub mod metrics;
+pub mod privacy;
 pub mod query;
 pub mod ratelimit;
 pub mod rules;

@@ -27,6 +27,7 @@ mod hardening;
 mod hostile_input;
 mod invalid_traffic;
 mod ip_filter;
+mod privacy;
 mod query_api;
 mod recovery;
 mod store_integrity;

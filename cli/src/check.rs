@@ -292,6 +292,30 @@ pub fn collector(cfg: &adclick_collector::CollectorConfig) -> Report {
             ));
         }
     }
+    match adclick_collector::useragent::UaClassifier::from_config(&cfg.user_agent) {
+        Ok(ua) if !ua.enabled() => {
+            r.ok("user_agent: classification off (clicks forwarded as unspecified)")
+        }
+        Ok(ua) => {
+            r.ok(format!(
+                "user_agent: {} patterns from {}",
+                ua.patterns(),
+                ua.origin()
+            ));
+            if !ua.unsupported().is_empty() {
+                r.warning(format!(
+                    "user_agent: {} patterns skipped (the regex crate rejects them): {}",
+                    ua.unsupported().len(),
+                    ua.unsupported()
+                        .iter()
+                        .map(|u| u.pattern.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        Err(e) => r.problem(e.to_string()),
+    }
     match cfg.forward.sink {
         adclick_collector::config::SinkKind::Grpc => {
             if cfg.aggregator_key.is_none() {

@@ -3,6 +3,10 @@
 //! offered, acked by the collector (with its verdicts), refused by reason, undelivered; the
 //! exit code is non-zero if any click offered was never acknowledged. Also the request
 //! latency and errors by kind; `--ledger` records every click sent.
+//!
+//! A share of the clicks is invalid traffic (crawler User-Agents, a flooding address, a
+//! honeypot clicker: `traffic`'s doc); the collector acks them like any other (it never
+//! judges), so they are in the accounting like any other.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,6 +64,18 @@ pub struct LoadgenArgs {
     /// Clicks per batch.
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Percent of clicks sent with a crawler User-Agent (HTTP only).
+    #[arg(long, default_value_t = 2.0)]
+    bot_pct: f64,
+    /// Clicks per minute from one flooding client address, on top of --rate (0 = none).
+    #[arg(long, default_value_t = 300.0)]
+    flood_per_minute: f64,
+    /// Ad id of the honeypot link the honeypot clicker clicks (0 = no honeypot clicker).
+    #[arg(long, default_value_t = traffic::HONEYPOT_AD)]
+    honeypot_ad: u64,
+    /// Clicks per minute of the honeypot clicker, on top of --rate.
+    #[arg(long, default_value_t = 30.0)]
+    honeypot_per_minute: f64,
     /// Write every click sent (token, ad, expected outcome) as JSON lines.
     #[arg(long)]
     ledger: Option<PathBuf>,
@@ -88,6 +104,10 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
         forged_pct: a.forged_pct,
         trackers: a.trackers,
         batch_size: a.batch,
+        bot_pct: a.bot_pct,
+        flood_per_minute: a.flood_per_minute,
+        honeypot_ad: a.honeypot_ad,
+        honeypot_per_minute: a.honeypot_per_minute,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -111,6 +131,13 @@ pub fn run(a: LoadgenArgs) -> Result<()> {
             stats.duplicates.load(Ordering::Relaxed),
             stats.late.load(Ordering::Relaxed),
             stats.forged.load(Ordering::Relaxed)
+        );
+        println!(
+            "invalid share      {} crawler UA, {} from the flooding address, {} from the honeypot clicker (ad {})",
+            stats.bots.load(Ordering::Relaxed),
+            stats.flood.load(Ordering::Relaxed),
+            stats.honeypot.load(Ordering::Relaxed),
+            a.honeypot_ad
         );
         println!("acked              {} (2xx from the collector; drained in {secs:.1}s total)", acc.acked);
         let outcomes = stats.outcomes();

@@ -162,6 +162,15 @@ pub fn collector(args: CollectorArgs) -> Result<()> {
     {
         resolve(&base, p);
     }
+    // An operator's bot list too ("builtin" names the embedded one, not a file).
+    if cfg.user_agent.bot_list != adclick_collector::useragent::BUILTIN
+        && Path::new(&cfg.user_agent.bot_list).is_relative()
+    {
+        cfg.user_agent.bot_list = base
+            .join(&cfg.user_agent.bot_list)
+            .to_string_lossy()
+            .into_owned();
+    }
     // `[[source.file]]` globs too (a glob is a path with wildcards).
     for f in &mut cfg.source.file {
         for g in &mut f.paths {

@@ -3,10 +3,20 @@
 //! skewed device clocks and forged tokens, paced to a target rate. Every send is timed and
 //! every failure classified; an optional ledger records what was sent and what the
 //! pipeline should make of it.
+//!
+//! Invalid traffic (issue 16), over HTTP: a share of clicks with crawler User-Agents, one
+//! flooding client address and one honeypot clicker (one address, one user id, clicking
+//! the honeypot ad among others). Client addresses: ordinary requests each name the next
+//! address of 198.18.0.0/15 (the benchmarking range) in `X-Forwarded-For`, so a collector
+//! that trusts the generator as a proxy (`adclick dev` does) sees many clients, none above
+//! the per-IP rate rules; the flood and the honeypot clicker bind their own loopback
+//! addresses (127.0.0.2, 127.0.0.3) when the collector is on loopback, and otherwise name
+//! 198.51.100.2 / .3 in the header. A collector that does not trust the generator sees one
+//! address for everything, as it should.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,7 +50,35 @@ pub struct TrafficConfig {
     pub trackers: usize,
     /// Clicks per SDK batch.
     pub batch_size: usize,
+    /// Percent of clicks sent with a crawler User-Agent (fresh valid tokens; HTTP only).
+    pub bot_pct: f64,
+    /// Clicks per minute from one flooding client address, on top of `rate` (0 = none;
+    /// the default is 3x the aggregator's default `ip_rate` limit of 100).
+    pub flood_per_minute: f64,
+    /// Ad id of the honeypot link (0 = no honeypot clicker). Outside `1..=ads`, so only
+    /// the honeypot clicker clicks it; the aggregator's `[rules.honeypot] ad_ids` must
+    /// name it.
+    pub honeypot_ad: u64,
+    /// Clicks per minute of the honeypot clicker, on top of `rate`: every third on
+    /// `honeypot_ad`, the others on ordinary ads (flagged too, by the honeypot window).
+    pub honeypot_per_minute: f64,
 }
+
+/// The default honeypot ad id (`TrafficConfig::honeypot_ad`).
+pub const HONEYPOT_AD: u64 = 999_999;
+
+/// Crawler User-Agents of the bot share: examples from the vendored crawler-user-agents
+/// list (a unit test checks that the collector classifies each as a bot).
+pub const CRAWLER_UAS: [&str; 5] = [
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
+    "Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)",
+    "python-requests/2.31.0",
+    "curl/8.5.0",
+];
+
+/// The User-Agent of the generator's ordinary clicks.
+const OWN_UA: &str = concat!("adclick-loadgen/", env!("CARGO_PKG_VERSION"));
 
 impl Default for TrafficConfig {
     fn default() -> Self {
@@ -54,6 +92,10 @@ impl Default for TrafficConfig {
             forged_pct: 1.0,
             trackers: 4,
             batch_size: 100,
+            bot_pct: 2.0,
+            flood_per_minute: 300.0,
+            honeypot_ad: HONEYPOT_AD,
+            honeypot_per_minute: 30.0,
         }
     }
 }
@@ -78,6 +120,12 @@ pub struct TrafficStats {
     pub late: AtomicU64,
     /// Forged clicks.
     pub forged: AtomicU64,
+    /// Clicks sent with a crawler User-Agent.
+    pub bots: AtomicU64,
+    /// Clicks of the flooding address.
+    pub flood: AtomicU64,
+    /// Clicks of the honeypot clicker (all of them, on the honeypot ad or not).
+    pub honeypot: AtomicU64,
     /// Requests and their latencies (µs).
     latencies: Mutex<Vec<u64>>,
     /// Failed requests by kind ("http 503", "timeout", ...).
@@ -132,21 +180,63 @@ struct VerdictHttp {
     client: reqwest::Client,
     url: String,
     stats: Arc<TrafficStats>,
+    who: Client,
+    sent: AtomicU64,
+}
+
+/// Who a transport's requests come from.
+#[derive(Debug, Clone, Copy)]
+enum Client {
+    /// Ordinary clicks: the generator's User-Agent, the next spread address per request.
+    Ordinary,
+    /// The bot share: a crawler User-Agent per request, spread addresses.
+    Crawler,
+    /// One address throughout: bound to `bind` (loopback collectors) or, failing that,
+    /// named in `X-Forwarded-For`.
+    Fixed { bind: Option<IpAddr>, named: IpAddr },
+}
+
+/// The `n`th address of 198.18.0.0/15: consecutive requests never share one (until the
+/// 131,072 addresses wrap), so no ordinary client trips a per-IP rate rule.
+fn spread_addr(n: u64) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (n % (1 << 17)) as u32)
+}
+
+/// Whether `endpoint`'s host is a loopback address (where binding 127.0.0.x works).
+fn loopback_target(endpoint: &str) -> bool {
+    reqwest::Url::parse(endpoint)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .is_some_and(|h| {
+            h == "localhost"
+                || h.trim_matches(['[', ']'])
+                    .parse::<IpAddr>()
+                    .is_ok_and(|a| a.is_loopback())
+        })
 }
 
 impl VerdictHttp {
-    fn new(endpoint: &str, timeout: Duration, stats: Arc<TrafficStats>) -> Result<Self> {
+    fn new(
+        endpoint: &str,
+        timeout: Duration,
+        stats: Arc<TrafficStats>,
+        who: Client,
+    ) -> Result<Self> {
         HttpTransport::install_crypto_provider();
-        let client = reqwest::Client::builder()
+        let mut b = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
-            .user_agent(concat!("adclick-loadgen/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("HTTP client")?;
+            .user_agent(OWN_UA);
+        if let Client::Fixed { bind: Some(ip), .. } = who {
+            b = b.local_address(ip);
+        }
+        let client = b.build().context("HTTP client")?;
         Ok(VerdictHttp {
             client,
             url: format!("{}/v1/clicks", endpoint.trim_end_matches('/')),
             stats,
+            who,
+            sent: AtomicU64::new(0),
         })
     }
 }
@@ -154,23 +244,34 @@ impl VerdictHttp {
 impl Transport for VerdictHttp {
     fn send(&self, body: Vec<u8>) -> SendFuture<'_> {
         Box::pin(async move {
-            let resp = self
+            let n = self.sent.fetch_add(1, Ordering::Relaxed);
+            let mut req = self
                 .client
                 .post(&self.url)
-                .header("content-type", "application/x-protobuf")
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| {
-                    let kind = if e.is_timeout() {
-                        "timeout"
-                    } else if e.is_connect() {
-                        "connect error"
-                    } else {
-                        "request error"
-                    };
-                    TransportError(format!("{kind}: {e}"))
-                })?;
+                .header("content-type", "application/x-protobuf");
+            req = match self.who {
+                Client::Ordinary => req.header("x-forwarded-for", spread_addr(n).to_string()),
+                Client::Crawler => req
+                    .header("x-forwarded-for", spread_addr(n).to_string())
+                    .header(
+                        "user-agent",
+                        CRAWLER_UAS[(n % CRAWLER_UAS.len() as u64) as usize],
+                    ),
+                Client::Fixed { bind: Some(_), .. } => req,
+                Client::Fixed { bind: None, named } => {
+                    req.header("x-forwarded-for", named.to_string())
+                }
+            };
+            let resp = req.body(body).send().await.map_err(|e| {
+                let kind = if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connect error"
+                } else {
+                    "request error"
+                };
+                TransportError(format!("{kind}: {e}"))
+            })?;
             let status = resp.status().as_u16();
             let retry_after = resp
                 .headers()
@@ -312,6 +413,7 @@ pub fn start(
             url,
             Duration::from_secs(10),
             stats.clone(),
+            Client::Ordinary,
         )?),
         Target::Quic(addr, name, pem) => Arc::new(
             adclick_sdk::QuicTransport::with_pem_roots(*addr, name, pem, Duration::from_secs(10))
@@ -345,6 +447,7 @@ pub fn start(
                 .map_err(anyhow::Error::from)
         })
         .collect::<Result<_>>()?;
+    let special = special_trackers(&cfg, &target, &stats)?;
     let signer = ImpressionSigner::new(keyring).with_ttl(Duration::from_secs(3600))?;
     let forger = ImpressionSigner::new(Keyring::new(SigningKey::new(
         signer.keyring().current().id(),
@@ -361,6 +464,14 @@ pub fn start(
     let cdf = zipf_cdf(cfg.ads, cfg.zipf_s);
     let tr = trackers.clone();
     let st = stats.clone();
+    let sp = special.clone();
+    let mut trackers = trackers;
+    trackers.extend(
+        [&special.bot, &special.flood, &special.honeypot]
+            .into_iter()
+            .flatten()
+            .cloned(),
+    );
     let task = tokio::spawn(async move {
         let mut recent: VecDeque<(String, u64)> = VecDeque::with_capacity(1024);
         let tick = Duration::from_millis(10);
@@ -368,12 +479,59 @@ pub fn start(
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let started = Instant::now();
         let mut sent = 0u64;
+        let (mut flood_sent, mut honeypot_sent) = (0u64, 0u64);
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
                 _ = stop_rx.changed() => break,
             }
-            let due = started.elapsed().as_secs_f64() * cfg.rate;
+            let elapsed = started.elapsed().as_secs_f64();
+            let due = elapsed * cfg.rate;
+            // The flood and the honeypot clicker, each paced on its own.
+            for (who, per_minute, done, is_honeypot) in [
+                (&sp.flood, cfg.flood_per_minute, &mut flood_sent, false),
+                (
+                    &sp.honeypot,
+                    cfg.honeypot_per_minute,
+                    &mut honeypot_sent,
+                    true,
+                ),
+            ] {
+                let Some(t) = who else { continue };
+                while (*done as f64) < elapsed * per_minute / 60.0 {
+                    *done += 1;
+                    let ad = if is_honeypot && *done % 3 == 1 {
+                        cfg.honeypot_ad
+                    } else {
+                        cdf.partition_point(|c| *c < rng.unit()) as u64 + 1
+                    };
+                    let Ok(m) = signer.mint(&placement(ad)) else {
+                        continue;
+                    };
+                    let user = if is_honeypot {
+                        "honeypot-clicker".to_string()
+                    } else {
+                        format!("user-{}", rng.next() % 50_000)
+                    };
+                    let (counter, invalid) = if is_honeypot {
+                        (&st.honeypot, "honeypot")
+                    } else {
+                        (&st.flood, "ip_rate")
+                    };
+                    if let Some(l) = ledger.as_mut() {
+                        let _ = writeln!(
+                            l,
+                            "{}",
+                            serde_json::json!({"token": m.token, "ad_id": ad, "expected": "accepted", "invalid": invalid})
+                        );
+                    }
+                    st.clicks.fetch_add(1, Ordering::Relaxed);
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    if t.click(&m.token, Dimensions::new().user_id(user)).is_err() {
+                        st.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
             let mut late_batch = Vec::new();
             while (sent as f64) < due {
                 sent += 1;
@@ -387,6 +545,30 @@ pub fn start(
                     .os(OSES[(rng.next() % 4) as usize])
                     .site(SITES[(rng.next() % 5) as usize])
                     .user_id(format!("user-{}", rng.next() % 50_000));
+                if let Some(bot) = &sp.bot
+                    && rng.pct(cfg.bot_pct)
+                {
+                    // A crawler following an ad link: a fresh, valid token (the collector
+                    // accepts it; the aggregator's bot_user_agent rule flags it).
+                    let u = rng.unit();
+                    let ad = cdf.partition_point(|c| *c < u) as u64 + 1;
+                    let Ok(m) = signer.mint(&placement(ad)) else {
+                        continue;
+                    };
+                    if let Some(l) = ledger.as_mut() {
+                        let _ = writeln!(
+                            l,
+                            "{}",
+                            serde_json::json!({"token": m.token, "ad_id": ad, "expected": "accepted", "invalid": "bot_user_agent"})
+                        );
+                    }
+                    st.clicks.fetch_add(1, Ordering::Relaxed);
+                    st.bots.fetch_add(1, Ordering::Relaxed);
+                    if bot.click(&m.token, dims).is_err() {
+                        st.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
                 let (token, ad, expect) = if rng.pct(cfg.duplicate_pct) && !recent.is_empty() {
                     let (t, ad) = recent[(rng.next() % recent.len() as u64) as usize].clone();
                     st.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -451,6 +633,59 @@ pub fn start(
         trackers,
         task,
         stop,
+    })
+}
+
+/// The invalid-traffic clients of a run (HTTP targets only: QUIC has no User-Agent or
+/// forwarding header, so none of them over QUIC).
+#[derive(Clone, Default)]
+struct Special {
+    bot: Option<Tracker>,
+    flood: Option<Tracker>,
+    honeypot: Option<Tracker>,
+}
+
+fn special_trackers(
+    cfg: &TrafficConfig,
+    target: &Target,
+    stats: &Arc<TrafficStats>,
+) -> Result<Special> {
+    let Target::Http(url) = target else {
+        return Ok(Special::default());
+    };
+    let loopback = loopback_target(url);
+    let tracker = |who: Client| -> Result<Tracker> {
+        let t: Arc<dyn Transport> = Arc::new(Timed {
+            inner: Arc::new(VerdictHttp::new(
+                url,
+                Duration::from_secs(10),
+                stats.clone(),
+                who,
+            )?),
+            stats: stats.clone(),
+        });
+        Tracker::builder(url)
+            .transport(t)
+            .batch_size(cfg.batch_size.clamp(1, 20))
+            .flush_interval(Duration::from_millis(200))
+            .max_queue(100_000)
+            .build()
+            .map_err(anyhow::Error::from)
+    };
+    let fixed = |last: u8| Client::Fixed {
+        bind: loopback.then_some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))),
+        named: IpAddr::V4(Ipv4Addr::new(198, 51, 100, last)),
+    };
+    Ok(Special {
+        bot: (cfg.bot_pct > 0.0)
+            .then(|| tracker(Client::Crawler))
+            .transpose()?,
+        flood: (cfg.flood_per_minute > 0.0)
+            .then(|| tracker(fixed(2)))
+            .transpose()?,
+        honeypot: (cfg.honeypot_ad != 0 && cfg.honeypot_per_minute > 0.0)
+            .then(|| tracker(fixed(3)))
+            .transpose()?,
     })
 }
 
@@ -549,5 +784,35 @@ impl Accounting {
     /// Offered but never acknowledged.
     pub fn lost(&self) -> u64 {
         self.offered.saturating_sub(self.acked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adclick_collector::useragent::UaClassifier;
+    use adclick_proto::v1::UserAgentClass;
+
+    #[test]
+    fn the_bot_share_is_classified_as_bots_and_ordinary_clicks_as_clients() {
+        let ua = UaClassifier::builtin().unwrap();
+        for u in CRAWLER_UAS {
+            assert_eq!(ua.classify(Some(u.as_bytes())), UserAgentClass::Bot, "{u}");
+        }
+        assert_eq!(ua.classify(Some(OWN_UA.as_bytes())), UserAgentClass::Client);
+    }
+
+    #[test]
+    fn spread_addresses_do_not_repeat_within_the_range() {
+        let n = 1u64 << 17;
+        let all: std::collections::HashSet<Ipv4Addr> = (0..n).map(spread_addr).collect();
+        assert_eq!(all.len() as u64, n);
+        assert_eq!(spread_addr(0), Ipv4Addr::new(198, 18, 0, 0));
+        assert_eq!(spread_addr(n - 1), Ipv4Addr::new(198, 19, 255, 255));
+        assert_eq!(spread_addr(n), spread_addr(0));
+        assert!(loopback_target("http://127.0.0.1:8080"));
+        assert!(loopback_target("http://localhost:8080"));
+        assert!(loopback_target("http://[::1]:8080"));
+        assert!(!loopback_target("http://10.0.0.5:8080"));
     }
 }

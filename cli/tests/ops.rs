@@ -422,8 +422,40 @@ mod check {
             out.contains("[limits]") && out.contains("max_body_bytes = 1048576"),
             "{out}"
         );
+        // The embedded bot User-Agent list compiles (every pattern of the vendored list).
+        assert!(
+            out.contains(
+                "ok       user_agent: 1500 patterns from builtin (crawler-user-agents 1.60.0)"
+            ),
+            "{out}"
+        );
         // --check created nothing.
         assert!(!dir.path().join("state").exists());
+
+        // An operator's bot list, relative to the config file; one pattern the regex
+        // crate rejects is a warning naming it, not a failure.
+        std::fs::write(
+            dir.path().join("bots.json"),
+            r#"[{"pattern":"InHouseProbe"},{"pattern":"(?=x)y"}]"#,
+        )
+        .unwrap();
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str("\n[user_agent]\nbot_list = \"bots.json\"\n");
+        std::fs::write(&config, text).unwrap();
+        let (ok, out, err) = check(&config, "collector", elsewhere.path());
+        assert!(ok, "{out}\n{err}");
+        assert!(
+            out.contains(&format!(
+                "ok       user_agent: 1 patterns from {d}/bots.json"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "warning  user_agent: 1 patterns skipped (the regex crate rejects them): (?=x)y"
+            ),
+            "{out}"
+        );
     }
 
     /// Each thing start-up would trip on fails --check with exit 1 and a clear message:
@@ -721,6 +753,17 @@ mod live {
         }
         assert_eq!(total, offered, "{out}");
         assert!(forged > 0, "10% forged: {out}");
+        // The invalid-traffic share is acked like the rest (counted in offered and acked
+        // above); the collector classified exactly the crawler-UA clicks as bots (only
+        // loadgen sends to this dev, and its bot clicks are fresh valid tokens).
+        let bots = field(&out, "invalid share");
+        assert!(bots > 0, "2% of >= 300 clicks: {out}");
+        let (_, metrics) = http_get(&dev.collector, "/metrics");
+        let bot_line = format!("adclick_collector_user_agent_clicks_total{{class=\"bot\"}} {bots}");
+        assert!(
+            metrics.lines().any(|l| l == bot_line),
+            "want {bot_line}\n{out}"
+        );
 
         // adclick top --once over the same servers, once the aggregator has counted
         // everything (two equal rankings a second apart): the screen shows what the

@@ -47,6 +47,7 @@ fn bench(c: &mut Criterion) {
     let ctx = RequestCtx {
         received_at_ms: NOW,
         client_ip: Some("10.1.2.3".parse().unwrap()),
+        ua_class: adclick_proto::v1::UserAgentClass::Client,
     };
     let mut n = 0u64;
     let mut batch = || {

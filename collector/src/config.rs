@@ -64,6 +64,30 @@ pub struct CollectorConfig {
     pub trusted_proxies: Vec<String>,
     /// Sources besides the listeners: `[[source.file]]` log files.
     pub source: SourceConfig,
+    /// Bot User-Agent classification (`useragent`).
+    pub user_agent: UserAgentConfig,
+}
+
+/// `[user_agent]`: how clicks' User-Agent headers are classified (forwarded as
+/// `IngestClick.ua_class`; the aggregator's `bot_user_agent` rule decides validity).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserAgentConfig {
+    /// Classify at all; off, every click is forwarded as `UNSPECIFIED` (no UA rule
+    /// applies to it).
+    pub classify: bool,
+    /// `"builtin"` (the vendored crawler-user-agents list embedded in the binary) or the
+    /// path of a JSON list of the same shape (`[{"pattern": "..."}, ...]`).
+    pub bot_list: String,
+}
+
+impl Default for UserAgentConfig {
+    fn default() -> Self {
+        UserAgentConfig {
+            classify: true,
+            bot_list: crate::useragent::BUILTIN.into(),
+        }
+    }
 }
 
 /// Where clicks come from besides the HTTP and QUIC listeners.
@@ -130,6 +154,7 @@ impl Default for CollectorConfig {
             quarantine: QuarantineConfig::default(),
             trusted_proxies: Vec::new(),
             source: SourceConfig::default(),
+            user_agent: UserAgentConfig::default(),
         }
     }
 }
@@ -533,6 +558,17 @@ impl CollectorConfig {
         let err = |m: &str| Err(ConfigError(m.to_string()));
         if self.collector_id.is_empty() || self.collector_id.len() > 128 {
             return err("collector_id must be 1 to 128 characters");
+        }
+        let ua = &self.user_agent;
+        if ua.classify && ua.bot_list != crate::useragent::BUILTIN {
+            let p = std::path::Path::new(&ua.bot_list);
+            if ua.bot_list.is_empty() || !p.is_file() {
+                return Err(ConfigError(format!(
+                    "user_agent.bot_list {:?}: not a file; use \"builtin\" (the embedded \
+                     crawler-user-agents list) or the path of a JSON list of the same shape",
+                    ua.bot_list
+                )));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for f in &self.source.file {

@@ -23,6 +23,7 @@ pub mod quarantine;
 pub mod quic;
 pub mod routing;
 pub mod spool;
+pub mod useragent;
 pub mod writer;
 
 use std::fs::File;
@@ -77,6 +78,9 @@ pub enum CollectorError {
     /// messages (`forward.sink = "jetstream"`).
     #[error(transparent)]
     JetStream(#[from] forward::JetStreamError),
+    /// The bot User-Agent list could not be loaded (`[user_agent] bot_list`).
+    #[error(transparent)]
+    UserAgents(#[from] useragent::UaListError),
     /// The QUIC certificate or key could not be loaded or generated.
     #[error(transparent)]
     Tls(#[from] quic::TlsError),
@@ -159,6 +163,13 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
     metrics
         .forward_lag_records
         .set(i64::try_from(recovered_lag).unwrap_or(i64::MAX));
+    let user_agents = useragent::UaClassifier::from_config(&cfg.user_agent)?;
+    metrics
+        .user_agent_patterns
+        .set(i64::try_from(user_agents.patterns()).unwrap_or(i64::MAX));
+    metrics
+        .user_agent_patterns_unsupported
+        .set(i64::try_from(user_agents.unsupported().len()).unwrap_or(i64::MAX));
     let hot = Arc::new(HotAds::new(cfg.forward.hot_fanout));
     let processor = Arc::new(Processor::new(
         keys.clone(),
@@ -223,6 +234,7 @@ pub async fn start(cfg: CollectorConfig) -> Result<Collector, CollectorError> {
         limiter: RateLimiter::new(cfg.limits.rate_limit_per_ip, cfg.limits.rate_limit_burst),
         cors_origins: cfg.cors_origins.clone(),
         trusted_proxies: TrustedProxies::new(cfg.trusted_proxy_nets()?),
+        user_agents,
         body_budget: HttpState::body_budget_for(&cfg.limits),
         body_per_ip: Arc::default(),
     });

@@ -40,6 +40,13 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// `class` label of `adclick_collector_user_agent_clicks_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UaClassLabel {
+    /// unspecified (no User-Agent, QUIC, classification off), client or bot.
+    pub class: &'static str,
+}
+
 /// Labels of the connection counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabel {
@@ -73,6 +80,14 @@ adclick_proto::metrics! {
         /// Lines read by the `[[source.file]]` sources, by source and outcome (read,
         /// invalid_json, invalid_field, too_long).
         pub file_lines: Family<FileLineLabel, Counter> = Family::default();
+        /// Accepted clicks by User-Agent class (unspecified, client, bot), as forwarded in
+        /// `IngestClick.ua_class`; the aggregator decides what a bot click counts as.
+        pub user_agent_clicks: Family<UaClassLabel, Counter> = Family::default();
+        /// Patterns of the bot User-Agent list in use (0: classification off).
+        pub user_agent_patterns: Gauge = Gauge::default();
+        /// Patterns of the bot list skipped because the regex crate rejects them (each
+        /// named in a WARN log line at start).
+        pub user_agent_patterns_unsupported: Gauge = Gauge::default();
         /// HTTP/QUIC requests by route and status code.
         pub requests: Family<RequestLabel, Counter> = Family::default();
         /// Clicks counted at received_at because the device clock was beyond the bound.
@@ -154,6 +169,18 @@ impl Metrics {
             self.clicks
                 .get_or_create(&OutcomeLabel { outcome })
                 .inc_by(n);
+        }
+    }
+
+    /// Adds committed clicks by User-Agent class, indexed by the `UserAgentClass` value
+    /// (unspecified, client, bot).
+    pub fn add_ua_classes(&self, n: [u64; 3]) {
+        for (class, n) in ["unspecified", "client", "bot"].into_iter().zip(n) {
+            if n > 0 {
+                self.user_agent_clicks
+                    .get_or_create(&UaClassLabel { class })
+                    .inc_by(n);
+            }
         }
     }
 

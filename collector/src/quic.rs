@@ -466,6 +466,8 @@ async fn answer(
     let ctx = RequestCtx {
         received_at_ms,
         client_ip: Some(ip),
+        // QUIC streams carry a length-prefixed ClickBatch and no headers: no User-Agent.
+        ua_class: adclick_proto::v1::UserAgentClass::Unspecified,
     };
     match http::record_batch(st, batch.clicks, &ctx).await {
         Ok(processed) => (202, processed.result().encode_to_vec()),

@@ -819,6 +819,20 @@ fn shipped_config_has_the_default_limits() {
     );
     assert!(c.trusted_proxies.is_empty());
     assert!(c.source.file.is_empty());
+    assert_eq!(
+        format!("{:?}", c.user_agent),
+        format!("{:?}", CollectorConfig::default().user_agent)
+    );
+    // A bot list that is not a file is refused by validation (`--check`), naming the key.
+    let mut bad = c.clone();
+    bad.user_agent.bot_list = "/nonexistent/bots.json".into();
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("user_agent.bot_list") && e.contains("/nonexistent/bots.json"),
+        "{e}"
+    );
+    bad.user_agent.classify = false;
+    bad.validate().unwrap();
     // The commented `[[source.file]]` example, uncommented, is a valid source.
     let start = text.find("# [[source.file]]").unwrap();
     let example: String = text[start..]

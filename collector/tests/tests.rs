@@ -27,3 +27,5 @@ mod limits;
 mod pipelined;
 mod quic;
 mod tokens;
+mod trusted_proxy;
+mod user_agent;

@@ -221,6 +221,7 @@ fn every_click_the_collector_acks_the_aggregator_counts() {
             &RequestCtx {
                 received_at_ms: now,
                 client_ip: None,
+                ua_class: adclick_proto::v1::UserAgentClass::Unspecified,
             },
         );
         processor.committed(&out);

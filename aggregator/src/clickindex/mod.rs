@@ -29,6 +29,12 @@
 //! behind the watermark are deleted after each checkpoint (bounded disk); `validate`
 //! refuses ranges reaching before that.
 //!
+//! Privacy (`[privacy] ip_storage`, `crate::privacy`): the writer stores each IP in its
+//! configured form (full, truncated, hashed with the day's salt) and a snapshot turns a
+//! probe's IP into the same form before it searches, so `ip` filters match what was
+//! stored: one address matches its /24 or /48 when truncated; with hashed storage a filter
+//! takes one address (a range is refused: hashes have no order).
+//!
 //! It must not know protobuf, the query API or the shards: it stores (ip, user, minute,
 //! ad, combination) and answers [`Probe`]s with [`Hit`]s.
 
@@ -40,6 +46,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
+use crate::privacy::{IpMasker, IpStorage};
 use crate::sketch::hll::hash_user_id;
 pub use segment::{Segment, SegmentError};
 
@@ -241,6 +248,21 @@ pub struct Hit {
 pub struct Snapshot {
     segments: Arc<Vec<Arc<Segment>>>,
     chunks: Vec<Arc<Chunk>>,
+    /// How IPs were stored (None: in full).
+    masker: Option<Arc<IpMasker>>,
+}
+
+fn addr_of(k: &Ip) -> std::net::IpAddr {
+    let v6 = std::net::Ipv6Addr::from(*k);
+    v6.to_ipv4_mapped()
+        .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+}
+
+fn key_of(a: std::net::IpAddr) -> Ip {
+    match a {
+        std::net::IpAddr::V4(v) => ip_key(&v.octets()).unwrap_or([0; 16]),
+        std::net::IpAddr::V6(v) => v.octets(),
+    }
 }
 
 impl Snapshot {
@@ -250,6 +272,40 @@ impl Snapshot {
         if p.ip.is_none() && p.user.is_none() {
             return Ok(());
         }
+        if let (Some((lo, hi)), Some(m)) = (p.ip, &self.masker) {
+            let minute_ms = |m: u32| i64::from(m) * 60_000;
+            let probes = m
+                .probe(
+                    addr_of(&lo),
+                    addr_of(&hi),
+                    minute_ms(p.from_minute),
+                    minute_ms(p.to_minute.saturating_sub(1)),
+                )
+                .map_err(|e| SegmentError::Io {
+                    path: PathBuf::from(crate::privacy::DIR),
+                    source: std::io::Error::other(e.to_string()),
+                })?
+                .ok_or_else(|| SegmentError::Io {
+                    path: PathBuf::from(crate::privacy::DIR),
+                    source: std::io::Error::other(
+                        "an ip range cannot be matched with privacy.ip_storage = \"hashed\" \
+                         (hashes have no order): filter on one address",
+                    ),
+                })?;
+            for (lo, hi) in probes {
+                let one = Probe {
+                    ip: Some((key_of(lo), key_of(hi))),
+                    ..*p
+                };
+                self.scan_stored(&one, f)?;
+            }
+            return Ok(());
+        }
+        self.scan_stored(p, f)
+    }
+
+    /// [`Snapshot::scan`] for a probe already in the stored form.
+    fn scan_stored(&self, p: &Probe<'_>, f: &mut dyn FnMut(Hit)) -> Result<(), SegmentError> {
         for s in self.segments.iter() {
             s.scan(p, f)?;
         }
@@ -275,6 +331,7 @@ pub type Shared = ArcSwap<Snapshot>;
 struct Parts {
     segments: Arc<Vec<Arc<Segment>>>,
     chunks: Vec<Arc<Chunk>>,
+    masker: Option<Arc<IpMasker>>,
 }
 
 impl Parts {
@@ -282,6 +339,7 @@ impl Parts {
         shared.store(Arc::new(Snapshot {
             segments: self.segments.clone(),
             chunks: self.chunks.clone(),
+            masker: self.masker.clone(),
         }));
     }
 }
@@ -315,6 +373,8 @@ pub struct IndexWriter {
     /// WAL position the segments cover up to.
     flushed_pos: u64,
     in_flight: Option<InFlight>,
+    /// How IPs are stored (None: in full).
+    masker: Option<Arc<IpMasker>>,
 }
 
 impl IndexWriter {
@@ -349,6 +409,7 @@ impl IndexWriter {
         let parts = Parts {
             segments: Arc::new(segments),
             chunks: Vec::new(),
+            masker: None,
         };
         let shared = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         parts.publish(&shared);
@@ -360,16 +421,37 @@ impl IndexWriter {
                 building: Chunk::default(),
                 flushed_pos: flushed_pos.min(cp_pos),
                 in_flight: None,
+                masker: None,
             },
             shared,
         ))
+    }
+
+    /// Stores IPs as `masker` says from now on (`[privacy] ip_storage`; set before the
+    /// first click, by the engine at start) and tells queries.
+    pub fn set_ip_storage(&mut self, masker: Arc<IpMasker>) {
+        let m = (masker.mode() != IpStorage::Full).then_some(masker);
+        self.masker = m.clone();
+        let mut p = lock(&self.parts);
+        p.masker = m;
+        p.publish(&self.shared);
     }
 
     /// Records one counted click (no allocation beyond amortised growth of the batch's
     /// buffers). `ip`: the wire bytes (4, 16, or anything else for unknown).
     pub fn push(&mut self, ad: u64, event_time_ms: i64, combo: u32, ip: &[u8], user: &[u8]) {
         let minute = u32::try_from(event_time_ms.div_euclid(60_000)).unwrap_or(u32::MAX);
-        let key = ip_key(ip);
+        let key = match &self.masker {
+            None => ip_key(ip),
+            Some(m) => match m.mask_wire(ip, event_time_ms) {
+                Ok(a) => a.map(key_of),
+                Err(e) => {
+                    // Never store the full address against the configuration: unknown.
+                    tracing::error!(error = %e, "click index: IP not stored (privacy salt unavailable)");
+                    None
+                }
+            },
+        };
         let b = &mut self.building;
         let user_off = u32::try_from(b.users.len()).unwrap_or(u32::MAX);
         b.users.extend_from_slice(user);

@@ -634,6 +634,10 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
             trackers: (8 / n).max(2),
             batch_size: 500,
             late_pct: 0.0,
+            // Throughput of the ingest path, not of invalid-traffic shapes.
+            bot_pct: 0.0,
+            flood_per_minute: 0.0,
+            honeypot_ad: 0,
             ..Default::default()
         };
         loads.push(traffic::start(

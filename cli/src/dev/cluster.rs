@@ -443,6 +443,10 @@ collector_id = "dev-collector-{i}"
 listen_http = "{listen}"
 data_dir = {data}
 keys_file = {keys}
+# The dev traffic generator plays a load balancer: its X-Forwarded-For spreads ordinary
+# clicks over many client addresses; its flood and honeypot clicker connect from 127.0.0.2
+# and .3 (untrusted, so their own address is the client).
+trusted_proxies = ["127.0.0.1/32"]
 
 [limits]
 rate_limit_per_ip = 0.0       # dev traffic all comes from 127.0.0.1

@@ -159,6 +159,11 @@ pub fn run(args: DevArgs) -> Result<()> {
         // from 127.0.0.1 at thousands of clicks/s: the per-IP click rate limit is off in dev
         // (explicitly; production keeps the default of limits.rate_limit_per_ip).
         ccfg.limits.rate_limit_per_ip = 0.0;
+        // The traffic generator plays a load balancer: its X-Forwarded-For spreads the
+        // ordinary clicks over many client addresses (so only the flood trips the ip_rate
+        // rule); its flood and honeypot clicker connect from 127.0.0.2 and .3, which are
+        // not trusted, so their socket address is the client.
+        ccfg.trusted_proxies = vec!["127.0.0.1/32".into()];
         let col = adclick_collector::start(ccfg)
             .await
             .context("cannot start the collector (is the port free? try --collector-port)")?;

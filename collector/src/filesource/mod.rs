@@ -1,5 +1,6 @@
 //! `[[source.file]]`: clicks that ad servers append to log files, one JSON click per line
-//! (the fields of the HTTP JSON ingest, `token` included, plus an optional `client_ip`),
+//! (the fields of the HTTP JSON ingest, `token` included, plus an optional `client_ip`
+//! and `user_agent`, the visitor's header, classified like an HTTP request's),
 //! tailed like Vector's file source and fed through the same click path as HTTP
 //! (verification, dedup, quarantine, spool).
 //!
@@ -491,11 +492,19 @@ impl FileSource {
             return;
         }
         match crate::http::json::parse_line(line, received) {
-            Ok((click, ip)) => {
+            Ok(crate::http::json::Line {
+                click,
+                client_ip: ip,
+                user_agent,
+            }) => {
                 self.count(LineOutcome::Read);
                 let ctx = RequestCtx {
                     received_at_ms: received,
                     client_ip: ip,
+                    ua_class: self
+                        .state
+                        .user_agents
+                        .classify(user_agent.as_deref().map(str::as_bytes)),
                 };
                 let p = self.state.processor.process(vec![click], &ctx);
                 self.state

@@ -159,8 +159,8 @@ pub fn parse_batch(
 }
 
 /// One line of a `[[source.file]]` log: the fields of a JSON click (the same names and
-/// rules as a click of a JSON batch) plus the visitor's `client_ip`, which the ad server
-/// knows and a log line cannot take from a connection.
+/// rules as a click of a JSON batch) plus the visitor's `client_ip` and `user_agent`, which
+/// the ad server knows and a log line cannot take from a connection.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LineJson {
@@ -183,16 +183,27 @@ struct LineJson {
     user_id: String,
     #[serde(default)]
     client_ip: Option<String>,
+    #[serde(default)]
+    user_agent: Option<String>,
 }
 
-/// Parses one log line into a click and its client IP. Times: a line without
+/// A parsed `[[source.file]]` line: the click and what the ad server saw of its visitor.
+#[derive(Debug)]
+pub struct Line {
+    /// The click.
+    pub click: v1::Click,
+    /// The visitor's address, when the line names one.
+    pub client_ip: Option<std::net::IpAddr>,
+    /// The visitor's User-Agent header, when the line carries one (classified like an
+    /// HTTP request's).
+    pub user_agent: Option<String>,
+}
+
+/// Parses one log line into a click, its client IP and User-Agent. Times: a line without
 /// `occurred_at_ms` happened when it was read; one without `sent_at_ms` is taken as sent
 /// when it was read (the ad server's clock wrote it, so its `occurred_at_ms` stands as the
 /// event time, however late the line is read), unlike a device's batch.
-pub fn parse_line(
-    line: &[u8],
-    read_at_ms: i64,
-) -> Result<(v1::Click, Option<std::net::IpAddr>), crate::filesource::LineOutcome> {
+pub fn parse_line(line: &[u8], read_at_ms: i64) -> Result<Line, crate::filesource::LineOutcome> {
     use crate::filesource::LineOutcome;
     let c: LineJson = serde_json::from_slice(line).map_err(|_| LineOutcome::InvalidJson)?;
     let device = device(&c.device).map_err(|_| LineOutcome::InvalidField)?;
@@ -205,8 +216,8 @@ pub fn parse_line(
     };
     let occurred = c.occurred_at_ms.unwrap_or(read_at_ms);
     let sent = c.sent_at_ms.unwrap_or(read_at_ms);
-    Ok((
-        v1::Click {
+    Ok(Line {
+        click: v1::Click {
             token: c.token,
             occurred_at_ms: occurred,
             sent_at_ms: sent,
@@ -217,8 +228,9 @@ pub fn parse_line(
             app: c.app,
             user_id: c.user_id,
         },
-        ip,
-    ))
+        client_ip: ip,
+        user_agent: c.user_agent,
+    })
 }
 
 /// Renders a batch result as JSON.

@@ -40,6 +40,7 @@ use crate::config::Limits;
 use crate::ingest::{Processed, Processor, RequestCtx};
 use crate::metrics::{ConnLabel, ListenerLabel, Metrics};
 use crate::quarantine::Quarantine;
+use crate::useragent::UaClassifier;
 use crate::writer::{CommitError, Committer};
 use client_ip::TrustedProxies;
 use conn::{Activity, ConnLimiter};
@@ -65,6 +66,8 @@ pub struct HttpState {
     pub cors_origins: Vec<String>,
     /// Proxies whose forwarding headers name the client.
     pub trusted_proxies: TrustedProxies,
+    /// The bot User-Agent list (`[user_agent]`).
+    pub user_agents: Arc<UaClassifier>,
     /// Budget of buffered request-body bytes, in KiB permits (`limits.max_inflight_body_bytes`).
     pub body_budget: Arc<Semaphore>,
     /// Each client address's share of that budget in use (`limits.max_inflight_body_bytes_per_ip`),
@@ -133,6 +136,12 @@ impl HttpState {
                 self.metrics.rate_limited.inc();
                 self.metrics.add_clicks("rate_limited", clicks as u64);
             })
+    }
+
+    /// The class of a request's `User-Agent` header (the first one, if repeated).
+    pub fn ua_class(&self, headers: &hyper::HeaderMap) -> v1::UserAgentClass {
+        self.user_agents
+            .classify(headers.get(header::USER_AGENT).map(HeaderValue::as_bytes))
     }
 
     /// The cheap check before a request's body is read: one click's worth.
@@ -342,7 +351,10 @@ async fn handle(st: &HttpState, req: Request<Incoming>, remote: SocketAddr) -> R
     let (route, mut resp) = match (req.method(), path.as_str()) {
         (&Method::OPTIONS, "/v1/clicks") => ("preflight", preflight(cors.clone())),
         (&Method::POST, "/v1/clicks") => ("clicks", ingest(st, req, ip).await),
-        (&Method::GET, p) if p.starts_with("/c/") => ("redirect", redirect(st, &p[3..], ip).await),
+        (&Method::GET, p) if p.starts_with("/c/") => {
+            let ua = st.ua_class(req.headers());
+            ("redirect", redirect(st, &p[3..], ip, ua).await)
+        }
         (&Method::GET, "/livez") => ("livez", text(StatusCode::OK, "ok\n")),
         (&Method::GET, "/readyz") => ("readyz", readiness(st)),
         (&Method::GET, "/healthz") => ("healthz", readiness(st)),
@@ -526,6 +538,8 @@ async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
     if let Err(retry) = st.admit(ip) {
         return too_many(retry);
     }
+    // Read before the body consumes the request; one class for the whole batch.
+    let ua_class = st.ua_class(req.headers());
     let Some(enc) = encoding_of(&req) else {
         return json_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -566,6 +580,7 @@ async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
     let ctx = RequestCtx {
         received_at_ms,
         client_ip: Some(ip),
+        ua_class,
     };
     let processed = match record_batch(st, batch.clicks, &ctx).await {
         Ok(p) => p,
@@ -666,7 +681,7 @@ pub async fn record(
     })
 }
 
-async fn redirect(st: &HttpState, token: &str, ip: IpAddr) -> Resp {
+async fn redirect(st: &HttpState, token: &str, ip: IpAddr, ua_class: v1::UserAgentClass) -> Resp {
     let started = Instant::now();
     // A redirect is one click for the rate limit; a limited visitor is not redirected
     // (a 429 is cheaper than verifying and spooling a flood).
@@ -697,6 +712,7 @@ async fn redirect(st: &HttpState, token: &str, ip: IpAddr) -> Resp {
             let ctx = RequestCtx {
                 received_at_ms: now,
                 client_ip: Some(ip),
+                ua_class,
             };
             let _ = record(st, vec![click], &ctx).await;
             text(status, format!("invalid ad link ({reason}): {detail}\n"))
@@ -705,6 +721,7 @@ async fn redirect(st: &HttpState, token: &str, ip: IpAddr) -> Resp {
             let ctx = RequestCtx {
                 received_at_ms: now,
                 client_ip: Some(ip),
+                ua_class,
             };
             if let Err(e) = record(st, vec![click], &ctx).await {
                 // The visitor still reaches the advertiser; the click is counted as

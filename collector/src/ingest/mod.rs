@@ -30,6 +30,8 @@ pub struct RequestCtx {
     pub received_at_ms: i64,
     /// Client address.
     pub client_ip: Option<IpAddr>,
+    /// The request's User-Agent class (`useragent`), forwarded with each of its clicks.
+    pub ua_class: v1::UserAgentClass,
 }
 
 /// The result of processing one batch.
@@ -231,8 +233,7 @@ impl Processor {
                     dedup_suspect: seen == Seen::Suspect,
                     salt: self.hot.salt(imp.ad_id, &imp.impression_id),
                     token_issued_at_ms: imp.issued_at_ms,
-                    // Classified against the bot list once the edge has one (issue 16).
-                    ua_class: 0,
+                    ua_class: ctx.ua_class as i32,
                 });
             }
         }
@@ -276,6 +277,12 @@ impl Processor {
         }
         drop(dedup);
         self.metrics.add_clicks("accepted", p.accepted.len() as u64);
+        let mut by_class = [0u64; 3];
+        for c in &p.accepted {
+            let i = usize::try_from(c.ua_class).unwrap_or(0).min(2);
+            by_class[i] += 1;
+        }
+        self.metrics.add_ua_classes(by_class);
     }
 
     /// Forgets the accepted clicks of a batch that could not be made durable.
