@@ -227,6 +227,11 @@ impl Metrics {
         self.clicks.get_or_create(&OutcomeLabel { outcome }).get()
     }
 
+    /// Counted clicks classified invalid for `reason` (`rules::Reason::label`).
+    pub fn invalid_with(&self, reason: &'static str) -> u64 {
+        self.invalid_clicks.get_or_create(&ReasonLabel { reason }).get()
+    }
+
     /// `GET /metrics`: these metrics, build info and process metrics, in the format the
     /// scraper's `Accept` asks for (`adclick_proto::metrics`): `(content type, body)`.
     pub fn expose(&self, accept: Option<&str>) -> (&'static str, String) {

@@ -271,6 +271,17 @@ impl Scrape {
             counted: agg("applied"),
             late: agg("late"),
             agg_duplicate: agg("duplicate"),
+            invalid: {
+                let mut by: BTreeMap<String, u64> = BTreeMap::new();
+                for p in self.pages_of(Role::Aggregator) {
+                    for (reason, n) in
+                        by_label(p, "adclick_aggregator_invalid_clicks_total", "reason")
+                    {
+                        *by.entry(reason).or_insert(0) += n;
+                    }
+                }
+                by.into_iter().filter(|(_, n)| *n > 0).collect()
+            },
             watermark,
             top: self.top.clone(),
             queued: None,

@@ -42,6 +42,9 @@ pub struct View {
     pub late: u64,
     /// Duplicates the aggregators dropped.
     pub agg_duplicate: u64,
+    /// Counted clicks the aggregators' rules classified invalid traffic, by reason (only
+    /// reasons with clicks; not billed, kept apart in queries with `traffic`).
+    pub invalid: Vec<(String, u64)>,
     /// The (slowest) watermark, ms since the epoch; 0 = none yet.
     pub watermark: i64,
     /// Top ads (ad, clicks), last 5 minutes.
@@ -98,6 +101,17 @@ impl View {
         s.push(format!(
             "counted      {:>10}   late corrections {:>6}   dedup at aggregator {:>6}",
             self.counted, self.late, self.agg_duplicate
+        ));
+        let invalid: u64 = self.invalid.iter().map(|(_, n)| n).sum();
+        s.push(format!(
+            "valid        {:>10}   invalid {:>10}   ({})",
+            self.counted.saturating_sub(invalid),
+            invalid,
+            if self.invalid.is_empty() {
+                "no rule tripped".to_string()
+            } else {
+                list(&self.invalid)
+            }
         ));
         if let Some(l) = self.forward_lag {
             s.push(format!("forward lag  {l:>10} spool records not yet acked"));

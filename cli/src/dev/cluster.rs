@@ -495,6 +495,13 @@ allowed_delay_ms = 5000
 [checkpoint]
 interval_ms = 10000
 
+# Invalid-traffic rules on, with the dev traffic's honeypot ad as a trap (its flood, bot
+# User-Agents and honeypot clicker then show as invalid by reason).
+[rules]
+enabled = true
+[rules.honeypot]
+ad_ids = [{honeypot}]
+
 [source]
 kind = "jetstream"
 servers = {servers}
@@ -509,6 +516,7 @@ durable_prefix = "dev-shard-{s}"
         data = q_path(&dir.join(format!("shard-{s}")).join("data")),
         ingest = q(ingest),
         servers = q_list(servers),
+        honeypot = crate::traffic::HONEYPOT_AD,
     )
 }
 

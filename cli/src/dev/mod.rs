@@ -141,6 +141,11 @@ pub fn run(args: DevArgs) -> Result<()> {
         };
         acfg.windows.allowed_delay_ms = 5_000;
         acfg.checkpoint.interval_ms = 10_000;
+        // Invalid-traffic rules on (they are off by default so an upgrade does not change a
+        // deployment's counts), with the dev traffic's honeypot ad as a trap: its flood, bot
+        // User-Agents and honeypot clicker show as invalid by reason.
+        acfg.rules.enabled = true;
+        acfg.rules.honeypot.ad_ids = vec![crate::traffic::HONEYPOT_AD];
         let agg = adclick_aggregator::start(acfg)
             .await
             .context("cannot start the aggregator (is another `adclick dev` running? try --grpc-port/--query-port)")?;
@@ -213,6 +218,11 @@ pub fn run(args: DevArgs) -> Result<()> {
                 counted: am.clicks_with("applied"),
                 late: am.clicks_with("late"),
                 agg_duplicate: am.clicks_with("duplicate"),
+                invalid: adclick_aggregator::rules::Reason::ALL
+                    .into_iter()
+                    .map(|r| (r.label().to_string(), am.invalid_with(r.label())))
+                    .filter(|(_, n)| *n > 0)
+                    .collect(),
                 watermark: wm,
                 top: top.iter().map(|a| (a.ad_id, a.clicks)).collect(),
                 queued: Some(traffic.as_ref().map_or(0, |t| t.queued())),
