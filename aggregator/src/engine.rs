@@ -110,6 +110,9 @@ pub enum IngestError {
 
 pub use crate::admit::seq_limit;
 
+/// Checkpoint table: the seq of the last repair the checkpoint's state contains (u64 LE).
+const REPAIRS_TABLE: &str = "repairs";
+
 enum ShardMsg {
     /// Clicks to apply; the sender (if any) is told when they are visible to queries.
     Apply(Vec<Applied>, Option<SyncSender<()>>),
@@ -117,12 +120,48 @@ enum ShardMsg {
     /// Roll minutes before this up into their hours and days (`ShardState::seal`).
     Seal(i64),
     Barrier(SyncSender<Vec<u8>>),
+    /// A repair (`crate::repair`): set these minute cells, rebuild the top-N index with
+    /// these fields; answers each cell's clicks before.
+    Repair(
+        Vec<ShardFix>,
+        Vec<crate::state::topset::IndexField>,
+        SyncSender<Vec<u64>>,
+    ),
+    /// Test-only damage: (ad, minute, delta) (`test-hooks`).
+    #[cfg(any(test, feature = "test-hooks"))]
+    Damage(Vec<(u64, i64, i64)>, SyncSender<u32>),
+}
+
+/// One cell of a repair for one shard: (combination id, clicks, user entries) per
+/// combination; empty on the shards that must drop their part of a split ad's cell.
+#[derive(Debug, Clone)]
+struct ShardFix {
+    ad: u64,
+    minute_ms: i64,
+    combos: Vec<(u32, u32, Vec<u32>)>,
+}
+
+/// What the writer thread takes besides batches.
+enum WriterMsg {
+    Ingest(IngestReq),
+    Control(Control),
+}
+
+/// Requests that go through the writer so they are ordered with the batches.
+enum Control {
+    Repair(
+        crate::repair::RecordPb,
+        oneshot::Sender<Result<crate::repair::Outcome, crate::repair::RepairError>>,
+    ),
+    RepairState(oneshot::Sender<crate::repair::State>),
+    #[cfg(any(test, feature = "test-hooks"))]
+    Damage(Vec<(u64, i64, i64)>, oneshot::Sender<u32>),
 }
 
 /// Handle to the running engine.
 #[derive(Debug, Clone)]
 pub struct Engine {
-    tx: mpsc::Sender<IngestReq>,
+    tx: mpsc::Sender<WriterMsg>,
     positions: StreamPositions,
 }
 
@@ -132,11 +171,11 @@ impl Engine {
         let stopping = || IngestError::Unavailable("aggregator is shutting down".into());
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(IngestReq {
+            .send(WriterMsg::Ingest(IngestReq {
                 batch,
                 done,
                 origin: None,
-            })
+            }))
             .await
             .map_err(|_| stopping())?;
         rx.await.map_err(|_| stopping())?
@@ -153,14 +192,59 @@ impl Engine {
     ) -> Result<oneshot::Receiver<Result<IngestAck, IngestError>>, IngestError> {
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(IngestReq {
+            .send(WriterMsg::Ingest(IngestReq {
                 batch,
                 done,
                 origin: Some(origin),
-            })
+            }))
             .await
             .map_err(|_| IngestError::Unavailable("aggregator is shutting down".into()))?;
         Ok(rx)
+    }
+
+    /// Applies a repair (`crate::repair`) between two batches; resolves once it is durable
+    /// and visible.
+    pub async fn repair(
+        &self,
+        rec: crate::repair::RecordPb,
+    ) -> Result<crate::repair::Outcome, crate::repair::RepairError> {
+        use crate::repair::RepairError;
+        let stopping = || RepairError::Unavailable("aggregator is shutting down".into());
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(WriterMsg::Control(Control::Repair(rec, done)))
+            .await
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())?
+    }
+
+    /// Where the archive and the repairs stand.
+    pub async fn repair_state(&self) -> Result<crate::repair::State, crate::repair::RepairError> {
+        let (done, rx) = oneshot::channel();
+        let stopping =
+            || crate::repair::RepairError::Unavailable("aggregator is shutting down".into());
+        self.tx
+            .send(WriterMsg::Control(Control::RepairState(done)))
+            .await
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())
+    }
+
+    /// Test-only damage (`test-hooks`): moves each (ad, minute) cell's first combination
+    /// by delta clicks (and its hour and day when sealed), then takes a checkpoint so the
+    /// damage is in the durable state as real damage would be. Returns the cells found.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub async fn damage_for_test(&self, cells: Vec<(u64, i64, i64)>) -> u32 {
+        let (done, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(WriterMsg::Control(Control::Damage(cells, done)))
+            .await
+            .is_err()
+        {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
     }
 
     /// Last applied stream sequence of `partition` (0: none): a consumer (re)starts after it.
@@ -223,6 +307,10 @@ struct Writer<S: Store> {
     pending: Option<(Checkpoint, i64, Instant)>,
     /// Set when `[archive]` is on.
     archive: Option<ArchiveHook>,
+    /// Seq of the last repair applied (`crate::repair`).
+    repair_seq: u64,
+    /// Every repair id recorded -> its seq (idempotence by id).
+    repair_ids: std::collections::HashMap<String, u64>,
 }
 
 /// Opens the store, recovers, and starts the threads.
@@ -354,11 +442,39 @@ pub fn start<S: Store + 'static>(
             signal: signal.clone(),
             stats: None,
         }),
+        repair_seq: 0,
+        repair_ids: std::collections::HashMap::new(),
     };
+    // Repairs: every id ever recorded; those after the checkpoint's are applied again at
+    // their WAL position during the replay below.
+    let mut repairs = std::collections::VecDeque::new();
+    {
+        use prost::Message;
+        let done = cp
+            .tables
+            .iter()
+            .find(|(t, _)| t == REPAIRS_TABLE)
+            .and_then(|(_, b)| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes);
+        for (seq, bytes) in w.store.repairs()? {
+            let rec = crate::repair::RecordPb::decode(bytes.as_slice())
+                .map_err(|e| StoreError(format!("repair {seq}: {e}")))?;
+            w.repair_ids.insert(rec.id.clone(), seq);
+            if seq > done {
+                repairs.push_back(rec);
+            }
+        }
+        w.repair_seq = done;
+    }
     // Replay what the WAL holds after the checkpoint.
     let replay = w.store.wal_after(cp.wal_pos)?;
     let replayed = replay.len();
     for (pos, bytes) in replay {
+        while repairs.front().is_some_and(|r| r.at_wal_pos < pos) {
+            if let Some(r) = repairs.pop_front() {
+                w.apply_repair(&r);
+            }
+        }
         // Checked at the edge before it was written, and redb checksums its pages: a
         // failure here is damage, and the entry is skipped whole.
         if let Err(e) = decode::check_batch(&bytes) {
@@ -374,6 +490,9 @@ pub fn start<S: Store + 'static>(
         if let Some(e) = w.windows.take_error() {
             return Err(StoreError(e.to_string()));
         }
+    }
+    for r in repairs {
+        w.apply_repair(&r);
     }
     w.record_outcomes()?;
     // Every replayed click applied (and published) before the first request: a batch
@@ -401,7 +520,7 @@ pub fn start<S: Store + 'static>(
     if let (Some(h), Some(t)) = (&mut w.archive, &archive) {
         h.stats = Some(t.stats.clone());
     }
-    let (tx, rx) = mpsc::channel::<IngestReq>(4096);
+    let (tx, rx) = mpsc::channel::<WriterMsg>(4096);
     let writer = std::thread::Builder::new()
         .name("adclick-agg-writer".into())
         .spawn(move || w.run(rx))
@@ -467,6 +586,32 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                 let s = view.shards[i].read().unwrap_or_else(|e| e.into_inner());
                 let _ = reply.send(s.to_bytes());
             }
+            ShardMsg::Repair(fixes, fields, reply) => {
+                // One write lock for every cell: a query of this shard sees all of the
+                // repair or none of it. The top-N index is rebuilt from the cells (a repair
+                // may lower counts, which the incremental index cannot) and swapped whole.
+                let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
+                let before: Vec<u64> = fixes
+                    .iter()
+                    .map(|f| s.set_minute(f.ad, f.minute_ms, &f.combos))
+                    .collect();
+                let meta = view.meta.load();
+                let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
+                let index = s.top_set(&meta.combos, &owners, &fields);
+                drop(owners);
+                drop(s);
+                top.reset(index, &view.tops[i]);
+                let _ = reply.send(before);
+            }
+            #[cfg(any(test, feature = "test-hooks"))]
+            ShardMsg::Damage(cells, reply) => {
+                let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
+                let found = cells
+                    .iter()
+                    .filter(|(ad, m, d)| s.damage_for_test(*ad, *m, *d))
+                    .count();
+                let _ = reply.send(u32::try_from(found).unwrap_or(u32::MAX));
+            }
         }
         // Publish before confirming: with no TopAds query holding the other copy (the
         // usual case) an acked click is in TopAds at once. With one, the ack does not wait
@@ -480,22 +625,31 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
 }
 
 impl<S: Store> Writer<S> {
-    fn run(mut self, mut rx: mpsc::Receiver<IngestReq>) {
+    fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
         let max_group = 64;
         let tick = Duration::from_millis(self.cfg.checkpoint.interval_ms.max(10));
         loop {
-            let first = match rx.blocking_recv() {
-                Some(r) => r,
+            let (mut group, mut control) = match rx.blocking_recv() {
+                Some(WriterMsg::Ingest(r)) => (vec![r], None),
+                Some(WriterMsg::Control(c)) => (Vec::new(), Some(c)),
                 None => break,
             };
-            let mut group = vec![first];
-            while group.len() < max_group {
+            // A control request ends the group: it is ordered after the batches before it.
+            while control.is_none() && group.len() < max_group {
                 match rx.try_recv() {
-                    Ok(r) => group.push(r),
+                    Ok(WriterMsg::Ingest(r)) => group.push(r),
+                    Ok(WriterMsg::Control(c)) => control = Some(c),
                     Err(_) => break,
                 }
             }
-            self.handle_group(group);
+            if !group.is_empty() {
+                self.handle_group(group);
+            }
+            if let Some(c) = control
+                && !self.poisoned
+            {
+                self.control(c);
+            }
             if self.poisoned {
                 // Like a crash: no checkpoint of a state that may have missed a dedup
                 // lookup; every later request is refused (channel closed) until restart.
@@ -1057,6 +1211,10 @@ impl<S: Store> Writer<S> {
                 Err(_) => return,
             }
         }
+        tables.push((
+            REPAIRS_TABLE.to_string(),
+            self.repair_seq.to_le_bytes().to_vec(),
+        ));
         let cp = Checkpoint {
             wal_pos: self.next_pos - 1,
             tables,
@@ -1102,5 +1260,194 @@ impl<S: Store> Writer<S> {
                 self.last_checkpoint = Instant::now();
             }
         }
+    }
+}
+
+/// Repairs (`crate::repair`) and the other control requests, on the writer thread.
+impl<S: Store> Writer<S> {
+    fn control(&mut self, c: Control) {
+        match c {
+            Control::Repair(rec, done) => {
+                let _ = done.send(self.repair(rec));
+            }
+            Control::RepairState(done) => {
+                let archive_covered = match (&self.archive, self.store.archive_log()) {
+                    (Some(_), Some(log)) => {
+                        log.load_state().ok().flatten().map_or(0, |s| s.covered)
+                    }
+                    _ => 0,
+                };
+                let _ = done.send(crate::repair::State {
+                    archive_covered,
+                    applied_wal_pos: self.next_pos - 1,
+                    repairs_applied: self.repair_seq,
+                });
+            }
+            #[cfg(any(test, feature = "test-hooks"))]
+            Control::Damage(cells, done) => {
+                let mut found = 0;
+                for (i, tx) in self.shard_tx.iter().enumerate() {
+                    let mine: Vec<_> = cells
+                        .iter()
+                        .copied()
+                        .filter(|c| {
+                            self.windows.home_shard(c.0) == i
+                                || self.windows.split_ads().contains(&c.0)
+                        })
+                        .collect();
+                    let (rtx, rrx) = sync_channel(1);
+                    if !mine.is_empty() && tx.send(ShardMsg::Damage(mine, rtx)).is_ok() {
+                        found += rrx.recv().unwrap_or(0);
+                    }
+                }
+                // In the durable state, as real damage would be: a replay must not undo it.
+                self.save_checkpoint(true);
+                self.checkpoint();
+                self.save_checkpoint(true);
+                let _ = done.send(found);
+            }
+        }
+    }
+
+    fn repair(
+        &mut self,
+        mut rec: crate::repair::RecordPb,
+    ) -> Result<crate::repair::Outcome, crate::repair::RepairError> {
+        use crate::repair::{Outcome, RepairError};
+        if let Some(seq) = self.repair_ids.get(&rec.id) {
+            return Ok(Outcome {
+                already_applied: true,
+                seq: *seq,
+                ..Outcome::default()
+            });
+        }
+        let (true, Some(log)) = (self.archive.is_some(), self.store.archive_log()) else {
+            return Err(RepairError::Precondition(
+                "the archive is off ([archive] enabled = false): nothing to repair from".into(),
+            ));
+        };
+        let at = self.next_pos - 1;
+        if rec.covered > at {
+            return Err(RepairError::Invalid(format!(
+                "archive_covered {} is beyond the last applied WAL position {at}",
+                rec.covered
+            )));
+        }
+        let covered = rec.covered;
+        crate::repair::add_after(&mut rec, &log, covered, at)?;
+        // Minutes past the minute retention have no cell to set (their hour and day hold
+        // them): setting one would count it twice in its day.
+        let wm = self.windows.watermark_ms();
+        let oldest = if wm == i64::MIN {
+            i64::MIN
+        } else {
+            let before = wm.saturating_sub(
+                self.cfg
+                    .windows
+                    .retention_minutes
+                    .saturating_mul(LEVEL_MS[0]),
+            );
+            before.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0]
+        };
+        let total = rec.cells.len();
+        let owners = self.windows.owners();
+        rec.cells
+            .retain(|c| c.minute_ms >= oldest && owners.contains_key(&c.ad));
+        let skipped = u32::try_from(total - rec.cells.len()).unwrap_or(u32::MAX);
+        rec.seq = self.repair_seq + 1;
+        rec.at_wal_pos = at;
+        {
+            use prost::Message;
+            self.store
+                .save_repair(rec.seq, &rec.encode_to_vec())
+                .map_err(|e| RepairError::Unavailable(e.to_string()))?;
+        }
+        let (cells, clicks_changed) = self.apply_repair(&rec);
+        tracing::info!(
+            repair_id = %rec.id,
+            seq = rec.seq,
+            at_wal_pos = at,
+            cells,
+            skipped,
+            clicks_changed,
+            "repair applied"
+        );
+        Ok(Outcome {
+            already_applied: false,
+            seq: rec.seq,
+            at_wal_pos: at,
+            cells,
+            skipped,
+            clicks_changed,
+        })
+    }
+
+    /// Applies a recorded repair (live, or at its WAL position during a replay): (cells,
+    /// sum of |new - old| clicks).
+    fn apply_repair(&mut self, rec: &crate::repair::RecordPb) -> (u32, u64) {
+        let n = self.shard_tx.len();
+        let mut per_shard: Vec<Vec<ShardFix>> = vec![Vec::new(); n];
+        let mut owner_of: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut new_total = Vec::with_capacity(rec.cells.len());
+        for (ci, c) in rec.cells.iter().enumerate() {
+            let combos: Vec<(u32, u32, Vec<u32>)> = c
+                .combos
+                .iter()
+                .filter(|k| k.clicks > 0)
+                .map(|k| {
+                    let id = self
+                        .windows
+                        .intern_dims(&k.country, k.device, &k.os, &k.site);
+                    (id, k.clicks, k.users.clone())
+                })
+                .collect();
+            new_total.push(combos.iter().map(|k| u64::from(k.1)).sum::<u64>());
+            let home = self.windows.home_shard(c.ad);
+            let split = self.windows.split_ads().contains(&c.ad);
+            for (s, fixes) in per_shard.iter_mut().enumerate() {
+                // A split ad's cell is spread over the shards: all of it goes home, the
+                // other shards drop their part.
+                if s == home || split {
+                    fixes.push(ShardFix {
+                        ad: c.ad,
+                        minute_ms: c.minute_ms,
+                        combos: if s == home {
+                            combos.clone()
+                        } else {
+                            Vec::new()
+                        },
+                    });
+                    owner_of[s].push(ci);
+                }
+            }
+        }
+        // New combinations must be in the published table before shards rebuild their
+        // indexes from it.
+        self.publish();
+        let mut old_total = vec![0u64; rec.cells.len()];
+        let fields = self.cfg.shards.top_index_fields.clone();
+        for (s, fixes) in per_shard.into_iter().enumerate() {
+            if fixes.is_empty() {
+                continue;
+            }
+            let (rtx, rrx) = sync_channel(1);
+            if self.shard_tx[s]
+                .send(ShardMsg::Repair(fixes, fields.clone(), rtx))
+                .is_ok()
+                && let Ok(before) = rrx.recv()
+            {
+                for (ci, b) in owner_of[s].iter().zip(before) {
+                    old_total[*ci] += b;
+                }
+            }
+        }
+        self.repair_seq = rec.seq;
+        self.repair_ids.insert(rec.id.clone(), rec.seq);
+        let changed = new_total
+            .iter()
+            .zip(&old_total)
+            .map(|(a, b)| a.abs_diff(*b))
+            .sum();
+        (u32::try_from(rec.cells.len()).unwrap_or(u32::MAX), changed)
     }
 }
