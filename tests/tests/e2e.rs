@@ -32,6 +32,7 @@ mod mixed;
 mod query_front;
 mod reconcile;
 mod regions;
+mod repair;
 mod retention_gap;
 mod spool_damage;
 mod token_python;
