@@ -50,6 +50,8 @@ pub struct AggregatorConfig {
     pub click_index: ClickIndexConfig,
     /// The raw click archive (Parquet, local directory or S3-compatible; off by default).
     pub archive: adclick_archive::ArchiveConfig,
+    /// The nightly reconciliation against the archive (`[reconcile]`, off by default).
+    pub reconcile: crate::nightly::ReconcileConfig,
 }
 
 /// The click index (`crate::clickindex`): every counted click's client IP and user id, kept
@@ -126,6 +128,7 @@ impl Default for AggregatorConfig {
             source: crate::source::SourceConfig::default(),
             click_index: ClickIndexConfig::default(),
             archive: adclick_archive::ArchiveConfig::default(),
+            reconcile: crate::nightly::ReconcileConfig::default(),
         }
     }
 }
@@ -394,6 +397,9 @@ impl AggregatorConfig {
             return err("click_index.retention_minutes must be at least 2".into());
         }
         self.archive.validate().map_err(ConfigError)?;
+        self.reconcile
+            .validate(self.archive.enabled)
+            .map_err(ConfigError)?;
         if self.dedup.memory_bytes < 1 << 20 {
             return err("dedup.memory_bytes must be at least 1 MiB (1048576)".into());
         }

@@ -27,6 +27,7 @@ pub mod http;
 pub mod listen;
 pub mod live;
 pub mod metrics;
+pub mod nightly;
 pub mod query;
 pub mod ratelimit;
 pub mod repair;
@@ -162,6 +163,20 @@ pub async fn start_with_store<S: Store + 'static>(
     })
     .max_decoding_message_size(repair::MAX_MESSAGE_BYTES);
     let engine_handle = engine.clone();
+    let nightly = cfg.reconcile.nightly.then(|| {
+        tokio::spawn(
+            nightly::Nightly {
+                cfg: cfg.reconcile.clone(),
+                archive: cfg.archive.clone(),
+                retention_minutes: cfg.windows.retention_minutes,
+                dir: cfg.data_dir.join("reconcile"),
+                view: view.clone(),
+                engine: engine.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(rx.clone()),
+        )
+    });
     let ingest = grpc::IngestServer::new(
         grpc::Ingest {
             engine,
@@ -223,6 +238,7 @@ pub async fn start_with_store<S: Store + 'static>(
         tasks: [grpc_task, http_task, health_task]
             .into_iter()
             .chain(source)
+            .chain(nightly)
             .collect(),
         threads: Some(threads),
         engine: Some(engine_handle),

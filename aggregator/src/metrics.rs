@@ -67,6 +67,8 @@ adclick_proto::metrics! {
             pub source: crate::source::metrics::SourceMetrics = Default::default(),
             /// The query front's (declared and registered in `front::metrics`).
             pub front: crate::front::metrics::FrontMetrics = Default::default(),
+            /// The nightly reconciliation's (declared and registered in `nightly`).
+            pub reconcile: crate::nightly::ReconcileMetrics = Default::default(),
         }
         /// Clicks by outcome (applied, of which late; duplicate, too_old, malformed, ...).
         pub clicks: Family<OutcomeLabel, Counter> = Family::default();
@@ -154,6 +156,7 @@ impl Metrics {
         let mut m = Self::declare();
         m.source.register(&mut m.registry);
         m.front.register(&mut m.registry);
+        m.reconcile.register(&mut m.registry);
         m.ready.set(1);
         m
     }
