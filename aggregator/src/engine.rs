@@ -590,13 +590,14 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                 // One write lock for every cell: a query of this shard sees all of the
                 // repair or none of it. The top-N index is rebuilt from the cells (a repair
                 // may lower counts, which the incremental index cannot) and swapped whole.
+                // Owners before the shard, the order queries take them in.
+                let meta = view.meta.load();
+                let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
                 let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
                 let before: Vec<u64> = fixes
                     .iter()
                     .map(|f| s.set_minute(f.ad, f.minute_ms, &f.combos))
                     .collect();
-                let meta = view.meta.load();
-                let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
                 let index = s.top_set(&meta.combos, &owners, &fields);
                 drop(owners);
                 drop(s);

@@ -29,6 +29,7 @@ mod jetstream_aggregator;
 mod jetstream_collector_kill;
 mod metrics_format;
 mod mixed;
+mod nightly_reconcile;
 mod query_front;
 mod reconcile;
 mod regions;

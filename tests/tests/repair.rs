@@ -28,9 +28,9 @@ use tonic::transport::Channel;
 use crate::support::*;
 
 /// The oracle: (ad, minute) -> (impression ids, users), from what was sent.
-type Oracle = BTreeMap<(u64, i64), (BTreeSet<Vec<u8>>, BTreeSet<String>)>;
+pub(crate) type Oracle = BTreeMap<(u64, i64), (BTreeSet<Vec<u8>>, BTreeSet<String>)>;
 
-fn click(id: u64, ad: u64, ev: i64, user: &str, now: i64) -> IngestClick {
+pub(crate) fn click(id: u64, ad: u64, ev: i64, user: &str, now: i64) -> IngestClick {
     let mut imp = [0u8; 16];
     imp[..8].copy_from_slice(&id.to_le_bytes());
     imp[8] = 0x5A;
@@ -49,7 +49,7 @@ fn click(id: u64, ad: u64, ev: i64, user: &str, now: i64) -> IngestClick {
     }
 }
 
-fn record(oracle: &mut Oracle, c: &IngestClick) {
+pub(crate) fn record(oracle: &mut Oracle, c: &IngestClick) {
     let e = oracle
         .entry((c.ad_id, c.event_time_ms.div_euclid(60_000) * 60_000))
         .or_default();
@@ -102,7 +102,7 @@ fn reconcile(
     }
 }
 
-async fn ingest(grpc: std::net::SocketAddr, seq: u64, clicks: Vec<IngestClick>) {
+pub(crate) async fn ingest(grpc: std::net::SocketAddr, seq: u64, clicks: Vec<IngestClick>) {
     let ch = Channel::from_shared(format!("http://{grpc}"))
         .unwrap()
         .connect()
@@ -123,7 +123,7 @@ async fn ingest(grpc: std::net::SocketAddr, seq: u64, clicks: Vec<IngestClick>) 
 }
 
 /// (ad, bucket start) -> (clicks, unique users) at `g`, over the day, for `ads`.
-async fn cells(
+pub(crate) async fn cells(
     grpc: std::net::SocketAddr,
     ads: &[u64],
     from: i64,
@@ -161,7 +161,7 @@ async fn cells(
 }
 
 /// The oracle at minute and day level, in the shape `cells` answers.
-fn expected(
+pub(crate) fn expected(
     o: &Oracle,
     day_start: i64,
 ) -> (
@@ -185,7 +185,7 @@ fn expected(
     (minute, day)
 }
 
-async fn assert_oracle(
+pub(crate) async fn assert_oracle(
     grpc: std::net::SocketAddr,
     o: &Oracle,
     ads: &[u64],
