@@ -28,6 +28,9 @@ use tonic::transport::Channel;
 use crate::support::*;
 
 /// The oracle: (ad, minute) -> (impression ids, users), from what was sent.
+/// (ad, bucket start) -> (clicks, unique users).
+pub(crate) type Cells = BTreeMap<(u64, i64), (u64, u64)>;
+
 pub(crate) type Oracle = BTreeMap<(u64, i64), (BTreeSet<Vec<u8>>, BTreeSet<String>)>;
 
 pub(crate) fn click(id: u64, ad: u64, ev: i64, user: &str, now: i64) -> IngestClick {
@@ -164,10 +167,7 @@ pub(crate) async fn cells(
 pub(crate) fn expected(
     o: &Oracle,
     day_start: i64,
-) -> (
-    BTreeMap<(u64, i64), (u64, u64)>,
-    BTreeMap<(u64, i64), (u64, u64)>,
-) {
+) -> (Cells, Cells) {
     let minute = o
         .iter()
         .map(|(k, (ids, users))| (*k, (ids.len() as u64, users.len() as u64)))
