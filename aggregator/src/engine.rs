@@ -113,6 +113,11 @@ pub use crate::admit::seq_limit;
 /// Checkpoint table: the seq of the last repair the checkpoint's state contains (u64 LE).
 const REPAIRS_TABLE: &str = "repairs";
 
+/// With `[reconcile] nightly`, minute cells of a day not finalized yet are kept past
+/// `windows.retention_minutes`, but at most this much longer (a day whose nightly run keeps
+/// failing or differing must not hold memory forever).
+pub const MINUTE_HOLD_MAX_MS: i64 = 2 * 86_400_000;
+
 enum ShardMsg {
     /// Clicks to apply; the sender (if any) is told when they are visible to queries.
     Apply(Vec<Applied>, Option<SyncSender<()>>),
@@ -154,6 +159,10 @@ enum Control {
         oneshot::Sender<Result<crate::repair::Outcome, crate::repair::RepairError>>,
     ),
     RepairState(oneshot::Sender<crate::repair::State>),
+    Finalize(
+        i64,
+        oneshot::Sender<Result<crate::repair::Outcome, crate::repair::RepairError>>,
+    ),
     #[cfg(any(test, feature = "test-hooks"))]
     Damage(Vec<(u64, i64, i64)>, oneshot::Sender<u32>),
 }
@@ -213,6 +222,22 @@ impl Engine {
         let (done, rx) = oneshot::channel();
         self.tx
             .send(WriterMsg::Control(Control::Repair(rec, done)))
+            .await
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())?
+    }
+
+    /// Marks the day starting at `day_ms` final (`crate::nightly`): recorded like a repair,
+    /// after which its minute cells go once past the minute retention.
+    pub async fn finalize_day(
+        &self,
+        day_ms: i64,
+    ) -> Result<crate::repair::Outcome, crate::repair::RepairError> {
+        use crate::repair::RepairError;
+        let stopping = || RepairError::Unavailable("aggregator is shutting down".into());
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(WriterMsg::Control(Control::Finalize(day_ms, done)))
             .await
             .map_err(|_| stopping())?;
         rx.await.map_err(|_| stopping())?
@@ -311,6 +336,8 @@ struct Writer<S: Store> {
     repair_seq: u64,
     /// Every repair id recorded -> its seq (idempotence by id).
     repair_ids: std::collections::HashMap<String, u64>,
+    /// Days starting before this are finalized (`[reconcile]`); i64::MIN: none.
+    finalized_before: i64,
 }
 
 /// Opens the store, recovers, and starts the threads.
@@ -444,18 +471,27 @@ pub fn start<S: Store + 'static>(
         }),
         repair_seq: 0,
         repair_ids: std::collections::HashMap::new(),
+        finalized_before: i64::MIN,
     };
     // Repairs: every id ever recorded; those after the checkpoint's are applied again at
     // their WAL position during the replay below.
     let mut repairs = std::collections::VecDeque::new();
     {
         use prost::Message;
-        let done = cp
+        let blob = cp
             .tables
             .iter()
             .find(|(t, _)| t == REPAIRS_TABLE)
-            .and_then(|(_, b)| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(|(_, b)| b.as_slice())
+            .unwrap_or_default();
+        let done = blob
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
             .map_or(0, u64::from_le_bytes);
+        w.finalized_before = blob
+            .get(8..16)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(i64::MIN, i64::from_le_bytes);
         for (seq, bytes) in w.store.repairs()? {
             let rec = crate::repair::RecordPb::decode(bytes.as_slice())
                 .map_err(|e| StoreError(format!("repair {seq}: {e}")))?;
@@ -1071,7 +1107,7 @@ impl<S: Store> Writer<S> {
         }
         let w = &self.cfg.windows;
         let before = [
-            wm.saturating_sub(w.retention_minutes.saturating_mul(LEVEL_MS[0])),
+            self.minute_floor(wm),
             wm.saturating_sub(w.retention_hours.saturating_mul(LEVEL_MS[1])),
             wm.saturating_sub(w.retention_days.saturating_mul(LEVEL_MS[2])),
         ];
@@ -1212,10 +1248,9 @@ impl<S: Store> Writer<S> {
                 Err(_) => return,
             }
         }
-        tables.push((
-            REPAIRS_TABLE.to_string(),
-            self.repair_seq.to_le_bytes().to_vec(),
-        ));
+        let mut repairs = self.repair_seq.to_le_bytes().to_vec();
+        repairs.extend_from_slice(&self.finalized_before.to_le_bytes());
+        tables.push((REPAIRS_TABLE.to_string(), repairs));
         let cp = Checkpoint {
             wal_pos: self.next_pos - 1,
             tables,
@@ -1282,7 +1317,11 @@ impl<S: Store> Writer<S> {
                     archive_covered,
                     applied_wal_pos: self.next_pos - 1,
                     repairs_applied: self.repair_seq,
+                    finalized_before: self.finalized_before,
                 });
+            }
+            Control::Finalize(day_ms, done) => {
+                let _ = done.send(self.finalize(day_ms));
             }
             #[cfg(any(test, feature = "test-hooks"))]
             Control::Damage(cells, done) => {
@@ -1342,13 +1381,7 @@ impl<S: Store> Writer<S> {
         let oldest = if wm == i64::MIN {
             i64::MIN
         } else {
-            let before = wm.saturating_sub(
-                self.cfg
-                    .windows
-                    .retention_minutes
-                    .saturating_mul(LEVEL_MS[0]),
-            );
-            before.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0]
+            self.minute_floor(wm).div_euclid(LEVEL_MS[0]) * LEVEL_MS[0]
         };
         let total = rec.cells.len();
         let owners = self.windows.owners();
@@ -1383,9 +1416,78 @@ impl<S: Store> Writer<S> {
         })
     }
 
+    /// Minutes starting before this are dropped: `windows.retention_minutes` behind the
+    /// watermark, and with `[reconcile] nightly` not before their day is finalized (at most
+    /// [`MINUTE_HOLD_MAX_MS`] longer). A pure function of the watermark and the records
+    /// applied, so a replay drops the same minutes.
+    fn minute_floor(&self, wm: i64) -> i64 {
+        let by_retention = wm.saturating_sub(
+            self.cfg
+                .windows
+                .retention_minutes
+                .saturating_mul(LEVEL_MS[0]),
+        );
+        if !self.cfg.reconcile.nightly {
+            return by_retention;
+        }
+        let cap = by_retention.saturating_sub(MINUTE_HOLD_MAX_MS);
+        by_retention.min(self.finalized_before.max(cap))
+    }
+
+    fn finalize(
+        &mut self,
+        day_ms: i64,
+    ) -> Result<crate::repair::Outcome, crate::repair::RepairError> {
+        use crate::repair::{Outcome, RepairError};
+        let day_ms = day_ms.div_euclid(LEVEL_MS[2]) * LEVEL_MS[2];
+        if day_ms.saturating_add(LEVEL_MS[2]) <= self.finalized_before {
+            return Ok(Outcome {
+                already_applied: true,
+                seq: self.repair_seq,
+                ..Outcome::default()
+            });
+        }
+        let rec = crate::repair::RecordPb {
+            id: format!("finalize-{day_ms}"),
+            seq: self.repair_seq + 1,
+            at_wal_pos: self.next_pos - 1,
+            covered: 0,
+            cells: Vec::new(),
+            finalize_day_ms: day_ms,
+        };
+        {
+            use prost::Message;
+            self.store
+                .save_repair(rec.seq, &rec.encode_to_vec())
+                .map_err(|e| RepairError::Unavailable(e.to_string()))?;
+        }
+        self.apply_repair(&rec);
+        tracing::info!(
+            day_ms,
+            seq = rec.seq,
+            "day finalized: its minute cells may go"
+        );
+        Ok(Outcome {
+            already_applied: false,
+            seq: rec.seq,
+            at_wal_pos: rec.at_wal_pos,
+            ..Outcome::default()
+        })
+    }
+
     /// Applies a recorded repair (live, or at its WAL position during a replay): (cells,
     /// sum of |new - old| clicks).
     fn apply_repair(&mut self, rec: &crate::repair::RecordPb) -> (u32, u64) {
+        if rec.finalize_day_ms != 0 {
+            self.finalized_before = self
+                .finalized_before
+                .max(rec.finalize_day_ms.saturating_add(LEVEL_MS[2]));
+            self.repair_seq = rec.seq;
+            self.repair_ids.insert(rec.id.clone(), rec.seq);
+            // Minutes held for this day may go now.
+            self.evict_if_due();
+            return (0, 0);
+        }
         let n = self.shard_tx.len();
         let mut per_shard: Vec<Vec<ShardFix>> = vec![Vec::new(); n];
         let mut owner_of: Vec<Vec<usize>> = vec![Vec::new(); n];

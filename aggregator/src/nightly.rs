@@ -111,6 +111,9 @@ adclick_proto::metrics! {
         pub runs: Family<ResultLabel, Counter> = Family::default();
         /// Minute cells set by automatic repairs.
         pub cells_repaired: Counter = Counter::default();
+        /// Start of the last day finalized (reconciled with nothing left differing; its
+        /// minute cells may then go), Unix time.
+        pub last_finalized_day_seconds: Gauge = Gauge::default();
     }
 }
 
@@ -148,6 +151,9 @@ pub struct Summary {
     pub day_level: LevelSummary,
     /// Minute cells repaired (auto_repair).
     pub repaired: u32,
+    /// The day's start, ms.
+    #[serde(skip)]
+    pub day_start_ms: i64,
 }
 
 /// YYYY-MM-DD of a day start (ms, UTC).
@@ -222,9 +228,14 @@ impl Nightly {
             if day <= last {
                 continue;
             }
+            let finalized_before = match self.engine.repair_state().await {
+                Ok(s) => s.finalized_before,
+                Err(_) => return,
+            };
             let me = self.clone();
             let d = day.clone();
-            let result = tokio::task::spawn_blocking(move || me.reconcile(&d)).await;
+            let result =
+                tokio::task::spawn_blocking(move || me.reconcile(&d, finalized_before)).await;
             let m = &self.metrics.reconcile;
             let result = match result {
                 Ok(Ok(s)) => s,
@@ -257,6 +268,23 @@ impl Nightly {
                 }
             }
             self.publish(&summary);
+            // Final once nothing differs any more: its minute cells may then go.
+            let clean = summary.day_level.1 == 0 && summary.minute.is_none_or(|l| l.1 == 0);
+            let repaired_all = summary
+                .minute
+                .is_some_and(|l| l.1 == u64::from(summary.repaired));
+            if clean || (self.cfg.auto_repair && repaired_all) {
+                match self.engine.finalize_day(summary.day_start_ms).await {
+                    Ok(_) => {
+                        m.last_finalized_day_seconds
+                            .set(summary.day_start_ms / 1000);
+                    }
+                    Err(e) => {
+                        tracing::error!(day = %day, error = %e, "cannot finalize the day; retried at the next check");
+                        continue;
+                    }
+                }
+            }
             let state = serde_json::to_vec(&StateFile {
                 last_day: day.clone(),
             })
@@ -300,7 +328,8 @@ impl Nightly {
     }
 
     /// Compares `day` and writes its report (blocking: reads files and cells).
-    pub fn reconcile(&self, day: &str) -> Result<Summary, String> {
+    /// `finalized_before`: days before it are final (their minute cells may be gone).
+    pub fn reconcile(&self, day: &str, finalized_before: i64) -> Result<Summary, String> {
         let from = humantime::parse_rfc3339(&format!("{day}T00:00:00Z"))
             .map_err(|e| e.to_string())?
             .duration_since(std::time::UNIX_EPOCH)
@@ -345,8 +374,11 @@ impl Nightly {
             .watermark_ms
             .load(std::sync::atomic::Ordering::Acquire);
         let oldest_minute = wm.saturating_sub(self.retention_minutes.saturating_mul(LEVEL_MS[0]));
+        // The writer's rule (`Writer::minute_floor`): minutes of a day not finalized are held.
+        let held = finalized_before <= from
+            && oldest_minute.saturating_sub(crate::engine::MINUTE_HOLD_MAX_MS) <= from;
         let minute_level =
-            wm == i64::MIN || oldest_minute.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0] <= from;
+            wm == i64::MIN || oldest_minute.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0] <= from || held;
         let mut minute_users: BTreeMap<(u64, i64), (u64, Hll)> = BTreeMap::new();
         let mut ads: BTreeSet<u64> = days.keys().copied().collect();
         for shard in &self.view.shards {
@@ -424,6 +456,7 @@ impl Nightly {
             minute: minute_level.then_some(ml),
             day_level: dl,
             repaired: 0,
+            day_start_ms: from,
         };
         write_atomic(&self.dir.join(format!("{day}.jsonl")), report.as_bytes())
             .map_err(|e| e.to_string())?;
@@ -463,6 +496,7 @@ impl Nightly {
         .await
         .map_err(|e| e.to_string())??;
         let rec = crate::repair::RecordPb {
+            finalize_day_ms: 0,
             id: format!("nightly-{day}-{covered}"),
             seq: 0,
             at_wal_pos: 0,

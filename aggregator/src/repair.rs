@@ -103,6 +103,10 @@ pub struct RecordPb {
     /// The cells, absolute.
     #[prost(message, repeated, tag = "5")]
     pub cells: Vec<CellPb>,
+    /// Non-zero: this record finalizes the day starting here (no cells): its minute cells
+    /// may go once past `windows.retention_minutes` (`crate::nightly`).
+    #[prost(int64, tag = "6")]
+    pub finalize_day_ms: i64,
 }
 
 /// Why a repair was refused.
@@ -157,6 +161,8 @@ pub struct State {
     pub applied_wal_pos: u64,
     /// Last repair seq.
     pub repairs_applied: u64,
+    /// Days before this (ms) are finalized (i64::MIN: none).
+    pub finalized_before: i64,
 }
 
 /// Converts and checks a request at the edge (wire types stop here).
@@ -233,6 +239,7 @@ pub fn from_request(r: ApplyRepairRequest) -> Result<RecordPb, RepairError> {
         at_wal_pos: 0,
         covered: r.archive_covered,
         cells,
+        finalize_day_ms: 0,
     })
 }
 

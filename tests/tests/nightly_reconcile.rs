@@ -216,3 +216,121 @@ async fn scenario() {
     .await;
     a.shutdown().await;
 }
+
+/// Issue 15 item 4: with the nightly on, minute cells of a day not finalized stay past
+/// `windows.retention_minutes`; once the nightly run finds the day clean it finalizes it and
+/// they go, the day totals equal to the oracle (which the clean run matched to the archive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minutes_stay_until_their_day_is_finalized() {
+    within(Duration::from_secs(120), finalize_scenario()).await;
+}
+
+async fn finalize_scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = aggregator_config(&dir.path().join("agg"), "127.0.0.1:0".parse().unwrap());
+    cfg.archive.enabled = true;
+    cfg.archive.writer_id = "fin".into();
+    cfg.archive.dir = dir.path().join("archive");
+    cfg.checkpoint.interval_ms = 3_600_000;
+    cfg.shards.count = 1;
+    cfg.windows.retention_minutes = 2;
+    cfg.reconcile.nightly = true;
+    cfg.reconcile.check_interval_ms = 100;
+    let now = now_ms();
+    let day_start = now.div_euclid(86_400_000) * 86_400_000;
+    // The schedule's own clock first: the day due is a past one with no clicks; it is
+    // clean, so it is finalized, and today is not.
+    let a = adclick_aggregator::start(cfg.clone()).await.unwrap();
+    while a.metrics().reconcile.last_finalized_day_seconds.get() == 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(a.metrics().reconcile.last_finalized_day_seconds.get() < day_start / 1000);
+
+    // Two clicks per (ad, minute) over the last minutes of today, one batch per minute so
+    // the watermark moves through them, then one more batch: with one shard, its ack means
+    // the evictions the batches before asked for are done.
+    let now_min = now.div_euclid(60_000);
+    let first = (now_min - 12).max(day_start / 60_000);
+    let ads: Vec<u64> = (1..=3).collect();
+    let mut oracle = Oracle::new();
+    let mut id = 2_000_000u64;
+    let mut seq = 0;
+    for m in first..now_min {
+        let mut b = Vec::new();
+        for ad in &ads {
+            for k in 0..2 {
+                id += 1;
+                b.push(click(
+                    id,
+                    *ad,
+                    m * 60_000 + 20_000 * k,
+                    &format!("f{}", id % 5),
+                    now,
+                ));
+            }
+        }
+        for c in &b {
+            record(&mut oracle, c);
+        }
+        seq += 1;
+        ingest(a.grpc_addr(), seq, b).await;
+    }
+    let held = oracle.len();
+    let newest = oracle.keys().map(|k| k.1).max().unwrap() + 20_000;
+    // What retention alone keeps: minutes from the watermark (newest event - allowed
+    // delay) minus retention_minutes, rounded down to its minute.
+    let floor = (newest - cfg.windows.allowed_delay_ms - 2 * 60_000).div_euclid(60_000) * 60_000;
+    let kept = oracle.keys().filter(|k| k.1 >= floor).count();
+    assert!(
+        kept < held,
+        "the scenario needs minutes past retention ({kept} of {held})"
+    );
+    let last = oracle.keys().last().copied().unwrap();
+    id += 1;
+    let sync = click(id, last.0, last.1 + 30_000, "f-sync", now);
+    record(&mut oracle, &sync);
+    seq += 1;
+    ingest(a.grpc_addr(), seq, vec![sync]).await;
+    assert_eq!(a.memory().1, held, "minute cells of a day not finalized");
+    a.shutdown().await;
+
+    // Tomorrow 03:00 for the schedule: today is due, clean, finalized; its old minutes go.
+    let mut night = cfg.clone();
+    night.reconcile.clock_offset_ms = day_start + 86_400_000 + 3 * 3_600_000 - now;
+    let a = adclick_aggregator::start(night).await.unwrap();
+    until_run(&a, "clean").await;
+    while a.metrics().reconcile.last_finalized_day_seconds.get() != day_start / 1000 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The shard drops them right after the finalization is applied.
+    let mut cells = a.memory().1;
+    for _ in 0..200 {
+        if cells == kept {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cells = a.memory().1;
+    }
+    assert_eq!(cells, kept, "minute cells after the day was finalized");
+    assert_eq!(
+        a.metrics()
+            .reconcile
+            .cells_differing
+            .get_or_create(&LevelLabel { level: "day" })
+            .get(),
+        0
+    );
+    let (_, day) = expected(&oracle, day_start);
+    assert_eq!(
+        crate::repair::cells(
+            a.grpc_addr(),
+            &ads,
+            day_start,
+            adclick_proto::v1::Granularity::Day
+        )
+        .await,
+        day,
+        "day totals after finalization"
+    );
+    a.shutdown().await;
+}

@@ -164,10 +164,7 @@ pub(crate) async fn cells(
 }
 
 /// The oracle at minute and day level, in the shape `cells` answers.
-pub(crate) fn expected(
-    o: &Oracle,
-    day_start: i64,
-) -> (Cells, Cells) {
+pub(crate) fn expected(o: &Oracle, day_start: i64) -> (Cells, Cells) {
     let minute = o
         .iter()
         .map(|(k, (ids, users))| (*k, (ids.len() as u64, users.len() as u64)))
