@@ -637,6 +637,8 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                 let index = s.top_set(&meta.combos, &owners, &fields);
                 drop(owners);
                 drop(s);
+                // No guard of the shared metadata is held while the index is swapped.
+                drop(meta);
                 top.reset(index, &view.tops[i]);
                 let _ = reply.send(before);
             }
