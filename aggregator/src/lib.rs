@@ -160,6 +160,7 @@ pub async fn start_with_store<S: Store + 'static>(
         engine: engine.clone(),
         keys: Arc::new(cfg.api_keys.clone()),
         allow_unauthenticated: cfg.query.allow_unauthenticated,
+        metrics: metrics.clone(),
     })
     .max_decoding_message_size(repair::MAX_MESSAGE_BYTES);
     let engine_handle = engine.clone();

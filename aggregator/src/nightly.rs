@@ -109,6 +109,9 @@ adclick_proto::metrics! {
         pub clicks_off: Family<LevelLabel, Gauge> = Family::default();
         /// Runs by result (clean, differing, repaired, failed).
         pub runs: Family<ResultLabel, Counter> = Family::default();
+        /// ApplyRepair calls by result (applied, already_applied, invalid, precondition,
+        /// unavailable, refused: no admin key).
+        pub repairs: Family<ResultLabel, Counter> = Family::default();
         /// Minute cells set by automatic repairs.
         pub cells_repaired: Counter = Counter::default();
         /// Start of the last day finalized (reconciled with nothing left differing; its

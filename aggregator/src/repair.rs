@@ -343,6 +343,8 @@ pub struct Admin {
     pub keys: std::sync::Arc<Vec<ApiKey>>,
     /// `query.allow_unauthenticated`: no key = admin.
     pub allow_unauthenticated: bool,
+    /// Counts each ApplyRepair by result (`adclick_aggregator_reconcile_repairs_total`).
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Admin {
@@ -383,9 +385,32 @@ impl AdminService for Admin {
         &self,
         r: Request<ApplyRepairRequest>,
     ) -> Result<Response<ApplyRepairResponse>, Status> {
-        self.check(&r)?;
-        let rec = from_request(r.into_inner())?;
-        let o = self.engine.repair(rec).await?;
+        let count = |result: &'static str| {
+            self.metrics
+                .reconcile
+                .repairs
+                .get_or_create(&crate::nightly::ResultLabel { result })
+                .inc();
+        };
+        let refused = |e: RepairError| {
+            count(match e {
+                RepairError::Invalid(_) => "invalid",
+                RepairError::Precondition(_) => "precondition",
+                RepairError::Unavailable(_) => "unavailable",
+            });
+            Status::from(e)
+        };
+        if let Err(s) = self.check(&r) {
+            count("refused");
+            return Err(s);
+        }
+        let rec = from_request(r.into_inner()).map_err(refused)?;
+        let o = self.engine.repair(rec).await.map_err(refused)?;
+        count(if o.already_applied {
+            "already_applied"
+        } else {
+            "applied"
+        });
         Ok(Response::new(ApplyRepairResponse {
             already_applied: o.already_applied,
             repair_seq: o.seq,
@@ -394,5 +419,125 @@ impl AdminService for Admin {
             cells_skipped: o.skipped,
             clicks_changed: o.clicks_changed,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::dims::DimKey;
+    use crate::state::shard::{Applied, ShardState};
+
+    const M: i64 = 60_000;
+
+    /// The sparse entry of user `n` (a real hash: small integers share a register).
+    fn u(n: u64) -> u32 {
+        Hll::entry_of_hash(hash_user_id(format!("u{n}").as_bytes()))
+    }
+
+    fn click(ad: u64, minute: i64, combo: u32, user: u64) -> Applied {
+        Applied {
+            ad,
+            advertiser: 1,
+            campaign: 1,
+            event_time_ms: minute * M + 1,
+            combo,
+            dims: DimKey::default(),
+            user: u(user),
+            late: false,
+        }
+    }
+
+    /// (clicks, users) of `level` for (ad, bucket start), all parts summed.
+    fn at(s: &ShardState, level: usize, ad: u64, start: i64) -> (u64, u64) {
+        let mut h = Hll::new();
+        let c = s
+            .parts(level, ad, start)
+            .map(|p| p.tally(|_| true, Some(&mut h)))
+            .sum();
+        (c, h.estimate())
+    }
+
+    /// A repair sets a minute to exactly its combos, and the minute's hour and day move by
+    /// the same difference whether the minute was sealed or not (the oracle: counting the
+    /// clicks that should have been there from scratch).
+    #[test]
+    fn set_minute_moves_hour_and_day_by_the_difference_sealed_or_not() {
+        for seal in [false, true] {
+            let mut s = ShardState::default();
+            // Minute 10: combo 1 x3 (users 1,2,3), combo 2 x1; minute 11: combo 1 x2.
+            for (m, combo, user) in [
+                (10, 1, 1),
+                (10, 1, 2),
+                (10, 1, 3),
+                (10, 2, 4),
+                (11, 1, 5),
+                (11, 1, 6),
+            ] {
+                s.apply(&click(7, m, combo, user));
+            }
+            if seal {
+                s.seal(12 * M);
+            }
+            // The truth: minute 10 had combo 1 x1 (user 1) and combo 3 x4 (users 7, 8).
+            let old = s.set_minute(7, 10 * M, &[(1, 1, vec![u(1)]), (3, 4, vec![u(7), u(8)])]);
+            assert_eq!(old, 4, "seal {seal}");
+            assert_eq!(at(&s, 0, 7, 10 * M).0, 5, "seal {seal}");
+            assert_eq!(at(&s, 0, 7, 10 * M).1, 3, "seal {seal}");
+            assert_eq!(at(&s, 0, 7, 11 * M), (2, 2), "seal {seal}");
+            // Hour and day: 5 + 2 clicks.
+            assert_eq!(at(&s, 1, 7, 0).0, 7, "seal {seal}");
+            assert_eq!(at(&s, 2, 7, 0).0, 7, "seal {seal}");
+            // Per combination: combo 2 is gone from the hour, combo 3 is there.
+            let hour: Vec<(u32, u32)> = s
+                .parts(1, 7, 0)
+                .flat_map(|p| {
+                    p.cell
+                        .combos()
+                        .map(|c| (c.id, c.clicks))
+                        .collect::<Vec<_>>()
+                })
+                .filter(|c| c.1 > 0)
+                .fold(std::collections::BTreeMap::new(), |mut m, (id, n)| {
+                    *m.entry(id).or_insert(0) += n;
+                    m
+                })
+                .into_iter()
+                .collect();
+            assert_eq!(hour, vec![(1, 3), (3, 4)], "seal {seal}");
+            // An empty repair removes the cell.
+            assert_eq!(s.set_minute(7, 11 * M, &[]), 2);
+            assert_eq!(at(&s, 0, 7, 11 * M), (0, 0));
+            assert_eq!(at(&s, 2, 7, 0).0, 5, "seal {seal}");
+        }
+    }
+
+    fn request(cells: Vec<adclick_proto::v1::RepairCell>) -> ApplyRepairRequest {
+        ApplyRepairRequest {
+            repair_id: "r".into(),
+            archive_covered: 1,
+            cells,
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_naming_the_problem() {
+        use adclick_proto::v1::RepairCell;
+        let cell = |minute_ms| RepairCell {
+            ad_id: 1,
+            minute_ms,
+            combos: Vec::new(),
+        };
+        let err = |r| match from_request(r) {
+            Err(RepairError::Invalid(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(err(request(vec![cell(60_001)])).contains("not a minute start"));
+        assert!(err(request(vec![cell(60_000), cell(60_000)])).contains("named twice"));
+        let mut r = request(vec![]);
+        r.repair_id = String::new();
+        assert!(err(r).contains("repair_id"));
+        let ok = from_request(request(vec![cell(120_000)])).unwrap();
+        assert_eq!((ok.cells.len(), ok.covered), (1, 1));
     }
 }

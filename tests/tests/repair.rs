@@ -451,6 +451,33 @@ async fn scenario() {
         .unwrap()
         .into_inner();
     assert!(r.already_applied, "{first_id}: {r:?}");
+    let repairs = |result| {
+        a.metrics()
+            .reconcile
+            .repairs
+            .get_or_create(&adclick_aggregator::nightly::ResultLabel { result })
+            .get()
+    };
+    // This process took the resend only (the repair itself went to an earlier one).
+    assert_eq!((repairs("already_applied"), repairs("applied")), (1, 0));
+    let bad = admin
+        .apply_repair(authed(
+            ApplyRepairRequest {
+                repair_id: "bad".into(),
+                archive_covered: st.archive_covered,
+                cells: vec![adclick_proto::v1::RepairCell {
+                    ad_id: 1,
+                    minute_ms: cell_a.1 + 1,
+                    combos: Vec::new(),
+                }],
+            },
+            ADMIN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("not a minute start"), "{bad:?}");
+    assert_eq!(repairs("invalid"), 1);
     assert_eq!(r.repair_seq, 1);
     assert_oracle(
         grpc,
