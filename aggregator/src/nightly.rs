@@ -342,7 +342,8 @@ impl Nightly {
         std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
         let dest = adclick_archive::Destination::open(&self.archive, &self.dir.join("_staging"))
             .map_err(|e| e.to_string())?;
-        let archived = adclick_archive::read::read_day(&dest, day).map_err(|e| e.to_string())?;
+        let archived = adclick_archive::read::read_day(&dest, day, Some(&self.archive.writer_id))
+            .map_err(|e| e.to_string())?;
         drop(dest);
 
         // Archive side.
@@ -494,7 +495,8 @@ impl Nightly {
         let read = tokio::task::spawn_blocking(move || {
             let dest = adclick_archive::Destination::open(&me.archive, &me.dir.join("_staging"))
                 .map_err(|e| e.to_string())?;
-            adclick_archive::read::read_day_combos(&dest, &d, covered).map_err(|e| e.to_string())
+            adclick_archive::read::read_day_combos(&dest, &d, covered, Some(&me.archive.writer_id))
+                .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())??;

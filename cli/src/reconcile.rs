@@ -73,6 +73,10 @@ pub struct ReconcileArgs {
     /// Write the differing cells here, one JSON object per line.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Only this writer's files (the aggregator's `[archive] writer_id`): shards sharing one
+    /// destination are each reconciled against their own files.
+    #[arg(long)]
+    writer_id: Option<String>,
     /// Set the differing minute cells to the archive's counts (admin key).
     #[arg(long)]
     repair: bool,
@@ -139,7 +143,8 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
     }
     let staging = std::env::temp_dir().join(format!("adclick-reconcile-{}", std::process::id()));
     let dest = Destination::open(&cfg, &staging).map_err(|e| anyhow!("{e}"))?;
-    let archived = adclick_archive::read::read_day(&dest, &a.day).map_err(|e| anyhow!("{e}"))?;
+    let archived = adclick_archive::read::read_day(&dest, &a.day, a.writer_id.as_deref())
+        .map_err(|e| anyhow!("{e}"))?;
     drop(dest);
     let _ = std::fs::remove_dir_all(&staging);
     eprintln!(
@@ -402,7 +407,7 @@ fn repair(a: &ReconcileArgs, rt: &tokio::runtime::Runtime, cells: &[(u64, i64)])
             let staging = std::env::temp_dir()
                 .join(format!("adclick-repair-{}", std::process::id()));
             let dest = Destination::open(&cfg, &staging).map_err(|e| anyhow!("{e}"))?;
-            let read = adclick_archive::read::read_day_combos(&dest, &a.day, state.archive_covered)
+            let read = adclick_archive::read::read_day_combos(&dest, &a.day, state.archive_covered, a.writer_id.as_deref())
                 .map_err(|e| anyhow!("{e}"))?;
             drop(dest);
             let _ = std::fs::remove_dir_all(&staging);

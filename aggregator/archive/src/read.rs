@@ -34,11 +34,29 @@ pub struct Day {
 
 const COLUMNS: [&str; 4] = ["ad_id", "event_time", "user_id", "status"];
 
-/// Reads every file of `dt=<day>` (`YYYY-MM-DD`) under `dest`.
-pub fn read_day(dest: &Destination, day: &str) -> Result<Day, ArchiveError> {
+/// Whether `rel` is a published file, of `writer` when given (`<writer>-<seq>.parquet`):
+/// shards sharing a destination each reconcile their own files.
+fn wanted(rel: &str, writer: Option<&str>) -> bool {
+    let Some(name) = rel.rsplit('/').next() else {
+        return false;
+    };
+    let Some(stem) = name.strip_suffix(".parquet") else {
+        return false;
+    };
+    match writer {
+        None => true,
+        Some(w) => stem
+            .strip_prefix(w)
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(|seq| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())),
+    }
+}
+
+/// Reads every file of `dt=<day>` (`YYYY-MM-DD`) under `dest` (only `writer`'s when given).
+pub fn read_day(dest: &Destination, day: &str, writer: Option<&str>) -> Result<Day, ArchiveError> {
     let files = dest.list(&format!("dt={day}"))?;
     let mut out = Day::default();
-    for rel in files.iter().filter(|f| f.ends_with(".parquet")) {
+    for rel in files.iter().filter(|f| wanted(f, writer)) {
         let bytes = dest.get(rel)?;
         let err = |e: parquet::errors::ParquetError| ArchiveError(format!("{rel}: {e}"));
         let b = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(err)?;
@@ -141,10 +159,11 @@ pub fn read_day_combos(
     dest: &Destination,
     day: &str,
     upto: u64,
+    writer: Option<&str>,
 ) -> Result<DayCombos, ArchiveError> {
     let files = dest.list(&format!("dt={day}"))?;
     let mut out = DayCombos::default();
-    for rel in files.iter().filter(|f| f.ends_with(".parquet")) {
+    for rel in files.iter().filter(|f| wanted(f, writer)) {
         let bytes = dest.get(rel)?;
         let err = |e: parquet::errors::ParquetError| ArchiveError(format!("{rel}: {e}"));
         let b = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(err)?;
@@ -241,4 +260,17 @@ pub fn read_day_combos(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_writer_reads_only_its_own_files() {
+        let f = "dt=2026-12-04/hour=03/shard-1-000000000007.parquet";
+        assert!(super::wanted(f, None));
+        assert!(super::wanted(f, Some("shard-1")));
+        assert!(!super::wanted(f, Some("shard")));
+        assert!(!super::wanted(f, Some("shard-10")));
+        assert!(!super::wanted("dt=2026-12-04/hour=03/x.tmp", None));
+    }
 }
