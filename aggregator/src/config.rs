@@ -54,6 +54,8 @@ pub struct AggregatorConfig {
     pub rules: crate::rules::RulesConfig,
     /// How client IPs are stored (`crate::privacy`; docs/privacy.md).
     pub privacy: PrivacyConfig,
+    /// The nightly reconciliation against the archive (`[reconcile]`, off by default).
+    pub reconcile: crate::nightly::ReconcileConfig,
 }
 
 /// `[privacy]`: the form client IPs take where they are stored (the archive's rows, the
@@ -143,6 +145,7 @@ impl Default for AggregatorConfig {
             archive: adclick_archive::ArchiveConfig::default(),
             rules: crate::rules::RulesConfig::default(),
             privacy: PrivacyConfig::default(),
+            reconcile: crate::nightly::ReconcileConfig::default(),
         }
     }
 }
@@ -412,6 +415,9 @@ impl AggregatorConfig {
         }
         self.archive.validate().map_err(ConfigError)?;
         self.rules.validate().map_err(ConfigError)?;
+        self.reconcile
+            .validate(self.archive.enabled)
+            .map_err(ConfigError)?;
         if self.dedup.memory_bytes < 1 << 20 {
             return err("dedup.memory_bytes must be at least 1 MiB (1048576)".into());
         }

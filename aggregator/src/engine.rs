@@ -122,6 +122,17 @@ struct ShardWork {
     /// earlier clicks a rate rule moved (marked `late`: a correction of what was valid).
     invalid: Vec<(u8, Applied)>,
 }
+/// The writer's side of repairs and finalization (`crate::repair`), kept apart from the
+/// ingest path.
+mod repairs;
+
+/// Checkpoint table: the seq of the last repair the checkpoint's state contains (u64 LE).
+const REPAIRS_TABLE: &str = "repairs";
+
+/// With `[reconcile] nightly`, minute cells of a day not finalized yet are kept past
+/// `windows.retention_minutes`, but at most this much longer (a day whose nightly run keeps
+/// failing or differing must not hold memory forever).
+pub const MINUTE_HOLD_MAX_MS: i64 = 2 * 86_400_000;
 
 enum ShardMsg {
     /// Clicks to apply; the sender (if any) is told when they are visible to queries.
@@ -130,12 +141,52 @@ enum ShardMsg {
     /// Roll minutes before this up into their hours and days (`ShardState::seal`).
     Seal(i64),
     Barrier(SyncSender<Vec<u8>>),
+    /// A repair (`crate::repair`): set these minute cells, rebuild the top-N index with
+    /// these fields; answers each cell's clicks before.
+    Repair(
+        Vec<ShardFix>,
+        Vec<crate::state::topset::IndexField>,
+        SyncSender<Vec<u64>>,
+    ),
+    /// Test-only damage: (ad, minute, delta) (`test-hooks`).
+    #[cfg(any(test, feature = "test-hooks"))]
+    Damage(Vec<(u64, i64, i64)>, SyncSender<u32>),
+}
+
+/// One cell of a repair for one shard: (combination id, clicks, user entries) per
+/// combination; empty on the shards that must drop their part of a split ad's cell.
+#[derive(Debug, Clone)]
+struct ShardFix {
+    ad: u64,
+    minute_ms: i64,
+    combos: Vec<(u32, u32, Vec<u32>)>,
+}
+
+/// What the writer thread takes besides batches.
+enum WriterMsg {
+    Ingest(IngestReq),
+    Control(Control),
+}
+
+/// Requests that go through the writer so they are ordered with the batches.
+enum Control {
+    Repair(
+        crate::repair::RecordPb,
+        oneshot::Sender<Result<crate::repair::Outcome, crate::repair::RepairError>>,
+    ),
+    RepairState(oneshot::Sender<crate::repair::State>),
+    Finalize(
+        i64,
+        oneshot::Sender<Result<crate::repair::Outcome, crate::repair::RepairError>>,
+    ),
+    #[cfg(any(test, feature = "test-hooks"))]
+    Damage(Vec<(u64, i64, i64)>, oneshot::Sender<u32>),
 }
 
 /// Handle to the running engine.
 #[derive(Debug, Clone)]
 pub struct Engine {
-    tx: mpsc::Sender<IngestReq>,
+    tx: mpsc::Sender<WriterMsg>,
     positions: StreamPositions,
 }
 
@@ -145,11 +196,11 @@ impl Engine {
         let stopping = || IngestError::Unavailable("aggregator is shutting down".into());
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(IngestReq {
+            .send(WriterMsg::Ingest(IngestReq {
                 batch,
                 done,
                 origin: None,
-            })
+            }))
             .await
             .map_err(|_| stopping())?;
         rx.await.map_err(|_| stopping())?
@@ -166,14 +217,75 @@ impl Engine {
     ) -> Result<oneshot::Receiver<Result<IngestAck, IngestError>>, IngestError> {
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(IngestReq {
+            .send(WriterMsg::Ingest(IngestReq {
                 batch,
                 done,
                 origin: Some(origin),
-            })
+            }))
             .await
             .map_err(|_| IngestError::Unavailable("aggregator is shutting down".into()))?;
         Ok(rx)
+    }
+
+    /// Applies a repair (`crate::repair`) between two batches; resolves once it is durable
+    /// and visible.
+    pub async fn repair(
+        &self,
+        rec: crate::repair::RecordPb,
+    ) -> Result<crate::repair::Outcome, crate::repair::RepairError> {
+        use crate::repair::RepairError;
+        let stopping = || RepairError::Unavailable("aggregator is shutting down".into());
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(WriterMsg::Control(Control::Repair(rec, done)))
+            .await
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())?
+    }
+
+    /// Marks the day starting at `day_ms` final (`crate::nightly`): recorded like a repair,
+    /// after which its minute cells go once past the minute retention.
+    pub async fn finalize_day(
+        &self,
+        day_ms: i64,
+    ) -> Result<crate::repair::Outcome, crate::repair::RepairError> {
+        use crate::repair::RepairError;
+        let stopping = || RepairError::Unavailable("aggregator is shutting down".into());
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(WriterMsg::Control(Control::Finalize(day_ms, done)))
+            .await
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())?
+    }
+
+    /// Where the archive and the repairs stand.
+    pub async fn repair_state(&self) -> Result<crate::repair::State, crate::repair::RepairError> {
+        let (done, rx) = oneshot::channel();
+        let stopping =
+            || crate::repair::RepairError::Unavailable("aggregator is shutting down".into());
+        self.tx
+            .send(WriterMsg::Control(Control::RepairState(done)))
+            .await
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())
+    }
+
+    /// Test-only damage (`test-hooks`): moves each (ad, minute) cell's first combination
+    /// by delta clicks (and its hour and day when sealed), then takes a checkpoint so the
+    /// damage is in the durable state as real damage would be. Returns the cells found.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub async fn damage_for_test(&self, cells: Vec<(u64, i64, i64)>) -> u32 {
+        let (done, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(WriterMsg::Control(Control::Damage(cells, done)))
+            .await
+            .is_err()
+        {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
     }
 
     /// Last applied stream sequence of `partition` (0: none): a consumer (re)starts after it.
@@ -240,6 +352,12 @@ struct Writer<S: Store> {
     rules: crate::rules::Rules,
     /// Clicks moved by a rate rule while applying the current click (reused buffer).
     moved: Vec<crate::rules::Moved>,
+    /// Seq of the last repair applied (`crate::repair`).
+    repair_seq: u64,
+    /// Every repair id recorded -> its seq (idempotence by id).
+    repair_ids: std::collections::HashMap<String, u64>,
+    /// Days starting before this are finalized (`[reconcile]`); i64::MIN: none.
+    finalized_before: i64,
 }
 
 /// Opens the store, recovers, and starts the threads.
@@ -412,11 +530,48 @@ pub fn start<S: Store + 'static>(
         }),
         rules,
         moved: Vec::new(),
+        repair_seq: 0,
+        repair_ids: std::collections::HashMap::new(),
+        finalized_before: i64::MIN,
     };
+    // Repairs: every id ever recorded; those after the checkpoint's are applied again at
+    // their WAL position during the replay below.
+    let mut repairs = std::collections::VecDeque::new();
+    {
+        use prost::Message;
+        let blob = cp
+            .tables
+            .iter()
+            .find(|(t, _)| t == REPAIRS_TABLE)
+            .map(|(_, b)| b.as_slice())
+            .unwrap_or_default();
+        let done = blob
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_le_bytes);
+        w.finalized_before = blob
+            .get(8..16)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(i64::MIN, i64::from_le_bytes);
+        for (seq, bytes) in w.store.repairs()? {
+            let rec = crate::repair::RecordPb::decode(bytes.as_slice())
+                .map_err(|e| StoreError(format!("repair {seq}: {e}")))?;
+            w.repair_ids.insert(rec.id.clone(), seq);
+            if seq > done {
+                repairs.push_back(rec);
+            }
+        }
+        w.repair_seq = done;
+    }
     // Replay what the WAL holds after the checkpoint.
     let replay = w.store.wal_after(cp.wal_pos)?;
     let replayed = replay.len();
     for (pos, bytes) in replay {
+        while repairs.front().is_some_and(|r| r.at_wal_pos < pos) {
+            if let Some(r) = repairs.pop_front() {
+                w.apply_repair(&r);
+            }
+        }
         // Checked at the edge before it was written, and redb checksums its pages: a
         // failure here is damage, and the entry is skipped whole.
         if let Err(e) = decode::check_batch(&bytes) {
@@ -432,6 +587,9 @@ pub fn start<S: Store + 'static>(
         if let Some(e) = w.windows.take_error() {
             return Err(StoreError(e.to_string()));
         }
+    }
+    for r in repairs {
+        w.apply_repair(&r);
     }
     w.record_outcomes()?;
     // Every replayed click applied (and published) before the first request: a batch
@@ -469,7 +627,7 @@ pub fn start<S: Store + 'static>(
     if let (Some(h), Some(t)) = (&mut w.archive, &archive) {
         h.stats = Some(t.stats.clone());
     }
-    let (tx, rx) = mpsc::channel::<IngestReq>(4096);
+    let (tx, rx) = mpsc::channel::<WriterMsg>(4096);
     let writer = std::thread::Builder::new()
         .name("adclick-agg-writer".into())
         .spawn(move || w.run(rx))
@@ -541,6 +699,35 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                 let s = view.shards[i].read().unwrap_or_else(|e| e.into_inner());
                 let _ = reply.send(s.to_bytes());
             }
+            ShardMsg::Repair(fixes, fields, reply) => {
+                // One write lock for every cell: a query of this shard sees all of the
+                // repair or none of it. The top-N index is rebuilt from the cells (a repair
+                // may lower counts, which the incremental index cannot) and swapped whole.
+                // Owners before the shard, the order queries take them in.
+                let meta = view.meta.load();
+                let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
+                let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
+                let before: Vec<u64> = fixes
+                    .iter()
+                    .map(|f| s.set_minute(f.ad, f.minute_ms, &f.combos))
+                    .collect();
+                let index = s.top_set(&meta.combos, &owners, &fields);
+                drop(owners);
+                drop(s);
+                // No guard of the shared metadata is held while the index is swapped.
+                drop(meta);
+                top.reset(index, &view.tops[i]);
+                let _ = reply.send(before);
+            }
+            #[cfg(any(test, feature = "test-hooks"))]
+            ShardMsg::Damage(cells, reply) => {
+                let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
+                let found = cells
+                    .iter()
+                    .filter(|(ad, m, d)| s.damage_for_test(*ad, *m, *d))
+                    .count();
+                let _ = reply.send(u32::try_from(found).unwrap_or(u32::MAX));
+            }
         }
         // Publish before confirming: with no TopAds query holding the other copy (the
         // usual case) an acked click is in TopAds at once. With one, the ack does not wait
@@ -554,22 +741,31 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
 }
 
 impl<S: Store> Writer<S> {
-    fn run(mut self, mut rx: mpsc::Receiver<IngestReq>) {
+    fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
         let max_group = 64;
         let tick = Duration::from_millis(self.cfg.checkpoint.interval_ms.max(10));
         loop {
-            let first = match rx.blocking_recv() {
-                Some(r) => r,
+            let (mut group, mut control) = match rx.blocking_recv() {
+                Some(WriterMsg::Ingest(r)) => (vec![r], None),
+                Some(WriterMsg::Control(c)) => (Vec::new(), Some(c)),
                 None => break,
             };
-            let mut group = vec![first];
-            while group.len() < max_group {
+            // A control request ends the group: it is ordered after the batches before it.
+            while control.is_none() && group.len() < max_group {
                 match rx.try_recv() {
-                    Ok(r) => group.push(r),
+                    Ok(WriterMsg::Ingest(r)) => group.push(r),
+                    Ok(WriterMsg::Control(c)) => control = Some(c),
                     Err(_) => break,
                 }
             }
-            self.handle_group(group);
+            if !group.is_empty() {
+                self.handle_group(group);
+            }
+            if let Some(c) = control
+                && !self.poisoned
+            {
+                self.control(c);
+            }
             if self.poisoned {
                 // Like a crash: no checkpoint of a state that may have missed a dedup
                 // lookup; every later request is refused (channel closed) until restart.
@@ -1032,7 +1228,7 @@ impl<S: Store> Writer<S> {
         }
         let w = &self.cfg.windows;
         let before = [
-            wm.saturating_sub(w.retention_minutes.saturating_mul(LEVEL_MS[0])),
+            self.minute_floor(wm),
             wm.saturating_sub(w.retention_hours.saturating_mul(LEVEL_MS[1])),
             wm.saturating_sub(w.retention_days.saturating_mul(LEVEL_MS[2])),
         ];
@@ -1174,6 +1370,9 @@ impl<S: Store> Writer<S> {
             }
         }
         tables.push((RULES_TABLE.to_string(), self.rules.to_bytes()));
+        let mut repairs = self.repair_seq.to_le_bytes().to_vec();
+        repairs.extend_from_slice(&self.finalized_before.to_le_bytes());
+        tables.push((REPAIRS_TABLE.to_string(), repairs));
         let cp = Checkpoint {
             wal_pos: self.next_pos - 1,
             tables,

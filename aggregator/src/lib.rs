@@ -27,9 +27,11 @@ pub mod http;
 pub mod listen;
 pub mod live;
 pub mod metrics;
+pub mod nightly;
 pub mod privacy;
 pub mod query;
 pub mod ratelimit;
+pub mod repair;
 pub mod rules;
 pub mod sketch;
 pub mod source;
@@ -88,6 +90,9 @@ pub struct Aggregator {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     threads: Option<engine::Threads>,
+    /// For the test-only hooks.
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+    engine: Option<engine::Engine>,
 }
 
 /// Starts an aggregator on `<data_dir>/aggregator.redb`.
@@ -153,6 +158,28 @@ pub async fn start_with_store<S: Store + 'static>(
             cfg.listen_http
         );
     }
+    let admin = adclick_proto::v1::admin_service_server::AdminServiceServer::new(repair::Admin {
+        engine: engine.clone(),
+        keys: Arc::new(cfg.api_keys.clone()),
+        allow_unauthenticated: cfg.query.allow_unauthenticated,
+        metrics: metrics.clone(),
+    })
+    .max_decoding_message_size(repair::MAX_MESSAGE_BYTES);
+    let engine_handle = engine.clone();
+    let nightly = cfg.reconcile.nightly.then(|| {
+        tokio::spawn(
+            nightly::Nightly {
+                cfg: cfg.reconcile.clone(),
+                archive: cfg.archive.clone(),
+                retention_minutes: cfg.windows.retention_minutes,
+                dir: cfg.data_dir.join("reconcile"),
+                view: view.clone(),
+                engine: engine.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(rx.clone()),
+        )
+    });
     let ingest = grpc::IngestServer::new(
         grpc::Ingest {
             engine,
@@ -167,6 +194,7 @@ pub async fn start_with_store<S: Store + 'static>(
                 .max_decoding_message_size(grpc::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(grpc::MAX_ANSWER_BYTES),
         )
+        .add_service(admin)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(health_service)
@@ -213,8 +241,10 @@ pub async fn start_with_store<S: Store + 'static>(
         tasks: [grpc_task, http_task, health_task]
             .into_iter()
             .chain(source)
+            .chain(nightly)
             .collect(),
         threads: Some(threads),
+        engine: Some(engine_handle),
     })
 }
 
@@ -318,6 +348,16 @@ impl Aggregator {
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
+    /// Test-only damage (feature `test-hooks`): moves each (ad, minute) cell by delta
+    /// clicks and checkpoints it; returns the cells found. See `Engine::damage_for_test`.
+    #[cfg(feature = "test-hooks")]
+    pub async fn damage_for_test(&self, cells: Vec<(u64, i64, i64)>) -> u32 {
+        match &self.engine {
+            Some(e) => e.damage_for_test(cells).await,
+            None => 0,
+        }
+    }
+
     /// Simulates a crash for tests: stops serving at once, without a final checkpoint and
     /// without waiting; the disk is left as it is after the last group commit (a crash in
     /// the middle of a commit is redb's atomicity, a crash mid-checkpoint is injected with
@@ -336,6 +376,8 @@ impl Aggregator {
 
     /// Graceful stop: stop serving, let the writer finish (it writes a final checkpoint).
     pub async fn shutdown(mut self) {
+        // The writer stops once every sender of its queue is gone: this is one.
+        self.engine = None;
         self.view.ready.set(health::SHUTTING_DOWN, true);
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {

@@ -74,6 +74,8 @@ adclick_proto::metrics! {
             pub source: crate::source::metrics::SourceMetrics = Default::default(),
             /// The query front's (declared and registered in `front::metrics`).
             pub front: crate::front::metrics::FrontMetrics = Default::default(),
+            /// The nightly reconciliation's (declared and registered in `nightly`).
+            pub reconcile: crate::nightly::ReconcileMetrics = Default::default(),
         }
         /// Clicks by outcome (applied, of which late; duplicate, too_old, malformed, ...).
         pub clicks: Family<OutcomeLabel, Counter> = Family::default();
@@ -169,6 +171,7 @@ impl Metrics {
         let mut m = Self::declare();
         m.source.register(&mut m.registry);
         m.front.register(&mut m.registry);
+        m.reconcile.register(&mut m.registry);
         m.ready.set(1);
         m
     }
@@ -229,7 +232,9 @@ impl Metrics {
 
     /// Counted clicks classified invalid for `reason` (`rules::Reason::label`).
     pub fn invalid_with(&self, reason: &'static str) -> u64 {
-        self.invalid_clicks.get_or_create(&ReasonLabel { reason }).get()
+        self.invalid_clicks
+            .get_or_create(&ReasonLabel { reason })
+            .get()
     }
 
     /// `GET /metrics`: these metrics, build info and process metrics, in the format the

@@ -48,6 +48,11 @@ const ARCHIVE_OUTCOME: TableDefinition<'static, u64, &[u8]> =
 /// The archive's progress (`adclick_archive::State`, key [`ARCHIVE_STATE_KEY`]).
 const ARCHIVE_STATE: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("archive_state");
 const ARCHIVE_STATE_KEY: &str = "state";
+/// Repairs of the serving rollups (`crate::repair`): repair seq -> `repair::RecordPb`,
+/// written durably before the repair is applied and never deleted (one row per repair, so
+/// a repair id seen once is refused as already applied forever; a start replays the rows
+/// after the checkpoint's repair seq at their WAL position).
+const REPAIRS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("repairs");
 const DEDUP: TableDefinition<'static, &[u8; 16], &[u8; ENTRY_LEN]> = TableDefinition::new("dedup");
 /// Key: keep_until as big-endian with the sign bit flipped (so byte order = time order),
 /// then the id.
@@ -183,6 +188,15 @@ pub trait Store: Send {
     fn record_outcomes(&mut self, _outcomes: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
         Ok(())
     }
+    /// Durably records repair `seq` (`crate::repair`). Stores without a `repairs` table
+    /// (test doubles) cannot take repairs.
+    fn save_repair(&mut self, _seq: u64, _record: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError("this store does not record repairs".into()))
+    }
+    /// Every repair recorded, by seq.
+    fn repairs(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The redb store (`<data_dir>/aggregator.redb`).
@@ -222,6 +236,7 @@ impl RedbStore {
             tx.open_table(DEDUP_EXPIRY).map_err(e)?;
             tx.open_table(ARCHIVE_OUTCOME).map_err(e)?;
             tx.open_table(ARCHIVE_STATE).map_err(e)?;
+            tx.open_table(REPAIRS).map_err(e)?;
         }
         tx.commit().map_err(e)?;
         Ok(RedbStore {
@@ -424,6 +439,26 @@ impl Store for RedbStore {
             }
         }
         tx.commit().map_err(e)
+    }
+
+    fn save_repair(&mut self, seq: u64, record: &[u8]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        tx.open_table(REPAIRS)
+            .map_err(e)?
+            .insert(seq, record)
+            .map_err(e)?;
+        tx.commit().map_err(e)
+    }
+
+    fn repairs(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(REPAIRS).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     fn dedup_table(&self) -> Result<Box<dyn SpillTable>, StoreError> {

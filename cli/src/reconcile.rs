@@ -11,7 +11,18 @@
 //! 100,000 did in the 10M-click benchmark). Minute cells are compared while the aggregator still keeps
 //! them (`windows.retention_minutes`, 48 h by default); for older days only the day level
 //! is compared. Ads the archive does not have are found with `TopAds` over the day (up to
-//! 10,000 ads). Repairing the differences (`--repair`) is not implemented yet.
+//! 10,000 ads).
+//!
+//! `--repair` then sets every differing (ad, minute) cell to the archive's counts through
+//! the aggregator's `AdminService.ApplyRepair` (admin key): it asks where the archive stands
+//! (`GetRepairState.archive_covered`), reads the archive's rows up to that WAL position per
+//! dimension combination, and sends them; the aggregator adds what it counted after that
+//! position and applies the cells durably and atomically per shard (`aggregator/src/
+//! repair.rs`). The repair id (`--repair-id`, default: derived from the day, the position
+//! and the cells) makes a resend a no-op. Exit status with `--repair`: 0 when every
+//! differing cell was repaired (or none differed), 3 when some could not be (days past the
+//! minute retention: only reported). A sharded deployment is repaired shard by shard:
+//! point `--endpoint` at each shard (the query front serves no admin calls).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
@@ -62,6 +73,17 @@ pub struct ReconcileArgs {
     /// Write the differing cells here, one JSON object per line.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Only this writer's files (the aggregator's `[archive] writer_id`): shards sharing one
+    /// destination are each reconciled against their own files.
+    #[arg(long)]
+    writer_id: Option<String>,
+    /// Set the differing minute cells to the archive's counts (admin key).
+    #[arg(long)]
+    repair: bool,
+    /// The repair's id (default: derived from the day, the archive position and the cells,
+    /// so an identical repair sent twice applies once).
+    #[arg(long, requires = "repair")]
+    repair_id: Option<String>,
 }
 
 /// One compared cell.
@@ -86,6 +108,21 @@ impl Pair {
 /// (ad, cell start ms, the pair).
 type Compared = (u64, i64, Pair);
 
+fn archive_config(a: &ReconcileArgs) -> ArchiveConfig {
+    ArchiveConfig {
+        dir: a.archive_dir.clone().unwrap_or_default(),
+        s3: a.s3_bucket.as_ref().map(|b| S3Config {
+            bucket: b.clone(),
+            prefix: a.s3_prefix.clone(),
+            endpoint: a.s3_endpoint.clone(),
+            region: a.s3_region.clone(),
+            path_style: true,
+            allow_http: a.s3_allow_http,
+        }),
+        ..ArchiveConfig::default()
+    }
+}
+
 fn day_start_ms(day: &str) -> Result<i64> {
     let t = humantime::parse_rfc3339(&format!("{day}T00:00:00Z"))
         .with_context(|| format!("--day {day:?}: expected YYYY-MM-DD"))?;
@@ -100,24 +137,14 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
     let started = std::time::Instant::now();
     let from = day_start_ms(&a.day)?;
     let to = from + 86_400_000;
-    let cfg = ArchiveConfig {
-        dir: a.archive_dir.clone().unwrap_or_default(),
-        s3: a.s3_bucket.as_ref().map(|b| S3Config {
-            bucket: b.clone(),
-            prefix: a.s3_prefix.clone(),
-            endpoint: a.s3_endpoint.clone(),
-            region: a.s3_region.clone(),
-            path_style: true,
-            allow_http: a.s3_allow_http,
-        }),
-        ..ArchiveConfig::default()
-    };
+    let cfg = archive_config(&a);
     if a.archive_dir.is_none() && a.s3_bucket.is_none() {
         bail!("name the archive: --archive-dir DIR or --s3-bucket BUCKET");
     }
     let staging = std::env::temp_dir().join(format!("adclick-reconcile-{}", std::process::id()));
     let dest = Destination::open(&cfg, &staging).map_err(|e| anyhow!("{e}"))?;
-    let archived = adclick_archive::read::read_day(&dest, &a.day).map_err(|e| anyhow!("{e}"))?;
+    let archived = adclick_archive::read::read_day(&dest, &a.day, a.writer_id.as_deref())
+        .map_err(|e| anyhow!("{e}"))?;
     drop(dest);
     let _ = std::fs::remove_dir_all(&staging);
     eprintln!(
@@ -257,6 +284,12 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
     };
     let mut summary = String::new();
     let mut any = false;
+    let to_repair: Vec<(u64, i64)> = minute
+        .iter()
+        .filter(|(_, p)| p.clicks_differ() || p.users_differ())
+        .map(|(k, _)| *k)
+        .collect();
+    let day_differs = day.values().any(|p| p.clicks_differ() || p.users_differ());
     let levels: [(&str, Vec<Compared>); 2] = [
         (
             "minute",
@@ -302,6 +335,21 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
         w.flush()?;
     }
     print!("reconcile {}:\n{summary}", a.day);
+    let mut unrepaired = false;
+    if a.repair {
+        if !minute_level && day_differs {
+            println!(
+                "repair: minute cells of {} are past the aggregator's minute retention: the day's differences are reported, not repaired",
+                a.day
+            );
+            unrepaired = true;
+        } else if to_repair.is_empty() {
+            println!("repair: nothing to repair");
+        } else {
+            let skipped = repair(&a, &rt, &to_repair)?;
+            unrepaired = skipped > 0;
+        }
+    }
     // Peak RSS of this process (Linux), for the benchmark.
     let peak_kib = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -321,9 +369,111 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
         started.elapsed().as_secs_f64(),
         peak_kib / 1024
     );
-    Ok(if any {
+    let failed = if a.repair { unrepaired } else { any };
+    Ok(if failed {
         ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+/// Sends the archive's counts of `cells` to the aggregator's `ApplyRepair`; returns the
+/// cells it could not set.
+fn repair(a: &ReconcileArgs, rt: &tokio::runtime::Runtime, cells: &[(u64, i64)]) -> Result<u32> {
+    use adclick_proto::v1::admin_service_client::AdminServiceClient;
+    use adclick_proto::v1::{ApplyRepairRequest, GetRepairStateRequest, RepairCell, RepairCombo};
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(a.endpoint.clone())
+            .with_context(|| format!("invalid --endpoint {:?}", a.endpoint))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to the aggregator at {}", a.endpoint))?;
+        let mut client = AdminServiceClient::new(channel)
+            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(64 << 20);
+        let auth = format!("Bearer {}", a.api_key);
+        // The archive may cover more by the time the repair arrives, and the aggregator
+        // may then have let go of the WAL entries between: read again and retry.
+        for attempt in 0..5 {
+            let mut req = tonic::Request::new(GetRepairStateRequest {});
+            req.metadata_mut()
+                .insert("authorization", auth.parse().context("API key is not header text")?);
+            let state = client
+                .get_repair_state(req)
+                .await
+                .map_err(|s| anyhow!("GetRepairState: {} {}", s.code(), s.message()))?
+                .into_inner();
+            if state.archive_covered == 0 {
+                bail!("the aggregator's archive is off or has published nothing: nothing to repair from");
+            }
+            let cfg = archive_config(a);
+            let staging = std::env::temp_dir()
+                .join(format!("adclick-repair-{}", std::process::id()));
+            let dest = Destination::open(&cfg, &staging).map_err(|e| anyhow!("{e}"))?;
+            let read = adclick_archive::read::read_day_combos(&dest, &a.day, state.archive_covered, a.writer_id.as_deref())
+                .map_err(|e| anyhow!("{e}"))?;
+            drop(dest);
+            let _ = std::fs::remove_dir_all(&staging);
+            let mut repair_cells = Vec::with_capacity(cells.len());
+            let mut h = xxhash_rust::xxh64::Xxh64::new(0);
+            h.update(a.day.as_bytes());
+            h.update(&state.archive_covered.to_le_bytes());
+            for (ad, m) in cells {
+                let mut combos = Vec::new();
+                if let Some(cs) = read.cells.get(&(*ad, *m)) {
+                    for ((country, device, os, site), c) in cs {
+                        let mut users: Vec<u64> = c.users.iter().copied().collect();
+                        users.sort_unstable();
+                        h.update(&[country.as_bytes(), os.as_bytes(), site.as_bytes()].concat());
+                        h.update(&c.clicks.to_le_bytes());
+                        combos.push(RepairCombo {
+                            country: country.clone(),
+                            device: *device,
+                            os: os.clone(),
+                            site: site.clone(),
+                            clicks: c.clicks,
+                            user_hashes: users,
+                        });
+                    }
+                }
+                h.update(&ad.to_le_bytes());
+                h.update(&m.to_le_bytes());
+                repair_cells.push(RepairCell {
+                    ad_id: *ad,
+                    minute_ms: *m,
+                    combos,
+                });
+            }
+            let id = a
+                .repair_id
+                .clone()
+                .unwrap_or_else(|| format!("reconcile-{}-{}-{:016x}", a.day, state.archive_covered, h.digest()));
+            let mut req = tonic::Request::new(ApplyRepairRequest {
+                repair_id: id.clone(),
+                archive_covered: state.archive_covered,
+                cells: repair_cells,
+            });
+            req.metadata_mut()
+                .insert("authorization", auth.parse().context("API key is not header text")?);
+            match client.apply_repair(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if r.already_applied {
+                        println!("repair {id}: already applied (version {}): nothing changed", r.repair_seq);
+                    } else {
+                        println!(
+                            "repair {id}: version {} after WAL position {}: cells set {}  skipped {}  clicks changed {}",
+                            r.repair_seq, r.at_wal_pos, r.cells, r.cells_skipped, r.clicks_changed
+                        );
+                    }
+                    return Ok(r.cells_skipped);
+                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition && attempt < 4 => {
+                    eprintln!("note: {} (retrying)", s.message());
+                }
+                Err(s) => bail!("ApplyRepair: {} {}", s.code(), s.message()),
+            }
+        }
+        bail!("ApplyRepair: the archive kept moving; try again")
     })
 }

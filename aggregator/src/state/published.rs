@@ -117,6 +117,17 @@ impl TopWriter {
         true
     }
 
+    /// Replaces both copies with `index` (rebuilt from the cells after a repair): readers
+    /// see the old index until the swap, the new one after, never a mix.
+    pub fn reset(&mut self, index: TopSet, shared: &ArcSwap<TopSet>) {
+        shared.store(Arc::new(index.clone()));
+        self.stale = Arc::new(index);
+        self.log.clear();
+        self.total = 0;
+        self.stale_at = 0;
+        self.published_at = 0;
+    }
+
     /// Ops waiting in the log (for metrics and tests).
     pub fn lag(&self) -> usize {
         self.log.len()

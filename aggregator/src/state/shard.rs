@@ -358,6 +358,10 @@ impl Default for ShardState {
     }
 }
 
+fn clamp_u32(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
 fn bucket(t: i64, level: usize) -> i64 {
     t.div_euclid(LEVEL_MS[level]) * LEVEL_MS[level]
 }
@@ -550,6 +554,85 @@ impl ShardState {
             }
         }
         top
+    }
+
+    /// Sets the minute cell of (`ad`, `minute_ms`) to exactly `combos` (combination id,
+    /// clicks, users as sparse HLL entries; empty: no cell), for a repair (`crate::repair`).
+    /// When the minute is sealed its hour and day cells move by the same difference per
+    /// combination, and take the new users (a sketch cannot forget a user, so users are
+    /// only ever added there). Returns the cell's clicks before.
+    pub fn set_minute(&mut self, ad: u64, minute_ms: i64, combos: &[(u32, u32, Vec<u32>)]) -> u64 {
+        let minute_ms = bucket(minute_ms, 0);
+        let old: Vec<(u32, u32)> = self.levels[0]
+            .get(ad, minute_ms)
+            .map(|c| c.combos().map(|c| (c.id, c.clicks)).collect())
+            .unwrap_or_default();
+        let old_total: u64 = old.iter().map(|c| u64::from(c.1)).sum();
+        if minute_ms < self.sealed_before {
+            let mut ids: Vec<u32> = old.iter().map(|c| c.0).collect();
+            ids.extend(combos.iter().map(|c| c.0));
+            ids.sort_unstable();
+            ids.dedup();
+            for level in 1..3 {
+                let (up, slab) = self.levels[level].cell_mut(ad, bucket(minute_ms, level));
+                for id in &ids {
+                    let was = old.iter().find(|c| c.0 == *id).map_or(0, |c| c.1);
+                    let now = combos.iter().find(|c| c.0 == *id);
+                    let delta = i64::from(now.map_or(0, |c| c.1)) - i64::from(was);
+                    let uc = up.combo_mut(*id);
+                    uc.clicks = clamp_u32(i64::from(uc.clicks) + delta);
+                    for e in now.map(|c| c.2.as_slice()).unwrap_or_default() {
+                        uc.users.insert(*e, slab);
+                    }
+                    up.clicks = clamp_u32(i64::from(up.clicks) + delta);
+                }
+                up.version = up.version.saturating_add(1);
+            }
+        }
+        let l = &mut self.levels[0];
+        let mut version = 0;
+        if let Some(cell) = l.buckets.get_mut(&minute_ms).and_then(|b| b.remove(&ad)) {
+            l.len -= 1;
+            version = cell.version;
+            for c in cell.combos() {
+                c.users.free(&mut l.sketches);
+            }
+        }
+        if combos.iter().any(|c| c.1 > 0) {
+            let (cell, slab) = l.cell_mut(ad, minute_ms);
+            cell.version = version.saturating_add(1);
+            for (id, clicks, users) in combos.iter().filter(|c| c.1 > 0) {
+                let c = cell.combo_mut(*id);
+                c.clicks = *clicks;
+                for e in users {
+                    c.users.insert(*e, slab);
+                }
+                cell.clicks = cell.clicks.saturating_add(*clicks);
+            }
+        }
+        old_total
+    }
+
+    /// Test-only damage (`test-hooks`): moves the first combination of the minute cell of
+    /// (`ad`, `minute_ms`), and its hour and day cells when sealed, by `delta` clicks, as a
+    /// bit flip or a bug would, without touching anything that would let a replay undo it.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn damage_for_test(&mut self, ad: u64, minute_ms: i64, delta: i64) -> bool {
+        let minute_ms = bucket(minute_ms, 0);
+        let Some(id) = self.levels[0]
+            .get(ad, minute_ms)
+            .and_then(|c| c.combos().next().map(|c| c.id))
+        else {
+            return false;
+        };
+        let levels = if minute_ms < self.sealed_before { 3 } else { 1 };
+        for level in 0..levels {
+            let (cell, _) = self.levels[level].cell_mut(ad, bucket(minute_ms, level));
+            cell.clicks = clamp_u32(i64::from(cell.clicks) + delta);
+            let c = cell.combo_mut(id);
+            c.clicks = clamp_u32(i64::from(c.clicks) + delta);
+        }
+        true
     }
 
     /// Active minute cells.

@@ -199,6 +199,23 @@ impl ClickWindows {
         self.dedup.checkpoint(expire_before)
     }
 
+    /// The combination id of a repair's (country, device, os, site), interned like a
+    /// click's (`crate::repair`; on the writer thread, so a replay assigns the same ids).
+    pub fn intern_dims(&mut self, country: &str, device: i32, os: &str, site: &str) -> u32 {
+        let dims = DimKey {
+            country: country_code(country),
+            device: u8::try_from(device).unwrap_or(0),
+            os: self.interner.intern(os),
+            site: self.interner.intern(site),
+        };
+        self.combos.intern(dims)
+    }
+
+    /// The shard an ad's clicks go to unless it is split (see [`ClickWindows::split_ads`]).
+    pub fn home_shard(&self, ad: u64) -> usize {
+        (splitmix(ad) % self.shards as u64) as usize
+    }
+
     /// Rebuilds the dedup Bloom filter from its disk tier (after opening it).
     pub fn rebuild_dedup_bloom(&mut self) -> Result<(), DedupError> {
         self.dedup.rebuild_bloom()
