@@ -129,6 +129,74 @@ async fn scenario() {
         "127.0.0.6: 5 clicks, at the limit, all valid"
     );
     assert!(two.invalid_by_reason.is_empty());
+
+    // The query front passes `traffic` through and merges the reasons (one shard owning
+    // the one partition here).
+    let mut fcfg = adclick_aggregator::front::FrontConfig {
+        listen_grpc: "127.0.0.1:0".parse().unwrap(),
+        listen_http: "127.0.0.1:0".parse().unwrap(),
+        partitions: 1,
+        shards: vec![adclick_aggregator::front::ShardEndpoint {
+            name: "s0".into(),
+            grpc: format!("http://{grpc}"),
+            partitions: "0".into(),
+        }],
+        shard_timeout_ms: 3_000,
+        health_interval_ms: 200,
+        api_keys: api_keys(),
+        ..Default::default()
+    };
+    fcfg.query.rate_limit_per_second = 0;
+    let front = adclick_aggregator::front::start(fcfg).await.unwrap();
+    let mut fq = query_client(front.grpc_addr()).await.unwrap();
+    let totals = |traffic: v1::Traffic| v1::GetTotalsRequest {
+        scope: v1::TotalsScope::Advertiser as i32,
+        id: ADV_A,
+        from_ms: range.0,
+        to_ms: range.1,
+        granularity: Granularity::Minute as i32,
+        traffic: traffic as i32,
+        ..Default::default()
+    };
+    for (traffic, clicks) in [
+        (v1::Traffic::Valid, 5),
+        (v1::Traffic::Invalid, 6),
+        (v1::Traffic::All, 11),
+    ] {
+        let t = fq
+            .get_totals(authed(totals(traffic), ADMIN))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(t.total_clicks, clicks, "front GetTotals {traffic:?}");
+        assert_eq!(t.invalid_by_reason, one.invalid_by_reason, "front reasons");
+    }
+    let top = |traffic: v1::Traffic| v1::TopAdsRequest {
+        n: 5,
+        window: Some(v1::top_ads_request::Window::Range(v1::TimeRange {
+            from_ms: range.0,
+            to_ms: range.1,
+        })),
+        traffic: traffic as i32,
+        ..Default::default()
+    };
+    for (traffic, want) in [
+        (v1::Traffic::Valid, vec![(2u64, 5u64)]),
+        (v1::Traffic::Invalid, vec![(1, 6)]),
+        (v1::Traffic::All, vec![(1, 6), (2, 5)]),
+    ] {
+        let got: Vec<(u64, u64)> = fq
+            .top_ads(authed(top(traffic), ADMIN))
+            .await
+            .unwrap()
+            .into_inner()
+            .ads
+            .iter()
+            .map(|a| (a.ad_id, a.clicks))
+            .collect();
+        assert_eq!(got, want, "front TopAds {traffic:?}");
+    }
+    front.shutdown().await;
     for c in cols {
         c.shutdown().await;
     }
