@@ -130,10 +130,17 @@ function select(ad) {
   }
   $("#ad-id").textContent = ad;
   $("#ad-total").textContent = "…";
+  $("#ad-invalid").textContent = "…";
   if (state.adWatch) state.adWatch.abort();
   state.adWatch = watch(`/v1/ads/${ad}/clicks/watch?last_minutes=${WINDOW_MINUTES}&granularity=minute`, (v) => {
     if (String(v.ad_id) !== String(state.selected)) return;
     $("#ad-total").textContent = v.total_clicks;
+    // Counted apart by the aggregator's rules, whatever `traffic` asked (valid here).
+    const invalid = Object.entries(v.invalid_by_reason || {}).filter(([, n]) => n > 0);
+    const nInvalid = invalid.reduce((s, [, n]) => s + Number(n), 0);
+    $("#ad-invalid").textContent = nInvalid +
+      (invalid.length ? " (" + invalid.map(([r, n]) => `${r} ${n}`).join(", ") + ")" : "");
+    $("#ad-invalid").dataset.total = nInvalid;
     state.chartAd = chart($("#chart-ad"), "", ["ad " + v.ad_id], seriesData([v]));
   });
 }
@@ -146,14 +153,21 @@ async function outcomes() {
     for (const m of text.matchAll(/^adclick_aggregator_clicks_total\{outcome="([a-z_]+)"\} (\d+)/gm)) {
       counts[m[1]] = Number(m[2]);
     }
-    // `applied` is every counted click, `late` the corrections among them; the rest
-    // were not counted (duplicates, too old; invalid traffic once rules run).
+    // `applied` is every counted click (valid and invalid traffic), `late` the corrections
+    // among them; the rest were not counted (duplicates, too old).
     const counted = counts.applied || 0;
     const other = Object.entries(counts).filter(([k]) => k !== "applied" && k !== "late");
     const refused = other.reduce((s, [, n]) => s + n, 0);
-    $("#outcomes").textContent = `since start: ${counted} counted (${counts.late || 0} late), ` +
+    // Of the counted, those the invalid-traffic rules flagged (not billed), by reason.
+    let invalid = 0;
+    for (const m of text.matchAll(/^adclick_aggregator_invalid_clicks_total\{reason="([a-z_]+)"\} (\d+)/gm)) {
+      invalid += Number(m[2]);
+    }
+    $("#outcomes").textContent = `since start: ${counted} counted (${counted - invalid} valid, ` +
+      `${invalid} invalid; ${counts.late || 0} late), ` +
       `${refused} not counted` + (other.length ? " (" + other.map(([k, n]) => `${k} ${n}`).join(", ") + ")" : "");
     $("#outcomes").dataset.counted = counted;
+    $("#outcomes").dataset.invalid = invalid;
   } catch (e) { /* the header line just stays as it was */ }
 }
 

@@ -340,6 +340,13 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
+    /// When the impression of a click made now was served: 2-30 s ago, as a user reads
+    /// the page before clicking (a token minted at the click would trip the aggregator's
+    /// `too_fast` rule, which the dev aggregator runs).
+    fn served_before_click(&mut self) -> i64 {
+        crate::keys::now_ms() - 2_000 - (self.unit() * 28_000.0) as i64
+    }
+
     fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
@@ -505,7 +512,7 @@ pub fn start(
                     } else {
                         cdf.partition_point(|c| *c < rng.unit()) as u64 + 1
                     };
-                    let Ok(m) = signer.mint(&placement(ad)) else {
+                    let Ok(m) = signer.mint_at(&placement(ad), rng.served_before_click()) else {
                         continue;
                     };
                     let user = if is_honeypot {
@@ -552,7 +559,7 @@ pub fn start(
                     // accepts it; the aggregator's bot_user_agent rule flags it).
                     let u = rng.unit();
                     let ad = cdf.partition_point(|c| *c < u) as u64 + 1;
-                    let Ok(m) = signer.mint(&placement(ad)) else {
+                    let Ok(m) = signer.mint_at(&placement(ad), rng.served_before_click()) else {
                         continue;
                     };
                     if let Some(l) = ledger.as_mut() {
@@ -586,7 +593,11 @@ pub fn start(
                         // A late click (an app that was offline) needs an impression from
                         // before it happened: the collector clamps event time to issued_at.
                         let late = rng.pct(cfg.late_pct);
-                        let issued = crate::keys::now_ms() - if late { 600_000 } else { 0 };
+                        let issued = if late {
+                            crate::keys::now_ms() - 600_000
+                        } else {
+                            rng.served_before_click()
+                        };
                         let Ok(m) = signer.mint_at(&placement(ad), issued) else {
                             continue;
                         };

@@ -31,6 +31,9 @@ ADCLICK = os.environ.get("ADCLICK_BIN", os.path.join(ROOT, "target", "debug", "a
 SCREENSHOT = os.environ.get("ADCLICK_SCREENSHOT", os.path.join(ROOT, "target", "ui-dashboard.png"))
 
 # Clicks per ad sent at first, and the extra clicks of step 3 (ad 880003 overtakes).
+# A browser's User-Agent: urllib's own is on the crawler list (bot_user_agent, invalid).
+BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+HONEYPOT_AD = 999999  # cli/src/traffic.rs HONEYPOT_AD, a trap in `adclick dev`
 FIRST = {880001: 9, 880002: 6, 880003: 4, 880004: 2}
 MORE = {880003: 7}
 
@@ -62,7 +65,8 @@ def main():
                 clicks += [{"token": t, "country": "US", "device": "mobile"} for t in out.stdout.split()]
             body = json.dumps({"clicks": clicks}).encode()
             r = urllib.request.Request(f"http://127.0.0.1:{col}/v1/clicks", data=body, method="POST",
-                                       headers={"content-type": "application/json"})
+                                       headers={"content-type": "application/json",
+                                                "user-agent": BROWSER_UA})
             with urllib.request.urlopen(r, timeout=30) as resp:
                 got = json.loads(resp.read())
             assert got["accepted"] == len(clicks), got
@@ -147,11 +151,26 @@ def main():
             wait("document.querySelectorAll('#top tbody tr').length === 4")
             assert js("return document.querySelector('#login').hidden") is True
 
+        def invalid_traffic():
+            # `adclick dev` runs the invalid-traffic rules with ad 999999 as a honeypot: this
+            # client (127.0.0.1) clicks it, so its later clicks are invalid (reason honeypot):
+            # counted apart, not billed. Sent last: the flag sticks for the honeypot window.
+            send({HONEYPOT_AD: 1})
+            send({880002: 3})
+            wait("document.querySelector('#outcomes').dataset.invalid === '4'", 20)
+            browser.click(browser.elements("#top tbody tr[data-ad='880002']")[0])
+            wait("document.querySelector('#ad-invalid').dataset.total === '3'", 20)
+            assert "honeypot 3" in js("return document.querySelector('#ad-invalid').textContent")
+            # Valid clicks (the table, the total) did not move.
+            assert js("return document.querySelector('#ad-total').textContent") == "6"
+            expect_api(ranked({ad: FIRST.get(ad, 0) + MORE.get(ad, 0) for ad in set(FIRST) | set(MORE)}))
+
         scenario("a wrong key: 401 shown, asked again, nothing kept", wrong_key)
         scenario("the live table shows the clicks sent, charts drawn", live_table)
         scenario("new clicks appear without a reload (SSE watch)", updates_itself)
         scenario("a row clicked charts that ad with its total (screenshot)", select_row)
         scenario("the key is kept for the tab: a reload shows the dashboard", kept_in_session)
+        scenario("invalid traffic shown apart from valid clicks (honeypot)", invalid_traffic)
         failed = scenarios.failed()
         if failed:
             sys.stderr.write(open(os.path.join(tmp, "dev.log")).read()[-4000:])

@@ -501,6 +501,8 @@ interval_ms = 10000
 enabled = true
 [rules.honeypot]
 ad_ids = [{honeypot}]
+[rules.too_fast]
+enabled = false               # by hand a token is minted and clicked in the same second
 
 [source]
 kind = "jetstream"
