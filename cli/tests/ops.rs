@@ -452,7 +452,7 @@ mod check {
         );
         assert!(
             out.contains(
-                "warning  user_agent: 1 patterns skipped (the regex crate rejects them): (?=x)y"
+                "warning  user_agent: 1 patterns skipped (not supported by the regex crate, or matching every User-Agent): (?=x)y"
             ),
             "{out}"
         );
