@@ -813,6 +813,14 @@ mod live {
             screen.contains(&format!("rejected     bad_signature {bad}")),
             "{screen}"
         );
+        // The collectors' User-Agent classes: loadgen's crawler share, the rest its own UA.
+        assert!(
+            screen.contains(&format!(
+                "user agents  bot {bots}, client {}",
+                accepted - bots
+            )),
+            "{screen}"
+        );
         assert!(
             screen.contains("forward lag           0 spool records not yet acked"),
             "{screen}"
