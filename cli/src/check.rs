@@ -304,7 +304,7 @@ pub fn collector(cfg: &adclick_collector::CollectorConfig) -> Report {
             ));
             if !ua.unsupported().is_empty() {
                 r.warning(format!(
-                    "user_agent: {} patterns skipped (the regex crate rejects them): {}",
+                    "user_agent: {} patterns skipped (not supported by the regex crate, or matching every User-Agent): {}",
                     ua.unsupported().len(),
                     ua.unsupported()
                         .iter()

@@ -268,6 +268,12 @@ impl Scrape {
                 .map(|r| (r.to_string(), self.collector_clicks(r)))
                 .filter(|(_, n)| *n > 0)
                 .collect(),
+            user_agents: crate::view::user_agent_classes(|c| {
+                self.sum(
+                    Role::Collector,
+                    &format!("adclick_collector_user_agent_clicks_total{{class=\"{c}\"}}"),
+                )
+            }),
             counted: agg("applied"),
             late: agg("late"),
             agg_duplicate: agg("duplicate"),

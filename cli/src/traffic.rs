@@ -683,9 +683,15 @@ fn special_trackers(
             .build()
             .map_err(anyhow::Error::from)
     };
-    let fixed = |last: u8| Client::Fixed {
-        bind: loopback.then_some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))),
-        named: IpAddr::V4(Ipv4Addr::new(198, 51, 100, last)),
+    let fixed = |last: u8| {
+        let own = IpAddr::V4(Ipv4Addr::new(127, 0, 0, last));
+        // Linux routes all of 127/8 to loopback; elsewhere (macOS) only 127.0.0.1 may be
+        // bindable: then the address is named in the header instead.
+        let bindable = loopback && std::net::TcpListener::bind((own, 0)).is_ok();
+        Client::Fixed {
+            bind: bindable.then_some(own),
+            named: IpAddr::V4(Ipv4Addr::new(198, 51, 100, last)),
+        }
     };
     Ok(Special {
         bot: (cfg.bot_pct > 0.0)

@@ -36,6 +36,9 @@ pub struct View {
     pub duplicate: u64,
     /// Rejected clicks by reason (only reasons with clicks).
     pub rejected: Vec<(String, u64)>,
+    /// Accepted clicks by User-Agent class at the collectors (bot, client, none; only
+    /// classes with clicks): the edge's half of the invalid-traffic picture.
+    pub user_agents: Vec<(String, u64)>,
     /// Clicks the aggregators counted.
     pub counted: u64,
     /// Late corrections at the aggregators.
@@ -59,6 +62,20 @@ pub struct View {
     pub title: String,
     /// Lines shown under the title (processes that exited, endpoints unreachable).
     pub notes: Vec<String>,
+}
+
+/// The `user_agents` line's entries from a getter of
+/// `adclick_collector_user_agent_clicks_total{class}` (only classes with clicks).
+pub fn user_agent_classes(get: impl Fn(&'static str) -> u64) -> Vec<(String, u64)> {
+    [
+        ("bot", "bot"),
+        ("client", "client"),
+        ("none", "unspecified"),
+    ]
+    .into_iter()
+    .map(|(name, class)| (name.to_string(), get(class)))
+    .filter(|(_, n)| *n > 0)
+    .collect()
 }
 
 fn list(v: &[(String, u64)]) -> String {
@@ -98,6 +115,9 @@ impl View {
             self.accepted, self.duplicate
         ));
         s.push(format!("rejected     {}", list(&self.rejected)));
+        if !self.user_agents.is_empty() {
+            s.push(format!("user agents  {}", list(&self.user_agents)));
+        }
         s.push(format!(
             "counted      {:>10}   late corrections {:>6}   dedup at aggregator {:>6}",
             self.counted, self.late, self.agg_duplicate

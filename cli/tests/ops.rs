@@ -452,7 +452,7 @@ mod check {
         );
         assert!(
             out.contains(
-                "warning  user_agent: 1 patterns skipped (the regex crate rejects them): (?=x)y"
+                "warning  user_agent: 1 patterns skipped (not supported by the regex crate, or matching every User-Agent): (?=x)y"
             ),
             "{out}"
         );
@@ -811,6 +811,14 @@ mod live {
         );
         assert!(
             screen.contains(&format!("rejected     bad_signature {bad}")),
+            "{screen}"
+        );
+        // The collectors' User-Agent classes: loadgen's crawler share, the rest its own UA.
+        assert!(
+            screen.contains(&format!(
+                "user agents  bot {bots}, client {}",
+                accepted - bots
+            )),
             "{screen}"
         );
         assert!(

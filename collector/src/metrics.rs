@@ -191,6 +191,14 @@ impl Metrics {
             .inc();
     }
 
+    /// Accepted clicks of a User-Agent class so far (`unspecified`, `client`, `bot`; for
+    /// the dev view).
+    pub fn user_agent_clicks_with(&self, class: &'static str) -> u64 {
+        self.user_agent_clicks
+            .get_or_create(&UaClassLabel { class })
+            .get()
+    }
+
     /// Current count for an outcome (for tests and the dev view).
     pub fn clicks_with(&self, outcome: &'static str) -> u64 {
         self.clicks.get_or_create(&OutcomeLabel { outcome }).get()

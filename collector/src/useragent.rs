@@ -97,7 +97,8 @@ struct Entry {
 pub struct Unsupported {
     /// The pattern as written in the list.
     pub pattern: String,
-    /// The regex crate's error, first line.
+    /// Why: the regex parser's or compiler's error (first line), or "matches the empty
+    /// string".
     pub error: String,
 }
 

@@ -1023,6 +1023,10 @@ async fn live(
             accepted,
             duplicate: csum("duplicate"),
             rejected,
+            user_agents: crate::view::user_agent_classes(|c| {
+                let m = format!("adclick_collector_user_agent_clicks_total{{class=\"{c}\"}}");
+                cpages.iter().map(|p| metric(p, &m)).sum()
+            }),
             counted: ssum("applied"),
             late: ssum("late"),
             agg_duplicate: ssum("duplicate"),

@@ -218,6 +218,7 @@ pub fn run(args: DevArgs) -> Result<()> {
                 accepted,
                 duplicate: cm.clicks_with("duplicate"),
                 rejected,
+                user_agents: crate::view::user_agent_classes(|c| cm.user_agent_clicks_with(c)),
                 counted: am.clicks_with("applied"),
                 late: am.clicks_with("late"),
                 agg_duplicate: am.clicks_with("duplicate"),
