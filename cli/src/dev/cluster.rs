@@ -503,6 +503,10 @@ enabled = true
 ad_ids = [{honeypot}]
 [rules.too_fast]
 enabled = false               # by hand a token is minted and clicked in the same second
+[rules.ip_rate]
+max_per_minute = {ip_rate}          # demos all click from 127.0.0.1; the flood sends 300/min
+[rules.user_rate]
+max_per_minute = {ip_rate}          # and often as one demo user
 
 [source]
 kind = "jetstream"
@@ -519,6 +523,7 @@ durable_prefix = "dev-shard-{s}"
         ingest = q(ingest),
         servers = q_list(servers),
         honeypot = crate::traffic::HONEYPOT_AD,
+        ip_rate = super::DEV_IP_RATE,
     )
 }
 

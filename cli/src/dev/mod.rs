@@ -26,6 +26,9 @@ use crate::keys::now_ms;
 use crate::traffic::{self, Target, TrafficConfig};
 pub(crate) use crate::view::View;
 
+/// The dev aggregator's `rules.ip_rate` and `rules.user_rate` `max_per_minute` (see `run`).
+pub(crate) const DEV_IP_RATE: u32 = 250;
+
 /// `adclick dev`
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -149,6 +152,11 @@ pub fn run(args: DevArgs) -> Result<()> {
         // Except too_fast: by hand (the README, curl, the SDK demos) a token is minted and
         // clicked within the same second, which that rule rightly calls a bot.
         acfg.rules.too_fast.enabled = false;
+        // And per-IP and per-user budgets of 250 clicks a minute instead of 100: every
+        // hand-made or SDK-demo click comes from 127.0.0.1, often with one demo user id
+        // (the generator's flood, 300/min from 127.0.0.2, still trips it).
+        acfg.rules.ip_rate.max_per_minute = DEV_IP_RATE;
+        acfg.rules.user_rate.max_per_minute = DEV_IP_RATE;
         let agg = adclick_aggregator::start(acfg)
             .await
             .context("cannot start the aggregator (is another `adclick dev` running? try --grpc-port/--query-port)")?;
