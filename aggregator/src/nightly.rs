@@ -17,7 +17,7 @@
 //! forward a day instead of waiting for one). This module reads cells under the shards'
 //! read locks, one shard at a time; it never writes cells (repairs go through the writer).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +32,7 @@ use crate::engine::Engine;
 use crate::sketch::hll::Hll;
 use crate::state::shard::LEVEL_MS;
 use crate::view::View;
+use adclick_archive::read::Pair;
 
 /// `[reconcile]` of the aggregator's config.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -117,26 +118,6 @@ adclick_proto::metrics! {
         /// Start of the last day finalized (reconciled with nothing left differing; its
         /// minute cells may then go), Unix time.
         pub last_finalized_day_seconds: Gauge = Gauge::default();
-    }
-}
-
-/// One compared cell: (archive clicks, archive users, aggregator clicks, aggregator users).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Pair {
-    archive_clicks: u64,
-    archive_users: u64,
-    aggregator_clicks: u64,
-    aggregator_users: u64,
-}
-
-impl Pair {
-    fn clicks_differ(&self) -> bool {
-        self.archive_clicks != self.aggregator_clicks
-    }
-    // The same rule as `adclick reconcile` (see cli/src/reconcile.rs for why 5%).
-    fn users_differ(&self) -> bool {
-        let (a, b) = (self.archive_users as f64, self.aggregator_users as f64);
-        (a - b).abs() > (0.05 * a).max(2.0)
     }
 }
 
@@ -347,29 +328,7 @@ impl Nightly {
         drop(dest);
 
         // Archive side.
-        let mut minute: BTreeMap<(u64, i64), Pair> = BTreeMap::new();
-        let mut day_users: BTreeMap<u64, (u64, HashSet<u64>)> = BTreeMap::new();
-        for ((ad, m), c) in &archived.cells {
-            let p = minute.entry((*ad, *m)).or_default();
-            p.archive_clicks = c.clicks;
-            p.archive_users = c.users.len() as u64;
-            let d = day_users.entry(*ad).or_default();
-            d.0 += c.clicks;
-            d.1.extend(c.users.iter().copied());
-        }
-        let mut days: BTreeMap<u64, Pair> = day_users
-            .into_iter()
-            .map(|(ad, (c, u))| {
-                (
-                    ad,
-                    Pair {
-                        archive_clicks: c,
-                        archive_users: u.len() as u64,
-                        ..Pair::default()
-                    },
-                )
-            })
-            .collect();
+        let (mut minute, mut days) = archived.pairs();
 
         // Aggregator side: minute cells of the day, then each ad's day (sealed day cell plus
         // unsealed minutes, `ShardState::parts`), users merged over the shards.

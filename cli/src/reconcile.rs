@@ -24,12 +24,13 @@
 //! minute retention: only reported). A sharded deployment is repaired shard by shard:
 //! point `--endpoint` at each shard (the query front serves no admin calls).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use adclick_archive::read::Pair;
 use adclick_archive::{ArchiveConfig, Destination, S3Config};
 use adclick_proto::v1::query_service_client::QueryServiceClient;
 use adclick_proto::v1::{
@@ -86,25 +87,6 @@ pub struct ReconcileArgs {
     repair_id: Option<String>,
 }
 
-/// One compared cell.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Pair {
-    archive_clicks: u64,
-    archive_users: u64,
-    aggregator_clicks: u64,
-    aggregator_users: u64,
-}
-
-impl Pair {
-    fn clicks_differ(&self) -> bool {
-        self.archive_clicks != self.aggregator_clicks
-    }
-    fn users_differ(&self) -> bool {
-        let (a, b) = (self.archive_users as f64, self.aggregator_users as f64);
-        (a - b).abs() > (0.05 * a).max(2.0)
-    }
-}
-
 /// (ad, cell start ms, the pair).
 type Compared = (u64, i64, Pair);
 
@@ -156,29 +138,7 @@ pub fn run(a: ReconcileArgs) -> Result<ExitCode> {
     );
 
     // Archive side: minute cells and day cells (users: distinct over the day).
-    let mut minute: BTreeMap<(u64, i64), Pair> = BTreeMap::new();
-    let mut day: BTreeMap<u64, (u64, HashSet<u64>)> = BTreeMap::new();
-    for ((ad, m), c) in &archived.cells {
-        let p = minute.entry((*ad, *m)).or_default();
-        p.archive_clicks = c.clicks;
-        p.archive_users = c.users.len() as u64;
-        let d = day.entry(*ad).or_default();
-        d.0 += c.clicks;
-        d.1.extend(c.users.iter().copied());
-    }
-    let mut day: BTreeMap<u64, Pair> = day
-        .into_iter()
-        .map(|(ad, (clicks, users))| {
-            (
-                ad,
-                Pair {
-                    archive_clicks: clicks,
-                    archive_users: users.len() as u64,
-                    ..Pair::default()
-                },
-            )
-        })
-        .collect();
+    let (mut minute, mut day) = archived.pairs();
 
     // Aggregator side.
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -21,6 +21,34 @@ pub struct Cell {
     pub users: HashSet<u64>,
 }
 
+/// One cell as reconciliation compares it: the archive's counts beside the aggregator's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pair {
+    /// Clicks the archive holds for the cell.
+    pub archive_clicks: u64,
+    /// Distinct users among them.
+    pub archive_users: u64,
+    /// Clicks the aggregator serves for it.
+    pub aggregator_clicks: u64,
+    /// Unique users the aggregator serves (an HLL estimate).
+    pub aggregator_users: u64,
+}
+
+impl Pair {
+    /// Clicks must match exactly.
+    pub fn clicks_differ(&self) -> bool {
+        self.archive_clicks != self.aggregator_clicks
+    }
+
+    /// Users differ only beyond the aggregator's estimate error: more than 5% (its HLL,
+    /// exact while small, has ~0.8% standard error beyond: six standard errors) and more
+    /// than 2 users.
+    pub fn users_differ(&self) -> bool {
+        let (a, b) = (self.archive_users as f64, self.aggregator_users as f64);
+        (a - b).abs() > (0.05 * a).max(2.0)
+    }
+}
+
 /// What one day of the archive holds.
 #[derive(Debug, Default)]
 pub struct Day {
@@ -30,6 +58,41 @@ pub struct Day {
     pub files: usize,
     /// Rows read (every status).
     pub rows: u64,
+}
+
+impl Day {
+    /// The archive side of a reconciliation: per (ad, minute) and per ad over the day, the
+    /// clicks and distinct users (distinct over the whole day for the day cells), with the
+    /// aggregator's side left at zero for the caller to fill.
+    pub fn pairs(&self) -> (BTreeMap<(u64, i64), Pair>, BTreeMap<u64, Pair>) {
+        let mut minute = BTreeMap::new();
+        let mut day: BTreeMap<u64, (u64, HashSet<u64>)> = BTreeMap::new();
+        for ((ad, m), c) in &self.cells {
+            minute.insert(
+                (*ad, *m),
+                Pair {
+                    archive_clicks: c.clicks,
+                    archive_users: c.users.len() as u64,
+                    ..Pair::default()
+                },
+            );
+            let d = day.entry(*ad).or_default();
+            d.0 += c.clicks;
+            d.1.extend(c.users.iter().copied());
+        }
+        let day = day
+            .into_iter()
+            .map(|(ad, (clicks, users))| {
+                let p = Pair {
+                    archive_clicks: clicks,
+                    archive_users: users.len() as u64,
+                    ..Pair::default()
+                };
+                (ad, p)
+            })
+            .collect();
+        (minute, day)
+    }
 }
 
 const COLUMNS: [&str; 4] = ["ad_id", "event_time", "user_id", "status"];
