@@ -257,6 +257,9 @@ fn run_block(block: &Block, dir: &Path, path: &str) -> Result<String, String> {
         .current_dir(dir)
         .env("PATH", path)
         .env("NO_COLOR", "1")
+        // The project's venv, as for a reader in the repository (scripts/ here is a link,
+        // and the setup scripts would otherwise fill a venv in the scratch directory).
+        .env("ADCLICK_VENV", repo_root().join(".venv"))
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out);
