@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int8Type, TimestampMillisecondType, UInt64Type};
-use arrow_array::{Array, StringArray};
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -115,77 +115,105 @@ fn wanted(rel: &str, writer: Option<&str>) -> bool {
     }
 }
 
-/// Reads every file of `dt=<day>` (`YYYY-MM-DD`) under `dest` (only `writer`'s when given).
-pub fn read_day(dest: &Destination, day: &str, writer: Option<&str>) -> Result<Day, ArchiveError> {
+/// Calls `f(file, batch)` for every record batch of every published file of `dt=<day>`
+/// under `dest` (only `writer`'s when given), read with the `columns` projection; returns
+/// the number of files read. A file lacking one of `columns` is not an archive file.
+fn for_each_batch(
+    dest: &Destination,
+    day: &str,
+    writer: Option<&str>,
+    columns: &[&str],
+    mut f: impl FnMut(&str, &RecordBatch) -> Result<(), ArchiveError>,
+) -> Result<usize, ArchiveError> {
     let files = dest.list(&format!("dt={day}"))?;
-    let mut out = Day::default();
+    let mut read = 0;
     for rel in files.iter().filter(|f| wanted(f, writer)) {
         let bytes = dest.get(rel)?;
         let err = |e: parquet::errors::ParquetError| ArchiveError(format!("{rel}: {e}"));
         let b = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(err)?;
         let schema = b.parquet_schema();
-        let idx: Vec<usize> = COLUMNS
+        let idx: Vec<usize> = columns
             .iter()
             .filter_map(|c| schema.columns().iter().position(|d| d.name() == *c))
             .collect();
-        if idx.len() != COLUMNS.len() {
+        if idx.len() != columns.len() {
             return Err(ArchiveError(format!(
-                "{rel}: not an archive file (columns {COLUMNS:?})"
+                "{rel}: not an archive file (columns {columns:?})"
             )));
         }
         let mask = ProjectionMask::leaves(schema, idx);
-        let reader = b.with_projection(mask).build().map_err(err)?;
-        for batch in reader {
+        for batch in b.with_projection(mask).build().map_err(err)? {
             let batch = batch.map_err(|e| ArchiveError(format!("{rel}: {e}")))?;
-            let col = |n: &str| {
-                batch
-                    .column_by_name(n)
-                    .cloned()
-                    .ok_or_else(|| ArchiveError(format!("{rel}: no column {n}")))
-            };
-            let (ad, ev, user, status) = (
-                col("ad_id")?,
-                col("event_time")?,
-                col("user_id")?,
-                col("status")?,
-            );
-            let ad = ad.as_primitive::<UInt64Type>();
-            let ev = ev.as_primitive::<TimestampMillisecondType>();
-            let user = user
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(|| ArchiveError(format!("{rel}: user_id is not a string")))?;
-            let status = status.as_dictionary::<Int8Type>();
-            let names = status
-                .values()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(|| ArchiveError(format!("{rel}: status is not a string dictionary")))?;
-            let counted: Vec<bool> = (0..names.len())
-                // Invalid traffic (issue 16) is counted too (in `traffic = ALL`).
-                .map(|i| matches!(names.value(i), "counted" | "invalid_traffic"))
-                .collect();
-            out.rows += batch.num_rows() as u64;
-            for i in 0..batch.num_rows() {
-                let k = status.keys().value(i);
-                if !usize::try_from(k)
-                    .ok()
-                    .and_then(|k| counted.get(k).copied())
-                    .unwrap_or(false)
-                {
-                    continue;
-                }
-                let minute = ev.value(i).div_euclid(60_000) * 60_000;
-                let cell = out.cells.entry((ad.value(i), minute)).or_default();
-                cell.clicks += 1;
-                if !user.is_null(i) && !user.value(i).is_empty() {
-                    cell.users
-                        .insert(xxhash_rust::xxh64::xxh64(user.value(i).as_bytes(), 0));
-                }
+            f(rel, &batch)?;
+        }
+        read += 1;
+    }
+    Ok(read)
+}
+
+/// Column `n` of `batch` (from file `rel`).
+fn column(rel: &str, batch: &RecordBatch, n: &str) -> Result<ArrayRef, ArchiveError> {
+    batch
+        .column_by_name(n)
+        .cloned()
+        .ok_or_else(|| ArchiveError(format!("{rel}: no column {n}")))
+}
+
+/// Which rows of `batch` the aggregator's cells count: status `counted`, and
+/// `invalid_traffic` (issue 16: invalid clicks are counted too, in `traffic = ALL`, the
+/// cells a reconcile compares and a repair sets).
+fn counted_rows(rel: &str, batch: &RecordBatch) -> Result<Vec<bool>, ArchiveError> {
+    let status = column(rel, batch, "status")?;
+    let status = status.as_dictionary::<Int8Type>();
+    let names = status
+        .values()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .ok_or_else(|| ArchiveError(format!("{rel}: status is not a string dictionary")))?;
+    let counted: Vec<bool> = (0..names.len())
+        .map(|i| matches!(names.value(i), "counted" | "invalid_traffic"))
+        .collect();
+    Ok((0..batch.num_rows())
+        .map(|i| {
+            usize::try_from(status.keys().value(i))
+                .ok()
+                .and_then(|k| counted.get(k).copied())
+                .unwrap_or(false)
+        })
+        .collect())
+}
+
+/// Reads every file of `dt=<day>` (`YYYY-MM-DD`) under `dest` (only `writer`'s when given).
+pub fn read_day(dest: &Destination, day: &str, writer: Option<&str>) -> Result<Day, ArchiveError> {
+    let mut out = Day::default();
+    out.files = for_each_batch(dest, day, writer, &COLUMNS, |rel, batch| {
+        let (ad, ev, user) = (
+            column(rel, batch, "ad_id")?,
+            column(rel, batch, "event_time")?,
+            column(rel, batch, "user_id")?,
+        );
+        let ad = ad.as_primitive::<UInt64Type>();
+        let ev = ev.as_primitive::<TimestampMillisecondType>();
+        let user = user
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| ArchiveError(format!("{rel}: user_id is not a string")))?;
+        out.rows += batch.num_rows() as u64;
+        for (i, _) in counted_rows(rel, batch)?
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c)
+        {
+            let minute = ev.value(i).div_euclid(60_000) * 60_000;
+            let cell = out.cells.entry((ad.value(i), minute)).or_default();
+            cell.clicks += 1;
+            if !user.is_null(i) && !user.value(i).is_empty() {
+                cell.users
+                    .insert(xxhash_rust::xxh64::xxh64(user.value(i).as_bytes(), 0));
             }
         }
-        out.files += 1;
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
@@ -225,106 +253,67 @@ pub fn read_day_combos(
     upto: u64,
     writer: Option<&str>,
 ) -> Result<DayCombos, ArchiveError> {
-    let files = dest.list(&format!("dt={day}"))?;
     let mut out = DayCombos::default();
-    for rel in files.iter().filter(|f| wanted(f, writer)) {
-        let bytes = dest.get(rel)?;
-        let err = |e: parquet::errors::ParquetError| ArchiveError(format!("{rel}: {e}"));
-        let b = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(err)?;
-        let schema = b.parquet_schema();
-        let idx: Vec<usize> = COMBO_COLUMNS
-            .iter()
-            .filter_map(|c| schema.columns().iter().position(|d| d.name() == *c))
-            .collect();
-        if idx.len() != COMBO_COLUMNS.len() {
-            return Err(ArchiveError(format!(
-                "{rel}: not an archive file (columns {COMBO_COLUMNS:?})"
-            )));
-        }
-        let mask = ProjectionMask::leaves(schema, idx);
-        let reader = b.with_projection(mask).build().map_err(err)?;
-        for batch in reader {
-            let batch = batch.map_err(|e| ArchiveError(format!("{rel}: {e}")))?;
-            let col = |n: &str| {
-                batch
-                    .column_by_name(n)
-                    .cloned()
-                    .ok_or_else(|| ArchiveError(format!("{rel}: no column {n}")))
-            };
-            let text = |n: &str| -> Result<StringArray, ArchiveError> {
-                col(n)?
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .cloned()
-                    .ok_or_else(|| ArchiveError(format!("{rel}: {n} is not a string")))
-            };
-            let pos = col("log_pos")?;
-            let pos = pos.as_primitive::<UInt64Type>();
-            let ad = col("ad_id")?;
-            let ad = ad.as_primitive::<UInt64Type>();
-            let ev = col("event_time")?;
-            let ev = ev.as_primitive::<TimestampMillisecondType>();
-            let device = col("device")?;
-            let device = device.as_primitive::<arrow_array::types::Int32Type>();
-            let (user, country, os, site, app) = (
-                text("user_id")?,
-                text("country")?,
-                text("os")?,
-                text("site")?,
-                text("app")?,
-            );
-            let status = col("status")?;
-            let status = status.as_dictionary::<Int8Type>();
-            let names = status
-                .values()
+    for_each_batch(dest, day, writer, &COMBO_COLUMNS, |rel, batch| {
+        let col = |n: &str| column(rel, batch, n);
+        let text = |n: &str| -> Result<StringArray, ArchiveError> {
+            col(n)?
                 .as_any()
                 .downcast_ref::<StringArray>()
-                .ok_or_else(|| ArchiveError(format!("{rel}: status is not a string dictionary")))?;
-            // Invalid traffic (issue 16) is counted too: the cells a repair sets are the
-            // aggregator's ALL cells.
-            let counted: Vec<bool> = (0..names.len())
-                .map(|i| matches!(names.value(i), "counted" | "invalid_traffic"))
-                .collect();
-            for i in 0..batch.num_rows() {
-                let k = status.keys().value(i);
-                if !usize::try_from(k)
-                    .ok()
-                    .and_then(|k| counted.get(k).copied())
-                    .unwrap_or(false)
-                {
-                    continue;
+                .cloned()
+                .ok_or_else(|| ArchiveError(format!("{rel}: {n} is not a string")))
+        };
+        let pos = col("log_pos")?;
+        let pos = pos.as_primitive::<UInt64Type>();
+        let ad = col("ad_id")?;
+        let ad = ad.as_primitive::<UInt64Type>();
+        let ev = col("event_time")?;
+        let ev = ev.as_primitive::<TimestampMillisecondType>();
+        let device = col("device")?;
+        let device = device.as_primitive::<arrow_array::types::Int32Type>();
+        let (user, country, os, site, app) = (
+            text("user_id")?,
+            text("country")?,
+            text("os")?,
+            text("site")?,
+            text("app")?,
+        );
+        for (i, _) in counted_rows(rel, batch)?
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c)
+        {
+            if pos.value(i) > upto {
+                out.beyond += 1;
+                continue;
+            }
+            let minute = ev.value(i).div_euclid(60_000) * 60_000;
+            let s = |a: &StringArray| {
+                if a.is_null(i) {
+                    String::new()
+                } else {
+                    a.value(i).to_string()
                 }
-                if pos.value(i) > upto {
-                    out.beyond += 1;
-                    continue;
-                }
-                let minute = ev.value(i).div_euclid(60_000) * 60_000;
-                let s = |a: &StringArray| {
-                    if a.is_null(i) {
-                        String::new()
-                    } else {
-                        a.value(i).to_string()
-                    }
-                };
-                let site = match s(&site) {
-                    x if x.is_empty() => s(&app),
-                    x => x,
-                };
-                let key = (s(&country), device.value(i), s(&os), site);
-                let cell = out
-                    .cells
-                    .entry((ad.value(i), minute))
-                    .or_default()
-                    .entry(key)
-                    .or_default();
-                cell.clicks += 1;
-                if !user.is_null(i) && !user.value(i).is_empty() {
-                    cell.users
-                        .insert(xxhash_rust::xxh64::xxh64(user.value(i).as_bytes(), 0));
-                }
+            };
+            let site = match s(&site) {
+                x if x.is_empty() => s(&app),
+                x => x,
+            };
+            let key = (s(&country), device.value(i), s(&os), site);
+            let cell = out
+                .cells
+                .entry((ad.value(i), minute))
+                .or_default()
+                .entry(key)
+                .or_default();
+            cell.clicks += 1;
+            if !user.is_null(i) && !user.value(i).is_empty() {
+                cell.users
+                    .insert(xxhash_rust::xxh64::xxh64(user.value(i).as_bytes(), 0));
             }
         }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
