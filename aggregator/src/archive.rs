@@ -36,8 +36,15 @@ use prost::Message;
 use crate::privacy::IpMasker;
 use crate::store::ArchiveLog;
 
-/// Version byte that starts every outcome string.
+/// Version byte that starts an outcome string without a rules version (rules off, and
+/// every string written before issue 16's version column).
 const OUTCOME_V1: u8 = 1;
+/// Version byte of an outcome string that names the rules version its clicks were
+/// classified under: `[2, len, version bytes..., entries...]`.
+const OUTCOME_V2: u8 = 2;
+/// Longest rules version an outcome string carries (a version is a short hash; a longer
+/// one is cut, never a reason to fail a batch).
+const MAX_VERSION_LEN: usize = 64;
 /// The outcome of a WAL entry that did not decode at replay (skipped, nothing counted).
 pub const OUTCOME_UNDECODABLE: &[u8] = &[0xFF];
 
@@ -48,10 +55,19 @@ pub struct OutcomeBuilder {
 }
 
 impl OutcomeBuilder {
-    /// Starts a batch.
-    pub fn begin(&mut self) {
+    /// Starts a batch whose clicks the rules stage classifies under `rules_version`
+    /// (`None`: the rules are off, so there is no classification to attribute).
+    pub fn begin(&mut self, rules_version: Option<&str>) {
         self.buf.clear();
-        self.buf.push(OUTCOME_V1);
+        match rules_version {
+            None => self.buf.push(OUTCOME_V1),
+            Some(v) => {
+                let v = &v.as_bytes()[..v.len().min(MAX_VERSION_LEN)];
+                self.buf.push(OUTCOME_V2);
+                self.buf.push(v.len() as u8);
+                self.buf.extend_from_slice(v);
+            }
+        }
     }
 
     /// Click `index` of the batch had `status` (plain `Counted` is implied, not stored).
@@ -74,13 +90,29 @@ impl OutcomeBuilder {
     }
 }
 
-/// Decodes an outcome string into a status per click index (`n` clicks). `None`: the
-/// entry was undecodable at replay, or the string is damaged.
-pub fn decode_outcomes(o: &[u8], n: usize) -> Option<Vec<Status>> {
+/// What one outcome string says about its batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcomes {
+    /// The rules version the clicks were classified under (`None`: rules off).
+    pub rules_version: Option<Arc<str>>,
+    /// A status per click index.
+    pub status: Vec<Status>,
+}
+
+/// Decodes an outcome string (`n` clicks). `None`: the entry was undecodable at replay,
+/// or the string is damaged.
+pub fn decode_outcomes(o: &[u8], n: usize) -> Option<Outcomes> {
     let (&v, mut rest) = o.split_first()?;
-    if v != OUTCOME_V1 {
-        return None;
-    }
+    let rules_version = match v {
+        OUTCOME_V1 => None,
+        OUTCOME_V2 => {
+            let (&len, r) = rest.split_first()?;
+            let (name, r) = r.split_at_checked(usize::from(len))?;
+            rest = r;
+            Some(Arc::from(std::str::from_utf8(name).ok()?))
+        }
+        _ => return None,
+    };
     let mut out = vec![Status::Counted; n];
     while !rest.is_empty() {
         let mut idx = 0u32;
@@ -98,7 +130,10 @@ pub fn decode_outcomes(o: &[u8], n: usize) -> Option<Vec<Status>> {
         rest = r;
         *out.get_mut(idx as usize)? = Status::from_code(code)?;
     }
-    Some(out)
+    Some(Outcomes {
+        rules_version,
+        status: out,
+    })
 }
 
 /// Wakes the archive thread when outcomes were recorded.
@@ -182,7 +217,10 @@ pub fn rows_of(
         return Err("undecodable at replay (nothing of it was counted)".into());
     }
     let b = IngestBatch::decode(batch).map_err(|e| e.to_string())?;
-    let status = decode_outcomes(outcomes, b.clicks.len())
+    let Outcomes {
+        rules_version,
+        status,
+    } = decode_outcomes(outcomes, b.clicks.len())
         .ok_or_else(|| "outcomes do not match the batch".to_string())?;
     let collector: Arc<str> = Arc::from(b.collector_id.as_str());
     for (i, (c, st)) in b.clicks.into_iter().zip(status).enumerate() {
@@ -218,6 +256,7 @@ pub fn rows_of(
             dedup_suspect: c.dedup_suspect,
             salt: c.salt,
             status: st,
+            rules_version: rules_version.clone(),
         });
     }
     Ok(())
@@ -375,13 +414,15 @@ mod tests {
     #[test]
     fn outcomes_round_trip() {
         let mut b = OutcomeBuilder::default();
-        b.begin();
+        b.begin(None);
         b.push(0, Status::Counted);
         b.push(1, Status::Duplicate);
         b.push(300, Status::CountedLate);
         b.push(301, Status::OwnerMismatch);
         let o = b.finish();
         let d = decode_outcomes(&o, 302).unwrap();
+        assert_eq!(d.rules_version, None);
+        let d = d.status;
         assert_eq!(d[0], Status::Counted);
         assert_eq!(d[1], Status::Duplicate);
         assert_eq!(d[2], Status::Counted);
@@ -392,10 +433,30 @@ mod tests {
         assert_eq!(decode_outcomes(&[OUTCOME_V1, 0, 99], 1), None);
         assert_eq!(decode_outcomes(&[7], 1), None);
         assert_eq!(decode_outcomes(OUTCOME_UNDECODABLE, 1), None);
-        b.begin();
+        b.begin(None);
         assert_eq!(
-            decode_outcomes(&b.finish(), 3).unwrap(),
+            decode_outcomes(&b.finish(), 3).unwrap().status,
             vec![Status::Counted; 3]
         );
+    }
+
+    /// The rules version rides with the statuses it applies to; a cut or lying length is
+    /// damage, not a panic.
+    #[test]
+    fn outcomes_carry_the_rules_version() {
+        let mut b = OutcomeBuilder::default();
+        b.begin(Some("r-1a2b3c"));
+        b.push(1, Status::InvalidIpRate);
+        let o = b.finish();
+        let d = decode_outcomes(&o, 2).unwrap();
+        assert_eq!(d.rules_version.as_deref(), Some("r-1a2b3c"));
+        assert_eq!(d.status, vec![Status::Counted, Status::InvalidIpRate]);
+        for cut in 1..o.len() - 2 {
+            assert_eq!(decode_outcomes(&o[..cut], 2), None, "cut at {cut}");
+        }
+        let long = "v".repeat(300);
+        b.begin(Some(&long));
+        let d = decode_outcomes(&b.finish(), 0).unwrap();
+        assert_eq!(d.rules_version.as_deref(), Some(&long[..MAX_VERSION_LEN]));
     }
 }

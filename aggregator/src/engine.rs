@@ -1012,7 +1012,9 @@ impl<S: Store> Writer<S> {
     ) -> (u32, u32, usize) {
         use adclick_archive::Status;
         if let Some(a) = &mut self.archive {
-            a.builder.begin();
+            // Every classification is recorded with the rules version it was made under.
+            let version = self.rules.enabled().then(|| self.rules.version());
+            a.builder.begin(version);
         }
         let mut index = 0u32;
         let mut per_shard: Vec<ShardWork> = (0..self.shard_tx.len())

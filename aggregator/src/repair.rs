@@ -281,7 +281,9 @@ pub fn add_after(
         }
         expect = pos + 1;
         let clicks: Vec<_> = crate::decode::clicks(batch).collect();
-        let Some(status) = crate::archive::decode_outcomes(outcomes, clicks.len()) else {
+        let Some(status) =
+            crate::archive::decode_outcomes(outcomes, clicks.len()).map(|o| o.status)
+        else {
             return true;
         };
         for (c, st) in clicks.into_iter().zip(status) {

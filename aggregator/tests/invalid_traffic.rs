@@ -21,6 +21,9 @@ const MAX_IP: u32 = 5;
 const MAX_USER: u32 = 4;
 const TRAP: u64 = 900;
 const WINDOW_MIN: i64 = 1;
+/// The honeypot's effective look-back: the default `lookback_minutes` (5), cut to the
+/// window.
+const LOOKBACK_MIN: i64 = 1;
 const MIN_MS: i64 = 1000;
 const DC: ([u8; 4], u32) = ([198, 51, 100, 0], 24);
 
@@ -86,18 +89,31 @@ fn oracle(arrival: &[IngestClick]) -> Vec<Option<&'static str>> {
             *per_user.entry((c.user_id.clone(), minute(c))).or_default() += 1;
         }
     }
-    let mut traps: Vec<(Vec<u8>, String, i64)> = Vec::new();
+    // Every trap click with its arrival index.
+    let traps: Vec<(usize, &IngestClick)> = arrival
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.ad_id == TRAP)
+        .collect();
+    let same_client = |a: &IngestClick, b: &IngestClick| {
+        a.client_ip == b.client_ip || (!a.user_id.is_empty() && a.user_id == b.user_id)
+    };
     let mut out = Vec::new();
-    for c in arrival {
-        if c.ad_id == TRAP {
-            traps.push((c.client_ip.clone(), c.user_id.clone(), c.event_time_ms));
-        }
+    for (i, c) in arrival.iter().enumerate() {
         let t = c.event_time_ms;
         let ip = &c.client_ip;
         let in_dc = ip.len() == 4 && ip[..3] == DC.0[..3];
-        let flagged = traps.iter().any(|(tip, tuser, tt)| {
-            (tip == ip || (!tuser.is_empty() && *tuser == c.user_id))
-                && (t - tt).abs() <= WINDOW_MIN * MIN
+        // A trap that arrived before (or is) this click flags it within the window.
+        let flagged = traps.iter().any(|(j, trap)| {
+            *j <= i && same_client(trap, c) && (t - trap.event_time_ms).abs() <= WINDOW_MIN * MIN
+        });
+        // A trap arriving after it reaches back: a click still valid then, from the
+        // look-back before the trap to the window after it.
+        let reached_back = traps.iter().any(|(j, trap)| {
+            *j > i
+                && same_client(trap, c)
+                && t >= trap.event_time_ms - LOOKBACK_MIN * MIN
+                && t <= trap.event_time_ms + WINDOW_MIN * MIN
         });
         let raw = c.occurred_at_ms + (c.received_at_ms - c.sent_at_ms);
         // No correction without the device's send time or with a skewed clock.
@@ -121,6 +137,10 @@ fn oracle(arrival: &[IngestClick]) -> Vec<Option<&'static str>> {
             Some(REASONS[5])
         } else if !c.user_id.is_empty() && per_user[&(c.user_id.clone(), minute(c))] > MAX_USER {
             Some(REASONS[6])
+        } else if reached_back {
+            // (The test's clients that a trap reaches back to trip no rate rule, so the
+            // order of a trip and the trap does not matter here.)
+            Some(REASONS[2])
         } else {
             None
         };
@@ -301,6 +321,12 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
         // honeypot: the trap, then the same IP 30 s later on ad 1.
         batch.push(click(next(), TRAP, t(20), [10, 0, 0, 3], ""));
         batch.push(click(next(), 1, t(50), [10, 0, 0, 3], ""));
+        // honeypot looking back: 10.0.0.8 clicks ad 4 at 30 s and 34 s, and at 10 s (75 s
+        // before its trap, sent below: outside the window, in the same minute as the
+        // other two). Valid for now.
+        for s in [10, 30, 34] {
+            batch.push(click(next(), 4, t(s), [10, 0, 0, 8], ""));
+        }
         sent.extend(batch.iter().cloned());
         send(&mut ing, "col-a", 1, batch).await;
 
@@ -324,6 +350,17 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
         assert_eq!(after.total_clicks, before.total_clicks - 5, "five moved to invalid");
         assert_eq!(reasons(&after.invalid_by_reason).get("ip_rate"), Some(&6));
 
+        // The trap of 10.0.0.8 at 85 s: its two clicks of the minute before move to
+        // invalid; the one 75 s before stays valid.
+        let before = clicks_of(&mut q, 4, Granularity::Minute, Traffic::Valid).await;
+        assert_eq!(before.total_clicks, 3, "valid before the trap");
+        let trap = vec![click(next(), TRAP, t(85), [10, 0, 0, 8], "")];
+        sent.extend(trap.iter().cloned());
+        send(&mut ing, "col-b", 6, trap).await;
+        let after = clicks_of(&mut q, 4, Granularity::Minute, Traffic::Valid).await;
+        assert_eq!(after.total_clicks, 1, "two moved by the trap");
+        assert_eq!(reasons(&after.invalid_by_reason).get("honeypot"), Some(&2));
+
         // Outside the honeypot window (70 s after the trap): valid again. Sent last: it
         // moves the watermark past the first minute.
         let late = vec![click(next(), 1, t(91), [10, 0, 0, 3], "")];
@@ -343,7 +380,7 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
             BTreeMap::from([
                 ("bot_user_agent", 3),
                 ("datacenter_ip", 2),
-                ("honeypot", 2),
+                ("honeypot", 5),
                 ("impossible_time", 1),
                 ("too_fast", 2),
                 ("ip_rate", 6),
@@ -445,6 +482,13 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
         assert!(text.contains(&line), "{line} missing from /metrics");
     }
     assert!(text.contains("adclick_aggregator_invalid_moved_total{reason=\"ip_rate\"} 5"));
+    assert!(text.contains("adclick_aggregator_invalid_moved_total{reason=\"honeypot\"} 2"));
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("adclick_aggregator_rules_info{version=\""))
+        .and_then(|l| l.split('"').next())
+        .expect("rules_info exported")
+        .to_string();
     assert!(
         text.lines().any(
             |l| l.starts_with("adclick_aggregator_rules_info{version=\"") && !l.contains("\"off\"")
@@ -467,7 +511,7 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
     for (r, n) in [
         ("bot_user_agent", 3),
         ("datacenter_ip", 2),
-        ("honeypot", 2),
+        ("honeypot", 3),
         ("impossible_time", 1),
         ("too_fast", 2),
         ("ip_rate", 1),
@@ -482,6 +526,44 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
         .sum();
     let counted = by.get(&("counted".into(), None)).copied();
     assert_eq!(counted, Some(sent.len() as u64 - invalid_rows));
+    // Every row names the rules version that classified it: the one in force.
+    assert_eq!(
+        archived_rules_versions(&dir.path().join("archive")),
+        BTreeMap::from([(Some(version), sent.len() as u64)])
+    );
+}
+
+/// The archive's `rules_version` column: rows per value (`None`: null).
+fn archived_rules_versions(dir: &std::path::Path) -> BTreeMap<Option<String>, u64> {
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    let mut out = BTreeMap::new();
+    let files = adclick_archive::Destination::Local {
+        dir: dir.to_path_buf(),
+    }
+    .list("")
+    .unwrap();
+    for f in files {
+        let file = std::fs::File::open(dir.join(f)).unwrap();
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in r {
+            let b = b.unwrap();
+            let col = b
+                .column_by_name("rules_version")
+                .expect("rules_version column");
+            let d = col.as_dictionary::<arrow_array::types::Int8Type>();
+            let values = d.values().as_string::<i32>();
+            for i in 0..b.num_rows() {
+                let v =
+                    (!d.is_null(i)).then(|| values.value(d.keys().value(i) as usize).to_string());
+                *out.entry(v).or_default() += 1;
+            }
+        }
+    }
+    out
 }
 
 /// The batches of the crash test: before the crash an IP at the limit (its clicks

@@ -37,7 +37,7 @@ pub enum Status {
     /// Counted, and classified invalid traffic on arrival by the aggregator's rules
     /// (issue 16), one code per reason (the `reason` column): in the counts of
     /// `traffic = ALL` and `INVALID`, not in the valid (billed) ones. A later retroactive
-    /// move (rate rules) is not rewritten into an archived row.
+    /// move (rate rules, honeypot look-back) is not rewritten into an archived row.
     InvalidBotUserAgent = 16,
     /// See [`Status::InvalidBotUserAgent`].
     InvalidDatacenterIp = 17,
@@ -178,6 +178,10 @@ pub struct Row {
     pub salt: u32,
     /// What became of it.
     pub status: Status,
+    /// The version of the invalid-traffic rules that classified it (`Rules::version`:
+    /// a hash of the effective rules config and data). `None`: the rules were off, or the
+    /// writer does not classify (a stream consumer's `received` rows).
+    pub rules_version: Option<Arc<str>>,
 }
 
 fn ts() -> DataType {
@@ -215,7 +219,8 @@ pub fn schema() -> SchemaRef {
                 Field::new("dedup_suspect", DataType::Boolean, false),
                 Field::new("salt", DataType::UInt32, false),
                 Field::new("status", dict.clone(), false),
-                Field::new("reason", dict, true),
+                Field::new("reason", dict.clone(), true),
+                Field::new("rules_version", dict, true),
             ]))
         })
         .clone()
@@ -244,6 +249,7 @@ pub fn to_batch(rows: &[Row]) -> Result<RecordBatch, arrow_schema::ArrowError> {
     let mut salt = UInt32Builder::with_capacity(n);
     let mut status = StringDictionaryBuilder::<Int8Type>::new();
     let mut reason = StringDictionaryBuilder::<Int8Type>::new();
+    let mut rules_version = StringDictionaryBuilder::<Int8Type>::new();
     let mut ip = String::new();
     for r in rows {
         log_pos.append_value(r.log_pos);
@@ -285,6 +291,10 @@ pub fn to_batch(rows: &[Row]) -> Result<RecordBatch, arrow_schema::ArrowError> {
             Some(x) => reason.append_value(x),
             None => reason.append_null(),
         }
+        match &r.rules_version {
+            Some(v) => rules_version.append(v.as_ref()).map(|_| ())?,
+            None => rules_version.append_null(),
+        }
     }
     let [expires, event, received, occurred, sent] = times;
     let [os, site, app, user] = strings;
@@ -312,6 +322,7 @@ pub fn to_batch(rows: &[Row]) -> Result<RecordBatch, arrow_schema::ArrowError> {
     cols.push(Arc::new(salt.finish()));
     cols.push(Arc::new(status.finish()));
     cols.push(Arc::new(reason.finish()));
+    cols.push(Arc::new(rules_version.finish()));
     RecordBatch::try_new(schema(), cols)
 }
 

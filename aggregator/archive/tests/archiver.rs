@@ -42,6 +42,7 @@ fn row(pos: u64, i: u32, event: i64, status: Status) -> Row {
         dedup_suspect: false,
         salt: 0,
         status,
+        rules_version: None,
     }
 }
 

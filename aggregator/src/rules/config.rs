@@ -96,6 +96,14 @@ pub struct HoneypotRule {
     /// A flagged client's clicks within this many minutes (event time, either side) of its
     /// trap click are invalid (default 60).
     pub window_minutes: i64,
+    /// How far back a trap click reaches clicks of its client that were already counted
+    /// as valid, in minutes of event time before the trap click (default 5, at most
+    /// [`MAX_HONEYPOT_LOOKBACK_MINUTES`]; `window_minutes` when that is shorter; 0 =
+    /// forward only). Those
+    /// clicks move from valid to invalid like a rate rule's (versioned like late data).
+    /// The cost is memory: every valid click with an IP or user id is remembered this
+    /// long (about 60 bytes each), and only while trap ads are configured.
+    pub lookback_minutes: i64,
 }
 
 impl Default for HoneypotRule {
@@ -104,6 +112,7 @@ impl Default for HoneypotRule {
             enabled: true,
             ad_ids: Vec::new(),
             window_minutes: 60,
+            lookback_minutes: 5,
         }
     }
 }
@@ -132,6 +141,9 @@ impl Default for TooFastRule {
 pub const MAX_PER_MINUTE: u32 = 100_000;
 /// Largest honeypot window (a week): flags are kept in RAM that long.
 pub const MAX_HONEYPOT_WINDOW_MINUTES: i64 = 7 * 24 * 60;
+/// Largest `honeypot.lookback_minutes`: it bounds how many valid clicks the rules keep
+/// in RAM (all those of this many minutes).
+pub const MAX_HONEYPOT_LOOKBACK_MINUTES: i64 = 60;
 /// Most trap ad ids.
 pub const MAX_HONEYPOT_ADS: usize = 10_000;
 
@@ -151,6 +163,12 @@ impl RulesConfig {
             return Err(format!(
                 "rules.honeypot.window_minutes must be between 1 and {MAX_HONEYPOT_WINDOW_MINUTES} (got {})",
                 h.window_minutes
+            ));
+        }
+        if !(0..=MAX_HONEYPOT_LOOKBACK_MINUTES).contains(&h.lookback_minutes) {
+            return Err(format!(
+                "rules.honeypot.lookback_minutes must be between 0 and {MAX_HONEYPOT_LOOKBACK_MINUTES} (got {})",
+                h.lookback_minutes
             ));
         }
         if h.ad_ids.len() > MAX_HONEYPOT_ADS || h.ad_ids.contains(&0) {

@@ -18,9 +18,11 @@
 //! is in) until its minute expires; an entry's retroactive list holds at most
 //! `max_per_minute` clicks (once it trips, the list is emptied and no more are kept). So
 //! the bound is ~(60 bytes × the valid clicks of the last `allowed_delay_ms` + 2 minutes of
-//! event time) plus ~40 bytes per distinct IP and user of those minutes. Honeypot flags:
-//! one (first, last) pair per flagged client, kept `window_minutes` after its last trap
-//! click.
+//! event time) plus ~40 bytes per distinct IP and user of those minutes. While trap ads
+//! are configured, minutes are kept `honeypot.lookback_minutes` longer (a trap click moves
+//! its client's valid clicks of that look-back), which adds ~60 bytes per valid click of
+//! those minutes. Honeypot flags: one (first, last) pair per flagged client, kept
+//! `window_minutes` after its last trap click.
 
 pub mod cidr;
 pub mod config;
@@ -33,7 +35,7 @@ use crate::state::FastMap;
 use crate::state::click::ClickIn;
 use crate::state::dims::DimKey;
 use crate::state::shard::{Applied, LEVEL_MS};
-pub use config::RulesConfig;
+pub use config::{RateRule, RulesConfig};
 
 /// Largest `too_fast.min_ms` (one hour).
 pub const MAX_TOO_FAST_MS: i64 = 3_600_000;
@@ -244,6 +246,19 @@ impl Rules {
         }
     }
 
+    /// How far back (event time) a trap click moves its client's valid clicks; 0 when
+    /// the honeypot rule is off, has no trap ads, or looks forward only.
+    fn look_back_ms(&self) -> i64 {
+        let h = &self.cfg.honeypot;
+        if !self.cfg.enabled || !h.enabled || self.traps.is_empty() {
+            return 0;
+        }
+        h.lookback_minutes
+            .min(h.window_minutes)
+            .max(0)
+            .saturating_mul(LEVEL_MS[0])
+    }
+
     /// Whether the stage runs at all (`rules.enabled`).
     pub fn enabled(&self) -> bool {
         self.cfg.enabled
@@ -270,6 +285,7 @@ impl Rules {
             return None;
         }
         let first_moved = moved.len();
+        let look_back_ms = self.look_back_ms();
         let cfg = &self.cfg;
         let ip = ip_key(c.client_ip);
         let user = user_key(c.user_id);
@@ -317,25 +333,37 @@ impl Rules {
             }
             r.tripped
         };
-        let ip_tripped = match ip {
-            Some(k) if cfg.ip_rate.enabled => trip(
+        // A client's clicks are tracked per minute for the rate rules, and for a trap
+        // click's look back (only while trap ads exist).
+        let look_back = look_back_ms > 0;
+        let track_ip = ip.filter(|_| cfg.ip_rate.enabled || look_back);
+        let track_user = user.filter(|_| cfg.user_rate.enabled || look_back);
+        let limit = |r: &RateRule| {
+            if r.enabled {
+                r.max_per_minute
+            } else {
+                u32::MAX
+            }
+        };
+        let ip_tripped = match track_ip {
+            Some(k) => trip(
                 m.ip.entry(k).or_default(),
-                cfg.ip_rate.max_per_minute,
+                limit(&cfg.ip_rate),
                 Reason::IpRate,
                 moved,
                 &mut m.pending,
             ),
-            _ => false,
+            None => false,
         };
-        let user_tripped = match user {
-            Some(k) if cfg.user_rate.enabled => trip(
+        let user_tripped = match track_user {
+            Some(k) => trip(
                 m.user.entry(k).or_default(),
-                cfg.user_rate.max_per_minute,
+                limit(&cfg.user_rate),
                 Reason::UserRate,
                 moved,
                 &mut m.pending,
             ),
-            _ => false,
+            None => false,
         };
         let reason = if cfg.bot_user_agent.enabled
             && c.ua_class == adclick_proto::v1::UserAgentClass::Bot as i32
@@ -363,18 +391,33 @@ impl Rules {
         } else {
             None
         };
-        // A valid click a rate rule may still move is remembered with its minute.
-        let rate_ip = ip.filter(|_| cfg.ip_rate.enabled);
-        let rate_user = user.filter(|_| cfg.user_rate.enabled);
-        if reason.is_none() && (rate_ip.is_some() || rate_user.is_some()) {
+        // A valid click a rule may still move is remembered with its minute.
+        if reason.is_none() && (track_ip.is_some() || track_user.is_some()) {
             let id = u32::try_from(m.pending.len()).unwrap_or(u32::MAX);
             m.pending
                 .push(Some((u32::try_from(shard).unwrap_or(0), *a)));
-            if let Some(r) = rate_ip.and_then(|k| m.ip.get_mut(&k)) {
+            if let Some(r) = track_ip.and_then(|k| m.ip.get_mut(&k)) {
                 r.pending.push(id);
             }
-            if let Some(r) = rate_user.and_then(|k| m.user.get_mut(&k)) {
+            if let Some(r) = track_user.and_then(|k| m.user.get_mut(&k)) {
                 r.pending.push(id);
+            }
+        }
+        // A trap click reaches back: the client's clicks counted as valid in the look-back
+        // before it (and any after it, event time, that arrived first) move to invalid.
+        if trap && look_back {
+            let since = t.saturating_sub(look_back_ms);
+            let (from, to) = (
+                since.div_euclid(LEVEL_MS[0]),
+                t.saturating_add(w).div_euclid(LEVEL_MS[0]),
+            );
+            for (_, m) in self.minutes.range_mut(from..=to) {
+                if let Some(r) = track_ip.and_then(|k| m.ip.get_mut(&k)) {
+                    move_since(&mut r.pending, &mut m.pending, since, moved);
+                }
+                if let Some(r) = track_user.and_then(|k| m.user.get_mut(&k)) {
+                    move_since(&mut r.pending, &mut m.pending, since, moved);
+                }
             }
         }
         for mv in &moved[first_moved..] {
@@ -395,8 +438,11 @@ impl Rules {
             return;
         }
         let horizon = watermark_ms.saturating_sub(GRACE_MS);
-        // Minute m ends at (m + 1) * 60 s: keep those ending after the horizon.
-        let keep_from = horizon.div_euclid(LEVEL_MS[0]);
+        // Minute m ends at (m + 1) * 60 s: keep those ending after the horizon, and the
+        // honeypot's look-back before it (a trap click at the horizon reaches that far).
+        let keep_from = horizon
+            .saturating_sub(self.look_back_ms())
+            .div_euclid(LEVEL_MS[0]);
         if self
             .minutes
             .first_key_value()
@@ -564,6 +610,39 @@ impl Rules {
         }
         Ok(pb.version)
     }
+}
+
+/// Moves the clicks of one client's list (`ids`, into its minute's `pending`) with event
+/// time at or after `since` to invalid as `honeypot`; the list keeps the ones before
+/// (a minute at the edge of the look-back holds clicks on both sides of it), so a rate
+/// rule can still move them.
+fn move_since(
+    ids: &mut Ids,
+    pending: &mut [Option<(u32, Applied)>],
+    since: i64,
+    moved: &mut Vec<Moved>,
+) {
+    let mut keep = Ids::default();
+    for id in ids.take() {
+        let Some(slot) = pending.get_mut(id as usize) else {
+            continue;
+        };
+        match slot {
+            Some((_, c)) if c.event_time_ms < since => keep.push(id),
+            Some(_) => {
+                if let Some((s, click)) = slot.take() {
+                    moved.push(Moved {
+                        shard: s as usize,
+                        click,
+                        reason: Reason::Honeypot,
+                    });
+                }
+            }
+            // Moved already (by a rate rule, or through the client's other key).
+            None => {}
+        }
+    }
+    *ids = keep;
 }
 
 /// `impossible_time`: the device's own clock, corrected for its offset, puts the click

@@ -100,6 +100,84 @@ fn a_click_moved_by_ip_rate_is_not_moved_again_by_user_rate() {
     assert_eq!(moved[0].reason, Reason::UserRate);
 }
 
+/// A trap click moves its client's valid clicks of the look-back (by IP and by user id,
+/// each once), keeps those before it (in the same minute too) for a rate rule to move
+/// later, and reaches no further with `lookback_minutes = 0`.
+#[test]
+fn a_trap_click_reaches_back_over_its_look_back() {
+    const TRAP: u64 = 77;
+    let mut cfg = on();
+    cfg.too_fast.enabled = false;
+    cfg.ip_rate.enabled = false;
+    cfg.user_rate.max_per_minute = 4;
+    cfg.honeypot.ad_ids = vec![TRAP];
+    cfg.honeypot.window_minutes = 10;
+    cfg.honeypot.lookback_minutes = 2;
+    let judge_all = |cfg: &RulesConfig| {
+        let mut r = Rules::with_data(cfg, cidr::CidrSet::default(), b"");
+        let mut moved = Vec::new();
+        let ip = [10, 0, 0, 1];
+        let other = [10, 0, 0, 2];
+        let m = 60_000;
+        // Valid: user u from ip at T0+10s (outside the 2-minute look-back of a trap at
+        // T0+2m30s) and T0+40s, T0+1m10s (inside); from another IP as user u at T0+50s
+        // (reached through the user id); a stranger at T0+45s.
+        for (i, t, u) in [
+            (&ip, T0 + 10_000, &b"u"[..]),
+            (&ip, T0 + 40_000, b"u"),
+            (&ip, T0 + m + 10_000, b"u"),
+            (&other, T0 + 50_000, b"u"),
+            (&[10, 0, 0, 9], T0 + 45_000, b"s"),
+        ] {
+            assert_eq!(
+                r.judge(&click(i, u, t), 0, &applied(1, t), &mut moved),
+                None
+            );
+        }
+        assert!(moved.is_empty());
+        let t = T0 + 2 * m + 30_000;
+        assert_eq!(
+            r.judge(&click(&ip, b"u", t), 0, &applied(TRAP, t), &mut moved),
+            Some(Reason::Honeypot)
+        );
+        let mut times: Vec<i64> = moved.iter().map(|m| m.click.event_time_ms).collect();
+        times.sort_unstable();
+        assert!(moved.iter().all(|m| m.reason == Reason::Honeypot));
+        let before_trap = moved.len();
+        moved.clear();
+        // Two more clicks of user u in the first minute (honeypot themselves: inside the
+        // flag's window) trip user_rate (4): the click the look-back left (T0+10s) is
+        // still there to move.
+        for s in [20_000, 30_000] {
+            r.judge(
+                &click(&other, b"u", T0 + s),
+                0,
+                &applied(1, T0 + s),
+                &mut moved,
+            );
+        }
+        let mut left: Vec<(i64, Reason)> = moved
+            .iter()
+            .map(|m| (m.click.event_time_ms, m.reason))
+            .collect();
+        left.sort_unstable();
+        (
+            times,
+            before_trap,
+            left,
+            r.counters.moved[Reason::Honeypot.index()],
+        )
+    };
+    let (times, n, left, counted) = judge_all(&cfg);
+    assert_eq!(times, vec![T0 + 40_000, T0 + 50_000, T0 + 70_000]);
+    assert_eq!((n, counted), (3, 3));
+    assert_eq!(left, vec![(T0 + 10_000, Reason::UserRate)]);
+    // Forward only: nothing moves at the trap.
+    cfg.honeypot.lookback_minutes = 0;
+    let (times, _, _, counted) = judge_all(&cfg);
+    assert_eq!((times, counted), (vec![], 0));
+}
+
 #[test]
 fn each_rule_and_the_master_switch() {
     let cfg = RulesConfig {
