@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Reads the raw click archive with DuckDB and prints a JSON summary: row count, distinct
-click keys, rows by status/reason, counted clicks per ad, and the partitions seen.
+click keys, rows by status/reason, counted clicks per ad, valid (billed) clicks per ad
+(counted, less the ones a later `moved` row reclassified), and the partitions seen.
 
     python scripts/archive-duckdb.py --dir data/archive
     python scripts/archive-duckdb.py --s3 s3://bucket/raw/clicks --endpoint http://127.0.0.1:5000
@@ -50,14 +51,19 @@ def summary(root):
     # A view cannot take a prepared parameter: quote the path as an SQL string literal.
     lit = "'" + files.replace("'", "''") + "'"
     con.execute(
-        f"CREATE VIEW clicks AS SELECT * FROM read_parquet({lit}, hive_partitioning = true)"
+        f"CREATE VIEW clicks AS SELECT * FROM read_parquet({lit}, hive_partitioning = true, union_by_name = true, "
+        "filename = true)"
     )
     one = lambda q: con.execute(q).fetchone()[0]
+    # `moved` rows are not clicks: each names an earlier click's row (log_pos,
+    # click_index) that a rule moved to invalid later (docs/archive.md).
     out = {
-        "rows": one("SELECT count(*) FROM clicks"),
+        "rows": one("SELECT count(*) FROM clicks WHERE status <> 'moved'"),
         "distinct_keys": one(
-            "SELECT count(*) FROM (SELECT DISTINCT collector_id, collector_seq, click_index FROM clicks)"
+            "SELECT count(*) FROM (SELECT DISTINCT collector_id, collector_seq, click_index "
+            "FROM clicks WHERE status <> 'moved')"
         ),
+        "moved": one("SELECT count(*) FROM clicks WHERE status = 'moved'"),
         "by_status": {
             f"{s}/{r or ''}": n
             for s, r, n in con.execute(
@@ -68,6 +74,19 @@ def summary(root):
             str(ad): n
             for ad, n in con.execute(
                 "SELECT ad_id, count(*) FROM clicks WHERE status = 'counted' GROUP BY ad_id ORDER BY ad_id"
+            ).fetchall()
+        },
+        # A `moved` row names its click by (writer, log_pos, click_index); the writer id is
+        # the file name's prefix (`<writer_id>-<seq>.parquet`).
+        "valid_by_ad": {
+            str(ad): n
+            for ad, n in con.execute(
+                "WITH k AS (SELECT *, regexp_extract(filename, '([^/]+)-[0-9]+\\.parquet$', 1) "
+                "AS writer FROM clicks) "
+                "SELECT c.ad_id, count(*) FROM k c WHERE c.status = 'counted' AND NOT EXISTS "
+                "(SELECT 1 FROM k m WHERE m.status = 'moved' AND m.writer = c.writer "
+                "AND m.log_pos = c.log_pos AND m.click_index = c.click_index) "
+                "GROUP BY c.ad_id ORDER BY c.ad_id"
             ).fetchall()
         },
         "partitions": [

@@ -40,7 +40,10 @@ use crate::store::ArchiveLog;
 /// every string written before issue 16's version column).
 const OUTCOME_V1: u8 = 1;
 /// Version byte of an outcome string that names the rules version its clicks were
-/// classified under: `[2, len, version bytes..., entries...]`.
+/// classified under and lists the earlier clicks the batch moved to invalid:
+/// `[2, len, version bytes..., varint moves, moves..., entries...]`, a move being
+/// `varint pos, varint index, code, varint ad, varint advertiser, varint campaign,
+/// zigzag varint event time`.
 const OUTCOME_V2: u8 = 2;
 /// Longest rules version an outcome string carries (a version is a short hash; a longer
 /// one is cut, never a reason to fail a batch).
@@ -48,26 +51,96 @@ const MAX_VERSION_LEN: usize = 64;
 /// The outcome of a WAL entry that did not decode at replay (skipped, nothing counted).
 pub const OUTCOME_UNDECODABLE: &[u8] = &[0xFF];
 
-/// Builds one batch's outcome string: the clicks not plainly counted, as (index, code).
+/// Builds one batch's outcome string: the clicks not plainly counted, as (index, code),
+/// and the moves this batch made.
 #[derive(Debug, Default)]
 pub struct OutcomeBuilder {
+    head: Vec<u8>,
+    moves: Vec<u8>,
+    n_moves: u32,
     buf: Vec<u8>,
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+fn get_varint(rest: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    let mut shift = 0u32;
+    loop {
+        let (&b, r) = rest.split_first()?;
+        *rest = r;
+        v |= u64::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+        shift += 7;
+        if shift > 63 {
+            return None;
+        }
+    }
+}
+
+/// A click an earlier batch counted as valid that this batch's clicks moved to invalid
+/// (a rate rule tripping, a honeypot's look-back): archived as a `moved` row naming the
+/// click's own row by (`log_pos`, `click_index`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoveRecord {
+    /// WAL position of the moved click's batch (0: unknown).
+    pub pos: u64,
+    /// Its index in that batch.
+    pub index: u32,
+    /// `Status::Moved*`: the rule.
+    pub status: Status,
+    /// Its ad, advertiser and campaign.
+    pub ad: u64,
+    /// See `ad`.
+    pub advertiser: u64,
+    /// See `ad`.
+    pub campaign: u64,
+    /// Its event time (the archive partition).
+    pub event_time_ms: i64,
 }
 
 impl OutcomeBuilder {
     /// Starts a batch whose clicks the rules stage classifies under `rules_version`
     /// (`None`: the rules are off, so there is no classification to attribute).
     pub fn begin(&mut self, rules_version: Option<&str>) {
+        self.head.clear();
+        self.moves.clear();
+        self.n_moves = 0;
         self.buf.clear();
         match rules_version {
-            None => self.buf.push(OUTCOME_V1),
+            None => self.head.push(OUTCOME_V1),
             Some(v) => {
                 let v = &v.as_bytes()[..v.len().min(MAX_VERSION_LEN)];
-                self.buf.push(OUTCOME_V2);
-                self.buf.push(v.len() as u8);
-                self.buf.extend_from_slice(v);
+                self.head.push(OUTCOME_V2);
+                self.head.push(v.len() as u8);
+                self.head.extend_from_slice(v);
             }
         }
+    }
+
+    /// Records that this batch moved an earlier click to invalid (only with a rules
+    /// version: the rules are on).
+    pub fn push_move(&mut self, m: &MoveRecord) {
+        if self.head.first() != Some(&OUTCOME_V2) {
+            return;
+        }
+        put_varint(&mut self.moves, m.pos);
+        put_varint(&mut self.moves, u64::from(m.index));
+        self.moves.push(m.status as u8);
+        put_varint(&mut self.moves, m.ad);
+        put_varint(&mut self.moves, m.advertiser);
+        put_varint(&mut self.moves, m.campaign);
+        let t = m.event_time_ms;
+        put_varint(&mut self.moves, ((t << 1) ^ (t >> 63)) as u64);
+        self.n_moves += 1;
     }
 
     /// Click `index` of the batch had `status` (plain `Counted` is implied, not stored).
@@ -75,18 +148,19 @@ impl OutcomeBuilder {
         if status == Status::Counted {
             return;
         }
-        let mut v = index;
-        while v >= 0x80 {
-            self.buf.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.buf.push(v as u8);
+        put_varint(&mut self.buf, u64::from(index));
         self.buf.push(status as u8);
     }
 
     /// The batch's outcome string.
     pub fn finish(&self) -> Vec<u8> {
-        self.buf.clone()
+        let mut out = self.head.clone();
+        if self.head.first() == Some(&OUTCOME_V2) {
+            put_varint(&mut out, u64::from(self.n_moves));
+            out.extend_from_slice(&self.moves);
+        }
+        out.extend_from_slice(&self.buf);
+        out
     }
 }
 
@@ -97,42 +171,78 @@ pub struct Outcomes {
     pub rules_version: Option<Arc<str>>,
     /// A status per click index.
     pub status: Vec<Status>,
+    /// The earlier clicks this batch moved to invalid.
+    pub moves: Vec<MoveRecord>,
+}
+
+/// The archive's record of a rules move.
+pub fn move_record(m: &crate::rules::Moved) -> MoveRecord {
+    use crate::rules::Reason;
+    MoveRecord {
+        pos: m.origin.pos,
+        index: m.origin.index,
+        status: match m.reason {
+            Reason::IpRate => Status::MovedIpRate,
+            Reason::UserRate => Status::MovedUserRate,
+            // Only the rate rules and the honeypot move clicks.
+            _ => Status::MovedHoneypot,
+        },
+        ad: m.click.ad,
+        advertiser: m.click.advertiser,
+        campaign: m.click.campaign,
+        event_time_ms: m.click.event_time_ms,
+    }
 }
 
 /// Decodes an outcome string (`n` clicks). `None`: the entry was undecodable at replay,
 /// or the string is damaged.
 pub fn decode_outcomes(o: &[u8], n: usize) -> Option<Outcomes> {
     let (&v, mut rest) = o.split_first()?;
+    let mut moves = Vec::new();
     let rules_version = match v {
         OUTCOME_V1 => None,
         OUTCOME_V2 => {
             let (&len, r) = rest.split_first()?;
             let (name, r) = r.split_at_checked(usize::from(len))?;
             rest = r;
+            let n_moves = get_varint(&mut rest)?;
+            for _ in 0..n_moves {
+                let pos = get_varint(&mut rest)?;
+                let index = u32::try_from(get_varint(&mut rest)?).ok()?;
+                let (&code, r) = rest.split_first()?;
+                rest = r;
+                let status = Status::from_code(code).filter(|s| s.is_move())?;
+                let ad = get_varint(&mut rest)?;
+                let advertiser = get_varint(&mut rest)?;
+                let campaign = get_varint(&mut rest)?;
+                let z = get_varint(&mut rest)?;
+                let event_time_ms = ((z >> 1) as i64) ^ -((z & 1) as i64);
+                moves.push(MoveRecord {
+                    pos,
+                    index,
+                    status,
+                    ad,
+                    advertiser,
+                    campaign,
+                    event_time_ms,
+                });
+            }
             Some(Arc::from(std::str::from_utf8(name).ok()?))
         }
         _ => return None,
     };
     let mut out = vec![Status::Counted; n];
     while !rest.is_empty() {
-        let mut idx = 0u32;
-        let mut shift = 0;
-        loop {
-            let (&b, r) = rest.split_first()?;
-            rest = r;
-            idx |= u32::from(b & 0x7f).checked_shl(shift)?;
-            if b & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-        }
+        let idx = get_varint(&mut rest)?;
         let (&code, r) = rest.split_first()?;
         rest = r;
-        *out.get_mut(idx as usize)? = Status::from_code(code)?;
+        let status = Status::from_code(code).filter(|s| !s.is_move())?;
+        *out.get_mut(usize::try_from(idx).ok()?)? = status;
     }
     Some(Outcomes {
         rules_version,
         status: out,
+        moves,
     })
 }
 
@@ -220,6 +330,7 @@ pub fn rows_of(
     let Outcomes {
         rules_version,
         status,
+        moves,
     } = decode_outcomes(outcomes, b.clicks.len())
         .ok_or_else(|| "outcomes do not match the batch".to_string())?;
     let collector: Arc<str> = Arc::from(b.collector_id.as_str());
@@ -256,6 +367,37 @@ pub fn rows_of(
             dedup_suspect: c.dedup_suspect,
             salt: c.salt,
             status: st,
+            rules_version: rules_version.clone(),
+        });
+    }
+    // The clicks this batch moved: one row each, naming the click's own row.
+    let none: Arc<str> = Arc::from("");
+    for m in moves {
+        out.push(Row {
+            log_pos: m.pos,
+            collector_id: none.clone(),
+            collector_seq: 0,
+            click_index: m.index,
+            impression_id: Vec::new(),
+            ad_id: m.ad,
+            advertiser_id: m.advertiser,
+            campaign_id: m.campaign,
+            token_expires_at_ms: 0,
+            event_time_ms: m.event_time_ms,
+            received_at_ms: 0,
+            occurred_at_ms: 0,
+            sent_at_ms: 0,
+            country: String::new(),
+            device: 0,
+            os: String::new(),
+            site: String::new(),
+            app: String::new(),
+            user_id: String::new(),
+            client_ip: None,
+            clock_skew_flagged: false,
+            dedup_suspect: false,
+            salt: 0,
+            status: m.status,
             rules_version: rules_version.clone(),
         });
     }
@@ -454,6 +596,36 @@ mod tests {
         for cut in 1..o.len() - 2 {
             assert_eq!(decode_outcomes(&o[..cut], 2), None, "cut at {cut}");
         }
+        // Moves ride with the version, in the order pushed, and need one.
+        b.begin(Some("r-1"));
+        let mv = |pos: u64, status, t: i64| MoveRecord {
+            pos,
+            index: 7,
+            status,
+            ad: 1 << 40,
+            advertiser: 2,
+            campaign: 3,
+            event_time_ms: t,
+        };
+        b.push_move(&mv(9, Status::MovedIpRate, 1_767_225_600_000));
+        b.push_move(&mv(u64::MAX, Status::MovedHoneypot, -5));
+        b.push(0, Status::InvalidIpRate);
+        let o = b.finish();
+        let d = decode_outcomes(&o, 1).unwrap();
+        assert_eq!(
+            d.moves,
+            vec![
+                mv(9, Status::MovedIpRate, 1_767_225_600_000),
+                mv(u64::MAX, Status::MovedHoneypot, -5)
+            ]
+        );
+        assert_eq!(d.status, vec![Status::InvalidIpRate]);
+        for cut in 1..o.len() - 2 {
+            assert_eq!(decode_outcomes(&o[..cut], 1), None, "cut at {cut}");
+        }
+        b.begin(None);
+        b.push_move(&mv(9, Status::MovedIpRate, 0));
+        assert_eq!(decode_outcomes(&b.finish(), 0).unwrap().moves, vec![]);
         let long = "v".repeat(300);
         b.begin(Some(&long));
         let d = decode_outcomes(&b.finish(), 0).unwrap();

@@ -1143,7 +1143,7 @@ impl StatePath {
             // As the engine's writer and shard thread: classify, count invalid apart,
             // apply the moves.
             if let Some((rules, moved)) = &mut self.rules {
-                if let Some(r) = rules.judge(&c, 0, &a, moved) {
+                if let Some(r) = rules.judge(&c, crate::rules::Origin::default(), 0, &a, moved) {
                     self.shard.apply_invalid(r.index(), &a);
                 }
                 for m in moved.drain(..) {

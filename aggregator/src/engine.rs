@@ -1043,11 +1043,15 @@ impl<S: Store> Writer<S> {
                     self.index.push(a.ad, a.event_time_ms, a.combo, ip, user);
                     // The rules stage: classify, and move earlier clicks a rate rule
                     // now finds invalid.
-                    let verdict = self.rules.judge(&c, shard, &a, &mut self.moved);
+                    let origin = crate::rules::Origin { pos, index };
+                    let verdict = self.rules.judge(&c, origin, shard, &a, &mut self.moved);
                     if let Some(r) = verdict {
                         per_shard[shard].invalid.push((r as u8, a));
                     }
                     for m in self.moved.drain(..) {
+                        if let Some(ar) = &mut self.archive {
+                            ar.builder.push_move(&crate::archive::move_record(&m));
+                        }
                         let mut click = m.click;
                         click.late = true;
                         if let Some(w) = per_shard.get_mut(m.shard) {

@@ -19,7 +19,8 @@ use crate::util::*;
 /// One archived row: (collector_seq, click_index) -> (ad, status, reason).
 pub type Archived = BTreeMap<(u64, u32), (u64, String, Option<String>)>;
 
-/// Reads every file of the local archive in `dir`; panics on a row present twice.
+/// Reads every file of the local archive in `dir` (its click rows: `moved` rows are left
+/// out); panics on a row present twice.
 pub fn read_archive(dir: &Path) -> (Archived, Vec<String>) {
     let files = Destination::Local {
         dir: dir.to_path_buf(),
@@ -59,6 +60,10 @@ pub fn read_archive(dir: &Path) -> (Archived, Vec<String>) {
                 let st = status_values
                     .value(status.keys().value(i) as usize)
                     .to_string();
+                if st == "moved" {
+                    // Not a click: a later reclassification of one (issue 16).
+                    continue;
+                }
                 let re = (!reason.is_null(i)).then(|| {
                     reason_values
                         .value(reason.keys().value(i) as usize)

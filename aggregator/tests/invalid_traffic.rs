@@ -527,17 +527,79 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
     let counted = by.get(&("counted".into(), None)).copied();
     assert_eq!(counted, Some(sent.len() as u64 - invalid_rows));
     // Every row names the rules version that classified it: the one in force.
+    let all_rows = archived(&dir.path().join("archive"));
+    let versions: BTreeMap<Option<String>, usize> =
+        all_rows.iter().fold(BTreeMap::new(), |mut m, r| {
+            *m.entry(r.version.clone()).or_default() += 1;
+            m
+        });
+    let moved_rows = all_rows.iter().filter(|r| r.status == "moved").count();
     assert_eq!(
-        archived_rules_versions(&dir.path().join("archive")),
-        BTreeMap::from([(Some(version), sent.len() as u64)])
+        versions,
+        BTreeMap::from([(Some(version), sent.len() + moved_rows)])
     );
+    // Each move is one `moved` row naming a row archived `counted`, once: with the
+    // arrival classification, they give the oracle's final split exactly.
+    let mut click_rows: BTreeMap<(u64, u32), &Arch> = BTreeMap::new();
+    for r in all_rows.iter().filter(|r| r.status != "moved") {
+        assert!(click_rows.insert((r.log_pos, r.index), r).is_none());
+    }
+    let mut moved_by: BTreeMap<String, u64> = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in all_rows.iter().filter(|r| r.status == "moved") {
+        let orig = click_rows[&(r.log_pos, r.index)];
+        assert_eq!(
+            (orig.status.as_str(), orig.ad),
+            ("counted", r.ad),
+            "{r:?} moves {orig:?}"
+        );
+        assert!(seen.insert((r.log_pos, r.index)), "moved twice: {r:?}");
+        *moved_by.entry(r.reason.clone().unwrap()).or_default() += 1;
+    }
+    assert_eq!(
+        moved_by,
+        BTreeMap::from([
+            ("honeypot".into(), 2),
+            ("ip_rate".into(), 5),
+            ("user_rate".into(), 4)
+        ])
+    );
+    let mut final_by: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &all_rows {
+        let moved = seen.contains(&(r.log_pos, r.index));
+        match (r.status.as_str(), &r.reason) {
+            ("invalid_traffic" | "moved", Some(x)) => *final_by.entry(x.clone()).or_default() += 1,
+            ("counted", _) if !moved => *final_by.entry("valid".into()).or_default() += 1,
+            _ => {}
+        }
+    }
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    for (valid, by_reason) in expected(&sent).values() {
+        *want.entry("valid".into()).or_default() += valid;
+        for (r, n) in by_reason {
+            *want.entry((*r).into()).or_default() += n;
+        }
+    }
+    assert_eq!(final_by, want, "the archive re-derives the final split");
 }
 
-/// The archive's `rules_version` column: rows per value (`None`: null).
-fn archived_rules_versions(dir: &std::path::Path) -> BTreeMap<Option<String>, u64> {
+/// One archived row, as the checks above need it.
+#[derive(Debug)]
+struct Arch {
+    log_pos: u64,
+    index: u32,
+    ad: u64,
+    status: String,
+    reason: Option<String>,
+    version: Option<String>,
+}
+
+/// Every row of the local archive in `dir`.
+fn archived(dir: &std::path::Path) -> Vec<Arch> {
     use arrow_array::Array;
     use arrow_array::cast::AsArray;
-    let mut out = BTreeMap::new();
+    use arrow_array::types::{Int8Type, UInt32Type, UInt64Type};
+    let mut out = Vec::new();
     let files = adclick_archive::Destination::Local {
         dir: dir.to_path_buf(),
     }
@@ -551,15 +613,33 @@ fn archived_rules_versions(dir: &std::path::Path) -> BTreeMap<Option<String>, u6
             .unwrap();
         for b in r {
             let b = b.unwrap();
-            let col = b
-                .column_by_name("rules_version")
-                .expect("rules_version column");
-            let d = col.as_dictionary::<arrow_array::types::Int8Type>();
-            let values = d.values().as_string::<i32>();
+            let col = |n: &str| {
+                b.column_by_name(n)
+                    .unwrap_or_else(|| panic!("column {n}"))
+                    .clone()
+            };
+            let dict = |n: &str| {
+                let c = col(n);
+                let d = c.as_dictionary::<Int8Type>();
+                let values = d.values().as_string::<i32>();
+                (0..b.num_rows())
+                    .map(|i| {
+                        (!d.is_null(i))
+                            .then(|| values.value(d.keys().value(i) as usize).to_string())
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let (status, reason, version) = (dict("status"), dict("reason"), dict("rules_version"));
+            let (pos, idx, ad) = (col("log_pos"), col("click_index"), col("ad_id"));
             for i in 0..b.num_rows() {
-                let v =
-                    (!d.is_null(i)).then(|| values.value(d.keys().value(i) as usize).to_string());
-                *out.entry(v).or_default() += 1;
+                out.push(Arch {
+                    log_pos: pos.as_primitive::<UInt64Type>().value(i),
+                    index: idx.as_primitive::<UInt32Type>().value(i),
+                    ad: ad.as_primitive::<UInt64Type>().value(i),
+                    status: status[i].clone().unwrap(),
+                    reason: reason[i].clone(),
+                    version: version[i].clone(),
+                });
             }
         }
     }

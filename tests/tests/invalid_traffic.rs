@@ -2,7 +2,9 @@
 //! collectors and the aggregator's `ip_rate` rule counts them together. Clients are bound to
 //! 127.0.0.5 and 127.0.0.6 (the collectors see those peers; loopback is not exempt), each
 //! click a followed redirect link `GET /c/{token}`. Expected: the IP over the limit has every
-//! click invalid (the earlier ones moved), the IP at the limit every click valid.
+//! click invalid (the earlier ones moved), the IP at the limit every click valid. The raw
+//! archive, read with DuckDB by `scripts/archive-duckdb.py`, re-derives the same valid
+//! counts from its `counted` and `moved` rows.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -31,6 +33,9 @@ async fn scenario() {
     cfg.rules.ip_rate.max_per_minute = MAX;
     // A followed link is clicked at once after minting: too_fast would flag every click.
     cfg.rules.too_fast.enabled = false;
+    cfg.archive.enabled = true;
+    let archive_dir = dir.path().join("archive");
+    cfg.archive.dir = archive_dir.clone();
     let agg = adclick_aggregator::start(cfg).await.unwrap();
     let grpc = agg.grpc_addr();
     let mut cols = Vec::new();
@@ -201,4 +206,30 @@ async fn scenario() {
         c.shutdown().await;
     }
     agg.shutdown().await;
+
+    // The archive (flushed at shutdown): ad 1's six clicks are one `invalid_traffic` row
+    // (the click that tripped) and five `counted` rows each named by a `moved` row, so the
+    // valid clicks DuckDB derives are ad 2's five only.
+    let out = std::process::Command::new(setup_script("setup-archive-python.sh"))
+        .arg(repo_root().join("scripts/archive-duckdb.py"))
+        .arg("--dir")
+        .arg(&archive_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "archive-duckdb.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["rows"], 11, "{got}");
+    assert_eq!(got["moved"], 5, "{got}");
+    assert_eq!(got["by_status"]["moved/ip_rate"], 5, "{got}");
+    assert_eq!(got["by_status"]["invalid_traffic/ip_rate"], 1, "{got}");
+    assert_eq!(
+        got["counted_by_ad"],
+        serde_json::json!({"1": 5, "2": 5}),
+        "{got}"
+    );
+    assert_eq!(got["valid_by_ad"], serde_json::json!({"2": 5}), "{got}");
 }

@@ -51,6 +51,14 @@ pub enum Status {
     InvalidIpRate = 21,
     /// See [`Status::InvalidBotUserAgent`].
     InvalidUserRate = 22,
+    /// Not a click of its own: a `moved` row records that a click counted as valid
+    /// earlier (its row: the same `log_pos` and `click_index`) was moved to invalid by a
+    /// honeypot trap click's look-back (issue 16). One code per rule that can move.
+    MovedHoneypot = 34,
+    /// See [`Status::MovedHoneypot`]: moved by `ip_rate` tripping in its minute.
+    MovedIpRate = 37,
+    /// See [`Status::MovedHoneypot`]: moved by `user_rate` tripping in its minute.
+    MovedUserRate = 38,
 }
 
 impl Status {
@@ -71,6 +79,9 @@ impl Status {
             20 => Status::InvalidTooFast,
             21 => Status::InvalidIpRate,
             22 => Status::InvalidUserRate,
+            34 => Status::MovedHoneypot,
+            37 => Status::MovedIpRate,
+            38 => Status::MovedUserRate,
             _ => return None,
         })
     }
@@ -90,6 +101,7 @@ impl Status {
             | Status::InvalidTooFast
             | Status::InvalidIpRate
             | Status::InvalidUserRate => "invalid_traffic",
+            Status::MovedHoneypot | Status::MovedIpRate | Status::MovedUserRate => "moved",
         }
     }
 
@@ -104,15 +116,16 @@ impl Status {
             Status::OwnerMismatch => Some("owner_mismatch"),
             Status::InvalidBotUserAgent => Some("bot_user_agent"),
             Status::InvalidDatacenterIp => Some("datacenter_ip"),
-            Status::InvalidHoneypot => Some("honeypot"),
+            Status::InvalidHoneypot | Status::MovedHoneypot => Some("honeypot"),
             Status::InvalidImpossibleTime => Some("impossible_time"),
             Status::InvalidTooFast => Some("too_fast"),
-            Status::InvalidIpRate => Some("ip_rate"),
-            Status::InvalidUserRate => Some("user_rate"),
+            Status::InvalidIpRate | Status::MovedIpRate => Some("ip_rate"),
+            Status::InvalidUserRate | Status::MovedUserRate => Some("user_rate"),
         }
     }
 
-    /// Whether the click is in the aggregator's counts.
+    /// Whether the click is in the aggregator's counts (a `moved` row is not a click:
+    /// its click's own row is the counted one).
     pub fn counted(self) -> bool {
         !matches!(
             self,
@@ -121,6 +134,14 @@ impl Status {
                 | Status::Malformed
                 | Status::OwnerMismatch
                 | Status::Received
+        ) && !self.is_move()
+    }
+
+    /// Whether this is a `moved` row (a later reclassification of an earlier click).
+    pub fn is_move(self) -> bool {
+        matches!(
+            self,
+            Status::MovedHoneypot | Status::MovedIpRate | Status::MovedUserRate
         )
     }
 }
@@ -339,6 +360,15 @@ mod tests {
             assert!(st.reason().is_some());
         }
         assert_eq!(Status::InvalidIpRate.reason(), Some("ip_rate"));
+        for (st, code, reason) in [
+            (Status::MovedHoneypot, 34, "honeypot"),
+            (Status::MovedIpRate, 37, "ip_rate"),
+            (Status::MovedUserRate, 38, "user_rate"),
+        ] {
+            assert_eq!(Status::from_code(code), Some(st));
+            assert_eq!((st.name(), st.reason()), ("moved", Some(reason)));
+            assert!(st.is_move() && !st.counted());
+        }
         assert!(Status::from_code(23).is_none());
         assert!(!Status::Duplicate.counted());
     }

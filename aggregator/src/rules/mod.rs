@@ -105,15 +105,47 @@ impl Reason {
     }
 }
 
-/// A click that a rate rule moved from valid to invalid after it was counted.
+/// A click that a rule moved from valid to invalid after it was counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Moved {
     /// The shard that counted it.
     pub shard: usize,
     /// The click as that shard applied it.
     pub click: Applied,
-    /// The rate rule that tripped.
+    /// The rule that moved it (a rate rule, or a honeypot's look-back).
     pub reason: Reason,
+    /// Where it was counted (the archive's key of its row).
+    pub origin: Origin,
+}
+
+/// Where a click was counted: its batch's WAL position and its index in the batch (the
+/// archive's `log_pos`, `click_index`). `pos` 0: unknown (restored from a checkpoint
+/// written before origins were kept).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// WAL position of its batch.
+    pub pos: u64,
+    /// Index in the batch.
+    pub index: u32,
+}
+
+/// A valid click a rule may still move.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    shard: u32,
+    origin: Origin,
+    click: Applied,
+}
+
+impl Held {
+    fn moved(self, reason: Reason) -> Moved {
+        Moved {
+            shard: self.shard as usize,
+            click: self.click,
+            reason,
+            origin: self.origin,
+        }
+    }
 }
 
 /// Client IP as a 128-bit key (IPv4 as IPv4-mapped IPv6); `None`: unknown.
@@ -185,7 +217,7 @@ struct Minute {
     ip: FastMap<u128, Rate>,
     user: FastMap<u64, Rate>,
     /// Valid clicks that a rate rule could still move; `None` once moved.
-    pending: Vec<Option<(u32, Applied)>>,
+    pending: Vec<Option<Held>>,
 }
 
 /// Running totals since start (exported as metrics).
@@ -271,12 +303,13 @@ impl Rules {
         &self.version
     }
 
-    /// Classifies one counted click (`c` as read from the WAL, `a` as the window operator
-    /// routed it to `shard`): `None` = valid. Clicks a rate rule moves because of this one
-    /// are appended to `moved`.
+    /// Classifies one counted click (`c` as read from the WAL at `origin`, `a` as the
+    /// window operator routed it to `shard`): `None` = valid. Clicks a rule moves because
+    /// of this one are appended to `moved`.
     pub fn judge(
         &mut self,
         c: &ClickIn<'_>,
+        origin: Origin,
         shard: usize,
         a: &Applied,
         moved: &mut Vec<Moved>,
@@ -317,17 +350,13 @@ impl Rules {
                     max: u32,
                     reason: Reason,
                     out: &mut Vec<Moved>,
-                    pending: &mut Vec<Option<(u32, Applied)>>| {
+                    pending: &mut Vec<Option<Held>>| {
             r.count = r.count.saturating_add(1);
             if r.count > max && !r.tripped {
                 r.tripped = true;
                 for id in r.pending.take() {
-                    if let Some((s, click)) = pending.get_mut(id as usize).and_then(Option::take) {
-                        out.push(Moved {
-                            shard: s as usize,
-                            click,
-                            reason,
-                        });
+                    if let Some(h) = pending.get_mut(id as usize).and_then(Option::take) {
+                        out.push(h.moved(reason));
                     }
                 }
             }
@@ -394,8 +423,11 @@ impl Rules {
         // A valid click a rule may still move is remembered with its minute.
         if reason.is_none() && (track_ip.is_some() || track_user.is_some()) {
             let id = u32::try_from(m.pending.len()).unwrap_or(u32::MAX);
-            m.pending
-                .push(Some((u32::try_from(shard).unwrap_or(0), *a)));
+            m.pending.push(Some(Held {
+                shard: u32::try_from(shard).unwrap_or(0),
+                origin,
+                click: *a,
+            }));
             if let Some(r) = track_ip.and_then(|k| m.ip.get_mut(&k)) {
                 r.pending.push(id);
             }
@@ -503,10 +535,17 @@ impl Rules {
                     .map(|(k, r)| rate(1, k.to_be_bytes().to_vec(), r)),
             );
             for (id, p) in m.pending.iter().enumerate() {
-                if let Some((shard, a)) = p {
+                if let Some(Held {
+                    shard,
+                    origin,
+                    click: a,
+                }) = p
+                {
                     mp.pending.push(PendPb {
                         id: u32::try_from(id).unwrap_or(u32::MAX),
                         shard: *shard,
+                        pos: origin.pos,
+                        index: origin.index,
                         ad: a.ad,
                         advertiser: a.advertiser,
                         campaign: a.campaign,
@@ -559,9 +598,13 @@ impl Rules {
                     .pending
                     .get_mut(p.id as usize)
                     .ok_or_else(|| bad("pending id"))?;
-                *slot = Some((
-                    p.shard,
-                    Applied {
+                *slot = Some(Held {
+                    shard: p.shard,
+                    origin: Origin {
+                        pos: p.pos,
+                        index: p.index,
+                    },
+                    click: Applied {
                         ad: p.ad,
                         advertiser: p.advertiser,
                         campaign: p.campaign,
@@ -571,7 +614,7 @@ impl Rules {
                         user: p.user,
                         late: p.late,
                     },
-                ));
+                });
             }
             for r in mp.rates {
                 let rate = Rate {
@@ -616,26 +659,17 @@ impl Rules {
 /// time at or after `since` to invalid as `honeypot`; the list keeps the ones before
 /// (a minute at the edge of the look-back holds clicks on both sides of it), so a rate
 /// rule can still move them.
-fn move_since(
-    ids: &mut Ids,
-    pending: &mut [Option<(u32, Applied)>],
-    since: i64,
-    moved: &mut Vec<Moved>,
-) {
+fn move_since(ids: &mut Ids, pending: &mut [Option<Held>], since: i64, moved: &mut Vec<Moved>) {
     let mut keep = Ids::default();
     for id in ids.take() {
         let Some(slot) = pending.get_mut(id as usize) else {
             continue;
         };
         match slot {
-            Some((_, c)) if c.event_time_ms < since => keep.push(id),
+            Some(h) if h.click.event_time_ms < since => keep.push(id),
             Some(_) => {
-                if let Some((s, click)) = slot.take() {
-                    moved.push(Moved {
-                        shard: s as usize,
-                        click,
-                        reason: Reason::Honeypot,
-                    });
+                if let Some(h) = slot.take() {
+                    moved.push(h.moved(Reason::Honeypot));
                 }
             }
             // Moved already (by a rate rule, or through the client's other key).
@@ -738,6 +772,10 @@ struct PendPb {
     user: u32,
     #[prost(bool, tag = "9")]
     late: bool,
+    #[prost(uint64, tag = "10")]
+    pos: u64,
+    #[prost(uint32, tag = "11")]
+    index: u32,
 }
 
 #[derive(Clone, PartialEq, Message)]

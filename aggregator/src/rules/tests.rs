@@ -45,27 +45,51 @@ fn ip_rate_moves_the_earlier_clicks_of_the_minute() {
     let mut moved = Vec::new();
     for i in 0..3 {
         assert_eq!(
-            r.judge(&click(&ip, b"", T0 + i), 0, &applied(1, T0 + i), &mut moved),
+            r.judge(
+                &click(&ip, b"", T0 + i),
+                Origin::default(),
+                0,
+                &applied(1, T0 + i),
+                &mut moved
+            ),
             None
         );
     }
     assert!(moved.is_empty());
     // The fourth trips: itself invalid, the three before moved.
     assert_eq!(
-        r.judge(&click(&ip, b"", T0 + 3), 0, &applied(1, T0 + 3), &mut moved),
+        r.judge(
+            &click(&ip, b"", T0 + 3),
+            Origin::default(),
+            0,
+            &applied(1, T0 + 3),
+            &mut moved
+        ),
         Some(Reason::IpRate)
     );
     assert_eq!(moved.len(), 3);
     moved.clear();
     assert_eq!(
-        r.judge(&click(&ip, b"", T0 + 4), 0, &applied(1, T0 + 4), &mut moved),
+        r.judge(
+            &click(&ip, b"", T0 + 4),
+            Origin::default(),
+            0,
+            &applied(1, T0 + 4),
+            &mut moved
+        ),
         Some(Reason::IpRate)
     );
     assert!(moved.is_empty(), "moved once only");
     // Next minute: a fresh counter.
     let t = T0 + 60_000;
     assert_eq!(
-        r.judge(&click(&ip, b"", t), 0, &applied(1, t), &mut moved),
+        r.judge(
+            &click(&ip, b"", t),
+            Origin::default(),
+            0,
+            &applied(1, t),
+            &mut moved
+        ),
         None
     );
     assert_eq!(r.counters.invalid[Reason::IpRate.index()], 5);
@@ -82,18 +106,48 @@ fn a_click_moved_by_ip_rate_is_not_moved_again_by_user_rate() {
     let a = [10, 0, 0, 1];
     let b = [10, 0, 0, 2];
     // Two from a, valid; one from b, valid; the third from a trips ip_rate (moves 2).
-    r.judge(&click(&a, b"u", T0), 0, &applied(1, T0), &mut moved);
-    r.judge(&click(&a, b"u", T0), 0, &applied(1, T0), &mut moved);
-    r.judge(&click(&b, b"u", T0), 0, &applied(1, T0), &mut moved);
+    r.judge(
+        &click(&a, b"u", T0),
+        Origin::default(),
+        0,
+        &applied(1, T0),
+        &mut moved,
+    );
+    r.judge(
+        &click(&a, b"u", T0),
+        Origin::default(),
+        0,
+        &applied(1, T0),
+        &mut moved,
+    );
+    r.judge(
+        &click(&b, b"u", T0),
+        Origin::default(),
+        0,
+        &applied(1, T0),
+        &mut moved,
+    );
     assert_eq!(
-        r.judge(&click(&a, b"x", T0), 0, &applied(1, T0), &mut moved),
+        r.judge(
+            &click(&a, b"x", T0),
+            Origin::default(),
+            0,
+            &applied(1, T0),
+            &mut moved
+        ),
         Some(Reason::IpRate)
     );
     assert_eq!(moved.len(), 2);
     moved.clear();
     // The fourth click of user u trips user_rate: only b's click is still valid to move.
     assert_eq!(
-        r.judge(&click(&b, b"u", T0), 0, &applied(1, T0), &mut moved),
+        r.judge(
+            &click(&b, b"u", T0),
+            Origin::default(),
+            0,
+            &applied(1, T0),
+            &mut moved
+        ),
         Some(Reason::UserRate)
     );
     assert_eq!(moved.len(), 1);
@@ -130,14 +184,26 @@ fn a_trap_click_reaches_back_over_its_look_back() {
             (&[10, 0, 0, 9], T0 + 45_000, b"s"),
         ] {
             assert_eq!(
-                r.judge(&click(i, u, t), 0, &applied(1, t), &mut moved),
+                r.judge(
+                    &click(i, u, t),
+                    Origin::default(),
+                    0,
+                    &applied(1, t),
+                    &mut moved
+                ),
                 None
             );
         }
         assert!(moved.is_empty());
         let t = T0 + 2 * m + 30_000;
         assert_eq!(
-            r.judge(&click(&ip, b"u", t), 0, &applied(TRAP, t), &mut moved),
+            r.judge(
+                &click(&ip, b"u", t),
+                Origin::default(),
+                0,
+                &applied(TRAP, t),
+                &mut moved
+            ),
             Some(Reason::Honeypot)
         );
         let mut times: Vec<i64> = moved.iter().map(|m| m.click.event_time_ms).collect();
@@ -151,6 +217,7 @@ fn a_trap_click_reaches_back_over_its_look_back() {
         for s in [20_000, 30_000] {
             r.judge(
                 &click(&other, b"u", T0 + s),
+                Origin::default(),
                 0,
                 &applied(1, T0 + s),
                 &mut moved,
@@ -195,23 +262,32 @@ fn each_rule_and_the_master_switch() {
     let mut c = click(&ip, b"", T0);
     c.ua_class = 2;
     assert_eq!(
-        r.judge(&c, 0, &applied(1, T0), &mut mv),
+        r.judge(&c, Origin::default(), 0, &applied(1, T0), &mut mv),
         Some(Reason::BotUserAgent)
     );
     let dc = [192, 0, 2, 9];
     assert_eq!(
-        r.judge(&click(&dc, b"", T0), 0, &applied(1, T0), &mut mv),
+        r.judge(
+            &click(&dc, b"", T0),
+            Origin::default(),
+            0,
+            &applied(1, T0),
+            &mut mv
+        ),
         Some(Reason::DatacenterIp)
     );
     // too_fast: 999 ms after issue; 1000 ms is fine.
     let mut c = click(&ip, b"", T0);
     c.token_issued_at_ms = T0 - 999;
     assert_eq!(
-        r.judge(&c, 0, &applied(1, T0), &mut mv),
+        r.judge(&c, Origin::default(), 0, &applied(1, T0), &mut mv),
         Some(Reason::TooFast)
     );
     c.token_issued_at_ms = T0 - 1000;
-    assert_eq!(r.judge(&c, 0, &applied(1, T0), &mut mv), None);
+    assert_eq!(
+        r.judge(&c, Origin::default(), 0, &applied(1, T0), &mut mv),
+        None
+    );
     // impossible_time: the device says it clicked an hour before the impression existed.
     let mut c = click(&ip, b"", T0);
     c.token_issued_at_ms = T0 - 5_000;
@@ -219,27 +295,37 @@ fn each_rule_and_the_master_switch() {
     c.sent_at_ms = T0;
     c.occurred_at_ms = T0 - 3_600_000;
     assert_eq!(
-        r.judge(&c, 0, &applied(1, T0), &mut mv),
+        r.judge(&c, Origin::default(), 0, &applied(1, T0), &mut mv),
         Some(Reason::ImpossibleTime)
     );
     c.occurred_at_ms = T0 - 2_000;
-    assert_eq!(r.judge(&c, 0, &applied(1, T0), &mut mv), None);
+    assert_eq!(
+        r.judge(&c, Origin::default(), 0, &applied(1, T0), &mut mv),
+        None
+    );
     c.clock_skew_flagged = true;
     c.occurred_at_ms = T0 - 3_600_000;
     assert_eq!(
-        r.judge(&c, 0, &applied(1, T0), &mut mv),
+        r.judge(&c, Origin::default(), 0, &applied(1, T0), &mut mv),
         None,
         "no correction: not judged"
     );
     // honeypot: the trap, then the same IP within the window, not after it.
     let hp = [10, 9, 9, 9];
     assert_eq!(
-        r.judge(&click(&hp, b"", T0), 0, &applied(99, T0), &mut mv),
+        r.judge(
+            &click(&hp, b"", T0),
+            Origin::default(),
+            0,
+            &applied(99, T0),
+            &mut mv
+        ),
         Some(Reason::Honeypot)
     );
     assert_eq!(
         r.judge(
             &click(&hp, b"", T0 + 60_000),
+            Origin::default(),
             0,
             &applied(1, T0 + 60_000),
             &mut mv
@@ -249,6 +335,7 @@ fn each_rule_and_the_master_switch() {
     assert_eq!(
         r.judge(
             &click(&hp, b"", T0 + 60_001),
+            Origin::default(),
             0,
             &applied(1, T0 + 60_001),
             &mut mv
@@ -259,7 +346,13 @@ fn each_rule_and_the_master_switch() {
     let mut off = Rules::with_data(&RulesConfig::default(), cidrs, b"");
     assert_eq!(off.version(), "off");
     assert_eq!(
-        off.judge(&click(&dc, b"", T0), 0, &applied(1, T0), &mut mv),
+        off.judge(
+            &click(&dc, b"", T0),
+            Origin::default(),
+            0,
+            &applied(1, T0),
+            &mut mv
+        ),
         None
     );
     // The version moves with the config and the CIDR data.
@@ -279,6 +372,8 @@ proptest::proptest! {
         let mut cfg = on();
         cfg.ip_rate.max_per_minute = max;
         cfg.user_rate.max_per_minute = max + 1;
+        // Ad 3 is a trap (its clicks come from IP 10.0.0.3): look-back moves too.
+        cfg.honeypot.ad_ids = vec![3];
         let run = |from: Option<(usize, Vec<u8>)>| {
             let mut r = Rules::with_data(&cfg, cidr::CidrSet::default(), b"");
             let start = match &from {
@@ -298,7 +393,9 @@ proptest::proptest! {
                 let ub = [b'u', *user];
                 let t = T0 + dt;
                 let mut mv = Vec::new();
-                let v = r.judge(&click(&ipb, &ub, t), 0, &applied(u64::from(*ip), t), &mut mv);
+                // The origin must survive the checkpoint: moves carry it to the archive.
+                let origin = Origin { pos: i as u64 + 1, index: u32::from(*user) };
+                let v = r.judge(&click(&ipb, &ub, t), origin, 0, &applied(u64::from(*ip), t), &mut mv);
                 r.expire(T0 + dt - 70_000);
                 out.push((i, v, mv));
             }
