@@ -331,9 +331,20 @@ impl Filter {
                     f(h);
                 }
             })
-            .map_err(|e| {
-                tracing::error!(error = %e, "click index read failed");
-                QueryError::Unavailable(format!("click index unavailable: {e}"))
+            .map_err(|e| match e {
+                crate::clickindex::SegmentError::Unsupported(why) => {
+                    let mut bad = Violations::default();
+                    bad.push(
+                        crate::validate::Field::FilterIp,
+                        crate::validate::Reason::Conflict,
+                        why,
+                    );
+                    QueryError::Invalid(bad)
+                }
+                e => {
+                    tracing::error!(error = %e, "click index read failed");
+                    QueryError::Unavailable(format!("click index unavailable: {e}"))
+                }
             })
     }
 

@@ -85,9 +85,12 @@ fn archived_ips(dir: &Path) -> BTreeMap<u32, Option<String>> {
     out
 }
 
-/// Runs the clicks through an aggregator in `mode`; returns the archived IPs and the
-/// clicks the `ip` filter finds for each of ADDRS.
-fn run(mode: IpStorage, dir: &Path) -> (BTreeMap<u32, Option<String>>, Vec<u64>) {
+/// What a `filter.ip` of 203.0.113.0/24 answers: its clicks, or the gRPC code.
+type RangeAnswer = Result<u64, (tonic::Code, String)>;
+
+/// Runs the clicks through an aggregator in `mode`; returns the archived IPs, the clicks
+/// the `ip` filter finds for each of ADDRS, and what a range filter answers.
+fn run(mode: IpStorage, dir: &Path) -> (BTreeMap<u32, Option<String>>, Vec<u64>, RangeAnswer) {
     let mut c = config(&dir.join("data"));
     c.archive.enabled = true;
     c.archive.dir = dir.join("archive");
@@ -107,10 +110,29 @@ fn run(mode: IpStorage, dir: &Path) -> (BTreeMap<u32, Option<String>>, Vec<u64>)
             let r = ad_clicks(&mut q, ADMIN, AD, Granularity::Day, Some(f)).await;
             found.push(r.total_clicks);
         }
-        found
+        let range = q
+            .get_ad_clicks(adclick_test_support::common::authed(
+                adclick_proto::v1::GetAdClicksRequest {
+                    ad_id: AD,
+                    from_ms: T0,
+                    to_ms: T0 + 2 * 86_400_000,
+                    granularity: Granularity::Day as i32,
+                    filter: Some(Filter {
+                        ip: "203.0.113.0/24".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ADMIN,
+            ))
+            .await
+            .map(|r| r.into_inner().total_clicks)
+            .map_err(|s| (s.code(), s.message().to_string()));
+        (found, range)
     });
     rt.block_on(a.shutdown());
-    (archived_ips(&dir.join("archive")), found)
+    let (found, range) = found;
+    (archived_ips(&dir.join("archive")), found, range)
 }
 
 #[test]
@@ -118,7 +140,7 @@ fn archive_rows_and_ip_filters_follow_ip_storage() {
     let per_addr = (N / 4) as u64;
     // full: the addresses themselves; each filter finds its own clicks.
     let dir = tempfile::tempdir().unwrap();
-    let (rows, found) = run(IpStorage::Full, dir.path());
+    let (rows, found, range) = run(IpStorage::Full, dir.path());
     let want: BTreeMap<u32, Option<String>> = (0..N)
         .map(|i| {
             (
@@ -129,11 +151,12 @@ fn archive_rows_and_ip_filters_follow_ip_storage() {
         .collect();
     assert_eq!(rows, want);
     assert_eq!(found, [per_addr; 4]);
+    assert_eq!(range, Ok(2 * per_addr));
     assert!(!dir.path().join("data/privacy").exists());
 
     // truncated: /24 and /48; a filter on one address finds its network's clicks.
     let dir = tempfile::tempdir().unwrap();
-    let (rows, found) = run(IpStorage::Truncated, dir.path());
+    let (rows, found, range) = run(IpStorage::Truncated, dir.path());
     let net = [
         "203.0.113.0",
         "203.0.113.0",
@@ -145,12 +168,13 @@ fn archive_rows_and_ip_filters_follow_ip_storage() {
         .collect();
     assert_eq!(rows, want);
     assert_eq!(found, [2 * per_addr, 2 * per_addr, per_addr, per_addr]);
+    assert_eq!(range, Ok(2 * per_addr));
 
     // hashed: one stable 100::/64 value per address (same day), four distinct values, none
     // of them an address sent; the filter finds each address's own clicks; the day's salt
     // is in the data dir.
     let dir = tempfile::tempdir().unwrap();
-    let (rows, found) = run(IpStorage::Hashed, dir.path());
+    let (rows, found, range) = run(IpStorage::Hashed, dir.path());
     assert_eq!(rows.len(), N);
     let mut by_addr: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     for (i, v) in &rows {
@@ -166,6 +190,11 @@ fn archive_rows_and_ip_filters_follow_ip_storage() {
     let distinct: BTreeSet<&String> = by_addr.values().flatten().collect();
     assert_eq!(distinct.len(), 4);
     assert_eq!(found, [per_addr; 4]);
+    // A range cannot be matched against hashes: the caller's mistake, named (400), not
+    // an outage (503).
+    let (code, msg) = range.unwrap_err();
+    assert_eq!(code, tonic::Code::InvalidArgument, "{msg}");
+    assert!(msg.contains("filter.ip") && msg.contains("hashed"), "{msg}");
     let day = T0.div_euclid(86_400_000);
     let salt = dir.path().join(format!("data/privacy/ip-salt-{day}"));
     assert_eq!(

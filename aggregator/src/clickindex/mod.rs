@@ -285,12 +285,12 @@ impl Snapshot {
                     path: PathBuf::from(crate::privacy::DIR),
                     source: std::io::Error::other(e.to_string()),
                 })?
-                .ok_or_else(|| SegmentError::Io {
-                    path: PathBuf::from(crate::privacy::DIR),
-                    source: std::io::Error::other(
+                .ok_or_else(|| {
+                    SegmentError::Unsupported(
                         "an ip range cannot be matched with privacy.ip_storage = \"hashed\" \
-                         (hashes have no order): filter on one address",
-                    ),
+                         (hashes have no order): filter on one address"
+                            .into(),
+                    )
                 })?;
             for (lo, hi) in probes {
                 let one = Probe {

@@ -59,6 +59,9 @@ pub enum SegmentError {
         /// What is wrong.
         why: String,
     },
+    /// A probe the stored form cannot answer (the request is at fault, not the files).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl SegmentError {
