@@ -1317,7 +1317,7 @@ impl IndexPath {
         }
         IndexView {
             view: Arc::new(View {
-                rules_on: false,
+                invalid_clicks: Default::default(),
                 click_index_since_ms: i64::MIN,
                 tops: vec![ArcSwap::from_pointee(self.shard.top_set(
                     self.combos.keys(),
@@ -1510,7 +1510,6 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
     let rate = cfg.rate.max(1);
     let end = move |i: u64| T0_MS + (u128::from(i) * 1000 / u128::from(rate)) as i64;
     let view = Arc::new(View {
-        rules_on: false,
         click_index_since_ms: i64::MIN,
         shards: vec![RwLock::new(ShardState::default())],
         tops: vec![ArcSwap::from_pointee(TopSet::with_fields(&[]))],
@@ -1520,6 +1519,7 @@ pub fn click_index_queries(cfg: &ClickIndexBench) -> Result<ClickIndexReport, Be
         killed: AtomicBool::new(false),
         ready: Default::default(),
         clicks: shared,
+        invalid_clicks: Default::default(),
     });
     // Live ingest at `rate`, paced by the wall clock, in its own thread.
     let stop = Arc::new(AtomicBool::new(false));

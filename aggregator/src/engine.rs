@@ -31,7 +31,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admit::{Admission, Pending, Verdict};
-use crate::clickindex::IndexWriter;
+use crate::clickindex::Lanes;
 use crate::config::AggregatorConfig;
 use crate::decode::{self, RawBatch};
 use crate::health::{self, Readiness};
@@ -341,7 +341,7 @@ struct Writer<S: Store> {
     positions: StreamPositions,
     /// The click index (`ip` / `user_id` filters): fed every counted click, flushed to disk
     /// before every checkpoint.
-    index: IndexWriter,
+    index: Lanes,
     /// A checkpoint taken, waiting for the click index's segment up to its position
     /// (written off this thread) before it is saved: (checkpoint, its dedup floor, when it
     /// started).
@@ -406,13 +406,20 @@ pub fn start<S: Store + 'static>(
     let newest_event = windows
         .watermark_ms()
         .saturating_add(cfg.windows.allowed_delay_ms);
-    let click_index_since_ms = crate::clickindex::complete_since(&index_dir, cp.wal_pos, || {
+    let floor = || {
         let t = crate::view::now_ms().max(newest_event);
         (t.div_euclid(60_000) + 1).saturating_mul(60_000)
-    })
-    .map_err(|e| StoreError(e.to_string()))?;
-    let (mut index, clicks) =
-        IndexWriter::open(&index_dir, cp.wal_pos).map_err(|e| StoreError(e.to_string()))?;
+    };
+    let since = |dir: &std::path::Path| {
+        crate::clickindex::complete_since(dir, cp.wal_pos, floor)
+            .map_err(|e| StoreError(e.to_string()))
+    };
+    // The invalid lane came later than the index: an index answers `traffic` from where
+    // both lanes are complete.
+    let click_index_since_ms =
+        since(&index_dir)?.max(since(&index_dir.join(crate::clickindex::INVALID_DIR))?);
+    let (mut index, clicks, invalid_clicks) =
+        Lanes::open(&index_dir, cp.wal_pos).map_err(|e| StoreError(e.to_string()))?;
     // One masker for the index and the archive: one salt per day, however they race.
     let ips = Arc::new(crate::privacy::IpMasker::new(
         &cfg.data_dir,
@@ -421,7 +428,7 @@ pub fn start<S: Store + 'static>(
     index.set_ip_storage(ips.clone());
     let view = Arc::new(View {
         clicks,
-        rules_on: cfg.rules.enabled,
+        invalid_clicks,
         click_index_since_ms,
         shards,
         tops,
@@ -1040,15 +1047,25 @@ impl<S: Store> Writer<S> {
                 Routed::Apply(shard, a) => {
                     accepted += 1;
                     // Counted (after dedup, late ones too): indexed, exactly once.
-                    self.index.push(a.ad, a.event_time_ms, a.combo, ip, user);
+                    self.index
+                        .all
+                        .push(a.ad, a.event_time_ms, a.combo, ip, user);
                     // The rules stage: classify, and move earlier clicks a rate rule
                     // now finds invalid.
                     let origin = crate::rules::Origin { pos, index };
                     let verdict = self.rules.judge(&c, origin, shard, &a, &mut self.moved);
                     if let Some(r) = verdict {
                         per_shard[shard].invalid.push((r as u8, a));
+                        self.index
+                            .invalid
+                            .push(a.ad, a.event_time_ms, a.combo, ip, user);
                     }
                     for m in self.moved.drain(..) {
+                        let (c, u) = (m.click, self.rules.moved_user(&m));
+                        let ip = &m.ip[..usize::from(m.ip_len)];
+                        self.index
+                            .invalid
+                            .push(c.ad, c.event_time_ms, c.combo, ip, u);
                         if let Some(ar) = &mut self.archive {
                             ar.builder.push_move(&crate::archive::move_record(&m));
                         }

@@ -68,10 +68,9 @@ pub enum Traffic {
 }
 
 impl Traffic {
-    /// The request's `traffic` checked: a known value, and ALL when the answer comes from
-    /// the click index while rules run (the index holds every counted click and not the
-    /// rules' verdicts, which a later rate trip can change).
-    pub fn of(v: i32, uses_click_index: bool, view: &View) -> Result<Traffic, QueryError> {
+    /// The request's `traffic` checked: a known value. (The click index answers every
+    /// value: its invalid lane holds the invalid clicks, moves included.)
+    pub fn of(v: i32) -> Result<Traffic, QueryError> {
         use crate::validate::{Field, Reason};
         let t = match v1::Traffic::try_from(v) {
             Ok(v1::Traffic::Valid) => Traffic::Valid,
@@ -87,15 +86,6 @@ impl Traffic {
                 return Err(QueryError::Invalid(bad));
             }
         };
-        if uses_click_index && view.rules_on && t != Traffic::All {
-            let mut bad = Violations::default();
-            bad.push(
-                Field::Traffic,
-                Reason::Conflict,
-                "filter.ip and filter.user_id count all traffic (the click index does not keep the invalid-traffic rules' verdicts): send traffic = ALL",
-            );
-            return Err(QueryError::Invalid(bad));
-        }
         Ok(t)
     }
 }
@@ -308,11 +298,46 @@ impl Filter {
                 .unwrap_or(false)
     }
 
-    /// Every click-index hit of `[from_ms, to_ms)` that this filter's dimension fields keep
-    /// (the caller gates the ad: visibility, advertiser, campaign).
+    /// Every click-index hit of `[from_ms, to_ms)` of `traffic` that this filter's
+    /// dimension fields keep (the caller gates the ad: visibility, advertiser, campaign).
+    /// ALL reads the index's `all` lane, INVALID its invalid lane, VALID the first less
+    /// the second per (ad, minute, combination, user): every invalid click is in both.
     fn index_hits(
         &self,
         view: &View,
+        traffic: Traffic,
+        from_ms: i64,
+        to_ms: i64,
+        f: &mut dyn FnMut(crate::clickindex::Hit),
+    ) -> Result<(), QueryError> {
+        match traffic {
+            Traffic::All => self.lane_hits(&view.clicks, from_ms, to_ms, f),
+            Traffic::Invalid => self.lane_hits(&view.invalid_clicks, from_ms, to_ms, f),
+            Traffic::Valid => {
+                let mut invalid: HashMap<(u64, u32, u32, u64), u64> = HashMap::new();
+                self.lane_hits(&view.invalid_clicks, from_ms, to_ms, &mut |h| {
+                    *invalid
+                        .entry((h.ad, h.minute, h.combo, h.user))
+                        .or_default() += h.count;
+                })?;
+                self.lane_hits(&view.clicks, from_ms, to_ms, &mut |mut h| {
+                    if let Some(left) = invalid.get_mut(&(h.ad, h.minute, h.combo, h.user)) {
+                        let d = (*left).min(h.count);
+                        *left -= d;
+                        h.count -= d;
+                    }
+                    if h.count > 0 {
+                        f(h);
+                    }
+                })
+            }
+        }
+    }
+
+    /// [`Filter::index_hits`] on one lane.
+    fn lane_hits(
+        &self,
+        lane: &crate::clickindex::Shared,
         from_ms: i64,
         to_ms: i64,
         f: &mut dyn FnMut(crate::clickindex::Hit),
@@ -324,8 +349,7 @@ impl Filter {
             from_minute: minute(from_ms),
             to_minute: minute(to_ms + LEVEL_MS[0] - 1),
         };
-        view.clicks
-            .load()
+        lane.load()
             .scan(&probe, &mut |h| {
                 if self.combo_matches(h.combo) {
                     f(h);
@@ -547,12 +571,19 @@ fn index_top(
     view: &View,
     filter: &Filter,
     caller: Caller,
+    traffic: Traffic,
     (fm, tm): (i64, i64),
 ) -> Result<Vec<(u64, u64)>, QueryError> {
     let mut sums: HashMap<u64, u64> = HashMap::new();
-    filter.index_hits(view, fm * LEVEL_MS[0], tm * LEVEL_MS[0], &mut |h| {
-        *sums.entry(h.ad).or_default() += h.count;
-    })?;
+    filter.index_hits(
+        view,
+        traffic,
+        fm * LEVEL_MS[0],
+        tm * LEVEL_MS[0],
+        &mut |h| {
+            *sums.entry(h.ad).or_default() += h.count;
+        },
+    )?;
     let owners = view.owners.read().unwrap_or_else(|e| e.into_inner());
     Ok(sums
         .into_iter()
@@ -604,7 +635,7 @@ pub fn get_ad_clicks(
     let meta = view.meta.load_full();
     let filter = Filter::resolve(&plan.filter, &meta);
     let fill = req.fill_empty.unwrap_or(true);
-    let traffic = Traffic::of(req.traffic, filter.uses_click_index(), view)?;
+    let traffic = Traffic::of(req.traffic)?;
     answer_ad_clicks(
         view,
         caller,
@@ -641,7 +672,7 @@ fn answer_ad_clicks(
     // Filtered by ip or user: per-bucket clicks and users from the click index.
     let mut indexed: HashMap<i64, (u64, Hll)> = HashMap::new();
     if visible && filter.uses_click_index() {
-        filter.index_hits(view, from, to, &mut |h| {
+        filter.index_hits(view, traffic, from, to, &mut |h| {
             if h.ad != ad {
                 return;
             }
@@ -736,7 +767,7 @@ pub fn breakdown(
     };
     let meta = view.meta.load_full();
     let filter = Filter::resolve(&plan.filter, &meta);
-    let traffic = Traffic::of(req.traffic, filter.uses_click_index(), view)?;
+    let traffic = Traffic::of(req.traffic)?;
     if !filter.matches_ad(ad_meta(view, req.ad_id), caller) {
         return Ok(resp);
     }
@@ -781,7 +812,7 @@ pub fn breakdown(
     let mut sums: Vec<(u64, Hll)> = (0..names.len()).map(|_| (0, Hll::new())).collect();
     let mut invalid: Vec<(u64, Hll)> = (0..names.len()).map(|_| (0, Hll::new())).collect();
     if filter.uses_click_index() {
-        filter.index_hits(view, plan.from_ms, plan.to_ms, &mut |h| {
+        filter.index_hits(view, traffic, plan.from_ms, plan.to_ms, &mut |h| {
             let g = (h.combo as usize)
                 .checked_sub(1)
                 .and_then(|i| group.get(i).copied().flatten());
@@ -866,7 +897,7 @@ pub fn get_totals(
     let meta = view.meta.load_full();
     let filter = Filter::resolve(&plan.filter, &meta);
     let fill = req.fill_empty.unwrap_or(true);
-    let traffic = Traffic::of(req.traffic, filter.uses_click_index(), view)?;
+    let traffic = Traffic::of(req.traffic)?;
     let mut by_reason = [0u64; N_REASONS];
     let by_campaign = req.scope == v1::TotalsScope::Campaign as i32;
     let ads: std::collections::HashSet<u64> = {
@@ -886,7 +917,7 @@ pub fn get_totals(
         std::collections::BTreeMap::new();
     let mut active: std::collections::HashSet<u64> = std::collections::HashSet::new();
     if filter.uses_click_index() {
-        filter.index_hits(view, from, to, &mut |h| {
+        filter.index_hits(view, traffic, from, to, &mut |h| {
             if !ads.contains(&h.ad) {
                 return;
             }
@@ -997,7 +1028,7 @@ pub fn batch_get_ad_clicks(
     let meta = view.meta.load_full();
     let filter = Filter::resolve(&plan.filter, &meta);
     let fill = req.fill_empty.unwrap_or(true);
-    let traffic = Traffic::of(req.traffic, filter.uses_click_index(), view)?;
+    let traffic = Traffic::of(req.traffic)?;
     Ok(v1::BatchGetAdClicksResponse {
         ads: req
             .ad_ids
@@ -1053,13 +1084,20 @@ pub fn top_ads(
     // gives its total either way.
     let tops: Vec<_> = view.tops.iter().map(|t| t.load_full()).collect();
     let fields = filter.fields(caller);
-    let traffic = Traffic::of(req.traffic, filter.uses_click_index(), view)?;
+    let traffic = Traffic::of(req.traffic)?;
     // Invalid clicks per ad of the range (a scan of the invalid cells: invalid traffic is
     // the small part). VALID ranks all − invalid: the top n valid ads are among the top
     // n + k of ALL when k ads have invalid clicks (each of the k can push one ad out;
     // every other ad's valid count is its ALL count), so ALL is asked for n + k and
     // corrected.
-    let invalid = if traffic == Traffic::All || filter.uses_click_index() {
+    if filter.uses_click_index() {
+        // The index answers every traffic value itself.
+        let mut ranked = index_top(view, &filter, caller, traffic, (fm, tm))?;
+        ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked.truncate(n);
+        return Ok(top_response(view, ranked, (fm, tm)));
+    }
+    let invalid = if traffic == Traffic::All {
         HashMap::new()
     } else {
         invalid_top(view, &filter, caller, (fm, tm))
@@ -1072,9 +1110,7 @@ pub fn top_ads(
     }
     let n_all = n.saturating_add(invalid.len());
     let n = n_all;
-    let mut ranked = if filter.uses_click_index() {
-        index_top(view, &filter, caller, (fm, tm))?
-    } else if fields.is_empty() {
+    let mut ranked = if fields.is_empty() {
         let all: Vec<&TopIndex> = tops.iter().map(|t| &t.all).collect();
         top_of(&all, n, fm, tm)
     } else {

@@ -37,12 +37,12 @@ pub struct View {
     pub ready: Readiness,
     /// The click index behind the `ip` and `user_id` filters (loaded without a lock).
     pub clicks: Arc<crate::clickindex::Shared>,
+    /// Its invalid lane: the clicks the rules classified invalid, on arrival or moved
+    /// later (`clickindex::Lanes`); valid = all − invalid.
+    pub invalid_clicks: Arc<crate::clickindex::Shared>,
     /// Epoch ms from which the click index holds every counted click (`i64::MIN`: all);
     /// see `clickindex::complete_since`.
     pub click_index_since_ms: i64,
-    /// The invalid-traffic rules run (`rules.enabled`): the click index counts all
-    /// traffic, so `ip`/`user_id` filters then answer `traffic = ALL` only.
-    pub rules_on: bool,
 }
 
 /// What queries need from the window operator.

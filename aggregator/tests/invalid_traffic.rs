@@ -236,6 +236,39 @@ async fn snapshot(a: &Aggregator, ads: &[u64]) -> Vec<String> {
     for t in [Traffic::Valid, Traffic::Invalid, Traffic::All] {
         out.push(format!("top {t:?} {:?}", top_of(&mut q, t).await));
     }
+    // The click index's lanes, by the crash batches' IPs and flooding user.
+    for (ip, user) in [
+        ("10.1.0.1", ""),
+        ("10.1.0.2", ""),
+        ("10.1.0.3", ""),
+        ("", "u-flood"),
+    ] {
+        for t in [Traffic::Valid, Traffic::Invalid, Traffic::All] {
+            let top = q
+                .top_ads(authed(
+                    v1::TopAdsRequest {
+                        n: 10,
+                        window: Some(v1::top_ads_request::Window::Range(v1::TimeRange {
+                            from_ms: T0,
+                            to_ms: T0 + 10 * MIN,
+                        })),
+                        filter: Some(v1::Filter {
+                            ip: ip.into(),
+                            user_id: user.into(),
+                            ..Default::default()
+                        }),
+                        traffic: t as i32,
+                    },
+                    ADMIN,
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .ads;
+            let top: Vec<(u64, u64)> = top.iter().map(|a| (a.ad_id, a.clicks)).collect();
+            out.push(format!("top {ip}{user} {t:?} {top:?}"));
+        }
+    }
     out
 }
 
@@ -450,23 +483,104 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
         assert_eq!(status, 400, "{body}");
         assert_eq!(body["invalid_params"][0]["name"], "traffic", "{body}");
 
-        // ip filters answer from the click index, which counts all traffic.
-        let by_ip = |traffic: Traffic| v1::GetAdClicksRequest {
-            ad_id: 2,
-            from_ms: T0,
-            to_ms: T0 + 10 * MIN,
-            filter: Some(v1::Filter {
-                ip: "10.0.0.6".into(),
+        // ip and user_id filters answer from the click index's two lanes, every traffic
+        // value, against the oracle restricted to the filter: an IP with invalid clicks on
+        // arrival (10.0.0.4: too_fast), an IP whose clicks a rate trip moved across two
+        // collectors (10.0.0.6), one a trap reached back to (10.0.0.8), and users.
+        for (ip, user) in [
+            ("10.0.0.4", ""),
+            ("10.0.0.6", ""),
+            ("10.0.0.8", ""),
+            ("10.0.0.3", ""),
+            ("", "flood"),
+            ("", "calm"),
+        ] {
+            let mine: Vec<IngestClick> = sent
+                .iter()
+                .filter(|c| {
+                    (ip.is_empty() || c.client_ip == ip.parse::<std::net::Ipv4Addr>().unwrap().octets())
+                        && (user.is_empty() || c.user_id == user)
+                })
+                .cloned()
+                .collect();
+            // The oracle over every click (rates are global), kept to this client's.
+            let verdicts: BTreeMap<Vec<u8>, Option<&str>> = sent
+                .iter()
+                .zip(oracle(&sent))
+                .map(|(c, r)| (c.impression_id.clone(), r))
+                .collect();
+            let mut want: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+            for c in &mine {
+                let e = want.entry(c.ad_id).or_default();
+                match verdicts[&c.impression_id] {
+                    None => e.0 += 1,
+                    Some(_) => e.1 += 1,
+                }
+            }
+            assert!(!want.is_empty());
+            let filter = v1::Filter {
+                ip: ip.into(),
+                user_id: user.into(),
                 ..Default::default()
-            }),
-            traffic: traffic as i32,
-            ..Default::default()
-        };
-        let refused = q.get_ad_clicks(authed(by_ip(Traffic::Valid), ADMIN)).await.unwrap_err();
-        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
-        assert!(refused.message().contains("traffic"), "{}", refused.message());
-        let r = q.get_ad_clicks(authed(by_ip(Traffic::All), ADMIN)).await.unwrap().into_inner();
-        assert_eq!(r.total_clicks, 6);
+            };
+            for (&ad, &(valid, invalid)) in &want {
+                for (traffic, n) in [
+                    (Traffic::Valid, valid),
+                    (Traffic::Invalid, invalid),
+                    (Traffic::All, valid + invalid),
+                ] {
+                    let r = q
+                        .get_ad_clicks(authed(
+                            v1::GetAdClicksRequest {
+                                ad_id: ad,
+                                from_ms: T0,
+                                to_ms: T0 + 10 * MIN,
+                                filter: Some(filter.clone()),
+                                traffic: traffic as i32,
+                                ..Default::default()
+                            },
+                            ADMIN,
+                        ))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert_eq!(r.total_clicks, n, "{ip}{user} ad {ad} {traffic:?}");
+                }
+            }
+            // TopAds by the same filter, per traffic.
+            for (traffic, pick) in [
+                (Traffic::Valid, 0usize),
+                (Traffic::Invalid, 1),
+            ] {
+                let mut expect: Vec<(u64, u64)> = want
+                    .iter()
+                    .map(|(ad, v)| (*ad, if pick == 0 { v.0 } else { v.1 }))
+                    .filter(|x| x.1 > 0)
+                    .collect();
+                expect.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                let got: Vec<(u64, u64)> = q
+                    .top_ads(authed(
+                        v1::TopAdsRequest {
+                            n: 10,
+                            window: Some(v1::top_ads_request::Window::Range(v1::TimeRange {
+                                from_ms: T0,
+                                to_ms: T0 + 10 * MIN,
+                            })),
+                            filter: Some(filter.clone()),
+                            traffic: traffic as i32,
+                        },
+                        ADMIN,
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .ads
+                    .iter()
+                    .map(|a| (a.ad_id, a.clicks))
+                    .collect();
+                assert_eq!(got, expect, "TopAds {ip}{user} {traffic:?}");
+            }
+        }
         sent
     });
     let text = rt.block_on(async {

@@ -744,3 +744,101 @@ mod tests {
         );
     }
 }
+
+/// Directory of the invalid lane inside [`DIR`].
+pub const INVALID_DIR: &str = "invalid";
+
+/// The click index's two lanes (issue 16): `all` holds every counted click, `invalid` the
+/// clicks the rules classified invalid — on arrival, and when a rule moves them later (a
+/// move appends; nothing is removed). So, as in the cells, valid = all − invalid for any
+/// probe, and a retroactive move changes the answer the way it changes the cells'. Both
+/// lanes flush for the same checkpoint position and expire together; a checkpoint waits
+/// for both segments.
+#[derive(Debug)]
+pub struct Lanes {
+    /// Every counted click.
+    pub all: IndexWriter,
+    /// The invalid ones.
+    pub invalid: IndexWriter,
+    /// A lane's flush outcome, kept until the other's is in too.
+    done: [Option<Result<u64, SegmentError>>; 2],
+}
+
+impl Lanes {
+    /// Opens both lanes under `dir` (see [`IndexWriter::open`]); returns their snapshots
+    /// (all, invalid).
+    #[allow(clippy::type_complexity)]
+    pub fn open(dir: &Path, cp_pos: u64) -> Result<(Self, Arc<Shared>, Arc<Shared>), SegmentError> {
+        let (all, all_shared) = IndexWriter::open(dir, cp_pos)?;
+        let (invalid, invalid_shared) = IndexWriter::open(&dir.join(INVALID_DIR), cp_pos)?;
+        Ok((
+            Lanes {
+                all,
+                invalid,
+                done: [None, None],
+            },
+            all_shared,
+            invalid_shared,
+        ))
+    }
+
+    /// [`IndexWriter::set_ip_storage`] on both lanes.
+    pub fn set_ip_storage(&mut self, masker: Arc<IpMasker>) {
+        self.all.set_ip_storage(masker.clone());
+        self.invalid.set_ip_storage(masker);
+    }
+
+    /// Ends the batch in both lanes.
+    pub fn end_batch(&mut self) {
+        self.all.end_batch();
+        self.invalid.end_batch();
+    }
+
+    /// Whether a flush is being written (in either lane).
+    pub fn flushing(&self) -> bool {
+        self.all.flushing() || self.invalid.flushing() || self.done.iter().any(Option::is_some)
+    }
+
+    /// Starts both lanes' flushes up to `upto`.
+    pub fn start_flush(&mut self, upto: u64) -> bool {
+        if self.flushing() {
+            return false;
+        }
+        self.all.start_flush(upto);
+        self.invalid.start_flush(upto);
+        true
+    }
+
+    /// Both lanes' outcome once both are done: the first error, else `upto`.
+    pub fn finish_flush(&mut self, wait: bool) -> Option<Result<u64, SegmentError>> {
+        for (slot, lane) in self.done.iter_mut().zip([&mut self.all, &mut self.invalid]) {
+            if slot.is_none() {
+                *slot = lane.finish_flush(wait);
+            }
+        }
+        if self.done.iter().any(Option::is_none) {
+            return None;
+        }
+        let [a, b] = std::mem::take(&mut self.done);
+        Some(match (a?, b?) {
+            (Err(e), _) | (_, Err(e)) => Err(e),
+            (Ok(x), Ok(y)) => Ok(x.min(y)),
+        })
+    }
+
+    /// Writes both lanes' chunks so far up to `upto` and waits (benchmarks, tests).
+    pub fn flush(&mut self, upto: u64) -> Result<(), SegmentError> {
+        self.all.flush(upto)?;
+        self.invalid.flush(upto)
+    }
+
+    /// Deletes both lanes' segments before `oldest_minute`; how many.
+    pub fn expire(&mut self, oldest_minute: u32) -> usize {
+        self.all.expire(oldest_minute) + self.invalid.expire(oldest_minute)
+    }
+
+    /// Bytes of both lanes' segments on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.all.disk_bytes() + self.invalid.disk_bytes()
+    }
+}

@@ -116,6 +116,13 @@ pub struct Moved {
     pub reason: Reason,
     /// Where it was counted (the archive's key of its row).
     pub origin: Origin,
+    /// Its client IP as sent (`ip[..ip_len]`: 4 or 16 bytes; 0: unknown), for the click
+    /// index's invalid lane.
+    pub ip: [u8; 16],
+    /// See `ip`.
+    pub ip_len: u8,
+    /// Its user id: `Rules::moved_user` gives the bytes.
+    user: (u32, u32),
 }
 
 /// Where a click was counted: its batch's WAL position and its index in the batch (the
@@ -129,21 +136,33 @@ pub struct Origin {
     pub index: u32,
 }
 
-/// A valid click a rule may still move.
+/// A valid click a rule may still move, with what the click index needs of it (its IP,
+/// and its user id in its minute's arena).
 #[derive(Debug, Clone, Copy)]
 struct Held {
     shard: u32,
     origin: Origin,
     click: Applied,
+    ip: [u8; 16],
+    ip_len: u8,
+    user: (u32, u32),
 }
 
 impl Held {
-    fn moved(self, reason: Reason) -> Moved {
+    /// The move of this click for `reason`, its user id copied from `users` (its minute's
+    /// arena) to `out` (the moves' arena).
+    fn moved(self, reason: Reason, users: &[u8], out: &mut Vec<u8>) -> Moved {
+        let (off, len) = (self.user.0 as usize, self.user.1 as usize);
+        let at = u32::try_from(out.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(users.get(off..off + len).unwrap_or_default());
         Moved {
             shard: self.shard as usize,
             click: self.click,
             reason,
             origin: self.origin,
+            ip: self.ip,
+            ip_len: self.ip_len,
+            user: (at, self.user.1),
         }
     }
 }
@@ -218,6 +237,8 @@ struct Minute {
     user: FastMap<u64, Rate>,
     /// Valid clicks that a rate rule could still move; `None` once moved.
     pending: Vec<Option<Held>>,
+    /// User ids of `pending` clicks (appended; dropped with the minute).
+    users: Vec<u8>,
 }
 
 /// Running totals since start (exported as metrics).
@@ -243,6 +264,8 @@ pub struct Rules {
     flag_user: FastMap<u64, (i64, i64)>,
     /// Totals (not checkpointed: metrics restart at 0 like every counter).
     pub counters: RuleCounters,
+    /// User ids of the clicks `judge` last moved ([`Rules::moved_user`]).
+    moved_users: Vec<u8>,
 }
 
 impl Rules {
@@ -275,6 +298,7 @@ impl Rules {
             flag_ip: FastMap::default(),
             flag_user: FastMap::default(),
             counters: RuleCounters::default(),
+            moved_users: Vec::new(),
         }
     }
 
@@ -289,6 +313,13 @@ impl Rules {
             .min(h.window_minutes)
             .max(0)
             .saturating_mul(LEVEL_MS[0])
+    }
+
+    /// The user id of a click `judge` moved (valid until the next `judge` that starts
+    /// with an empty moves list).
+    pub fn moved_user(&self, m: &Moved) -> &[u8] {
+        let (off, len) = (m.user.0 as usize, m.user.1 as usize);
+        self.moved_users.get(off..off + len).unwrap_or_default()
     }
 
     /// Whether the stage runs at all (`rules.enabled`).
@@ -318,6 +349,9 @@ impl Rules {
             return None;
         }
         let first_moved = moved.len();
+        if first_moved == 0 {
+            self.moved_users.clear();
+        }
         let look_back_ms = self.look_back_ms();
         let cfg = &self.cfg;
         let ip = ip_key(c.client_ip);
@@ -346,17 +380,19 @@ impl Rules {
         // flooding is flooding whatever else it is).
         let minute = t.div_euclid(LEVEL_MS[0]);
         let m = self.minutes.entry(minute).or_default();
+        let moved_users = &mut self.moved_users;
         let trip = |r: &mut Rate,
                     max: u32,
                     reason: Reason,
                     out: &mut Vec<Moved>,
-                    pending: &mut Vec<Option<Held>>| {
+                    (pending, users): (&mut Vec<Option<Held>>, &[u8]),
+                    out_users: &mut Vec<u8>| {
             r.count = r.count.saturating_add(1);
             if r.count > max && !r.tripped {
                 r.tripped = true;
                 for id in r.pending.take() {
                     if let Some(h) = pending.get_mut(id as usize).and_then(Option::take) {
-                        out.push(h.moved(reason));
+                        out.push(h.moved(reason, users, out_users));
                     }
                 }
             }
@@ -380,7 +416,8 @@ impl Rules {
                 limit(&cfg.ip_rate),
                 Reason::IpRate,
                 moved,
-                &mut m.pending,
+                (&mut m.pending, &m.users),
+                moved_users,
             ),
             None => false,
         };
@@ -390,7 +427,8 @@ impl Rules {
                 limit(&cfg.user_rate),
                 Reason::UserRate,
                 moved,
-                &mut m.pending,
+                (&mut m.pending, &m.users),
+                moved_users,
             ),
             None => false,
         };
@@ -423,10 +461,23 @@ impl Rules {
         // A valid click a rule may still move is remembered with its minute.
         if reason.is_none() && (track_ip.is_some() || track_user.is_some()) {
             let id = u32::try_from(m.pending.len()).unwrap_or(u32::MAX);
+            let mut ip_bytes = [0u8; 16];
+            let ip_len = match c.client_ip.len() {
+                n @ (4 | 16) => {
+                    ip_bytes[..n].copy_from_slice(c.client_ip);
+                    n as u8
+                }
+                _ => 0,
+            };
+            let user_at = u32::try_from(m.users.len()).unwrap_or(u32::MAX);
+            m.users.extend_from_slice(c.user_id);
             m.pending.push(Some(Held {
                 shard: u32::try_from(shard).unwrap_or(0),
                 origin,
                 click: *a,
+                ip: ip_bytes,
+                ip_len,
+                user: (user_at, u32::try_from(c.user_id.len()).unwrap_or(0)),
             }));
             if let Some(r) = track_ip.and_then(|k| m.ip.get_mut(&k)) {
                 r.pending.push(id);
@@ -444,11 +495,13 @@ impl Rules {
                 t.saturating_add(w).div_euclid(LEVEL_MS[0]),
             );
             for (_, m) in self.minutes.range_mut(from..=to) {
+                let held = (&mut m.pending[..], &m.users[..]);
                 if let Some(r) = track_ip.and_then(|k| m.ip.get_mut(&k)) {
-                    move_since(&mut r.pending, &mut m.pending, since, moved);
+                    move_since(&mut r.pending, held, since, (moved, &mut self.moved_users));
                 }
+                let held = (&mut m.pending[..], &m.users[..]);
                 if let Some(r) = track_user.and_then(|k| m.user.get_mut(&k)) {
-                    move_since(&mut r.pending, &mut m.pending, since, moved);
+                    move_since(&mut r.pending, held, since, (moved, &mut self.moved_users));
                 }
             }
         }
@@ -539,13 +592,19 @@ impl Rules {
                     shard,
                     origin,
                     click: a,
+                    ip,
+                    ip_len,
+                    user,
                 }) = p
                 {
+                    let (off, len) = (user.0 as usize, user.1 as usize);
                     mp.pending.push(PendPb {
                         id: u32::try_from(id).unwrap_or(u32::MAX),
                         shard: *shard,
                         pos: origin.pos,
                         index: origin.index,
+                        ip: ip[..usize::from(*ip_len)].to_vec(),
+                        user_id: m.users.get(off..off + len).unwrap_or_default().to_vec(),
                         ad: a.ad,
                         advertiser: a.advertiser,
                         campaign: a.campaign,
@@ -594,11 +653,24 @@ impl Rules {
                 ..Minute::default()
             };
             for p in mp.pending {
+                let mut ip = [0u8; 16];
+                let ip_len = match p.ip.len() {
+                    n @ (0 | 4 | 16) => {
+                        ip[..n].copy_from_slice(&p.ip);
+                        n as u8
+                    }
+                    _ => return Err(bad("pending ip")),
+                };
+                let user_at = u32::try_from(m.users.len()).unwrap_or(u32::MAX);
+                m.users.extend_from_slice(&p.user_id);
                 let slot = m
                     .pending
                     .get_mut(p.id as usize)
                     .ok_or_else(|| bad("pending id"))?;
                 *slot = Some(Held {
+                    ip,
+                    ip_len,
+                    user: (user_at, u32::try_from(p.user_id.len()).unwrap_or(0)),
                     shard: p.shard,
                     origin: Origin {
                         pos: p.pos,
@@ -659,7 +731,12 @@ impl Rules {
 /// time at or after `since` to invalid as `honeypot`; the list keeps the ones before
 /// (a minute at the edge of the look-back holds clicks on both sides of it), so a rate
 /// rule can still move them.
-fn move_since(ids: &mut Ids, pending: &mut [Option<Held>], since: i64, moved: &mut Vec<Moved>) {
+fn move_since(
+    ids: &mut Ids,
+    (pending, users): (&mut [Option<Held>], &[u8]),
+    since: i64,
+    (moved, out_users): (&mut Vec<Moved>, &mut Vec<u8>),
+) {
     let mut keep = Ids::default();
     for id in ids.take() {
         let Some(slot) = pending.get_mut(id as usize) else {
@@ -669,7 +746,7 @@ fn move_since(ids: &mut Ids, pending: &mut [Option<Held>], since: i64, moved: &m
             Some(h) if h.click.event_time_ms < since => keep.push(id),
             Some(_) => {
                 if let Some(h) = slot.take() {
-                    moved.push(h.moved(Reason::Honeypot));
+                    moved.push(h.moved(Reason::Honeypot, users, out_users));
                 }
             }
             // Moved already (by a rate rule, or through the client's other key).
@@ -776,6 +853,10 @@ struct PendPb {
     pos: u64,
     #[prost(uint32, tag = "11")]
     index: u32,
+    #[prost(bytes = "vec", tag = "12")]
+    ip: Vec<u8>,
+    #[prost(bytes = "vec", tag = "13")]
+    user_id: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, Message)]
