@@ -295,7 +295,7 @@ async fn check_counts(q: &mut QueryServiceClient<Channel>, sent: &[IngestClick])
 
 /// Every rule with exact counts; one IP's clicks split over two collectors trip `ip_rate`
 /// together; the retroactive move is visible between two queries; GetTotals, TopAds and
-/// the HTTP mirror split traffic the same way; ip filters need `traffic = ALL`.
+/// the HTTP mirror split traffic the same way; ip and user_id filters (the click index's two lanes) split it too.
 #[test]
 fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
     let dir = tempfile::tempdir().unwrap();
