@@ -102,7 +102,7 @@ pub struct HoneypotRule {
     /// forward only). Those
     /// clicks move from valid to invalid like a rate rule's (versioned like late data).
     /// The cost is memory: every valid click with an IP or user id is remembered this
-    /// long (about 60 bytes each), and only while trap ads are configured.
+    /// long (about 120 bytes each), and only while trap ads are configured.
     pub lookback_minutes: i64,
 }
 

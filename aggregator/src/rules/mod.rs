@@ -14,13 +14,14 @@
 //!
 //! Memory: rate counters live per event-time minute and are dropped once the watermark is
 //! [`GRACE_MS`] past the minute's end. Per kept minute: one entry per distinct IP and per
-//! distinct user, and each valid click with an IP or user id (≈ 56 bytes + 4 per list it
-//! is in) until its minute expires; an entry's retroactive list holds at most
+//! distinct user, and each valid click with an IP or user id (≈ 104 bytes with the IP the
+//! click index's invalid lane needs if it moves, + its user id's bytes + 4 per list it is
+//! in) until its minute expires; an entry's retroactive list holds at most
 //! `max_per_minute` clicks (once it trips, the list is emptied and no more are kept). So
-//! the bound is ~(60 bytes × the valid clicks of the last `allowed_delay_ms` + 2 minutes of
+//! the bound is ~(120 bytes × the valid clicks of the last `allowed_delay_ms` + 2 minutes of
 //! event time) plus ~40 bytes per distinct IP and user of those minutes. While trap ads
 //! are configured, minutes are kept `honeypot.lookback_minutes` longer (a trap click moves
-//! its client's valid clicks of that look-back), which adds ~60 bytes per valid click of
+//! its client's valid clicks of that look-back), which adds ~120 bytes per valid click of
 //! those minutes. Honeypot flags: one (first, last) pair per flagged client, kept
 //! `window_minutes` after its last trap click.
 
