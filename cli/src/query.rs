@@ -54,9 +54,8 @@ pub struct Filters {
     /// Exact user id (click index).
     #[arg(long)]
     user_id: Option<String>,
-    /// Which clicks to count: valid (billable), invalid (the invalid-traffic rules'), or
-    /// all. Default: valid, or all with --ip / --user-id (the click index counts all
-    /// traffic).
+    /// Which clicks to count: valid (billable, the default), invalid (the invalid-traffic
+    /// rules'), or all.
     #[arg(long, value_enum)]
     traffic: Option<TrafficArg>,
 }
@@ -203,7 +202,6 @@ impl Filters {
             Some(TrafficArg::Valid) => v1::Traffic::Valid,
             Some(TrafficArg::Invalid) => v1::Traffic::Invalid,
             Some(TrafficArg::All) => v1::Traffic::All,
-            None if self.ip.is_some() || self.user_id.is_some() => v1::Traffic::All,
             None => v1::Traffic::Valid,
         }) as i32
     }
