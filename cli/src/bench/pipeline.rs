@@ -665,6 +665,8 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         }
         prep_secs = t.elapsed().as_secs_f64();
     }
+    // Tells a profiler wrapped around the bench when the measured phase begins.
+    eprintln!("bench pipeline: load starts ({prep_secs:.1} s of preparation)");
     let cpu0 = cpu(s);
     let fsync0 = fsyncs(&http, s).await;
     let start = totals(&http, s).await;

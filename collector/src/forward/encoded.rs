@@ -259,7 +259,7 @@ mod tests {
                 let expected = IngestBatch { collector_id: "col-1".into(), seq, clicks: mine.clone(), acked_floor: floor };
                 let got = EncodedBatch::new("col-1", seq, floor, share);
                 prop_assert_eq!(got.clicks, mine.len() as u64);
-                prop_assert_eq!(got.bytes.as_ref(), expected.encode_to_vec().as_slice());
+                prop_assert_eq!(got.bytes.to_vec(), expected.encode_to_vec());
             }
             if dests == 1 && !marker {
                 prop_assert!(matches!(shares[0].clicks, std::borrow::Cow::Borrowed(_)));
