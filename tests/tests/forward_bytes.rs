@@ -83,7 +83,9 @@ async fn counts_match_the_ledger(shards: usize) {
     }
     let m = col.metrics().clone();
     assert!(
-        eventually(Duration::from_secs(30), || m.forwarded_clicks.get() >= sent_valid).await,
+        eventually(Duration::from_secs(30), || m.forwarded_clicks.get()
+            >= sent_valid)
+        .await,
         "forwarded {} of {sent_valid}",
         m.forwarded_clicks.get()
     );

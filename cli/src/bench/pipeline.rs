@@ -69,6 +69,11 @@ pub struct PipelineArgs {
     /// Connections per collector of the prebuilt load generator (requests in flight).
     #[arg(long, default_value_t = 8)]
     connections: usize,
+    /// The aggregator's `[dedup] memory_bytes` in MiB (default: the aggregator's default,
+    /// 256). Its RAM tier spills ~2.1M ids at a time into the store, synchronously on the
+    /// shard thread, which stalls ingest for seconds; a larger tier keeps a run spill-free.
+    #[arg(long)]
+    dedup_mib: Option<usize>,
 }
 
 struct Proc {
@@ -298,8 +303,12 @@ fn start(a: &PipelineArgs, dir: &Path) -> Result<Setup> {
              ingest_keys = [\"{ingest}\"]\n\
              [windows]\nallowed_delay_ms = 2000\n\
              # The visibility probe polls every 2 ms: no per-key query rate limit.\n\
-             [query]\nrate_limit_per_second = 0\n[[api_keys]]\nkey = \"{admin}\"\nrole = \"admin\"\n",
-            dir.join("agg")
+             [query]\nrate_limit_per_second = 0\n{dedup}[[api_keys]]\nkey = \"{admin}\"\nrole = \"admin\"\n",
+            dir.join("agg"),
+            dedup = a
+                .dedup_mib
+                .map(|m| format!("[dedup]\nmemory_bytes = {}\n", m.max(1) << 20))
+                .unwrap_or_default(),
         ),
     )?;
     let agg = spawn(
@@ -812,7 +821,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         super::machine()
     );
     t += &format!(
-        "`adclick bench pipeline --rate {} --duration {}s {} --ads {}{}`\n\n",
+        "`adclick bench pipeline --rate {} --duration {}s {} --ads {}{}{}`\n\n",
         a.rate,
         a.duration.as_secs(),
         if a.cluster {
@@ -821,7 +830,10 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
             format!("--collectors {n}")
         },
         a.ads,
-        if a.sdk_loadgen { " --sdk-loadgen" } else { "" }
+        if a.sdk_loadgen { " --sdk-loadgen" } else { "" },
+        a.dedup_mib
+            .map(|m| format!(" --dedup-mib {m}"))
+            .unwrap_or_default()
     );
     t += "| metric | value |\n|---|---|\n";
     let loadgen = if a.sdk_loadgen {
@@ -902,7 +914,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
          refused={refused} undelivered={undelivered} sdk_backlog={backlog} lag_at_end={lag_at_end} drain_s={drain_secs:.1} \
          probe_p50_ms={probe50:.1} probe_p99_ms={probe99:.1} probes={pl} \
          topads_p50_ms={top50:.2} topads_p99_ms={top99:.2} topads_queries={tl} \
-         cpu_aggregator={:.2} cpu_collectors={:.2} cpu_loadgen={:.2} loadgen_us_per_click={:.2} sdk_loadgen={} \
+         cpu_aggregator={:.2} cpu_collectors={:.2} cpu_loadgen={:.2} loadgen_us_per_click={:.2} sdk_loadgen={} dedup_mib={} \
          rss_aggregator_mib={rss_agg:.0} rss_collector_max_mib={:.0} fsync_mean_ms={fsync_mean_ms:.2} errors={error_count}",
         a.cluster,
         a.rate,
@@ -912,6 +924,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         cl / secs,
         cl / generated.max(1) as f64 * 1e6,
         a.sdk_loadgen,
+        a.dedup_mib.unwrap_or(256),
         rss_cols.iter().copied().fold(0.0, f64::max),
     );
     Ok((t, line))
