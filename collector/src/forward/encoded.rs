@@ -226,7 +226,7 @@ mod tests {
     }
 
     fn route(ad: u64, salt: u32, dests: usize) -> usize {
-        ((ad ^ u64::from(salt) * 31) % dests as u64) as usize
+        ((ad ^ (u64::from(salt) * 31)) % dests as u64) as usize
     }
 
     proptest! {
