@@ -356,7 +356,7 @@ impl Rng {
 }
 
 /// Cumulative Zipf weights for ads 1..=n.
-fn zipf_cdf(n: u64, s: f64) -> Vec<f64> {
+pub(crate) fn zipf_cdf(n: u64, s: f64) -> Vec<f64> {
     let mut acc = 0.0;
     let mut v: Vec<f64> = (1..=n.max(1))
         .map(|k| {
@@ -382,9 +382,9 @@ pub fn placement(ad: u64) -> AdPlacement {
     }
 }
 
-const COUNTRIES: [&str; 6] = ["US", "DE", "FR", "GB", "BR", "IN"];
-const OSES: [&str; 4] = ["ios", "android", "windows", "macos"];
-const SITES: [&str; 5] = [
+pub(crate) const COUNTRIES: [&str; 6] = ["US", "DE", "FR", "GB", "BR", "IN"];
+pub(crate) const OSES: [&str; 4] = ["ios", "android", "windows", "macos"];
+pub(crate) const SITES: [&str; 5] = [
     "news.example",
     "sports.example",
     "recipes.example",

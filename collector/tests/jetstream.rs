@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use adclick_collector::Collector;
 use adclick_collector::config::{CollectorConfig, SinkKind};
+use adclick_collector::forward::EncodedBatch;
 use adclick_proto::partition::partition;
 use adclick_proto::token::Keyring;
 use adclick_proto::v1::{ClickBatch, IngestBatch};
@@ -435,7 +436,7 @@ async fn publish_latency() {
     let mut seq_lat = Vec::new();
     let t0 = std::time::Instant::now();
     for s in 1..=N {
-        let b = sink.prepare(1, batch(s));
+        let b = sink.prepare(1, EncodedBatch::from_batch(&batch(s)));
         let t = std::time::Instant::now();
         sink.send(1, &b).await.unwrap();
         seq_lat.push(t.elapsed().as_secs_f64() * 1e3);
@@ -449,7 +450,7 @@ async fn publish_latency() {
             let sink = sink.clone();
             let s = N + 1 + round * 8 + k;
             set.spawn(async move {
-                let b = sink.prepare((k % 4) as usize, batch(s));
+                let b = sink.prepare((k % 4) as usize, EncodedBatch::from_batch(&batch(s)));
                 let t = std::time::Instant::now();
                 sink.send((k % 4) as usize, &b).await.unwrap();
                 t.elapsed().as_secs_f64() * 1e3

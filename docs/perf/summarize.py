@@ -92,13 +92,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
     ap.add_argument("--comm", help="only samples of this command (as perf shows it)")
+    ap.add_argument(
+        "--pid",
+        help="only samples of these processes (comma-separated pids; for a `perf record -a` "
+        "of several processes of one binary, e.g. `adclick bench pipeline`)",
+    )
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--paths", type=int, default=25)
     ap.add_argument("--depth", type=int, default=6, help="frames per folded path")
     a = ap.parse_args()
 
     script = subprocess.run(
-        ["perf", "script", "-i", a.data, "-F", "comm,ip,sym,dso"],
+        ["perf", "script", "-i", a.data, "-F", "comm,pid,ip,sym,dso"],
         capture_output=True,
         text=True,
     ).stdout
@@ -108,8 +113,16 @@ def main():
     frames = []
     frame_re = re.compile(r"^\s+([0-9a-f]+) (.*) \((.*)\)$")
 
+    pids = set(a.pid.split(",")) if a.pid else None
+    pid = None
+
     def flush():
-        if comm is not None and frames and (a.comm is None or comm == a.comm):
+        if (
+            comm is not None
+            and frames
+            and (a.comm is None or comm == a.comm)
+            and (pids is None or pid in pids)
+        ):
             samples.append(list(frames))
 
     for line in script.splitlines():
@@ -117,7 +130,9 @@ def main():
             continue
         if not line[0].isspace():
             flush()
-            comm = line.strip()
+            # "comm pid" (comm may contain spaces).
+            comm, _, pid = line.strip().rpartition(" ")
+            comm = comm.strip()
             frames = []
             continue
         m = frame_re.match(line)
@@ -161,7 +176,11 @@ def main():
     )
 
     pct = lambda n: 100.0 * n / total
-    print(f"samples: {total}" + (f" (comm {a.comm})" if a.comm else ""))
+    print(
+        f"samples: {total}"
+        + (f" (comm {a.comm})" if a.comm else "")
+        + (f" (pids {a.pid})" if a.pid else "")
+    )
     print()
     print("== by object (self) ==")
     for name, n in dsos.most_common(8):

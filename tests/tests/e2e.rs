@@ -24,6 +24,7 @@ mod countable;
 mod dev_cluster;
 mod ffi_bindings;
 mod file_source_kill;
+mod forward_bytes;
 mod hot_dedup;
 mod invalid_traffic;
 mod jetstream_aggregator;

@@ -23,6 +23,7 @@ mod clickindex;
 mod filesource;
 mod jetstream;
 pub(crate) mod pipeline;
+mod preload;
 mod reconcile;
 mod topads;
 

@@ -7,9 +7,15 @@
 
 use std::time::Duration;
 
-use adclick_proto::v1::{IngestBatch, IngestClick, ingest_service_client::IngestServiceClient};
+use adclick_proto::v1::IngestAck;
+use bytes::{BufMut, Bytes};
+use prost::Message;
+use tonic::client::Grpc;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
+
+use super::encoded::EncodedBatch;
 
 use super::sink::{Delivered, SendError, Sink};
 use crate::routing::Router;
@@ -29,7 +35,7 @@ pub struct EndpointError {
 /// See the module doc.
 #[derive(Debug)]
 pub struct GrpcSink {
-    shards: Vec<IngestServiceClient<Channel>>,
+    shards: Vec<Grpc<Channel>>,
     router: Router,
     auth: Option<MetadataValue<Ascii>>,
 }
@@ -54,7 +60,7 @@ impl GrpcSink {
                 .tcp_nodelay(true)
                 .connect_lazy();
             shards.push(
-                IngestServiceClient::new(channel)
+                Grpc::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
             );
@@ -68,31 +74,36 @@ impl GrpcSink {
 }
 
 impl Sink for GrpcSink {
-    type Batch = IngestBatch;
+    type Batch = EncodedBatch;
 
     fn destinations(&self) -> usize {
         self.shards.len()
     }
 
-    fn route(&self, click: &IngestClick) -> usize {
-        self.router.shard(click.ad_id, click.salt)
+    fn route(&self, ad_id: u64, salt: u32) -> usize {
+        self.router.shard(ad_id, salt)
     }
 
-    fn prepare(&self, _dest: usize, batch: IngestBatch) -> IngestBatch {
+    fn prepare(&self, _dest: usize, batch: EncodedBatch) -> EncodedBatch {
         batch
     }
 
-    async fn send(&self, dest: usize, batch: &IngestBatch) -> Result<Delivered, SendError> {
+    async fn send(&self, dest: usize, batch: &EncodedBatch) -> Result<Delivered, SendError> {
         let Some(shard) = self.shards.get(dest) else {
             return Err(SendError::Refused(format!("no aggregator shard {dest}")));
         };
         // Clients share their shard's connection; a clone per call is cheap.
         let mut client = shard.clone();
-        let mut req = tonic::Request::new(batch.clone());
+        // The batch's bytes as encoded once (a `Bytes` clone per attempt, no re-encoding).
+        let mut req = tonic::Request::new(batch.bytes.clone());
         if let Some(a) = &self.auth {
             req.metadata_mut().insert("authorization", a.clone());
         }
-        match client.ingest(req).await {
+        if let Err(e) = client.ready().await {
+            return Err(SendError::Unavailable(format!("connection not ready: {e}")));
+        }
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(INGEST_PATH);
+        match client.unary(req, path, RawCodec).await {
             Ok(resp) => {
                 let ack = resp.into_inner();
                 Ok(Delivered {
@@ -122,4 +133,48 @@ fn needs_operator(code: tonic::Code) -> bool {
             | tonic::Code::FailedPrecondition
             | tonic::Code::InvalidArgument
     )
+}
+
+/// `adclick.v1.IngestService/Ingest`.
+const INGEST_PATH: &str = "/adclick.v1.IngestService/Ingest";
+
+/// Encoded `IngestBatch` bytes out as they are, `IngestAck` in with prost: the generated
+/// client would need a decoded `IngestBatch` to encode again.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = IngestAck;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = IngestAck;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<IngestAck>, tonic::Status> {
+        IngestAck::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("undecodable IngestAck: {e}")))
+    }
 }

@@ -32,8 +32,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::encoded::EncodedBatch;
 use adclick_proto::partition::partition;
-use adclick_proto::v1::{IngestBatch, IngestClick};
 use async_nats::header::{NATS_EXPECTED_STREAM, NATS_MESSAGE_ID};
 use async_nats::jetstream::{
     self, ErrorCode, context::CreateStreamErrorKind, context::GetStreamErrorKind,
@@ -41,7 +41,6 @@ use async_nats::jetstream::{
 };
 use async_nats::{HeaderMap, ServerAddr, Subject};
 use bytes::Bytes;
-use prost::Message;
 
 use super::sink::{Delivered, SendError, Sink};
 use crate::config::JetStreamConfig;
@@ -476,15 +475,15 @@ impl Sink for JetStreamSink {
         self.subjects.len()
     }
 
-    fn route(&self, click: &IngestClick) -> usize {
+    fn route(&self, ad_id: u64, _salt: u32) -> usize {
         // Not the salt: an ad lives in exactly one partition.
-        partition(click.ad_id, self.spec.partitions) as usize
+        partition(ad_id, self.spec.partitions) as usize
     }
 
-    fn prepare(&self, dest: usize, batch: IngestBatch) -> JetStreamBatch {
+    fn prepare(&self, dest: usize, batch: EncodedBatch) -> JetStreamBatch {
         JetStreamBatch {
             msg_id: msg_id(&batch.collector_id, batch.seq, dest),
-            payload: Bytes::from(batch.encode_to_vec()),
+            payload: batch.bytes,
         }
     }
 

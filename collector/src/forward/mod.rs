@@ -7,18 +7,23 @@
 //! below which every owning destination acked every record. A [`Sink`] (`sink.rs`) is the
 //! transport: how many destinations, which one owns a click, and one delivery attempt.
 //!
+//! Spool records are split into per-destination batches without decoding a click
+//! ([`encoded`]): with one destination a record goes out as it was written.
+//!
 //! - [`grpc`]: aggregator shards over `IngestService.Ingest` (the default,
 //!   `forward.sink = "grpc"`), routed by rendezvous hashing; acks carry hot-key feedback.
 //! - [`jetstream`]: partitions of a NATS JetStream stream (`forward.sink = "jetstream"`),
 //!   routed by `adclick_proto::partition`; acked by the server's PubAck, deduplicated by
 //!   `Nats-Msg-Id`.
 
+pub mod encoded;
 pub mod grpc;
 pub mod jetstream;
 mod pipeline;
 mod sink;
 mod window;
 
+pub use encoded::EncodedBatch;
 pub use grpc::{EndpointError, GrpcSink};
 pub use jetstream::{JetStreamError, JetStreamSink};
 pub use pipeline::{Forwarder, MAX_IN_FLIGHT_BYTES};

@@ -21,12 +21,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use adclick_proto::v1::{IngestBatch, IngestClick};
-use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::encoded::{self, EncodedBatch};
 use super::sink::{Delivered, SendError, Sink};
 use super::window::Window;
 use crate::config::ForwardConfig;
@@ -223,48 +222,37 @@ impl<S: Sink> Forwarder<S> {
         payload: &[u8],
     ) {
         let dests = self.last_sent.len();
-        let mut by_dest: Vec<Vec<IngestClick>> = vec![Vec::new(); dests];
-        match IngestBatch::decode(payload) {
-            Ok(b) => {
-                for c in b.clicks {
-                    // A sink routes within its destinations; `min` only guards the index.
-                    let d = self.sink.route(&c).min(dests.saturating_sub(1));
-                    by_dest[d].push(c);
-                }
-            }
+        let sink = &self.sink;
+        let shares = match encoded::split(payload, dests, |ad, salt| sink.route(ad, salt)) {
+            Ok(s) => s,
             Err(e) => {
                 // Cannot happen for records this collector wrote (CRC-checked); skip
                 // rather than block forwarding forever, loudly.
                 tracing::error!(error = %e, seq, "undecodable spool record skipped");
                 self.metrics.add_clicks("spool_record_undecodable", 1);
+                vec![encoded::Share::default(); dests.max(1)]
             }
-        }
+        };
         let mut waiting = Vec::new();
-        for (dest, clicks) in by_dest.into_iter().enumerate() {
+        for (dest, share) in shares.iter().enumerate().take(dests) {
             // A destination that got no clicks for `heartbeat_records` records gets an
             // empty batch with this seq: aggregators refuse a seq more than
             // `ingest.max_seq_jump` above their mark, and a destination owning few ads
             // could otherwise see a jump that large and wedge this collector's forwarding.
-            if clicks.is_empty()
+            if share.count == 0
                 && seq.saturating_sub(self.last_sent[dest]) < self.cfg.heartbeat_records
             {
                 continue;
             }
-            let n = clicks.len() as u64;
-            let batch = IngestBatch {
-                collector_id: self.collector_id.clone(),
-                seq,
-                clicks,
-                // Before this record joins the window: `w.next` is this record's seq.
-                acked_floor: w.floor(dest).min(seq),
-            };
+            // Before this record joins the window: `w.next` is this record's seq.
+            let batch = EncodedBatch::new(&self.collector_id, seq, w.floor(dest).min(seq), share);
             self.last_sent[dest] = seq;
             waiting.push(dest);
             let attempt = Attempts {
                 sink: self.sink.clone(),
                 dest,
                 seq,
-                clicks: n,
+                clicks: share.count,
                 retry_base_ms: self.cfg.retry_base_ms,
                 retry_max_ms: self.cfg.retry_max_ms,
                 metrics: self.metrics.clone(),

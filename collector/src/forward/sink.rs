@@ -6,7 +6,7 @@
 
 use std::future::Future;
 
-use adclick_proto::v1::{IngestBatch, IngestClick};
+use super::encoded::EncodedBatch;
 
 /// What a destination said when it took a batch durably.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -47,12 +47,14 @@ pub trait Sink: Send + Sync + 'static {
     /// How many destinations there are; fixed for the sink's lifetime.
     fn destinations(&self) -> usize;
 
-    /// The destination (`0..destinations()`) owning `click`.
-    fn route(&self, click: &IngestClick) -> usize;
+    /// The destination (`0..destinations()`) owning a click on `ad_id` with fanout `salt`
+    /// (the only fields the forwarder reads from a spooled click: it routes without
+    /// decoding the rest).
+    fn route(&self, ad_id: u64, salt: u32) -> usize;
 
-    /// Readies `batch` (its clicks already routed to `dest`) for sending; called once per
-    /// batch, before the first attempt.
-    fn prepare(&self, dest: usize, batch: IngestBatch) -> Self::Batch;
+    /// Readies `batch` (its clicks already routed to `dest`, already encoded as an
+    /// `IngestBatch`) for sending; called once per batch, before the first attempt.
+    fn prepare(&self, dest: usize, batch: EncodedBatch) -> Self::Batch;
 
     /// One delivery attempt of `batch` to `dest`.
     fn send(
