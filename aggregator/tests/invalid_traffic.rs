@@ -195,15 +195,25 @@ async fn clicks_of(
 }
 
 async fn top_of(q: &mut QueryServiceClient<Channel>, traffic: Traffic) -> Vec<(u64, u64)> {
+    top_by(q, traffic, 3, None).await
+}
+
+/// TopAds of the test's ten minutes: the top `n` for `traffic` and `filter`.
+async fn top_by(
+    q: &mut QueryServiceClient<Channel>,
+    traffic: Traffic,
+    n: u32,
+    filter: Option<v1::Filter>,
+) -> Vec<(u64, u64)> {
     q.top_ads(authed(
         v1::TopAdsRequest {
-            n: 3,
+            n,
             window: Some(v1::top_ads_request::Window::Range(v1::TimeRange {
                 from_ms: T0,
                 to_ms: T0 + 10 * MIN,
             })),
+            filter,
             traffic: traffic as i32,
-            ..Default::default()
         },
         ADMIN,
     ))
@@ -244,28 +254,12 @@ async fn snapshot(a: &Aggregator, ads: &[u64]) -> Vec<String> {
         ("", "u-flood"),
     ] {
         for t in [Traffic::Valid, Traffic::Invalid, Traffic::All] {
-            let top = q
-                .top_ads(authed(
-                    v1::TopAdsRequest {
-                        n: 10,
-                        window: Some(v1::top_ads_request::Window::Range(v1::TimeRange {
-                            from_ms: T0,
-                            to_ms: T0 + 10 * MIN,
-                        })),
-                        filter: Some(v1::Filter {
-                            ip: ip.into(),
-                            user_id: user.into(),
-                            ..Default::default()
-                        }),
-                        traffic: t as i32,
-                    },
-                    ADMIN,
-                ))
-                .await
-                .unwrap()
-                .into_inner()
-                .ads;
-            let top: Vec<(u64, u64)> = top.iter().map(|a| (a.ad_id, a.clicks)).collect();
+            let filter = v1::Filter {
+                ip: ip.into(),
+                user_id: user.into(),
+                ..Default::default()
+            };
+            let top = top_by(&mut q, t, 10, Some(filter)).await;
             out.push(format!("top {ip}{user} {t:?} {top:?}"));
         }
     }
@@ -558,26 +552,7 @@ fn every_rule_counts_exactly_and_rate_trips_move_earlier_clicks() {
                     .filter(|x| x.1 > 0)
                     .collect();
                 expect.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-                let got: Vec<(u64, u64)> = q
-                    .top_ads(authed(
-                        v1::TopAdsRequest {
-                            n: 10,
-                            window: Some(v1::top_ads_request::Window::Range(v1::TimeRange {
-                                from_ms: T0,
-                                to_ms: T0 + 10 * MIN,
-                            })),
-                            filter: Some(filter.clone()),
-                            traffic: traffic as i32,
-                        },
-                        ADMIN,
-                    ))
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .ads
-                    .iter()
-                    .map(|a| (a.ad_id, a.clicks))
-                    .collect();
+                let got = top_by(&mut q, traffic, 10, Some(filter.clone())).await;
                 assert_eq!(got, expect, "TopAds {ip}{user} {traffic:?}");
             }
         }

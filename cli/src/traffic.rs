@@ -331,10 +331,11 @@ impl Clock for OffsetClock {
     }
 }
 
-/// xorshift: fast, good enough for traffic shapes (not for secrets).
-struct Rng(u64);
+/// xorshift: fast, good enough for traffic shapes (not for secrets). Shared by the live
+/// traffic here and the pipeline benchmark's prebuilt bodies (`bench::preload`).
+pub(crate) struct Rng(pub(crate) u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -347,10 +348,10 @@ impl Rng {
         crate::keys::now_ms() - 2_000 - (self.unit() * 28_000.0) as i64
     }
 
-    fn unit(&mut self) -> f64 {
+    pub(crate) fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
-    fn pct(&mut self, p: f64) -> bool {
+    pub(crate) fn pct(&mut self, p: f64) -> bool {
         self.unit() * 100.0 < p
     }
 }

@@ -69,22 +69,7 @@ impl Prepared {
     }
 }
 
-/// xorshift64: fast, good enough for traffic shapes (not for secrets).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn pct(&mut self, p: f64) -> bool {
-        self.unit() * 100.0 < p
-    }
-}
+use crate::traffic::Rng;
 
 /// Builds `batches` bodies of `shape.batch_size` clicks with tokens from `keyring`, split
 /// over `threads` builders (each with its own window of recent impressions to repeat).
