@@ -49,6 +49,9 @@ pub const REC_LEN: usize = 16 + ENTRY_LEN;
 /// Entries per fenced block: one 16-byte fence per block in RAM (0.25 byte per id on
 /// disk), one read of `BLOCK * REC_LEN` = 2,304 bytes per lookup and run.
 pub const BLOCK: usize = 64;
+/// Buffer of a sequential read or write of a run: small, so a merge or a Bloom rebuild
+/// (three buffers at most) adds little to the RSS that `dedup.memory_bytes` bounds.
+const IO_BUF: usize = 64 << 10;
 /// At most this many runs after a spill: a Bloom "maybe" costs up to one block read per
 /// run.
 pub const MAX_RUNS: usize = 8;
@@ -95,7 +98,7 @@ impl Run {
                 path.display()
             ))
         };
-        let mut r = BufReader::with_capacity(1 << 20, &file);
+        let mut r = BufReader::with_capacity(IO_BUF, &file);
         let mut hasher = Xxh64::new(0);
         let mut header = [0u8; HEADER_LEN];
         r.read_exact(&mut header)
@@ -185,7 +188,7 @@ impl Run {
 
     /// Streams the run's records in id order.
     fn reader(&self) -> Result<RunReader<'_>, DedupError> {
-        let mut r = BufReader::with_capacity(1 << 20, &self.file);
+        let mut r = BufReader::with_capacity(IO_BUF, &self.file);
         std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(HEADER_LEN as u64))
             .map_err(|e| err("cannot read", &self.path, e))?;
         Ok(RunReader {
@@ -237,7 +240,7 @@ impl RunWriter {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| err("cannot create", &tmp, e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let mut w = BufWriter::with_capacity(IO_BUF, file);
         // The header is rewritten with the real figures at the end.
         w.write_all(&[0u8; HEADER_LEN])
             .map_err(|e| err("cannot write", &tmp, e))?;
