@@ -20,6 +20,9 @@
 #   REDIS_REQUESTS=10000000 REDIS_KEYS=10000000 REDIS_PIPELINE=64 REDIS_CLIENTS=50
 #   SKIP="topads pipeline"                      skip some of: aggregator topads pipeline redis
 #   ADCLICK=path/to/adclick                     use this binary, do not build
+#   BASE_ADCLICK=path/to/older/adclick          also run `bench aggregator` with this binary,
+#                                               right after, for a before/after row of the
+#                                               same run (e.g. main built in a worktree)
 #
 # Quick run:  AGG_CLICKS=500000 AGG_ADS=100000 TOPADS_ADS=1000000 PIPE_DURATION=5s \
 #             REDIS_REQUESTS=1000000 REDIS_KEYS=1000000 scripts/bench.sh
@@ -74,32 +77,41 @@ fi
 declare -A R=()     # "<bench>.<key>" -> value
 FAILED=()
 
-# run_bench NAME ARGS...: runs `adclick bench NAME ARGS`, keeps its output in $WORK/NAME.out,
-# parses its RESULT line into R.
-run_bench() {
-    local name=$1
-    shift
-    log "adclick bench $name $*"
-    if ! "$BIN" bench "$name" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err"; then
+# run_bench_as KEY BINARY NAME ARGS...: runs `BINARY bench NAME ARGS`, keeps its output in
+# $WORK/KEY.out, parses its RESULT line into R under KEY.
+run_bench_as() {
+    local key=$1 bin=$2 name=$3
+    shift 3
+    log "$bin bench $name $*"
+    if ! "$bin" bench "$name" "$@" >"$WORK/$key.out" 2>"$WORK/$key.err"; then
         log "adclick bench $name failed:"
-        tail -n 5 "$WORK/$name.err" >&2 || true
-        FAILED+=("$name")
+        tail -n 5 "$WORK/$key.err" >&2 || true
+        FAILED+=("$key")
         return 0
     fi
-    cat "$WORK/$name.out" >&2
+    cat "$WORK/$key.out" >&2
     local line kv
-    line=$(grep -m1 '^RESULT ' "$WORK/$name.out" || true)
+    line=$(grep -m1 '^RESULT ' "$WORK/$key.out" || true)
     if [[ -z "$line" ]]; then
         log "adclick bench $name printed no RESULT line"
-        FAILED+=("$name")
+        FAILED+=("$key")
         return 0
     fi
     for kv in ${line#RESULT }; do
-        R["$name.${kv%%=*}"]=${kv#*=}
+        R["$key.${kv%%=*}"]=${kv#*=}
     done
 }
 
+# run_bench NAME ARGS...: run_bench_as NAME "$BIN" NAME ARGS...
+run_bench() {
+    run_bench_as "$1" "$BIN" "$@"
+}
+
 skipped aggregator || run_bench aggregator --clicks "$AGG_CLICKS" --ads "$AGG_ADS"
+if [[ -n "${BASE_ADCLICK:-}" ]] && ! skipped aggregator; then
+    [[ -x "$BASE_ADCLICK" ]] || { log "no executable at BASE_ADCLICK=$BASE_ADCLICK"; exit 1; }
+    run_bench_as aggregator_base "$BASE_ADCLICK" aggregator --clicks "$AGG_CLICKS" --ads "$AGG_ADS"
+fi
 skipped topads || run_bench topads --ads "$TOPADS_ADS" --min-free-mib "$TOPADS_MIN_FREE_MIB"
 skipped pipeline || run_bench pipeline --rate "$PIPE_RATE" --duration "$PIPE_DURATION" \
     --collectors "$PIPE_COLLECTORS" --ads "$PIPE_ADS"
@@ -174,6 +186,9 @@ fmt() { # thousands separators for integers, as is otherwise
         echo "| aggregator apply, one core ($(fmt "$AGG_CLICKS") clicks, $(fmt "$AGG_ADS") ads, 2% dup, 1% late) | **$(fmt "$(v aggregator.clicks_per_sec)") clicks/s** ($(v aggregator.ns_per_click) ns/click) | $(ratio "$(v aggregator.clicks_per_sec)" "$REDIS_OPS") |"
         echo "| the same per CPU-second of the timed loop (other load on the machine excluded) | $(fmt "$(v aggregator.clicks_per_cpu_sec)") clicks/s | $(ratio "$(v aggregator.clicks_per_cpu_sec)" "$REDIS_OPS") |"
         echo "| aggregator memory per active minute cell (without dedup) / per dedup entry | $(v aggregator.bytes_per_cell) B / $(v aggregator.dedup_bytes_per_entry) B | — |"
+        if [[ -n "${BASE_ADCLICK:-}" ]]; then
+            echo "| before: \`$BASE_ADCLICK\` (same run, right after): per CPU-second of the timed loop | $(fmt "$(v aggregator_base.clicks_per_cpu_sec)") clicks/s (after/before $(ratio "$(v aggregator.clicks_per_cpu_sec)" "$(v aggregator_base.clicks_per_cpu_sec)")) | $(ratio "$(v aggregator_base.clicks_per_cpu_sec)" "$REDIS_OPS") |"
+        fi
     fi
     if ! skipped topads; then
         echo "| TopAds(n=100, last 60 min), $(fmt "$(v topads.ads)") ads, in process: p50 / p99 | $(v topads.p50_ms) / $(v topads.p99_ms) ms | — |"

@@ -194,7 +194,8 @@ pub struct MixConfig {
     /// Clicks per encoded batch (collectors send up to 20k per spool record).
     pub batch: usize,
     /// RAM budget of the exact-dedup set (`dedup.memory_bytes`; the production default
-    /// spills to the disk tier, an in-memory stand-in here, every ~2.1M new ids).
+    /// spills to the disk tier, the production run files in a temporary directory here,
+    /// every ~2.1M new ids).
     pub dedup_memory_bytes: usize,
     /// Fields with per-value top-N indexes (`shards.top_index_fields`).
     pub top_index_fields: Vec<IndexField>,
@@ -421,8 +422,8 @@ pub struct MixMemory {
     pub bytes_per_cell: f64,
     /// The shard's own estimate (`heap_bytes`) per minute cell.
     pub heap_estimate_per_cell: f64,
-    /// Impression ids the dedup set holds (RAM tier + spilled tier; the bench's spill
-    /// tier is in memory).
+    /// Impression ids the dedup set holds (RAM tier + spilled tier; the spilled tier is
+    /// run files, outside RSS but for their fence indexes).
     pub dedup_entries: u64,
     /// RSS growth of a dedup set alone fed the same ids.
     pub dedup_bytes: u64,
@@ -997,7 +998,7 @@ use crate::config::{QueryConfig, ShardConfig, WindowConfig};
 use crate::decode::{click_from_wire, clicks as decode_clicks};
 use crate::sketch::hll::Hll;
 use crate::state::click::ClickIn;
-use crate::state::dedup::{Dedup, Entry, MemTable, Ordinal};
+use crate::state::dedup::{Dedup, Entry, Ordinal};
 use crate::state::dims::{ComboTable, DimKey, country_code};
 use crate::state::published::{TopOp, TopWriter};
 use crate::state::shard::{Applied, LEVEL_MS, ShardState};
@@ -1034,6 +1035,18 @@ pub struct StatePath {
     wal_pos: u64,
     /// The invalid-traffic rules and their moves buffer, when run.
     rules: Option<(crate::rules::Rules, Vec<crate::rules::Moved>)>,
+    /// The dedup disk tier's run files (declared after `windows`: dropped after it).
+    _dedup_dir: tempfile_dir::Dir,
+}
+
+/// The production dedup disk tier (`store::runs`) in a fresh temporary directory, removed
+/// when the returned guard drops.
+fn bench_dedup(memory_bytes: usize) -> (Dedup, tempfile_dir::Dir) {
+    let dir =
+        tempfile_dir::Dir::named("dedup").unwrap_or_else(|e| panic!("dedup run directory: {e}"));
+    let runs = crate::store::runs::RunDedup::open(&dir.0)
+        .unwrap_or_else(|e| panic!("dedup run directory: {e}"));
+    (Dedup::new(memory_bytes, Box::new(runs)), dir)
 }
 
 /// A temporary directory removed on drop (the bench's click-index segments).
@@ -1044,12 +1057,14 @@ mod tempfile_dir {
     impl Dir {
         /// A fresh directory under the system's temporary directory.
         pub fn new() -> std::io::Result<Self> {
+            Self::named("clickindex")
+        }
+        /// The same, `what` in its name.
+        pub fn named(what: &str) -> std::io::Result<Self> {
             static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let p = std::env::temp_dir().join(format!(
-                "adclick-bench-clickindex-{}-{n}",
-                std::process::id()
-            ));
+            let p = std::env::temp_dir()
+                .join(format!("adclick-bench-{what}-{}-{n}", std::process::id()));
             std::fs::create_dir_all(&p)?;
             Ok(Dir(p))
         }
@@ -1068,7 +1083,8 @@ impl Default for StatePath {
 }
 
 impl StatePath {
-    /// One shard, default window configuration, in-memory dedup spill tier.
+    /// One shard, default window configuration, the production dedup disk tier (run files
+    /// in a temporary directory).
     pub fn new() -> Self {
         Self::with_dedup_memory(
             crate::state::windows::DEFAULT_DEDUP_MEMORY_BYTES,
@@ -1084,12 +1100,10 @@ impl StatePath {
         };
         let shard = ShardState::default();
         let (top, published) = TopWriter::new(TopSet::with_fields(fields));
+        let (dedup, dedup_dir) = bench_dedup(memory_bytes);
         StatePath {
-            windows: ClickWindows::with_dedup(
-                WindowConfig::default(),
-                &shards,
-                Dedup::new(memory_bytes, Box::<MemTable>::default()),
-            ),
+            _dedup_dir: dedup_dir,
+            windows: ClickWindows::with_dedup(WindowConfig::default(), &shards, dedup),
             shard,
             top,
             published,
@@ -1227,13 +1241,16 @@ impl StatePath {
 struct DedupOnly {
     dedup: Dedup,
     next: u32,
+    _dir: tempfile_dir::Dir,
 }
 
 impl DedupOnly {
     fn new() -> Self {
+        let (dedup, dir) = bench_dedup(DEFAULT_DEDUP_MEMORY_BYTES);
         DedupOnly {
-            dedup: Dedup::new(DEFAULT_DEDUP_MEMORY_BYTES, Box::<MemTable>::default()),
+            dedup,
             next: 0,
+            _dir: dir,
         }
     }
 

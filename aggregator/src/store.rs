@@ -16,10 +16,12 @@
 //! durable commits, and it is maintained; fjall (LSM) would suit much larger state but is
 //! a larger dependency for what is here a WAL plus a few blobs.
 //!
-//! The exact-dedup disk tier lives in the same database (tables `dedup`: impression id ->
-//! encoded entry, and `dedup_expiry`: (keep_until, id) -> () for expiry in order), reached
-//! through [`Store::dedup_table`]; see `state::dedup` for why its commits need not be tied
-//! to the checkpoint's.
+//! The exact-dedup disk tier is a directory of sorted run files beside the database
+//! (`dedup-runs/`, [`runs`]), reached through [`Store::dedup_table`]; see `state::dedup`
+//! for why its writes need not be tied to the checkpoint's commit. Stores written before
+//! the runs held it in tables `dedup` (impression id -> encoded entry) and `dedup_expiry`
+//! ((keep_until, id) -> ()): the first open moves those rows into one run, then empties
+//! the tables.
 //!
 //! The JetStream source's position lives in table `stream_pos` (partition -> last applied
 //! stream sequence), written by [`Store::append_at`] in the same commit as the WAL entries
@@ -28,11 +30,13 @@
 //!
 //! This module knows nothing about windows or counts: it stores bytes.
 
+pub mod runs;
+
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const WAL: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("wal");
 const HWM: TableDefinition<'static, &str, u64> = TableDefinition::new("hwm");
@@ -53,13 +57,14 @@ const ARCHIVE_STATE_KEY: &str = "state";
 /// a repair id seen once is refused as already applied forever; a start replays the rows
 /// after the checkpoint's repair seq at their WAL position).
 const REPAIRS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("repairs");
+/// The dedup disk tier before the run files (`runs`): read once, to move it into a run.
 const DEDUP: TableDefinition<'static, &[u8; 16], &[u8; ENTRY_LEN]> = TableDefinition::new("dedup");
 /// Key: keep_until as big-endian with the sign bit flipped (so byte order = time order),
-/// then the id.
+/// then the id. Emptied with `DEDUP`.
 const DEDUP_EXPIRY: TableDefinition<'static, &[u8; 24], ()> = TableDefinition::new("dedup_expiry");
 
 use crate::admit::Delivery;
-use crate::state::dedup::{DedupError, ENTRY_LEN, Entry, Id, SpillTable};
+use crate::state::dedup::{ENTRY_LEN, Entry, Id, SpillTable};
 
 /// File name of the store inside the data dir.
 pub const STORE_FILE: &str = "aggregator.redb";
@@ -203,6 +208,8 @@ pub trait Store: Send {
 #[derive(Debug)]
 pub struct RedbStore {
     db: Arc<Database>,
+    /// The data dir (the dedup runs live in `dedup-runs/` there).
+    dir: PathBuf,
     /// Test hook: abort (drop uncommitted) the next checkpoint after this many tables, as a
     /// crash mid-checkpoint would.
     pub fail_checkpoint_after_tables: Option<usize>,
@@ -241,6 +248,7 @@ impl RedbStore {
         tx.commit().map_err(e)?;
         Ok(RedbStore {
             db: Arc::new(db),
+            dir: dir.to_path_buf(),
             fail_checkpoint_after_tables: None,
         })
     }
@@ -461,10 +469,12 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    /// Opens the dedup runs (once per start: the runs are not shared between two
+    /// openers), moving rows an older version left in the redb tables into a run first.
     fn dedup_table(&self) -> Result<Box<dyn SpillTable>, StoreError> {
-        Ok(Box::new(RedbDedup {
-            db: self.db.clone(),
-        }))
+        let mut runs = runs::RunDedup::open(&self.dir.join(runs::DIR)).map_err(e)?;
+        self.migrate_dedup_rows(&mut runs)?;
+        Ok(Box::new(runs))
     }
 }
 
@@ -576,87 +586,42 @@ fn decode_delivery(collector_id: &str, bytes: &[u8]) -> Result<Delivery, StoreEr
     })
 }
 
-/// The dedup disk tier in the aggregator's redb file.
-#[derive(Debug)]
-pub struct RedbDedup {
-    db: Arc<Database>,
-}
-
-fn d(x: impl std::fmt::Display) -> DedupError {
-    DedupError(x.to_string())
-}
-
-fn expiry_key(keep_until: i64, id: &Id) -> [u8; 24] {
-    let mut k = [0u8; 24];
-    k[..8].copy_from_slice(&((keep_until as u64) ^ (1 << 63)).to_be_bytes());
-    k[8..].copy_from_slice(id);
-    k
-}
-
-impl SpillTable for RedbDedup {
-    fn get(&self, id: &Id) -> Result<Option<Entry>, DedupError> {
-        let tx = self.db.begin_read().map_err(d)?;
-        let t = tx.open_table(DEDUP).map_err(d)?;
-        Ok(t.get(id).map_err(d)?.map(|v| Entry::decode(v.value())))
-    }
-
-    fn put(&mut self, entries: &[(Id, Entry)]) -> Result<(), DedupError> {
-        let tx = self.db.begin_write().map_err(d)?;
+impl RedbStore {
+    /// Moves the dedup rows of a store written before the run files into one run (durable
+    /// before the rows are deleted: a crash between writes the run again next time, and a
+    /// second copy of an entry in an older run is harmless), then empties the tables.
+    fn migrate_dedup_rows(&self, runs: &mut runs::RunDedup) -> Result<(), StoreError> {
+        let rows: Vec<(Id, Entry)> = {
+            let tx = self.db.begin_read().map_err(e)?;
+            let t = tx.open_table(DEDUP).map_err(e)?;
+            let mut rows = Vec::new();
+            for row in t.iter().map_err(e)? {
+                let (k, v) = row.map_err(e)?;
+                rows.push((*k.value(), Entry::decode(v.value())));
+            }
+            rows
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        runs.put(&rows).map_err(e)?;
+        let tx = self.db.begin_write().map_err(e)?;
         {
-            let mut t = tx.open_table(DEDUP).map_err(d)?;
-            let mut x = tx.open_table(DEDUP_EXPIRY).map_err(d)?;
-            for (id, en) in entries {
-                let old = t.insert(id, &en.encode()).map_err(d)?;
-                if let Some(old) = old {
-                    let old = Entry::decode(old.value());
-                    x.remove(&expiry_key(old.keep_until, id)).map_err(d)?;
-                }
-                x.insert(&expiry_key(en.keep_until, id), ()).map_err(d)?;
-            }
+            tx.open_table(DEDUP)
+                .map_err(e)?
+                .retain(|_, _| false)
+                .map_err(e)?;
+            tx.open_table(DEDUP_EXPIRY)
+                .map_err(e)?
+                .retain(|_, _| false)
+                .map_err(e)?;
         }
-        tx.commit().map_err(d)
-    }
-
-    fn expire(&mut self, before: i64) -> Result<u64, DedupError> {
-        let tx = self.db.begin_write().map_err(d)?;
-        let mut n = 0;
-        {
-            let mut t = tx.open_table(DEDUP).map_err(d)?;
-            let mut x = tx.open_table(DEDUP_EXPIRY).map_err(d)?;
-            let end = expiry_key(before, &[0; 16]);
-            let mut gone: Vec<Id> = Vec::new();
-            for row in x
-                .extract_from_if::<&[u8; 24], _>(..&end, |_, _| true)
-                .map_err(d)?
-            {
-                let (k, _) = row.map_err(d)?;
-                let mut id = [0u8; 16];
-                id.copy_from_slice(&k.value()[8..]);
-                gone.push(id);
-            }
-            for id in &gone {
-                t.remove(id).map_err(d)?;
-            }
-            n += gone.len() as u64;
-        }
-        tx.commit().map_err(d)?;
-        Ok(n)
-    }
-
-    fn for_each_id(&self, f: &mut dyn FnMut(&Id)) -> Result<(), DedupError> {
-        let tx = self.db.begin_read().map_err(d)?;
-        let t = tx.open_table(DEDUP).map_err(d)?;
-        for row in t.iter().map_err(d)? {
-            let (k, _) = row.map_err(d)?;
-            f(k.value());
-        }
+        tx.commit().map_err(e)?;
+        tracing::info!(
+            ids = rows.len(),
+            "dedup rows moved from the store into a run file"
+        );
         Ok(())
-    }
-
-    fn len(&self) -> Result<u64, DedupError> {
-        let tx = self.db.begin_read().map_err(d)?;
-        let t = tx.open_table(DEDUP).map_err(d)?;
-        t.len().map_err(d)
     }
 }
 
@@ -796,5 +761,45 @@ mod tests {
         assert!(err.contains("edge-7"), "{err}");
         let err = store.append(&[entry(1, "edge-7", 1, 1)]).unwrap_err();
         assert!(err.to_string().contains("edge-7"), "{err}");
+    }
+
+    /// A store whose dedup disk tier is still in redb rows (before the run files): the
+    /// first open moves every row into a run and empties the tables; a second open finds
+    /// the same entries (from the run) and no rows.
+    #[test]
+    fn dedup_rows_of_an_older_store_move_into_a_run() {
+        use crate::state::dedup::Ordinal;
+        let dir = tempfile::tempdir().unwrap();
+        let id = |n: u8| [n; 16];
+        let entry = |n: u8| Entry {
+            keep_until: 1_000 + i64::from(n),
+            ordinal: Ordinal {
+                pos: u64::from(n),
+                idx: 1,
+            },
+        };
+        {
+            let store = RedbStore::open(dir.path()).unwrap();
+            let tx = store.db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(DEDUP).unwrap();
+                for n in 1..=50u8 {
+                    t.insert(&id(n), &entry(n).encode()).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        for _ in 0..2 {
+            let store = RedbStore::open(dir.path()).unwrap();
+            let table = store.dedup_table().unwrap();
+            assert_eq!(table.len().unwrap(), 50);
+            for n in 1..=50u8 {
+                assert_eq!(table.get(&id(n)).unwrap(), Some(entry(n)), "id {n}");
+            }
+            assert_eq!(table.get(&id(51)).unwrap(), None);
+            let tx = store.db.begin_read().unwrap();
+            let rows = tx.open_table(DEDUP).unwrap();
+            assert_eq!(redb::ReadableTableMetadata::len(&rows).unwrap(), 0);
+        }
     }
 }

@@ -21,6 +21,7 @@ mod clients;
 mod cluster_faults;
 mod collector_kill;
 mod countable;
+mod dedup_crash;
 mod dev_cluster;
 mod ffi_bindings;
 mod file_source_kill;

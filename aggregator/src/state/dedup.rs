@@ -1,6 +1,7 @@
 //! Exact dedup of impression ids with a bounded RAM footprint: a RAM tier of recently
-//! inserted ids, a Bloom filter, and a disk tier (a [`SpillTable`]; the aggregator's redb
-//! store in production, [`MemTable`] in tests and benches).
+//! inserted ids, a Bloom filter, and a disk tier (a [`SpillTable`]; append-only sorted run
+//! files beside the aggregator's store in production and in the benches,
+//! `crate::store::runs`; [`MemTable`] in unit tests).
 //!
 //! Design (why it is exact, bounded and crash-safe):
 //! - **Bounded by what can still count.** An id is kept until `keep_until` =
@@ -12,7 +13,7 @@
 //!   retention; RAM holds at most `dedup.memory_bytes` of them, the disk the rest.
 //! - **RAM tier**: ids inserted since the last spill, at most `memory_bytes * 3/4` worth
 //!   (~[`RAM_ENTRY_BYTES`] each). When full, or at a checkpoint, the whole tier is written
-//!   to the disk tier in one commit (sorted, for B-tree locality) and cleared.
+//!   to the disk tier in one durable write (sorted: one immutable run file) and cleared.
 //! - **Bloom filter** (`memory_bytes / 4`, fastbloom) over the ids on disk: a new id costs
 //!   no disk read unless the filter says "maybe" (~1% while within its capacity; beyond
 //!   it the false-positive rate rises, costing reads, never a click). It is rebuilt from the
@@ -23,7 +24,8 @@
 //!   even ahead of the checkpoint: after kill -9, the WAL replay from the last checkpoint
 //!   meets entries written by its own future and ignores them, reaching exactly the state
 //!   of the first run. Expired entries are deleted from disk only below the floor of the
-//!   last *committed* checkpoint, which every recovery starts at or above.
+//!   last *committed* checkpoint, which every recovery starts at or above (the run files
+//!   drop a whole run once its newest entry is below it: later, never earlier).
 //!
 //! No I/O here: the disk tier is behind the [`SpillTable`] trait.
 
@@ -113,6 +115,10 @@ pub trait SpillTable: Send + fmt::Debug {
     fn is_empty(&self) -> Result<bool, DedupError> {
         Ok(self.len()? == 0)
     }
+    /// RAM the disk tier holds for its lookups (indexes), counted in [`Dedup::ram_bytes`].
+    fn ram_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// An in-memory [`SpillTable`] (tests, benches, and an aggregator without a store).
@@ -199,9 +205,14 @@ impl Dedup {
         let memory_bytes = memory_bytes.max(64 * 1024);
         let bloom_bits = memory_bytes / 4 * 8;
         let bloom_capacity = bloom_bits / BLOOM_BITS_PER_ID;
+        let max_recent = (memory_bytes - memory_bytes / 4) / RAM_ENTRY_BYTES;
         Dedup {
-            recent: FastMap::default(),
-            max_recent: (memory_bytes - memory_bytes / 4) / RAM_ENTRY_BYTES,
+            // Sized for the whole tier up front: growing by doubling rehashed every id
+            // up to 2M ids (~5% of the apply time until the first spill, and a pause per
+            // doubling). Within the budget (the tier's bound is what it would reach
+            // anyway); the OS maps the slots only as they are written.
+            recent: FastMap::with_capacity_and_hasher(max_recent, Default::default()),
+            max_recent,
             bloom: IdFilter::new(bloom_bits, bloom_capacity),
             live_at_rebuild: 0,
             disk,
@@ -328,7 +339,9 @@ impl Dedup {
 
     /// Approximate RAM held (RAM tier at its allocated capacity + Bloom filter).
     pub fn ram_bytes(&self) -> usize {
-        self.recent.capacity() * (16 + std::mem::size_of::<Entry>() + 1) + self.bloom.bytes()
+        self.recent.capacity() * (16 + std::mem::size_of::<Entry>() + 1)
+            + self.bloom.bytes()
+            + self.disk.ram_bytes()
     }
 
     /// Largest RAM-tier size before a spill.
