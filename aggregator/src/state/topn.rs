@@ -36,7 +36,8 @@
 //! (the ad's count is the sum of both). Once a minute is sealed, a freeze pass
 //! ([`TopIndex::freeze_due`], run once per seal) merges its live node into an immutable
 //! [`Frozen`] list: ads sorted by count with run-length encoded counts and a `u32`
-//! lookup table, ~13 bytes per ad instead of the ~37 of a node. A late click to a frozen
+//! lookup table, ~9 bytes per ad (13 for ids of 2^32 and up) instead of the ~37 of a
+//! node. A late click to a frozen
 //! minute goes to the segment's (small, new) live node; the live part is merged into a
 //! new frozen part once it reaches 1/8 of it. Complete hours freeze the same way; the
 //! hour still being filled is refrozen each time its live part doubles it.
@@ -343,17 +344,19 @@ fn mix(seed: u64, x: u64) -> u64 {
 }
 
 /// An immutable list: the counts of one sealed minute (or one complete hour) once late
-/// clicks have mostly stopped, ~13 bytes per ad instead of the ~37 of a [`Node`], and
+/// clicks have mostly stopped, ~9 bytes per ad (13 when an id needs 64 bits) instead of
+/// the ~37 of a [`Node`], and
 /// shared by `Arc` between the two published copies of the index (`super::published`):
 /// neither copy ever changes it, later clicks go to the segment's live [`Node`].
 ///
-/// Layout: the ads sorted by count, most first, in `ads`; the counts run-length encoded
+/// Layout: the ads sorted by count, most first, in `ads` (`u32`s while every id fits);
+/// the counts run-length encoded
 /// in `runs` (distinct counts are few: the long tail has counts 1, 2, 3...); a lookup
 /// table of positions (open addressing at load 0.8, linear probing, `u32`) for random
 /// access. Sorted access reads a run at a time with its exact count as the bound, which
 /// is tighter than a [`Node`]'s bucket bound.
 pub struct Frozen {
-    ads: Box<[u64]>,
+    ads: AdVec,
     /// `(count, end)`: run `r` is `ads[runs[r - 1].1..runs[r].1]`, every ad with `count`
     /// clicks; counts strictly decreasing.
     runs: Box<[(u64, u32)]>,
@@ -386,7 +389,12 @@ impl Frozen {
                 _ => runs.push((c, i as u32 + 1)),
             }
         }
-        let ads: Box<[u64]> = entries.iter().map(|e| e.0).collect();
+        // Ad ids below 2^32 (the common case) take 4 bytes instead of 8.
+        let ads = if entries.iter().all(|e| e.0 <= u64::from(u32::MAX)) {
+            AdVec::Narrow(entries.iter().map(|e| e.0 as u32).collect())
+        } else {
+            AdVec::Wide(entries.iter().map(|e| e.0).collect())
+        };
         drop(entries);
         let cap = (n + n / 4 + 1).max(1);
         let mut table = vec![0u32; cap].into_boxed_slice();
@@ -396,7 +404,7 @@ impl Frozen {
             table: Box::new([]),
             seed,
         };
-        for (pos, &ad) in f.ads.iter().enumerate() {
+        for (pos, ad) in f.ads.all().iter().enumerate() {
             let mut i = f.slot_of(ad, cap);
             while table[i] != 0 {
                 i = if i + 1 == cap { 0 } else { i + 1 };
@@ -431,7 +439,7 @@ impl Frozen {
                 return 0;
             }
             let pos = p as usize - 1;
-            if self.ads[pos] == ad {
+            if self.ads.at(pos) == ad {
                 return self.count_at(pos);
             }
             i = if i + 1 == cap { 0 } else { i + 1 };
@@ -439,25 +447,89 @@ impl Frozen {
     }
 
     /// Ads of run `r` and their count.
-    fn run(&self, r: usize) -> (&[u64], u64) {
+    fn run(&self, r: usize) -> (Ads<'_>, u64) {
         let start = r.checked_sub(1).map_or(0, |p| self.runs[p].1 as usize);
         let (count, end) = self.runs[r];
-        (&self.ads[start..end as usize], count)
+        (self.ads.slice(start, end as usize), count)
     }
 
     fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         (0..self.runs.len()).flat_map(move |r| {
             let (ads, c) = self.run(r);
-            ads.iter().map(move |&ad| (ad, c))
+            ads.iter().map(move |ad| (ad, c))
         })
     }
 
     fn heap_bytes(&self) -> usize {
         // The Arc's counts and the struct itself.
         16 + size_of::<Frozen>()
-            + self.ads.len() * 8
+            + self.ads.bytes()
             + self.runs.len() * size_of::<(u64, u32)>()
             + self.table.len() * 4
+    }
+}
+
+/// The ads of a frozen list: 4 bytes each while every id fits a `u32`.
+enum AdVec {
+    Narrow(Box<[u32]>),
+    Wide(Box<[u64]>),
+}
+
+impl AdVec {
+    fn len(&self) -> usize {
+        match self {
+            AdVec::Narrow(v) => v.len(),
+            AdVec::Wide(v) => v.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            AdVec::Narrow(v) => v.len() * 4,
+            AdVec::Wide(v) => v.len() * 8,
+        }
+    }
+
+    fn at(&self, i: usize) -> u64 {
+        match self {
+            AdVec::Narrow(v) => u64::from(v[i]),
+            AdVec::Wide(v) => v[i],
+        }
+    }
+
+    fn slice(&self, from: usize, to: usize) -> Ads<'_> {
+        match self {
+            AdVec::Narrow(v) => Ads::Narrow(&v[from..to]),
+            AdVec::Wide(v) => Ads::Wide(&v[from..to]),
+        }
+    }
+
+    fn all(&self) -> Ads<'_> {
+        self.slice(0, self.len())
+    }
+}
+
+/// A run of ads as sorted access reads it.
+#[derive(Clone, Copy)]
+enum Ads<'a> {
+    Narrow(&'a [u32]),
+    Wide(&'a [u64]),
+}
+
+impl<'a> Ads<'a> {
+    fn get(self, i: usize) -> Option<u64> {
+        match self {
+            Ads::Narrow(v) => v.get(i).map(|&a| u64::from(a)),
+            Ads::Wide(v) => v.get(i).copied(),
+        }
+    }
+
+    fn iter(self) -> impl Iterator<Item = u64> + 'a {
+        let (n, w): (&'a [u32], &'a [u64]) = match self {
+            Ads::Narrow(v) => (v, &[]),
+            Ads::Wide(v) => (&[], v),
+        };
+        n.iter().map(|&a| u64::from(a)).chain(w.iter().copied())
     }
 }
 
@@ -589,9 +661,12 @@ impl<'a> List<'a> {
     }
 
     /// The ads of run `r` and the bound on their counts.
-    fn run(self, r: usize) -> (&'a [u64], u64) {
+    fn run(self, r: usize) -> (Ads<'a>, u64) {
         match self {
-            List::Live(n) => (n.buckets.get(r).map_or(&[][..], |b| &b[..]), bucket_max(r)),
+            List::Live(n) => (
+                Ads::Wide(n.buckets.get(r).map_or(&[][..], |b| &b[..])),
+                bucket_max(r),
+            ),
             List::Frozen(f) => f.run(r),
         }
     }
@@ -1033,7 +1108,7 @@ impl TopIndex {
                 if best.nth_sum().is_some_and(|s| u128::from(s) > threshold) {
                     break 'lists;
                 }
-                let Some(&ad) = ads.get(cur.pos) else {
+                let Some(ad) = ads.get(cur.pos) else {
                     // Run consumed: this list's bound drops to the next run's (or to 0
                     // when it is exhausted).
                     threshold -= u128::from(bound);
