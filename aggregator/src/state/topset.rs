@@ -50,8 +50,9 @@ impl IndexField {
     ];
 
     /// The default set: the advertiser (every advertiser key's TopAds is scoped to it)
-    /// and the country (the most asked dimension). Each field costs ~95 bytes per minute
-    /// cell (two copies) and ~8% of the apply rate (BENCHMARKS.md); the others are opt-in.
+    /// and the country (the most asked dimension). Each field costs ~15 bytes per minute
+    /// cell (frozen lists, shared by the two published copies; ~95 before they were) and
+    /// ~8% of the apply rate (BENCHMARKS.md); the others are opt-in.
     /// Without them a filter stays exact: a campaign within an advertiser's key is bounded
     /// by the advertiser's index, for example.
     pub const DEFAULT: [IndexField; 2] = [IndexField::Advertiser, IndexField::Country];
