@@ -1336,11 +1336,10 @@ impl IndexPath {
             view: Arc::new(View {
                 invalid_clicks: Default::default(),
                 click_index_since_ms: i64::MIN,
-                tops: vec![ArcSwap::from_pointee(self.shard.top_set(
-                    self.combos.keys(),
-                    &self.owners,
-                    fields,
-                ))],
+                // Published as the engine publishes a restored shard's index (frozen).
+                tops: vec![
+                    TopWriter::new(self.shard.top_set(self.combos.keys(), &self.owners, fields)).1,
+                ],
                 shards: vec![RwLock::new(self.shard)],
                 watermark_ms: AtomicI64::new(watermark_ms),
                 meta: ArcSwap::from_pointee(QueryMeta {

@@ -11,20 +11,28 @@
 //! unless a TopAds query holds the other copy, then when it ends.
 //! The log grows with the clicks that arrive while such a query runs.
 //!
-//! Two copies of the indexes cost their memory twice and each change is applied twice; in
-//! exchange a TopAds query never touches a lock the writer takes (except a filter over
-//! several fields, which checks exact counts in the cells). The cells (GetAdClicks) are
-//! still read under the shard's read-write lock.
+//! Each change is applied to both copies; in exchange a TopAds query never touches a lock
+//! the writer takes (except a filter over several fields, which checks exact counts in the
+//! cells). The cells (GetAdClicks) are still read under the shard's read-write lock.
+//!
+//! Memory is not held twice for most of the index: after each seal the copy being
+//! updated freezes its sealed minutes ([`TopSet::freeze_due`]) and logs the frozen parts
+//! as [`TopOp::Install`]s, which the other copy applies in its turn instead of freezing
+//! its own. At that point in the log both copies hold the same counts, so the shared
+//! frozen part stands for either. A frozen part is immutable (later clicks go to each
+//! copy's own live part), so a reader holding one copy never sees it change. Only the
+//! live parts (the minutes still taking clicks, late deltas, the hour being filled) are
+//! held twice.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::topset::{ClickKeys, TopSet};
+use super::topset::{ClickKeys, Install, TopSet};
 
 /// One change to a top-N index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum TopOp {
     /// `by` clicks for `ad` in minute index `minute`.
     Add {
@@ -41,18 +49,22 @@ pub enum TopOp {
     Seal(i64),
     /// [`TopSet::evict_before`] this minute index.
     Evict(i64),
+    /// A frozen part the other copy made ([`TopSet::freeze_due`]); logged by the writer
+    /// itself, never pushed.
+    Install(Install),
 }
 
-fn apply(idx: &mut TopSet, op: TopOp) {
+fn apply(idx: &mut TopSet, op: &TopOp) {
     match op {
         TopOp::Add {
             ad,
             minute,
             by,
             keys,
-        } => idx.add(ad, minute, by, &keys),
-        TopOp::Seal(m) => idx.seal(m),
-        TopOp::Evict(m) => idx.evict_before(m),
+        } => idx.add(*ad, *minute, *by, keys),
+        TopOp::Seal(m) => idx.seal(*m),
+        TopOp::Evict(m) => idx.evict_before(*m),
+        TopOp::Install(i) => idx.install(i),
     }
 }
 
@@ -67,11 +79,15 @@ pub struct TopWriter {
     total: u64,
     stale_at: u64,
     published_at: u64,
+    /// A seal was pushed since the last freeze pass.
+    freeze_pending: bool,
 }
 
 impl TopWriter {
     /// Starts from `index`, published in a new [`ArcSwap`] for readers.
-    pub fn new(index: TopSet) -> (Self, ArcSwap<TopSet>) {
+    pub fn new(mut index: TopSet) -> (Self, ArcSwap<TopSet>) {
+        // Frozen before the copy is made, so that both copies share the frozen parts.
+        index.freeze_due();
         let shared = ArcSwap::from_pointee(index.clone());
         let w = TopWriter {
             stale: Arc::new(index),
@@ -79,12 +95,14 @@ impl TopWriter {
             total: 0,
             stale_at: 0,
             published_at: 0,
+            freeze_pending: false,
         };
         (w, shared)
     }
 
     /// Records a change (visible to readers after the next successful [`TopWriter::publish`]).
     pub fn push(&mut self, op: TopOp) {
+        self.freeze_pending |= matches!(op, TopOp::Seal(_));
         self.log.push_back(op);
         self.total += 1;
     }
@@ -104,7 +122,16 @@ impl TopWriter {
             return false;
         };
         for op in &self.log {
-            apply(idx, *op);
+            apply(idx, op);
+        }
+        if std::mem::take(&mut self.freeze_pending) {
+            // Once per seal (a minute): this copy freezes what is due and logs the frozen
+            // parts for the other copy, which holds the same counts once it has applied
+            // the log up to here, so both share one frozen part.
+            for i in idx.freeze_due() {
+                self.log.push_back(TopOp::Install(i));
+                self.total += 1;
+            }
         }
         let fresh = self.stale.clone();
         // The copy readers saw until now comes back; it lacks what was logged after it
@@ -119,13 +146,15 @@ impl TopWriter {
 
     /// Replaces both copies with `index` (rebuilt from the cells after a repair): readers
     /// see the old index until the swap, the new one after, never a mix.
-    pub fn reset(&mut self, index: TopSet, shared: &ArcSwap<TopSet>) {
+    pub fn reset(&mut self, mut index: TopSet, shared: &ArcSwap<TopSet>) {
+        index.freeze_due();
         shared.store(Arc::new(index.clone()));
         self.stale = Arc::new(index);
         self.log.clear();
         self.total = 0;
         self.stale_at = 0;
         self.published_at = 0;
+        self.freeze_pending = false;
     }
 
     /// Ops waiting in the log (for metrics and tests).
@@ -137,8 +166,78 @@ impl TopWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::topset::FilterKey;
+    use crate::state::topset::{FilterKey, IndexField};
     use proptest::prelude::*;
+
+    fn add(ad: u64, minute: i64, country: u8) -> TopOp {
+        let mut keys = ClickKeys::default();
+        keys.dims.country = [b'A' + country, b'A'];
+        TopOp::Add {
+            ad,
+            minute,
+            by: 1,
+            keys,
+        }
+    }
+
+    /// Sealed minutes are frozen once and shared by both copies; a late click into a frozen
+    /// minute shows in the next snapshot, not in the one a reader already holds, and does
+    /// not copy the frozen part.
+    #[test]
+    fn frozen_minutes_are_shared_and_late_clicks_reach_the_next_snapshot_only() {
+        let (mut w, shared) = TopWriter::new(TopSet::with_fields(&[IndexField::Country]));
+        // Minutes 0..5, ad a has a+1 clicks per minute, in country a % 2.
+        for m in 0..5 {
+            for a in 0..6u64 {
+                for _ in 0..=a {
+                    w.push(add(a, m, (a % 2) as u8));
+                }
+            }
+        }
+        w.push(TopOp::Seal(4));
+        assert!(w.publish(&shared));
+        // The next publish brings the other copy up to date, frozen parts included.
+        w.push(add(0, 4, 0));
+        assert!(w.publish(&shared));
+        let frozen = shared.load().frozen_parts();
+        // Minutes 0..4 of the unfiltered index and of the two countries.
+        assert_eq!(frozen.len(), 12, "{frozen:?}");
+        assert_eq!(
+            w.stale.frozen_parts(),
+            frozen,
+            "both copies share every frozen part"
+        );
+        assert!(shared.load().frozen_bytes() > 0);
+
+        let old = shared.load_full();
+        let us = |s: &TopSet| {
+            s.index(FilterKey::Country([b'A', b'A']))
+                .map(|i| i.top(3, 0, 5))
+        };
+        assert_eq!(old.all.top(2, 0, 5), vec![(5, 30), (4, 25)]);
+        assert_eq!(us(&old), Some(vec![(4, 25), (2, 15), (0, 6)]));
+        // Late clicks into frozen minute 1: ad 0 jumps from 6 to 30 clicks.
+        for _ in 0..24 {
+            w.push(add(0, 1, 0));
+        }
+        assert!(w.publish(&shared), "the copy to update is not held");
+        let new = shared.load_full();
+        assert_eq!(new.all.top(2, 0, 5), vec![(0, 30), (5, 30)]);
+        assert_eq!(new.all.count(0, 1, 2), 25);
+        assert_eq!(us(&new), Some(vec![(0, 30), (4, 25), (2, 15)]));
+        // The snapshot held before is unchanged.
+        assert_eq!(old.all.top(2, 0, 5), vec![(5, 30), (4, 25)]);
+        assert_eq!(old.all.count(0, 1, 2), 1);
+        assert_eq!(us(&old), Some(vec![(4, 25), (2, 15), (0, 6)]));
+        // Nothing frozen was copied: the late clicks sit in the new copy's live part.
+        assert_eq!(new.frozen_parts(), frozen);
+        assert_eq!(old.frozen_parts(), frozen);
+        drop(old);
+        w.push(add(3, 4, 1));
+        assert!(w.publish(&shared));
+        assert_eq!(shared.load().all.top(2, 0, 5), vec![(0, 30), (5, 30)]);
+        assert_eq!(shared.load().all.count(3, 0, 5), 21);
+    }
 
     proptest! {
         /// Whatever readers hold and whenever they let go, a successful publish shows
@@ -162,8 +261,8 @@ mod tests {
                         TopOp::Add { ad, minute, by: 1, keys }
                     }
                 };
+                apply(&mut model, &op);
                 w.push(op);
-                apply(&mut model, op);
                 if hold {
                     let snap = shared.load_full();
                     let seen = snap.all.top(10, 0, 30);

@@ -30,9 +30,32 @@
 //! long-tail data, hence [`TopIndex::minutes_only`] for when long ranges are
 //! rare.
 //!
+//! # Frozen segments (memory)
+//!
+//! A minute (or hour) is a *segment*: an optional [`Frozen`] part plus a live `Node`
+//! (the ad's count is the sum of both). Once a minute is sealed, a freeze pass
+//! ([`TopIndex::freeze_due`], run once per seal) merges its live node into an immutable
+//! [`Frozen`] list: ads sorted by count with run-length encoded counts and a `u32`
+//! lookup table with 8-bit tags, ~10 bytes per ad (14 for ids of 2^32 and up) instead of
+//! the ~37 of a node. A late click to a frozen
+//! minute goes to the segment's (small, new) live node; the live part is merged into a
+//! new frozen part once it reaches 1/8 of it. Complete hours freeze the same way; the
+//! hour still being filled is refrozen each time its live part doubles it.
+//!
+//! The frozen part is shared by `Arc`: the two published copies of an index
+//! (`super::published`) hold the same counts, so the copy that freezes hands its
+//! frozen parts to the other ([`TopIndex::install`]), and only the live parts (the
+//! minutes still taking clicks, and late deltas) are held twice. Readers never see a
+//! frozen part change: nothing writes to one after it is built.
+//!
+//! Eviction drops an hour as soon as it loses a minute (its live minutes answer for
+//! it), so a frozen hour never needs a subtraction.
+//!
 //! # Query: Fagin's Threshold Algorithm, with bucket bounds
 //!
-//! The lists covering the range are read by *sorted access*, always from the
+//! The lists covering the range (each segment gives one or two: frozen and live) are
+//! read by *sorted access*, one *run* at a time (a live node's count bucket, a frozen
+//! list's ads of one exact count), always from the
 //! list whose current bucket has the highest upper bound; each newly seen ad
 //! gets its exact range sum by *random access* (a lookup in every list), and
 //! the best `n` are kept in a bounded heap. The threshold `T` is the sum over
@@ -62,8 +85,8 @@
 //! random accesses exceed it, it switches to one exact aggregation pass over
 //! those cells. A query thus never costs more than about twice a plain scan of
 //! its range, and on skewed data it costs far less. `count`: O(k). Eviction:
-//! O(1) per dropped node, plus O(cells) of a partially evicted hour (its hour
-//! aggregate is decremented so that it stays the sum of its live minutes).
+//! O(1) per dropped segment. Freezing: O(c log c) for a segment of `c` ads, once per
+//! minute, and O(1) amortized per ad for the hour being filled.
 //!
 //! # Limits
 //!
@@ -73,9 +96,10 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 
 /// Minutes per aggregated hour node.
 const HOUR: i64 = 60;
@@ -225,15 +249,6 @@ impl Node {
         self.set(ad, old, new);
     }
 
-    /// Removes `by` clicks (used only to keep a partially evicted hour equal
-    /// to the sum of its live minutes).
-    fn sub(&mut self, ad: u64, by: u64) {
-        if let Some(&s) = self.slots.get(&ad) {
-            let old = self.resolve(ad, s);
-            self.set(ad, Some((old, s.pos)), old.saturating_sub(by));
-        }
-    }
-
     /// Moves `ad` from its old `(count, pos)` to count `new` (0 removes it).
     fn set(&mut self, ad: u64, old: Option<(u64, u32)>, new: u64) {
         let pos = match old {
@@ -321,6 +336,355 @@ fn map_bytes<V>(m: &Map<V>) -> usize {
     buckets * (size_of::<(u64, V)>() + 1) + 16
 }
 
+/// The murmur3 finalizer of `seed ^ x`: what [`MixHasher`] computes for one `u64`.
+fn mix(seed: u64, x: u64) -> u64 {
+    let mut h = MixHasher(seed);
+    h.write_u64(x);
+    h.finish()
+}
+
+/// An immutable list: the counts of one sealed minute (or one complete hour) once late
+/// clicks have mostly stopped, ~10 bytes per ad (14 when an id needs 64 bits) instead of
+/// the ~37 of a [`Node`], and
+/// shared by `Arc` between the two published copies of the index (`super::published`):
+/// neither copy ever changes it, later clicks go to the segment's live [`Node`].
+///
+/// Layout: the ads sorted by count, most first, in `ads` (`u32`s while every id fits);
+/// the counts run-length encoded
+/// in `runs` (distinct counts are few: the long tail has counts 1, 2, 3...); a lookup
+/// table of positions (open addressing at load 0.8, linear probing, `u32`) for random
+/// access. Sorted access reads a run at a time with its exact count as the bound, which
+/// is tighter than a [`Node`]'s bucket bound.
+pub struct Frozen {
+    ads: AdVec,
+    /// `(count, end)`: run `r` is `ads[runs[r - 1].1..runs[r].1]`, every ad with `count`
+    /// clicks; counts strictly decreasing.
+    runs: Box<[(u64, u32)]>,
+    /// Position + 1 in `ads` (0: empty slot).
+    table: Box<[u32]>,
+    /// Per slot, 8 bits of the ad's hash: a probe reads `ads` (a cache miss) only on a tag
+    /// match. Most lookups are misses (an ad is in few of the lists a query reads), and
+    /// linear probing at load 0.8 passes ~13 slots on a miss: sequential in `table` and
+    /// `tags`, random in `ads`.
+    tags: Box<[u8]>,
+    seed: u64,
+}
+
+impl fmt::Debug for Frozen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Frozen")
+            .field("ads", &self.ads.len())
+            .field("runs", &self.runs.len())
+            .finish()
+    }
+}
+
+impl Frozen {
+    /// From `(ad, count)` pairs, each ad at most once; zero counts are left out.
+    fn build(mut entries: Vec<(u64, u64)>, seed: u64) -> Frozen {
+        entries.retain(|e| e.1 > 0);
+        // Ties in any order: a run is read as a whole.
+        entries.sort_unstable_by_key(|e| Reverse(e.1));
+        let n = entries.len();
+        debug_assert!(n < u32::MAX as usize);
+        let mut runs: Vec<(u64, u32)> = Vec::new();
+        for (i, &(_, c)) in entries.iter().enumerate() {
+            match runs.last_mut() {
+                Some(r) if r.0 == c => r.1 = i as u32 + 1,
+                _ => runs.push((c, i as u32 + 1)),
+            }
+        }
+        // Ad ids below 2^32 (the common case) take 4 bytes instead of 8.
+        let ads = if entries.iter().all(|e| e.0 <= u64::from(u32::MAX)) {
+            AdVec::Narrow(entries.iter().map(|e| e.0 as u32).collect())
+        } else {
+            AdVec::Wide(entries.iter().map(|e| e.0).collect())
+        };
+        drop(entries);
+        let cap = (n + n / 4 + 1).max(1);
+        let mut table = vec![0u32; cap].into_boxed_slice();
+        let mut tags = vec![0u8; cap].into_boxed_slice();
+        let mut f = Frozen {
+            ads,
+            runs: runs.into_boxed_slice(),
+            table: Box::new([]),
+            tags: Box::new([]),
+            seed,
+        };
+        for (pos, ad) in f.ads.all().iter().enumerate() {
+            let (mut i, tag) = f.slot_of(ad, cap);
+            while table[i] != 0 {
+                i = if i + 1 == cap { 0 } else { i + 1 };
+            }
+            table[i] = pos as u32 + 1;
+            tags[i] = tag;
+        }
+        f.table = table;
+        f.tags = tags;
+        f
+    }
+
+    /// Home slot of `ad` in a table of `cap` slots (multiply-shift range reduction on the
+    /// high bits: the table need not be a power of two, so its load stays near 0.8) and
+    /// its tag (the low 8 bits).
+    fn slot_of(&self, ad: u64, cap: usize) -> (usize, u8) {
+        let h = mix(self.seed, ad);
+        (((u128::from(h) * cap as u128) >> 64) as usize, h as u8)
+    }
+
+    fn len(&self) -> usize {
+        self.ads.len()
+    }
+
+    fn count_at(&self, pos: usize) -> u64 {
+        let r = self.runs.partition_point(|&(_, end)| end as usize <= pos);
+        self.runs.get(r).map_or(0, |r| r.0)
+    }
+
+    fn get(&self, ad: u64) -> u64 {
+        let cap = self.table.len();
+        let (mut i, tag) = self.slot_of(ad, cap);
+        loop {
+            let p = self.table[i];
+            if p == 0 {
+                return 0;
+            }
+            if self.tags[i] == tag {
+                let pos = p as usize - 1;
+                if self.ads.at(pos) == ad {
+                    return self.count_at(pos);
+                }
+            }
+            i = if i + 1 == cap { 0 } else { i + 1 };
+        }
+    }
+
+    /// Ads of run `r` and their count.
+    fn run(&self, r: usize) -> (Ads<'_>, u64) {
+        let start = r.checked_sub(1).map_or(0, |p| self.runs[p].1 as usize);
+        let (count, end) = self.runs[r];
+        (self.ads.slice(start, end as usize), count)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        (0..self.runs.len()).flat_map(move |r| {
+            let (ads, c) = self.run(r);
+            ads.iter().map(move |ad| (ad, c))
+        })
+    }
+
+    fn heap_bytes(&self) -> usize {
+        // The Arc's counts and the struct itself.
+        16 + size_of::<Frozen>()
+            + self.ads.bytes()
+            + self.runs.len() * size_of::<(u64, u32)>()
+            + self.table.len() * 5
+    }
+}
+
+/// The ads of a frozen list: 4 bytes each while every id fits a `u32`.
+enum AdVec {
+    Narrow(Box<[u32]>),
+    Wide(Box<[u64]>),
+}
+
+impl AdVec {
+    fn len(&self) -> usize {
+        match self {
+            AdVec::Narrow(v) => v.len(),
+            AdVec::Wide(v) => v.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            AdVec::Narrow(v) => v.len() * 4,
+            AdVec::Wide(v) => v.len() * 8,
+        }
+    }
+
+    fn at(&self, i: usize) -> u64 {
+        match self {
+            AdVec::Narrow(v) => u64::from(v[i]),
+            AdVec::Wide(v) => v[i],
+        }
+    }
+
+    fn slice(&self, from: usize, to: usize) -> Ads<'_> {
+        match self {
+            AdVec::Narrow(v) => Ads::Narrow(&v[from..to]),
+            AdVec::Wide(v) => Ads::Wide(&v[from..to]),
+        }
+    }
+
+    fn all(&self) -> Ads<'_> {
+        self.slice(0, self.len())
+    }
+}
+
+/// A run of ads as sorted access reads it.
+#[derive(Clone, Copy)]
+enum Ads<'a> {
+    Narrow(&'a [u32]),
+    Wide(&'a [u64]),
+}
+
+impl<'a> Ads<'a> {
+    fn get(self, i: usize) -> Option<u64> {
+        match self {
+            Ads::Narrow(v) => v.get(i).map(|&a| u64::from(a)),
+            Ads::Wide(v) => v.get(i).copied(),
+        }
+    }
+
+    fn iter(self) -> impl Iterator<Item = u64> + 'a {
+        let (n, w): (&'a [u32], &'a [u64]) = match self {
+            Ads::Narrow(v) => (v, &[]),
+            Ads::Wide(v) => (&[], v),
+        };
+        n.iter().map(|&a| u64::from(a)).chain(w.iter().copied())
+    }
+}
+
+/// One minute (or hour) of an index: its frozen part, shared between the published copies,
+/// plus what was added since it was frozen (every click of a minute not yet frozen).
+/// An ad's count is the sum of both; the Threshold Algorithm reads them as two lists.
+#[derive(Clone, Default)]
+struct Seg {
+    frozen: Option<Arc<Frozen>>,
+    live: Option<Box<Node>>,
+}
+
+impl Seg {
+    fn live_len(&self) -> usize {
+        self.live.as_ref().map_or(0, |n| n.len())
+    }
+
+    fn frozen_len(&self) -> usize {
+        self.frozen.as_ref().map_or(0, |f| f.len())
+    }
+
+    /// Adds `by` clicks of `ad`; true when the live part was empty before (the segment has
+    /// just become a candidate for freezing).
+    fn add(&mut self, ad: u64, by: u64, seed: Seeded) -> bool {
+        let live = self.live.get_or_insert_with(|| Box::new(Node::new(seed)));
+        let was_empty = live.len() == 0;
+        live.add(ad, by);
+        was_empty
+    }
+
+    /// Its lists, for queries (an empty live part is no list).
+    fn push_lists<'a>(&'a self, out: &mut Vec<List<'a>>) {
+        if let Some(f) = &self.frozen {
+            out.push(List::Frozen(f));
+        }
+        if let Some(n) = self.live.as_deref()
+            && n.len() > 0
+        {
+            out.push(List::Live(n));
+        }
+    }
+
+    /// Every ad with its total count, each once.
+    fn entries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let frozen = self.frozen.as_deref();
+        let live = self.live.as_deref();
+        let from_frozen = frozen.into_iter().flat_map(move |f| {
+            f.iter()
+                .map(move |(ad, c)| (ad, c.saturating_add(live.map_or(0, |n| n.get(ad)))))
+        });
+        let only_live = live.into_iter().flat_map(move |n| {
+            n.iter()
+                .filter(move |&(ad, _)| frozen.is_none_or(|f| f.get(ad) == 0))
+        });
+        from_frozen.chain(only_live)
+    }
+
+    /// Number of ads with clicks.
+    fn len(&self) -> usize {
+        match (&self.frozen, self.live.as_deref()) {
+            (None, None) => 0,
+            (None, Some(n)) => n.len(),
+            (Some(f), None) => f.len(),
+            (Some(f), Some(n)) => f.len() + n.iter().filter(|&(ad, _)| f.get(ad) == 0).count(),
+        }
+    }
+
+    /// Merges the live part into a new frozen part and returns it (for the other copy).
+    fn freeze(&mut self, seed: u64) -> Arc<Frozen> {
+        let f = Arc::new(Frozen::build(self.entries().collect(), seed));
+        self.frozen = Some(f.clone());
+        self.live = None;
+        f
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.frozen.as_ref().map_or(0, |f| f.heap_bytes())
+            + self
+                .live
+                .as_ref()
+                .map_or(0, |n| size_of::<Node>() + n.heap_bytes())
+    }
+}
+
+/// One list as the Threshold Algorithm reads it: runs of ads in non-increasing order of
+/// count, each with an upper bound on the counts in it and below.
+#[derive(Clone, Copy)]
+enum List<'a> {
+    /// A mutable list: runs are its count buckets, bounds the buckets' upper edges.
+    Live(&'a Node),
+    /// A frozen list: runs are exact counts.
+    Frozen(&'a Frozen),
+}
+
+impl<'a> List<'a> {
+    fn len(self) -> usize {
+        match self {
+            List::Live(n) => n.len(),
+            List::Frozen(f) => f.len(),
+        }
+    }
+
+    fn get(self, ad: u64) -> u64 {
+        match self {
+            List::Live(n) => n.get(ad),
+            List::Frozen(f) => f.get(ad),
+        }
+    }
+
+    fn iter(self) -> impl Iterator<Item = (u64, u64)> + 'a {
+        let (live, frozen) = match self {
+            List::Live(n) => (Some(n), None),
+            List::Frozen(f) => (None, Some(f)),
+        };
+        live.into_iter()
+            .flat_map(|n| n.iter())
+            .chain(frozen.into_iter().flat_map(|f| f.iter()))
+    }
+
+    /// The run after `r` (`None`: the first), `None` when the list is exhausted.
+    fn next_run(self, r: Option<usize>) -> Option<usize> {
+        match self {
+            List::Live(n) => n.next_bucket(r.unwrap_or(usize::MAX)),
+            List::Frozen(f) => {
+                let next = r.map_or(0, |r| r + 1);
+                (next < f.runs.len()).then_some(next)
+            }
+        }
+    }
+
+    /// The ads of run `r` and the bound on their counts.
+    fn run(self, r: usize) -> (Ads<'a>, u64) {
+        match self {
+            List::Live(n) => (
+                Ads::Wide(n.buckets.get(r).map_or(&[][..], |b| &b[..])),
+                bucket_max(r),
+            ),
+            List::Frozen(f) => f.run(r),
+        }
+    }
+}
+
 /// The `n` best `(sum, ad)` seen so far; the heap top is the worst of them.
 struct Best {
     n: usize,
@@ -372,8 +736,26 @@ impl Best {
 /// Sorted-access position in one list.
 #[derive(Clone, Copy)]
 struct Cursor {
-    bucket: usize,
+    run: usize,
     pos: usize,
+}
+
+/// A live part at least 1/`DELTA_SHARE` the size of its segment's frozen part gets merged
+/// into a new frozen part at the next freeze pass (late clicks into an old minute).
+const DELTA_SHARE: usize = 8;
+
+/// The hour still being filled (by seals, a minute at a time) is refrozen when its live
+/// part reaches the size of its frozen part and at least this many ads: doubling, so each
+/// ad is copied O(1) times on average and at most half of the hour is live.
+const HOUR_REFREEZE_MIN: usize = 4096;
+
+/// Where a frozen part goes: the segment of an hour or of a minute, by its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SegKey {
+    /// An hour segment (key `minute.div_euclid(60)`), else a minute.
+    pub hour: bool,
+    /// Minute index, or hour index.
+    pub start: i64,
 }
 
 /// Exact, incrementally maintained top-N index over per-minute click counts.
@@ -381,10 +763,11 @@ struct Cursor {
 /// See the module documentation for the algorithm and why it is exact.
 #[derive(Clone)]
 pub struct TopIndex {
-    minutes: BTreeMap<i64, Node>,
+    minutes: BTreeMap<i64, Seg>,
     /// Aggregates keyed by `minute.div_euclid(60)`; empty when the hour
-    /// level is off.
-    hours: BTreeMap<i64, Node>,
+    /// level is off. Only hours whose every minute is live are kept: the hour containing
+    /// the eviction point is dropped, its remaining minutes answer for it.
+    hours: BTreeMap<i64, Seg>,
     hour_level: bool,
     /// Minutes below this were evicted; adds to them are ignored.
     evicted_before: i64,
@@ -392,6 +775,8 @@ pub struct TopIndex {
     /// to an unsealed minute touches only its minute list (the per-click path); the hour
     /// gets the minute's counts, per ad not per click, when [`TopIndex::seal`] passes it.
     sealed_before: i64,
+    /// Segments whose live part is not empty: what [`TopIndex::freeze_due`] looks at.
+    dirty: BTreeSet<SegKey>,
     seed: Seeded,
 }
 
@@ -411,6 +796,11 @@ impl fmt::Debug for TopIndex {
             .field("evicted_before", &self.evicted_before)
             .finish()
     }
+}
+
+/// `ceil(m / 60)`: the first hour starting at or after minute `m`.
+fn first_hour_from(m: i64) -> i64 {
+    m.div_euclid(HOUR) + i64::from(m.rem_euclid(HOUR) != 0)
 }
 
 impl TopIndex {
@@ -433,8 +823,15 @@ impl TopIndex {
             hour_level,
             evicted_before: i64::MIN,
             sealed_before: i64::MIN,
+            dirty: BTreeSet::new(),
             seed: Seeded::random(),
         }
+    }
+
+    /// The first hour that may have an hour segment: hours before it lost minutes to
+    /// eviction.
+    fn first_live_hour(&self) -> i64 {
+        first_hour_from(self.evicted_before)
     }
 
     /// Adds `by` clicks to `(ad, minute)`. `by == 0` and minutes already
@@ -444,15 +841,24 @@ impl TopIndex {
             return;
         }
         let seed = self.seed;
-        self.minutes
-            .entry(minute)
-            .or_insert_with(|| Node::new(seed))
-            .add(ad, by);
-        if self.hour_level && minute < self.sealed_before {
-            self.hours
-                .entry(minute.div_euclid(HOUR))
-                .or_insert_with(|| Node::new(seed))
-                .add(ad, by);
+        if self.minutes.entry(minute).or_default().add(ad, by, seed) {
+            self.dirty.insert(SegKey {
+                hour: false,
+                start: minute,
+            });
+        }
+        let hour = minute.div_euclid(HOUR);
+        if self.hour_level && minute < self.sealed_before && hour >= self.first_live_hour() {
+            self.add_hour(hour, ad, by);
+        }
+    }
+
+    fn add_hour(&mut self, hour: i64, ad: u64, by: u64) {
+        if self.hours.entry(hour).or_default().add(ad, by, self.seed) {
+            self.dirty.insert(SegKey {
+                hour: true,
+                start: hour,
+            });
         }
     }
 
@@ -463,18 +869,87 @@ impl TopIndex {
             return;
         }
         if self.hour_level {
-            let seed = self.seed;
-            for (&m, node) in self.minutes.range(self.sealed_before..before) {
-                let hour = self
-                    .hours
-                    .entry(m.div_euclid(HOUR))
-                    .or_insert_with(|| Node::new(seed));
-                for (ad, c) in node.iter() {
-                    hour.add(ad, c);
+            let first = self.first_live_hour();
+            let sealing: Vec<(i64, Vec<(u64, u64)>)> = self
+                .minutes
+                .range(self.sealed_before..before)
+                .filter(|(m, _)| m.div_euclid(HOUR) >= first)
+                .map(|(&m, seg)| (m.div_euclid(HOUR), seg.entries().collect()))
+                .collect();
+            for (hour, entries) in sealing {
+                for (ad, c) in entries {
+                    self.add_hour(hour, ad, c);
                 }
             }
         }
         self.sealed_before = before;
+    }
+
+    /// Freezes the segments that are due (see [`Frozen`]): sealed minutes, and hours
+    /// whose minutes are all sealed, with their live part merged in once it is
+    /// 1/[`DELTA_SHARE`] of the frozen part; the hour still being filled when its live part
+    /// doubles it. Returns the new frozen parts: the other published copy, holding the
+    /// same counts, installs them ([`TopIndex::install`]) instead of building its own.
+    pub fn freeze_due(&mut self) -> Vec<(SegKey, Arc<Frozen>)> {
+        let mut out = Vec::new();
+        let seed = self.seed.0;
+        for key in std::mem::take(&mut self.dirty) {
+            let map = if key.hour {
+                &mut self.hours
+            } else {
+                &mut self.minutes
+            };
+            let Some(seg) = map.get_mut(&key.start) else {
+                continue;
+            };
+            let (live, frozen) = (seg.live_len(), seg.frozen_len());
+            if live == 0 {
+                continue;
+            }
+            let complete = if key.hour {
+                key.start
+                    .checked_add(1)
+                    .and_then(|h| h.checked_mul(HOUR))
+                    .is_some_and(|end| end <= self.sealed_before)
+            } else {
+                key.start < self.sealed_before
+            };
+            let filling = key.hour
+                && !complete
+                && key
+                    .start
+                    .checked_mul(HOUR)
+                    .is_some_and(|s| s < self.sealed_before);
+            let due = if complete {
+                live.saturating_mul(DELTA_SHARE) >= frozen
+            } else {
+                filling && live >= frozen.max(HOUR_REFREEZE_MIN)
+            };
+            if due {
+                out.push((key, seg.freeze(seed)));
+            } else {
+                self.dirty.insert(key);
+            }
+        }
+        out
+    }
+
+    /// Replaces segment `key` by `frozen` alone: `frozen` was built by the other copy from
+    /// exactly the counts this copy holds for it now (same changes, same order).
+    pub fn install(&mut self, key: SegKey, frozen: &Arc<Frozen>) {
+        let map = if key.hour {
+            &mut self.hours
+        } else {
+            &mut self.minutes
+        };
+        if let Some(seg) = map.get_mut(&key.start) {
+            debug_assert_eq!(seg.len(), frozen.len(), "installing different counts");
+            seg.frozen = Some(frozen.clone());
+            seg.live = None;
+            self.dirty.remove(&key);
+        } else {
+            debug_assert!(false, "installing a segment this copy does not have");
+        }
     }
 
     /// Exact top `n` over minutes `[from, to)`: `(ad, clicks)`, most clicks
@@ -500,46 +975,62 @@ impl TopIndex {
         // Evicted minutes are always sealed, so the hour they leave holds them.
         self.seal(before);
         self.evicted_before = before;
-        let kept = self.minutes.split_off(&before);
-        let evicted = std::mem::replace(&mut self.minutes, kept);
-        if !self.hour_level {
-            return;
-        }
-        let cut = before.div_euclid(HOUR);
-        // Hours wholly below `before` go at once; no decrements needed.
-        self.hours = self.hours.split_off(&cut);
-        if before.rem_euclid(HOUR) == 0 {
-            return;
-        }
-        // The hour containing `before` loses only some minutes: subtract
-        // them so it stays the exact sum of its live minutes.
-        if let Some(hour) = self.hours.get_mut(&cut) {
-            for (_, node) in evicted.iter().filter(|(m, _)| m.div_euclid(HOUR) == cut) {
-                for (ad, c) in node.iter() {
-                    hour.sub(ad, c);
-                }
-            }
-            if hour.len() == 0 {
-                self.hours.remove(&cut);
-            }
-        }
+        self.minutes = self.minutes.split_off(&before);
+        // The hour containing `before` goes too when it loses some minutes (its live
+        // minutes answer for it): no subtraction, so frozen hours never change.
+        self.hours = self.hours.split_off(&self.first_live_hour());
+        self.dirty = self.dirty.split_off(&SegKey {
+            hour: false,
+            start: before,
+        });
+        let first_hour = self.first_live_hour();
+        self.dirty.retain(|k| !k.hour || k.start >= first_hour);
     }
 
     /// Approximate heap bytes held by the index (maps, buckets, B-tree
-    /// entries); query-time scratch space is not included.
+    /// entries); query-time scratch space is not included. A frozen part shared with the
+    /// other published copy is counted in both.
     pub fn heap_bytes(&self) -> usize {
         // B-tree nodes hold up to 11 entries; assume ~2/3 full.
-        let tree_entry = size_of::<(i64, Node)>() * 3 / 2;
+        let tree_entry = size_of::<(i64, Seg)>() * 3 / 2;
         self.minutes
             .values()
             .chain(self.hours.values())
             .map(|n| n.heap_bytes() + tree_entry)
+            .sum::<usize>()
+            + self.dirty.len() * size_of::<SegKey>() * 3 / 2
+    }
+
+    /// Heap bytes of the frozen parts only (shared between the two published copies).
+    pub fn frozen_bytes(&self) -> usize {
+        self.minutes
+            .values()
+            .chain(self.hours.values())
+            .filter_map(|s| s.frozen.as_ref())
+            .map(|f| f.heap_bytes())
             .sum()
+    }
+
+    /// The frozen parts by segment, as addresses (tests check what the copies share).
+    #[cfg(test)]
+    pub(crate) fn frozen_parts(&self) -> Vec<(SegKey, usize)> {
+        let key = |hour| {
+            move |(&start, s): (&i64, &Seg)| {
+                s.frozen
+                    .as_ref()
+                    .map(|f| (SegKey { hour, start }, Arc::as_ptr(f) as usize))
+            }
+        };
+        self.minutes
+            .iter()
+            .filter_map(key(false))
+            .chain(self.hours.iter().filter_map(key(true)))
+            .collect()
     }
 
     /// Number of live `(ad, minute)` cells.
     pub fn cell_count(&self) -> usize {
-        self.minutes.values().map(Node::len).sum()
+        self.minutes.values().map(Seg::len).sum()
     }
 
     /// Every live `(ad, minute, count)` cell, for checkpoints (in no
@@ -549,18 +1040,18 @@ impl TopIndex {
     pub fn cells(&self) -> impl Iterator<Item = (u64, i64, u64)> + '_ {
         self.minutes
             .iter()
-            .flat_map(|(&m, node)| node.iter().map(move |(ad, c)| (ad, m, c)))
+            .flat_map(|(&m, seg)| seg.entries().map(move |(ad, c)| (ad, m, c)))
     }
 
     /// Lists covering `[from, to)`: whole hours where possible, minutes at
     /// the edges.
-    fn lists(&self, from: i64, to: i64) -> Vec<&Node> {
+    fn lists(&self, from: i64, to: i64) -> Vec<List<'_>> {
         let mut out = Vec::new();
         if from >= to {
             return out;
         }
         if self.hour_level {
-            let h0 = from.div_euclid(HOUR) + i64::from(from.rem_euclid(HOUR) != 0);
+            let h0 = first_hour_from(from).max(self.first_live_hour());
             // Only hours whose every minute is sealed hold their whole sum.
             let h1 = to.div_euclid(HOUR).min(self.sealed_before.div_euclid(HOUR));
             // `checked_mul` fails only next to i64::MIN/MAX; fall back to
@@ -568,17 +1059,25 @@ impl TopIndex {
             if h0 < h1
                 && let (Some(m0), Some(m1)) = (h0.checked_mul(HOUR), h1.checked_mul(HOUR))
             {
-                out.extend(self.minutes.range(from..m0).map(|(_, n)| n));
-                out.extend(self.hours.range(h0..h1).map(|(_, n)| n));
-                out.extend(self.minutes.range(m1..to).map(|(_, n)| n));
+                for (_, s) in self.minutes.range(from..m0) {
+                    s.push_lists(&mut out);
+                }
+                for (_, s) in self.hours.range(h0..h1) {
+                    s.push_lists(&mut out);
+                }
+                for (_, s) in self.minutes.range(m1..to) {
+                    s.push_lists(&mut out);
+                }
                 return out;
             }
         }
-        out.extend(self.minutes.range(from..to).map(|(_, n)| n));
+        for (_, s) in self.minutes.range(from..to) {
+            s.push_lists(&mut out);
+        }
         out
     }
 
-    fn exact_sum(lists: &[&Node], ad: u64) -> u64 {
+    fn exact_sum(lists: &[List<'_>], ad: u64) -> u64 {
         lists
             .iter()
             .fold(0u64, |acc, l| acc.saturating_add(l.get(ad)))
@@ -590,22 +1089,25 @@ impl TopIndex {
     fn top_threshold(
         &self,
         n: usize,
-        lists: &[&Node],
+        lists: &[List<'_>],
         budget: Option<usize>,
         mut exact: impl FnMut(u64) -> u64,
     ) -> Option<Vec<(u64, u64)>> {
         let mut cursors = Vec::with_capacity(lists.len());
-        // Max-heap of (bound of current bucket, list): read the list that
+        // Max-heap of (bound of current run, list): read the list that
         // can still hide the largest counts first, to drop `T` fastest.
         let mut frontier = BinaryHeap::with_capacity(lists.len());
         // u128: a sum of up to 2^64 bounds of u64 cannot overflow it.
         let mut threshold: u128 = 0;
         for (i, l) in lists.iter().enumerate() {
-            let b = l.next_bucket(usize::MAX).unwrap_or(0);
-            cursors.push(Cursor { bucket: b, pos: 0 });
-            if b != 0 {
-                threshold += u128::from(bucket_max(b));
-                frontier.push((bucket_max(b), i));
+            match l.next_run(None) {
+                Some(r) => {
+                    let bound = l.run(r).1;
+                    cursors.push(Cursor { run: r, pos: 0 });
+                    threshold += u128::from(bound);
+                    frontier.push((bound, i));
+                }
+                None => cursors.push(Cursor { run: 0, pos: 0 }),
             }
         }
         let mut best = Best::new(n);
@@ -614,19 +1116,20 @@ impl TopIndex {
         'lists: while let Some((bound, i)) = frontier.pop() {
             let list = lists[i];
             let cur = &mut cursors[i];
+            let ads = list.run(cur.run).0;
             loop {
                 if best.nth_sum().is_some_and(|s| u128::from(s) > threshold) {
                     break 'lists;
                 }
-                let bucket = list.buckets.get(cur.bucket).map_or(&[][..], |b| &b[..]);
-                let Some(&ad) = bucket.get(cur.pos) else {
-                    // Bucket consumed: this list's bound drops to the next
-                    // non-empty bucket (or to 0 when it is exhausted).
+                let Some(ad) = ads.get(cur.pos) else {
+                    // Run consumed: this list's bound drops to the next run's (or to 0
+                    // when it is exhausted).
                     threshold -= u128::from(bound);
-                    if let Some(b) = list.next_bucket(cur.bucket) {
-                        *cur = Cursor { bucket: b, pos: 0 };
-                        threshold += u128::from(bucket_max(b));
-                        frontier.push((bucket_max(b), i));
+                    if let Some(r) = list.next_run(Some(cur.run)) {
+                        *cur = Cursor { run: r, pos: 0 };
+                        let b = list.run(r).1;
+                        threshold += u128::from(b);
+                        frontier.push((b, i));
                     }
                     break;
                 };
@@ -645,7 +1148,7 @@ impl TopIndex {
     }
 
     /// One exact aggregation pass over every cell of `lists`.
-    fn top_scan(&self, n: usize, lists: &[&Node]) -> Vec<(u64, u64)> {
+    fn top_scan(&self, n: usize, lists: &[List<'_>]) -> Vec<(u64, u64)> {
         let largest = lists.iter().map(|l| l.len()).max().unwrap_or(0);
         let mut sums: Map<u64> = HashMap::with_capacity_and_hasher(largest, self.seed);
         for l in lists {
@@ -679,7 +1182,7 @@ impl FromIterator<(u64, i64, u64)> for TopIndex {
 }
 
 /// The lists of every index covering `[from, to)`.
-fn lists_of<'a>(indexes: &[&'a TopIndex], from: i64, to: i64) -> Vec<&'a Node> {
+fn lists_of<'a>(indexes: &[&'a TopIndex], from: i64, to: i64) -> Vec<List<'a>> {
     indexes.iter().flat_map(|i| i.lists(from, to)).collect()
 }
 
@@ -785,37 +1288,61 @@ mod tests {
 
     impl TopIndex {
         /// Every internal invariant: bucket membership matches counts,
-        /// positions are right, hours are the sums of their minutes.
+        /// positions are right, frozen parts are well formed, hours are the sums of
+        /// their minutes, every segment with a live part is a freeze candidate.
         fn check_invariants(&self) {
-            for node in self.minutes.values().chain(self.hours.values()) {
-                assert!(node.len() > 0, "empty node kept");
-                let in_buckets: usize = node.buckets.iter().map(Vec::len).sum();
-                assert_eq!(in_buckets, node.len());
-                for (b, bucket) in node.buckets.iter().enumerate() {
-                    for (pos, &ad) in bucket.iter().enumerate() {
-                        let slot = node.slots[&ad];
-                        assert_eq!(slot.pos as usize, pos);
-                        let c = node.resolve(ad, slot);
-                        assert!(c > 0);
-                        assert_eq!(bucket_of(c), b);
+            for (hour, (&start, seg)) in self
+                .minutes
+                .iter()
+                .map(|e| (false, e))
+                .chain(self.hours.iter().map(|e| (true, e)))
+            {
+                assert!(seg.len() > 0, "empty segment kept");
+                if let Some(node) = seg.live.as_deref() {
+                    assert!(node.len() > 0, "empty live part kept");
+                    assert!(self.dirty.contains(&SegKey { hour, start }), "not dirty");
+                    let in_buckets: usize = node.buckets.iter().map(Vec::len).sum();
+                    assert_eq!(in_buckets, node.len());
+                    for (b, bucket) in node.buckets.iter().enumerate() {
+                        for (pos, &ad) in bucket.iter().enumerate() {
+                            let slot = node.slots[&ad];
+                            assert_eq!(slot.pos as usize, pos);
+                            let c = node.resolve(ad, slot);
+                            assert!(c > 0);
+                            assert_eq!(bucket_of(c), b);
+                        }
+                    }
+                    for (&ad, &c) in &node.big {
+                        assert_eq!(node.slots[&ad].count, BIG);
+                        assert!(c >= u64::from(BIG));
                     }
                 }
-                for (&ad, &c) in &node.big {
-                    assert_eq!(node.slots[&ad].count, BIG);
-                    assert!(c >= u64::from(BIG));
+                if let Some(f) = seg.frozen.as_deref() {
+                    assert!(f.len() > 0 && f.table.len() > f.len());
+                    assert_eq!(f.runs.last().map(|r| r.1 as usize), Some(f.len()));
+                    for w in f.runs.windows(2) {
+                        assert!(w[0].0 > w[1].0 && w[0].1 < w[1].1, "runs out of order");
+                    }
+                    let mut ads = HashSet::new();
+                    for (ad, c) in f.iter() {
+                        assert!(c > 0 && ads.insert(ad), "zero or repeated");
+                        assert_eq!(f.get(ad), c);
+                    }
                 }
             }
             if self.hour_level {
+                let first = self.first_live_hour();
+                assert!(self.hours.keys().all(|&h| h >= first), "partial hour kept");
                 let mut sums: HashMap<(i64, u64), u64> = HashMap::new();
                 for (ad, m, c) in self.cells() {
-                    if m < self.sealed_before {
+                    if m < self.sealed_before && m.div_euclid(HOUR) >= first {
                         *sums.entry((m.div_euclid(HOUR), ad)).or_insert(0) += c;
                     }
                 }
                 let mut from_hours = HashMap::new();
-                for (&h, node) in &self.hours {
-                    for (ad, c) in node.iter() {
-                        from_hours.insert((h, ad), c);
+                for (&h, seg) in &self.hours {
+                    for (ad, c) in seg.entries() {
+                        assert!(from_hours.insert((h, ad), c).is_none(), "ad twice");
                     }
                 }
                 assert_eq!(sums, from_hours);
@@ -846,6 +1373,9 @@ mod tests {
         Add(u64, i64, u64),
         Evict(i64),
         Seal(i64),
+        /// A freeze pass in one copy (`true`: the first) whose frozen parts the other
+        /// installs, as the two published copies do.
+        Freeze(bool),
         Query(usize, i64, i64),
     }
 
@@ -869,6 +1399,7 @@ mod tests {
             10 => (100i64..130).prop_map(|m| Op::Add(7, m, 1)),
             1 => (-80i64..140).prop_map(Op::Evict),
             2 => (-80i64..140).prop_map(Op::Seal),
+            3 => any::<bool>().prop_map(Op::Freeze),
             3 => (0usize..25, -100i64..160, -100i64..160).prop_map(|(n, f, t)| Op::Query(n, f, t)),
         ]
     }
@@ -879,24 +1410,44 @@ mod tests {
         queries: &[(usize, i64, i64)],
     ) -> Result<(), TestCaseError> {
         let mut idx = TopIndex::with_hour_level(hour_level);
+        // The other published copy: same changes, and the frozen parts of `idx` installed
+        // (or the other way round).
+        let mut twin = idx.clone();
         let mut oracle = Oracle::default();
         for op in ops {
             match *op {
                 Op::Add(a, m, b) => {
                     idx.add(a, m, b);
+                    twin.add(a, m, b);
                     oracle.add(a, m, b);
                 }
                 Op::Evict(b) => {
                     idx.evict_before(b);
+                    twin.evict_before(b);
                     oracle.evict_before(b);
                 }
-                Op::Seal(b) => idx.seal(b),
+                Op::Seal(b) => {
+                    idx.seal(b);
+                    twin.seal(b);
+                }
+                Op::Freeze(first) => {
+                    let (from, to) = if first {
+                        (&mut idx, &mut twin)
+                    } else {
+                        (&mut twin, &mut idx)
+                    };
+                    for (k, f) in from.freeze_due() {
+                        to.install(k, &f);
+                    }
+                }
                 Op::Query(n, f, t) => {
                     prop_assert_eq!(idx.top_all_paths(n, f, t), oracle.top(n, f, t));
+                    prop_assert_eq!(twin.top_all_paths(n, f, t), oracle.top(n, f, t));
                 }
             }
         }
         idx.check_invariants();
+        twin.check_invariants();
         let rebuilt: TopIndex = {
             let mut r = TopIndex::with_hour_level(hour_level);
             r.extend(idx.cells());
@@ -907,9 +1458,11 @@ mod tests {
         for &(n, f, t) in queries {
             let want = oracle.top(n, f, t);
             prop_assert_eq!(idx.top_all_paths(n, f, t), want.clone());
+            prop_assert_eq!(twin.top_all_paths(n, f, t), want.clone());
             prop_assert_eq!(rebuilt.top(n, f, t), want);
             for ad in [0, 1, 7, 100, u64::MAX] {
                 prop_assert_eq!(idx.count(ad, f, t), oracle.count(ad, f, t));
+                prop_assert_eq!(twin.count(ad, f, t), oracle.count(ad, f, t));
             }
         }
         Ok(())
@@ -1040,14 +1593,15 @@ mod tests {
     }
 
     #[test]
-    fn eviction_mid_hour_keeps_hour_exact_and_ignores_late_adds() {
+    fn eviction_mid_hour_stays_exact_and_ignores_late_adds() {
         let mut idx = TopIndex::new();
         for m in 0..120 {
             idx.add(m as u64 % 3, m, 1);
         }
         idx.evict_before(30);
         idx.check_invariants();
-        // Aligned hour [0, 60) is served from the decremented hour node.
+        // The hour [0, 60) lost minutes: it is dropped, its live minutes answer for it.
+        assert!(!idx.hours.contains_key(&0));
         assert_eq!(idx.top(3, 0, 60), vec![(0, 10), (1, 10), (2, 10)]);
         idx.add(5, 10, 100);
         assert_eq!(idx.count(5, 0, 120), 0);

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use super::FastMap;
 use super::dims::DimKey;
-use super::topn::TopIndex;
+use std::sync::Arc;
+
+use super::topn::{Frozen, SegKey, TopIndex};
 
 /// A filterable field that can have per-value indexes (`shards.top_index_fields`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -48,8 +50,9 @@ impl IndexField {
     ];
 
     /// The default set: the advertiser (every advertiser key's TopAds is scoped to it)
-    /// and the country (the most asked dimension). Each field costs ~95 bytes per minute
-    /// cell (two copies) and ~8% of the apply rate (BENCHMARKS.md); the others are opt-in.
+    /// and the country (the most asked dimension). Each field costs ~15 bytes per minute
+    /// cell (frozen lists, shared by the two published copies; ~95 before they were) and
+    /// ~8% of the apply rate (BENCHMARKS.md); the others are opt-in.
     /// Without them a filter stays exact: a campaign within an advertiser's key is bounded
     /// by the advertiser's index, for example.
     pub const DEFAULT: [IndexField; 2] = [IndexField::Advertiser, IndexField::Country];
@@ -131,6 +134,17 @@ impl ClickKeys {
     }
 }
 
+/// A frozen part made by one copy of a [`TopSet`], for the other to share.
+#[derive(Debug, Clone)]
+pub struct Install {
+    /// The index: `None` for the unfiltered one.
+    pub index: Option<FilterKey>,
+    /// Its segment.
+    pub seg: SegKey,
+    /// The frozen part.
+    pub frozen: Arc<Frozen>,
+}
+
 /// See the module doc.
 #[derive(Debug, Clone, Default)]
 pub struct TopSet {
@@ -140,6 +154,9 @@ pub struct TopSet {
     by: FastMap<FilterKey, TopIndex>,
     /// Bit set of the [`IndexField`]s that have value indexes.
     fields: u8,
+    /// The last [`TopSet::seal`]: value indexes created later start sealed there (sealed
+    /// minutes are what a freeze pass may freeze).
+    sealed: Option<i64>,
 }
 
 impl TopSet {
@@ -171,16 +188,31 @@ impl TopSet {
             if !self.has(k.field()) {
                 continue;
             }
+            let sealed = self.sealed;
             self.by
                 .entry(k)
-                .or_insert_with(TopIndex::minutes_only)
+                .or_insert_with(|| {
+                    let mut idx = TopIndex::minutes_only();
+                    if let Some(s) = sealed {
+                        idx.seal(s);
+                    }
+                    idx
+                })
                 .add(ad, minute, by);
         }
     }
 
-    /// [`TopIndex::seal`] of the unfiltered index (value indexes have no hour level).
+    /// [`TopIndex::seal`] of every index (value indexes have no hour level: for them it
+    /// only marks the minutes a freeze pass may freeze).
     pub fn seal(&mut self, before: i64) {
         self.all.seal(before);
+        if self.sealed.is_some_and(|s| before <= s) {
+            return;
+        }
+        self.sealed = Some(before);
+        for idx in self.by.values_mut() {
+            idx.seal(before);
+        }
     }
 
     /// [`TopIndex::evict_before`] on every index; value indexes left empty are dropped.
@@ -206,6 +238,62 @@ impl TopSet {
                 .values()
                 .map(|i| i.heap_bytes() + per_entry)
                 .sum::<usize>()
+    }
+
+    /// [`TopIndex::freeze_due`] on every index: the frozen parts made, for the other
+    /// published copy to [`TopSet::install`].
+    pub fn freeze_due(&mut self) -> Vec<Install> {
+        let mut out: Vec<Install> = self
+            .all
+            .freeze_due()
+            .into_iter()
+            .map(|(seg, frozen)| Install {
+                index: None,
+                seg,
+                frozen,
+            })
+            .collect();
+        for (&k, idx) in &mut self.by {
+            out.extend(idx.freeze_due().into_iter().map(|(seg, frozen)| Install {
+                index: Some(k),
+                seg,
+                frozen,
+            }));
+        }
+        out
+    }
+
+    /// Installs a frozen part the other copy made from the same counts.
+    pub fn install(&mut self, i: &Install) {
+        let idx = match i.index {
+            None => Some(&mut self.all),
+            Some(k) => self.by.get_mut(&k),
+        };
+        match idx {
+            Some(idx) => idx.install(i.seg, &i.frozen),
+            None => debug_assert!(false, "installing into a value index this copy lacks"),
+        }
+    }
+
+    /// Heap bytes of the frozen parts (shared by the two published copies).
+    pub fn frozen_bytes(&self) -> usize {
+        self.all.frozen_bytes() + self.by.values().map(TopIndex::frozen_bytes).sum::<usize>()
+    }
+
+    /// Every frozen part of every index, as addresses (tests check what copies share).
+    #[cfg(test)]
+    pub(crate) fn frozen_parts(&self) -> Vec<(Option<FilterKey>, SegKey, usize)> {
+        let mut out: Vec<_> = self
+            .all
+            .frozen_parts()
+            .into_iter()
+            .map(|(s, p)| (None, s, p))
+            .collect();
+        for (&k, i) in &self.by {
+            out.extend(i.frozen_parts().into_iter().map(|(s, p)| (Some(k), s, p)));
+        }
+        out.sort_unstable_by_key(|&(k, s, p)| (format!("{k:?}"), s, p));
+        out
     }
 
     /// Number of value indexes (for metrics and tests).
