@@ -118,7 +118,11 @@ impl OutcomeBuilder {
         match rules_version {
             None => self.head.push(OUTCOME_V1),
             Some(v) => {
-                let v = &v.as_bytes()[..v.len().min(MAX_VERSION_LEN)];
+                let mut end = v.len().min(MAX_VERSION_LEN);
+                while !v.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let v = &v.as_bytes()[..end];
                 self.head.push(OUTCOME_V2);
                 self.head.push(v.len() as u8);
                 self.head.extend_from_slice(v);
@@ -630,5 +634,10 @@ mod tests {
         b.begin(Some(&long));
         let d = decode_outcomes(&b.finish(), 0).unwrap();
         assert_eq!(d.rules_version.as_deref(), Some(&long[..MAX_VERSION_LEN]));
+        // Cut on a character boundary: the string stays decodable.
+        let wide = format!("a{}", "é".repeat(40));
+        b.begin(Some(&wide));
+        let d = decode_outcomes(&b.finish(), 0).unwrap();
+        assert_eq!(d.rules_version.as_deref(), Some(&wide[..MAX_VERSION_LEN - 1]));
     }
 }
