@@ -54,7 +54,7 @@ def main():
         admin = open(os.path.join(dev_dir, "admin.key")).read().strip()
         api = f"http://127.0.0.1:{http}"
 
-        def send(counts):
+        def send(counts, client=None):
             clicks = []
             for ad, n in counts.items():
                 out = subprocess.run(
@@ -64,9 +64,12 @@ def main():
                     capture_output=True, text=True, check=True)
                 clicks += [{"token": t, "country": "US", "device": "mobile"} for t in out.stdout.split()]
             body = json.dumps({"clicks": clicks}).encode()
+            headers = {"content-type": "application/json", "user-agent": BROWSER_UA}
+            if client:
+                # `adclick dev` trusts 127.0.0.1 as a proxy: the click is this client's.
+                headers["x-forwarded-for"] = client
             r = urllib.request.Request(f"http://127.0.0.1:{col}/v1/clicks", data=body, method="POST",
-                                       headers={"content-type": "application/json",
-                                                "user-agent": BROWSER_UA})
+                                       headers=headers)
             with urllib.request.urlopen(r, timeout=30) as resp:
                 got = json.loads(resp.read())
             assert got["accepted"] == len(clicks), got
@@ -152,11 +155,15 @@ def main():
             assert js("return document.querySelector('#login').hidden") is True
 
         def invalid_traffic():
-            # `adclick dev` runs the invalid-traffic rules with ad 999999 as a honeypot: this
-            # client (127.0.0.1) clicks it, so its later clicks are invalid (reason honeypot):
-            # counted apart, not billed. Sent last: the flag sticks for the honeypot window.
-            send({HONEYPOT_AD: 1})
-            send({880002: 3})
+            # `adclick dev` runs the invalid-traffic rules with ad 999999 as a honeypot. A
+            # client of its own (not the one that sent the clicks above) clicks 880002 twice,
+            # then the trap, then 880002 once more: the trap reaches back to its two clicks
+            # (honeypot look-back) and flags the later one, so all four are invalid (reason
+            # honeypot), counted apart, not billed. Sent last: the flag sticks for the window.
+            bot = "203.0.113.77"
+            send({880002: 2}, bot)
+            send({HONEYPOT_AD: 1}, bot)
+            send({880002: 1}, bot)
             wait("document.querySelector('#outcomes').dataset.invalid === '4'", 20)
             browser.click(browser.elements("#top tbody tr[data-ad='880002']")[0])
             wait("document.querySelector('#ad-invalid').dataset.total === '3'", 20)
