@@ -638,6 +638,9 @@ mod tests {
         let wide = format!("a{}", "é".repeat(40));
         b.begin(Some(&wide));
         let d = decode_outcomes(&b.finish(), 0).unwrap();
-        assert_eq!(d.rules_version.as_deref(), Some(&wide[..MAX_VERSION_LEN - 1]));
+        assert_eq!(
+            d.rules_version.as_deref(),
+            Some(&wide[..MAX_VERSION_LEN - 1])
+        );
     }
 }
