@@ -1,11 +1,14 @@
-//! Criterion benchmark of the collector's per-click path without I/O: token verification,
-//! clock correction, Bloom + exact dedup, and encoding for the spool, per batch of 100.
+//! Criterion benchmark of the collector's per-click path without I/O, per batch of 100:
+//! the protobuf `ClickBatch` body as it arrives, its decoding, token verification, clock
+//! correction, Bloom + exact dedup, the spool record's click bytes, and the commit of the
+//! dedup entries.
 //! `cargo bench -p adclick-collector --bench ingest`
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 
 use adclick_collector::config::{DedupConfig, TokenChecks};
+use adclick_collector::http::decode::decode_batch;
 use adclick_collector::ingest::keys::KeySource;
 use adclick_collector::ingest::{Processor, RequestCtx};
 use adclick_collector::metrics::Metrics;
@@ -15,6 +18,7 @@ use adclick_proto::token::{Keyring, SigningKey};
 use adclick_proto::v1;
 use adclick_sdk::{AdPlacement, ImpressionSigner};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use prost::Message;
 
 const NOW: i64 = 1_800_000_000_000;
 
@@ -51,7 +55,7 @@ fn bench(c: &mut Criterion) {
     };
     let mut n = 0u64;
     let mut batch = || {
-        (0..100)
+        let clicks = (0..100)
             .map(|_| {
                 n += 1;
                 let ad = AdPlacement {
@@ -72,17 +76,27 @@ fn bench(c: &mut Criterion) {
                     ..Default::default()
                 }
             })
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        v1::ClickBatch {
+            sdk_name: "bench".into(),
+            sdk_version: "1".into(),
+            sent_at_ms: NOW - 100,
+            clicks,
+        }
+        .encode_to_vec()
     };
     let mut g = c.benchmark_group("collector");
     g.throughput(Throughput::Elements(100));
     g.bench_function("process_and_encode_batch_100", |b| {
         b.iter_batched(
             &mut batch,
-            |clicks| {
-                let out = p.process(clicks, &ctx);
-                assert_eq!(out.accepted.len(), 100);
-                out.encode_accepted()
+            |body| {
+                let batch = decode_batch(&body, 1000).unwrap();
+                let mut out = p.process(&batch.clicks(), &ctx);
+                assert_eq!(out.accepted(), 100);
+                let bytes = out.take_encoded();
+                p.committed(&out);
+                bytes
             },
             BatchSize::SmallInput,
         )

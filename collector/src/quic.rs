@@ -459,8 +459,7 @@ async fn answer(
             return error(400, e.to_string());
         }
     };
-    drop(body);
-    if let Err(retry) = st.charge_clicks(ip, batch.clicks.len()) {
+    if let Err(retry) = st.charge_clicks(ip, batch.len()) {
         return limited(retry);
     }
     let ctx = RequestCtx {
@@ -469,7 +468,7 @@ async fn answer(
         // QUIC streams carry a length-prefixed ClickBatch and no headers: no User-Agent.
         ua_class: adclick_proto::v1::UserAgentClass::Unspecified,
     };
-    match http::record_batch(st, batch.clicks, &ctx).await {
+    match http::record_batch(st, &batch.clicks(), &ctx).await {
         Ok(processed) => (202, processed.result().encode_to_vec()),
         Err(http::BatchRefused::TooLarge(msg)) => error(413, msg),
         Err(http::BatchRefused::Unavailable(e)) => error(

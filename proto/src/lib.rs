@@ -13,6 +13,7 @@ pub mod countable;
 pub mod metrics;
 pub mod partition;
 pub mod token;
+pub mod wire;
 
 #[cfg(feature = "keyfile")]
 pub mod keyfile;

@@ -215,16 +215,7 @@ impl Impression {
     }
 
     fn check(&self) -> Result<(), Malformed> {
-        let url = self.landing_url.as_str();
-        let rest = url
-            .strip_prefix("https://")
-            .or_else(|| url.strip_prefix("http://"));
-        // A bare scheme, control characters or spaces would make a broken or dangerous
-        // Location header; anything but http(s) (javascript:, data:) is an open door.
-        let ok = matches!(rest, Some(r) if !r.is_empty())
-            && url.len() <= MAX_LANDING_URL_LEN
-            && !url.bytes().any(|b| b.is_ascii_control() || b == b' ');
-        if !ok {
+        if !landing_url_ok(&self.landing_url) {
             return Err(Malformed::LandingUrl);
         }
         if self.expires_at_ms <= self.issued_at_ms {
@@ -266,6 +257,53 @@ impl Impression {
             key_id: p.key_id,
         })
     }
+}
+
+/// A verified token as the per-click path needs it: the impression without its landing URL
+/// (only redirects read that, through [`Keyring::verify`]). `Copy`, so verifying a click
+/// with [`Keyring::verify_click`] allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// 16 random bytes, the dedup key.
+    pub impression_id: [u8; IMPRESSION_ID_LEN],
+    /// Ad placed.
+    pub ad_id: u64,
+    /// Owner of the ad.
+    pub advertiser_id: u64,
+    /// Campaign of the ad.
+    pub campaign_id: u64,
+    /// Mint time.
+    pub issued_at_ms: i64,
+    /// Expiry.
+    pub expires_at_ms: i64,
+    /// The key that signed it.
+    pub key_id: u32,
+}
+
+impl From<&Impression> for Verified {
+    fn from(i: &Impression) -> Self {
+        Verified {
+            impression_id: i.impression_id,
+            ad_id: i.ad_id,
+            advertiser_id: i.advertiser_id,
+            campaign_id: i.campaign_id,
+            issued_at_ms: i.issued_at_ms,
+            expires_at_ms: i.expires_at_ms,
+            key_id: i.key_id,
+        }
+    }
+}
+
+/// The landing URL rule of [`Impression::check`], on a borrowed string.
+fn landing_url_ok(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    // A bare scheme, control characters or spaces would make a broken or dangerous
+    // Location header; anything but http(s) (javascript:, data:) is an open door.
+    matches!(rest, Some(r) if !r.is_empty())
+        && url.len() <= MAX_LANDING_URL_LEN
+        && !url.bytes().any(|b| b.is_ascii_control() || b == b' ')
 }
 
 /// One HMAC key with its id. `Debug` never prints the secret.
@@ -457,6 +495,77 @@ impl Keyring {
             });
         }
         Ok(impression)
+    }
+
+    /// [`Keyring::verify`] for the per-click path: the same answer (tested below), without
+    /// the landing URL, and without allocating when the token is valid. A token the
+    /// borrowed reader does not take (any error, or a framing it does not read) goes
+    /// through [`Keyring::verify`], so errors are exactly its errors.
+    pub fn verify_click(
+        &self,
+        token: &str,
+        now_ms: i64,
+        skew_ms: i64,
+    ) -> Result<Verified, TokenError> {
+        match self.verify_borrowed(token, now_ms, skew_ms) {
+            Some(v) => Ok(v),
+            None => self
+                .verify(token, now_ms, skew_ms)
+                .map(|i| Verified::from(&i)),
+        }
+    }
+
+    /// The valid-token path of [`Keyring::verify`] over a stack buffer and borrowed
+    /// fields; `None` for anything else (the caller asks `verify` for the exact error).
+    fn verify_borrowed(&self, token: &str, now_ms: i64, skew_ms: i64) -> Option<Verified> {
+        use crate::wire::{LEN, Reader, VARINT};
+        if token.is_empty() || token.len() > MAX_TOKEN_TEXT_LEN {
+            return None;
+        }
+        // Base64 of at most MAX_TOKEN_TEXT_LEN characters decodes to at most 3/4 of it.
+        let mut buf = [0u8; MAX_TOKEN_TEXT_LEN / 4 * 3 + 3];
+        let n = URL_SAFE_NO_PAD.decode_slice(token, &mut buf).ok()?;
+        let bytes = buf.get(..n)?;
+        if bytes.len() < 1 + TAG_LEN + 1 || bytes[0] != TOKEN_VERSION {
+            return None;
+        }
+        let (body, tag) = bytes.split_at(bytes.len() - TAG_LEN);
+        let mut v = Verified {
+            impression_id: [0; IMPRESSION_ID_LEN],
+            ad_id: 0,
+            advertiser_id: 0,
+            campaign_id: 0,
+            issued_at_ms: 0,
+            expires_at_ms: 0,
+            key_id: 0,
+        };
+        let mut id: &[u8] = &[];
+        let mut url = "";
+        let mut r = Reader(body.get(1..)?);
+        while let Some((field, wire)) = r.key().ok()? {
+            // Integer fields are two's complement varints truncated to their width, as
+            // prost reads them; the last occurrence of a field wins, as in prost.
+            match (field, wire) {
+                (1, LEN) => id = r.len_delimited().ok()?,
+                (2, VARINT) => v.ad_id = r.varint().ok()?,
+                (3, VARINT) => v.advertiser_id = r.varint().ok()?,
+                (4, VARINT) => v.campaign_id = r.varint().ok()?,
+                (5, LEN) => url = r.str().ok()?,
+                (6, VARINT) => v.issued_at_ms = r.varint().ok()? as i64,
+                (7, VARINT) => v.expires_at_ms = r.varint().ok()? as i64,
+                (8, VARINT) => v.key_id = r.varint().ok()? as u32,
+                (1..=8, _) => return None,
+                _ => r.skip(wire).ok()?,
+            }
+        }
+        let key = self.get(v.key_id)?;
+        key.mac(body).verify_slice(tag).ok()?;
+        v.impression_id = id.try_into().ok()?;
+        let valid = landing_url_ok(url)
+            && v.expires_at_ms > v.issued_at_ms
+            && v.issued_at_ms <= now_ms.saturating_add(skew_ms)
+            && now_ms <= v.expires_at_ms.saturating_add(skew_ms);
+        valid.then_some(v)
     }
 }
 
@@ -725,6 +834,44 @@ mod tests {
             let mutated: String = chars.into_iter().collect();
             if mutated != tok {
                 prop_assert!(ring.verify(&mutated, NOW, 0).is_err(), "{} accepted", mutated);
+            }
+        }
+
+        /// `verify_click` answers as `verify` does, for valid tokens, tokens near their
+        /// clock bounds, and mutated, re-signed or arbitrary ones.
+        #[test]
+        fn verify_click_agrees_with_verify(
+            imp in arb_impression(),
+            payload in proptest::collection::vec(any::<u8>(), 0..200),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+            now_off in -20_000_000i64..20_000_000,
+            skew in 0i64..100_000,
+        ) {
+            let k = key(4, 5);
+            let ring = Keyring::new(k.clone());
+            let tok = ring.sign(&imp).unwrap();
+            // The signed token's bytes, damaged and re-tagged (what a key holder could
+            // send): exercises the payload reader past the signature.
+            let mut bytes = URL_SAFE_NO_PAD.decode(&tok).unwrap();
+            bytes.truncate(bytes.len() - TAG_LEN);
+            for (i, b) in &flips {
+                let i = 1 + i.index(bytes.len() - 1);
+                bytes[i] ^= *b;
+            }
+            let tag = k.mac(&bytes).finalize().into_bytes();
+            bytes.extend_from_slice(&tag);
+            let mut arbitrary = vec![TOKEN_VERSION];
+            arbitrary.extend_from_slice(&payload);
+            let tag = k.mac(&arbitrary).finalize().into_bytes();
+            arbitrary.extend_from_slice(&tag);
+            let now = NOW + now_off;
+            for text in [tok.clone(), URL_SAFE_NO_PAD.encode(&bytes), URL_SAFE_NO_PAD.encode(&arbitrary), tok[1..].to_string()] {
+                let want = ring.verify(&text, now, skew).map(|i| Verified::from(&i));
+                prop_assert_eq!(ring.verify_click(&text, now, skew), want.clone());
+                // The borrowed path alone never accepts what `verify` refuses.
+                if let Some(v) = ring.verify_borrowed(&text, now, skew) {
+                    prop_assert_eq!(Ok(v), want);
+                }
             }
         }
 

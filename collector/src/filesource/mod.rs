@@ -506,12 +506,15 @@ impl FileSource {
                         .user_agents
                         .classify(user_agent.as_deref().map(str::as_bytes)),
                 };
-                let p = self.state.processor.process(vec![click], &ctx);
-                self.state
-                    .quarantine
-                    .record(received, ip, p.rejected.clone());
-                pending.processed.accepted.extend(p.accepted);
-                pending.processed.duplicates += p.duplicates;
+                let mut p = self
+                    .state
+                    .processor
+                    .process(&[crate::ingest::ClickRef::from(&click)], &ctx);
+                let rejected = std::mem::take(&mut p.rejected);
+                if !rejected.is_empty() {
+                    self.state.quarantine.record(received, ip, rejected);
+                }
+                pending.processed.append(p);
             }
             Err(o) => self.count(o),
         }
@@ -523,8 +526,8 @@ impl FileSource {
             processed, reached, ..
         } = pending;
         let mut seq = None;
-        if !processed.accepted.is_empty() {
-            let mut encoded = processed.encode_accepted();
+        if processed.accepted() > 0 {
+            let mut encoded = processed.encoded().to_vec();
             for (_, fp, off) in &reached {
                 encode_marker(&self.cfg.name, *fp, *off, &mut encoded);
             }
@@ -535,7 +538,7 @@ impl FileSource {
                 .durable_seq();
             // Every record from here on stays until the positions cover ours.
             self.pin.hold(durable + 1);
-            let n = processed.accepted.len();
+            let n = processed.accepted();
             let committer = self.state.committer.clone();
             let mut backoff = Duration::from_millis(50);
             loop {

@@ -37,7 +37,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::config::Limits;
-use crate::ingest::{Processed, Processor, RequestCtx};
+use crate::ingest::{ClickRef, Processed, Processor, RequestCtx};
 use crate::metrics::{ConnLabel, ListenerLabel, Metrics};
 use crate::quarantine::Quarantine;
 use crate::useragent::UaClassifier;
@@ -552,11 +552,13 @@ async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
     };
     let received_at_ms = now_ms();
     let max_clicks = st.limits.max_clicks_per_batch;
+    // The clicks borrow from the body (protobuf) until they are processed.
     let batch = match enc {
         Encoding::Proto => decode::decode_batch(&body, max_clicks),
-        Encoding::Json => json::parse_batch(&body, received_at_ms, max_clicks),
+        Encoding::Json => {
+            json::parse_batch(&body, received_at_ms, max_clicks).map(decode::Decoded::Owned)
+        }
     };
-    drop(body);
     let batch = match batch {
         Ok(b) => b,
         Err(e @ BatchDecodeError::TooManyClicks { .. }) => {
@@ -574,7 +576,7 @@ async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
             );
         }
     };
-    if let Err(retry) = st.charge_clicks(ip, batch.clicks.len()) {
+    if let Err(retry) = st.charge_clicks(ip, batch.len()) {
         return too_many(retry);
     }
     let ctx = RequestCtx {
@@ -582,7 +584,7 @@ async fn ingest(st: &HttpState, req: Request<Incoming>, ip: IpAddr) -> Resp {
         client_ip: Some(ip),
         ua_class,
     };
-    let processed = match record_batch(st, batch.clicks, &ctx).await {
+    let processed = match record_batch(st, &batch.clicks(), &ctx).await {
         Ok(p) => p,
         Err(BatchRefused::TooLarge(msg)) => return json_error(StatusCode::PAYLOAD_TOO_LARGE, &msg),
         Err(BatchRefused::Unavailable(e)) => return unavailable(&e),
@@ -618,7 +620,7 @@ pub enum BatchRefused {
 /// [`record`].
 pub async fn record_batch(
     st: &HttpState,
-    clicks: Vec<v1::Click>,
+    clicks: &[ClickRef<'_>],
     ctx: &RequestCtx,
 ) -> Result<Processed, BatchRefused> {
     let max = st.limits.max_clicks_per_batch;
@@ -637,16 +639,18 @@ pub async fn record_batch(
 /// shared path of batches, redirects and QUIC.
 pub async fn record(
     st: &HttpState,
-    clicks: Vec<v1::Click>,
+    clicks: &[ClickRef<'_>],
     ctx: &RequestCtx,
 ) -> Result<Processed, CommitError> {
-    let processed = st.processor.process(clicks, ctx);
-    st.quarantine.record(
-        ctx.received_at_ms,
-        ctx.client_ip,
-        processed.rejected.clone(),
-    );
-    if processed.accepted.is_empty() {
+    let mut processed = st.processor.process(clicks, ctx);
+    if !processed.rejected.is_empty() {
+        st.quarantine.record(
+            ctx.received_at_ms,
+            ctx.client_ip,
+            processed.rejected.clone(),
+        );
+    }
+    if processed.accepted() == 0 {
         return Ok(processed);
     }
     // The writer commits what it was handed even when the client goes away and this
@@ -654,14 +658,14 @@ pub async fn record(
     // bookkeeping and the `accepted` count must follow the commit, not the request, or the
     // ids would stay pending forever and a click written and forwarded would never be
     // counted as accepted. So the commit and its outcome run in a task of their own.
-    let encoded = processed.encode_accepted();
+    let encoded = processed.take_encoded();
     let (processor, committer, metrics) = (
         st.processor.clone(),
         st.committer.clone(),
         st.metrics.clone(),
     );
     let outcome = tokio::spawn(async move {
-        let n = processed.accepted.len();
+        let n = processed.accepted();
         match committer.commit(encoded, n).await {
             Ok(_seq) => {
                 processor.committed(&processed);
@@ -714,7 +718,7 @@ async fn redirect(st: &HttpState, token: &str, ip: IpAddr, ua_class: v1::UserAge
                 client_ip: Some(ip),
                 ua_class,
             };
-            let _ = record(st, vec![click], &ctx).await;
+            let _ = record(st, &[ClickRef::from(&click)], &ctx).await;
             text(status, format!("invalid ad link ({reason}): {detail}\n"))
         }
         Ok(url) => {
@@ -723,7 +727,7 @@ async fn redirect(st: &HttpState, token: &str, ip: IpAddr, ua_class: v1::UserAge
                 client_ip: Some(ip),
                 ua_class,
             };
-            if let Err(e) = record(st, vec![click], &ctx).await {
+            if let Err(e) = record(st, &[ClickRef::from(&click)], &ctx).await {
                 // The visitor still reaches the advertiser; the click is counted as
                 // `spool_unavailable` instead of billed.
                 tracing::warn!(error = %e, "redirect click not recorded");

@@ -1,26 +1,35 @@
-//! Per-click processing, shared by every ingest path (HTTP batches, redirects, QUIC):
-//! dimension checks, token verification, clock correction and dedup, producing the
-//! `IngestClick`s to spool plus the counted, quarantinable rejections.
+//! Per-click processing, shared by every ingest path (HTTP batches, redirects, QUIC, the
+//! file source): dimension checks, token verification, clock correction and dedup,
+//! producing the accepted clicks' spool bytes plus the counted, quarantinable rejections.
+//!
+//! The per-click path allocates nothing for a valid click: clicks arrive borrowed from the
+//! request body ([`ClickRef`], decoded by `http::decode`), tokens are verified on the stack
+//! (`Keyring::verify_click`), and accepted clicks are encoded straight into the
+//! `IngestBatch.clicks` bytes of the spool record ([`encode`]); only rejections (quarantine
+//! text) allocate. Allocations are per batch (the output buffers).
 //!
 //! Must not do I/O: the caller commits the accepted clicks and, if that fails, calls
 //! [`Processor::release`] so a client retry is not mistaken for a duplicate.
 
 pub mod correct;
 pub mod dedup;
+pub mod encode;
 pub mod keys;
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use adclick_proto::countable;
-use adclick_proto::v1::{self, ClickBatchResult, IngestClick};
-use prost::Message;
+use adclick_proto::token::Verified;
+use adclick_proto::v1::{self, ClickBatchResult};
 
 use crate::config::{DedupConfig, TokenChecks};
 use crate::metrics::Metrics;
 use crate::quarantine::Rejected;
 use crate::routing::HotAds;
-use dedup::{Dedup, Seen};
+use dedup::{Dedup, IdHashBuilder, ImpressionId, Seen};
+use encode::IngestClickRef;
 use keys::KeySource;
 
 /// Where and when a request arrived.
@@ -34,11 +43,56 @@ pub struct RequestCtx {
     pub ua_class: v1::UserAgentClass,
 }
 
-/// The result of processing one batch.
+/// A click as the SDK sent it (`adclick.v1.Click`), its strings borrowed from the request
+/// body (or from a decoded `v1::Click`, see the `From` impl).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClickRef<'a> {
+    /// The impression token text.
+    pub token: &'a str,
+    /// Device clock at the click.
+    pub occurred_at_ms: i64,
+    /// Device clock at send time.
+    pub sent_at_ms: i64,
+    /// ISO-3166 alpha-2 code (checked here).
+    pub country: &'a str,
+    /// `v1::Device` value (checked here).
+    pub device: i32,
+    /// Operating system.
+    pub os: &'a str,
+    /// Publisher site.
+    pub site: &'a str,
+    /// Publisher app.
+    pub app: &'a str,
+    /// Opaque user id.
+    pub user_id: &'a str,
+}
+
+impl<'a> From<&'a v1::Click> for ClickRef<'a> {
+    fn from(c: &'a v1::Click) -> Self {
+        ClickRef {
+            token: &c.token,
+            occurred_at_ms: c.occurred_at_ms,
+            sent_at_ms: c.sent_at_ms,
+            country: &c.country,
+            device: c.device,
+            os: &c.os,
+            site: &c.site,
+            app: &c.app,
+            user_id: &c.user_id,
+        }
+    }
+}
+
+/// The result of processing clicks: what to make durable, and what to tell the client.
 #[derive(Debug, Default)]
 pub struct Processed {
-    /// Verified, corrected, first-seen clicks (to be made durable).
-    pub accepted: Vec<IngestClick>,
+    /// The verified, corrected, first-seen clicks as `IngestBatch.clicks` entries
+    /// (field 3), ready to be concatenated into a spool record.
+    encoded: Vec<u8>,
+    /// Their impression ids, in order (for [`Processor::committed`] / `release`).
+    ids: Vec<ImpressionId>,
+    /// Accepted clicks by `UserAgentClass` value (unspecified, client, bot).
+    ua_classes: [u64; 3],
     /// Clicks dropped as duplicates.
     pub duplicates: u32,
     /// Clicks refused, with reasons.
@@ -46,10 +100,15 @@ pub struct Processed {
 }
 
 impl Processed {
+    /// Accepted clicks (to be made durable).
+    pub fn accepted(&self) -> usize {
+        self.ids.len()
+    }
+
     /// The per-batch answer for the client.
     pub fn result(&self) -> ClickBatchResult {
         let mut r = ClickBatchResult {
-            accepted: u32::try_from(self.accepted.len()).unwrap_or(u32::MAX),
+            accepted: u32::try_from(self.accepted()).unwrap_or(u32::MAX),
             duplicate: self.duplicates,
             rejected: Default::default(),
         };
@@ -59,22 +118,27 @@ impl Processed {
         r
     }
 
-    /// The accepted clicks encoded as `IngestBatch.clicks` entries (field 3), ready to be
+    /// The accepted clicks as `IngestBatch.clicks` entries (field 3), ready to be
     /// concatenated into a spool record.
-    pub fn encode_accepted(&self) -> Vec<u8> {
-        let len: usize = self
-            .accepted
-            .iter()
-            .map(|c| {
-                let l = c.encoded_len();
-                1 + prost::encoding::encoded_len_varint(l as u64) + l
-            })
-            .sum();
-        let mut buf = Vec::with_capacity(len);
-        for c in &self.accepted {
-            prost::encoding::message::encode(3, c, &mut buf);
+    pub fn encoded(&self) -> &[u8] {
+        &self.encoded
+    }
+
+    /// Takes the encoded clicks out (the ids stay, for commit or release).
+    pub fn take_encoded(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.encoded)
+    }
+
+    /// Appends `other`'s clicks and outcomes after this one's (the file source gathers
+    /// lines into one commit).
+    pub fn append(&mut self, other: Processed) {
+        self.encoded.extend_from_slice(&other.encoded);
+        self.ids.extend_from_slice(&other.ids);
+        for (a, b) in self.ua_classes.iter_mut().zip(other.ua_classes) {
+            *a += b;
         }
-        buf
+        self.duplicates += other.duplicates;
+        self.rejected.extend(other.rejected);
     }
 }
 
@@ -97,6 +161,18 @@ fn truncate(s: &str, n: usize) -> String {
     s[..end].to_string()
 }
 
+/// A click that passed verification, and what the dedup pass decided for it.
+struct Checked<'c, 'a> {
+    click: &'c ClickRef<'a>,
+    imp: Verified,
+    /// Set for accepted clicks.
+    accepted: Option<(correct::Corrected, Seen)>,
+}
+
+// Bytes of a typical encoded click (ids, times, short dimensions): sizes the output buffer
+// so most batches never grow it.
+const TYPICAL_ENTRY_LEN: usize = 120;
+
 impl Processor {
     /// A processor over the given keys and dedup settings.
     pub fn new(
@@ -118,7 +194,7 @@ impl Processor {
         }
     }
 
-    fn check_dims(&self, c: &v1::Click) -> Result<(), &'static str> {
+    fn check_dims(&self, c: &ClickRef<'_>) -> Result<(), &'static str> {
         let country_ok = c.country.is_empty()
             || (c.country.len() == 2 && c.country.bytes().all(|b| b.is_ascii_uppercase()));
         if !country_ok {
@@ -128,7 +204,7 @@ impl Processor {
             return Err("unknown device value");
         }
         let max = self.max_string_len;
-        if [&c.os, &c.site, &c.app, &c.user_id]
+        if [c.os, c.site, c.app, c.user_id]
             .iter()
             .any(|s| s.len() > max)
         {
@@ -138,38 +214,47 @@ impl Processor {
     }
 
     /// Processes a batch's clicks.
-    pub fn process(&self, clicks: Vec<v1::Click>, ctx: &RequestCtx) -> Processed {
+    pub fn process(&self, clicks: &[ClickRef<'_>], ctx: &RequestCtx) -> Processed {
         let ring = self.keys.get();
         let now = ctx.received_at_ms;
         let mut out = Processed::default();
-        let mut verified = Vec::with_capacity(clicks.len());
+        let reject = |click: &ClickRef<'_>, reason: &'static str, detail: String| Rejected {
+            reason,
+            detail,
+            token: truncate(click.token, 256),
+            occurred_at_ms: click.occurred_at_ms,
+            sent_at_ms: click.sent_at_ms,
+        };
+        // Verification (the HMAC) runs outside the dedup lock.
+        let mut checked = Vec::with_capacity(clicks.len());
         for click in clicks {
-            let reject = |reason: &'static str, detail: String| Rejected {
-                reason,
-                detail,
-                token: truncate(&click.token, 256),
-                occurred_at_ms: click.occurred_at_ms,
-                sent_at_ms: click.sent_at_ms,
-            };
-            if let Err(why) = self.check_dims(&click) {
+            if let Err(why) = self.check_dims(click) {
                 out.rejected
-                    .push(reject("invalid_dimension", why.to_string()));
+                    .push(reject(click, "invalid_dimension", why.to_string()));
                 continue;
             }
-            match ring.verify(&click.token, now, self.checks.skew_ms) {
-                Ok(imp) => verified.push((click, imp)),
-                Err(e) => out.rejected.push(reject(e.reason(), e.to_string())),
+            match ring.verify_click(click.token, now, self.checks.skew_ms) {
+                Ok(imp) => checked.push(Checked {
+                    click,
+                    imp,
+                    accepted: None,
+                }),
+                Err(e) => out.rejected.push(reject(click, e.reason(), e.to_string())),
             }
         }
+        drop(ring);
+        out.ids.reserve_exact(checked.len());
         let mut skewed = 0;
         let mut suspects = 0;
         {
             // Repeats inside this batch are plain duplicates: both copies would be in the
             // same all-or-nothing commit. Repeats of another request's pending click are
             // suspects (see `Dedup`).
-            let mut in_batch = std::collections::HashSet::with_capacity(verified.len());
+            let mut in_batch =
+                HashSet::with_capacity_and_hasher(checked.len(), IdHashBuilder::default());
             let mut dedup = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
-            for (click, imp) in verified {
+            for ch in &mut checked {
+                let (click, imp) = (ch.click, &ch.imp);
                 if !in_batch.insert(imp.impression_id) {
                     out.duplicates += 1;
                     continue;
@@ -192,13 +277,8 @@ impl Processor {
                     now,
                     self.checks.max_click_age_ms,
                 ) {
-                    out.rejected.push(Rejected {
-                        reason: why.reason(),
-                        detail: why.to_string(),
-                        token: truncate(&click.token, 256),
-                        occurred_at_ms: click.occurred_at_ms,
-                        sent_at_ms: click.sent_at_ms,
-                    });
+                    out.rejected
+                        .push(reject(click, why.reason(), why.to_string()));
                     continue;
                 }
                 let seen = dedup.check_and_insert(&imp.impression_id, imp.expires_at_ms, now);
@@ -208,35 +288,54 @@ impl Processor {
                 }
                 skewed += u64::from(c.skew_flagged);
                 suspects += u64::from(seen == Seen::Suspect);
-                out.accepted.push(IngestClick {
-                    impression_id: imp.impression_id.to_vec(),
-                    ad_id: imp.ad_id,
-                    advertiser_id: imp.advertiser_id,
-                    campaign_id: imp.campaign_id,
-                    token_expires_at_ms: imp.expires_at_ms,
-                    event_time_ms: c.event_time_ms,
-                    received_at_ms: now,
-                    occurred_at_ms: click.occurred_at_ms,
-                    sent_at_ms: click.sent_at_ms,
-                    country: click.country,
-                    device: click.device,
-                    os: click.os,
-                    site: click.site,
-                    app: click.app,
-                    user_id: click.user_id,
-                    client_ip: match ctx.client_ip {
-                        Some(IpAddr::V4(a)) => a.octets().to_vec(),
-                        Some(IpAddr::V6(a)) => a.octets().to_vec(),
-                        None => Vec::new(),
-                    },
-                    clock_skew_flagged: c.skew_flagged,
-                    dedup_suspect: seen == Seen::Suspect,
-                    salt: self.hot.salt(imp.ad_id, &imp.impression_id),
-                    token_issued_at_ms: imp.issued_at_ms,
-                    ua_class: ctx.ua_class as i32,
-                });
+                out.ids.push(imp.impression_id);
+                ch.accepted = Some((c, seen));
             }
         }
+        // Encoding runs outside the lock too.
+        let ip_bytes: ([u8; 16], usize) = match ctx.client_ip {
+            Some(IpAddr::V4(a)) => {
+                let mut b = [0; 16];
+                b[..4].copy_from_slice(&a.octets());
+                (b, 4)
+            }
+            Some(IpAddr::V6(a)) => (a.octets(), 16),
+            None => ([0; 16], 0),
+        };
+        let client_ip = &ip_bytes.0[..ip_bytes.1];
+        out.encoded = Vec::with_capacity(out.ids.len() * TYPICAL_ENTRY_LEN);
+        for ch in &checked {
+            let Some((c, seen)) = ch.accepted else {
+                continue;
+            };
+            let (click, imp) = (ch.click, &ch.imp);
+            IngestClickRef {
+                impression_id: &imp.impression_id,
+                ad_id: imp.ad_id,
+                advertiser_id: imp.advertiser_id,
+                campaign_id: imp.campaign_id,
+                token_expires_at_ms: imp.expires_at_ms,
+                event_time_ms: c.event_time_ms,
+                received_at_ms: now,
+                occurred_at_ms: click.occurred_at_ms,
+                sent_at_ms: click.sent_at_ms,
+                country: click.country,
+                device: click.device,
+                os: click.os,
+                site: click.site,
+                app: click.app,
+                user_id: click.user_id,
+                client_ip,
+                clock_skew_flagged: c.skew_flagged,
+                dedup_suspect: seen == Seen::Suspect,
+                salt: self.hot.salt(imp.ad_id, &imp.impression_id),
+                token_issued_at_ms: imp.issued_at_ms,
+                ua_class: ctx.ua_class as i32,
+            }
+            .encode_entry(&mut out.encoded);
+        }
+        let class = usize::try_from(ctx.ua_class as i32).unwrap_or(0).min(2);
+        out.ua_classes[class] += out.ids.len() as u64;
         let m = &self.metrics;
         m.add_clicks("duplicate", u64::from(out.duplicates));
         m.clock_skew_flagged.inc_by(skewed);
@@ -270,28 +369,19 @@ impl Processor {
     /// Marks the accepted clicks durable (repeats become duplicates) and counts them.
     pub fn committed(&self, p: &Processed) {
         let mut dedup = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
-        for c in &p.accepted {
-            if let Ok(id) = <[u8; 16]>::try_from(c.impression_id.as_slice()) {
-                dedup.commit(&id);
-            }
+        for id in &p.ids {
+            dedup.commit(id);
         }
         drop(dedup);
-        self.metrics.add_clicks("accepted", p.accepted.len() as u64);
-        let mut by_class = [0u64; 3];
-        for c in &p.accepted {
-            let i = usize::try_from(c.ua_class).unwrap_or(0).min(2);
-            by_class[i] += 1;
-        }
-        self.metrics.add_ua_classes(by_class);
+        self.metrics.add_clicks("accepted", p.ids.len() as u64);
+        self.metrics.add_ua_classes(p.ua_classes);
     }
 
     /// Forgets the accepted clicks of a batch that could not be made durable.
     pub fn release(&self, p: &Processed) {
         let mut dedup = self.dedup.lock().unwrap_or_else(|e| e.into_inner());
-        for c in &p.accepted {
-            if let Ok(id) = <[u8; 16]>::try_from(c.impression_id.as_slice()) {
-                dedup.release(&id);
-            }
+        for id in &p.ids {
+            dedup.release(id);
         }
     }
 }
