@@ -34,11 +34,11 @@ impl<'a> Reader<'a> {
     #[inline]
     pub fn varint(&mut self) -> Result<u64, WireError> {
         // One-byte fast path: most keys, lengths and small values.
-        if let Some((&b, rest)) = self.0.split_first() {
-            if b < 0x80 {
-                self.0 = rest;
-                return Ok(u64::from(b));
-            }
+        if let Some((&b, rest)) = self.0.split_first()
+            && b < 0x80
+        {
+            self.0 = rest;
+            return Ok(u64::from(b));
         }
         let mut v = 0u64;
         for i in 0..10 {

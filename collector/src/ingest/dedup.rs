@@ -260,10 +260,10 @@ impl ExactSet {
             self.order.pop_front();
             // Only remove if the table still holds this very entry (a released and
             // re-inserted id has a newer queue entry).
-            if let Probe::Found(i) = self.probe(&id) {
-                if self.slots[i].meta & KEEP_MASK == exp {
-                    self.remove_at(i);
-                }
+            if let Probe::Found(i) = self.probe(&id)
+                && self.slots[i].meta & KEEP_MASK == exp
+            {
+                self.remove_at(i);
             }
         }
     }
@@ -341,10 +341,10 @@ impl Dedup {
     /// client's retry must not be taken for a duplicate. (The Bloom bit stays; the retry
     /// becomes a suspect, never a loss.)
     pub fn release(&mut self, id: &ImpressionId) {
-        if let Probe::Found(i) = self.exact.probe(id) {
-            if self.exact.slots[i].meta & COMMITTED == 0 {
-                self.exact.remove_at(i);
-            }
+        if let Probe::Found(i) = self.exact.probe(id)
+            && self.exact.slots[i].meta & COMMITTED == 0
+        {
+            self.exact.remove_at(i);
         }
     }
 
@@ -488,7 +488,7 @@ mod tests {
 
         fn pool_id(n: u16) -> ImpressionId {
             let mut x = [0u8; 16];
-            let home = if n % 2 == 0 {
+            let home = if n.is_multiple_of(2) {
                 u64::from(n / 8)
             } else {
                 u64::from(n)
@@ -549,8 +549,10 @@ mod tests {
                         }
                         Op::Release(n) => {
                             let id = pool_id(n);
-                            if let Probe::Found(i) = t.probe(&id) {
-                                if t.slots[i].meta & COMMITTED == 0 { t.remove_at(i); }
+                            if let Probe::Found(i) = t.probe(&id)
+                                && t.slots[i].meta & COMMITTED == 0
+                            {
+                                t.remove_at(i);
                             }
                             if model.get(&id).is_some_and(|m| m & COMMITTED == 0) { model.remove(&id); }
                         }
