@@ -110,7 +110,7 @@ impl FilterKey {
 }
 
 /// What a click contributes to the value indexes: its dimensions and its ad's owners.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct ClickKeys {
     /// Country, device, os, site.
     pub dims: DimKey,
