@@ -1683,6 +1683,74 @@ mod tests {
         assert_eq!(idx.cells().collect::<Vec<_>>(), vec![(2, i64::MAX, 3)]);
     }
 
+    /// A complete hour gets its segment at the next freeze pass, built from its minutes;
+    /// until then, and for the hour being filled, its minutes answer. Late clicks to a
+    /// built hour reach its live part.
+    #[test]
+    fn hours_are_built_from_their_minutes_once_complete() {
+        let mut idx = TopIndex::new();
+        let mut twin = TopIndex::new();
+        for m in 0..150 {
+            for ad in 0..4u64 {
+                idx.add(ad, m, ad + 1);
+                twin.add(ad, m, ad + 1);
+            }
+        }
+        idx.seal(150);
+        twin.seal(150);
+        // Sealed, not frozen yet: 150 minute lists.
+        assert_eq!(idx.lists(0, 150).len(), 150);
+        assert_eq!(idx.top(2, 0, 150), vec![(3, 600), (2, 450)]);
+        for (k, f) in idx.freeze_due() {
+            twin.install(k, &f);
+        }
+        for i in [&idx, &twin] {
+            // Hours 0 and 1 built; hour 2 (minutes 120..150) is not complete.
+            assert_eq!(i.hours.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+            assert_eq!(i.lists(0, 150).len(), 2 + 30);
+            assert_eq!(i.top(2, 0, 150), vec![(3, 600), (2, 450)]);
+            i.check_invariants();
+        }
+        assert_eq!(idx.frozen_parts(), twin.frozen_parts());
+        // A late click into hour 0 reaches minute 5 and the hour's live part.
+        for i in [&mut idx, &mut twin] {
+            i.add(0, 5, 1000);
+            assert_eq!(i.lists(0, 150).len(), 3 + 30);
+            assert_eq!(i.top(1, 0, 120), vec![(0, 1120)]);
+            assert_eq!(i.count(0, 0, 60), 1060);
+            i.check_invariants();
+        }
+        // Eviction inside hour 1 drops it: its minutes answer.
+        idx.evict_before(70);
+        assert_eq!(idx.hours.len(), 0);
+        assert_eq!(idx.top(1, 0, 150), vec![(3, 320)]);
+        idx.check_invariants();
+    }
+
+    /// Stale bucket entries are dropped once they outnumber the ads, and sorted access
+    /// through them stays exact.
+    #[test]
+    fn stale_bucket_entries_are_dropped() {
+        let mut n = Node::new(Seeded::random());
+        for round in 1..=40u64 {
+            for ad in 0..100 {
+                n.add(ad, 1);
+            }
+            assert!(n.stale <= n.len() + 64, "round {round}");
+        }
+        let mut idx = TopIndex::new();
+        for ad in 0..100 {
+            for _ in 0..=ad {
+                idx.add(ad, 0, 1);
+            }
+        }
+        idx.check_invariants();
+        assert_eq!(
+            idx.top_all_paths(3, 0, 1),
+            vec![(99, 100), (98, 99), (97, 98)]
+        );
+    }
+
     #[test]
     fn cells_round_trip() {
         let mut idx = TopIndex::new();

@@ -185,21 +185,43 @@ impl TopSet {
             return;
         }
         for k in keys.keys() {
-            if !self.has(k.field()) {
-                continue;
+            if self.has(k.field()) {
+                self.add_to(Some(k), ad, minute, by);
             }
-            let sealed = self.sealed;
-            self.by
-                .entry(k)
-                .or_insert_with(|| {
-                    let mut idx = TopIndex::minutes_only();
-                    if let Some(s) = sealed {
-                        idx.seal(s);
-                    }
-                    idx
-                })
-                .add(ad, minute, by);
         }
+    }
+
+    /// The value indexes a click carrying `keys` goes to (those of the fields in the set).
+    pub fn keys_of(&self, keys: &ClickKeys) -> impl Iterator<Item = FilterKey> + use<> {
+        let fields = self.fields;
+        keys.keys()
+            .into_iter()
+            .filter(move |k| fields & k.field().bit() != 0)
+    }
+
+    /// Adds `by` clicks of `ad` in minute index `minute` to one index only: the unfiltered
+    /// one (`None`) or one value's. [`TopSet::add`] is this for the unfiltered index and
+    /// each of [`TopSet::keys_of`]; callers that sum many clicks per index first (the
+    /// published writer) call it directly.
+    pub fn add_to(&mut self, index: Option<FilterKey>, ad: u64, minute: i64, by: u64) {
+        let Some(k) = index else {
+            self.all.add(ad, minute, by);
+            return;
+        };
+        if !self.has(k.field()) {
+            return;
+        }
+        let sealed = self.sealed;
+        self.by
+            .entry(k)
+            .or_insert_with(|| {
+                let mut idx = TopIndex::minutes_only();
+                if let Some(s) = sealed {
+                    idx.seal(s);
+                }
+                idx
+            })
+            .add(ad, minute, by);
     }
 
     /// [`TopIndex::seal`] of every index (value indexes have no hour level: for them it
