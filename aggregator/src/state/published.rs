@@ -53,19 +53,78 @@ pub enum TopOp {
     /// A frozen part the other copy made ([`TopSet::freeze_due`]); logged by the writer
     /// itself, never pushed.
     Install(Install),
-    /// `by` clicks for `ad` in minute index `minute` of one index only (`None`: the
-    /// unfiltered one): what the writer logs for the `Add`s pushed, summed per index
-    /// ([`TopSet::add_to`]). Pushing it is the same as logging it.
-    AddTo {
-        /// The value index, `None` for the unfiltered one.
-        index: Option<FilterKey>,
-        /// Ad.
-        ad: u64,
-        /// Minute index.
-        minute: i64,
-        /// Clicks.
-        by: u64,
-    },
+    /// The `Add`s pushed between two other ops, grouped per index and minute and summed
+    /// per ad; logged by the writer itself, never pushed.
+    Adds(AddBatch),
+}
+
+/// Clicks grouped per index and minute, summed per ad (see [`TopOp::Adds`]).
+#[derive(Debug, Clone, Default)]
+pub struct AddBatch {
+    /// `(index, minute, start, end)`: `adds[start..end]` go to minute `minute` of `index`
+    /// (`None`: the unfiltered index).
+    groups: Vec<(Option<FilterKey>, i64, u32, u32)>,
+    /// `(ad, clicks)`, each ad once per group.
+    adds: Vec<(u64, u64)>,
+}
+
+impl AddBatch {
+    /// Groups `clicks` (`(ad, minute, clicks, keys)`) per index of `set`'s fields and per
+    /// minute, summing the clicks of an ad: one sort of the batch, sequential in memory,
+    /// instead of a probe of a big map per click.
+    fn group(clicks: &[(u64, i64, u64, ClickKeys)], set: &TopSet) -> AddBatch {
+        // Value indexes numbered per batch (0: the unfiltered index) so the sort key is
+        // plain integers.
+        let mut number: FastMap<FilterKey, u32> = FastMap::default();
+        let mut names: Vec<Option<FilterKey>> = vec![None];
+        let mut rows: Vec<(u32, i64, u64, u64)> = Vec::with_capacity(clicks.len() * 3);
+        for &(ad, minute, by, keys) in clicks {
+            if by == 0 {
+                continue;
+            }
+            rows.push((0, minute, ad, by));
+            for k in set.keys_of(&keys) {
+                let t = *number.entry(k).or_insert_with(|| {
+                    names.push(Some(k));
+                    (names.len() - 1) as u32
+                });
+                rows.push((t, minute, ad, by));
+            }
+        }
+        rows.sort_unstable_by_key(|r| (r.0, r.1, r.2));
+        let mut b = AddBatch {
+            groups: Vec::new(),
+            adds: Vec::with_capacity(rows.len()),
+        };
+        let mut i = 0;
+        while i < rows.len() {
+            let (t, minute) = (rows[i].0, rows[i].1);
+            let start = b.adds.len() as u32;
+            while let Some(&(rt, rm, ad, by)) = rows.get(i)
+                && (rt, rm) == (t, minute)
+            {
+                let in_group = b.adds.len() as u32 > start;
+                match b.adds.last_mut() {
+                    Some(last) if in_group && last.0 == ad => {
+                        last.1 = last.1.saturating_add(by);
+                    }
+                    _ => b.adds.push((ad, by)),
+                }
+                i += 1;
+            }
+            let index = names.get(t as usize).copied().flatten();
+            b.groups.push((index, minute, start, b.adds.len() as u32));
+        }
+        b
+    }
+
+    fn apply(&self, idx: &mut TopSet) {
+        for &(index, minute, start, end) in &self.groups {
+            if let Some(adds) = self.adds.get(start as usize..end as usize) {
+                idx.add_run(index, minute, adds);
+            }
+        }
+    }
 }
 
 fn apply(idx: &mut TopSet, op: &TopOp) {
@@ -79,12 +138,7 @@ fn apply(idx: &mut TopSet, op: &TopOp) {
         TopOp::Seal(m) => idx.seal(*m),
         TopOp::Evict(m) => idx.evict_before(*m),
         TopOp::Install(i) => idx.install(i),
-        TopOp::AddTo {
-            index,
-            ad,
-            minute,
-            by,
-        } => idx.add_to(*index, *ad, *minute, *by),
+        TopOp::Adds(b) => b.apply(idx),
     }
 }
 
@@ -101,12 +155,11 @@ pub struct TopWriter {
     published_at: u64,
     /// A seal was pushed since the last freeze pass.
     freeze_pending: bool,
-    /// Adds pushed since the last other op, summed per index by `(index, ad, minute)`
-    /// (`None`: the unfiltered index): logged as one [`TopOp::AddTo`] each before the
-    /// next other op, or at the next publish. Zipf traffic repeats ads within a batch,
-    /// and each logged add costs a cache miss or two in each copy; a sum here costs a
-    /// probe of a small map that stays in cache.
-    pending: FastMap<(Option<FilterKey>, u64, i64), u64>,
+    /// `(ad, minute, clicks, keys)` of the adds pushed since the last other op: logged as
+    /// one [`TopOp::Adds`] before the next other op, or at the next publish. Zipf traffic
+    /// repeats ads within a batch, and each logged add costs a cache miss or two in each
+    /// copy; grouped per index and minute, the probes of one node run back to back.
+    pending: Vec<(u64, i64, u64, ClickKeys)>,
 }
 
 impl TopWriter {
@@ -122,7 +175,7 @@ impl TopWriter {
             stale_at: 0,
             published_at: 0,
             freeze_pending: false,
-            pending: FastMap::default(),
+            pending: Vec::new(),
         };
         (w, shared)
     }
@@ -137,11 +190,8 @@ impl TopWriter {
         } = op
         {
             // Adds commute with each other, not with seals, evictions or installs: they
-            // are summed only between two other ops. Both copies have the same fields.
-            for index in std::iter::once(None).chain(self.stale.keys_of(&keys).map(Some)) {
-                let n = self.pending.entry((index, ad, minute)).or_insert(0);
-                *n = n.saturating_add(by);
-            }
+            // are summed only between two other ops.
+            self.pending.push((ad, minute, by, keys));
             return;
         }
         self.flush_adds();
@@ -150,19 +200,16 @@ impl TopWriter {
         self.total += 1;
     }
 
-    /// Logs the summed adds.
+    /// Logs the pending adds, grouped. Both copies have the same fields: the stale one
+    /// says which value indexes a click goes to.
     fn flush_adds(&mut self) {
-        let n = self.pending.len();
-        self.log.reserve(n);
-        for ((index, ad, minute), by) in self.pending.drain() {
-            self.log.push_back(TopOp::AddTo {
-                index,
-                ad,
-                minute,
-                by,
-            });
+        if self.pending.is_empty() {
+            return;
         }
-        self.total += n as u64;
+        let batch = AddBatch::group(&self.pending, &self.stale);
+        self.pending.clear();
+        self.log.push_back(TopOp::Adds(batch));
+        self.total += 1;
     }
 
     /// Whether every change pushed is visible to readers.

@@ -835,11 +835,25 @@ impl TopIndex {
     /// Adds `by` clicks to `(ad, minute)`. `by == 0` and minutes already
     /// evicted (below the last [`TopIndex::evict_before`]) are ignored.
     pub fn add(&mut self, ad: u64, minute: i64, by: u64) {
-        if by == 0 || minute < self.evicted_before {
+        self.add_run(minute, &[(ad, by)]);
+    }
+
+    /// [`TopIndex::add`] of each `(ad, clicks)` pair, all in minute index `minute`: one
+    /// lookup of the minute for all of them, and back-to-back probes of its node, whose
+    /// cache misses the CPU overlaps.
+    pub fn add_run(&mut self, minute: i64, adds: &[(u64, u64)]) {
+        if minute < self.evicted_before || adds.iter().all(|a| a.1 == 0) {
             return;
         }
         let seed = self.seed;
-        if self.minutes.entry(minute).or_default().add(ad, by, seed) {
+        let seg = self.minutes.entry(minute).or_default();
+        let mut fresh = false;
+        for &(ad, by) in adds {
+            if by > 0 {
+                fresh |= seg.add(ad, by, seed);
+            }
+        }
+        if fresh {
             self.dirty.insert(SegKey {
                 hour: false,
                 start: minute,
@@ -849,13 +863,19 @@ impl TopIndex {
         // minutes still taking clicks never reach this lookup.
         if minute < self.sealed_before {
             let hour = minute.div_euclid(HOUR);
-            if let Some(seg) = self.hours.get_mut(&hour)
-                && seg.add(ad, by, seed)
-            {
-                self.dirty.insert(SegKey {
-                    hour: true,
-                    start: hour,
-                });
+            if let Some(seg) = self.hours.get_mut(&hour) {
+                let mut fresh = false;
+                for &(ad, by) in adds {
+                    if by > 0 {
+                        fresh |= seg.add(ad, by, seed);
+                    }
+                }
+                if fresh {
+                    self.dirty.insert(SegKey {
+                        hour: true,
+                        start: hour,
+                    });
+                }
             }
         }
     }

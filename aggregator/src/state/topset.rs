@@ -186,7 +186,7 @@ impl TopSet {
         }
         for k in keys.keys() {
             if self.has(k.field()) {
-                self.add_to(Some(k), ad, minute, by);
+                self.add_run(Some(k), minute, &[(ad, by)]);
             }
         }
     }
@@ -199,16 +199,16 @@ impl TopSet {
             .filter(move |k| fields & k.field().bit() != 0)
     }
 
-    /// Adds `by` clicks of `ad` in minute index `minute` to one index only: the unfiltered
-    /// one (`None`) or one value's. [`TopSet::add`] is this for the unfiltered index and
-    /// each of [`TopSet::keys_of`]; callers that sum many clicks per index first (the
-    /// published writer) call it directly.
-    pub fn add_to(&mut self, index: Option<FilterKey>, ad: u64, minute: i64, by: u64) {
+    /// Adds `(ad, clicks)` pairs in minute index `minute` to one index only: the
+    /// unfiltered one (`None`) or one value's ([`TopIndex::add_run`]). [`TopSet::add`] is
+    /// this for the unfiltered index and each of [`TopSet::keys_of`]; the published writer,
+    /// which groups the clicks of a batch per index and minute, calls it directly.
+    pub fn add_run(&mut self, index: Option<FilterKey>, minute: i64, adds: &[(u64, u64)]) {
         let Some(k) = index else {
-            self.all.add(ad, minute, by);
+            self.all.add_run(minute, adds);
             return;
         };
-        if !self.has(k.field()) {
+        if !self.has(k.field()) || adds.iter().all(|a| a.1 == 0) {
             return;
         }
         let sealed = self.sealed;
@@ -221,7 +221,7 @@ impl TopSet {
                 }
                 idx
             })
-            .add(ad, minute, by);
+            .add_run(minute, adds);
     }
 
     /// [`TopIndex::seal`] of every index (value indexes have no hour level: for them it
