@@ -183,20 +183,26 @@ impl Hasher for MixHasher {
 
 type Map<V> = HashMap<u64, V, Seeded>;
 
-/// Per-ad entry of a node. Kept at 8 bytes (16 with the key) because it is
-/// the bulk of the memory; counts that do not fit `u32` go to [`Node::big`].
-#[derive(Clone, Copy)]
-struct Slot {
-    count: u32,
-    /// Index of the ad inside `buckets[bucket_of(count)]`.
-    pos: u32,
-}
+/// Per-ad count of a node: the real count, or [`BIG`] when it lives in [`Node::big`].
+type Slot = u32;
 
 /// Counts of one minute (or one hour) with the ads grouped by count bucket.
+///
+/// The buckets are append-only: an ad whose count leaves its bucket is pushed onto its
+/// new bucket and left behind in the old one (a *stale* entry). Counts in a node only
+/// grow, so an ad is in the bucket of its count exactly once and stale entries sit only in
+/// lower buckets. A reader of a bucket meets a stale ad after it has read the ad's real
+/// (higher) bucket: the Threshold Algorithm has already seen it, and its bound argument
+/// only needs every ad to be in its real bucket. An add is thus one hash lookup plus, on a
+/// bucket change, a push at a bucket's (cache-hot) end: no position to maintain, no other
+/// ad to move. Once stale entries outnumber the ads, the buckets are rebuilt from the
+/// counts (O(1) amortized per add).
 #[derive(Clone)]
 struct Node {
     slots: Map<Slot>,
     buckets: Vec<Vec<u64>>,
+    /// Entries in `buckets` whose ad has moved on to a higher bucket.
+    stale: usize,
     /// Exact counts of the (rare) ads whose count reached `u32::MAX`.
     big: Map<u64>,
 }
@@ -206,6 +212,7 @@ impl Node {
         Node {
             slots: HashMap::with_hasher(seed),
             buckets: Vec::new(),
+            stale: 0,
             big: HashMap::with_hasher(seed),
         }
     }
@@ -215,10 +222,10 @@ impl Node {
     }
 
     fn resolve(&self, ad: u64, slot: Slot) -> u64 {
-        if slot.count == BIG {
+        if slot == BIG {
             self.big.get(&ad).copied().unwrap_or(u64::from(BIG))
         } else {
-            u64::from(slot.count)
+            u64::from(slot)
         }
     }
 
@@ -232,78 +239,74 @@ impl Node {
             .map(move |(&ad, &s)| (ad, self.resolve(ad, s)))
     }
 
+    /// Adds `by > 0` clicks of `ad`.
     fn add(&mut self, ad: u64, by: u64) {
-        // Fast path, the common case for hot ads: same bucket, fits u32.
-        if let Some(slot) = self.slots.get_mut(&ad)
-            && slot.count != BIG
-        {
-            let old = u64::from(slot.count);
-            let new = old.saturating_add(by);
-            if new < u64::from(BIG) && bucket_of(new) == bucket_of(old) {
-                slot.count = new as u32;
-                return;
-            }
-        }
-        let old = self.slots.get(&ad).map(|s| (self.resolve(ad, *s), s.pos));
-        let new = old.map_or(0, |(c, _)| c).saturating_add(by);
-        self.set(ad, old, new);
-    }
-
-    /// Moves `ad` from its old `(count, pos)` to count `new` (0 removes it).
-    fn set(&mut self, ad: u64, old: Option<(u64, u32)>, new: u64) {
-        let pos = match old {
-            Some((c, pos)) if new != 0 && bucket_of(c) == bucket_of(new) => pos,
-            Some((c, pos)) => {
-                self.unplace(bucket_of(c), pos);
-                if new == 0 {
-                    self.slots.remove(&ad);
-                    self.big.remove(&ad);
-                    return;
+        use std::collections::hash_map::Entry;
+        let (old, new) = match self.slots.entry(ad) {
+            Entry::Occupied(mut o) => {
+                let slot = o.get_mut();
+                let old = if *slot == BIG {
+                    self.big.get(&ad).copied().unwrap_or(u64::from(BIG))
+                } else {
+                    u64::from(*slot)
+                };
+                let new = old.saturating_add(by);
+                if new >= u64::from(BIG) {
+                    *slot = BIG;
+                    self.big.insert(ad, new);
+                } else {
+                    *slot = new as u32;
                 }
-                self.place(ad, bucket_of(new))
+                (old, new)
             }
-            None if new == 0 => return,
-            None => self.place(ad, bucket_of(new)),
-        };
-        let count = if new >= u64::from(BIG) {
-            self.big.insert(ad, new);
-            BIG
-        } else {
-            if old.is_some_and(|(c, _)| c >= u64::from(BIG)) {
-                self.big.remove(&ad);
+            Entry::Vacant(v) => {
+                let new = by;
+                if new >= u64::from(BIG) {
+                    v.insert(BIG);
+                    self.big.insert(ad, new);
+                } else {
+                    v.insert(new as u32);
+                }
+                (0, new)
             }
-            new as u32
         };
-        self.slots.insert(ad, Slot { count, pos });
-    }
-
-    fn place(&mut self, ad: u64, b: usize) -> u32 {
+        if new == 0 {
+            return;
+        }
+        let b = bucket_of(new);
+        if old != 0 && bucket_of(old) == b {
+            return;
+        }
+        if old != 0 {
+            self.stale += 1;
+        }
         if self.buckets.len() <= b {
             self.buckets.resize_with(b + 1, Vec::new);
         }
-        let bucket = &mut self.buckets[b];
-        bucket.push(ad);
-        debug_assert!(bucket.len() <= u32::MAX as usize);
-        (bucket.len() - 1) as u32
+        self.buckets[b].push(ad);
+        if self.stale > self.slots.len() + 64 {
+            self.rebuild_buckets();
+        }
     }
 
-    fn unplace(&mut self, b: usize, pos: u32) {
-        let pos = pos as usize;
-        let Some(bucket) = self.buckets.get_mut(b) else {
-            debug_assert!(false, "bucket {b} missing");
-            return;
-        };
-        if pos >= bucket.len() {
-            debug_assert!(false, "position {pos} outside bucket {b}");
-            return;
+    /// Drops the stale entries: every ad once, in the bucket of its count.
+    fn rebuild_buckets(&mut self) {
+        for b in &mut self.buckets {
+            b.clear();
         }
-        bucket.swap_remove(pos);
-        // The former last ad now sits at `pos`: tell its slot.
-        if let Some(&moved) = bucket.get(pos)
-            && let Some(s) = self.slots.get_mut(&moved)
-        {
-            s.pos = pos as u32;
+        for (&ad, &s) in &self.slots {
+            let c = if s == BIG {
+                self.big.get(&ad).copied().unwrap_or(u64::from(BIG))
+            } else {
+                u64::from(s)
+            };
+            // c > 0: an ad is only in `slots` with clicks, and `buckets` already reaches
+            // the bucket of its count.
+            if let Some(bucket) = self.buckets.get_mut(bucket_of(c)) {
+                bucket.push(ad);
+            }
         }
+        self.stale = 0;
     }
 
     /// Highest non-empty bucket strictly below `below`.
@@ -744,11 +747,6 @@ struct Cursor {
 /// into a new frozen part at the next freeze pass (late clicks into an old minute).
 const DELTA_SHARE: usize = 8;
 
-/// The hour still being filled (by seals, a minute at a time) is refrozen when its live
-/// part reaches the size of its frozen part and at least this many ads: doubling, so each
-/// ad is copied O(1) times on average and at most half of the hour is live.
-const HOUR_REFREEZE_MIN: usize = 4096;
-
 /// Where a frozen part goes: the segment of an hour or of a minute, by its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SegKey {
@@ -837,61 +835,124 @@ impl TopIndex {
     /// Adds `by` clicks to `(ad, minute)`. `by == 0` and minutes already
     /// evicted (below the last [`TopIndex::evict_before`]) are ignored.
     pub fn add(&mut self, ad: u64, minute: i64, by: u64) {
-        if by == 0 || minute < self.evicted_before {
+        self.add_run(minute, &[(ad, by)]);
+    }
+
+    /// [`TopIndex::add`] of each `(ad, clicks)` pair, all in minute index `minute`: one
+    /// lookup of the minute for all of them, and back-to-back probes of its node, whose
+    /// cache misses the CPU overlaps.
+    pub fn add_run(&mut self, minute: i64, adds: &[(u64, u64)]) {
+        if minute < self.evicted_before || adds.iter().all(|a| a.1 == 0) {
             return;
         }
         let seed = self.seed;
-        if self.minutes.entry(minute).or_default().add(ad, by, seed) {
+        let seg = self.minutes.entry(minute).or_default();
+        let mut fresh = false;
+        for &(ad, by) in adds {
+            if by > 0 {
+                fresh |= seg.add(ad, by, seed);
+            }
+        }
+        if fresh {
             self.dirty.insert(SegKey {
                 hour: false,
                 start: minute,
             });
         }
-        let hour = minute.div_euclid(HOUR);
-        if self.hour_level && minute < self.sealed_before && hour >= self.first_live_hour() {
-            self.add_hour(hour, ad, by);
-        }
-    }
-
-    fn add_hour(&mut self, hour: i64, ad: u64, by: u64) {
-        if self.hours.entry(hour).or_default().add(ad, by, self.seed) {
-            self.dirty.insert(SegKey {
-                hour: true,
-                start: hour,
-            });
-        }
-    }
-
-    /// Seals every minute below `before`: adds its counts to its hour aggregate (once; a
-    /// later add to a sealed minute updates both). Never moves backwards.
-    pub fn seal(&mut self, before: i64) {
-        if before <= self.sealed_before {
-            return;
-        }
-        if self.hour_level {
-            let first = self.first_live_hour();
-            let sealing: Vec<(i64, Vec<(u64, u64)>)> = self
-                .minutes
-                .range(self.sealed_before..before)
-                .filter(|(m, _)| m.div_euclid(HOUR) >= first)
-                .map(|(&m, seg)| (m.div_euclid(HOUR), seg.entries().collect()))
-                .collect();
-            for (hour, entries) in sealing {
-                for (ad, c) in entries {
-                    self.add_hour(hour, ad, c);
+        // An hour segment exists only once its hour is complete (sealed) and built: the
+        // minutes still taking clicks never reach this lookup.
+        if minute < self.sealed_before {
+            let hour = minute.div_euclid(HOUR);
+            if let Some(seg) = self.hours.get_mut(&hour) {
+                let mut fresh = false;
+                for &(ad, by) in adds {
+                    if by > 0 {
+                        fresh |= seg.add(ad, by, seed);
+                    }
+                }
+                if fresh {
+                    self.dirty.insert(SegKey {
+                        hour: true,
+                        start: hour,
+                    });
                 }
             }
         }
-        self.sealed_before = before;
     }
 
-    /// Freezes the segments that are due (see [`Frozen`]): sealed minutes, and hours
-    /// whose minutes are all sealed, with their live part merged in once it is
-    /// 1/[`DELTA_SHARE`] of the frozen part; the hour still being filled when its live part
-    /// doubles it. Returns the new frozen parts: the other published copy, holding the
-    /// same counts, installs them ([`TopIndex::install`]) instead of building its own.
+    /// Seals every minute below `before`: they may be frozen, and an hour whose minutes
+    /// are all sealed gets its hour segment at the next [`TopIndex::freeze_due`]. Never
+    /// moves backwards.
+    pub fn seal(&mut self, before: i64) {
+        if before > self.sealed_before {
+            self.sealed_before = before;
+        }
+    }
+
+    /// Builds the frozen segment of every complete hour (all its minutes sealed, none
+    /// evicted) that has clicks but no segment yet, from the counts of its minutes: once
+    /// per hour, in one published copy (the other installs it), instead of adding every
+    /// minute's counts to a live hour node in both copies as the minutes are sealed.
+    fn build_hours(&mut self, out: &mut Vec<(SegKey, Arc<Frozen>)>) {
+        if !self.hour_level {
+            return;
+        }
+        let first = self.first_live_hour();
+        let end = self.sealed_before.div_euclid(HOUR);
+        if first >= end {
+            return;
+        }
+        // Saturating bounds only widen the range; the hour filter below is exact.
+        let (m0, m1) = (first.saturating_mul(HOUR), end.saturating_mul(HOUR));
+        let mut todo: Vec<i64> = Vec::new();
+        for &m in self.minutes.range(m0..m1).map(|(m, _)| m) {
+            let h = m.div_euclid(HOUR);
+            if (first..end).contains(&h) && todo.last() != Some(&h) && !self.hours.contains_key(&h)
+            {
+                todo.push(h);
+            }
+        }
+        for h in todo {
+            let (Some(hm0), Some(hm1)) = (
+                h.checked_mul(HOUR),
+                h.checked_add(1).and_then(|e| e.checked_mul(HOUR)),
+            ) else {
+                // Next to i64::MIN/MAX: no hour segment, its minutes answer for it.
+                continue;
+            };
+            let mut sums: Map<u64> = HashMap::with_hasher(self.seed);
+            for (_, seg) in self.minutes.range(hm0..hm1) {
+                for (ad, c) in seg.entries() {
+                    let s = sums.entry(ad).or_insert(0);
+                    *s = s.saturating_add(c);
+                }
+            }
+            let frozen = Arc::new(Frozen::build(sums.into_iter().collect(), self.seed.0));
+            self.hours.insert(
+                h,
+                Seg {
+                    frozen: Some(frozen.clone()),
+                    live: None,
+                },
+            );
+            out.push((
+                SegKey {
+                    hour: true,
+                    start: h,
+                },
+                frozen,
+            ));
+        }
+    }
+
+    /// Freezes the segments that are due (see [`Frozen`]): sealed minutes, and complete
+    /// hours' late clicks, with their live part merged in once it is 1/[`DELTA_SHARE`] of
+    /// the frozen part; builds the segments of hours just completed. Returns the new frozen
+    /// parts: the other published copy, holding the same counts, installs them
+    /// ([`TopIndex::install`]) instead of building its own.
     pub fn freeze_due(&mut self) -> Vec<(SegKey, Arc<Frozen>)> {
         let mut out = Vec::new();
+        self.build_hours(&mut out);
         let seed = self.seed.0;
         for key in std::mem::take(&mut self.dirty) {
             let map = if key.hour {
@@ -906,26 +967,9 @@ impl TopIndex {
             if live == 0 {
                 continue;
             }
-            let complete = if key.hour {
-                key.start
-                    .checked_add(1)
-                    .and_then(|h| h.checked_mul(HOUR))
-                    .is_some_and(|end| end <= self.sealed_before)
-            } else {
-                key.start < self.sealed_before
-            };
-            let filling = key.hour
-                && !complete
-                && key
-                    .start
-                    .checked_mul(HOUR)
-                    .is_some_and(|s| s < self.sealed_before);
-            let due = if complete {
-                live.saturating_mul(DELTA_SHARE) >= frozen
-            } else {
-                filling && live >= frozen.max(HOUR_REFREEZE_MIN)
-            };
-            if due {
+            // Hour segments exist only for complete hours.
+            let complete = key.hour || key.start < self.sealed_before;
+            if complete && live.saturating_mul(DELTA_SHARE) >= frozen {
                 out.push((key, seg.freeze(seed)));
             } else {
                 self.dirty.insert(key);
@@ -935,8 +979,19 @@ impl TopIndex {
     }
 
     /// Replaces segment `key` by `frozen` alone: `frozen` was built by the other copy from
-    /// exactly the counts this copy holds for it now (same changes, same order).
+    /// exactly the counts this copy holds for it now (same changes, same order). A new
+    /// hour's segment is created.
     pub fn install(&mut self, key: SegKey, frozen: &Arc<Frozen>) {
+        if key.hour && self.hour_level && !self.hours.contains_key(&key.start) {
+            self.hours.insert(
+                key.start,
+                Seg {
+                    frozen: Some(frozen.clone()),
+                    live: None,
+                },
+            );
+            return;
+        }
         let map = if key.hour {
             &mut self.hours
         } else {
@@ -972,7 +1027,7 @@ impl TopIndex {
         if before <= self.evicted_before {
             return;
         }
-        // Evicted minutes are always sealed, so the hour they leave holds them.
+        // Evicted minutes are always sealed.
         self.seal(before);
         self.evicted_before = before;
         self.minutes = self.minutes.split_off(&before);
@@ -1061,6 +1116,13 @@ impl TopIndex {
             {
                 for (_, s) in self.minutes.range(from..m0) {
                     s.push_lists(&mut out);
+                }
+                // A complete hour not built yet (no freeze pass since it completed, or an
+                // index never frozen) is answered by its minutes.
+                for (&m, s) in self.minutes.range(m0..m1) {
+                    if !self.hours.contains_key(&m.div_euclid(HOUR)) {
+                        s.push_lists(&mut out);
+                    }
                 }
                 for (_, s) in self.hours.range(h0..h1) {
                     s.push_lists(&mut out);
@@ -1301,19 +1363,26 @@ mod tests {
                 if let Some(node) = seg.live.as_deref() {
                     assert!(node.len() > 0, "empty live part kept");
                     assert!(self.dirty.contains(&SegKey { hour, start }), "not dirty");
+                    // Every ad once in the bucket of its count; the other entries are
+                    // stale ones, each ad at most once per bucket and only below its
+                    // real bucket.
                     let in_buckets: usize = node.buckets.iter().map(Vec::len).sum();
-                    assert_eq!(in_buckets, node.len());
+                    assert_eq!(in_buckets, node.len() + node.stale);
+                    assert!(node.stale <= node.len() + 64, "stale entries not dropped");
+                    let mut real = 0;
                     for (b, bucket) in node.buckets.iter().enumerate() {
-                        for (pos, &ad) in bucket.iter().enumerate() {
-                            let slot = node.slots[&ad];
-                            assert_eq!(slot.pos as usize, pos);
-                            let c = node.resolve(ad, slot);
+                        let mut once = HashSet::new();
+                        for &ad in bucket {
+                            assert!(once.insert(ad), "ad twice in bucket {b}");
+                            let c = node.resolve(ad, node.slots[&ad]);
                             assert!(c > 0);
-                            assert_eq!(bucket_of(c), b);
+                            assert!(bucket_of(c) >= b, "ad above its count's bucket");
+                            real += usize::from(bucket_of(c) == b);
                         }
                     }
+                    assert_eq!(real, node.len());
                     for (&ad, &c) in &node.big {
-                        assert_eq!(node.slots[&ad].count, BIG);
+                        assert_eq!(node.slots[&ad], BIG);
                         assert!(c >= u64::from(BIG));
                     }
                 }
@@ -1333,9 +1402,15 @@ mod tests {
             if self.hour_level {
                 let first = self.first_live_hour();
                 assert!(self.hours.keys().all(|&h| h >= first), "partial hour kept");
+                assert!(
+                    self.hours
+                        .keys()
+                        .all(|&h| (h + 1) * HOUR <= self.sealed_before),
+                    "incomplete hour kept"
+                );
                 let mut sums: HashMap<(i64, u64), u64> = HashMap::new();
                 for (ad, m, c) in self.cells() {
-                    if m < self.sealed_before && m.div_euclid(HOUR) >= first {
+                    if self.hours.contains_key(&m.div_euclid(HOUR)) {
                         *sums.entry((m.div_euclid(HOUR), ad)).or_insert(0) += c;
                     }
                 }
@@ -1626,6 +1701,74 @@ mod tests {
         idx.evict_before(i64::MAX);
         idx.check_invariants();
         assert_eq!(idx.cells().collect::<Vec<_>>(), vec![(2, i64::MAX, 3)]);
+    }
+
+    /// A complete hour gets its segment at the next freeze pass, built from its minutes;
+    /// until then, and for the hour being filled, its minutes answer. Late clicks to a
+    /// built hour reach its live part.
+    #[test]
+    fn hours_are_built_from_their_minutes_once_complete() {
+        let mut idx = TopIndex::new();
+        let mut twin = TopIndex::new();
+        for m in 0..150 {
+            for ad in 0..4u64 {
+                idx.add(ad, m, ad + 1);
+                twin.add(ad, m, ad + 1);
+            }
+        }
+        idx.seal(150);
+        twin.seal(150);
+        // Sealed, not frozen yet: 150 minute lists.
+        assert_eq!(idx.lists(0, 150).len(), 150);
+        assert_eq!(idx.top(2, 0, 150), vec![(3, 600), (2, 450)]);
+        for (k, f) in idx.freeze_due() {
+            twin.install(k, &f);
+        }
+        for i in [&idx, &twin] {
+            // Hours 0 and 1 built; hour 2 (minutes 120..150) is not complete.
+            assert_eq!(i.hours.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+            assert_eq!(i.lists(0, 150).len(), 2 + 30);
+            assert_eq!(i.top(2, 0, 150), vec![(3, 600), (2, 450)]);
+            i.check_invariants();
+        }
+        assert_eq!(idx.frozen_parts(), twin.frozen_parts());
+        // A late click into hour 0 reaches minute 5 and the hour's live part.
+        for i in [&mut idx, &mut twin] {
+            i.add(0, 5, 1000);
+            assert_eq!(i.lists(0, 150).len(), 3 + 30);
+            assert_eq!(i.top(1, 0, 120), vec![(0, 1120)]);
+            assert_eq!(i.count(0, 0, 60), 1060);
+            i.check_invariants();
+        }
+        // Eviction inside hour 1 drops it: its minutes answer.
+        idx.evict_before(70);
+        assert_eq!(idx.hours.len(), 0);
+        assert_eq!(idx.top(1, 0, 150), vec![(3, 320)]);
+        idx.check_invariants();
+    }
+
+    /// Stale bucket entries are dropped once they outnumber the ads, and sorted access
+    /// through them stays exact.
+    #[test]
+    fn stale_bucket_entries_are_dropped() {
+        let mut n = Node::new(Seeded::random());
+        for round in 1..=40u64 {
+            for ad in 0..100 {
+                n.add(ad, 1);
+            }
+            assert!(n.stale <= n.len() + 64, "round {round}");
+        }
+        let mut idx = TopIndex::new();
+        for ad in 0..100 {
+            for _ in 0..=ad {
+                idx.add(ad, 0, 1);
+            }
+        }
+        idx.check_invariants();
+        assert_eq!(
+            idx.top_all_paths(3, 0, 1),
+            vec![(99, 100), (98, 99), (97, 98)]
+        );
     }
 
     #[test]

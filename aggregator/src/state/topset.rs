@@ -110,7 +110,7 @@ impl FilterKey {
 }
 
 /// What a click contributes to the value indexes: its dimensions and its ad's owners.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct ClickKeys {
     /// Country, device, os, site.
     pub dims: DimKey,
@@ -185,21 +185,43 @@ impl TopSet {
             return;
         }
         for k in keys.keys() {
-            if !self.has(k.field()) {
-                continue;
+            if self.has(k.field()) {
+                self.add_run(Some(k), minute, &[(ad, by)]);
             }
-            let sealed = self.sealed;
-            self.by
-                .entry(k)
-                .or_insert_with(|| {
-                    let mut idx = TopIndex::minutes_only();
-                    if let Some(s) = sealed {
-                        idx.seal(s);
-                    }
-                    idx
-                })
-                .add(ad, minute, by);
         }
+    }
+
+    /// The value indexes a click carrying `keys` goes to (those of the fields in the set).
+    pub fn keys_of(&self, keys: &ClickKeys) -> impl Iterator<Item = FilterKey> + use<> {
+        let fields = self.fields;
+        keys.keys()
+            .into_iter()
+            .filter(move |k| fields & k.field().bit() != 0)
+    }
+
+    /// Adds `(ad, clicks)` pairs in minute index `minute` to one index only: the
+    /// unfiltered one (`None`) or one value's ([`TopIndex::add_run`]). [`TopSet::add`] is
+    /// this for the unfiltered index and each of [`TopSet::keys_of`]; the published writer,
+    /// which groups the clicks of a batch per index and minute, calls it directly.
+    pub fn add_run(&mut self, index: Option<FilterKey>, minute: i64, adds: &[(u64, u64)]) {
+        let Some(k) = index else {
+            self.all.add_run(minute, adds);
+            return;
+        };
+        if !self.has(k.field()) || adds.iter().all(|a| a.1 == 0) {
+            return;
+        }
+        let sealed = self.sealed;
+        self.by
+            .entry(k)
+            .or_insert_with(|| {
+                let mut idx = TopIndex::minutes_only();
+                if let Some(s) = sealed {
+                    idx.seal(s);
+                }
+                idx
+            })
+            .add_run(minute, adds);
     }
 
     /// [`TopIndex::seal`] of every index (value indexes have no hour level: for them it
