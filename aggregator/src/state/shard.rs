@@ -5,9 +5,10 @@
 //! from the minute cells ([`ShardState::top_set`]).
 //!
 //! Layout, for memory and for the per-click path (no allocation for the common cell):
-//! - a level is one hash table `ad -> Cell` per bucket (minute, hour, day), in an ordered
-//!   map by bucket start: 8-byte keys, sequential scans and sealing of a minute, eviction
-//!   drops whole tables;
+//! - a level is one table `ad -> Cell` per bucket (minute, hour, day), in an ordered
+//!   map by bucket start: sequential scans and sealing of a minute, eviction drops whole
+//!   tables; a table ([`Bucket`]) stores its cells densely and finds them through an
+//!   index of one word per slot at most 4/5 full (compacted when sealed);
 //! - a [`Cell`] is 32 bytes: its totals, its first dimension combination inline, and the
 //!   others (rare at the minute level) in one `ThinVec` (a single pointer; the length lives
 //!   in the allocation, so reaching the combinations costs one cache miss, not two);
@@ -15,7 +16,9 @@
 //!   sparse HLL entries ([`Hll::entry_of_hash`]); its third distinct user moves them into
 //!   a real [`Hll`] kept in the level's sketch slab, so a 1-click cell costs no heap at all.
 //!
-//! The same click also updates its hour and day cells. `heap_bytes` estimates the memory.
+//! Minutes are rolled up into their hours when sealed, hours into their days when complete
+//! ([`ShardState::seal`]); a click for a minute already rolled up also updates those
+//! levels. `heap_bytes` estimates the memory.
 
 use std::collections::BTreeMap;
 
@@ -269,39 +272,231 @@ struct Level {
     /// Cells in all buckets.
     len: usize,
     sketches: Slab,
+    /// Cells of the last bucket compacted (sealed): what a new bucket is sized for, so a
+    /// minute fills without rehashing.
+    size_hint: usize,
 }
 
-/// The cells of one bucket (a minute, an hour or a day).
-type Bucket = super::FastMap<u64, Cell>;
+/// The fixed mix of an ad id for [`Bucket`]'s index (splitmix64's finalizer: ids may be
+/// sequential, and the index uses both halves of the hash).
+#[inline]
+fn mix(ad: u64) -> u64 {
+    let mut x = ad ^ 0x9E37_79B9_7F4A_7C15;
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The cells of one bucket (a minute, an hour or a day), keyed by ad. The cells sit
+/// densely in insertion order; an open-addressing index (linear probing, any length, at
+/// most 4/5 full) holds one word per slot, `tag << 32 | position + 1` (0: empty), the tag
+/// being the low half of the ad's hash, so a probe reads the cell only on a tag match.
+/// Why not a hash map of cells: hashbrown's power-of-two tables held 41-byte slots at
+/// 44-87% load (~50% for a minute of 33k cells: ~80 bytes per cell); here a cell costs its
+/// 40 bytes plus ~10-15 of index, and a sealed minute is compacted to a 4/5-full index.
+#[derive(Debug, Default)]
+struct Bucket {
+    index: Vec<u64>,
+    cells: Vec<(u64, Cell)>,
+}
+
+impl Bucket {
+    /// An empty bucket with room for `n` cells before its index grows.
+    fn with_capacity(n: usize) -> Self {
+        let mut b = Bucket::default();
+        if n > 0 {
+            b.cells.reserve(n);
+            b.rehash(Self::index_len_for(n));
+        }
+        b
+    }
+
+    /// Index slots for `n` cells at the highest load (4/5).
+    fn index_len_for(n: usize) -> usize {
+        (n + n / 4 + 1).max(8)
+    }
+
+    fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    #[inline]
+    fn home(&self, h: u64) -> usize {
+        // Lemire's multiply-shift range reduction: the high bits of the hash pick the slot.
+        ((u128::from(h) * self.index.len() as u128) >> 64) as usize
+    }
+
+    #[inline]
+    fn word(h: u64, pos: usize) -> u64 {
+        (h << 32) | (pos as u64 + 1)
+    }
+
+    /// The index slot and cell position of `ad`.
+    #[inline]
+    fn find(&self, ad: u64) -> Option<(usize, usize)> {
+        if self.index.is_empty() {
+            return None;
+        }
+        let h = mix(ad);
+        let n = self.index.len();
+        let mut i = self.home(h);
+        loop {
+            let w = self.index[i];
+            if w == 0 {
+                return None;
+            }
+            if w >> 32 == h & 0xFFFF_FFFF {
+                let pos = (w & 0xFFFF_FFFF) as usize - 1;
+                if self.cells[pos].0 == ad {
+                    return Some((i, pos));
+                }
+            }
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+    }
+
+    /// The first empty slot of `h`'s probe sequence.
+    #[inline]
+    fn free_slot(&self, h: u64) -> usize {
+        let n = self.index.len();
+        let mut i = self.home(h);
+        while self.index[i] != 0 {
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        i
+    }
+
+    /// Rebuilds the index with `slots` slots (more than the cells).
+    fn rehash(&mut self, slots: usize) {
+        self.index.clear();
+        self.index.shrink_to_fit();
+        self.index.resize(slots.max(self.cells.len() + 1), 0);
+        for pos in 0..self.cells.len() {
+            let h = mix(self.cells[pos].0);
+            let i = self.free_slot(h);
+            self.index[i] = Self::word(h, pos);
+        }
+    }
+
+    fn get(&self, ad: u64) -> Option<&Cell> {
+        self.find(ad).map(|(_, pos)| &self.cells[pos].1)
+    }
+
+    /// The cell of `ad`, and whether it is new (then empty).
+    #[inline]
+    fn entry(&mut self, ad: u64) -> (&mut Cell, bool) {
+        if let Some((_, pos)) = self.find(ad) {
+            return (&mut self.cells[pos].1, false);
+        }
+        let len = self.cells.len();
+        if (len + 1) * 5 > self.index.len() * 4 {
+            // Grow by half: 53-80% full between growths.
+            self.rehash(Self::index_len_for(len + 1 + len / 2));
+        }
+        let h = mix(ad);
+        let i = self.free_slot(h);
+        self.index[i] = Self::word(h, len);
+        self.cells.push((ad, Cell::default()));
+        (&mut self.cells[len].1, true)
+    }
+
+    /// Removes the cell of `ad` (the last cell takes its position).
+    fn remove(&mut self, ad: u64) -> Option<Cell> {
+        let (slot, pos) = self.find(ad)?;
+        // Backward-shift deletion keeps every probe sequence unbroken.
+        let n = self.index.len();
+        let (mut hole, mut j) = (slot, slot);
+        self.index[hole] = 0;
+        loop {
+            j = if j + 1 == n { 0 } else { j + 1 };
+            let w = self.index[j];
+            if w == 0 {
+                break;
+            }
+            let k = self.home(mix(self.cells[(w & 0xFFFF_FFFF) as usize - 1].0));
+            // The entry at j may move to the hole unless its home lies cyclically in
+            // (hole, j].
+            let stays = if hole <= j {
+                hole < k && k <= j
+            } else {
+                hole < k || k <= j
+            };
+            if !stays {
+                self.index[hole] = w;
+                self.index[j] = 0;
+                hole = j;
+            }
+        }
+        let last = self.cells.len() - 1;
+        let (_, cell) = self.cells.swap_remove(pos);
+        if pos != last {
+            // The old last cell now sits at `pos`: repoint its slot.
+            let h = mix(self.cells[pos].0);
+            let mut i = self.home(h);
+            while self.index[i] & 0xFFFF_FFFF != last as u64 + 1 {
+                i = if i + 1 == n { 0 } else { i + 1 };
+            }
+            self.index[i] = Self::word(h, pos);
+        }
+        Some(cell)
+    }
+
+    /// Shrinks a bucket that will rarely take new cells (a sealed minute, a complete hour)
+    /// to a 4/5-full index and exactly sized cells.
+    fn compact(&mut self) {
+        self.cells.shrink_to_fit();
+        let want = Self::index_len_for(self.cells.len());
+        if self.index.len() > want + want / 16 {
+            self.rehash(want);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&u64, &Cell)> + '_ {
+        self.cells.iter().map(|(ad, c)| (ad, c))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Cell> + '_ {
+        self.cells.iter().map(|(_, c)| c)
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.index.capacity() * 8
+            + self.cells.capacity() * size_of::<(u64, Cell)>()
+            + self
+                .values()
+                .filter(|c| c.more.capacity() > 0)
+                .map(|c| 16 + c.more.capacity() * size_of::<Combo>())
+                .sum::<usize>()
+    }
+}
 
 impl Level {
     /// The cell of (ad, start), created if new, with the level's sketch slab.
+    #[inline]
     fn cell_mut(&mut self, ad: u64, start: i64) -> (&mut Cell, &mut Slab) {
-        use std::collections::hash_map::Entry;
-        let cell = match self.buckets.entry(start).or_default().entry(ad) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) => {
-                self.len += 1;
-                v.insert(Cell::default())
-            }
-        };
+        let b = self
+            .buckets
+            .entry(start)
+            .or_insert_with(|| Bucket::with_capacity(self.size_hint));
+        let (cell, new) = b.entry(ad);
+        self.len += usize::from(new);
         (cell, &mut self.sketches)
     }
 
     fn get(&self, ad: u64, start: i64) -> Option<&Cell> {
-        self.buckets.get(&start)?.get(&ad)
+        self.buckets.get(&start)?.get(ad)
     }
 
     fn insert(&mut self, ad: u64, start: i64, cell: Cell) {
-        if self
-            .buckets
-            .entry(start)
-            .or_default()
-            .insert(ad, cell)
-            .is_none()
-        {
-            self.len += 1;
-        }
+        let (slot, new) = self.buckets.entry(start).or_default().entry(ad);
+        *slot = cell;
+        self.len += usize::from(new);
     }
 
     /// Drops every bucket starting before `before`, freeing their sketches.
@@ -318,17 +513,21 @@ impl Level {
     }
 
     fn heap_bytes(&self) -> usize {
-        let slot = size_of::<(u64, Cell)>() + 1;
-        let mut total = self.sketches.heap_bytes() + self.buckets.len() * 96;
-        for b in self.buckets.values() {
-            total += b.capacity() * slot;
-            total += b
-                .values()
-                .filter(|c| c.more.capacity() > 0)
-                .map(|c| 16 + c.more.capacity() * size_of::<Combo>())
-                .sum::<usize>();
-        }
-        total
+        self.sketches.heap_bytes()
+            + self.buckets.len() * 96
+            + self.buckets.values().map(Bucket::heap_bytes).sum::<usize>()
+    }
+}
+
+/// Adds `cell` (users in `from`) to the cell of (`ad`, `start`) of `into`.
+fn merge_cell(into: &mut Level, ad: u64, start: i64, cell: &Cell, from: &Slab) {
+    let (up, slab) = into.cell_mut(ad, start);
+    up.clicks = up.clicks.saturating_add(cell.clicks);
+    up.version = up.version.saturating_add(cell.version);
+    for c in cell.combos() {
+        let uc = up.combo_mut(c.id);
+        uc.clicks = uc.clicks.saturating_add(c.clicks);
+        uc.users.merge_from(c.users, from, slab);
     }
 }
 
@@ -336,10 +535,18 @@ impl Level {
 #[derive(Debug)]
 pub struct ShardState {
     levels: [Level; 3],
-    /// Minutes starting before this are rolled up into their hour and day cells ("sealed");
-    /// a click for a sealed minute updates all three levels, any other click only its
+    /// Minutes starting before this are rolled up into their hour cells ("sealed"); a
+    /// click for a sealed minute updates its hour cell too, any other click only its
     /// minute cell until [`ShardState::seal`] rolls it up.
     sealed_before: i64,
+    /// Minutes starting before this are in their day cells too (`<= sealed_before`). The
+    /// day level is rolled up from complete hours, not from each sealed minute, so the
+    /// hour being filled is not held twice: this is the start of the first hour not
+    /// rolled up (`i64::MIN`: none yet). A checkpoint from before it (main up to issue 13)
+    /// rolled minutes into days directly: restored, it is `sealed_before` itself, maybe
+    /// inside an hour ("legacy hour"): until that hour is complete, its minutes go to the
+    /// day directly as they are sealed, and it is never rolled up from the hour level.
+    day_before: i64,
     /// Invalid traffic (issue 16), one state per `rules::Reason` (empty until the first
     /// invalid click): the same cells, counted apart. The cells of `self` count ALL
     /// clicks, valid and invalid, so valid = all − Σ invalid; a click moved to invalid
@@ -353,6 +560,7 @@ impl Default for ShardState {
         ShardState {
             levels: Default::default(),
             sealed_before: i64::MIN,
+            day_before: i64::MIN,
             invalid: Vec::new(),
         }
     }
@@ -362,20 +570,20 @@ fn clamp_u32(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
 }
 
+/// Whether `t` (not `i64::MIN`) is not an hour boundary.
+fn inside_hour(t: i64) -> bool {
+    t != i64::MIN && t.rem_euclid(LEVEL_MS[1]) != 0
+}
+
 fn bucket(t: i64, level: usize) -> i64 {
     t.div_euclid(LEVEL_MS[level]) * LEVEL_MS[level]
 }
 
 impl ShardState {
     /// Applies one click to its minute cell, and to its hour and day cells when its minute
-    /// is sealed (otherwise the seal rolls it up).
+    /// is already rolled up into them (otherwise the seal rolls it up).
     pub fn apply(&mut self, a: &Applied) {
-        let levels = if bucket(a.event_time_ms, 0) < self.sealed_before {
-            3
-        } else {
-            1
-        };
-        for level in 0..levels {
+        for level in 0..self.levels_of(bucket(a.event_time_ms, 0)) {
             let start = bucket(a.event_time_ms, level);
             let (cell, sketches) = self.levels[level].cell_mut(a.ad, start);
             cell.clicks = cell.clicks.saturating_add(1);
@@ -390,31 +598,86 @@ impl ShardState {
         }
     }
 
+    /// How many levels hold the minute starting at `minute`: 1 (minute cell only), 2 (and
+    /// its hour: sealed) or 3 (and its day: its hour rolled up).
+    #[inline]
+    fn levels_of(&self, minute: i64) -> usize {
+        1 + usize::from(minute < self.sealed_before) + usize::from(minute < self.day_before)
+    }
+
+    /// Whether `day_before` is inside an hour (restored from a checkpoint of main's format:
+    /// see the field).
+    fn day_legacy(&self) -> bool {
+        inside_hour(self.day_before)
+    }
+
+    /// The first hour whose sealed minutes are not in the day level.
+    fn hours_unrolled_from(&self) -> i64 {
+        if self.day_legacy() {
+            bucket(self.day_before, 1) + LEVEL_MS[1]
+        } else {
+            self.day_before
+        }
+    }
+
     /// Rolls every minute starting before `before_ms` (a minute boundary the watermark has
-    /// passed) up into its hour and day cells: per cell, not per click, so the per-click
-    /// path touches one cell. Idempotent; never moves backwards.
+    /// passed) up into its hour cells, and every hour that is then complete into its day
+    /// cells: per cell, not per click, so the per-click path touches one cell. Sealed
+    /// minutes and rolled-up hours are compacted (they rarely take a new cell). Idempotent;
+    /// never moves backwards.
     pub fn seal(&mut self, before_ms: i64) {
         let before_ms = bucket(before_ms, 0);
         if before_ms <= self.sealed_before {
             return;
         }
-        let (minutes, upper) = self.levels.split_at_mut(1);
-        let m = &minutes[0];
-        for (&start, cells) in m.buckets.range(self.sealed_before..before_ms) {
-            for (ad, cell) in cells {
-                for (i, l) in upper.iter_mut().enumerate() {
-                    let (up, slab) = l.cell_mut(*ad, bucket(start, i + 1));
-                    up.clicks = up.clicks.saturating_add(cell.clicks);
-                    up.version = up.version.saturating_add(cell.version);
-                    for c in cell.combos() {
-                        let uc = up.combo_mut(c.id);
-                        uc.clicks = uc.clicks.saturating_add(c.clicks);
-                        uc.users.merge_from(c.users, &m.sketches, slab);
-                    }
+        // The rest of a legacy hour goes to the day minute by minute, as main did.
+        let direct_to = if self.day_legacy() {
+            bucket(self.day_before, 1) + LEVEL_MS[1]
+        } else {
+            i64::MIN
+        };
+        let [minutes, hours, days] = &mut self.levels;
+        let Level {
+            buckets,
+            sketches,
+            size_hint,
+            ..
+        } = minutes;
+        for (&start, cells) in buckets.range_mut(self.sealed_before..before_ms) {
+            let hour = bucket(start, 1);
+            for (ad, cell) in cells.iter() {
+                merge_cell(hours, *ad, hour, cell, sketches);
+                if start < direct_to {
+                    merge_cell(days, *ad, bucket(start, 2), cell, sketches);
                 }
             }
+            cells.compact();
+            *size_hint = cells.len() + cells.len() / 8;
         }
         self.sealed_before = before_ms;
+        if direct_to != i64::MIN {
+            self.day_before = before_ms.min(direct_to);
+        }
+        if !inside_hour(self.day_before) {
+            let complete = bucket(before_ms, 1);
+            if complete > self.day_before {
+                let Level {
+                    buckets,
+                    sketches,
+                    size_hint,
+                    ..
+                } = hours;
+                for (&start, cells) in buckets.range_mut(self.day_before..complete) {
+                    let day = bucket(start, 2);
+                    for (ad, cell) in cells.iter() {
+                        merge_cell(days, *ad, day, cell, sketches);
+                    }
+                    cells.compact();
+                    *size_hint = cells.len() + cells.len() / 8;
+                }
+                self.day_before = complete;
+            }
+        }
         for s in &mut self.invalid {
             s.seal(before_ms);
         }
@@ -425,10 +688,11 @@ impl ShardState {
     /// query answered before, like a late correction).
     pub fn apply_invalid(&mut self, reason: usize, a: &Applied) {
         if self.invalid.is_empty() {
-            let sealed_before = self.sealed_before;
+            let (sealed_before, day_before) = (self.sealed_before, self.day_before);
             self.invalid = (0..crate::rules::N_REASONS)
                 .map(|_| ShardState {
                     sealed_before,
+                    day_before,
                     ..ShardState::default()
                 })
                 .collect();
@@ -452,10 +716,17 @@ impl ShardState {
     /// an evicted minute is always in its hour and day.
     /// `before_ms` is rounded down to its bucket: the bucket holding it may still take
     /// clicks (the window operator admits event times from `before_ms` on), so it stays.
+    /// Hours are kept until they are rolled up into their days.
     pub fn evict(&mut self, level: usize, before_ms: i64) {
-        let before_ms = bucket(before_ms, level);
+        let mut before_ms = bucket(before_ms, level);
         if level == 0 {
             self.seal(before_ms);
+        }
+        if level == 1 {
+            if self.day_before == i64::MIN {
+                return;
+            }
+            before_ms = before_ms.min(self.day_before);
         }
         self.levels[level].evict(before_ms);
         for s in &mut self.invalid {
@@ -464,10 +735,24 @@ impl ShardState {
     }
 
     /// What `ad` counted in the bucket of `level` starting at `start`: the bucket's cell
-    /// and, above the minute level, the cells of its minutes not yet sealed into it. Sum
-    /// them (each click is in exactly one).
+    /// and, above the minute level, the cells of its minutes not yet sealed into it and,
+    /// for a day, the cells of its hours not yet rolled up into it. Sum them (each click
+    /// is in exactly one).
     pub fn parts(&self, level: usize, ad: u64, start: i64) -> impl Iterator<Item = CellRef<'_>> {
         let own = self.cell(level, ad, start);
+        let unrolled = (level == 2).then(|| {
+            let from = start.max(self.hours_unrolled_from());
+            let to = start.saturating_add(LEVEL_MS[level]);
+            let h = &self.levels[1];
+            h.buckets
+                .range(from..to.max(from))
+                .filter_map(move |(_, cells)| {
+                    cells.get(ad).map(|cell| CellRef {
+                        cell,
+                        slab: &h.sketches,
+                    })
+                })
+        });
         let unsealed = (level > 0).then(|| {
             let from = start.max(self.sealed_before);
             let to = start.saturating_add(LEVEL_MS[level]);
@@ -475,17 +760,19 @@ impl ShardState {
             m.buckets
                 .range(from..to.max(from))
                 .filter_map(move |(_, cells)| {
-                    cells.get(&ad).map(|cell| CellRef {
+                    cells.get(ad).map(|cell| CellRef {
                         cell,
                         slab: &m.sketches,
                     })
                 })
         });
-        own.into_iter().chain(unsealed.into_iter().flatten())
+        own.into_iter()
+            .chain(unrolled.into_iter().flatten())
+            .chain(unsealed.into_iter().flatten())
     }
 
     /// The cell of `ad` at `level` starting at `start` (above the minute level: only what
-    /// is sealed; see [`ShardState::parts`]).
+    /// is rolled up into it; see [`ShardState::parts`]).
     pub fn cell(&self, level: usize, ad: u64, start: i64) -> Option<CellRef<'_>> {
         let l = &self.levels[level];
         l.get(ad, start).map(|cell| CellRef {
@@ -536,7 +823,7 @@ impl ShardState {
         }
         for (start, cells) in &self.levels[0].buckets {
             let minute = start.div_euclid(LEVEL_MS[0]);
-            for (ad, cell) in cells {
+            for (ad, cell) in cells.iter() {
                 let (advertiser, campaign) = owners.get(ad).copied().unwrap_or((0, 0));
                 for c in cell.combos() {
                     let dims = (c.id as usize)
@@ -568,12 +855,13 @@ impl ShardState {
             .map(|c| c.combos().map(|c| (c.id, c.clicks)).collect())
             .unwrap_or_default();
         let old_total: u64 = old.iter().map(|c| u64::from(c.1)).sum();
-        if minute_ms < self.sealed_before {
+        let levels = self.levels_of(minute_ms);
+        if levels > 1 {
             let mut ids: Vec<u32> = old.iter().map(|c| c.0).collect();
             ids.extend(combos.iter().map(|c| c.0));
             ids.sort_unstable();
             ids.dedup();
-            for level in 1..3 {
+            for level in 1..levels {
                 let (up, slab) = self.levels[level].cell_mut(ad, bucket(minute_ms, level));
                 for id in &ids {
                     let was = old.iter().find(|c| c.0 == *id).map_or(0, |c| c.1);
@@ -591,7 +879,7 @@ impl ShardState {
         }
         let l = &mut self.levels[0];
         let mut version = 0;
-        if let Some(cell) = l.buckets.get_mut(&minute_ms).and_then(|b| b.remove(&ad)) {
+        if let Some(cell) = l.buckets.get_mut(&minute_ms).and_then(|b| b.remove(ad)) {
             l.len -= 1;
             version = cell.version;
             for c in cell.combos() {
@@ -625,8 +913,7 @@ impl ShardState {
         else {
             return false;
         };
-        let levels = if minute_ms < self.sealed_before { 3 } else { 1 };
-        for level in 0..levels {
+        for level in 0..self.levels_of(minute_ms) {
             let (cell, _) = self.levels[level].cell_mut(ad, bucket(minute_ms, level));
             cell.clicks = clamp_u32(i64::from(cell.clicks) + delta);
             let c = cell.combo_mut(id);
@@ -654,6 +941,7 @@ impl ShardState {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut pb = ShardPb {
             sealed_before: self.sealed_before,
+            day_before: Some(self.day_before),
             ..ShardPb::default()
         };
         for (level, l) in self.levels.iter().enumerate() {
@@ -735,10 +1023,16 @@ impl ShardState {
                 .next_back()
                 .map_or(i64::MIN, |m| m + LEVEL_MS[0]);
         }
+        // Main's format rolled every sealed minute into its day (see `day_before`).
+        s.day_before = pb.day_before.unwrap_or(s.sealed_before);
+        if s.day_before > s.sealed_before || (s.day_legacy() && s.day_before != s.sealed_before) {
+            return Err("shard checkpoint: inconsistent day rollup".into());
+        }
         for b in pb.invalid {
             let mut sub = ShardState::from_bytes(&b, intern)?;
             // Invalid states seal with their shard.
             sub.sealed_before = s.sealed_before;
+            sub.day_before = s.day_before;
             s.invalid.push(sub);
         }
         if !s.invalid.is_empty() && s.invalid.len() != crate::rules::N_REASONS {
@@ -766,6 +1060,9 @@ struct ShardPb {
     /// The invalid-traffic states by reason (`ShardState::invalid`), each a `ShardPb`.
     #[prost(bytes = "vec", repeated, tag = "4")]
     invalid: Vec<Vec<u8>>,
+    /// `ShardState::day_before` (absent: main's format, where it was `sealed_before`).
+    #[prost(sint64, optional, tag = "5")]
+    day_before: Option<i64>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -889,7 +1186,105 @@ mod tests {
         assert_eq!(adv, Some(5));
     }
 
+    /// A checkpoint written by main's format (every sealed minute rolled into its day, no
+    /// `day_before`) restores inside an hour, and that "legacy hour" keeps adding up
+    /// while it completes and after: no click counted twice or lost at any level.
+    #[test]
+    fn checkpoint_from_mains_format_restores_mid_hour() {
+        let t0 = 1_767_225_600_000i64; // midnight UTC
+        let m = LEVEL_MS[0];
+        // Main's state: sealed up to 00:30, minutes rolled into hours and days alike
+        // (what main's `apply` and `seal` did: a sealed minute updates all three levels).
+        let mut old = ShardState {
+            sealed_before: t0 + 30 * m,
+            day_before: t0 + 30 * m,
+            ..ShardState::default()
+        };
+        type Model = std::collections::HashMap<(usize, i64), u64>;
+        let mut model = Model::default();
+        let add = |s: &mut ShardState, model: &mut Model, minute: i64, ad: u64| {
+            let t = t0 + minute * m + 5;
+            s.apply(&click(ad, t));
+            if ad == 3 {
+                for level in 0..3 {
+                    *model.entry((level, bucket(t, level))).or_default() += 1;
+                }
+            }
+        };
+        for minute in [1, 2, 29, 31, 40] {
+            add(&mut old, &mut model, minute, 3);
+            add(&mut old, &mut model, minute, 4);
+        }
+        let mut pb = ShardPb::decode(old.to_bytes().as_slice()).unwrap();
+        pb.day_before = None;
+        let main_bytes = pb.encode_to_vec();
+        let mut s = ShardState::from_bytes(&main_bytes, &mut |_| 0).unwrap();
+        assert_eq!(s.day_before, t0 + 30 * m);
+        let check = |s: &ShardState, model: &Model| {
+            for (&(level, start), &n) in model {
+                assert_eq!(total(s, level, 3, start), n, "level {level} at {start}");
+            }
+        };
+        check(&s, &model);
+        // Seal inside the legacy hour, late clicks to it, then past its end and the next.
+        s.seal(t0 + 35 * m);
+        add(&mut s, &mut model, 32, 3);
+        add(&mut s, &mut model, 10, 3);
+        check(&s, &model);
+        for minute in [59, 61, 90] {
+            add(&mut s, &mut model, minute, 3);
+        }
+        s.seal(t0 + 62 * m);
+        assert_eq!(s.day_before, t0 + 60 * m);
+        add(&mut s, &mut model, 45, 3);
+        add(&mut s, &mut model, 61, 3);
+        check(&s, &model);
+        let back = ShardState::from_bytes(&s.to_bytes(), &mut |_| 0).unwrap();
+        check(&back, &model);
+        s.seal(t0 + 125 * m);
+        assert_eq!(s.day_before, t0 + 120 * m);
+        add(&mut s, &mut model, 100, 3);
+        check(&s, &model);
+        assert_eq!(total(&s, 2, 3, t0), 13);
+        // Hours are evicted only once rolled up into their days.
+        s.evict(1, t0 + 10 * 60 * m);
+        assert_eq!(total(&s, 2, 3, t0), 13);
+    }
+
     proptest! {
+        /// The cell table of a bucket behaves as a map, through growth, removals (the
+        /// backward shift) and compaction.
+        #[test]
+        fn bucket_matches_a_map(ops in proptest::collection::vec((0u8..10, 0u64..64), 1..400)) {
+            let mut b = Bucket::with_capacity(3);
+            let mut model = std::collections::BTreeMap::new();
+            for (op, ad) in ops {
+                // Few distinct ids, spread over the whole u64 range (and sequential ones).
+                let ad = if ad % 2 == 0 { splitmix(ad) } else { ad };
+                match op {
+                    0..=5 => {
+                        let (c, new) = b.entry(ad);
+                        prop_assert_eq!(new, !model.contains_key(&ad));
+                        c.clicks += 1;
+                        *model.entry(ad).or_insert(0u32) += 1;
+                    }
+                    6 | 7 => {
+                        prop_assert_eq!(b.remove(ad).map(|c| c.clicks), model.remove(&ad));
+                    }
+                    8 => b.compact(),
+                    _ => prop_assert_eq!(b.get(ad).map(|c| c.clicks), model.get(&ad).copied()),
+                }
+                prop_assert_eq!(b.len(), model.len());
+                prop_assert!(b.index.len() > b.len());
+            }
+            for (ad, n) in &model {
+                prop_assert_eq!(b.get(*ad).map(|c| c.clicks), Some(*n));
+            }
+            let mut all: Vec<(u64, u32)> = b.iter().map(|(a, c)| (*a, c.clicks)).collect();
+            all.sort_unstable();
+            prop_assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+        }
+
         /// Per-combination clicks and distinct users of every cell match a brute-force model,
         /// through the inline -> sketch transition, a checkpoint round trip and eviction.
         #[test]
@@ -897,6 +1292,7 @@ mod tests {
             clicks in proptest::collection::vec((0u64..4, 0i64..180, 1u32..5, 0u64..6), 1..300),
             seal_minute in 0i64..180,
             seal_after in 0usize..300,
+            seal_again in 0i64..180,
             evict_minute in 0i64..180,
         ) {
             use std::collections::{HashMap, HashSet};
@@ -908,6 +1304,9 @@ mod tests {
             for (i, &(ad, minute, combo, user)) in clicks.iter().enumerate() {
                 if i == seal_after {
                     s.seal(t0 + seal_minute * 60_000);
+                }
+                if i == seal_after / 2 {
+                    s.seal(t0 + seal_again.min(seal_minute) * 60_000);
                 }
                 let t = t0 + minute * 60_000 + 7;
                 let h = splitmix(user);
