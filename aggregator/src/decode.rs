@@ -3,14 +3,15 @@
 //! are also what the WAL stores, so nothing is re-encoded) and the window operator reads
 //! borrowed [`ClickIn`]s from them.
 //!
-//! A small protobuf reader for exactly the two messages of the ingest path (`IngestBatch`,
-//! `IngestClick`): the generated prost decoder allocates a `Vec`/`String` for each of the
+//! Reads exactly the two messages of the ingest path (`IngestBatch`, `IngestClick`) with
+//! the shared borrowed reader (`adclick_proto::wire`): the generated prost decoder allocates a `Vec`/`String` for each of the
 //! seven byte and string fields of every click, which was a large share of the per-click
 //! cost. It accepts a subset of what prost accepts (groups, deprecated since proto3, are
 //! refused) and reads every accepted message to the same values (tested against prost
 //! below). Bad input is an error naming what is wrong, never a panic.
 
 use adclick_proto::v1::IngestClick;
+use adclick_proto::wire::{LEN, Reader, VARINT, WireError};
 use bytes::Bytes;
 
 use crate::state::click::ClickIn;
@@ -22,6 +23,12 @@ pub struct DecodeError(pub String);
 
 fn err(what: impl Into<String>) -> DecodeError {
     DecodeError(what.into())
+}
+
+impl From<WireError> for DecodeError {
+    fn from(e: WireError) -> Self {
+        DecodeError(e.0.to_string())
+    }
 }
 
 /// A batch checked at the edge: its header, and its bytes for the engine and the WAL.
@@ -115,14 +122,21 @@ impl<'a> Iterator for Clicks<'a> {
             let (field, wire) = match self.0.key() {
                 Ok(Some(k)) => k,
                 Ok(None) => return None,
-                Err(e) => return Some(Err(e)),
+                Err(e) => return Some(Err(e.into())),
             };
             let step = match (field, wire) {
-                (3, LEN) => return Some(self.0.len_delimited().and_then(read_click)),
+                (3, LEN) => {
+                    return Some(
+                        self.0
+                            .len_delimited()
+                            .map_err(Into::into)
+                            .and_then(read_click),
+                    );
+                }
                 _ => self.0.skip(wire),
             };
             if let Err(e) = step {
-                return Some(Err(e));
+                return Some(Err(e.into()));
             }
         }
     }
@@ -151,11 +165,6 @@ pub fn click_from_wire(c: &IngestClick) -> ClickIn<'_> {
         ua_class: c.ua_class,
     }
 }
-
-const VARINT: u8 = 0;
-const I64: u8 = 1;
-const LEN: u8 = 2;
-const I32: u8 = 5;
 
 fn read_click(b: &[u8]) -> Result<ClickIn<'_>, DecodeError> {
     let mut c = ClickIn::default();
@@ -199,73 +208,6 @@ fn read_click(b: &[u8]) -> Result<ClickIn<'_>, DecodeError> {
         c.site = app;
     }
     Ok(c)
-}
-
-/// A cursor over protobuf bytes.
-#[derive(Debug)]
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn varint(&mut self) -> Result<u64, DecodeError> {
-        let mut v = 0u64;
-        for i in 0..10 {
-            let Some((&b, rest)) = self.0.split_first() else {
-                return Err(err("truncated varint"));
-            };
-            self.0 = rest;
-            if i == 9 && b > 1 {
-                return Err(err("varint overflows 64 bits"));
-            }
-            v |= u64::from(b & 0x7F) << (7 * i);
-            if b < 0x80 {
-                return Ok(v);
-            }
-        }
-        Err(err("varint longer than 10 bytes"))
-    }
-
-    /// The next (field number, wire type), or None at the end.
-    fn key(&mut self) -> Result<Option<(u32, u8)>, DecodeError> {
-        if self.0.is_empty() {
-            return Ok(None);
-        }
-        let k = self.varint()?;
-        // As prost: a key is a u32 (field number < 2^29, then the wire type).
-        let k = u32::try_from(k).map_err(|_| err("field key out of range"))?;
-        let field = k >> 3;
-        if field == 0 {
-            return Err(err("field number 0"));
-        }
-        Ok(Some((field, (k & 7) as u8)))
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if n > self.0.len() {
-            return Err(err("truncated field"));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn len_delimited(&mut self) -> Result<&'a [u8], DecodeError> {
-        let n = self.varint()?;
-        self.take(usize::try_from(n).map_err(|_| err("length out of range"))?)
-    }
-
-    fn str(&mut self) -> Result<&'a str, DecodeError> {
-        std::str::from_utf8(self.len_delimited()?).map_err(|_| err("string is not UTF-8"))
-    }
-
-    fn skip(&mut self, wire: u8) -> Result<(), DecodeError> {
-        match wire {
-            VARINT => self.varint().map(drop),
-            I64 => self.take(8).map(drop),
-            LEN => self.len_delimited().map(drop),
-            I32 => self.take(4).map(drop),
-            _ => Err(err(format!("unsupported wire type {wire}"))),
-        }
-    }
 }
 
 #[cfg(test)]
