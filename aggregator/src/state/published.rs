@@ -15,14 +15,21 @@
 //! the writer takes (except a filter over several fields, which checks exact counts in the
 //! cells). The cells (GetAdClicks) are still read under the shard's read-write lock.
 //!
+//! To keep applying twice cheap, clicks are not logged one by one: the adds pushed
+//! between two other ops (a batch: up to the next seal, eviction or publish) are logged as
+//! one [`TopOp::Adds`], grouped per index and minute by one sort and summed per ad (Zipf
+//! traffic repeats ads within a batch), so each copy probes a node for a run of ads back
+//! to back. Adds commute with each other but not with a seal or an eviction, so they are
+//! never summed across one.
+//!
 //! Memory is not held twice for most of the index: after each seal the copy being
-//! updated freezes its sealed minutes ([`TopSet::freeze_due`]) and logs the frozen parts
+//! updated freezes its sealed minutes and builds the lists of the hours just completed
+//! ([`TopSet::freeze_due`]) and logs the frozen parts
 //! as [`TopOp::Install`]s, which the other copy applies in its turn instead of freezing
 //! its own. At that point in the log both copies hold the same counts, so the shared
 //! frozen part stands for either. A frozen part is immutable (later clicks go to each
 //! copy's own live part), so a reader holding one copy never sees it change. Only the
-//! live parts (the minutes still taking clicks, late deltas, the hour being filled) are
-//! held twice.
+//! live parts (the minutes still taking clicks, late deltas) are held twice.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

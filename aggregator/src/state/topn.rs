@@ -18,16 +18,23 @@
 //! count is small or when it crosses a 6.25 % step: a hot ad with millions of
 //! clicks per minute touches its bucket about 8 times per doubling, not per
 //! click, and the bucket table is a plain `Vec` (at most 976 entries) instead
-//! of an ordered map. Bucket membership is kept exact with `swap_remove` and a
-//! per-ad position, so an increment is O(1): one hash lookup when the bucket is
-//! unchanged, four when it moves (the ad twice, plus the ad swapped into its
-//! old place).
+//! of an ordered map. Buckets are append-only (see `Node`): an ad that moves up is pushed
+//! onto its new bucket and left, stale, in the old one, which readers skip for free (they
+//! have already seen the ad in its real, higher bucket). An increment is one hash lookup
+//! plus, when the bucket changes, a push at a bucket's end; stale entries are dropped by
+//! a rebuild once they outnumber the ads (O(1) amortized). Before (a per-ad position
+//! kept exact with `swap_remove`) a move cost four lookups, two of them cache misses,
+//! and for the long tail (counts below 32, one bucket each) every click moves.
 //!
-//! With the hour level on ([`TopIndex::new`]) the same structure is also kept
-//! per aligned hour (sum of its 60 minutes), so a range is covered by whole
-//! hours plus the partial minutes at its edges: at most 118 minute lists plus
-//! one per hour instead of one per minute. That roughly doubles memory for
-//! long-tail data, hence [`TopIndex::minutes_only`] for when long ranges are
+//! With the hour level on ([`TopIndex::new`]) every complete hour (all its minutes
+//! sealed) also gets a list, the sum of its 60 minutes, so a range is covered by whole
+//! hours plus the partial minutes at its edges: at most 118 minute lists plus one per hour
+//! instead of one per minute. An hour's list is built once, frozen, from its minutes by
+//! the first freeze pass after it completes (in one published copy; the other installs
+//! it); late clicks to it then go to its live part as to a minute's. The hour being filled
+//! has no list: a range never covers it whole before it is complete, so its minutes
+//! answer (as they did when it was maintained click by click at seal time, in both
+//! copies). [`TopIndex::minutes_only`] keeps no hour lists, for when long ranges are
 //! rare.
 //!
 //! # Frozen segments (memory)
@@ -39,8 +46,8 @@
 //! lookup table with 8-bit tags, ~10 bytes per ad (14 for ids of 2^32 and up) instead of
 //! the ~37 of a node. A late click to a frozen
 //! minute goes to the segment's (small, new) live node; the live part is merged into a
-//! new frozen part once it reaches 1/8 of it. Complete hours freeze the same way; the
-//! hour still being filled is refrozen each time its live part doubles it.
+//! new frozen part once it reaches 1/8 of it. A complete hour's late clicks are merged the
+//! same way.
 //!
 //! The frozen part is shared by `Arc`: the two published copies of an index
 //! (`super::published`) hold the same counts, so the copy that freezes hands its
@@ -76,8 +83,9 @@
 //!
 //! # Complexity
 //!
-//! `add`: O(1) expected (two B-tree lookups over the minute/hour keys plus one
-//! to three hash lookups per level). `top`: with `k` lists and `d` sorted
+//! `add`: O(1) expected (a B-tree lookup over the minute keys and one hash lookup; a
+//! late click to a built hour, one more of each); `add_run` shares the minute lookup
+//! among the ads of one minute. `top`: with `k` lists and `d` sorted
 //! accesses before the stop, O(d log k + c·k) hash lookups for `c <= d`
 //! distinct candidates; on skewed (Zipf) data `d` is a small multiple of `n`
 //! per list. On flat data the threshold falls slowly, so the query carries a
@@ -86,7 +94,7 @@
 //! those cells. A query thus never costs more than about twice a plain scan of
 //! its range, and on skewed data it costs far less. `count`: O(k). Eviction:
 //! O(1) per dropped segment. Freezing: O(c log c) for a segment of `c` ads, once per
-//! minute, and O(1) amortized per ad for the hour being filled.
+//! minute, and once per hour for the hour's list (a pass over its minutes' cells).
 //!
 //! # Limits
 //!
