@@ -1133,7 +1133,10 @@ impl StatePath {
 
     /// One encoded `IngestBatch`, as the engine applies a WAL entry.
     pub fn push_batch(&mut self, batch: &[u8]) {
-        for c in decode_clicks(batch).map_while(Result::ok) {
+        // As the engine: decode the batch, warm the window operator's lookups, apply.
+        let clicks: Vec<ClickIn<'_>> = decode_clicks(batch).map_while(Result::ok).collect();
+        self.windows.warm(&clicks);
+        for c in clicks {
             self.push(c);
         }
         self.end_batch();

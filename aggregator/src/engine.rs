@@ -319,6 +319,17 @@ struct ArchiveHook {
     stats: Option<Arc<adclick_archive::Stats>>,
 }
 
+/// A checkpoint taken and not yet saved.
+#[derive(Debug)]
+struct PendingCheckpoint {
+    cp: Checkpoint,
+    /// Its dedup floor (becomes the expiry point once it is committed).
+    floor: i64,
+    started: Instant,
+    /// The dedup flush that must be durable first (`Dedup::begin_flush`).
+    dedup_ticket: u64,
+}
+
 struct Writer<S: Store> {
     store: S,
     windows: ClickWindows,
@@ -342,10 +353,9 @@ struct Writer<S: Store> {
     /// The click index (`ip` / `user_id` filters): fed every counted click, flushed to disk
     /// before every checkpoint.
     index: Lanes,
-    /// A checkpoint taken, waiting for the click index's segment up to its position
-    /// (written off this thread) before it is saved: (checkpoint, its dedup floor, when it
-    /// started).
-    pending: Option<(Checkpoint, i64, Instant)>,
+    /// A checkpoint taken, waiting for the click index's segment up to its position and
+    /// its dedup run (both written off this thread) before it is saved.
+    pending: Option<PendingCheckpoint>,
     /// Set when `[archive]` is on.
     archive: Option<ArchiveHook>,
     /// The invalid-traffic rules (`rules`): state checkpointed as table `rules`.
@@ -748,7 +758,14 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
 }
 
 impl<S: Store> Writer<S> {
-    fn run(mut self, mut rx: mpsc::Receiver<WriterMsg>) {
+    fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
+        self.serve(rx);
+        // The dedup spill thread writes beside the store: it ends before the store is
+        // released (a restart in this process must not meet a half-written run).
+        let _ = self.windows.wait_dedup();
+    }
+
+    fn serve(&mut self, mut rx: mpsc::Receiver<WriterMsg>) {
         let max_group = 64;
         let tick = Duration::from_millis(self.cfg.checkpoint.interval_ms.max(10));
         loop {
@@ -780,14 +797,14 @@ impl<S: Store> Writer<S> {
             }
             self.save_checkpoint(false);
             if self.last_checkpoint.elapsed() >= tick {
-                self.checkpoint();
+                self.checkpoint(false);
             }
         }
         // Shutdown: one last checkpoint makes the next start fast (not after a simulated
         // crash, which must leave the disk as a crash would).
         if !self.view.killed.load(Ordering::Acquire) {
             self.save_checkpoint(true);
-            self.checkpoint();
+            self.checkpoint(true);
             self.save_checkpoint(true);
         }
     }
@@ -1031,15 +1048,20 @@ impl<S: Store> Writer<S> {
         let (mut accepted, mut duplicate) = (0u32, 0u32);
         let before = self.windows.counters;
         let mut quarantined = Vec::new();
+        // Decoded first, so the window operator can warm its lookups for the whole batch.
+        let mut clicks = Vec::with_capacity(256);
         for c in decode::clicks(batch) {
-            let c = match c {
-                Ok(c) => c,
+            match c {
+                Ok(c) => clicks.push(c),
                 Err(e) => {
                     // Checked at the edge before it was written: only damage gets here.
                     tracing::error!(error = %e, "undecodable click in a WAL entry: the rest of the entry is skipped");
                     break;
                 }
-            };
+            }
+        }
+        self.windows.warm(&clicks);
+        for c in clicks {
             let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id);
             let (ip, user) = (c.client_ip, c.user_id);
             let late_before = self.windows.counters.late;
@@ -1354,23 +1376,31 @@ impl<S: Store> Writer<S> {
             .inc_by(reads.saturating_sub(m.dedup_disk_reads.get()));
     }
 
-    fn checkpoint(&mut self) {
+    /// Takes a checkpoint (saved by [`Writer::save_checkpoint`] once what it relies on is
+    /// durable). With `wait`, a dedup spill in flight is waited for instead of retried.
+    fn checkpoint(&mut self, wait: bool) {
         if self.pending.is_some() || self.index.flushing() {
-            // The previous one still waits for its click-index segment.
+            // The previous one still waits for its click-index segment or dedup run.
             return;
         }
         let started = Instant::now();
-        // Dedup first: the RAM tier goes to disk (its entries carry their ordinals, so this
-        // commit may precede the checkpoint's), and ids below the floor of the previous
-        // committed checkpoint are deleted.
+        // Dedup first: the RAM tier is frozen and spilled to a run file by the spill thread
+        // (its entries carry their ordinals, so that run may be durable before or after
+        // the checkpoint's commit; the checkpoint is saved only once it is), and ids below
+        // the floor of the previous committed checkpoint are deleted there.
         let floor = self.windows.dedup_floor_ms();
-        if let Err(e) = self.windows.flush_dedup(self.dedup_floor) {
-            self.metrics.checkpoint_errors.inc();
-            self.metrics.dedup_errors.inc();
-            tracing::error!(error = %e, "dedup flush failed; checkpoint skipped, the WAL is kept");
-            self.last_checkpoint = Instant::now();
-            return;
-        }
+        let ticket = match self.windows.begin_dedup_flush(self.dedup_floor, wait) {
+            Ok(Some(t)) => t,
+            // A spill of a full RAM tier is still running: try again after the next group.
+            Ok(None) => return,
+            Err(e) => {
+                self.metrics.checkpoint_errors.inc();
+                self.metrics.dedup_errors.inc();
+                tracing::error!(error = %e, "dedup flush failed; checkpoint skipped, the WAL is kept");
+                self.last_checkpoint = Instant::now();
+                return;
+            }
+        };
         if let Ok(n) = self.windows.dedup().disk_len() {
             self.metrics
                 .dedup_disk_entries
@@ -1404,20 +1434,44 @@ impl<S: Store> Writer<S> {
         // deleted (`clickindex`: a start drops segments past its checkpoint). The segment
         // is written off this thread; the checkpoint is saved once it is done.
         self.index.start_flush(cp.wal_pos);
-        self.pending = Some((cp, floor, started));
+        self.pending = Some(PendingCheckpoint {
+            cp,
+            floor,
+            started,
+            dedup_ticket: ticket,
+        });
         self.last_checkpoint = Instant::now();
     }
 
     /// Saves the pending checkpoint once the click index's segment up to its position is
     /// durable (waiting for it with `wait`).
     fn save_checkpoint(&mut self, wait: bool) {
-        if self.pending.is_none() {
+        let Some(ticket) = self.pending.as_ref().map(|p| p.dedup_ticket) else {
             return;
+        };
+        // Every dedup id inserted before the checkpoint must be in a durable run: the WAL
+        // replay from it sees only the clicks after it.
+        match self.windows.dedup_flushed(ticket, wait) {
+            None => return,
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                // Not saved; the click index's segment is finished and dropped with it.
+                let _ = self.index.finish_flush(true);
+                self.pending = None;
+                self.metrics.checkpoint_errors.inc();
+                self.metrics.dedup_errors.inc();
+                tracing::error!(error = %e, "dedup flush failed; checkpoint skipped, the WAL is kept");
+                self.last_checkpoint = Instant::now();
+                return;
+            }
         }
         let Some(flushed) = self.index.finish_flush(wait) else {
             return;
         };
-        let Some((cp, floor, started)) = self.pending.take() else {
+        let Some(PendingCheckpoint {
+            cp, floor, started, ..
+        }) = self.pending.take()
+        else {
             return;
         };
         if let Err(e) = flushed {

@@ -416,7 +416,7 @@ impl adclick_aggregator::state::dedup::SpillTable for FailingSpill {
         Ok(None)
     }
     fn put(
-        &mut self,
+        &self,
         _: &[(
             adclick_aggregator::state::dedup::Id,
             adclick_aggregator::state::dedup::Entry,
@@ -426,7 +426,7 @@ impl adclick_aggregator::state::dedup::SpillTable for FailingSpill {
             "Input/output error (os error 5)".into(),
         ))
     }
-    fn expire(&mut self, _: i64) -> Result<u64, adclick_aggregator::state::dedup::DedupError> {
+    fn expire(&self, _: i64) -> Result<u64, adclick_aggregator::state::dedup::DedupError> {
         Ok(0)
     }
     fn for_each_id(

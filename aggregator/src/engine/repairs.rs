@@ -52,7 +52,7 @@ impl<S: Store> Writer<S> {
                 }
                 // In the durable state, as real damage would be: a replay must not undo it.
                 self.save_checkpoint(true);
-                self.checkpoint();
+                self.checkpoint(true);
                 self.save_checkpoint(true);
                 let _ = done.send(found);
             }

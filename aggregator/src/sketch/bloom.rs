@@ -2,16 +2,20 @@
 //! disk tier): `fastbloom` sized by bits and design capacity, ids mixed to one 64-bit hash,
 //! and the count of ids inserted since the filter was built, so its owner knows when it is
 //! stale (`items` far above what the disk holds) and when it is empty (no lookup needed).
+//! Inserts take `&self` (atomic bits): the dedup set's spill thread adds the ids it wrote
+//! while the writer thread keeps looking ids up.
 
-use fastbloom::BloomFilter;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fastbloom::AtomicBloomFilter;
 
 /// See the module doc.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct IdFilter {
-    filter: BloomFilter,
+    filter: AtomicBloomFilter,
     bits: usize,
     capacity: usize,
-    items: u64,
+    items: AtomicU64,
 }
 
 /// Mixes an id to the filter's hash. Ids are random, but the mix keeps the filter honest
@@ -31,10 +35,10 @@ impl IdFilter {
     /// An empty filter of `bits` bits designed for `capacity` ids.
     pub fn new(bits: usize, capacity: usize) -> Self {
         IdFilter {
-            filter: BloomFilter::with_num_bits(bits.max(64)).expected_items(capacity.max(1)),
+            filter: AtomicBloomFilter::with_num_bits(bits.max(64)).expected_items(capacity.max(1)),
             bits,
             capacity,
-            items: 0,
+            items: AtomicU64::new(0),
         }
     }
 
@@ -43,20 +47,21 @@ impl IdFilter {
         Self::new(self.bits, self.capacity)
     }
 
-    /// Adds an id.
-    pub fn insert(&mut self, id: &[u8; 16]) {
+    /// Adds an id. The count is raised after the bits are set: a reader that sees it
+    /// non-zero sees the bits of that id.
+    pub fn insert(&self, id: &[u8; 16]) {
         self.filter.insert_hash(id_hash(id));
-        self.items += 1;
+        self.items.fetch_add(1, Ordering::Release);
     }
 
     /// False: `id` was never inserted. True: it may have been. Costs nothing while empty.
     pub fn may_contain(&self, id: &[u8; 16]) -> bool {
-        self.items > 0 && self.filter.contains_hash(id_hash(id))
+        self.items.load(Ordering::Acquire) > 0 && self.filter.contains_hash(id_hash(id))
     }
 
     /// Ids inserted since the filter was built.
     pub fn items(&self) -> u64 {
-        self.items
+        self.items.load(Ordering::Acquire)
     }
 
     /// The capacity it was designed for (~1% false positives up to it).

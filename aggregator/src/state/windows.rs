@@ -193,10 +193,27 @@ impl ClickWindows {
             .saturating_sub(self.cfg.retention_minutes.saturating_mul(LEVEL_MS[0]))
     }
 
-    /// Checkpoint step for the dedup set: spill the RAM tier to disk and delete ids below
-    /// `expire_before` (the floor of the last *committed* checkpoint: see `dedup`).
-    pub fn flush_dedup(&mut self, expire_before: i64) -> Result<(), DedupError> {
-        self.dedup.checkpoint(expire_before)
+    /// Checkpoint step for the dedup set: freeze the RAM tier and spill it in the
+    /// background, deleting ids below `expire_before` (the floor of the last *committed*
+    /// checkpoint: see `dedup`). Returns the ticket to wait for with
+    /// [`ClickWindows::dedup_flushed`] before the checkpoint may be saved, or `None` while
+    /// an earlier spill is in flight (unless `wait`).
+    pub fn begin_dedup_flush(
+        &mut self,
+        expire_before: i64,
+        wait: bool,
+    ) -> Result<Option<u64>, DedupError> {
+        self.dedup.begin_flush(expire_before, wait)
+    }
+
+    /// Whether the dedup flush `ticket` is durable (`None`: still running, unless `wait`).
+    pub fn dedup_flushed(&mut self, ticket: u64, wait: bool) -> Option<Result<(), DedupError>> {
+        self.dedup.flushed(ticket, wait)
+    }
+
+    /// Waits for the dedup spill in flight (before the store under it is released).
+    pub fn wait_dedup(&mut self) -> Result<(), DedupError> {
+        self.dedup.wait()
     }
 
     /// The combination id of a repair's (country, device, os, site), interned like a
@@ -223,6 +240,19 @@ impl ClickWindows {
 }
 
 impl ClickWindows {
+    /// Warms the cache lines [`ClickWindows::process`] will miss on for a batch's clicks
+    /// (dedup RAM tier and Bloom filter, ad owners), before the batch is processed in
+    /// order: independent loads overlap here, where inside `process` each waits alone.
+    /// Changes no state (a replay with or without it is the same).
+    pub fn warm(&self, clicks: &[ClickIn<'_>]) {
+        for c in clicks {
+            if let Ok(id) = <&[u8; 16]>::try_from(c.impression_id) {
+                self.dedup.warm(id);
+            }
+            std::hint::black_box(self.owners.contains_key(&c.ad_id));
+        }
+    }
+
     /// Classifies one click and, when it counts, routes it. Deterministic: a WAL replay
     /// feeds the same clicks in the same order and reaches the same state.
     pub fn process(&mut self, c: ClickIn<'_>) -> Routed {

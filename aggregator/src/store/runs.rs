@@ -35,6 +35,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use xxhash_rust::xxh64::Xxh64;
 
@@ -329,11 +331,21 @@ fn sync_dir(dir: &Path) -> Result<(), DedupError> {
 #[derive(Debug)]
 pub struct RunDedup {
     dir: PathBuf,
-    /// Oldest first.
-    runs: Vec<Run>,
-    next: u64,
+    /// Oldest first. Lookups read it (the writer thread); a write (the spill thread)
+    /// builds its file outside the lock and takes the lock only to swap the list.
+    runs: RwLock<Vec<Arc<Run>>>,
+    /// Serialises writes (put with its merges, expiry); holds the next spill number.
+    write: Mutex<u64>,
     /// Runs merged so far (a metric for tests and benches).
-    pub merges: u64,
+    merges: AtomicU64,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 impl RunDedup {
@@ -354,7 +366,7 @@ impl RunDedup {
         }
         // Widest first within a start, so a merged run comes before the inputs it covers.
         found.sort_by_key(|&(lo, hi, _)| (lo, std::cmp::Reverse(hi)));
-        let mut runs: Vec<Run> = Vec::new();
+        let mut runs: Vec<Arc<Run>> = Vec::new();
         let mut covered_to: Option<u64> = None;
         for (lo, hi, path) in found {
             if covered_to.is_some_and(|c| hi <= c) {
@@ -363,27 +375,40 @@ impl RunDedup {
                 continue;
             }
             covered_to = Some(hi);
-            runs.push(Run::open(path, lo, hi)?);
+            runs.push(Arc::new(Run::open(path, lo, hi)?));
         }
         let next = runs.last().map_or(0, |r| r.hi + 1);
         Ok(RunDedup {
             dir: dir.to_path_buf(),
-            runs,
-            next,
-            merges: 0,
+            runs: RwLock::new(runs),
+            write: Mutex::new(next),
+            merges: AtomicU64::new(0),
         })
     }
 
     /// Runs held.
     pub fn runs(&self) -> usize {
-        self.runs.len()
+        read(&self.runs).len()
     }
 
-    /// Merges runs `i` and `i + 1` (adjacent, `i` the older) into one.
-    fn merge(&mut self, i: usize) -> Result<(), DedupError> {
-        let (lo, hi) = (self.runs[i].lo, self.runs[i + 1].hi);
+    /// Runs merged since open.
+    pub fn merges(&self) -> u64 {
+        self.merges.load(Ordering::Relaxed)
+    }
+
+    fn lock_writes(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Merges runs `i` and `i + 1` (adjacent, `i` the older) into one. The caller holds
+    /// the write lock, so the list changes under no one else.
+    fn merge(&self, i: usize) -> Result<(), DedupError> {
+        let (old, new) = {
+            let runs = read(&self.runs);
+            (runs[i].clone(), runs[i + 1].clone())
+        };
+        let (lo, hi) = (old.lo, new.hi);
         let merged = {
-            let (old, new) = (&self.runs[i], &self.runs[i + 1]);
             let mut w = RunWriter::create(&self.dir, lo, hi)?;
             let (mut a, mut b) = (old.reader()?, new.reader()?);
             let (mut x, mut y) = (a.next()?, b.next()?);
@@ -419,20 +444,23 @@ impl RunDedup {
             w.finish(&self.dir, lo, hi)?
         };
         // The merged run is durable: its inputs can go (a crash before this is handled at
-        // open, see the module doc).
-        let new = self.runs.remove(i + 1);
-        let old = std::mem::replace(&mut self.runs[i], merged);
+        // open, see the module doc). A lookup holding an input keeps reading its open file.
+        {
+            let mut runs = write(&self.runs);
+            runs.remove(i + 1);
+            runs[i] = Arc::new(merged);
+        }
         for r in [old, new] {
             std::fs::remove_file(&r.path).map_err(|e| err("cannot remove", &r.path, e))?;
         }
-        self.merges += 1;
+        self.merges.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
 
 impl SpillTable for RunDedup {
     fn get(&self, id: &Id) -> Result<Option<Entry>, DedupError> {
-        for run in self.runs.iter().rev() {
+        for run in read(&self.runs).iter().rev() {
             if let Some(e) = run.get(id)? {
                 return Ok(Some(e));
             }
@@ -440,7 +468,7 @@ impl SpillTable for RunDedup {
         Ok(None)
     }
 
-    fn put(&mut self, entries: &[(Id, Entry)]) -> Result<(), DedupError> {
+    fn put(&self, entries: &[(Id, Entry)]) -> Result<(), DedupError> {
         if entries.is_empty() {
             return Ok(());
         }
@@ -456,7 +484,8 @@ impl SpillTable for RunDedup {
             owned.dedup_by_key(|e| e.0);
             &owned[..]
         };
-        let seq = self.next;
+        let mut next = self.lock_writes();
+        let seq = *next;
         let mut w = RunWriter::create(&self.dir, seq, seq)?;
         let mut rec = [0u8; REC_LEN];
         for (id, e) in entries {
@@ -464,36 +493,45 @@ impl SpillTable for RunDedup {
             rec[16..].copy_from_slice(&e.encode());
             w.push(&rec)?;
         }
-        self.runs.push(w.finish(&self.dir, seq, seq)?);
-        self.next = seq + 1;
-        while self.runs.len() > MAX_RUNS {
-            let i = (0..self.runs.len() - 1)
-                .min_by_key(|&i| self.runs[i].count + self.runs[i + 1].count)
-                .unwrap_or(0);
+        let run = Arc::new(w.finish(&self.dir, seq, seq)?);
+        write(&self.runs).push(run);
+        *next = seq + 1;
+        loop {
+            let i = {
+                let runs = read(&self.runs);
+                if runs.len() <= MAX_RUNS {
+                    break;
+                }
+                (0..runs.len() - 1)
+                    .min_by_key(|&i| runs[i].count + runs[i + 1].count)
+                    .unwrap_or(0)
+            };
             self.merge(i)?;
         }
         Ok(())
     }
 
-    fn expire(&mut self, before: i64) -> Result<u64, DedupError> {
+    fn expire(&self, before: i64) -> Result<u64, DedupError> {
+        let _w = self.lock_writes();
+        let old: Vec<Arc<Run>> = read(&self.runs)
+            .iter()
+            .filter(|r| r.max_keep_until < before)
+            .cloned()
+            .collect();
         let mut gone = 0;
-        let mut i = 0;
-        while i < self.runs.len() {
-            if self.runs[i].max_keep_until < before {
-                // Removed from the list only once the file is gone: on an error the run
-                // is still on disk, still true, and still listed.
-                let path = &self.runs[i].path;
-                std::fs::remove_file(path).map_err(|e| err("cannot remove", path, e))?;
-                gone += self.runs.remove(i).count;
-            } else {
-                i += 1;
-            }
+        for run in old {
+            // Removed from the list only once the file is gone: on an error the run is
+            // still on disk, still true, and still listed.
+            std::fs::remove_file(&run.path).map_err(|e| err("cannot remove", &run.path, e))?;
+            write(&self.runs).retain(|r| !Arc::ptr_eq(r, &run));
+            gone += run.count;
         }
         Ok(gone)
     }
 
     fn for_each_id(&self, f: &mut dyn FnMut(&Id)) -> Result<(), DedupError> {
-        for run in &self.runs {
+        let runs: Vec<Arc<Run>> = read(&self.runs).clone();
+        for run in &runs {
             let mut r = run.reader()?;
             let mut id = [0u8; 16];
             while let Some(rec) = r.next()? {
@@ -505,11 +543,11 @@ impl SpillTable for RunDedup {
     }
 
     fn len(&self) -> Result<u64, DedupError> {
-        Ok(self.runs.iter().map(|r| r.count).sum())
+        Ok(read(&self.runs).iter().map(|r| r.count).sum())
     }
 
     fn ram_bytes(&self) -> usize {
-        self.runs
+        read(&self.runs)
             .iter()
             .map(|r| r.fences.capacity() * 16 + std::mem::size_of::<Run>())
             .sum()
@@ -545,8 +583,8 @@ mod tests {
     #[test]
     fn matches_the_in_memory_table_through_merges_expiry_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut runs = RunDedup::open(dir.path()).unwrap();
-        let mut oracle = MemTable::default();
+        let runs = RunDedup::open(dir.path()).unwrap();
+        let oracle = MemTable::default();
         // splitmix64: deterministic, no dependency.
         let mut state = 7u64;
         let mut next = move |n: u64| {
@@ -572,7 +610,7 @@ mod tests {
             oracle.put(&batch).unwrap();
             assert!(runs.runs() <= MAX_RUNS);
         }
-        assert!(runs.merges > 0);
+        assert!(runs.merges() > 0);
         let check = |runs: &RunDedup, oracle: &MemTable| {
             for k in 0..3100 {
                 assert_eq!(
@@ -584,7 +622,7 @@ mod tests {
         };
         check(&runs, &oracle);
         drop(runs);
-        let mut runs = RunDedup::open(dir.path()).unwrap();
+        let runs = RunDedup::open(dir.path()).unwrap();
         check(&runs, &oracle);
 
         // Expiry drops whole runs: never an id whose keep_until is at or after `before`.
@@ -605,14 +643,14 @@ mod tests {
     #[test]
     fn a_crash_mid_write_or_mid_merge_reopens_to_the_same_answers() {
         let dir = tempfile::tempdir().unwrap();
-        let mut runs = RunDedup::open(dir.path()).unwrap();
+        let runs = RunDedup::open(dir.path()).unwrap();
         let a = sorted((0..100).map(|k| (id(k), entry(1, 1))).collect());
         let b = sorted((50..150).map(|k| (id(k), entry(2, 2))).collect());
         runs.put(&a).unwrap();
         runs.put(&b).unwrap();
         // A merge whose output is durable but whose inputs were not deleted yet (copied
         // back), and an unfinished write.
-        let paths: Vec<PathBuf> = runs.runs.iter().map(|r| r.path.clone()).collect();
+        let paths: Vec<PathBuf> = read(&runs.runs).iter().map(|r| r.path.clone()).collect();
         let saved: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
         runs.merge(0).unwrap();
         for (p, bytes) in paths.iter().zip(&saved) {
@@ -638,10 +676,10 @@ mod tests {
     #[test]
     fn a_damaged_run_is_refused_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut runs = RunDedup::open(dir.path()).unwrap();
+        let runs = RunDedup::open(dir.path()).unwrap();
         runs.put(&sorted((0..10).map(|k| (id(k), entry(1, 1))).collect()))
             .unwrap();
-        let path = runs.runs[0].path.clone();
+        let path = read(&runs.runs)[0].path.clone();
         drop(runs);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER_LEN + 20] ^= 1;

@@ -283,6 +283,17 @@ pub fn run(a: PipelineArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         bail!("{e:#}{logs}");
     }
+    // ADCLICK_BENCH_LOGS=<dir>: keep the children's logs (run with RUST_LOG to see more).
+    if let Some(keep) = std::env::var_os("ADCLICK_BENCH_LOGS") {
+        let keep = PathBuf::from(keep);
+        let _ = std::fs::create_dir_all(&keep);
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|x| x == "log") {
+                let _ = std::fs::copy(&path, keep.join(entry.file_name()));
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let (table, line) = result?;
     super::emit(&table, &line, a.append.as_deref())
