@@ -113,7 +113,8 @@ fn main() {
         cfg.keys_file = dir.path().join("keys.toml");
         cfg.aggregators = vec![format!("http://{agg_addr}")];
         cfg.limits.max_clicks_per_batch = batch.max(1000);
-        cfg.limits.max_body_bytes = 16 << 20;
+        // Within the per-IP in-flight budget (every bench client is 127.0.0.1).
+        cfg.limits.max_body_bytes = 4 << 20;
         // Every bench client is 127.0.0.1: no per-IP click rate limit.
         cfg.limits.rate_limit_per_ip = 0.0;
         cfg.dedup.expected_clicks = total * 2;

@@ -216,8 +216,10 @@ fn every_click_the_collector_acks_the_aggregator_counts() {
             clicks.push(click);
         }
         let tokens: Vec<String> = clicks.iter().map(|c| c.token.clone()).collect();
+        let refs: Vec<adclick_collector::ingest::ClickRef<'_>> =
+            clicks.iter().map(Into::into).collect();
         let out = processor.process(
-            clicks,
+            &refs,
             &RequestCtx {
                 received_at_ms: now,
                 client_ip: None,
@@ -226,11 +228,9 @@ fn every_click_the_collector_acks_the_aggregator_counts() {
         );
         processor.committed(&out);
         // Which input clicks were acked (by impression id; repeats are duplicates).
-        let acked_ids: std::collections::HashSet<Vec<u8>> = out
-            .accepted
-            .iter()
-            .map(|c| c.impression_id.clone())
-            .collect();
+        let accepted = out.accepted_clicks();
+        let acked_ids: std::collections::HashSet<Vec<u8>> =
+            accepted.iter().map(|c| c.impression_id.clone()).collect();
         for (i, t) in tokens.iter().enumerate() {
             let imp = ring.verify(t, now, i64::MAX / 4).unwrap();
             let was_acked = acked_ids.contains(imp.impression_id.as_slice());
@@ -254,7 +254,7 @@ fn every_click_the_collector_acks_the_aggregator_counts() {
         // The aggregator, fed exactly what the collector acked (in order, as one batch),
         // counts every click or calls it a duplicate.
         windows.begin_batch(1);
-        for c in out.accepted {
+        for c in accepted {
             acked += 1;
             match windows.process(adclick_aggregator::decode::click_from_wire(&c)) {
                 Routed::Apply(..) | Routed::Duplicate => {}

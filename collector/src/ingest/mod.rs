@@ -124,6 +124,15 @@ impl Processed {
         &self.encoded
     }
 
+    /// The accepted clicks decoded back into wire messages (tests and tools; the ingest
+    /// path uses the bytes).
+    pub fn accepted_clicks(&self) -> Vec<v1::IngestClick> {
+        use prost::Message;
+        v1::IngestBatch::decode(self.encoded.as_slice())
+            .map(|b| b.clicks)
+            .unwrap_or_default()
+    }
+
     /// Takes the encoded clicks out (the ids stay, for commit or release).
     pub fn take_encoded(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.encoded)
