@@ -584,6 +584,18 @@ impl Seg {
         was_empty
     }
 
+    /// [`Seg::add`] for each nonzero `(ad, by)`; true when one of them found the live part
+    /// empty.
+    fn add_run(&mut self, adds: &[(u64, u64)], seed: Seeded) -> bool {
+        let mut fresh = false;
+        for &(ad, by) in adds {
+            if by > 0 {
+                fresh |= self.add(ad, by, seed);
+            }
+        }
+        fresh
+    }
+
     /// Its lists, for queries (an empty live part is no list).
     fn push_lists<'a>(&'a self, out: &mut Vec<List<'a>>) {
         if let Some(f) = &self.frozen {
@@ -854,14 +866,7 @@ impl TopIndex {
             return;
         }
         let seed = self.seed;
-        let seg = self.minutes.entry(minute).or_default();
-        let mut fresh = false;
-        for &(ad, by) in adds {
-            if by > 0 {
-                fresh |= seg.add(ad, by, seed);
-            }
-        }
-        if fresh {
+        if self.minutes.entry(minute).or_default().add_run(adds, seed) {
             self.dirty.insert(SegKey {
                 hour: false,
                 start: minute,
@@ -872,13 +877,7 @@ impl TopIndex {
         if minute < self.sealed_before {
             let hour = minute.div_euclid(HOUR);
             if let Some(seg) = self.hours.get_mut(&hour) {
-                let mut fresh = false;
-                for &(ad, by) in adds {
-                    if by > 0 {
-                        fresh |= seg.add(ad, by, seed);
-                    }
-                }
-                if fresh {
+                if seg.add_run(adds, seed) {
                     self.dirty.insert(SegKey {
                         hour: true,
                         start: hour,
