@@ -876,13 +876,13 @@ impl TopIndex {
         // minutes still taking clicks never reach this lookup.
         if minute < self.sealed_before {
             let hour = minute.div_euclid(HOUR);
-            if let Some(seg) = self.hours.get_mut(&hour) {
-                if seg.add_run(adds, seed) {
-                    self.dirty.insert(SegKey {
-                        hour: true,
-                        start: hour,
-                    });
-                }
+            if let Some(seg) = self.hours.get_mut(&hour)
+                && seg.add_run(adds, seed)
+            {
+                self.dirty.insert(SegKey {
+                    hour: true,
+                    start: hour,
+                });
             }
         }
     }
