@@ -268,6 +268,9 @@ async fn a_republish_after_a_crash_is_deduplicated_by_message_id() {
 /// reports the same mismatch (exit 1) and, for the matching config, finds the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_with_another_partition_count_is_an_error_not_a_reconfiguration() {
+    // Built (a `cargo build` on first use) before the scenario's time limit starts: on a
+    // loaded machine the build alone can take longer than the limit.
+    let adclick = adclick_test_support::child::adclick_bin();
     within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = NatsCluster::start(&dir.path().join("nats"), 1).await;
@@ -319,7 +322,7 @@ async fn a_stream_with_another_partition_count_is_an_error_not_a_reconfiguration
             .collect();
         let ok = tokio::task::spawn_blocking(move || {
             let run = |path: &Path| {
-                std::process::Command::new(adclick_test_support::child::adclick_bin())
+                std::process::Command::new(&adclick)
                     .args(["jetstream", "init", "--config"])
                     .arg(path)
                     .output()
@@ -347,6 +350,9 @@ async fn a_stream_with_another_partition_count_is_an_error_not_a_reconfiguration
 /// `adclick jetstream init` on a fresh server creates the stream and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_init_creates_the_stream() {
+    // Built (a `cargo build` on first use) before the scenario's time limit starts: on a
+    // loaded machine the build alone can take longer than the limit.
+    let adclick = adclick_test_support::child::adclick_bin();
     within(LIMIT, async {
         let dir = tempfile::tempdir().unwrap();
         let cluster = NatsCluster::start(&dir.path().join("nats"), 1).await;
@@ -361,7 +367,7 @@ async fn jetstream_init_creates_the_stream() {
         )
         .unwrap();
         let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(adclick_test_support::child::adclick_bin())
+            std::process::Command::new(&adclick)
                 .args(["jetstream", "init", "--config"])
                 .arg(&path)
                 .output()
