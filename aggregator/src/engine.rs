@@ -326,6 +326,9 @@ struct PendingCheckpoint {
     /// Its dedup floor (becomes the expiry point once it is committed).
     floor: i64,
     started: Instant,
+    /// Time the writer spent building it (window tables, shard snapshots behind their
+    /// barriers), ingest stopped meanwhile.
+    build: std::time::Duration,
     /// The dedup flush that must be durable first (`Dedup::begin_flush`).
     dedup_ticket: u64,
 }
@@ -1438,6 +1441,7 @@ impl<S: Store> Writer<S> {
             cp,
             floor,
             started,
+            build: started.elapsed(),
             dedup_ticket: ticket,
         });
         self.last_checkpoint = Instant::now();
@@ -1469,7 +1473,11 @@ impl<S: Store> Writer<S> {
             return;
         };
         let Some(PendingCheckpoint {
-            cp, floor, started, ..
+            cp,
+            floor,
+            started,
+            build,
+            ..
         }) = self.pending.take()
         else {
             return;
@@ -1480,8 +1488,20 @@ impl<S: Store> Writer<S> {
             self.last_checkpoint = Instant::now();
             return;
         }
-        match self.store.save_checkpoint(&cp) {
+        let commit = Instant::now();
+        let saved = self.store.save_checkpoint(&cp);
+        match saved {
             Ok(()) => {
+                // Both phases run on the writer thread, ingest stopped: what an operator
+                // needs to see when freshness dips at each checkpoint.
+                tracing::info!(
+                    wal_pos = cp.wal_pos,
+                    bytes = cp.tables.iter().map(|(_, b)| b.len()).sum::<usize>(),
+                    build_ms = build.as_millis() as u64,
+                    commit_ms = commit.elapsed().as_millis() as u64,
+                    total_ms = started.elapsed().as_millis() as u64,
+                    "checkpoint saved"
+                );
                 self.expire_index();
                 self.dedup_floor = floor;
                 self.metrics

@@ -129,6 +129,12 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// The children's log filter: `warn`, or `ADCLICK_BENCH_RUST_LOG` (with
+/// `ADCLICK_BENCH_LOGS`, e.g. `info` to see each checkpoint's phases).
+fn child_log_filter() -> String {
+    std::env::var("ADCLICK_BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 fn spawn(name: &str, args: &[&str], log: &Path) -> Result<Proc> {
     let exe = std::env::current_exe().context("cannot find the adclick binary")?;
     let log = std::fs::File::create(log)?;
@@ -136,7 +142,7 @@ fn spawn(name: &str, args: &[&str], log: &Path) -> Result<Proc> {
         .args(args)
         .stdout(Stdio::null())
         .stderr(log)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", child_log_filter())
         .spawn()
         .with_context(|| format!("cannot start the {name}"))?;
     Ok(Proc { child })
@@ -283,7 +289,8 @@ pub fn run(a: PipelineArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         bail!("{e:#}{logs}");
     }
-    // ADCLICK_BENCH_LOGS=<dir>: keep the children's logs (run with RUST_LOG to see more).
+    // ADCLICK_BENCH_LOGS=<dir>: keep the children's logs (ADCLICK_BENCH_RUST_LOG=info to see
+    // more).
     if let Some(keep) = std::env::var_os("ADCLICK_BENCH_LOGS") {
         let keep = PathBuf::from(keep);
         let _ = std::fs::create_dir_all(&keep);
@@ -431,7 +438,7 @@ fn start_cluster(dir: &Path) -> Result<Setup> {
             "--data-dir",
         ])
         .arg(&data)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", child_log_filter())
         .env("ADCLICK_COLLECTOR__LIMITS__MAX_CLICKS_PER_BATCH", "5000")
         .env("ADCLICK_COLLECTOR__LIMITS__MAX_BODY_BYTES", "4194304")
         .env("ADCLICK_COLLECTOR__LIMITS__RATE_LIMIT_PER_IP", "0.0")
