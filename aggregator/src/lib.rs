@@ -137,7 +137,11 @@ pub async fn start_with_store<S: Store + 'static>(
         ),
     }
     .api();
-    let (reflection, reflection_v1alpha) = reflection()?;
+    let (reflection, reflection_v1alpha) = reflection(&[
+        <QueryServiceServer<api::Api> as NamedService>::NAME,
+        <grpc::IngestServer as NamedService>::NAME,
+        <adclick_proto::v1::admin_service_server::AdminServiceServer<repair::Admin> as NamedService>::NAME,
+    ])?;
     let (health, health_service) = tonic_health::server::health_reporter();
     report_health(&health, &view.ready.reasons()).await;
 
@@ -250,9 +254,12 @@ pub async fn start_with_store<S: Store + 'static>(
 
 /// The reflection services, in both versions: current grpcurl and grpcui speak v1, older
 /// tools and some client libraries (issue 14 met a Python client) only v1alpha. Both list
-/// the health service too (its descriptors come with tonic-health). The aggregator and the
-/// query front register the same.
-pub(crate) fn reflection() -> Result<
+/// exactly the services the server serves (`served`, the health service whose descriptors
+/// come with tonic-health, and that version of reflection itself): the aggregator serves
+/// ingest, queries and admin; the query front only queries.
+pub(crate) fn reflection(
+    served: &[&'static str],
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
@@ -263,19 +270,28 @@ pub(crate) fn reflection() -> Result<
     ),
     AggregatorError,
 > {
-    let builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(adclick_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let builder = |reflection: &'static str| {
+        served
+            .iter()
+            .chain([HEALTH_SERVICE, reflection].iter())
+            .fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(adclick_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |b, name| b.with_service_name(*name),
+            )
     };
-    let v1alpha = builder()
+    let v1alpha = builder("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()
         .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
-    let v1 = builder()
+    let v1 = builder("grpc.reflection.v1.ServerReflection")
         .build_v1()
         .map_err(|e| AggregatorError::Reflection(e.to_string()))?;
     Ok((v1, v1alpha))
 }
+
+/// The gRPC health service's name (`grpc.health.v1.Health`).
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 
 /// gRPC health mirrors readiness: the whole server ("") and `IngestService` are
 /// NOT_SERVING while writes cannot be accepted; `QueryService` keeps answering.

@@ -249,12 +249,28 @@ impl Metrics {
         self.expose(None).1
     }
 
-    /// The same metrics, reporting `component` in `adclick_build_info` (the query front
-    /// serves this struct too).
-    pub fn for_component(component: &'static str) -> Self {
-        Metrics {
-            exposition: adclick_proto::metrics::Exposition::new(component),
-            ..Self::new()
-        }
+    /// The query front's metrics (`front`): what its API, listeners and shard fan-out
+    /// count, reported as component `query_front` in `adclick_build_info`. The engine's
+    /// metrics (clicks, WAL, checkpoints, dedup, archive, source, reconciliation) exist in
+    /// the struct, since the API is shared, but are not exposed: a front has no engine,
+    /// and zeros there would read as a stalled one.
+    pub fn for_front() -> Self {
+        let mut m = Self::declare_only(|name| FRONT_METRICS.contains(&name));
+        m.exposition = adclick_proto::metrics::Exposition::new("query_front");
+        m.front.register(&mut m.registry);
+        m
     }
 }
+
+/// The aggregator metrics a query front exposes (`Metrics::for_front`): the API's and the
+/// listeners'.
+const FRONT_METRICS: [&str; 8] = [
+    "query_seconds",
+    "queries_refused",
+    "watch_streams",
+    "connections",
+    "connections_refused",
+    "connections_closed",
+    "request_timeouts",
+    "ready",
+];

@@ -14,25 +14,23 @@ use tonic::transport::Channel;
 
 use crate::util::*;
 
-/// Services both reflection versions must list.
-const SERVICES: [&str; 3] = [
+/// The services the aggregator serves: both reflection versions list exactly these (and
+/// themselves).
+const SERVICES: [&str; 4] = [
     "adclick.v1.QueryService",
     "adclick.v1.IngestService",
+    "adclick.v1.AdminService",
     "grpc.health.v1.Health",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reflection_v1_and_v1alpha_list_every_service_including_health() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = adclick_aggregator::start(config(dir.path())).await.unwrap();
-    let ch = Channel::from_shared(format!("http://{}", a.grpc_addr()))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+/// The services the query front serves (it fans out queries only).
+const FRONT_SERVICES: [&str; 2] = ["adclick.v1.QueryService", "grpc.health.v1.Health"];
 
+/// What reflection v1 and v1alpha list on `ch` (sorted), checking on the way that each
+/// answers a descriptor for `symbol`.
+async fn reflected(ch: Channel, symbol: &str) -> (Vec<String>, Vec<String>) {
     // v1
-    {
+    let v1 = {
         use tonic_reflection::pb::v1::ServerReflectionRequest;
         use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
         use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -44,9 +42,7 @@ async fn reflection_v1_and_v1alpha_list_every_service_including_health() {
             },
             ServerReflectionRequest {
                 host: String::new(),
-                message_request: Some(MessageRequest::FileContainingSymbol(
-                    "grpc.health.v1.Health".into(),
-                )),
+                message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
             },
         ];
         let mut s = ServerReflectionClient::new(ch.clone())
@@ -55,35 +51,24 @@ async fn reflection_v1_and_v1alpha_list_every_service_including_health() {
             .unwrap()
             .into_inner();
         let mut services = Vec::new();
-        let mut health_files = 0;
+        let mut files = 0;
         while let Some(r) = s.message().await.unwrap() {
             match r.message_response {
                 Some(MessageResponse::ListServicesResponse(l)) => {
                     services.extend(l.service.into_iter().map(|s| s.name))
                 }
                 Some(MessageResponse::FileDescriptorResponse(f)) => {
-                    health_files += f.file_descriptor_proto.len()
+                    files += f.file_descriptor_proto.len()
                 }
                 other => panic!("v1: unexpected {other:?}"),
             }
         }
-        for svc in SERVICES
-            .iter()
-            .chain(&["grpc.reflection.v1.ServerReflection"])
-        {
-            assert!(
-                services.iter().any(|s| s == svc),
-                "v1 lacks {svc}: {services:?}"
-            );
-        }
-        assert!(
-            health_files >= 1,
-            "v1: no descriptor for grpc.health.v1.Health"
-        );
-    }
-
-    // v1alpha: the same answers.
-    {
+        assert!(files >= 1, "v1: no descriptor for {symbol}");
+        services.sort();
+        services
+    };
+    // v1alpha: the same questions.
+    let v1alpha = {
         use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
         use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
         use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
@@ -95,9 +80,7 @@ async fn reflection_v1_and_v1alpha_list_every_service_including_health() {
             },
             ServerReflectionRequest {
                 host: String::new(),
-                message_request: Some(MessageRequest::FileContainingSymbol(
-                    "adclick.v1.QueryService".into(),
-                )),
+                message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
             },
         ];
         let mut s = ServerReflectionClient::new(ch)
@@ -118,21 +101,120 @@ async fn reflection_v1_and_v1alpha_list_every_service_including_health() {
                 other => panic!("v1alpha: unexpected {other:?}"),
             }
         }
-        for svc in SERVICES
-            .iter()
-            .chain(&["grpc.reflection.v1alpha.ServerReflection"])
-        {
-            assert!(
-                services.iter().any(|s| s == svc),
-                "v1alpha lacks {svc}: {services:?}"
-            );
-        }
+        assert!(files >= 1, "v1alpha: no descriptor for {symbol}");
+        services.sort();
+        services
+    };
+    (v1, v1alpha)
+}
+
+/// `served` plus reflection `version`'s own service, sorted.
+fn expected(served: &[&str], version: &str) -> Vec<String> {
+    let mut v: Vec<String> = served.iter().map(|s| s.to_string()).collect();
+    v.push(format!("grpc.reflection.{version}.ServerReflection"));
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1_and_v1alpha_list_every_service_including_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = adclick_aggregator::start(config(dir.path())).await.unwrap();
+    let ch = Channel::from_shared(format!("http://{}", a.grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (v1, v1alpha) = reflected(ch.clone(), "grpc.health.v1.Health").await;
+    assert_eq!(v1, expected(&SERVICES, "v1"));
+    assert_eq!(v1alpha, expected(&SERVICES, "v1alpha"));
+    let (_, v1alpha) = reflected(ch, "adclick.v1.QueryService").await;
+    assert_eq!(v1alpha, expected(&SERVICES, "v1alpha"));
+    a.shutdown().await;
+}
+
+/// The query front lists only what it serves (not the shards' ingest and admin), and its
+/// `/metrics` has the API's and its own metrics but none of an engine it does not run
+/// (zeros there would read as a stalled aggregator).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_reflects_and_exposes_only_what_it_serves() {
+    use adclick_aggregator::front::{FrontConfig, ShardEndpoint};
+    // A shard nobody listens on: the front starts anyway (not ready until it answers).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let front = adclick_aggregator::front::start(FrontConfig {
+        listen_grpc: "127.0.0.1:0".parse().unwrap(),
+        listen_http: "127.0.0.1:0".parse().unwrap(),
+        partitions: 1,
+        shards: vec![ShardEndpoint {
+            name: "s0".into(),
+            grpc: format!("http://{dead_addr}"),
+            partitions: "0".into(),
+        }],
+        api_keys: config(std::path::Path::new("unused")).api_keys,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ch = Channel::from_shared(format!("http://{}", front.grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (v1, v1alpha) = reflected(ch, "adclick.v1.QueryService").await;
+    assert_eq!(v1, expected(&FRONT_SERVICES, "v1"));
+    assert_eq!(v1alpha, expected(&FRONT_SERVICES, "v1alpha"));
+
+    // A query without a key: refused by the front's API, which counts it.
+    let refused = reqwest::get(format!("http://{}/v1/ads/top?n=5", front.http_addr()))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let text = reqwest::get(format!("http://{}/metrics", front.http_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let names: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .filter(|n| n.starts_with("adclick_aggregator_"))
+        .collect();
+    for want in [
+        "adclick_aggregator_query_seconds",
+        "adclick_aggregator_queries_refused",
+        "adclick_aggregator_connections",
+        "adclick_aggregator_watch_streams",
+        "adclick_aggregator_ready",
+        "adclick_aggregator_front_shard_up",
+    ] {
         assert!(
-            files >= 1,
-            "v1alpha: no descriptor for adclick.v1.QueryService"
+            names.iter().any(|n| n.starts_with(want)),
+            "front /metrics lacks {want}: {names:?}"
         );
     }
-    a.shutdown().await;
+    for engine in [
+        "adclick_aggregator_clicks",
+        "adclick_aggregator_wal_errors",
+        "adclick_aggregator_checkpoint_seconds",
+        "adclick_aggregator_dedup_entries",
+        "adclick_aggregator_archive_rows",
+        "adclick_aggregator_source_",
+        "adclick_aggregator_reconcile_",
+    ] {
+        assert!(
+            !names.iter().any(|n| n.starts_with(engine)),
+            "front /metrics has the engine's {engine}: {names:?}"
+        );
+    }
+    assert!(
+        text.contains("component=\"query_front\""),
+        "build info names the front: {text}"
+    );
+    front.shutdown().await;
 }
 
 /// One gRPC-Web answer, decoded.

@@ -309,14 +309,23 @@ macro_rules! metrics {
         impl $name {
             /// Every metric at its initial value, registered under the prefix.
             fn declare() -> Self {
+                Self::declare_only(|_| true)
+            }
+
+            /// Every metric at its initial value; only those whose field name `keep`
+            /// accepts are registered (exposed), for a process that serves a subset.
+            #[allow(dead_code)]
+            fn declare_only(keep: impl Fn(&str) -> bool) -> Self {
                 let mut registry = $crate::metrics::prometheus_client::registry::Registry::with_prefix($prefix);
                 $( let $field: $ty = $init; )*
                 $(
-                    registry.register(
-                        stringify!($field),
-                        $crate::metrics::help(&[$($help),+]),
-                        $field.clone(),
-                    );
+                    if keep(stringify!($field)) {
+                        registry.register(
+                            stringify!($field),
+                            $crate::metrics::help(&[$($help),+]),
+                            $field.clone(),
+                        );
+                    }
                 )*
                 $name {
                     registry,

@@ -1,6 +1,7 @@
 //! The query front's metrics, declared and registered here once (under
-//! `adclick_aggregator_front_*`, on the front's `/metrics`; an aggregator registers them
-//! too and leaves them at zero), incremented by `shards.rs` and `health.rs`. Nothing else.
+//! `adclick_aggregator_front_*`, on the front's `/metrics` with the API's metrics,
+//! `Metrics::for_front`; an aggregator registers them too and leaves them at zero),
+//! incremented by `shards.rs` and `health.rs`. Nothing else.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

@@ -53,7 +53,7 @@ pub struct QueryFront {
 /// are connected lazily, and the front is not ready until each says SERVING.
 pub async fn start(cfg: FrontConfig) -> Result<QueryFront, AggregatorError> {
     let owner = cfg.validate()?;
-    let metrics = Arc::new(Metrics::for_component("query_front"));
+    let metrics = Arc::new(Metrics::for_front());
     // Not ready until the first health round says otherwise.
     metrics.ready.set(0);
     let io = |what: String| move |source| AggregatorError::Io { what, source };
@@ -92,9 +92,9 @@ pub async fn start(cfg: FrontConfig) -> Result<QueryFront, AggregatorError> {
             cfg.listen_http
         );
     }
-    let (reflection, reflection_v1alpha) = crate::reflection()?;
-    let (health, health_service) = tonic_health::server::health_reporter();
     let query_service = <QueryServiceServer<Api> as NamedService>::NAME;
+    let (reflection, reflection_v1alpha) = crate::reflection(&[query_service])?;
+    let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
