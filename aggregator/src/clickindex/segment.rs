@@ -173,11 +173,7 @@ pub fn write(
         first_seen.push(n);
     }
     drop(seen);
-    let distinct = crate::state::dedup::sort_bucketed(
-        distinct,
-        &|u: &(u64, &[u8], u32)| u128::from(u.0) << 64,
-        &|u: &(u64, &[u8], u32)| (u.0, u.1),
-    );
+    distinct.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
     let mut rank = vec![NO_USER; distinct.len()];
     for (i, u) in distinct.iter().enumerate() {
         if let Some(r) = rank.get_mut(u.2 as usize) {
@@ -203,19 +199,9 @@ pub fn write(
         }
     }
     drop(rank);
-    // Integer keys, bucketed by their leading field: no `memcmp` per comparison, few
-    // comparisons.
-    type IpRec = (u64, u64, u32, u64, u32, u32);
-    let by_ip = crate::state::dedup::sort_bucketed(
-        by_ip,
-        &|r: &IpRec| u128::from(r.0) << 64 | u128::from(r.1),
-        &|r: &IpRec| *r,
-    );
-    let by_user = crate::state::dedup::sort_bucketed(
-        by_user,
-        &|r: &(u32, u32, u64, u32)| u128::from(r.0) << 96 | u128::from(r.1) << 64 | u128::from(r.2),
-        &|r: &(u32, u32, u64, u32)| *r,
-    );
+    // Integer keys: no `memcmp` per comparison.
+    by_ip.sort_unstable();
+    by_user.sort_unstable();
     let runs = |n: usize, same: &dyn Fn(usize, usize) -> bool| -> Vec<(usize, u32)> {
         let mut out: Vec<(usize, u32)> = Vec::new();
         for i in 0..n {

@@ -311,8 +311,8 @@ fn spill_job(
     live_at_rebuild: u64,
 ) -> Result<SpillDone, DedupError> {
     let t0 = std::time::Instant::now();
-    let batch: Vec<(Id, Entry)> = frozen.iter().map(|(k, v)| (*k, *v)).collect();
-    let batch = sort_by_id(batch, |e| id_key(&e.0));
+    let mut batch: Vec<(Id, Entry)> = frozen.iter().map(|(k, v)| (*k, *v)).collect();
+    batch.sort_unstable_by_key(|e| id_key(&e.0));
     let t1 = t0.elapsed();
     disk.put(&batch)?;
     let t2 = t0.elapsed();
@@ -361,69 +361,13 @@ fn rebuilt_bloom(disk: &dyn SpillTable, like: &IdFilter) -> Result<(IdFilter, u6
 const REBUILD_BATCH: usize = 4096;
 
 /// An id as a big-endian integer: integer order is the id's byte order, and a compare is
-/// one instruction pair instead of a `memcmp` call (the spill's sort and the run merges
+/// two integer compares instead of a `memcmp` call (the spill's sort and the run merges
 /// compare ids millions of times).
 #[inline]
 pub fn id_key(id: &[u8]) -> u128 {
     let mut b = [0u8; 16];
     b.copy_from_slice(&id[..16]);
     u128::from_be_bytes(b)
-}
-
-/// Sorts `v` by `key` (not stable): a counting pass, then the items are permuted in place
-/// into buckets by the key's top bits (~16 items each), then each bucket is sorted. For the random ids
-/// of the dedup set that is two linear passes and many tiny sorts instead of an
-/// `n log n` comparison sort; skewed keys fall back to sorting large buckets.
-pub fn sort_by_id<T: Copy>(v: Vec<T>, key: impl Fn(&T) -> u128) -> Vec<T> {
-    sort_bucketed(v, &key, &key)
-}
-
-/// Sorts `v` by `key` (not stable), bucketing by the top bits of `top` first (see
-/// [`sort_by_id`]). `top` must be monotone in `key`'s order: `key(a) <= key(b)` implies
-/// `top(a) <= top(b)` (a prefix of the key, as the leading field of a tuple).
-pub fn sort_bucketed<T: Copy, K: Ord>(
-    mut v: Vec<T>,
-    top: &impl Fn(&T) -> u128,
-    key: &impl Fn(&T) -> K,
-) -> Vec<T> {
-    let n = v.len();
-    if n < 1 << 12 {
-        v.sort_unstable_by_key(|x| key(x));
-        return v;
-    }
-    // ~16 items per bucket, at most 2^16 buckets.
-    let bits = (usize::BITS - (n / 16).leading_zeros()).min(16);
-    let shift = 128 - bits;
-    let bucket = |x: &T| (top(x) >> shift) as usize;
-    let mut start = vec![0usize; (1 << bits) + 1];
-    for x in &v {
-        start[bucket(x) + 1] += 1;
-    }
-    for i in 1..start.len() {
-        start[i] += start[i - 1];
-    }
-    // In place (no second copy of a large batch): each swap puts one item into its
-    // bucket's next free slot.
-    let mut next = start.clone();
-    for b in 0..1usize << bits {
-        let end = start[b + 1];
-        while next[b] < end {
-            let t = bucket(&v[next[b]]);
-            if t == b {
-                next[b] += 1;
-            } else {
-                v.swap(next[b], next[t]);
-                next[t] += 1;
-            }
-        }
-    }
-    for w in start.windows(2) {
-        let part = &mut v[w[0]..w[1]];
-        if part.len() > 1 {
-            part.sort_unstable_by_key(|x| key(x));
-        }
-    }
-    v
 }
 
 impl Dedup {
@@ -925,30 +869,12 @@ mod tests {
     }
 
     proptest! {
-        /// The bucketed sort orders like a comparison sort on the ids' bytes, for random
-        /// ids, ids sharing their top bytes (one bucket) and duplicates.
+        /// Integer order of `id_key` is the ids' byte order (the run files' order).
         #[test]
-        fn sort_by_id_matches_a_byte_order_sort(
-            seed in any::<u64>(),
-            n in 0usize..20_000,
-            shared_top in 0usize..17,
-            distinct in 1u64..50_000,
-        ) {
-            let v: Vec<(Id, u32)> = (0..n as u64)
-                .map(|i| {
-                    let mut x = id((seed ^ i.wrapping_mul(0x2545_F491_4F6C_DD1D)) % distinct);
-                    x[..shared_top].fill(0xA5);
-                    (x, i as u32)
-                })
-                .collect();
-            let got = sort_by_id(v.clone(), |e| id_key(&e.0));
-            let mut want = v;
-            want.sort_unstable_by_key(|e| e.0);
-            let ids = |v: &[(Id, u32)]| v.iter().map(|e| e.0).collect::<Vec<_>>();
-            prop_assert_eq!(ids(&got), ids(&want));
-            let mut a: Vec<_> = got.iter().map(|e| e.1).collect();
-            a.sort_unstable();
-            prop_assert_eq!(a, (0..n as u32).collect::<Vec<_>>());
+        fn id_key_orders_like_the_bytes(a in any::<[u8; 16]>(), b in any::<[u8; 16]>(), shared in 0usize..16) {
+            let mut b = b;
+            b[..shared].copy_from_slice(&a[..shared]);
+            prop_assert_eq!(id_key(&a).cmp(&id_key(&b)), a.cmp(&b));
         }
     }
 
