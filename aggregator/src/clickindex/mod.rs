@@ -472,7 +472,9 @@ impl IndexWriter {
             return;
         }
         let mut c = std::mem::take(&mut self.building);
-        c.recs.sort_unstable_by_key(|r| (!r.has_ip, r.ip));
+        // The IP as a big-endian integer: its bytes' order, without a `memcmp` per compare.
+        c.recs
+            .sort_unstable_by_key(|r| (!r.has_ip, u128::from_be_bytes(r.ip)));
         c.with_ip = c.recs.partition_point(|r| r.has_ip);
         c.min_minute = c.recs.iter().map(|r| r.minute).min().unwrap_or(0);
         c.max_minute = c.recs.iter().map(|r| r.minute).max().unwrap_or(0);
@@ -517,6 +519,8 @@ impl IndexWriter {
             let spawned = std::thread::Builder::new()
                 .name("adclick-index-flush".into())
                 .spawn(move || {
+                    use crate::state::dedup::{BACKGROUND_NICE, lower_thread_priority};
+                    lower_thread_priority(BACKGROUND_NICE, "click-index flush");
                     let _ = tx.send(write_segment(&path, from, upto, &chunks, &parts, &shared));
                 });
             if let Err(e) = spawned {

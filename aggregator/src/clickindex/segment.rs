@@ -19,7 +19,9 @@
 //! final name is complete. Its header (CRC) and length are checked at open; a damaged one
 //! stops the start with the file named (see `docs/operations.md`).
 
+use std::collections::HashMap;
 use std::fs::File;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -99,6 +101,38 @@ pub struct Click<'a> {
     pub combo: u32,
 }
 
+/// A user id and its hash, keyed in a map by the hash alone (computed once per click).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UserKey<'a> {
+    hash: u64,
+    bytes: &'a [u8],
+}
+
+impl Hash for UserKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// The hasher of [`UserKey`]s: the user id's xxh64 is the map's hash.
+#[derive(Debug, Default)]
+struct HashIsKey(u64);
+
+impl Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for `UserKey`; a plain fold keeps it a hasher.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = x;
+    }
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
@@ -117,37 +151,55 @@ pub fn write(
     clicks: &[Click<'_>],
 ) -> Result<Segment, SegmentError> {
     let io = |e| SegmentError::io(path, e);
-    // Users: distinct, sorted by (hash, bytes).
-    let mut users: Vec<(u64, &[u8])> = clicks
-        .iter()
-        .filter(|c| !c.user.is_empty())
-        .map(|c| (hash_user_id(c.user), c.user))
-        .collect();
-    users.sort_unstable();
-    users.dedup();
-    let idx = |u: &[u8]| -> u32 {
-        if u.is_empty() {
-            return NO_USER;
+    // Users: each click's user id hashed once and numbered in order of first sight (a map
+    // keyed by that hash), then the distinct ones sorted by (hash, bytes) and renumbered.
+    let mut seen: HashMap<UserKey<'_>, u32, BuildHasherDefault<HashIsKey>> = HashMap::default();
+    let mut distinct: Vec<(u64, &[u8], u32)> = Vec::new();
+    let mut first_seen: Vec<u32> = Vec::with_capacity(clicks.len());
+    for c in clicks {
+        if c.user.is_empty() {
+            first_seen.push(NO_USER);
+            continue;
         }
-        let k = (hash_user_id(u), u);
-        users
-            .binary_search(&k)
-            .map_or(NO_USER, |i| u32::try_from(i).unwrap_or(NO_USER))
-    };
-    let mut by_ip: Vec<(Ip, u32, u64, u32, u32)> = Vec::with_capacity(clicks.len());
+        let k = UserKey {
+            hash: hash_user_id(c.user),
+            bytes: c.user,
+        };
+        let next = u32::try_from(distinct.len()).unwrap_or(NO_USER);
+        let n = *seen.entry(k).or_insert_with(|| {
+            distinct.push((k.hash, k.bytes, next));
+            next
+        });
+        first_seen.push(n);
+    }
+    drop(seen);
+    distinct.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut rank = vec![NO_USER; distinct.len()];
+    for (i, u) in distinct.iter().enumerate() {
+        if let Some(r) = rank.get_mut(u.2 as usize) {
+            *r = u32::try_from(i).unwrap_or(NO_USER);
+        }
+    }
+    let users: Vec<(u64, &[u8])> = distinct.iter().map(|u| (u.0, u.1)).collect();
+    drop(distinct);
+    // The IP as two big-endian halves (the order of its bytes; 8-aligned, 40-byte items).
+    let mut by_ip: Vec<(u64, u64, u32, u64, u32, u32)> = Vec::with_capacity(clicks.len());
     let mut by_user: Vec<(u32, u32, u64, u32)> = Vec::with_capacity(clicks.len());
     let (mut min_minute, mut max_minute) = (u32::MAX, 0u32);
-    for c in clicks {
-        let u = idx(c.user);
+    for (c, n) in clicks.iter().zip(first_seen) {
+        let u = rank.get(n as usize).copied().unwrap_or(NO_USER);
         min_minute = min_minute.min(c.minute);
         max_minute = max_minute.max(c.minute);
         if let Some(ip) = c.ip {
-            by_ip.push((ip, c.minute, c.ad, c.combo, u));
+            let ip = u128::from_be_bytes(ip);
+            by_ip.push(((ip >> 64) as u64, ip as u64, c.minute, c.ad, c.combo, u));
         }
         if u != NO_USER {
             by_user.push((u, c.minute, c.ad, c.combo));
         }
     }
+    drop(rank);
+    // Integer keys: no `memcmp` per comparison.
     by_ip.sort_unstable();
     by_user.sort_unstable();
     let runs = |n: usize, same: &dyn Fn(usize, usize) -> bool| -> Vec<(usize, u32)> {
@@ -193,9 +245,10 @@ pub fn write(
         w.write_all(u).map_err(io)?;
     }
     for (i, n) in &ip_runs {
-        let (ip, minute, ad, combo, user) = by_ip[*i];
+        let (hi, lo, minute, ad, combo, user) = by_ip[*i];
         let mut r = [0u8; IP_REC as usize];
-        r[..16].copy_from_slice(&ip);
+        r[..8].copy_from_slice(&hi.to_be_bytes());
+        r[8..16].copy_from_slice(&lo.to_be_bytes());
         r[16..20].copy_from_slice(&minute.to_le_bytes());
         r[20..28].copy_from_slice(&ad.to_le_bytes());
         r[28..32].copy_from_slice(&combo.to_le_bytes());
@@ -472,6 +525,82 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::clickindex::ip_key;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Against the clicks themselves: a written segment answers every IP, IP range and
+        /// user probe with the matching clicks' count and user hashes, for batches large
+        /// enough for the bucketed sorts (few distinct IPs and users: long equal runs).
+        #[test]
+        fn segment_answers_like_a_scan_of_its_clicks(
+            raw in proptest::collection::vec(
+                (0u8..40, 0u16..300, 0u32..4, 1u64..4, 1u32..3, any::<bool>()), 0..6000),
+            spread in any::<bool>(),
+        ) {
+            let ip = |i: u8| {
+                let b = if spread { i.wrapping_mul(97) } else { i };
+                ip_key(&[b, 1, i % 3, b ^ 0x55]).unwrap()
+            };
+            let users: Vec<String> = (0..300).map(|u| format!("u{u}")).collect();
+            let clicks: Vec<Click<'_>> = raw
+                .iter()
+                .map(|&(i, u, m, ad, combo, no_ip)| Click {
+                    ip: (!no_ip || i == 0).then(|| ip(i)),
+                    user: if u % 17 == 0 { b"" } else { users[u as usize].as_bytes() },
+                    minute: 500 + m,
+                    ad,
+                    combo,
+                })
+                .collect();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(name(0, 1));
+            let seg = write(&path, 0, 1, &clicks).unwrap();
+            type IpRange = Option<(Ip, Ip)>;
+            let mut probes: Vec<(IpRange, Option<&[u8]>)> = Vec::new();
+            for i in [0u8, 1, 7, 39] {
+                probes.push((Some((ip(i), ip(i))), None));
+                probes.push((Some((ip(i), ip(i))), Some(users[1].as_bytes())));
+            }
+            let (a, b) = (ip(3), ip(30));
+            probes.push((Some((a.min(b), a.max(b))), None));
+            for u in [1usize, 2, 150, 299] {
+                probes.push((None, Some(users[u].as_bytes())));
+            }
+            for (ips, user) in probes {
+                for (from, to) in [(500, 504), (501, 503)] {
+                    let p = Probe { ip: ips, user, from_minute: from, to_minute: to };
+                    let mut got: Vec<(u64, u32, u32, u64)> = Vec::new();
+                    let mut count = 0u64;
+                    seg.scan(&p, &mut |h| {
+                        count += h.count;
+                        got.push((h.ad, h.minute, h.combo, h.user));
+                    }).unwrap();
+                    let want: Vec<&Click<'_>> = clicks
+                        .iter()
+                        .filter(|c| {
+                            c.minute >= from && c.minute < to
+                                && ips.is_none_or(|(lo, hi)| c.ip.is_some_and(|i| i >= lo && i <= hi))
+                                && user.is_none_or(|u| u == c.user)
+                        })
+                        .collect();
+                    prop_assert_eq!(count, want.len() as u64);
+                    let mut w: Vec<(u64, u32, u32, u64)> = want
+                        .iter()
+                        .map(|c| {
+                            let h = if c.user.is_empty() { 0 } else { hash_user_id(c.user) };
+                            (c.ad, c.minute, c.combo, h)
+                        })
+                        .collect();
+                    w.sort_unstable();
+                    w.dedup();
+                    got.sort_unstable();
+                    got.dedup();
+                    prop_assert_eq!(got, w);
+                }
+            }
+        }
+    }
 
     #[test]
     fn written_segments_answer_like_the_clicks_they_hold() {

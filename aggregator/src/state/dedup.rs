@@ -19,7 +19,7 @@
 //!   tier after the live one until the spill is durable; then it is dropped. One spill at
 //!   a time, so RAM holds at most two tiers (the `3/4` of the budget), and a full tier
 //!   waits for the spill before it (back-pressure, not growth).
-//! - **Bloom filter** (`memory_bytes / 4`, fastbloom) over the ids on disk: a new id costs
+//! - **Bloom filter** (`memory_bytes / 4`, blocked: one cache line per id) over the ids on disk: a new id costs
 //!   no disk read unless the filter says "maybe" (~1% while within its capacity; beyond
 //!   it the false-positive rate rises, costing reads, never a click). It is rebuilt from the
 //!   disk tier at start and after expiry has removed enough ids.
@@ -284,6 +284,23 @@ impl Drop for Dedup {
     }
 }
 
+/// Niceness of the background threads of the apply path (the dedup spill, the click-index
+/// flush): their work is sorting and writing bursts that may take a few seconds, while the
+/// writer and the shard threads decide freshness; on a box with few cores the scheduler
+/// then gives those the CPU first (as the archive thread's `nice`).
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority to `nice` (Linux: a thread id is a process id for
+/// `setpriority`, so this thread only). A failure is logged and otherwise ignored.
+pub fn lower_thread_priority(nice: i32, what: &str) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice) {
+        tracing::debug!(error = %e, nice, thread = what, "cannot lower the thread's priority");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (nice, what);
+}
+
 /// The spill thread's work: the frozen tier as one sorted run, its ids into the Bloom
 /// filter, expiry below the last committed floor, and a Bloom rebuild when it is stale.
 fn spill_job(
@@ -295,13 +312,11 @@ fn spill_job(
 ) -> Result<SpillDone, DedupError> {
     let t0 = std::time::Instant::now();
     let mut batch: Vec<(Id, Entry)> = frozen.iter().map(|(k, v)| (*k, *v)).collect();
-    batch.sort_unstable_by_key(|e| e.0);
+    batch.sort_unstable_by_key(|e| id_key(&e.0));
     let t1 = t0.elapsed();
     disk.put(&batch)?;
     let t2 = t0.elapsed();
-    for (id, _) in &batch {
-        bloom.insert(id);
-    }
+    bloom.insert_all(batch.iter().map(|e| &e.0));
     let t3 = t0.elapsed();
     let expired = disk.expire(expire_before)?;
     tracing::debug!(
@@ -329,11 +344,30 @@ fn spill_job(
 fn rebuilt_bloom(disk: &dyn SpillTable, like: &IdFilter) -> Result<(IdFilter, u64), DedupError> {
     let bloom = like.emptied();
     let mut n = 0u64;
+    let mut ids: Vec<Id> = Vec::with_capacity(REBUILD_BATCH);
     disk.for_each_id(&mut |id| {
-        bloom.insert(id);
+        ids.push(*id);
+        if ids.len() == REBUILD_BATCH {
+            bloom.insert_all(&ids);
+            ids.clear();
+        }
         n += 1;
     })?;
+    bloom.insert_all(&ids);
     Ok((bloom, n))
+}
+
+/// Ids a Bloom rebuild inserts at a time (their cache misses overlap).
+const REBUILD_BATCH: usize = 4096;
+
+/// An id as a big-endian integer: integer order is the id's byte order, and a compare is
+/// two integer compares instead of a `memcmp` call (the spill's sort and the run merges
+/// compare ids millions of times).
+#[inline]
+pub fn id_key(id: &[u8]) -> u128 {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&id[..16]);
+    u128::from_be_bytes(b)
 }
 
 impl Dedup {
@@ -514,7 +548,10 @@ impl Dedup {
         self.frozen = Some(frozen.clone());
         let (disk, bloom) = (self.disk.clone(), self.bloom.clone());
         let (expire_before, live) = (self.expire_before, self.live_at_rebuild);
-        let job = move || spill_job(&frozen, &*disk, &bloom, expire_before, live);
+        let job = move || {
+            lower_thread_priority(BACKGROUND_NICE, "dedup spill");
+            spill_job(&frozen, &*disk, &bloom, expire_before, live)
+        };
         self.started += 1;
         self.spilling = Some(
             match std::thread::Builder::new()
@@ -829,6 +866,16 @@ mod tests {
             .flatten()
             .collect::<HashSet<_>>()
             .len() as u64
+    }
+
+    proptest! {
+        /// Integer order of `id_key` is the ids' byte order (the run files' order).
+        #[test]
+        fn id_key_orders_like_the_bytes(a in any::<[u8; 16]>(), b in any::<[u8; 16]>(), shared in 0usize..16) {
+            let mut b = b;
+            b[..shared].copy_from_slice(&a[..shared]);
+            prop_assert_eq!(id_key(&a).cmp(&id_key(&b)), a.cmp(&b));
+        }
     }
 
     proptest! {

@@ -32,7 +32,7 @@
 //! true).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use xxhash_rust::xxh64::Xxh64;
 
-use crate::state::dedup::{DedupError, ENTRY_LEN, Entry, Id, SpillTable};
+use crate::state::dedup::{DedupError, ENTRY_LEN, Entry, Id, SpillTable, id_key};
 
 /// Directory of the runs inside the data dir.
 pub const DIR: &str = "dedup-runs";
@@ -225,7 +225,10 @@ impl RunReader<'_> {
 /// doc) and opens it.
 struct RunWriter {
     tmp: PathBuf,
-    w: BufWriter<File>,
+    file: File,
+    /// Records not yet written: hashed and written [`IO_BUF`] bytes at a time (the
+    /// checksum is the same whatever the chunking; per-record hashing cost more).
+    buf: Vec<u8>,
     hasher: Xxh64,
     count: u64,
     min_keep_until: i64,
@@ -236,19 +239,19 @@ struct RunWriter {
 impl RunWriter {
     fn create(dir: &Path, lo: u64, hi: u64) -> Result<RunWriter, DedupError> {
         let tmp = dir.join(format!("{}.tmp", Run::name(lo, hi)));
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&tmp)
             .map_err(|e| err("cannot create", &tmp, e))?;
-        let mut w = BufWriter::with_capacity(IO_BUF, file);
         // The header is rewritten with the real figures at the end.
-        w.write_all(&[0u8; HEADER_LEN])
+        file.write_all(&[0u8; HEADER_LEN])
             .map_err(|e| err("cannot write", &tmp, e))?;
         Ok(RunWriter {
             tmp,
-            w,
+            file,
+            buf: Vec::with_capacity(IO_BUF),
             hasher: Xxh64::new(0),
             count: 0,
             min_keep_until: i64::MAX,
@@ -268,17 +271,30 @@ impl RunWriter {
         let keep_until = i64::from_le_bytes(k);
         self.min_keep_until = self.min_keep_until.min(keep_until);
         self.max_keep_until = self.max_keep_until.max(keep_until);
-        self.hasher.update(rec);
         self.count += 1;
-        self.w
-            .write_all(rec)
-            .map_err(|e| err("cannot write", &self.tmp, e))
+        self.buf.extend_from_slice(rec);
+        if self.buf.len() + REC_LEN > IO_BUF {
+            self.drain()?;
+        }
+        Ok(())
     }
 
-    fn finish(self, dir: &Path, lo: u64, hi: u64) -> Result<Run, DedupError> {
+    /// Hashes and writes the buffered records.
+    fn drain(&mut self) -> Result<(), DedupError> {
+        self.hasher.update(&self.buf);
+        self.file
+            .write_all(&self.buf)
+            .map_err(|e| err("cannot write", &self.tmp, e))?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn finish(mut self, dir: &Path, lo: u64, hi: u64) -> Result<Run, DedupError> {
+        self.drain()?;
         let RunWriter {
             tmp,
-            w,
+            mut file,
+            buf: _,
             hasher: body,
             count,
             min_keep_until,
@@ -291,9 +307,6 @@ impl RunWriter {
         header[16..24].copy_from_slice(&min_keep_until.to_le_bytes());
         header[24..].copy_from_slice(&max_keep_until.to_le_bytes());
         let sum = checksum(&header, body.digest());
-        let mut file = w
-            .into_inner()
-            .map_err(|e| err("cannot write", &tmp, e.error()))?;
         file.write_all(&sum.to_le_bytes())
             .map_err(|e| err("cannot write", &tmp, e))?;
         file.write_all_at(&header, 0)
@@ -414,7 +427,7 @@ impl RunDedup {
             let (mut x, mut y) = (a.next()?, b.next()?);
             loop {
                 match (x, y) {
-                    (Some(ra), Some(rb)) => match ra[..16].cmp(&rb[..16]) {
+                    (Some(ra), Some(rb)) => match id_key(&ra).cmp(&id_key(&rb)) {
                         std::cmp::Ordering::Less => {
                             w.push(&ra)?;
                             x = a.next()?;
@@ -472,7 +485,9 @@ impl SpillTable for RunDedup {
         if entries.is_empty() {
             return Ok(());
         }
-        let sorted = entries.windows(2).all(|w| w[0].0 < w[1].0);
+        let sorted = entries
+            .windows(2)
+            .all(|w| id_key(&w[0].0) < id_key(&w[1].0));
         let mut owned;
         let entries = if sorted {
             entries
@@ -480,7 +495,7 @@ impl SpillTable for RunDedup {
             // Later entries of one id replace earlier ones, as in the B-tree.
             owned = entries.to_vec();
             owned.reverse();
-            owned.sort_by_key(|e| e.0);
+            owned.sort_by_key(|e| id_key(&e.0));
             owned.dedup_by_key(|e| e.0);
             &owned[..]
         };
