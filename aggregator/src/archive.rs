@@ -512,17 +512,9 @@ pub fn spawn(
                     return;
                 }
             };
-            #[cfg(target_os = "linux")]
             if nice > 0 {
-                // On Linux a thread id is a process id for setpriority: this thread only.
-                if let Err(e) =
-                    rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice)
-                {
-                    tracing::warn!(error = %e, nice, "archive: cannot lower the thread's priority");
-                }
+                crate::lower_thread_priority(nice, "archive");
             }
-            #[cfg(not(target_os = "linux"))]
-            let _ = nice;
             if let Err(e) = archiver.run(&st) {
                 tracing::error!(error = %e, "archive writer stopped; restart the aggregator to resume (nothing is lost: the WAL is kept)");
             }

@@ -252,6 +252,23 @@ pub async fn start_with_store<S: Store + 'static>(
     })
 }
 
+/// Niceness of the background threads of the apply path (the dedup spill, the click-index
+/// flush): their work is sorting and writing bursts that may take a few seconds, while the
+/// writer and the shard threads decide freshness; on a box with few cores the scheduler
+/// then gives those the CPU first (the archive thread takes its own, `archive.nice`).
+pub(crate) const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority to `nice` (Linux: a thread id is a process id for
+/// `setpriority`, so this thread only). A failure is logged and otherwise ignored.
+pub(crate) fn lower_thread_priority(nice: i32, what: &str) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice) {
+        tracing::warn!(error = %e, nice, thread = what, "cannot lower the thread's priority");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (nice, what);
+}
+
 /// The reflection services, in both versions: current grpcurl and grpcui speak v1, older
 /// tools and some client libraries (issue 14 met a Python client) only v1alpha. Both list
 /// exactly the services the server serves (`served`, the health service whose descriptors

@@ -519,8 +519,7 @@ impl IndexWriter {
             let spawned = std::thread::Builder::new()
                 .name("adclick-index-flush".into())
                 .spawn(move || {
-                    use crate::state::dedup::{BACKGROUND_NICE, lower_thread_priority};
-                    lower_thread_priority(BACKGROUND_NICE, "click-index flush");
+                    crate::lower_thread_priority(crate::BACKGROUND_NICE, "click-index flush");
                     let _ = tx.send(write_segment(&path, from, upto, &chunks, &parts, &shared));
                 });
             if let Err(e) = spawned {

@@ -284,23 +284,6 @@ impl Drop for Dedup {
     }
 }
 
-/// Niceness of the background threads of the apply path (the dedup spill, the click-index
-/// flush): their work is sorting and writing bursts that may take a few seconds, while the
-/// writer and the shard threads decide freshness; on a box with few cores the scheduler
-/// then gives those the CPU first (as the archive thread's `nice`).
-pub const BACKGROUND_NICE: i32 = 10;
-
-/// Lowers the calling thread's priority to `nice` (Linux: a thread id is a process id for
-/// `setpriority`, so this thread only). A failure is logged and otherwise ignored.
-pub fn lower_thread_priority(nice: i32, what: &str) {
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice) {
-        tracing::debug!(error = %e, nice, thread = what, "cannot lower the thread's priority");
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (nice, what);
-}
-
 /// The spill thread's work: the frozen tier as one sorted run, its ids into the Bloom
 /// filter, expiry below the last committed floor, and a Bloom rebuild when it is stale.
 fn spill_job(
@@ -549,7 +532,7 @@ impl Dedup {
         let (disk, bloom) = (self.disk.clone(), self.bloom.clone());
         let (expire_before, live) = (self.expire_before, self.live_at_rebuild);
         let job = move || {
-            lower_thread_priority(BACKGROUND_NICE, "dedup spill");
+            crate::lower_thread_priority(crate::BACKGROUND_NICE, "dedup spill");
             spill_job(&frozen, &*disk, &bloom, expire_before, live)
         };
         self.started += 1;
