@@ -118,7 +118,8 @@ impl CheckpointFiles {
         let mut put = |out: &mut std::io::BufWriter<std::fs::File>, b: &[u8]| {
             hash.update(b);
             len += b.len() as u64;
-            out.write_all(b).map_err(|err| io("cannot write", &path, err))
+            out.write_all(b)
+                .map_err(|err| io("cannot write", &path, err))
         };
         put(&mut out, MAGIC)?;
         for (i, (table, blob)) in tables.into_iter().enumerate() {
@@ -135,7 +136,8 @@ impl CheckpointFiles {
         let file = out
             .into_inner()
             .map_err(|err| io("cannot write", &path, err.into_error()))?;
-        file.sync_all().map_err(|err| io("cannot fsync", &path, err))?;
+        file.sync_all()
+            .map_err(|err| io("cannot fsync", &path, err))?;
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|err| io("cannot fsync", &self.dir, err))?;
@@ -157,7 +159,8 @@ impl CheckpointFiles {
                 path.display()
             ))
         };
-        let bytes = std::fs::read(&path).map_err(|err| damaged(&format!("cannot be read ({err})")))?;
+        let bytes =
+            std::fs::read(&path).map_err(|err| damaged(&format!("cannot be read ({err})")))?;
         if bytes.len() as u64 != staged.len {
             return Err(damaged("has the wrong length"));
         }
@@ -222,7 +225,13 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[20] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        assert!(files.read(&staged).unwrap_err().to_string().contains("checksum"));
+        assert!(
+            files
+                .read(&staged)
+                .unwrap_err()
+                .to_string()
+                .contains("checksum")
+        );
         bytes.pop();
         std::fs::write(&path, &bytes).unwrap();
         assert!(files.read(&staged).is_err());
