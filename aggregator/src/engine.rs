@@ -41,6 +41,7 @@ use crate::state::published::{TopOp, TopWriter};
 use crate::state::shard::{Applied, LEVEL_MS, ShardState};
 use crate::state::topset::ClickKeys;
 use crate::state::windows::{ClickWindows, Routed};
+use crate::store::cpfile::Staged;
 use crate::store::{Checkpoint, Store, StoreError, WalEntry};
 use crate::view::{QueryMeta, View};
 
@@ -140,7 +141,8 @@ enum ShardMsg {
     Evict([i64; 3]),
     /// Roll minutes before this up into their hours and days (`ShardState::seal`).
     Seal(i64),
-    Barrier(SyncSender<Vec<u8>>),
+    /// A checkpoint: answer a copy of the state as of this point (encoded off this thread).
+    Barrier(SyncSender<Box<ShardState>>),
     /// A repair (`crate::repair`): set these minute cells, rebuild the top-N index with
     /// these fields; answers each cell's clicks before.
     Repair(
@@ -319,16 +321,30 @@ struct ArchiveHook {
     stats: Option<Arc<adclick_archive::Stats>>,
 }
 
+/// What the checkpoint thread made of a snapshot: a file the store will point at, or (a
+/// store without files) the encoded tables for [`Store::save_checkpoint`].
+enum Encoded {
+    File(Staged),
+    Inline(Checkpoint),
+}
+
+/// The checkpoint thread's answer: what it made, its size, and how long it took.
+type EncodedReply = (Result<Encoded, StoreError>, usize, Duration);
+
 /// A checkpoint taken and not yet saved.
-#[derive(Debug)]
 struct PendingCheckpoint {
-    cp: Checkpoint,
+    wal_pos: u64,
+    /// The checkpoint thread encoding (and writing) the snapshot; its answer, once read.
+    encoding: Receiver<EncodedReply>,
+    encoded: Option<EncodedReply>,
     /// Its dedup floor (becomes the expiry point once it is committed).
     floor: i64,
     started: Instant,
     /// Time the writer spent building it (window tables, shard snapshots behind their
     /// barriers), ingest stopped meanwhile.
     build: std::time::Duration,
+    /// The part of `build` spent on the window operator's tables (before the barriers).
+    windows: std::time::Duration,
     /// The dedup flush that must be durable first (`Dedup::begin_flush`).
     dedup_ticket: u64,
 }
@@ -717,7 +733,7 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
             }
             ShardMsg::Barrier(reply) => {
                 let s = view.shards[i].read().unwrap_or_else(|e| e.into_inner());
-                let _ = reply.send(s.to_bytes());
+                let _ = reply.send(Box::new(s.clone()));
             }
             ShardMsg::Repair(fixes, fields, reply) => {
                 // One write lock for every cell: a query of this shard sees all of the
@@ -763,6 +779,13 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
 impl<S: Store> Writer<S> {
     fn run(mut self, rx: mpsc::Receiver<WriterMsg>) {
         self.serve(rx);
+        // A checkpoint thread still writing ends before the store is released (its file is
+        // unreferenced, and deleted by the next open).
+        if let Some(p) = self.pending.take()
+            && p.encoded.is_none()
+        {
+            let _ = p.encoding.recv();
+        }
         // The dedup spill thread writes beside the store: it ends before the store is
         // released (a restart in this process must not meet a half-written run).
         let _ = self.windows.wait_dedup();
@@ -1409,39 +1432,84 @@ impl<S: Store> Writer<S> {
                 .dedup_disk_entries
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        let mut tables: Vec<(String, Vec<u8>)> = self
+        let tables: Vec<(String, Vec<u8>)> = self
             .windows
             .checkpoint()
             .into_iter()
             .map(|(t, b)| (t.to_string(), b))
             .collect();
-        for (i, tx) in self.shard_tx.iter().enumerate() {
+        let windows_done = started.elapsed();
+        // Every shard gets its barrier before any answer is awaited: the shards copy their
+        // state in parallel, and the writer waits for the slowest, not for the sum.
+        let mut replies = Vec::with_capacity(self.shard_tx.len());
+        for tx in &self.shard_tx {
             let (rtx, rrx) = sync_channel(1);
             if tx.send(ShardMsg::Barrier(rtx)).is_err() {
                 return;
             }
+            replies.push(rrx);
+        }
+        let mut shards = Vec::with_capacity(replies.len());
+        for rrx in replies {
             match rrx.recv() {
-                Ok(b) => tables.push((format!("shard/{i}"), b)),
+                Ok(s) => shards.push(s),
                 Err(_) => return,
             }
         }
-        tables.push((RULES_TABLE.to_string(), self.rules.to_bytes()));
         let mut repairs = self.repair_seq.to_le_bytes().to_vec();
         repairs.extend_from_slice(&self.finalized_before.to_le_bytes());
-        tables.push((REPAIRS_TABLE.to_string(), repairs));
-        let cp = Checkpoint {
-            wal_pos: self.next_pos - 1,
-            tables,
-        };
+        let tail = [
+            (RULES_TABLE.to_string(), self.rules.to_bytes()),
+            (REPAIRS_TABLE.to_string(), repairs),
+        ];
+        let wal_pos = self.next_pos - 1;
+        // The copies are encoded, and written to their file, by a thread of their own:
+        // ingest goes on meanwhile. The checkpoint is saved once that is done.
+        let files = self.store.checkpoint_files();
+        let (etx, erx) = sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("adclick-agg-checkpoint".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let bytes = std::cell::Cell::new(0usize);
+                // In the order of the format before: windows, shards, rules, repairs.
+                let all = tables
+                    .into_iter()
+                    .chain(
+                        shards
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, s)| (format!("shard/{i}"), s.to_bytes())),
+                    )
+                    .chain(tail);
+                let all = all.inspect(|(_, b)| bytes.set(bytes.get() + b.len()));
+                let out = match files {
+                    Some(f) => f.write(wal_pos, all).map(Encoded::File),
+                    None => Ok(Encoded::Inline(Checkpoint {
+                        wal_pos,
+                        tables: all.collect(),
+                    })),
+                };
+                let _ = etx.send((out, bytes.get(), t.elapsed()));
+            });
+        if let Err(e) = spawned {
+            self.metrics.checkpoint_errors.inc();
+            tracing::error!(error = %e, "cannot start the checkpoint thread; checkpoint skipped, the WAL is kept");
+            self.last_checkpoint = Instant::now();
+            return;
+        }
         // The click index up to this position must be on disk before the WAL behind it is
         // deleted (`clickindex`: a start drops segments past its checkpoint). The segment
         // is written off this thread; the checkpoint is saved once it is done.
-        self.index.start_flush(cp.wal_pos);
+        self.index.start_flush(wal_pos);
         self.pending = Some(PendingCheckpoint {
-            cp,
+            wal_pos,
+            encoding: erx,
+            encoded: None,
             floor,
             started,
             build: started.elapsed(),
+            windows: windows_done,
             dedup_ticket: ticket,
         });
         self.last_checkpoint = Instant::now();
@@ -1469,14 +1537,37 @@ impl<S: Store> Writer<S> {
                 return;
             }
         }
+        // The snapshot encoded (and in its file) by the checkpoint thread.
+        if let Some(p) = self.pending.as_mut()
+            && p.encoded.is_none()
+        {
+            let got = if wait {
+                p.encoding.recv().ok()
+            } else {
+                match p.encoding.try_recv() {
+                    Ok(r) => Some(r),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+                }
+            };
+            p.encoded = Some(got.unwrap_or_else(|| {
+                (
+                    Err(StoreError("the checkpoint thread died".into())),
+                    0,
+                    Duration::ZERO,
+                )
+            }));
+        }
         let Some(flushed) = self.index.finish_flush(wait) else {
             return;
         };
         let Some(PendingCheckpoint {
-            cp,
+            wal_pos,
+            encoded: Some((encoded, bytes, encode)),
             floor,
             started,
             build,
+            windows,
             ..
         }) = self.pending.take()
         else {
@@ -1489,15 +1580,21 @@ impl<S: Store> Writer<S> {
             return;
         }
         let commit = Instant::now();
-        let saved = self.store.save_checkpoint(&cp);
+        let saved = encoded.and_then(|enc| match enc {
+            Encoded::File(staged) => self.store.save_staged_checkpoint(&staged),
+            Encoded::Inline(cp) => self.store.save_checkpoint(&cp),
+        });
         match saved {
             Ok(()) => {
-                // Both phases run on the writer thread, ingest stopped: what an operator
-                // needs to see when freshness dips at each checkpoint.
+                // Build and commit run on the writer thread, ingest stopped (build: the
+                // window tables and the shard copies, the shards stopped too); encode
+                // (with the file's write and fsync) runs beside ingest.
                 tracing::info!(
-                    wal_pos = cp.wal_pos,
-                    bytes = cp.tables.iter().map(|(_, b)| b.len()).sum::<usize>(),
+                    wal_pos,
+                    bytes,
                     build_ms = build.as_millis() as u64,
+                    windows_ms = windows.as_millis() as u64,
+                    encode_ms = encode.as_millis() as u64,
                     commit_ms = commit.elapsed().as_millis() as u64,
                     total_ms = started.elapsed().as_millis() as u64,
                     "checkpoint saved"
