@@ -1470,6 +1470,7 @@ impl<S: Store> Writer<S> {
         let spawned = std::thread::Builder::new()
             .name("adclick-agg-checkpoint".into())
             .spawn(move || {
+                crate::lower_thread_priority(crate::BACKGROUND_NICE, "checkpoint encode");
                 let t = Instant::now();
                 let bytes = std::cell::Cell::new(0usize);
                 // In the order of the format before: windows, shards, rules, repairs.

@@ -253,7 +253,7 @@ pub async fn start_with_store<S: Store + 'static>(
 }
 
 /// Niceness of the background threads of the apply path (the dedup spill, the click-index
-/// flush): their work is sorting and writing bursts that may take a few seconds, while the
+/// flush, the checkpoint's encoding): their work is sorting and writing bursts that may take a few seconds, while the
 /// writer and the shard threads decide freshness; on a box with few cores the scheduler
 /// then gives those the CPU first (the archive thread takes its own, `archive.nice`).
 pub(crate) const BACKGROUND_NICE: i32 = 10;
