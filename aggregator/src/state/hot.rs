@@ -42,10 +42,9 @@ impl HotDetector {
     /// places with the last counter of its old count (one swap, two index updates).
     fn bump(&mut self, i: usize) {
         let c = self.counters[i].0;
-        let mut j = i;
-        while j + 1 < self.counters.len() && self.counters[j + 1].0 == c {
-            j += 1;
-        }
+        // The last counter of count `c` (the array is sorted by count): a binary search,
+        // as under Zipf traffic most of the counters share the minimum a tail ad replaces.
+        let j = i + self.counters[i..].partition_point(|x| x.0 <= c) - 1;
         if j != i {
             self.counters.swap(i, j);
             self.index.set(self.counters[i].1, i);
