@@ -77,39 +77,73 @@ pub struct AddBatch {
 
 impl AddBatch {
     /// Groups `clicks` (`(ad, minute, clicks, keys)`) per index of `set`'s fields and per
-    /// minute, summing the clicks of an ad: one sort of the batch, sequential in memory,
-    /// instead of a probe of a big map per click.
+    /// minute, summing the clicks of an ad: a counting sort of the batch by group, then a
+    /// sort by ad within each group, sequential in memory, instead of a probe of a big map
+    /// per click. (One sort of all the rows by (index, minute, ad) cost twice as much: three
+    /// rows per click, compared as tuples.)
     fn group(clicks: &[(u64, i64, u64, ClickKeys)], set: &TopSet) -> AddBatch {
-        // Value indexes numbered per batch (0: the unfiltered index) so the sort key is
-        // plain integers.
+        // Value indexes numbered per batch (0: the unfiltered index), and the batch's
+        // minutes (a batch spans one or two, plus late clicks) in order of appearance.
         let mut number: FastMap<FilterKey, u32> = FastMap::default();
         let mut names: Vec<Option<FilterKey>> = vec![None];
-        let mut rows: Vec<(u32, i64, u64, u64)> = Vec::with_capacity(clicks.len() * 3);
+        let mut minutes: Vec<i64> = Vec::new();
+        let mut rows: Vec<(u32, u32, u64, u64)> = Vec::with_capacity(clicks.len() * 3);
+        let mut last = (i64::MIN, 0u32);
         for &(ad, minute, by, keys) in clicks {
             if by == 0 {
                 continue;
             }
-            rows.push((0, minute, ad, by));
+            let m = if minute == last.0 {
+                last.1
+            } else {
+                let m = match minutes.iter().position(|&x| x == minute) {
+                    Some(p) => p as u32,
+                    None => {
+                        minutes.push(minute);
+                        (minutes.len() - 1) as u32
+                    }
+                };
+                last = (minute, m);
+                m
+            };
+            rows.push((0, m, ad, by));
             for k in set.keys_of(&keys) {
                 let t = *number.entry(k).or_insert_with(|| {
                     names.push(Some(k));
                     (names.len() - 1) as u32
                 });
-                rows.push((t, minute, ad, by));
+                rows.push((t, m, ad, by));
             }
         }
-        rows.sort_unstable_by_key(|r| (r.0, r.1, r.2));
+        // Counting sort by group `t * minutes + m`.
+        let width = minutes.len();
+        let mut starts = vec![0u32; names.len() * width + 1];
+        for r in &rows {
+            starts[r.0 as usize * width + r.1 as usize + 1] += 1;
+        }
+        for g in 1..starts.len() {
+            starts[g] += starts[g - 1];
+        }
+        let mut next = starts.clone();
+        let mut sorted = vec![(0u64, 0u64); rows.len()];
+        for r in &rows {
+            let g = r.0 as usize * width + r.1 as usize;
+            sorted[next[g] as usize] = (r.2, r.3);
+            next[g] += 1;
+        }
+        drop(rows);
         let mut b = AddBatch {
             groups: Vec::new(),
-            adds: Vec::with_capacity(rows.len()),
+            adds: Vec::with_capacity(sorted.len()),
         };
-        let mut i = 0;
-        while i < rows.len() {
-            let (t, minute) = (rows[i].0, rows[i].1);
+        for g in 0..starts.len() - 1 {
+            let run = &mut sorted[starts[g] as usize..starts[g + 1] as usize];
+            if run.is_empty() {
+                continue;
+            }
+            run.sort_unstable_by_key(|a| a.0);
             let start = b.adds.len() as u32;
-            while let Some(&(rt, rm, ad, by)) = rows.get(i)
-                && (rt, rm) == (t, minute)
-            {
+            for &(ad, by) in run.iter() {
                 let in_group = b.adds.len() as u32 > start;
                 match b.adds.last_mut() {
                     Some(last) if in_group && last.0 == ad => {
@@ -117,10 +151,10 @@ impl AddBatch {
                     }
                     _ => b.adds.push((ad, by)),
                 }
-                i += 1;
             }
-            let index = names.get(t as usize).copied().flatten();
-            b.groups.push((index, minute, start, b.adds.len() as u32));
+            let index = names.get(g / width).copied().flatten();
+            b.groups
+                .push((index, minutes[g % width], start, b.adds.len() as u32));
         }
         b
     }
