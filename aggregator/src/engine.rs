@@ -142,7 +142,7 @@ enum ShardMsg {
     /// Roll minutes before this up into their hours and days (`ShardState::seal`).
     Seal(i64),
     /// A checkpoint: answer a copy of the state as of this point (encoded off this thread).
-    Barrier(SyncSender<Box<ShardState>>),
+    Barrier(SyncSender<(Box<ShardState>, Duration)>),
     /// A repair (`crate::repair`): set these minute cells, rebuild the top-N index with
     /// these fields; answers each cell's clicks before.
     Repair(
@@ -328,8 +328,9 @@ enum Encoded {
     Inline(Checkpoint),
 }
 
-/// The checkpoint thread's answer: what it made, its size, and how long it took.
-type EncodedReply = (Result<Encoded, StoreError>, usize, Duration);
+/// The checkpoint thread's answer: what it made, its size, how long it took, and the
+/// longest a shard stopped to copy its state.
+type EncodedReply = (Result<Encoded, StoreError>, usize, Duration, Duration);
 
 /// A checkpoint taken and not yet saved.
 struct PendingCheckpoint {
@@ -732,8 +733,11 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                 top.push(TopOp::Evict(minute(before[0])));
             }
             ShardMsg::Barrier(reply) => {
+                let t = Instant::now();
                 let s = view.shards[i].read().unwrap_or_else(|e| e.into_inner());
-                let _ = reply.send(Box::new(s.clone()));
+                let copy = Box::new(s.clone());
+                drop(s);
+                let _ = reply.send((copy, t.elapsed()));
             }
             ShardMsg::Repair(fixes, fields, reply) => {
                 // One write lock for every cell: a query of this shard sees all of the
@@ -1439,8 +1443,10 @@ impl<S: Store> Writer<S> {
             .map(|(t, b)| (t.to_string(), b))
             .collect();
         let windows_done = started.elapsed();
-        // Every shard gets its barrier before any answer is awaited: the shards copy their
-        // state in parallel, and the writer waits for the slowest, not for the sum.
+        // Every shard gets its barrier at once; the checkpoint thread, not the writer,
+        // waits for their copies: a barrier sits in its shard's queue behind the clicks
+        // already handed over, so its copy is the shard at `wal_pos` whenever it is made,
+        // and ingest goes on meanwhile (each shard stops only for its own copy).
         let mut replies = Vec::with_capacity(self.shard_tx.len());
         for tx in &self.shard_tx {
             let (rtx, rrx) = sync_channel(1);
@@ -1448,13 +1454,6 @@ impl<S: Store> Writer<S> {
                 return;
             }
             replies.push(rrx);
-        }
-        let mut shards = Vec::with_capacity(replies.len());
-        for rrx in replies {
-            match rrx.recv() {
-                Ok(s) => shards.push(s),
-                Err(_) => return,
-            }
         }
         let mut repairs = self.repair_seq.to_le_bytes().to_vec();
         repairs.extend_from_slice(&self.finalized_before.to_le_bytes());
@@ -1472,6 +1471,23 @@ impl<S: Store> Writer<S> {
             .spawn(move || {
                 crate::lower_thread_priority(crate::BACKGROUND_NICE, "checkpoint encode");
                 let t = Instant::now();
+                let mut shards = Vec::with_capacity(replies.len());
+                let mut copy = Duration::ZERO;
+                for rrx in replies {
+                    match rrx.recv() {
+                        Ok((s, took)) => {
+                            copy = copy.max(took);
+                            shards.push(s);
+                        }
+                        Err(_) => {
+                            let gone = StoreError(
+                                "a shard thread stopped before its checkpoint copy".into(),
+                            );
+                            let _ = etx.send((Err(gone), 0, t.elapsed(), copy));
+                            return;
+                        }
+                    }
+                }
                 let bytes = std::cell::Cell::new(0usize);
                 // In the order of the format before: windows, shards, rules, repairs.
                 let all = tables
@@ -1491,7 +1507,7 @@ impl<S: Store> Writer<S> {
                         tables: all.collect(),
                     })),
                 };
-                let _ = etx.send((out, bytes.get(), t.elapsed()));
+                let _ = etx.send((out, bytes.get(), t.elapsed(), copy));
             });
         if let Err(e) = spawned {
             self.metrics.checkpoint_errors.inc();
@@ -1556,6 +1572,7 @@ impl<S: Store> Writer<S> {
                     Err(StoreError("the checkpoint thread died".into())),
                     0,
                     Duration::ZERO,
+                    Duration::ZERO,
                 )
             }));
         }
@@ -1564,7 +1581,7 @@ impl<S: Store> Writer<S> {
         };
         let Some(PendingCheckpoint {
             wal_pos,
-            encoded: Some((encoded, bytes, encode)),
+            encoded: Some((encoded, bytes, encode, copy)),
             floor,
             started,
             build,
@@ -1588,13 +1605,15 @@ impl<S: Store> Writer<S> {
         match saved {
             Ok(()) => {
                 // Build and commit run on the writer thread, ingest stopped (build: the
-                // window tables and the shard copies, the shards stopped too); encode
-                // (with the file's write and fsync) runs beside ingest.
+                // window tables and the barriers); the shard copies (each shard stopped
+                // for its own) and encode (with the file's write and fsync) run beside
+                // ingest: encode_ms is from the barriers to the file's fsync.
                 tracing::info!(
                     wal_pos,
                     bytes,
                     build_ms = build.as_millis() as u64,
                     windows_ms = windows.as_millis() as u64,
+                    copy_ms = copy.as_millis() as u64,
                     encode_ms = encode.as_millis() as u64,
                     commit_ms = commit.elapsed().as_millis() as u64,
                     total_ms = started.elapsed().as_millis() as u64,
