@@ -311,12 +311,9 @@ impl RedbStore {
     fn staged(&self) -> Result<Option<cpfile::Staged>, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(CHECKPOINT).map_err(e)?;
-        let Some(pos) = t.get(META_WAL_POS).map_err(e)? else {
+        let Some(wal_pos) = checkpoint_wal_pos(&t)? else {
             return Ok(None);
         };
-        let wal_pos = <[u8; 8]>::try_from(pos.value())
-            .map(u64::from_le_bytes)
-            .map_err(|_| StoreError("corrupt checkpoint position".into()))?;
         match t.get(META_FILE).map_err(e)? {
             Some(p) => cpfile::Staged::decode(wal_pos, p.value()).map(Some),
             None => Ok(None),
@@ -347,6 +344,18 @@ fn truncate_wal(tx: &redb::WriteTransaction, wal_pos: u64) -> Result<Option<u64>
 
 /// WAL entries a checkpoint's commit deletes at most (see [`truncate_wal`]).
 const WAL_TRIM_AT_CHECKPOINT: usize = 256;
+
+/// The committed checkpoint's WAL position, from the checkpoint table (`None`: none yet).
+fn checkpoint_wal_pos(
+    t: &redb::ReadOnlyTable<&'static str, &'static [u8]>,
+) -> Result<Option<u64>, StoreError> {
+    let Some(pos) = t.get(META_WAL_POS).map_err(e)? else {
+        return Ok(None);
+    };
+    <[u8; 8]>::try_from(pos.value())
+        .map(|b| Some(u64::from_le_bytes(b)))
+        .map_err(|_| StoreError("corrupt checkpoint position".into()))
+}
 
 /// Deletes up to `max` of the oldest WAL entries at or before `upto` (entries a committed
 /// checkpoint covers: deleting them is safe at any time, keeping them is harmless, as
@@ -509,12 +518,9 @@ impl Store for RedbStore {
     fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(CHECKPOINT).map_err(e)?;
-        let Some(pos) = t.get(META_WAL_POS).map_err(e)? else {
+        let Some(wal_pos) = checkpoint_wal_pos(&t)? else {
             return Ok(None);
         };
-        let wal_pos = <[u8; 8]>::try_from(pos.value())
-            .map(u64::from_le_bytes)
-            .map_err(|_| StoreError("corrupt checkpoint position".into()))?;
         if let Some(p) = t.get(META_FILE).map_err(e)? {
             let staged = cpfile::Staged::decode(wal_pos, p.value())?;
             let tables = self.files().read(&staged)?;
