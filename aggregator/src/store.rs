@@ -285,12 +285,7 @@ impl RedbStore {
         // What a checkpoint left to trim of the WAL (the trimming resumes with the appends).
         {
             let tx = store.db.begin_read().map_err(e)?;
-            let t = tx.open_table(CHECKPOINT).map_err(e)?;
-            let pos = t
-                .get(META_WAL_POS)
-                .map_err(e)?
-                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-                .map(u64::from_le_bytes);
+            let pos = checkpoint_wal_pos(&tx.open_table(CHECKPOINT).map_err(e)?)?;
             let archived = archive_covered(&tx.open_table(ARCHIVE_STATE).map_err(e)?)?;
             store.wal_trim = pos.map(|p| archived.map_or(p, |a| a.min(p)));
         }
@@ -506,12 +501,7 @@ impl Store for RedbStore {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(WAL).map_err(e)?;
         let last = t.last().map_err(e)?.map(|(k, _)| k.value());
-        let cp = tx.open_table(CHECKPOINT).map_err(e)?;
-        let cp_pos = cp
-            .get(META_WAL_POS)
-            .map_err(e)?
-            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-            .map(u64::from_le_bytes);
+        let cp_pos = checkpoint_wal_pos(&tx.open_table(CHECKPOINT).map_err(e)?)?;
         Ok(last.unwrap_or(0).max(cp_pos.unwrap_or(0)))
     }
 
