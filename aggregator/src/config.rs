@@ -293,6 +293,8 @@ pub struct ShardConfig {
     /// over all shards (and reported to collectors).
     pub hot_fraction: f64,
     /// Clicks per hot-key detection round (Space-Saving summary reset between rounds).
+    /// Rounds of 8,192 clicks or more are sampled by impression hash (at least 4,096
+    /// expected samples per round; one click in 16 at the default 100,000).
     pub hot_window_clicks: u64,
     /// Fields with per-value top-N indexes, so that TopAds filtered by one of their values
     /// ranks from an index (any of `advertiser`, `campaign`, `country`, `device`, `os`,

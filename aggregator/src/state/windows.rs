@@ -90,7 +90,7 @@ pub struct ClickWindows {
     pub counters: WindowCounters,
 }
 
-fn splitmix(mut x: u64) -> u64 {
+pub(crate) fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -312,7 +312,10 @@ impl ClickWindows {
         if c.event_time_ms > self.max_event_ms {
             self.max_event_ms = c.event_time_ms;
         }
-        self.hot.observe(c.ad_id);
+        let id_hash = splitmix(u64::from_le_bytes([
+            id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7],
+        ]));
+        self.hot.observe(c.ad_id, id_hash);
         let dims = DimKey {
             country: country_code(c.country),
             device: u8::try_from(c.device).unwrap_or(0),
@@ -320,9 +323,6 @@ impl ClickWindows {
             site: self.interner.intern(c.site),
         };
         let combo = self.combos.intern(dims);
-        let id_hash = splitmix(u64::from_le_bytes([
-            id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7],
-        ]));
         // Only this aggregator's own hot detector spreads an ad over its worker shards: the
         // collectors' salt is set for every ad (it picks the aggregator process, see the
         // collector's routing.rs) and says nothing about heat here.
