@@ -1136,7 +1136,7 @@ impl StatePath {
         // As the engine: decode the batch, warm the window operator's lookups, apply.
         let clicks: Vec<ClickIn<'_>> = decode_clicks(batch).map_while(Result::ok).collect();
         self.windows.warm(&clicks);
-        for c in clicks {
+        for c in &clicks {
             self.push(c);
         }
         self.end_batch();
@@ -1145,13 +1145,13 @@ impl StatePath {
     /// Already-decoded clicks as one batch.
     pub fn push_clicks(&mut self, clicks: &[IngestClick]) {
         for c in clicks {
-            self.push(click_from_wire(c));
+            self.push(&click_from_wire(c));
         }
         self.end_batch();
     }
 
     #[inline]
-    fn push(&mut self, c: ClickIn<'_>) {
+    fn push(&mut self, c: &ClickIn<'_>) {
         let (ip, user) = (c.client_ip, c.user_id);
         if let Routed::Apply(_, a) = self.windows.process(c) {
             if let Some((w, _)) = &mut self.index {
@@ -1160,7 +1160,7 @@ impl StatePath {
             // As the engine's writer and shard thread: classify, count invalid apart,
             // apply the moves.
             if let Some((rules, moved)) = &mut self.rules {
-                if let Some(r) = rules.judge(&c, crate::rules::Origin::default(), 0, &a, moved) {
+                if let Some(r) = rules.judge(c, crate::rules::Origin::default(), 0, &a, moved) {
                     self.shard.apply_invalid(r.index(), &a);
                 }
                 for m in moved.drain(..) {

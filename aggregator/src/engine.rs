@@ -1091,7 +1091,7 @@ impl<S: Store> Writer<S> {
             }
         }
         self.windows.warm(&clicks);
-        for c in clicks {
+        for c in &clicks {
             let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id);
             let (ip, user) = (c.client_ip, c.user_id);
             let late_before = self.windows.counters.late;
@@ -1105,7 +1105,7 @@ impl<S: Store> Writer<S> {
                     // The rules stage: classify, and move earlier clicks a rate rule
                     // now finds invalid.
                     let origin = crate::rules::Origin { pos, index };
-                    let verdict = self.rules.judge(&c, origin, shard, &a, &mut self.moved);
+                    let verdict = self.rules.judge(c, origin, shard, &a, &mut self.moved);
                     if let Some(r) = verdict {
                         per_shard[shard].invalid.push((r as u8, a));
                         self.index

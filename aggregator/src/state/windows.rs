@@ -255,7 +255,7 @@ impl ClickWindows {
 
     /// Classifies one click and, when it counts, routes it. Deterministic: a WAL replay
     /// feeds the same clicks in the same order and reaches the same state.
-    pub fn process(&mut self, c: ClickIn<'_>) -> Routed {
+    pub fn process(&mut self, c: &ClickIn<'_>) -> Routed {
         let ordinal = self.next;
         self.next.idx = self.next.idx.saturating_add(1);
         let Ok(id) = <[u8; 16]>::try_from(c.impression_id) else {
@@ -488,11 +488,17 @@ mod tests {
     fn only_a_counted_click_pins_an_ad_owner() {
         let mut w = ClickWindows::new(WindowConfig::default(), &ShardConfig::default());
         w.begin_batch(1);
-        assert!(matches!(w.process(click(1, 10, (1, 1))), Routed::Apply(..)));
+        assert!(matches!(
+            w.process(&click(1, 10, (1, 1))),
+            Routed::Apply(..)
+        ));
         // Same impression id, another ad and owner: a duplicate, and ad 20 stays unowned.
-        assert_eq!(w.process(click(1, 20, (9, 9))), Routed::Duplicate);
-        assert!(matches!(w.process(click(2, 20, (2, 2))), Routed::Apply(..)));
-        assert_eq!(w.process(click(3, 20, (9, 9))), Routed::OwnerMismatch);
+        assert_eq!(w.process(&click(1, 20, (9, 9))), Routed::Duplicate);
+        assert!(matches!(
+            w.process(&click(2, 20, (2, 2))),
+            Routed::Apply(..)
+        ));
+        assert_eq!(w.process(&click(3, 20, (9, 9))), Routed::OwnerMismatch);
         assert_eq!(w.owners().get(&20), Some(&(2, 2)));
         assert_eq!(w.take_new_owners(), vec![(10, (1, 1)), (20, (2, 2))]);
     }
