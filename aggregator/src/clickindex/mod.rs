@@ -243,11 +243,66 @@ pub struct Hit {
     pub user: u64,
 }
 
+/// Chunks per sealed block of a [`ChunkList`].
+const BLOCK: usize = 128;
+
+/// The chunks since the last flush, oldest first: sealed blocks of [`BLOCK`] chunks
+/// shared between snapshots, and an open tail. Publishing after each batch clones one
+/// `Arc` per block plus the tail, not one per chunk: a 30 s checkpoint interval holds
+/// thousands of chunks (one per applied batch), and cloning them all at every batch made
+/// publishing quadratic in the interval (2% of the aggregator's CPU 10 s into it at
+/// 150k clicks/s, growing).
+#[derive(Debug, Default, Clone)]
+struct ChunkList {
+    blocks: Vec<Arc<[Arc<Chunk>]>>,
+    tail: Vec<Arc<Chunk>>,
+}
+
+impl ChunkList {
+    fn push(&mut self, c: Arc<Chunk>) {
+        self.tail.push(c);
+        if self.tail.len() >= BLOCK {
+            let block: Arc<[Arc<Chunk>]> = std::mem::take(&mut self.tail).into();
+            self.blocks.push(block);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<Chunk>> {
+        self.blocks.iter().flat_map(|b| b.iter()).chain(&self.tail)
+    }
+
+    /// Drops the oldest `n` chunks (all of them when there are fewer).
+    fn drop_first(&mut self, mut n: usize) {
+        let whole = self
+            .blocks
+            .iter()
+            .take_while(|b| {
+                let all = n >= b.len();
+                if all {
+                    n -= b.len();
+                }
+                all
+            })
+            .count();
+        self.blocks.drain(..whole);
+        if n == 0 {
+            return;
+        }
+        match self.blocks.first_mut() {
+            // The cut falls inside the oldest block (`n` < its length).
+            Some(b) => *b = b.get(n..).unwrap_or_default().into(),
+            None => {
+                self.tail.drain(..n.min(self.tail.len()));
+            }
+        }
+    }
+}
+
 /// What queries read: the segments and the chunks since the last flush, replaced whole.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     segments: Arc<Vec<Arc<Segment>>>,
-    chunks: Vec<Arc<Chunk>>,
+    chunks: ChunkList,
     /// How IPs were stored (None: in full).
     masker: Option<Arc<IpMasker>>,
 }
@@ -309,7 +364,7 @@ impl Snapshot {
         for s in self.segments.iter() {
             s.scan(p, f)?;
         }
-        for c in &self.chunks {
+        for c in self.chunks.iter() {
             c.scan(p, f);
         }
         Ok(())
@@ -330,7 +385,7 @@ pub type Shared = ArcSwap<Snapshot>;
 #[derive(Debug, Default)]
 struct Parts {
     segments: Arc<Vec<Arc<Segment>>>,
-    chunks: Vec<Arc<Chunk>>,
+    chunks: ChunkList,
     masker: Option<Arc<IpMasker>>,
 }
 
@@ -408,7 +463,7 @@ impl IndexWriter {
         segments.sort_by_key(|s| s.upto());
         let parts = Parts {
             segments: Arc::new(segments),
-            chunks: Vec::new(),
+            chunks: ChunkList::default(),
             masker: None,
         };
         let shared = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
@@ -505,7 +560,7 @@ impl IndexWriter {
         }
         self.end_batch();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let chunks = lock(&self.parts).chunks.clone();
+        let chunks: Vec<Arc<Chunk>> = lock(&self.parts).chunks.iter().cloned().collect();
         if chunks.is_empty() || upto <= self.flushed_pos {
             let _ = tx.send(Ok(()));
         } else if fail_flushes_in(&self.dir) {
@@ -643,9 +698,8 @@ fn write_segment(
     let mut segments = Vec::clone(&p.segments);
     segments.push(seg);
     p.segments = Arc::new(segments);
-    let flushed = chunks.len().min(p.chunks.len());
     debug_assert!(p.chunks.iter().zip(chunks).all(|(a, b)| Arc::ptr_eq(a, b)));
-    p.chunks.drain(..flushed);
+    p.chunks.drop_first(chunks.len());
     p.publish(shared);
     Ok(())
 }
@@ -654,6 +708,38 @@ fn write_segment(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    proptest::proptest! {
+        /// The chunk list holds the chunks pushed and not yet dropped, oldest first,
+        /// whatever the cuts (inside a block, at its edge, in the tail, past the end), and
+        /// a clone taken earlier (a published snapshot) never changes.
+        #[test]
+        fn chunk_lists_match_a_vec(ops in proptest::collection::vec((0u8..4, 0usize..400), 0..60)) {
+            let (mut list, mut model, mut next) = (ChunkList::default(), Vec::new(), 0u32);
+            for (op, n) in ops {
+                if op == 0 {
+                    list.drop_first(n);
+                    model.drain(..n.min(model.len()));
+                } else {
+                    for _ in 0..n {
+                        let c = Arc::new(Chunk { min_minute: next, ..Chunk::default() });
+                        list.push(c);
+                        model.push(next);
+                        next += 1;
+                    }
+                }
+                let before = list.clone();
+                let seen: Vec<u32> = list.iter().map(|c| c.min_minute).collect();
+                proptest::prop_assert_eq!(&seen, &model);
+                proptest::prop_assert!(list.tail.len() < BLOCK);
+                list.push(Arc::new(Chunk::default()));
+                list.drop_first(1);
+                let kept: Vec<u32> = before.iter().map(|c| c.min_minute).collect();
+                proptest::prop_assert_eq!(&kept, &model);
+                list = before;
+            }
+        }
+    }
 
     /// The measurement behind the choice of segments over a B-tree (ARCHITECTURE.md,
     /// "Click index"): the same 2.4M clicks (30 s at 80k/s: random IPs and users) indexed
