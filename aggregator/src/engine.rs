@@ -1071,15 +1071,14 @@ impl<S: Store> Writer<S> {
             a.builder.begin(version);
         }
         let mut index = 0u32;
-        let mut per_shard: Vec<ShardWork> = (0..self.shard_tx.len())
-            .map(|_| ShardWork::default())
-            .collect();
         let rules_before = self.rules.counters;
         let (mut accepted, mut duplicate) = (0u32, 0u32);
         let before = self.windows.counters;
         let mut quarantined = Vec::new();
         // Decoded first, so the window operator can warm its lookups for the whole batch.
-        let mut clicks = Vec::with_capacity(256);
+        // Sized from the entry's bytes (an encoded click takes ~100-130), so that decoding a
+        // large batch does not regrow and copy the vector of ~180-byte clicks.
+        let mut clicks = Vec::with_capacity((batch.len() / 96).clamp(16, 1 << 16));
         for c in decode::clicks(batch) {
             match c {
                 Ok(c) => clicks.push(c),
@@ -1091,6 +1090,15 @@ impl<S: Store> Writer<S> {
             }
         }
         self.windows.warm(&clicks);
+        // Sized for the batch (its clicks over the shards, plus slack for uneven routing),
+        // so that handing the batch over does not regrow and copy the vectors.
+        let shards = self.shard_tx.len();
+        let mut per_shard: Vec<ShardWork> = (0..shards)
+            .map(|_| ShardWork {
+                counted: Vec::with_capacity(clicks.len() / shards + clicks.len() / 8 + 16),
+                invalid: Vec::new(),
+            })
+            .collect();
         for c in &clicks {
             let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id);
             let (ip, user) = (c.client_ip, c.user_id);
