@@ -18,7 +18,9 @@
 //!
 //! Minutes are rolled up into their hours when sealed, hours into their days when complete
 //! ([`ShardState::seal`]); a click for a minute already rolled up also updates those
-//! levels. `heap_bytes` estimates the memory.
+//! levels. Both paths are bound by cache misses on big tables, so both look up a chunk at
+//! a time, its lines touched first ([`ShardState::warm`] for clicks). `heap_bytes`
+//! estimates the memory.
 
 use std::collections::BTreeMap;
 
@@ -652,17 +654,21 @@ impl Level {
     }
 }
 
-/// Cells of a bucket merged per chunk in [`merge_bucket`]: their index slots are read
-/// first, all of them, so the chunk's cache misses overlap instead of following each other.
+/// Cells of a bucket merged per chunk in [`merge_bucket`] (and clicks per chunk in
+/// [`ShardState::warm`]): what they will read is touched first, a phase at a time for the
+/// whole chunk ([`Bucket::warm`]), so the chunk's cache misses overlap instead of following
+/// each other.
 const MERGE_CHUNK: usize = 16;
 
-/// Combinations of a destination cell [`Bucket::warm_merge`] touches at most (8 lines).
+/// Combinations of a cell's list [`Bucket::warm`] touches at most (8 lines, around the
+/// middle, where a binary search starts).
 const WARM_COMBOS: usize = 32;
 
 /// Adds every cell of `cells` (users in `from`) to the bucket of `into` starting at `start`:
 /// what sealing a minute (or rolling an hour up) does, one bucket lookup for all its cells.
-/// The destination is a big table (an hour of cells) that is mostly out of cache: each
-/// chunk of cells first touches its index slots and cells, then merges.
+/// The destination is a big table (an hour of cells) that is mostly out of cache: its index
+/// grows once, up front, and each chunk of cells first touches its index slots, cells and
+/// combination lists ([`Bucket::warm_merge`]), then merges.
 fn merge_bucket(into: &mut Level, start: i64, cells: &Bucket, from: &Slab) {
     let Level {
         buckets,
