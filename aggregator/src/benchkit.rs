@@ -1018,6 +1018,9 @@ pub struct PathCounts {
     pub late: u64,
 }
 
+/// Clicks the shard applies at once after warming their cells ([`ShardState::warm`]).
+const SHARD_CHUNK: usize = 16;
+
 /// The per-click path of the engine with one shard, on one thread: the writer's decode and
 /// window operator (dedup, watermark, interning, hot keys, routing), the shard thread's
 /// apply and its top-N index updates published read-copy-update style once per batch, and
@@ -1035,6 +1038,9 @@ pub struct StatePath {
     wal_pos: u64,
     /// The invalid-traffic rules and their moves buffer, when run.
     rules: Option<(crate::rules::Rules, Vec<crate::rules::Moved>)>,
+    /// Routed clicks not applied yet: the shard applies them a chunk at a time, its cells
+    /// warmed first (`ShardState::warm`), as the engine's shard thread does.
+    pending: Vec<Applied>,
     /// The dedup disk tier's run files (declared after `windows`: dropped after it).
     _dedup_dir: tempfile_dir::Dir,
 }
@@ -1112,6 +1118,7 @@ impl StatePath {
             indexed: 0,
             wal_pos: 0,
             rules: None,
+            pending: Vec::with_capacity(SHARD_CHUNK),
         }
     }
 
@@ -1169,7 +1176,10 @@ impl StatePath {
                     self.shard.apply_invalid(m.reason.index(), &click);
                 }
             }
-            self.shard.apply(&a);
+            self.pending.push(a);
+            if self.pending.len() == SHARD_CHUNK {
+                self.apply_pending();
+            }
             self.top.push(TopOp::Add {
                 ad: a.ad,
                 minute: a.event_time_ms.div_euclid(LEVEL_MS[0]),
@@ -1183,10 +1193,19 @@ impl StatePath {
         }
     }
 
+    /// Applies the pending clicks, their cells warmed first.
+    fn apply_pending(&mut self) {
+        self.shard.warm(&self.pending);
+        for a in self.pending.drain(..) {
+            self.shard.apply(&a);
+        }
+    }
+
     /// What the engine does after each batch: seal the minutes the watermark passed
     /// (`evict_if_due`; eviction is past the 48 h retention, never within a bench), and
     /// publish the top-N index (`shard_loop`).
     fn end_batch(&mut self) {
+        self.apply_pending();
         let wm = self.windows.watermark_ms();
         let seal = wm.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0];
         if wm != i64::MIN && seal > self.last_seal {

@@ -18,7 +18,9 @@
 //!
 //! Minutes are rolled up into their hours when sealed, hours into their days when complete
 //! ([`ShardState::seal`]); a click for a minute already rolled up also updates those
-//! levels. `heap_bytes` estimates the memory.
+//! levels. Both paths are bound by cache misses on big tables, so both look up a chunk at
+//! a time, its lines touched first ([`ShardState::warm`] for clicks). `heap_bytes`
+//! estimates the memory.
 
 use std::collections::BTreeMap;
 
@@ -430,31 +432,79 @@ impl Bucket {
         i
     }
 
-    /// Touches the index slots, then the cells, of `ads` (a few): independent loads whose
-    /// cache misses overlap, so the lookups that follow find them in cache. Only hints:
-    /// the first slot of each probe sequence.
+    /// Touches what merging `src` (a chunk of another bucket's cells) into this bucket
+    /// will read: the source cells' combination lists, then what [`Bucket::warm`] touches.
     #[inline]
-    fn warm(&self, ads: impl Iterator<Item = u64> + Clone) {
+    fn warm_merge(&self, src: &[(u64, Cell)]) {
+        let mut ads = [0u64; MERGE_CHUNK];
+        let mut acc = 0usize;
+        for ((ad, cell), a) in src.iter().zip(ads.iter_mut()) {
+            *a = *ad;
+            acc = acc.wrapping_add(cell.more.len());
+        }
+        std::hint::black_box(acc);
+        self.warm(&ads[..src.len().min(MERGE_CHUNK)]);
+    }
+
+    /// Touches what looking up `ads` and updating their cells will read, [`MERGE_CHUNK`]
+    /// ads at a time, one kind of line at a time: the index slots, then the cells they
+    /// point to, then those cells' combination lists (their header, then the lines a binary
+    /// search reads). Each phase is a tight loop of independent loads whose cache misses
+    /// overlap, so the updates that follow find their lines in cache instead of waiting for
+    /// each in turn. Only hints (the first slot of each probe sequence): no effect on state.
+    #[inline]
+    fn warm(&self, ads: &[u64]) {
         if self.index.is_empty() {
             return;
         }
-        let mut acc = 0u64;
-        for ad in ads.clone() {
-            acc = acc.wrapping_add(self.index[self.home(mix(ad))]);
-        }
-        std::hint::black_box(acc);
-        let mut acc = 0u64;
-        for ad in ads {
-            let h = mix(ad);
-            let w = self.index[self.home(h)];
-            if w != 0
-                && w >> 32 == h & 0xFFFF_FFFF
-                && let Some((a, _)) = self.cells.get((w & 0xFFFF_FFFF) as usize - 1)
-            {
-                acc = acc.wrapping_add(*a);
+        for ads in ads.chunks(MERGE_CHUNK) {
+            let mut hs = [0u64; MERGE_CHUNK];
+            let mut acc = 0u64;
+            for (ad, h) in ads.iter().zip(hs.iter_mut()) {
+                *h = mix(*ad);
+                acc = acc.wrapping_add(self.index[self.home(*h)]);
             }
+            std::hint::black_box(acc);
+            let mut found: [Option<&Cell>; MERGE_CHUNK] = [None; MERGE_CHUNK];
+            let mut acc = 0u64;
+            for (h, f) in hs.iter().take(ads.len()).zip(found.iter_mut()) {
+                let w = self.index[self.home(*h)];
+                if w != 0
+                    && w >> 32 == h & 0xFFFF_FFFF
+                    && let Some((a, c)) = self.cells.get((w & 0xFFFF_FFFF) as usize - 1)
+                {
+                    acc = acc.wrapping_add(*a);
+                    *f = Some(c);
+                }
+            }
+            std::hint::black_box(acc);
+            let mut acc = 0usize;
+            for c in found.iter().flatten() {
+                acc = acc.wrapping_add(c.more.len());
+            }
+            std::hint::black_box(acc);
+            // Then the lines of each list (4 combinations a line): all of a short list, the
+            // middle of a long one (a hot ad's: in cache anyway).
+            let mut acc = 0u32;
+            for c in found.iter().flatten() {
+                let from = (c.more.len() / 2).saturating_sub(WARM_COMBOS / 2);
+                for m in c.more.iter().skip(from).take(WARM_COMBOS).step_by(4) {
+                    acc = acc.wrapping_add(m.id);
+                }
+            }
+            std::hint::black_box(acc);
         }
-        std::hint::black_box(acc);
+    }
+
+    /// Makes room in the index for `extra` more cells at once: one index rebuild (if any)
+    /// before a merge instead of several while it runs. (The cells grow as they come: most
+    /// merged cells are already there, and reserving for all would double big buckets.)
+    fn reserve(&mut self, extra: usize) {
+        let len = self.cells.len();
+        let need = len + extra;
+        if need * 5 > self.index.len() * 4 {
+            self.rehash(Self::index_len_for(need.max(len + len / 2)));
+        }
     }
 
     /// Rebuilds the index with `slots` slots (more than the cells).
@@ -604,14 +654,21 @@ impl Level {
     }
 }
 
-/// Cells of a bucket merged per chunk in [`merge_bucket`]: their index slots are read
-/// first, all of them, so the chunk's cache misses overlap instead of following each other.
+/// Cells of a bucket merged per chunk in [`merge_bucket`] (and clicks per chunk in
+/// [`ShardState::warm`]): what they will read is touched first, a phase at a time for the
+/// whole chunk ([`Bucket::warm`]), so the chunk's cache misses overlap instead of following
+/// each other.
 const MERGE_CHUNK: usize = 16;
+
+/// Combinations of a cell's list [`Bucket::warm`] touches at most (8 lines, around the
+/// middle, where a binary search starts).
+const WARM_COMBOS: usize = 32;
 
 /// Adds every cell of `cells` (users in `from`) to the bucket of `into` starting at `start`:
 /// what sealing a minute (or rolling an hour up) does, one bucket lookup for all its cells.
-/// The destination is a big table (an hour of cells) that is mostly out of cache: each
-/// chunk of cells first touches its index slots and cells, then merges.
+/// The destination is a big table (an hour of cells) that is mostly out of cache: its index
+/// grows once, up front, and each chunk of cells first touches its index slots, cells and
+/// combination lists ([`Bucket::warm_merge`]), then merges.
 fn merge_bucket(into: &mut Level, start: i64, cells: &Bucket, from: &Slab) {
     let Level {
         buckets,
@@ -622,8 +679,9 @@ fn merge_bucket(into: &mut Level, start: i64, cells: &Bucket, from: &Slab) {
     let b = buckets
         .entry(start)
         .or_insert_with(|| Bucket::with_capacity(*size_hint));
+    b.reserve(cells.len());
     for chunk in cells.cells.chunks(MERGE_CHUNK) {
-        b.warm(chunk.iter().map(|(ad, _)| *ad));
+        b.warm_merge(chunk);
         for (ad, cell) in chunk {
             let (up, new) = b.entry(*ad);
             *len += usize::from(new);
@@ -723,6 +781,27 @@ impl ShardState {
             if a.user != 0 {
                 combo.users.insert(a.user, sketches);
             }
+        }
+    }
+
+    /// Touches the minute cells `clicks` will update (index slots, cells, combination
+    /// lists; see `Bucket::warm`) so that applying them right after finds them in cache:
+    /// the shard thread calls it on each chunk of a batch (a few dozen clicks) before
+    /// applying the chunk. Only a hint: no effect on the state.
+    pub fn warm(&self, clicks: &[Applied]) {
+        let minutes = &self.levels[0].buckets;
+        let mut ads = [0u64; MERGE_CHUNK];
+        for chunk in clicks.chunks(MERGE_CHUNK) {
+            let start = bucket(chunk[0].event_time_ms, 0);
+            let Some(b) = minutes.get(&start) else {
+                continue;
+            };
+            let mut n = 0;
+            for a in chunk.iter().filter(|a| bucket(a.event_time_ms, 0) == start) {
+                ads[n] = a.ad;
+                n += 1;
+            }
+            b.warm(&ads[..n]);
         }
     }
 
@@ -1383,6 +1462,7 @@ mod tests {
             for (op, ad) in ops {
                 // Few distinct ids, spread over the whole u64 range (and sequential ones).
                 let ad = if ad % 2 == 0 { splitmix(ad) } else { ad };
+                b.warm(&[ad, ad ^ 1]);
                 match op {
                     0..=5 => {
                         let (c, new) = b.entry(ad);
@@ -1474,11 +1554,14 @@ mod tests {
                 }
                 let t = t0 + minute * 60_000 + 7;
                 let h = splitmix(user);
-                s.apply(&Applied {
+                let a = Applied {
                     ad, advertiser: 1, campaign: 1, event_time_ms: t, combo, dims: DimKey::default(),
                     user: if user == 0 { 0 } else { Hll::entry_of_hash(h) },
                     late: false,
-                });
+                };
+                // Warming is only a hint: interleaved with everything, it changes nothing.
+                s.warm(&[a, click(ad ^ 1, t - 60_000)]);
+                s.apply(&a);
                 for level in 0..3 {
                     let m = model.entry((level, ad, bucket(t, level), combo)).or_default();
                     m.0 += 1;
