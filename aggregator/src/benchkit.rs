@@ -1018,9 +1018,6 @@ pub struct PathCounts {
     pub late: u64,
 }
 
-/// Clicks the shard applies at once after warming their cells ([`ShardState::warm`]).
-const SHARD_CHUNK: usize = 16;
-
 /// The per-click path of the engine with one shard, on one thread: the writer's decode and
 /// window operator (dedup, watermark, interning, hot keys, routing), the shard thread's
 /// apply and its top-N index updates published read-copy-update style once per batch, and
@@ -1118,7 +1115,7 @@ impl StatePath {
             indexed: 0,
             wal_pos: 0,
             rules: None,
-            pending: Vec::with_capacity(SHARD_CHUNK),
+            pending: Vec::with_capacity(crate::state::shard::APPLY_CHUNK),
         }
     }
 
@@ -1177,7 +1174,7 @@ impl StatePath {
                 }
             }
             self.pending.push(a);
-            if self.pending.len() == SHARD_CHUNK {
+            if self.pending.len() == crate::state::shard::APPLY_CHUNK {
                 self.apply_pending();
             }
             self.top.push(TopOp::Add {

@@ -699,8 +699,12 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                     // One lock for both: a query never sees a click counted but not yet
                     // classified.
                     let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
-                    for a in &clicks {
-                        s.apply(a);
+                    // A chunk's cells are touched first, so their misses overlap.
+                    for chunk in clicks.chunks(crate::state::shard::APPLY_CHUNK) {
+                        s.warm(chunk);
+                        for a in chunk {
+                            s.apply(a);
+                        }
                     }
                     for (reason, a) in &work.invalid {
                         s.apply_invalid(usize::from(*reason), a);

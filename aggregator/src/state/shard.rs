@@ -660,6 +660,9 @@ impl Level {
 /// each other.
 const MERGE_CHUNK: usize = 16;
 
+/// Clicks a shard thread applies at once after warming their cells ([`ShardState::warm`]).
+pub const APPLY_CHUNK: usize = MERGE_CHUNK;
+
 /// Combinations of a cell's list [`Bucket::warm`] touches at most (8 lines, around the
 /// middle, where a binary search starts).
 const WARM_COMBOS: usize = 32;
