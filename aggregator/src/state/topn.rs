@@ -624,10 +624,9 @@ impl Seg {
         was_empty
     }
 
-    /// [`Seg::add`] for each nonzero `(ad, by)`; true when one of them found the live part
-    /// empty.
-    /// A live part it creates is shaped by `shape`. The ads go in chunks of
-    /// [`WARM_CHUNK`], each warmed first ([`Node::warm`]).
+    /// [`Seg::add_sized`] for each nonzero `(ad, by)`; true when one of them found the
+    /// live part empty. A live part it creates is shaped by `shape`. The ads go in chunks
+    /// of [`WARM_CHUNK`], each warmed first ([`Node::warm`]).
     fn add_run(&mut self, adds: &[(u64, u64)], seed: Seeded, shape: &Shape) -> bool {
         let mut fresh = false;
         for chunk in adds.chunks(WARM_CHUNK) {
