@@ -85,7 +85,10 @@
 //!
 //! `add`: O(1) expected (a B-tree lookup over the minute keys and one hash lookup; a
 //! late click to a built hour, one more of each); `add_run` shares the minute lookup
-//! among the ads of one minute. `top`: with `k` lists and `d` sorted
+//! among the ads of one minute, and looks up each chunk of 16 ads before adding them
+//! (independent lookups whose cache misses overlap; the adds then hit the cache). A new
+//! minute's node is sized like the minute before it (map and buckets), so it is not
+//! rehashed or regrown as it fills. `top`: with `k` lists and `d` sorted
 //! accesses before the stop, O(d log k + c·k) hash lookups for `c <= d`
 //! distinct candidates; on skewed (Zipf) data `d` is a small multiple of `n`
 //! per list. On flat data the threshold falls slowly, so the query carries a
@@ -216,10 +219,19 @@ struct Node {
 }
 
 impl Node {
-    fn new(seed: Seeded) -> Self {
+    /// A node sized as one holding `ads` ads whose bucket `b` took `buckets[b]` entries. A
+    /// new minute is shaped like the minute before it, so neither its map (some 15 times
+    /// as the minute fills, in each copy) nor its buckets grow while it takes about as
+    /// many ads as that one.
+    fn shaped(seed: Seeded, ads: usize, buckets: &[usize]) -> Self {
+        let buckets: Vec<Vec<u64>> = if ads == 0 {
+            Vec::new()
+        } else {
+            buckets.iter().map(|&n| Vec::with_capacity(n)).collect()
+        };
         Node {
-            slots: HashMap::with_hasher(seed),
-            buckets: Vec::new(),
+            slots: HashMap::with_capacity_and_hasher(ads, seed),
+            buckets,
             stale: 0,
             big: HashMap::with_hasher(seed),
         }
@@ -297,6 +309,23 @@ impl Node {
         }
     }
 
+    /// Looks up every ad of `adds` and changes nothing: independent lookups, whose cache
+    /// misses the CPU overlaps, so that the adds that follow (each dependent on its lookup
+    /// through the bucket it picks) find their slots in cache instead of missing one after
+    /// the other. A node of a busy minute is a few MB, two of them per index (one per
+    /// published copy): most probes would miss.
+    #[inline]
+    fn warm(&self, adds: &[(u64, u64)]) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let mut acc = 0u32;
+        for &(ad, _) in adds {
+            acc = acc.wrapping_add(self.slots.get(&ad).copied().unwrap_or(0));
+        }
+        std::hint::black_box(acc);
+    }
+
     /// Drops the stale entries: every ad once, in the bucket of its count.
     fn rebuild_buckets(&mut self) {
         for b in &mut self.buckets {
@@ -321,6 +350,11 @@ impl Node {
     fn next_bucket(&self, below: usize) -> Option<usize> {
         let end = below.min(self.buckets.len());
         self.buckets[..end].iter().rposition(|b| !b.is_empty())
+    }
+
+    /// Entries pushed onto each bucket (stale ones included) since its last rebuild.
+    fn shape(&self) -> Vec<usize> {
+        self.buckets.iter().map(Vec::len).collect()
     }
 
     fn heap_bytes(&self) -> usize {
@@ -557,6 +591,9 @@ impl<'a> Ads<'a> {
     }
 }
 
+/// `(ads, entries per bucket)`: how to size a new live part ([`Node::shaped`]).
+type Shape = (usize, Vec<usize>);
+
 /// One minute (or hour) of an index: its frozen part, shared between the published copies,
 /// plus what was added since it was frozen (every click of a minute not yet frozen).
 /// An ad's count is the sum of both; the Threshold Algorithm reads them as two lists.
@@ -575,22 +612,31 @@ impl Seg {
         self.frozen.as_ref().map_or(0, |f| f.len())
     }
 
-    /// Adds `by` clicks of `ad`; true when the live part was empty before (the segment has
-    /// just become a candidate for freezing).
-    fn add(&mut self, ad: u64, by: u64, seed: Seeded) -> bool {
-        let live = self.live.get_or_insert_with(|| Box::new(Node::new(seed)));
+    /// Adds `by` clicks of `ad`, creating the live part shaped by `shape` if it has none
+    /// ([`Node::shaped`]); true when the live part was empty before (the segment has just
+    /// become a candidate for freezing).
+    fn add_sized(&mut self, ad: u64, by: u64, seed: Seeded, shape: &Shape) -> bool {
+        let live = self
+            .live
+            .get_or_insert_with(|| Box::new(Node::shaped(seed, shape.0, &shape.1)));
         let was_empty = live.len() == 0;
         live.add(ad, by);
         was_empty
     }
 
-    /// [`Seg::add`] for each nonzero `(ad, by)`; true when one of them found the live part
-    /// empty.
-    fn add_run(&mut self, adds: &[(u64, u64)], seed: Seeded) -> bool {
+    /// [`Seg::add_sized`] for each nonzero `(ad, by)`; true when one of them found the
+    /// live part empty. A live part it creates is shaped by `shape`. The ads go in chunks
+    /// of [`WARM_CHUNK`], each warmed first ([`Node::warm`]).
+    fn add_run(&mut self, adds: &[(u64, u64)], seed: Seeded, shape: &Shape) -> bool {
         let mut fresh = false;
-        for &(ad, by) in adds {
-            if by > 0 {
-                fresh |= self.add(ad, by, seed);
+        for chunk in adds.chunks(WARM_CHUNK) {
+            if let Some(live) = self.live.as_deref() {
+                live.warm(chunk);
+            }
+            for &(ad, by) in chunk {
+                if by > 0 {
+                    fresh |= self.add_sized(ad, by, seed, shape);
+                }
             }
         }
         fresh
@@ -633,9 +679,27 @@ impl Seg {
         }
     }
 
+    /// What a live part shaped like this segment's holds: its ads and its buckets'
+    /// entries (only the ads when it is frozen).
+    fn shape(&self) -> Shape {
+        match self.live.as_deref() {
+            Some(n) => (n.len() + self.frozen_len(), n.shape()),
+            None => (self.frozen_len(), vec![0, self.frozen_len()]),
+        }
+    }
+
     /// Merges the live part into a new frozen part and returns it (for the other copy).
     fn freeze(&mut self, seed: u64) -> Arc<Frozen> {
-        let f = Arc::new(Frozen::build(self.entries().collect(), seed));
+        let entries: Vec<(u64, u64)> = match (&self.frozen, self.live.as_deref()) {
+            // A minute's first freeze: its node's cells, collected at their exact count.
+            (None, Some(n)) => n.iter().collect(),
+            _ => {
+                let mut v = Vec::with_capacity(self.frozen_len() + self.live_len());
+                v.extend(self.entries());
+                v
+            }
+        };
+        let f = Arc::new(Frozen::build(entries, seed));
         self.frozen = Some(f.clone());
         self.live = None;
         f
@@ -763,6 +827,11 @@ struct Cursor {
     pos: usize,
 }
 
+/// Ads of a run warmed together before they are added ([`Node::warm`]): enough
+/// independent cache misses in flight to fill the CPU's miss buffers, few enough that the
+/// lines are still in L1 when the adds reach them.
+const WARM_CHUNK: usize = 16;
+
 /// A live part at least 1/`DELTA_SHARE` the size of its segment's frozen part gets merged
 /// into a new frozen part at the next freeze pass (late clicks into an old minute).
 const DELTA_SHARE: usize = 8;
@@ -866,7 +935,18 @@ impl TopIndex {
             return;
         }
         let seed = self.seed;
-        if self.minutes.entry(minute).or_default().add_run(adds, seed) {
+        // A minute after every other one (the next minute of traffic) is shaped like the
+        // last one: about as many ads click in it, about as often.
+        let shape = match self.minutes.last_key_value() {
+            Some((&last, seg)) if last < minute => seg.shape(),
+            _ => (0, Vec::new()),
+        };
+        if self
+            .minutes
+            .entry(minute)
+            .or_default()
+            .add_run(adds, seed, &shape)
+        {
             self.dirty.insert(SegKey {
                 hour: false,
                 start: minute,
@@ -877,7 +957,7 @@ impl TopIndex {
         if minute < self.sealed_before {
             let hour = minute.div_euclid(HOUR);
             if let Some(seg) = self.hours.get_mut(&hour)
-                && seg.add_run(adds, seed)
+                && seg.add_run(adds, seed, &(0, Vec::new()))
             {
                 self.dirty.insert(SegKey {
                     hour: true,
@@ -1754,11 +1834,44 @@ mod tests {
         idx.check_invariants();
     }
 
+    /// A new minute's live part is shaped like the minute before it: its map and its
+    /// buckets take as many ads without growing; answers are unchanged.
+    #[test]
+    fn a_new_minute_is_shaped_like_the_last() {
+        let mut idx = TopIndex::new();
+        for ad in 0..1000u64 {
+            for _ in 0..=(ad % 3) {
+                idx.add(ad, 0, 1);
+            }
+        }
+        idx.add(5, 1, 1);
+        let prev = idx.minutes[&0].live.as_deref().expect("minute 0 is live");
+        let node = idx.minutes[&1].live.as_deref().expect("minute 1 is live");
+        assert!(node.slots.capacity() >= 1000);
+        for (b, v) in prev.buckets.iter().enumerate() {
+            assert!(node.buckets[b].capacity() >= v.len(), "bucket {b}");
+        }
+        idx.check_invariants();
+        assert_eq!(idx.top(2, 0, 2), vec![(5, 4), (2, 3)]);
+        // A late click into a frozen minute gets a small live part.
+        idx.seal(2);
+        idx.freeze_due();
+        idx.add(7, 0, 1);
+        assert!(
+            idx.minutes[&0]
+                .live
+                .as_deref()
+                .is_some_and(|n| n.slots.capacity() < 1000)
+        );
+        assert_eq!(idx.count(7, 0, 2), 3);
+        idx.check_invariants();
+    }
+
     /// Stale bucket entries are dropped once they outnumber the ads, and sorted access
     /// through them stays exact.
     #[test]
     fn stale_bucket_entries_are_dropped() {
-        let mut n = Node::new(Seeded::random());
+        let mut n = Node::shaped(Seeded::random(), 0, &[]);
         for round in 1..=40u64 {
             for ad in 0..100 {
                 n.add(ad, 1);
