@@ -12,9 +12,9 @@
 //!   never let a duplicate count. So the ids held are those of the last token lifetime +
 //!   retention; RAM holds at most `dedup.memory_bytes` of them, the disk the rest.
 //! - **RAM tier**: ids inserted since the last spill, at most `memory_bytes * 3/8` worth
-//!   (~[`RAM_ENTRY_BYTES`] each; the table takes 48-96 bytes per id, 64 at the default
+//!   (~[`RAM_ENTRY_BYTES`] each; the table takes 56-104 bytes per id, 72 at the default
 //!   budget: an open-addressing table of 32-byte slots where one probe is one cache line,
-//!   see `tier`). When full, or at a checkpoint, the tier is *frozen*
+//!   plus the list of used slots, see `tier`). When full, or at a checkpoint, the tier is *frozen*
 //!   (a fresh one takes the inserts) and a spill thread writes it to the disk tier in one
 //!   durable write (sorted: one immutable run file), then adds its ids to the Bloom
 //!   filter, expires old runs and merges runs (`store::runs`). Lookups check the frozen
@@ -52,7 +52,8 @@ use tier::{Place, Tier};
 pub type Id = [u8; 16];
 
 /// RAM budgeted per RAM-tier entry, used to turn the memory budget into an entry count
-/// (the tier's table takes 32 bytes per slot at a load between 1/3 and 2/3: at most 96).
+/// (the tier's table takes 32 bytes per slot at a load between 1/3 and 2/3, plus 8 per id
+/// for its list of used slots: at most 104 at the worst-rounded budget, 72 at the default).
 pub const RAM_ENTRY_BYTES: usize = 96;
 /// Bits per id in the Bloom filter at its design capacity (~1% false positives).
 const BLOOM_BITS_PER_ID: usize = 10;
