@@ -141,13 +141,33 @@ impl IdFilter {
         self.items.fetch_add(n as u64, Ordering::Release);
     }
 
+    /// The filter's hash of an id (a good 64-bit mix: its owner may use it for its own
+    /// tables, so an id is hashed once).
+    #[inline]
+    pub fn hash(id: &[u8; 16]) -> u64 {
+        id_hash(id)
+    }
+
     /// False: `id` was never inserted. True: it may have been. Costs nothing while empty.
     #[inline]
     pub fn may_contain(&self, id: &[u8; 16]) -> bool {
+        self.may_contain_hash(id_hash(id))
+    }
+
+    /// Loads the block [`IdFilter::may_contain_hash`] of `h` reads (nothing while empty).
+    #[inline]
+    pub fn warm_hash(&self, h: u64) {
+        if self.items.load(Ordering::Relaxed) != 0 {
+            std::hint::black_box(self.block(h)[0].load(Ordering::Relaxed));
+        }
+    }
+
+    /// [`IdFilter::may_contain`] of the id whose [`IdFilter::hash`] is `h`.
+    #[inline]
+    pub fn may_contain_hash(&self, h: u64) -> bool {
         if self.items.load(Ordering::Acquire) == 0 {
             return false;
         }
-        let h = id_hash(id);
         // Stops at the first clear bit (most absent ids: the first word): a short path, so
         // the CPU keeps more independent lookups (and their misses) in flight.
         let mut x = mix(h);
