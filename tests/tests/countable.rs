@@ -256,7 +256,7 @@ fn every_click_the_collector_acks_the_aggregator_counts() {
         windows.begin_batch(1);
         for c in accepted {
             acked += 1;
-            match windows.process(adclick_aggregator::decode::click_from_wire(&c)) {
+            match windows.process(&adclick_aggregator::decode::click_from_wire(&c)) {
                 Routed::Apply(..) | Routed::Duplicate => {}
                 other => panic!("case {case}: acked click {c:?} was {other:?} at the aggregator"),
             }
