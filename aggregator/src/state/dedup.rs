@@ -400,7 +400,7 @@ mod tier {
         /// Stores `id`'s entry at `at`, a place [`Tier::locate`] gave for it with no
         /// change to the table since.
         #[inline]
-        pub(super) fn put_at(&mut self, at: Place, id: &Id, h: u64, e: Entry) {
+        pub(super) fn put_at(&mut self, at: Place, id: &Id, e: Entry) {
             let ord = self.pack(e.ordinal);
             match at {
                 Place::Found(_, usize::MAX) | Place::Vacant(usize::MAX) => {
@@ -413,7 +413,7 @@ mod tier {
                     self.used.push(i);
                     self.len += 1;
                     if self.len * 8 > (self.mask + 1) * 7 {
-                        self.grow(h);
+                        self.grow();
                     }
                 }
             }
@@ -422,12 +422,12 @@ mod tier {
         /// Inserts or replaces `id`'s entry.
         pub(super) fn insert(&mut self, id: &Id, h: u64, e: Entry) {
             let at = self.locate(id, h);
-            self.put_at(at, id, h, e);
+            self.put_at(at, id, e);
         }
 
         /// Doubles the table (only past 7/8 full: a tier that cannot spill).
         #[cold]
-        fn grow(&mut self, _h: u64) {
+        fn grow(&mut self) {
             let mut bigger = Tier::with_slots((self.mask + 1) * 2);
             for (id, e) in self.iter() {
                 bigger.insert(&id, super::hash(&id), e);
@@ -653,7 +653,8 @@ impl Dedup {
         Dedup {
             // Sized for the whole tier up front (no rehash growth in the hot path): 32
             // bytes per slot at a load of at most 2/3 is within the `RAM_ENTRY_BYTES`
-            // per id of the budget; the OS maps the slots only as they are written.
+            // per id of the budget. Its pages are written once when it is made (see
+            // `Tier::with_slots`): RSS holds the tier from the start, within the budget.
             recent: Tier::new(max_recent),
             frozen: None,
             spare: None,
@@ -751,7 +752,7 @@ impl Dedup {
                     return Ok(true);
                 }
                 // Inserted by this click's own future (a replay after a crash): not seen.
-                self.recent.put_at(at, &id, h, entry);
+                self.recent.put_at(at, &id, entry);
                 return Ok(false);
             }
             Place::Vacant(_) => {
@@ -766,7 +767,7 @@ impl Dedup {
                         return Ok(true);
                     }
                 }
-                self.recent.put_at(at, &id, h, entry);
+                self.recent.put_at(at, &id, entry);
             }
         }
         if self.recent.len() >= self.max_recent {
@@ -1220,7 +1221,7 @@ mod tests {
                         (Place::Vacant(_), None) => {}
                         (p, m) => prop_assert!(false, "{:?} vs {:?}", p, m),
                     }
-                    t.put_at(place, &k, h, e);
+                    t.put_at(place, &k, e);
                 } else {
                     t.insert(&k, h, e);
                 }
