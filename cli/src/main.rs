@@ -11,6 +11,7 @@ mod jetstream;
 mod keys;
 mod loadgen;
 mod logging;
+mod ports;
 mod query;
 mod reconcile;
 mod serve;

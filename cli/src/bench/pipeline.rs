@@ -123,12 +123,6 @@ fn own_cpu_seconds() -> f64 {
     cpu_seconds("/proc/self/stat")
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// The children's log filter: `warn`, or `ADCLICK_BENCH_RUST_LOG` (with
 /// `ADCLICK_BENCH_LOGS`, e.g. `info` to see each checkpoint's phases).
 fn child_log_filter() -> String {
@@ -321,7 +315,13 @@ fn start(a: &PipelineArgs, dir: &Path) -> Result<Setup> {
     )?;
     let admin = "bench-admin-key-0123456789";
     let ingest = crate::keys::ingest_key()?;
-    let (grpc, agg_http) = (free_port()?, free_port()?);
+    // Held until the children start, below the ephemeral range (see `crate::ports`).
+    let mut ports = crate::ports::Reserved::default();
+    let (grpc, agg_http) = (ports.take()?, ports.take()?);
+    let col_ports = (0..a.collectors)
+        .map(|_| ports.take())
+        .collect::<Result<Vec<u16>>>()?;
+    ports.release();
     std::fs::write(
         dir.join("aggregator.toml"),
         format!(
@@ -348,8 +348,7 @@ fn start(a: &PipelineArgs, dir: &Path) -> Result<Setup> {
     )?;
     let mut collector_http = Vec::new();
     let mut collectors = Vec::new();
-    for i in 0..a.collectors {
-        let port = free_port()?;
+    for (i, port) in col_ports.into_iter().enumerate() {
         let cfg = dir.join(format!("collector{i}.toml"));
         std::fs::write(
             &cfg,

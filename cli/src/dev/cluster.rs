@@ -22,7 +22,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -70,16 +70,10 @@ struct Ports {
 impl Ports {
     fn plan(args: &DevArgs) -> Result<Ports> {
         if args.auto_ports {
-            // Bound together (so distinct), released just before the servers bind them: another
-            // program could take one in between, in which case that server fails to start
-            // and says so.
-            let mut held = Vec::new();
-            let mut take = || -> Result<u16> {
-                let l = TcpListener::bind("127.0.0.1:0").context("cannot bind 127.0.0.1:0")?;
-                let port = l.local_addr()?.port();
-                held.push(l);
-                Ok(port)
-            };
+            // Bound together (so distinct) below the ephemeral range (so no connection takes
+            // one before its server binds it), released when the plan is made.
+            let mut held = crate::ports::Reserved::default();
+            let mut take = || held.take();
             let mut pair = || -> Result<(u16, u16)> { Ok((take()?, take()?)) };
             let nats = (0..NATS_NODES).map(|_| pair()).collect::<Result<_>>()?;
             let shards = (0..SHARDS).map(|_| pair()).collect::<Result<_>>()?;

@@ -71,8 +71,9 @@ pub struct DevArgs {
     /// With --cluster: first shard port (shard i: gRPC --shard-port + 2i, HTTP the next).
     #[arg(long, default_value_t = 9190, requires = "cluster")]
     shard_port: u16,
-    /// With --cluster: every port OS-assigned instead of the fixed defaults (for scripts and
-    /// tests running several at once); dev.json and the banner say which.
+    /// With --cluster: every port picked free at random (below the kernel's ephemeral range)
+    /// instead of the fixed defaults, for scripts and tests running several at once; dev.json
+    /// and the banner say which.
     #[arg(long, requires = "cluster")]
     auto_ports: bool,
 }
