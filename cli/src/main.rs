@@ -11,7 +11,6 @@ mod jetstream;
 mod keys;
 mod loadgen;
 mod logging;
-mod ports;
 mod query;
 mod reconcile;
 mod serve;

@@ -53,12 +53,9 @@ mod support {
         (status, body)
     }
 
-    /// Three free loopback ports (bound, then released).
+    /// `N` distinct free loopback ports (bound, then released; see `adclick_devtools::ports`).
     pub fn free_ports<const N: usize>() -> [u16; N] {
-        let l: Vec<std::net::TcpListener> = (0..N)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        std::array::from_fn(|i| l[i].local_addr().unwrap().port())
+        std::array::from_fn(|_| adclick_devtools::ports::free_port().unwrap())
     }
 
     /// `adclick dev --no-traffic` on free ports in a temp data dir, until dropped.

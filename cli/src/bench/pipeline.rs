@@ -315,11 +315,11 @@ fn start(a: &PipelineArgs, dir: &Path) -> Result<Setup> {
     )?;
     let admin = "bench-admin-key-0123456789";
     let ingest = crate::keys::ingest_key()?;
-    // Held until the children start, below the ephemeral range (see `crate::ports`).
-    let mut ports = crate::ports::Reserved::default();
+    // Held until the children start, below the ephemeral range (see `adclick_devtools::ports`).
+    let mut ports = adclick_devtools::ports::Reserved::default();
     let (grpc, agg_http) = (ports.take()?, ports.take()?);
     let col_ports = (0..a.collectors)
-        .map(|_| ports.take())
+        .map(|_| ports.take().context("cannot reserve a port"))
         .collect::<Result<Vec<u16>>>()?;
     ports.release();
     std::fs::write(

@@ -72,8 +72,8 @@ impl Ports {
         if args.auto_ports {
             // Bound together (so distinct) below the ephemeral range (so no connection takes
             // one before its server binds it), released when the plan is made.
-            let mut held = crate::ports::Reserved::default();
-            let mut take = || held.take();
+            let mut held = adclick_devtools::ports::Reserved::default();
+            let mut take = || held.take().context("cannot reserve a port");
             let mut pair = || -> Result<(u16, u16)> { Ok((take()?, take()?)) };
             let nats = (0..NATS_NODES).map(|_| pair()).collect::<Result<_>>()?;
             let shards = (0..SHARDS).map(|_| pair()).collect::<Result<_>>()?;

@@ -34,9 +34,13 @@ pub fn minute_of(t: i64) -> i64 {
 
 /// A port nothing listens on right now (for "aggregator unreachable", or a server to be
 /// started there later).
+/// Picked below the kernel's ephemeral range, so no connection takes it meanwhile (see
+/// [`adclick_devtools::ports`]).
 pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from((
+        [127, 0, 0, 1],
+        adclick_devtools::ports::free_port().unwrap(),
+    ))
 }
 
 /// A TCP connection to `to` from the loopback address `from` (any 127.x.y.z works on

@@ -11,7 +11,7 @@
 //! fresh machine; if that fails the test fails loudly. Tests never skip for a missing
 //! server.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -58,14 +58,11 @@ pub fn server_binary() -> PathBuf {
     .clone()
 }
 
-/// A port free right now (bound, then released). Another process can take it before the
-/// server binds it; [`NatsCluster::start`] retries with new ports when a node fails.
+/// A port free right now (bound, then released; see [`adclick_devtools::ports`]). Another
+/// process can still take it before the server binds it; [`NatsCluster::start`] retries
+/// with new ports when a node fails.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    adclick_devtools::ports::free_port().unwrap()
 }
 
 /// One nats-server process of a [`NatsCluster`].

@@ -8,9 +8,14 @@
 //! random place, so that several runs at once rarely meet) and holds each one bound until
 //! the children are about to start.
 
+use std::hash::{BuildHasher, RandomState};
+use std::io;
 use std::net::{Ipv4Addr, TcpListener};
+use std::sync::Mutex;
 
-use anyhow::{Context, Result, bail};
+/// Every port this process has handed out: never twice, so that two callers that each
+/// release theirs before their servers bind cannot be given the same one.
+static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
 /// The lowest port picked (below: the well-known and registered services people run).
 const FLOOR: u16 = 10_000;
@@ -25,20 +30,24 @@ pub struct Reserved {
 
 impl Reserved {
     /// Binds one more port on 127.0.0.1 (distinct from those held) and returns it.
-    pub fn take(&mut self) -> Result<u16> {
+    pub fn take(&mut self) -> io::Result<u16> {
         let l = match below_ephemeral() {
             Some((lo, hi)) => bind_in(lo, hi)?,
-            None => {
-                TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot bind 127.0.0.1:0")?
-            }
+            None => TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?,
         };
         let port = l.local_addr()?.port();
+        GIVEN.lock().unwrap_or_else(|p| p.into_inner()).push(port);
         self.held.push(l);
         Ok(port)
     }
 
     /// Releases every port held, for the children to bind.
     pub fn release(self) {}
+}
+
+/// One port free now, released at once (never handed out again by this process).
+pub fn free_port() -> io::Result<u16> {
+    Reserved::default().take()
 }
 
 /// `[FLOOR, start of the ephemeral range)`, if that is at least [`MIN_SPAN`] wide.
@@ -49,18 +58,27 @@ fn below_ephemeral() -> Option<(u16, u16)> {
 }
 
 /// The first port of `[lo, hi)` that binds, starting at a random place and wrapping.
-fn bind_in(lo: u16, hi: u16) -> Result<TcpListener> {
-    let span = u32::from(hi - lo);
-    let mut seed = [0u8; 4];
-    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
-    let first = u32::from_le_bytes(seed) % span;
-    for k in 0..span {
-        let port = lo + u16::try_from((first + k) % span).expect("below hi, a u16");
+fn bind_in(lo: u16, hi: u16) -> io::Result<TcpListener> {
+    let span = hi - lo;
+    // RandomState's keys are random per process (and per call after the first).
+    let r = RandomState::new().hash_one(std::process::id()) % u64::from(span);
+    let first = u16::try_from(r).unwrap_or(0);
+    for port in (lo + first..hi).chain(lo..lo + first) {
+        if GIVEN
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&port)
+        {
+            continue;
+        }
         if let Ok(l) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
             return Ok(l);
         }
     }
-    bail!("no free port on 127.0.0.1 in {lo}..{hi}")
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("no free port on 127.0.0.1 in {lo}..{hi}"),
+    ))
 }
 
 #[cfg(test)]
