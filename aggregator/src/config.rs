@@ -78,12 +78,18 @@ pub struct ClickIndexConfig {
     /// or `user_id` whose range starts before `watermark - retention_minutes` is refused.
     /// Disk: about 94 bytes per counted click kept (BENCHMARKS.md, "Click index").
     pub retention_minutes: i64,
+    /// RAM for the clicks counted since the last segment (about 70 bytes each; default 64
+    /// MiB, at least 1 MiB). Above it a segment is written at once instead of at the next
+    /// checkpoint: RAM stays bounded at any click rate, at the cost of more, smaller
+    /// segment files.
+    pub memory_bytes: usize,
 }
 
 impl Default for ClickIndexConfig {
     fn default() -> Self {
         ClickIndexConfig {
             retention_minutes: 24 * 60,
+            memory_bytes: 64 << 20,
         }
     }
 }
@@ -414,6 +420,12 @@ impl AggregatorConfig {
         }
         if self.click_index.retention_minutes < 2 {
             return err("click_index.retention_minutes must be at least 2".into());
+        }
+        if self.click_index.memory_bytes < 1 << 20 {
+            return err(format!(
+                "click_index.memory_bytes = {} is below the minimum of 1048576 (1 MiB)",
+                self.click_index.memory_bytes
+            ));
         }
         self.archive.validate().map_err(ConfigError)?;
         self.rules.validate().map_err(ConfigError)?;

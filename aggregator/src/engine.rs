@@ -376,6 +376,9 @@ struct Writer<S: Store> {
     /// A checkpoint taken, waiting for the click index's segment up to its position and
     /// its dedup run (both written off this thread) before it is saved.
     pending: Option<PendingCheckpoint>,
+    /// No segment for the click index's memory budget before this (set when one failed:
+    /// the checkpoint's flush retries it, and a full disk is not hammered meanwhile).
+    early_flush_after: Instant,
     /// Set when `[archive]` is on.
     archive: Option<ArchiveHook>,
     /// The invalid-traffic rules (`rules`): state checkpointed as table `rules`.
@@ -552,6 +555,7 @@ pub fn start<S: Store + 'static>(
         next_pos,
         cfg,
         last_checkpoint: Instant::now(),
+        early_flush_after: Instant::now(),
         last_evict: [i64::MIN; 3],
         last_seal: i64::MIN,
         dedup_floor,
@@ -830,6 +834,7 @@ impl<S: Store> Writer<S> {
                 return;
             }
             self.save_checkpoint(false);
+            self.flush_index_early(false);
             if self.last_checkpoint.elapsed() >= tick {
                 self.checkpoint(false);
             }
@@ -838,6 +843,7 @@ impl<S: Store> Writer<S> {
         // crash, which must leave the disk as a crash would).
         if !self.view.killed.load(Ordering::Acquire) {
             self.save_checkpoint(true);
+            self.flush_index_early(true);
             self.checkpoint(true);
             self.save_checkpoint(true);
         }
@@ -1416,6 +1422,42 @@ impl<S: Store> Writer<S> {
             .inc_by(spilled.saturating_sub(m.dedup_spilled.get()));
         m.dedup_disk_reads
             .inc_by(reads.saturating_sub(m.dedup_disk_reads.get()));
+    }
+
+    /// Bounds the click index's RAM: above `click_index.memory_bytes` its chunks go to a
+    /// segment now, up to the last batch written, rather than at the next checkpoint
+    /// (crash-safe as a checkpoint's segment is: a start drops segments past its
+    /// checkpoint and the replay indexes their batches again). Also finishes such a flush
+    /// (waiting for it with `wait`); a failed one leaves the chunks in RAM for the
+    /// checkpoint's flush to retry.
+    fn flush_index_early(&mut self, wait: bool) {
+        if self.pending.is_some() {
+            // The checkpoint's own flush: `save_checkpoint` finishes it.
+            return;
+        }
+        if self.index.flushing() {
+            match self.index.finish_flush(wait) {
+                None | Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    self.metrics.checkpoint_errors.inc();
+                    tracing::error!(error = %e, "click index segment (memory budget) failed; its clicks stay in RAM until the next checkpoint's segment");
+                    self.early_flush_after = Instant::now()
+                        + Duration::from_millis(self.cfg.checkpoint.interval_ms.max(10));
+                }
+            }
+        }
+        let ram = self.index.ram_bytes();
+        self.metrics
+            .click_index_memory_bytes
+            .set(i64::try_from(ram).unwrap_or(i64::MAX));
+        if !wait
+            && !self.index.flushing()
+            && ram > self.cfg.click_index.memory_bytes
+            && Instant::now() >= self.early_flush_after
+        {
+            self.metrics.click_index_early_flushes.inc();
+            self.index.start_flush(self.next_pos - 1);
+        }
     }
 
     /// Takes a checkpoint (saved by [`Writer::save_checkpoint`] once what it relies on is

@@ -118,6 +118,12 @@ adclick_proto::metrics! {
         pub quarantine_bytes: Gauge = Gauge::default();
         /// Bytes of the click index's segments on disk (`click_index/`).
         pub click_index_bytes: Gauge = Gauge::default();
+        /// Bytes of the click index's clicks in RAM, not yet in a segment (a segment is
+        /// written early above `click_index.memory_bytes`).
+        pub click_index_memory_bytes: Gauge = Gauge::default();
+        /// Click-index segments written between checkpoints because the RAM budget was
+        /// reached.
+        pub click_index_early_flushes: Counter = Counter::default();
         /// Quarantine records dropped because quarantine.max_bytes was reached (alert on it).
         pub quarantine_dropped: Counter = Counter::default();
         /// Rows in published raw click archive files (`[archive]`).

@@ -346,6 +346,104 @@ fn ip_and_user_filters_are_exact_and_survive_restarts_and_crashes() {
     rt.block_on(a.shutdown());
 }
 
+/// Segment names `<from>-<upto>.seg` in `dir`, as (from, upto).
+fn segment_spans(dir: &std::path::Path) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            adclick_aggregator::clickindex::segment::parse_name(&name)
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// `click_index.memory_bytes` bounds the index's RAM between checkpoints: above it a
+/// segment is written at once. With checkpoints an hour apart, 60 batches of 1,000 clicks
+/// (~56 bytes each in RAM) into a 1 MiB budget make segments before any checkpoint; the
+/// answers stay exact live, after a crash with such segments past the last checkpoint
+/// (they are dropped and the replay indexes their batches again), and after the re-sent
+/// batches are all acked as already counted.
+#[test]
+fn a_memory_budget_writes_segments_between_checkpoints_and_stays_exact_across_a_crash() {
+    const BATCHES: u64 = 60;
+    let batches: Vec<Vec<IngestClick>> = (0..BATCHES)
+        .map(|i| make(1_000 + i, 1_000, T0, 30))
+        .collect();
+    let unique = unique(&batches);
+    assert_eq!(unique.len(), 60_000);
+    let dir = tempfile::tempdir().unwrap();
+    let index_dir = dir.path().join("click_index");
+    let cfg = || {
+        let mut c = config(dir.path());
+        c.checkpoint.interval_ms = 3_600_000;
+        c.click_index.memory_bytes = 1 << 20;
+        c
+    };
+    let half = batches.len() / 2;
+
+    // The first half, then a clean stop: its final checkpoint covers WAL position `half`.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = rt.block_on(start_retrying(cfg(), None));
+    rt.block_on(send_all(&a, &batches, half));
+    let early = a.metrics().click_index_early_flushes.get();
+    assert!(
+        early >= 1,
+        "no segment for the memory budget in the first half"
+    );
+    rt.block_on(check(&a, &unique[..half * 1_000]));
+    rt.block_on(a.shutdown());
+    drop(rt);
+    let spans = segment_spans(&index_dir);
+    assert_eq!(spans.last().map(|s| s.1), Some(half as u64), "{spans:?}");
+    assert!(
+        spans.len() >= 2,
+        "early segments and the checkpoint's: {spans:?}"
+    );
+
+    // The second half, then a crash: segments past the checkpoint are on disk.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = rt.block_on(start_retrying(cfg(), None));
+    rt.block_on(async {
+        let (mut ing, _) = clients(&a).await;
+        for (i, b) in batches.iter().enumerate().skip(half) {
+            send(&mut ing, "c", i as u64 + 1, b.clone()).await;
+        }
+    });
+    let live = rt.block_on(check(&a, &unique));
+    let m = a.metrics();
+    assert!(m.click_index_early_flushes.get() >= 1);
+    assert!(
+        rt.block_on(adclick_test_support::common::eventually(
+            std::time::Duration::from_secs(30),
+            || segment_spans(&index_dir).iter().any(|s| s.1 > half as u64)
+        )),
+        "no segment past the checkpoint before the crash: {:?}",
+        segment_spans(&index_dir)
+    );
+    a.kill();
+    rt.shutdown_background();
+
+    // Restart: the replay re-indexes the second half; every batch is already acked.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = rt.block_on(start_retrying(cfg(), None));
+    assert!(
+        segment_spans(&index_dir).iter().all(|s| s.1 <= half as u64),
+        "segments past the checkpoint survived the start: {:?}",
+        segment_spans(&index_dir)
+    );
+    rt.block_on(async {
+        let (mut ing, _) = clients(&a).await;
+        for (i, b) in batches.iter().enumerate() {
+            let ack = send(&mut ing, "c", i as u64 + 1, b.clone()).await;
+            assert!(ack.already_acked, "batch {}", i + 1);
+        }
+    });
+    assert_eq!(rt.block_on(check(&a, &unique)), live, "after the crash");
+    rt.block_on(a.shutdown());
+}
+
 /// Invalid values name `filter.ip` / `filter.user_id` (gRPC) or the parameter (HTTP); a
 /// range before the index's retention is refused; expired segments are deleted.
 #[test]

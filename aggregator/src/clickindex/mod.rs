@@ -5,16 +5,20 @@
 //! - **chunks** (RAM): the clicks of one applied batch, sorted by IP and by user id when
 //!   the batch is done (`Chunk`), published to queries at once (before the ack);
 //! - **segments** (`<data_dir>/click_index/*.seg`, [`segment`]): at every checkpoint the
-//!   chunks since the last one are aggregated per (ip or user, minute, ad, combination),
-//!   written to one immutable file (temp + fsync + rename + directory fsync) and dropped
-//!   from RAM. A query binary-searches each segment of its range with positioned reads.
+//!   chunks since the last segment are aggregated per (ip or user, minute, ad,
+//!   combination), written to one immutable file (temp + fsync + rename + directory fsync)
+//!   and dropped from RAM; also between checkpoints, as soon as the chunks hold more than
+//!   `click_index.memory_bytes` (so RAM is bounded by bytes, not by the checkpoint
+//!   interval times the click rate). A query binary-searches each segment of its range
+//!   with positioned reads.
 //!
 //! Exactness: the writer pushes a click only when the window operator counted it
 //! (`Routed::Apply`: after exact dedup, late clicks included, too-old and malformed ones
 //! never), in WAL order, from the same path WAL replay takes.
 //!
-//! Crash safety: a segment is named by the WAL positions it covers, `(from, upto]`, and
-//! every checkpoint first flushes a segment up to its own position. A start keeps exactly
+//! Crash safety: a segment is named by the WAL positions it covers, `(from, upto]` (`upto`
+//! the last batch it holds), and every checkpoint first flushes a segment up to its own
+//! position. A start keeps exactly
 //! the segments with `upto <=` the checkpoint's position and deletes the others (written
 //! for a checkpoint that did not commit): the WAL after the checkpoint still holds their
 //! batches, and replay indexes them again. So the index always equals "every click counted
@@ -168,6 +172,13 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    /// Heap bytes it holds (what [`IndexWriter::ram_bytes`] sums).
+    fn heap_bytes(&self) -> usize {
+        self.recs.capacity() * std::mem::size_of::<Rec>()
+            + self.by_user.capacity() * std::mem::size_of::<u32>()
+            + self.users.capacity()
+    }
+
     fn user(&self, r: &Rec) -> &[u8] {
         let s = r.user_off as usize;
         &self.users[s..s + r.user_len as usize]
@@ -386,6 +397,8 @@ pub type Shared = ArcSwap<Snapshot>;
 struct Parts {
     segments: Arc<Vec<Arc<Segment>>>,
     chunks: ChunkList,
+    /// Heap bytes of `chunks`.
+    chunk_bytes: usize,
     masker: Option<Arc<IpMasker>>,
 }
 
@@ -464,6 +477,7 @@ impl IndexWriter {
         let parts = Parts {
             segments: Arc::new(segments),
             chunks: ChunkList::default(),
+            chunk_bytes: 0,
             masker: None,
         };
         let shared = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
@@ -545,6 +559,7 @@ impl IndexWriter {
         });
         c.by_user = by_user;
         let mut parts = lock(&self.parts);
+        parts.chunk_bytes += c.heap_bytes();
         parts.chunks.push(Arc::new(c));
         parts.publish(&self.shared);
     }
@@ -552,6 +567,13 @@ impl IndexWriter {
     /// Whether a flush is being written.
     pub fn flushing(&self) -> bool {
         self.in_flight.is_some()
+    }
+
+    /// Heap bytes of the chunks in RAM (published, not yet replaced by a segment), those
+    /// of a flush being written included. The engine flushes early above
+    /// `click_index.memory_bytes`.
+    pub fn ram_bytes(&self) -> usize {
+        lock(&self.parts).chunk_bytes
     }
 
     /// Starts writing the chunks so far as one segment covering WAL positions up to
@@ -704,6 +726,8 @@ fn write_segment(
     p.segments = Arc::new(segments);
     debug_assert!(p.chunks.iter().zip(chunks).all(|(a, b)| Arc::ptr_eq(a, b)));
     p.chunks.drop_first(chunks.len());
+    let freed: usize = chunks.iter().map(|c| c.heap_bytes()).sum();
+    p.chunk_bytes = p.chunk_bytes.saturating_sub(freed);
     p.publish(shared);
     Ok(())
 }
@@ -933,5 +957,10 @@ impl Lanes {
     /// Bytes of both lanes' segments on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.all.disk_bytes() + self.invalid.disk_bytes()
+    }
+
+    /// Heap bytes of both lanes' chunks in RAM ([`IndexWriter::ram_bytes`]).
+    pub fn ram_bytes(&self) -> usize {
+        self.all.ram_bytes() + self.invalid.ram_bytes()
     }
 }
