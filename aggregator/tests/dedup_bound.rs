@@ -194,9 +194,10 @@ fn rss_bytes() -> u64 {
 }
 
 /// 1M unique impressions (a flood; `ADCLICK_FLOOD=N` for another size) into an aggregator
-/// with `dedup.memory_bytes` = 32 MiB:
+/// with `dedup.memory_bytes` = 32 MiB and `click_index.memory_bytes` = 8 MiB:
 /// prints RSS before and after; the growth must stay under the dedup ceiling plus the
-/// store's page cache (`STORE_CACHE_BYTES`) and a fixed allowance for the counting state.
+/// store's page cache (`STORE_CACHE_BYTES`), twice the click index's budget (its chunks
+/// and the copy a segment is written from) and a fixed allowance for the counting state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: run with --release -- --ignored --nocapture flood"]
 async fn flood_of_a_million_unique_impressions_keeps_rss_under_the_ceiling() {
@@ -204,6 +205,10 @@ async fn flood_of_a_million_unique_impressions_keeps_rss_under_the_ceiling() {
     let memory = 32 << 20;
     let mut cfg = config(dir.path(), memory);
     cfg.checkpoint.interval_ms = 5_000;
+    // Every counted click is also in the click index: in RAM up to this budget, then in a
+    // segment (written from a copy as large again).
+    let index_memory = 8 << 20;
+    cfg.click_index.memory_bytes = index_memory;
     let a = start_retrying(cfg, None).await;
     let ch = connect(&a).await;
     // Warm up (threads, connections, first cells) before the baseline.
@@ -227,7 +232,10 @@ async fn flood_of_a_million_unique_impressions_keeps_rss_under_the_ceiling() {
     let after = rss_bytes();
     let m = a.metrics();
     assert_eq!(m.clicks_with("applied"), n + 1000);
-    let ceiling = memory as u64 + adclick_aggregator::store::STORE_CACHE_BYTES as u64 + (32 << 20);
+    let ceiling = memory as u64
+        + adclick_aggregator::store::STORE_CACHE_BYTES as u64
+        + 2 * index_memory as u64
+        + (32 << 20);
     println!(
         "flood: {n} unique impressions; RSS before {} MiB, after {} MiB, peak {} MiB, growth {} MiB; \
          dedup.memory_bytes {} MiB, RAM ids {}, spilled {}, ceiling for growth {} MiB",
