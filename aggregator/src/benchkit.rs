@@ -562,6 +562,8 @@ pub fn apply_mix(cfg: &MixConfig) -> MixReport {
         let times = (t.elapsed().as_secs_f64(), thread_cpu_seconds() - cpu);
         (gen_.i, times, gen_)
     };
+    // The queue is empty: the last clicks are published (outside the timed loop).
+    path.publish();
     let seconds = times.0.max(1e-9);
     let cpu_seconds = times.1.max(0.0);
     let counts = path.counts();
@@ -1038,6 +1040,8 @@ pub struct StatePath {
     /// Routed clicks not applied yet: the shard applies them a chunk at a time, its cells
     /// warmed first (`ShardState::warm`), as the engine's shard thread does.
     pending: Vec<Applied>,
+    /// Clicks applied since the top-N index was last published.
+    unpublished: usize,
     /// The dedup disk tier's run files (declared after `windows`: dropped after it).
     _dedup_dir: tempfile_dir::Dir,
 }
@@ -1116,6 +1120,7 @@ impl StatePath {
             wal_pos: 0,
             rules: None,
             pending: Vec::with_capacity(crate::state::shard::APPLY_CHUNK),
+            unpublished: 0,
         }
     }
 
@@ -1174,6 +1179,7 @@ impl StatePath {
                 }
             }
             self.pending.push(a);
+            self.unpublished += 1;
             if self.pending.len() == crate::state::shard::APPLY_CHUNK {
                 self.apply_pending();
             }
@@ -1200,17 +1206,23 @@ impl StatePath {
 
     /// What the engine does after each batch: seal the minutes the watermark passed
     /// (`evict_if_due`; eviction is past the 48 h retention, never within a bench), and
-    /// publish the top-N index (`shard_loop`).
+    /// publish the top-N index after a seal or once [`crate::engine::PUBLISH_EVERY_CLICKS`]
+    /// clicks are applied since the last time, as a saturated shard thread does (its queue
+    /// then always holds the next batches: `shard_loop`).
     fn end_batch(&mut self) {
         self.apply_pending();
         let wm = self.windows.watermark_ms();
         let seal = wm.div_euclid(LEVEL_MS[0]) * LEVEL_MS[0];
-        if wm != i64::MIN && seal > self.last_seal {
+        let sealed = wm != i64::MIN && seal > self.last_seal;
+        if sealed {
             self.last_seal = seal;
             self.shard.seal(seal);
             self.top.push(TopOp::Seal(seal.div_euclid(LEVEL_MS[0])));
         }
-        self.top.publish(&self.published);
+        // A seal is a message of its own to the shard thread, published after it.
+        if sealed || self.unpublished >= crate::engine::PUBLISH_EVERY_CLICKS {
+            self.publish();
+        }
         if let Some((rules, _)) = &mut self.rules {
             rules.expire(wm);
         }
@@ -1247,6 +1259,12 @@ impl StatePath {
     /// The shard's own heap estimate.
     pub fn heap_bytes(&self) -> u64 {
         self.shard.heap_bytes() as u64
+    }
+
+    /// Publishes the top-N index (as a shard thread does when its queue is empty).
+    pub fn publish(&mut self) {
+        self.top.publish(&self.published);
+        self.unpublished = 0;
     }
 
     /// Unfiltered top `n` over minutes [from, to) (minute indices), from the published

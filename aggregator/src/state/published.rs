@@ -16,7 +16,8 @@
 //! cells). The cells (GetAdClicks) are still read under the shard's read-write lock.
 //!
 //! To keep applying twice cheap, clicks are not logged one by one: the adds pushed
-//! between two other ops (a batch: up to the next seal, eviction or publish) are logged as
+//! between two other ops (a batch: up to the next seal, eviction or publish; the shard
+//! thread publishes once per run of queued batches, `engine::PUBLISH_EVERY_CLICKS`) are logged as
 //! one [`TopOp::Adds`], grouped per index and minute by a counting sort and summed per ad
 //! through a small hash table (Zipf traffic repeats ads within a batch), so each copy
 //! probes a node for a run of ads back to back. The grouping allocates nothing per batch:

@@ -28,6 +28,10 @@ pub struct AggregatorArgs {
     /// Percent of late clicks (2-5 minutes behind the watermark).
     #[arg(long, default_value_t = 1.0)]
     late_pct: f64,
+    /// Clicks per encoded batch (one WAL entry: the engine applies, seals and publishes
+    /// the top-N index per batch).
+    #[arg(long, default_value_t = 5_000)]
+    batch: usize,
     /// Skip the two untimed memory passes (no bytes per cell / per dedup entry).
     #[arg(long)]
     no_memory: bool,
@@ -57,8 +61,8 @@ pub struct AggregatorArgs {
 }
 
 pub fn run(a: AggregatorArgs) -> Result<()> {
-    if a.clicks == 0 || a.ads == 0 || a.minutes < 1 {
-        bail!("--clicks, --ads and --minutes must be at least 1");
+    if a.clicks == 0 || a.ads == 0 || a.minutes < 1 || a.batch == 0 {
+        bail!("--clicks, --ads, --minutes and --batch must be at least 1");
     }
     let cfg = MixConfig {
         clicks: a.clicks,
@@ -72,6 +76,7 @@ pub fn run(a: AggregatorArgs) -> Result<()> {
         top_index_fields: IndexField::parse_list(&a.top_index_fields)
             .map_err(|e| anyhow::anyhow!("--top-index-fields: {e}"))?,
         click_index: !a.no_click_index,
+        batch: a.batch,
         ..MixConfig::default()
     };
     eprintln!(
