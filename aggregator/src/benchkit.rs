@@ -1145,7 +1145,8 @@ impl StatePath {
         // As the engine: decode the batch, warm the window operator's lookups, apply.
         let clicks: Vec<ClickIn<'_>> = decode_clicks(batch).map_while(Result::ok).collect();
         self.windows.warm(&clicks);
-        for c in &clicks {
+        for (i, c) in clicks.iter().enumerate() {
+            self.windows.warm_ahead(&clicks, i);
             self.push(c);
         }
         self.end_batch();

@@ -1139,7 +1139,8 @@ impl<S: Store> Writer<S> {
                 invalid: Vec::new(),
             })
             .collect();
-        for c in &clicks {
+        for (i, c) in clicks.iter().enumerate() {
+            self.windows.warm_ahead(&clicks, i);
             let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id);
             let (ip, user) = (c.client_ip, c.user_id);
             let late_before = self.windows.counters.late;
