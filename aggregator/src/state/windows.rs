@@ -265,7 +265,7 @@ impl ClickWindows {
     /// tail ads' lines were mostly evicted by then). Changes no state.
     #[inline]
     pub fn warm_ahead(&self, clicks: &[ClickIn<'_>], i: usize) {
-        if i % OWNER_GROUP == 0 {
+        if i.is_multiple_of(OWNER_GROUP) {
             let next = (i + OWNER_GROUP).min(clicks.len());
             let end = (i + 2 * OWNER_GROUP).min(clicks.len());
             self.warm_owners(&clicks[next..end]);
