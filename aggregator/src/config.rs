@@ -78,8 +78,8 @@ pub struct ClickIndexConfig {
     /// or `user_id` whose range starts before `watermark - retention_minutes` is refused.
     /// Disk: about 94 bytes per counted click kept (BENCHMARKS.md, "Click index").
     pub retention_minutes: i64,
-    /// RAM for the clicks counted since the last segment (about 70 bytes each; default 64
-    /// MiB, at least 1 MiB). Above it a segment is written at once instead of at the next
+    /// RAM for the clicks counted since the last segment (52 bytes each plus the user id's;
+    /// default 64 MiB, at least 1 MiB). Above it a segment is written at once instead of at the next
     /// checkpoint: RAM stays bounded at any click rate, at the cost of more, smaller
     /// segment files.
     pub memory_bytes: usize,
@@ -578,6 +578,21 @@ mod edge_tests {
     use super::*;
     use adclick_proto::v1::{IngestBatch, IngestClick};
     use prost::Message;
+
+    /// `click_index.memory_bytes` below 1 MiB is refused, naming the key and the minimum.
+    #[test]
+    fn a_click_index_budget_below_one_mib_is_refused() {
+        let mut cfg = keyed();
+        cfg.validate().unwrap();
+        cfg.click_index.memory_bytes = 65_536;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("click_index.memory_bytes = 65536") && e.contains("1 MiB"),
+            "{e}"
+        );
+        cfg.click_index.memory_bytes = 1 << 20;
+        cfg.validate().unwrap();
+    }
 
     /// The derivation of `MAX_CLICK_BYTES`, checked against prost: every field at its
     /// largest encoding under the collector's default limits.
