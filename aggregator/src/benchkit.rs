@@ -1208,8 +1208,11 @@ impl StatePath {
     /// What the engine does after each batch: seal the minutes the watermark passed
     /// (`evict_if_due`; eviction is past the 48 h retention, never within a bench), and
     /// publish the top-N index after a seal or once [`crate::engine::PUBLISH_EVERY_CLICKS`]
-    /// clicks are applied since the last time, as a saturated shard thread does (its queue
-    /// then always holds the next batches: `shard_loop`).
+    /// clicks are applied since the last time, as a saturated shard thread does. (Its run
+    /// is at most its share of one writer group, up to 64 WAL batches: the writer waits for
+    /// the group's confirmations before the next one. With 2 shards that reaches the cap
+    /// once the forwarded batches hold 625 clicks or more; the collectors forward spool
+    /// records of up to 20,000. Smaller batches publish more often than modelled here.)
     fn end_batch(&mut self) {
         self.apply_pending();
         let wm = self.windows.watermark_ms();

@@ -678,10 +678,12 @@ pub fn start<S: Store + 'static>(
 
 /// Counted clicks a shard thread applies, from batches already queued, before it publishes
 /// its top-N index and confirms them (`shard_loop`). Publishing logs and sums each run of
-/// adds once per copy, so a longer run sums more repeats of an ad (Zipf traffic): at
-/// saturation the queue holds many batches and one publish per ~20k clicks instead of
-/// per 5k-click batch cut the apply cost per click by ~7% (`adclick bench aggregator
-/// --batch`, BENCHMARKS.md). With an empty queue each batch is published at once, as before.
+/// adds once per copy, so a longer run sums more repeats of an ad (Zipf traffic): one
+/// publish per ~20k clicks instead of per 5k-click batch cut the apply cost per click by
+/// ~7% (`adclick bench aggregator --batch`, BENCHMARKS.md). A run is at most the shard's
+/// share of one writer group (up to 64 WAL batches: the writer waits for a group's
+/// confirmations before sending the next), so it reaches the cap only under load with
+/// large batches. With an empty queue each batch is published at once, as before.
 pub const PUBLISH_EVERY_CLICKS: usize = 20_000;
 
 fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWriter) {
@@ -875,8 +877,11 @@ impl<S: Store> Writer<S> {
                 return;
             }
             self.save_checkpoint(false);
-            self.flush_index_early(false);
-            if self.last_checkpoint.elapsed() >= tick {
+            // A checkpoint due takes the chunks in its own segment: no early one is started
+            // then, or back-to-back early segments under load could put it off forever.
+            let due = self.last_checkpoint.elapsed() >= tick;
+            self.flush_index_early(false, due);
+            if due {
                 self.checkpoint(false);
             }
         }
@@ -884,7 +889,7 @@ impl<S: Store> Writer<S> {
         // crash, which must leave the disk as a crash would).
         if !self.view.killed.load(Ordering::Acquire) {
             self.save_checkpoint(true);
-            self.flush_index_early(true);
+            self.flush_index_early(true, true);
             self.checkpoint(true);
             self.save_checkpoint(true);
         }
@@ -1471,8 +1476,8 @@ impl<S: Store> Writer<S> {
     /// (crash-safe as a checkpoint's segment is: a start drops segments past its
     /// checkpoint and the replay indexes their batches again). Also finishes such a flush
     /// (waiting for it with `wait`); a failed one leaves the chunks in RAM for the
-    /// checkpoint's flush to retry.
-    fn flush_index_early(&mut self, wait: bool) {
+    /// checkpoint's flush to retry. None is started when a checkpoint is `due`.
+    fn flush_index_early(&mut self, wait: bool, due: bool) {
         if self.pending.is_some() {
             // The checkpoint's own flush: `save_checkpoint` finishes it.
             return;
@@ -1481,7 +1486,7 @@ impl<S: Store> Writer<S> {
             match self.index.finish_flush(wait) {
                 None | Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    self.metrics.checkpoint_errors.inc();
+                    self.metrics.click_index_flush_errors.inc();
                     tracing::error!(error = %e, "click index segment (memory budget) failed; its clicks stay in RAM until the next checkpoint's segment");
                     self.early_flush_after = Instant::now()
                         + Duration::from_millis(self.cfg.checkpoint.interval_ms.max(10));
@@ -1493,6 +1498,7 @@ impl<S: Store> Writer<S> {
             .click_index_memory_bytes
             .set(i64::try_from(ram).unwrap_or(i64::MAX));
         if !wait
+            && !due
             && !self.index.flushing()
             && ram > self.cfg.click_index.memory_bytes
             && Instant::now() >= self.early_flush_after

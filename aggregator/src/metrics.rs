@@ -124,6 +124,10 @@ adclick_proto::metrics! {
         /// Click-index segments written between checkpoints because the RAM budget was
         /// reached.
         pub click_index_early_flushes: Counter = Counter::default();
+        /// Click-index segments written for the memory budget that failed (their clicks
+        /// stay in RAM for the next checkpoint's segment, which a failure skips: see
+        /// checkpoint_errors).
+        pub click_index_flush_errors: Counter = Counter::default();
         /// Quarantine records dropped because quarantine.max_bytes was reached (alert on it).
         pub quarantine_dropped: Counter = Counter::default();
         /// Rows in published raw click archive files (`[archive]`).

@@ -5,8 +5,11 @@
 //! release and the child's bind, any connection on the machine (a NATS route, a client, a
 //! parallel test) can take it, and the child fails with "Address already in use". Ports
 //! below that range are never handed out implicitly, so [`Reserved`] picks from there (at a
-//! random place, so that several runs at once rarely meet) and holds each one bound until
-//! the children are about to start.
+//! random place, so that several runs at once rarely meet), holds each one bound while
+//! more are picked (so they are distinct), and never hands one out twice in a process.
+//! Callers release them before their children bind; only another program binding ports
+//! below the ephemeral range (rare: other test harnesses like this one) can still take one
+//! meanwhile, and the child then fails to start, saying so.
 
 use std::hash::{BuildHasher, RandomState};
 use std::io;
@@ -33,7 +36,7 @@ impl Reserved {
     pub fn take(&mut self) -> io::Result<u16> {
         let l = match below_ephemeral() {
             Some((lo, hi)) => bind_in(lo, hi)?,
-            None => TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?,
+            None => bind_any()?,
         };
         let port = l.local_addr()?.port();
         GIVEN.lock().unwrap_or_else(|p| p.into_inner()).push(port);
@@ -48,6 +51,26 @@ impl Reserved {
 /// One port free now, released at once (never handed out again by this process).
 pub fn free_port() -> io::Result<u16> {
     Reserved::default().take()
+}
+
+/// A port the OS picks (no room below the ephemeral range), skipping any this process has
+/// handed out before.
+fn bind_any() -> io::Result<TcpListener> {
+    for _ in 0..64 {
+        let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = l.local_addr()?.port();
+        if !GIVEN
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&port)
+        {
+            return Ok(l);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "the OS kept offering ports already handed out",
+    ))
 }
 
 /// `[FLOOR, start of the ephemeral range)`, if that is at least [`MIN_SPAN`] wide.
@@ -102,9 +125,15 @@ mod tests {
         if let Some((lo, hi)) = below_ephemeral() {
             assert!(ports.iter().all(|p| (lo..hi).contains(p)), "{ports:?}");
         }
+        // Not re-bound after `release`: another process on the box may take a released
+        // port at any time (CI once did), which is the point of picking them where
+        // connections never do, not a guarantee.
         r.release();
-        for &p in &ports {
-            TcpListener::bind((Ipv4Addr::LOCALHOST, p)).unwrap();
-        }
+        // Never handed out twice by this process.
+        let again: Vec<u16> = (0..20).map(|_| free_port().unwrap()).collect();
+        assert!(
+            again.iter().all(|p| !ports.contains(p)),
+            "{again:?} {ports:?}"
+        );
     }
 }

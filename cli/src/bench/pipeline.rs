@@ -315,7 +315,8 @@ fn start(a: &PipelineArgs, dir: &Path) -> Result<Setup> {
     )?;
     let admin = "bench-admin-key-0123456789";
     let ingest = crate::keys::ingest_key()?;
-    // Held until the children start, below the ephemeral range (see `adclick_devtools::ports`).
+    // Distinct, below the ephemeral range (see `adclick_devtools::ports`), released before
+    // the children bind them.
     let mut ports = adclick_devtools::ports::Reserved::default();
     let (grpc, agg_http) = (ports.take()?, ports.take()?);
     let col_ports = (0..a.collectors)

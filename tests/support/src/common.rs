@@ -34,6 +34,7 @@ pub fn minute_of(t: i64) -> i64 {
 
 /// A port nothing listens on right now (for "aggregator unreachable", or a server to be
 /// started there later).
+///
 /// Picked below the kernel's ephemeral range, so no connection takes it meanwhile (see
 /// [`adclick_devtools::ports`]).
 pub fn free_addr() -> SocketAddr {
