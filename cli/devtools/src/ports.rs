@@ -56,6 +56,8 @@ pub fn free_port() -> io::Result<u16> {
 /// A port the OS picks (no room below the ephemeral range), skipping any this process has
 /// handed out before.
 fn bind_any() -> io::Result<TcpListener> {
+    // Refused ones stay bound until the end, so the OS offers another port each time.
+    let mut refused = Vec::new();
     for _ in 0..64 {
         let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
         let port = l.local_addr()?.port();
@@ -66,6 +68,7 @@ fn bind_any() -> io::Result<TcpListener> {
         {
             return Ok(l);
         }
+        refused.push(l);
     }
     Err(io::Error::new(
         io::ErrorKind::AddrInUse,
