@@ -1037,8 +1037,8 @@ pub struct StatePath {
     wal_pos: u64,
     /// The invalid-traffic rules and their moves buffer, when run.
     rules: Option<(crate::rules::Rules, Vec<crate::rules::Moved>)>,
-    /// Routed clicks not applied yet: the shard applies them a chunk at a time, its cells
-    /// warmed first (`ShardState::warm`), as the engine's shard thread does.
+    /// Routed clicks not applied yet: applied a chunk at a time, as the engine's shard
+    /// thread applies a batch (`ShardState::apply_all`).
     pending: Vec<Applied>,
     /// Clicks applied since the top-N index was last published.
     unpublished: usize,
@@ -1145,8 +1145,7 @@ impl StatePath {
         // As the engine: decode the batch, warm the window operator's lookups, apply.
         let clicks: Vec<ClickIn<'_>> = decode_clicks(batch).map_while(Result::ok).collect();
         self.windows.warm(&clicks);
-        for (i, c) in clicks.iter().enumerate() {
-            self.windows.warm_ahead(&clicks, i);
+        for c in &clicks {
             self.push(c);
         }
         self.end_batch();
@@ -1197,12 +1196,10 @@ impl StatePath {
         }
     }
 
-    /// Applies the pending clicks, their cells warmed first.
+    /// Applies the pending clicks, as the shard thread does (`ShardState::apply_all`).
     fn apply_pending(&mut self) {
-        self.shard.warm(&self.pending);
-        for a in self.pending.drain(..) {
-            self.shard.apply(&a);
-        }
+        self.shard.apply_all(&self.pending);
+        self.pending.clear();
     }
 
     /// What the engine does after each batch: seal the minutes the watermark passed

@@ -729,13 +729,7 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                     // One lock for both: a query never sees a click counted but not yet
                     // classified.
                     let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
-                    // A chunk's cells are touched first, so their misses overlap.
-                    for chunk in clicks.chunks(crate::state::shard::APPLY_CHUNK) {
-                        s.warm(chunk);
-                        for a in chunk {
-                            s.apply(a);
-                        }
-                    }
+                    s.apply_all(&clicks);
                     for (reason, a) in &work.invalid {
                         s.apply_invalid(usize::from(*reason), a);
                     }
@@ -1155,8 +1149,7 @@ impl<S: Store> Writer<S> {
                 invalid: Vec::new(),
             })
             .collect();
-        for (i, c) in clicks.iter().enumerate() {
-            self.windows.warm_ahead(&clicks, i);
+        for c in &clicks {
             let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id);
             let (ip, user) = (c.client_ip, c.user_id);
             let late_before = self.windows.counters.late;

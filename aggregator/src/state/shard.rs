@@ -769,6 +769,17 @@ fn bucket(t: i64, level: usize) -> i64 {
 }
 
 impl ShardState {
+    /// [`ShardState::apply`] of each click, [`APPLY_CHUNK`] at a time, each chunk's cells
+    /// warmed first ([`ShardState::warm`]): what a shard thread does with a batch.
+    pub fn apply_all(&mut self, clicks: &[Applied]) {
+        for chunk in clicks.chunks(APPLY_CHUNK) {
+            self.warm(chunk);
+            for a in chunk {
+                self.apply(a);
+            }
+        }
+    }
+
     /// Applies one click to its minute cell, and to its hour and day cells when its minute
     /// is already rolled up into them (otherwise the seal rolls it up).
     pub fn apply(&mut self, a: &Applied) {

@@ -66,7 +66,7 @@ pub struct WindowCounters {
     pub owner_mismatch: u64,
 }
 
-/// Clicks whose ad-owner lines [`ClickWindows::warm_ahead`] loads together.
+/// Clicks whose ad-owner lines [`ClickWindows::process`] loads together, a group ahead.
 const OWNER_GROUP: usize = 16;
 
 /// See the module doc.
@@ -89,6 +89,10 @@ pub struct ClickWindows {
     owners: super::FastMap<u64, (u64, u64)>,
     /// Owners pinned since the last [`ClickWindows::take_new_owners`] (for the query view).
     new_owners: Vec<(u64, (u64, u64))>,
+    /// The ads of the batch announced by [`ClickWindows::warm`], and how many of its clicks
+    /// `process` has seen since (performance only: no answer depends on them).
+    ahead_ads: Vec<u64>,
+    ahead_at: usize,
     /// Totals.
     pub counters: WindowCounters,
 }
@@ -125,6 +129,8 @@ impl ClickWindows {
             split: BTreeSet::new(),
             owners: Default::default(),
             new_owners: Vec::new(),
+            ahead_ads: Vec::new(),
+            ahead_at: 0,
             counters: WindowCounters::default(),
         }
     }
@@ -255,32 +261,38 @@ impl ClickWindows {
                 .iter()
                 .filter_map(|c| <&[u8; 16]>::try_from(c.impression_id).ok()),
         );
-        self.warm_owners(clicks.get(..OWNER_GROUP).unwrap_or(clicks));
+        self.ahead_ads.clear();
+        self.ahead_ads.extend(clicks.iter().map(|c| c.ad_id));
+        self.ahead_at = 0;
+        self.warm_owners(0..OWNER_GROUP);
     }
 
-    /// Called before [`ClickWindows::process`] of `clicks[i]`, for each `i` of a batch
-    /// announced with [`ClickWindows::warm`]: on entering a group of [`OWNER_GROUP`] clicks,
-    /// loads the ad-owner lines of the next group, so that they overlap each other and are
-    /// still cached when their clicks come (loaded for the whole batch up front, the
-    /// tail ads' lines were mostly evicted by then). Changes no state.
-    #[inline]
-    pub fn warm_ahead(&self, clicks: &[ClickIn<'_>], i: usize) {
-        if i.is_multiple_of(OWNER_GROUP) {
-            let next = (i + OWNER_GROUP).min(clicks.len());
-            let end = (i + 2 * OWNER_GROUP).min(clicks.len());
-            self.warm_owners(&clicks[next..end]);
+    /// Loads the ad-owner lines of the announced clicks in `range` (clipped to the batch).
+    fn warm_owners(&self, range: std::ops::Range<usize>) {
+        let end = range.end.min(self.ahead_ads.len());
+        for ad in self.ahead_ads.get(range.start.min(end)..end).unwrap_or(&[]) {
+            std::hint::black_box(self.owners.contains_key(ad));
         }
     }
 
-    fn warm_owners(&self, clicks: &[ClickIn<'_>]) {
-        for c in clicks {
-            std::hint::black_box(self.owners.contains_key(&c.ad_id));
+    /// One more click of the announced batch is processed: on entering a group of
+    /// [`OWNER_GROUP`], loads the owner lines of the next group, so that they overlap each
+    /// other and are still cached when their clicks come (loaded for the whole batch up
+    /// front, the tail ads' lines were mostly evicted by then). Clicks processed without
+    /// an announcement only move the cursor past its end.
+    #[inline]
+    fn step_owners(&mut self) {
+        let i = self.ahead_at;
+        self.ahead_at += 1;
+        if i.is_multiple_of(OWNER_GROUP) && i < self.ahead_ads.len() {
+            self.warm_owners(i + OWNER_GROUP..i + 2 * OWNER_GROUP);
         }
     }
 
     /// Classifies one click and, when it counts, routes it. Deterministic: a WAL replay
     /// feeds the same clicks in the same order and reaches the same state.
     pub fn process(&mut self, c: &ClickIn<'_>) -> Routed {
+        self.step_owners();
         let ordinal = self.next;
         self.next.idx = self.next.idx.saturating_add(1);
         let Ok(id) = <[u8; 16]>::try_from(c.impression_id) else {
