@@ -191,6 +191,44 @@ async fn fsyncs(http: &reqwest::Client, s: &Setup) -> (f64, f64) {
     out
 }
 
+/// Observations of histogram `hist` above `secs` in a Prometheus text page: its count less
+/// its cumulative bucket at the largest bound not above `secs` (0 when absent).
+pub(crate) fn above(page: &str, hist: &str, secs: f64) -> u64 {
+    let total = metric(page, &format!("{hist}_count"));
+    let prefix = format!("{hist}_bucket{{le=\"");
+    let within = page
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, v) = rest.split_once("\"}")?;
+            Some((le.parse::<f64>().ok()?, v.trim().parse::<f64>().ok()?))
+        })
+        .filter(|&(le, _)| le <= secs)
+        .map(|(_, v)| v as u64)
+        .max()
+        .unwrap_or(0);
+    total.saturating_sub(within)
+}
+
+/// Slow durable writes so far: aggregator WAL group commits and the collectors' spool
+/// fsyncs above 50 and 100 ms (the buckets' bounds at or below them: 51.2 and 102.4 ms),
+/// and aggregator checkpoints. What a click -> queryable tail is made of shows here.
+async fn stalls(http: &reqwest::Client, s: &Setup) -> [u64; 5] {
+    let mut out = [0u64; 5];
+    for port in &s.agg_http {
+        let page = scrape(http, &format!("http://127.0.0.1:{port}/metrics")).await;
+        out[0] += above(&page, "adclick_aggregator_wal_commit_seconds", 0.0512);
+        out[1] += above(&page, "adclick_aggregator_wal_commit_seconds", 0.1024);
+        out[4] += metric(&page, "adclick_aggregator_checkpoint_seconds_count");
+    }
+    for port in &s.collector_http {
+        let page = scrape(http, &format!("http://127.0.0.1:{port}/metrics")).await;
+        out[2] += above(&page, "adclick_collector_fsync_seconds", 0.0512);
+        out[3] += above(&page, "adclick_collector_fsync_seconds", 0.1024);
+    }
+    out
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -569,13 +607,14 @@ async fn totals(http: &reqwest::Client, s: &Setup) -> Totals {
 }
 
 /// Probe clicks: a fresh ad each, posted directly (round robin over the collectors) and
-/// timed until `GetAdClicks` sees it.
+/// timed until `GetAdClicks` sees it; each as (seconds since `t0` when posted, latency ms).
 fn spawn_probes(
     s: &Setup,
     channel: Channel,
     http: reqwest::Client,
     done: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<f64>> {
+    t0: Instant,
+) -> tokio::task::JoinHandle<Vec<(f64, f64)>> {
     let signer = ImpressionSigner::new(s.keyring.clone());
     let urls: Vec<String> = s
         .collector_http
@@ -628,7 +667,8 @@ fn spawn_probes(
                     .await
                     .is_ok_and(|r| r.into_inner().total_clicks == 1)
                 {
-                    lat.push(start.elapsed().as_secs_f64() * 1e3);
+                    let at = start.duration_since(t0).as_secs_f64();
+                    lat.push((at, start.elapsed().as_secs_f64() * 1e3));
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -779,7 +819,8 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     }
     let t0 = Instant::now();
     let done = Arc::new(AtomicBool::new(false));
-    let probes = spawn_probes(s, channel.clone(), http.clone(), done.clone());
+    let stalls0 = stalls(&http, s).await;
+    let probes = spawn_probes(s, channel.clone(), http.clone(), done.clone(), t0);
     let tops = spawn_topads(channel.clone(), &s.admin, done.clone());
     tokio::time::sleep(a.duration).await;
 
@@ -789,6 +830,8 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     let cpu1 = cpu(s);
     let fsync1 = fsyncs(&http, s).await;
     let fsync_mean_ms = (fsync1.0 - fsync0.0) / (fsync1.1 - fsync0.1).max(1.0) * 1e3;
+    let stalls1 = stalls(&http, s).await;
+    let slow: Vec<u64> = stalls1.iter().zip(stalls0).map(|(a, b)| a - b).collect();
     done.store(true, Ordering::Relaxed);
     // Clicks handed to the SDK / whose request started; clicks due but not yet sent when
     // the load stops (the limit was before the collectors' acks: the generator, the CPU it
@@ -822,7 +865,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
             *errors.entry(k).or_default() += v;
         }
     }
-    let mut probe_lat = probes.await.unwrap_or_default();
+    let mut probe_at = probes.await.unwrap_or_default();
     let mut top_lat = tops.await.unwrap_or_default();
 
     // Drain: wait (bounded) until the aggregator has decided about everything acked.
@@ -868,6 +911,15 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     let offered = generated as f64 / secs;
     let acked_rate = at_end.acked as f64 / secs;
     let counted_rate = at_end.counted as f64 / secs;
+    // The slowest probes and when they were posted: what a tail lines up with.
+    probe_at.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let slowest = probe_at
+        .iter()
+        .take(6)
+        .map(|(at, ms)| format!("{ms:.0} ms at {at:.1} s"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut probe_lat: Vec<f64> = probe_at.iter().map(|p| p.1).collect();
     let (pl, tl) = (probe_lat.len(), top_lat.len());
     let (probe50, probe99) = (pct(&mut probe_lat, 0.5), pct(&mut probe_lat, 0.99));
     let (top50, top99) = (pct(&mut top_lat, 0.5), pct(&mut top_lat, 0.99));
@@ -954,6 +1006,11 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     t += &format!(
         "| click -> queryable p50 / p99 ({pl} probes) | {probe50:.1} / {probe99:.1} ms |\n"
     );
+    t += &format!("| slowest probes (latency at second of the load) | {slowest} |\n");
+    t += &format!(
+        "| slow durable writes during the load: aggregator WAL commits over 51 / 102 ms; collector spool fsyncs over 51 / 102 ms; checkpoints | {} / {}; {} / {}; {} |\n",
+        slow[0], slow[1], slow[2], slow[3], slow[4]
+    );
     t += &format!(
         "| TopAds(n=100, last 60 min) over gRPC under load p50 / p99 ({tl} queries) | {top50:.2} / {top99:.2} ms |\n"
     );
@@ -987,7 +1044,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
          probe_p50_ms={probe50:.1} probe_p99_ms={probe99:.1} probes={pl} \
          topads_p50_ms={top50:.2} topads_p99_ms={top99:.2} topads_queries={tl} \
          cpu_aggregator={:.2} cpu_collectors={:.2} cpu_loadgen={:.2} loadgen_us_per_click={:.2} sdk_loadgen={} dedup_mib={} nice_ingest={} \
-         rss_aggregator_mib={rss_agg:.0} rss_collector_max_mib={:.0} fsync_mean_ms={fsync_mean_ms:.2} errors={error_count}",
+         rss_aggregator_mib={rss_agg:.0} rss_collector_max_mib={:.0} fsync_mean_ms={fsync_mean_ms:.2} wal_commits_over_51ms={} spool_fsyncs_over_51ms={} checkpoints={} errors={error_count}",
         a.cluster,
         a.rate,
         a.ads,
@@ -999,6 +1056,9 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         a.dedup_mib.unwrap_or(256),
         a.nice_ingest,
         rss_cols.iter().copied().fold(0.0, f64::max),
+        slow[0],
+        slow[2],
+        slow[4],
     );
     Ok((t, line))
 }
