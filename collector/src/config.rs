@@ -279,6 +279,10 @@ impl Default for TokenChecks {
     }
 }
 
+/// Largest `dedup.exact_capacity`: its table and queue are allocated at start (62-101
+/// bytes per id, 4.4 GB at this bound).
+pub const MAX_EXACT_CAPACITY: usize = 50_000_000;
+
 /// Duplicate detection: a time-rotated Bloom filter as pre-check, an exact set behind it.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -293,7 +297,10 @@ pub struct DedupConfig {
     /// Bloom generations across the lifetime (>= 2).
     pub generations: usize,
     /// Most impression ids held exactly; older ones fall back to "suspect" marking, and
-    /// the aggregator's exact dedup decides.
+    /// the aggregator's exact dedup decides. Allocated at start (62-101 bytes per id, 74 at
+    /// the default: the table's 24-byte slots at a load of at most 5/8, and the eviction
+    /// queue), so that
+    /// the request path never stops to grow it; 1..=[`MAX_EXACT_CAPACITY`].
     pub exact_capacity: usize,
 }
 
@@ -706,6 +713,11 @@ impl CollectorConfig {
         if self.dedup.generations < 2 || self.dedup.token_lifetime_ms <= 0 {
             return err("dedup.generations must be >= 2 and dedup.token_lifetime_ms > 0");
         }
+        if !(1..=MAX_EXACT_CAPACITY).contains(&self.dedup.exact_capacity) {
+            return err(
+                "dedup.exact_capacity must be in 1..=50000000 (its table is allocated at start: 62-101 bytes per id)",
+            );
+        }
         if self.spool.segment_bytes < 4096 || self.spool.max_bytes < self.spool.segment_bytes {
             return err(
                 "spool.segment_bytes must be >= 4096 and spool.max_bytes >= spool.segment_bytes",
@@ -780,6 +792,11 @@ mod tests {
         let mut c = CollectorConfig::default();
         c.dedup.false_positive_rate = 0.0;
         assert!(c.validate().unwrap_err().0.contains("false_positive_rate"));
+        for cap in [0, MAX_EXACT_CAPACITY + 1] {
+            let mut c = CollectorConfig::default();
+            c.dedup.exact_capacity = cap;
+            assert!(c.validate().unwrap_err().0.contains("dedup.exact_capacity"));
+        }
         let c = CollectorConfig {
             tls_cert_file: Some("cert.pem".into()),
             ..Default::default()

@@ -719,7 +719,15 @@ fn write_segment(
             });
         }
     }
+    let t = std::time::Instant::now();
     let seg = Arc::new(segment::write(path, from, upto, &clicks)?);
+    tracing::debug!(
+        clicks = clicks.len(),
+        from,
+        upto,
+        write_ms = t.elapsed().as_millis() as u64,
+        "click index segment written"
+    );
     let mut p = lock(parts);
     let mut segments = Vec::clone(&p.segments);
     segments.push(seg);

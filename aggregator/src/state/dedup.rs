@@ -207,6 +207,9 @@ pub struct DedupStats {
     pub bloom_rebuilds: u64,
     /// Ids deleted from the disk tier as expired.
     pub expired: u64,
+    /// Fresh RAM tiers made on the caller's thread at a swap because none was prepared
+    /// (see `Dedup::prepare_spare`).
+    pub inline_tiers: u64,
 }
 
 /// The hash of an id for the RAM tiers and the Bloom filter (computed once per lookup).
@@ -519,6 +522,9 @@ pub struct Dedup {
     frozen: Option<Arc<Tier>>,
     /// An emptied tier whose allocation the next swap reuses.
     spare: Option<Tier>,
+    /// The next swap's tier while a thread of its own empties it (or, before the first
+    /// spill, makes it): see [`Dedup::prepare_spare`].
+    preparing: Option<std::sync::mpsc::Receiver<Tier>>,
     /// The spill in flight (at most one: spills become durable in the order they start).
     spilling: Option<Spill>,
     /// Spills started / durable so far (checkpoint tickets).
@@ -658,6 +664,7 @@ impl Dedup {
             recent: Tier::new(max_recent),
             frozen: None,
             spare: None,
+            preparing: None,
             spilling: None,
             started: 0,
             durable: 0,
@@ -770,9 +777,7 @@ impl Dedup {
                 self.recent.put_at(at, &id, entry);
             }
         }
-        if self.recent.len() >= self.max_recent {
-            self.rotate()?;
-        }
+        self.after_insert()?;
         Ok(false)
     }
 
@@ -788,8 +793,18 @@ impl Dedup {
     /// Records `id`; spills the RAM tier to disk when it is full.
     pub fn insert(&mut self, id: Id, entry: Entry) -> Result<(), DedupError> {
         self.recent.insert(&id, hash(&id), entry);
-        if self.recent.len() >= self.max_recent {
+        self.after_insert()
+    }
+
+    /// A full RAM tier is swapped for a fresh one and spilled; at half and three quarters
+    /// full, the fresh one is prepared.
+    #[inline]
+    fn after_insert(&mut self) -> Result<(), DedupError> {
+        let n = self.recent.len();
+        if n >= self.max_recent {
             self.rotate()?;
+        } else if n == self.max_recent / 2 || n == self.max_recent / 4 * 3 {
+            self.prepare_swap();
         }
         Ok(())
     }
@@ -831,10 +846,9 @@ impl Dedup {
                         self.stats.bloom_rebuilds += 1;
                     }
                     if let Some(t) = self.frozen.take().and_then(|t| Arc::try_unwrap(t).ok()) {
-                        let mut t = t;
-                        // Keep the allocation: the next swap reuses it.
-                        t.clear();
-                        self.spare = Some(t);
+                        // Keep the allocation: the next swap reuses it, emptied off this
+                        // thread.
+                        self.prepare_spare(Some(t));
                     }
                 }
                 Err(e) => {
@@ -848,13 +862,67 @@ impl Dedup {
         }
     }
 
+    /// The RAM tier is filling up: the swap to come needs an empty tier. A finished spill
+    /// is harvested now, so that its tier is emptied off this thread before the swap (at
+    /// the swap it would be waited for); before the first spill there is none, so a fresh
+    /// one is made off this thread (within the budget of two tiers: none is frozen). A
+    /// spill failure is sticky: the swap reports it.
+    #[cold]
+    fn prepare_swap(&mut self) {
+        let _ = self.harvest(false);
+        if self.frozen.is_none() && self.spare.is_none() && self.preparing.is_none() {
+            self.prepare_spare(None);
+        }
+    }
+
+    /// Has a thread of its own empty `old` (or, given none, make a fresh tier) for the next
+    /// swap. Emptying a full tier writes all of it (64 MiB for the default budget) and
+    /// making one maps every page: 10-50 ms each, which on the writer stopped ingest at
+    /// every spill (the click -> queryable tail of issue 13). Without a thread, the swap
+    /// makes its tier itself.
+    fn prepare_spare(&mut self, old: Option<Tier>) {
+        if self.spare.is_some() || self.preparing.is_some() {
+            return;
+        }
+        let max = self.max_recent;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let job = move || {
+            crate::lower_thread_priority(crate::BACKGROUND_NICE, "dedup tier");
+            let t = match old {
+                Some(mut t) => {
+                    t.clear();
+                    t
+                }
+                None => Tier::new(max),
+            };
+            let _ = tx.send(t);
+        };
+        if std::thread::Builder::new()
+            .name("adclick-dedup-tier".into())
+            .spawn(job)
+            .is_ok()
+        {
+            self.preparing = Some(rx);
+        }
+    }
+
+    /// The tier for a swap: the spare, else the one being prepared (waited for: it is
+    /// bounded work, and not waiting would mean a third tier), else a fresh one made here.
+    fn take_spare(&mut self) -> Tier {
+        if let Some(t) = self.spare.take() {
+            return t;
+        }
+        if let Some(t) = self.preparing.take().and_then(|rx| rx.recv().ok()) {
+            return t;
+        }
+        self.stats.inline_tiers += 1;
+        Tier::new(self.max_recent)
+    }
+
     /// Freezes the RAM tier and starts its spill (none may be in flight).
     fn start_spill(&mut self) {
         debug_assert!(self.spilling.is_none() && self.frozen.is_none());
-        let fresh = self
-            .spare
-            .take()
-            .unwrap_or_else(|| Tier::new(self.max_recent));
+        let fresh = self.take_spare();
         let frozen = Arc::new(std::mem::replace(&mut self.recent, fresh));
         self.frozen = Some(frozen.clone());
         let (disk, bloom) = (self.disk.clone(), self.bloom.clone());
@@ -1025,6 +1093,50 @@ mod tests {
             assert!(d.seen(&id(n), end).unwrap(), "{n}");
         }
         assert!(!d.seen(&id(10 * cap as u64 + 1), end).unwrap());
+    }
+
+    /// The swap's empty tier is prepared before the swap, off the inserting thread: made
+    /// once the first tier is half full, then emptied from the spilled tier, harvested as
+    /// soon as the tier filling is half full after its spill finished.
+    #[test]
+    fn the_next_tier_is_prepared_before_the_swap() {
+        let mut d = Dedup::new(64 * 1024, Box::<MemTable>::default());
+        let cap = d.max_ram_entries() as u64;
+        let entry = |n: u64| Entry {
+            keep_until: 100,
+            ordinal: at(n + 1, 0),
+        };
+        let mut n = 0u64;
+        for round in 0..4 {
+            // Up to just past half full: the empty tier for the swap is on its way.
+            while d.recent.len() as u64 <= cap / 2 {
+                assert!(!d.check_insert(id(n), entry(n)).unwrap());
+                n += 1;
+            }
+            assert!(
+                d.frozen.is_none(),
+                "round {round}: the spilled tier is harvested"
+            );
+            assert!(
+                d.preparing.is_some() || d.spare.is_some(),
+                "round {round}: no tier is being prepared"
+            );
+            // Up to the swap; then the spill finishes before the next half.
+            while d.frozen.is_none() {
+                assert!(!d.check_insert(id(n), entry(n)).unwrap());
+                n += 1;
+            }
+            while d.spilling.as_ref().is_some_and(|s| !s.is_finished()) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        assert_eq!(d.stats.inline_tiers, 0);
+        // Exact throughout: every id is seen, none twice.
+        d.wait().unwrap();
+        for m in 0..n {
+            assert!(d.seen(&id(m), at(u64::MAX, 0)).unwrap(), "{m}");
+        }
+        assert!(!d.seen(&id(n), at(u64::MAX, 0)).unwrap());
     }
 
     #[test]

@@ -818,6 +818,12 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         }
     }
     let t0 = Instant::now();
+    // The wall clock of the load's start: the slowest probes' seconds line up with the
+    // children's logs (ADCLICK_BENCH_LOGS) from it.
+    eprintln!(
+        "bench pipeline: load started at {}",
+        humantime::format_rfc3339_millis(std::time::SystemTime::now())
+    );
     let done = Arc::new(AtomicBool::new(false));
     let stalls0 = stalls(&http, s).await;
     let probes = spawn_probes(s, channel.clone(), http.clone(), done.clone(), t0);
