@@ -37,6 +37,7 @@
 //! This module knows nothing about windows or counts: it stores bytes.
 
 pub mod cpfile;
+pub mod paced;
 pub mod runs;
 
 use std::collections::HashMap;

@@ -232,7 +232,7 @@ pub fn write(
 
     let tmp = path.with_extension("seg.tmp");
     let file = File::create(&tmp).map_err(io)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, crate::store::paced::Paced::new(&file));
     w.write_all(&header).map_err(io)?;
     let mut off = 0u32;
     for (hash, u) in &users {

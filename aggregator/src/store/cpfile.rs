@@ -112,10 +112,10 @@ impl CheckpointFiles {
         );
         let path = self.dir.join(&name);
         let file = std::fs::File::create(&path).map_err(|err| io("cannot create", &path, err))?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, super::paced::Paced::new(&file));
         let mut hash = Xxh64::new(0);
         let mut len = 0u64;
-        let mut put = |out: &mut std::io::BufWriter<std::fs::File>, b: &[u8]| {
+        let mut put = |out: &mut std::io::BufWriter<super::paced::Paced<'_>>, b: &[u8]| {
             hash.update(b);
             len += b.len() as u64;
             out.write_all(b)
@@ -133,9 +133,8 @@ impl CheckpointFiles {
             put(&mut out, &(blob.len() as u64).to_le_bytes())?;
             put(&mut out, &blob)?;
         }
-        let file = out
-            .into_inner()
-            .map_err(|err| io("cannot write", &path, err.into_error()))?;
+        out.flush().map_err(|err| io("cannot write", &path, err))?;
+        drop(out);
         file.sync_all()
             .map_err(|err| io("cannot fsync", &path, err))?;
         std::fs::File::open(&self.dir)
@@ -180,7 +179,8 @@ impl CheckpointFiles {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.starts_with("cp-") && Some(name) != keep {
-                let _ = std::fs::remove_file(entry.path());
+                // Read only at a start: nothing has it open.
+                let _ = super::paced::remove_file(&entry.path());
             }
         }
     }

@@ -229,6 +229,8 @@ struct RunWriter {
     /// Records not yet written: hashed and written [`IO_BUF`] bytes at a time (the
     /// checksum is the same whatever the chunking; per-record hashing cost more).
     buf: Vec<u8>,
+    /// Syncs the file's data every few MB (see `store::paced`).
+    pacer: super::paced::Pacer,
     hasher: Xxh64,
     count: u64,
     min_keep_until: i64,
@@ -252,6 +254,7 @@ impl RunWriter {
             tmp,
             file,
             buf: Vec::with_capacity(IO_BUF),
+            pacer: super::paced::Pacer::default(),
             hasher: Xxh64::new(0),
             count: 0,
             min_keep_until: i64::MAX,
@@ -284,6 +287,7 @@ impl RunWriter {
         self.hasher.update(&self.buf);
         self.file
             .write_all(&self.buf)
+            .and_then(|()| self.pacer.wrote(&self.file, self.buf.len()))
             .map_err(|e| err("cannot write", &self.tmp, e))?;
         self.buf.clear();
         Ok(())
@@ -295,6 +299,7 @@ impl RunWriter {
             tmp,
             mut file,
             buf: _,
+            pacer: _,
             hasher: body,
             count,
             min_keep_until,
