@@ -444,6 +444,81 @@ fn a_memory_budget_writes_segments_between_checkpoints_and_stays_exact_across_a_
     rt.block_on(a.shutdown());
 }
 
+/// A memory-budget segment that fails to write (a full disk) is counted, keeps its clicks
+/// in RAM (the answers stay exact) and is not retried until a checkpoint interval has
+/// passed; the checkpoint's own flush writes them once the disk takes writes again, and a
+/// start deletes a segment left half written (`*.tmp`, as a crash mid-write leaves it).
+#[test]
+fn a_failed_memory_budget_segment_keeps_its_clicks_and_backs_off() {
+    const BATCHES: u64 = 20;
+    let batches: Vec<Vec<IngestClick>> = (0..BATCHES)
+        .map(|i| make(2_000 + i, 1_000, T0, 30))
+        .collect();
+    let unique = unique(&batches);
+    let dir = tempfile::tempdir().unwrap();
+    let index_dir = dir.path().join("click_index");
+    let cfg = || {
+        let mut c = config(dir.path());
+        c.checkpoint.interval_ms = 3_600_000;
+        c.click_index.memory_bytes = 1 << 20;
+        c
+    };
+    adclick_aggregator::clickindex::FAIL_FLUSHES
+        .lock()
+        .unwrap()
+        .push(index_dir.clone());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = rt.block_on(start_retrying(cfg(), None));
+    rt.block_on(send_all(&a, &batches, batches.len()));
+    let m = a.metrics();
+    // 20,000 clicks are ~1.1 MB of chunks: over the budget once, retried only an hour on.
+    assert!(
+        rt.block_on(adclick_test_support::common::eventually(
+            std::time::Duration::from_secs(30),
+            || m.click_index_flush_errors.get() >= 1
+        )),
+        "the failed segment was not counted"
+    );
+    assert_eq!(
+        m.click_index_early_flushes.get(),
+        1,
+        "retried before the back-off"
+    );
+    assert_eq!(m.click_index_flush_errors.get(), 1);
+    assert!(
+        segment_spans(&index_dir).is_empty(),
+        "a segment was written"
+    );
+    assert!(
+        m.click_index_memory_bytes.get() > 1 << 20,
+        "the clicks left RAM"
+    );
+    let live = rt.block_on(check(&a, &unique));
+
+    // The disk takes writes again: the final checkpoint's segment holds every click.
+    adclick_aggregator::clickindex::FAIL_FLUSHES
+        .lock()
+        .unwrap()
+        .retain(|d| *d != index_dir);
+    rt.block_on(a.shutdown());
+    drop(rt);
+    assert_eq!(
+        segment_spans(&index_dir).last().map(|s| s.1),
+        Some(BATCHES),
+        "{:?}",
+        segment_spans(&index_dir)
+    );
+
+    // A segment half written when the process died is deleted at the start.
+    let torn = index_dir.join("0000000000000000021-0000000000000000030.seg.tmp");
+    std::fs::write(&torn, b"half a segment").unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = rt.block_on(start_retrying(cfg(), None));
+    assert!(!torn.exists(), "the torn segment survived the start");
+    assert_eq!(rt.block_on(check(&a, &unique)), live, "after the restart");
+    rt.block_on(a.shutdown());
+}
+
 /// Invalid values name `filter.ip` / `filter.user_id` (gRPC) or the parameter (HTTP); a
 /// range before the index's retention is refused; expired segments are deleted.
 #[test]
