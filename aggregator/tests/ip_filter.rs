@@ -359,6 +359,22 @@ fn segment_spans(dir: &std::path::Path) -> Vec<(u64, u64)> {
     v
 }
 
+/// `n` batches of 1,000 clicks over 30 minutes (seeded from `seed`), and their unique clicks.
+fn budget_batches(seed: u64, n: u64) -> (Vec<Vec<IngestClick>>, Vec<IngestClick>) {
+    let batches: Vec<Vec<IngestClick>> = (0..n).map(|i| make(seed + i, 1_000, T0, 30)).collect();
+    let unique = unique(&batches);
+    (batches, unique)
+}
+
+/// Checkpoints an hour apart and a 1 MiB click index budget: only the budget writes
+/// segments while a test runs.
+fn budget_config(dir: &std::path::Path) -> adclick_aggregator::config::AggregatorConfig {
+    let mut c = config(dir);
+    c.checkpoint.interval_ms = 3_600_000;
+    c.click_index.memory_bytes = 1 << 20;
+    c
+}
+
 /// `click_index.memory_bytes` bounds the index's RAM between checkpoints: above it a
 /// segment is written at once. With checkpoints an hour apart, 60 batches of 1,000 clicks
 /// (~56 bytes each in RAM) into a 1 MiB budget make segments before any checkpoint; the
@@ -367,20 +383,11 @@ fn segment_spans(dir: &std::path::Path) -> Vec<(u64, u64)> {
 /// batches are all acked as already counted.
 #[test]
 fn a_memory_budget_writes_segments_between_checkpoints_and_stays_exact_across_a_crash() {
-    const BATCHES: u64 = 60;
-    let batches: Vec<Vec<IngestClick>> = (0..BATCHES)
-        .map(|i| make(1_000 + i, 1_000, T0, 30))
-        .collect();
-    let unique = unique(&batches);
+    let (batches, unique) = budget_batches(1_000, 60);
     assert_eq!(unique.len(), 60_000);
     let dir = tempfile::tempdir().unwrap();
     let index_dir = dir.path().join("click_index");
-    let cfg = || {
-        let mut c = config(dir.path());
-        c.checkpoint.interval_ms = 3_600_000;
-        c.click_index.memory_bytes = 1 << 20;
-        c
-    };
+    let cfg = || budget_config(dir.path());
     let half = batches.len() / 2;
 
     // The first half, then a clean stop: its final checkpoint covers WAL position `half`.
@@ -451,18 +458,10 @@ fn a_memory_budget_writes_segments_between_checkpoints_and_stays_exact_across_a_
 #[test]
 fn a_failed_memory_budget_segment_keeps_its_clicks_and_backs_off() {
     const BATCHES: u64 = 20;
-    let batches: Vec<Vec<IngestClick>> = (0..BATCHES)
-        .map(|i| make(2_000 + i, 1_000, T0, 30))
-        .collect();
-    let unique = unique(&batches);
+    let (batches, unique) = budget_batches(2_000, BATCHES);
     let dir = tempfile::tempdir().unwrap();
     let index_dir = dir.path().join("click_index");
-    let cfg = || {
-        let mut c = config(dir.path());
-        c.checkpoint.interval_ms = 3_600_000;
-        c.click_index.memory_bytes = 1 << 20;
-        c
-    };
+    let cfg = || budget_config(dir.path());
     adclick_aggregator::clickindex::FAIL_FLUSHES
         .lock()
         .unwrap()
