@@ -754,8 +754,17 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                 }
             }
             ShardMsg::Seal(before) => {
+                let t = Instant::now();
                 let mut s = view.shards[i].write().unwrap_or_else(|e| e.into_inner());
                 s.seal(before);
+                drop(s);
+                // The shard's queries and applies wait for it (a freshness stop).
+                tracing::debug!(
+                    shard = i,
+                    before_ms = before,
+                    ms = t.elapsed().as_millis() as u64,
+                    "minutes sealed into their hours"
+                );
                 top.push(TopOp::Seal(minute(before)));
             }
             ShardMsg::Evict(before) => {
@@ -770,6 +779,12 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                 let s = view.shards[i].read().unwrap_or_else(|e| e.into_inner());
                 let copy = Box::new(s.clone());
                 drop(s);
+                // Applies wait for it (queries do not: a read lock).
+                tracing::debug!(
+                    shard = i,
+                    ms = t.elapsed().as_millis() as u64,
+                    "shard state copied for a checkpoint"
+                );
                 let _ = reply.send((copy, t.elapsed()));
             }
             ShardMsg::Repair(fixes, fields, reply) => {

@@ -1030,6 +1030,8 @@ impl Dedup {
         self.recent.bytes()
             + self.frozen.as_ref().map_or(0, |t| t.bytes())
             + self.spare.as_ref().map_or(0, |t| t.bytes())
+            // A tier being prepared is the size of the one filling (both for `max_recent`).
+            + self.preparing.as_ref().map_or(0, |_| self.recent.bytes())
             + self.bloom.bytes()
             + self.disk.ram_bytes()
     }

@@ -1068,3 +1068,29 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     );
     Ok((t, line))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Observations above a bound, from a histogram's cumulative buckets.
+    #[test]
+    fn above_counts_observations_past_a_bound() {
+        let page = "# TYPE x_seconds histogram\n\
+                    x_seconds_sum 1.5\n\
+                    x_seconds_count 10\n\
+                    x_seconds_bucket{le=\"0.0256\"} 6\n\
+                    x_seconds_bucket{le=\"0.0512\"} 8\n\
+                    x_seconds_bucket{le=\"0.1024\"} 9\n\
+                    x_seconds_bucket{le=\"+Inf\"} 10\n";
+        assert_eq!(above(page, "x_seconds", 0.0512), 2);
+        assert_eq!(above(page, "x_seconds", 0.1024), 1);
+        assert_eq!(
+            above(page, "x_seconds", 0.06),
+            2,
+            "the bound at or below 60 ms"
+        );
+        assert_eq!(above(page, "x_seconds", 0.001), 10);
+        assert_eq!(above(page, "y_seconds", 0.05), 0, "absent");
+    }
+}
