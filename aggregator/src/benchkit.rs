@@ -997,7 +997,7 @@ struct IndexDims {
 // ---------------------------------------------------------------------------------------
 
 use crate::config::{QueryConfig, ShardConfig, WindowConfig};
-use crate::decode::{click_from_wire, clicks as decode_clicks};
+use crate::decode::{click_from_wire, decode_all};
 use crate::sketch::hll::Hll;
 use crate::state::click::ClickIn;
 use crate::state::dedup::{Dedup, Entry, Ordinal};
@@ -1143,7 +1143,7 @@ impl StatePath {
     /// One encoded `IngestBatch`, as the engine applies a WAL entry.
     pub fn push_batch(&mut self, batch: &[u8]) {
         // As the engine: decode the batch, warm the window operator's lookups, apply.
-        let clicks: Vec<ClickIn<'_>> = decode_clicks(batch).map_while(Result::ok).collect();
+        let (clicks, _) = decode_all(batch);
         self.windows.warm(&clicks);
         for c in &clicks {
             self.push(c);

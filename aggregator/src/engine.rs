@@ -1141,18 +1141,10 @@ impl<S: Store> Writer<S> {
         let before = self.windows.counters;
         let mut quarantined = Vec::new();
         // Decoded first, so the window operator can warm its lookups for the whole batch.
-        // Sized from the entry's bytes (an encoded click takes ~100-130), so that decoding a
-        // large batch does not regrow and copy the vector of ~180-byte clicks.
-        let mut clicks = Vec::with_capacity((batch.len() / 96).clamp(16, 1 << 16));
-        for c in decode::clicks(batch) {
-            match c {
-                Ok(c) => clicks.push(c),
-                Err(e) => {
-                    // Checked at the edge before it was written: only damage gets here.
-                    tracing::error!(error = %e, "undecodable click in a WAL entry: the rest of the entry is skipped");
-                    break;
-                }
-            }
+        let (clicks, damaged) = decode::decode_all(batch);
+        if let Some(e) = damaged {
+            // Checked at the edge before it was written: only damage gets here.
+            tracing::error!(error = %e, "undecodable click in a WAL entry: the rest of the entry is skipped");
         }
         self.windows.warm(&clicks);
         // Sized for the batch (its clicks over the shards, plus slack for uneven routing),
