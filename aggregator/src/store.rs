@@ -569,7 +569,7 @@ impl Store for RedbStore {
         tx.commit().map_err(e)?;
         self.wal_trim = trim;
         // Only now is the previous checkpoint's file no longer needed.
-        self.files().delete_others(Some(&staged.name));
+        self.files().delete_others_later(Some(&staged.name));
         Ok(())
     }
 
@@ -981,9 +981,15 @@ mod tests {
         let mut store = RedbStore::open(dir.path()).unwrap();
         assert_eq!(load(&store), (5, cp(5, 2).tables));
         assert_eq!(cp_files(dir.path()), vec![s5.name.clone()]);
-        // The next one commits and the previous file goes.
+        // The next one commits and the previous file goes (deleted by a thread of its own,
+        // off the writer: soon).
         let s9 = stage(&store, &cp(9, 4)).unwrap();
         store.save_staged_checkpoint(&s9).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while cp_files(dir.path()) != vec![s9.name.clone()] && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(cp_files(dir.path()), vec![s9.name.clone()]);
         drop(store);
         check(dir.path()).unwrap();

@@ -457,7 +457,7 @@ fn a_memory_budget_writes_segments_between_checkpoints_and_stays_exact_across_a_
 /// start deletes a segment left half written (`*.tmp`, as a crash mid-write leaves it).
 #[test]
 fn a_failed_memory_budget_segment_keeps_its_clicks_and_backs_off() {
-    const BATCHES: u64 = 20;
+    const BATCHES: u64 = 30;
     let (batches, unique) = budget_batches(2_000, BATCHES);
     let dir = tempfile::tempdir().unwrap();
     let index_dir = dir.path().join("click_index");
@@ -470,7 +470,8 @@ fn a_failed_memory_budget_segment_keeps_its_clicks_and_backs_off() {
     let a = rt.block_on(start_retrying(cfg(), None));
     rt.block_on(send_all(&a, &batches, batches.len()));
     let m = a.metrics();
-    // 20,000 clicks are ~1.1 MB of chunks: over the budget once, retried only an hour on.
+    // ~55 bytes per click in RAM: the budget is crossed near batch 19 of 30 (the writer
+    // sees the failure at the next batch), and not retried before an hour has passed.
     assert!(
         rt.block_on(adclick_test_support::common::eventually(
             std::time::Duration::from_secs(30),

@@ -37,8 +37,9 @@
 //!   the last *committed* checkpoint, which every recovery starts at or above (the run
 //!   files drop a whole run once its newest entry is below it: later, never earlier).
 //!
-//! No I/O here: the disk tier is behind the [`SpillTable`] trait (the spill thread is the
-//! only thread this module starts).
+//! No I/O here: the disk tier is behind the [`SpillTable`] trait. Threads this module
+//! starts: the spill thread, and one that makes or empties the RAM tier the next swap
+//! takes ([`Dedup::prepare_spare`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -208,7 +209,7 @@ pub struct DedupStats {
     /// Ids deleted from the disk tier as expired.
     pub expired: u64,
     /// Fresh RAM tiers made on the caller's thread at a swap because none was prepared
-    /// (see `Dedup::prepare_spare`).
+    /// (see `Dedup::prepare_spare`): a checkpoint before the first tier was half full.
     pub inline_tiers: u64,
 }
 
@@ -520,10 +521,8 @@ pub struct Dedup {
     /// The previous RAM tier while the spill thread writes it to disk (and after a failed
     /// spill): looked up after `recent`, dropped once its run is durable.
     frozen: Option<Arc<Tier>>,
-    /// An emptied tier whose allocation the next swap reuses.
-    spare: Option<Tier>,
-    /// The next swap's tier while a thread of its own empties it (or, before the first
-    /// spill, makes it): see [`Dedup::prepare_spare`].
+    /// The next swap's tier, emptied (the allocation of the last spilled tier, reused) or,
+    /// before the first spill, made by a thread of its own: see [`Dedup::prepare_spare`].
     preparing: Option<std::sync::mpsc::Receiver<Tier>>,
     /// The spill in flight (at most one: spills become durable in the order they start).
     spilling: Option<Spill>,
@@ -574,6 +573,10 @@ impl Drop for Dedup {
     fn drop(&mut self) {
         if let Some(Spill::Running(h)) = self.spilling.take() {
             let _ = h.join();
+        }
+        // Nor a tier being prepared (its memory would outlive the set).
+        if let Some(rx) = self.preparing.take() {
+            let _ = rx.recv();
         }
     }
 }
@@ -663,7 +666,6 @@ impl Dedup {
             // `Tier::with_slots`): RSS holds the tier from the start, within the budget.
             recent: Tier::new(max_recent),
             frozen: None,
-            spare: None,
             preparing: None,
             spilling: None,
             started: 0,
@@ -709,6 +711,12 @@ impl Dedup {
     /// their clicks come (the whole batch's lines loaded up front, as before, were mostly
     /// evicted by then). Costs one hash per id, kept for the lookups' own loads.
     pub fn warm_batch<'a>(&mut self, ids: impl IntoIterator<Item = &'a Id>) {
+        // A finished spill is harvested at once, so that its tier is emptied for the next
+        // swap (or checkpoint) well before it (a spill failure is sticky: the swap
+        // reports it).
+        if self.frozen.is_some() && self.spilling.as_ref().is_some_and(Spill::is_finished) {
+            let _ = self.harvest(false);
+        }
         self.ahead.clear();
         self.ahead.extend(ids.into_iter().map(hash));
         self.cursor = 0;
@@ -870,7 +878,7 @@ impl Dedup {
     #[cold]
     fn prepare_swap(&mut self) {
         let _ = self.harvest(false);
-        if self.frozen.is_none() && self.spare.is_none() && self.preparing.is_none() {
+        if self.frozen.is_none() && self.preparing.is_none() {
             self.prepare_spare(None);
         }
     }
@@ -878,16 +886,16 @@ impl Dedup {
     /// Has a thread of its own empty `old` (or, given none, make a fresh tier) for the next
     /// swap. Emptying a full tier writes all of it (64 MiB for the default budget) and
     /// making one maps every page: 10-50 ms each, which on the writer stopped ingest at
-    /// every spill (the click -> queryable tail of issue 13). Without a thread, the swap
-    /// makes its tier itself.
+    /// every spill (the click -> queryable tail of issue 13). Not niced: a swap may wait
+    /// for it (a checkpoint right after a spill finished), and it is short. Without a
+    /// thread, `old` is dropped and the swap makes its tier itself.
     fn prepare_spare(&mut self, old: Option<Tier>) {
-        if self.spare.is_some() || self.preparing.is_some() {
+        if self.preparing.is_some() {
             return;
         }
         let max = self.max_recent;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let job = move || {
-            crate::lower_thread_priority(crate::BACKGROUND_NICE, "dedup tier");
             let t = match old {
                 Some(mut t) => {
                     t.clear();
@@ -906,12 +914,10 @@ impl Dedup {
         }
     }
 
-    /// The tier for a swap: the spare, else the one being prepared (waited for: it is
-    /// bounded work, and not waiting would mean a third tier), else a fresh one made here.
+    /// The tier for a swap: the one prepared (waited for if not ready: it is bounded work,
+    /// and not waiting would mean a third tier), else a fresh one made here (a checkpoint
+    /// before the first tier is half full, or no thread to be had).
     fn take_spare(&mut self) -> Tier {
-        if let Some(t) = self.spare.take() {
-            return t;
-        }
         if let Some(t) = self.preparing.take().and_then(|rx| rx.recv().ok()) {
             return t;
         }
@@ -1029,7 +1035,6 @@ impl Dedup {
     pub fn ram_bytes(&self) -> usize {
         self.recent.bytes()
             + self.frozen.as_ref().map_or(0, |t| t.bytes())
-            + self.spare.as_ref().map_or(0, |t| t.bytes())
             // A tier being prepared is the size of the one filling (both for `max_recent`).
             + self.preparing.as_ref().map_or(0, |_| self.recent.bytes())
             + self.bloom.bytes()
@@ -1120,7 +1125,7 @@ mod tests {
                 "round {round}: the spilled tier is harvested"
             );
             assert!(
-                d.preparing.is_some() || d.spare.is_some(),
+                d.preparing.is_some(),
                 "round {round}: no tier is being prepared"
             );
             // Up to the swap; then the spill finishes before the next half.
@@ -1132,6 +1137,17 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
+        // A checkpoint right after a spill finished: the next batch harvests it, and the
+        // checkpoint's swap takes the tier emptied since.
+        assert!(d.frozen.is_some());
+        while d.spilling.as_ref().is_some_and(|s| !s.is_finished()) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        d.warm_batch([id(n)].iter());
+        assert!(d.frozen.is_none() && d.preparing.is_some());
+        assert!(!d.check_insert(id(n), entry(n)).unwrap());
+        n += 1;
+        d.begin_flush(i64::MIN, true).unwrap();
         assert_eq!(d.stats.inline_tiers, 0);
         // Exact throughout: every id is seen, none twice.
         d.wait().unwrap();

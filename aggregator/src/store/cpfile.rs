@@ -172,17 +172,44 @@ impl CheckpointFiles {
     /// Deletes every checkpoint file but `keep` (best effort: a file left behind is deleted
     /// by the next call).
     pub(super) fn delete_others(&self, keep: Option<&str>) {
-        let Ok(dir) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in dir.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with("cp-") && Some(name) != keep {
-                // Read only at a start: nothing has it open.
-                let _ = super::paced::remove_file(&entry.path());
-            }
+        for path in self.others(keep) {
+            // Read only at a start: nothing has it open.
+            let _ = super::paced::remove_file(&path);
         }
+    }
+
+    /// [`CheckpointFiles::delete_others`] on a thread of its own: shrinking a file a few MB
+    /// at a time (`paced::remove_file`) takes ~15 ms for 48 MB, which the writer, whose
+    /// commit this follows, must not wait for. Only the files there now are deleted.
+    pub(super) fn delete_others_later(&self, keep: Option<&str>) {
+        let paths = self.others(keep);
+        if paths.is_empty() {
+            return;
+        }
+        let job = move || {
+            for path in paths {
+                let _ = super::paced::remove_file(&path);
+            }
+        };
+        // No thread to be had: the next call (or start) deletes them.
+        let _ = std::thread::Builder::new()
+            .name("adclick-cp-delete".into())
+            .spawn(job);
+    }
+
+    /// The checkpoint files but `keep`.
+    fn others(&self, keep: Option<&str>) -> Vec<std::path::PathBuf> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter(|entry| {
+                let name = entry.file_name();
+                name.to_str()
+                    .is_some_and(|n| n.starts_with("cp-") && Some(n) != keep)
+            })
+            .map(|entry| entry.path())
+            .collect()
     }
 }
 

@@ -7,7 +7,9 @@
 //! collectors' spool commits on the same disk) waited behind it: 100-230 ms, the
 //! click -> queryable tail around each checkpoint in `adclick bench pipeline`. In steps of
 //! a few MB they wait behind one step at most. The files' contents and their crash safety
-//! (written to a temporary name, synced, renamed, directory synced) are unchanged.
+//! are unchanged (runs and segments are written to a temporary name, synced and renamed;
+//! a checkpoint file becomes current only once the store commits its name, length and
+//! hash).
 //!
 //! Deleting such a file does the same on a file system mounted with `discard` (these
 //! machines' ext4): the blocks freed at once are trimmed in the next journal commit, which
@@ -22,19 +24,39 @@ use std::path::Path;
 /// Bytes written between two `sync_data` calls.
 pub const PACE_BYTES: u64 = 4 << 20;
 
-/// Counts the bytes written to a file and syncs its data every [`PACE_BYTES`].
+/// Counts the bytes written to a file and syncs its data every [`PACE_BYTES`] (callers
+/// write at most [`Pacer::room`] bytes at a time, so that no step is larger).
 #[derive(Debug, Default)]
 pub struct Pacer {
     unsynced: u64,
+    /// `sync_data` calls so far.
+    syncs: u64,
 }
 
 impl Pacer {
+    /// Bytes that may be written before the next sync.
+    pub fn room(&self) -> usize {
+        usize::try_from(PACE_BYTES.saturating_sub(self.unsynced)).unwrap_or(usize::MAX)
+    }
+
     /// `n` more bytes were written to `file`.
     pub fn wrote(&mut self, file: &File, n: usize) -> io::Result<()> {
         self.unsynced += n as u64;
         if self.unsynced >= PACE_BYTES {
             self.unsynced = 0;
+            self.syncs += 1;
             file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` to `file` in steps of at most [`Pacer::room`].
+    pub fn write_all(&mut self, file: &File, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let step = buf.len().min(self.room());
+            (&*file).write_all(&buf[..step])?;
+            self.wrote(file, step)?;
+            buf = &buf[step..];
         }
         Ok(())
     }
@@ -58,8 +80,11 @@ impl<'a> Paced<'a> {
 }
 
 impl Write for Paced<'_> {
+    /// At most the bytes left before the next sync: a `BufWriter` hands a write larger
+    /// than its buffer (a checkpoint table of several MB) straight through.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = (&*self.file).write(buf)?;
+        let step = buf.len().min(self.pacer.room());
+        let n = (&*self.file).write(&buf[..step])?;
         self.pacer.wrote(self.file, n)?;
         Ok(n)
     }
@@ -89,7 +114,9 @@ pub fn remove_file(path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// The bytes arrive whole and in order, whatever the write sizes, across many paces.
+    /// The bytes arrive whole and in order, whatever the write sizes (small ones through
+    /// the buffer, ones larger than the buffer or a pace handed straight through), with a
+    /// sync every [`PACE_BYTES`].
     #[test]
     fn paced_writes_keep_every_byte() {
         let dir = tempfile::tempdir().unwrap();
@@ -99,13 +126,24 @@ mod tests {
             .map(|i| (i * 31 % 251) as u8)
             .collect();
         let mut w = io::BufWriter::with_capacity(1 << 20, Paced::new(&file));
-        for chunk in data.chunks(777_777) {
+        let (small, large) = data.split_at(777_777 * 3);
+        for chunk in small.chunks(777_777) {
             w.write_all(chunk).unwrap();
         }
+        // One write of over two paces (a checkpoint table).
+        w.write_all(large).unwrap();
         w.flush().unwrap();
+        assert_eq!(w.get_ref().pacer.syncs, data.len() as u64 / PACE_BYTES);
         drop(w);
         file.sync_all().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), data);
+        // The same through `Pacer::write_all` (the dedup runs' writer).
+        let path2 = dir.path().join("g");
+        let file2 = File::create(&path2).unwrap();
+        let mut pacer = Pacer::default();
+        pacer.write_all(&file2, &data).unwrap();
+        assert_eq!(pacer.syncs, data.len() as u64 / PACE_BYTES);
+        assert_eq!(std::fs::read(&path2).unwrap(), data);
         remove_file(&path).unwrap();
         assert!(!path.exists());
         let missing = remove_file(&path).unwrap_err();

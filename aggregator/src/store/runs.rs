@@ -285,9 +285,8 @@ impl RunWriter {
     /// Hashes and writes the buffered records.
     fn drain(&mut self) -> Result<(), DedupError> {
         self.hasher.update(&self.buf);
-        self.file
-            .write_all(&self.buf)
-            .and_then(|()| self.pacer.wrote(&self.file, self.buf.len()))
+        self.pacer
+            .write_all(&self.file, &self.buf)
             .map_err(|e| err("cannot write", &self.tmp, e))?;
         self.buf.clear();
         Ok(())

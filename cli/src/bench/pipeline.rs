@@ -180,17 +180,6 @@ pub(crate) fn metric_f64(page: &str, metric: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The collectors' spool group-commit fsyncs so far: (seconds in fsync, fsyncs).
-async fn fsyncs(http: &reqwest::Client, s: &Setup) -> (f64, f64) {
-    let mut out = (0.0, 0.0);
-    for port in &s.collector_http {
-        let page = scrape(http, &format!("http://127.0.0.1:{port}/metrics")).await;
-        out.0 += metric_f64(&page, "adclick_collector_fsync_seconds_sum");
-        out.1 += metric_f64(&page, "adclick_collector_fsync_seconds_count");
-    }
-    out
-}
-
 /// Observations of histogram `hist` above `secs` in a Prometheus text page: its count less
 /// its cumulative bucket at the largest bound not above `secs` (0 when absent).
 pub(crate) fn above(page: &str, hist: &str, secs: f64) -> u64 {
@@ -210,21 +199,24 @@ pub(crate) fn above(page: &str, hist: &str, secs: f64) -> u64 {
     total.saturating_sub(within)
 }
 
-/// Slow durable writes so far: aggregator WAL group commits and the collectors' spool
-/// fsyncs above 50 and 100 ms (the buckets' bounds at or below them: 51.2 and 102.4 ms),
-/// and aggregator checkpoints. What a click -> queryable tail is made of shows here.
-async fn stalls(http: &reqwest::Client, s: &Setup) -> [u64; 5] {
-    let mut out = [0u64; 5];
+/// Durable writes so far, from one scrape of every process: aggregator WAL group commits
+/// and the collectors' spool fsyncs above 50 and 100 ms (the buckets' bounds at or below
+/// them: 51.2 and 102.4 ms), aggregator checkpoints, and the spool fsyncs' seconds and
+/// count. What a click -> queryable tail is made of shows here.
+async fn durable_writes(http: &reqwest::Client, s: &Setup) -> [f64; 7] {
+    let mut out = [0f64; 7];
     for port in &s.agg_http {
         let page = scrape(http, &format!("http://127.0.0.1:{port}/metrics")).await;
-        out[0] += above(&page, "adclick_aggregator_wal_commit_seconds", 0.0512);
-        out[1] += above(&page, "adclick_aggregator_wal_commit_seconds", 0.1024);
-        out[4] += metric(&page, "adclick_aggregator_checkpoint_seconds_count");
+        out[0] += above(&page, "adclick_aggregator_wal_commit_seconds", 0.0512) as f64;
+        out[1] += above(&page, "adclick_aggregator_wal_commit_seconds", 0.1024) as f64;
+        out[4] += metric_f64(&page, "adclick_aggregator_checkpoint_seconds_count");
     }
     for port in &s.collector_http {
         let page = scrape(http, &format!("http://127.0.0.1:{port}/metrics")).await;
-        out[2] += above(&page, "adclick_collector_fsync_seconds", 0.0512);
-        out[3] += above(&page, "adclick_collector_fsync_seconds", 0.1024);
+        out[2] += above(&page, "adclick_collector_fsync_seconds", 0.0512) as f64;
+        out[3] += above(&page, "adclick_collector_fsync_seconds", 0.1024) as f64;
+        out[5] += metric_f64(&page, "adclick_collector_fsync_seconds_sum");
+        out[6] += metric_f64(&page, "adclick_collector_fsync_seconds_count");
     }
     out
 }
@@ -781,7 +773,7 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         );
     }
     let cpu0 = cpu(s);
-    let fsync0 = fsyncs(&http, s).await;
+    let writes0 = durable_writes(&http, s).await;
     let start = totals(&http, s).await;
     let mut loads = Vec::new();
     let mut senders = Vec::new();
@@ -825,7 +817,6 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         humantime::format_rfc3339_millis(std::time::SystemTime::now())
     );
     let done = Arc::new(AtomicBool::new(false));
-    let stalls0 = stalls(&http, s).await;
     let probes = spawn_probes(s, channel.clone(), http.clone(), done.clone(), t0);
     let tops = spawn_topads(channel.clone(), &s.admin, done.clone());
     tokio::time::sleep(a.duration).await;
@@ -834,10 +825,14 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
     let secs = t0.elapsed().as_secs_f64();
     let at_end = totals(&http, s).await - start;
     let cpu1 = cpu(s);
-    let fsync1 = fsyncs(&http, s).await;
-    let fsync_mean_ms = (fsync1.0 - fsync0.0) / (fsync1.1 - fsync0.1).max(1.0) * 1e3;
-    let stalls1 = stalls(&http, s).await;
-    let slow: Vec<u64> = stalls1.iter().zip(stalls0).map(|(a, b)| a - b).collect();
+    let writes1 = durable_writes(&http, s).await;
+    // During the load (a failed scrape reads as 0: never a negative count).
+    let slow: Vec<u64> = writes1
+        .iter()
+        .zip(writes0)
+        .map(|(a, b)| (a - b).max(0.0) as u64)
+        .collect();
+    let fsync_mean_ms = (writes1[5] - writes0[5]).max(0.0) / slow[6].max(1) as f64 * 1e3;
     done.store(true, Ordering::Relaxed);
     // Clicks handed to the SDK / whose request started; clicks due but not yet sent when
     // the load stops (the limit was before the collectors' acks: the generator, the CPU it
@@ -1038,8 +1033,8 @@ async fn measure(a: &PipelineArgs, s: &Setup) -> Result<(String, String)> {
         format!("{errors:?}")
     };
     t += &format!(
-        "| collectors' spool group-commit fsync, mean during the load | {fsync_mean_ms:.2} ms ({:.0} fsyncs) |\n",
-        fsync1.1 - fsync0.1
+        "| collectors' spool group-commit fsync, mean during the load | {fsync_mean_ms:.2} ms ({} fsyncs) |\n",
+        slow[6]
     );
     t += &format!("| load generator errors | {error_text} |\n");
     let error_count: u64 = errors.values().sum();

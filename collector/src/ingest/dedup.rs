@@ -272,7 +272,9 @@ impl ExactSet {
     fn expire(&mut self, now_ms: i64) {
         let now = keep(now_ms);
         while let Some((id, exp)) = self.order.front().copied() {
-            if exp >= now && self.len <= self.capacity {
+            // The queue bounds the table (every id held has an entry in it; a released id
+            // leaves a stale one): kept to `capacity`, neither grows past its allocation.
+            if exp >= now && self.order.len() <= self.capacity {
                 break;
             }
             self.order.pop_front();
@@ -437,9 +439,15 @@ mod tests {
         for n in 0..(2 * cap as u64) {
             // (Past the Bloom filter's size some new ids are suspects: still recorded.)
             assert_ne!(d.check_and_insert(&id(n), 60_000, 0), Seen::Duplicate);
-            d.commit(&id(n));
+            // Every third one is released (its request failed): its queue entry stays.
+            if n % 3 == 0 {
+                d.release(&id(n));
+            } else {
+                d.commit(&id(n));
+            }
         }
         assert!(d.exact_len() <= cap + 1);
+        assert!(d.exact.order.len() <= cap + 1);
         assert_eq!(d.exact.slots.as_ptr(), slots, "the table was reallocated");
         assert_eq!(d.exact.order.capacity(), queue, "the queue was reallocated");
     }
@@ -573,7 +581,7 @@ mod tests {
                             now += dt / 50;
                             t.expire(now);
                             while let Some((i, e)) = order.front().copied() {
-                                if e >= keep(now) && model.len() <= cap { break; }
+                                if e >= keep(now) && order.len() <= cap { break; }
                                 order.pop_front();
                                 if model.get(&i).map(|m| m & KEEP_MASK) == Some(e) { model.remove(&i); }
                             }
@@ -607,7 +615,7 @@ mod tests {
                             now += dt;
                             t.expire(now);
                             while let Some((i, e)) = order.front().copied() {
-                                if e >= keep(now) && model.len() <= cap { break; }
+                                if e >= keep(now) && order.len() <= cap { break; }
                                 order.pop_front();
                                 if model.get(&i).map(|m| m & KEEP_MASK) == Some(e) { model.remove(&i); }
                             }
