@@ -711,12 +711,7 @@ impl Dedup {
     /// their clicks come (the whole batch's lines loaded up front, as before, were mostly
     /// evicted by then). Costs one hash per id, kept for the lookups' own loads.
     pub fn warm_batch<'a>(&mut self, ids: impl IntoIterator<Item = &'a Id>) {
-        // A finished spill is harvested at once, so that its tier is emptied for the next
-        // swap (or checkpoint) well before it (a spill failure is sticky: the swap
-        // reports it).
-        if self.frozen.is_some() && self.spilling.as_ref().is_some_and(Spill::is_finished) {
-            let _ = self.harvest(false);
-        }
+        self.prepare_swap();
         self.ahead.clear();
         self.ahead.extend(ids.into_iter().map(hash));
         self.cursor = 0;
@@ -785,7 +780,9 @@ impl Dedup {
                 self.recent.put_at(at, &id, entry);
             }
         }
-        self.after_insert()?;
+        if self.recent.len() >= self.max_recent {
+            self.rotate()?;
+        }
         Ok(false)
     }
 
@@ -801,18 +798,8 @@ impl Dedup {
     /// Records `id`; spills the RAM tier to disk when it is full.
     pub fn insert(&mut self, id: Id, entry: Entry) -> Result<(), DedupError> {
         self.recent.insert(&id, hash(&id), entry);
-        self.after_insert()
-    }
-
-    /// A full RAM tier is swapped for a fresh one and spilled; at half and three quarters
-    /// full, the fresh one is prepared.
-    #[inline]
-    fn after_insert(&mut self) -> Result<(), DedupError> {
-        let n = self.recent.len();
-        if n >= self.max_recent {
+        if self.recent.len() >= self.max_recent {
             self.rotate()?;
-        } else if n == self.max_recent / 2 || n == self.max_recent / 4 * 3 {
-            self.prepare_swap();
         }
         Ok(())
     }
@@ -870,15 +857,20 @@ impl Dedup {
         }
     }
 
-    /// The RAM tier is filling up: the swap to come needs an empty tier. A finished spill
-    /// is harvested now, so that its tier is emptied off this thread before the swap (at
-    /// the swap it would be waited for); before the first spill there is none, so a fresh
-    /// one is made off this thread (within the budget of two tiers: none is frozen). A
-    /// spill failure is sticky: the swap reports it.
-    #[cold]
+    /// Once per batch ([`Dedup::warm_batch`]): the swap to come needs an empty tier. A
+    /// finished spill is harvested at once, so that its tier is emptied off this thread
+    /// well before the swap or checkpoint that takes it (at the swap it would be waited
+    /// for); before the first spill there is none, so once the tier filling is half full
+    /// a fresh one is made off this thread (within the budget of two tiers: none is
+    /// frozen). A spill failure is sticky: the swap reports it.
     fn prepare_swap(&mut self) {
-        let _ = self.harvest(false);
-        if self.frozen.is_none() && self.preparing.is_none() {
+        if self.frozen.is_some() && self.spilling.as_ref().is_some_and(Spill::is_finished) {
+            let _ = self.harvest(false);
+        }
+        if self.frozen.is_none()
+            && self.preparing.is_none()
+            && self.recent.len() >= self.max_recent / 2
+        {
             self.prepare_spare(None);
         }
     }
@@ -1103,8 +1095,8 @@ mod tests {
     }
 
     /// The swap's empty tier is prepared before the swap, off the inserting thread: made
-    /// once the first tier is half full, then emptied from the spilled tier, harvested as
-    /// soon as the tier filling is half full after its spill finished.
+    /// once the first tier is half full, then emptied from the spilled tier, harvested at
+    /// the first batch after its spill finished.
     #[test]
     fn the_next_tier_is_prepared_before_the_swap() {
         let mut d = Dedup::new(64 * 1024, Box::<MemTable>::default());
@@ -1114,12 +1106,22 @@ mod tests {
             ordinal: at(n + 1, 0),
         };
         let mut n = 0u64;
-        for round in 0..4 {
-            // Up to just past half full: the empty tier for the swap is on its way.
-            while d.recent.len() as u64 <= cap / 2 {
-                assert!(!d.check_insert(id(n), entry(n)).unwrap());
-                n += 1;
+        // A batch of 8 ids, announced first as the window operator does.
+        let batch = |d: &mut Dedup, n: &mut u64| {
+            let ids: Vec<Id> = (*n..*n + 8).map(id).collect();
+            d.warm_batch(ids.iter());
+            for (i, x) in ids.iter().enumerate() {
+                assert!(!d.check_insert(*x, entry(*n + i as u64)).unwrap());
             }
+            *n += 8;
+        };
+        for round in 0..4 {
+            // Up to just past half full, then the next batch: the empty tier for the swap
+            // is on its way.
+            while d.recent.len() as u64 <= cap / 2 {
+                batch(&mut d, &mut n);
+            }
+            batch(&mut d, &mut n);
             assert!(
                 d.frozen.is_none(),
                 "round {round}: the spilled tier is harvested"
@@ -1130,8 +1132,7 @@ mod tests {
             );
             // Up to the swap; then the spill finishes before the next half.
             while d.frozen.is_none() {
-                assert!(!d.check_insert(id(n), entry(n)).unwrap());
-                n += 1;
+                batch(&mut d, &mut n);
             }
             while d.spilling.as_ref().is_some_and(|s| !s.is_finished()) {
                 std::thread::sleep(std::time::Duration::from_millis(1));
@@ -1143,10 +1144,8 @@ mod tests {
         while d.spilling.as_ref().is_some_and(|s| !s.is_finished()) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        d.warm_batch([id(n)].iter());
+        batch(&mut d, &mut n);
         assert!(d.frozen.is_none() && d.preparing.is_some());
-        assert!(!d.check_insert(id(n), entry(n)).unwrap());
-        n += 1;
         d.begin_flush(i64::MIN, true).unwrap();
         assert_eq!(d.stats.inline_tiers, 0);
         // Exact throughout: every id is seen, none twice.
