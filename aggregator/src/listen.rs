@@ -8,7 +8,11 @@
 //! - an idle timeout once no request is in flight (HTTP/1 keep-alive and HTTP/2 alike): the
 //!   clock restarts when the last response has been sent whole (a watch's stream keeps its
 //!   request in flight: `Held`), not on any byte, so a client that only trickles bytes or
-//!   PINGs is still idle;
+//!   PINGs is still idle. An idle connection is closed gracefully: HTTP/2 gets a GOAWAY
+//!   (hyper's two-step one: a request the client sent before it saw the GOAWAY is still
+//!   served, so a client never loses a request to the idle close; it opens a new connection
+//!   for the next), HTTP/1 is closed between requests. The close is bounded
+//!   (`IDLE_CLOSE_GRACE` past the request deadline), then the connection is dropped;
 //! - a deadline per request (body included), so an in-flight request cannot keep a
 //!   connection open forever either; HTTP/2 PINGs drop dead peers, and the number of
 //!   concurrent streams is bounded.
@@ -22,7 +26,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -30,7 +34,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::ConnectionConfig;
@@ -147,7 +151,6 @@ where
     } else {
         builder
     };
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let counts = Arc::new(Mutex::new(Counts::default()));
     let timeouts = Timeouts {
         header: Duration::from_secs(limits.header_read_timeout_secs),
@@ -181,21 +184,85 @@ where
         let io = GuardedIo::new(stream, activity.clone(), timeouts, metrics.clone(), port);
         let svc = Tracked {
             inner: make_service(peer),
-            activity,
+            activity: activity.clone(),
             timeout: request_timeout,
             metrics: metrics.clone(),
             port,
         };
         let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-        let conn = graceful.watch(conn);
+        let (shutdown, metrics) = (shutdown.clone(), metrics.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = conn.await;
+            let mut conn = std::pin::pin!(conn);
+            let bound =
+                match run_until_idle(conn.as_mut(), &activity, timeouts.idle, shutdown).await {
+                    Ended::Done => return,
+                    Ended::Idle => {
+                        metrics.connection_closed(port.label(), "idle_timeout");
+                        tracing::debug!(port = port.label(), "closing idle connection (GOAWAY)");
+                        request_timeout + IDLE_CLOSE_GRACE
+                    }
+                    Ended::Shutdown => SHUTDOWN_GRACE,
+                };
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(bound, conn).await;
         });
     }
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    // Every connection task saw the flip and is closing gracefully: wait for them (each
+    // gives up after `SHUTDOWN_GRACE`), polling the count of open ones.
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while counts.lock().unwrap_or_else(|e| e.into_inner()).total > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// How long server shutdown waits for open connections to finish their requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long an idle connection closed with a GOAWAY may take to finish, past the request
+/// deadline (a request the client sent before it saw the GOAWAY is still served), before it
+/// is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// How a connection's task stopped waiting on it.
+enum Ended {
+    /// The connection finished by itself (client closed, protocol error, a deadline in
+    /// its IO).
+    Done,
+    /// No request for the idle timeout: close it gracefully.
+    Idle,
+    /// Server shutdown: close it gracefully.
+    Shutdown,
+}
+
+/// Drives `conn` until it ends, the server shuts down, or it has been idle (at least one
+/// request served, none in flight) for `idle`.
+async fn run_until_idle<C: Future + ?Sized>(
+    mut conn: Pin<&mut C>,
+    activity: &Activity,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> Ended {
+    loop {
+        // Registered before the deadline is read, so a request ending in between wakes it.
+        let ended = activity.ended.notified();
+        let at = activity.idle_since().map(|t| t + idle);
+        tokio::select! {
+            _ = conn.as_mut() => return Ended::Done,
+            r = shutdown.changed() => {
+                if r.is_err() || *shutdown.borrow() {
+                    return Ended::Shutdown;
+                }
+            }
+            _ = async { tokio::time::sleep_until(at.unwrap_or_else(Instant::now)).await },
+                if at.is_some() =>
+            {
+                if activity.idle_since().is_some_and(|t| Instant::now() >= t + idle) {
+                    return Ended::Idle;
+                }
+            }
+            _ = ended => {}
+        }
     }
 }
 
@@ -272,6 +339,9 @@ struct Timeouts {
 #[derive(Debug)]
 struct Activity {
     inner: Mutex<ActivityState>,
+    /// Notified when a request begins or ends (the connection task re-reads its idle
+    /// deadline).
+    ended: Notify,
 }
 
 #[derive(Debug)]
@@ -280,9 +350,6 @@ struct ActivityState {
     requests: u64,
     accepted: Instant,
     last_end: Instant,
-    /// The connection task, woken when the last request ends so its IO re-arms the idle
-    /// deadline.
-    waker: Option<Waker>,
 }
 
 impl Activity {
@@ -294,8 +361,8 @@ impl Activity {
                 requests: 0,
                 accepted: now,
                 last_end: now,
-                waker: None,
             }),
+            ended: Notify::new(),
         }
     }
 
@@ -304,27 +371,26 @@ impl Activity {
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
-        let mut s = self.lock();
-        s.in_flight += 1;
-        s.requests += 1;
+        {
+            let mut s = self.lock();
+            s.in_flight += 1;
+            s.requests += 1;
+        }
+        self.ended.notify_one();
         InFlight(self.clone())
     }
 
-    /// When the connection must close, and why; `None` while a request is in flight (the
-    /// request deadline bounds that). Registers `waker` to hear about the last request
-    /// ending.
-    fn deadline(&self, t: Timeouts, waker: &Waker) -> Option<(Instant, &'static str)> {
-        let mut s = self.lock();
-        if !s.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            s.waker = Some(waker.clone());
-        }
-        if s.in_flight > 0 {
-            None
-        } else if s.requests == 0 {
-            Some((s.accepted + t.header, "header_read_timeout"))
-        } else {
-            Some((s.last_end + t.idle, "idle_timeout"))
-        }
+    /// The deadline of the first request, while none has begun (the IO enforces it).
+    fn header_deadline(&self, t: Timeouts) -> Option<Instant> {
+        let s = self.lock();
+        (s.requests == 0).then_some(s.accepted + t.header)
+    }
+
+    /// Since when the connection has been idle: a request was served and none is in
+    /// flight (the connection task enforces the idle timeout from it).
+    fn idle_since(&self) -> Option<Instant> {
+        let s = self.lock();
+        (s.requests > 0 && s.in_flight == 0).then_some(s.last_end)
     }
 }
 
@@ -333,24 +399,21 @@ struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let waker = {
+        let last = {
             let mut s = self.0.lock();
             s.in_flight = s.in_flight.saturating_sub(1);
             s.last_end = Instant::now();
-            if s.in_flight == 0 {
-                s.waker.take()
-            } else {
-                None
-            }
+            s.in_flight == 0
         };
-        if let Some(w) = waker {
-            w.wake();
+        if last {
+            self.0.ended.notify_one();
         }
     }
 }
 
-/// The connection's socket: once its deadline has passed, reads fail with `TimedOut` and
-/// hyper closes the connection.
+/// The connection's socket: once the first request's deadline (`header_read_timeout`) has
+/// passed without one, reads fail with `TimedOut` and hyper closes the connection at once
+/// (a client that has not sent a whole request gets no graceful close).
 struct GuardedIo {
     io: TcpStream,
     activity: Arc<Activity>,
@@ -385,7 +448,8 @@ impl GuardedIo {
     /// `Some(reason)` once the connection is past its deadline; otherwise arms the timer so
     /// the task is woken when it passes.
     fn check(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
-        let (deadline, reason) = self.activity.deadline(self.timeouts, cx.waker())?;
+        let reason = "header_read_timeout";
+        let deadline = self.activity.header_deadline(self.timeouts)?;
         if Instant::now() >= deadline {
             return Some(reason);
         }

@@ -643,6 +643,43 @@ async fn idle_and_slow_connections_are_closed_on_both_ports() {
     a.shutdown().await;
 }
 
+/// An idle HTTP/2 connection is closed with a GOAWAY, then the close: a client that sent a
+/// request before it saw the GOAWAY still gets its answer (hyper's two-step GOAWAY), where
+/// a bare close would lose it (`Cancelled` in a gRPC client). Seen from a bare HTTP/2
+/// client: its connection ends cleanly, not with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_with_a_goaway() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.connections.idle_timeout_secs = 1;
+    let a = adclick_aggregator::start(cfg).await.unwrap();
+    for (port, addr) in [("http", a.http_addr()), ("grpc", a.grpc_addr())] {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        // Any answered request makes the connection one that can become idle (the gRPC
+        // port answers a bare GET with an error status, which is enough).
+        let req = hyper::Request::get(format!("http://{addr}/livez"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        send.send_request(req).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .unwrap_or_else(|_| panic!("{port}: idle HTTP/2 connection still open after 10 s"))
+            .unwrap();
+        assert!(
+            ended.is_ok(),
+            "{port}: the idle connection was cut without a GOAWAY: {ended:?}"
+        );
+    }
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_caps_refuse_the_excess_and_a_real_client_gets_through() {
     let dir = tempfile::tempdir().unwrap();

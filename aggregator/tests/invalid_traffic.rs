@@ -809,8 +809,9 @@ fn classification_survives_a_crash_identically() {
                 send(&mut ing, "c", i as u64 + 1, b.clone()).await;
                 // Past the writer's checkpoint tick (10 ms at least): with interval 1 ms a
                 // checkpoint holding the rules' state is taken after each batch and saved
-                // at the next one.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                // at the next one, if its encoding (a thread) has finished by then: 200 ms
+                // leaves room for a box whose cores other tests keep busy (50 ms did not).
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
             if interval_ms == 1 {
                 let text = reqwest::get(format!("http://{}/metrics", a.http_addr()))

@@ -157,6 +157,46 @@ async fn idle_and_slow_connections_are_closed() {
     col.shutdown().await;
 }
 
+/// An idle HTTP/2 connection is closed with a GOAWAY, then the close: an SDK that sent a
+/// batch before it saw the GOAWAY still gets its answer (hyper's two-step GOAWAY), where a
+/// bare close would fail that request. Seen from a bare HTTP/2 client: its connection ends
+/// cleanly, not with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_with_a_goaway() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base(dir.path());
+    cfg.limits.idle_timeout_ms = 300;
+    let col = adclick_collector::start(cfg).await.unwrap();
+    let addr = col.http_addr();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(format!("http://{addr}/livez"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("idle HTTP/2 connection still open after 5 s")
+        .unwrap();
+    assert!(
+        ended.is_ok(),
+        "the idle connection was cut without a GOAWAY: {ended:?}"
+    );
+    assert_eq!(
+        metric(
+            &col,
+            "adclick_collector_connections_closed_total{listener=\"http\",reason=\"idle_timeout\"} "
+        ),
+        1
+    );
+    col.shutdown().await;
+}
+
 /// Beyond `max_connections_per_ip` (per peer address) and `max_connections` (per
 /// listener), new connections are closed at once, and counted; other clients are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,7 +214,7 @@ fn unavailable(e: &CommitError) -> Resp {
 }
 
 /// Serves HTTP on `listener` until `shutdown` flips, then drains in-flight requests (at
-/// most 10 s).
+/// most [`DRAIN`]).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
@@ -225,7 +225,9 @@ pub async fn serve(
     let conns = ConnLimiter::new(limits.max_connections, limits.max_connections_per_ip);
     conn::warn_if_files_limit_low("http", limits.max_connections);
     let idle_timeout = limits.idle_timeout();
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // An idle connection closed with a GOAWAY may finish what the client sent before it
+    // saw it (a request's body is bounded by this deadline), then is dropped.
+    let close_grace = limits.body_read_timeout() + Duration::from_secs(2);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -291,21 +293,28 @@ pub async fn serve(
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
-        let watched = graceful.watch(conn);
         let metrics = state.metrics.clone();
         let gauge = open_gauge.clone();
+        let mut stop = shutdown.clone();
         gauge.inc();
         tokio::spawn(async move {
             let _slot = slot;
-            tokio::pin!(watched);
-            // The watchdog: a connection that sends no complete request in time, or none
-            // for `idle_timeout` after the last, is dropped (which closes it). This also
-            // covers what hyper's own timers do not: protocol detection, an h2c connection
-            // that only sent its preface, HTTP/2 without streams.
-            loop {
+            let mut conn = std::pin::pin!(conn);
+            // The watchdog: a connection that sends no complete request in time is dropped
+            // (which cuts it); one with none for `idle_timeout` after the last is closed
+            // gracefully (HTTP/2: a GOAWAY, so a request the client sent before it saw it
+            // is still answered; HTTP/1: closed between requests), as on shutdown. This
+            // also covers what hyper's own timers do not: protocol detection, an h2c
+            // connection that only sent its preface, HTTP/2 without streams.
+            let bound = loop {
                 let (at, _) = activity.deadline(header_read_timeout, idle_timeout);
                 tokio::select! {
-                    _ = &mut watched => break,
+                    _ = conn.as_mut() => break None,
+                    r = stop.changed() => {
+                        if r.is_err() || *stop.borrow() {
+                            break Some(DRAIN);
+                        }
+                    }
                     _ = tokio::time::sleep_until(at) => {
                         // Look again: a request may have started or ended meanwhile.
                         let (at, why) = activity.deadline(header_read_timeout, idle_timeout);
@@ -314,22 +323,34 @@ pub async fn serve(
                                 .connections_closed
                                 .get_or_create(&ConnLabel { listener: "http", reason: why.reason() })
                                 .inc();
-                            break;
+                            break (why == conn::Expired::Idle).then_some(close_grace);
                         }
                     }
+                }
+            };
+            if let Some(bound) = bound {
+                conn.as_mut().graceful_shutdown();
+                if tokio::time::timeout(bound, conn).await.is_err() {
+                    tracing::debug!("connection did not close gracefully in time; dropped");
                 }
             }
             gauge.dec();
         });
     }
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(10)) => {
+    // Every connection task saw the flip and is draining (each gives up after `DRAIN`).
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    while conns.open() > 0 {
+        if tokio::time::Instant::now() >= deadline {
             tracing::warn!("HTTP drain timed out; closing remaining connections");
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// How long shutdown waits for open connections to finish their requests.
+const DRAIN: Duration = Duration::from_secs(10);
 
 /// The `Access-Control-Allow-Origin` value for a request's `Origin`, if allowed.
 fn cors_origin(st: &HttpState, req: &Request<Incoming>) -> Option<HeaderValue> {
