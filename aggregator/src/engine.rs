@@ -856,10 +856,37 @@ impl<S: Store> Writer<S> {
     }
 
     fn serve(&mut self, mut rx: mpsc::Receiver<WriterMsg>) {
+        /// How often an idle writer looks for the end of a checkpoint's encoding.
+        const IDLE_SAVE_POLL: Duration = Duration::from_millis(5);
+        // The writer is a thread of its own: a one-thread runtime gives its wait a timeout
+        // (without one it waits as before, saving a checkpoint at the next batch).
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .inspect_err(|e| tracing::warn!(error = %e, "writer timer unavailable; an idle writer saves its checkpoint at the next batch"))
+            .ok();
         let max_group = 64;
         let tick = Duration::from_millis(self.cfg.checkpoint.interval_ms.max(10));
         loop {
-            let (mut group, mut control) = match rx.blocking_recv() {
+            let next = match &timer {
+                // A checkpoint is being encoded: while no batch comes, look for its end
+                // every few ms and save it then, rather than at the next batch (an idle
+                // aggregator would otherwise keep its last checkpoint unsaved, and its WAL
+                // untrimmed, until traffic resumes). A batch still wakes it at once.
+                Some(rt) if self.pending.is_some() => {
+                    match rt
+                        .block_on(async { tokio::time::timeout(IDLE_SAVE_POLL, rx.recv()).await })
+                    {
+                        Ok(m) => m,
+                        Err(_) => {
+                            self.save_checkpoint(false);
+                            continue;
+                        }
+                    }
+                }
+                _ => rx.blocking_recv(),
+            };
+            let (mut group, mut control) = match next {
                 Some(WriterMsg::Ingest(r)) => (vec![r], None),
                 Some(WriterMsg::Control(c)) => (Vec::new(), Some(c)),
                 None => break,

@@ -809,23 +809,37 @@ fn classification_survives_a_crash_identically() {
                 send(&mut ing, "c", i as u64 + 1, b.clone()).await;
                 // Past the writer's checkpoint tick (10 ms at least): with interval 1 ms a
                 // checkpoint holding the rules' state is taken after each batch and saved
-                // at the next one, if its encoding (a thread) has finished by then: 200 ms
-                // leaves room for a box whose cores other tests keep busy (50 ms did not).
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                // once its encoding (a thread) has finished.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             if interval_ms == 1 {
-                let text = reqwest::get(format!("http://{}/metrics", a.http_addr()))
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
-                let saved: u64 = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("adclick_aggregator_checkpoint_seconds_count "))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                assert!(saved >= 1, "no checkpoint was saved before the crash");
+                // On a box whose cores other tests keep busy the encoding may take longer
+                // than the pauses above: wait for one to be saved (the writer saves it
+                // while idle).
+                let start = std::time::Instant::now();
+                loop {
+                    let text = reqwest::get(format!("http://{}/metrics", a.http_addr()))
+                        .await
+                        .unwrap()
+                        .text()
+                        .await
+                        .unwrap();
+                    let saved: u64 = text
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("adclick_aggregator_checkpoint_seconds_count ")
+                        })
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if saved >= 1 {
+                        break;
+                    }
+                    assert!(
+                        start.elapsed() < std::time::Duration::from_secs(10),
+                        "no checkpoint was saved before the crash"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
             }
         });
         a.kill();

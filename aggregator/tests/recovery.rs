@@ -101,3 +101,41 @@ fn crash_restart_and_replay_gives_exactly_the_uncrashed_counts() {
     assert_eq!(got.1, reference.1, "TopAds differ");
     rt.block_on(a.shutdown());
 }
+
+/// A checkpoint started after the last batch is saved while the aggregator stays idle (its
+/// encoding ends on a thread; the writer looks for that end instead of waiting for the next
+/// batch), so an idle aggregator's WAL is trimmed and its restart replays nothing of it.
+#[test]
+fn an_idle_aggregator_saves_the_checkpoint_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // Due after every batch (the writer's tick is 10 ms at least).
+    cfg.checkpoint.interval_ms = 1;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = rt.block_on(start_retrying(cfg, None));
+    let saved = |a: &Aggregator| {
+        a.metrics()
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix("adclick_aggregator_checkpoint_seconds_count "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    rt.block_on(async {
+        let (mut ing, _) = clients(&a).await;
+        // Past the first tick, then one batch: a checkpoint is due right after it.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        send(&mut ing, "c", 1, clicks(7, 200, 10, 3, 20)).await;
+        let before = saved(&a);
+        // No other batch: the checkpoint started after it must still be saved.
+        let start = std::time::Instant::now();
+        while saved(&a) <= before {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "the checkpoint started after the last batch was not saved within 10 s of idleness ({before} saved)"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    rt.block_on(a.shutdown());
+}
