@@ -141,6 +141,8 @@ pub struct Activity {
     served: AtomicBool,
     /// Ms after `started` when the last request finished.
     last_done_ms: AtomicU64,
+    /// Notified when a request begins or ends: the watchdog's deadline moves.
+    changed: tokio::sync::Notify,
 }
 
 /// Marks a request in progress; dropping it marks it done.
@@ -174,13 +176,21 @@ impl Activity {
             in_flight: AtomicU32::new(0),
             served: AtomicBool::new(false),
             last_done_ms: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Resolves at the next request beginning or ending (one that happened since the last
+    /// call counts): the watchdog then reads its [`Activity::deadline`] again.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// A request's headers are complete and its handler starts.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.served.store(true, Ordering::Release);
+        self.changed.notify_one();
         InFlight(self.clone())
     }
 
@@ -204,6 +214,7 @@ impl Drop for InFlight {
         let ms = u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.0.last_done_ms.fetch_max(ms, Ordering::AcqRel);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_one();
     }
 }
 

@@ -310,6 +310,8 @@ pub async fn serve(
                 let (at, _) = activity.deadline(header_read_timeout, idle_timeout);
                 tokio::select! {
                     _ = conn.as_mut() => break None,
+                    // A request began or ended: the deadline moved.
+                    _ = activity.changed() => {}
                     r = stop.changed() => {
                         if r.is_err() || *stop.borrow() {
                             break Some(DRAIN);
