@@ -31,7 +31,7 @@ use super::window::Window;
 use crate::config::ForwardConfig;
 use crate::metrics::Metrics;
 use crate::routing::HotAds;
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{Released, Spool, SpoolError};
 use crate::writer::Committer;
 
 /// Spool payload bytes in flight at once, whatever `forward.max_in_flight` allows (one
@@ -286,21 +286,39 @@ impl<S: Sink> Forwarder<S> {
         if target <= w.acked {
             return;
         }
-        let mut spool = self.spool.lock().unwrap_or_else(|e| e.into_inner());
-        match spool.ack(target) {
-            Ok(()) => w.acked = target,
-            Err(e) => tracing::error!(error = %e, seq = target, "cannot ack spool records"),
+        let released = {
+            let mut spool = self.spool.lock().unwrap_or_else(|e| e.into_inner());
+            let released = match spool.ack_releasing(target) {
+                Ok(r) => {
+                    w.acked = target;
+                    r
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, seq = target, "cannot ack spool records");
+                    Released::default()
+                }
+            };
+            let lag = spool.durable_seq().saturating_sub(spool.acked_seq());
+            self.metrics
+                .forward_lag_records
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            self.metrics
+                .spool_bytes
+                .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
+            self.metrics
+                .spool_segments
+                .set(spool.segment_count() as i64);
+            released
+        };
+        // Fully acked segment files are deleted off the spool's lock and off this task
+        // (a 64 MiB unlink can take ~15 ms): appends never wait for it.
+        if !released.is_empty() {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = released.remove() {
+                    tracing::warn!(error = %e, "cannot delete acked spool segments; the next start deletes them");
+                }
+            });
         }
-        let lag = spool.durable_seq().saturating_sub(spool.acked_seq());
-        self.metrics
-            .forward_lag_records
-            .set(i64::try_from(lag).unwrap_or(i64::MAX));
-        self.metrics
-            .spool_bytes
-            .set(i64::try_from(spool.used_bytes()).unwrap_or(i64::MAX));
-        self.metrics
-            .spool_segments
-            .set(spool.segment_count() as i64);
     }
 }
 

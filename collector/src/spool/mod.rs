@@ -542,10 +542,20 @@ impl Spool {
     /// Acking above [`Spool::durable_seq`] is refused with
     /// [`SpoolError::AckBeyondDurable`] (not clamped: it means the caller
     /// is confused about what it sent). If a deletion fails the ack still
-    /// stands and the deletion is retried by the next ack or open.
+    /// stands and the deletion is retried by the next open.
     pub fn ack(&mut self, seq: u64) -> Result<(), SpoolError> {
+        self.ack_releasing(seq)?.remove()
+    }
+
+    /// [`Spool::ack`], except that the files of the segments it releases are left for the
+    /// caller to delete ([`Released::remove`]) once it no longer holds whatever guards the
+    /// spool: unlinking a 64 MiB segment can take ~15 ms (the filesystem frees its
+    /// extents), which appends waiting on that guard would otherwise wait for. The
+    /// segments are no longer the spool's either way; files left by a crash before their
+    /// deletion are fully acked and deleted by the next open.
+    pub fn ack_releasing(&mut self, seq: u64) -> Result<Released, SpoolError> {
         if seq <= self.ack.value() {
-            return Ok(());
+            return Ok(Released(Vec::new()));
         }
         if seq > self.durable_seq {
             return Err(SpoolError::AckBeyondDurable {
@@ -562,19 +572,9 @@ impl Spool {
             .iter()
             .take_while(|s| !s.is_empty() && s.last_seq <= seq)
             .count();
-        let mut deleted = 0;
-        let mut result = Ok(());
-        for seg in &self.segments[..done] {
-            // No directory fsync: if a deletion is lost in a crash, open
-            // deletes the fully acked segment again.
-            if let Err(e) = remove_segment(&seg.path) {
-                result = Err(e);
-                break;
-            }
-            deleted += 1;
-        }
-        self.segments.drain(..deleted);
-        result
+        Ok(Released(
+            self.segments.drain(..done).map(|seg| seg.path).collect(),
+        ))
     }
 
     /// Confirms that the losses and damage in the last [`Recovery`] were reported (logged
@@ -625,6 +625,30 @@ impl Spool {
             .iter()
             .map(|s| (s.path.clone(), s.first_seq, s.last_seq, s.synced_len, s.len))
             .collect()
+    }
+}
+
+/// Segment files an ack released ([`Spool::ack_releasing`]), to delete.
+#[derive(Debug, Default)]
+#[must_use = "the released segment files stay on disk until `remove` (or the next open)"]
+pub struct Released(Vec<PathBuf>);
+
+impl Released {
+    /// Whether there is nothing to delete.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Deletes the files. No directory fsync: if a deletion is lost in a crash, open
+    /// deletes the fully acked segment again (as it does one whose deletion failed).
+    pub fn remove(self) -> Result<(), SpoolError> {
+        let mut result = Ok(());
+        for path in &self.0 {
+            if let Err(e) = remove_segment(path) {
+                result = Err(e);
+            }
+        }
+        result
     }
 }
 

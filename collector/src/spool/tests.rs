@@ -211,6 +211,39 @@ fn deletion_lost_in_crash_is_redone_at_open() {
     assert_eq!(read_all(&s), expected(3..=5));
 }
 
+/// `ack_releasing` leaves the released segments' files for the caller: the spool no longer
+/// has them (reads, counts, bytes), the files stay until `remove`, and a crash before
+/// `remove` leaves files the next open deletes.
+#[test]
+fn released_segments_are_deleted_by_the_caller_or_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(100, u64::MAX);
+    let (mut s, _) = open(dir.path(), o);
+    append_n(&mut s, 7);
+    s.sync().unwrap();
+    let files = seg_files(dir.path()).len();
+    let released = s.ack_releasing(4).unwrap();
+    assert!(!released.is_empty());
+    assert_eq!(s.segment_count(), files - 2);
+    assert_eq!(read_all(&s), expected(5..=7));
+    assert_eq!(seg_files(dir.path()).len(), files, "not deleted yet");
+    released.remove().unwrap();
+    assert_eq!(seg_files(dir.path()).len(), files - 2);
+    // Nothing left to release below the ack.
+    assert!(s.ack_releasing(4).unwrap().is_empty());
+
+    // Released, then a crash before the files are deleted.
+    let released = s.ack_releasing(7).unwrap();
+    assert_eq!(s.segment_count(), 0);
+    drop(released);
+    drop(s);
+    assert_eq!(seg_files(dir.path()).len(), files - 2);
+    let (s, rec) = open(dir.path(), o);
+    assert_eq!(rec.records, 0);
+    assert!(seg_files(dir.path()).is_empty());
+    assert_eq!(s.durable_seq(), 7);
+}
+
 #[test]
 fn torn_tail_mid_record_is_cut() {
     let dir = tempfile::tempdir().unwrap();
