@@ -245,7 +245,7 @@ async fn run_until_idle<C: Future + ?Sized>(
 ) -> Ended {
     loop {
         // Registered before the deadline is read, so a request ending in between wakes it.
-        let ended = activity.ended.notified();
+        let changed = activity.changed.notified();
         let at = activity.idle_since().map(|t| t + idle);
         tokio::select! {
             _ = conn.as_mut() => return Ended::Done,
@@ -261,7 +261,7 @@ async fn run_until_idle<C: Future + ?Sized>(
                     return Ended::Idle;
                 }
             }
-            _ = ended => {}
+            _ = changed => {}
         }
     }
 }
@@ -341,7 +341,7 @@ struct Activity {
     inner: Mutex<ActivityState>,
     /// Notified when a request begins or ends (the connection task re-reads its idle
     /// deadline).
-    ended: Notify,
+    changed: Notify,
 }
 
 #[derive(Debug)]
@@ -362,7 +362,7 @@ impl Activity {
                 accepted: now,
                 last_end: now,
             }),
-            ended: Notify::new(),
+            changed: Notify::new(),
         }
     }
 
@@ -376,7 +376,7 @@ impl Activity {
             s.in_flight += 1;
             s.requests += 1;
         }
-        self.ended.notify_one();
+        self.changed.notify_one();
         InFlight(self.clone())
     }
 
@@ -406,7 +406,7 @@ impl Drop for InFlight {
             s.in_flight == 0
         };
         if last {
-            self.0.ended.notify_one();
+            self.0.changed.notify_one();
         }
     }
 }
