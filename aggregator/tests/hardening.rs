@@ -23,7 +23,7 @@ use adclick_proto::v1::ingest_service_client::IngestServiceClient;
 use adclick_proto::v1::query_service_client::QueryServiceClient;
 use adclick_proto::v1::{IngestAck, IngestBatch, IngestClick, TopAdsRequest, top_ads_request};
 use adclick_test_support::aggregator::{ADMIN, INGEST, T0, config};
-use adclick_test_support::common::{authed, connect_from};
+use adclick_test_support::common::{authed, connect_from, h2_get_then_idle_close};
 use bytes::BufMut;
 use prost::Message;
 use tokio::net::TcpStream;
@@ -649,29 +649,14 @@ async fn idle_and_slow_connections_are_closed_on_both_ports() {
 /// client: its connection ends cleanly, not with an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_with_a_goaway() {
-    use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.connections.idle_timeout_secs = 1;
     let a = adclick_aggregator::start(cfg).await.unwrap();
+    // Any answered request makes the connection one that can become idle (the gRPC port
+    // answers a bare GET with an error status, which is enough). Within 10x the timeout.
     for (port, addr) in [("http", a.http_addr()), ("grpc", a.grpc_addr())] {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .unwrap();
-        let conn = tokio::spawn(conn);
-        // Any answered request makes the connection one that can become idle (the gRPC
-        // port answers a bare GET with an error status, which is enough).
-        let req = hyper::Request::get(format!("http://{addr}/livez"))
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        send.send_request(req).await.unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(10), conn)
-            .await
-            .unwrap_or_else(|_| panic!("{port}: idle HTTP/2 connection still open after 10 s"))
-            .unwrap();
+        let (_, ended) = h2_get_then_idle_close(addr, "/livez", Duration::from_secs(10)).await;
         assert!(
             ended.is_ok(),
             "{port}: the idle connection was cut without a GOAWAY: {ended:?}"

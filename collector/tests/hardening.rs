@@ -15,7 +15,7 @@ use adclick_collector::{Collector, CollectorConfig};
 use adclick_proto::v1::ClickBatch;
 use adclick_test_support::collector::{ad, config};
 use adclick_test_support::common::{
-    connect_from, eventually, free_addr, keyring, signer, write_keys,
+    connect_from, eventually, free_addr, h2_get_then_idle_close, keyring, signer, write_keys,
 };
 use adclick_test_support::fake_aggregator::{FakeAggregator, fake_aggregator_on};
 use prost::Message;
@@ -163,27 +163,14 @@ async fn idle_and_slow_connections_are_closed() {
 /// cleanly, not with an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_with_a_goaway() {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = base(dir.path());
     cfg.limits.idle_timeout_ms = 300;
     let col = adclick_collector::start(cfg).await.unwrap();
-    let addr = col.http_addr();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
-    let req = hyper::Request::get(format!("http://{addr}/livez"))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
-    assert_eq!(send.send_request(req).await.unwrap().status(), 200);
     // Within 10x the idle timeout (the first request's deadline, 5 s, must not hold it).
-    let ended = tokio::time::timeout(Duration::from_secs(3), conn)
-        .await
-        .expect("idle HTTP/2 connection still open after 3 s")
-        .unwrap();
+    let (status, ended) =
+        h2_get_then_idle_close(col.http_addr(), "/livez", Duration::from_secs(3)).await;
+    assert_eq!(status, 200);
     assert!(
         ended.is_ok(),
         "the idle connection was cut without a GOAWAY: {ended:?}"

@@ -77,6 +77,33 @@ pub async fn within<F: Future>(limit: Duration, scenario: F) -> F::Output {
     }
 }
 
+/// How a server closes an idle HTTP/2 connection, seen from a bare HTTP/2 client (h2c with
+/// prior knowledge): one GET of `path` (its status returned), then nothing until the server
+/// closes the connection. `Ok(())` when it ended cleanly (a GOAWAY, then the close), the
+/// client's error when it was cut; panics if it is still open after `limit`.
+pub async fn h2_get_then_idle_close(
+    addr: SocketAddr,
+    path: &str,
+    limit: Duration,
+) -> (u16, Result<(), hyper::Error>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(format!("http://{addr}{path}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let status = send.send_request(req).await.unwrap().status().as_u16();
+    let ended = tokio::time::timeout(limit, conn)
+        .await
+        .unwrap_or_else(|_| panic!("{addr}: idle HTTP/2 connection still open after {limit:?}"))
+        .unwrap();
+    (status, ended)
+}
+
 // ---------------------------------------------------------------------------------------
 // Keys and tokens
 
