@@ -291,6 +291,9 @@ impl<S: Sink> Forwarder<S> {
             let released = match spool.ack_releasing(target) {
                 Ok(r) => {
                     w.acked = target;
+                    if let Some(e) = &r.error {
+                        tracing::warn!(error = %e, "cannot release acked spool segments; the next ack retries");
+                    }
                     r
                 }
                 Err(e) => {
@@ -311,12 +314,19 @@ impl<S: Sink> Forwarder<S> {
             released
         };
         // Fully acked segment files are deleted off the spool's lock and off this task
-        // (a 64 MiB unlink can take ~15 ms): appends never wait for it.
+        // (a 64 MiB unlink can take ~15 ms): appends never wait for it. Their bytes count
+        // in the spool's use until then, so the gauge (which readiness reads) is set again
+        // once they are gone.
         if !released.is_empty() {
+            let (spool, metrics) = (self.spool.clone(), self.metrics.clone());
             tokio::task::spawn_blocking(move || {
                 if let Err(e) = released.remove() {
                     tracing::warn!(error = %e, "cannot delete acked spool segments; the next start deletes them");
                 }
+                let used = spool.lock().unwrap_or_else(|e| e.into_inner()).used_bytes();
+                metrics
+                    .spool_bytes
+                    .set(i64::try_from(used).unwrap_or(i64::MAX));
             });
         }
     }

@@ -51,6 +51,8 @@ mod tests;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use meta::AckFile;
 use segment::{Segment, parse_segment_name, segment_name};
@@ -228,6 +230,9 @@ pub struct Spool {
     poisoned: bool,
     /// Reused encode buffer so an append costs no allocation.
     buf: Vec<u8>,
+    /// Bytes of released segment files not deleted yet ([`Released`]): still on disk, so
+    /// still counted by [`Spool::used_bytes`].
+    releasing: Arc<AtomicU64>,
     /// Held only for its lock.
     _lock: File,
 }
@@ -335,6 +340,7 @@ impl Spool {
             dir_dirty: false,
             poisoned: false,
             buf: Vec::new(),
+            releasing: Arc::default(),
             _lock: lock,
         };
         let mut spool = spool;
@@ -544,18 +550,30 @@ impl Spool {
     /// is confused about what it sent). If a deletion fails the ack still
     /// stands and the deletion is retried by the next open.
     pub fn ack(&mut self, seq: u64) -> Result<(), SpoolError> {
-        self.ack_releasing(seq)?.remove()
+        let mut released = self.ack_releasing(seq)?;
+        let renaming = released.error.take();
+        released.remove()?;
+        renaming.map_or(Ok(()), Err)
     }
 
     /// [`Spool::ack`], except that the files of the segments it releases are left for the
     /// caller to delete ([`Released::remove`]) once it no longer holds whatever guards the
     /// spool: unlinking a 64 MiB segment can take ~15 ms (the filesystem frees its
-    /// extents), which appends waiting on that guard would otherwise wait for. The
-    /// segments are no longer the spool's either way; files left by a crash before their
-    /// deletion are fully acked and deleted by the next open.
+    /// extents), which appends waiting on that guard would otherwise wait for. Here each
+    /// released file is only renamed (`{seq}.seg.released`, a metadata change), so a spool
+    /// opened on the directory meanwhile never lists it; its bytes count in
+    /// [`Spool::used_bytes`] until it is deleted. A rename that fails keeps that segment
+    /// and the ones after it (retried by the next ack; the error is in
+    /// [`Released::error`]). Files left by a crash before their deletion are deleted by the
+    /// next open.
     pub fn ack_releasing(&mut self, seq: u64) -> Result<Released, SpoolError> {
+        let mut released = Released {
+            files: Vec::new(),
+            pending: self.releasing.clone(),
+            error: None,
+        };
         if seq <= self.ack.value() {
-            return Ok(Released(Vec::new()));
+            return Ok(released);
         }
         if seq > self.durable_seq {
             return Err(SpoolError::AckBeyondDurable {
@@ -572,9 +590,27 @@ impl Spool {
             .iter()
             .take_while(|s| !s.is_empty() && s.last_seq <= seq)
             .count();
-        Ok(Released(
-            self.segments.drain(..done).map(|seg| seg.path).collect(),
-        ))
+        let mut renamed = 0;
+        for seg in &self.segments[..done] {
+            let to = released_name(&seg.path);
+            match fs::rename(&seg.path, &to) {
+                Ok(()) => {}
+                // Already gone (deleted by hand): nothing left to delete.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    renamed += 1;
+                    continue;
+                }
+                Err(e) => {
+                    released.error = Some(io_err("rename segment", &seg.path)(e));
+                    break;
+                }
+            }
+            self.releasing.fetch_add(seg.len, Ordering::Relaxed);
+            released.files.push((to, seg.len));
+            renamed += 1;
+        }
+        self.segments.drain(..renamed);
+        Ok(released)
     }
 
     /// Confirms that the losses and damage in the last [`Recovery`] were reported (logged
@@ -597,7 +633,7 @@ impl Spool {
     /// Bytes of segment files not yet deleted (durable and buffered); this
     /// is what `max_bytes` limits.
     pub fn used_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.len).sum()
+        self.segments.iter().map(|s| s.len).sum::<u64>() + self.releasing.load(Ordering::Relaxed)
     }
 
     /// Number of segment files not yet deleted.
@@ -628,28 +664,49 @@ impl Spool {
     }
 }
 
-/// Segment files an ack released ([`Spool::ack_releasing`]), to delete.
+/// Segment files an ack released ([`Spool::ack_releasing`]), renamed, to delete.
 #[derive(Debug, Default)]
 #[must_use = "the released segment files stay on disk until `remove` (or the next open)"]
-pub struct Released(Vec<PathBuf>);
+pub struct Released {
+    /// `(renamed path, bytes)`.
+    files: Vec<(PathBuf, u64)>,
+    /// The spool's count of released bytes not deleted yet.
+    pending: Arc<AtomicU64>,
+    /// Why a segment that could have been released was not (kept; the next ack retries).
+    pub error: Option<SpoolError>,
+}
 
 impl Released {
     /// Whether there is nothing to delete.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.files.is_empty()
     }
 
-    /// Deletes the files. No directory fsync: if a deletion is lost in a crash, open
-    /// deletes the fully acked segment again (as it does one whose deletion failed).
+    /// Deletes the files, each uncounted from the spool's bytes once gone. No directory
+    /// fsync: a deletion lost in a crash, or one that fails (its bytes stay counted), is
+    /// redone by the next open.
     pub fn remove(self) -> Result<(), SpoolError> {
         let mut result = Ok(());
-        for path in &self.0 {
-            if let Err(e) = remove_segment(path) {
-                result = Err(e);
+        for (path, bytes) in &self.files {
+            match remove_segment(path) {
+                Ok(()) => {
+                    self.pending.fetch_sub(*bytes, Ordering::Relaxed);
+                }
+                Err(e) => result = Err(e),
             }
         }
         result
     }
+}
+
+/// Suffix of a segment file an ack released, until it is deleted.
+const RELEASED_SEGMENT_SUFFIX: &str = ".released";
+
+/// The name a released segment file takes (not a segment name: no open lists it).
+fn released_name(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(RELEASED_SEGMENT_SUFFIX);
+    PathBuf::from(name)
 }
 
 /// An invariant of this module was broken; never expected in practice.
@@ -719,14 +776,18 @@ pub const CORRUPT_DIR: &str = "corrupt";
 /// Suffix of a moved run's segment file while it is being written.
 const TMP_SEGMENT_SUFFIX: &str = ".tmp";
 
-/// Removes `{seq}.seg.tmp` leftovers of a repair interrupted by a crash.
+/// Removes `{seq}.seg.tmp` leftovers of a repair interrupted by a crash, and released
+/// segment files (`{seq}.seg.released`) a crash left before their deletion.
 fn remove_tmp_segments(dir: &Path) -> Result<(), SpoolError> {
     for entry in fs::read_dir(dir).map_err(io_err("read directory", dir))? {
         let entry = entry.map_err(io_err("read directory", dir))?;
         let name = entry.file_name();
         let is_tmp = name
             .to_str()
-            .and_then(|n| n.strip_suffix(TMP_SEGMENT_SUFFIX))
+            .and_then(|n| {
+                n.strip_suffix(TMP_SEGMENT_SUFFIX)
+                    .or_else(|| n.strip_suffix(RELEASED_SEGMENT_SUFFIX))
+            })
             .and_then(parse_segment_name)
             .is_some();
         if is_tmp {

@@ -212,8 +212,9 @@ fn deletion_lost_in_crash_is_redone_at_open() {
 }
 
 /// `ack_releasing` leaves the released segments' files for the caller: the spool no longer
-/// has them (reads, counts, bytes), the files stay until `remove`, and a crash before
-/// `remove` leaves files the next open deletes.
+/// has them (reads, counts) and a spool opened meanwhile does not list them (renamed), but
+/// their bytes count until `remove` deletes them; a crash before `remove` leaves files the
+/// next open deletes.
 #[test]
 fn released_segments_are_deleted_by_the_caller_or_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -222,13 +223,23 @@ fn released_segments_are_deleted_by_the_caller_or_the_next_open() {
     append_n(&mut s, 7);
     s.sync().unwrap();
     let files = seg_files(dir.path()).len();
+    let all_files = || fs::read_dir(dir.path()).unwrap().count();
+    let on_disk = all_files();
+    let used = s.used_bytes();
     let released = s.ack_releasing(4).unwrap();
-    assert!(!released.is_empty());
+    assert!(!released.is_empty() && released.error.is_none());
     assert_eq!(s.segment_count(), files - 2);
     assert_eq!(read_all(&s), expected(5..=7));
-    assert_eq!(seg_files(dir.path()).len(), files, "not deleted yet");
+    assert_eq!(seg_files(dir.path()).len(), files - 2, "renamed away");
+    assert_eq!(all_files(), on_disk, "not deleted yet");
+    assert_eq!(s.used_bytes(), used, "still on disk: still counted");
     released.remove().unwrap();
-    assert_eq!(seg_files(dir.path()).len(), files - 2);
+    assert_eq!(all_files(), on_disk - 2);
+    assert!(s.used_bytes() < used);
+    assert_eq!(
+        s.used_bytes(),
+        s.segment_files().iter().map(|f| f.4).sum::<u64>()
+    );
     // Nothing left to release below the ack.
     assert!(s.ack_releasing(4).unwrap().is_empty());
 
@@ -237,10 +248,15 @@ fn released_segments_are_deleted_by_the_caller_or_the_next_open() {
     assert_eq!(s.segment_count(), 0);
     drop(released);
     drop(s);
-    assert_eq!(seg_files(dir.path()).len(), files - 2);
+    assert_eq!(
+        all_files(),
+        on_disk - 2,
+        "the released files are still there"
+    );
     let (s, rec) = open(dir.path(), o);
     assert_eq!(rec.records, 0);
     assert!(seg_files(dir.path()).is_empty());
+    assert_eq!(all_files(), on_disk - files, "the open deleted them");
     assert_eq!(s.durable_seq(), 7);
 }
 
