@@ -873,7 +873,9 @@ impl<S: Store> Writer<S> {
                 // every few ms and save it then, rather than at the next batch (an idle
                 // aggregator would otherwise keep its last checkpoint unsaved, and its WAL
                 // untrimmed, until traffic resumes). A batch still wakes it at once.
-                Some(rt) if self.pending.is_some() => {
+                // (Not after a simulated crash: `kill` leaves the disk as the last commit
+                // left it.)
+                Some(rt) if self.pending.is_some() && !self.view.killed.load(Ordering::Acquire) => {
                     match rt
                         .block_on(async { tokio::time::timeout(IDLE_SAVE_POLL, rx.recv()).await })
                     {

@@ -190,22 +190,31 @@ where
             port,
         };
         let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-        let (shutdown, metrics) = (shutdown.clone(), metrics.clone());
+        let (mut shutdown, metrics) = (shutdown.clone(), metrics.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let mut conn = std::pin::pin!(conn);
-            let bound =
-                match run_until_idle(conn.as_mut(), &activity, timeouts.idle, shutdown).await {
-                    Ended::Done => return,
-                    Ended::Idle => {
-                        metrics.connection_closed(port.label(), "idle_timeout");
-                        tracing::debug!(port = port.label(), "closing idle connection (GOAWAY)");
-                        request_timeout + IDLE_CLOSE_GRACE
-                    }
-                    Ended::Shutdown => SHUTDOWN_GRACE,
-                };
+            let idle = timeouts.idle;
+            let bound = match run_until_idle(conn.as_mut(), &activity, idle, &mut shutdown).await {
+                Ended::Done => return,
+                Ended::Idle => {
+                    metrics.connection_closed(port.label(), "idle_timeout");
+                    tracing::debug!(port = port.label(), "closing idle connection (GOAWAY)");
+                    request_timeout + IDLE_CLOSE_GRACE
+                }
+                Ended::Shutdown => SHUTDOWN_GRACE,
+            };
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(bound, conn).await;
+            // A shutdown during an idle close cuts its wait to the shutdown's.
+            let _ = tokio::time::timeout(bound, async {
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = flipped(&mut shutdown) => {
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await;
+                    }
+                }
+            })
+            .await;
         });
     }
     // Every connection task saw the flip and is closing gracefully: wait for them (each
@@ -224,6 +233,15 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// Resolves once the server is shutting down (the flag set, or its sender gone).
+async fn flipped(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// How a connection's task stopped waiting on it.
 enum Ended {
     /// The connection finished by itself (client closed, protocol error, a deadline in
@@ -241,7 +259,7 @@ async fn run_until_idle<C: Future + ?Sized>(
     mut conn: Pin<&mut C>,
     activity: &Activity,
     idle: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     loop {
         // Registered before the deadline is read, so a request ending in between wakes it.

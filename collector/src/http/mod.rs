@@ -332,7 +332,20 @@ pub async fn serve(
             };
             if let Some(bound) = bound {
                 conn.as_mut().graceful_shutdown();
-                if tokio::time::timeout(bound, conn).await.is_err() {
+                // A shutdown during an idle close cuts its wait to the drain's.
+                let closing = async {
+                    tokio::select! {
+                        _ = conn.as_mut() => true,
+                        _ = async {
+                            while !*stop.borrow_and_update() {
+                                if stop.changed().await.is_err() {
+                                    return;
+                                }
+                            }
+                        } => tokio::time::timeout(DRAIN, conn.as_mut()).await.is_ok(),
+                    }
+                };
+                if !tokio::time::timeout(bound, closing).await.unwrap_or(false) {
                     tracing::debug!("connection did not close gracefully in time; dropped");
                 }
             }
