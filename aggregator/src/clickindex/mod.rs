@@ -144,6 +144,16 @@ pub fn ip_key(wire: &[u8]) -> Option<Ip> {
     }
 }
 
+/// The first 8 bytes of `user` as a big-endian integer, zero-padded: `a < b` implies
+/// `user_prefix(a) <= user_prefix(b)` (byte order), so it sorts user ids without a
+/// `memcmp` unless the prefixes tie.
+fn user_prefix(user: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = user.len().min(8);
+    b[..n].copy_from_slice(&user[..n]);
+    u64::from_be_bytes(b)
+}
+
 /// One counted click in RAM.
 #[derive(Debug, Clone, Copy)]
 struct Rec {
@@ -540,24 +550,47 @@ impl IndexWriter {
         if self.building.recs.is_empty() {
             return;
         }
-        let mut c = std::mem::take(&mut self.building);
-        // Held until the checkpoint's segment: without the growth slack (up to half of a
-        // doubled buffer, 48 B per click at worst).
-        c.recs.shrink_to_fit();
-        c.users.shrink_to_fit();
+        // The next batch's buffers are sized like this one's (plus 1/8), so they do not
+        // grow by doubling (each step a copy, and fresh pages the kernel zeroes: that
+        // churn was ~10% of the apply path's time with the index on).
+        let (recs, users) = (self.building.recs.len(), self.building.users.len());
+        let mut c = std::mem::replace(
+            &mut self.building,
+            Chunk {
+                recs: Vec::with_capacity(recs + recs / 8),
+                users: Vec::with_capacity(users + users / 8),
+                ..Chunk::default()
+            },
+        );
+        // Held until the checkpoint's segment: at most 1/4 of growth slack (12 B per
+        // click); a larger one (a batch much smaller than the last) is given back.
+        if c.recs.capacity() > c.recs.len() + c.recs.len() / 4 {
+            c.recs.shrink_to_fit();
+        }
+        if c.users.capacity() > c.users.len() + c.users.len() / 4 {
+            c.users.shrink_to_fit();
+        }
         // The IP as a big-endian integer: its bytes' order, without a `memcmp` per compare.
         c.recs
             .sort_unstable_by_key(|r| (!r.has_ip, u128::from_be_bytes(r.ip)));
         c.with_ip = c.recs.partition_point(|r| r.has_ip);
         c.min_minute = c.recs.iter().map(|r| r.minute).min().unwrap_or(0);
         c.max_minute = c.recs.iter().map(|r| r.minute).max().unwrap_or(0);
-        let mut by_user: Vec<u32> = (0..c.recs.len() as u32)
+        // By user id bytes: compared by their first 8 bytes as one integer (the order of
+        // the bytes, zero-padded), the bytes themselves only on a tie (`memcmp` per
+        // compare was 7% of the apply path).
+        let mut by_user: Vec<(u64, u32)> = (0..c.recs.len() as u32)
             .filter(|&i| c.recs[i as usize].user_len > 0)
+            .map(|i| (user_prefix(c.user(&c.recs[i as usize])), i))
             .collect();
-        by_user.sort_unstable_by(|&a, &b| {
-            c.user(&c.recs[a as usize]).cmp(c.user(&c.recs[b as usize]))
+        by_user.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| {
+                c.user(&c.recs[a.1 as usize])
+                    .cmp(c.user(&c.recs[b.1 as usize]))
+            })
         });
-        c.by_user = by_user;
+        c.by_user = Vec::with_capacity(by_user.len());
+        c.by_user.extend(by_user.iter().map(|&(_, i)| i));
         let mut parts = lock(&self.parts);
         parts.chunk_bytes += c.heap_bytes();
         parts.chunks.push(Arc::new(c));
@@ -746,6 +779,17 @@ mod tests {
     use super::*;
 
     proptest::proptest! {
+        /// Sorting by the prefix, then the bytes, is byte order (what `Chunk::scan`'s
+        /// binary search by user assumes), zero bytes and shared prefixes included.
+        #[test]
+        fn user_prefix_order_is_byte_order(
+            a in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0u8), proptest::strategy::Just(b'u'), proptest::arbitrary::any::<u8>()], 0..12),
+            b in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0u8), proptest::strategy::Just(b'u'), proptest::arbitrary::any::<u8>()], 0..12),
+        ) {
+            let by_prefix = user_prefix(&a).cmp(&user_prefix(&b)).then_with(|| a.cmp(&b));
+            proptest::prop_assert_eq!(by_prefix, a.cmp(&b));
+        }
+
         /// The chunk list holds the chunks pushed and not yet dropped, oldest first,
         /// whatever the cuts (inside a block, at its edge, in the tail, past the end), and
         /// a clone taken earlier (a published snapshot) never changes.
