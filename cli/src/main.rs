@@ -2,6 +2,8 @@
 //! own module; servers (collector, aggregator, dev) will call their library crates'
 //! `run(config, shutdown)` entry points, never hold business logic here.
 
+#[allow(unsafe_code)]
+mod alloc;
 mod bench;
 mod check;
 mod dev;
@@ -20,6 +22,10 @@ mod traffic;
 mod view;
 
 use std::process::ExitCode;
+
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static GLOBAL: alloc::HugePages = alloc::HugePages;
 
 use clap::{Parser, Subcommand};
 
