@@ -153,18 +153,28 @@ mod tests {
                 let mut r = Reader(&ours);
                 prop_assert_eq!(r.varint(), Ok(v));
                 prop_assert!(r.is_empty());
+                // Followed by more bytes (the unrolled path): it stops at its own end.
+                let mut padded = ours.clone();
+                padded.extend_from_slice(&[0xFF; 12]);
+                let mut r = Reader(&padded);
+                prop_assert_eq!(r.varint(), Ok(v));
+                prop_assert_eq!(r.0.len(), 12);
             }
         }
 
-        /// Arbitrary bytes never panic, and a varint prost reads is read the same way.
+        /// Arbitrary bytes never panic, and a varint is read as prost reads it (or refused
+        /// as it refuses it), near the end of the bytes or not.
         #[test]
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..24)) {
             let mut r = Reader(&b);
-            let ours = r.clone().varint();
+            let mut once = r.clone();
+            let ours = once.varint();
             let mut s = &b[..];
             let theirs = prost::encoding::decode_varint(&mut s);
-            if let Ok(v) = ours {
-                prop_assert_eq!(theirs.ok(), Some(v));
+            // Same values, same bytes consumed, same refusals.
+            prop_assert_eq!(ours.as_ref().ok(), theirs.as_ref().ok());
+            if ours.is_ok() {
+                prop_assert_eq!(once.0.len(), s.len());
             }
             while let Ok(Some((_, w))) = r.key() {
                 if r.skip(w).is_err() {
