@@ -2,6 +2,7 @@
 //! own module; servers (collector, aggregator, dev) will call their library crates'
 //! `run(config, shutdown)` entry points, never hold business logic here.
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #[allow(unsafe_code)]
 mod alloc;
 mod bench;
@@ -23,7 +24,7 @@ mod view;
 
 use std::process::ExitCode;
 
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #[global_allocator]
 static GLOBAL: alloc::HugePages = alloc::HugePages;
 

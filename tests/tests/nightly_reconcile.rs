@@ -56,21 +56,22 @@ async fn scenario() {
     cfg.archive.dir = dir.path().join("archive");
     cfg.checkpoint.interval_ms = 3_600_000;
     let now = now_ms();
-    let day_start = now.div_euclid(86_400_000) * 86_400_000;
+    let day_start = scenario_day(now);
     let day =
         humantime::format_rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(day_start as u64))
             .to_string()[..10]
             .to_string();
 
-    // 4 ads, 2 clicks per (ad, minute) over the last minutes of today.
-    let minutes = ((now - day_start) / 60_000 - 1).clamp(1, 20);
+    // 4 ads, 2 clicks per (ad, minute) over the last minutes of the day (up to now).
+    let end = day_end_minute(now, day_start);
+    let minutes = (end - day_start / 60_000 - 1).clamp(1, 20);
     let ads: Vec<u64> = (1..=4).collect();
     let mut oracle = Oracle::new();
     let mut batch: Vec<IngestClick> = Vec::new();
     let mut id = 1_000_000u64;
     for ad in &ads {
         for m in 0..minutes {
-            let start = (now.div_euclid(60_000) - 1 - m) * 60_000;
+            let start = (end - 1 - m) * 60_000;
             for k in 0..2 {
                 id += 1;
                 batch.push(click(
@@ -217,6 +218,26 @@ async fn scenario() {
     a.shutdown().await;
 }
 
+/// The start of the day (UTC) whose last minutes the scenarios click in: today, unless
+/// fewer than 6 minutes of it have passed (a run just after midnight), then yesterday,
+/// whose last minutes are as recent. Either way the recent minutes a scenario needs lie in
+/// one day, the one the nightly schedule is told is due.
+fn scenario_day(now: i64) -> i64 {
+    let today = now.div_euclid(86_400_000) * 86_400_000;
+    if now - today >= 6 * 60_000 {
+        today
+    } else {
+        today - 86_400_000
+    }
+}
+
+/// The minute index after the last minute a scenario clicks in: now's, or the end of
+/// `day_start`'s day when that is yesterday.
+fn day_end_minute(now: i64, day_start: i64) -> i64 {
+    now.div_euclid(60_000)
+        .min((day_start + 86_400_000).div_euclid(60_000))
+}
+
 /// Issue 15 item 4: with the nightly on, minute cells of a day not finalized stay past
 /// `windows.retention_minutes`; once the nightly run finds the day clean it finalizes it and
 /// they go, the day totals equal to the oracle (which the clean run matched to the archive).
@@ -237,7 +258,7 @@ async fn finalize_scenario() {
     cfg.reconcile.nightly = true;
     cfg.reconcile.check_interval_ms = 100;
     let now = now_ms();
-    let day_start = now.div_euclid(86_400_000) * 86_400_000;
+    let day_start = scenario_day(now);
     // The schedule's own clock first: the day due is a past one with no clicks; it is
     // clean, so it is finalized, and today is not.
     let a = adclick_aggregator::start(cfg.clone()).await.unwrap();
@@ -249,7 +270,7 @@ async fn finalize_scenario() {
     // Two clicks per (ad, minute) over the last minutes of today, one batch per minute so
     // the watermark moves through them, then one more batch: with one shard, its ack means
     // the evictions the batches before asked for are done.
-    let now_min = now.div_euclid(60_000);
+    let now_min = day_end_minute(now, day_start);
     let first = (now_min - 12).max(day_start / 60_000);
     let ads: Vec<u64> = (1..=3).collect();
     let mut oracle = Oracle::new();
