@@ -24,11 +24,12 @@ mod view;
 
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
+/// Huge pages for large blocks (see `alloc`); other targets keep the system allocator.
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #[global_allocator]
 static GLOBAL: alloc::HugePages = alloc::HugePages;
-
-use clap::{Parser, Subcommand};
 
 /// adclick: real-time ad-click pipeline.
 #[derive(Debug, Parser)]

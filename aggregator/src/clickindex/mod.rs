@@ -552,7 +552,9 @@ impl IndexWriter {
         }
         // The next batch's buffers are sized like this one's (plus 1/8), so they do not
         // grow by doubling (each step a copy, and fresh pages the kernel zeroes: that
-        // churn was ~10% of the apply path's time with the index on).
+        // churn was ~10% of the apply path's time with the index on). They are held from
+        // now until the next batch, outside `ram_bytes` (one batch's records, as before
+        // while a batch was being built).
         let (recs, users) = (self.building.recs.len(), self.building.users.len());
         let mut c = std::mem::replace(
             &mut self.building,
