@@ -153,7 +153,7 @@ mod tests {
                 let mut r = Reader(&ours);
                 prop_assert_eq!(r.varint(), Ok(v));
                 prop_assert!(r.is_empty());
-                // Followed by more bytes (the unrolled path): it stops at its own end.
+                // Followed by more bytes (as inside a message): it stops at its own end.
                 let mut padded = ours.clone();
                 padded.extend_from_slice(&[0xFF; 12]);
                 let mut r = Reader(&padded);
