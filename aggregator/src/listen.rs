@@ -209,7 +209,9 @@ where
             let _ = tokio::time::timeout(bound, async {
                 tokio::select! {
                     _ = conn.as_mut() => {}
-                    _ = flipped(&mut shutdown) => {
+                    // The flag set, or its sender gone (an error): shutting down either way.
+                    // (Its `Ref` holds the channel's read lock: dropped at once.)
+                    _ = async { drop(shutdown.wait_for(|&stop| stop).await) } => {
                         let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await;
                     }
                 }
@@ -232,15 +234,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// deadline (a request the client sent before it saw the GOAWAY is still served), before it
 /// is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Resolves once the server is shutting down (the flag set, or its sender gone).
-async fn flipped(shutdown: &mut watch::Receiver<bool>) {
-    while !*shutdown.borrow_and_update() {
-        if shutdown.changed().await.is_err() {
-            return;
-        }
-    }
-}
 
 /// How a connection's task stopped waiting on it.
 enum Ended {

@@ -336,13 +336,11 @@ pub async fn serve(
                 let closing = async {
                     tokio::select! {
                         _ = conn.as_mut() => true,
-                        _ = async {
-                            while !*stop.borrow_and_update() {
-                                if stop.changed().await.is_err() {
-                                    return;
-                                }
-                            }
-                        } => tokio::time::timeout(DRAIN, conn.as_mut()).await.is_ok(),
+                        // The flag set, or its sender gone (an error): stopping either way.
+                        // (Its `Ref` holds the channel's read lock: dropped at once.)
+                        _ = async { drop(stop.wait_for(|&s| s).await) } => {
+                            tokio::time::timeout(DRAIN, conn.as_mut()).await.is_ok()
+                        }
                     }
                 };
                 if !tokio::time::timeout(bound, closing).await.unwrap_or(false) {
