@@ -572,25 +572,29 @@ impl IndexWriter {
         if c.users.capacity() > c.users.len() + c.users.len() / 4 {
             c.users.shrink_to_fit();
         }
-        // The IP as a big-endian integer: its bytes' order, without a `memcmp` per compare.
-        c.recs
-            .sort_unstable_by_key(|r| (!r.has_ip, u128::from_be_bytes(r.ip)));
+        // The IP as a big-endian integer: its bytes' order. LSD radix sort, which skips
+        // the bytes every key shares (an IPv4 batch sorts in 4 passes, not 17): a
+        // comparison sort of the 48-byte records was ~4% of the apply path.
+        radsort::sort_by_key(&mut c.recs, |r| (!r.has_ip, u128::from_be_bytes(r.ip)));
         c.with_ip = c.recs.partition_point(|r| r.has_ip);
         c.min_minute = c.recs.iter().map(|r| r.minute).min().unwrap_or(0);
         c.max_minute = c.recs.iter().map(|r| r.minute).max().unwrap_or(0);
-        // By user id bytes: compared by their first 8 bytes as one integer (the order of
-        // the bytes, zero-padded), the bytes themselves only on a tie (`memcmp` per
-        // compare was 7% of the apply path).
+        // By user id bytes: radix-sorted by their first 8 bytes as one integer (the order
+        // of the bytes, zero-padded), then each run of equal prefixes by the bytes
+        // themselves (a `memcmp` per compare of the whole batch was 7% of the apply path).
         let mut by_user: Vec<(u64, u32)> = (0..c.recs.len() as u32)
             .filter(|&i| c.recs[i as usize].user_len > 0)
             .map(|i| (user_prefix(c.user(&c.recs[i as usize])), i))
             .collect();
-        by_user.sort_unstable_by(|a, b| {
-            a.0.cmp(&b.0).then_with(|| {
-                c.user(&c.recs[a.1 as usize])
-                    .cmp(c.user(&c.recs[b.1 as usize]))
-            })
-        });
+        radsort::sort_by_key(&mut by_user, |&(prefix, _)| prefix);
+        for run in by_user.chunk_by_mut(|a, b| a.0 == b.0) {
+            if run.len() > 1 {
+                run.sort_unstable_by(|a, b| {
+                    c.user(&c.recs[a.1 as usize])
+                        .cmp(c.user(&c.recs[b.1 as usize]))
+                });
+            }
+        }
         c.by_user = Vec::with_capacity(by_user.len());
         c.by_user.extend(by_user.iter().map(|&(_, i)| i));
         let mut parts = lock(&self.parts);
@@ -779,6 +783,7 @@ fn write_segment(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use proptest::strategy::Strategy;
 
     proptest::proptest! {
         /// Sorting by the prefix, then the bytes, is byte order (what `Chunk::scan`'s
@@ -790,6 +795,52 @@ mod tests {
         ) {
             let by_prefix = user_prefix(&a).cmp(&user_prefix(&b)).then_with(|| a.cmp(&b));
             proptest::prop_assert_eq!(by_prefix, a.cmp(&b));
+        }
+
+        /// A batch's chunk holds every click pushed, by IP (clicks with one first, then
+        /// the IP's bytes) and by user id bytes, whatever the mix of IPv4, IPv6, unknown
+        /// IPs and user ids sharing 8-byte prefixes (the radix sorts' skipped bytes and
+        /// tie runs): checked against a comparison sort of the pushed values.
+        #[test]
+        fn a_chunk_is_sorted_by_ip_and_by_user(
+            clicks in proptest::collection::vec((
+                proptest::prop_oneof![
+                    proptest::collection::vec(proptest::arbitrary::any::<u8>(), 4),
+                    proptest::collection::vec(proptest::arbitrary::any::<u8>(), 16),
+                    proptest::collection::vec(0u8..2, 4),
+                    proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..3),
+                ],
+                proptest::prop_oneof![
+                    proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..12),
+                    "user-0[0-9]{0,4}".prop_map(String::into_bytes),
+                    proptest::collection::vec(0u8..2, 0..10),
+                ],
+            ), 1..300),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut w, _) = IndexWriter::open(dir.path(), 0).unwrap();
+            for (i, (ip, user)) in clicks.iter().enumerate() {
+                w.push(i as u64, 60_000, 0, ip, user);
+            }
+            w.end_batch();
+            let parts = lock(&w.parts);
+            let chunk = parts.chunks.iter().next().unwrap();
+            let mut want_ips: Vec<(bool, Ip)> = clicks
+                .iter()
+                .map(|(ip, _)| ip_key(ip).map_or((true, [0; 16]), |k| (false, k)))
+                .collect();
+            want_ips.sort_unstable();
+            let got_ips: Vec<(bool, Ip)> = chunk.recs.iter().map(|r| (!r.has_ip, r.ip)).collect();
+            proptest::prop_assert_eq!(got_ips, want_ips);
+            proptest::prop_assert_eq!(chunk.with_ip, clicks.iter().filter(|(ip, _)| ip_key(ip).is_some()).count());
+            // Each record kept its own user id and ad through the sort.
+            for r in &chunk.recs {
+                proptest::prop_assert_eq!(chunk.user(r), &clicks[r.ad as usize].1[..]);
+            }
+            let mut want_users: Vec<&[u8]> = clicks.iter().map(|(_, u)| &u[..]).filter(|u| !u.is_empty()).collect();
+            want_users.sort_unstable();
+            let got_users: Vec<&[u8]> = chunk.by_user.iter().map(|&i| chunk.user(&chunk.recs[i as usize])).collect();
+            proptest::prop_assert_eq!(got_users, want_users);
         }
 
         /// The chunk list holds the chunks pushed and not yet dropped, oldest first,
