@@ -169,7 +169,7 @@ impl BuildHasher for Seeded {
     }
 }
 
-/// Hasher built by [`Seeded`]; only `u64` keys are hashed in this module.
+/// Hasher built by [`Seeded`]; only `u64` and `u32` keys are hashed in this module.
 struct MixHasher(u64);
 
 impl Hasher for MixHasher {
@@ -190,14 +190,108 @@ impl Hasher for MixHasher {
     fn write_u64(&mut self, x: u64) {
         self.0 ^= x;
     }
+    fn write_u32(&mut self, x: u32) {
+        self.0 ^= u64::from(x);
+    }
 }
 
 type Map<V> = HashMap<u64, V, Seeded>;
 
-/// Per-ad count of a node: the real count, or [`BIG`] when it lives in [`Node::big`].
+/// Per-ad count of a node: the real count, or [`BIG`] when it lives in [`Counts::big`].
 type Slot = u32;
 
-/// Counts of one minute (or one hour) with the ads grouped by count bucket.
+/// An ad id as a node stores it: `u32` while every ad of the node fits (ad ids are
+/// usually small integers), halving the node's map slots and bucket entries (and with
+/// them the cache lines the add path touches), else `u64`.
+trait AdKey: Copy + Eq + std::hash::Hash + Into<u64> + TryFrom<u64> + fmt::Debug {}
+impl AdKey for u32 {}
+impl AdKey for u64 {}
+
+/// Counts of one minute (or one hour) with the ads grouped by count bucket: a [`Counts`]
+/// keyed by `u32` until an ad of 2^32 or more arrives, then by `u64` (converted once).
+#[derive(Clone)]
+enum Node {
+    Narrow(Counts<u32>),
+    Wide(Counts<u64>),
+}
+
+/// Calls `$body` with `$c` bound to the node's [`Counts`], whatever its key width.
+macro_rules! counts {
+    ($node:expr, $c:ident => $body:expr) => {
+        match $node {
+            Node::Narrow($c) => $body,
+            Node::Wide($c) => $body,
+        }
+    };
+}
+
+impl Node {
+    /// A node sized as one holding `ads` ads whose bucket `b` took `buckets[b]` entries
+    /// ([`Counts::shaped`]); narrow until a wide ad arrives.
+    fn shaped(seed: Seeded, ads: usize, buckets: &[usize]) -> Self {
+        Node::Narrow(Counts::shaped(seed, ads, buckets))
+    }
+
+    fn len(&self) -> usize {
+        counts!(self, c => c.slots.len())
+    }
+
+    fn get(&self, ad: u64) -> u64 {
+        counts!(self, c => c.get(ad))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let (n, w) = match self {
+            Node::Narrow(c) => (Some(c), None),
+            Node::Wide(c) => (None, Some(c)),
+        };
+        n.into_iter()
+            .flat_map(Counts::iter)
+            .chain(w.into_iter().flat_map(Counts::iter))
+    }
+
+    /// Adds `by > 0` clicks of `ad`, widening the node first if `ad` needs 64 bits.
+    fn add(&mut self, ad: u64, by: u64) {
+        match self {
+            Node::Wide(c) => c.add(ad, by),
+            Node::Narrow(c) => match u32::try_from(ad) {
+                Ok(a) => c.add(a, by),
+                Err(_) => {
+                    let mut wide = c.widen();
+                    wide.add(ad, by);
+                    *self = Node::Wide(wide);
+                }
+            },
+        }
+    }
+
+    #[inline]
+    fn warm(&self, adds: &[(u64, u64)]) {
+        counts!(self, c => c.warm(adds))
+    }
+
+    fn next_bucket(&self, below: usize) -> Option<usize> {
+        counts!(self, c => c.next_bucket(below))
+    }
+
+    /// The ads of bucket `b` (stale entries included).
+    fn bucket(&self, b: usize) -> Ads<'_> {
+        match self {
+            Node::Narrow(c) => Ads::Narrow(c.buckets.get(b).map_or(&[][..], |v| &v[..])),
+            Node::Wide(c) => Ads::Wide(c.buckets.get(b).map_or(&[][..], |v| &v[..])),
+        }
+    }
+
+    fn shape(&self) -> Vec<usize> {
+        counts!(self, c => c.buckets.iter().map(Vec::len).collect())
+    }
+
+    fn heap_bytes(&self) -> usize {
+        counts!(self, c => c.heap_bytes())
+    }
+}
+
+/// The counts of a [`Node`] with ads stored as `K`.
 ///
 /// The buckets are append-only: an ad whose count leaves its bucket is pushed onto its
 /// new bucket and left behind in the old one (a *stale* entry). Counts in a node only
@@ -209,27 +303,27 @@ type Slot = u32;
 /// ad to move. Once stale entries outnumber the ads, the buckets are rebuilt from the
 /// counts (O(1) amortized per add).
 #[derive(Clone)]
-struct Node {
-    slots: Map<Slot>,
-    buckets: Vec<Vec<u64>>,
+struct Counts<K> {
+    slots: HashMap<K, Slot, Seeded>,
+    buckets: Vec<Vec<K>>,
     /// Entries in `buckets` whose ad has moved on to a higher bucket.
     stale: usize,
     /// Exact counts of the (rare) ads whose count reached `u32::MAX`.
     big: Map<u64>,
 }
 
-impl Node {
-    /// A node sized as one holding `ads` ads whose bucket `b` took `buckets[b]` entries. A
-    /// new minute is shaped like the minute before it, so neither its map (some 15 times
+impl<K: AdKey> Counts<K> {
+    /// Counts sized as ones holding `ads` ads whose bucket `b` took `buckets[b]` entries.
+    /// A new minute is shaped like the minute before it, so neither its map (some 15 times
     /// as the minute fills, in each copy) nor its buckets grow while it takes about as
     /// many ads as that one.
     fn shaped(seed: Seeded, ads: usize, buckets: &[usize]) -> Self {
-        let buckets: Vec<Vec<u64>> = if ads == 0 {
+        let buckets: Vec<Vec<K>> = if ads == 0 {
             Vec::new()
         } else {
             buckets.iter().map(|&n| Vec::with_capacity(n)).collect()
         };
-        Node {
+        Counts {
             slots: HashMap::with_capacity_and_hasher(ads, seed),
             buckets,
             stale: 0,
@@ -237,43 +331,42 @@ impl Node {
         }
     }
 
-    fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    fn resolve(&self, ad: u64, slot: Slot) -> u64 {
+    fn resolve(&self, ad: K, slot: Slot) -> u64 {
         if slot == BIG {
-            self.big.get(&ad).copied().unwrap_or(u64::from(BIG))
+            self.big.get(&ad.into()).copied().unwrap_or(u64::from(BIG))
         } else {
             u64::from(slot)
         }
     }
 
     fn get(&self, ad: u64) -> u64 {
-        self.slots.get(&ad).map_or(0, |s| self.resolve(ad, *s))
+        let Ok(k) = K::try_from(ad) else {
+            return 0;
+        };
+        self.slots.get(&k).map_or(0, |s| self.resolve(k, *s))
     }
 
     fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.slots
             .iter()
-            .map(move |(&ad, &s)| (ad, self.resolve(ad, s)))
+            .map(move |(&ad, &s)| (ad.into(), self.resolve(ad, s)))
     }
 
     /// Adds `by > 0` clicks of `ad`.
-    fn add(&mut self, ad: u64, by: u64) {
+    fn add(&mut self, ad: K, by: u64) {
         use std::collections::hash_map::Entry;
         let (old, new) = match self.slots.entry(ad) {
             Entry::Occupied(mut o) => {
                 let slot = o.get_mut();
                 let old = if *slot == BIG {
-                    self.big.get(&ad).copied().unwrap_or(u64::from(BIG))
+                    self.big.get(&ad.into()).copied().unwrap_or(u64::from(BIG))
                 } else {
                     u64::from(*slot)
                 };
                 let new = old.saturating_add(by);
                 if new >= u64::from(BIG) {
                     *slot = BIG;
-                    self.big.insert(ad, new);
+                    self.big.insert(ad.into(), new);
                 } else {
                     *slot = new as u32;
                 }
@@ -283,7 +376,7 @@ impl Node {
                 let new = by;
                 if new >= u64::from(BIG) {
                     v.insert(BIG);
-                    self.big.insert(ad, new);
+                    self.big.insert(ad.into(), new);
                 } else {
                     v.insert(new as u32);
                 }
@@ -321,7 +414,9 @@ impl Node {
         }
         let mut acc = 0u32;
         for &(ad, _) in adds {
-            acc = acc.wrapping_add(self.slots.get(&ad).copied().unwrap_or(0));
+            if let Ok(k) = K::try_from(ad) {
+                acc = acc.wrapping_add(self.slots.get(&k).copied().unwrap_or(0));
+            }
         }
         std::hint::black_box(acc);
     }
@@ -332,11 +427,7 @@ impl Node {
             b.clear();
         }
         for (&ad, &s) in &self.slots {
-            let c = if s == BIG {
-                self.big.get(&ad).copied().unwrap_or(u64::from(BIG))
-            } else {
-                u64::from(s)
-            };
+            let c = self.resolve(ad, s);
             // c > 0: an ad is only in `slots` with clicks, and `buckets` already reaches
             // the bucket of its count.
             if let Some(bucket) = self.buckets.get_mut(bucket_of(c)) {
@@ -352,33 +443,55 @@ impl Node {
         self.buckets[..end].iter().rposition(|b| !b.is_empty())
     }
 
-    /// Entries pushed onto each bucket (stale ones included) since its last rebuild.
-    fn shape(&self) -> Vec<usize> {
-        self.buckets.iter().map(Vec::len).collect()
-    }
-
     fn heap_bytes(&self) -> usize {
         map_bytes(&self.slots)
             + map_bytes(&self.big)
-            + self.buckets.capacity() * size_of::<Vec<u64>>()
+            + self.buckets.capacity() * size_of::<Vec<K>>()
             + self
                 .buckets
                 .iter()
-                .map(|b| b.capacity() * size_of::<u64>())
+                .map(|b| b.capacity() * size_of::<K>())
                 .sum::<usize>()
+    }
+}
+
+impl Counts<u32> {
+    /// The same counts keyed by `u64` (the node's first ad of 2^32 or more): every
+    /// entry, stale ones included, with the same capacities.
+    fn widen(&mut self) -> Counts<u64> {
+        let mut slots =
+            HashMap::with_capacity_and_hasher(self.slots.capacity(), *self.slots.hasher());
+        slots.extend(self.slots.drain().map(|(ad, s)| (u64::from(ad), s)));
+        Counts {
+            slots,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| {
+                    let mut w = Vec::with_capacity(b.capacity());
+                    w.extend(b.iter().map(|&ad| u64::from(ad)));
+                    w
+                })
+                .collect(),
+            stale: self.stale,
+            big: {
+                let seed = *self.big.hasher();
+                std::mem::replace(&mut self.big, HashMap::with_hasher(seed))
+            },
+        }
     }
 }
 
 /// Heap bytes of a `HashMap` (hashbrown: power-of-two buckets at 7/8 load,
 /// one control byte per bucket plus one SIMD group).
-fn map_bytes<V>(m: &Map<V>) -> usize {
+fn map_bytes<K, V>(m: &HashMap<K, V, Seeded>) -> usize {
     let cap = m.capacity();
     let buckets = match cap {
         0 => return 0,
         1..8 => (cap + 1).next_power_of_two(),
         _ => (cap / 7 * 8).next_power_of_two(),
     };
-    buckets * (size_of::<(u64, V)>() + 1) + 16
+    buckets * (size_of::<(K, V)>() + 1) + 16
 }
 
 /// The murmur3 finalizer of `seed ^ x`: what [`MixHasher`] computes for one `u64`.
@@ -763,10 +876,7 @@ impl<'a> List<'a> {
     /// The ads of run `r` and the bound on their counts.
     fn run(self, r: usize) -> (Ads<'a>, u64) {
         match self {
-            List::Live(n) => (
-                Ads::Wide(n.buckets.get(r).map_or(&[][..], |b| &b[..])),
-                bucket_max(r),
-            ),
+            List::Live(n) => (n.bucket(r), bucket_max(r)),
             List::Frozen(f) => f.run(r),
         }
     }
@@ -1435,6 +1545,37 @@ mod tests {
         }
     }
 
+    impl<K: AdKey + Ord> Counts<K> {
+        /// Every ad once in the bucket of its count; the other entries are stale ones,
+        /// each ad at most once per bucket and only below its real bucket. Narrow counts
+        /// hold no ad of 2^32 or more (by type), wide ones may hold any.
+        fn check_invariants(&self) {
+            let in_buckets: usize = self.buckets.iter().map(Vec::len).sum();
+            assert_eq!(in_buckets, self.slots.len() + self.stale);
+            assert!(
+                self.stale <= self.slots.len() + 64,
+                "stale entries not dropped"
+            );
+            let mut real = 0;
+            for (b, bucket) in self.buckets.iter().enumerate() {
+                let mut once = HashSet::new();
+                for &ad in bucket {
+                    assert!(once.insert(ad), "ad twice in bucket {b}");
+                    let c = self.resolve(ad, self.slots[&ad]);
+                    assert!(c > 0);
+                    assert!(bucket_of(c) >= b, "ad above its count's bucket");
+                    real += usize::from(bucket_of(c) == b);
+                }
+            }
+            assert_eq!(real, self.slots.len());
+            for (&ad, &c) in &self.big {
+                let k = K::try_from(ad).ok().expect("big ad fits the node's keys");
+                assert_eq!(self.slots[&k], BIG);
+                assert!(c >= u64::from(BIG));
+            }
+        }
+    }
+
     impl TopIndex {
         /// Every internal invariant: bucket membership matches counts,
         /// positions are right, frozen parts are well formed, hours are the sums of
@@ -1450,28 +1591,7 @@ mod tests {
                 if let Some(node) = seg.live.as_deref() {
                     assert!(node.len() > 0, "empty live part kept");
                     assert!(self.dirty.contains(&SegKey { hour, start }), "not dirty");
-                    // Every ad once in the bucket of its count; the other entries are
-                    // stale ones, each ad at most once per bucket and only below its
-                    // real bucket.
-                    let in_buckets: usize = node.buckets.iter().map(Vec::len).sum();
-                    assert_eq!(in_buckets, node.len() + node.stale);
-                    assert!(node.stale <= node.len() + 64, "stale entries not dropped");
-                    let mut real = 0;
-                    for (b, bucket) in node.buckets.iter().enumerate() {
-                        let mut once = HashSet::new();
-                        for &ad in bucket {
-                            assert!(once.insert(ad), "ad twice in bucket {b}");
-                            let c = node.resolve(ad, node.slots[&ad]);
-                            assert!(c > 0);
-                            assert!(bucket_of(c) >= b, "ad above its count's bucket");
-                            real += usize::from(bucket_of(c) == b);
-                        }
-                    }
-                    assert_eq!(real, node.len());
-                    for (&ad, &c) in &node.big {
-                        assert_eq!(node.slots[&ad], BIG);
-                        assert!(c >= u64::from(BIG));
-                    }
+                    counts!(node, c => c.check_invariants());
                 }
                 if let Some(f) = seg.frozen.as_deref() {
                     assert!(f.len() > 0 && f.table.len() > f.len());
@@ -1548,6 +1668,8 @@ mod tests {
             // Zipf-ish skew: cubing a uniform value piles mass on small ids.
             4 => (0u64..1000).prop_map(|x| x * x * x / 1_000_000 / 4),
             1 => 0u64..400,
+            // Around 2^32: a node's first wide ad converts it.
+            1 => (1u64 << 32) - 2..(1u64 << 32) + 2,
             1 => Just(u64::MAX),
         ]
     }
@@ -1847,6 +1969,9 @@ mod tests {
         idx.add(5, 1, 1);
         let prev = idx.minutes[&0].live.as_deref().expect("minute 0 is live");
         let node = idx.minutes[&1].live.as_deref().expect("minute 1 is live");
+        let (Node::Narrow(prev), Node::Narrow(node)) = (prev, node) else {
+            panic!("small ads are stored narrow");
+        };
         assert!(node.slots.capacity() >= 1000);
         for (b, v) in prev.buckets.iter().enumerate() {
             assert!(node.buckets[b].capacity() >= v.len(), "bucket {b}");
@@ -1861,7 +1986,7 @@ mod tests {
             idx.minutes[&0]
                 .live
                 .as_deref()
-                .is_some_and(|n| n.slots.capacity() < 1000)
+                .is_some_and(|n| matches!(n, Node::Narrow(c) if c.slots.capacity() < 1000))
         );
         assert_eq!(idx.count(7, 0, 2), 3);
         idx.check_invariants();
@@ -1871,12 +1996,12 @@ mod tests {
     /// through them stays exact.
     #[test]
     fn stale_bucket_entries_are_dropped() {
-        let mut n = Node::shaped(Seeded::random(), 0, &[]);
+        let mut n = Counts::<u64>::shaped(Seeded::random(), 0, &[]);
         for round in 1..=40u64 {
             for ad in 0..100 {
                 n.add(ad, 1);
             }
-            assert!(n.stale <= n.len() + 64, "round {round}");
+            assert!(n.stale <= n.slots.len() + 64, "round {round}");
         }
         let mut idx = TopIndex::new();
         for ad in 0..100 {
