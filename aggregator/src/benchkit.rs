@@ -997,7 +997,7 @@ struct IndexDims {
 // ---------------------------------------------------------------------------------------
 
 use crate::config::{QueryConfig, ShardConfig, WindowConfig};
-use crate::decode::{click_from_wire, decode_all};
+use crate::decode::{ClickChunks, click_from_wire};
 use crate::sketch::hll::Hll;
 use crate::state::click::ClickIn;
 use crate::state::dedup::{Dedup, Entry, Ordinal};
@@ -1142,11 +1142,13 @@ impl StatePath {
 
     /// One encoded `IngestBatch`, as the engine applies a WAL entry.
     pub fn push_batch(&mut self, batch: &[u8]) {
-        // As the engine: decode the batch, warm the window operator's lookups, apply.
-        let (clicks, _) = decode_all(batch);
-        self.windows.warm(&clicks);
-        for c in &clicks {
-            self.push(c);
+        // As the engine: decode a chunk, warm the window operator's lookups, apply.
+        let mut chunks = ClickChunks::new(batch);
+        while let Some(chunk) = chunks.next_chunk() {
+            self.windows.warm(chunk);
+            for c in chunk {
+                self.push(c);
+            }
         }
         self.end_batch();
     }

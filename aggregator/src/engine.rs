@@ -1169,106 +1169,115 @@ impl<S: Store> Writer<S> {
         let (mut accepted, mut duplicate) = (0u32, 0u32);
         let before = self.windows.counters;
         let mut quarantined = Vec::new();
-        // Decoded first, so the window operator can warm its lookups for the whole batch.
-        let (clicks, damaged) = decode::decode_all(batch);
-        if let Some(e) = damaged {
-            // Checked at the edge before it was written: only damage gets here.
-            tracing::error!(error = %e, "undecodable click in a WAL entry: the rest of the entry is skipped");
-        }
-        self.windows.warm(&clicks);
         // Sized for the batch (its clicks over the shards, plus slack for uneven routing),
         // so that handing the batch over does not regrow and copy the vectors.
         let shards = self.shard_tx.len();
+        let n = decode::count_clicks(batch);
         let mut per_shard: Vec<ShardWork> = (0..shards)
             .map(|_| ShardWork {
-                counted: Vec::with_capacity(clicks.len() / shards + clicks.len() / 8 + 16),
+                counted: Vec::with_capacity(n / shards + n / 8 + 16),
                 invalid: Vec::new(),
             })
             .collect();
-        for c in &clicks {
-            let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id);
-            let (ip, user) = (c.client_ip, c.user_id);
-            let late_before = self.windows.counters.late;
-            let status = match self.windows.process(c) {
-                Routed::Apply(shard, a) => {
-                    accepted += 1;
-                    // Counted (after dedup, late ones too): indexed, exactly once.
-                    self.index
-                        .all
-                        .push(a.ad, a.event_time_ms, a.combo, ip, user);
-                    // The rules stage: classify, and move earlier clicks a rate rule
-                    // now finds invalid.
-                    let origin = crate::rules::Origin { pos, index };
-                    let verdict = self.rules.judge(c, origin, shard, &a, &mut self.moved);
-                    if let Some(r) = verdict {
-                        per_shard[shard].invalid.push((r as u8, a));
+        // Decoded a chunk at a time: the window operator warms its lookups for a chunk's
+        // clicks, then processes them while the chunk is still cached.
+        let mut chunks = decode::ClickChunks::new(batch);
+        while let Some(chunk) = chunks.next_chunk() {
+            self.windows.warm(chunk);
+            for c in chunk {
+                let (ad, event, id) = (c.ad_id, c.event_time_ms, c.impression_id);
+                let (ip, user) = (c.client_ip, c.user_id);
+                let late_before = self.windows.counters.late;
+                let status = match self.windows.process(c) {
+                    Routed::Apply(shard, a) => {
+                        accepted += 1;
+                        // Counted (after dedup, late ones too): indexed, exactly once.
                         self.index
-                            .invalid
+                            .all
                             .push(a.ad, a.event_time_ms, a.combo, ip, user);
-                    }
-                    for m in self.moved.drain(..) {
-                        let (c, u) = (m.click, self.rules.moved_user(&m));
-                        let ip = &m.ip[..usize::from(m.ip_len)];
-                        self.index
-                            .invalid
-                            .push(c.ad, c.event_time_ms, c.combo, ip, u);
-                        if let Some(ar) = &mut self.archive {
-                            ar.builder.push_move(&crate::archive::move_record(&m));
+                        // The rules stage: classify, and move earlier clicks a rate rule
+                        // now finds invalid.
+                        let origin = crate::rules::Origin { pos, index };
+                        let verdict = self.rules.judge(c, origin, shard, &a, &mut self.moved);
+                        if let Some(r) = verdict {
+                            per_shard[shard].invalid.push((r as u8, a));
+                            self.index
+                                .invalid
+                                .push(a.ad, a.event_time_ms, a.combo, ip, user);
                         }
-                        let mut click = m.click;
-                        click.late = true;
-                        if let Some(w) = per_shard.get_mut(m.shard) {
-                            w.invalid.push((m.reason as u8, click));
+                        for m in self.moved.drain(..) {
+                            let (c, u) = (m.click, self.rules.moved_user(&m));
+                            let ip = &m.ip[..usize::from(m.ip_len)];
+                            self.index
+                                .invalid
+                                .push(c.ad, c.event_time_ms, c.combo, ip, u);
+                            if let Some(ar) = &mut self.archive {
+                                ar.builder.push_move(&crate::archive::move_record(&m));
+                            }
+                            let mut click = m.click;
+                            click.late = true;
+                            if let Some(w) = per_shard.get_mut(m.shard) {
+                                w.invalid.push((m.reason as u8, click));
+                            }
+                        }
+                        per_shard[shard].counted.push(a);
+                        if let Some(r) = verdict {
+                            // The archive's code per reason (issue 16).
+                            use crate::rules::Reason;
+                            match r {
+                                Reason::BotUserAgent => Status::InvalidBotUserAgent,
+                                Reason::DatacenterIp => Status::InvalidDatacenterIp,
+                                Reason::Honeypot => Status::InvalidHoneypot,
+                                Reason::ImpossibleTime => Status::InvalidImpossibleTime,
+                                Reason::TooFast => Status::InvalidTooFast,
+                                Reason::IpRate => Status::InvalidIpRate,
+                                Reason::UserRate => Status::InvalidUserRate,
+                            }
+                        } else if self.windows.counters.late > late_before {
+                            Status::CountedLate
+                        } else {
+                            Status::Counted
                         }
                     }
-                    per_shard[shard].counted.push(a);
-                    if let Some(r) = verdict {
-                        // The archive's code per reason (issue 16).
-                        use crate::rules::Reason;
-                        match r {
-                            Reason::BotUserAgent => Status::InvalidBotUserAgent,
-                            Reason::DatacenterIp => Status::InvalidDatacenterIp,
-                            Reason::Honeypot => Status::InvalidHoneypot,
-                            Reason::ImpossibleTime => Status::InvalidImpossibleTime,
-                            Reason::TooFast => Status::InvalidTooFast,
-                            Reason::IpRate => Status::InvalidIpRate,
-                            Reason::UserRate => Status::InvalidUserRate,
-                        }
-                    } else if self.windows.counters.late > late_before {
-                        Status::CountedLate
-                    } else {
-                        Status::Counted
+                    Routed::Duplicate => {
+                        duplicate += 1;
+                        Status::Duplicate
                     }
+                    // Reported by the caller through `take_error` (nothing is acked, and the
+                    // outcomes are not recorded).
+                    Routed::Unavailable => Status::Counted,
+                    Routed::TooOld => {
+                        quarantined.push((ad, event, id, "older than windows.retention_minutes"));
+                        Status::TooOld
+                    }
+                    Routed::Malformed => {
+                        quarantined.push((
+                            ad,
+                            event,
+                            id,
+                            "malformed: impression id or implausible event time",
+                        ));
+                        Status::Malformed
+                    }
+                    Routed::OwnerMismatch => {
+                        quarantined.push((
+                            ad,
+                            event,
+                            id,
+                            "ad belongs to another advertiser/campaign",
+                        ));
+                        Status::OwnerMismatch
+                    }
+                };
+                if let Some(a) = &mut self.archive {
+                    a.builder.push(index, status);
                 }
-                Routed::Duplicate => {
-                    duplicate += 1;
-                    Status::Duplicate
-                }
-                // Reported by the caller through `take_error` (nothing is acked, and the
-                // outcomes are not recorded).
-                Routed::Unavailable => Status::Counted,
-                Routed::TooOld => {
-                    quarantined.push((ad, event, id, "older than windows.retention_minutes"));
-                    Status::TooOld
-                }
-                Routed::Malformed => {
-                    quarantined.push((
-                        ad,
-                        event,
-                        id,
-                        "malformed: impression id or implausible event time",
-                    ));
-                    Status::Malformed
-                }
-                Routed::OwnerMismatch => {
-                    quarantined.push((ad, event, id, "ad belongs to another advertiser/campaign"));
-                    Status::OwnerMismatch
-                }
-            };
-            if let Some(a) = &mut self.archive {
-                a.builder.push(index, status);
+                index = index.saturating_add(1);
             }
-            index = index.saturating_add(1);
+        }
+        if let Some(e) = chunks.damage() {
+            // Checked at the edge before it was written: only damage gets here.
+            tracing::error!(error = %e, "undecodable click in a WAL entry: the rest of the entry is skipped");
         }
         if let Some(a) = &mut self.archive {
             let o = a.builder.finish();
