@@ -746,22 +746,20 @@ fn write_segment(
     parts: &Locked,
     shared: &Shared,
 ) -> Result<(), SegmentError> {
-    let mut clicks = Vec::with_capacity(chunks.iter().map(|c| c.recs.len()).sum());
-    for c in chunks {
-        for r in &c.recs {
-            clicks.push(segment::Click {
-                ip: r.has_ip.then_some(r.ip),
-                user: c.user(r),
-                minute: r.minute,
-                ad: r.ad,
-                combo: r.combo,
-            });
-        }
-    }
+    let n: usize = chunks.iter().map(|c| c.recs.len()).sum();
+    let clicks = chunks.iter().flat_map(|c| {
+        c.recs.iter().map(move |r| segment::Click {
+            ip: r.has_ip.then_some(r.ip),
+            user: c.user(r),
+            minute: r.minute,
+            ad: r.ad,
+            combo: r.combo,
+        })
+    });
     let t = std::time::Instant::now();
-    let seg = Arc::new(segment::write(path, from, upto, &clicks)?);
+    let seg = Arc::new(segment::write(path, from, upto, clicks, n)?);
     tracing::debug!(
-        clicks = clicks.len(),
+        clicks = n,
         from,
         upto,
         write_ms = t.elapsed().as_millis() as u64,
