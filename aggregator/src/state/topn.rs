@@ -44,7 +44,7 @@
 //! ([`TopIndex::freeze_due`], run once per seal) merges its live node into an immutable
 //! [`Frozen`] list: ads sorted by count with run-length encoded counts and a `u32`
 //! lookup table with 8-bit tags, ~10 bytes per ad (14 for ids of 2^32 and up) instead of
-//! the ~37 of a node. A late click to a frozen
+//! the ~37 of a node (~20 while its ads fit in 32 bits). A late click to a frozen
 //! minute goes to the segment's (small, new) live node; the live part is merged into a
 //! new frozen part once it reaches 1/8 of it. A complete hour's late clicks are merged the
 //! same way.
@@ -503,7 +503,7 @@ fn mix(seed: u64, x: u64) -> u64 {
 
 /// An immutable list: the counts of one sealed minute (or one complete hour) once late
 /// clicks have mostly stopped, ~10 bytes per ad (14 when an id needs 64 bits) instead of
-/// the ~37 of a [`Node`], and
+/// the ~37 of a [`Node`] (~20 while its ads fit in 32 bits), and
 /// shared by `Arc` between the two published copies of the index (`super::published`):
 /// neither copy ever changes it, later clicks go to the segment's live [`Node`].
 ///

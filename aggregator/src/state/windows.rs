@@ -249,9 +249,9 @@ impl ClickWindows {
 }
 
 impl ClickWindows {
-    /// Warms the cache lines [`ClickWindows::process`] will miss on for a batch's clicks
-    /// (dedup RAM tier and Bloom filter, ad owners), before the batch is processed in
-    /// order: independent loads overlap here, where inside `process` each waits alone.
+    /// Warms the cache lines [`ClickWindows::process`] will miss on for some clicks (the
+    /// engine's: one decode chunk, `decode::DECODE_CHUNK`) (dedup RAM tier and Bloom
+    /// filter, ad owners), before they are processed in order: independent loads overlap here, where inside `process` each waits alone.
     /// Changes no counted state (a replay with or without it is the same): the dedup set
     /// only learns which ids come next, to load their lines a few clicks ahead
     /// ([`Dedup::warm_batch`]).
