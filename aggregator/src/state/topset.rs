@@ -192,11 +192,25 @@ impl TopSet {
     }
 
     /// The value indexes a click carrying `keys` goes to (those of the fields in the set).
+    /// Only the enabled fields' keys are made (one per set bit, in [`IndexField::ALL`]
+    /// order): building all six and filtering them was ~5% of the apply path.
     pub fn keys_of(&self, keys: &ClickKeys) -> impl Iterator<Item = FilterKey> + use<> {
-        let fields = self.fields;
-        keys.keys()
-            .into_iter()
-            .filter(move |k| fields & k.field().bit() != 0)
+        let (mut left, k) = (self.fields, *keys);
+        std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            let bit = left.trailing_zeros();
+            left &= left - 1;
+            Some(match bit {
+                0 => FilterKey::Country(k.dims.country),
+                1 => FilterKey::Device(k.dims.device),
+                2 => FilterKey::Os(k.dims.os),
+                3 => FilterKey::Site(k.dims.site),
+                4 => FilterKey::Advertiser(k.advertiser),
+                _ => FilterKey::Campaign(k.campaign),
+            })
+        })
     }
 
     /// Adds `(ad, clicks)` pairs in minute index `minute` to one index only: the
@@ -341,6 +355,26 @@ mod tests {
             },
             advertiser: adv,
             campaign: adv * 10 + u64::from(d),
+        }
+    }
+
+    /// `keys_of` gives, for every subset of fields, exactly the click's keys of those
+    /// fields, in `ClickKeys::keys` order.
+    #[test]
+    fn keys_of_is_the_enabled_fields_keys() {
+        let k = keys(3, 2, 77);
+        for mask in 0u8..64 {
+            let fields: Vec<IndexField> = IndexField::ALL
+                .into_iter()
+                .filter(|f| mask & f.bit() != 0)
+                .collect();
+            let set = TopSet::with_fields(&fields);
+            let want: Vec<FilterKey> = k
+                .keys()
+                .into_iter()
+                .filter(|key| fields.contains(&key.field()))
+                .collect();
+            assert_eq!(set.keys_of(&k).collect::<Vec<_>>(), want, "mask {mask:#b}");
         }
     }
 
