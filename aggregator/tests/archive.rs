@@ -88,7 +88,8 @@ pub fn read_archive(dir: &Path) -> (Archived, Vec<String>) {
 fn batches(n: u64) -> Vec<Vec<IngestClick>> {
     let mut out: Vec<Vec<IngestClick>> = Vec::new();
     for i in 0..n {
-        let mut b = clicks(500 + i, 200, 12, 150, 50);
+        // 300 fresh clicks and 12 more: a batch spans two of the engine's decode chunks.
+        let mut b = clicks(500 + i, 300, 12, 150, 50);
         if let Some(prev) = out.last() {
             b.extend(prev[..10].iter().cloned());
         }

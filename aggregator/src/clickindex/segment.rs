@@ -147,20 +147,20 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 ///
 /// `clicks` is read twice (the caller's clicks are not copied into one vector first: the
 /// writer's scratch is ~70 bytes per click, every byte of it fresh pages the kernel
-/// zeroes, which was a third of this thread's time); `count` sizes the buffers.
+/// zeroes, which was a third of this thread's time); `n_clicks` sizes the buffers.
 pub fn write<'a>(
     path: &Path,
     from: u64,
     upto: u64,
     clicks: impl Iterator<Item = Click<'a>> + Clone,
-    count: usize,
+    n_clicks: usize,
 ) -> Result<Segment, SegmentError> {
     let io = |e| SegmentError::io(path, e);
     // Users: each click's user id hashed once and numbered in order of first sight (a map
     // keyed by that hash), then the distinct ones sorted by (hash, bytes) and renumbered.
     let mut seen: HashMap<UserKey<'_>, u32, BuildHasherDefault<HashIsKey>> = HashMap::default();
     let mut distinct: Vec<(u64, &[u8], u32)> = Vec::new();
-    let mut first_seen: Vec<u32> = Vec::with_capacity(count);
+    let mut first_seen: Vec<u32> = Vec::with_capacity(n_clicks);
     for c in clicks.clone() {
         if c.user.is_empty() {
             first_seen.push(NO_USER);
@@ -188,8 +188,8 @@ pub fn write<'a>(
     let users: Vec<(u64, &[u8])> = distinct.iter().map(|u| (u.0, u.1)).collect();
     drop(distinct);
     // The IP as two big-endian halves (the order of its bytes; 8-aligned, 40-byte items).
-    let mut by_ip: Vec<(u64, u64, u32, u64, u32, u32)> = Vec::with_capacity(count);
-    let mut by_user: Vec<(u32, u32, u64, u32)> = Vec::with_capacity(count);
+    let mut by_ip: Vec<(u64, u64, u32, u64, u32, u32)> = Vec::with_capacity(n_clicks);
+    let mut by_user: Vec<(u32, u32, u64, u32)> = Vec::with_capacity(n_clicks);
     let (mut min_minute, mut max_minute) = (u32::MAX, 0u32);
     for (c, n) in clicks.zip(first_seen) {
         let u = rank.get(n as usize).copied().unwrap_or(NO_USER);

@@ -857,7 +857,8 @@ impl Dedup {
         }
     }
 
-    /// Once per batch ([`Dedup::warm_batch`]): the swap to come needs an empty tier. A
+    /// Once per warmed run of clicks ([`Dedup::warm_batch`]: the engine's decode chunk):
+    /// the swap to come needs an empty tier. A
     /// finished spill is harvested at once, so that its tier is emptied off this thread
     /// well before the swap or checkpoint that takes it (at the swap it would be waited
     /// for); before the first spill there is none, so once the tier filling is half full

@@ -122,7 +122,7 @@ const EXACT_BUCKETS: u64 = 32;
 /// Log2 of the number of buckets per power of two above `EXACT_BUCKETS`.
 const SUB_BITS: u32 = 4;
 
-/// Sentinel in [`Slot::count`]: the real count lives in [`Node::big`].
+/// Sentinel in a [`Slot`]: the real count lives in [`Counts::big`].
 const BIG: u32 = u32::MAX;
 
 /// Bucket index of a non-zero count (0 is reserved for "absent").
@@ -227,9 +227,19 @@ macro_rules! counts {
 
 impl Node {
     /// A node sized as one holding `ads` ads whose bucket `b` took `buckets[b]` entries
-    /// ([`Counts::shaped`]); narrow until a wide ad arrives.
-    fn shaped(seed: Seeded, ads: usize, buckets: &[usize]) -> Self {
-        Node::Narrow(Counts::shaped(seed, ads, buckets))
+    /// ([`Counts::shaped`]): wide when the node it is shaped like was (where ad ids are
+    /// 64-bit, a new minute is not made narrow at full size only to be converted at its
+    /// first click), else narrow until a wide ad arrives.
+    fn shaped(seed: Seeded, ads: usize, buckets: &[usize], wide: bool) -> Self {
+        if wide {
+            Node::Wide(Counts::shaped(seed, ads, buckets))
+        } else {
+            Node::Narrow(Counts::shaped(seed, ads, buckets))
+        }
+    }
+
+    fn is_wide(&self) -> bool {
+        matches!(self, Node::Wide(_))
     }
 
     fn len(&self) -> usize {
@@ -704,8 +714,8 @@ impl<'a> Ads<'a> {
     }
 }
 
-/// `(ads, entries per bucket)`: how to size a new live part ([`Node::shaped`]).
-type Shape = (usize, Vec<usize>);
+/// `(ads, entries per bucket, wide ids)`: how to size a new live part ([`Node::shaped`]).
+type Shape = (usize, Vec<usize>, bool);
 
 /// One minute (or hour) of an index: its frozen part, shared between the published copies,
 /// plus what was added since it was frozen (every click of a minute not yet frozen).
@@ -731,7 +741,7 @@ impl Seg {
     fn add_sized(&mut self, ad: u64, by: u64, seed: Seeded, shape: &Shape) -> bool {
         let live = self
             .live
-            .get_or_insert_with(|| Box::new(Node::shaped(seed, shape.0, &shape.1)));
+            .get_or_insert_with(|| Box::new(Node::shaped(seed, shape.0, &shape.1, shape.2)));
         let was_empty = live.len() == 0;
         live.add(ad, by);
         was_empty
@@ -796,8 +806,14 @@ impl Seg {
     /// entries (only the ads when it is frozen).
     fn shape(&self) -> Shape {
         match self.live.as_deref() {
-            Some(n) => (n.len() + self.frozen_len(), n.shape()),
-            None => (self.frozen_len(), vec![0, self.frozen_len()]),
+            Some(n) => (n.len() + self.frozen_len(), n.shape(), n.is_wide()),
+            None => (
+                self.frozen_len(),
+                vec![0, self.frozen_len()],
+                self.frozen
+                    .as_ref()
+                    .is_some_and(|f| matches!(f.ads, AdVec::Wide(_))),
+            ),
         }
     }
 
@@ -1049,7 +1065,7 @@ impl TopIndex {
         // last one: about as many ads click in it, about as often.
         let shape = match self.minutes.last_key_value() {
             Some((&last, seg)) if last < minute => seg.shape(),
-            _ => (0, Vec::new()),
+            _ => (0, Vec::new(), false),
         };
         if self
             .minutes
@@ -1067,7 +1083,7 @@ impl TopIndex {
         if minute < self.sealed_before {
             let hour = minute.div_euclid(HOUR);
             if let Some(seg) = self.hours.get_mut(&hour)
-                && seg.add_run(adds, seed, &(0, Vec::new()))
+                && seg.add_run(adds, seed, &(0, Vec::new(), false))
             {
                 self.dirty.insert(SegKey {
                     hour: true,
@@ -1989,6 +2005,13 @@ mod tests {
                 .is_some_and(|n| matches!(n, Node::Narrow(c) if c.slots.capacity() < 1000))
         );
         assert_eq!(idx.count(7, 0, 2), 3);
+        idx.check_invariants();
+        // A minute that took a 64-bit ad is wide; the next one starts wide.
+        idx.add(u64::MAX - 1, 5, 2);
+        idx.add(3, 6, 1);
+        assert!(idx.minutes[&5].live.as_deref().is_some_and(Node::is_wide));
+        assert!(idx.minutes[&6].live.as_deref().is_some_and(Node::is_wide));
+        assert_eq!(idx.top(2, 5, 7), vec![(u64::MAX - 1, 2), (3, 1)]);
         idx.check_invariants();
     }
 
