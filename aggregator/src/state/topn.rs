@@ -227,17 +227,15 @@ macro_rules! counts {
 
 impl Node {
     /// A node sized as one holding `ads` ads whose bucket `b` took `buckets[b]` entries
-    /// ([`Counts::shaped`]): wide when the node it is shaped like was (where ad ids are
-    /// 64-bit, a new minute is not made narrow at full size only to be converted at its
-    /// first click), else narrow until a wide ad arrives.
-    fn shaped(seed: Seeded, ads: usize, buckets: &[usize], wide: bool) -> Self {
-        if wide {
-            Node::Wide(Counts::shaped(seed, ads, buckets))
-        } else {
-            Node::Narrow(Counts::shaped(seed, ads, buckets))
-        }
+    /// ([`Counts::shaped`]), narrow until a wide ad arrives. Always narrow, even shaped
+    /// like a wide node: where ad ids are 64-bit each new node is converted once, at its
+    /// first click (one copy of an empty table per minute and index), while starting wide
+    /// after a wide minute would make one stray 64-bit id stick to every later minute.
+    fn shaped(seed: Seeded, ads: usize, buckets: &[usize]) -> Self {
+        Node::Narrow(Counts::shaped(seed, ads, buckets))
     }
 
+    #[cfg(test)]
     fn is_wide(&self) -> bool {
         matches!(self, Node::Wide(_))
     }
@@ -714,8 +712,8 @@ impl<'a> Ads<'a> {
     }
 }
 
-/// `(ads, entries per bucket, wide ids)`: how to size a new live part ([`Node::shaped`]).
-type Shape = (usize, Vec<usize>, bool);
+/// `(ads, entries per bucket)`: how to size a new live part ([`Node::shaped`]).
+type Shape = (usize, Vec<usize>);
 
 /// One minute (or hour) of an index: its frozen part, shared between the published copies,
 /// plus what was added since it was frozen (every click of a minute not yet frozen).
@@ -741,7 +739,7 @@ impl Seg {
     fn add_sized(&mut self, ad: u64, by: u64, seed: Seeded, shape: &Shape) -> bool {
         let live = self
             .live
-            .get_or_insert_with(|| Box::new(Node::shaped(seed, shape.0, &shape.1, shape.2)));
+            .get_or_insert_with(|| Box::new(Node::shaped(seed, shape.0, &shape.1)));
         let was_empty = live.len() == 0;
         live.add(ad, by);
         was_empty
@@ -806,14 +804,8 @@ impl Seg {
     /// entries (only the ads when it is frozen).
     fn shape(&self) -> Shape {
         match self.live.as_deref() {
-            Some(n) => (n.len() + self.frozen_len(), n.shape(), n.is_wide()),
-            None => (
-                self.frozen_len(),
-                vec![0, self.frozen_len()],
-                self.frozen
-                    .as_ref()
-                    .is_some_and(|f| matches!(f.ads, AdVec::Wide(_))),
-            ),
+            Some(n) => (n.len() + self.frozen_len(), n.shape()),
+            None => (self.frozen_len(), vec![0, self.frozen_len()]),
         }
     }
 
@@ -1065,7 +1057,7 @@ impl TopIndex {
         // last one: about as many ads click in it, about as often.
         let shape = match self.minutes.last_key_value() {
             Some((&last, seg)) if last < minute => seg.shape(),
-            _ => (0, Vec::new(), false),
+            _ => (0, Vec::new()),
         };
         if self
             .minutes
@@ -1083,7 +1075,7 @@ impl TopIndex {
         if minute < self.sealed_before {
             let hour = minute.div_euclid(HOUR);
             if let Some(seg) = self.hours.get_mut(&hour)
-                && seg.add_run(adds, seed, &(0, Vec::new(), false))
+                && seg.add_run(adds, seed, &(0, Vec::new()))
             {
                 self.dirty.insert(SegKey {
                     hour: true,
@@ -2006,11 +1998,17 @@ mod tests {
         );
         assert_eq!(idx.count(7, 0, 2), 3);
         idx.check_invariants();
-        // A minute that took a 64-bit ad is wide; the next one starts wide.
+        // A minute that took a 64-bit ad is wide; the next one, shaped like it, starts
+        // narrow again (a stray wide id does not stick).
         idx.add(u64::MAX - 1, 5, 2);
         idx.add(3, 6, 1);
         assert!(idx.minutes[&5].live.as_deref().is_some_and(Node::is_wide));
-        assert!(idx.minutes[&6].live.as_deref().is_some_and(Node::is_wide));
+        assert!(
+            idx.minutes[&6]
+                .live
+                .as_deref()
+                .is_some_and(|n| !n.is_wide())
+        );
         assert_eq!(idx.top(2, 5, 7), vec![(u64::MAX - 1, 2), (3, 1)]);
         idx.check_invariants();
     }
