@@ -193,7 +193,8 @@ impl TopSet {
 
     /// The value indexes a click carrying `keys` goes to (those of the fields in the set).
     /// Only the enabled fields' keys are made (one per set bit, in [`IndexField::ALL`]
-    /// order): building all six and filtering them was ~5% of the apply path.
+    /// order): building all six and filtering them drew ~5% of the apply path's samples
+    /// (the change measured +1-2%).
     pub fn keys_of(&self, keys: &ClickKeys) -> impl Iterator<Item = FilterKey> + use<> {
         let (mut left, k) = (self.fields, *keys);
         std::iter::from_fn(move || {
