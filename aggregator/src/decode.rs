@@ -258,10 +258,12 @@ fn next_is2(r: &mut Reader<'_>, tag: [u8; 2]) -> bool {
     }
 }
 
-/// The key byte(s) of field `f` with wire type `w`.
+/// The one-byte key of field `f` (below 16) with wire type `w`.
 const fn key1(f: u8, w: u8) -> u8 {
     (f << 3) | w
 }
+/// The two-byte key of field `f` (16 to 31, as this `u8` arithmetic is written) with wire
+/// type `w`.
 const fn key2(f: u8, w: u8) -> [u8; 2] {
     [((f << 3) & 0x7F) | 0x80 | w, f >> 4]
 }
