@@ -4,8 +4,8 @@
 //! already acked (`admit`) -> append the new ones (their bytes as received) to the WAL and
 //! record their delivery state in ONE durable commit -> read each click from the batch
 //! bytes (`decode`) and run it through the window operator (dedup, watermark, hot keys,
-//! routing) -> hand them to their shards -> ack once every shard has applied them (and
-//! published its top-N index, unless a TopAds query still holds the other copy). Shards
+//! routing) -> hand them to their shards -> ack once every shard has applied them and
+//! published its top-N index (which never waits for a TopAds query). Shards
 //! apply in the order they receive, so a replay of the WAL reproduces the same state.
 //! When the watermark passes a minute, the shards are told to seal it (roll it up into its
 //! hour and day).
@@ -706,20 +706,10 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                     continue;
                 }
             }
-        } else if top.is_published() {
+        } else {
             match rx.recv() {
                 Ok(m) => m,
                 Err(_) => break,
-            }
-        } else {
-            // A reader still holds the copy to update: retry shortly, never block on it.
-            match rx.recv_timeout(Duration::from_millis(1)) {
-                Ok(m) => m,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    top.publish(&view.tops[i]);
-                    continue;
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
         };
         match msg {
@@ -817,10 +807,8 @@ fn shard_loop(i: usize, rx: Receiver<ShardMsg>, view: Arc<View>, mut top: TopWri
                 let _ = reply.send(u32::try_from(found).unwrap_or(u32::MAX));
             }
         }
-        // Publish before confirming: with no TopAds query holding the other copy (the
-        // usual case) an acked click is in TopAds at once. With one, the ack does not wait
-        // for that query (ingest never waits for readers): TopAds shows the click when the
-        // query ends, at most ~1 ms later than that.
+        // Publish before confirming: an acked click is in TopAds at once. Publishing
+        // never waits for readers (`TopWriter::publish`).
         top.publish(&view.tops[i]);
         for d in unconfirmed.drain(..) {
             let _ = d.send(());

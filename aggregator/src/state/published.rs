@@ -1,47 +1,44 @@
 //! Readers never wait for the writer, and the writer never waits for readers: the top-N
 //! indexes of a shard (a [`TopSet`]: unfiltered and per filter value) are published
 //! read-copy-update style. Readers take the current copy from an [`ArcSwap`] (an `Arc`
-//! clone, no lock) and query it for as long as they like. The shard thread keeps a second
-//! copy: it logs every change, and to publish it brings that copy up to date and swaps it
-//! in; the copy swapped out becomes the next one to update, once the last reader has
-//! dropped it. While a reader still holds it the writer simply keeps logging and retries
-//! at its next step, and every millisecond while behind (it never blocks): readers then
-//! see the previous state a little longer. Acks do not wait for it either
-//! (`engine::shard_loop`): an acked click is in GetAdClicks at once and in TopAds at once
-//! unless a TopAds query holds the other copy, then when it ends.
-//! The log grows with the clicks that arrive while such a query runs.
+//! clone, no lock) and query it for as long as they like; a TopAds query never touches a
+//! lock the writer takes (except a filter over several fields, which checks exact counts
+//! in the cells). The cells (GetAdClicks) are still read under the shard's read-write lock.
 //!
-//! Each change is applied to both copies; in exchange a TopAds query never touches a lock
-//! the writer takes (except a filter over several fields, which checks exact counts in the
-//! cells). The cells (GetAdClicks) are still read under the shard's read-write lock.
+//! The shard thread applies each change to its own copy only, and publishes by swapping
+//! that copy in: the click is in TopAds at once (the shard publishes before it confirms,
+//! `engine::shard_loop`). The copy it gets back, published before, is brought level at its
+//! next change by [`TopSet::sync_from`]: the frozen parts shared, and only the segments
+//! changed since copied, each into the buffers it already has (a plain copy of a node's
+//! table: no hashing, no allocation while its size holds). A click is thus applied once,
+//! not once per copy: until issue 13's eleventh pass the writer logged every change and
+//! replayed the log into the other copy, and the second application (cache misses in a
+//! second set of nodes) cost more than the copy of the changed tables does. If a reader
+//! still holds the copy to sync, the writer clones the current one instead (it never
+//! waits); the held copy is freed when its reader lets go.
 //!
-//! To keep applying twice cheap, clicks are not logged one by one: the adds pushed
-//! between two other ops (a batch: up to the next seal, eviction or publish; the shard
-//! thread publishes once per run of queued batches, `engine::PUBLISH_EVERY_CLICKS`) are logged as
-//! one [`TopOp::Adds`], grouped per index and minute by a counting sort and summed per ad
-//! through a small hash table (Zipf traffic repeats ads within a batch), so each copy
-//! probes a node for a run of ads back to back. The grouping allocates nothing per batch:
-//! its buffers are kept, and a logged batch is recycled once both copies have applied it.
-//! Adds commute with each other but not with a seal or an eviction, so they are never
-//! summed across one.
+//! Clicks are not applied one by one: the adds pushed between two other ops (a batch: up
+//! to the next seal, eviction or publish; the shard thread publishes once per run of queued
+//! batches, `engine::PUBLISH_EVERY_CLICKS`) are grouped per index and minute by a counting
+//! sort and summed per ad through a small hash table (Zipf traffic repeats ads within a
+//! batch), so a node is probed for a run of ads back to back. The grouping allocates
+//! nothing per batch: its buffers are kept. Adds commute with each other but not with a
+//! seal or an eviction, so they are never summed across one.
 //!
-//! Memory is not held twice for most of the index: after each seal the copy being
-//! updated freezes its sealed minutes and builds the lists of the hours just completed
-//! ([`TopSet::freeze_due`]) and logs the frozen parts
-//! as [`TopOp::Install`]s, which the other copy applies in its turn instead of freezing
-//! its own. At that point in the log both copies hold the same counts, so the shared
-//! frozen part stands for either. A frozen part is immutable (later clicks go to each
-//! copy's own live part), so a reader holding one copy never sees it change. Only the
-//! live parts (the minutes still taking clicks, late deltas) are held twice.
+//! Memory is not held twice for most of the index: after each seal the writer's copy
+//! freezes its sealed minutes and builds the lists of the hours just completed
+//! ([`TopSet::freeze_due`]); a frozen part is immutable (later clicks go to the segment's
+//! live part) and shared by every copy made since, so a reader holding one copy never sees
+//! it change. Only the live parts (the minutes still taking clicks, late deltas) are held
+//! twice.
 
-use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 use super::FastMap;
-use super::topset::{ClickKeys, FilterKey, Install, TopSet};
+use super::topset::{ClickKeys, FilterKey, TopSet};
 
 /// One change to a top-N index.
 #[derive(Debug, Clone)]
@@ -61,17 +58,11 @@ pub enum TopOp {
     Seal(i64),
     /// [`TopSet::evict_before`] this minute index.
     Evict(i64),
-    /// A frozen part the other copy made ([`TopSet::freeze_due`]); logged by the writer
-    /// itself, never pushed.
-    Install(Install),
-    /// The `Add`s pushed between two other ops, grouped per index and minute and summed
-    /// per ad; logged by the writer itself, never pushed.
-    Adds(AddBatch),
 }
 
-/// Clicks grouped per index and minute, summed per ad (see [`TopOp::Adds`]).
+/// Clicks grouped per index and minute, summed per ad: what [`TopWriter`] applies at once.
 #[derive(Debug, Clone, Default)]
-pub struct AddBatch {
+struct AddBatch {
     /// `(index, minute, start, end)`: `adds[start..end]` go to minute `minute` of `index`
     /// (`None`: the unfiltered index).
     groups: Vec<(Option<FilterKey>, i64, u32, u32)>,
@@ -81,9 +72,8 @@ pub struct AddBatch {
 
 /// The adds pushed since the last other op, already split into rows per index as they
 /// are pushed (no per-click copy of the click's keys), and the scratch space that groups
-/// them: every buffer is kept across batches (cleared, not freed), so grouping a batch
-/// allocates nothing but the [`AddBatch`] it logs (itself recycled once both copies have
-/// applied it).
+/// them: every buffer is kept across batches (cleared, not freed), as is the
+/// [`AddBatch`] it fills, so grouping a batch allocates nothing.
 #[derive(Debug, Default)]
 struct Grouper {
     /// Value indexes numbered per batch (0: the unfiltered index, `names[0]`).
@@ -287,53 +277,72 @@ fn apply(idx: &mut TopSet, op: &TopOp) {
         } => idx.add(*ad, *minute, *by, keys),
         TopOp::Seal(m) => idx.seal(*m),
         TopOp::Evict(m) => idx.evict_before(*m),
-        TopOp::Install(i) => idx.install(i),
-        TopOp::Adds(b) => b.apply(idx),
     }
 }
 
 /// The writer's side (owned by the shard thread); readers hold the [`ArcSwap`].
 #[derive(Debug)]
 pub struct TopWriter {
-    /// The copy readers do not see (possibly still held by readers of its last publication).
-    stale: Arc<TopSet>,
-    /// Changes the stale copy lacks, oldest first.
-    log: VecDeque<TopOp>,
-    /// Changes logged in total / reflected in the stale copy / in the published copy.
-    total: u64,
-    stale_at: u64,
-    published_at: u64,
+    /// The copy the writer updates (empty while `behind`).
+    next: TopSet,
+    /// Set by a publish: the copy published before (readers may still hold it) and the one
+    /// just published. At its first use after that the writer takes the old copy back, if
+    /// no reader holds it, and syncs it with the current one ([`TopSet::sync_from`]: the
+    /// segments changed in between, copied into the buffers they had); else it clones the
+    /// current one.
+    behind: Option<(Arc<TopSet>, Arc<TopSet>)>,
+    /// Changes were applied to the next copy since the last publish.
+    changed: bool,
     /// A seal was pushed since the last freeze pass.
     freeze_pending: bool,
-    /// The adds pushed since the last other op: logged as one [`TopOp::Adds`] before the
+    /// The adds pushed since the last other op: applied as one grouped batch before the
     /// next other op, or at the next publish. Zipf traffic repeats ads within a batch, and
-    /// each logged add costs a cache miss or two in each copy; grouped per index and
-    /// minute, the probes of one node run back to back.
+    /// grouped per index and minute, the probes of one node run back to back.
     pending: Grouper,
-    /// An [`AddBatch`] both copies have applied, kept for its buffers.
-    spare: Option<AddBatch>,
+    /// The grouped batch's buffers, kept.
+    batch: AddBatch,
 }
 
 impl TopWriter {
     /// Starts from `index`, published in a new [`ArcSwap`] for readers.
     pub fn new(mut index: TopSet) -> (Self, ArcSwap<TopSet>) {
-        // Frozen before the copy is made, so that both copies share the frozen parts.
         index.freeze_due();
         let shared = ArcSwap::from_pointee(index.clone());
         let w = TopWriter {
-            stale: Arc::new(index),
-            log: VecDeque::new(),
-            total: 0,
-            stale_at: 0,
-            published_at: 0,
+            next: index,
+            behind: None,
+            changed: false,
             freeze_pending: false,
             pending: Grouper::default(),
-            spare: None,
+            batch: AddBatch::default(),
         };
         (w, shared)
     }
 
-    /// Records a change (visible to readers after the next successful [`TopWriter::publish`]).
+    /// Either copy (for what every copy has: the value-index fields).
+    fn any(&self) -> &TopSet {
+        match &self.behind {
+            Some((_, current)) => current,
+            None => &self.next,
+        }
+    }
+
+    /// The next copy, brought up to date first if it is behind.
+    fn next_mut(&mut self) -> &mut TopSet {
+        if let Some((old, current)) = self.behind.take() {
+            self.next = match Arc::try_unwrap(old) {
+                Ok(mut set) => {
+                    set.sync_from(&current);
+                    set
+                }
+                // A reader still holds it: it is freed when the reader lets go.
+                Err(_) => TopSet::clone(&current),
+            };
+        }
+        &mut self.next
+    }
+
+    /// Records a change (visible to readers after the next [`TopWriter::publish`]).
     pub fn push(&mut self, op: TopOp) {
         if let TopOp::Add {
             ad,
@@ -342,88 +351,62 @@ impl TopWriter {
             keys,
         } = op
         {
-            // Adds commute with each other, not with seals, evictions or installs: they
-            // are summed only between two other ops. Both copies have the same fields:
-            // the stale one says which value indexes a click goes to.
-            self.pending.push(ad, minute, by, self.stale.keys_of(&keys));
+            // Adds commute with each other, not with seals or evictions: they are summed
+            // only between two other ops.
+            let keys = self.any().keys_of(&keys);
+            self.pending.push(ad, minute, by, keys);
             return;
         }
         self.flush_adds();
         self.freeze_pending |= matches!(op, TopOp::Seal(_));
-        self.log.push_back(op);
-        self.total += 1;
+        apply(self.next_mut(), &op);
+        self.changed = true;
     }
 
-    /// Logs the pending adds, grouped.
+    /// Applies the pending adds, grouped.
     fn flush_adds(&mut self) {
         if self.pending.is_empty() {
             return;
         }
-        let mut batch = self.spare.take().unwrap_or_default();
+        let mut batch = std::mem::take(&mut self.batch);
         self.pending.take_into(&mut batch);
-        self.log.push_back(TopOp::Adds(batch));
-        self.total += 1;
+        batch.apply(self.next_mut());
+        self.batch = batch;
+        self.changed = true;
     }
 
     /// Whether every change pushed is visible to readers.
     pub fn is_published(&self) -> bool {
-        self.published_at == self.total && self.pending.is_empty()
+        !self.changed && self.pending.is_empty()
     }
 
-    /// Makes every change pushed so far visible in `shared`. Returns false, having done
-    /// nothing, while a reader still holds the copy it would update (call again later).
-    pub fn publish(&mut self, shared: &ArcSwap<TopSet>) -> bool {
+    /// Makes every change pushed so far visible in `shared`. Never waits for readers: the
+    /// copy they see is replaced, not changed.
+    pub fn publish(&mut self, shared: &ArcSwap<TopSet>) {
         if self.is_published() {
-            return true;
+            return;
         }
         self.flush_adds();
-        let Some(idx) = Arc::get_mut(&mut self.stale) else {
-            return false;
-        };
-        for op in &self.log {
-            apply(idx, op);
-        }
         if std::mem::take(&mut self.freeze_pending) {
-            // Once per seal (a minute): this copy freezes what is due and logs the frozen
-            // parts for the other copy, which holds the same counts once it has applied
-            // the log up to here, so both share one frozen part.
-            for i in idx.freeze_due() {
-                self.log.push_back(TopOp::Install(i));
-                self.total += 1;
-            }
+            // Once per seal (a minute): the frozen parts are then shared by every copy.
+            self.next_mut().freeze_due();
         }
-        let fresh = self.stale.clone();
-        // The copy readers saw until now comes back; it lacks what was logged after it
-        // was published.
-        self.stale = shared.swap(fresh);
-        let drop_front = usize::try_from(self.published_at - self.stale_at).unwrap_or(0);
-        for op in self.log.drain(..drop_front.min(self.log.len())) {
-            if let TopOp::Adds(b) = op {
-                self.spare = Some(b);
-            }
-        }
-        self.stale_at = self.published_at;
-        self.published_at = self.total;
-        true
+        let current = Arc::new(std::mem::take(self.next_mut()));
+        let old = shared.swap(current.clone());
+        self.behind = Some((old, current));
+        self.changed = false;
     }
 
-    /// Replaces both copies with `index` (rebuilt from the cells after a repair): readers
+    /// Replaces every copy with `index` (rebuilt from the cells after a repair): readers
     /// see the old index until the swap, the new one after, never a mix.
     pub fn reset(&mut self, mut index: TopSet, shared: &ArcSwap<TopSet>) {
         index.freeze_due();
         shared.store(Arc::new(index.clone()));
-        self.stale = Arc::new(index);
-        self.log.clear();
-        self.total = 0;
-        self.stale_at = 0;
-        self.published_at = 0;
+        self.next = index;
+        self.behind = None;
+        self.changed = false;
         self.freeze_pending = false;
         self.pending = Grouper::default();
-    }
-
-    /// Ops waiting in the log (for metrics and tests).
-    pub fn lag(&self) -> usize {
-        self.log.len()
     }
 }
 
@@ -459,18 +442,19 @@ mod tests {
             }
         }
         w.push(TopOp::Seal(4));
-        assert!(w.publish(&shared));
-        // The next publish brings the other copy up to date, frozen parts included.
-        w.push(add(0, 4, 0));
-        assert!(w.publish(&shared));
+        w.publish(&shared);
         let frozen = shared.load().frozen_parts();
         // Minutes 0..4 of the unfiltered index and of the two countries.
         assert_eq!(frozen.len(), 12, "{frozen:?}");
+        // The next change brings the writer's copy level, frozen parts shared.
+        w.push(add(0, 4, 0));
+        w.push(TopOp::Seal(4));
         assert_eq!(
-            w.stale.frozen_parts(),
+            w.next.frozen_parts(),
             frozen,
             "both copies share every frozen part"
         );
+        w.publish(&shared);
         assert!(shared.load().frozen_bytes() > 0);
 
         let old = shared.load_full();
@@ -484,7 +468,7 @@ mod tests {
         for _ in 0..24 {
             w.push(add(0, 1, 0));
         }
-        assert!(w.publish(&shared), "the copy to update is not held");
+        w.publish(&shared);
         let new = shared.load_full();
         assert_eq!(new.all.top(2, 0, 5), vec![(0, 30), (5, 30)]);
         assert_eq!(new.all.count(0, 1, 2), 25);
@@ -496,11 +480,16 @@ mod tests {
         // Nothing frozen was copied: the late clicks sit in the new copy's live part.
         assert_eq!(new.frozen_parts(), frozen);
         assert_eq!(old.frozen_parts(), frozen);
+        // `old` is the copy the writer syncs next: while a reader holds it, the writer
+        // clones the current one instead; `old` stays as its reader saw it.
+        w.push(add(3, 4, 1));
+        w.publish(&shared);
+        assert_eq!(old.all.count(3, 0, 5), 20);
         drop(old);
         w.push(add(3, 4, 1));
-        assert!(w.publish(&shared));
+        w.publish(&shared);
         assert_eq!(shared.load().all.top(2, 0, 5), vec![(0, 30), (5, 30)]);
-        assert_eq!(shared.load().all.count(3, 0, 5), 21);
+        assert_eq!(shared.load().all.count(3, 0, 5), 22);
     }
 
     proptest! {
@@ -550,8 +539,9 @@ mod tests {
             }
         }
 
-        /// Whatever readers hold and whenever they let go, a successful publish shows
-        /// exactly the index a single copy fed the same changes would be, and a held copy
+        /// Whatever readers hold and whenever they let go, a publish shows exactly the
+        /// index a single copy fed the same changes would be (the writer's copies synced
+        /// from each other, or cloned when a reader holds the one to sync), and a held copy
         /// never changes under its reader.
         #[test]
         fn publishes_what_one_copy_would_hold(
@@ -590,10 +580,9 @@ mod tests {
                 if skip == 0 {
                     continue;
                 }
-                let held_stale = held.iter().any(|(h, _)| Arc::ptr_eq(h, &w.stale));
-                let ok = w.publish(&shared);
-                prop_assert_eq!(ok, !held_stale || w.is_published());
-                if ok {
+                w.publish(&shared);
+                prop_assert!(w.is_published());
+                {
                     prop_assert_eq!(shared.load().all.top(10, 0, 30), model.all.top(10, 0, 30));
                     let adv = |s: &TopSet| s.index(FilterKey::Advertiser(1)).map(|i| i.top(10, 0, 30));
                     prop_assert_eq!(adv(&shared.load()), adv(&model));
@@ -611,7 +600,7 @@ mod tests {
                 }
             }
             held.clear();
-            prop_assert!(w.publish(&shared));
+            w.publish(&shared);
             prop_assert_eq!(shared.load().all.top(10, 0, 30), model.all.top(10, 0, 30));
             let adv = |s: &TopSet| s.index(FilterKey::Advertiser(1)).map(|i| i.top(10, 0, 30));
             prop_assert_eq!(adv(&shared.load()), adv(&model));

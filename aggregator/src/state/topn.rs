@@ -30,11 +30,10 @@
 //! sealed) also gets a list, the sum of its 60 minutes, so a range is covered by whole
 //! hours plus the partial minutes at its edges: at most 118 minute lists plus one per hour
 //! instead of one per minute. An hour's list is built once, frozen, from its minutes by
-//! the first freeze pass after it completes (in one published copy; the other installs
-//! it); late clicks to it then go to its live part as to a minute's. The hour being filled
-//! has no list: a range never covers it whole before it is complete, so its minutes
-//! answer (as they did when it was maintained click by click at seal time, in both
-//! copies). [`TopIndex::minutes_only`] keeps no hour lists, for when long ranges are
+//! the first freeze pass after it completes; late clicks to it then go to its live part as
+//! to a minute's. The hour being filled has no list: a range never covers it whole before
+//! it is complete, so its minutes answer (as they did when it was maintained click by
+//! click at seal time). [`TopIndex::minutes_only`] keeps no hour lists, for when long ranges are
 //! rare.
 //!
 //! # Frozen segments (memory)
@@ -49,11 +48,12 @@
 //! new frozen part once it reaches 1/8 of it. A complete hour's late clicks are merged the
 //! same way.
 //!
-//! The frozen part is shared by `Arc`: the two published copies of an index
-//! (`super::published`) hold the same counts, so the copy that freezes hands its
-//! frozen parts to the other ([`TopIndex::install`]), and only the live parts (the
-//! minutes still taking clicks, and late deltas) are held twice. Readers never see a
-//! frozen part change: nothing writes to one after it is built.
+//! The frozen part is shared by `Arc` between the copies of an index that the published
+//! writer keeps (`super::published`): [`TopIndex::sync_from`] brings one copy level with
+//! another by sharing frozen parts and copying only the segments changed since (their
+//! live parts), so only the live parts (the minutes still taking clicks, and late deltas)
+//! are held twice. Readers never see a frozen part change: nothing writes to one after it
+//! is built.
 //!
 //! Eviction drops an hour as soon as it loses a minute (its live minutes answer for
 //! it), so a frozen hour never needs a subtraction.
@@ -297,6 +297,15 @@ impl Node {
     fn heap_bytes(&self) -> usize {
         counts!(self, c => c.heap_bytes())
     }
+
+    /// Makes this node equal to `src` ([`Counts::sync_from`]).
+    fn sync_from(&mut self, src: &Node) {
+        match (self, src) {
+            (Node::Narrow(d), Node::Narrow(s)) => d.sync_from(s),
+            (Node::Wide(d), Node::Wide(s)) => d.sync_from(s),
+            (d, s) => *d = s.clone(),
+        }
+    }
 }
 
 /// The counts of a [`Node`] with ads stored as `K`.
@@ -427,6 +436,16 @@ impl<K: AdKey> Counts<K> {
             }
         }
         std::hint::black_box(acc);
+    }
+
+    /// Makes these counts equal to `src`, reusing this one's allocations: a table of the
+    /// same size is copied whole (plain bytes: keys and counts are `Copy`), each bucket
+    /// into its own buffer.
+    fn sync_from(&mut self, src: &Self) {
+        self.slots.clone_from(&src.slots);
+        self.buckets.clone_from(&src.buckets);
+        self.stale = src.stale;
+        self.big.clone_from(&src.big);
     }
 
     /// Drops the stale entries: every ad once, in the bucket of its count.
@@ -722,9 +741,27 @@ type Shape = (usize, Vec<usize>);
 struct Seg {
     frozen: Option<Arc<Frozen>>,
     live: Option<Box<Node>>,
+    /// The index's [`TopIndex::version`] when this segment last changed: what
+    /// [`TopIndex::sync_from`] compares to skip segments that did not.
+    version: u64,
 }
 
 impl Seg {
+    /// Makes this segment equal to `src`, a later state of it: the frozen part shared, the
+    /// live part copied into this one's allocations (no hashing, no allocation while the
+    /// shapes match).
+    fn sync_from(&mut self, src: &Seg) {
+        if self.version == src.version {
+            return;
+        }
+        self.version = src.version;
+        self.frozen.clone_from(&src.frozen);
+        match (&mut self.live, &src.live) {
+            (Some(d), Some(s)) => d.sync_from(s),
+            (d, s) => d.clone_from(s),
+        }
+    }
+
     fn live_len(&self) -> usize {
         self.live.as_ref().map_or(0, |n| n.len())
     }
@@ -809,8 +846,8 @@ impl Seg {
         }
     }
 
-    /// Merges the live part into a new frozen part and returns it (for the other copy).
-    fn freeze(&mut self, seed: u64) -> Arc<Frozen> {
+    /// Merges the live part into a new frozen part.
+    fn freeze(&mut self, seed: u64) {
         let entries: Vec<(u64, u64)> = match (&self.frozen, self.live.as_deref()) {
             // A minute's first freeze: its node's cells, collected at their exact count.
             (None, Some(n)) => n.iter().collect(),
@@ -820,10 +857,8 @@ impl Seg {
                 v
             }
         };
-        let f = Arc::new(Frozen::build(entries, seed));
-        self.frozen = Some(f.clone());
+        self.frozen = Some(Arc::new(Frozen::build(entries, seed)));
         self.live = None;
-        f
     }
 
     fn heap_bytes(&self) -> usize {
@@ -832,6 +867,27 @@ impl Seg {
                 .live
                 .as_ref()
                 .map_or(0, |n| size_of::<Node>() + n.heap_bytes())
+    }
+}
+
+/// [`Seg::sync_from`] for the segments of `src`: a map of the same keys is synced in place,
+/// pairwise (the usual case: no minute started or left since); else segments `src` lacks
+/// are dropped and those it adds are cloned.
+fn sync_segs(dst: &mut BTreeMap<i64, Seg>, src: &BTreeMap<i64, Seg>) {
+    if dst.len() == src.len() && dst.keys().eq(src.keys()) {
+        for (d, s) in dst.values_mut().zip(src.values()) {
+            d.sync_from(s);
+        }
+        return;
+    }
+    dst.retain(|k, _| src.contains_key(k));
+    for (k, s) in src {
+        match dst.get_mut(k) {
+            Some(d) => d.sync_from(s),
+            None => {
+                dst.insert(*k, s.clone());
+            }
+        }
     }
 }
 
@@ -983,7 +1039,15 @@ pub struct TopIndex {
     /// Segments whose live part is not empty: what [`TopIndex::freeze_due`] looks at.
     dirty: BTreeSet<SegKey>,
     seed: Seeded,
+    /// Which index this is a copy of (unique per [`TopIndex::new`], kept by `clone`), and
+    /// how many changes it has taken: two copies of one lineage at one version hold the
+    /// same counts ([`TopIndex::sync_from`]).
+    lineage: u64,
+    version: u64,
 }
+
+/// The next [`TopIndex::lineage`].
+static LINEAGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Default for TopIndex {
     fn default() -> Self {
@@ -1030,7 +1094,37 @@ impl TopIndex {
             sealed_before: i64::MIN,
             dirty: BTreeSet::new(),
             seed: Seeded::random(),
+            lineage: LINEAGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            version: 0,
         }
+    }
+
+    /// Counts a change: the version the changed segments take.
+    fn bump(&mut self) -> u64 {
+        self.version += 1;
+        self.version
+    }
+
+    /// Makes this index equal to `src`. When `src` is a later state of this very copy
+    /// (same lineage: the published writer's other copy), only the segments that changed
+    /// since are copied ([`Seg::sync_from`]): the live minutes, into the allocations they
+    /// already have; frozen parts are shared. Otherwise a plain clone.
+    pub fn sync_from(&mut self, src: &TopIndex) {
+        if self.lineage != src.lineage {
+            *self = src.clone();
+            return;
+        }
+        if self.version == src.version {
+            return;
+        }
+        sync_segs(&mut self.minutes, &src.minutes);
+        sync_segs(&mut self.hours, &src.hours);
+        self.hour_level = src.hour_level;
+        self.evicted_before = src.evicted_before;
+        self.sealed_before = src.sealed_before;
+        self.dirty.clone_from(&src.dirty);
+        self.seed = src.seed;
+        self.version = src.version;
     }
 
     /// The first hour that may have an hour segment: hours before it lost minutes to
@@ -1059,12 +1153,10 @@ impl TopIndex {
             Some((&last, seg)) if last < minute => seg.shape(),
             _ => (0, Vec::new()),
         };
-        if self
-            .minutes
-            .entry(minute)
-            .or_default()
-            .add_run(adds, seed, &shape)
-        {
+        let version = self.bump();
+        let seg = self.minutes.entry(minute).or_default();
+        seg.version = version;
+        if seg.add_run(adds, seed, &shape) {
             self.dirty.insert(SegKey {
                 hour: false,
                 start: minute,
@@ -1075,7 +1167,10 @@ impl TopIndex {
         if minute < self.sealed_before {
             let hour = minute.div_euclid(HOUR);
             if let Some(seg) = self.hours.get_mut(&hour)
-                && seg.add_run(adds, seed, &(0, Vec::new()))
+                && {
+                    seg.version = version;
+                    seg.add_run(adds, seed, &(0, Vec::new()))
+                }
             {
                 self.dirty.insert(SegKey {
                     hour: true,
@@ -1091,14 +1186,15 @@ impl TopIndex {
     pub fn seal(&mut self, before: i64) {
         if before > self.sealed_before {
             self.sealed_before = before;
+            self.bump();
         }
     }
 
     /// Builds the frozen segment of every complete hour (all its minutes sealed, none
     /// evicted) that has clicks but no segment yet, from the counts of its minutes: once
-    /// per hour, in one published copy (the other installs it), instead of adding every
-    /// minute's counts to a live hour node in both copies as the minutes are sealed.
-    fn build_hours(&mut self, out: &mut Vec<(SegKey, Arc<Frozen>)>) {
+    /// per hour, instead of adding every minute's counts to a live hour node as the minutes
+    /// are sealed.
+    fn build_hours(&mut self, version: u64) {
         if !self.hour_level {
             return;
         }
@@ -1136,28 +1232,21 @@ impl TopIndex {
             self.hours.insert(
                 h,
                 Seg {
-                    frozen: Some(frozen.clone()),
+                    frozen: Some(frozen),
                     live: None,
+                    version,
                 },
             );
-            out.push((
-                SegKey {
-                    hour: true,
-                    start: h,
-                },
-                frozen,
-            ));
         }
     }
 
     /// Freezes the segments that are due (see [`Frozen`]): sealed minutes, and complete
     /// hours' late clicks, with their live part merged in once it is 1/[`DELTA_SHARE`] of
-    /// the frozen part; builds the segments of hours just completed. Returns the new frozen
-    /// parts: the other published copy, holding the same counts, installs them
-    /// ([`TopIndex::install`]) instead of building its own.
-    pub fn freeze_due(&mut self) -> Vec<(SegKey, Arc<Frozen>)> {
-        let mut out = Vec::new();
-        self.build_hours(&mut out);
+    /// the frozen part; builds the segments of hours just completed. The copies of this
+    /// index made later ([`TopIndex::sync_from`]) share the frozen parts.
+    pub fn freeze_due(&mut self) {
+        let version = self.bump();
+        self.build_hours(version);
         let seed = self.seed.0;
         for key in std::mem::take(&mut self.dirty) {
             let map = if key.hour {
@@ -1175,40 +1264,11 @@ impl TopIndex {
             // Hour segments exist only for complete hours.
             let complete = key.hour || key.start < self.sealed_before;
             if complete && live.saturating_mul(DELTA_SHARE) >= frozen {
-                out.push((key, seg.freeze(seed)));
+                seg.version = version;
+                seg.freeze(seed);
             } else {
                 self.dirty.insert(key);
             }
-        }
-        out
-    }
-
-    /// Replaces segment `key` by `frozen` alone: `frozen` was built by the other copy from
-    /// exactly the counts this copy holds for it now (same changes, same order). A new
-    /// hour's segment is created.
-    pub fn install(&mut self, key: SegKey, frozen: &Arc<Frozen>) {
-        if key.hour && self.hour_level && !self.hours.contains_key(&key.start) {
-            self.hours.insert(
-                key.start,
-                Seg {
-                    frozen: Some(frozen.clone()),
-                    live: None,
-                },
-            );
-            return;
-        }
-        let map = if key.hour {
-            &mut self.hours
-        } else {
-            &mut self.minutes
-        };
-        if let Some(seg) = map.get_mut(&key.start) {
-            debug_assert_eq!(seg.len(), frozen.len(), "installing different counts");
-            seg.frozen = Some(frozen.clone());
-            seg.live = None;
-            self.dirty.remove(&key);
-        } else {
-            debug_assert!(false, "installing a segment this copy does not have");
         }
     }
 
@@ -1234,6 +1294,7 @@ impl TopIndex {
         }
         // Evicted minutes are always sealed.
         self.seal(before);
+        self.bump();
         self.evicted_before = before;
         self.minutes = self.minutes.split_off(&before);
         // The hour containing `before` goes too when it loses some minutes (its live
@@ -1663,8 +1724,8 @@ mod tests {
         Add(u64, i64, u64),
         Evict(i64),
         Seal(i64),
-        /// A freeze pass in one copy (`true`: the first) whose frozen parts the other
-        /// installs, as the two published copies do.
+        /// A freeze pass; `true`: then a publish (the other copy synced, and the two
+        /// swapped, as the published writer does).
         Freeze(bool),
         Query(usize, i64, i64),
     }
@@ -1702,43 +1763,43 @@ mod tests {
         queries: &[(usize, i64, i64)],
     ) -> Result<(), TestCaseError> {
         let mut idx = TopIndex::with_hour_level(hour_level);
-        // The other published copy: same changes, and the frozen parts of `idx` installed
-        // (or the other way round).
+        // The other published copy, as the writer keeps it: at a publish (`Freeze(true)`)
+        // the copy published before is synced with the one just published and takes the
+        // changes from then on, while that one stays as readers see it.
         let mut twin = idx.clone();
         let mut oracle = Oracle::default();
+        let cells = |i: &TopIndex| {
+            let mut c: Vec<_> = i.cells().collect();
+            c.sort_unstable();
+            c
+        };
         for op in ops {
             match *op {
                 Op::Add(a, m, b) => {
                     idx.add(a, m, b);
-                    twin.add(a, m, b);
                     oracle.add(a, m, b);
                 }
                 Op::Evict(b) => {
                     idx.evict_before(b);
-                    twin.evict_before(b);
                     oracle.evict_before(b);
                 }
-                Op::Seal(b) => {
-                    idx.seal(b);
-                    twin.seal(b);
-                }
-                Op::Freeze(first) => {
-                    let (from, to) = if first {
-                        (&mut idx, &mut twin)
-                    } else {
-                        (&mut twin, &mut idx)
-                    };
-                    for (k, f) in from.freeze_due() {
-                        to.install(k, &f);
+                Op::Seal(b) => idx.seal(b),
+                Op::Freeze(publish) => {
+                    idx.freeze_due();
+                    if publish {
+                        twin.sync_from(&idx);
+                        twin.check_invariants();
+                        prop_assert_eq!(cells(&twin), cells(&idx));
+                        std::mem::swap(&mut idx, &mut twin);
                     }
                 }
                 Op::Query(n, f, t) => {
                     prop_assert_eq!(idx.top_all_paths(n, f, t), oracle.top(n, f, t));
-                    prop_assert_eq!(twin.top_all_paths(n, f, t), oracle.top(n, f, t));
                 }
             }
         }
         idx.check_invariants();
+        twin.sync_from(&idx);
         twin.check_invariants();
         let rebuilt: TopIndex = {
             let mut r = TopIndex::with_hour_level(hour_level);
@@ -1926,21 +1987,19 @@ mod tests {
     #[test]
     fn hours_are_built_from_their_minutes_once_complete() {
         let mut idx = TopIndex::new();
-        let mut twin = TopIndex::new();
+        // The writer's other copy, synced after the freeze pass.
+        let mut twin = idx.clone();
         for m in 0..150 {
             for ad in 0..4u64 {
                 idx.add(ad, m, ad + 1);
-                twin.add(ad, m, ad + 1);
             }
         }
         idx.seal(150);
-        twin.seal(150);
         // Sealed, not frozen yet: 150 minute lists.
         assert_eq!(idx.lists(0, 150).len(), 150);
         assert_eq!(idx.top(2, 0, 150), vec![(3, 600), (2, 450)]);
-        for (k, f) in idx.freeze_due() {
-            twin.install(k, &f);
-        }
+        idx.freeze_due();
+        twin.sync_from(&idx);
         for i in [&idx, &twin] {
             // Hours 0 and 1 built; hour 2 (minutes 120..150) is not complete.
             assert_eq!(i.hours.keys().copied().collect::<Vec<_>>(), vec![0, 1]);

@@ -16,9 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use super::FastMap;
 use super::dims::DimKey;
-use std::sync::Arc;
 
-use super::topn::{Frozen, SegKey, TopIndex};
+use super::topn::TopIndex;
 
 /// A filterable field that can have per-value indexes (`shards.top_index_fields`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -132,17 +131,6 @@ impl ClickKeys {
             FilterKey::Campaign(self.campaign),
         ]
     }
-}
-
-/// A frozen part made by one copy of a [`TopSet`], for the other to share.
-#[derive(Debug, Clone)]
-pub struct Install {
-    /// The index: `None` for the unfiltered one.
-    pub index: Option<FilterKey>,
-    /// Its segment.
-    pub seg: SegKey,
-    /// The frozen part.
-    pub frozen: Arc<Frozen>,
 }
 
 /// See the module doc.
@@ -266,6 +254,25 @@ impl TopSet {
         self.by.get(&key)
     }
 
+    /// Makes this set equal to `src` ([`TopIndex::sync_from`] per index): what the
+    /// published writer does to bring its next copy level with the one it just published.
+    pub fn sync_from(&mut self, src: &TopSet) {
+        self.fields = src.fields;
+        self.sealed = src.sealed;
+        self.all.sync_from(&src.all);
+        for (k, s) in &src.by {
+            match self.by.get_mut(k) {
+                Some(d) => d.sync_from(s),
+                None => {
+                    self.by.insert(*k, s.clone());
+                }
+            }
+        }
+        if self.by.len() != src.by.len() {
+            self.by.retain(|k, _| src.by.contains_key(k));
+        }
+    }
+
     /// Approximate heap bytes of every index.
     pub fn heap_bytes(&self) -> usize {
         let per_entry = size_of::<(FilterKey, TopIndex)>() + 1;
@@ -277,38 +284,11 @@ impl TopSet {
                 .sum::<usize>()
     }
 
-    /// [`TopIndex::freeze_due`] on every index: the frozen parts made, for the other
-    /// published copy to [`TopSet::install`].
-    pub fn freeze_due(&mut self) -> Vec<Install> {
-        let mut out: Vec<Install> = self
-            .all
-            .freeze_due()
-            .into_iter()
-            .map(|(seg, frozen)| Install {
-                index: None,
-                seg,
-                frozen,
-            })
-            .collect();
-        for (&k, idx) in &mut self.by {
-            out.extend(idx.freeze_due().into_iter().map(|(seg, frozen)| Install {
-                index: Some(k),
-                seg,
-                frozen,
-            }));
-        }
-        out
-    }
-
-    /// Installs a frozen part the other copy made from the same counts.
-    pub fn install(&mut self, i: &Install) {
-        let idx = match i.index {
-            None => Some(&mut self.all),
-            Some(k) => self.by.get_mut(&k),
-        };
-        match idx {
-            Some(idx) => idx.install(i.seg, &i.frozen),
-            None => debug_assert!(false, "installing into a value index this copy lacks"),
+    /// [`TopIndex::freeze_due`] on every index.
+    pub fn freeze_due(&mut self) {
+        self.all.freeze_due();
+        for idx in self.by.values_mut() {
+            idx.freeze_due();
         }
     }
 
@@ -319,7 +299,7 @@ impl TopSet {
 
     /// Every frozen part of every index, as addresses (tests check what copies share).
     #[cfg(test)]
-    pub(crate) fn frozen_parts(&self) -> Vec<(Option<FilterKey>, SegKey, usize)> {
+    pub(crate) fn frozen_parts(&self) -> Vec<(Option<FilterKey>, super::topn::SegKey, usize)> {
         let mut out: Vec<_> = self
             .all
             .frozen_parts()
