@@ -40,6 +40,34 @@ impl<'a> Reader<'a> {
             self.0 = rest;
             return Ok(u64::from(b));
         }
+        // Up to 8 bytes (56 bits: ids, millisecond timestamps) read as one word, without a
+        // branch per byte: the first byte without its high bit ends the varint, and the
+        // 7-bit groups below it are packed together in three steps. Within 8 bytes of the
+        // end the word is zero-padded; a stop found in the padding is a truncation, which
+        // the byte loop reports.
+        let w = match self.0.first_chunk::<8>() {
+            Some(w) => u64::from_le_bytes(*w),
+            None => {
+                let mut buf = [0u8; 8];
+                buf[..self.0.len()].copy_from_slice(self.0);
+                u64::from_le_bytes(buf)
+            }
+        };
+        let stops = !w & 0x8080_8080_8080_8080;
+        let len = (stops.trailing_zeros() / 8 + 1) as usize;
+        if stops != 0 && len <= self.0.len() {
+            let x = (w & (u64::MAX >> (64 - 8 * len))) & 0x7F7F_7F7F_7F7F_7F7F;
+            let x = ((x & 0x7F00_7F00_7F00_7F00) >> 1) | (x & 0x007F_007F_007F_007F);
+            let x = ((x & 0x3FFF_0000_3FFF_0000) >> 2) | (x & 0x0000_3FFF_0000_3FFF);
+            let x = ((x & 0x0FFF_FFFF_0000_0000) >> 4) | (x & 0x0000_0000_0FFF_FFFF);
+            self.0 = &self.0[len..];
+            return Ok(x);
+        }
+        self.varint_bytewise()
+    }
+
+    /// [`Reader::varint`] a byte at a time: varints of 9 or 10 bytes, and errors.
+    fn varint_bytewise(&mut self) -> Result<u64, WireError> {
         let mut v = 0u64;
         for i in 0..10 {
             let Some((&b, rest)) = self.0.split_first() else {
@@ -159,6 +187,45 @@ mod tests {
                 let mut r = Reader(&padded);
                 prop_assert_eq!(r.varint(), Ok(v));
                 prop_assert_eq!(r.0.len(), 12);
+            }
+        }
+
+        /// Every varint length (1 to 10 bytes, canonical or with redundant zero groups)
+        /// at every distance from the end of the input, and every truncation of it, reads
+        /// as prost reads it: the word-at-a-time path, its zero-padded form near the end,
+        /// and the byte loop agree.
+        #[test]
+        fn varints_of_every_length_near_the_end(v in any::<u64>(), tail in any::<[u8; 9]>()) {
+            for bits in [0u32, 7, 14, 21, 28, 35, 42, 49, 56, 63] {
+                let v = v >> bits;
+                let mut enc = Vec::new();
+                prost::encoding::encode_varint(v, &mut enc);
+                let mut redundant = enc.clone();
+                if redundant.len() < 10 {
+                    // The last byte gets a continuation bit and a zero group follows.
+                    if let Some(b) = redundant.last_mut() {
+                        *b |= 0x80;
+                    }
+                    redundant.push(0);
+                }
+                for enc in [&enc, &redundant] {
+                    for t in 0..=tail.len() {
+                        for cut in 0..=enc.len() {
+                            let mut b = enc[..cut].to_vec();
+                            if cut == enc.len() {
+                                b.extend_from_slice(&tail[..t]);
+                            }
+                            let mut r = Reader(&b);
+                            let ours = r.varint();
+                            let mut s = &b[..];
+                            let theirs = prost::encoding::decode_varint(&mut s);
+                            prop_assert_eq!(ours.as_ref().ok(), theirs.as_ref().ok(), "{:x?}", b);
+                            if ours.is_ok() {
+                                prop_assert_eq!(r.0.len(), s.len());
+                            }
+                        }
+                    }
+                }
             }
         }
 
