@@ -31,42 +31,28 @@ impl<'a> Reader<'a> {
     }
 
     /// A base-128 varint (at most 10 bytes, at most 64 bits, as prost).
-    #[inline]
+    #[inline(always)]
     pub fn varint(&mut self) -> Result<u64, WireError> {
-        // One-byte fast path: most keys, lengths and small values.
+        // One-byte fast path, inlined: most keys, lengths and small values.
         if let Some((&b, rest)) = self.0.split_first()
             && b < 0x80
         {
             self.0 = rest;
             return Ok(u64::from(b));
         }
-        // Up to 8 bytes (56 bits: ids, millisecond timestamps) read as one word, without a
-        // branch per byte: the first byte without its high bit ends the varint, and the
-        // 7-bit groups below it are packed together in three steps. Within 8 bytes of the
-        // end the word is zero-padded; a stop found in the padding is a truncation, which
-        // the byte loop reports.
-        let w = match self.0.first_chunk::<8>() {
-            Some(w) => u64::from_le_bytes(*w),
-            None => {
-                let mut buf = [0u8; 8];
-                buf[..self.0.len()].copy_from_slice(self.0);
-                u64::from_le_bytes(buf)
-            }
-        };
-        let stops = !w & 0x8080_8080_8080_8080;
-        let len = (stops.trailing_zeros() / 8 + 1) as usize;
-        if stops != 0 && len <= self.0.len() {
-            let x = (w & (u64::MAX >> (64 - 8 * len))) & 0x7F7F_7F7F_7F7F_7F7F;
-            let x = ((x & 0x7F00_7F00_7F00_7F00) >> 1) | (x & 0x007F_007F_007F_007F);
-            let x = ((x & 0x3FFF_0000_3FFF_0000) >> 2) | (x & 0x0000_3FFF_0000_3FFF);
-            let x = ((x & 0x0FFF_FFFF_0000_0000) >> 4) | (x & 0x0000_0000_0FFF_FFFF);
-            self.0 = &self.0[len..];
-            return Ok(x);
+        // Returned in two registers, not through memory as a `Result` is.
+        let (v, len) = varint_word(self.0);
+        if let Some(rest) = self.0.get(len..)
+            && len > 0
+        {
+            self.0 = rest;
+            return Ok(v);
         }
         self.varint_bytewise()
     }
 
     /// [`Reader::varint`] a byte at a time: varints of 9 or 10 bytes, and errors.
+    #[cold]
     fn varint_bytewise(&mut self) -> Result<u64, WireError> {
         let mut v = 0u64;
         for i in 0..10 {
@@ -135,6 +121,32 @@ impl<'a> Reader<'a> {
             _ => Err(WireError("unsupported wire type")),
         }
     }
+}
+
+/// The varint `bytes` start with if it takes 8 bytes or fewer (56 bits: ids, millisecond
+/// timestamps), and its length; `(0, 0)` otherwise (longer, truncated: the byte loop
+/// decides). One word read, no branch per byte: the first byte without its high bit ends
+/// the varint, and the 7-bit groups below it are packed together in three steps. Within 8
+/// bytes of the end the word is zero-padded, and a stop found in the padding is no varint.
+fn varint_word(bytes: &[u8]) -> (u64, usize) {
+    let w = match bytes.first_chunk::<8>() {
+        Some(w) => u64::from_le_bytes(*w),
+        None => {
+            let mut buf = [0u8; 8];
+            buf[..bytes.len()].copy_from_slice(bytes);
+            u64::from_le_bytes(buf)
+        }
+    };
+    let stops = !w & 0x8080_8080_8080_8080;
+    let len = (stops.trailing_zeros() / 8 + 1) as usize;
+    if stops == 0 || len > bytes.len() {
+        return (0, 0);
+    }
+    let x = (w & (u64::MAX >> (64 - 8 * len))) & 0x7F7F_7F7F_7F7F_7F7F;
+    let x = ((x & 0x7F00_7F00_7F00_7F00) >> 1) | (x & 0x007F_007F_007F_007F);
+    let x = ((x & 0x3FFF_0000_3FFF_0000) >> 2) | (x & 0x0000_3FFF_0000_3FFF);
+    let x = ((x & 0x0FFF_FFFF_0000_0000) >> 4) | (x & 0x0000_0000_0FFF_FFFF);
+    (x, len)
 }
 
 /// Bytes of `v` as a varint.
