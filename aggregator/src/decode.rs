@@ -124,7 +124,9 @@ pub const DECODE_CHUNK: usize = 256;
 #[derive(Debug)]
 pub struct ClickChunks<'a> {
     clicks: Clicks<'a>,
+    /// [`DECODE_CHUNK`] clicks, the first `len` of them this chunk's.
     buf: Vec<ClickIn<'a>>,
+    len: usize,
     damage: Option<DecodeError>,
 }
 
@@ -133,7 +135,8 @@ impl<'a> ClickChunks<'a> {
     pub fn new(batch: &'a [u8]) -> Self {
         ClickChunks {
             clicks: clicks(batch),
-            buf: Vec::with_capacity(DECODE_CHUNK),
+            buf: Vec::new(),
+            len: 0,
             damage: None,
         }
     }
@@ -141,13 +144,16 @@ impl<'a> ClickChunks<'a> {
     /// The next (up to) [`DECODE_CHUNK`] clicks, `None` once every click was returned or
     /// after the chunk that ended at damage.
     pub fn next_chunk(&mut self) -> Option<&[ClickIn<'a>]> {
-        self.buf.clear();
+        self.len = 0;
         if self.damage.is_some() {
             return None;
         }
-        while self.buf.len() < DECODE_CHUNK {
-            match self.clicks.next() {
-                Some(Ok(c)) => self.buf.push(c),
+        if self.buf.is_empty() {
+            self.buf.resize(DECODE_CHUNK, ClickIn::default());
+        }
+        while let Some(c) = self.buf.get_mut(self.len) {
+            match self.clicks.next_into(c) {
+                Some(Ok(())) => self.len += 1,
                 Some(Err(e)) => {
                     self.damage = Some(e);
                     break;
@@ -155,7 +161,7 @@ impl<'a> ClickChunks<'a> {
                 None => break,
             }
         }
-        (!self.buf.is_empty()).then_some(&self.buf[..])
+        self.buf.get(..self.len).filter(|b| !b.is_empty())
     }
 
     /// Why decoding stopped before the end of the batch, if it did.
@@ -182,10 +188,10 @@ pub fn count_clicks(batch: &[u8]) -> usize {
 #[derive(Debug)]
 pub struct Clicks<'a>(Reader<'a>);
 
-impl<'a> Iterator for Clicks<'a> {
-    type Item = Result<ClickIn<'a>, DecodeError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+impl<'a> Clicks<'a> {
+    /// The next click read into `c` (in place: a click is ~180 bytes, and returning it by
+    /// value moved it twice on its way into a chunk's buffer).
+    fn next_into(&mut self, c: &mut ClickIn<'a>) -> Option<Result<(), DecodeError>> {
         loop {
             let (field, wire) = match self.0.key() {
                 Ok(Some(k)) => k,
@@ -198,7 +204,7 @@ impl<'a> Iterator for Clicks<'a> {
                         self.0
                             .len_delimited()
                             .map_err(Into::into)
-                            .and_then(read_click),
+                            .and_then(|b| read_click_into(b, c)),
                     );
                 }
                 _ => self.0.skip(wire),
@@ -207,6 +213,15 @@ impl<'a> Iterator for Clicks<'a> {
                 return Some(Err(e.into()));
             }
         }
+    }
+}
+
+impl<'a> Iterator for Clicks<'a> {
+    type Item = Result<ClickIn<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut c = ClickIn::default();
+        Some(self.next_into(&mut c)?.map(|()| c))
     }
 }
 
@@ -348,9 +363,16 @@ fn read_in_order<'a>(
 
 fn read_click(b: &[u8]) -> Result<ClickIn<'_>, DecodeError> {
     let mut c = ClickIn::default();
+    read_click_into(b, &mut c)?;
+    Ok(c)
+}
+
+/// [`read_click`] into `c`, whatever it held before.
+fn read_click_into<'a>(b: &'a [u8], c: &mut ClickIn<'a>) -> Result<(), DecodeError> {
+    *c = ClickIn::default();
     let mut app = "";
     let mut r = Reader(b);
-    read_in_order(&mut r, &mut c, &mut app)?;
+    read_in_order(&mut r, c, &mut app)?;
     while let Some((field, wire)) = r.key()? {
         match (field, wire) {
             (1, LEN) => c.impression_id = r.len_delimited()?,
@@ -388,7 +410,7 @@ fn read_click(b: &[u8]) -> Result<ClickIn<'_>, DecodeError> {
     if c.site.is_empty() {
         c.site = app;
     }
-    Ok(c)
+    Ok(())
 }
 
 #[cfg(test)]
