@@ -1308,6 +1308,22 @@ impl TopIndex {
         self.dirty.retain(|k| !k.hour || k.start >= first_hour);
     }
 
+    /// Cells in live parts (the minutes taking clicks, late deltas): what a copy of the
+    /// index's changed segments copies, about.
+    pub fn live_len(&self) -> usize {
+        self.dirty
+            .iter()
+            .filter_map(|k| {
+                if k.hour {
+                    self.hours.get(&k.start)
+                } else {
+                    self.minutes.get(&k.start)
+                }
+            })
+            .map(Seg::live_len)
+            .sum()
+    }
+
     /// Approximate heap bytes held by the index (maps, buckets, B-tree
     /// entries); query-time scratch space is not included. A frozen part shared with the
     /// other published copy is counted in both.
