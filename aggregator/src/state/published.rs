@@ -5,17 +5,19 @@
 //! lock the writer takes (except a filter over several fields, which checks exact counts
 //! in the cells). The cells (GetAdClicks) are still read under the shard's read-write lock.
 //!
-//! The shard thread applies each change to its own copy only, and publishes by swapping
-//! that copy in: the click is in TopAds at once (the shard publishes before it confirms,
+//! The shard thread applies each change to its own copy, and publishes by swapping that
+//! copy in: the click is in TopAds at once (the shard publishes before it confirms,
 //! `engine::shard_loop`). The copy it gets back, published before, is brought level at its
-//! next change by [`TopSet::sync_from`]: the frozen parts shared, and only the segments
-//! changed since copied, each into the buffers it already has (a plain copy of a node's
-//! table: no hashing, no allocation while its size holds). A click is thus applied once,
-//! not once per copy: until issue 13's eleventh pass the writer logged every change and
-//! replayed the log into the other copy, and the second application (cache misses in a
-//! second set of nodes) cost more than the copy of the changed tables does. If a reader
-//! still holds the copy to sync, the writer clones the current one instead (it never
-//! waits); the held copy is freed when its reader lets go.
+//! next change, whichever way is cheaper ([`COPY_FACTOR`]): by [`TopSet::sync_from`],
+//! which shares the frozen parts and copies only the segments changed since, each into
+//! the buffers it already has (a plain copy of a node's table: no hashing, no allocation
+//! while its size holds), or by replaying the changes logged since (then `sync_from`
+//! only picks up the freeze pass's frozen parts). At large publishes (a saturated shard)
+//! the copy wins and a click is applied once, not once per copy: until issue 13's
+//! eleventh pass the writer always replayed, and that second application (cache misses in
+//! a second set of nodes) cost more than the copy; at small frequent publishes the replay
+//! wins. If a reader still holds the copy to bring level, the writer clones the current
+//! one instead (it never waits); the held copy is freed when its reader lets go.
 //!
 //! Clicks are not applied one by one: the adds pushed between two other ops (a batch: up
 //! to the next seal, eviction or publish; the shard thread publishes once per run of queued
