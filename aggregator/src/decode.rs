@@ -124,7 +124,7 @@ pub const DECODE_CHUNK: usize = 256;
 #[derive(Debug)]
 pub struct ClickChunks<'a> {
     clicks: Clicks<'a>,
-    /// [`DECODE_CHUNK`] clicks, the first `len` of them this chunk's.
+    /// Up to [`DECODE_CHUNK`] clicks, the first `len` of them this chunk's.
     buf: Vec<ClickIn<'a>>,
     len: usize,
     damage: Option<DecodeError>,
@@ -148,10 +148,14 @@ impl<'a> ClickChunks<'a> {
         if self.damage.is_some() {
             return None;
         }
-        if self.buf.is_empty() {
-            self.buf.resize(DECODE_CHUNK, ClickIn::default());
-        }
-        while let Some(c) = self.buf.get_mut(self.len) {
+        while self.len < DECODE_CHUNK {
+            // The buffer grows to the largest chunk read (a small batch writes few slots).
+            if self.buf.len() == self.len {
+                self.buf.push(ClickIn::default());
+            }
+            let Some(c) = self.buf.get_mut(self.len) else {
+                break;
+            };
             match self.clicks.next_into(c) {
                 Some(Ok(())) => self.len += 1,
                 Some(Err(e)) => {
@@ -477,18 +481,42 @@ mod tests {
 
     /// A batch of several chunks reads back as prost reads it, in chunks of
     /// [`DECODE_CHUNK`]; one cut inside a click gives the clicks before the cut, then the
-    /// damage.
+    /// damage. A buffer slot is reused from chunk to chunk: a click with every field set
+    /// is followed in its slot by one with only a few (and the other way round), so a
+    /// field left over from the slot's last click would show.
     #[test]
     fn chunks_cover_the_batch_and_stop_at_damage() {
         let n = 2 * DECODE_CHUNK + 88;
         let wire: Vec<IngestClick> = (0..n as u64)
-            .map(|i| IngestClick {
-                impression_id: i.to_le_bytes().to_vec(),
-                ad_id: i * 7,
-                country: "DE".into(),
-                user_id: format!("u{i}"),
-                event_time_ms: 1_700_000_000_000 + i as i64,
-                ..Default::default()
+            .map(|i| {
+                let sparse = IngestClick {
+                    impression_id: i.to_le_bytes().to_vec(),
+                    ad_id: i * 7,
+                    country: "DE".into(),
+                    user_id: format!("u{i}"),
+                    event_time_ms: 1_700_000_000_000 + i as i64,
+                    ..Default::default()
+                };
+                if (i + i / DECODE_CHUNK as u64).is_multiple_of(2) {
+                    return sparse;
+                }
+                IngestClick {
+                    advertiser_id: i + 1,
+                    campaign_id: i + 2,
+                    token_expires_at_ms: 1_700_000_100_000,
+                    received_at_ms: 1_700_000_000_010,
+                    occurred_at_ms: 1_700_000_000_001,
+                    sent_at_ms: 1_700_000_000_005,
+                    device: 2,
+                    os: "ios".into(),
+                    site: "news.example".into(),
+                    app: "app".into(),
+                    client_ip: vec![10, 0, 0, 1],
+                    clock_skew_flagged: true,
+                    token_issued_at_ms: 1_699_999_999_000,
+                    ua_class: 1,
+                    ..sparse
+                }
             })
             .collect();
         let bytes = IngestBatch {

@@ -531,7 +531,7 @@ fn mix(seed: u64, x: u64) -> u64 {
 /// An immutable list: the counts of one sealed minute (or one complete hour) once late
 /// clicks have mostly stopped, ~10 bytes per ad (14 when an id needs 64 bits) instead of
 /// the ~37 of a [`Node`] (~20 while its ads fit in 32 bits), and
-/// shared by `Arc` between the two published copies of the index (`super::published`):
+/// shared by `Arc` between the copies of the index the published writer keeps (`super::published`):
 /// neither copy ever changes it, later clicks go to the segment's live [`Node`].
 ///
 /// Layout: the ads sorted by count, most first, in `ads` (`u32`s while every id fits);
@@ -1105,15 +1105,19 @@ impl TopIndex {
         self.version
     }
 
-    /// Makes this index equal to `src`. When `src` is a later state of this very copy
-    /// (same lineage: the published writer's other copy), only the segments that changed
-    /// since are copied ([`Seg::sync_from`]): the live minutes, into the allocations they
-    /// already have; frozen parts are shared. Otherwise a plain clone.
-    pub fn sync_from(&mut self, src: &TopIndex) {
+    /// Makes this index equal to `src`, which must be a later state of this very copy
+    /// when both have one lineage (the published writer's copies: one is published, the
+    /// other took no change since it was last level with it): then only the segments that
+    /// changed since are copied ([`Seg::sync_from`]): the live minutes, into the
+    /// allocations they already have; frozen parts are shared. Of another lineage, a plain
+    /// clone. (Two clones that each took changes may reach one version with different
+    /// counts: that is why this is not `pub`.)
+    pub(crate) fn sync_from(&mut self, src: &TopIndex) {
         if self.lineage != src.lineage {
             *self = src.clone();
             return;
         }
+        debug_assert!(self.version <= src.version, "syncing from an older copy");
         if self.version == src.version {
             return;
         }
@@ -1194,14 +1198,15 @@ impl TopIndex {
     /// evicted) that has clicks but no segment yet, from the counts of its minutes: once
     /// per hour, instead of adding every minute's counts to a live hour node as the minutes
     /// are sealed.
-    fn build_hours(&mut self, version: u64) {
+    /// Whether it built one. New segments get `version`.
+    fn build_hours(&mut self, version: u64) -> bool {
         if !self.hour_level {
-            return;
+            return false;
         }
         let first = self.first_live_hour();
         let end = self.sealed_before.div_euclid(HOUR);
         if first >= end {
-            return;
+            return false;
         }
         // Saturating bounds only widen the range; the hour filter below is exact.
         let (m0, m1) = (first.saturating_mul(HOUR), end.saturating_mul(HOUR));
@@ -1213,6 +1218,7 @@ impl TopIndex {
                 todo.push(h);
             }
         }
+        let mut built = false;
         for h in todo {
             let (Some(hm0), Some(hm1)) = (
                 h.checked_mul(HOUR),
@@ -1221,6 +1227,7 @@ impl TopIndex {
                 // Next to i64::MIN/MAX: no hour segment, its minutes answer for it.
                 continue;
             };
+            built = true;
             let mut sums: Map<u64> = HashMap::with_hasher(self.seed);
             for (_, seg) in self.minutes.range(hm0..hm1) {
                 for (ad, c) in seg.entries() {
@@ -1238,6 +1245,7 @@ impl TopIndex {
                 },
             );
         }
+        built
     }
 
     /// Freezes the segments that are due (see [`Frozen`]): sealed minutes, and complete
@@ -1245,9 +1253,12 @@ impl TopIndex {
     /// the frozen part; builds the segments of hours just completed. The copies of this
     /// index made later ([`TopIndex::sync_from`]) share the frozen parts.
     pub fn freeze_due(&mut self) {
-        let version = self.bump();
-        self.build_hours(version);
+        // The version of what this pass changes, counted only if it changes something (a
+        // sync then skips the indexes with nothing to freeze).
+        let version = self.version + 1;
+        let mut changed = self.build_hours(version);
         let seed = self.seed.0;
+        let dirty = self.dirty.len();
         for key in std::mem::take(&mut self.dirty) {
             let map = if key.hour {
                 &mut self.hours
@@ -1266,9 +1277,14 @@ impl TopIndex {
             if complete && live.saturating_mul(DELTA_SHARE) >= frozen {
                 seg.version = version;
                 seg.freeze(seed);
+                changed = true;
             } else {
                 self.dirty.insert(key);
             }
+        }
+        // Keys of segments gone or empty leave the dirty set: a change too.
+        if changed || self.dirty.len() != dirty {
+            self.version = version;
         }
     }
 
@@ -1308,6 +1324,30 @@ impl TopIndex {
         self.dirty.retain(|k| !k.hour || k.start >= first_hour);
     }
 
+    /// Everything a copy must agree on, for tests comparing copies: minute and hour keys,
+    /// every cell with its count per segment, the seal, eviction and freeze candidates.
+    #[cfg(test)]
+    pub(crate) fn state_for_test(&self) -> String {
+        let segs = |m: &BTreeMap<i64, Seg>| -> Vec<(i64, Vec<(u64, u64)>)> {
+            m.iter()
+                .map(|(k, s)| {
+                    let mut e: Vec<_> = s.entries().collect();
+                    e.sort_unstable();
+                    (*k, e)
+                })
+                .collect()
+        };
+        format!(
+            "minutes {:?} hours {:?} sealed {} evicted {} dirty {:?} hour_level {}",
+            segs(&self.minutes),
+            segs(&self.hours),
+            self.sealed_before,
+            self.evicted_before,
+            self.dirty,
+            self.hour_level
+        )
+    }
+
     /// Cells in live parts (the minutes taking clicks, late deltas): what a copy of the
     /// index's changed segments copies, about.
     pub fn live_len(&self) -> usize {
@@ -1338,7 +1378,7 @@ impl TopIndex {
             + self.dirty.len() * size_of::<SegKey>() * 3 / 2
     }
 
-    /// Heap bytes of the frozen parts only (shared between the two published copies).
+    /// Heap bytes of the frozen parts only (shared between the copies the published writer keeps).
     pub fn frozen_bytes(&self) -> usize {
         self.minutes
             .values()

@@ -50,7 +50,7 @@ impl IndexField {
 
     /// The default set: the advertiser (every advertiser key's TopAds is scoped to it)
     /// and the country (the most asked dimension). Each field costs ~15 bytes per minute
-    /// cell (frozen lists, shared by the two published copies; ~95 before they were) and
+    /// cell (frozen lists, shared by the published copies; ~95 before they were) and
     /// ~8% of the apply rate (BENCHMARKS.md); the others are opt-in.
     /// Without them a filter stays exact: a campaign within an advertiser's key is bounded
     /// by the advertiser's index, for example.
@@ -254,9 +254,10 @@ impl TopSet {
         self.by.get(&key)
     }
 
-    /// Makes this set equal to `src` ([`TopIndex::sync_from`] per index): what the
-    /// published writer does to bring its next copy level with the one it just published.
-    pub fn sync_from(&mut self, src: &TopSet) {
+    /// Makes this set equal to `src` ([`TopIndex::sync_from`] per index, with its
+    /// precondition: `src` is a later state of this copy): what the published writer does
+    /// to bring its next copy level with the one it just published.
+    pub(crate) fn sync_from(&mut self, src: &TopSet) {
         self.fields = src.fields;
         self.sealed = src.sealed;
         self.all.sync_from(&src.all);
@@ -271,6 +272,24 @@ impl TopSet {
         if self.by.len() != src.by.len() {
             self.by.retain(|k, _| src.by.contains_key(k));
         }
+    }
+
+    /// [`TopIndex::state_for_test`] of every index, by key.
+    #[cfg(test)]
+    pub(crate) fn state_for_test(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .by
+            .iter()
+            .map(|(k, i)| format!("{k:?}: {}", i.state_for_test()))
+            .collect();
+        v.sort_unstable();
+        v.push(format!(
+            "all: {} fields {} sealed {:?}",
+            self.all.state_for_test(),
+            self.fields,
+            self.sealed
+        ));
+        v
     }
 
     /// Approximate heap bytes of every index.
@@ -292,7 +311,7 @@ impl TopSet {
         }
     }
 
-    /// Heap bytes of the frozen parts (shared by the two published copies).
+    /// Heap bytes of the frozen parts (shared by the copies the published writer keeps).
     pub fn frozen_bytes(&self) -> usize {
         self.all.frozen_bytes() + self.by.values().map(TopIndex::frozen_bytes).sum::<usize>()
     }
