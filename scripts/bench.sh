@@ -19,6 +19,11 @@
 #   PIPE_RATE=80000 PIPE_DURATION=15s PIPE_COLLECTORS=2 PIPE_ADS=100000
 #   REDIS_REQUESTS=10000000 REDIS_KEYS=10000000 REDIS_PIPELINE=64 REDIS_CLIENTS=50
 #   SKIP="topads pipeline"                      skip some of: aggregator topads pipeline redis
+#   ROUNDS=1                                    with ROUNDS=N > 1, N-1 more alternating pairs of
+#                                               `bench aggregator --no-memory` and the Redis run
+#                                               (this box's speed drifts by +-10-20% within
+#                                               minutes): one row per pair and the median
+#                                               of the pairs' ratios
 #   ADCLICK=path/to/adclick                     use this binary, do not build
 #   BASE_ADCLICK=path/to/older/adclick          also run `bench aggregator` with this binary,
 #                                               right after, for a before/after row of the
@@ -43,6 +48,7 @@ REDIS_KEYS=${REDIS_KEYS:-10000000}
 REDIS_PIPELINE=${REDIS_PIPELINE:-64}
 REDIS_CLIENTS=${REDIS_CLIENTS:-50}
 SKIP=${SKIP:-}
+ROUNDS=${ROUNDS:-1}
 OUT=${1:-}
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/adclick-bench-sh.XXXXXX")
@@ -154,12 +160,24 @@ if ! skipped redis; then
         log "redis-server did not start"
         exit 1
     }
-    log "redis-benchmark: $REDIS_REQUESTS pipelined (-P $REDIS_PIPELINE) HINCRBY over $REDIS_KEYS keys"
-    # --csv: "test","rps",... ; the command line is the test name.
-    redis-benchmark -p "$PORT" -c "$REDIS_CLIENTS" -n "$REDIS_REQUESTS" -r "$REDIS_KEYS" \
-        -P "$REDIS_PIPELINE" --csv HINCRBY 'h:__rand_int__' f 1 >"$WORK/redis.csv"
-    cat "$WORK/redis.csv" >&2
-    REDIS_OPS=$(awk -F'","' 'NR > 1 && /HINCRBY/ { gsub(/"/, "", $2); print $2; exit }' "$WORK/redis.csv")
+    # redis_round: one redis-benchmark run against the (empty) server; prints its ops/s.
+    redis_round() {
+        log "redis-benchmark: $REDIS_REQUESTS pipelined (-P $REDIS_PIPELINE) HINCRBY over $REDIS_KEYS keys"
+        # --csv: "test","rps",... ; the command line is the test name.
+        redis-benchmark -p "$PORT" -c "$REDIS_CLIENTS" -n "$REDIS_REQUESTS" -r "$REDIS_KEYS" \
+            -P "$REDIS_PIPELINE" --csv HINCRBY 'h:__rand_int__' f 1 >"$WORK/redis.csv"
+        cat "$WORK/redis.csv" >&2
+        awk -F'","' 'NR > 1 && /HINCRBY/ { gsub(/"/, "", $2); print $2; exit }' "$WORK/redis.csv"
+    }
+    REDIS_OPS=$(redis_round)
+    # More alternating pairs (ROUNDS): the aggregator, then Redis on an emptied server.
+    ROUND_OPS=("$REDIS_OPS")
+    for ((i = 2; i <= ROUNDS; i++)); do
+        skipped aggregator || run_bench_as "aggregator_round$i" "$BIN" aggregator \
+            --clicks "$AGG_CLICKS" --ads "$AGG_ADS" --no-memory
+        redis-cli -p "$PORT" flushall >/dev/null
+        ROUND_OPS+=("$(redis_round)")
+    done
     REDIS_KEYS_HELD=$(redis-cli -p "$PORT" dbsize)
     REDIS_MEM=$(redis-cli -p "$PORT" info memory | sed -n 's/^used_memory:\([0-9]*\).*/\1/p')
     redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true
@@ -201,6 +219,18 @@ fmt() { # thousands separators for integers, as is otherwise
         echo "| pipeline: TopAds over gRPC under load p50 / p99 | $(v pipeline.topads_p50_ms) / $(v pipeline.topads_p99_ms) ms | — |"
         echo "| pipeline: CPU aggregator / collectors / loadgen | $(v pipeline.cpu_aggregator) / $(v pipeline.cpu_collectors) / $(v pipeline.cpu_loadgen) cores | — |"
         echo "| pipeline: peak RSS aggregator / largest collector | $(v pipeline.rss_aggregator_mib) / $(v pipeline.rss_collector_max_mib) MiB | — |"
+    fi
+    if ! skipped redis && ! skipped aggregator && ((ROUNDS > 1)); then
+        RATIOS=()
+        for ((i = 1; i <= ROUNDS; i++)); do
+            key=aggregator_round$i
+            ((i == 1)) && key=aggregator
+            agg=$(v "$key.clicks_per_cpu_sec")
+            ops=${ROUND_OPS[i - 1]:-}
+            RATIOS+=("$(ratio "$agg" "$ops")")
+            echo "| round $i of $ROUNDS: aggregator per CPU-second / Redis HINCRBY ops/s, run one after the other | $(fmt "$agg") / $(fmt "${ops%.*}") | ${RATIOS[i - 1]} |"
+        done
+        echo "| median of the $ROUNDS rounds' ratios | — | **$(printf '%s\n' "${RATIOS[@]}" | tr -d x | sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) m = a[(NR + 1) / 2]; else m = (a[NR / 2] + a[NR / 2 + 1]) / 2; printf "%.2fx", m }')** |"
     fi
     if ! skipped redis; then
         echo "| Redis $REDIS_VERSION HINCRBY, pipelined -P $REDIS_PIPELINE, $REDIS_CLIENTS clients, $(fmt "$REDIS_KEYS") keys (${REDIS_KEYS_HELD:-?} held, $(( ${REDIS_MEM:-0} / 1048576 )) MiB) | **$(fmt "${REDIS_OPS%.*}") ops/s** | 1.00x |"
