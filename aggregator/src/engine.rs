@@ -677,10 +677,11 @@ pub fn start<S: Store + 'static>(
 }
 
 /// Counted clicks a shard thread applies, from batches already queued, before it publishes
-/// its top-N index and confirms them (`shard_loop`). Publishing logs and sums each run of
-/// adds once per copy, so a longer run sums more repeats of an ad (Zipf traffic): one
-/// publish per ~20k clicks instead of per 5k-click batch cut the apply cost per click by
-/// ~7% (`adclick bench aggregator --batch`, BENCHMARKS.md). A run is at most the shard's
+/// its top-N index and confirms them (`shard_loop`). A publish groups and sums each run of
+/// adds once (`state::published`), so a longer run sums more repeats of an ad (Zipf
+/// traffic), and each publish's copy cost is shared by more clicks: one publish per ~20k
+/// clicks instead of per 5k-click batch cut the apply cost per click by ~7% (`adclick
+/// bench aggregator --batch`, BENCHMARKS.md). A run is at most the shard's
 /// share of one writer group (up to 64 WAL batches: the writer waits for a group's
 /// confirmations before sending the next), so it reaches the cap only under load with
 /// large batches. With an empty queue each batch is published at once, as before.

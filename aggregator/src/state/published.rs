@@ -304,10 +304,8 @@ pub struct TopWriter {
     /// What was applied to `next` since the last publish, in order: replayed into the
     /// copy published before it when that is cheaper than copying ([`SyncMode`]).
     log: Vec<Logged>,
-    /// Adds to the unfiltered index in `log` (the replay's size).
-    log_adds: usize,
-    /// Copy instead of replaying once `log_adds * copy_factor` reaches the unfiltered
-    /// index's live cells ([`COPY_FACTOR`]).
+    /// Copy instead of replaying once the log's adds to the unfiltered index times this
+    /// reach its live cells ([`COPY_FACTOR`]).
     copy_factor: usize,
     /// Changes were applied to the next copy since the last publish.
     changed: bool,
@@ -371,7 +369,6 @@ impl TopWriter {
             next: index,
             behind: None,
             log: Vec::new(),
-            log_adds: 0,
             copy_factor,
             changed: false,
             freeze_pending: false,
@@ -452,7 +449,6 @@ impl TopWriter {
         let mut batch = self.spare.pop().unwrap_or_default();
         self.pending.take_into(&mut batch);
         batch.apply(self.next_mut());
-        self.log_adds += batch.unfiltered_adds();
         self.log.push(Logged::Adds(batch));
         self.changed = true;
     }
@@ -469,11 +465,16 @@ impl TopWriter {
             return;
         }
         self.flush_adds();
-        let (adds, factor, freeze) = (
-            std::mem::take(&mut self.log_adds),
-            self.copy_factor,
-            std::mem::take(&mut self.freeze_pending),
-        );
+        // The replay's size: the log's adds to the unfiltered index.
+        let adds: usize = self
+            .log
+            .iter()
+            .map(|l| match l {
+                Logged::Adds(b) => b.unfiltered_adds(),
+                Logged::Op(_) => 0,
+            })
+            .sum();
+        let (factor, freeze) = (self.copy_factor, std::mem::take(&mut self.freeze_pending));
         let next = self.next_mut();
         let sync = match factor {
             0 => SyncMode::Replay,
@@ -504,7 +505,6 @@ impl TopWriter {
         self.next = index;
         self.behind = None;
         self.log.clear();
-        self.log_adds = 0;
         self.changed = false;
         self.freeze_pending = false;
         self.pending = Grouper::default();

@@ -1123,11 +1123,10 @@ impl TopIndex {
         }
         sync_segs(&mut self.minutes, &src.minutes);
         sync_segs(&mut self.hours, &src.hours);
-        self.hour_level = src.hour_level;
+        // `hour_level` and `seed` are fixed per lineage.
         self.evicted_before = src.evicted_before;
         self.sealed_before = src.sealed_before;
         self.dirty.clone_from(&src.dirty);
-        self.seed = src.seed;
         self.version = src.version;
     }
 
